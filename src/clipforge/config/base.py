@@ -1,0 +1,73 @@
+"""The base of every stage config: strict, fingerprintable, loaded from YAML plus overrides.
+
+Unknown keys and type mismatches are errors, all reported at once in one line,
+each naming its key (STYLE.md §2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from clipforge.errors import UserError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """A stage's settings. Subclasses list in `volatile` the fields that cannot change the output."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    volatile: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting that can change the stage's output."""
+        payload = self.model_dump(mode="json", exclude=set(self.volatile))
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validation_message(error: ValidationError, prefix: str = "") -> str:
+    """All problems of one validation, each naming its key, in one line."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(config)"
+        if prefix:
+            key = f"{prefix}.{key}" if item["loc"] else prefix
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] not in ("missing", "value_error", "assertion_error") and "input" in item:
+            message = f"{message} (got {item['input']!r})"
+        if item["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], values: dict[str, Any], *, source: str = "") -> C:
+    """Validate `values` into `cls`; every problem is reported at once, naming its key."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        where = f"{source}: " if source else ""
+        raise UserError(f"{where}{validation_message(exc)}") from None

@@ -1,0 +1,68 @@
+"""Command-line flags generated from a stage config, so flags and YAML keys never drift apart.
+
+`--batch-size 500` sets `batch_size`; `--config FILE.yaml` supplies a base that
+flags given on the command line override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any
+
+from clipforge.config.base import StageConfig, load_config, read_yaml
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args == [bool]
+    return False
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(a) is list for a in typing.get_args(annotation))
+    return False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: set[str] = frozenset()) -> None:
+    """One flag per field, help from the field's description. Only flags given count."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with these settings; flags override it")
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        help_text = field.description or ""
+        if not field.is_required() and field.default is not None and field.default != []:
+            help_text += f" (default: {field.default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if _is_bool(field.annotation):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_list(field.annotation):
+            kwargs["nargs"] = "*"
+            kwargs["metavar"] = name.upper()
+        else:
+            kwargs["metavar"] = name.upper()
+        parser.add_argument(flag_name(name), **kwargs)
+
+
+def config_from_args(cls: type[StageConfig], args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    """The validated config: YAML from --config, then the flags given, then `extra`."""
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        values.update(read_yaml(config_path))
+    for name in cls.model_fields:
+        if name in vars(args):
+            values[name] = getattr(args, name)
+    values.update(extra or {})
+    return load_config(cls, values, source=str(config_path or ""))

@@ -1,0 +1,15 @@
+"""The one exception type for user mistakes.
+
+The CLI turns a `UserError` into one line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a missing file, an unknown key, an id out of range. The message names it."""
+
+
+EXIT_USER_ERROR = 2
+# An orchestrator tells preemption from failure by this code: the stage saved a
+# checkpoint on SIGTERM and exited cleanly; rerunning resumes it.
+EXIT_PREEMPTED = 75

@@ -1,0 +1,1 @@
+"""Artifact storage by URI: local paths and s3://bucket/key."""

@@ -1,0 +1,173 @@
+"""Read, write and list artifacts by URI, chosen by scheme.
+
+Writes are atomic: temp file + rename on disk, a single PUT on S3, so a reader
+never sees half a file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clipforge.errors import UserError
+from clipforge.storage import s3
+
+SCHEMES = "a local path or s3://bucket/key"
+
+
+def scheme(uri: str) -> str:
+    """'s3' or 'file'; anything else is a UserError listing what is accepted."""
+    match uri.split("://", 1):
+        case [path] if path:
+            return "file"
+        case ["file", _]:
+            return "file"
+        case ["s3", rest] if rest.split("/", 1)[0]:
+            return "s3"
+        case _:
+            raise UserError(f"unsupported URI {uri!r}: use {SCHEMES}")
+
+
+def is_s3(uri: str) -> bool:
+    return scheme(uri) == "s3"
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for either scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str, *, unsigned: bool = False) -> bool:
+    match scheme(uri):
+        case "file":
+            return local_path(uri).exists()
+        case "s3":
+            loc = s3.parse_s3(uri)
+            try:
+                s3.client(unsigned).head_object(Bucket=loc.bucket, Key=loc.key)
+                return True
+            except Exception as exc:
+                if s3.is_not_found(exc):
+                    return False
+                raise
+
+
+def read_bytes(uri: str, *, unsigned: bool = False) -> bytes:
+    match scheme(uri):
+        case "file":
+            path = local_path(uri)
+            if not path.is_file():
+                raise UserError(f"{uri} not found")
+            return path.read_bytes()
+        case "s3":
+            loc = s3.parse_s3(uri)
+            try:
+                return s3.client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            except Exception as exc:
+                if s3.is_not_found(exc):
+                    raise UserError(f"{uri} not found") from None
+                raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic: the object appears whole under its name or not at all."""
+    match scheme(uri):
+        case "file":
+            path = local_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        case "s3":
+            loc = s3.parse_s3(uri)
+            s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+
+
+def read_json(uri: str, *, unsigned: bool = False) -> Any:
+    raw = read_bytes(uri, unsigned=unsigned)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{uri} is not valid JSON: {exc}") from None
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n")
+
+
+def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
+    """Names of the objects directly under `prefix` (not recursive), sorted."""
+    match scheme(prefix):
+        case "file":
+            path = local_path(prefix)
+            return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        case "s3":
+            loc = s3.parse_s3(prefix.rstrip("/") + "/")
+            names = []
+            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, Delimiter="/"):
+                names.extend(obj["Key"][len(loc.key) :] for obj in page.get("Contents", []))
+            return sorted(names)
+
+
+def delete(uri: str) -> None:
+    match scheme(uri):
+        case "file":
+            local_path(uri).unlink(missing_ok=True)
+        case "s3":
+            loc = s3.parse_s3(uri)
+            s3.client().delete_object(Bucket=loc.bucket, Key=loc.key)
+
+
+def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
+    """What identifies an input's content cheaply: ETag and size on S3, size and mtime on disk."""
+    match scheme(uri):
+        case "file":
+            path = local_path(uri)
+            if not path.exists():
+                raise UserError(f"{uri} not found")
+            stat = path.stat()
+            return {"uri": uri, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        case "s3":
+            loc = s3.parse_s3(uri)
+            try:
+                head = s3.client(unsigned).head_object(Bucket=loc.bucket, Key=loc.key)
+            except Exception as exc:
+                if s3.is_not_found(exc):
+                    raise UserError(f"{uri} not found") from None
+                raise
+            return {"uri": uri, "size": head["ContentLength"], "etag": head["ETag"].strip('"')}
+
+
+def fetch_to_local(uri: str, cache_dir: str | Path | None = None, *, unsigned: bool = False) -> Path:
+    """A local file with the object's bytes: the path itself on disk; on S3 a copy keyed by ETag."""
+    if scheme(uri) == "file":
+        path = local_path(uri)
+        if not path.exists():
+            raise UserError(f"{uri} not found")
+        return path
+    fp = fingerprint(uri, unsigned=unsigned)
+    root = Path(cache_dir or Path(tempfile.gettempdir()) / "clipforge-downloads")
+    loc = s3.parse_s3(uri)
+    target = root / loc.bucket / fp["etag"] / Path(loc.key).name
+    if target.is_file() and target.stat().st_size == fp["size"]:
+        return target
+    write_bytes(str(target), read_bytes(uri, unsigned=unsigned))
+    return target
