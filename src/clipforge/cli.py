@@ -28,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "urllib3", "filelock", "h5py", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own loggers speak at INFO; libraries (open_clip logs on the root logger) only warn.
+    logging.getLogger("clipforge").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,13 @@ C = TypeVar("C", bound="StageConfig")
 class StageConfig(BaseModel):
     """A stage's settings. Subclasses list in `volatile` the fields that cannot change the output."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     volatile: ClassVar[frozenset[str]] = frozenset()
 
     def fingerprint(self) -> str:
         """A short hash of every setting that can change the stage's output."""
-        payload = self.model_dump(mode="json", exclude=set(self.volatile))
+        payload = self.model_dump(mode="json", by_alias=True, exclude=set(self.volatile))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

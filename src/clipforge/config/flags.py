@@ -38,7 +38,8 @@ def _is_list(annotation: Any) -> bool:
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: set[str] = frozenset()) -> None:
     """One flag per field, help from the field's description. Only flags given count."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with these settings; flags override it")
-    for name, field in cls.model_fields.items():
+    for field_name, field in cls.model_fields.items():
+        name = field.alias or field_name
         if name in skip:
             continue
         help_text = field.description or ""
@@ -61,7 +62,8 @@ def config_from_args(cls: type[StageConfig], args: argparse.Namespace, extra: di
     config_path = getattr(args, "config", None)
     if config_path:
         values.update(read_yaml(config_path))
-    for name in cls.model_fields:
+    for field_name, field in cls.model_fields.items():
+        name = field.alias or field_name
         if name in vars(args):
             values[name] = getattr(args, name)
     values.update(extra or {})

@@ -1,0 +1,22 @@
+"""`clipforge demo-data DIR`: synthetic NSD-like inputs and tiny models for the demo and tests."""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("demo-data", help="write synthetic NSD-like data and tiny models into DIR")
+    parser.add_argument("dir", help="folder to write into")
+    parser.add_argument("--images", type=int, default=240, help="number of synthetic stimuli (default: 240)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from clipforge.data.synthetic import write_demo_data
+
+    paths = write_demo_data(args.dir, args.images)
+    log = logging.getLogger("clipforge.demo")
+    for name, path in paths.items():
+        log.info("%s: %s", name, path)
+    return 0

@@ -1,0 +1,50 @@
+"""Settings of the cache stage (`clipforge cache`, `kind: cache`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from clipforge.config.base import StageConfig
+
+
+class CacheConfig(StageConfig):
+    """Encode the images of an HDF5 dataset (local or S3) into a parquet embedding cache."""
+
+    source: str = Field(description="HDF5 file holding the images: a local path or s3://bucket/key")
+    dataset: str = Field("imgBrick", description="dataset inside the HDF5 file, shaped (N, H, W, 3) uint8")
+    index: str | None = Field(None, description="parquet/CSV file with an `id` column (and optional `split`)")
+    subject: str | None = Field(None, description="NSD subject (subj01…subj08); finds INDEX_ROOT/SUBJECT.parquet")
+    index_root: str | None = Field(None, description="folder of per-subject index files, with --subject")
+    model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32")
+    model_config_file: str | None = Field(
+        None, alias="model_config", description="JSON open_clip model config, registered under the file's stem"
+    )
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, or weights as a local path or s3://")
+    model_id: str | None = Field(None, description="Stable Diffusion id; resolves to the CLIP encoder it conditions on")
+    output: str = Field(description="output prefix for the parquet shards and _manifest.json (local or s3://)")
+    batch_size: int = Field(500, gt=0, description="rows per shard: the unit of commit and resume")
+    inference_batch_size: int = Field(32, gt=0, description="rows per encoder call")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where encoders run")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="encoder precision; auto is bf16 on GPU, fp32 on CPU"
+    )
+    cache_dir: str | None = Field(None, description="persistent on-disk cache of fetched S3 byte ranges and weights")
+    no_sign_request: bool = Field(False, description="read the source anonymously (public buckets such as NSD's)")
+    num_encoders: int | None = Field(None, gt=0, description="encoder actors; default one per GPU, else one")
+
+    model_config = ConfigDict(populate_by_name=True)
+    volatile = frozenset({"inference_batch_size", "device", "cache_dir", "no_sign_request", "num_encoders"})
+
+    @model_validator(mode="after")
+    def _one_index_and_one_model(self):
+        if bool(self.index) == bool(self.subject or self.index_root):
+            raise ValueError("give either index, or subject with index_root")
+        if self.subject and not self.index_root or self.index_root and not self.subject:
+            raise ValueError("subject and index_root go together")
+        if not self.model and not self.model_id:
+            raise ValueError("give model (with pretrained) or model_id")
+        if self.model and self.model_id:
+            raise ValueError("give model or model_id, not both")
+        return self

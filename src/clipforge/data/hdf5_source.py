@@ -1,0 +1,115 @@
+"""Rows of an image dataset inside an HDF5 file, local or on S3, reading only their bytes.
+
+On S3 the file is opened through a `RangeReader`. Before h5py reads the rows,
+their byte ranges (contiguous layout: offset arithmetic; chunked layout: the
+chunk index) are prefetched in coalesced range requests, so h5py itself
+decodes chunked, compressed or contiguous data while the network carries
+little more than the requested images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+from clipforge.storage.range_reader import FetchStats, RangeReader
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """What the plan needs to know about `file[dataset]`."""
+
+    length: int
+    image_shape: tuple[int, int, int]
+    layout: str
+
+    @property
+    def image_bytes(self) -> int:
+        return int(np.prod(self.image_shape))
+
+
+@contextlib.contextmanager
+def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = None):
+    """Yield (h5py.File, RangeReader | None); a missing or unreadable file is a UserError."""
+    reader = None
+    if storage.is_s3(source):
+        reader = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir)
+        target = reader
+    else:
+        target = storage.local_path(source)
+        if not target.is_file():
+            raise UserError(f"source {source} not found")
+    try:
+        handle = h5py.File(target, "r")
+    except OSError as exc:
+        raise UserError(f"source {source} is not a readable HDF5 file: {exc}") from None
+    try:
+        yield handle, reader
+    finally:
+        handle.close()
+
+
+def image_dataset(handle: h5py.File, source: str, name: str) -> h5py.Dataset:
+    if name not in handle or not isinstance(handle[name], h5py.Dataset):
+        found = [k for k, v in handle.items() if isinstance(v, h5py.Dataset)]
+        raise UserError(f"source {source} has no dataset {name!r}; datasets found: {', '.join(found) or 'none'}")
+    return handle[name]
+
+
+def describe_dataset(dset: h5py.Dataset, source: str) -> ImageDataset:
+    """Validate an (N, H, W, 3) uint8 image dataset."""
+    if dset.ndim != 4 or dset.shape[-1] != 3 or dset.dtype != np.uint8:
+        raise UserError(
+            f"dataset {dset.name!r} in {source} has shape {dset.shape} and dtype {dset.dtype}; "
+            "expected (N, H, W, 3) uint8 images"
+        )
+    layout = "chunked" if dset.chunks else "contiguous"
+    return ImageDataset(length=int(dset.shape[0]), image_shape=tuple(int(s) for s in dset.shape[1:]), layout=layout)
+
+
+def row_byte_ranges(dset: h5py.Dataset, rows: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open file byte ranges that hold these rows (empty when the layout does not tell)."""
+    row_bytes = int(np.prod(dset.shape[1:])) * dset.dtype.itemsize
+    if dset.chunks is None:
+        offset = dset.id.get_offset()
+        if offset is None:
+            return []
+        return [(offset + int(r) * row_bytes, offset + (int(r) + 1) * row_bytes) for r in rows]
+    chunks = dset.chunks
+    starts_per_dim = [range(0, size, step) for size, step in zip(dset.shape[1:], chunks[1:], strict=True)]
+    ranges = set()
+    for first in sorted({int(r) // chunks[0] * chunks[0] for r in rows}):
+        for rest in itertools.product(*starts_per_dim):
+            info = dset.id.get_chunk_info_by_coord((first, *rest))
+            if info.byte_offset is not None and info.size:
+                ranges.add((int(info.byte_offset), int(info.byte_offset) + int(info.size)))
+    return sorted(ranges)
+
+
+def read_rows(
+    source: str,
+    dataset: str,
+    rows: np.ndarray,
+    *,
+    unsigned: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[np.ndarray, FetchStats]:
+    """uint8 images (len(rows), H, W, 3) for sorted unique `rows`, and what fetching them cost."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir) as (handle, reader):
+        dset = image_dataset(handle, source, dataset)
+        if reader is not None:
+            reader.prefetch(row_byte_ranges(dset, rows))
+        images = dset[rows] if len(rows) else np.zeros((0, *dset.shape[1:]), np.uint8)
+        if reader is None:
+            stats = FetchStats(requests=0, bytes=int(images.nbytes))
+        else:
+            stats = reader.stats
+            reader.release()
+    return images, stats

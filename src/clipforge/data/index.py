@@ -1,0 +1,58 @@
+"""Which rows a cache encodes: an index file with an `id` column and an optional `split`."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+
+@dataclass
+class RowIndex:
+    """Sorted unique ids with their splits (None where the index has no split)."""
+
+    ids: np.ndarray
+    splits: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_index(path: str) -> RowIndex:
+    """Read a parquet or CSV index; every problem names the file and the offending id."""
+    raw = storage.read_bytes(path)
+    try:
+        if path.endswith(".csv"):
+            frame = pd.read_csv(io.BytesIO(raw))
+        else:
+            frame = pd.read_parquet(io.BytesIO(raw))
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise UserError(f"index {path} cannot be read as {'CSV' if path.endswith('.csv') else 'parquet'}: {exc}") \
+            from None
+    if "id" not in frame.columns:
+        raise UserError(f"index {path} has no 'id' column; columns found: {', '.join(map(str, frame.columns))}")
+    if frame.empty:
+        raise UserError(f"index {path} has no rows")
+    if not pd.api.types.is_integer_dtype(frame["id"]):
+        raise UserError(f"index {path}: column 'id' must hold integers, found {frame['id'].dtype}")
+    ids = frame["id"].to_numpy(dtype=np.int64)
+    if (ids < 0).any():
+        raise UserError(f"index {path}: id {int(ids[ids < 0][0])} is negative")
+    duplicated = frame["id"].duplicated()
+    if duplicated.any():
+        raise UserError(f"index {path}: id {int(frame['id'][duplicated].iloc[0])} appears more than once")
+    if "split" in frame.columns:
+        splits = [None if pd.isna(s) else str(s) for s in frame["split"]]
+    else:
+        splits = [None] * len(frame)
+    order = np.argsort(ids, kind="stable")
+    return RowIndex(ids=ids[order], splits=[splits[i] for i in order])
+
+
+def index_for_subject(index_root: str, subject: str) -> str:
+    return storage.join(index_root, f"{subject}.parquet")

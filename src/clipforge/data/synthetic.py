@@ -1,0 +1,104 @@
+"""Synthetic stand-ins for the real inputs, so the whole pipeline runs offline in minutes.
+
+An NSD-like HDF5 (`imgBrick`, (N, 425, 425, 3) uint8 scenes of coloured shapes
+on gradients), an `nsd_expdesign.mat` in the real layout, and tiny open_clip
+model configs with random weights saved to files, loaded exactly as real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.io
+
+NSD_SIZE = 425
+
+
+def synthetic_images(n: int, size: int = NSD_SIZE, seed: int = 0) -> np.ndarray:
+    """(n, size, size, 3) uint8 scenes with visible, id-specific structure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        image = top[None, None] * (1 - yy[..., None]) + bottom[None, None] * yy[..., None]
+        for _ in range(rng.integers(1, 4)):
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+            colour = rng.uniform(0, 255, 3)
+            mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) if rng.random() < 0.5 else \
+                ((abs(xx - cx) < r) & (abs(yy - cy) < r))
+            image[mask] = colour
+        images[i] = image.clip(0, 255).astype(np.uint8)
+    return images
+
+
+def write_nsd_hdf5(path: str | Path, n: int, *, layout: str = "contiguous", seed: int = 0,
+                   dataset: str = "imgBrick", size: int = NSD_SIZE, block: int = 64) -> np.ndarray:
+    """Write an NSD-like stimulus file; returns the images written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = (1, size, size, 3) if layout == "chunked" else None
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset(dataset, shape=(n, size, size, 3), dtype=np.uint8, chunks=chunks,
+                                compression="gzip" if layout == "chunked" else None)
+        images = []
+        for start in range(0, n, block):
+            part = synthetic_images(min(block, n - start), size, seed=seed * 100003 + start)
+            dset[start : start + len(part)] = part
+            images.append(part)
+    return np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
+def write_expdesign(path: str | Path, n_images: int, *, per_subject: int, shared: int, seed: int = 0) -> None:
+    """`subjectim` (8 x per_subject, 1-based) and `sharedix` (1 x shared, 1-based), as in nsd_expdesign.mat."""
+    rng = np.random.default_rng(seed)
+    shared_ids = rng.choice(n_images, size=shared, replace=False)
+    rest = np.setdiff1d(np.arange(n_images), shared_ids)
+    subjectim = np.stack([
+        np.concatenate([shared_ids, rng.choice(rest, size=per_subject - shared, replace=False)])
+        for _ in range(8)
+    ]) + 1
+    scipy.io.savemat(str(path), {"subjectim": subjectim.astype(np.float64),
+                                 "sharedix": (np.sort(shared_ids) + 1)[None].astype(np.float64)})
+
+
+def tiny_model_config(embed_dim: int, image_size: int = 224, width: int = 64) -> dict:
+    """An open_clip model config small enough for CPU tests (real code paths, tiny widths)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": width, "patch_size": 32, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
+    }
+
+
+def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int = 0,
+                     image_size: int = 224) -> tuple[Path, Path]:
+    """Write `name.json` (open_clip config) and `name.pt` (random weights); returns both paths."""
+    import open_clip
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(tiny_model_config(embed_dim, image_size), indent=2))
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    weights_path = folder / f"{name}.pt"
+    torch.save(model.state_dict(), weights_path)
+    return config_path, weights_path
+
+
+def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
+    """Everything `jobs/demo.yaml` reads, under `root`."""
+    root = Path(root)
+    write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
+    write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images), shared=min(40, n_images))
+    source_cfg, source_weights = write_tiny_model(root / "models", "tiny-source", 512, seed=1)
+    target_cfg, target_weights = write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
+    return {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
+            "source_config": source_cfg, "source_weights": source_weights,
+            "target_config": target_cfg, "target_weights": target_weights}

@@ -1,0 +1,1 @@
+"""Models: the CLIP encoder registry, batched preprocessing, the adapter."""

@@ -1,0 +1,106 @@
+"""The CLIP image encoders a cache can be built with.
+
+An encoder is an open_clip model name plus weights: a pretrained tag (open_clip's
+own download and cache, needs the hub), a local file, or an `s3://` object
+fetched once to a local cache. `--model-config FILE.json` registers a custom
+shape under the file's stem, as open_clip's `add_model_config` does. A Stable
+Diffusion id resolves to the CLIP encoder whose space that model conditions on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+log = logging.getLogger(__name__)
+
+# Stable Diffusion id -> (open_clip model, pretrained tag) of the image encoder it conditions on.
+SD_IMAGE_ENCODERS: dict[str, tuple[str, str]] = {
+    "stabilityai/stable-diffusion-2-1": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "stabilityai/stable-diffusion-2-1-unclip": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "stabilityai/stable-diffusion-2-1-base": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "runwayml/stable-diffusion-v1-5": ("ViT-L-14", "openai"),
+    "CompVis/stable-diffusion-v1-4": ("ViT-L-14", "openai"),
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder: enough to build it again anywhere (a Ray actor, a Kubernetes pod)."""
+
+    model: str
+    pretrained: str | None = None
+    model_config: str | None = None
+
+    @classmethod
+    def resolve(cls, model: str | None, pretrained: str | None, model_config: str | None, model_id: str | None):
+        if model_id:
+            if model_id not in SD_IMAGE_ENCODERS:
+                known = ", ".join(sorted(SD_IMAGE_ENCODERS))
+                raise UserError(f"unknown model id {model_id!r}: known ids are {known}")
+            name, tag = SD_IMAGE_ENCODERS[model_id]
+            return cls(model=name, pretrained=pretrained or tag, model_config=model_config)
+        if not model:
+            raise UserError("no encoder given: pass --model NAME (with --pretrained) or --model-id ID")
+        return cls(model=model, pretrained=pretrained, model_config=model_config)
+
+    def weights_fingerprint(self) -> dict | None:
+        """ETag/size or size/mtime of a weights file; a tag identifies itself."""
+        if self.pretrained and ("/" in self.pretrained or self.pretrained.startswith("s3://")):
+            return storage.fingerprint(self.pretrained)
+        return None
+
+
+def register_model_config(path: str) -> str:
+    """Register a JSON model config with open_clip under the file's stem; returns that name."""
+    import open_clip
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"model config {path} not found")
+    open_clip.add_model_config(config_path)
+    return config_path.stem
+
+
+def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: str | None = None):
+    """(model, preprocess_cfg) in eval mode on `device`: the model is built by open_clip's own factory."""
+    import open_clip
+
+    if spec.model_config:
+        register_model_config(spec.model_config)
+    if spec.model not in open_clip.list_models():
+        raise UserError(f"unknown model {spec.model!r}: not an open_clip model (try `open_clip.list_models()`) "
+                        "and no --model-config registers it")
+    pretrained = spec.pretrained
+    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
+        pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
+    try:
+        model = open_clip.create_model(spec.model, pretrained=pretrained, device=device)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+            raise UserError(f"weights {spec.pretrained} do not fit model {spec.model}: {first}") from None
+        raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: {first}") from None
+    model.eval()
+    return model, open_clip.get_model_preprocess_cfg(model)
+
+
+def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
+    """The model description stored in cache metadata and manifests."""
+    return {
+        "name": spec.model,
+        "pretrained": spec.pretrained,
+        "dim": int(model.visual.output_dim),
+        "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()},
+        "weights": spec.weights_fingerprint(),
+    }
+
+
+def spec_dict(spec: EncoderSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,42 @@
+"""Progress lines for long work: done/total, rate, ETA, at most one line every few seconds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=int(seconds)))
+
+
+class Progress:
+    """Call `update(n)` as work lands; it logs `what: done/total unit, rate, ETA` and any extra fields."""
+
+    def __init__(self, log: logging.Logger, total: int, unit: str = "img", every: float = 2.0):
+        self.log, self.total, self.unit, self.every = log, total, unit, every
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def update(self, n: int, extra: str = "", force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not force and now - self._last < self.every and self.done < self.total:
+            return
+        self._last = now
+        eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
+        eta_text = _duration(eta) if eta == eta else "?"
+        tail = f", {extra}" if extra else ""
+        self.log.info(
+            "%d/%d %s, %.1f %s/s, ETA %s%s", self.done, self.total, self.unit, self.rate, self.unit, eta_text, tail
+        )

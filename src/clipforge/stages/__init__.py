@@ -1,0 +1,1 @@
+"""Pipeline stages: each a function of (config, inputs) -> outputs + manifest."""

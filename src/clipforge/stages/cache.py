@@ -1,0 +1,291 @@
+"""The cache stage: images in an HDF5 file (local or S3) -> parquet embedding shards.
+
+Plan: sort the requested ids and cut them into shards in file order, so
+neighbouring rows become one range request. Read: Ray tasks fetch a shard's
+rows. Compute: an encoder actor pool (one per GPU, else one on the CPU)
+preprocesses and encodes them in batches. Commit: each shard lands as one
+parquet file written atomically by the actor; `_manifest.json` is written last
+by the driver. A crash costs at most the shards in flight: committed shards are
+skipped on the next run and never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipforge.config.cache import CacheConfig
+from clipforge.data import hdf5_source
+from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_to_parquet_bytes
+from clipforge.data.index import RowIndex, index_for_subject, read_index
+from clipforge.errors import UserError
+from clipforge.models.encoders import EncoderSpec, register_model_config
+from clipforge.progress import Progress
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.range_reader import FetchStats
+
+log = logging.getLogger("clipforge.cache")
+SHARD_PREFIX = "shard-"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of commit: consecutive sorted ids, written as `name` under the output prefix."""
+
+    index: int
+    name: str
+    ids: np.ndarray
+    splits: list[str | None]
+
+
+def plan_shards(index: RowIndex, batch_size: int, config_fingerprint: str) -> list[Shard]:
+    """Cut sorted ids into shards; a shard's name depends on its ids and the config, never on timing."""
+    shards = []
+    for number, start in enumerate(range(0, len(index), batch_size)):
+        ids = index.ids[start : start + batch_size]
+        digest = hashlib.sha256(config_fingerprint.encode() + ids.tobytes()).hexdigest()[:12]
+        shards.append(Shard(number, f"{SHARD_PREFIX}{number:05d}-{digest}.parquet", ids,
+                            index.splits[start : start + batch_size]))
+    return shards
+
+
+def resolve_index(cfg: CacheConfig) -> tuple[str, RowIndex]:
+    path = cfg.index or index_for_subject(cfg.index_root, cfg.subject)
+    return path, read_index(path)
+
+
+def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, index_path: str) -> dict:
+    """Fingerprints of everything the output depends on besides the config."""
+    inputs = {
+        "source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
+        "index": storage.fingerprint(index_path),
+        "weights": spec.weights_fingerprint(),
+    }
+    if spec.model_config:
+        inputs["model_config"] = hashlib.sha256(storage.read_bytes(spec.model_config)).hexdigest()[:16]
+    return inputs
+
+
+def run_cache(cfg: CacheConfig) -> dict:
+    """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest."""
+    spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
+    index_path, index = resolve_index(cfg)
+    inputs = stage_inputs(cfg, spec, index_path)
+    fingerprint = cfg.fingerprint()
+    manifest = read_manifest(cfg.output)
+    if is_up_to_date(manifest, fingerprint, inputs):
+        log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
+        return manifest
+    if manifest is not None:
+        raise UserError(f"output {cfg.output} already holds a cache of another config or input; "
+                        "choose a new --output (pipelines do this for you)")
+    check_model_known(spec)
+    dataset = inspect_source(cfg, index)
+    shards = plan_shards(index, cfg.batch_size, fingerprint)
+    todo = pending_shards(cfg.output, shards)
+    log.info("plan: %d images of %s[%s] (%s layout) in %d shards of %d; %d already committed, skipped",
+             len(index), cfg.source, cfg.dataset, dataset.layout, len(shards), cfg.batch_size, len(shards) - len(todo))
+
+    started = time.monotonic()
+    stats, model = encode_shards(cfg, spec, todo, dataset) if todo else (FetchStats(), None)
+    elapsed = time.monotonic() - started
+    model = model or model_from_shard(cfg.output, shards[0].name)
+    encoded = sum(len(s.ids) for s in todo)
+    requested_bytes = encoded * dataset.image_bytes
+    metrics = {
+        "images_encoded": encoded,
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(encoded / elapsed, 2) if elapsed and encoded else None,
+        "fetched_bytes": stats.bytes,
+        "requests": stats.requests,
+        "retries": stats.retries,
+        "fetched_over_requested": round(stats.bytes / requested_bytes, 4) if requested_bytes and stats.requests else None,
+    }
+    manifest = write_manifest(
+        cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True), config_fingerprint=fingerprint,
+        inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
+        model=model, metrics=metrics,
+    )
+    log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; fetched %.1f MB in %d requests "
+             "(%d retries); output %s", len(index), encoded, len(index) - encoded, elapsed,
+             f", {metrics['images_per_second']} img/s" if metrics["images_per_second"] else "",
+             stats.bytes / 1e6, stats.requests, stats.retries, cfg.output)
+    return manifest
+
+
+def check_model_known(spec: EncoderSpec) -> None:
+    """Fail before any work when the model name is unknown (weights are checked by the encoder)."""
+    import open_clip
+
+    if spec.model_config:
+        register_model_config(spec.model_config)
+    if spec.model not in open_clip.list_models():
+        raise UserError(f"unknown model {spec.model!r}: not an open_clip model and no --model-config registers it")
+
+
+def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDataset:
+    with hdf5_source.open_hdf5(cfg.source, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir) as (handle, _):
+        dataset = hdf5_source.describe_dataset(hdf5_source.image_dataset(handle, cfg.source, cfg.dataset), cfg.source)
+    if index.ids[-1] >= dataset.length:
+        first_bad = int(index.ids[index.ids >= dataset.length][0])
+        raise UserError(f"id {first_bad} is out of range for dataset {cfg.dataset!r} of {cfg.source}, "
+                        f"which has {dataset.length} images (ids are 0-based rows)")
+    return dataset
+
+
+def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
+    """Shards not yet committed; shard files of another plan mean the output belongs to something else."""
+    present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
+    planned = {s.name for s in shards}
+    foreign = sorted(present - planned)
+    if foreign:
+        raise UserError(f"output {output} holds {len(foreign)} shard files of another config or index "
+                        f"(e.g. {foreign[0]}); choose a new --output or remove them")
+    return [s for s in shards if s.name not in present]
+
+
+def model_from_shard(output: str, name: str) -> dict:
+    import io
+
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(io.BytesIO(storage.read_bytes(storage.join(output, name))))
+    return json.loads(schema.metadata[METADATA_KEY])["model"]
+
+
+# -- Ray Data: read tasks -> encoder actors -> committed shards -------------------------------
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (KubeRay), else start or reuse a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    # Our own progress line replaces Ray Data's bars and per-dataset logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None) -> dict:
+    """Ray task: one shard's images as a uint8 array, plus what fetching them cost."""
+    images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned, cache_dir=cache_dir)
+    return {
+        **batch,
+        "images": images[None],
+        "fetched_bytes": np.array([stats.bytes]),
+        "requests": np.array([stats.requests]),
+        "retries": np.array([stats.retries]),
+    }
+
+
+class ShardEncoder:
+    """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
+
+    def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int,
+                 cache_dir: str | None):
+        import torch
+
+        from clipforge.models.encode import resolve_device, resolve_precision
+        from clipforge.models.encoders import describe, load_clip
+        from clipforge.models.preprocess import BatchPreprocess
+
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
+        encoder_spec = EncoderSpec(**spec)
+        self.model, preprocess_cfg = load_clip(encoder_spec, self.device, cache_dir)
+        self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.description = {**describe(encoder_spec, self.model, preprocess_cfg), "precision": self.precision}
+        self.output = output
+        self.batch_size = inference_batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        from clipforge.models.encode import encode_images
+
+        embeddings = encode_images(self.model, self.preprocess, batch["images"][0], batch_size=self.batch_size,
+                                   precision=self.precision)
+        ids, splits = batch["ids"][0], [None if s == "" else str(s) for s in batch["splits"][0]]
+        table = embeddings_to_table(ids, splits, embeddings, self.description)
+        storage.write_bytes(storage.join(self.output, str(batch["name"][0])), table_to_parquet_bytes(table))
+        return {
+            "shard": batch["shard"],
+            "rows": np.array([len(ids)]),
+            "fetched_bytes": batch["fetched_bytes"],
+            "requests": batch["requests"],
+            "retries": batch["retries"],
+            "model": np.array([json.dumps(self.description)]),
+        }
+
+
+def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard], dataset) -> tuple[FetchStats, dict]:
+    """Run the Ray Data pipeline over the pending shards; returns fetch stats and the model description."""
+    import ray
+
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
+    if cfg.device == "cuda" and gpus == 0:
+        raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
+    encoders = cfg.num_encoders or max(1, gpus)
+    items = [{"shard": s.index, "name": s.name, "ids": s.ids, "splits": np.array([x or "" for x in s.splits])}
+             for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Reads are I/O-bound: half a CPU each lets them run beside the encoder, and resources that
+    # differ from the encoder's keep Ray from fusing reads into the actor (which would serialise them).
+    ds = ds.map_batches(
+        read_shard, batch_size=1, batch_format="numpy", num_cpus=0.5,
+        fn_kwargs={"source": cfg.source, "dataset": cfg.dataset, "unsigned": cfg.no_sign_request,
+                   "cache_dir": cfg.cache_dir},
+    )
+    ds = ds.map_batches(
+        ShardEncoder, batch_size=1, batch_format="numpy",
+        num_gpus=1 if gpus else 0, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=encoders),
+        fn_constructor_kwargs={"spec": spec.__dict__, "output": cfg.output, "device": "cuda" if gpus else "cpu",
+                               "precision": cfg.precision, "inference_batch_size": cfg.inference_batch_size,
+                               "cache_dir": cfg.cache_dir},
+    )
+    total = sum(len(s.ids) for s in todo)
+    progress = Progress(log, total)
+    stats, model = FetchStats(), None
+    shards_done = 0
+    try:
+        for result in ds.iter_rows():
+            shards_done += 1
+            stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
+            model = model or json.loads(str(result["model"]))
+            progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
+                                                 f"{stats.bytes / 1e6:.1f} MB fetched")
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    return stats, model
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError a Ray task or actor raised, however Ray wrapped it."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return UserError(str(current).splitlines()[0] if "\n" in str(current) else str(current))
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return None

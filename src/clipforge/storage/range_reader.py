@@ -1,0 +1,273 @@
+"""A seekable, read-only file over an S3 object, fetched by HTTP range requests.
+
+`h5py.File(RangeReader(uri))` opens a remote HDF5 without downloading it.
+Reads the caller announces with `prefetch(ranges)` (the byte ranges of the rows
+a shard needs) are coalesced into one request per run of neighbouring ranges
+and fetched in parallel; anything else (HDF5 metadata) is read in small
+aligned blocks. Every body is checked against the range asked for: transient
+errors and short or truncated bodies are retried with backoff, never served.
+With `cache_dir`, ranges persist on disk keyed by bucket, key, ETag and range,
+each written atomically and its length verified on read, so a torn file is
+refetched and a changed object (new ETag) never hits old bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import botocore.exceptions
+
+from clipforge.errors import UserError
+from clipforge.storage import s3
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchStats:
+    """What a reader cost: requests and bytes over the network, retries, disk cache hits."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+
+    def add(self, other: FetchStats) -> None:
+        self.requests += other.requests
+        self.bytes += other.bytes
+        self.retries += other.retries
+        self.cache_hits += other.cache_hits
+
+
+class ObjectChanged(UserError):
+    pass
+
+
+def coalesce(ranges: list[tuple[int, int]], max_gap: int = 0, max_size: int = 256 << 20) -> list[tuple[int, int]]:
+    """Merge sorted half-open ranges that touch or lie within `max_gap` bytes, up to `max_size` each."""
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start - merged[-1][1] <= max_gap and end - merged[-1][0] <= max_size:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+class RangeCache:
+    """On-disk store of fetched ranges: one file per (object version, start, length)."""
+
+    def __init__(self, root: str | Path, bucket: str, key: str, etag: str):
+        digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:20]
+        self.dir = Path(root) / bucket / digest / etag.replace("/", "_")
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, start: int, length: int) -> Path:
+        return self.dir / f"{start:015d}-{length}"
+
+    def get(self, start: int, length: int) -> bytes | None:
+        path = self._path(start, length)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if len(data) != length:  # torn or truncated: refetch, never serve
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, start: int, data: bytes) -> None:
+        path = self._path(start, len(data))
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class RangeReader(io.RawIOBase):
+    """File object over `s3://bucket/key`; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        unsigned: bool = False,
+        cache_dir: str | Path | None = None,
+        block_size: int = 256 << 10,
+        max_attempts: int = 8,
+        threads: int = 8,
+    ):
+        super().__init__()
+        self.uri = uri
+        self.location = s3.parse_s3(uri)
+        self.client = s3.client(unsigned)
+        self.block_size = block_size
+        self.max_attempts = max_attempts
+        self.threads = threads
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        try:
+            head = self.client.head_object(Bucket=self.location.bucket, Key=self.location.key)
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc) from None
+        self.size = int(head["ContentLength"])
+        self.etag = head["ETag"].strip('"')
+        self.cache = RangeCache(cache_dir, self.location.bucket, self.location.key, self.etag) if cache_dir else None
+        self._pos = 0
+        self._span_starts: list[int] = []
+        self._spans: list[bytes] = []
+        self._blocks: dict[int, bytes] = {}
+
+    # -- io.RawIOBase -------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self._pos)
+        if n <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")
+        view[:n] = self.pread(self._pos, n)
+        self._pos += n
+        return n
+
+    # -- reading ----------------------------------------------------------------
+    def pread(self, start: int, length: int) -> bytes:
+        """`length` bytes at `start`: from prefetched spans when they cover it, else from blocks."""
+        data = self._from_spans(start, length)
+        if data is not None:
+            return data
+        first, last = start // self.block_size, (start + length - 1) // self.block_size
+        missing = [b for b in range(first, last + 1) if b not in self._blocks]
+        if missing:
+            wanted = [(b * self.block_size, min((b + 1) * self.block_size, self.size)) for b in missing]
+            for (a, _), chunk in zip(wanted, self._fetch_many(wanted), strict=True):
+                self._blocks[a // self.block_size] = chunk
+        joined = b"".join(self._blocks[b] for b in range(first, last + 1))
+        offset = start - first * self.block_size
+        return joined[offset : offset + length]
+
+    def prefetch(self, ranges: list[tuple[int, int]], max_gap: int = 0) -> None:
+        """Hold these half-open byte ranges in memory (replacing earlier ones), in few requests."""
+        ranges = sorted({(max(0, a), min(b, self.size)) for a, b in ranges if b > a})
+        pieces = dict(zip(ranges, self._fetch_many(ranges, max_gap=max_gap), strict=True))
+        merged = coalesce(ranges)
+        self._span_starts = [a for a, _ in merged]
+        self._spans = []
+        for a, b in merged:
+            buf = bytearray(b - a)
+            for (ra, rb), data in pieces.items():
+                if a <= ra and rb <= b:
+                    buf[ra - a : rb - a] = data
+            self._spans.append(bytes(buf))
+
+    def release(self) -> None:
+        self._span_starts, self._spans = [], []
+
+    def _from_spans(self, start: int, length: int) -> bytes | None:
+        i = bisect.bisect_right(self._span_starts, start) - 1
+        if i < 0:
+            return None
+        span_start, span = self._span_starts[i], self._spans[i]
+        if start + length <= span_start + len(span):
+            return span[start - span_start : start - span_start + length]
+        return None
+
+    def _fetch_many(self, ranges: list[tuple[int, int]], max_gap: int = 0) -> list[bytes]:
+        """Bytes of each range: disk cache first, the rest coalesced into parallel requests."""
+        results: dict[tuple[int, int], bytes] = {}
+        if self.cache:
+            for a, b in ranges:
+                hit = self.cache.get(a, b - a)
+                if hit is not None:
+                    results[(a, b)] = hit
+                    with self._lock:
+                        self.stats.cache_hits += 1
+        todo = [r for r in ranges if r not in results]
+        groups = coalesce(todo, max_gap=max_gap)
+        if len(groups) == 1:
+            bodies = [self._get(*groups[0])]
+        else:
+            with ThreadPoolExecutor(min(self.threads, max(1, len(groups)))) as pool:
+                bodies = list(pool.map(lambda g: self._get(*g), groups))
+        for (ga, gb), body in zip(groups, bodies, strict=True):
+            for a, b in todo:
+                if ga <= a and b <= gb:
+                    piece = body[a - ga : b - ga]
+                    results[(a, b)] = piece
+                    if self.cache:
+                        self.cache.put(a, piece)
+        return [results[r] for r in ranges]
+
+    def _get(self, start: int, end: int) -> bytes:
+        """One range GET, verified and retried; end is exclusive."""
+        expected = end - start
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                response = self.client.get_object(
+                    Bucket=self.location.bucket,
+                    Key=self.location.key,
+                    Range=f"bytes={start}-{end - 1}",
+                    IfMatch=self.etag,
+                )
+                body = response["Body"].read()
+                content_range = response.get("ContentRange", "")
+                if len(body) == expected and content_range.startswith(f"bytes {start}-{end - 1}/"):
+                    with self._lock:
+                        self.stats.requests += 1
+                        self.stats.bytes += len(body)
+                    return body
+                problem = f"short or mismatched body: {len(body)} of {expected} bytes, Content-Range {content_range!r}"
+            except botocore.exceptions.ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status and status < 500 and status != 429:
+                    raise self._client_error(exc) from None
+                problem = str(exc)
+            except (botocore.exceptions.BotoCoreError, OSError, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.stats.retries += 1
+                self.stats.requests += 1
+            if attempt == self.max_attempts:
+                raise OSError(f"{self.uri}: bytes {start}-{end - 1} failed {attempt} times; last: {problem}")
+            delay = min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            log.debug("retrying %s bytes %d-%d after %s (%.2fs)", self.uri, start, end - 1, problem, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _client_error(self, exc: botocore.exceptions.ClientError) -> UserError:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if s3.is_not_found(exc) or status == 404:
+            return UserError(f"{self.uri} not found")
+        if status == 412 or code == "PreconditionFailed":
+            return ObjectChanged(f"{self.uri} changed while it was being read (ETag no longer {self.etag}); rerun")
+        if status == 403:
+            return UserError(f"access denied to {self.uri} (for a public bucket pass --no-sign-request)")
+        return UserError(f"{self.uri}: {code or status}: {exc}")
