@@ -82,13 +82,21 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     try:
         model = open_clip.create_model(spec.model, pretrained=pretrained, device=device)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
-            raise UserError(f"weights {spec.pretrained} do not fit model {spec.model}: {first}") from None
-        raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: {first}") from None
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise UserError(weights_problem(spec, exc)) from None
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
+
+
+def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
+    """One line for a checkpoint that does not load: the first mismatching key, not torch's whole list."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marker in ("size mismatch", "Missing key", "Unexpected key"):
+        hit = next((line for line in lines if marker in line), None)
+        if hit:
+            return f"weights {spec.pretrained} do not fit model {spec.model}: {hit[:300]}"
+    first = lines[0] if lines else type(exc).__name__
+    return f"cannot load model {spec.model} with weights {spec.pretrained}: {first[:300]}"
 
 
 def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -106,7 +107,8 @@ def run_cache(cfg: CacheConfig) -> dict:
         "fetched_bytes": stats.bytes,
         "requests": stats.requests,
         "retries": stats.retries,
-        "fetched_over_requested": round(stats.bytes / requested_bytes, 4) if requested_bytes and stats.requests else None,
+        "fetched_over_requested": round(stats.bytes / requested_bytes, 4)
+        if requested_bytes and stats.requests else None,
     }
     manifest = write_manifest(
         cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True), config_fingerprint=fingerprint,
@@ -169,7 +171,9 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    # Worker output stays in Ray's session logs: failures reach the driver as exceptions, and
+    # progress is the driver's own line.
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
@@ -277,7 +281,11 @@ def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard], datase
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError a Ray task or actor raised, however Ray wrapped it."""
+    """The UserError a Ray task or actor raised, however Ray wrapped it.
+
+    Task errors keep the original as `.cause`; an actor whose constructor failed
+    surfaces only as ActorDiedError text, so that text is searched too.
+    """
     seen = set()
     stack = [exc]
     while stack:
@@ -286,6 +294,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
             continue
         seen.add(id(current))
         if isinstance(current, UserError):
-            return UserError(str(current).splitlines()[0] if "\n" in str(current) else str(current))
+            return UserError(str(current).strip().splitlines()[0])
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
-    return None
+    found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
+    return UserError(found[-1].strip()) if found else None

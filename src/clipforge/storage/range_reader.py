@@ -108,7 +108,7 @@ class RangeReader(io.RawIOBase):
         *,
         unsigned: bool = False,
         cache_dir: str | Path | None = None,
-        block_size: int = 256 << 10,
+        block_size: int = 64 << 10,
         max_attempts: int = 8,
         threads: int = 8,
     ):

@@ -15,7 +15,7 @@ import boto3
 import botocore
 from botocore.config import Config
 
-_clients: dict[tuple[int, bool], object] = {}
+_clients: dict[tuple, object] = {}
 _lock = threading.Lock()
 
 
@@ -34,8 +34,8 @@ def parse_s3(uri: str) -> S3Location:
 
 
 def client(unsigned: bool = False):
-    """A thread-safe client per process (clients must not cross a fork)."""
-    token = (os.getpid(), unsigned)
+    """A thread-safe client per process (clients must not cross a fork) and endpoint."""
+    token = (os.getpid(), unsigned, os.environ.get("AWS_ENDPOINT_URL"))
     with _lock:
         if token not in _clients:
             config = Config(

@@ -1,0 +1,224 @@
+"""The cache stage end to end on a real local Ray instance and a real loopback S3 server."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import boto3
+import numpy as np
+import open_clip
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.cli import main
+from clipforge.config.cache import CacheConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.data.synthetic import write_nsd_hdf5
+from clipforge.stages.cache import run_cache
+from clipforge.storage.manifest import read_manifest
+
+N_IMAGES = 60
+
+
+@pytest.fixture(scope="module")
+def nsd(tmp_path_factory, s3_endpoint):
+    """A synthetic NSD-like file on disk and in a bucket, and a sparse index with splits."""
+    root = tmp_path_factory.mktemp("nsd")
+    images = write_nsd_hdf5(root / "stimuli.hdf5", N_IMAGES, seed=7)
+    bucket = f"nsd-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    client.upload_file(str(root / "stimuli.hdf5"), bucket, "nsd_stimuli.hdf5")
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(N_IMAGES, 30, replace=False))
+    index = root / "index.parquet"
+    pd.DataFrame({"id": ids[::-1], "split": np.where(ids % 5 == 0, "test", "train")[::-1]}).to_parquet(index)
+    return {"root": root, "images": images, "bucket": bucket, "s3": f"s3://{bucket}/nsd_stimuli.hdf5",
+            "local": str(root / "stimuli.hdf5"), "index": str(index), "ids": ids}
+
+
+def config(nsd, tiny_models, output, **overrides):
+    cfg_path, weights = tiny_models["source"]
+    values = {"source": nsd["s3"], "index": nsd["index"], "model": "tiny-source", "model_config": str(cfg_path),
+              "pretrained": str(weights), "output": output, "batch_size": 8, "device": "cpu"}
+    return CacheConfig(**{**values, **overrides})
+
+
+def open_clip_embeddings(tiny_models, images):
+    """open_clip's own path: PIL image -> its preprocess -> encode_image -> normalise."""
+    cfg_path, weights = tiny_models["source"]
+    open_clip.add_model_config(cfg_path)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-source", pretrained=str(weights))
+    model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
+        return torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+
+
+def mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_cache_from_s3_equals_open_clip(nsd, tiny_models, ray_session, tmp_path):
+    output = tmp_path / "cache"
+    manifest = run_cache(config(nsd, tiny_models, str(output)))
+    table = read_embeddings(str(output))
+    assert sorted(table.ids.tolist()) == nsd["ids"].tolist()  # each id exactly once
+    assert len(manifest["shards"]) == 4 and manifest["rows"] == 30
+    assert manifest["model"]["dim"] == 512 and manifest["model"]["name"] == "tiny-source"
+    expected = open_clip_embeddings(tiny_models, nsd["images"][table.ids])
+    cosine = (table.embeddings * expected).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+    np.testing.assert_allclose(np.linalg.norm(table.embeddings, axis=1), 1, atol=1e-5)
+    splits = dict(zip(table.ids.tolist(), table.splits.tolist(), strict=True))
+    assert all(splits[i] == ("test" if i % 5 == 0 else "train") for i in nsd["ids"])
+    # One table for pyarrow and Ray; the model described in the schema metadata.
+    assert pads.dataset(str(output)).count_rows() == 30
+    import ray.data
+
+    assert ray.data.read_parquet(str(output)).count() == 30
+    schema = pq.read_schema(output / manifest["shards"][0]["path"])
+    assert b"tiny-source" in schema.metadata[b"clipforge"]
+    metrics = manifest["metrics"]
+    assert metrics["fetched_over_requested"] <= 1.05, metrics
+
+
+def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, tmp_path):
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
+    run_cache(cfg)
+    before = mtimes(output)
+    started = time.monotonic()
+    run_cache(cfg)
+    assert time.monotonic() - started < 5
+    assert mtimes(output) == before
+
+
+def test_committed_shards_are_skipped_and_never_rewritten(nsd, tiny_models, ray_session, tmp_path):
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
+    first = run_cache(cfg)
+    (output / "_manifest.json").unlink()
+    lost = first["shards"][2]["path"]
+    (output / lost).unlink()
+    before = mtimes(output)
+    second = run_cache(cfg)
+    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"]
+    after = mtimes(output)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert lost in after and second["shards"] == first["shards"]
+
+
+def test_s3_output_and_chunked_source_agree_with_local(nsd, tiny_models, ray_session, tmp_path):
+    bucket = nsd["bucket"]
+    run_cache(config(nsd, tiny_models, f"s3://{bucket}/cache-out"))
+    run_cache(config(nsd, tiny_models, str(tmp_path / "local"), source=nsd["local"]))
+    remote, local = read_embeddings(f"s3://{bucket}/cache-out"), read_embeddings(str(tmp_path / "local"))
+    assert remote.ids.tolist() == local.ids.tolist()
+    np.testing.assert_allclose(remote.embeddings, local.embeddings, atol=1e-6)
+
+
+def test_another_config_into_a_used_output_is_refused(nsd, tiny_models, ray_session, tmp_path, capsys):
+    output = tmp_path / "cache"
+    run_cache(config(nsd, tiny_models, str(output), source=nsd["local"]))
+    cfg_path, weights = tiny_models["source"]
+    code = main(["cache", "--source", nsd["local"], "--index", nsd["index"], "--model", "tiny-source",
+                 "--model-config", str(cfg_path), "--pretrained", str(weights), "--output", str(output),
+                 "--batch-size", "5", "--device", "cpu"])
+    assert code == 2
+    assert "already holds a cache of another config" in capsys.readouterr().err
+
+
+def bad_input_cases(nsd, tiny_models, tmp_path):
+    src_cfg, src_weights = tiny_models["source"]
+    _, tgt_weights = tiny_models["target"]
+    out_of_range = tmp_path / "far.csv"
+    pd.DataFrame({"id": [3, N_IMAGES + 5, N_IMAGES + 9]}).to_csv(out_of_range, index=False)
+    flat = tmp_path / "flat.hdf5"
+    import h5py
+
+    with h5py.File(flat, "w") as f:
+        f.create_dataset("imgBrick", data=np.zeros((4, 8, 8), np.uint8))
+    base = {"--source": nsd["local"], "--index": nsd["index"], "--model": "tiny-source",
+            "--model-config": str(src_cfg), "--pretrained": str(src_weights)}
+    return {
+        "missing S3 object": ({"--source": f"s3://{nsd['bucket']}/missing.hdf5"},
+                              f"s3://{nsd['bucket']}/missing.hdf5 not found"),
+        "wrong dataset": ({"--dataset": "stimuli"}, "has no dataset 'stimuli'; datasets found: imgBrick"),
+        "id out of range": ({"--index": str(out_of_range)},
+                            f"id {N_IMAGES + 5} is out of range for dataset 'imgBrick'"),
+        "bad shape": ({"--source": str(flat), "--index": str(out_of_range)}, "expected (N, H, W, 3) uint8"),
+        "unknown model": ({"--model": "no-such-model"}, "unknown model 'no-such-model'"),
+        "weights do not fit": ({"--pretrained": str(tgt_weights)}, "do not fit model tiny-source"),
+        "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
+                              "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
+    }, base
+
+
+@pytest.mark.parametrize("case", ["missing S3 object", "wrong dataset", "id out of range", "bad shape",
+                                  "unknown model", "weights do not fit", "unknown model id"])
+def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
+    cases, base = bad_input_cases(nsd, tiny_models, tmp_path)
+    changes, message = cases[case]
+    flags = {**base, **changes, "--output": str(tmp_path / "out"), "--device": "cpu", "--batch-size": "8"}
+    argv = ["cache"] + [part for key, value in flags.items() if value is not None for part in (key, value)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert read_manifest(str(tmp_path / "out")) is None
+
+
+def run_cli(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "clipforge.cli", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_completes_without_rewriting(nsd, tiny_models, tmp_path):
+    cfg_path, weights = tiny_models["source"]
+    output = tmp_path / "cache"
+    args = ["cache", "--source", nsd["local"], "--index", nsd["index"], "--model", "tiny-source", "--model-config",
+            str(cfg_path), "--pretrained", str(weights), "--output", str(output), "--batch-size", "3",
+            "--device", "cpu"]
+    proc = run_cli(args)
+    deadline = time.monotonic() + 120
+    while not (output.exists() and len(list(output.glob("shard-*.parquet"))) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers: a lost pod
+    proc.wait()
+    committed = {p.name: p.stat().st_mtime_ns for p in output.glob("shard-*.parquet")}
+    assert not (output / "_manifest.json").exists()
+    assert 2 <= len(committed) < 10
+    for name in committed:  # every file under its final name is whole
+        assert pq.read_table(output / name).num_rows == 3
+    proc = run_cli(args)
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, log
+    assert f"{len(committed)} already committed, skipped" in log
+    table = read_embeddings(str(output))
+    assert sorted(table.ids.tolist()) == nsd["ids"].tolist()
+    assert all((output / n).stat().st_mtime_ns == t for n, t in committed.items())
+
+
+@pytest.mark.slow
+def test_faulty_network_gives_identical_embeddings(nsd, tiny_models, faulty_proxy, tmp_path):
+    cfg_path, weights = tiny_models["source"]
+    args = ["cache", "--source", nsd["s3"], "--index", nsd["index"], "--model", "tiny-source", "--model-config",
+            str(cfg_path), "--pretrained", str(weights), "--batch-size", "8", "--device", "cpu"]
+    clean = run_cli(args + ["--output", str(tmp_path / "clean")])
+    assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()
+    flaky = run_cli(args + ["--output", str(tmp_path / "flaky")], env={"AWS_ENDPOINT_URL": faulty_proxy.url})
+    assert flaky.wait(timeout=300) == 0, flaky.stdout.read().decode()
+    assert faulty_proxy.broken > 0
+    a, b = read_embeddings(str(tmp_path / "clean")), read_embeddings(str(tmp_path / "flaky"))
+    assert a.ids.tolist() == b.ids.tolist()
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert read_manifest(str(tmp_path / "flaky"))["metrics"]["retries"] > 0

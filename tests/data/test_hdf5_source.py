@@ -1,0 +1,74 @@
+"""Reading rows of an HDF5 image dataset from S3 costs little more than the rows' bytes."""
+
+import boto3
+import numpy as np
+import pytest
+
+from clipforge.data.hdf5_source import read_rows
+from clipforge.data.synthetic import write_nsd_hdf5
+from clipforge.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def stimuli(tmp_path_factory):
+    root = tmp_path_factory.mktemp("h5")
+    files = {}
+    for layout in ("contiguous", "chunked"):
+        path = root / f"{layout}.hdf5"
+        images = write_nsd_hdf5(path, 40, layout=layout, seed=3)
+        files[layout] = path
+    return files, images
+
+
+@pytest.fixture(params=["contiguous", "chunked"])
+def on_s3(request, stimuli, s3_bucket):
+    files, images = stimuli
+    key = f"{request.param}.hdf5"
+    boto3.client("s3").upload_file(str(files[request.param]), s3_bucket, key)
+    return request.param, f"s3://{s3_bucket}/{key}", images
+
+
+def test_rows_equal_the_local_file(on_s3):
+    layout, uri, images = on_s3
+    rows = np.array([0, 1, 2, 7, 19, 20, 39])
+    got, stats = read_rows(uri, "imgBrick", rows)
+    assert np.array_equal(got, images[rows])
+    if layout == "contiguous":
+        requested = len(rows) * images[0].nbytes
+        assert stats.bytes / requested <= 1.05
+        assert stats.requests <= 4 + 3  # 4 runs of neighbours + HDF5 metadata blocks
+
+
+def test_local_source_reads_directly(stimuli):
+    files, images = stimuli
+    got, stats = read_rows(str(files["chunked"]), "imgBrick", np.array([3, 4]))
+    assert np.array_equal(got, images[[3, 4]]) and stats.requests == 0
+
+
+def test_faulty_network_gives_identical_rows(on_s3, faulty_proxy, monkeypatch):
+    _, uri, images = on_s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    rows = np.arange(0, 40, 3)
+    got, stats = read_rows(uri, "imgBrick", rows)
+    assert np.array_equal(got, images[rows])
+    assert faulty_proxy.broken > 0
+
+
+def test_wrong_dataset_name_lists_what_is_there(stimuli):
+    files, _ = stimuli
+    with pytest.raises(UserError, match="no dataset 'images'; datasets found: imgBrick"):
+        read_rows(str(files["contiguous"]), "images", np.array([0]))
+
+
+def test_missing_source_is_named(tmp_path, s3_bucket):
+    with pytest.raises(UserError, match="not found"):
+        read_rows(str(tmp_path / "none.hdf5"), "imgBrick", np.array([0]))
+    with pytest.raises(UserError, match=f"s3://{s3_bucket}/none.hdf5 not found"):
+        read_rows(f"s3://{s3_bucket}/none.hdf5", "imgBrick", np.array([0]))
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / "x.hdf5"
+    path.write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="not a readable HDF5 file"):
+        read_rows(str(path), "imgBrick", np.array([0]))

@@ -1,0 +1,73 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+
+from clipforge.cli import main
+from clipforge.data.index import read_index
+from clipforge.data.nsd import nsd_index
+from clipforge.errors import UserError
+
+
+@pytest.fixture
+def expdesign(tmp_path):
+    """The real layout: subjectim 8 x 10000 (1-based), sharedix 1 x 1000 (1-based)."""
+    rng = np.random.default_rng(0)
+    shared = rng.choice(73000, 1000, replace=False)
+    rest = np.setdiff1d(np.arange(73000), shared)
+    subjectim = np.stack([np.concatenate([shared, rng.choice(rest, 9000, replace=False)]) for _ in range(8)]) + 1
+    path = tmp_path / "nsd_expdesign.mat"
+    scipy.io.savemat(path, {"subjectim": subjectim.astype(np.float64), "sharedix": (shared + 1)[None]})
+    return path, subjectim, shared
+
+
+def test_subject_index_is_zero_based_with_shared_as_test(expdesign):
+    path, subjectim, shared = expdesign
+    frame = nsd_index(str(path), "subj03")
+    assert len(frame) == 10000
+    assert frame["id"].is_monotonic_increasing and frame["id"].is_unique
+    assert set(frame["id"]) == set(subjectim[2] - 1)
+    assert set(frame.loc[frame.split == "test", "id"]) == set(shared)
+    assert (frame.split == "train").sum() == 9000
+
+
+def test_cli_writes_the_index(expdesign, tmp_path):
+    path, subjectim, _ = expdesign
+    out = tmp_path / "subj01.parquet"
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]) == 0
+    index = read_index(str(out))
+    assert list(index.ids) == sorted(subjectim[0] - 1)
+
+
+def test_bad_subject_and_file(expdesign, tmp_path, capsys):
+    path, _, _ = expdesign
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj9", "--output", "x.parquet"]) == 2
+    assert "unknown subject 'subj9'" in capsys.readouterr().err
+    other = tmp_path / "other.mat"
+    scipy.io.savemat(other, {"foo": np.zeros(3)})
+    with pytest.raises(UserError, match="no variable 'subjectim'"):
+        nsd_index(str(other), "subj01")
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame({"idx": [1]}), "no 'id' column; columns found: idx"),
+        (pd.DataFrame({"id": [1, 2, 1]}), "id 1 appears more than once"),
+        (pd.DataFrame({"id": [3, -1]}), "id -1 is negative"),
+        (pd.DataFrame({"id": ["a"]}), "must hold integers"),
+    ],
+)
+def test_bad_index_files_are_named(tmp_path, frame, message):
+    path = tmp_path / "index.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(UserError, match=message) as info:
+        read_index(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_index_without_split_is_sorted(tmp_path):
+    path = tmp_path / "index.parquet"
+    pd.DataFrame({"id": [5, 1, 3]}).to_parquet(path)
+    index = read_index(str(path))
+    assert list(index.ids) == [1, 3, 5] and index.splits == [None, None, None]

@@ -1,0 +1,49 @@
+import pytest
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+
+
+@pytest.fixture(params=["local", "s3"])
+def prefix(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/out"
+
+
+def test_write_read_list_delete(prefix):
+    storage.write_json(storage.join(prefix, "a.json"), {"x": 1})
+    storage.write_bytes(storage.join(prefix, "b.bin"), b"abc")
+    assert storage.read_json(storage.join(prefix, "a.json")) == {"x": 1}
+    assert storage.list_names(prefix) == ["a.json", "b.bin"]
+    assert storage.fingerprint(storage.join(prefix, "b.bin"))["size"] == 3
+    storage.delete(storage.join(prefix, "b.bin"))
+    assert not storage.exists(storage.join(prefix, "b.bin"))
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    storage.write_bytes(str(tmp_path / "x"), b"1")
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_missing_object_is_a_user_error(prefix):
+    with pytest.raises(UserError, match="not found"):
+        storage.read_bytes(storage.join(prefix, "nope"))
+    with pytest.raises(UserError, match="not found"):
+        storage.fingerprint(storage.join(prefix, "nope"))
+
+
+def test_unknown_scheme_lists_the_accepted_ones():
+    with pytest.raises(UserError, match="local path or s3://"):
+        storage.read_bytes("gs://bucket/key")
+
+
+def test_manifest_marks_a_prefix_done(prefix):
+    assert read_manifest(prefix) is None
+    manifest = write_manifest(prefix, kind="t", config={"a": 1}, config_fingerprint="f1", inputs={"i": 1})
+    assert read_manifest(prefix) == manifest
+    assert is_up_to_date(read_manifest(prefix), "f1", {"i": 1})
+    assert not is_up_to_date(read_manifest(prefix), "f2", {"i": 1})
+    assert not is_up_to_date(read_manifest(prefix), "f1", {"i": 2})
