@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/clipforge demo-data $(DEMO_DIR)
+	$(VENV)/bin/clipforge index nsd --expdesign $(DEMO_DIR)/nsd_expdesign.mat --subject subj01 \
+		--output $(DEMO_DIR)/indices/subj01.parquet
 	$(VENV)/bin/clipforge cache --config jobs/demo-cache.yaml
 
 test: $(STAMP)

@@ -1,66 +1,21 @@
-"""Session-wide real services: an S3 HTTP server on loopback (moto's server mode).
-
-The server runs as its own process so that CLI subprocesses and Ray workers
-reach it exactly as they would reach AWS: through `AWS_ENDPOINT_URL`.
-"""
+"""Session-wide real services: an S3 HTTP server on loopback (moto's server mode), one Ray
+instance, tiny models, and a proxy that breaks S3 responses on purpose."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import boto3
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clipforge.storage.local_s3 import local_s3_server
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a moto S3 server on loopback; AWS_* variables point every client at it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    os.environ.update(
-        AWS_ENDPOINT_URL=url,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    with local_s3_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def run_cache(cfg: CacheConfig) -> dict:
              len(index), cfg.source, cfg.dataset, dataset.layout, len(shards), cfg.batch_size, len(shards) - len(todo))
 
     started = time.monotonic()
-    stats, model = encode_shards(cfg, spec, todo, dataset) if todo else (FetchStats(), None)
+    stats, model, steady_rate = encode_shards(cfg, spec, todo) if todo else (FetchStats(), None, None)
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
     encoded = sum(len(s.ids) for s in todo)
@@ -104,6 +104,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         "images_encoded": encoded,
         "seconds": round(elapsed, 3),
         "images_per_second": round(encoded / elapsed, 2) if elapsed and encoded else None,
+        "steady_images_per_second": steady_rate,
         "fetched_bytes": stats.bytes,
         "requests": stats.requests,
         "retries": stats.retries,
@@ -220,6 +221,7 @@ class ShardEncoder:
     def __call__(self, batch: dict) -> dict:
         from clipforge.models.encode import encode_images
 
+        started = time.time()
         embeddings = encode_images(self.model, self.preprocess, batch["images"][0], batch_size=self.batch_size,
                                    precision=self.precision)
         ids, splits = batch["ids"][0], [None if s == "" else str(s) for s in batch["splits"][0]]
@@ -232,11 +234,18 @@ class ShardEncoder:
             "requests": batch["requests"],
             "retries": batch["retries"],
             "model": np.array([json.dumps(self.description)]),
+            "started": np.array([started]),
+            "finished": np.array([time.time()]),
         }
 
 
-def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard], dataset) -> tuple[FetchStats, dict]:
-    """Run the Ray Data pipeline over the pending shards; returns fetch stats and the model description."""
+def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]) -> tuple[FetchStats, dict, float | None]:
+    """Run the Ray Data pipeline over the pending shards.
+
+    Returns fetch stats, the model description, and the steady-state rate: images/s the encoders
+    committed between their first commit and their last, by their own clocks, so start-up and
+    result delivery are left out (None with one shard).
+    """
     import ray
 
     ensure_ray()
@@ -264,10 +273,11 @@ def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard], datase
     total = sum(len(s.ids) for s in todo)
     progress = Progress(log, total)
     stats, model = FetchStats(), None
-    shards_done = 0
+    shards_done, commits = 0, []
     try:
         for result in ds.iter_rows():
             shards_done += 1
+            commits.append((float(result["finished"]), int(result["rows"])))
             stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
             model = model or json.loads(str(result["model"]))
             progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
@@ -277,7 +287,14 @@ def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard], datase
         if user_error is not None:
             raise user_error from None
         raise
-    return stats, model
+    return stats, model, steady_rate(commits)
+
+
+def steady_rate(commits: list[tuple[float, int]]) -> float | None:
+    """Rows per second between the first and the last commit; the first shard's rows are start-up."""
+    commits = sorted(commits)
+    span = commits[-1][0] - commits[0][0] if len(commits) > 1 else 0
+    return round(sum(rows for _, rows in commits[1:]) / span, 2) if span > 0 else None
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
