@@ -1,0 +1,131 @@
+"""The adapter: a small network from one CLIP embedding space to another (512 -> 1024 for NSD).
+
+Its shape is an `AdapterSpec` (plain JSON), its weights a safetensors file whose
+metadata carries that spec, so `load_adapter` needs nothing else and never
+unpickles. The output is always L2-normalised, like the CLIP embeddings it
+imitates.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+WEIGHTS_NAME = "adapter.safetensors"
+CARD_NAME = "adapter.json"
+SPEC_KEY = "clipforge_adapter"  # safetensors metadata key holding the AdapterSpec as JSON
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything needed to build the network again; stored with the weights."""
+
+    arch: str  # "linear" or "mlp"
+    in_dim: int
+    out_dim: int
+    hidden_dim: int = 1024
+    depth: int = 2
+    dropout: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterSpec:
+        return cls(**json.loads(text))
+
+
+class LinearAdapter(nn.Module):
+    """One linear map, then L2 normalisation."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.proj = nn.Linear(spec.in_dim, spec.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x).float(), dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm MLP block: x + W2 · dropout(GELU(W1 · LN(x)))."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x)))))
+
+
+class ResidualMLPAdapter(nn.Module):
+    """Project in, `depth` residual blocks, LayerNorm, project out, L2 normalise."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.proj_in = nn.Linear(spec.in_dim, spec.hidden_dim)
+        self.blocks = nn.Sequential(*(ResidualBlock(spec.hidden_dim, spec.dropout) for _ in range(spec.depth)))
+        self.norm = nn.LayerNorm(spec.hidden_dim)
+        self.proj_out = nn.Linear(spec.hidden_dim, spec.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj_out(self.norm(self.blocks(self.proj_in(x)))).float(), dim=-1)
+
+
+ARCHS: dict[str, type[nn.Module]] = {"linear": LinearAdapter, "mlp": ResidualMLPAdapter}
+
+
+def build_adapter(spec: AdapterSpec) -> nn.Module:
+    """A freshly initialised adapter (seed the global RNG first for reproducible weights)."""
+    if spec.arch not in ARCHS:
+        raise UserError(f"unknown adapter arch {spec.arch!r}: choose one of {', '.join(ARCHS)}")
+    return ARCHS[spec.arch](spec)
+
+
+def adapter_bytes(model: nn.Module, spec: AdapterSpec) -> bytes:
+    """The weights as a safetensors file with the spec in its metadata."""
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    return safetensors.torch.save(state, metadata={SPEC_KEY: spec.to_json()})
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: an 8-byte little-endian header size, then a JSON header."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file")
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
+
+
+def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained adapter, in eval mode, from an adapter stage's OUT (local or s3://) or its safetensors file.
+
+    Only tensors and JSON are read: nothing is unpickled. The module carries its
+    `spec` as an attribute.
+    """
+    uri = str(path)
+    if not uri.endswith(".safetensors"):
+        uri = storage.join(uri, WEIGHTS_NAME)
+    if not storage.exists(uri):
+        raise UserError(f"{uri} not found: is this an adapter stage output (with {WEIGHTS_NAME})?")
+    data = storage.read_bytes(uri)
+    try:
+        spec = AdapterSpec.from_json(safetensors_metadata(data)[SPEC_KEY])
+        state = safetensors.torch.load(data)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{uri} is not an adapter written by clipforge: {exc}") from None
+    model = build_adapter(spec)
+    model.load_state_dict(state)
+    model.spec = spec
+    return model.to(device).eval()
