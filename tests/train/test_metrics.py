@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipforge.train import metrics
+from clipforge.train.metrics import retrieval_metrics
+
+
+def paired(n=64, d=16, noise=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    b = F.normalize(a + noise * torch.randn(n, d, generator=g), dim=-1)
+    return a, b
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0, 3.0])
+def test_equals_open_clip_get_clip_metrics(noise):
+    from open_clip_train.train import get_clip_metrics
+
+    image, text = paired(noise=noise)
+    theirs = get_clip_metrics(image, text, logit_scale=torch.tensor(100.0))
+    ours = retrieval_metrics(image, text)
+    assert set(theirs) <= set(ours)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(float(value), abs=1e-12), key
+    # Not vacuous: the figures move with the noise and both directions are reported.
+    assert 0 < ours["image_to_text_R@1"] < 1 or noise == 0.3
+    assert ours["mean_cosine"] == pytest.approx(float((image * text).sum(1).mean()), abs=1e-6)
+
+
+def test_inputs_are_normalised_and_names_follow_the_caller():
+    a, b = paired()
+    scaled = retrieval_metrics(a * 3, b * 0.5, names=("adapted_to_target", "target_to_adapted"), ks=(1, 5))
+    plain = retrieval_metrics(a, b, names=("adapted_to_target", "target_to_adapted"), ks=(1, 5))
+    assert scaled == pytest.approx(plain)
+    assert "adapted_to_target_R@5" in plain and "target_to_adapted_median_rank" in plain
+    assert "adapted_to_target_R@10" not in plain
+
+
+def test_ties_count_against_the_right_answer():
+    # A collapsed model maps everything to one point: it must score no better than chance.
+    collapsed = F.normalize(torch.ones(20, 8), dim=-1)
+    targets, _ = paired(20, 8)
+    result = retrieval_metrics(collapsed, targets)
+    # Every key is the same point: all tie, and the right one ranks last.
+    assert result["text_to_image_R@1"] == 0.0
+    assert result["text_to_image_median_rank"] == 20
+    # One query point ranks the keys one way for all: at most one right answer on top.
+    assert result["image_to_text_R@1"] <= 1 / 20
+
+
+def test_chunked_similarity_gives_the_same_ranks(monkeypatch):
+    a, b = paired(n=50)
+    whole = retrieval_metrics(a, b)
+    monkeypatch.setattr(metrics, "CHUNK_ROWS", 7)
+    assert retrieval_metrics(a, b) == whole
+
+
+def test_perfect_pairs():
+    a, _ = paired()
+    result = retrieval_metrics(a, a.clone())
+    assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 1.0
+    assert result["image_to_text_median_rank"] == 1.0
+    assert result["mean_cosine"] == pytest.approx(1.0)
+    assert np.isclose(result["pairs"], len(a))
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        retrieval_metrics(torch.zeros(3, 4), torch.zeros(4, 4))
