@@ -1,0 +1,282 @@
+"""Training checkpoints: folders `OUT/checkpoints/step-000123/` that are complete or ignored.
+
+Protocol (STYLE.md §4): a checkpoint's files are written first and its
+`_manifest.json` (step, config, config fingerprint, input fingerprints, file
+sizes and hashes) last. On disk the folder is assembled under a temporary name
+and renamed into place after its manifest is in, so a crash leaves either a
+whole checkpoint or a `.tmp-*` folder that is never read. On S3 (no rename) the
+folder is assembled in a local working directory, committed there, then
+uploaded file by file with the manifest last; resume downloads the newest
+complete one. Pruning deletes a manifest before the files it lists, so a
+half-deleted folder is incomplete, never corrupt.
+
+Everything is safetensors + JSON: `pack_state` turns any nested state (model,
+optimizer, RNG, progress) into one safetensors file and `unpack_state` back,
+without pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from clipforge.errors import UserError
+from clipforge.models.adapter import safetensors_metadata
+from clipforge.storage import s3
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+NAME_PATTERN = re.compile(r"^step-(\d+)$")
+SKELETON_KEY = "clipforge_state"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# -- nested state <-> safetensors ---------------------------------------------------------------
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    match obj:
+        case torch.Tensor():
+            tensors[path] = obj.detach().cpu().contiguous().clone()
+            return {"t": path}
+        case dict():
+            # Keys keep their type (optimizer state is keyed by int).
+            return {"d": [[k, _encode(v, f"{path}.{k}", tensors)] for k, v in obj.items()]}
+        case tuple():
+            return {"u": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+        case list():
+            return {"l": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+        case None | bool() | int() | float() | str():
+            return {"v": obj}
+        case _:
+            raise TypeError(f"cannot store {type(obj).__name__} at {path or 'top level'} in a checkpoint")
+
+
+def _decode(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    (tag, value), = node.items()
+    match tag:
+        case "t":
+            return tensors[value]
+        case "d":
+            return {k: _decode(v, tensors) for k, v in value}
+        case "u":
+            return tuple(_decode(v, tensors) for v in value)
+        case "l":
+            return [_decode(v, tensors) for v in value]
+        case "v":
+            return value
+    raise ValueError(f"unknown state tag {tag!r}")
+
+
+def pack_state(state: Any) -> bytes:
+    """One safetensors file holding nested dicts/lists/tuples of tensors and JSON scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(state, "", tensors)
+    return safetensors.torch.save(tensors, metadata={SKELETON_KEY: json.dumps(skeleton)})
+
+
+def unpack_state(data: bytes) -> Any:
+    """The exact inverse of `pack_state` (tensors on the CPU)."""
+    skeleton = json.loads(safetensors_metadata(data)[SKELETON_KEY])
+    return _decode(skeleton, safetensors.torch.load(data))
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its step, its folder's URI and its manifest."""
+
+    step: int
+    uri: str
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.step)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _s3_folders(prefix: str) -> list[str]:
+    """Names of the 'folders' (common prefixes) directly under an s3:// prefix."""
+    loc = s3.parse_s3(prefix.rstrip("/") + "/")
+    names = []
+    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key,
+                                                                      Delimiter="/"):
+        names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+    return names
+
+
+def _folders(root: str) -> list[str]:
+    if storage.is_s3(root):
+        return _s3_folders(root)
+    path = storage.local_path(root)
+    return [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+
+
+def _remove_folder(uri: str) -> None:
+    """Manifest first, so that an interrupted removal leaves an incomplete folder, not a broken 'complete' one."""
+    storage.delete(storage.join(uri, MANIFEST_NAME))
+    if storage.is_s3(uri):
+        for name in storage.list_names(uri):
+            storage.delete(storage.join(uri, name))
+    else:
+        shutil.rmtree(storage.local_path(uri), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """The checkpoints of one training run under `OUT/checkpoints/`, local or on S3.
+
+    Only checkpoints whose manifest matches `config_fingerprint` and `inputs` are
+    this run's; `tidy()` removes the rest. Writes happen on one process (rank 0);
+    every process may read. `work_dir` is the local staging area when OUT is on
+    S3 (default: a folder under the system temp dir named after OUT).
+    """
+
+    def __init__(self, out: str, *, config: dict, config_fingerprint: str, inputs: dict, keep: int = 2,
+                 work_dir: str | Path | None = None):
+        if keep < 1:
+            raise ValueError("keep at least one checkpoint")
+        self.root = storage.join(out, CHECKPOINTS_DIR)
+        self.remote = storage.is_s3(out)
+        self.config, self.config_fingerprint, self.inputs, self.keep = config, config_fingerprint, inputs, keep
+        if self.remote:
+            base = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "clipforge-work" / _sha256(
+                out.encode())[:12]
+            self.local_root = base / CHECKPOINTS_DIR
+        else:
+            self.local_root = storage.local_path(self.root)
+
+    def _matches(self, manifest: dict) -> bool:
+        return manifest.get("config_fingerprint") == self.config_fingerprint and manifest.get("inputs") == self.inputs
+
+    def _scan(self) -> tuple[list[Checkpoint], list[str]]:
+        """(this run's complete checkpoints oldest first, names of every other folder under the root)."""
+        ours, others = [], []
+        for name in _folders(self.root):
+            match = NAME_PATTERN.match(name)
+            manifest = read_manifest(storage.join(self.root, name)) if match else None
+            if match and manifest is not None and manifest.get("kind") == "checkpoint" and self._matches(manifest):
+                ours.append(Checkpoint(int(match.group(1)), storage.join(self.root, name), manifest))
+            else:
+                others.append(name)
+        return sorted(ours, key=lambda c: c.step), others
+
+    def all(self) -> list[Checkpoint]:
+        """This run's complete checkpoints, oldest first."""
+        return self._scan()[0]
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint of this run, or None: what a rerun resumes from."""
+        ours = self.all()
+        return ours[-1] if ours else None
+
+    def tidy(self) -> list[str]:
+        """Remove incomplete folders and checkpoints of another config or other inputs; returns their names.
+
+        Call on one process before training starts, never while another process saves.
+        """
+        _, others = self._scan()
+        for name in others:
+            _remove_folder(storage.join(self.root, name))
+        if self.remote and self.local_root.is_dir():
+            for path in self.local_root.iterdir():
+                if path.is_dir() and (path.name.startswith(".tmp-") or not (path / MANIFEST_NAME).is_file()):
+                    shutil.rmtree(path, ignore_errors=True)
+        return others
+
+    def _commit_local(self, folder: Path, files: dict[str, bytes], step: int) -> dict:
+        """Write `files` then the manifest into a temp folder, then rename it to `folder`."""
+        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, data in files.items():
+            storage.write_bytes(str(tmp / name), data)
+        listing = [{"path": name, "bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()]
+        manifest = write_manifest(str(tmp), kind="checkpoint", config=self.config,
+                                  config_fingerprint=self.config_fingerprint, inputs=self.inputs, step=step,
+                                  files=listing)
+        if folder.exists():  # the same step saved again (e.g. the final checkpoint of a resumed run)
+            _remove_folder(str(folder))
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        return manifest
+
+    def save(self, step: int, files: dict[str, bytes]) -> Checkpoint:
+        """Commit a checkpoint of `step` holding `files` (name -> bytes), then keep only the newest `keep`."""
+        name = checkpoint_name(step)
+        manifest = self._commit_local(self.local_root / name, files, step)
+        uri = storage.join(self.root, name)
+        if self.remote:
+            remote_manifest = storage.join(uri, MANIFEST_NAME)
+            if storage.exists(remote_manifest):
+                storage.delete(remote_manifest)
+            for file_name, data in files.items():
+                storage.write_bytes(storage.join(uri, file_name), data)
+            storage.write_bytes(remote_manifest, (self.local_root / name / MANIFEST_NAME).read_bytes())
+        self.prune()
+        return Checkpoint(step, uri, manifest)
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep` checkpoints of this run (and their local copies)."""
+        for old in self.all()[: -self.keep]:
+            _remove_folder(old.uri)
+            if self.remote:
+                _remove_folder(str(self.local_root / old.name))
+
+    def load(self, checkpoint: Checkpoint) -> dict[str, bytes]:
+        """A checkpoint's files (name -> bytes), each checked against the manifest's hash.
+
+        From S3 the folder is first downloaded into the working directory with
+        the same commit protocol, and reused from there if already complete.
+        """
+        if self.remote:
+            folder = self.local_root / checkpoint.name
+            local = read_manifest(str(folder))
+            if local is None or local.get("files") != checkpoint.manifest["files"]:
+                files = {f["path"]: storage.read_bytes(storage.join(checkpoint.uri, f["path"]))
+                         for f in checkpoint.manifest["files"]}
+                self._verify(checkpoint, files)
+                self._commit_local(folder, files, checkpoint.step)
+                return files
+        else:
+            folder = storage.local_path(checkpoint.uri)
+        files = {f["path"]: (folder / f["path"]).read_bytes() for f in checkpoint.manifest["files"]}
+        self._verify(checkpoint, files)
+        return files
+
+    @staticmethod
+    def _verify(checkpoint: Checkpoint, files: dict[str, bytes]) -> None:
+        for entry in checkpoint.manifest["files"]:
+            if _sha256(files[entry["path"]]) != entry["sha256"]:
+                raise UserError(f"checkpoint {checkpoint.uri}: {entry['path']} does not match its manifest "
+                                "(corrupted); delete that folder to resume from the one before")

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import MANIFEST_NAME
+from clipforge.train import checkpoint as ckpt
+from clipforge.train.checkpoint import CheckpointStore, pack_state, unpack_state
+
+
+def store(out, fingerprint="abc", keep=2, **kwargs):
+    return CheckpointStore(str(out), config={"lr": 1.0}, config_fingerprint=fingerprint, inputs={"x": 1}, keep=keep,
+                           **kwargs)
+
+
+def files(step):
+    weights = pack_state({"w": torch.full((3,), float(step))})
+    return {"model.safetensors": weights, "progress.json": b'{"step": %d}' % step}
+
+
+def test_pack_state_round_trips_nested_state_without_pickle():
+    state = {"a": {0: torch.arange(3), 1: (1.5, None, True)}, "b": [torch.tensor(2.0), "text", {"deep": 7}],
+             "empty": torch.zeros(0), 3: "int key"}
+    back = unpack_state(pack_state(state))
+    assert back.keys() == state.keys()
+    assert torch.equal(back["a"][0], state["a"][0]) and back["a"][1] == (1.5, None, True)
+    assert back["b"][0].shape == () and back["b"][0].item() == 2.0 and back["b"][1:] == ["text", {"deep": 7}]
+    assert back[3] == "int key" and back["empty"].numel() == 0
+    with pytest.raises(TypeError, match="object"):
+        pack_state({"bad": object()})
+
+
+def test_optimizer_state_round_trip_continues_identically():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    for _ in range(3):
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    twin = torch.nn.Linear(4, 2)
+    twin.load_state_dict(unpack_state(pack_state(model.state_dict())))
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    twin_opt.load_state_dict(unpack_state(pack_state(opt.state_dict())))
+    x = torch.randn(5, 4)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m(x).square().sum().backward()
+        o.step()
+    assert torch.equal(model.weight, twin.weight)
+
+
+def test_keeps_the_newest_k_complete_checkpoints(tmp_path):
+    s = store(tmp_path, keep=2)
+    for step in (1, 2, 3, 4):
+        s.save(step, files(step))
+    assert [c.step for c in s.all()] == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    latest = s.latest()
+    assert latest.name == "step-000004" and latest.manifest["config"] == {"lr": 1.0}
+    loaded = s.load(latest)
+    assert unpack_state(loaded["model.safetensors"])["w"].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_incomplete_and_foreign_folders_are_ignored_then_tidied(tmp_path):
+    s = store(tmp_path)
+    s.save(2, files(2))
+    root = tmp_path / "checkpoints"
+    (root / "step-000009").mkdir()  # killed before its manifest
+    (root / "step-000009" / "model.safetensors").write_bytes(b"partial")
+    (root / ".tmp-step-000010-77").mkdir()  # killed before the rename
+    store(tmp_path, fingerprint="other").save(50, files(50))  # another config's run
+    assert s.latest().step == 2
+    assert sorted(s.tidy()) == [".tmp-step-000010-77", "step-000009", "step-000050"]
+    assert [p.name for p in root.iterdir()] == ["step-000002"]
+
+
+def test_crash_before_the_manifest_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch):
+    s = store(tmp_path)
+    s.save(1, files(1))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for kill -9 between the files and the manifest
+
+    monkeypatch.setattr(ckpt, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        s.save(2, files(2))
+    monkeypatch.undo()
+    assert s.latest().step == 1
+    assert not (tmp_path / "checkpoints" / "step-000002").exists()
+
+
+def test_half_pruned_folder_is_incomplete(tmp_path):
+    s = store(tmp_path)
+    s.save(1, files(1))
+    s.save(2, files(2))
+    # Pruning deletes the manifest first: a folder caught midway is no longer "complete".
+    (tmp_path / "checkpoints" / "step-000002" / MANIFEST_NAME).unlink()
+    assert s.latest().step == 1
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    s = store(tmp_path)
+    s.save(5, files(5))
+    s.save(5, files(6))
+    assert unpack_state(s.load(s.latest())["model.safetensors"])["w"][0] == 6.0
+
+
+def test_corrupted_file_is_named(tmp_path):
+    s = store(tmp_path)
+    s.save(1, files(1))
+    (tmp_path / "checkpoints" / "step-000001" / "progress.json").write_bytes(b"{}")
+    with pytest.raises(UserError, match="progress.json"):
+        s.load(s.latest())
+
+
+def test_s3_checkpoints_upload_committed_folders_and_resume_downloads(s3_bucket, tmp_path):
+    out = f"s3://{s3_bucket}/run"
+    s = store(out, keep=2, work_dir=tmp_path / "work")
+    for step in (1, 2, 3):
+        s.save(step, files(step))
+    remote = f"{out}/checkpoints"
+    assert sorted(ckpt._s3_folders(remote)) == ["step-000002", "step-000003"]
+    assert storage.list_names(f"{remote}/step-000001") == []
+    manifest = storage.read_json(f"{remote}/step-000003/{MANIFEST_NAME}")
+    assert manifest["step"] == 3 and {f["path"] for f in manifest["files"]} == set(files(3))
+    # An upload cut short (no manifest) is ignored.
+    storage.write_bytes(f"{remote}/step-000007/model.safetensors", b"partial")
+    fresh = store(out, keep=2, work_dir=tmp_path / "elsewhere")
+    latest = fresh.latest()
+    assert latest.step == 3
+    loaded = fresh.load(latest)
+    assert json.loads(loaded["progress.json"]) == {"step": 3}
+    assert (tmp_path / "elsewhere" / "checkpoints" / "step-000003" / MANIFEST_NAME).is_file()
+    assert fresh.tidy() == ["step-000007"]
+    assert storage.list_names(f"{remote}/step-000007") == []
