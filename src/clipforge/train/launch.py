@@ -1,0 +1,198 @@
+"""Start the worker processes of a training command so users never type a launcher.
+
+`clipforge train-adapter --num-processes N` (or any trainer) calls
+`relaunch(...)` when it is not itself a launched worker: the resolved config is
+written to a temporary YAML file and the same CLI command is re-executed through
+`python -m torch.distributed.run` with N processes on this machine (gloo on CPU,
+one process per GPU). Several machines join through the standard rendezvous
+environment, which the Kubernetes stage sets:
+
+- `MASTER_ADDR`, `MASTER_PORT`: rank 0's machine (static rendezvous: c10d has
+  failed to resolve pod FQDNs in practice, see DESIGN.md);
+- `NNODES` (or `WORLD_SIZE`, counted in machines as Kubeflow does): machines;
+- `NODE_RANK` (or `JOB_COMPLETION_INDEX` of an Indexed Job): this machine.
+
+Under this launcher, workers run their command through `as_worker`: they
+report their outcome (exit code and, for a user error, its message) in a folder
+named by `CLIPFORGE_LAUNCH_DIR` and exit 0, so torchrun stays quiet instead of
+printing a failure report for a preemption or a bad input; the launcher then
+prints the one message and exits with the real code. A worker that crashes
+(a bug) exits non-zero with its traceback as usual. SIGTERM to the launcher
+(Kubernetes signals only PID 1) is passed to the workers, which checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from clipforge.errors import EXIT_USER_ERROR, UserError
+
+log = logging.getLogger(__name__)
+
+LAUNCH_DIR_ENV = "CLIPFORGE_LAUNCH_DIR"
+STATUS_NAME = "status.json"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this machine stands in a (possibly single-machine) job."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    """How the workers ended: their exit code and, for a user error, its message."""
+
+    exit_code: int
+    message: str | None = None
+
+
+def in_launched_worker(env: dict[str, str] | None = None) -> bool:
+    """True inside a process started by torchrun/accelerate (they set LOCAL_RANK; a pod's env does not)."""
+    return "LOCAL_RANK" in (os.environ if env is None else env)
+
+
+def _int_env(env: dict[str, str], names: tuple[str, ...], default: int) -> tuple[int, str | None]:
+    for name in names:
+        if env.get(name, "").strip():
+            try:
+                return int(env[name]), name
+            except ValueError:
+                raise UserError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    return default, None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_from_env(env: dict[str, str] | None = None) -> Rendezvous:
+    """The machine count, this machine's rank and rank 0's address, from the standard variables."""
+    env = dict(os.environ if env is None else env)
+    nnodes, _ = _int_env(env, ("NNODES", "WORLD_SIZE"), 1)
+    node_rank, rank_name = _int_env(env, ("NODE_RANK", "JOB_COMPLETION_INDEX"), 0)
+    if nnodes < 1:
+        raise UserError(f"NNODES/WORLD_SIZE must be at least 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise UserError(f"{rank_name}={node_rank} is outside 0..{nnodes - 1} for {nnodes} machines")
+    if nnodes == 1:
+        return Rendezvous(1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise UserError(f"a {nnodes}-machine run needs {' and '.join(missing)} (rank 0's address and port)")
+    port, _ = _int_env(env, ("MASTER_PORT",), 0)
+    return Rendezvous(nnodes, node_rank, env["MASTER_ADDR"], port)
+
+
+def world_size(num_processes: int, env: dict[str, str] | None = None) -> int:
+    """Processes over all machines; inside a worker, the one torchrun announced."""
+    env = os.environ if env is None else env
+    if in_launched_worker(env):
+        return int(env.get("WORLD_SIZE", "1"))
+    return num_processes * rendezvous_from_env(env).nnodes
+
+
+def needs_launch(num_processes: int, env: dict[str, str] | None = None) -> bool:
+    """True when this call must start workers rather than train itself."""
+    return not in_launched_worker(env) and world_size(num_processes, env) > 1
+
+
+def torchrun_command(cli_args: list[str], num_processes: int, rdzv: Rendezvous) -> list[str]:
+    """`python -m torch.distributed.run ... -m clipforge.cli CLI_ARGS` for this machine."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(rdzv.nnodes), "--node_rank", str(rdzv.node_rank), "--nproc_per_node", str(num_processes),
+        "--rdzv_backend", "static", "--master_addr", rdzv.master_addr, "--master_port", str(rdzv.master_port),
+        "--max_restarts", "0",
+        "-m", "clipforge.cli", *cli_args,
+    ]
+
+
+def _signal_workers(launch_dir: Path, torchrun: subprocess.Popen, signum: int) -> None:
+    """Pass a signal to the workers themselves (they registered their pids); to torchrun if none has yet."""
+    pids = [int(p.read_text()) for p in launch_dir.glob("pid-*")]
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    if not pids:
+        torchrun.send_signal(signum)
+
+
+def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = False) -> LaunchOutcome:
+    """Run `clipforge COMMAND --config <config as YAML>` in `num_processes` workers here; wait for them.
+
+    Returns the workers' outcome as local rank 0 reported it; without a report
+    (a worker crashed), torchrun's exit code and no message.
+    """
+    rdzv = rendezvous_from_env()
+    with tempfile.TemporaryDirectory(prefix="clipforge-launch-") as tmp:
+        launch_dir = Path(tmp)
+        config_path = launch_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        cli_args = (["-q"] if quiet else []) + [command, "--config", str(config_path)]
+        cmd = torchrun_command(cli_args, num_processes, rdzv)
+        log.info("starting %d processes on machine %d of %d (rank 0 at %s:%d)", num_processes, rdzv.node_rank,
+                 rdzv.nnodes, rdzv.master_addr, rdzv.master_port)
+        # Share this machine's cores among the workers (torchrun would otherwise give each one thread and say so).
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
+        proc = subprocess.Popen(cmd, env={**os.environ, LAUNCH_DIR_ENV: tmp, "OMP_NUM_THREADS": threads})
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _signal_workers(launch_dir, proc, signum))
+        interrupted = False
+        try:
+            while True:
+                try:
+                    returncode = proc.wait()
+                    break
+                except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them finish stopping
+                    interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        status_path = launch_dir / STATUS_NAME
+        if status_path.is_file():
+            status = json.loads(status_path.read_text())
+            # Rank 0 may have finished well while another worker crashed afterwards: trust torchrun then.
+            if status["exit_code"] != 0 or returncode == 0:
+                return LaunchOutcome(int(status["exit_code"]), status.get("message"))
+        return LaunchOutcome(130 if interrupted else returncode or 1)
+
+
+def as_worker(body: Callable[[], int]) -> int:
+    """Run a command's body; under this launcher report its outcome and return 0 (see the module doc).
+
+    Outside the launcher (one process, or workers started by someone else's
+    torchrun) this is just `body()`: exit codes and errors as usual.
+    """
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if not launch_dir or local_rank is None:
+        return body()
+    Path(launch_dir, f"pid-{local_rank}").write_text(str(os.getpid()))
+    try:
+        code, message = body(), None
+    except UserError as exc:
+        code, message = EXIT_USER_ERROR, str(exc)
+    if local_rank == "0":
+        tmp = Path(launch_dir, f"{STATUS_NAME}.tmp")
+        tmp.write_text(json.dumps({"exit_code": code, "message": message}))
+        os.replace(tmp, Path(launch_dir, STATUS_NAME))
+    return 0

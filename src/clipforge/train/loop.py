@@ -1,0 +1,214 @@
+"""Pieces of a training loop that both trainers (adapter, open_clip fine-tuning) share.
+
+The resume contract they build: a run's data order is a pure function of
+(seed, epoch), so "where we are" is just `TrainProgress`; the learning rate is a
+pure function of the step; the only hidden state is the RNG (dropout,
+augmentation), which `rng_state` captures per process. Restore those with the
+model and optimizer and the run continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from clipforge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# -- devices and processes ----------------------------------------------------------------------
+
+
+def resolve_device(device: str, num_processes: int = 1) -> str:
+    """'cpu' or 'cuda' for `auto|cpu|cuda`; a UserError when the GPUs asked for are not there."""
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise UserError("device: cuda was asked for but no CUDA GPU is visible")
+    resolved = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+    if resolved == "cuda" and num_processes > torch.cuda.device_count():
+        raise UserError(f"num_processes: {num_processes} processes need as many GPUs, "
+                        f"this machine has {torch.cuda.device_count()}")
+    return resolved
+
+
+def make_accelerator(device: str, mixed_precision: str = "auto") -> Accelerator:
+    """The Accelerator for this process (gloo on CPU, NCCL and one GPU per process on CUDA).
+
+    Mixed precision is for GPUs only: `auto` is bf16 where supported, else fp32.
+    Processes other than rank 0 log warnings only (rank-zero discipline).
+    """
+    resolved = resolve_device(device)
+    if resolved == "cpu":
+        precision = "no"
+    elif mixed_precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "no"
+    else:
+        precision = mixed_precision
+    accelerator = Accelerator(cpu=resolved == "cpu", mixed_precision=precision)
+    if not accelerator.is_main_process:
+        logging.getLogger("clipforge").setLevel(logging.WARNING)
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- data order and learning rate ---------------------------------------------------------------
+
+
+@dataclass
+class TrainProgress:
+    """Where a run stands; with the seed this fixes the next batch exactly."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch already trained on
+    step: int = 0  # optimizer steps in total
+    samples: int = 0  # training rows seen, over all processes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainProgress:
+        return cls(**values)
+
+
+def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
+    """Row indices of every global batch of `epoch`, shaped (steps, global_batch); the last partial batch is dropped.
+
+    A pure function of its arguments, so a resumed run sees the same batches.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_rows, generator=generator)
+    steps = num_rows // global_batch
+    return order[: steps * global_batch].view(steps, global_batch)
+
+
+def local_rows(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's rows of a global batch: every world-th one, so that the union over ranks is the batch."""
+    return batch[rank::world]
+
+
+def shard_slice(num_rows: int, rank: int, world: int) -> slice:
+    """A contiguous share of rows for evaluation; gathering the shares in rank order restores the order."""
+    per_rank = math.ceil(num_rows / world)
+    return slice(min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows))
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup to `base_lr` over `warmup_steps`, then cosine decay to `min_ratio * base_lr`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- RNG ----------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy) in a form `pack_state` stores."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# -- across processes ---------------------------------------------------------------------------
+
+
+def any_across(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over all processes, in one collective, so that every rank takes the same branch."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's rows, concatenated in rank order; shares may differ in length."""
+    if accelerator.num_processes == 1:
+        return rows
+    sizes = accelerator.gather(torch.tensor([len(rows)], device=rows.device)).tolist()
+    gathered = accelerator.gather(accelerator.pad_across_processes(rows.contiguous(), dim=0))
+    width = max(sizes)
+    return torch.cat([gathered[r * width : r * width + n] for r, n in enumerate(sizes)])
+
+
+def gather_with_grad(accelerator: Accelerator, local: torch.Tensor) -> torch.Tensor:
+    """All processes' equal-sized rows in rank order; only this process's rows carry gradient.
+
+    As open_clip's `gather_features`: a loss over the whole global batch (a
+    contrastive term) computed on every rank from this, scaled by the number of
+    processes, has after DDP's gradient averaging the gradient of one process
+    that saw the whole batch.
+    """
+    if accelerator.num_processes == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(parts, local.detach().contiguous())
+    parts[accelerator.process_index] = local
+    return torch.cat(parts)
+
+
+# -- preemption and logs ------------------------------------------------------------------------
+
+
+class PreemptionWatch:
+    """Inside `with`, SIGTERM only sets `requested`: the loop checkpoints at the next step and exits.
+
+    Outside the main thread (where signals cannot be caught) it watches nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.requested:
+            log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
+        self.requested = True
+
+    def __enter__(self) -> PreemptionWatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def open_tensorboard(log_dir: str | Path, resume_step: int):
+    """A TensorBoard writer; a resumed run drops the events its predecessor logged past `resume_step`."""
+    from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard: only rank 0 pays for it
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step if resume_step > 0 else None)

@@ -1,0 +1,88 @@
+import json
+import sys
+
+import pytest
+
+from clipforge.errors import UserError
+from clipforge.train import launch
+from clipforge.train.launch import Rendezvous, needs_launch, rendezvous_from_env, torchrun_command
+
+
+def test_single_machine_by_default():
+    rdzv = rendezvous_from_env({})
+    assert (rdzv.nnodes, rdzv.node_rank, rdzv.master_addr) == (1, 0, "127.0.0.1")
+    assert rdzv.master_port > 0
+
+
+def test_multi_machine_from_nnodes_and_node_rank():
+    env = {"MASTER_ADDR": "job-0.svc", "MASTER_PORT": "29500", "NNODES": "4", "NODE_RANK": "2"}
+    assert rendezvous_from_env(env) == Rendezvous(4, 2, "job-0.svc", 29500)
+
+
+def test_multi_machine_from_world_size_and_job_completion_index():
+    env = {"MASTER_ADDR": "a", "MASTER_PORT": "1234", "WORLD_SIZE": "3", "JOB_COMPLETION_INDEX": "1"}
+    assert rendezvous_from_env(env) == Rendezvous(3, 1, "a", 1234)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NNODES": "2", "NODE_RANK": "0"}, "MASTER_ADDR and MASTER_PORT"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "NODE_RANK=2 is outside 0..1"),
+        ({"NNODES": "two"}, "NNODES='two' is not an integer"),
+        ({"WORLD_SIZE": "2", "JOB_COMPLETION_INDEX": "5", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+         "JOB_COMPLETION_INDEX=5"),
+    ],
+)
+def test_bad_rendezvous_environment_is_one_clear_error(env, message):
+    with pytest.raises(UserError, match=message):
+        rendezvous_from_env(env)
+
+
+def test_who_launches():
+    assert not needs_launch(1, {})
+    assert needs_launch(2, {})
+    assert needs_launch(1, {"NNODES": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    # Inside a torchrun worker WORLD_SIZE counts processes and nothing is launched again.
+    worker = {"LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1"}
+    assert not needs_launch(2, worker)
+    assert launch.world_size(2, worker) == 2
+    assert launch.world_size(2, {"NNODES": "3", "MASTER_ADDR": "a", "MASTER_PORT": "1"}) == 6
+
+
+def test_torchrun_command_reexecutes_the_cli_with_static_rendezvous():
+    cmd = torchrun_command(["train-adapter", "--config", "c.yaml"], 2, Rendezvous(2, 1, "host", 29400))
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    line = " ".join(cmd)
+    for part in ("--nnodes 2", "--node_rank 1", "--nproc_per_node 2", "--rdzv_backend static",
+                 "--master_addr host", "--master_port 29400", "-m clipforge.cli train-adapter --config c.yaml"):
+        assert part in line
+
+
+def test_as_worker_is_transparent_outside_the_launcher(monkeypatch):
+    monkeypatch.delenv(launch.LAUNCH_DIR_ENV, raising=False)
+    assert launch.as_worker(lambda: 75) == 75
+
+    def bad():
+        raise UserError("bad input")
+
+    with pytest.raises(UserError):
+        launch.as_worker(bad)
+
+
+def test_under_the_launcher_workers_report_and_exit_quietly(tmp_path, monkeypatch):
+    monkeypatch.setenv(launch.LAUNCH_DIR_ENV, str(tmp_path))
+    status = tmp_path / launch.STATUS_NAME
+
+    def bad():
+        raise UserError("bad input")
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launch.as_worker(bad) == 0
+    assert not status.exists()  # local rank 0 speaks for the machine
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launch.as_worker(bad) == 0
+    assert json.loads(status.read_text()) == {"exit_code": 2, "message": "bad input"}
+    assert launch.as_worker(lambda: 75) == 0
+    assert json.loads(status.read_text()) == {"exit_code": 75, "message": None}
+    assert sorted(p.name for p in tmp_path.glob("pid-*")) == ["pid-0", "pid-1"]

@@ -1,0 +1,74 @@
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from clipforge.train import loop
+
+
+def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
+    a = loop.epoch_batches(103, 10, seed=3, epoch=2)
+    assert a.shape == (10, 10)  # the last partial batch is dropped
+    assert torch.equal(a, loop.epoch_batches(103, 10, seed=3, epoch=2))
+    assert not torch.equal(a, loop.epoch_batches(103, 10, seed=3, epoch=3))
+    assert len(set(a.flatten().tolist())) == 100
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_local_rows_of_all_ranks_make_up_the_global_batch(world):
+    batch = loop.epoch_batches(64, 16, seed=0, epoch=0)[1]
+    parts = [loop.local_rows(batch, rank, world) for rank in range(world)]
+    assert all(len(p) == 16 // world for p in parts)
+    assert sorted(torch.cat(parts).tolist()) == sorted(batch.tolist())
+
+
+@pytest.mark.parametrize(("rows", "world"), [(10, 3), (2, 4), (9, 1)])
+def test_shard_slices_cover_rows_in_order(rows, world):
+    covered = [i for rank in range(world) for i in range(rows)[loop.shard_slice(rows, rank, world)]]
+    assert covered == list(range(rows))
+
+
+def test_warmup_then_cosine():
+    lrs = [loop.warmup_cosine_lr(s, 100, 10, 1.0, min_ratio=0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.55) and lrs[100] == pytest.approx(0.1)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert loop.warmup_cosine_lr(0, 10, 0, 2.0) == pytest.approx(2.0)
+
+
+def test_rng_state_restores_every_generator():
+    loop.seed_everything(5)
+    state = loop.rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand())
+    loop.set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_rng_state_survives_pack_state():
+    from clipforge.train.checkpoint import pack_state, unpack_state
+
+    state = unpack_state(pack_state(loop.rng_state()))
+    expected = torch.rand(2), np.random.rand()
+    loop.set_rng_state(state)
+    assert torch.equal(torch.rand(2), expected[0]) and np.random.rand() == expected[1]
+
+
+def test_sigterm_inside_the_watch_only_sets_a_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    with loop.PreemptionWatch() as watch:
+        assert not watch.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.requested
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resolve_device_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert loop.resolve_device("auto") == "cpu"
+    with pytest.raises(Exception, match="no CUDA GPU"):
+        loop.resolve_device("cuda")
