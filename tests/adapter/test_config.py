@@ -1,0 +1,35 @@
+import pytest
+
+from clipforge.config import load_config
+from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import UserError
+
+REQUIRED = {"clip_cache": "a", "target_cache": "b", "out": "c"}
+
+
+def test_every_field_is_described_and_volatile_names_fields():
+    for name, field in AdapterConfig.model_fields.items():
+        assert field.description, name
+    assert AdapterConfig.volatile <= set(AdapterConfig.model_fields)
+
+
+def test_fingerprint_ignores_only_what_cannot_change_the_weights():
+    base = load_config(AdapterConfig, REQUIRED)
+    moved = load_config(AdapterConfig, {**REQUIRED, "out": "elsewhere", "num_processes": 4, "log_every": 1})
+    assert moved.fingerprint() == base.fingerprint()
+    for change in ({"lr": 0.5}, {"limit": 10}, {"seed": 1}, {"epochs": 2}, {"arch": "linear"}):
+        assert load_config(AdapterConfig, {**REQUIRED, **change}).fingerprint() != base.fingerprint(), change
+
+
+def test_all_problems_in_one_line():
+    with pytest.raises(UserError) as err:
+        load_config(AdapterConfig, {"clip_cache": "a", "epochs": 0, "lr": -1, "arch": "big", "colour": 1})
+    message = str(err.value)
+    assert "\n" not in message
+    for key in ("target_cache", "out", "epochs", "lr", "arch", "colour: unknown key"):
+        assert key in message
+
+
+def test_some_loss_is_required():
+    with pytest.raises(UserError, match="nothing to train"):
+        load_config(AdapterConfig, {**REQUIRED, "cosine_weight": 0, "mse_weight": 0})
