@@ -1,0 +1,154 @@
+"""The adapter stage's input: two embedding caches joined on id, checked, split for training and testing.
+
+Every problem with the caches is found here, before any process trains, and
+reported as one `UserError` naming the cache, the key and a few ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.data.embeddings import EmbeddingTable, read_embeddings
+from clipforge.errors import UserError
+from clipforge.storage.manifest import read_manifest
+
+log = logging.getLogger("clipforge.adapter")
+
+TRAIN, TEST = "train", "test"
+
+
+@dataclass
+class PairedEmbeddings:
+    """Source and target rows of the ids both caches hold, in ascending id order within each split."""
+
+    train_ids: np.ndarray
+    train_source: np.ndarray  # float32 (n_train, in_dim)
+    train_target: np.ndarray  # float32 (n_train, out_dim)
+    test_ids: np.ndarray
+    test_source: np.ndarray
+    test_target: np.ndarray
+    source_model: dict
+    target_model: dict
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.train_source.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.train_target.shape[1])
+
+
+def _examples(ids, n: int = 5) -> str:
+    shown = ", ".join(str(i) for i in list(ids)[:n])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+def cache_fingerprint(prefix: str, role: str) -> dict:
+    """What identifies a committed cache: a hash of its manifest, which lists every shard it holds."""
+    manifest = read_manifest(prefix)
+    if manifest is None:
+        raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"manifest_sha256": digest, "rows": manifest.get("rows")}
+
+
+def stage_inputs(config: AdapterConfig) -> dict:
+    """Fingerprints of the two caches: with the config fingerprint, all the adapter depends on."""
+    return {
+        "clip_cache": cache_fingerprint(config.clip_cache, "clip_cache"),
+        "target_cache": cache_fingerprint(config.target_cache, "target_cache"),
+    }
+
+
+def _check_cache(table: EmbeddingTable, role: str, prefix: str, expected_dim: int | None) -> None:
+    where = f"{role} {prefix}"
+    if expected_dim is not None and table.dim != expected_dim:
+        flag = "in_dim" if role == "clip_cache" else "out_dim"
+        raise UserError(f"{where} holds {table.dim}-D embeddings but {flag} is {expected_dim}")
+    unique, counts = np.unique(table.ids, return_counts=True)
+    if len(unique) != len(table.ids):
+        raise UserError(f"{where}: ids appear more than once: {_examples(unique[counts > 1])}")
+    bad = ~np.isfinite(table.embeddings).all(axis=1)
+    if bad.any():
+        raise UserError(f"{where}: NaN or infinite embeddings for ids {_examples(table.ids[bad])}")
+
+
+def _join(source: EmbeddingTable, target: EmbeddingTable, config: AdapterConfig):
+    """Sorted common ids and their row numbers in each cache; a UserError when too few are common."""
+    if source.ids.dtype.kind != target.ids.dtype.kind:
+        common = np.array([], dtype=source.ids.dtype)
+        s_idx = t_idx = np.array([], dtype=np.int64)
+    else:
+        common, s_idx, t_idx = np.intersect1d(source.ids, target.ids, assume_unique=True, return_indices=True)
+    if len(common) == 0:
+        raise UserError(
+            f"clip_cache {config.clip_cache} and target_cache {config.target_cache} have no id in common "
+            f"(clip_cache ids: {_examples(source.ids, 3)}; target_cache ids: {_examples(target.ids, 3)})"
+        )
+    for role, table, prefix in (("clip_cache", source, config.clip_cache),
+                                ("target_cache", target, config.target_cache)):
+        only = np.setdiff1d(table.ids, common, assume_unique=True)
+        if len(only):
+            log.warning("%d ids only in %s %s (e.g. %s)", len(only), role, prefix, _examples(only))
+    smaller = min(len(source.ids), len(target.ids))
+    if len(common) < config.min_overlap * smaller:
+        raise UserError(
+            f"only {len(common)} of the {smaller} ids of the smaller cache are in both caches "
+            f"({len(common) / smaller:.0%} < min_overlap {config.min_overlap:.0%})"
+        )
+    return common, s_idx, t_idx
+
+
+def _splits(source, target, s_idx, t_idx, ids, config: AdapterConfig) -> np.ndarray:
+    """Each common row's split: from the caches (which must agree), else a seeded train/test split."""
+    s_split, t_split = source.splits[s_idx], target.splits[t_idx]
+    if source.has_splits() and target.has_splits():
+        differ = (s_split != t_split) & np.array([a is not None and b is not None for a, b in zip(s_split, t_split,
+                                                                                                    strict=True)])
+        if differ.any():
+            raise UserError(f"clip_cache and target_cache disagree on the split of ids {_examples(ids[differ])}")
+        return np.where([s is not None for s in s_split], s_split, t_split)
+    if source.has_splits() or target.has_splits():
+        return s_split if source.has_splits() else t_split
+    rng = np.random.default_rng([config.seed, 1])
+    n_test = max(1, round(config.test_share * len(ids)))
+    splits = np.full(len(ids), TRAIN, dtype=object)
+    splits[rng.permutation(len(ids))[:n_test]] = TEST
+    log.info("the caches have no split column: a seeded split puts %d of %d rows in the test split", n_test, len(ids))
+    return splits
+
+
+def read_pairs(config: AdapterConfig) -> PairedEmbeddings:
+    """Both caches, checked and joined on id; the training rows cut to `limit` (seeded) when it is set."""
+    source = read_embeddings(config.clip_cache)
+    target = read_embeddings(config.target_cache)
+    _check_cache(source, "clip_cache", config.clip_cache, config.in_dim)
+    _check_cache(target, "target_cache", config.target_cache, config.out_dim)
+    ids, s_idx, t_idx = _join(source, target, config)
+    splits = _splits(source, target, s_idx, t_idx, ids, config)
+    train = np.flatnonzero(splits == TRAIN)
+    test = np.flatnonzero(splits == TEST)
+    other = len(ids) - len(train) - len(test)
+    if other:
+        log.warning("%d common rows are in neither the train nor the test split; they are not used", other)
+    for name, rows in ((TRAIN, train), (TEST, test)):
+        if len(rows) == 0:
+            raise UserError(f"the {name} split is empty: none of the {len(ids)} ids in both caches has split {name!r}")
+    if config.limit is not None and config.limit < len(train):
+        rng = np.random.default_rng([config.seed, 2])
+        train = np.sort(rng.choice(train, size=config.limit, replace=False))
+        log.info("limit: training on %d of the training rows", config.limit)
+    log.info("%d training and %d test rows (%d-D -> %d-D)", len(train), len(test), source.dim, target.dim)
+    return PairedEmbeddings(
+        train_ids=ids[train], train_source=source.embeddings[s_idx[train]],
+        train_target=target.embeddings[t_idx[train]],
+        test_ids=ids[test], test_source=source.embeddings[s_idx[test]], test_target=target.embeddings[t_idx[test]],
+        source_model=source.model, target_model=target.model,
+    )

@@ -1,0 +1,99 @@
+"""Two real worker processes on CPU (torchrun, gloo), started by `--num-processes 2` itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from adapter_caches import FAST, config_args, max_abs_diff, weights, write_pair
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from clipforge.stages.adapter import train_adapter
+
+pytestmark = pytest.mark.slow
+
+# Without dropout (per-process masks) every term of the loss, the InfoNCE one included (it is computed on the
+# gathered global batch), gives 2 processes the gradient of 1 process on the same global batch.
+SETTINGS = {**FAST, "batch_size": 32, "contrastive_weight": 0.5, "dropout": 0.0}
+
+
+def run(src, tgt, out, processes, wait=True, **overrides):
+    args = config_args({"clip_cache": src, "target_cache": tgt, "out": out, "num_processes": processes,
+                        **SETTINGS, **overrides})
+    proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "train-adapter", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not wait:
+        return proc
+    out_text, err_text = proc.communicate(timeout=300)
+    return proc.returncode, err_text
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    return write_pair(str(tmp_path_factory.mktemp("dist") / "caches"))
+
+
+@pytest.fixture(scope="module")
+def one_process(caches, tmp_path_factory):
+    """The same training in one process (in this one, with one thread as the workers have)."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_adapter(AdapterConfig(clip_cache=caches[0], target_cache=caches[1], out=str(out), **SETTINGS))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(caches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "out"
+    code, log = run(*caches, str(out), 2)
+    assert code == 0, log
+    assert "starting 2 processes" in log
+    return out
+
+
+def test_two_processes_learn_as_well_and_match_one_process(one_process, two_processes):
+    one = json.loads((one_process / "metrics.json").read_text())
+    two = json.loads((two_processes / "metrics.json").read_text())
+    assert two["adapter"]["adapted_to_target_R@1"] >= 0.95
+    assert two["adapter"]["adapted_to_target_R@1"] >= one["adapter"]["adapted_to_target_R@1"] - 0.02
+    assert two["steps"] == one["steps"]
+    assert max_abs_diff(weights(str(two_processes)), weights(str(one_process))) <= 1e-5
+    # Only rank 0 writes: one set of TensorBoard events.
+    assert len(list((two_processes / "logs").iterdir())) == 1
+
+
+def test_sigterm_to_the_launcher_checkpoints_both_workers_and_resumes(caches, two_processes, tmp_path):
+    out = tmp_path / "out"
+    proc = run(*caches, str(out), 2, wait=False)
+    root = out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any((p / "_manifest.json").is_file() for p in root.glob("step-*")) if root.is_dir() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == EXIT_PREEMPTED, err
+    # The workers got the signal from the launcher and stopped cleanly: no torchrun failure report.
+    assert "Traceback" not in err and "ChildFailedError" not in err, err
+    assert not (out / "_manifest.json").exists()
+    code, log = run(*caches, str(out), 2)
+    assert code == 0, log
+    assert "resuming from" in log
+    assert max_abs_diff(weights(str(out)), weights(str(two_processes))) <= 1e-6
+
+
+def test_a_worker_error_ends_the_launcher_with_its_message(caches, tmp_path):
+    code, err = run(*caches, str(tmp_path / "out"), 2, lr=1e30, grad_clip=0, warmup=0, arch="linear")
+    assert code == EXIT_USER_ERROR
+    assert err.strip().splitlines()[-1].startswith("clipforge train-adapter: error: training diverged")
+    assert not Path(tmp_path / "out" / "_manifest.json").exists()

@@ -1,0 +1,212 @@
+"""The adapter stage in this process: learning, outputs, idempotence, --limit, S3, and every bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from adapter_caches import FAST, config_args, max_abs_diff, normalise, planted_map, weights, write_cache, write_pair
+
+from clipforge.cli import main
+from clipforge.config.adapter import AdapterConfig
+from clipforge.models.adapter import load_adapter
+from clipforge.stages import adapter as stage
+from clipforge.stages.adapter import train_adapter
+from clipforge.storage import uri as storage
+from clipforge.train.metrics import retrieval_metrics
+
+
+def config(src, tgt, out, **overrides):
+    return AdapterConfig(clip_cache=src, target_cache=tgt, out=str(out), **{**FAST, **overrides})
+
+
+def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path):
+    src, tgt = caches
+    out = tmp_path / "out"
+    result = train_adapter(config(src, tgt, out, keep_checkpoints=2))
+    assert result.status == "trained" and result.exit_code == 0
+    adapter, zero_pad = result.metrics["adapter"], result.metrics["zero_pad"]
+    assert adapter["adapted_to_target_R@1"] >= 0.95
+    assert adapter["mean_cosine"] > 0.8
+    assert zero_pad["adapted_to_target_R@1"] <= 0.05  # chance is 1/100
+    assert abs(zero_pad["mean_cosine"]) < 0.2
+    assert result.metrics["train_rows"] == 500 and result.metrics["test_rows"] == 100
+
+    # The outputs, committed with the manifest last.
+    names = set(storage.list_names(str(out)))
+    assert {"adapter.safetensors", "adapter.json", "metrics.json", "_manifest.json"} <= names
+    assert json.loads((out / "metrics.json").read_text()) == result.metrics
+    card = json.loads((out / "adapter.json").read_text())
+    assert card["spec"]["in_dim"] == 16 and card["spec"]["out_dim"] == 32
+    assert card["source_model"]["name"] == "ViT-B-32-tiny" and card["target_model"]["name"] == "ViT-H-14-tiny"
+    assert card["config"]["epochs"] == FAST["epochs"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (out / "_manifest.json").stat().st_mtime_ns >= (out / "adapter.safetensors").stat().st_mtime_ns
+    assert manifest["kind"] == "adapter" and manifest["metrics"] == result.metrics
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "logs").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000165", "step-000180"]  # 15 per epoch
+
+    # load_adapter gives back the module that scored these figures.
+    ids, splits, source, target = planted_map()
+    test = splits == "test"
+    model = load_adapter(out)
+    with torch.no_grad():
+        adapted = model(torch.from_numpy(source[test]))
+    again = retrieval_metrics(adapted, torch.from_numpy(target[test]), names=stage.METRIC_NAMES)
+    assert again["adapted_to_target_R@1"] == adapter["adapted_to_target_R@1"]
+    assert again["mean_cosine"] == pytest.approx(adapter["mean_cosine"], abs=1e-5)
+
+    # A rerun is up to date and trains nothing.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained")
+    stage.AdapterTrainer.fit, saved = no_training, stage.AdapterTrainer.fit
+    try:
+        rerun = train_adapter(config(src, tgt, out, num_processes=3, log_every=5.0))  # volatile fields only
+    finally:
+        stage.AdapterTrainer.fit = saved
+    assert rerun.status == "up to date" and rerun.metrics == result.metrics
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):
+    src, tgt = caches
+    out = tmp_path / "out"
+    train_adapter(config(src, tgt, out, epochs=2, arch="linear"))
+    first = json.loads((out / "_manifest.json").read_text())
+    result = train_adapter(config(src, tgt, out, epochs=3, arch="linear"))
+    assert result.status == "trained"
+    second = json.loads((out / "_manifest.json").read_text())
+    assert second["config_fingerprint"] != first["config_fingerprint"] and second["config"]["epochs"] == 3
+    # The first run's checkpoints belonged to another config: gone, not resumed from.
+    assert all(json.loads((p / "_manifest.json").read_text())["config"]["epochs"] == 3
+               for p in (out / "checkpoints").iterdir())
+
+
+def test_limit_trains_on_a_seeded_subset_and_keeps_the_test_split(caches, tmp_path):
+    src, tgt = caches
+    result = train_adapter(config(src, tgt, tmp_path / "a", limit=64, epochs=2))
+    assert result.metrics["train_rows"] == 64 and result.metrics["test_rows"] == 100
+    assert result.metrics["steps"] == 2 * (64 // 32)
+
+
+def test_caches_without_splits_get_a_seeded_split(tmp_path):
+    src, tgt = write_pair(str(tmp_path / "c"), n=200, with_splits=False)
+    result = train_adapter(config(src, tgt, tmp_path / "out", epochs=1, test_share=0.25))
+    assert result.metrics["test_rows"] == 50 and result.metrics["train_rows"] == 150
+
+
+def test_s3_caches_and_output(s3_bucket, tmp_path):
+    src, tgt = write_pair(f"s3://{s3_bucket}/caches", n=200, n_test=40)
+    out = f"s3://{s3_bucket}/adapter"
+    cfg = config(src, tgt, out, epochs=3, work_dir=str(tmp_path / "work"))
+    result = train_adapter(cfg)
+    assert result.status == "trained"
+    names = storage.list_names(out)
+    assert {"adapter.safetensors", "adapter.json", "metrics.json", "_manifest.json"} <= set(names)
+    assert any(n.startswith("events.out.tfevents") for n in storage.list_names(f"{out}/logs"))
+    assert "_manifest.json" in storage.list_names(f"{out}/checkpoints/step-000015")
+    assert load_adapter(out).spec.out_dim == 32
+    assert train_adapter(cfg).status == "up to date"
+
+    # Lose the commit and the newest checkpoint; a machine with an empty work dir downloads the one before.
+    expected = weights(out)
+    storage.delete(f"{out}/_manifest.json")
+    storage.delete(f"{out}/checkpoints/step-000015/_manifest.json")
+    again = train_adapter(cfg.model_copy(update={"work_dir": str(tmp_path / "other-machine")}))
+    assert again.status == "trained" and again.metrics["timing"]["resume_seconds"] is not None
+    assert (tmp_path / "other-machine" / "checkpoints" / "step-000010" / "_manifest.json").is_file()
+    assert max_abs_diff(weights(out), expected) <= 1e-6
+
+
+def test_out_must_be_a_prefix_of_its_own(caches, tmp_path, capsys):
+    src, tgt = caches
+    assert "is the clip_cache" in run_cli_keeping_manifest(capsys, src, tgt, src + "/")
+    assert "is the target_cache" in run_cli_keeping_manifest(capsys, src, tgt, tgt)
+    ids, splits, source, _ = planted_map(20, 5)
+    other = write_cache(str(tmp_path / "another-cache"), list(ids), list(splits), source, {"name": "a"})
+    manifest_before = Path(other, "_manifest.json").read_bytes()
+    assert "holds a 'cache' output, not an adapter" in run_cli_keeping_manifest(capsys, src, tgt, other)
+    assert Path(other, "_manifest.json").read_bytes() == manifest_before
+
+
+# -- bad input: one line from the CLI, exit code 2, no manifest ----------------------------------
+
+
+def run_cli_keeping_manifest(capsys, src, tgt, out, **overrides) -> str:
+    code = main(["-q", "train-adapter", *config_args({"clip_cache": src, "target_cache": tgt, "out": out,
+                                                      **FAST, **overrides})])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def run_cli(capsys, src, tgt, out, **overrides) -> str:
+    line = run_cli_keeping_manifest(capsys, src, tgt, out, **overrides)
+    assert not Path(out, "_manifest.json").exists()
+    return line
+
+
+def test_dimension_mismatch(caches, tmp_path, capsys):
+    line = run_cli(capsys, *caches, tmp_path / "out", in_dim=512)
+    assert "clip_cache" in line and "16-D" in line and "in_dim is 512" in line
+    line = run_cli(capsys, *caches, tmp_path / "out", out_dim=1024)
+    assert "target_cache" in line and "out_dim is 1024" in line
+
+
+def test_non_finite_embeddings_name_the_ids(tmp_path, capsys):
+    ids, splits, source, target = planted_map(100, 20)
+    target[[3, 7]] = np.nan
+    target[9, 0] = np.inf
+    src = write_cache(str(tmp_path / "s"), list(ids), list(splits), source, {"name": "a"})
+    tgt = write_cache(str(tmp_path / "t"), list(ids), list(splits), target, {"name": "b"})
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    assert "target_cache" in line and "NaN or infinite" in line and "1003, 1007, 1009" in line
+
+
+@pytest.mark.parametrize(("split", "empty"), [("test", "train"), ("train", "test")])
+def test_empty_split(tmp_path, capsys, split, empty):
+    ids, _, source, target = planted_map(50, 0)
+    splits = [split] * 50
+    src = write_cache(str(tmp_path / "s"), list(ids), splits, source, {"name": "a"})
+    tgt = write_cache(str(tmp_path / "t"), list(ids), splits, target, {"name": "b"})
+    assert f"the {empty} split is empty" in run_cli(capsys, src, tgt, tmp_path / "out")
+
+
+def test_no_common_ids_and_too_few(tmp_path, capsys):
+    ids, splits, source, target = planted_map(100, 20)
+    src = write_cache(str(tmp_path / "s"), list(ids), list(splits), source, {"name": "a"})
+    far = write_cache(str(tmp_path / "far"), list(ids + 10_000), list(splits), target, {"name": "b"})
+    assert "no id in common" in run_cli(capsys, src, far, tmp_path / "out")
+    half = write_cache(str(tmp_path / "half"), list(ids + 50), list(splits), target, {"name": "b"})
+    line = run_cli(capsys, src, half, tmp_path / "out")
+    assert "only 50 of the 100 ids" in line and "min_overlap" in line
+
+
+def test_missing_cache(caches, tmp_path, capsys):
+    line = run_cli(capsys, str(tmp_path / "nowhere"), caches[1], tmp_path / "out")
+    assert "clip_cache" in line and "no _manifest.json" in line
+
+
+def test_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = run_cli(capsys, *caches, out, lr=1e30, grad_clip=0, warmup=0, arch="linear", checkpoint_every=1)
+    assert "diverged" in line and "NaN or infinite" in line and "last good checkpoint" in line
+    kept = sorted((out / "checkpoints").iterdir())
+    assert kept and all((p / "_manifest.json").is_file() for p in kept)
+
+
+def test_batch_size_must_split_over_the_processes(caches, tmp_path, capsys):
+    line = run_cli(capsys, *caches, tmp_path / "out", num_processes=2, batch_size=33)
+    assert "batch_size: 33 does not split evenly over 2 processes" in line
+
+
+def test_duplicate_ids(tmp_path, capsys):
+    ids, splits, source, target = planted_map(60, 10)
+    ids[5] = ids[6]
+    src = write_cache(str(tmp_path / "s"), list(ids), list(splits), source, {"name": "a"})
+    tgt = write_cache(str(tmp_path / "t"), list(ids), list(splits), normalise(target), {"name": "b"})
+    assert "ids appear more than once: 1006" in run_cli(capsys, src, tgt, tmp_path / "out")
