@@ -1,0 +1,257 @@
+"""The adapter stage's training: one process's share of it (the only process, or one of a launched group).
+
+`AdapterTrainer` follows the resume contract of `clipforge.train.loop`: the
+data order is a function of (seed, epoch), the learning rate of the step, and a
+checkpoint holds weights, optimizer (and fp16 loss scaler), every process's RNG
+and `TrainProgress`, so a resumed run continues exactly where the checkpoint
+was taken. Only rank 0 writes; every process takes part in saving (RNG states)
+and evaluating (each embeds a share of the test rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import UserError
+from clipforge.models.adapter import AdapterSpec, build_adapter
+from clipforge.progress import Progress
+from clipforge.stages.adapter_data import PairedEmbeddings
+from clipforge.storage import uri as storage
+from clipforge.train.checkpoint import CheckpointStore, pack_state, unpack_state
+from clipforge.train.loop import (
+    PreemptionWatch,
+    TrainProgress,
+    any_across,
+    epoch_batches,
+    gather_rows,
+    gather_with_grad,
+    local_rows,
+    open_tensorboard,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    shard_slice,
+    warmup_cosine_lr,
+)
+from clipforge.train.metrics import retrieval_metrics
+
+log = logging.getLogger("clipforge.adapter")
+
+# Names of the two retrieval directions in every metrics dict of this stage.
+METRIC_NAMES = ("adapted_to_target", "target_to_adapted")
+
+
+def global_batch_size(config: AdapterConfig, train_rows: int, world: int) -> int:
+    """The rows of one optimizer step over all processes: `batch_size`, or fewer when there are fewer rows."""
+    if config.batch_size % world:
+        raise UserError(f"batch_size: {config.batch_size} does not split evenly over {world} processes")
+    if train_rows >= config.batch_size:
+        return config.batch_size
+    batch = train_rows // world * world
+    if batch == 0:
+        raise UserError(f"only {train_rows} training rows for {world} processes")
+    log.warning("only %d training rows: batch_size lowered from %d to %d", train_rows, config.batch_size, batch)
+    return batch
+
+
+def adapter_loss(pred, target, config: AdapterConfig, accelerator) -> torch.Tensor:
+    """cosine + squared error (+ InfoNCE over the global batch), for this process's rows.
+
+    The InfoNCE term is computed on the gathered global batch and scaled by the
+    process count, so that after DDP averages the gradients they equal those of
+    one process training on the whole batch.
+    """
+    loss = config.cosine_weight * (1 - (pred * target).sum(dim=-1)).mean()
+    loss = loss + config.mse_weight * (pred - target).pow(2).sum(dim=-1).mean()
+    if config.contrastive_weight:
+        all_pred = gather_with_grad(accelerator, pred)
+        all_target = gather_with_grad(accelerator, target)
+        logits = all_pred @ all_target.T / config.temperature
+        labels = torch.arange(len(logits), device=logits.device)
+        nce = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = loss + config.contrastive_weight * nce * accelerator.num_processes
+    return loss
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only: decaying biases and LayerNorm gains only pulls them away from their useful values.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class AdapterTrainer:
+    """One process's share of training: setup, resume, fit, save; rank 0 alone writes."""
+
+    def __init__(self, config: AdapterConfig, pairs: PairedEmbeddings, store: CheckpointStore, accelerator):
+        self.config, self.pairs, self.store, self.acc = config, pairs, store, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.batch = global_batch_size(config, len(pairs.train_ids), self.world)
+        self.steps_per_epoch = len(pairs.train_ids) // self.batch
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup_steps = int(config.warmup * self.total_steps)
+        self.spec = AdapterSpec(config.arch, pairs.in_dim, pairs.out_dim, config.hidden_dim, config.depth,
+                                config.dropout)
+        device = accelerator.device
+        self.x = torch.from_numpy(pairs.train_source).to(device)
+        self.y = torch.from_numpy(pairs.train_target).to(device)
+        self.test_x = torch.from_numpy(pairs.test_source).to(device)
+        self.test_y = torch.from_numpy(pairs.test_target).to(device)
+        # Same seed on every process: identical initial weights, as DDP expects.
+        seed_everything(config.seed)
+        model = build_adapter(self.spec)
+        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.progress = TrainProgress()
+        self.last_saved: str | None = None
+        self.writer = None
+        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint, if any; otherwise give each process its own dropout stream."""
+        started = time.monotonic()
+        latest = self.store.latest()
+        if latest is None:
+            seed_everything(self.config.seed + self.rank)
+            return
+        with self.acc.local_main_process_first():  # one download per machine when OUT is on S3
+            files = self.store.load(latest)
+        self.acc.unwrap_model(self.model).load_state_dict(unpack_state(files["model.safetensors"]))
+        optimizer_state = unpack_state(files["optimizer.safetensors"])
+        self.optimizer.load_state_dict(optimizer_state["optimizer"])
+        if self.acc.scaler is not None and optimizer_state["scaler"] is not None:  # fp16 loss scaling
+            self.acc.scaler.load_state_dict(optimizer_state["scaler"])
+        self.progress = TrainProgress.from_dict(json.loads(files["progress.json"]))
+        ranks = unpack_state(files["rng.safetensors"])["ranks"]
+        if len(ranks) == self.world:
+            set_rng_state(ranks[self.rank])
+        else:
+            log.warning("checkpoint written by %d processes, resumed by %d: dropout masks will differ from an "
+                        "uninterrupted run", len(ranks), self.world)
+            seed_everything(self.config.seed + 7919 * self.progress.step + self.rank)
+        self.last_saved = latest.uri
+        self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
+        log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
+                 self.progress.step, self.timing["resume_seconds"])
+
+    def save(self) -> None:
+        """Checkpoint now (every process takes part: each contributes its RNG state)."""
+        weights = self.acc.unwrap_model(self.model).state_dict()
+        if not all(torch.isfinite(t).all() for t in weights.values()):
+            self._diverged()
+        ranks = gather_object([rng_state()])
+        if self.acc.is_main_process:
+            files = {
+                "model.safetensors": pack_state(weights),
+                "optimizer.safetensors": pack_state({
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                }),
+                "rng.safetensors": pack_state({"ranks": ranks}),
+                "progress.json": json.dumps(self.progress.to_dict()).encode(),
+                "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
+            }
+            self.flush_logs()
+            self.last_saved = self.store.save(self.progress.step, files).uri
+            log.info("checkpoint %s", self.last_saved)
+
+    def _diverged(self):
+        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
+        raise UserError(f"training diverged: the loss became NaN or infinite at step {self.progress.step} "
+                        f"(epoch {self.progress.epoch + 1}); {kept}; lower --lr or check the inputs")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        part = x[shard_slice(len(x), self.rank, self.world)]
+        with torch.no_grad():
+            out = torch.cat([model(part[i : i + 4096]) for i in range(0, len(part), 4096)]) if len(part) else \
+                torch.empty(0, self.spec.out_dim, device=x.device)
+        return gather_rows(self.acc, out.float())
+
+    def evaluate(self) -> dict:
+        return retrieval_metrics(self.embed(self.test_x), self.test_y, names=METRIC_NAMES, ks=(1, 5, 10))
+
+    def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
+        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
+        if self.acc.is_main_process and log_dir is not None:
+            self.writer = open_tensorboard(log_dir, self.progress.step)
+        config, p = self.config, self.progress
+        remaining = (self.total_steps - p.step) * self.batch
+        meter = Progress(log, max(remaining, 1), unit="samples", every=config.log_every)
+        try:
+            return self._fit(watch, meter)
+        finally:
+            # Throughput of this process's share of the run, checkpoints and per-epoch evaluation included.
+            self.timing["train_seconds"] = round(meter.elapsed, 3)
+            self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 1) if meter.done else None
+
+    def _fit(self, watch: PreemptionWatch, meter: Progress) -> bool:
+        config, p = self.config, self.progress
+        for epoch in range(p.epoch, config.epochs):
+            batches = epoch_batches(len(self.x), self.batch, config.seed, epoch)
+            for i in range(p.step_in_epoch, self.steps_per_epoch):
+                rows = local_rows(batches[i], self.rank, self.world).to(self.acc.device)
+                lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.model.train()
+                loss = adapter_loss(self.model(self.x[rows]), self.y[rows], config, self.acc)
+                loss_value = loss.item()  # one host sync a step: the NaN check, the log and TensorBoard share it
+                diverged, stop = any_across(self.acc, not math.isfinite(loss_value), watch.requested)
+                if diverged:
+                    self._diverged()
+                self.acc.backward(loss)
+                if config.grad_clip:
+                    self.acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.batch
+                meter.update(self.batch, f"epoch {epoch + 1}/{config.epochs}, loss {loss_value:.4f}, lr {lr:.2e}")
+                if self.writer:
+                    self.writer.add_scalar("train/loss", loss_value, p.step)
+                    self.writer.add_scalar("train/lr", lr, p.step)
+                if stop:
+                    self.save()
+                    return False
+                if config.checkpoint_every and p.step % config.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
+                    self.save()
+            p.epoch, p.step_in_epoch = epoch + 1, 0
+            metrics = self.evaluate()
+            if self.writer:
+                for key in ("mean_cosine", "adapted_to_target_R@1", "adapted_to_target_R@5"):
+                    self.writer.add_scalar(f"test/{key}", metrics[key], p.step)
+            log.info("epoch %d/%d: test cosine %.4f, R@1 %.3f", epoch + 1, config.epochs, metrics["mean_cosine"],
+                     metrics["adapted_to_target_R@1"])
+            self.save()
+        # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
+        # every process must take the same path.
+        return True
+
+    def flush_logs(self) -> None:
+        if self.writer:
+            self.writer.flush()
+        if self.acc.is_main_process and self.store.remote:
+            _upload_logs(self.store.local_root.parent / "logs", self.config.out)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+
+def _upload_logs(log_dir: Path, out: str) -> None:
+    if log_dir.is_dir():
+        for path in sorted(log_dir.iterdir()):
+            if path.is_file():
+                storage.write_bytes(storage.join(out, "logs", path.name), path.read_bytes())
