@@ -51,12 +51,14 @@ def validation_message(error: ValidationError, prefix: str = "") -> str:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, or a UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
+    """A YAML mapping from a file (local or s3://), or a UserError naming the file."""
+    from clipforge.storage import uri as storage
+
+    path = str(path)
+    if not storage.exists(path):
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(storage.read_bytes(path)) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -24,11 +24,11 @@ def subject_number(subject: str) -> int:
     return int(match.group(1))
 
 
-def nsd_index(expdesign: str, subject: str) -> pd.DataFrame:
+def nsd_index(expdesign: str, subject: str, *, unsigned: bool = False) -> pd.DataFrame:
     """`id` (0-based row of imgBrick) and `split` (`test` for shared images) for one subject, sorted by id."""
     number = subject_number(subject)
     try:
-        mat = scipy.io.loadmat(io.BytesIO(storage.read_bytes(expdesign)))
+        mat = scipy.io.loadmat(io.BytesIO(storage.read_bytes(expdesign, unsigned=unsigned)))
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise UserError(f"{expdesign} is not a readable .mat file: {exc}") from None
     for key in ("subjectim", "sharedix"):
@@ -44,11 +44,3 @@ def nsd_index(expdesign: str, subject: str) -> pd.DataFrame:
     ids = np.unique(ids)
     splits = np.where(np.isin(ids, list(shared)), "test", "train")
     return pd.DataFrame({"id": ids, "split": splits})
-
-
-def write_nsd_index(expdesign: str, subject: str, output: str) -> pd.DataFrame:
-    frame = nsd_index(expdesign, subject)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(output, buffer.getvalue())
-    return frame

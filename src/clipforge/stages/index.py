@@ -1,0 +1,40 @@
+"""The index stage: nsd_expdesign.mat -> the ids (and splits) one subject's caches encode."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from clipforge.config.index import IndexConfig
+from clipforge.data.nsd import nsd_index
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+
+log = logging.getLogger("clipforge.index")
+INDEX_FILE = "index.parquet"
+
+
+def index_file(output: str) -> str:
+    """The parquet file an index output names: itself, or `index.parquet` under a prefix."""
+    return output if output.endswith((".parquet", ".csv")) else storage.join(output, INDEX_FILE)
+
+
+def run_index(cfg: IndexConfig) -> dict:
+    """Write the subject's index; under a prefix, commit it with a manifest (and skip when up to date)."""
+    is_prefix = index_file(cfg.output) != cfg.output
+    inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
+    if is_prefix and is_up_to_date(read_manifest(cfg.output), cfg.fingerprint(), inputs):
+        log.info("%s is up to date; nothing to do", cfg.output)
+        return read_manifest(cfg.output)
+    frame = nsd_index(cfg.expdesign, cfg.subject, unsigned=cfg.no_sign_request)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    storage.write_bytes(index_file(cfg.output), buffer.getvalue())
+    counts = frame["split"].value_counts().to_dict()
+    summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}
+    log.info("%s: %d images (%d train, %d test) -> %s", cfg.subject, summary["rows"], summary["train"],
+             summary["test"], index_file(cfg.output))
+    if not is_prefix:
+        return summary
+    return write_manifest(cfg.output, kind="index", config=cfg.model_dump(mode="json"),
+                          config_fingerprint=cfg.fingerprint(), inputs=inputs, rows=summary["rows"], metrics=summary)
