@@ -5,7 +5,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO_DIR ?= demo
 
 .PHONY: demo test lint venv clean-demo
 
@@ -18,10 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clipforge demo-data $(DEMO_DIR)
-	$(VENV)/bin/clipforge index nsd --expdesign $(DEMO_DIR)/nsd_expdesign.mat --subject subj01 \
-		--output $(DEMO_DIR)/indices/subj01.parquet
-	$(VENV)/bin/clipforge cache --config jobs/demo-cache.yaml
+	$(VENV)/bin/clipforge demo-data demo
+	$(VENV)/bin/clipforge run jobs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -30,4 +27,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf demo

@@ -93,12 +93,55 @@ def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int
 
 
 def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
-    """Everything `jobs/demo.yaml` reads, under `root`."""
+    """Everything `jobs/demo.yaml` reads, under `root`. Kept as is when already written with the same
+    settings, so reruns of the demo reuse every stage instead of seeing new files."""
     root = Path(root)
+    paths = {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
+             "source_config": root / "models" / "tiny-source.json", "source_weights": root / "models" / "tiny-source.pt",
+             "target_config": root / "models" / "tiny-target.json", "target_weights": root / "models" / "tiny-target.pt"}
+    marker = root / ".demo-data.json"
+    settings = json.dumps({"images": n_images, "version": 1})
+    if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):
+        return paths
     write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
     write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images), shared=min(40, n_images))
-    source_cfg, source_weights = write_tiny_model(root / "models", "tiny-source", 512, seed=1)
-    target_cfg, target_weights = write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
-    return {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
-            "source_config": source_cfg, "source_weights": source_weights,
-            "target_config": target_cfg, "target_weights": target_weights}
+    write_tiny_model(root / "models", "tiny-source", 512, seed=1)
+    write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
+    marker.write_text(settings)
+    return paths
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(colour: str, shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A coloured shape at a random place and scale on a light, noisy background."""
+    image = np.full((size, size, 3), 235, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cx, cy, r = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.18, 0.3)
+    if shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+    elif shape == "square":
+        mask = (abs(xx - cx) < r * 0.85) & (abs(yy - cy) < r * 0.85)
+    else:
+        mask = (yy < cy + r) & (yy > cy - r) & (abs(xx - cx) < (yy - (cy - r)) / 2)
+    image[mask] = np.array(COLOURS[colour]) + rng.normal(0, 8, (int(mask.sum()), 3))
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def write_captioned_dataset(root: str | Path, n: int = 96, *, size: int = 64, seed: int = 0) -> Path:
+    """A folder of shape images in sub-folders plus index.csv whose captions say colour and shape."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    rows = ["filepath,caption"]
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        relative = Path(shape) / f"{i:04d}.png"
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shape_image(colour, shape, size, rng)).save(root / relative)
+        rows.append(f"{relative.as_posix()},a {colour} {shape}")
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -1,0 +1,21 @@
+"""Settings of the evaluate stage (`clipforge evaluate`, `kind: evaluate`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from clipforge.config.base import StageConfig
+
+
+class EvaluateConfig(StageConfig):
+    """Embedding-level evaluation of an adapter against the zero-padding baseline on the test split."""
+
+    clip_cache: str = Field(description="source-space embedding cache (e.g. ViT-B-32, 512-D)")
+    target_cache: str = Field(description="target-space embedding cache (e.g. ViT-H-14, 1024-D)")
+    adapter: str | None = Field(None, description="adapter output (or .safetensors); none: zero-padding only")
+    out: str = Field(description="output prefix: metrics.json, metrics.png, _manifest.json")
+    split: str = Field("test", description="which split to evaluate")
+    seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column")
+    test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
+
+    volatile = frozenset({"clip_cache", "target_cache", "adapter", "out"})

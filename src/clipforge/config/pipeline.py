@@ -1,0 +1,200 @@
+"""The pipeline spec: a YAML list of stages users run locally (`clipforge run`) or deploy (Helm).
+
+These names are the public contract users and the chart rely on: `artifacts`,
+`run_id`, and `stages`, each with `name`, `kind`, `with`, `needs`,
+`resources`, `policy` and an optional pinned `output`. Every stage's `with` is
+validated by its kind's own config, so a spec error names the stage and key.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clipforge.config.base import read_yaml, validation_message
+from clipforge.errors import UserError
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class Resources(_Strict):
+    """What a stage asks of a cluster; ignored by the local runner."""
+
+    gpus: int = Field(0, ge=0, description="GPUs per node (one training process or encoder actor per GPU)")
+    nodes: int = Field(1, ge=1, description="nodes; > 1 runs training as an Indexed Job, a cache as a RayJob")
+    cpu: str | None = Field(None, description="CPU request per node, e.g. '8'")
+    memory: str | None = Field(None, description="memory request per node, e.g. '32Gi'")
+
+
+class Policy(_Strict):
+    """What the pipeline does around a stage: reuse, fall back, go on after failure."""
+
+    reuse_existing: str | None = Field(
+        None, description="a finished output (with _manifest.json) at this URI is used as is; the stage does not run"
+    )
+    min_input_coverage: float | None = Field(
+        None, gt=0, le=1, description="least share of the source ids the target cache must hold to train normally"
+    )
+    fallback_limit: int | None = Field(
+        None, ge=1, description="with coverage below min_input_coverage, train on this many rows (sets `limit`)"
+    )
+    on_failure: Literal["stop", "continue"] = Field(
+        "stop", description="continue: later stages go on without this one's output (an adapter -> zero-padding)"
+    )
+
+
+class StageSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=40, description="unique name, DNS-label style")
+    kind: str = Field(description="index, cache, adapter or evaluate")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the stage's own settings")
+    needs: list[str] = Field(default_factory=list, description="stages whose outputs this one reads")
+    resources: Resources = Field(default_factory=Resources)
+    policy: Policy = Field(default_factory=Policy)
+    output: str | None = Field(None, description="pin the output URI instead of ARTIFACTS/<kind>/<key>")
+
+
+class PipelineSpec(_Strict):
+    artifacts: str = Field(description="artifact store root: a local path or s3://bucket/prefix")
+    run_id: str | None = Field(None, pattern=NAME_PATTERN, max_length=40, description="default: generated")
+    stages: list[StageSpec] = Field(min_length=1)
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+
+def order_stages(spec: PipelineSpec) -> list[StageSpec]:
+    """Stages in dependency order (stable for independent ones); a cycle is a UserError naming it."""
+    done: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            cycle = " -> ".join(visiting[visiting.index(name):] + [name])
+            raise UserError(f"stages: needs form a cycle: {cycle}")
+        visiting.append(name)
+        for need in spec.stage(name).needs:
+            visit(need)
+        visiting.pop()
+        done.append(name)
+
+    for stage in spec.stages:
+        visit(stage.name)
+    return [spec.stage(name) for name in done]
+
+
+def check_stage_configs(spec: PipelineSpec) -> list[str]:
+    """Every problem of every stage's kind, needs and `with`, each naming stage and key."""
+    from clipforge.orchestrate.kinds import KINDS
+
+    problems = []
+    names = [s.name for s in spec.stages]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"stages.{name}: the name is used more than once")
+    kinds_by_name = {s.name: s.kind for s in spec.stages}
+    for stage in spec.stages:
+        where = f"stages.{stage.name}"
+        if stage.kind not in KINDS:
+            problems.append(f"{where}.kind: unknown kind {stage.kind!r}; kinds are {', '.join(KINDS)}")
+            continue
+        kind = KINDS[stage.kind]
+        for need in stage.needs:
+            if need not in kinds_by_name:
+                problems.append(f"{where}.needs: no stage named {need!r}")
+        values = dict(stage.with_)
+        if kind.output_key in values:
+            problems.append(f"{where}.with.{kind.output_key}: set by the pipeline; pin `output:` on the stage instead")
+        values[kind.output_key] = "placeholder-output"
+        for key, (_, accepted) in kind.inputs.items():
+            ref = values.get(key)
+            if isinstance(ref, str) and ref in kinds_by_name:
+                if ref not in stage.needs:
+                    problems.append(f"{where}.with.{key}: refers to stage {ref!r}, which is not in needs")
+                elif kinds_by_name[ref] not in accepted:
+                    problems.append(f"{where}.with.{key}: stage {ref!r} is a {kinds_by_name[ref]}; "
+                                    f"expected {' or '.join(accepted)}")
+                values[key] = f"placeholder-{ref}"
+        try:
+            kind.config.model_validate(values)
+        except ValidationError as exc:
+            problems.append(validation_message(exc, prefix=f"{where}.with"))
+    return problems
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`stages.NAME.with.KEY=VALUE` (VALUE parsed as YAML), and top-level `KEY=VALUE`."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        value = yaml.safe_load(text) if text else ""
+        parts = path.split(".")
+        if parts[0] == "stages" and len(parts) >= 3:
+            stage = next((s for s in raw.get("stages", []) if s.get("name") == parts[1]), None)
+            if stage is None:
+                raise UserError(f"--set {item!r}: no stage named {parts[1]!r}")
+            target, keys = stage, parts[2:]
+        else:
+            target, keys = raw, parts
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--set {item!r}: {key} is not a mapping")
+        target[keys[-1]] = value
+    return raw
+
+
+def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineSpec:
+    """Read, override and validate a spec; all problems at once, each naming stage and key."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_name_stages(validation_message(exc), raw)}") from None
+    problems = check_stage_configs(spec)
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}")
+    order_stages(spec)
+    return spec
+
+
+def _name_stages(message: str, raw: dict) -> str:
+    """`stages.2.kind` -> `stages.source-cache.kind` where the spec names the stage."""
+    for number, stage in enumerate(raw.get("stages") or []):
+        if isinstance(stage, dict) and stage.get("name"):
+            message = message.replace(f"stages.{number}.", f"stages.{stage['name']}.")
+    return message
+
+
+def pipeline_json_schema() -> dict:
+    """JSON Schema of a spec, with each kind's `with` typed by its config (for the Helm values schema)."""
+    from clipforge.orchestrate.kinds import KINDS
+
+    schema = PipelineSpec.model_json_schema(by_alias=True)
+    defs = schema.setdefault("$defs", {})
+    defs["StageSpec"]["properties"]["kind"]["enum"] = list(KINDS)
+    rules = []
+    for name, kind in KINDS.items():
+        with_schema = kind.config.model_json_schema(by_alias=True)
+        for key, value in with_schema.pop("$defs", {}).items():
+            defs[key] = value
+        with_schema["properties"].pop(kind.output_key, None)
+        required = [key for key in with_schema.get("required", []) if key != kind.output_key]
+        with_schema["required"] = required
+        if not required:
+            with_schema.pop("required")
+        defs[f"{name}_with"] = with_schema
+        rules.append({"if": {"properties": {"kind": {"const": name}}},
+                      "then": {"properties": {"with": {"$ref": f"#/$defs/{name}_with"}}}})
+    defs["StageSpec"]["allOf"] = rules
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

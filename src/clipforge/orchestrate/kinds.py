@@ -1,0 +1,41 @@
+"""The stage kinds a pipeline can hold: which command runs each, its config, its inputs and output.
+
+A pipeline runs every stage as `clipforge <command> --config FILE` — locally as
+a subprocess, on Kubernetes as a Job — so a stage behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.config.base import StageConfig
+from clipforge.config.cache import CacheConfig
+from clipforge.config.evaluate import EvaluateConfig
+from clipforge.config.index import IndexConfig
+
+
+@dataclass(frozen=True)
+class StageKind:
+    command: tuple[str, ...]
+    config: type[StageConfig]
+    output_key: str
+    # `with` keys that may name a needed stage, and the file under that stage's output they mean
+    # ("" is the output prefix itself); each maps to the kinds it accepts.
+    inputs: dict[str, tuple[str, tuple[str, ...]]]
+    # Training stages run as several processes per node and as Indexed Jobs over nodes.
+    distributed: bool = False
+
+
+KINDS: dict[str, StageKind] = {
+    "index": StageKind(("index", "nsd"), IndexConfig, "output", {}),
+    "cache": StageKind(("cache",), CacheConfig, "output", {"index": ("index.parquet", ("index",))}),
+    "adapter": StageKind(
+        ("train-adapter",), AdapterConfig, "out",
+        {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
+    ),
+    "evaluate": StageKind(
+        ("evaluate",), EvaluateConfig, "out",
+        {"adapter": ("", ("adapter",)), "clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))},
+    ),
+}

@@ -1,0 +1,44 @@
+"""The local runner: every stage as a `clipforge` subprocess, exactly what a Kubernetes Job runs."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from clipforge.config.pipeline import load_pipeline, order_stages
+from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, new_run_id, run_pipeline, summary_table
+
+log = logging.getLogger("clipforge.run")
+
+
+def _die_with_parent() -> None:
+    """A stage must not outlive a killed runner: it gets SIGTERM (and checkpoints) when the runner dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def execute_locally(resolved: ResolvedStage) -> int:
+    """Run `clipforge <command> --config <saved config>`; stream its output with a stage prefix."""
+    argv = [sys.executable, "-m", "clipforge.cli", *resolved.argv, "--config", resolved.config_uri]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(f"[{resolved.spec.name}] {line}")
+    return proc.wait()
+
+
+def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None) -> RunRecord:
+    """`clipforge run`: validate the spec, run its stages in order, print the summary."""
+    spec = load_pipeline(path, overrides)
+    run_id = run_id or spec.run_id or new_run_id()
+    log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
+    record = run_pipeline(spec, run_id, execute_locally)
+    order = [s.name for s in order_stages(spec)]
+    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record, order))
+    return record

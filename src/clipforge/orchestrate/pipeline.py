@@ -1,0 +1,266 @@
+"""What a pipeline run does, whoever executes the stages (local subprocesses or Kubernetes Jobs).
+
+For each stage in dependency order: resolve its inputs to the outputs of the
+stages it needs, derive its content-addressed output `ARTIFACTS/<kind>/<key>/`,
+apply its policy, execute it unless a finished output is already there, and
+record the outcome in `ARTIFACTS/runs/<run_id>/run.json` after every stage —
+so a restarted runner or driver picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import yaml
+
+from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
+from clipforge.errors import UserError
+from clipforge.orchestrate.kinds import KINDS, StageKind
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import read_manifest
+
+log = logging.getLogger("clipforge.run")
+
+STATUSES = ("done", "up-to-date", "reused", "skipped", "failed-continued", "failed")
+
+
+@dataclass
+class ResolvedStage:
+    """A stage ready to execute: its full config (output included), key and output URI."""
+
+    spec: StageSpec
+    kind: StageKind
+    values: dict[str, Any]
+    key: str
+    output: str
+    notes: list[str] = field(default_factory=list)
+    config_uri: str = ""  # where the resolved config is saved; the stage command reads it from there
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.kind.command)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def output_fingerprint(output: str) -> str | None:
+    """A finished output's identity: a hash of its manifest's config fingerprint and inputs."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        return None
+    payload = {"config": manifest.get("config_fingerprint"), "inputs": manifest.get("inputs")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_identity(value: Any) -> dict | None:
+    """Size and ETag or mtime of a value that names an existing file (local or s3://); else None."""
+    if not isinstance(value, str) or not value or "\n" in value:
+        return None
+    try:
+        if storage.is_s3(value) or storage.local_path(value).is_file():
+            found = storage.fingerprint(value)
+            return {k: v for k, v in found.items() if k != "uri"}
+    except UserError:
+        return None
+    return None
+
+
+def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str | None]) -> ResolvedStage:
+    """Inputs named by stage -> those stages' outputs; key = hash(kind, settings, inputs' fingerprints)."""
+    kind = KINDS[stage.kind]
+    values = dict(stage.with_)
+    identity: dict[str, Any] = {}
+    for key, (file, _) in kind.inputs.items():
+        ref = values.get(key)
+        if isinstance(ref, str) and ref in stage.needs:
+            upstream = outputs.get(ref)
+            if upstream is None:
+                values.pop(key)
+                identity[key] = None
+                continue
+            values[key] = storage.join(upstream, file) if file else upstream
+            identity[key] = output_fingerprint(upstream)
+        elif isinstance(ref, str):
+            identity[key] = {"uri": ref, "fingerprint": output_fingerprint(ref)}
+    # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
+    # identity too, so a changed file under the same name is never mistaken for the old one.
+    identity["files"] = {key: file_identity(value) for key, value in sorted(values.items())
+                         if key not in kind.inputs and file_identity(value) is not None}
+    config = kind.config.model_validate({**values, kind.output_key: "unresolved"})
+    settings = config.model_dump(mode="json", by_alias=True,
+                                 exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key}))
+    payload = {"kind": stage.kind, "settings": settings, "inputs": identity}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    output = stage.output or storage.join(spec.artifacts, stage.kind, key)
+    return ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
+
+
+def input_coverage(source_cache: str, target_cache: str) -> float:
+    """Share of the source cache's ids that the target cache also holds (id columns only)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    def ids(prefix: str) -> np.ndarray:
+        manifest = read_manifest(prefix)
+        if manifest is None:
+            return np.array([])
+        parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, s["path"]))), columns=["id"])
+                 .column("id").to_numpy() for s in manifest["shards"]]
+        return np.concatenate(parts) if parts else np.array([])
+
+    source = ids(source_cache)
+    return float(np.isin(source, ids(target_cache)).mean()) if len(source) else 0.0
+
+
+def apply_coverage_policy(resolved: ResolvedStage, spec: PipelineSpec, outputs: dict) -> ResolvedStage:
+    """Too little target cache -> train on `fallback_limit` rows of what there is (the seed's policy)."""
+    policy = resolved.spec.policy
+    if policy.min_input_coverage is None or resolved.spec.kind != "adapter":
+        return resolved
+    coverage = input_coverage(resolved.values["clip_cache"], resolved.values["target_cache"])
+    if coverage >= policy.min_input_coverage:
+        resolved.notes.append(f"input coverage {coverage:.2f} >= {policy.min_input_coverage}: full training")
+        return resolved
+    if policy.fallback_limit is None:
+        raise UserError(f"stages.{resolved.spec.name}: input coverage {coverage:.2f} is below "
+                        f"min_input_coverage {policy.min_input_coverage} and no fallback_limit is set")
+    limited = resolved.spec.model_copy(update={"with_": {**resolved.spec.with_, "limit": policy.fallback_limit,
+                                                        "min_overlap": 0.0}})
+    again = resolve_stage(spec, limited, outputs)
+    again.notes.append(f"input coverage {coverage:.2f} < {policy.min_input_coverage}: "
+                       f"training on a limited subset of {policy.fallback_limit} rows")
+    return again
+
+
+class RunRecord:
+    """`ARTIFACTS/runs/<run_id>/run.json`, rewritten after every stage, and the stages' resolved configs."""
+
+    def __init__(self, spec: PipelineSpec, run_id: str):
+        self.folder = storage.join(spec.artifacts, "runs", run_id)
+        self.uri = storage.join(self.folder, "run.json")
+        existing = storage.read_json(self.uri) if storage.exists(self.uri) else None
+        self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
+        self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
+
+    def stage(self, name: str) -> dict | None:
+        return self.data["stages"].get(name)
+
+    def record(self, name: str, **fields) -> None:
+        self.data["stages"][name] = {**(self.data["stages"].get(name) or {}), **fields}
+        self.data["updated"] = _now()
+        storage.write_json(self.uri, self.data)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+Executor = Callable[[ResolvedStage], int]
+
+
+def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecord:
+    """Run every stage in order with `execute` (returns the stage command's exit code)."""
+    record = RunRecord(spec, run_id)
+    outputs: dict[str, str | None] = {}
+    statuses: dict[str, str] = {}
+    stopped = False
+    for stage in order_stages(spec):
+        name = stage.name
+        blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped")]
+        lost = [n for n in stage.needs if statuses.get(n) == "failed-continued"]
+        if stopped or blocked or (lost and stage.kind != "evaluate"):
+            why = ("an earlier stage failed" if stopped
+                   else f"needs {', '.join(blocked or lost)}, which produced nothing")
+            statuses[name], outputs[name] = "skipped", None
+            record.record(name, kind=stage.kind, status="skipped", message=why)
+            log.warning("[%s] skipped: %s", name, why)
+            continue
+        statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute, lost)
+        stopped = statuses[name] == "failed"
+    return record
+
+
+def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executor, lost: list[str]):
+    """One stage: reuse, skip as up to date, or execute; returns (status, output or None)."""
+    name = stage.name
+    pinned = stage.policy.reuse_existing
+    if pinned and read_manifest(pinned) is not None:
+        log.info("[%s] reusing the existing output at %s (policy reuse_existing)", name, pinned)
+        record.record(name, kind=stage.kind, status="reused", output=pinned, key=None,
+                      metrics=headline(read_manifest(pinned)), message="policy reuse_existing")
+        return "reused", pinned
+    resolved = resolve_stage(spec, stage, outputs)
+    if read_manifest(resolved.output) is None:
+        resolved = apply_coverage_policy(resolved, spec, outputs)
+    notes = resolved.notes + [f"{n} failed; going on without it (zero-padding baseline)" for n in lost]
+    for note in notes:
+        log.warning("[%s] %s", name, note)
+    manifest = read_manifest(resolved.output)
+    if manifest is not None:
+        previous = record.stage(name) or {}
+        status = "up-to-date" if previous.get("key") == resolved.key else "reused"
+        log.info("[%s] %s: %s", name, status, resolved.output)
+        record.record(name, kind=stage.kind, status=status, key=resolved.key, output=resolved.output,
+                      metrics=headline(manifest), notes=notes, seconds=None)
+        return status, resolved.output
+    resolved.config_uri = storage.join(record.folder, "configs", f"{name}.yaml")
+    storage.write_bytes(resolved.config_uri, yaml.safe_dump(resolved.values, sort_keys=False).encode())
+    started = time.monotonic()
+    record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
+                  output=resolved.output, started=_now(), notes=notes)
+    log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
+    code = execute(resolved)
+    seconds = round(time.monotonic() - started, 1)
+    manifest = read_manifest(resolved.output)
+    if code == 0 and manifest is not None:
+        record.record(name, status="done", finished=_now(), seconds=seconds, metrics=headline(manifest))
+        return "done", resolved.output
+    why = f"exit code {code}" if code else "exited 0 without committing _manifest.json"
+    if stage.policy.on_failure == "continue":
+        log.error("[%s] FAILED (%s); on_failure: continue, later stages go on without it", name, why)
+        record.record(name, status="failed-continued", finished=_now(), seconds=seconds, message=why)
+        return "failed-continued", None
+    log.error("[%s] FAILED (%s); stopping the pipeline", name, why)
+    record.record(name, status="failed", finished=_now(), seconds=seconds, message=why)
+    return "failed", None
+
+
+def headline(manifest: dict | None) -> dict:
+    """A few numbers worth a summary line, from the manifest's metrics."""
+    metrics = (manifest or {}).get("metrics") or {}
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, int | float)})
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[key] = value
+    return dict(list(flat.items())[:8])
+
+
+def summary_table(record: RunRecord, order: list[str]) -> str:
+    rows = [("stage", "kind", "status", "seconds", "output")]
+    for name in order:
+        entry = record.stage(name) or {}
+        rows.append((name, entry.get("kind", ""), entry.get("status", ""), str(entry.get("seconds") or ""),
+                     entry.get("output") or entry.get("message", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+             for row in rows]
+    for name in order:
+        entry = record.stage(name) or {}
+        for note in entry.get("notes") or []:
+            lines.append(f"NOTE [{name}] {note}")
+        if entry.get("status") == "failed-continued":
+            lines.append(f"WARNING [{name}] failed and the run went on without it: {entry.get('message')}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""`clipforge run` on the shipped demo spec: stages as real subprocesses, content-addressed reuse,
+resumption after the runner is killed, and each branch of the seed's production policy."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clipforge.data.synthetic import write_demo_data
+from clipforge.orchestrate.local import run_spec
+from clipforge.storage.manifest import read_manifest
+
+DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
+SMALL = ["stages.adapter.with.epochs=4", "stages.source-cache.with.batch_size=20",
+         "stages.target-cache.with.batch_size=20"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A folder holding `demo/` inputs, as the repository does after `clipforge demo-data demo`."""
+    root = tmp_path_factory.mktemp("demo-run")
+    write_demo_data(root / "demo", n_images=60)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_root):
+    cwd = os.getcwd()
+    os.chdir(demo_root)
+    try:
+        record = run_spec(DEMO_SPEC, SMALL, run_id="first")
+    finally:
+        os.chdir(cwd)
+    return record
+
+
+@pytest.fixture
+def in_demo(demo_root, monkeypatch):
+    monkeypatch.chdir(demo_root)
+    return demo_root
+
+
+def statuses(record) -> dict:
+    return {name: stage["status"] for name, stage in record.data["stages"].items()}
+
+
+def test_demo_runs_end_to_end(first_run, in_demo):
+    assert set(statuses(first_run).values()) == {"done"}
+    stages = first_run.data["stages"]
+    evaluation = read_manifest(stages["evaluate"]["output"])["metrics"]
+    assert evaluation["conditioning"] == "adapter"
+    assert evaluation["adapter"]["mean_cosine"] > evaluation["zero_pad"]["mean_cosine"]
+    assert (Path(stages["evaluate"]["output"]) / "metrics.png").stat().st_size > 1000
+    assert stages["source-cache"]["output"].startswith("demo/artifacts/cache/")
+    saved = json.loads(Path("demo/artifacts/runs/first/run.json").read_text())
+    assert saved["stages"] == stages
+
+
+def test_rerun_is_up_to_date_quickly(first_run, in_demo):
+    started = time.monotonic()
+    record = run_spec(DEMO_SPEC, SMALL, run_id="first")
+    assert time.monotonic() - started <= 15
+    assert set(statuses(record).values()) == {"up-to-date"}
+
+
+def test_new_run_id_reuses_every_stage(first_run, in_demo):
+    record = run_spec(DEMO_SPEC, SMALL, run_id="second")
+    assert set(statuses(record).values()) == {"reused"}
+
+
+def test_changed_adapter_reruns_adapter_and_evaluate_only(first_run, in_demo):
+    record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.epochs=3"], run_id="third")
+    assert statuses(record) == {"nsd-index": "reused", "source-cache": "reused", "target-cache": "reused",
+                                "adapter": "done", "evaluate": "done"}
+    assert record.data["stages"]["adapter"]["output"] != first_run.data["stages"]["adapter"]["output"]
+
+
+def test_reuse_existing_adapter(first_run, in_demo):
+    pinned = first_run.data["stages"]["adapter"]["output"]
+    record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.epochs=2",
+                                  f"stages.adapter.policy.reuse_existing={pinned}"], run_id="pinned")
+    assert statuses(record)["adapter"] == "reused"
+    assert record.data["stages"]["adapter"]["output"] == pinned
+
+
+def test_low_coverage_trains_on_a_limited_subset(first_run, in_demo):
+    # A target cache over part of the subject's images: coverage below min_input_coverage.
+    index = pd.read_parquet(Path(first_run.data["stages"]["nsd-index"]["output"]) / "index.parquet")
+    partial = pd.concat([index[index.split == "test"], index[index.split == "train"].iloc[:10]])
+    partial.to_parquet("partial.parquet")
+    record = run_spec(DEMO_SPEC, [*SMALL, "stages.target-cache.with.index=partial.parquet",
+                                  "stages.target-cache.needs=[]", "stages.adapter.policy.fallback_limit=8"],
+                      run_id="partial")
+    adapter = record.data["stages"]["adapter"]
+    assert adapter["status"] == "done"
+    assert any("limited subset of 8 rows" in note for note in adapter["notes"])
+    assert read_manifest(adapter["output"])["config"]["limit"] == 8
+
+
+def test_failed_adapter_continues_with_zero_padding(first_run, in_demo):
+    record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.in_dim=7"], run_id="broken")
+    assert statuses(record)["adapter"] == "failed-continued"
+    assert statuses(record)["evaluate"] == "done"
+    metrics = read_manifest(record.data["stages"]["evaluate"]["output"])["metrics"]
+    assert metrics["conditioning"] == "zero-pad" and metrics["adapter"] is None and metrics["zero_pad"]
+
+
+def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
+    shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
+    argv = [sys.executable, "-m", "clipforge.cli", "run", DEMO_SPEC, "--run-id", "killed",
+            *[part for item in SMALL for part in ("--set", item)], "--set", "stages.source-cache.with.batch_size=5"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    cache_root = tmp_path / "demo" / "artifacts" / "cache"
+    deadline = time.monotonic() + 180
+    while not list(cache_root.glob("*/shard-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
+    assert run_json["stages"]["source-cache"]["status"] == "running"
+    committed = len(list(cache_root.glob("*/shard-*.parquet")))
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{committed} already committed, skipped" in proc.stderr
+    run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
+    assert {s["status"] for s in run_json["stages"].values()} == {"up-to-date", "done"}
+    assert run_json["stages"]["nsd-index"]["status"] == "up-to-date"

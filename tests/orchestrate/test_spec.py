@@ -1,0 +1,82 @@
+"""Pipeline specs: every shipped one validates; every mistake is named by stage and key."""
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from clipforge.config.pipeline import load_pipeline, order_stages, pipeline_json_schema
+from clipforge.errors import UserError
+
+JOBS = sorted(Path(__file__).parents[2].joinpath("jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_shipped_specs_validate(path):
+    spec = load_pipeline(str(path))
+    assert order_stages(spec)
+    jsonschema.validate(yaml.safe_load(path.read_text()), pipeline_json_schema())
+
+
+def write(tmp_path, spec: dict) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def base_spec() -> dict:
+    return {
+        "artifacts": "artifacts",
+        "stages": [
+            {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}},
+            {"name": "src", "kind": "cache", "needs": ["idx"],
+             "with": {"source": "s.hdf5", "index": "idx", "model": "ViT-B-32"}},
+            {"name": "tgt", "kind": "cache", "needs": ["idx"],
+             "with": {"source": "s.hdf5", "index": "idx", "model_id": "stabilityai/stable-diffusion-2-1"}},
+            {"name": "ad", "kind": "adapter", "needs": ["src", "tgt"],
+             "with": {"clip_cache": "src", "target_cache": "tgt"}},
+        ],
+    }
+
+
+def mutate(change):
+    spec = base_spec()
+    change(spec)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["stages"][1]["with"].update(batchsize=3), "stages.src.with.batchsize: unknown key"),
+        (lambda s: s["stages"][1]["with"].update(batch_size="many"), "stages.src.with.batch_size"),
+        (lambda s: s["stages"][3].update(kind="train"), "stages.ad.kind: unknown kind 'train'"),
+        (lambda s: s["stages"][3].update(needs=["src", "nope"]), "stages.ad.needs: no stage named 'nope'"),
+        (lambda s: s["stages"][0].update(needs=["ad"]), "needs form a cycle"),
+        (lambda s: s["stages"][3].update(needs=["src"]), "stages.ad.with.target_cache: refers to stage 'tgt'"),
+        (lambda s: s["stages"][3]["with"].update(clip_cache="idx") or s["stages"][3]["needs"].append("idx"),
+         "stage 'idx' is a index; expected cache"),
+        (lambda s: s["stages"][1]["with"].update(output="x"), "stages.src.with.output: set by the pipeline"),
+        (lambda s: s.update(extra=1), "extra: unknown key"),
+        (lambda s: s["stages"][2].update(name="src"), "stages.src: the name is used more than once"),
+        (lambda s: s["stages"][3].update(policy={"on_failure": "retry"}), "stages.ad.policy.on_failure"),
+    ],
+)
+def test_spec_errors_name_stage_and_key(tmp_path, change, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_pipeline(write(tmp_path, mutate(change)))
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    spec = mutate(lambda s: (s["stages"][1]["with"].update(batchsize=3), s["stages"][3]["with"].update(epochs=-1)))
+    with pytest.raises(UserError) as info:
+        load_pipeline(write(tmp_path, spec))
+    assert "stages.src.with.batchsize" in str(info.value) and "stages.ad.with.epochs" in str(info.value)
+
+
+def test_overrides(tmp_path):
+    spec = load_pipeline(write(tmp_path, base_spec()), ["stages.ad.with.epochs=5", "artifacts=s3://b/p"])
+    assert spec.stage("ad").with_["epochs"] == 5 and spec.artifacts == "s3://b/p"
+    with pytest.raises(UserError, match="no stage named 'zz'"):
+        load_pipeline(write(tmp_path, base_spec()), ["stages.zz.with.epochs=5"])
