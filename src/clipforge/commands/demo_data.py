@@ -9,14 +9,20 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("demo-data", help="write synthetic NSD-like data and tiny models into DIR")
     parser.add_argument("dir", help="folder to write into")
     parser.add_argument("--images", type=int, default=240, help="number of synthetic stimuli (default: 240)")
+    parser.add_argument("--captioned", action="store_true",
+                        help="write a captioned image folder (shapes and colours) for fine-tuning instead")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from clipforge.data.synthetic import write_demo_data
+    from clipforge.data.synthetic import write_captioned_dataset, write_demo_data
 
-    paths = write_demo_data(args.dir, args.images)
     log = logging.getLogger("clipforge.demo")
+    if args.captioned:
+        root = write_captioned_dataset(args.dir, args.images)
+        log.info("captioned dataset: %s (index.csv with %d images)", root, args.images)
+        return 0
+    paths = write_demo_data(args.dir, args.images)
     for name, path in paths.items():
         log.info("%s: %s", name, path)
     return 0

@@ -1,0 +1,136 @@
+"""Caption augmentation: `train.csv` = each training caption plus up to N paraphrases.
+
+`manual` swaps words for synonyms from a JSON map (word -> list); `llm` asks a
+local causal language model (a transformers folder, no hub) for paraphrases and
+falls back to the map, with a warning and a count, wherever it fails. Variants
+never repeat the original or each other, and the same seed gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from importlib import resources
+
+import pandas as pd
+
+from clipforge.config.captions import AugmentConfig
+from clipforge.data.captions import TRAIN, TRAIN_ORIGINAL, read_captions, write_captions
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.captions")
+TOKEN = re.compile(r"([A-Za-z][A-Za-z'-]*)")
+
+
+def load_synonyms(path: str | None) -> dict[str, list[str]]:
+    """The map from `path`, or the one shipped in the package; keys lower-cased."""
+    if path:
+        raw = storage.read_json(path)
+    else:
+        raw = json.loads(resources.files("clipforge.data").joinpath("synonyms.json").read_text())
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")
+    return {str(k).lower(): [str(s) for s in v if str(s).strip()] for k, v in raw.items()}
+
+
+def _match_case(word: str, replacement: str) -> str:
+    return replacement[:1].upper() + replacement[1:] if word[:1].isupper() else replacement
+
+
+def synonym_variants(caption: str, synonyms: dict[str, list[str]], n: int, rng: random.Random) -> list[str]:
+    """Up to n distinct rewrites of `caption`, each swapping one or more words for synonyms."""
+    parts = TOKEN.split(caption)
+    slots = [i for i, part in enumerate(parts) if part.lower() in synonyms and synonyms[part.lower()]]
+    variants: list[str] = []
+    seen = {caption}
+    for _ in range(20 * max(n, 1)):
+        if len(variants) >= n or not slots:
+            break
+        chosen = rng.sample(slots, rng.randint(1, len(slots)))
+        new = list(parts)
+        for i in chosen:
+            new[i] = _match_case(parts[i], rng.choice(synonyms[parts[i].lower()]))
+        text = "".join(new)
+        if text not in seen:
+            seen.add(text)
+            variants.append(text)
+    return variants
+
+
+PROMPT = "Paraphrase this image caption.\nCaption: {caption}\nParaphrase:"
+
+
+class LanguageModelParaphraser:
+    """Paraphrases from a local causal LM; `None` where it gives nothing usable."""
+
+    def __init__(self, model_path: str, seed: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+        if not storage.local_path(model_path).is_dir():
+            raise UserError(f"llm_model {model_path} is not a local model folder")
+        set_seed(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+
+    def __call__(self, caption: str, n: int) -> list[str]:
+        import torch
+
+        inputs = self.tokenizer(PROMPT.format(caption=caption), return_tensors="pt")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**inputs, do_sample=True, top_p=0.9, max_new_tokens=32,
+                                      num_return_sequences=max(n * 2, 1), pad_token_id=pad)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        variants, seen = [], {caption.strip().lower()}
+        for text in texts:
+            line = text.strip().split("\n")[0].strip()
+            if line and line.lower() not in seen:
+                seen.add(line.lower())
+                variants.append(line)
+        return variants[:n]
+
+
+def augment(cfg: AugmentConfig) -> dict:
+    """Write DATASET/train.csv from DATASET/train_original.csv."""
+    source = storage.join(cfg.dataset, TRAIN_ORIGINAL)
+    if not storage.exists(source):
+        raise UserError(f"{source} not found: run `clipforge captions prepare {cfg.dataset}` first")
+    frame = read_captions(source, what="train")
+    synonyms = load_synonyms(cfg.synonyms)
+    rng = random.Random(cfg.seed)
+    paraphrase, fallbacks = None, 0
+    if cfg.method == "llm":
+        try:
+            paraphrase = LanguageModelParaphraser(cfg.llm_model, cfg.seed)
+        except UserError:
+            raise
+        except Exception as exc:  # any load failure: the map still works
+            log.warning("cannot load llm_model %s (%s); every caption falls back to the synonym map",
+                        cfg.llm_model, exc)
+    rows = []
+    for filepath, caption in zip(frame["filepath"], frame["caption"], strict=True):
+        rows.append((filepath, caption))
+        variants: list[str] = []
+        if cfg.method == "llm" and paraphrase is not None and cfg.per_sample:
+            try:
+                variants = paraphrase(caption, cfg.per_sample)
+            except Exception as exc:  # generation errors fall back per caption
+                log.debug("llm failed on %r: %s", caption, exc)
+        if len(variants) < cfg.per_sample and cfg.method == "llm":
+            fallbacks += 1
+            extra = synonym_variants(caption, synonyms, cfg.per_sample, rng)
+            variants += [v for v in extra if v not in variants][: cfg.per_sample - len(variants)]
+        elif cfg.method == "manual":
+            variants = synonym_variants(caption, synonyms, cfg.per_sample, rng)
+        rows.extend((filepath, v) for v in variants if v != caption)
+    if cfg.method == "llm" and fallbacks:
+        log.warning("the language model gave too few paraphrases for %d of %d captions; the synonym map "
+                    "filled in", fallbacks, len(frame))
+    out = pd.DataFrame(rows, columns=["filepath", "caption"])
+    write_captions(storage.join(cfg.dataset, TRAIN), out)
+    summary = {"originals": len(frame), "rows": len(out), "variants": len(out) - len(frame), "llm_fallbacks": fallbacks}
+    log.info("%s: %d captions + %d variants -> train.csv", cfg.dataset, len(frame), len(out) - len(frame))
+    return summary

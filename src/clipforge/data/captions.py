@@ -1,0 +1,103 @@
+"""A captioned image folder: `index.csv` (filepath,caption) checked and split for fine-tuning.
+
+`prepare` checks every image exists and decodes, then writes a seeded split:
+`train_original.csv` and `val.csv`, disjoint, together exactly the index.
+Paths in the CSVs stay as the index wrote them (relative to the dataset,
+absolute, or s3://); `resolve_image` turns one into a URI.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from clipforge.config.captions import PrepareConfig
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.captions")
+
+INDEX, TRAIN_ORIGINAL, VAL, TRAIN = "index.csv", "train_original.csv", "val.csv", "train.csv"
+COLUMNS = ["filepath", "caption"]
+
+
+def resolve_image(dataset: str, filepath: str) -> str:
+    """Absolute paths and s3:// URIs as they are; anything else relative to the dataset folder."""
+    if filepath.startswith("s3://") or filepath.startswith("/"):
+        return filepath
+    return storage.join(dataset, filepath)
+
+
+def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:
+    """A filepath,caption CSV; a missing column or an empty caption is named with its row."""
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} has no column {missing[0]!r}; it needs columns filepath,caption "
+                        f"(found: {', '.join(frame.columns)})")
+    if frame.empty:
+        raise UserError(f"{path} has no rows")
+    empty = frame.index[frame["caption"].str.strip() == ""]
+    if len(empty):
+        row = int(empty[0])
+        raise UserError(f"{path} row {row + 2}: empty caption for {frame.loc[row, 'filepath']}")
+    return frame[COLUMNS]
+
+
+def image_problem(uri: str) -> str | None:
+    """Why this image cannot be used, or None."""
+    try:
+        data = storage.read_bytes(uri)
+    except UserError:
+        return "not found"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"cannot be decoded ({type(exc).__name__})"
+    return None
+
+
+def index_path(dataset: str) -> str:
+    path = storage.join(dataset, INDEX)
+    if not storage.exists(path):
+        raise UserError(f"No index.csv found in {dataset}: it needs one row per image, columns filepath,caption")
+    return path
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Check the images, then write the seeded train/val split next to index.csv."""
+    frame = read_captions(index_path(cfg.dataset))
+    uris = [resolve_image(cfg.dataset, p) for p in frame["filepath"]]
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        problems = list(pool.map(image_problem, uris))
+    bad = [(path, why) for path, why in zip(frame["filepath"], problems, strict=True) if why]
+    if bad and not cfg.skip_bad:
+        path, why = bad[0]
+        more = f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else " (--skip-bad drops it)"
+        raise UserError(f"image {path} in {cfg.dataset}/index.csv {why}{more}")
+    if bad:
+        log.warning("skipping %d bad images, e.g. %s (%s)", len(bad), *bad[0])
+        frame = frame[[why is None for why in problems]].reset_index(drop=True)
+    duplicated = frame["filepath"].duplicated()
+    if duplicated.any():
+        raise UserError(f"{cfg.dataset}/index.csv lists {frame['filepath'][duplicated].iloc[0]} more than once")
+    if len(frame) < 2:
+        raise UserError(f"{cfg.dataset}/index.csv has {len(frame)} usable row(s); a split needs at least 2")
+    order = np.random.default_rng(cfg.seed).permutation(len(frame))
+    n_val = min(len(frame) - 1, max(1, round(cfg.val_fraction * len(frame))))
+    val, train = frame.iloc[np.sort(order[:n_val])], frame.iloc[np.sort(order[n_val:])]
+    write_captions(storage.join(cfg.dataset, TRAIN_ORIGINAL), train)
+    write_captions(storage.join(cfg.dataset, VAL), val)
+    summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad)}
+    log.info("%s: %d train and %d val rows (%d bad images skipped)", cfg.dataset, len(train), len(val), len(bad))
+    return summary
+
+
+def write_captions(path: str, frame: pd.DataFrame) -> None:
+    storage.write_bytes(path, frame[COLUMNS].to_csv(index=False).encode())

@@ -1,0 +1,117 @@
+"""Caption preparation and augmentation on a synthetic captioned folder."""
+
+import pandas as pd
+import pytest
+
+from clipforge.cli import main
+from clipforge.config.captions import AugmentConfig, PrepareConfig
+from clipforge.data.augment import augment
+from clipforge.data.captions import prepare
+from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.errors import UserError
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_captioned_dataset(tmp_path / "shapes", 30, size=32)
+
+
+def csv(path):
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def test_split_is_exact_disjoint_and_seeded(dataset, tmp_path):
+    prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=3))
+    train, val = csv(dataset / "train_original.csv"), csv(dataset / "val.csv")
+    index = csv(dataset / "index.csv")
+    assert len(val) == 6 and len(train) == 24
+    assert set(train.filepath).isdisjoint(val.filepath)
+    assert sorted(pd.concat([train, val]).itertuples(index=False)) == sorted(index.itertuples(index=False))
+    first = (dataset / "val.csv").read_text()
+    prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=3))
+    assert (dataset / "val.csv").read_text() == first
+    prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=4))
+    assert (dataset / "val.csv").read_text() != first
+
+
+def test_missing_index_message(tmp_path, capsys):
+    assert main(["captions", "prepare", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"No index.csv found in {tmp_path}: it needs one row per image, columns filepath,caption" in err
+
+
+def test_missing_and_corrupt_images_are_named_or_skipped(dataset):
+    (dataset / "circle" / "0001.png").unlink()
+    corrupt = csv(dataset / "index.csv").filepath[13]
+    (dataset / corrupt).write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"image circle/0001.png .* not found \(and 1 more"):
+        prepare(PrepareConfig(dataset=str(dataset)))
+    summary = prepare(PrepareConfig(dataset=str(dataset), skip_bad=True))
+    assert summary["skipped_bad"] == 2 and summary["rows"] == 28
+    assert not (dataset / "train.csv").exists()
+
+
+def test_empty_caption_is_named(dataset):
+    text = (dataset / "index.csv").read_text().replace("a green circle", " ", 1)
+    (dataset / "index.csv").write_text(text)
+    with pytest.raises(UserError, match="row 3: empty caption for circle/0001.png"):
+        prepare(PrepareConfig(dataset=str(dataset)))
+
+
+def test_manual_augmentation_is_deterministic_and_never_repeats(dataset):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    augment(AugmentConfig(dataset=str(dataset), per_sample=3, seed=1))
+    first = csv(dataset / "train.csv")
+    originals = csv(dataset / "train_original.csv")
+    assert len(first) > len(originals)
+    for path, group in first.groupby("filepath"):
+        original = originals.loc[originals.filepath == path, "caption"].item()
+        assert group.caption.iloc[0] == original
+        assert group.caption.is_unique and len(group) <= 4
+    augment(AugmentConfig(dataset=str(dataset), per_sample=3, seed=1))
+    assert csv(dataset / "train.csv").equals(first)
+
+
+def test_custom_synonym_map(dataset, tmp_path):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    (tmp_path / "map.json").write_text('{"circle": ["ring"], "red": ["ruby"]}')
+    augment(AugmentConfig(dataset=str(dataset), per_sample=3, synonyms=str(tmp_path / "map.json")))
+    variants = set(csv(dataset / "train.csv").caption) - set(csv(dataset / "train_original.csv").caption)
+    assert "a ruby ring" in variants and all("ring" in v or "ruby" in v for v in variants)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A tiny GPT-2 with a tokenizer trained here, saved as a transformers folder (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("llm")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    corpus = ["a red circle", "a blue square", "Paraphrase this image caption.", "Caption: Paraphrase: a shape"]
+    tokenizer.train_from_iterator(corpus * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                               eos_token_id=fast.eos_token_id)).save_pretrained(folder)
+    return folder
+
+
+def test_llm_paraphrases_through_transformers(dataset, tiny_llm):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    summary = augment(AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tiny_llm), per_sample=2))
+    train = csv(dataset / "train.csv")
+    assert summary["originals"] == 24 and len(train) > 24
+    for _, group in train.groupby("filepath"):
+        assert group.caption.is_unique
+
+
+def test_broken_llm_falls_back_to_the_map(dataset, tmp_path, caplog):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    summary = augment(AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tmp_path / "broken")))
+    assert summary["llm_fallbacks"] == 24 and summary["variants"] > 0
+    assert "falls back to the synonym map" in caplog.text
