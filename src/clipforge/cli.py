@@ -14,7 +14,7 @@ import sys
 
 from clipforge.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ["index", "cache", "adapter", "evaluate", "captions", "run", "demo_data"]
+COMMANDS = ["index", "cache", "adapter", "evaluate", "captions", "search", "run", "demo_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

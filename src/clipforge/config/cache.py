@@ -10,9 +10,10 @@ from clipforge.config.base import StageConfig
 
 
 class CacheConfig(StageConfig):
-    """Encode the images of an HDF5 dataset (local or S3) into a parquet embedding cache."""
+    """Encode images — rows of an HDF5 dataset, or a folder or CSV of image files — into a parquet cache."""
 
-    source: str = Field(description="HDF5 file holding the images: a local path or s3://bucket/key")
+    source: str = Field(description="HDF5 file (.hdf5/.h5), image folder, or CSV with a filepath column; "
+                                    "local or s3://")
     dataset: str = Field("imgBrick", description="dataset inside the HDF5 file, shaped (N, H, W, 3) uint8")
     index: str | None = Field(None, description="parquet/CSV file with an `id` column (and optional `split`)")
     subject: str | None = Field(None, description="NSD subject (subj01…subj08); finds INDEX_ROOT/SUBJECT.parquet")
@@ -39,7 +40,13 @@ class CacheConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_index_and_one_model(self):
-        if bool(self.index) == bool(self.subject or self.index_root):
+        from clipforge.data.image_folder import is_image_collection
+
+        if is_image_collection(self.source):
+            if self.index or self.subject or self.index_root:
+                raise ValueError("index, subject and index_root apply to HDF5 sources; an image folder or CSV "
+                                 "lists its own images")
+        elif bool(self.index) == bool(self.subject or self.index_root):
             raise ValueError("give either index, or subject with index_root")
         if self.subject and not self.index_root or self.index_root and not self.subject:
             raise ValueError("subject and index_root go together")

@@ -85,7 +85,7 @@ def read_embeddings(prefix: str) -> EmbeddingTable:
     return EmbeddingTable(
         ids=table.column("id").to_numpy(zero_copy_only=False),
         splits=np.array(table.column("split").to_pylist(), dtype=object),
-        embeddings=flat.reshape(len(table), dim).astype(np.float32, copy=False),
+        embeddings=np.array(flat, dtype=np.float32).reshape(len(table), dim),  # a writable copy
         model=manifest.get("model", {}),
         manifest=manifest,
     )

@@ -96,9 +96,10 @@ def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
     """Everything `jobs/demo.yaml` reads, under `root`. Kept as is when already written with the same
     settings, so reruns of the demo reuse every stage instead of seeing new files."""
     root = Path(root)
+    models = root / "models"
     paths = {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
-             "source_config": root / "models" / "tiny-source.json", "source_weights": root / "models" / "tiny-source.pt",
-             "target_config": root / "models" / "tiny-target.json", "target_weights": root / "models" / "tiny-target.pt"}
+             "source_config": models / "tiny-source.json", "source_weights": models / "tiny-source.pt",
+             "target_config": models / "tiny-target.json", "target_weights": models / "tiny-target.pt"}
     marker = root / ".demo-data.json"
     settings = json.dumps({"images": n_images, "version": 1})
     if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):

@@ -104,6 +104,7 @@ def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
     return {
         "name": spec.model,
         "pretrained": spec.pretrained,
+        "model_config": spec.model_config,
         "dim": int(model.visual.output_dim),
         "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()},
         "weights": spec.weights_fingerprint(),

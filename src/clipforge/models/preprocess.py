@@ -36,11 +36,17 @@ class BatchPreprocess:
         self.mean = mean.view(1, 3, 1, 1).to(self.device)
         self.std = std.view(1, 3, 1, 1).to(self.device)
 
+    def each(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Images of different sizes (an image folder), one at a time, stacked."""
+        return torch.cat([self(image[None]) for image in images])
+
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             # Ray hands batches over zero-copy and read-only; nothing here writes into them.
             warnings.simplefilter("ignore", UserWarning)
             x = torch.as_tensor(images)
+        if x.is_floating_point():  # already preprocessed (see `each`)
+            return x.to(self.device)
         if x.device != self.device:
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)

@@ -1,8 +1,8 @@
-"""The cache stage: images in an HDF5 file (local or S3) -> parquet embedding shards.
+"""The cache stage: images in an HDF5 file, a folder or a CSV (local or S3) -> parquet embedding shards.
 
 Plan: sort the requested ids and cut them into shards in file order, so
 neighbouring rows become one range request. Read: Ray tasks fetch a shard's
-rows. Compute: an encoder actor pool (one per GPU, else one on the CPU)
+rows (or image files). Compute: an encoder actor pool (one per GPU, else one on the CPU)
 preprocesses and encodes them in batches. Commit: each shard lands as one
 parquet file written atomically by the actor; `_manifest.json` is written last
 by the driver. A crash costs at most the shards in flight: committed shards are
@@ -24,6 +24,7 @@ import numpy as np
 from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_to_parquet_bytes
+from clipforge.data.image_folder import collection_root, is_image_collection, list_collection, read_images
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, register_model_config
@@ -51,24 +52,26 @@ def plan_shards(index: RowIndex, batch_size: int, config_fingerprint: str) -> li
     shards = []
     for number, start in enumerate(range(0, len(index), batch_size)):
         ids = index.ids[start : start + batch_size]
-        digest = hashlib.sha256(config_fingerprint.encode() + ids.tobytes()).hexdigest()[:12]
+        digest = hashlib.sha256(config_fingerprint.encode() + "\n".join(map(str, ids)).encode()).hexdigest()[:12]
         shards.append(Shard(number, f"{SHARD_PREFIX}{number:05d}-{digest}.parquet", ids,
                             index.splits[start : start + batch_size]))
     return shards
 
 
-def resolve_index(cfg: CacheConfig) -> tuple[str, RowIndex]:
+def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
+    """The rows to encode, and fingerprints of the source and index they come from."""
+    if is_image_collection(cfg.source):
+        index, listing = list_collection(cfg.source)
+        return index, {"source": listing}
     path = cfg.index or index_for_subject(cfg.index_root, cfg.subject)
-    return path, read_index(path)
+    index = read_index(path)
+    return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
+                   "index": storage.fingerprint(path)}
 
 
-def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, index_path: str) -> dict:
+def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, found: dict) -> dict:
     """Fingerprints of everything the output depends on besides the config."""
-    inputs = {
-        "source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
-        "index": storage.fingerprint(index_path),
-        "weights": spec.weights_fingerprint(),
-    }
+    inputs = {**found, "weights": spec.weights_fingerprint()}
     if spec.model_config:
         inputs["model_config"] = hashlib.sha256(storage.read_bytes(spec.model_config)).hexdigest()[:16]
     return inputs
@@ -77,8 +80,8 @@ def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, index_path: str) -> dict:
 def run_cache(cfg: CacheConfig) -> dict:
     """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest."""
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
-    index_path, index = resolve_index(cfg)
-    inputs = stage_inputs(cfg, spec, index_path)
+    index, found = resolve_index(cfg)
+    inputs = stage_inputs(cfg, spec, found)
     fingerprint = cfg.fingerprint()
     manifest = read_manifest(cfg.output)
     if is_up_to_date(manifest, fingerprint, inputs):
@@ -88,18 +91,19 @@ def run_cache(cfg: CacheConfig) -> dict:
         raise UserError(f"output {cfg.output} already holds a cache of another config or input; "
                         "choose a new --output (pipelines do this for you)")
     check_model_known(spec)
-    dataset = inspect_source(cfg, index)
+    dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     shards = plan_shards(index, cfg.batch_size, fingerprint)
     todo = pending_shards(cfg.output, shards)
-    log.info("plan: %d images of %s[%s] (%s layout) in %d shards of %d; %d already committed, skipped",
-             len(index), cfg.source, cfg.dataset, dataset.layout, len(shards), cfg.batch_size, len(shards) - len(todo))
+    what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files of {cfg.source}"
+    log.info("plan: %d images of %s in %d shards of %d; %d already committed, skipped",
+             len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo))
 
     started = time.monotonic()
     stats, model, steady_rate = encode_shards(cfg, spec, todo) if todo else (FetchStats(), None, None)
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
     encoded = sum(len(s.ids) for s in todo)
-    requested_bytes = encoded * dataset.image_bytes
+    requested_bytes = encoded * dataset.image_bytes if dataset else 0
     metrics = {
         "images_encoded": encoded,
         "seconds": round(elapsed, 3),
@@ -185,11 +189,20 @@ def ensure_ray() -> None:
 
 
 def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None) -> dict:
-    """Ray task: one shard's images as a uint8 array, plus what fetching them cost."""
-    images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned, cache_dir=cache_dir)
+    """Ray task: one shard's images (one uint8 array, or a list of differently sized ones for image
+    files), plus what fetching them cost."""
+    if is_image_collection(source):
+        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]])
+        stats = FetchStats(requests=len(images), bytes=size)
+        column = np.empty(1, dtype=object)
+        column[0] = images
+    else:
+        images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned,
+                                              cache_dir=cache_dir)
+        column = images[None]
     return {
         **batch,
-        "images": images[None],
+        "images": column,
         "fetched_bytes": np.array([stats.bytes]),
         "requests": np.array([stats.requests]),
         "retries": np.array([stats.retries]),
@@ -222,7 +235,10 @@ class ShardEncoder:
         from clipforge.models.encode import encode_images
 
         started = time.time()
-        embeddings = encode_images(self.model, self.preprocess, batch["images"][0], batch_size=self.batch_size,
+        images = batch["images"][0]
+        if not isinstance(images, np.ndarray) or images.dtype == object:  # image files of many sizes
+            images = self.preprocess.each(list(images))
+        embeddings = encode_images(self.model, self.preprocess, images, batch_size=self.batch_size,
                                    precision=self.precision)
         ids, splits = batch["ids"][0], [None if s == "" else str(s) for s in batch["splits"][0]]
         table = embeddings_to_table(ids, splits, embeddings, self.description)
@@ -253,8 +269,8 @@ def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]) -> tup
     if cfg.device == "cuda" and gpus == 0:
         raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
     encoders = cfg.num_encoders or max(1, gpus)
-    items = [{"shard": s.index, "name": s.name, "ids": s.ids, "splits": np.array([x or "" for x in s.splits])}
-             for s in todo]
+    items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
+              "splits": np.array([x or "" for x in s.splits])} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Reads are I/O-bound: half a CPU each lets them run beside the encoder, and resources that
     # differ from the encoder's keep Ray from fusing reads into the actor (which would serialise them).

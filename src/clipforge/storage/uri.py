@@ -127,6 +127,23 @@ def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
             return sorted(names)
 
 
+def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
+    """Every object under `prefix`, recursively: relative path -> size."""
+    match scheme(prefix):
+        case "file":
+            root = local_path(prefix)
+            if not root.is_dir():
+                return {}
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+        case "s3":
+            loc = s3.parse_s3(prefix.rstrip("/") + "/")
+            found = {}
+            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+                found.update({obj["Key"][len(loc.key):]: obj["Size"] for obj in page.get("Contents", [])})
+            return dict(sorted(found.items()))
+
+
 def delete(uri: str) -> None:
     match scheme(uri):
         case "file":

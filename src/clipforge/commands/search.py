@@ -1,0 +1,40 @@
+"""`clipforge search --index CACHE "a red bicycle"`: the images of an indexed folder nearest a text."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("search", help="search an indexed image collection by text or by an image")
+    parser.add_argument("query", nargs="?", default="", help="text to search for")
+    parser.add_argument("--index", required=True, help="cache of the collection (from `clipforge cache`)")
+    parser.add_argument("--image", help="search by this image instead of a text")
+    parser.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    parser.add_argument("--model", help="model name; default: the one the index was built with")
+    parser.add_argument("--pretrained", help="weights; default: those the index was built with")
+    parser.add_argument("--model-config", help="JSON model config, for custom models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from clipforge.errors import UserError
+    from clipforge.search import Searcher
+    from clipforge.storage import uri as storage
+
+    if bool(args.query) == bool(args.image):
+        raise UserError("give a text query or --image, not both and not neither")
+    searcher = Searcher(args.index, args.model, args.pretrained, args.model_config, args.device)
+    hits = searcher.image(storage.read_bytes(args.image), args.k) if args.image else searcher.text(args.query, args.k)
+    if args.json:
+        json.dump([hit.__dict__ for hit in hits], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    width = max(len(hit.path) for hit in hits)
+    sys.stdout.write(f"{'rank':>4}  {'score':>7}  path\n")
+    for rank, hit in enumerate(hits, 1):
+        sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}\n")
+    return 0

@@ -1,0 +1,83 @@
+"""Images in a folder (local or s3://) or listed in a CSV, as a cache source.
+
+A row's id is the image's path relative to the dataset folder (for a CSV, the
+`filepath` column as written), so an index of the folder maps straight back to
+files. Images of any size are decoded to RGB uint8 arrays; preprocessing to the
+encoder's size happens on the encoder's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from clipforge.data.index import RowIndex
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def is_image_collection(source: str) -> bool:
+    """A CSV or a folder; HDF5 files are the other kind of source."""
+    return not source.lower().endswith((".hdf5", ".h5"))
+
+
+def collection_root(source: str) -> str:
+    """Relative paths resolve against the folder, or against the CSV's folder."""
+    return source.rsplit("/", 1)[0] if source.lower().endswith(".csv") else source
+
+
+def list_collection(source: str) -> tuple[RowIndex, dict]:
+    """The ids (relative paths, sorted) and splits of a folder or CSV, and a fingerprint of the listing."""
+    if source.lower().endswith(".csv"):
+        frame = pd.read_csv(io.BytesIO(storage.read_bytes(source)), dtype=str, keep_default_na=False)
+        if "filepath" not in frame.columns:
+            raise UserError(f"{source} has no 'filepath' column; found: {', '.join(frame.columns)}")
+        frame = frame.drop_duplicates("filepath").sort_values("filepath")
+        splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
+        ids = frame["filepath"].to_numpy(dtype=object)
+        fingerprint = storage.fingerprint(source)
+    else:
+        tree = storage.list_tree(source)
+        if not tree and not storage.exists(source):
+            raise UserError(f"source {source} not found")
+        files = {path: size for path, size in tree.items() if path.lower().endswith(IMAGE_SUFFIXES)}
+        ids = np.array(sorted(files), dtype=object)
+        splits = [None] * len(ids)
+        listing = json.dumps(sorted(files.items())).encode()
+        fingerprint = {"uri": source, "images": len(files), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
+    if len(ids) == 0:
+        raise UserError(f"source {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return RowIndex(ids=ids, splits=splits), fingerprint
+
+
+def image_uri(root: str, path: str) -> str:
+    return path if path.startswith(("s3://", "/")) else storage.join(root, path)
+
+
+def decode(root: str, path: str) -> tuple[np.ndarray, int]:
+    """(RGB uint8 array, encoded size in bytes) of one image."""
+    uri = image_uri(root, path)
+    try:
+        data = storage.read_bytes(uri)
+    except UserError:
+        raise UserError(f"image {uri} not found") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB")), len(data)
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__})") from None
+
+
+def read_images(root: str, paths: list[str], threads: int = 8) -> tuple[list[np.ndarray], int]:
+    """RGB uint8 arrays of these images, and the encoded bytes read for them."""
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = list(pool.map(lambda p: decode(root, p), paths))
+    return [image for image, _ in decoded], sum(size for _, size in decoded)

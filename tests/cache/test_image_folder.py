@@ -1,0 +1,88 @@
+"""The cache stage over an image folder or CSV, and search over the result."""
+
+import boto3
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from clipforge.cli import main
+from clipforge.config.cache import CacheConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.errors import UserError
+from clipforge.search import Searcher
+from clipforge.stages.cache import run_cache
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_captioned_dataset(tmp_path_factory.mktemp("shapes") / "set", 24, size=48)
+
+
+def config(tiny_models, source, output, **overrides):
+    cfg_path, weights = tiny_models["source"]
+    return CacheConfig(source=str(source), model="tiny-source", model_config=str(cfg_path),
+                       pretrained=str(weights), output=str(output), batch_size=10, device="cpu", **overrides)
+
+
+def test_folder_cache_ids_are_relative_paths_and_match_open_clip(shapes, tiny_models, ray_session, tmp_path):
+    run_cache(config(tiny_models, shapes, tmp_path / "index"))
+    table = read_embeddings(str(tmp_path / "index"))
+    expected_ids = sorted(p.relative_to(shapes).as_posix() for p in shapes.rglob("*.png"))
+    assert sorted(table.ids.tolist()) == expected_ids  # each image exactly once
+    cfg_path, weights = tiny_models["source"]
+    open_clip.add_model_config(cfg_path)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-source", pretrained=str(weights))
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(shapes / i)) for i in table.ids])
+        expected = torch.nn.functional.normalize(model.eval().encode_image(pixels), dim=-1).numpy()
+    assert (table.embeddings * expected).sum(1).min() >= 0.999
+
+
+def test_s3_folder_and_csv_sources(shapes, tiny_models, ray_session, s3_bucket, tmp_path):
+    client = boto3.client("s3")
+    for path in shapes.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket, f"set/{path.relative_to(shapes).as_posix()}")
+    run_cache(config(tiny_models, f"s3://{s3_bucket}/set", tmp_path / "s3"))
+    (shapes / "subset.csv").write_text("filepath,split\ncircle/0000.png,train\nsquare/0004.png,test\n")
+    run_cache(config(tiny_models, shapes / "subset.csv", tmp_path / "csv"))
+    remote, subset = read_embeddings(str(tmp_path / "s3")), read_embeddings(str(tmp_path / "csv"))
+    assert len(remote.ids) == 24
+    assert subset.ids.tolist() == ["circle/0000.png", "square/0004.png"]
+    assert subset.splits.tolist() == ["train", "test"]
+    rows = {i: e for i, e in zip(remote.ids, remote.embeddings, strict=True)}
+    np.testing.assert_allclose(subset.embeddings[0], rows["circle/0000.png"], atol=1e-6)
+
+
+def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.new("RGB", (8, 8)).save(bad / "ok.png")
+    (bad / "broken.jpg").write_bytes(b"no jpeg")
+    cfg_path, weights = tiny_models["source"]
+    code = main(["cache", "--source", str(bad), "--model", "tiny-source", "--model-config", str(cfg_path),
+                 "--pretrained", str(weights), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    assert f"image {bad}/broken.jpg cannot be decoded" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="apply to HDF5 sources"):
+        config(tiny_models, bad, tmp_path / "x", index="ids.csv")
+
+
+def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ray_session, tmp_path, capsys):
+    run_cache(config(tiny_models, shapes, tmp_path / "index"))
+    searcher = Searcher(str(tmp_path / "index"))
+    query = (shapes / "square" / "0005.png").read_bytes()
+    hits = searcher.image(query, k=3)
+    assert hits[0].id == "square/0005.png" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[0].path == str(shapes / "square" / "0005.png")
+    text_hits = searcher.text("a red circle", k=24)
+    scores = [h.score for h in text_hits]
+    assert scores == sorted(scores, reverse=True) and len({h.id for h in text_hits}) == 24
+    assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "3", "--json"]) == 0
+    assert [h.id for h in text_hits[:3]] == [row["id"] for row in __import__("json").loads(capsys.readouterr().out)]
+    with pytest.raises(UserError, match="embeds into another space"):
+        Searcher(str(tmp_path / "index"), model="ViT-B-32", pretrained="openai")
