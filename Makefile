@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo test lint venv clean-demo system-deps
 
 venv: $(STAMP)
 
@@ -20,7 +20,13 @@ demo: $(STAMP)
 	$(VENV)/bin/clipforge demo-data demo
 	$(VENV)/bin/clipforge run jobs/demo.yaml
 
-test: $(STAMP)
+# Debian packages the tests need: Chromium drives the page tests (Playwright cannot download browsers here).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
