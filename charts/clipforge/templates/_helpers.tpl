@@ -1,0 +1,166 @@
+{{/*
+Names, labels and the pieces every pod shares. Selectors use name + instance only.
+*/}}
+
+{{- define "clipforge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "clipforge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The run id: values.runId, else the pipeline's own run_id (inline pipelines only). */}}
+{{- define "clipforge.runId" -}}
+{{- $fromSpec := "" }}
+{{- if kindIs "map" .Values.pipeline }}{{ $fromSpec = .Values.pipeline.run_id | default "" }}{{ end }}
+{{- required "set runId (a DNS label of at most 40 characters, e.g. the git SHA)" (.Values.runId | default $fromSpec) }}
+{{- end }}
+
+{{/*
+A Job name from (prefix, run id, component): `<prefix>-<runId>-<component>`, or over 63 characters its
+first 52 characters (trailing '-' dropped) + '-' + 10 hex digits of the sha256 of the full name.
+The same algorithm as clipforge.orchestrate.k8s_manifests.job_name (a test compares them).
+DESIGN: every Job name carries the run id (Job specs are immutable), and names are at most 63 characters.
+*/}}
+{{- define "clipforge.jobName" -}}
+{{- $full := printf "%s-%s-%s" .prefix .runId .component }}
+{{- $name := $full }}
+{{- if not (regexMatch "^[a-z]" $full) }}{{ $name = printf "cf-%s" $full }}{{ end }}
+{{- if gt (len $name) 63 }}
+{{- $name = printf "%s-%s" (regexReplaceAll "-+$" ($name | trunc 52) "") ($full | sha256sum | trunc 10) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{- define "clipforge.driverJobName" -}}
+{{- include "clipforge.jobName" (dict "prefix" (include "clipforge.fullname" .) "runId" (include "clipforge.runId" .) "component" "driver") }}
+{{- end }}
+
+{{- define "clipforge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "clipforge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "clipforge.labels" -}}
+helm.sh/chart: {{ include "clipforge.chart" . }}
+{{ include "clipforge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: clipforge
+{{- end }}
+
+{{- define "clipforge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "clipforge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+
+{{/* The artifact store root the driver uses instead of the pipeline's `artifacts`; empty: keep it. */}}
+{{- define "clipforge.artifacts" -}}
+{{- $store := .Values.artifactStore }}
+{{- if and $store.s3.bucket $store.persistentVolumeClaim.claimName }}
+{{- fail "artifactStore: set s3.bucket or persistentVolumeClaim.claimName, not both" }}
+{{- else if $store.s3.bucket }}
+{{- printf "s3://%s/%s" $store.s3.bucket ($store.s3.prefix | trimAll "/") | trimSuffix "/" }}
+{{- else if $store.persistentVolumeClaim.claimName }}
+{{- printf "/artifacts/%s" ($store.persistentVolumeClaim.prefix | trimAll "/") | trimSuffix "/" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment for the artifact store: the S3 endpoint and region (the Secret comes in by envFrom). */}}
+{{- define "clipforge.artifactEnv" -}}
+{{- $s3 := .Values.artifactStore.s3 }}
+{{- $env := dict }}
+{{- if $s3.endpoint }}{{ $_ := set $env "AWS_ENDPOINT_URL" $s3.endpoint }}{{ end }}
+{{- if $s3.region }}{{ $_ := set $env "AWS_DEFAULT_REGION" $s3.region }}{{ end }}
+{{- toJson $env }}
+{{- end }}
+
+{{/*
+Pod and container security: the same as k8s_manifests.POD_SECURITY / CONTAINER_SECURITY for stage pods.
+*/}}
+{{- define "clipforge.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "clipforge.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Environment and mounts of pods that reach the artifact store (driver, helm test). */}}
+{{- define "clipforge.storeEnv" -}}
+{{- range $key, $value := (include "clipforge.artifactEnv" . | fromJson) }}
+- name: {{ $key }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.storeEnvFrom" -}}
+{{- with .Values.artifactStore.s3.existingSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* emptyDirs for a read-only root filesystem: /tmp and the caches under /cache. */}}
+{{- define "clipforge.volumeMounts" -}}
+- name: config
+  mountPath: /etc/clipforge
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /cache
+{{- if .Values.artifactStore.persistentVolumeClaim.claimName }}
+- name: artifacts
+  mountPath: /artifacts
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "clipforge.fullname" . }}-pipeline
+- name: tmp
+  emptyDir: {}
+- name: cache
+  emptyDir:
+    sizeLimit: 1Gi
+{{- with .Values.artifactStore.persistentVolumeClaim.claimName }}
+- name: artifacts
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- end }}
+{{- end }}

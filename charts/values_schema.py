@@ -1,0 +1,123 @@
+"""Write charts/clipforge/values.schema.json: the chart's values, with `pipeline` typed by the pipeline
+spec's own JSON Schema (`clipforge.config.pipeline.pipeline_json_schema()`), the one source of truth.
+
+    python charts/values_schema.py          # regenerate after changing a stage config or the values
+    python charts/values_schema.py --check  # exit 1 when the committed file is stale (tests/k8s does this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipforge.config.pipeline import NAME_PATTERN, pipeline_json_schema
+
+SCHEMA_PATH = Path(__file__).parent / "clipforge" / "values.schema.json"
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+def obj(properties: dict, **extra) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": properties, **extra}
+
+
+def string(description: str, **extra) -> dict:
+    return {"type": "string", "description": description, **extra}
+
+
+def values_schema() -> dict:
+    pipeline = pipeline_json_schema()
+    defs = pipeline.pop("$defs")
+    pipeline.pop("$schema")
+    defs["PipelineSpec"] = pipeline
+    quantity = {"anyOf": [{"type": "string", "pattern": QUANTITY}, {"type": "integer", "minimum": 0}]}
+    free_map = {"type": "object"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "clipforge chart values",
+        **obj({
+            "nameOverride": string("overrides the chart name in resource names"),
+            "fullnameOverride": string("overrides the full resource name prefix"),
+            "image": obj({
+                "repository": string("the clipforge image", minLength=1),
+                "tag": string("a pinned tag", minLength=1, **{"not": {"const": "latest"}}),
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            }, required=["repository", "tag"]),
+            "imagePullSecrets": {"type": "array", "items": obj({"name": string("a Secret name")}, required=["name"])},
+            "runId": string("the run id", pattern=NAME_PATTERN, maxLength=40),
+            "pipeline": {
+                "description": "a pipeline spec inline, or its text (--set-file pipeline=jobs/x.yaml)",
+                "anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/PipelineSpec"}],
+            },
+            "artifactStore": obj({
+                "s3": obj({
+                    "bucket": string("S3 bucket; empty: the pipeline's artifacts"),
+                    "prefix": string("key prefix under the bucket"),
+                    "endpoint": string("S3 endpoint URL; empty: AWS"),
+                    "region": string("AWS region"),
+                    "existingSecret": string("a Secret whose keys become env of every pod"),
+                }),
+                "persistentVolumeClaim": obj({
+                    "claimName": string("a ReadWriteMany PVC mounted at /artifacts"),
+                    "prefix": string("folder under the claim"),
+                }),
+            }),
+            "gpuResourceName": string("extended resource name of GPUs", minLength=1),
+            "stageDefaults": obj({
+                "resources": obj({"cpu": quantity, "memory": quantity}),
+                "backoffLimit": {"type": "integer", "minimum": 0},
+                # Long enough for the driver to read status and logs before the Job and its pods go.
+                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 60},
+                "activeDeadlineSeconds": {"type": ["integer", "null"], "minimum": 1},
+                "cacheSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
+                "shmSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
+                "rendezvousPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "serviceAccountName": string("ServiceAccount of stage pods"),
+            }),
+            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+            "tolerations": {"type": "array", "items": free_map},
+            "affinity": free_map,
+            "driver": obj({
+                "resources": free_map,
+                "backoffLimit": {"type": "integer", "minimum": 0},
+                "watchSeconds": {"type": "integer", "minimum": 1},
+                "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+                "tolerations": {"type": "array", "items": free_map},
+            }),
+            "serviceAccount": obj({
+                "create": {"type": "boolean"},
+                "name": string("the driver's ServiceAccount"),
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            }),
+            "rbac": obj({"create": {"type": "boolean"}}),
+            "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters")}),
+            "tests": obj({"enabled": {"type": "boolean"}}),
+            # Helm adds `global` for subcharts; allow it so the chart can be used as one.
+            "global": free_map,
+        }, required=["image", "runId", "pipeline"]),
+        "$defs": defs,
+    }
+
+
+def render() -> str:
+    return json.dumps(values_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when the committed file differs")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not SCHEMA_PATH.is_file() or SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is stale: run python charts/values_schema.py", file=sys.stderr)
+            return 1
+        return 0
+    SCHEMA_PATH.write_text(text)
+    print(f"wrote {SCHEMA_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

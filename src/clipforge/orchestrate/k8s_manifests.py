@@ -1,0 +1,356 @@
+"""Kubernetes objects for one pipeline stage, as plain dicts: pure functions of a stage and the settings.
+
+`stage_manifests(resolved, settings)` is what the driver creates for a stage:
+
+- one Job running `clipforge <command> --config <resolved config URI>` (one pod, `resources.gpus` GPUs);
+- `resources.nodes > 1` on a distributed kind (training): an Indexed Job, one pod per node, plus the
+  headless Service that gives rank 0 a stable DNS name for the static rendezvous;
+- `resources.nodes > 1` on a cache stage: a KubeRay `RayJob` when the cluster has KubeRay, else one
+  pod with all the stage's GPUs.
+
+Nothing here talks to a cluster; the Helm chart renders the same pod security and labels for the driver.
+The pitfalls cited as "DESIGN" are in /shared/DESIGN.md, "Kubernetes notes".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from clipforge.orchestrate.pipeline import ResolvedStage
+
+MAX_NAME = 63  # a DNS-1123 label, and the most a label value (`job-name`) may hold
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CONTAINER = "stage"
+CACHE_MOUNT = "/cache"
+ARTIFACTS_MOUNT = "/artifacts"
+KEY_ANNOTATION = "clipforge.io/stage-key"
+
+# Pod security, the same for the driver (see the chart's _helpers.tpl) and every stage pod.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+@dataclass(frozen=True)
+class StageJobSettings:
+    """Where and how stage pods run; the chart writes these as `driver.yaml` in the pipeline ConfigMap."""
+
+    image: str  # the clipforge image, pinned tag or digest
+    namespace: str = "default"  # stage Jobs go to the driver's own namespace
+    release: str = "clipforge"  # the Helm release: app.kubernetes.io/instance
+    run_id: str = ""  # set by the driver from --run-id
+    name_prefix: str = ""  # Job names start with this (the chart's fullname); default: release
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = field(default_factory=list)
+    gpu_resource_name: str = "nvidia.com/gpu"  # e.g. amd.com/gpu, or a MIG profile resource
+    default_cpu: str | None = "1"  # requests where a stage names none
+    default_memory: str | None = "4Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict] = field(default_factory=list)
+    affinity: dict | None = None
+    artifact_secret: str | None = None  # a Secret whose keys become env (AWS_ACCESS_KEY_ID, ...)
+    artifact_env: dict[str, str] = field(default_factory=dict)  # e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
+    artifact_pvc: str | None = None  # a PersistentVolumeClaim mounted at /artifacts instead of S3
+    cache_size_limit: str | None = "50Gi"  # the /cache emptyDir (model weights, range cache)
+    shm_size_limit: str | None = "8Gi"  # the Memory-medium /dev/shm (Ray's object store, DataLoader workers)
+    service_account: str | None = None  # stage pods' ServiceAccount (S3 access through workload identity)
+    ttl_seconds_after_finished: int = 86400
+    backoff_limit: int = 3  # single-pod Jobs: retries counted; preemption and exit 75 are not counted
+    active_deadline_seconds: int | None = None
+    rendezvous_port: int = 29500
+    owner_name: str | None = None  # the driver Job: deleting it (or the release) deletes stage Jobs
+    owner_uid: str | None = None
+    kuberay: bool = False
+    ray_version: str = "2.40.0"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> StageJobSettings:
+        """Settings from a `driver.yaml` mapping; unknown keys are one UserError naming them all."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"driver settings: unknown keys {', '.join(unknown)}; "
+                            f"known keys are {', '.join(sorted(known))}")
+        merged = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+        if not merged.get("image"):
+            raise UserError("driver settings: image is required")
+        return cls(**merged)
+
+    @property
+    def prefix(self) -> str:
+        return self.name_prefix or self.release
+
+
+def job_name(prefix: str, run_id: str, stage: str = "", max_length: int = MAX_NAME) -> str:
+    """`<prefix>-<run_id>-<stage>`, hash-shortened to `max_length`: deterministic, a valid DNS-1035 label.
+
+    DESIGN: names and the `job-name` label value are at most 63 characters, and every Job name carries
+    the run id (Job specs are immutable; a new run is a new Job). Over the limit, the name keeps its
+    readable start and ends in 10 hex digits of the full name's sha256 (the chart's `clipforge.jobName`
+    computes the same). A name starting with a digit gets `cf-` (a Service of that name must start
+    with a letter).
+    """
+    full = "-".join(part for part in (prefix, run_id, stage) if part)
+    name = full if full[:1].isalpha() else f"cf-{full}"
+    if len(name) > max_length:
+        name = re.sub(r"-+$", "", name[: max_length - 11]) + "-" + hashlib.sha256(full.encode()).hexdigest()[:10]
+    if not DNS_LABEL.match(name):
+        raise UserError(f"Kubernetes name {name!r} (from {full!r}) is not a DNS label: use lowercase letters, "
+                        "digits and '-' in the release, run id and stage names")
+    return name
+
+
+def labels(settings: StageJobSettings, stage: str | None = None, component: str = "stage") -> dict[str, str]:
+    """The chart's labels plus run id and stage; `app.kubernetes.io/name` + `instance` select a release."""
+    out = {
+        "app.kubernetes.io/name": "clipforge",
+        "app.kubernetes.io/instance": settings.release,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "clipforge",
+        "app.kubernetes.io/managed-by": "clipforge-driver",
+        "clipforge.io/run-id": settings.run_id,
+        **settings.extra_labels,
+    }
+    if stage:
+        out["clipforge.io/stage"] = stage
+    return out
+
+
+def metadata(name: str, settings: StageJobSettings, stage: str, extra: dict | None = None) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": labels(settings, stage),
+                            **(extra or {})}
+    if settings.owner_name and settings.owner_uid:
+        # DESIGN: no blockOwnerDeletion, which needs `update` on the owner's finalizers on some clusters.
+        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": settings.owner_name,
+                                    "uid": settings.owner_uid, "controller": False}]
+    return meta
+
+
+def stage_command(resolved: ResolvedStage) -> list[str]:
+    """What the stage container runs: the same command the local runner runs."""
+    if not resolved.config_uri:
+        raise ValueError(f"stage {resolved.spec.name}: the resolved config has not been saved yet")
+    return ["clipforge", *resolved.kind.command, "--config", resolved.config_uri]
+
+
+def placement(resolved: ResolvedStage) -> str:
+    """'job', 'indexed' or 'rayjob': how a stage spreads over `resources.nodes`."""
+    if resolved.spec.resources.nodes <= 1:
+        return "job"
+    if resolved.kind.distributed:
+        return "indexed"
+    if resolved.spec.kind == "cache":
+        return "rayjob"
+    return "job"
+
+
+def resources(resolved: ResolvedStage, settings: StageJobSettings, gpus: int) -> dict:
+    """Requests from the stage (else the defaults); GPUs as requests = limits, memory limited to its request."""
+    res = resolved.spec.resources
+    requests = {key: value for key, value in (("cpu", res.cpu or settings.default_cpu),
+                                              ("memory", res.memory or settings.default_memory)) if value}
+    limits = {"memory": requests["memory"]} if "memory" in requests else {}
+    if gpus:
+        requests[settings.gpu_resource_name] = str(gpus)
+        limits[settings.gpu_resource_name] = str(gpus)
+    return {"requests": requests, **({"limits": limits} if limits else {})}
+
+
+def volumes(settings: StageJobSettings) -> tuple[list[dict], list[dict]]:
+    """Writable places under a read-only root filesystem (DESIGN: Ray inside one pod): /tmp, /tmp/ray, the
+    caches under /cache, and /dev/shm as a Memory emptyDir (the default 64 MiB makes Ray fall back to /tmp)."""
+    def empty(name: str, size: str | None, **extra) -> dict:
+        return {"name": name, "emptyDir": {**extra, **({"sizeLimit": size} if size else {})}}
+
+    vols = [empty("tmp", None), empty("ray", None), empty("cache", settings.cache_size_limit),
+            empty("dshm", settings.shm_size_limit, medium="Memory")]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ray", "mountPath": "/tmp/ray"},
+              {"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    if settings.artifact_pvc:
+        vols.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifact_pvc}})
+        mounts.append({"name": "artifacts", "mountPath": ARTIFACTS_MOUNT})
+    return vols, mounts
+
+
+def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, env: list[dict] | None = None) -> dict:
+    _, mounts = volumes(settings)
+    base_env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
+                {"name": "CLIPFORGE_RUN_ID", "value": settings.run_id},
+                {"name": "CLIPFORGE_STAGE", "value": resolved.spec.name},
+                *({"name": k, "value": str(v)} for k, v in sorted(settings.artifact_env.items()))]
+    spec: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": stage_command(resolved),
+        "env": base_env + (env or []),
+        "resources": resources(resolved, settings, gpus),
+        "securityContext": dict(CONTAINER_SECURITY),
+        "volumeMounts": mounts,
+    }
+    if settings.artifact_secret:
+        spec["envFrom"] = [{"secretRef": {"name": settings.artifact_secret}}]
+    return spec
+
+
+def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) -> dict:
+    vols, _ = volumes(settings)
+    spec: dict[str, Any] = {
+        # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
+        "restartPolicy": "Never",
+        "securityContext": dict(POD_SECURITY),
+        "containers": [main],
+        "volumes": vols,
+        # Stage pods never call the Kubernetes API: only the driver's ServiceAccount has a Role.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+    }
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
+    if settings.node_selector:
+        spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.affinity:
+        spec["affinity"] = dict(settings.affinity)
+    if settings.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
+    return spec
+
+
+def pod_failure_policy(indexed: bool) -> dict:
+    """Fail fast on a user error (exit 2: rerunning cannot help).
+
+    A single pod is retried without counting against backoffLimit when it was disrupted (preempted,
+    evicted, drained: the DisruptionTarget condition) or stopped itself after a SIGTERM checkpoint
+    (exit 75), since the next pod resumes. An Indexed Job has no such rules: one rank lost means the
+    others hang in NCCL, so the whole group fails (backoffLimit 0) and the driver recreates it (DESIGN).
+    kubernetes-validate requires `status` in onPodConditions (DESIGN: validation quirk).
+    """
+    fail_fast = {"action": "FailJob",
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}}
+    if indexed:
+        return {"rules": [fail_fast]}
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]}},
+        fail_fast,
+    ]}
+
+
+def _job(name: str, resolved: ResolvedStage, settings: StageJobSettings, template_spec: dict,
+         extra_spec: dict, pod_labels: dict | None = None) -> dict:
+    meta = metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}})
+    spec: dict[str, Any] = {
+        **extra_spec,
+        # DESIGN: the TTL deletes pods and their logs; the driver reads both as soon as the Job finishes.
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "template": {"metadata": {"labels": {**labels(settings, resolved.spec.name), **(pod_labels or {})}},
+                     "spec": template_spec},
+    }
+    if settings.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def single_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
+    """One pod with the stage's GPUs (a cache stage over several nodes without KubeRay: all of them)."""
+    res = resolved.spec.resources
+    gpus = res.gpus * res.nodes if resolved.spec.kind == "cache" else res.gpus
+    name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
+    main = container(resolved, settings, gpus)
+    return _job(name, resolved, settings, pod_spec(resolved, settings, main),
+                {"backoffLimit": settings.backoff_limit, "podFailurePolicy": pod_failure_policy(indexed=False)})
+
+
+def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dict]:
+    """An Indexed Job (one pod per node) and its headless Service; rank 0 is `<job>-0.<service>`.
+
+    DESIGN (multi-node Indexed Job): `clusterIP: None` and `publishNotReadyAddresses: true` (otherwise
+    DNS exists only for Ready pods, and training pods have no readiness), selector `job-name: <job>`,
+    `subdomain: <service>` in the pod template; backoffLimit 0 on the group. Pod hostnames are
+    `<job>-<index>`, so the name leaves room for the index within 63 characters.
+    """
+    nodes = resolved.spec.resources.nodes
+    name = job_name(settings.prefix, settings.run_id, resolved.spec.name, MAX_NAME - len(f"-{nodes - 1}"))
+    service = name
+    rendezvous = [
+        {"name": "MASTER_ADDR", "value": f"{name}-0.{service}"},
+        {"name": "MASTER_PORT", "value": str(settings.rendezvous_port)},
+        {"name": "NNODES", "value": str(nodes)},
+        # The Job controller sets JOB_COMPLETION_INDEX too; the launcher reads either.
+        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+    ]
+    main = container(resolved, settings, resolved.spec.resources.gpus, rendezvous)
+    main["ports"] = [{"name": "rendezvous", "containerPort": settings.rendezvous_port}]
+    template = {**pod_spec(resolved, settings, main), "subdomain": service}
+    job = _job(name, resolved, settings, template, {
+        "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+        "backoffLimit": 0, "podFailurePolicy": pod_failure_policy(indexed=True)})
+    svc = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(service, settings, resolved.spec.name),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": name},
+                 "ports": [{"name": "rendezvous", "port": settings.rendezvous_port,
+                            "targetPort": settings.rendezvous_port}]},
+    }
+    return [job, svc]
+
+
+def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
+    """A KubeRay RayJob: a head (the Ray driver runs the stage command there) and `nodes` GPU workers.
+
+    DESIGN (KubeRay RayJob): ray.io/v1, `shutdownAfterJobFinishes: true` (else the cluster lingers); the
+    driver deletes the CR itself when done. Ray pods get the same emptyDirs: /tmp/ray is required with a
+    read-only root filesystem, /dev/shm as Memory.
+    """
+    res = resolved.spec.resources
+    name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
+
+    def ray_pod(container_name: str, gpus: int) -> dict:
+        main = container(resolved, settings, gpus)
+        main["name"] = container_name
+        del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
+        return {"metadata": {"labels": labels(settings, resolved.spec.name)},
+                "spec": {k: v for k, v in pod_spec(resolved, settings, main).items() if k != "restartPolicy"}}
+
+    submitter = ray_pod("ray-job-submitter", 0)
+    submitter["spec"]["restartPolicy"] = "Never"
+    submitter["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "200m", "memory": "512Mi"}}
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "metadata": metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
+        "spec": {
+            "entrypoint": " ".join(stage_command(resolved)),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            "submitterPodTemplate": submitter,
+            "rayClusterSpec": {
+                "rayVersion": settings.ray_version,
+                # The head only coordinates: no tasks or actors there, so encoders land on GPU workers.
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
+                                  "template": ray_pod("ray-head", 0)},
+                "workerGroupSpecs": [{"groupName": "gpu", "replicas": res.nodes, "minReplicas": res.nodes,
+                                      "maxReplicas": res.nodes, "rayStartParams": {},
+                                      "template": ray_pod("ray-worker", res.gpus)}],
+            },
+        },
+    }
+
+
+def stage_manifests(resolved: ResolvedStage, settings: StageJobSettings) -> list[dict]:
+    """Every object the driver creates for a stage; the Job (or RayJob) first."""
+    match placement(resolved):
+        case "indexed":
+            return indexed_job(resolved, settings)
+        case "rayjob" if settings.kuberay:
+            return [ray_job(resolved, settings)]
+        case _:
+            return [single_job(resolved, settings)]

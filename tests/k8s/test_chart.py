@@ -1,0 +1,215 @@
+"""The Helm chart, rendered and linted by Helm's own library (helm-python-sdk) for the default values and
+every values file under charts/clipforge/ci/; every object validated against the Kubernetes schemas."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import helm_python
+import pytest
+import yaml
+from conftest import (
+    CHART,
+    CI_VALUES,
+    ROOT,
+    assert_secure,
+    chart_objects,
+    kube_version,
+    load_values,
+    pod_specs,
+    render_chart,
+    validate,
+)
+
+from clipforge.config.pipeline import load_pipeline
+from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name
+
+VALUES = [None, *CI_VALUES]
+IDS = ["default", *(p.name for p in CI_VALUES)]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=IDS)
+def test_lint_is_clean(values_file):
+    report = helm_python.lint(CHART, load_values(values_file), strict=True, kube_version=f"v{kube_version()}.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=IDS)
+def test_every_object_validates(values_file):
+    objects = chart_objects(load_values(values_file), namespace="ml-team")
+    assert {"ConfigMap", "Job", "ServiceAccount", "Role", "RoleBinding", "Pod"} <= {o["kind"] for o in objects}
+    for obj in objects:
+        validate(obj)
+        assert obj["metadata"]["namespace"] == "ml-team"
+        assert len(obj["metadata"]["name"]) <= 63
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=IDS)
+def test_pods_are_secure(values_file):
+    objects = chart_objects(load_values(values_file))
+    specs = [spec for obj in objects for spec in pod_specs(obj)]
+    assert len(specs) == 2  # the driver Job and the helm test Pod
+    for spec in specs:
+        assert_secure(spec)
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=IDS)
+def test_rbac_is_namespaced_and_minimal(values_file):
+    values = load_values(values_file)
+    objects = chart_objects(values, namespace="ml-team")
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = by_kind(objects, "Role")
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    expected = {("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+                ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
+                ("", "services"): {"get", "list", "create", "delete"}}
+    if values.get("kuberay", {}).get("enabled"):
+        expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete"}
+    assert granted == expected
+    (binding,) = by_kind(objects, "RoleBinding")
+    (account,) = by_kind(objects, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": "ml-team"}]
+    (driver,) = by_kind(objects, "Job")
+    assert driver["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_rbac_and_service_account_switches():
+    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}})
+    assert not {"Role", "RoleBinding", "ServiceAccount"} & {o["kind"] for o in objects}
+    (driver,) = by_kind(objects, "Job")
+    assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=IDS)
+def test_driver_job_and_its_settings(values_file, tmp_path):
+    values = load_values(values_file)
+    rendered = render_chart(values, name="clipforge", namespace="ml-team")
+    (driver,) = rendered["clipforge/templates/driver-job.yaml"]
+    (config,) = rendered["clipforge/templates/configmap.yaml"]
+    run_id = values.get("runId", "first")
+    # DESIGN (Job specs are immutable): the name carries the run id, no checksum annotations on pods.
+    assert driver["metadata"]["name"] == job_name("clipforge", run_id, "driver")
+    assert run_id in driver["metadata"]["name"]
+    template = driver["spec"]["template"]
+    assert not any("checksum" in key for key in (template["metadata"].get("annotations") or {}))
+    assert template["metadata"]["labels"]["clipforge.io/run-id"] == run_id
+    (container,) = template["spec"]["containers"]
+    args = container["args"]
+    assert args[:4] == ["drive", "/etc/clipforge/pipeline.yaml", "--run-id", run_id]
+    assert template["spec"]["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
+    # What the driver reads validates as it will in the pod.
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(config["data"]["pipeline.yaml"])
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    spec = load_pipeline(str(spec_file), overrides)
+    settings = StageJobSettings.from_mapping(yaml.safe_load(config["data"]["driver.yaml"]))
+    assert settings.release == "clipforge" and settings.image == "ghcr.io/clipforge/clipforge:0.1.0"
+    store = values.get("artifactStore", {})
+    if store.get("s3", {}).get("bucket"):
+        assert spec.artifacts.startswith(f"s3://{store['s3']['bucket']}/")
+        assert settings.artifact_secret == store["s3"].get("existingSecret")
+    if store.get("persistentVolumeClaim", {}).get("claimName"):
+        assert spec.artifacts.startswith("/artifacts/")
+        assert settings.artifact_pvc == store["persistentVolumeClaim"]["claimName"]
+        assert {"name": "artifacts", "mountPath": "/artifacts"} in container["volumeMounts"]
+
+
+def test_long_names_are_hash_shortened_like_the_driver_does():
+    run_id = "f" * 40
+    for release in ("a-rather-long-release-name-for-a-team", "r"):
+        (driver,) = render_chart({"runId": run_id}, name=release)["clipforge/templates/driver-job.yaml"]
+        fullname = release if "clipforge" in release else f"{release}-clipforge"
+        assert driver["metadata"]["name"] == job_name(fullname, run_id, "driver")
+        assert len(driver["metadata"]["name"]) <= 63
+
+
+def test_pipeline_from_set_file_is_kept_verbatim():
+    values = helm_python.parse_set_file(f"pipeline={ROOT / 'jobs' / 'demo.yaml'}")
+    (config,) = render_chart(values)["clipforge/templates/configmap.yaml"]
+    assert config["data"]["pipeline.yaml"].strip() == (ROOT / "jobs" / "demo.yaml").read_text().strip()
+
+
+def test_default_pipeline_is_the_shipped_nsd_job():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["pipeline"] == yaml.safe_load((ROOT / "jobs" / "nsd-subj01.yaml").read_text())
+
+
+def test_values_schema_rejects_a_bad_pipeline():
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema({"runId": "ok"})
+        bad_stage = {"artifacts": "a", "stages": [{"name": "i", "kind": "index", "with": {"subjct": "subj01"}}]}
+        for bad in ({"runId": "Not_A_Label"}, {"pipeline": {"artifacts": "a", "stages": []}},
+                    {"pipeline": bad_stage}, {"image": {"tag": "latest"}}, {"kuberay": {"enabled": "yes"}}):
+            with pytest.raises(helm_python.HelmValuesError):
+                chart.validate_schema(bad)
+
+
+def test_values_schema_is_generated_from_the_pipeline_schema():
+    spec = importlib.util.spec_from_file_location("values_schema", ROOT / "charts" / "values_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (CHART / "values.schema.json").read_text()
+    assert committed == module.render(), "values.schema.json is stale: run python charts/values_schema.py"
+
+
+def test_every_value_has_a_comment():
+    """Every leaf, or a mapping documented as one value (driver.resources, the pipeline), has a comment."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented_below: int | None = None  # children of a commented mapping are documented by its comment
+    for number, line in enumerate(lines):
+        key = re.match(r"^(\s*)([A-Za-z][\w./-]*):(.*)$", line)
+        if not key:
+            continue
+        indent, name, rest = len(key.group(1)), key.group(2), key.group(3)
+        if documented_below is not None and indent > documented_below:
+            continue
+        documented_below = None
+        commented = lines[number - 1].strip().startswith("#")
+        is_group = not rest.strip()
+        if is_group and commented:
+            documented_below = indent
+        elif not is_group:
+            assert commented, f"values.yaml:{number + 1}: {name} has no comment"
+
+
+def test_image_tag_is_pinned():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert re.fullmatch(r"\d+\.\d+\.\d+", values["image"]["tag"])
+
+
+def test_helm_test_pod_checks_the_store():
+    objects = chart_objects({"artifactStore": {"s3": {"bucket": "b", "existingSecret": "s3-keys"}}})
+    (pod,) = by_kind(objects, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert "--check-store" in container["args"] and "artifacts=s3://b/clipforge" in container["args"]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
+    assert not by_kind(chart_objects({"tests": {"enabled": False}}), "Pod")
+
+
+def test_notes_say_how_to_follow_the_run():
+    with helm_python.Chart.load(CHART) as chart:
+        notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
+    assert "kubectl -n ns logs -f job/rel-clipforge-r7-driver" in notes
+    assert "clipforge.io/run-id=r7" in notes
+
+
+def test_both_artifact_stores_at_once_is_an_error():
+    with pytest.raises(helm_python.HelmRenderError, match="not both"):
+        render_chart({"artifactStore": {"s3": {"bucket": "b"}, "persistentVolumeClaim": {"claimName": "c"}}})
+
+
+def test_values_files_are_yaml_mappings():
+    for path in CI_VALUES:
+        assert isinstance(yaml.safe_load(Path(path).read_text()), dict)

@@ -1,0 +1,133 @@
+"""The image, checked by reading the Dockerfile (no Docker engine here): CUDA runtime base with Python
+3.11, multi-stage, the package installed, no build tools in the final stage, non-root, `clipforge` as
+the entrypoint, and every cache under one volume path."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with continuation lines joined and comments dropped."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        current += line.rstrip().removesuffix("\\") + " " if line.rstrip().endswith("\\") else line.strip()
+        if not line.rstrip().endswith("\\"):
+            logical.append(current.strip())
+            current = ""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for entry in logical:
+        keyword, _, rest = entry.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), match.group(1))
+            stages.append(Stage(match.group(2) or str(len(stages)), base))
+        elif keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif stages:
+            stages[-1].instructions.append((keyword, rest))
+    return args, stages
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    return parse_dockerfile((ROOT / "Dockerfile").read_text())
+
+
+def chain(stages: list[Stage], stage: Stage) -> list[Stage]:
+    """A stage and the stages it is built on, base first."""
+    by_name = {s.name: s for s in stages}
+    out = [stage]
+    while out[0].base in by_name:
+        out.insert(0, by_name[out[0].base])
+    return out
+
+
+def env_of(stages: list[Stage]) -> dict[str, str]:
+    env = {}
+    for stage in stages:
+        for args in stage.all("ENV"):
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def test_multi_stage_on_a_cuda_runtime_base_with_python_311(dockerfile):
+    args, stages = dockerfile
+    assert len(stages) >= 2
+    final = stages[-1]
+    layers = chain(stages, final)
+    root = layers[0].base
+    assert root.startswith("nvidia/cuda:") and "-runtime-" in root, root
+    installs = " ".join(run for stage in layers for run in stage.all("RUN"))
+    assert "python3.11" in installs or args.get("PYTHON") == "python3.11"
+    assert args.get("PYTHON", "python3.11") == "python3.11"
+
+
+def test_package_installed_in_a_builder_and_copied(dockerfile):
+    _, stages = dockerfile
+    builder = next(s for s in stages if s.name == "builder")
+    assert any(re.search(r"pip install .*\s\.(\s|$)", run) for run in builder.all("RUN"))
+    copies = stages[-1].all("COPY")
+    assert any(c.startswith("--from=builder") and "/opt/venv" in c for c in copies)
+    assert "/opt/venv/bin" in env_of(chain(stages, stages[-1]))["PATH"]
+
+
+def test_no_dev_tools_in_the_final_stage(dockerfile):
+    _, stages = dockerfile
+    final_runs = " ".join(run for stage in chain(stages, stages[-1]) for run in stage.all("RUN"))
+    for tool in ("build-essential", "gcc", "g++", "make ", "git", "-dev ", "python3-pip", "cuda-toolkit", "devel"):
+        assert tool not in final_runs, tool
+    builder_runs = " ".join(next(s for s in stages if s.name == "builder").all("RUN"))
+    assert "pip uninstall -y pip" in builder_runs  # the copied venv carries no installer
+
+
+def test_non_root_entrypoint_and_cache_volume(dockerfile):
+    _, stages = dockerfile
+    final = stages[-1]
+    user = final.all("USER")[-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert json.loads(final.all("ENTRYPOINT")[-1]) == ["clipforge"]
+    volumes = json.loads(final.all("VOLUME")[-1])
+    assert len(volumes) == 1
+    volume = volumes[0]
+    env = env_of(chain(stages, final))
+    for key in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+        assert env[key] == volume or env[key].startswith(volume + "/"), key
+    # open_clip downloads to ~/.cache/clip: HOME's .cache is the volume too.
+    runs = " ".join(final.all("RUN"))
+    assert f"ln -s {volume} {env['HOME']}/.cache" in runs
+    assert f"chown 10001:10001 {volume}" in runs and user.startswith("10001")
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "tests", "demo"} <= ignored
+    assert not {"src", "pyproject.toml", "README.md"} & ignored

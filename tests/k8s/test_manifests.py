@@ -1,0 +1,177 @@
+"""The stage manifest builders: names, labels, commands, failure policy, pod security, the multi-node
+Indexed Job + headless Service and its rendezvous env, and the KubeRay RayJob (checked by assertion:
+kubernetes-validate has no CRD schemas, DESIGN: validation quirk)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import assert_secure, pod_specs, validate
+
+from clipforge.config.pipeline import PipelineSpec
+from clipforge.errors import UserError
+from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, StageJobSettings, job_name, labels, stage_manifests
+from clipforge.orchestrate.pipeline import resolve_stage
+
+SPEC = PipelineSpec.model_validate({
+    "artifacts": "/artifacts/clipforge",
+    "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}},
+        {"name": "src", "kind": "cache", "needs": ["idx"], "with": {"source": "s.hdf5", "index": "idx",
+                                                                     "model": "ViT-B-32"},
+         "resources": {"gpus": 2, "nodes": 3, "cpu": "8", "memory": "32Gi"}},
+        {"name": "tgt", "kind": "cache", "needs": ["idx"], "with": {"source": "s.hdf5", "index": "idx",
+                                                                     "model": "ViT-B-32"},
+         "resources": {"gpus": 1}},
+        {"name": "adapter-with-a-rather-long-stage-name-40", "kind": "adapter", "needs": ["src", "tgt"],
+         "with": {"clip_cache": "src", "target_cache": "tgt", "num_processes": 4},
+         "resources": {"gpus": 4, "nodes": 12, "cpu": "16", "memory": "64Gi"}},
+    ],
+})
+OUTPUTS = {"idx": "/artifacts/clipforge/index/a", "src": "/artifacts/clipforge/cache/b",
+           "tgt": "/artifacts/clipforge/cache/c"}  # local paths: nothing is fetched
+RUN = "3f9c2a1b7d4e5f60718293a4b5c6d7e8f9012345"
+
+
+def settings(**extra) -> StageJobSettings:
+    base = dict(image="ghcr.io/clipforge/clipforge:0.1.0", namespace="ml", release="team-a-clipforge-release",
+                run_id=RUN, owner_name="team-a-driver", owner_uid="1234-abcd", artifact_secret="s3-keys",
+                artifact_env={"AWS_ENDPOINT_URL": "http://minio:9000"}, node_selector={"pool": "gpu"},
+                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    return StageJobSettings(**{**base, **extra})
+
+
+def resolved(name: str):
+    stage = resolve_stage(SPEC, SPEC.stage(name), OUTPUTS)
+    stage.config_uri = f"s3://bucket/clipforge/runs/{RUN}/configs/{name}.yaml"
+    return stage
+
+
+def env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_job_names_are_short_deterministic_dns_labels():
+    long = job_name("a" * 53, "b" * 40, "c" * 40)
+    assert len(long) == 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", long)
+    assert long == job_name("a" * 53, "b" * 40, "c" * 40)
+    assert long != job_name("a" * 53, "b" * 40, "d" * 40)  # the hash tells apart what the prefix cannot
+    assert job_name("rel", "run1", "cache") == "rel-run1-cache"
+    assert job_name("9rel", "r", "s") == "cf-9rel-r-s"
+    cut_at_a_dash = job_name("x" * 51, "run", "z" * 20)  # the 52-character cut ends in '-': dropped
+    assert "--" not in cut_at_a_dash and len(cut_at_a_dash) == 62
+    with pytest.raises(UserError, match="DNS label"):
+        job_name("Rel_ease", "r", "s")
+
+
+def test_single_gpu_stage_job():
+    (job,) = stage_manifests(resolved("tgt"), settings())
+    validate(job)
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["name"] == job_name("team-a-clipforge-release", RUN, "tgt") and len(meta["name"]) <= 63
+    assert meta["labels"] == labels(settings(), "tgt")
+    assert {"app.kubernetes.io/name", "app.kubernetes.io/instance", "clipforge.io/run-id",
+            "clipforge.io/stage"} <= meta["labels"].keys()
+    assert meta["annotations"][KEY_ANNOTATION] == resolved("tgt").key
+    # DESIGN: owner is the driver Job, without blockOwnerDeletion.
+    assert meta["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": "team-a-driver",
+                                        "uid": "1234-abcd", "controller": False}]
+    assert spec["ttlSecondsAfterFinished"] == 86400 and spec["backoffLimit"] == 3
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["clipforge", "cache", "--config",
+                                    f"s3://bucket/clipforge/runs/{RUN}/configs/tgt.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
+    assert env(container)["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert_secure(pod)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory" and "emptyDir" in mounts["/tmp/ray"]
+
+
+def test_pod_failure_policy_retries_preemption_and_fails_fast_on_user_errors():
+    (job,) = stage_manifests(resolved("tgt"), settings())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    by_code = {code: rule["action"] for rule in rules if "onExitCodes" in rule
+               for code in rule["onExitCodes"]["values"]}
+    assert by_code == {75: "Ignore", 2: "FailJob"}
+
+
+def test_custom_gpu_resource_and_artifacts_on_a_volume():
+    (job,) = stage_manifests(resolved("tgt"), settings(gpu_resource_name="amd.com/gpu", artifact_pvc="shared",
+                                                       artifact_secret=None))
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "4Gi", "amd.com/gpu": "1"}
+    assert "envFrom" not in container
+    assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
+
+
+def test_multi_node_training_is_an_indexed_job_with_a_headless_service():
+    job, service = stage_manifests(resolved("adapter-with-a-rather-long-stage-name-40"), settings())
+    validate(job)
+    validate(service)
+    name = job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 12
+    assert spec["backoffLimit"] == 0  # DESIGN: one rank lost means the group is recreated
+    assert spec["podFailurePolicy"]["rules"] == [{"action": "FailJob", "onExitCodes": {
+        "containerName": "stage", "operator": "In", "values": [2]}}]
+    # Pod hostnames are <job>-<index>: at most 63 characters too.
+    assert len(f"{name}-11") <= 63
+    pod = spec["template"]["spec"]
+    # DESIGN: headless, publishNotReadyAddresses, selector job-name, subdomain in the pod template.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"job-name": name}
+    assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    rendezvous = env(container)
+    assert rendezvous["MASTER_ADDR"] == f"{name}-0.{service['metadata']['name']}"
+    assert rendezvous["MASTER_PORT"] == "29500" and rendezvous["NNODES"] == "12"
+    assert rendezvous["NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["command"][:2] == ["clipforge", "train-adapter"]
+    assert_secure(pod)
+    assert service["metadata"]["ownerReferences"][0]["name"] == "team-a-driver"
+
+
+def test_multi_node_cache_is_a_rayjob_with_kuberay():
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True))
+    assert ray["apiVersion"] == "ray.io/v1" and ray["kind"] == "RayJob"
+    spec = ray["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True  # DESIGN: else the cluster lingers
+    assert spec["entrypoint"] == f"clipforge cache --config s3://bucket/clipforge/runs/{RUN}/configs/src.yaml"
+    assert ray["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
+    (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
+    worker = workers["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "2" and "command" not in worker
+    for pod_spec in pod_specs(ray):
+        assert_secure(pod_spec)
+        volumes = {v["name"]: v for v in pod_spec["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in pod_spec["containers"][0]["volumeMounts"]}
+        assert "emptyDir" in mounts["/tmp/ray"] and mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+        # The embedded pod templates are built-in kinds: validate them as Pods.
+        validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec})
+
+
+def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():
+    (job,) = stage_manifests(resolved("src"), settings(kuberay=False))
+    validate(job)
+    assert "completionMode" not in job["spec"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "6"
+
+
+def test_settings_reject_unknown_keys_all_at_once():
+    with pytest.raises(UserError, match="unknown keys gpu_name, imagee"):
+        StageJobSettings.from_mapping({"imagee": "x", "gpu_name": "y"})
+    with pytest.raises(UserError, match="image is required"):
+        StageJobSettings.from_mapping({})
