@@ -17,7 +17,7 @@ from clipforge.errors import EXIT_PREEMPTED
 pytestmark = pytest.mark.slow
 
 # Dropout on and the contrastive term on: resume must restore the RNG, not only weights and optimizer.
-SETTINGS = {**FAST, "epochs": 30, "dropout": 0.1, "contrastive_weight": 0.2, "checkpoint_every": 7,
+SETTINGS = {**FAST, "epochs": 16, "dropout": 0.1, "contrastive_weight": 0.2, "checkpoint_every": 7,
             "keep_checkpoints": 2}
 
 
