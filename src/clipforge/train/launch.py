@@ -12,6 +12,11 @@ environment, which the Kubernetes stage sets:
 - `NNODES` (or `WORLD_SIZE`, counted in machines as Kubeflow does): machines;
 - `NODE_RANK` (or `JOB_COMPLETION_INDEX` of an Indexed Job): this machine.
 
+`num_processes` counts the processes of one machine; the world is
+`num_processes x machines`. Only rank 0 writes, and every rank reads the
+checkpoints, so a run over several machines needs OUT on S3 or on a filesystem
+they share.
+
 Under this launcher, workers run their command through `as_worker`: they
 report their outcome (exit code and, for a user error, its message) in a folder
 named by `CLIPFORGE_LAUNCH_DIR` and exit 0, so torchrun stays quiet instead of
