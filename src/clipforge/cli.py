@@ -1,7 +1,8 @@
 """`clipforge` console script: parse, log the resolved config, call the library.
 
-Each subcommand lives in `clipforge.commands.<name>` with `add_parser(sub)`
-setting `func`. A `UserError` becomes one line and exit code 2.
+Each subcommand lives in its own module under `clipforge.commands` with
+`add_parser(sub)` setting `func`; every module there is registered. A
+`UserError` becomes one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ import argparse
 import importlib
 import logging
 import os
+import pkgutil
 import sys
 
+from clipforge import commands
 from clipforge.errors import EXIT_USER_ERROR, UserError
-
-COMMANDS = ["index", "cache", "adapter", "evaluate", "captions", "search", "run", "demo_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="clipforge", description="Resumable CLIP embedding caches, adapters, image generation and fine-tuning.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"clipforge.commands.{name}").add_parser(sub)
+    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"clipforge.commands.{module.name}").add_parser(sub)
     return parser
 
 

@@ -8,14 +8,18 @@ from clipforge.config.base import StageConfig
 
 
 class EvaluateConfig(StageConfig):
-    """Embedding-level evaluation of an adapter against the zero-padding baseline on the test split."""
+    """Adapter vs. zero-padding on the test split: embeddings, and generated images when given."""
 
     clip_cache: str = Field(description="source-space embedding cache (e.g. ViT-B-32, 512-D)")
     target_cache: str = Field(description="target-space embedding cache (e.g. ViT-H-14, 1024-D)")
     adapter: str | None = Field(None, description="adapter output (or .safetensors); none: zero-padding only")
     out: str = Field(description="output prefix: metrics.json, metrics.png, _manifest.json")
+    generated: list[str] = Field(default_factory=list, description="generate outputs to score on images: "
+                                 "CLIPScore and R@1 with the target cache's encoder, and a contact sheet")
+    sheet_rows: int = Field(8, ge=1, description="test ids (a seeded choice) on the contact sheet")
+    device: str = Field("cpu", description="where the target encoder scores generated images")
     split: str = Field("test", description="which split to evaluate")
     seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column")
     test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
 
-    volatile = frozenset({"clip_cache", "target_cache", "adapter", "out"})
+    volatile = frozenset({"clip_cache", "target_cache", "adapter", "generated", "out", "device"})

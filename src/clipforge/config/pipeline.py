@@ -52,7 +52,7 @@ class Policy(_Strict):
 
 class StageSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=40, description="unique name, DNS-label style")
-    kind: str = Field(description="index, cache, adapter or evaluate")
+    kind: str = Field(description="the stage kind: index, cache, adapter, generate, evaluate, finetune, …")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the stage's own settings")
     needs: list[str] = Field(default_factory=list, description="stages whose outputs this one reads")
     resources: Resources = Field(default_factory=Resources)
@@ -114,14 +114,18 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
             problems.append(f"{where}.with.{kind.output_key}: set by the pipeline; pin `output:` on the stage instead")
         values[kind.output_key] = "placeholder-output"
         for key, (_, accepted) in kind.inputs.items():
-            ref = values.get(key)
-            if isinstance(ref, str) and ref in kinds_by_name:
-                if ref not in stage.needs:
-                    problems.append(f"{where}.with.{key}: refers to stage {ref!r}, which is not in needs")
-                elif kinds_by_name[ref] not in accepted:
-                    problems.append(f"{where}.with.{key}: stage {ref!r} is a {kinds_by_name[ref]}; "
-                                    f"expected {' or '.join(accepted)}")
-                values[key] = f"placeholder-{ref}"
+            value = values.get(key)
+            refs = value if isinstance(value, list) else [value]
+            for ref in refs:
+                if isinstance(ref, str) and ref in kinds_by_name:
+                    if ref not in stage.needs:
+                        problems.append(f"{where}.with.{key}: refers to stage {ref!r}, which is not in needs")
+                    elif kinds_by_name[ref] not in accepted:
+                        problems.append(f"{where}.with.{key}: stage {ref!r} is a {kinds_by_name[ref]}; "
+                                        f"expected {' or '.join(accepted)}")
+            placeholders = [f"placeholder-{r}" if isinstance(r, str) and r in kinds_by_name else r for r in refs]
+            if key in values:
+                values[key] = placeholders if isinstance(value, list) else placeholders[0]
         try:
             kind.config.model_validate(values)
         except ValidationError as exc:

@@ -93,21 +93,27 @@ def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int
 
 
 def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
-    """Everything `jobs/demo.yaml` reads, under `root`. Kept as is when already written with the same
-    settings, so reruns of the demo reuse every stage instead of seeing new files."""
+    """Everything `jobs/demo.yaml` reads, under `root` (a tiny Stable unCLIP in `unclip/`).
+
+    Kept as is when already written with the same settings, so reruns of the demo reuse every
+    stage instead of seeing new files."""
     root = Path(root)
     models = root / "models"
     paths = {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
              "source_config": models / "tiny-source.json", "source_weights": models / "tiny-source.pt",
-             "target_config": models / "tiny-target.json", "target_weights": models / "tiny-target.pt"}
+             "target_config": models / "tiny-target.json", "target_weights": models / "tiny-target.pt",
+             "unclip": root / "unclip" / "model_index.json"}
     marker = root / ".demo-data.json"
-    settings = json.dumps({"images": n_images, "version": 1})
+    settings = json.dumps({"images": n_images, "version": 2})
     if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):
         return paths
     write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
     write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images), shared=min(40, n_images))
     write_tiny_model(root / "models", "tiny-source", 512, seed=1)
     write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
+    from clipforge.data.synthetic_unclip import write_tiny_unclip
+
+    write_tiny_unclip(root / "unclip", 1024, seed=3)
     marker.write_text(settings)
     return paths
 

@@ -12,6 +12,7 @@ from clipforge.config.adapter import AdapterConfig
 from clipforge.config.base import StageConfig
 from clipforge.config.cache import CacheConfig
 from clipforge.config.evaluate import EvaluateConfig
+from clipforge.config.generate import GenerateConfig
 from clipforge.config.index import IndexConfig
 
 
@@ -20,8 +21,8 @@ class StageKind:
     command: tuple[str, ...]
     config: type[StageConfig]
     output_key: str
-    # `with` keys that may name a needed stage, and the file under that stage's output they mean
-    # ("" is the output prefix itself); each maps to the kinds it accepts.
+    # `with` keys that may name a needed stage (or, for a list, several), and the file under that
+    # stage's output they mean ("" is the output prefix itself); each maps to the kinds it accepts.
     inputs: dict[str, tuple[str, tuple[str, ...]]]
     # Training stages run as several processes per node and as Indexed Jobs over nodes.
     distributed: bool = False
@@ -34,8 +35,12 @@ KINDS: dict[str, StageKind] = {
         ("train-adapter",), AdapterConfig, "out",
         {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
     ),
+    "generate": StageKind(
+        ("generate",), GenerateConfig, "out", {"embeddings": ("", ("cache",)), "adapter": ("", ("adapter",))},
+    ),
     "evaluate": StageKind(
         ("evaluate",), EvaluateConfig, "out",
-        {"adapter": ("", ("adapter",)), "clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))},
+        {"adapter": ("", ("adapter",)), "clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",)),
+         "generated": ("", ("generate",))},
     ),
 }

@@ -75,23 +75,33 @@ def file_identity(value: Any) -> dict | None:
     return None
 
 
+def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None]):
+    """(URI, identity) of one input: a needed stage's output (None if it produced nothing), or a literal URI."""
+    if value in stage.needs:
+        upstream = outputs.get(value)
+        if upstream is None:
+            return None, None
+        return (storage.join(upstream, file) if file else upstream), output_fingerprint(upstream)
+    return value, {"uri": value, "fingerprint": output_fingerprint(value)}
+
+
 def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str | None]) -> ResolvedStage:
     """Inputs named by stage -> those stages' outputs; key = hash(kind, settings, inputs' fingerprints)."""
     kind = KINDS[stage.kind]
     values = dict(stage.with_)
     identity: dict[str, Any] = {}
     for key, (file, _) in kind.inputs.items():
-        ref = values.get(key)
-        if isinstance(ref, str) and ref in stage.needs:
-            upstream = outputs.get(ref)
-            if upstream is None:
+        value = values.get(key)
+        if isinstance(value, list):  # several stages, e.g. evaluate's `generated`
+            resolved = [resolve_input(v, file, stage, outputs) for v in value]
+            values[key] = [uri for uri, _ in resolved if uri is not None]
+            identity[key] = [ident for _, ident in resolved]
+        elif isinstance(value, str):
+            uri, identity[key] = resolve_input(value, file, stage, outputs)
+            if uri is None:
                 values.pop(key)
-                identity[key] = None
-                continue
-            values[key] = storage.join(upstream, file) if file else upstream
-            identity[key] = output_fingerprint(upstream)
-        elif isinstance(ref, str):
-            identity[key] = {"uri": ref, "fingerprint": output_fingerprint(ref)}
+            else:
+                values[key] = uri
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
     identity["files"] = {key: file_identity(value) for key, value in sorted(values.items())
@@ -174,19 +184,26 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecor
     record = RunRecord(spec, run_id)
     outputs: dict[str, str | None] = {}
     statuses: dict[str, str] = {}
+    # Stages that produced nothing under `on_failure: continue`, and those skipped because of them:
+    # an evaluation goes on without them (reporting what is left, zero-padding above all).
+    continued: set[str] = set()
     stopped = False
     for stage in order_stages(spec):
         name = stage.name
-        blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped")]
-        lost = [n for n in stage.needs if statuses.get(n) == "failed-continued"]
+        lost = [n for n in stage.needs if n in continued]
+        blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
         if stopped or blocked or (lost and stage.kind != "evaluate"):
             why = ("an earlier stage failed" if stopped
                    else f"needs {', '.join(blocked or lost)}, which produced nothing")
             statuses[name], outputs[name] = "skipped", None
+            if lost and not blocked and not stopped:
+                continued.add(name)
             record.record(name, kind=stage.kind, status="skipped", message=why)
             log.warning("[%s] skipped: %s", name, why)
             continue
         statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute, lost)
+        if statuses[name] == "failed-continued":
+            continued.add(name)
         stopped = statuses[name] == "failed"
     return record
 

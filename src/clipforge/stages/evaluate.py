@@ -15,11 +15,13 @@ import torch
 
 from clipforge.config.adapter import AdapterConfig
 from clipforge.config.evaluate import EvaluateConfig
+from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, load_adapter
 from clipforge.orchestrate.pipeline import output_fingerprint
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import cache_fingerprint, read_pairs
+from clipforge.stages.evaluate_images import contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.train.metrics import retrieval_metrics
@@ -32,6 +34,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "clip_cache": cache_fingerprint(cfg.clip_cache, "clip_cache"),
         "target_cache": cache_fingerprint(cfg.target_cache, "target_cache"),
         "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
+        "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
     if is_up_to_date(read_manifest(cfg.out), cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
@@ -57,11 +60,47 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics["conditioning"] = "zero-pad"
         log.warning("no adapter: reporting the zero-padding baseline only")
     log.info("evaluation on %d %s rows:\n%s", len(pairs.test_ids), cfg.split, metrics_table(metrics))
+    files = ["metrics.json", "metrics.png"]
+    if cfg.generated:
+        files += evaluate_generated(cfg, metrics)
     storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
     storage.write_bytes(storage.join(cfg.out, "metrics.png"), bar_chart(metrics))
     return write_manifest(cfg.out, kind="evaluate", config=cfg.model_dump(mode="json"),
-                          config_fingerprint=cfg.fingerprint(), inputs=inputs,
-                          files=["metrics.json", "metrics.png"], metrics=metrics)
+                          config_fingerprint=cfg.fingerprint(), inputs=inputs, files=files, metrics=metrics)
+
+
+def evaluate_generated(cfg: EvaluateConfig, metrics: dict) -> list[str]:
+    """Image-level rows into `metrics["images"]`; writes the contact sheet and the table's chart."""
+    target = read_embeddings(cfg.target_cache)
+    rows, embedded = score_generated(cfg.generated, target, cfg.device)
+    metrics["images"] = rows
+    log.info("generated images, %s split:\n%s", cfg.split, table_text(rows))
+    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
+                        contact_sheet(target, rows, embedded, cfg.sheet_rows, cfg.seed))
+    storage.write_bytes(storage.join(cfg.out, "images.png"), images_chart(rows))
+    return ["contact_sheet.png", "images.png"]
+
+
+def images_chart(rows: list[dict]) -> bytes:
+    """PNG: CLIPScore and R@1 of each configuration of generated images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100)
+    labels = [row["configuration"] for row in rows]
+    for ax, (title, key) in zip(axes, (("CLIPScore", "clip_score"), ("R@1", "R@1")), strict=True):
+        bars = ax.bar(labels, [row[key] for row in rows], color=["#888888", "#ff7f0e", "#1f77b4"][: len(rows)])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def bar_chart(metrics: dict) -> bytes:

@@ -1,0 +1,221 @@
+"""The generate stage: cached embeddings -> images, with diffusers' Stable unCLIP (image variation).
+
+Plan: the cache's rows of one split (optionally a seeded subset), checked for
+NaNs; each embedding is mapped into the pipeline's conditioning space by the
+adapter or by zero-padding. Compute: batches through the pipeline together,
+one generator per id seeded from (seed, id), so an id's image does not depend
+on its batch. Commit: a batch's PNGs, then its row file under `batches/`;
+`generated.parquet` and `_manifest.json` last. A rerun skips committed ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from clipforge.config.generate import GenerateConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.errors import UserError
+from clipforge.models.adapter import load_adapter
+from clipforge.models.encode import resolve_device, resolve_precision
+from clipforge.orchestrate.pipeline import output_fingerprint
+from clipforge.progress import Progress
+from clipforge.stages.adapter_data import cache_fingerprint
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+
+log = logging.getLogger("clipforge.generate")
+EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def id_seed(seed: int, row_id) -> int:
+    """The generator seed of one id: stable across runs, batches and machines."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def pipeline_folder(cfg: GenerateConfig) -> str:
+    """A local folder or a hub id; an s3:// folder is downloaded once (keyed by its listing)."""
+    if storage.is_s3(cfg.pipeline):
+        tree = storage.list_tree(cfg.pipeline)
+        if not tree:
+            raise UserError(f"pipeline {cfg.pipeline} not found")
+        digest = hashlib.sha256(repr(sorted(tree.items())).encode()).hexdigest()[:16]
+        root = Path(cfg.cache_dir or tempfile.gettempdir()) / "clipforge-pipelines" / digest
+        for name, size in tree.items():
+            target = root / name
+            if not (target.is_file() and target.stat().st_size == size):
+                storage.write_bytes(str(target), storage.read_bytes(storage.join(cfg.pipeline, name)))
+        return str(root)
+    return cfg.pipeline
+
+
+def pipeline_identity(cfg: GenerateConfig) -> dict:
+    index = storage.join(cfg.pipeline, "model_index.json")
+    if storage.is_s3(cfg.pipeline) or storage.local_path(cfg.pipeline).is_dir():
+        if not storage.exists(index):
+            raise UserError(f"pipeline {cfg.pipeline} has no model_index.json: not a diffusers pipeline folder")
+        return storage.fingerprint(index)
+    return {"hub_id": cfg.pipeline}
+
+
+def load_pipeline(cfg: GenerateConfig, device: torch.device, precision: str):
+    """The pipeline, checked to be Stable unCLIP image variation; a hub id needs the hub."""
+    from diffusers import DiffusionPipeline
+
+    folder = pipeline_folder(cfg)
+    if storage.local_path(folder).is_dir():
+        found = storage.read_json(storage.join(folder, "model_index.json")).get("_class_name")
+        if found != EXPECTED_CLASS:
+            raise UserError(f"pipeline {cfg.pipeline} is a {found}; expected a {EXPECTED_CLASS} "
+                            "(an image-variation pipeline such as stabilityai/stable-diffusion-2-1-unclip)")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # our own progress line counts images
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=DTYPES[precision])
+    except OSError as exc:
+        raise UserError(f"cannot load pipeline {cfg.pipeline}: {str(exc).splitlines()[0]}") from None
+    if type(pipe).__name__ != EXPECTED_CLASS:
+        raise UserError(f"pipeline {cfg.pipeline} is a {type(pipe).__name__}; expected a {EXPECTED_CLASS}")
+    pipe.set_progress_bar_config(disable=True)
+    if cfg.attention_slicing:
+        pipe.enable_attention_slicing()
+    if cfg.offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def select_rows(cfg: GenerateConfig):
+    """(ids, embeddings) to generate for, sorted by id; NaN or inf rows are named."""
+    table = read_embeddings(cfg.embeddings)
+    keep = np.ones(len(table.ids), dtype=bool)
+    if cfg.split and table.has_splits():
+        keep = table.splits == cfg.split
+    ids, embeddings = table.ids[keep], table.embeddings[keep]
+    if len(ids) == 0:
+        raise UserError(f"{cfg.embeddings} has no rows in split {cfg.split!r}")
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        raise UserError(f"{cfg.embeddings}: NaN or inf embeddings for ids {', '.join(map(str, ids[bad][:5]))}"
+                        f"{' …' if bad.sum() > 5 else ''}")
+    order = np.argsort(ids, kind="stable")
+    ids, embeddings = ids[order], embeddings[order]
+    if cfg.limit and cfg.limit < len(ids):
+        chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), cfg.limit, replace=False))
+        ids, embeddings = ids[chosen], embeddings[chosen]
+    return ids, embeddings, table.dim
+
+
+class Conditioning:
+    """Maps cached embeddings into the pipeline's image-embedding space."""
+
+    def __init__(self, cfg: GenerateConfig, cache_dim: int, pipeline_dim: int):
+        self.adapter = None
+        self.embed_norm = cfg.embed_norm
+        if cfg.adapter:
+            self.adapter = load_adapter(cfg.adapter)
+            spec = self.adapter.spec
+            if spec.in_dim != cache_dim:
+                raise UserError(f"adapter {cfg.adapter} takes {spec.in_dim}-D embeddings, but {cfg.embeddings} "
+                                f"holds {cache_dim}-D ones")
+            if spec.out_dim != pipeline_dim:
+                raise UserError(f"adapter {cfg.adapter} gives {spec.out_dim}-D embeddings, but pipeline "
+                                f"{cfg.pipeline} takes {pipeline_dim}-D ones")
+            self.source, self.fingerprint = "adapter", output_fingerprint(cfg.adapter)
+        else:
+            self.width = cfg.zero_pad or pipeline_dim
+            if self.width != pipeline_dim or cache_dim > pipeline_dim:
+                raise UserError(f"zero-padding {cache_dim}-D embeddings to {self.width}-D does not fit pipeline "
+                                f"{cfg.pipeline}, which takes {pipeline_dim}-D ones")
+            self.source, self.fingerprint = "zero-pad", None
+
+    @torch.no_grad()
+    def __call__(self, embeddings: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(embeddings)
+        if self.adapter is not None:
+            x = self.adapter(x)
+        else:
+            x = torch.nn.functional.pad(x, (0, self.width - x.shape[1]))
+        if self.embed_norm:
+            x = torch.nn.functional.normalize(x, dim=-1) * self.embed_norm
+        return x
+
+
+def committed_ids(out: str) -> tuple[set, list[pd.DataFrame]]:
+    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "batches", name))))
+             for name in storage.list_names(storage.join(out, "batches")) if name.endswith(".parquet")]
+    return {str(i) for part in parts for i in part["id"]}, parts
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
+              "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
+              "pipeline": pipeline_identity(cfg)}
+    if is_up_to_date(read_manifest(cfg.out), cfg.fingerprint(), inputs):
+        log.info("%s is up to date; nothing to do", cfg.out)
+        return read_manifest(cfg.out)
+    ids, embeddings, cache_dim = select_rows(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    pipe = load_pipeline(cfg, device, precision)
+    pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
+    conditioning = Conditioning(cfg, cache_dim, pipeline_dim)
+    done, parts = committed_ids(cfg.out)
+    todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
+    log.info("%d ids of split %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
+             len(ids), cfg.split, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
+    progress = Progress(log, len(todo))
+    started = time.monotonic()
+    for start in range(0, len(todo), cfg.batch_size):
+        rows = todo[start : start + cfg.batch_size]
+        parts.append(generate_batch(cfg, pipe, conditioning, ids[rows], embeddings[rows], device))
+        progress.update(len(rows))
+    seconds = time.monotonic() - started
+    table = pd.concat(parts, ignore_index=True).sort_values("id", ignore_index=True)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), buffer.getvalue())
+    metrics = {"images": len(table), "generated_now": len(todo), "seconds": round(seconds, 2),
+               "seconds_per_image": round(seconds / len(todo), 4) if todo else None,
+               "conditioning": conditioning.source, "precision": precision, "device": device.type}
+    log.info("done: %d images (%d generated now) in %.1f s -> %s", len(table), len(todo), seconds, cfg.out)
+    return write_manifest(cfg.out, kind="generate", config=cfg.model_dump(mode="json"),
+                          config_fingerprint=cfg.fingerprint(), inputs=inputs, rows=len(table),
+                          conditioning=conditioning.source, metrics=metrics)
+
+
+def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, device) -> pd.DataFrame:
+    """One pipeline call for a batch; its PNGs, then its row file (the batch's commit)."""
+    image_embeds = conditioning(embeddings).to(device=device, dtype=pipe.unet.dtype)
+    seeds = [id_seed(cfg.seed, row_id) for row_id in ids]
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    result = pipe(prompt=[""] * len(ids), image_embeds=image_embeds, generator=generators,
+                  num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, noise_level=cfg.noise_level,
+                  output_type="pil")
+    paths = []
+    for row_id, image in zip(ids, result.images, strict=True):
+        path = f"images/{row_id}.png"
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        storage.write_bytes(storage.join(cfg.out, path), buffer.getvalue())
+        paths.append(path)
+    frame = pd.DataFrame({"id": ids, "path": paths, "seed": seeds, "conditioning": conditioning.source,
+                          "adapter": conditioning.fingerprint})
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    first = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
+    storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), buffer.getvalue())
+    return frame

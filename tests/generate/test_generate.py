@@ -1,0 +1,160 @@
+"""The generate stage and image-level evaluation on a tiny Stable unCLIP (random weights, real classes)."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.cli import main
+from clipforge.config.evaluate import EvaluateConfig
+from clipforge.config.generate import GenerateConfig
+from clipforge.models.adapter import load_adapter
+from clipforge.stages.evaluate import run_evaluate
+from clipforge.stages.generate import run_generate
+from clipforge.storage.manifest import read_manifest
+
+from .conftest import write_cache
+
+
+def generate(inputs, unclip, out, **overrides):
+    values = {"embeddings": inputs["source"], "pipeline": unclip, "out": str(out), "steps": 2, "batch_size": 3,
+              "device": "cpu", **overrides}
+    return run_generate(GenerateConfig(**values))
+
+
+def pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_same_seed_gives_the_same_images_whatever_the_batch(generation_inputs, unclip, tmp_path):
+    first = generate(generation_inputs, unclip, tmp_path / "a", batch_size=2)
+    generate(generation_inputs, unclip, tmp_path / "b", batch_size=4)
+    frame = pd.read_parquet(tmp_path / "a" / "generated.parquet")
+    assert first["rows"] == 6 and sorted(frame["id"]) == [0, 2, 4, 6, 8, 10]  # the test split
+    assert set(frame["conditioning"]) == {"zero-pad"}
+    for path in frame["path"]:
+        assert np.abs(pixels(tmp_path / "a" / path) - pixels(tmp_path / "b" / path)).max() <= 1
+    generate(generation_inputs, unclip, tmp_path / "c", seed=1)
+    assert np.abs(pixels(tmp_path / "a" / "images/0.png") - pixels(tmp_path / "c" / "images/0.png")).max() > 1
+
+
+def test_conditioning_reaches_the_pipeline(generation_inputs, unclip, tmp_path, monkeypatch):
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    seen = []
+    original = StableUnCLIPImg2ImgPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["image_embeds"].detach().clone())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableUnCLIPImg2ImgPipeline, "__call__", spy)
+    generate(generation_inputs, unclip, tmp_path / "zero", limit=3, batch_size=3)
+    generate(generation_inputs, unclip, tmp_path / "adapted", adapter=generation_inputs["adapter"], limit=3,
+             batch_size=3)
+    from clipforge.data.embeddings import read_embeddings
+
+    table = read_embeddings(generation_inputs["source"])
+    ids = pd.read_parquet(tmp_path / "zero" / "generated.parquet")["id"].tolist()
+    source = torch.from_numpy(table.embeddings[[list(table.ids).index(i) for i in ids]])
+    zero, adapted = seen
+    assert zero.shape == (3, 1024) and torch.equal(zero[:, :512], source) and not zero[:, 512:].any()
+    expected = load_adapter(generation_inputs["adapter"])(source)
+    torch.testing.assert_close(adapted, expected)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_regenerates_nothing_finished(generation_inputs, unclip, tmp_path):
+    out = tmp_path / "gen"
+    argv = [sys.executable, "-m", "clipforge.cli", "generate", "--embeddings", generation_inputs["source"],
+            "--pipeline", unclip, "--out", str(out), "--split", "", "--steps", "2", "--batch-size", "1",
+            "--device", "cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list((out / "batches").glob("*.parquet"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    batches = {p.name: p.stat().st_mtime_ns for p in (out / "batches").glob("*.parquet")}
+    assert read_manifest(str(out)) is None
+    finished = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"{len(batches)} already generated, skipped" in finished.stderr
+    assert read_manifest(str(out))["rows"] == 12
+    for name, mtime in batches.items():
+        assert (out / "batches" / name).stat().st_mtime_ns == mtime
+    committed = {f"{i}.png" for part in (out / "batches").glob("*.parquet") for i in pd.read_parquet(part)["id"]}
+    assert all((out / "images" / n).stat().st_mtime_ns == t for n, t in done.items() if n in committed)
+
+
+def test_clip_score_and_r1_equal_a_direct_computation(generation_inputs, unclip, tiny_models, tmp_path):
+    generate(generation_inputs, unclip, tmp_path / "zero")
+    generate(generation_inputs, unclip, tmp_path / "adapted", adapter=generation_inputs["adapter"])
+    manifest = run_evaluate(EvaluateConfig(
+        clip_cache=generation_inputs["source"], target_cache=generation_inputs["target"],
+        adapter=generation_inputs["adapter"], out=str(tmp_path / "eval"),
+        generated=[str(tmp_path / "zero"), str(tmp_path / "adapted")], sheet_rows=4))
+    rows = manifest["metrics"]["images"]
+    assert [r["configuration"] for r in rows] == ["zero-pad", "adapter"]
+    # Directly: open_clip's own PIL preprocessing and encode_image on the PNGs, against the target cache.
+    cfg_path, weights = tiny_models["target"]
+    open_clip.add_model_config(cfg_path)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-target", pretrained=str(weights))
+    from clipforge.data.embeddings import read_embeddings
+
+    target = read_embeddings(generation_inputs["target"])
+    for row, folder in zip(rows, ("zero", "adapted"), strict=True):
+        frame = pd.read_parquet(tmp_path / folder / "generated.parquet")
+        with torch.no_grad():
+            gen = torch.stack([preprocess(Image.open(tmp_path / folder / p)) for p in frame["path"]])
+            gen = torch.nn.functional.normalize(model.eval().encode_image(gen), dim=-1).numpy()
+        truth = target.embeddings[[list(target.ids).index(i) for i in frame["id"]]]
+        assert row["clip_score"] == pytest.approx(float((gen * truth).sum(1).mean()), abs=2e-3)
+        assert row["R@1"] == pytest.approx(float(np.mean((gen @ truth.T).argmax(1) == np.arange(len(gen)))))
+    sheet = Image.open(io.BytesIO((tmp_path / "eval" / "contact_sheet.png").read_bytes()))
+    assert sheet.size == (160 * 3, 24 + 4 * (160 + 16))
+    assert (tmp_path / "eval" / "images.png").stat().st_size > 1000
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp_path, capsys):
+    base = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--steps", "1",
+            "--device", "cpu"]
+    nan = np.ones((2, 512), np.float32)
+    nan[1, 0] = np.nan
+    nan_cache = write_cache(tmp_path / "nan", [1, 2], ["test", "test"], nan, {"name": "x", "dim": 512})
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    small = write_cache(tmp_path / "small", [1], ["test"], np.ones((1, 16), np.float32), {"name": "y", "dim": 16})
+    cases = [
+        (["--split", "val"], "has no rows in split 'val'"),
+        (["--embeddings", nan_cache], "NaN or inf embeddings for ids 2"),
+        (["--pipeline", str(other)], "is a StableDiffusionPipeline; expected a StableUnCLIPImg2ImgPipeline"),
+        (["--embeddings", small, "--adapter", generation_inputs["adapter"]],
+         "takes 512-D embeddings, but " + small + " holds 16-D ones"),
+        (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
+    ]
+    for number, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{number}"
+        argv = [*base, *extra, "--out", str(out)]
+        if "--embeddings" in extra:
+            argv = [a for i, a in enumerate(argv) if not (i in (1, 2) and "--embeddings" in extra)]
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
+        assert read_manifest(str(out)) is None
