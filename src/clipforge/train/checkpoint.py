@@ -128,7 +128,8 @@ def _s3_folders(prefix: str) -> list[str]:
     return names
 
 
-def _folders(root: str) -> list[str]:
+def list_folders(root: str) -> list[str]:
+    """Names of the folders directly under `root` (local or s3://); none when it does not exist."""
     if storage.is_s3(root):
         return _s3_folders(root)
     path = storage.local_path(root)
@@ -182,7 +183,7 @@ class CheckpointStore:
     def _scan(self) -> tuple[list[Checkpoint], list[str]]:
         """(this run's complete checkpoints oldest first, names of every other folder under the root)."""
         ours, others = [], []
-        for name in _folders(self.root):
+        for name in list_folders(self.root):
             match = NAME_PATTERN.match(name)
             manifest = read_manifest(storage.join(self.root, name)) if match else None
             if match and manifest is not None and manifest.get("kind") == "checkpoint" and self._matches(manifest):

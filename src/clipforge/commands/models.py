@@ -1,0 +1,50 @@
+"""`clipforge models list`: the fine-tuned models in a folder, with their base, date, data and best val figures."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("models", help="list fine-tuned models")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="each fine-tuned model in DIR: base, date, data size, best val metrics",
+                                 description="Each run folder under DIR (from `clipforge finetune --out DIR`).")
+    listing.add_argument("--dir", default="models_finetuned", help="folder of runs, local or s3:// "
+                                                                   "(default: models_finetuned)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=run_list)
+
+
+def _figure(value, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, int | float) else "-"
+
+
+def table(models: list[dict]) -> str:
+    """One line per model; R@1 both ways and the val loss of its best epoch."""
+    header = ("name", "status", "base", "created", "train", "val", "epochs", "best", "R@1 i->t", "R@1 t->i",
+              "val loss")
+    rows = [header]
+    for m in models:
+        best = m.get("best") or {}
+        base = f"{m.get('model')} ({m.get('pretrained') or 'random'})"
+        rows.append((m["name"], m["status"], base, (m.get("created") or "-")[:16].replace("T", " "),
+                     _figure(m.get("train_rows"), "{}"), _figure(m.get("val_rows"), "{}"),
+                     _figure(m.get("epochs"), "{}"), _figure(m.get("best_epoch"), "{}"),
+                     _figure(best.get("image_to_text_R@1"), "{:.3f}"), _figure(best.get("text_to_image_R@1"), "{:.3f}"),
+                     _figure(best.get("val_loss"), "{:.4f}")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def run_list(args) -> int:
+    from clipforge.stages.finetune import finetuned_models
+
+    models = finetuned_models(args.dir)
+    if args.json:
+        print(json.dumps(models, indent=2))
+    elif models:
+        print(table(models))
+    else:
+        print(f"no fine-tuned models in {args.dir}")
+    return 0

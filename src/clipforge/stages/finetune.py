@@ -1,0 +1,332 @@
+"""The fine-tuning stage: an open_clip model trained further on captioned images.
+
+Plan: the run's folder (a new `OUT/<YYYYmmdd-HHMMSS>/`, the newest one for
+`--resume latest`, or OUT itself in a pipeline), the config fingerprint and the
+inputs' fingerprints (CSVs or the dataset's index, starting weights, model
+config); a folder whose manifest matches is up to date and nothing runs. Read:
+the CSVs checked (`finetune_data`; with `dataset`, split and augmented first).
+Train (`finetune_trainer`): Accelerate, in this process or in `num_processes`
+workers started by `train.launch`; checkpoints at least every epoch; a rerun
+resumes from the newest complete one and ends with the weights an uninterrupted
+run would have; SIGTERM checkpoints and exits with `EXIT_PREEMPTED`. Commit:
+`model.pt` (a plain state dict: `open_clip.create_model_and_transforms(NAME,
+pretrained="model.pt")` loads it), `model.json`, `metrics.json`, logs, then
+`_manifest.json` last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
+from clipforge.stages.finetune_trainer import FinetuneTrainer, check_model_name, micro_batch
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, manifest_uri, read_manifest, write_manifest
+from clipforge.train import launch
+from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore, list_folders
+from clipforge.train.loop import PreemptionWatch, make_accelerator, resolve_device
+
+log = logging.getLogger("clipforge.finetune")
+
+COMMAND = "finetune"
+WEIGHTS_NAME, CARD_NAME, METRICS_NAME = "model.pt", "model.json", "metrics.json"
+RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
+
+
+@dataclass
+class FinetuneResult:
+    """How a call ended: `trained`, `up to date` or `preempted`; `out` is the run folder; `exit_code` for the CLI."""
+
+    status: str
+    out: str
+    metrics: dict | None = None
+    exit_code: int = 0
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Make the run folder hold the fine-tuned model for `config`: train, resume, or confirm it.
+
+    Bad input raises `UserError` before the run folder gets a manifest; after a
+    crash or SIGTERM, the same call (or `--resume latest`) resumes from the
+    newest complete checkpoint.
+    """
+    config = resolve_run(config)
+    inputs = stage_inputs(config)
+    fingerprint = config.fingerprint()
+    manifest = read_manifest(config.out)
+    if manifest is not None and manifest.get("kind") != "finetune":
+        raise UserError(f"out {config.out} holds a {manifest.get('kind')!r} output, not a fine-tuned model: "
+                        "give the run a folder of its own")
+    if is_up_to_date(manifest, fingerprint, inputs):
+        log.info("%s is up to date; nothing to train", config.out)
+        return FinetuneResult("up to date", config.out, manifest.get("metrics"))
+    if not launch.needs_launch(config.num_processes):
+        with PreemptionWatch() as watch:
+            return _train_here(config, inputs, fingerprint, watch)
+    # Bad input fails here, once, with one clear line, before any worker starts.
+    _check_before_launch(config)
+    quiet = logging.getLogger("clipforge").getEffectiveLevel() > logging.INFO
+    outcome = launch.relaunch(COMMAND, config.model_dump(mode="json", by_alias=True), config.num_processes,
+                              quiet=quiet)
+    if outcome.message:
+        raise UserError(outcome.message)
+    if outcome.exit_code == EXIT_PREEMPTED:
+        return FinetuneResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+    if outcome.exit_code != 0:
+        raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
+    done = read_manifest(config.out) or {}
+    return FinetuneResult("trained", config.out, done.get("metrics"))
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+
+def run_folders(root: str) -> list[str]:
+    """Names of the timestamped run folders under `root`, oldest first."""
+    return sorted(name for name in list_folders(root) if RUN_NAME.match(name))
+
+
+def _new_run_folder(root: str) -> str:
+    name = time.strftime("%Y%m%d-%H%M%S")
+    taken = set(list_folders(root))
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name}-{n}"
+    return storage.join(root, unique)
+
+
+def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
+    """The config with `out` the run's own folder: new, resumed (`resume`), or OUT itself (not timestamped)."""
+    if not config.timestamped:
+        return config
+    if launch.rendezvous_from_env().nnodes > 1 and not config.resume:
+        raise UserError("a run over several machines needs one folder they all agree on: pass --no-timestamped "
+                        "(OUT is the run folder) or --resume FOLDER")
+    if config.resume == "latest":
+        names = run_folders(config.out)
+        if names:
+            folder = storage.join(config.out, names[-1])
+            _check_resumable(config, folder)
+        else:
+            log.info("no run under %s to resume: starting a new one", config.out)
+            folder = _new_run_folder(config.out)
+    elif config.resume:
+        folder = config.resume.rstrip("/")
+        _check_resumable(config, folder)
+    else:
+        folder = _new_run_folder(config.out)
+    return config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
+
+
+def _recorded_config(folder: str) -> dict | None:
+    """The manifest of a run folder, or of its newest complete checkpoint."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return manifest
+    root = storage.join(folder, CHECKPOINTS_DIR)
+    for name in sorted(list_folders(root), reverse=True):
+        found = read_manifest(storage.join(root, name))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_resumable(config: FinetuneConfig, folder: str) -> None:
+    """Resuming a run with other settings or data would start it over and delete its checkpoints: refuse."""
+    recorded = _recorded_config(folder)
+    if recorded is None:
+        raise UserError(f"resume {folder}: no run to resume there (no _manifest.json and no complete checkpoint)")
+    mine = config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
+    if recorded.get("config_fingerprint") != mine.fingerprint():
+        theirs = recorded.get("config") or {}
+        ours = mine.model_dump(mode="json", by_alias=True)
+        changed = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in ours.items()
+                   if k not in FinetuneConfig.volatile and theirs.get(k) != v]
+        raise UserError(f"resume {folder}: that run has other settings ({'; '.join(changed) or 'see its config'}); "
+                        "resume it with its own settings, or start a new run without --resume")
+    if recorded.get("inputs") != stage_inputs(mine):
+        raise UserError(f"resume {folder}: its data or starting weights changed since that run began; "
+                        "start a new run without --resume")
+
+
+def _weights_identity(value: str | None) -> dict | None:
+    """Size and ETag or mtime of a file named by `pretrained`/`model_config`; a tag identifies itself."""
+    if not value:
+        return None
+    if value.startswith("s3://") or "/" in value or Path(value).exists():
+        return storage.fingerprint(value)
+    return None
+
+
+def stage_inputs(config: FinetuneConfig) -> dict:
+    """What identifies the run's inputs: its data and the files its model comes from."""
+    return {**data_inputs(config), "pretrained": _weights_identity(config.pretrained),
+            "model_config": _weights_identity(config.model_config_file)}
+
+
+def _check_before_launch(config: FinetuneConfig) -> None:
+    if config.dataset:
+        dataset_index(config.dataset)
+    else:
+        train = read_rows(config.train_data, "train_data")
+        read_rows(config.val_data, "val_data")
+        micro_batch(config, len(train), launch.world_size(config.num_processes))
+    resolve_device(config.device, config.num_processes)
+    check_model_name(config)
+
+
+# -- train --------------------------------------------------------------------------------------
+
+
+def _log_dir(config: FinetuneConfig, store: CheckpointStore) -> Path:
+    if config.logdir:
+        return Path(config.logdir) / config.out.rstrip("/").rsplit("/", 1)[-1]
+    return store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
+
+
+def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> FinetuneResult:
+    """This process's part of a run (the only process, or one of a launched group)."""
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    trainer = None
+    try:
+        with accelerator.main_process_first():  # rank 0 prepares a dataset's CSVs; the others then read them
+            train_csv, val_csv = prepared_csvs(config, config.out)
+        train, val = read_rows(train_csv, "train_data"), read_rows(val_csv, "val_data")
+        store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
+                                config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
+                                work_dir=config.work_dir)
+        if accelerator.is_main_process:
+            if read_manifest(config.out) is not None:
+                log.warning("%s holds a model of another config or other data: training anew", config.out)
+                storage.delete(manifest_uri(config.out))  # OUT must not look "done" while it is being rewritten
+            removed = store.tidy()
+            if removed:
+                log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
+        accelerator.wait_for_everyone()
+        log.info("run folder %s: %d training and %d validation pairs", config.out, len(train), len(val))
+        trainer = FinetuneTrainer(config, train, val, store, accelerator)
+        trainer.resume()
+        log_dir = _log_dir(config, store)
+        trainer.upload_logs = (log_dir, storage.join(config.out, "logs")) if store.remote and not config.logdir \
+            else None
+        if not trainer.fit(watch, log_dir):
+            log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
+                        trainer.progress.step, EXIT_PREEMPTED)
+            return FinetuneResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+        metrics = summarise(trainer)
+        if accelerator.is_main_process:
+            trainer.close()
+            _commit(config, trainer, metrics, inputs, fingerprint)
+        accelerator.wait_for_everyone()
+        return FinetuneResult("trained", config.out, metrics)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
+
+
+def summarise(trainer: FinetuneTrainer) -> dict:
+    """Validation before training, after each epoch, the final (model.pt's) and the best epoch's figures."""
+    history = trainer.history
+    epochs = [h for h in history if h["epoch"] > 0]
+    best = max(epochs, key=lambda h: (h["image_to_text_R@1"] + h["text_to_image_R@1"], -h["val_loss"]))
+    return {
+        "before": history[0] if history and history[0]["epoch"] == 0 else None,
+        "final": epochs[-1],
+        "best": best,
+        "epochs": epochs,
+        "train_rows": len(trainer.train_rows),
+        "val_rows": len(trainer.val_rows),
+        "steps": trainer.progress.step,
+        "samples": trainer.progress.samples,
+        "warmup_steps": trainer.warmup_steps,
+        "timing": trainer.timing,
+    }
+
+
+# -- commit -------------------------------------------------------------------------------------
+
+
+def _commit(config: FinetuneConfig, trainer: FinetuneTrainer, metrics: dict, inputs: dict, fingerprint: str) -> None:
+    """Write the outputs, then `_manifest.json` last (rank 0 only)."""
+    out = config.out
+    model = trainer.acc.unwrap_model(trainer.model)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    storage.write_bytes(storage.join(out, WEIGHTS_NAME), buffer.getvalue())
+    model_config = storage.read_json(config.model_config_file) if config.model_config_file else None
+    card = {
+        "format": "clipforge-finetuned/1",
+        "model": config.model,
+        "pretrained": config.pretrained or None,
+        "model_config": model_config,
+        "base_weights": inputs.get("pretrained"),
+        "load": f"open_clip.create_model_and_transforms({config.model!r}, pretrained=<this folder>/model.pt)"
+                + (" after open_clip.add_model_config(<its model_config as a file>)" if model_config else ""),
+        "data": {"train": trainer.train_rows.source, "val": trainer.val_rows.source, "dataset": config.dataset,
+                 "train_rows": metrics["train_rows"], "val_rows": metrics["val_rows"], "inputs": inputs},
+        "config": config.model_dump(mode="json", by_alias=True),
+        "metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(storage.join(out, CARD_NAME), card)
+    storage.write_json(storage.join(out, METRICS_NAME), metrics)
+    trainer.flush_logs()
+    write_manifest(out, kind="finetune", config=config.model_dump(mode="json", by_alias=True),
+                   config_fingerprint=fingerprint, inputs=inputs, files=[WEIGHTS_NAME, CARD_NAME, METRICS_NAME],
+                   rows={"train": metrics["train_rows"], "val": metrics["val_rows"]}, metrics=metrics)
+    final = metrics["final"]
+    log.info("committed %s: val R@1 image->text %.3f, text->image %.3f, val loss %.4f (before training: %s)", out,
+             final["image_to_text_R@1"], final["text_to_image_R@1"], final["val_loss"],
+             json.dumps({k: round(metrics["before"][k], 3) for k in ("image_to_text_R@1", "text_to_image_R@1",
+                                                                     "val_loss")}) if metrics["before"] else "-")
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+def finetuned_models(root: str) -> list[dict]:
+    """Every run folder under `root` (or `root` itself when it is one): base, date, data size, best val figures.
+
+    Finished runs come from their `model.json`; a folder with checkpoints but
+    no manifest is listed as incomplete with its newest checkpoint's step.
+    """
+    folders = [root] if read_manifest(root) is not None else \
+        [storage.join(root, name) for name in sorted(list_folders(root))]
+    models = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if manifest is not None and manifest.get("kind") == "finetune":
+            card = storage.read_json(storage.join(folder, CARD_NAME))
+            best = card["metrics"]["best"]
+            models.append({
+                "name": name, "path": folder, "status": "complete", "model": card["model"],
+                "pretrained": card["pretrained"], "created": card["created"],
+                "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
+                "epochs": card["config"]["epochs"], "best_epoch": best["epoch"],
+                "best": {k: best[k] for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
+                                              "text_to_image_R@5", "val_loss")},
+            })
+        elif manifest is None:
+            checkpoints = storage.join(folder, CHECKPOINTS_DIR)
+            steps = [n for n in list_folders(checkpoints) if storage.exists(storage.join(checkpoints, n,
+                                                                                         MANIFEST_NAME))]
+            if steps:
+                recorded = read_manifest(storage.join(checkpoints, max(steps))) or {}
+                config = recorded.get("config") or {}
+                models.append({"name": name, "path": folder, "status": f"incomplete ({max(steps)})",
+                               "model": config.get("model"), "pretrained": config.get("pretrained"),
+                               "created": recorded.get("created"), "epochs": config.get("epochs")})
+    return models

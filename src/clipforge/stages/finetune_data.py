@@ -1,0 +1,238 @@
+"""The fine-tuning stage's input: caption CSVs checked, images loaded and transformed in DataLoader workers.
+
+Rows come from `filepath,caption` CSVs (`read_captions`); an image path is
+relative to its CSV's folder, absolute, or s3:// (`resolve_image`). With
+`dataset` the stage first splits and augments the dataset's index.csv with the
+caption tools themselves (`captions.prepare`, `augment.augment`), into
+`OUT/data/` with a manifest of its own, so a rerun or a resume reuses it.
+
+The batches of an epoch are a pure function of (seed, epoch)
+(`train.loop.epoch_batches`) and so is every random augmentation: a row's
+transform runs under RNGs seeded from (seed, epoch, row). The images a step
+sees therefore do not depend on the number of workers or processes, or on
+where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from clipforge.config.captions import AugmentConfig, PrepareConfig
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.data.augment import augment
+from clipforge.data.captions import (
+    INDEX,
+    TRAIN,
+    TRAIN_ORIGINAL,
+    VAL,
+    prepare,
+    read_captions,
+    resolve_image,
+    write_captions,
+)
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+
+log = logging.getLogger("clipforge.finetune")
+
+DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class CaptionRows:
+    """The rows of one CSV: each image's URI and its caption, in file order."""
+
+    source: str
+    filepaths: list[str]
+    uris: list[str]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+def _folder_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
+def read_rows(path: str, role: str) -> CaptionRows:
+    """A CSV's rows with resolved image URIs; a missing file, column or caption, or missing local image is named."""
+    if not storage.exists(path):
+        raise UserError(f"{role} {path} not found: it needs one row per image, columns filepath,caption")
+    frame = read_captions(path, what=role)
+    folder = _folder_of(path)
+    rows = CaptionRows(path, list(frame["filepath"]), [resolve_image(folder, p) for p in frame["filepath"]],
+                       list(frame["caption"]))
+    # A local image that is not there fails now, before any process starts; S3 objects (a HEAD each would
+    # cost more than reading them) and undecodable files are named when a batch meets them.
+    missing = [fp for fp, uri in zip(rows.filepaths, rows.uris, strict=True)
+               if not storage.is_s3(uri) and not storage.local_path(uri).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"image {missing[0]} in {path} not found{more}")
+    return rows
+
+
+def dataset_index(dataset: str) -> str:
+    """The index.csv a `dataset` setting names: the file itself, or the one inside the folder."""
+    if dataset.endswith(".csv"):
+        if not storage.exists(dataset):
+            raise UserError(f"dataset {dataset} not found")
+        return dataset
+    index = storage.join(dataset, INDEX)
+    if not storage.exists(index):
+        raise UserError(f"No index.csv found in {dataset}: it needs one row per image, columns filepath,caption")
+    return index
+
+
+def data_inputs(config: FinetuneConfig) -> dict:
+    """What identifies the training data: the fingerprints of the CSVs the run reads (or of the dataset's index)."""
+    if config.dataset:
+        return {"dataset": storage.fingerprint(dataset_index(config.dataset))}
+    return {role: storage.fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
+
+
+def _prepare_settings(config: FinetuneConfig) -> dict:
+    return {key: getattr(config, key) for key in ("val_fraction", "augment", "per_sample", "synonyms", "llm_model",
+                                                  "skip_bad", "seed")}
+
+
+def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
+    """(train CSV, val CSV) of the run: the config's own, or those prepared from `dataset` under OUT/data.
+
+    Preparing writes `OUT/data/index.csv` (the dataset's rows with image paths
+    made absolute), lets `captions prepare` check the images and split it and
+    `captions augment` write `train.csv`, then commits `OUT/data/_manifest.json`.
+    Call it on one process at a time; an up-to-date OUT/data is reused as is.
+    """
+    if not config.dataset:
+        return config.train_data, config.val_data
+    data = storage.join(out, DATA_DIR)
+    train, val = storage.join(data, TRAIN), storage.join(data, VAL)
+    settings = _prepare_settings(config)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    index = dataset_index(config.dataset)
+    inputs = {"dataset": storage.fingerprint(index)}
+    if is_up_to_date(read_manifest(data), fingerprint, inputs):
+        return train, val
+    frame = read_captions(index)
+    folder = _folder_of(index)
+    frame["filepath"] = [_absolute(resolve_image(folder, p)) for p in frame["filepath"]]
+    write_captions(storage.join(data, INDEX), frame)
+    split = prepare(PrepareConfig(dataset=data, val_fraction=config.val_fraction, seed=config.seed,
+                                  skip_bad=config.skip_bad))
+    if config.augment == "none" or config.per_sample == 0:
+        storage.write_bytes(train, storage.read_bytes(storage.join(data, TRAIN_ORIGINAL)))
+        variants = {"variants": 0}
+    else:
+        variants = augment(AugmentConfig(dataset=data, method=config.augment, per_sample=config.per_sample,
+                                         synonyms=config.synonyms, llm_model=config.llm_model, seed=config.seed))
+    write_manifest(data, kind="captions", config=settings, config_fingerprint=fingerprint, inputs=inputs,
+                   files=[INDEX, TRAIN_ORIGINAL, VAL, TRAIN], metrics={**split, **variants})
+    return train, val
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_s3(uri) else os.path.abspath(storage.local_path(uri))
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A row whose image could not be read; travels through the DataLoader in place of a batch."""
+
+    filepath: str
+    source: str
+    why: str
+
+    @property
+    def message(self) -> str:
+        return (f"image {self.filepath} in {self.source} {self.why}; fix or drop it "
+                "(`clipforge captions prepare --skip-bad` drops bad images)")
+
+
+def load_image(uri: str) -> Image.Image:
+    if storage.is_s3(uri):
+        image = Image.open(io.BytesIO(storage.read_bytes(uri)))
+    else:
+        image = Image.open(storage.local_path(uri))
+    image.load()
+    return image
+
+
+def row_seed(seed: int, epoch: int, row: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + row
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items keyed by (epoch, row): (transformed image, caption tokens), or a `BadImage`.
+
+    The transform's random draws (open_clip's RandomResizedCrop) come from RNGs
+    seeded by (seed, epoch, row) and restored afterwards, so they neither depend
+    on which worker runs them nor disturb the training process's own RNG.
+    """
+
+    def __init__(self, rows: CaptionRows, transform, tokenizer, seed: int):
+        self.rows, self.transform, self.tokenizer, self.seed = rows, transform, tokenizer, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, row = key
+        try:
+            image = load_image(self.rows.uris[row])
+        except UserError:
+            return BadImage(self.rows.filepaths[row], self.rows.source, "not found")
+        except Exception as exc:  # PIL raises many types for corrupt files
+            return BadImage(self.rows.filepaths[row], self.rows.source, f"cannot be decoded ({type(exc).__name__})")
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = row_seed(self.seed, epoch, row)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would also queue a CUDA seeding, slowly
+            random.seed(seed)
+            pixels = self.transform(image)
+        random.setstate(python_state)
+        return pixels, self.tokenizer([self.rows.captions[row]])[0]
+
+
+def collate(items: list):
+    """A batch (images, tokens), or the first `BadImage` among the items."""
+    bad = next((item for item in items if isinstance(item, BadImage)), None)
+    if bad is not None:
+        return bad
+    images, tokens = zip(*items, strict=True)
+    return torch.stack(images), torch.stack(tokens)
+
+
+class KeyBatches:
+    """The batch sampler of a DataLoader: lists of (epoch, row) keys, replaced before each pass."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool):
+    """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )

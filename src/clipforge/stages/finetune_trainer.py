@@ -1,0 +1,377 @@
+"""The fine-tuning stage's training: one process's share of it (the only process, or one of a launched group).
+
+`FinetuneTrainer` follows the resume contract of `clipforge.train.loop`: the
+batches are a function of (seed, epoch), each row's augmentation of (seed,
+epoch, row), the learning rate of the step, and a checkpoint (`train.state`)
+holds weights, optimizer, every process's RNG, `TrainProgress` and the metrics
+so far. The contrastive loss is open_clip's `ClipLoss` over the features of
+all processes (and, with `grad_accum`, of all forward passes of the step, as
+open_clip's `--accum-freq`), so the weights do not depend on the process count.
+Only rank 0 writes; every process takes part in saving and validating.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import UserError
+from clipforge.models.encoders import register_model_config, weights_problem
+from clipforge.progress import Progress
+from clipforge.stages.finetune_data import BadImage, CaptionedImages, CaptionRows, KeyBatches, make_loader
+from clipforge.storage import uri as storage
+from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.loop import (
+    PreemptionWatch,
+    TrainProgress,
+    any_across,
+    epoch_batches,
+    gather_rows,
+    local_rows,
+    open_tensorboard,
+    seed_everything,
+    shard_slice,
+    warmup_cosine_lr,
+)
+from clipforge.train.metrics import retrieval_metrics
+from clipforge.train.state import extra_value, restore_state, state_files
+
+log = logging.getLogger("clipforge.finetune")
+
+HISTORY = "history.json"
+MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature here, as the CLIP paper does
+
+
+@dataclass
+class BuiltModel:
+    """open_clip's model, its train and val transforms and its tokenizer, from open_clip's own factory."""
+
+    model: torch.nn.Module
+    train_transform: object
+    val_transform: object
+    tokenizer: object
+
+
+def check_model_name(config: FinetuneConfig) -> None:
+    """Register the model config, if any; a name open_clip does not know is a UserError."""
+    import open_clip
+
+    if config.model_config_file:
+        register_model_config(config.model_config_file)
+    if config.model not in open_clip.list_models():
+        raise UserError(f"unknown model {config.model!r}: not an open_clip model (see open_clip.list_models()) and "
+                        "no --model-config registers it")
+
+
+def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltModel:
+    """The model to fine-tune on the CPU in fp32 (Accelerate moves it and autocasts), or a UserError."""
+    import open_clip
+
+    check_model_name(config)
+    pretrained = config.pretrained or None
+    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
+        pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
+    try:
+        model, train_transform, val_transform = open_clip.create_model_and_transforms(
+            config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
+    return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    model: str
+    pretrained: str | None
+
+
+def clamp_warmup(warmup: int, total_steps: int) -> int:
+    """The warmup steps to use: as asked, or a tenth of the run when the asked warmup would not end before it."""
+    if warmup < total_steps:
+        return warmup
+    clamped = max(1, total_steps // 10)
+    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d steps, a tenth of the run",
+                warmup, total_steps, clamped)
+    return clamped
+
+
+def micro_batch(config: FinetuneConfig, train_rows: int, world: int) -> int:
+    """Rows of one forward pass over all processes: `batch_size`, or fewer when the data is too small for a step."""
+    if config.batch_size % world:
+        raise UserError(f"batch_size: {config.batch_size} does not split evenly over {world} processes")
+    if train_rows >= config.batch_size * config.grad_accum:
+        return config.batch_size
+    batch = train_rows // config.grad_accum // world * world
+    if batch < 2:
+        raise UserError(f"only {train_rows} training rows: a step needs at least 2 per forward pass on each of "
+                        f"{world} process(es), times grad_accum {config.grad_accum}")
+    log.warning("only %d training rows: batch_size lowered from %d to %d", train_rows, config.batch_size, batch)
+    return batch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as open_clip_train makes them: no decay on norms, biases, embeddings of one dim, logit_scale."""
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+class FinetuneTrainer:
+    """One process's share of training: setup, resume, fit, validate, save; rank 0 alone writes."""
+
+    def __init__(self, config: FinetuneConfig, train: CaptionRows, val: CaptionRows, store: CheckpointStore,
+                 accelerator):
+        import open_clip
+
+        self.config, self.train_rows, self.val_rows, self.store, self.acc = config, train, val, store, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.micro = micro_batch(config, len(train), self.world)
+        self.step_rows = self.micro * config.grad_accum
+        self.steps_per_epoch = len(train) // self.step_rows
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup_steps = clamp_warmup(config.warmup, self.total_steps)
+        # Same seed on every process: identical initial weights (random ones too), as DDP expects.
+        seed_everything(config.seed)
+        built = build_model(config, config.work_dir)
+        model = built.model
+        if config.lock_image:
+            model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
+        if config.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        # open_clip_train's AdamW settings for ViTs (betas 0.9/0.98, eps 1e-6); the fused kernel (CPU and CUDA)
+        # updates all parameters in one pass instead of a dozen small operations per tensor.
+        optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
+                                      eps=1e-6, fused=True)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.loss = open_clip.ClipLoss(rank=self.rank, world_size=self.world)
+        pin = accelerator.device.type == "cuda"
+        self.train_keys, self.val_keys = KeyBatches(), KeyBatches()
+        self.train_loader = make_loader(CaptionedImages(train, built.train_transform, built.tokenizer, config.seed),
+                                        self.train_keys, config.workers, pin)
+        self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
+                                      self.val_keys, config.workers, pin)
+        self.progress = TrainProgress()
+        self.history: list[dict] = []  # validation before training and after each epoch
+        self.last_saved: str | None = None
+        self.writer = None
+        self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
+        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint, if any; otherwise give each process its own random stream."""
+        started = time.monotonic()
+        latest = self.store.latest()
+        if latest is None:
+            seed_everything(self.config.seed + self.rank)
+            return
+        with self.acc.local_main_process_first():  # one download per machine when OUT is on S3
+            files = self.store.load(latest)
+        self.progress = restore_state(self.acc, self.model, self.optimizer, files, self.config.seed)
+        self.history = extra_value(files, HISTORY, [])
+        self.last_saved = latest.uri
+        self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
+        log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
+                 self.progress.step, self.timing["resume_seconds"])
+
+    def save(self) -> None:
+        """Checkpoint now (every process takes part: each contributes its RNG state)."""
+        files = state_files(self.acc, self.model, self.optimizer, self.progress,
+                            self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
+        if files is not None:
+            self.flush_logs()
+            self.last_saved = self.store.save(self.progress.step, files).uri
+            log.info("checkpoint %s", self.last_saved)
+
+    def _diverged(self):
+        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
+        raise UserError(f"training diverged: the loss became NaN or infinite at step {self.progress.step} "
+                        f"(epoch {self.progress.epoch + 1}); {kept}; lower --lr or check the inputs")
+
+    def _bad_input(self, bad: BadImage | None) -> None:
+        """Every process raises the same message (the launcher reports rank 0's)."""
+        messages = [m for m in gather_object([bad.message if bad else None]) if m]
+        raise UserError(messages[0])
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """R@1/5/10 and median rank both ways, and the contrastive loss (in val batches of `batch_size`)."""
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        part = range(len(self.val_rows))[shard_slice(len(self.val_rows), self.rank, self.world)]
+        step = max(1, self.micro // self.world)
+        self.val_keys.batches = [[(-1, row) for row in part[i : i + step]] for i in range(0, len(part), step)]
+        images, texts, bad = [], [], None
+        with torch.no_grad(), self.acc.autocast():
+            for batch in self.val_loader:
+                if isinstance(batch, BadImage):
+                    bad = bad or batch
+                    continue
+                out = model(batch[0].to(self.acc.device, non_blocking=True),
+                            batch[1].to(self.acc.device, non_blocking=True))
+                images.append(out["image_features"].float())
+                texts.append(out["text_features"].float())
+        if any_across(self.acc, bad is not None)[0]:
+            self._bad_input(bad)
+        dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.visual.output_dim
+        empty = torch.empty(0, dim, device=self.acc.device)
+        image = gather_rows(self.acc, torch.cat(images) if images else empty)
+        text = gather_rows(self.acc, torch.cat(texts) if texts else empty)
+        metrics = retrieval_metrics(image, text)
+        metrics["val_loss"] = self._val_loss(image, text, model.logit_scale.exp().item())
+        return metrics
+
+    def _val_loss(self, image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
+        """Mean contrastive loss over consecutive val batches of the training batch size, as open_clip_train."""
+        total = 0.0
+        for start in range(0, len(image), self.micro):
+            logits = scale * image[start : start + self.micro] @ text[start : start + self.micro].T
+            labels = torch.arange(len(logits), device=logits.device)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            total += float(loss) * len(logits)
+        return total / len(image)
+
+    def _record(self, metrics: dict, epoch: int) -> None:
+        self.history.append({"epoch": epoch, "step": self.progress.step, **metrics})
+        if self.writer:
+            for key, value in metrics.items():
+                if key != "pairs":
+                    self.writer.add_scalar(f"val/{key}", value, self.progress.step)
+        log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank %.0f / %.0f",
+                 f"epoch {epoch}/{self.config.epochs}" if epoch else "before training", metrics["val_loss"],
+                 metrics["image_to_text_R@1"], metrics["text_to_image_R@1"], metrics["image_to_text_median_rank"],
+                 metrics["text_to_image_median_rank"])
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def _keys(self, epoch: int, start: int) -> list[list[tuple[int, int]]]:
+        """This process's forward passes from step `start` of `epoch` on, `grad_accum` per step."""
+        batches = epoch_batches(len(self.train_rows), self.step_rows, self.config.seed, epoch)
+        keys = []
+        for step in batches[start:]:
+            for j in range(self.config.grad_accum):
+                rows = local_rows(step[j * self.micro : (j + 1) * self.micro], self.rank, self.world)
+                keys.append([(epoch, int(r)) for r in rows])
+        return keys
+
+    def _contrastive(self, out: dict) -> torch.Tensor:
+        return self.loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+
+    def _step(self, passes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step over `grad_accum` forward passes; returns the loss of the whole contrastive batch.
+
+        Each pass's loss is computed against every other pass's features (cached
+        without gradient, as open_clip_train does), so the summed gradients are
+        those of one pass over the whole step. The loss is scaled by the process
+        count: DDP averages gradients, and each process only back-propagates
+        through its own rows of the gathered batch.
+        """
+        self.model.train()
+        device = self.acc.device
+        passes = [(i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t in passes]
+        if len(passes) == 1:
+            loss = self._contrastive(self.model(*passes[0]))
+            value = loss.item()
+            if not math.isfinite(value):
+                self._diverged()
+            self.acc.backward(loss * self.world)
+        else:
+            with torch.no_grad():
+                cached = [self.model(*p) for p in passes]
+            features = {key: [c[key].float() for c in cached] for key in ("image_features", "text_features")}
+            for j, p in enumerate(passes):
+                with self.acc.no_sync(self.model) if j < len(passes) - 1 else nullcontext():
+                    out = self.model(*p)
+                    mixed = {key: torch.cat(features[key][:j] + [out[key].float()] + features[key][j + 1 :])
+                             for key in features}
+                    loss = self.loss(mixed["image_features"], mixed["text_features"], out["logit_scale"].float())
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        self._diverged()
+                    self.acc.backward(loss * self.world)
+        if self.config.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.acc.unwrap_model(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return value
+
+    def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
+        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
+        if self.acc.is_main_process and log_dir is not None:
+            self.writer = open_tensorboard(log_dir, self.progress.step)
+        remaining = (self.total_steps - self.progress.step) * self.step_rows
+        meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)
+        try:
+            return self._fit(watch, meter)
+        finally:
+            # Throughput of this process's share of the run, checkpoints and validation included.
+            self.timing["train_seconds"] = round(meter.elapsed, 3)
+            self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
+
+    def _fit(self, watch: PreemptionWatch, meter: Progress) -> bool:
+        config, p = self.config, self.progress
+        if p.step == 0 and not self.history:
+            self._record(self.evaluate(), 0)
+        for epoch in range(p.epoch, config.epochs):
+            self.train_keys.batches = self._keys(epoch, p.step_in_epoch)
+            batches = iter(self.train_loader)
+            for i in range(p.step_in_epoch, self.steps_per_epoch):
+                passes = [next(batches) for _ in range(config.grad_accum)]
+                bad = next((b for b in passes if isinstance(b, BadImage)), None)
+                any_bad, stop = any_across(self.acc, bad is not None, watch.requested)
+                if any_bad:
+                    self._bad_input(bad)
+                if stop:
+                    self.save()
+                    return False
+                lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self._step(passes)
+                p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.step_rows
+                meter.update(self.step_rows, f"epoch {epoch + 1}/{config.epochs}, loss {loss:.4f}, lr {lr:.2e}")
+                if self.writer:
+                    self.writer.add_scalar("train/loss", loss, p.step)
+                    self.writer.add_scalar("train/lr", lr, p.step)
+                    self.writer.add_scalar("train/samples_per_s", meter.rate, p.step)
+                if config.checkpoint_every and p.step % config.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
+                    self.save()
+            del batches
+            p.epoch, p.step_in_epoch = epoch + 1, 0
+            self._record(self.evaluate(), epoch + 1)
+            self.save()
+        # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
+        # every process must take the same path.
+        return True
+
+    def flush_logs(self) -> None:
+        if self.writer:
+            self.writer.flush()
+        if self.acc.is_main_process and self.upload_logs and self.upload_logs[0].is_dir():
+            local, remote = self.upload_logs
+            for path in sorted(local.iterdir()):
+                if path.is_file():
+                    storage.write_bytes(storage.join(remote, path.name), path.read_bytes())
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+

@@ -1,0 +1,99 @@
+"""FinetuneConfig and the trainer's small rules: flags, validation, fingerprint, warmup clamp, batch, decay groups."""
+
+import logging
+
+import pytest
+import torch
+
+from clipforge.cli import build_parser
+from clipforge.config.base import load_config
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import UserError
+from clipforge.stages.finetune_trainer import clamp_warmup, micro_batch, param_groups
+
+BASE = {"train_data": "t.csv", "val_data": "v.csv"}
+
+
+def test_every_field_is_described_and_is_a_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    for name, field in FinetuneConfig.model_fields.items():
+        assert field.description, name
+        assert "--" + (field.alias or name).replace("_", "-") in help_text, name
+    for flag in ("--train-data", "--val-data", "--model", "--pretrained", "--model-config", "--epochs",
+                 "--batch-size", "--lr", "--warmup", "--out", "--device", "--num-processes", "--precision",
+                 "--grad-accum", "--lock-image", "--workers", "--logdir", "--resume", "--grad-checkpointing",
+                 "--no-timestamped"):
+        assert flag in help_text
+
+
+def test_all_problems_at_once_each_named():
+    with pytest.raises(UserError) as err:
+        load_config(FinetuneConfig, {"train_data": "t.csv", "epochs": 0, "precision": "fp8", "nope": 1})
+    message = str(err.value)
+    for part in ("epochs:", "precision:", "nope: unknown key"):
+        assert part in message
+    with pytest.raises(UserError, match="give train_data and val_data"):
+        load_config(FinetuneConfig, {"train_data": "t.csv"})
+    with pytest.raises(UserError, match="not both"):
+        load_config(FinetuneConfig, {**BASE, "dataset": "d"})
+    with pytest.raises(UserError, match="augment llm needs llm_model"):
+        load_config(FinetuneConfig, {"dataset": "d", "augment": "llm"})
+    with pytest.raises(UserError, match="resume applies to timestamped runs"):
+        load_config(FinetuneConfig, {**BASE, "resume": "latest", "timestamped": False})
+
+
+def test_model_config_is_the_yaml_key_and_the_dump_round_trips():
+    config = load_config(FinetuneConfig, {**BASE, "model_config": "m.json"})
+    assert config.model_config_file == "m.json"
+    dumped = config.model_dump(mode="json", by_alias=True)
+    assert dumped["model_config"] == "m.json"
+    assert load_config(FinetuneConfig, dumped) == config
+
+
+def test_fingerprint_ignores_what_cannot_change_the_weights():
+    base = FinetuneConfig(**BASE)
+    same = base.model_copy(update={"workers": 0, "num_processes": 4, "out": "elsewhere", "device": "cpu",
+                                   "grad_checkpointing": True, "logdir": "runs", "checkpoint_every": 3,
+                                   "train_data": "moved.csv"})
+    assert same.fingerprint() == base.fingerprint()
+    for change in ({"lr": 1e-3}, {"grad_accum": 2}, {"precision": "bf16"}, {"lock_image": True}, {"seed": 1}):
+        assert base.model_copy(update=change).fingerprint() != base.fingerprint(), change
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning_saying_to_what(caplog):
+    with caplog.at_level(logging.WARNING, logger="clipforge.finetune"):
+        assert clamp_warmup(10_000, 90) == 9
+    assert "warmup of 10000 steps is not shorter than the run (90 steps): clamped to 9 steps" in caplog.text
+    caplog.clear()
+    assert clamp_warmup(50, 90) == 50 and clamp_warmup(0, 90) == 0
+    assert clamp_warmup(5, 3) == 1
+    assert "clamped to 1 steps" in caplog.text
+
+
+def test_batch_rules():
+    config = FinetuneConfig(**BASE, batch_size=32, grad_accum=2)
+    assert micro_batch(config, 1000, 2) == 32
+    with pytest.raises(UserError, match="does not split evenly over 3 processes"):
+        micro_batch(config, 1000, 3)
+    assert micro_batch(config, 40, 2) == 20  # too few rows for 2 x 32: lowered, with a warning
+    with pytest.raises(UserError, match="only 3 training rows"):
+        micro_batch(config, 3, 2)
+
+
+def test_no_weight_decay_on_norms_biases_and_logit_scale(tiny_clip):
+    import open_clip
+
+    model = open_clip.create_model(tiny_clip[0])
+    model.lock_image_tower()
+    decayed, exempt = {}, {}
+    for group in param_groups(model, 0.2):
+        target = decayed if group["weight_decay"] else exempt
+        target.update({id(p): p for p in group["params"]})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and "ln" not in names[i] for i, p in decayed.items())
+    assert any(names[i] == "logit_scale" for i in exempt) and any("bias" in names[i] for i in exempt)
+    # A locked image tower is not optimised at all.
+    assert not any(names[i].startswith("visual.") for i in {**decayed, **exempt})
+    assert sum(len(g["params"]) for g in param_groups(model, 0.2)) == sum(
+        1 for p in model.parameters() if p.requires_grad)
+    assert isinstance(next(iter(decayed.values())), torch.nn.Parameter)

@@ -1,0 +1,157 @@
+"""Fine-tuning in this process: learning, outputs open_clip loads, TensorBoard, listing, up to date, resume rules."""
+
+import json
+import logging
+
+import pytest
+import torch
+from finetune_fixtures import max_abs_diff, model_weights, run_folder, settings
+
+from clipforge.cli import main
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import UserError
+from clipforge.stages import finetune as stage
+from clipforge.stages.finetune import finetune
+from clipforge.stages.finetune_data import read_rows
+from clipforge.train.checkpoint import unpack_state
+from clipforge.train.metrics import retrieval_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_clip, captioned, tmp_path_factory):
+    """One timestamped run (20 epochs, a warmup longer than the run) and the warnings it logged."""
+    root = tmp_path_factory.mktemp("train")
+    handler, logger = _Collect(), logging.getLogger("clipforge")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        config = FinetuneConfig(**settings(tiny_clip, captioned, root / "models", epochs=20, warmup=10_000,
+                                           logdir=str(root / "runs")))
+        result = finetune(config)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return root, config, result, handler.lines
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_val_retrieval_rises_well_above_chance_and_val_loss_falls(trained):
+    _, _, result, lines = trained
+    assert result.status == "trained" and result.exit_code == 0
+    metrics = result.metrics
+    before, final = metrics["before"], metrics["final"]
+    chance = 1 / 12
+    assert before["image_to_text_R@1"] <= 2 * chance and before["text_to_image_R@1"] <= 2 * chance
+    assert final["image_to_text_R@1"] >= 3 * chance and final["text_to_image_R@1"] >= 3 * chance
+    assert final["image_to_text_R@5"] > before["image_to_text_R@5"]
+    assert final["val_loss"] < before["val_loss"] - 0.5
+    assert len(metrics["epochs"]) == 20 and metrics["steps"] == 20 * (108 // 16)
+    # 10,000 warmup steps on a 120-step run: clamped to a tenth, and said so.
+    assert metrics["warmup_steps"] == 12
+    assert any("clamped to 12 steps" in line for line in lines)
+    assert any("samples/s" in line and "ETA" in line and "loss" in line and "lr" in line for line in lines)
+
+
+def test_outputs_are_committed_with_the_manifest_last(trained):
+    root, config, result, _ = trained
+    folder = run_folder(root / "models")
+    assert str(folder) == result.out
+    assert len(folder.name) == 15 and folder.name[8] == "-"  # YYYYmmdd-HHMMSS
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.pt", "model.json", "metrics.json", "_manifest.json", "checkpoints"} <= names
+    manifest_time = (folder / "_manifest.json").stat().st_mtime_ns
+    assert all(manifest_time >= (folder / n).stat().st_mtime_ns for n in ("model.pt", "model.json", "metrics.json"))
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    assert manifest["kind"] == "finetune" and manifest["rows"] == {"train": 108, "val": 12}
+    card = json.loads((folder / "model.json").read_text())
+    assert card["model"] == config.model and card["pretrained"] == config.pretrained
+    assert card["base_weights"]["size"] > 0 and card["model_config"]["embed_dim"] == 32
+    assert card["data"]["train_rows"] == 108 and card["config"]["epochs"] == 20
+    assert card["metrics"]["final"] == result.metrics["final"]
+    # TensorBoard events under --logdir, one folder per run: loss, lr and val figures.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "runs" / folder.name))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/val_loss", "val/image_to_text_R@1", "val/text_to_image_R@10"} <= tags
+    assert len(events.Scalars("val/val_loss")) == 21  # before training and after each epoch
+
+
+def test_model_pt_loads_in_open_clip_and_embeds_as_the_trainer_did(trained, tiny_clip):
+    import open_clip
+
+    _, config, result, _ = trained
+    folder = run_folder(trained[0] / "models")
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip[0], pretrained=str(folder / "model.pt"))
+    model.eval()
+    # The weights are the trainer's: those of its last checkpoint, bit for bit.
+    newest = sorted((folder / "checkpoints").iterdir())[-1]
+    trainer_weights = unpack_state((newest / "model.safetensors").read_bytes())
+    assert max_abs_diff(model.state_dict(), trainer_weights) == 0.0
+    # And open_clip's own preprocessing and tokenizer reproduce the trainer's validation figures.
+    from PIL import Image
+
+    rows = read_rows(config.val_data, "val_data")
+    tokenizer = open_clip.get_tokenizer(tiny_clip[0])
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([preprocess(Image.open(u)) for u in rows.uris]), normalize=True)
+        texts = model.encode_text(tokenizer(rows.captions), normalize=True)
+    again = retrieval_metrics(images, texts)
+    final = result.metrics["final"]
+    for key in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_median_rank"):
+        assert again[key] == final[key]
+    assert again["mean_cosine"] == pytest.approx(final["mean_cosine"], abs=1e-5)
+
+
+def test_models_list_shows_base_date_data_and_best_figures(trained, capsys):
+    root = trained[0]
+    assert main(["models", "list", "--dir", str(root / "models")]) == 0
+    out = capsys.readouterr().out
+    folder = run_folder(root / "models")
+    assert folder.name in out and "complete" in out and "tiny-clip-ft" in out and "108" in out
+    assert main(["models", "list", "--dir", str(root / "models"), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    best = trained[2].metrics["best"]
+    assert entry["best"]["image_to_text_R@1"] == best["image_to_text_R@1"] and entry["best_epoch"] == best["epoch"]
+    assert entry["train_rows"] == 108 and entry["val_rows"] == 12 and entry["created"]
+
+
+def test_resume_latest_of_a_finished_run_is_up_to_date(trained, monkeypatch):
+    root, config, result, _ = trained
+    folder = run_folder(root / "models")
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(stage, "_train_here", no_training)
+    again = finetune(config.model_copy(update={"resume": "latest", "workers": 2, "num_processes": 1}))
+    assert again.status == "up to date" and again.out == result.out
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+    with pytest.raises(UserError, match=r"other settings \(lr: 0.003 -> 0.001\)"):
+        finetune(config.model_copy(update={"resume": "latest", "lr": 1e-3}))
+    with pytest.raises(UserError, match="no run to resume there"):
+        finetune(config.model_copy(update={"resume": str(root)}))
+
+
+def test_grad_accum_equals_one_pass_over_the_whole_batch(tiny_clip, captioned, tmp_path):
+    """Two passes of 8 with cached features as negatives give one pass of 16's weights (open_clip's accum-freq)."""
+    common = dict(epochs=2, timestamped=False, checkpoint_every=0)
+    one = finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "one", batch_size=16, **common)))
+    two = finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "two", batch_size=8, grad_accum=2,
+                                             workers=2, **common)))
+    assert one.metrics["steps"] == two.metrics["steps"] == 2 * (108 // 16)
+    one_weights, two_weights = (model_weights(tmp_path / name / "model.pt") for name in ("one", "two"))
+    assert max_abs_diff(one_weights, two_weights, key_biases=False) <= 1e-5
