@@ -1,0 +1,155 @@
+"""The captions of one image folder while a person writes them: the images, `index.csv`, and saves.
+
+The images (jpg, jpeg, png, webp, at any depth, sorted by relative path as the
+cache stage lists them) are found once at the start; linked folders are not
+entered and linked files that lead out of the folder are not served. Images
+Pillow cannot open are listed apart, with the reason, and skipped.
+
+`index.csv` (filepath,caption; paths relative to the folder) is taken as it
+is: rows keep their order and any extra columns; rows whose file is gone are
+kept and reported, never dropped; a row with an empty caption counts as not
+captioned. A new caption appends a row. Every save rewrites the whole file
+atomically (temp file + rename), so a crash, kill -9 included, loses at most
+the caption being typed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from clipforge.data.captions import COLUMNS, INDEX
+from clipforge.data.image_folder import IMAGE_SUFFIXES
+from clipforge.errors import UserError
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.caption")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    path: str
+    reason: str
+
+
+class CaptionBook:
+    """`images` to caption, their `caption(path)`, and `save(path, caption)`; safe to call from threads."""
+
+    def __init__(self, dataset: str | Path):
+        if not Path(dataset).is_dir():
+            raise UserError(f"dataset {dataset} is not a folder")
+        self.root = Path(dataset).resolve()
+        self.index = self.root / INDEX
+        self.images, self.unreadable = scan_images(self.root)
+        if not self.images:
+            why = f"; {len(self.unreadable)} cannot be read, e.g. {self.unreadable[0].path} " \
+                  f"({self.unreadable[0].reason})" if self.unreadable else ""
+            raise UserError(f"dataset {dataset} holds no readable images ({', '.join(IMAGE_SUFFIXES)}){why}")
+        self.frame = read_index(self.index)
+        self._image_set = set(self.images)
+        found = self._image_set | {u.path for u in self.unreadable}
+        self._rows: dict[str, list[int]] = {}
+        self.missing: list[str] = []
+        for row, filepath in enumerate(self.frame["filepath"]):
+            key = self.relative(filepath)
+            if key in found:
+                self._rows.setdefault(key, []).append(row)
+            else:
+                self.missing.append(filepath)
+        self._lock = threading.Lock()
+
+    def relative(self, filepath: str) -> str | None:
+        """The image a row names, as a path relative to the folder (None when outside it)."""
+        if filepath.startswith("s3://"):
+            return None
+        if os.path.isabs(filepath):
+            try:
+                return Path(os.path.normpath(filepath)).relative_to(self.root).as_posix()
+            except ValueError:
+                return None
+        return posixpath.normpath(filepath.replace("\\", "/"))
+
+    def has_image(self, path: str) -> bool:
+        return path in self._image_set
+
+    def caption(self, path: str) -> str:
+        rows = self._rows.get(path)
+        return str(self.frame.at[rows[0], "caption"]) if rows else ""
+
+    def captioned(self) -> int:
+        return sum(1 for path in self.images if self.caption(path).strip())
+
+    def first_uncaptioned(self) -> int | None:
+        return next((i for i, path in enumerate(self.images) if not self.caption(path).strip()), None)
+
+    def save(self, path: str, caption: str) -> str:
+        """Set the caption of one image and rewrite index.csv; returns the caption as saved."""
+        text = " ".join(caption.split())
+        if not text:
+            raise UserError("an empty caption is not saved: type what the image shows")
+        if path not in self._image_set:
+            raise UserError(f"{path} is not an image of {self.root}")
+        with self._lock:
+            rows = self._rows.get(path)
+            if rows:
+                self.frame.loc[rows, "caption"] = text
+            else:
+                self._rows[path] = [len(self.frame)]
+                self.frame.loc[len(self.frame)] = {**dict.fromkeys(self.frame.columns, ""),
+                                                   "filepath": path, "caption": text}
+            # write_captions would keep only filepath,caption; a user's extra columns are theirs.
+            storage.write_bytes(str(self.index), self.frame.to_csv(index=False).encode())
+        return text
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    """index.csv as strings, every column kept; empty when there is none yet."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in COLUMNS})
+    frame = pd.read_csv(io.BytesIO(path.read_bytes()), dtype=str, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} has no column {missing[0]!r}; it needs columns filepath,caption "
+                        f"(found: {', '.join(frame.columns)})")
+    return frame.astype(object)
+
+
+def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
+    """(readable images, unreadable ones with the reason), as sorted paths relative to `root`."""
+    found = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False: linked folders are not entered
+        dirs.sort()
+        found.extend(Path(folder, name) for name in files if name.lower().endswith(IMAGE_SUFFIXES))
+    relative = sorted(p.relative_to(root).as_posix() for p in found)
+    if len(relative) > 2000:
+        log.info("checking %d images in %s", len(relative), root)
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda path: image_problem(root, path), relative))
+    readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
+    unreadable = [Unreadable(path, why) for path, why in zip(relative, problems, strict=True) if why]
+    if unreadable:
+        log.warning("%d of %d images in %s cannot be read and are skipped, e.g. %s (%s)",
+                    len(unreadable), len(relative), root, unreadable[0].path, unreadable[0].reason)
+    return readable, unreadable
+
+
+def image_problem(root: Path, relative: str) -> str | None:
+    """Why the page cannot show this image, or None. Checks headers and structure, not every pixel."""
+    real = (root / relative).resolve()
+    if not real.is_relative_to(root):
+        return "a link to a file outside the folder"
+    try:
+        with Image.open(real) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"cannot be decoded ({type(exc).__name__})"
+    return None

@@ -1,0 +1,165 @@
+"""The captioning page: one image at a time, a caption field, Enter saves and moves on.
+
+Routes: `/` the page (it carries this session's token), `/api/state` the
+images and their captions, `/image/PATH` an image of the folder (only images
+the book lists: anything else, `..`, absolute paths and links out of the
+folder included, is a 404), `POST /api/caption` save one caption, `POST
+/api/finish` save the last one and stop the server. Both POSTs need the
+session token in `X-Clipforge-Token` (403 without): another site open in the
+same browser cannot read the page to learn it, and a custom header cannot be
+sent cross-site without a preflight this server never grants.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from clipforge.errors import UserError
+from clipforge.web.caption_book import CaptionBook
+from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page, resolve_inside
+from clipforge.web.thumbnails import DISPLAY_BOX, Thumbnails
+
+log = logging.getLogger("clipforge.caption")
+
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+class CaptionServer:
+    """The captioning page for one folder on `host:port` (0: a free port). `run()` blocks until the page
+    ends the session (Esc) or `stop()`; it returns the summary of what is saved."""
+
+    def __init__(self, dataset: str | Path, host: str = "127.0.0.1", port: int = 0,
+                 thumbnail_cache: str | Path | None = None):
+        self.book = CaptionBook(dataset)
+        self.token = secrets.token_urlsafe(24)
+        self.finished = False
+        app = caption_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
+        sock = open_socket(host, port, exposes=f"see the images in {self.book.root} and, from the page, "
+                                               "write their captions")
+        self.server = PageServer(app, sock)
+        self.url = self.server.url
+        if self.book.missing:
+            log.warning("%d rows of %s name files that are not in the folder; they are kept, e.g. %s",
+                        len(self.book.missing), self.book.index, self.book.missing[0])
+
+    def run(self) -> dict:
+        self.server.run()
+        return self.summary()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def summary(self) -> dict:
+        book = self.book
+        return {"captioned": book.captioned(), "total": len(book.images), "index": str(book.index),
+                "missing": len(book.missing), "unreadable": len(book.unreadable)}
+
+
+def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only: bool):
+    book = session.book
+
+    def authorised(request: Request) -> bool:
+        given = request.headers.get("x-clipforge-token", "").encode()
+        return secrets.compare_digest(given, session.token.encode())
+
+    async def page(request: Request) -> Response:
+        return render_page("caption.html", token=session.token, dataset=str(book.root))
+
+    async def state(request: Request) -> Response:
+        return JSONResponse({
+            "dataset": str(book.root), "index": str(book.index),
+            "images": [{"path": path, "caption": book.caption(path)} for path in book.images],
+            "start": book.first_uncaptioned(), "captioned": book.captioned(), "total": len(book.images),
+            "missing": book.missing,
+            "unreadable": [{"path": u.path, "reason": u.reason} for u in book.unreadable],
+        }, headers={"cache-control": "no-store"})
+
+    async def image(request: Request) -> Response:
+        relative = request.path_params["path"]
+        file = resolve_inside(book.root, relative) if book.has_image(relative) else None
+        if file is None:
+            return error(404, "not an image of this folder")
+        try:
+            return await run_in_threadpool(display, file, thumbnails)
+        except UserError as exc:
+            return error(422, str(exc))
+
+    async def save(request: Request) -> Response:
+        if not authorised(request):
+            return error(403, "this page's session token is missing or wrong; reload the page")
+        if session.finished:
+            return error(409, "this session has ended")
+        body = await json_body(request)
+        if body is None:
+            return error(400, "expected JSON {path, caption}")
+        try:
+            caption = await run_in_threadpool(book.save, str(body.get("path", "")), str(body.get("caption", "")))
+        except UserError as exc:
+            return error(400, str(exc))
+        return JSONResponse({"caption": caption, "captioned": book.captioned(), "total": len(book.images)})
+
+    async def finish(request: Request) -> Response:
+        if not authorised(request):
+            return error(403, "this page's session token is missing or wrong; reload the page")
+        body = await json_body(request) or {}
+        if str(body.get("caption", "")).strip() and not session.finished:
+            try:
+                await run_in_threadpool(book.save, str(body.get("path", "")), str(body["caption"]))
+            except UserError as exc:
+                return error(400, str(exc))
+        session.finished = True
+        # The server stops after this response is sent.
+        return JSONResponse(session.summary(), background=BackgroundTask(session.stop))
+
+    return page_app([
+        Route("/", page),
+        Route("/api/state", state),
+        Route("/image/{path:path}", image),
+        Route("/api/caption", save, methods=["POST"]),
+        Route("/api/finish", finish, methods=["POST"]),
+    ], loopback_only=loopback_only)
+
+
+async def json_body(request: Request) -> dict | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def display(file: Path, thumbnails: Thumbnails) -> Response:
+    """The image as it is when a browser shows it and it is not huge; else a JPEG that fits DISPLAY_BOX."""
+    try:
+        with Image.open(file) as image:
+            kind, size = image.format, image.size
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise UserError(f"image {file.name} cannot be decoded ({type(exc).__name__})") from None
+    if kind in BROWSER_FORMATS and max(size) <= DISPLAY_BOX:
+        return FileResponse(file, media_type=BROWSER_FORMATS[kind], headers={"cache-control": "no-cache"})
+    return Response(thumbnails.get(str(file), DISPLAY_BOX), media_type="image/jpeg",
+                    headers={"cache-control": "no-cache"})
+
+
+def serve_captioning(dataset: str | Path, host: str = "127.0.0.1", port: int = 0,
+                     on_ready: Callable[[str], None] | None = None) -> dict:
+    """Serve the captioning page until the person ends the session; returns what is saved.
+
+    `on_ready(url)` runs once the socket listens (print the URL, open a browser)."""
+    server = CaptionServer(dataset, host, port)
+    book = server.book
+    log.info("%s: %d images, %d captioned; %d unreadable skipped; captions go to %s", book.root, len(book.images),
+             book.captioned(), len(book.unreadable), book.index)
+    if on_ready:
+        on_ready(server.url)
+    return server.run()

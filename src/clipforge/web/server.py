@@ -1,0 +1,152 @@
+"""What both pages share: the listening socket, the uvicorn server, the host check and headers, page
+rendering, and paths that must stay inside a folder."""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import logging
+import socket
+from pathlib import Path, PurePosixPath
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
+
+from clipforge.errors import UserError
+
+log = logging.getLogger("clipforge.web")
+
+STATIC = Path(__file__).parent / "static"
+
+# Other sites may not frame the pages (clickjacking keystrokes into the caption field), and nothing
+# is loaded from anywhere but this server: the pages work offline.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_socket(host: str, port: int, *, exposes: str) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one). Listening beyond loopback warns that anyone
+    who can reach the port can `exposes`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    if not is_loopback(host):
+        log.warning("listening on %s port %d: anyone who can reach this port can %s. On a shared network "
+                    "keep the default --host 127.0.0.1 and use `ssh -L` or `kubectl port-forward`.",
+                    host, sock.getsockname()[1], exposes)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """The address to open in a browser; a wildcard bind is reached through loopback."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+class PageServer:
+    """One app on one socket: `run()` blocks until `stop()` is called (from any thread) or Ctrl-C."""
+
+    def __init__(self, app, sock: socket.socket):
+        # log_config=None leaves logging to the CLI's setup; requests are not logged one by one.
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.sock = sock
+        self.url = url_of(sock)
+
+    def run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+class PageGuard:
+    """ASGI middleware: security headers on every response, and, on a loopback server, only loopback
+    Host names — a DNS-rebinding page would otherwise be same-origin with us and could read the token."""
+
+    def __init__(self, app, loopback_only: bool):
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.loopback_only and not is_loopback(host_name(Headers(scope=scope).get("host", ""))):
+            await PlainTextResponse("this server answers only to localhost", 400)(scope, receive, send)
+            return
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers.setdefault(key, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def host_name(host_header: str) -> str:
+    """`[::1]:8765` -> `::1`, `localhost:8765` -> `localhost`."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def page_app(routes: list[BaseRoute], *, loopback_only: bool) -> Starlette:
+    """The app: the page's routes plus the shipped static files, behind `PageGuard`."""
+    app = Starlette(routes=[*routes, Mount("/static", StaticFiles(directory=STATIC), name="static")])
+    return PageGuard(app, loopback_only)
+
+
+def render_page(name: str, **values: str) -> HTMLResponse:
+    """A page from `static/` with `{{key}}` placeholders filled in, HTML-escaped."""
+    text = (STATIC / name).read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", html.escape(value))
+    return HTMLResponse(text, headers={"cache-control": "no-store"})
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"cache-control": "no-store"})
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """The file `relative` names under `root`, or None when it is not a file there: absolute paths,
+    `..` and symlinks that lead out of `root` all give None. `root` must be resolved already."""
+    if not relative or "\x00" in relative or relative.startswith(("/", "\\")) or ":" in relative.split("/")[0]:
+        return None
+    if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        return None
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root) or not candidate.is_file():
+        return None
+    return candidate

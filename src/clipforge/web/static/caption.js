@@ -1,0 +1,181 @@
+// The captioning page: one image, one field. Enter saves and shows the next uncaptioned image,
+// Esc saves and ends the session, Alt+arrows (or PageUp/PageDown) move to edit other captions.
+// Every save goes to the server at once, which rewrites index.csv before it answers.
+
+const token = document.querySelector('meta[name="clipforge-token"]').content;
+const $ = (id) => document.getElementById(id);
+const field = $('caption');
+
+let images = [];
+let at = 0;
+let busy = false;
+let total = 0;
+
+function hint(text, kind = '') {
+  $('hint').textContent = text;
+  $('hint').className = `hint ${kind}`;
+}
+
+function count(captioned, all) {
+  total = all;
+  $('counter').textContent = `${captioned} / ${all} captioned`;
+}
+
+async function post(path, body) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-clipforge-token': token },
+      body: JSON.stringify(body),
+    });
+  } catch {
+    throw new Error('The server cannot be reached. Captions saved so far are in index.csv; '
+      + 'run clipforge caption again to go on.');
+  }
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.error || `The server answered ${response.status}.`);
+  return data;
+}
+
+function imageUrl(path) {
+  return `image/${path.split('/').map(encodeURIComponent).join('/')}`;
+}
+
+function show(index) {
+  at = index;
+  const item = images[at];
+  $('image').src = imageUrl(item.path);
+  $('image').alt = item.path;
+  $('path').textContent = item.path;
+  $('position').textContent = `image ${at + 1} of ${images.length}`;
+  field.value = item.caption;
+  field.focus();
+  hint('');
+  const next = images[at + 1];
+  if (next) new Image().src = imageUrl(next.path); // the next image is usually the one shown next
+}
+
+function nextUncaptioned(from) {
+  for (let step = 1; step <= images.length; step += 1) {
+    const index = (from + step) % images.length;
+    if (!images[index].caption) return index;
+  }
+  return -1;
+}
+
+async function save(text) {
+  const item = images[at];
+  if (text === item.caption) return;
+  const data = await post('api/caption', { path: item.path, caption: text });
+  item.caption = data.caption;
+  count(data.captioned, data.total);
+}
+
+// One action at a time: a held-down Enter must not save twice or skip images.
+async function exclusive(action) {
+  if (busy) return;
+  busy = true;
+  try {
+    await action();
+  } catch (problem) {
+    hint(problem.message, 'error');
+  } finally {
+    busy = false;
+  }
+}
+
+function allCaptioned() {
+  hint(`All ${total} images are captioned. Esc ends the session; Alt+←/→ to review.`, 'ok');
+}
+
+async function enter() {
+  const text = field.value.trim();
+  if (!text) {
+    hint('Type a caption first: an empty caption is not saved.', 'warn');
+    return;
+  }
+  await save(text);
+  const next = nextUncaptioned(at);
+  if (next >= 0) {
+    show(next);
+  } else {
+    if (at + 1 < images.length) show(at + 1);
+    allCaptioned();
+  }
+}
+
+async function move(step) {
+  const target = at + step;
+  if (target < 0 || target >= images.length) {
+    hint(step < 0 ? 'This is the first image.' : 'This is the last image.');
+    return;
+  }
+  const text = field.value.trim();
+  if (text) await save(text); // what is typed is kept, as Enter would
+  show(target);
+}
+
+async function finish() {
+  const item = images[at];
+  const text = field.value.trim();
+  const body = text && text !== item.caption ? { path: item.path, caption: text } : {};
+  const data = await post('api/finish', body);
+  $('session').hidden = true;
+  $('done').hidden = false;
+  $('done-summary').textContent = `${data.captioned} / ${data.total} images captioned, saved in ${data.index}.`;
+  count(data.captioned, data.total);
+}
+
+field.addEventListener('keydown', (event) => {
+  if (event.isComposing) return; // an input method is still composing the text
+  const moveKey = (event.altKey && (event.key === 'ArrowLeft' || event.key === 'ArrowRight'))
+    || event.key === 'PageUp' || event.key === 'PageDown';
+  if (event.key === 'Enter') {
+    event.preventDefault();
+    exclusive(enter);
+  } else if (event.key === 'Escape') {
+    event.preventDefault();
+    exclusive(finish);
+  } else if (moveKey) {
+    event.preventDefault();
+    exclusive(() => move(event.key === 'ArrowLeft' || event.key === 'PageUp' ? -1 : 1));
+  }
+});
+$('form').addEventListener('submit', (event) => event.preventDefault());
+$('image').addEventListener('error', () => {
+  if ($('image').getAttribute('src')) hint('This image cannot be shown: the server cannot decode it.', 'error');
+});
+$('image').addEventListener('click', () => field.focus());
+
+function listProblems(title, rows) {
+  if (!rows.length) return;
+  const details = document.createElement('details');
+  const summary = document.createElement('summary');
+  summary.textContent = title;
+  const list = document.createElement('ul');
+  for (const row of rows.slice(0, 500)) {
+    const entry = document.createElement('li');
+    entry.textContent = row;
+    list.append(entry);
+  }
+  if (rows.length > 500) list.append(Object.assign(document.createElement('li'), { textContent: '…' }));
+  details.append(summary, list);
+  $('problems').append(details);
+}
+
+async function start() {
+  const response = await fetch('api/state');
+  const state = await response.json();
+  images = state.images;
+  count(state.captioned, state.total);
+  field.disabled = false; // typing before the images are known would be lost
+  const unreadable = state.unreadable.map((u) => `${u.path}: ${u.reason}`);
+  listProblems(`${unreadable.length} unreadable image${unreadable.length === 1 ? '' : 's'} skipped`, unreadable);
+  listProblems(state.missing.length === 1 ? '1 row of index.csv names a file that is not here (kept in the file)'
+    : `${state.missing.length} rows of index.csv name files that are not here (kept in the file)`, state.missing);
+  show(state.start ?? 0);
+  if (state.start === null) allCaptioned();
+}
+
+start().catch((problem) => hint(`Cannot load the images: ${problem.message}`, 'error'));

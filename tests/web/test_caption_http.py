@@ -1,0 +1,115 @@
+"""The captioning server over plain HTTP: only the folder's images are served, writes need the token,
+only loopback Host names are answered, big images are shrunk once and cached."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import urllib.parse
+
+import httpx
+import pytest
+from PIL import Image
+
+from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.errors import UserError
+from clipforge.web.captioning import CaptionServer
+from clipforge.web.server import open_socket
+from clipforge.web.thumbnails import DISPLAY_BOX
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = write_captioned_dataset(tmp_path / "set", 4, size=32)
+    (root / "index.csv").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), "red").save(outside / "secret.png")
+    (root / "escape.png").symlink_to(outside / "secret.png")  # a link out of the folder
+    (root / "linked").symlink_to(outside, target_is_directory=True)  # a linked folder is not entered
+    Image.new("RGB", (3000, 1500), "blue").save(root / "big.png")
+    return root
+
+
+@pytest.fixture
+def server(folder, tmp_path, serve_in_thread):
+    caption_server = CaptionServer(folder, thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(caption_server):
+        yield caption_server
+
+
+def raw_get(url: str, path: str, host: str | None = None) -> int:
+    """GET with the path exactly as written: no client-side normalisation of `..` or `//`."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.putrequest("GET", path, skip_host=True)
+        connection.putheader("Host", host or parts.netloc)
+        connection.endheaders()
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_only_images_inside_the_folder_are_served(server, folder):
+    state = httpx.get(server.url + "api/state").json()
+    assert [i["path"] for i in state["images"]] == ["big.png", "circle/0000.png", "circle/0001.png",
+                                                     "circle/0002.png", "circle/0003.png"]
+    assert state["unreadable"] == [{"path": "escape.png", "reason": "a link to a file outside the folder"}]
+    assert raw_get(server.url, "/image/circle/0000.png") == 200
+    for path in ["/image/../outside/secret.png", "/image/circle/../../outside/secret.png",
+                 "/image/..%2F..%2Foutside%2Fsecret.png", "/image/%2e%2e/%2e%2e/etc/passwd",
+                 "/image//etc/passwd", "/image/%2Fetc%2Fpasswd", f"/image/{folder.parent}/outside/secret.png",
+                 "/image/escape.png", "/image/linked/secret.png", "/image/index.csv", "/image/",
+                 "/static/../caption_book.py", "/static/%2e%2e/caption_book.py"]:
+        assert raw_get(server.url, path) == 404, path
+
+
+def test_writes_need_the_session_token(server, folder):
+    body = {"path": "circle/0000.png", "caption": "a red circle"}
+    assert httpx.post(server.url + "api/caption", json=body).status_code == 403
+    assert httpx.post(server.url + "api/caption", json=body, headers={"X-Clipforge-Token": "guess"}).status_code == 403
+    assert httpx.post(server.url + "api/finish", json={}).status_code == 403
+    assert not (folder / "index.csv").exists()
+    token = {"X-Clipforge-Token": server.token}
+    assert httpx.post(server.url + "api/caption", json=body, headers=token).status_code == 200
+    assert (folder / "index.csv").read_text() == "filepath,caption\ncircle/0000.png,a red circle\n"
+    refused = httpx.post(server.url + "api/caption", json={"path": "circle/0001.png", "caption": " "}, headers=token)
+    assert refused.status_code == 400 and "empty caption" in refused.json()["error"]
+    outside = httpx.post(server.url + "api/caption", json={"path": "escape.png", "caption": "x"}, headers=token)
+    assert outside.status_code == 400
+    assert token["X-Clipforge-Token"] in httpx.get(server.url).text  # the page carries it, for same-origin JS
+
+
+def test_only_loopback_host_names_are_answered(server):
+    assert raw_get(server.url, "/api/state", host="attacker.example:80") == 400  # DNS rebinding
+    assert raw_get(server.url, "/api/state", host="localhost:1234") == 200  # kubectl port-forward, ssh -L
+
+
+def test_big_images_are_shrunk_once_and_cached(server, tmp_path):
+    first = httpx.get(server.url + "image/big.png")
+    assert first.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(first.content)).size == (DISPLAY_BOX, DISPLAY_BOX // 2)
+    cached = list((tmp_path / "thumbs").rglob("*.jpg"))
+    assert len(cached) == 1
+    assert httpx.get(server.url + "image/big.png").content == first.content == cached[0].read_bytes()
+    small = httpx.get(server.url + "image/circle/0000.png")
+    assert small.headers["content-type"] == "image/png"  # small images go out as they are
+
+
+def test_listening_beyond_loopback_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="clipforge.web"):
+        sock = open_socket("0.0.0.0", 0, exposes="see the images")
+    sock.close()
+    assert "anyone who can reach this port can see the images" in caplog.text
+
+
+def test_bad_folders_are_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        CaptionServer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no readable images"):
+        CaptionServer(tmp_path / "empty")

@@ -1,0 +1,121 @@
+"""The captioning page in a real browser against `clipforge caption` in a subprocess: keys, resume,
+edits, refusal of empty captions, and a kill -9 that loses nothing saved."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pandas as pd
+import pytest
+from playwright.sync_api import expect
+
+from clipforge.data.synthetic import write_captioned_dataset
+
+IMAGES = [f"circle/000{i}.png" for i in range(4)] + [f"square/000{i}.png" for i in range(4, 8)]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """8 shape images, one unreadable file, and an index.csv that already captions circle/0001.png and
+    names a file that is gone."""
+    root = write_captioned_dataset(tmp_path / "set", 8, size=48)
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    (root / "index.csv").write_text("filepath,caption\ncircle/0001.png,a green circle\ngone/0099.png,a lost image\n")
+    return root
+
+
+def index(root) -> dict[str, str]:
+    frame = pd.read_csv(root / "index.csv", dtype=str, keep_default_na=False)
+    assert frame.columns.tolist() == ["filepath", "caption"]
+    return dict(zip(frame["filepath"], frame["caption"], strict=True))
+
+
+def caption_args(root, port=0):
+    return ["caption", str(root), "--port", str(port), "--no-browser"]
+
+
+def type_and_enter(page, text: str) -> None:
+    shown = page.locator("#path").inner_text()
+    page.locator("#caption").press_sequentially(text)
+    page.keyboard.press("Enter")
+    expect(page.locator("#path")).not_to_have_text(shown)
+
+
+def test_caption_three_esc_resume_edit_and_refuse_empty(page, dataset, run_cli, port, tmp_path):
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.goto(url)
+        expect(page.locator("#counter")).to_have_text("1 / 8 captioned")
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        expect(page.locator("#caption")).to_be_focused()
+        expect(page.locator("#problems")).to_contain_text("1 unreadable image skipped")
+        expect(page.locator("#problems")).to_contain_text("1 row of index.csv names a file that is not here")
+        type_and_enter(page, "a red circle")
+        # circle/0001.png already has a caption: Enter moves to the next *uncaptioned* image.
+        expect(page.locator("#path")).to_have_text("circle/0002.png")
+        type_and_enter(page, "a blue circle")
+        page.locator("#caption").press_sequentially("a yellow circi")
+        page.keyboard.press("Backspace")
+        page.keyboard.press("Backspace")
+        page.locator("#caption").press_sequentially("cle")
+        page.keyboard.press("Enter")
+        expect(page.locator("#path")).to_have_text("square/0004.png")
+        expect(page.locator("#counter")).to_have_text("4 / 8 captioned")
+        page.screenshot(path=tmp_path / "captioning.png")
+        page.keyboard.press("Escape")
+        expect(page.locator("#done")).to_be_visible()
+        expect(page.locator("#done-summary")).to_contain_text("4 / 8 images captioned")
+        assert server.wait(15) == 0  # Esc ends the session and the server exits cleanly
+        assert "4 / 8 images captioned" in server.stdout.read()
+    assert index(dataset) == {"circle/0001.png": "a green circle", "gone/0099.png": "a lost image",
+                              "circle/0000.png": "a red circle", "circle/0002.png": "a blue circle",
+                              "circle/0003.png": "a yellow circle"}
+
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.reload()  # same port, new server: it starts at the first image without a caption
+        expect(page.locator("#path")).to_have_text("square/0004.png")
+        expect(page.locator("#counter")).to_have_text("4 / 8 captioned")
+        # Empty caption: refused with a visible hint, nothing written, still on the same image.
+        before = (dataset / "index.csv").read_bytes()
+        page.keyboard.press("Enter")
+        expect(page.locator("#hint")).to_be_visible()
+        expect(page.locator("#hint")).to_contain_text("empty caption is not saved")
+        expect(page.locator("#path")).to_have_text("square/0004.png")
+        assert (dataset / "index.csv").read_bytes() == before
+        # Alt+Left goes back to the previous image with its caption, ready to edit.
+        page.keyboard.press("Alt+ArrowLeft")
+        expect(page.locator("#path")).to_have_text("circle/0003.png")
+        expect(page.locator("#caption")).to_have_value("a yellow circle")
+        page.locator("#caption").fill("")
+        page.locator("#caption").press_sequentially("a small yellow circle")
+        page.keyboard.press("Enter")
+        expect(page.locator("#path")).to_have_text("square/0004.png")
+        assert index(dataset)["circle/0003.png"] == "a small yellow circle"
+        page.keyboard.press("Alt+ArrowRight")
+        expect(page.locator("#path")).to_have_text("square/0005.png")
+        page.keyboard.press("Escape")
+        expect(page.locator("#done")).to_be_visible()
+        assert server.wait(15) == 0
+    captions = index(dataset)
+    assert len(captions) == 5 and captions["circle/0003.png"] == "a small yellow circle"
+
+
+def test_kill_9_mid_session_keeps_every_saved_caption(page, dataset, run_cli, port):
+    (dataset / "index.csv").unlink()
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.goto(url)
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        type_and_enter(page, "a red circle")
+        type_and_enter(page, "a green circle")
+        page.locator("#caption").press_sequentially("a blue ci")  # being typed when the server dies
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        page.keyboard.press("Enter")
+        expect(page.locator("#hint")).to_contain_text("server cannot be reached")
+    assert index(dataset) == {"circle/0000.png": "a red circle", "circle/0001.png": "a green circle"}
+    assert not [p for p in dataset.iterdir() if p.name.startswith(".index.csv")]  # no temp file left behind
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.reload()
+        expect(page.locator("#path")).to_have_text("circle/0002.png")
+        expect(page.locator("#counter")).to_have_text("2 / 8 captioned")
