@@ -2,26 +2,34 @@
 
 The query is encoded by the model the cache was built with — read from the
 cache's metadata by default — and compared by cosine with every row: exact
-search over the normalised matrix, one matrix-vector product. A different
-model is refused, since its embeddings live in another space. The CLI and the
-search page both call `Searcher`, so they return the same results in the same
-order.
+search over the normalised matrix, one matrix-vector product (fine up to
+about a million rows), or with `faiss=True` an inverted-file FAISS index built
+once and saved next to the cache. A different model is refused, since its
+embeddings live in another space. The CLI and the search page both call
+`Searcher`, so they return the same results in the same order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clipforge.data.embeddings import read_embeddings
+from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, load_clip
 from clipforge.models.preprocess import BatchPreprocess
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.search")
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class Searcher:
     """Holds a cache and its model; `text(query, k)` and `image(bytes, k)` return the k best hits."""
 
     def __init__(self, index: str, model: str | None = None, pretrained: str | None = None,
-                 model_config: str | None = None, device: str = "cpu"):
+                 model_config: str | None = None, device: str = "cpu", faiss: bool = False):
         self.table = read_embeddings(index)
         built = self.table.model
         if model and (model != built.get("name") or (pretrained or None) != built.get("pretrained")):
@@ -52,6 +60,7 @@ class Searcher:
         source = self.table.manifest.get("config", {}).get("source", "")
         self.root = collection_root(source) if source and is_image_collection(source) else None
         self.matrix = torch.from_numpy(self.table.embeddings).to(self.device)
+        self.faiss = FaissIndex(index, self.table) if faiss else None
 
     @torch.inference_mode()
     def text(self, query: str, k: int = 10) -> list[Hit]:
@@ -71,11 +80,48 @@ class Searcher:
 
     def _top(self, features: torch.Tensor, k: int) -> list[Hit]:
         query = torch.nn.functional.normalize(features.float(), dim=-1)[0]
-        scores = self.matrix @ query
-        k = min(k, len(scores))
-        best = torch.topk(scores, k)
+        if self.faiss is not None:
+            scores, rows = self.faiss.search(query.cpu().numpy(), k)
+        else:
+            best = torch.topk(self.matrix @ query, min(k, len(self.matrix)))
+            scores, rows = best.values.tolist(), best.indices.tolist()
         hits = []
-        for score, row in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+        for score, row in zip(scores, rows, strict=True):
             row_id = str(self.table.ids[row])
             hits.append(Hit(row_id, round(float(score), 6), image_uri(self.root, row_id) if self.root else row_id))
         return hits
+
+
+class FaissIndex:
+    """Approximate search for collections past ~1M rows: an inverted-file index (IVF, inner product on
+    the normalised rows) in `CACHE.faiss/ivf<lists>-<key>.index`, next to the cache. The key hashes the
+    cache's manifest, so a rebuilt cache gets a new index and an unchanged one reuses its file. A query
+    scans `nprobe` of the `nlist` lists; with one list (small caches) that is exact search."""
+
+    def __init__(self, cache: str, table: EmbeddingTable):
+        import faiss
+
+        rows, dim = table.embeddings.shape
+        self.nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))  # FAISS wants >= 39 rows per list
+        key = hashlib.sha256(json.dumps(table.manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.uri = storage.join(f"{cache.rstrip('/')}.faiss", f"ivf{self.nlist}-{key}.index")
+        self.reused = storage.exists(self.uri)
+        if self.reused:
+            self.index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(self.uri), dtype=np.uint8))
+            self.reused = self.index.ntotal == rows and self.index.d == dim
+        if not self.reused:
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            self.index.train(table.embeddings)
+            self.index.add(table.embeddings)
+            try:
+                storage.write_bytes(self.uri, faiss.serialize_index(self.index).tobytes())
+            except OSError as exc:
+                log.warning("FAISS index not saved to %s (%s); it is rebuilt next time", self.uri, exc)
+        self.index.nprobe = min(self.nlist, max(8, self.nlist // 16))
+        log.info("FAISS index %s: %d rows in %d lists, %d scanned per query (%s)", self.uri, rows, self.nlist,
+                 self.index.nprobe, "reused" if self.reused else "built")
+
+    def search(self, query: np.ndarray, k: int) -> tuple[list[float], list[int]]:
+        scores, rows = self.index.search(query[None].astype(np.float32), min(k, self.index.ntotal))
+        found = rows[0] >= 0  # fewer than k rows in the lists scanned
+        return scores[0][found].tolist(), rows[0][found].tolist()

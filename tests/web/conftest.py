@@ -87,7 +87,7 @@ def run_cli(tmp_path):
     return lambda args, **kwargs: cli_server(args, tmp_path / "cache-home", **kwargs)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def serve_in_thread():
     """`with serve_in_thread(server) as url`: a page server of this process, in a thread."""
     return in_thread

@@ -66,6 +66,8 @@ def test_caption_three_esc_resume_edit_and_refuse_empty(page, dataset, run_cli, 
         page.keyboard.press("Escape")
         expect(page.locator("#done")).to_be_visible()
         expect(page.locator("#done-summary")).to_contain_text("4 / 8 images captioned")
+        expect(page.locator("#session")).to_be_hidden()
+        page.screenshot(path=tmp_path / "captioning-done.png")
         assert server.wait(15) == 0  # Esc ends the session and the server exits cleanly
         assert "4 / 8 images captioned" in server.stdout.read()
     assert index(dataset) == {"circle/0001.png": "a green circle", "gone/0099.png": "a lost image",

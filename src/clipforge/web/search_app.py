@@ -1,0 +1,149 @@
+"""The search page: a text (or a dropped image) -> the nearest images of an indexed folder.
+
+Routes: `/` the page, `/api/search?q=TEXT&k=K` and `POST /api/search-image`
+(multipart field `image`, optional `k`) -> `{"hits": [{rank, id, score,
+path}], "ms"}`, `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
+index does not hold are a 404, so nothing else on disk is reachable). Queries
+go through the same `Searcher` as `clipforge search`: same results, same order.
+Searching changes nothing, so it needs no token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clipforge.data.image_folder import image_uri
+from clipforge.errors import UserError
+from clipforge.search import Searcher
+from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page
+from clipforge.web.thumbnails import DISPLAY_BOX, THUMBNAIL_BOX, Thumbnails
+
+log = logging.getLogger("clipforge.serve")
+
+MAX_K = 200
+
+
+class SearchServer:
+    """The search page for one cache on `host:port` (0: a free port); `run()` blocks until `stop()` or Ctrl-C."""
+
+    def __init__(self, index: str, *, model: str | None = None, pretrained: str | None = None,
+                 model_config: str | None = None, device: str = "cpu", faiss: bool = False,
+                 host: str = "127.0.0.1", port: int = 0, thumbnail_cache: str | Path | None = None):
+        self.searcher = Searcher(index, model, pretrained, model_config, device, faiss=faiss)
+        self.index = index
+        self.ids = np.array(sorted(map(str, self.searcher.table.ids)), dtype=object)  # for uri_of
+        app = search_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
+        sock = open_socket(host, port, exposes=f"search and see the images indexed in {index}")
+        self.server = PageServer(app, sock)
+        self.url = self.server.url
+        self._lock = threading.Lock()  # one query at a time: each one uses every core already
+
+    def run(self) -> None:
+        self.server.run()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def about(self) -> str:
+        spec = self.searcher.spec
+        weights = f" ({Path(spec.pretrained).name})" if spec.pretrained else ""
+        how = f"FAISS IVF, {self.searcher.faiss.nlist} lists" if self.searcher.faiss else "exact search"
+        where = f" in {self.searcher.root}" if self.searcher.root else ""
+        return f"{len(self.ids)} images{where} · {spec.model}{weights} · {how}"
+
+    def uri_of(self, row_id: str) -> str | None:
+        """The image file of an indexed id; None for ids the index does not hold or without image files."""
+        at = int(np.searchsorted(self.ids, row_id))
+        if at == len(self.ids) or self.ids[at] != row_id or self.searcher.root is None:
+            return None
+        return image_uri(self.searcher.root, row_id)
+
+    def query(self, search: Callable[[], list]) -> dict:
+        with self._lock:
+            started = time.perf_counter()
+            hits = search()
+            ms = (time.perf_counter() - started) * 1000
+        return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, 1)], "ms": round(ms, 2)}
+
+
+def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: bool):
+    searcher = session.searcher
+
+    async def page(request: Request) -> Response:
+        return render_page("search.html", index=session.index, about=session.about())
+
+    async def by_text(request: Request) -> Response:
+        k = parse_k(request.query_params.get("k"))
+        if k is None:
+            return error(400, f"k must be a whole number from 1 to {MAX_K}")
+        text = request.query_params.get("q", "")
+        return await answer(lambda: searcher.text(text, k))
+
+    async def by_image(request: Request) -> Response:
+        async with request.form(max_files=1, max_fields=2) as form:
+            upload, k = form.get("image"), parse_k(form.get("k"))
+            if not isinstance(upload, UploadFile):
+                return error(400, "send the query image as the multipart field 'image'")
+            if k is None:
+                return error(400, f"k must be a whole number from 1 to {MAX_K}")
+            data = await upload.read()
+        return await answer(lambda: searcher.image(data, k))
+
+    async def answer(search: Callable[[], list]) -> Response:
+        try:
+            result = await run_in_threadpool(session.query, search)
+        except UserError as exc:
+            return error(400, str(exc))
+        return JSONResponse(result, headers={"cache-control": "no-store"})
+
+    async def picture(request: Request, box: int) -> Response:
+        uri = session.uri_of(request.query_params.get("id", ""))
+        if uri is None:
+            return error(404, "not an image of this index")
+        try:
+            data = await run_in_threadpool(thumbnails.get, uri, box)
+        except UserError as exc:
+            return error(404 if "not found" in str(exc) else 422, str(exc))
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+
+    return page_app([
+        Route("/", page),
+        Route("/api/search", by_text),
+        Route("/api/search-image", by_image, methods=["POST"]),
+        Route("/thumb", partial(picture, box=THUMBNAIL_BOX)),
+        Route("/image", partial(picture, box=DISPLAY_BOX)),
+    ], loopback_only=loopback_only)
+
+
+def parse_k(value) -> int | None:
+    if value is None or value == "":
+        return 10
+    try:
+        k = int(str(value))
+    except ValueError:
+        return None
+    return k if 1 <= k <= MAX_K else None
+
+
+def serve_search(index: str, *, model: str | None = None, pretrained: str | None = None,
+                 model_config: str | None = None, device: str = "cpu", faiss: bool = False,
+                 host: str = "127.0.0.1", port: int = 0, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve the search page over `index` until Ctrl-C. `on_ready(url)` runs once the socket listens."""
+    server = SearchServer(index, model=model, pretrained=pretrained, model_config=model_config, device=device,
+                          faiss=faiss, host=host, port=port)
+    log.info("%s: %s", index, server.about())
+    if on_ready:
+        on_ready(server.url)
+    server.run()

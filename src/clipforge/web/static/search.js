@@ -1,0 +1,107 @@
+// The search page: a text or an image goes to the server, which answers with the top-k hits of the
+// same search `clipforge search` runs; each hit shows a server-made thumbnail, its score and path.
+
+const $ = (id) => document.getElementById(id);
+let latest = 0; // only the newest query's answer is shown
+let preview = null;
+
+function status(text, kind = '') {
+  $('status').textContent = text;
+  $('status').className = `status ${kind}`;
+}
+
+function render(data, what) {
+  const list = $('results');
+  list.replaceChildren();
+  for (const hit of data.hits) {
+    const item = document.createElement('li');
+    item.className = 'hit';
+    item.dataset.id = hit.id;
+    item.dataset.score = hit.score;
+    const link = Object.assign(document.createElement('a'), {
+      href: `image?id=${encodeURIComponent(hit.id)}`, target: '_blank', rel: 'noopener',
+    });
+    const thumb = Object.assign(document.createElement('img'), {
+      src: `thumb?id=${encodeURIComponent(hit.id)}`, alt: hit.id, loading: 'lazy',
+    });
+    link.append(thumb);
+    const meta = document.createElement('div');
+    meta.className = 'meta';
+    meta.append(
+      Object.assign(document.createElement('span'), { className: 'rank', textContent: `#${hit.rank}` }),
+      Object.assign(document.createElement('span'), { className: 'score', textContent: hit.score.toFixed(4) }),
+    );
+    // The id is the path inside the indexed folder (shown in the header); the full path is the tooltip.
+    const path = Object.assign(document.createElement('div'), {
+      className: 'path', textContent: hit.id, title: hit.path,
+    });
+    item.append(link, meta, path);
+    list.append(item);
+  }
+  status(`${data.hits.length} results for ${what} in ${data.ms.toFixed(1)} ms`);
+}
+
+async function ask(request, what) {
+  const ticket = ++latest;
+  status('Searching…');
+  try {
+    const response = await request();
+    const data = await response.json().catch(() => ({}));
+    if (ticket !== latest) return;
+    if (!response.ok) throw new Error(data.error || `The server answered ${response.status}.`);
+    render(data, what);
+  } catch (problem) {
+    if (ticket === latest) status(problem.message, 'error');
+  }
+}
+
+function byText() {
+  const text = $('text').value.trim();
+  if (!text) {
+    status('Type what to find, or drop an image.');
+    return;
+  }
+  $('query-image').hidden = true;
+  const query = new URLSearchParams({ q: text, k: $('k').value });
+  ask(() => fetch(`api/search?${query}`), `“${text}”`);
+}
+
+function byImage(file) {
+  if (!file) return;
+  if (preview) URL.revokeObjectURL(preview);
+  preview = URL.createObjectURL(file);
+  $('query-preview').src = preview;
+  $('query-name').textContent = `query image: ${file.name}`;
+  $('query-image').hidden = false;
+  const form = new FormData();
+  form.append('image', file);
+  form.append('k', $('k').value);
+  ask(() => fetch('api/search-image', { method: 'POST', body: form }), file.name);
+}
+
+$('query').addEventListener('submit', (event) => {
+  event.preventDefault();
+  byText();
+});
+$('file').addEventListener('change', () => byImage($('file').files[0]));
+
+// Dropping an image anywhere on the page searches with it.
+let depth = 0;
+document.addEventListener('dragenter', (event) => {
+  event.preventDefault();
+  depth += 1;
+  document.body.classList.add('dragging');
+});
+document.addEventListener('dragleave', () => {
+  depth -= 1;
+  if (depth <= 0) document.body.classList.remove('dragging');
+});
+document.addEventListener('dragover', (event) => event.preventDefault());
+document.addEventListener('drop', (event) => {
+  event.preventDefault();
+  depth = 0;
+  document.body.classList.remove('dragging');
+  const file = [...event.dataTransfer.files].find((f) => f.type.startsWith('image/'));
+  if (file) byImage(file);
+  else status('Drop an image file (jpg, png, webp).', 'error');
+});

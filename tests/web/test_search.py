@@ -1,0 +1,206 @@
+"""The search page in a real browser over the shapes set indexed by a tiny open_clip trained (here, in
+seconds) to tell colours and shapes apart: text and image queries, the CLI's results, FAISS, refusals."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+from PIL import Image
+from playwright.sync_api import expect
+
+from clipforge.cli import main
+from clipforge.config.cache import CacheConfig
+from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.errors import UserError
+from clipforge.search import Searcher
+from clipforge.stages.cache import run_cache
+from clipforge.web.search_app import SearchServer
+
+SHAPES_MODEL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def train_shapes_model(dataset: Path, folder: Path, max_steps: int = 600) -> tuple[Path, Path]:
+    """Train a tiny open_clip from random weights on the captioned shapes with open_clip's ClipLoss until
+    every caption's own images rank first (checked every 20 steps); save config and weights as files.
+
+    One image per distinct caption in a batch, so a batch holds no false negatives; the token embedding
+    stays frozen (random rows tell the few words apart, and Adam on 49408 rows dominates a step)."""
+    config = folder / "tiny-shapes.json"
+    config.write_text(json.dumps(SHAPES_MODEL))
+    open_clip.add_model_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from threads on a shared 2-core machine
+    torch.manual_seed(0)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms("tiny-shapes")
+        tokenizer = open_clip.get_tokenizer("tiny-shapes")
+        rows = pd.read_csv(dataset / "index.csv")
+        pixels = torch.stack([preprocess(Image.open(dataset / path)) for path in rows["filepath"]])
+        captions = sorted(set(rows["caption"]))
+        label = torch.tensor([captions.index(c) for c in rows["caption"]])
+        members = [torch.nonzero(label == i).flatten() for i in range(len(captions))]
+        texts = tokenizer(captions)
+        model.token_embedding.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
+        loss_fn, generator = ClipLoss(), torch.Generator().manual_seed(0)
+        for step in range(1, max_steps + 1):
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * min(1.0, step / 20)
+            batch = torch.stack([m[torch.randint(len(m), (1,), generator=generator)][0] for m in members])
+            image_features, text_features, scale = model(pixels[batch], texts)[:3]
+            loss = loss_fn(image_features, text_features, scale)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 20 == 0 and separates(model, pixels, texts, label):
+                break
+        else:
+            raise AssertionError(f"the tiny model did not learn the shapes in {max_steps} steps")
+    finally:
+        torch.set_num_threads(threads)
+    weights = folder / "tiny-shapes.pt"
+    torch.save(model.state_dict(), weights)
+    return config, weights
+
+
+@torch.no_grad()
+def separates(model, pixels, texts, label, margin: float = 0.05) -> bool:
+    """Every caption scores each of its own images above every other image by `margin`."""
+    model.eval()
+    images = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+    scores = torch.nn.functional.normalize(model.encode_text(texts), dim=-1) @ images.T
+    own = label[None] == torch.arange(len(texts))[:, None]
+    worst_own = scores.masked_fill(~own, 2).min(1).values
+    best_other = scores.masked_fill(own, -2).max(1).values
+    return bool((worst_own - best_other > margin).all())
+
+
+@pytest.fixture(scope="module")
+def shapes_index(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("search")
+    dataset = write_captioned_dataset(root / "shapes", 48, size=64)
+    config, weights = train_shapes_model(dataset, root)
+    cache = root / "index"
+    run_cache(CacheConfig(source=str(dataset), model="tiny-shapes", model_config=str(config),
+                          pretrained=str(weights), output=str(cache), batch_size=24, device="cpu"))
+    captions = pd.read_csv(dataset / "index.csv").set_index("filepath")["caption"].to_dict()
+    return {"dataset": dataset, "cache": str(cache), "captions": captions, "root": root}
+
+
+@pytest.fixture(scope="module")
+def search_server(shapes_index, serve_in_thread):
+    server = SearchServer(shapes_index["cache"], thumbnail_cache=shapes_index["root"] / "thumbs")
+    with serve_in_thread(server):
+        yield server
+
+
+def shown_hits(page) -> list[dict]:
+    return page.locator("#results li").evaluate_all(
+        "items => items.map(li => ({id: li.dataset.id, score: Number(li.dataset.score)}))")
+
+
+def cli_hits(capsys, args: list[str]) -> list[dict]:
+    capsys.readouterr()
+    assert main(["search", *args, "--json"]) == 0
+    return [{"id": hit["id"], "score": hit["score"]} for hit in json.loads(capsys.readouterr().out)]
+
+
+def test_text_query_finds_red_circles_as_the_cli_does(page, search_server, shapes_index, capsys, tmp_path):
+    page.goto(search_server.url)
+    expect(page.locator("#about")).to_have_text(
+        f"48 images in {shapes_index['dataset']} · tiny-shapes (tiny-shapes.pt) · exact search")
+    page.locator("#text").press_sequentially("a red circle")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(10)
+    expect(page.locator("#status")).to_contain_text("10 results")
+    hits = shown_hits(page)
+    red_circles = sum(caption == "a red circle" for caption in shapes_index["captions"].values())
+    assert red_circles == 4
+    assert [shapes_index["captions"][hit["id"]] for hit in hits[:red_circles]] == ["a red circle"] * red_circles
+    assert hits == cli_hits(capsys, ["--index", shapes_index["cache"], "a red circle", "-k", "10"])
+    first = page.locator("#results li").first
+    expect(first.locator(".path")).to_have_text(hits[0]["id"])
+    expect(first.locator(".path")).to_have_attribute("title", str(shapes_index["dataset"] / hits[0]["id"]))
+    expect(first.locator(".score")).to_have_text(f"{hits[0]['score']:.4f}")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
+    page.screenshot(path=tmp_path / "search.png", full_page=True)
+
+
+def test_image_query_by_upload_and_by_drop(page, search_server, shapes_index, capsys):
+    query = shapes_index["dataset"] / "square" / "0005.png"
+    expected = cli_hits(capsys, ["--index", shapes_index["cache"], "--image", str(query), "-k", "5"])
+    assert expected[0] == {"id": "square/0005.png", "score": pytest.approx(1.0, abs=1e-4)}
+    page.goto(search_server.url)
+    page.locator("#k").fill("5")
+    page.locator("#file").set_input_files(query)
+    expect(page.locator("#results li")).to_have_count(5)
+    expect(page.locator("#query-image")).to_be_visible()
+    assert shown_hits(page) == expected
+
+    page.locator("#text").fill("a green triangle")
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("a green triangle")
+    assert shapes_index["captions"][shown_hits(page)[0]["id"]] == "a green triangle"
+    payload = base64.b64encode(query.read_bytes()).decode()
+    transfer = page.evaluate_handle("""(data) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        return transfer;
+    }""", payload)
+    page.dispatch_event("body", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#query-name")).to_have_text("query image: dropped.png")
+    expect(page.locator("#results li").first).to_have_attribute("data-id", "square/0005.png")
+    assert shown_hits(page) == expected
+
+
+def test_http_thumbnails_only_for_indexed_ids(search_server, shapes_index):
+    url = search_server.url
+    thumb = httpx.get(url + "thumb", params={"id": "circle/0000.png"})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size == (64, 64)  # never enlarged
+    assert list((shapes_index["root"] / "thumbs").rglob("*.jpg"))  # made once, cached on disk
+    for bad in ["../index.csv", "../../etc/passwd", "/etc/passwd", str(shapes_index["dataset"] / "index.csv"),
+                "circle/9999.png", ""]:
+        assert httpx.get(url + "thumb", params={"id": bad}).status_code == 404, bad
+        assert httpx.get(url + "image", params={"id": bad}).status_code == 404, bad
+    assert httpx.get(url + "api/search", params={"q": " "}).status_code == 400
+    assert httpx.get(url + "api/search", params={"q": "a red circle", "k": "0"}).status_code == 400
+    assert httpx.post(url + "api/search-image", files={"image": ("x.png", b"not an image")}).status_code == 400
+
+
+def test_other_model_is_refused(shapes_index, capsys):
+    with pytest.raises(UserError, match="embeds into another space"):
+        SearchServer(shapes_index["cache"], model="ViT-B-32", pretrained="openai")
+    assert main(["serve", "--index", shapes_index["cache"], "--model", "ViT-B-32", "--pretrained", "openai",
+                 "--no-browser", "--port", "0"]) == 2
+    assert "embeds into another space" in capsys.readouterr().err
+
+
+def test_faiss_index_is_built_next_to_the_cache_and_reused(shapes_index):
+    cache = shapes_index["cache"]
+    exact = Searcher(cache)
+    built = Searcher(cache, faiss=True)
+    assert not built.faiss.reused and Path(built.faiss.uri).parent == Path(cache + ".faiss")
+    reused = Searcher(cache, faiss=True)
+    assert reused.faiss.reused
+    for query in ["a red circle", "a blue square", "a yellow triangle"]:
+        want = exact.text(query, 12)
+        for searcher in (built, reused):
+            got = searcher.text(query, 12)
+            assert [h.id for h in got] == [h.id for h in want]  # 48 rows: one list, so exact
+            assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
