@@ -3,6 +3,7 @@ resumption after the runner is killed, and each branch of the seed's production 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,8 @@ def test_demo_runs_end_to_end(first_run, in_demo):
     stages = first_run.data["stages"]
     evaluation = read_manifest(stages["evaluate"]["output"])["metrics"]
     assert evaluation["conditioning"] == "adapter"
+    assert [row["configuration"] for row in evaluation["images"]] == ["zero-pad", "adapter"]
+    assert (Path(stages["evaluate"]["output"]) / "contact_sheet.png").is_file()
     assert evaluation["adapter"]["mean_cosine"] > evaluation["zero_pad"]["mean_cosine"]
     assert (Path(stages["evaluate"]["output"]) / "metrics.png").stat().st_size > 1000
     assert stages["source-cache"]["output"].startswith("demo/artifacts/cache/")
@@ -80,7 +83,8 @@ def test_new_run_id_reuses_every_stage(first_run, in_demo):
 def test_changed_adapter_reruns_adapter_and_evaluate_only(first_run, in_demo):
     record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.epochs=3"], run_id="third")
     assert statuses(record) == {"nsd-index": "reused", "source-cache": "reused", "target-cache": "reused",
-                                "adapter": "done", "evaluate": "done"}
+                                "adapter": "done", "generate-zero-pad": "reused", "generate-adapter": "done",
+                                "evaluate": "done"}
     assert record.data["stages"]["adapter"]["output"] != first_run.data["stages"]["adapter"]["output"]
 
 
@@ -109,9 +113,11 @@ def test_low_coverage_trains_on_a_limited_subset(first_run, in_demo):
 def test_failed_adapter_continues_with_zero_padding(first_run, in_demo):
     record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.in_dim=7"], run_id="broken")
     assert statuses(record)["adapter"] == "failed-continued"
+    assert statuses(record)["generate-adapter"] == "skipped"
     assert statuses(record)["evaluate"] == "done"
     metrics = read_manifest(record.data["stages"]["evaluate"]["output"])["metrics"]
     assert metrics["conditioning"] == "zero-pad" and metrics["adapter"] is None and metrics["zero_pad"]
+    assert [row["configuration"] for row in metrics["images"]] == ["zero-pad"]
 
 
 def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
@@ -132,7 +138,9 @@ def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     committed = len(list(cache_root.glob("*/shard-*.parquet")))
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{committed} already committed, skipped" in proc.stderr
+    # Ray's workers may commit a shard they were writing as the runner died: at least those seen are kept.
+    resumed = [int(n) for n in re.findall(r"(\d+) already committed, skipped", proc.stderr)]
+    assert resumed and max(resumed) >= committed >= 1
     run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
     assert {s["status"] for s in run_json["stages"].values()} == {"up-to-date", "done"}
     assert run_json["stages"]["nsd-index"]["status"] == "up-to-date"
