@@ -1,1 +1,27 @@
 """Thin CLI commands: each parses flags into a config and calls one library function."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from clipforge.config.base import StageConfig
+from clipforge.config.flags import add_config_flags, config_from_args
+
+
+def add_stage_command(sub, name: str, cls: type[StageConfig], run: str):
+    """A subcommand whose flags are the fields of `cls`; it logs the resolved config and calls
+    `run` ("module:function") with it. Returns the parser for extra arguments."""
+    parser = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
+    add_config_flags(parser, cls)
+
+    def call(args) -> int:
+        config = config_from_args(cls, args)
+        logging.getLogger(f"clipforge.{name}").info(
+            "config: %s", config.model_dump_json(by_alias=True, exclude_none=True))
+        module, function = run.split(":")
+        getattr(importlib.import_module(module), function)(config)
+        return 0
+
+    parser.set_defaults(func=call)
+    return parser
