@@ -1,0 +1,375 @@
+"""The Kubernetes driver: `run_pipeline` with each stage run as a Job (or a KubeRay RayJob) in the cluster.
+
+`drive(...)` is what the chart's driver Job runs. For each stage the pipeline core decides (reuse, up to
+date, policy) exactly as locally; when a stage must run, `KubernetesExecutor` creates its Job — or
+re-attaches to the Job of the same name a killed driver left running — waits for it with a watch,
+reads the failed pod's exit code and log tail, and returns the stage's exit code. Progress is the run
+record in the artifact store, so a restarted driver skips finished stages and re-attaches to the rest.
+
+The pitfalls cited as "DESIGN" are in /shared/DESIGN.md, "Kubernetes notes".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from clipforge.config.base import read_yaml
+from clipforge.config.pipeline import load_pipeline, order_stages
+from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
+from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, run_pipeline, summary_table
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.drive")
+
+RAY = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
+RAY_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # DESIGN: status.jobStatus values that end a RayJob
+# What a broken connection looks like from the client: a read timeout, a reset, a refused reconnect.
+CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """How a stage's Job ended: the exit code the pipeline policy sees, and why."""
+
+    exit_code: int
+    reason: str
+    preempted: bool = False
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """A kubeconfig when given; in a pod the ServiceAccount (in-cluster config); else ~/.kube/config."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    return config.new_client_from_config()
+
+
+def current_namespace(kubeconfig: str | None = None) -> str:
+    """POD_NAMESPACE (downward API) in a pod; else the kubeconfig context's namespace; else 'default'."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        _, context = config.list_kube_config_contexts(kubeconfig)
+        return (context or {}).get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError):
+        return "default"
+
+
+def job_finished(job: client.V1Job) -> str | None:
+    """'complete', 'failed' or None from a Job's conditions."""
+    for condition in (job.status and job.status.conditions) or []:
+        if condition.status == "True" and condition.type in ("Complete", "Failed"):
+            return condition.type.lower()
+    return None
+
+
+class KubernetesExecutor:
+    """`execute(resolved) -> exit code` for `run_pipeline`, one Kubernetes Job (or RayJob) per stage."""
+
+    def __init__(self, settings: StageJobSettings, api: client.ApiClient, *, watch_seconds: int = 60,
+                 log_lines: int = 40, group_restarts: int = 3, poll_seconds: float = 10.0):
+        self.settings, self.namespace = settings, settings.namespace
+        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        # DESIGN (watches): timeout_seconds ends a watch on the server; _request_timeout is the client's
+        # own limit, without which a silently dropped connection hangs the driver forever.
+        self.watch_seconds = watch_seconds
+        self.request_timeout = watch_seconds + max(2, watch_seconds // 4)
+        self.log_lines, self.group_restarts, self.poll_seconds = log_lines, group_restarts, poll_seconds
+
+    def __call__(self, resolved: ResolvedStage) -> int:
+        where = placement(resolved)
+        manifests = stage_manifests(resolved, self.settings)
+        if where == "rayjob" and not self.settings.kuberay:
+            res = resolved.spec.resources
+            log.warning("[%s] %d nodes asked for a cache stage, but KubeRay is off: one pod with all %d GPUs",
+                        resolved.spec.name, res.nodes, res.nodes * res.gpus)
+        gpus, processes = resolved.spec.resources.gpus, resolved.values.get("num_processes")
+        if resolved.kind.distributed and gpus > 1 and processes is not None and processes != gpus:
+            log.warning("[%s] asks for %d GPUs per node but runs num_processes=%s per node; one process per GPU "
+                        "needs `with.num_processes: %d`", resolved.spec.name, gpus, processes, gpus)
+        if manifests[0]["kind"] == "RayJob":
+            return self.run_ray_job(resolved, manifests[0])
+        return self.run_job(resolved, manifests[0], manifests[1:])
+
+    # --- Jobs ---------------------------------------------------------------------------------------
+
+    def run_job(self, resolved: ResolvedStage, job: dict, services: list[dict]) -> int:
+        """Create (or re-attach to) the stage's Job, wait, and recreate a multi-node group that lost a rank."""
+        name, stage = job["metadata"]["name"], resolved.spec.name
+        group = job["spec"].get("completionMode") == "Indexed"
+        for attempt in range(self.group_restarts + 1):
+            for service in services:
+                self.create(self.core.create_namespaced_service, service)
+            self.start_or_attach(resolved, job)
+            outcome = self.wait_for_job(stage, name)
+            # DESIGN: one rank lost means the others hang in NCCL; the group has backoffLimit 0 and the
+            # driver recreates it whole, resuming from the newest checkpoint.
+            if group and outcome.preempted and attempt < self.group_restarts:
+                log.warning("[%s] a node of Job %s was preempted (%s); recreating the group (%d of %d)",
+                            stage, name, outcome.reason, attempt + 1, self.group_restarts)
+                self.delete_job(name)
+                continue
+            break
+        for service in services:  # only after the group is done: ranks resolve rank 0 through it
+            self.delete(self.core.delete_namespaced_service, service["metadata"]["name"])
+        return outcome.exit_code
+
+    def start_or_attach(self, resolved: ResolvedStage, job: dict) -> None:
+        """Create the Job unless one of this name already runs this stage's config: never a second one."""
+        name, stage = job["metadata"]["name"], resolved.spec.name
+        existing = self.read(self.batch.read_namespaced_job, name)
+        if existing is not None:
+            key = (existing.metadata.annotations or {}).get(KEY_ANNOTATION)
+            state = job_finished(existing)
+            if key == resolved.key and state != "failed":
+                log.info("[%s] re-attaching to the existing Job %s (%s)", stage, name, state or "running")
+                return
+            why = "it failed earlier; trying again" if key == resolved.key else "it ran another config"
+            log.warning("[%s] deleting the existing Job %s: %s", stage, name, why)
+            self.delete_job(name)
+        if self.create(self.batch.create_namespaced_job, job):
+            log.info("[%s] created Job %s", stage, name)
+        else:  # another driver of the same run was faster
+            log.info("[%s] re-attaching to Job %s, created concurrently", stage, name)
+
+    def wait_for_job(self, stage: str, name: str) -> StageOutcome:
+        job = self.watch_job(name)
+        if job is None:
+            return StageOutcome(1, f"Job {name} was deleted before it finished")
+        if job_finished(job) == "complete":
+            log.info("[%s] Job %s complete", stage, name)
+            return StageOutcome(0, "complete")
+        return self.failure(stage, job)
+
+    def watch_job(self, name: str) -> client.V1Job | None:
+        """Block until Job `name` finishes (returned) or disappears (None).
+
+        DESIGN (watches): a watch that times out is resumed from the last resourceVersion seen; on
+        `410 Gone` (history compacted) the Job is listed again and the watch restarts from the list's
+        resourceVersion.
+        """
+        selector = f"metadata.name={name}"
+        version: str | None = None
+        while True:
+            if version is None:
+                listed = self.call(self.batch.list_namespaced_job, self.namespace, field_selector=selector)
+                version = listed.metadata.resource_version
+                if not listed.items:
+                    return None
+                if job_finished(listed.items[0]):
+                    return listed.items[0]
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(self.batch.list_namespaced_job, self.namespace, field_selector=selector,
+                                           resource_version=version, allow_watch_bookmarks=True,
+                                           timeout_seconds=self.watch_seconds, _request_timeout=self.request_timeout):
+                    version = stream.resource_version or version
+                    if event["type"] == "DELETED":
+                        return None
+                    if event["type"] in ("ADDED", "MODIFIED") and job_finished(event["object"]):
+                        return event["object"]
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+                log.info("watch on Job %s: 410 Gone (resourceVersion %s expired); listing again", name, version)
+                version = None
+            except CONNECTION_ERRORS as exc:
+                log.info("watch on Job %s broke off (%s); watching again from resourceVersion %s",
+                         name, type(exc).__name__, version)
+                time.sleep(1)
+
+    def failure(self, stage: str, job: client.V1Job) -> StageOutcome:
+        """The failed pod's exit code and log tail, read at once: DESIGN (ttlSecondsAfterFinished) deletes
+        the pods and their logs when the TTL fires."""
+        name = job.metadata.name
+        condition = next(c for c in job.status.conditions if c.type == "Failed" and c.status == "True")
+        pods = self.call(self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={name}").items
+        failed = [(finished_at(p), p) for p in pods
+                  if p.status.phase == "Failed" and (p.metadata.labels or {}).get(
+                      "batch.kubernetes.io/controller-uid", job.metadata.uid) == job.metadata.uid]
+        if not failed:
+            log.error("[%s] Job %s failed (%s: %s); no failed pod is left to read", stage, name,
+                      condition.reason, condition.message)
+            return StageOutcome(1, condition.reason or "failed")
+        # A group fails because of its first failure; a retried single pod is best told by its last.
+        failed.sort(key=lambda item: item[0])
+        _, pod = failed[0] if job.spec.completion_mode == "Indexed" else failed[-1]
+        code = exit_code(pod)
+        disrupted = any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
+        log.error("[%s] Job %s failed (%s): pod %s exited with code %s%s; last %d lines of its log:\n%s",
+                  stage, name, condition.reason, pod.metadata.name, code, " after a disruption" if disrupted else "",
+                  self.log_lines, self.log_tail(pod.metadata.name))
+        preempted = disrupted or code == EXIT_PREEMPTED
+        return StageOutcome(code if code else 1, condition.reason or "failed", preempted)
+
+    def log_tail(self, pod: str) -> str:
+        try:
+            text = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER,
+                                                     tail_lines=self.log_lines, _request_timeout=30)
+        except (ApiException, *CONNECTION_ERRORS) as exc:
+            return f"(log unavailable: {exc})"
+        return "\n".join(f"  | {line}" for line in text.rstrip("\n").splitlines())
+
+    def delete_job(self, name: str, timeout: float = 300) -> None:
+        """Delete a Job and its pods (Foreground), and wait until it is gone so its name is free again."""
+        self.delete(self.batch.delete_namespaced_job, name, propagation_policy="Foreground")
+        deadline = time.monotonic() + timeout
+        while self.read(self.batch.read_namespaced_job, name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Job {name} was not deleted within {timeout:.0f} s")
+            time.sleep(1)
+
+    # --- RayJobs -------------------------------------------------------------------------------------
+
+    def run_ray_job(self, resolved: ResolvedStage, body: dict) -> int:
+        """DESIGN (KubeRay RayJob): create through CustomObjectsApi, poll status.jobStatus and
+        status.jobDeploymentStatus, and delete the CR when done."""
+        name, stage = body["metadata"]["name"], resolved.spec.name
+        existing = self.read(self.custom.get_namespaced_custom_object, name=name, **RAY)
+        if existing is not None:
+            status = existing.get("status") or {}
+            same = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION) == resolved.key
+            if same and status.get("jobStatus") not in ("FAILED", "STOPPED"):
+                log.info("[%s] re-attaching to the existing RayJob %s", stage, name)
+            else:
+                log.warning("[%s] deleting the existing RayJob %s", stage, name)
+                self.delete_ray_job(name)
+                existing = None
+        if existing is None:
+            self.create(lambda namespace, body, **kw: self.custom.create_namespaced_custom_object(
+                namespace=namespace, body=body, **RAY, **kw), body)
+            log.info("[%s] created RayJob %s", stage, name)
+        delay = 1.0
+        while True:
+            status = (self.call(self.custom.get_namespaced_custom_object, name=name, namespace=self.namespace,
+                                **RAY).get("status") or {})
+            if status.get("jobStatus") in RAY_TERMINAL or status.get("jobDeploymentStatus") == "Failed":
+                break
+            time.sleep(delay)
+            delay = min(self.poll_seconds, delay * 2)
+        self.delete_ray_job(name)
+        if status.get("jobStatus") == "SUCCEEDED":
+            log.info("[%s] RayJob %s succeeded", stage, name)
+            return 0
+        message = status.get("message") or ""
+        found = re.search(r"exit code (\d+)", message)
+        log.error("[%s] RayJob %s ended %s/%s:\n%s", stage, name, status.get("jobStatus"),
+                  status.get("jobDeploymentStatus"), "\n".join(message.splitlines()[-self.log_lines:]))
+        return int(found.group(1)) if found and found.group(1) != "0" else 1
+
+    def delete_ray_job(self, name: str) -> None:
+        self.delete(lambda n, namespace, **kw: self.custom.delete_namespaced_custom_object(
+            name=n, namespace=namespace, **RAY, **kw), name)
+
+    # --- API calls -----------------------------------------------------------------------------------
+
+    def call(self, method, *args, attempts: int = 5, **kwargs):
+        """One API call, retried on connection errors and 429/5xx with backoff (the API server restarts too)."""
+        for attempt in range(attempts):
+            try:
+                return method(*args, _request_timeout=60, **kwargs)
+            except ApiException as exc:
+                if exc.status not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                    raise
+            except CONNECTION_ERRORS:
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(min(30, 2**attempt))
+
+    def read(self, method, name: str, **kwargs):
+        """The object, or None when there is none (404)."""
+        try:
+            return self.call(method, name=name, namespace=self.namespace, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, method, body: dict) -> bool:
+        """True if created, False if it already exists (409)."""
+        try:
+            self.call(method, self.namespace, body)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def delete(self, method, name: str, **kwargs) -> None:
+        """Delete, ignoring 404. The body is not parsed: servers answer a delete with the object or a Status."""
+        try:
+            self.call(method, name, self.namespace, _preload_content=False, **kwargs).release_conn()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def finished_at(pod: client.V1Pod) -> float:
+    for status in pod.status.container_statuses or []:
+        if status.state and status.state.terminated and status.state.terminated.finished_at:
+            return status.state.terminated.finished_at.timestamp()
+    return float("inf")
+
+
+def exit_code(pod: client.V1Pod) -> int | None:
+    for status in pod.status.container_statuses or []:
+        if status.name == CONTAINER and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
+def check_store(artifacts: str) -> None:
+    """Write, read back and delete a probe under the artifact store (the chart's `helm test`)."""
+    probe = storage.join(artifacts, "runs", ".store-check", f"{uuid.uuid4().hex}.json")
+    payload = {"probe": probe, "at": time.time()}
+    try:
+        storage.write_json(probe, payload)
+        back = storage.read_json(probe)
+        storage.delete(probe)
+    except UserError:
+        raise
+    except Exception as exc:  # the store's own error (credentials, endpoint, permissions) is the message
+        raise UserError(f"artifact store {artifacts}: {type(exc).__name__}: {exc}") from None
+    if back != payload:
+        raise UserError(f"artifact store {artifacts}: the probe read back differs from what was written")
+    log.info("artifact store %s is reachable: wrote, read back and deleted %s", artifacts, probe)
+
+
+def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | None = None,
+          settings_path: str | None = None, image: str | None = None, kubeconfig: str | None = None,
+          namespace: str | None = None, watch_seconds: int = 60) -> RunRecord:
+    """`clipforge drive`: run a spec's stages as Kubernetes Jobs in order, resuming the run `run_id`."""
+    spec = load_pipeline(spec_path, overrides)
+    run_id = run_id or spec.run_id
+    if not run_id:
+        raise UserError("drive needs --run-id (or run_id in the spec): a restarted driver must find its run")
+    values = read_yaml(settings_path) if settings_path else {}
+    settings = StageJobSettings.from_mapping(
+        values, image=image, run_id=run_id, namespace=namespace or current_namespace(kubeconfig),
+        owner_name=os.environ.get("DRIVER_JOB_NAME"), owner_uid=os.environ.get("DRIVER_JOB_UID"))
+    if not storage.is_s3(spec.artifacts) and not settings.artifact_pvc:
+        log.warning("artifacts %s is a local path and no volume is shared: stage pods must see the same path "
+                    "(use s3:// or the chart's artifactStore.persistentVolumeClaim)", spec.artifacts)
+    if not settings.owner_uid:
+        log.warning("DRIVER_JOB_UID is not set: stage Jobs get no owner, so deleting the driver leaves them")
+    log.info("driving run %s of %s in namespace %s: %d stages, artifacts in %s", run_id, spec_path,
+             settings.namespace, len(spec.stages), spec.artifacts)
+    executor = KubernetesExecutor(settings, api_client(kubeconfig), watch_seconds=watch_seconds)
+    record = run_pipeline(spec, run_id, executor)
+    order = [stage.name for stage in order_stages(spec)]
+    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record, order))
+    return record

@@ -1,0 +1,335 @@
+"""`clipforge drive` against a Kubernetes API STAND-IN (tests/k8s/api_standin.py), not a real cluster:
+no API server can run here. The real `kubernetes` client talks REST to it on loopback; the stand-in runs
+each stage pod's command as a local subprocess, so the stages really run, on the demo's synthetic data.
+
+Covered: the whole demo pipeline as Jobs; watches that get 410 Gone or go quiet; a driver killed and
+restarted mid-stage (re-attached, no second Job); a failed stage under `on_failure: continue`; a
+multi-node stage as an Indexed Job + headless Service whose rendezvous resolves; a RayJob stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from api_standin import KubernetesApiStandIn
+
+from clipforge.config.pipeline import PipelineSpec
+from clipforge.data.synthetic import write_demo_data, write_expdesign
+from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
+from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name
+from clipforge.orchestrate.pipeline import resolve_stage
+from clipforge.storage.local_s3 import free_port
+from clipforge.storage.manifest import read_manifest
+
+ROOT = Path(__file__).parents[2]
+DEMO_SPEC = str(ROOT / "jobs" / "demo.yaml")
+SMALL = ["stages.adapter.with.epochs=4", "stages.source-cache.with.batch_size=20",
+         "stages.target-cache.with.batch_size=20"]
+RELEASE = "demo"
+
+
+@dataclass
+class Cluster:
+    root: Path
+    api: KubernetesApiStandIn
+    kubeconfig: Path
+    settings: Path
+    driver_uid: str
+
+    def argv(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> list[str]:
+        sets = [part for item in (*SMALL, *overrides) for part in ("--set", item)]
+        return [sys.executable, "-m", "clipforge.cli", "drive", spec, "--run-id", run_id, "--kubeconfig",
+                str(self.kubeconfig), "--settings", str(self.settings), "--watch-seconds", "2", *sets]
+
+    def env(self) -> dict[str, str]:
+        # What the chart's downward API gives the driver pod.
+        return {**os.environ, "DRIVER_JOB_NAME": "demo-driver", "DRIVER_JOB_UID": self.driver_uid,
+                "PYTHONUNBUFFERED": "1"}
+
+    def start(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(run_id, *overrides, spec=spec), cwd=self.root, env=self.env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(run_id, *overrides, spec=spec), cwd=self.root, env=self.env(),
+                              capture_output=True, text=True, timeout=300)
+
+    def record(self, run_id: str) -> dict:
+        return json.loads((self.root / "demo" / "artifacts" / "runs" / run_id / "run.json").read_text())
+
+
+def statuses(record: dict) -> dict[str, str]:
+    return {name: stage["status"] for name, stage in record["stages"].items()}
+
+
+def start_cluster(root: Path) -> Cluster:
+    api = KubernetesApiStandIn(root, namespace="ml")
+    # The driver's own Job, suspended (the stand-in runs no pods for it): the owner of every stage Job.
+    driver = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-driver"},
+              "spec": {"suspend": True, "template": {"metadata": {}, "spec": {
+                  "restartPolicy": "Never", "containers": [{"name": "driver", "image": "clipforge:test"}]}}}}
+    _, created = api._create("jobs", "ml", driver)
+    settings = root / "driver.yaml"
+    settings.write_text(yaml.safe_dump({"image": "ghcr.io/clipforge/clipforge:test", "release": RELEASE,
+                                        "rendezvous_port": free_port(), "ttl_seconds_after_finished": 600}))
+    return Cluster(root, api, api.kubeconfig(root / "kubeconfig.json"), settings, created["metadata"]["uid"])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The demo's inputs under `root` (the stage pods' working directory), and the API stand-in."""
+    root = tmp_path_factory.mktemp("k8s-drive")
+    write_demo_data(root / "demo", n_images=60)  # 40 images would all be shared test images: no training rows
+    cluster = start_cluster(root)
+    yield cluster
+    cluster.api.close()
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory):
+    """Only an expdesign file: enough for index stages and a cache stage that fails on its missing source."""
+    root = tmp_path_factory.mktemp("k8s-drive-small")
+    (root / "demo").mkdir()
+    write_expdesign(root / "demo" / "nsd_expdesign.mat", 60, per_subject=60, shared=40)
+    cluster = start_cluster(root)
+    yield cluster
+    cluster.api.close()
+
+
+@pytest.fixture(scope="module")
+def demo_run(cluster):
+    """The whole demo, once, as Jobs: the later tests reuse its caches."""
+    proc = cluster.run("first")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def demo_without(cluster: Cluster, name: str, kinds: set[str]) -> str:
+    """jobs/demo.yaml without the stages of `kinds` (and every reference to them): the same artifacts, so
+    its index, caches and adapter are the full demo's, and only the stage under test runs."""
+    raw = yaml.safe_load(Path(DEMO_SPEC).read_text())
+    dropped = {s["name"] for s in raw["stages"] if s["kind"] in kinds}
+
+    def refers(value) -> bool:
+        return value in dropped if isinstance(value, str) else isinstance(value, list) and bool(set(value) & dropped)
+
+    raw["stages"] = [{**s, "needs": [n for n in s.get("needs", []) if n not in dropped],
+                      "with": {k: v for k, v in s.get("with", {}).items() if not refers(v)}}
+                     for s in raw["stages"] if s["name"] not in dropped]
+    path = cluster.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def one_stage_spec(cluster: Cluster, name: str, stages: list[dict]) -> str:
+    path = cluster.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": stages}))
+    return str(path)
+
+
+def index_stage(subject: str) -> dict:
+    return {"name": "nsd-index", "kind": "index", "with": {"expdesign": "demo/nsd_expdesign.mat", "subject": subject}}
+
+
+def test_watch_survives_gone_and_a_stalled_connection(small_cluster, monkeypatch, caplog):
+    cluster = small_cluster
+    spec = one_stage_spec(cluster, "index-only", [index_stage("subj02")])
+    cluster.api.gone_next_watches = 1  # the first watch: 410 Gone -> list again
+    cluster.api.stall_next_watches = 1  # the next: silence -> only _request_timeout ends it
+    monkeypatch.chdir(cluster.root)
+    monkeypatch.setenv("DRIVER_JOB_UID", cluster.driver_uid)
+    monkeypatch.setenv("DRIVER_JOB_NAME", "demo-driver")
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        record = drive(spec, run_id="watch", settings_path=str(cluster.settings), kubeconfig=str(cluster.kubeconfig),
+                       watch_seconds=2)
+    assert statuses(record.data) == {"nsd-index": "done"}
+    assert "410 Gone" in caplog.text and "broke off (ReadTimeoutError)" in caplog.text
+    name = job_name(RELEASE, "watch", "nsd-index")
+    assert cluster.api.created("jobs", name) == [name]
+    job = cluster.api.get("jobs", name)
+    assert job["status"]["conditions"][-1]["type"] == "Complete"
+    # DESIGN: owned by the driver Job, without blockOwnerDeletion.
+    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-driver",
+                                                   "uid": cluster.driver_uid, "controller": False}]
+
+
+def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster, monkeypatch, caplog):
+    """DESIGN: a lost rank fails the Indexed Job (backoffLimit 0); the driver deletes and recreates it.
+    (The group here is a 2-node index stage marked distributed: the orchestration is what is tested.)"""
+    cluster = small_cluster
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [
+        {**index_stage("subj04"), "resources": {"nodes": 2}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.kind = dataclasses.replace(stage.kind, distributed=True)
+    stage.config_uri = "demo/artifacts/runs/group/configs/nsd-index.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id="group",
+                                             namespace="ml")
+    name = job_name(RELEASE, "group", "nsd-index", max_length=61)
+    cluster.api.hold(name)
+
+    def preempt_rank_1_then_release():
+        deadline = time.monotonic() + 60
+        while not [p for p in cluster.api.list("pods", **{"job-name": name})
+                   if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (pod,) = [p for p in cluster.api.list("pods", **{"job-name": name})
+                  if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"]
+        cluster.api.disrupt(pod["metadata"]["name"])
+        while len(cluster.api.created("jobs", name)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.api.release(name)
+
+    helper = threading.Thread(target=preempt_rank_1_then_release)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=2)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 0
+    assert cluster.api.created("jobs", name) == [name, name]
+    assert "preempted" in caplog.text and "recreating the group (1 of 3)" in caplog.text
+    assert cluster.api.get("jobs", name)["status"]["succeeded"] == 2
+    assert cluster.api.get("services", name) is None
+
+
+@pytest.mark.slow  # about 5 s alone, over 10 s on a busy machine (it starts `clipforge cache`)
+def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):
+    """KubeRay on: the stand-in runs the RayJob's entrypoint; its failure (a missing source, exit 2) comes
+    back through Ray's status message, and the driver deletes the RayJob."""
+    cluster = small_cluster
+    cache = {"name": "cache", "kind": "cache", "needs": ["nsd-index"], "resources": {"gpus": 1, "nodes": 2},
+             "with": {"source": "demo/missing.hdf5", "index": "nsd-index", "model": "ViT-B-32", "device": "cpu"}}
+    spec = one_stage_spec(cluster, "rayjob", [index_stage("subj03"), cache])
+    settings = cluster.root / "kuberay.yaml"
+    settings.write_text(yaml.safe_dump({**yaml.safe_load(cluster.settings.read_text()), "kuberay": True}))
+    monkeypatch.chdir(cluster.root)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        record = drive(spec, run_id="ray", settings_path=str(settings), kubeconfig=str(cluster.kubeconfig),
+                       watch_seconds=2)
+    assert statuses(record.data) == {"nsd-index": "done", "cache": "failed"}
+    assert record.data["stages"]["cache"]["message"] == "exit code 2"
+    name = job_name(RELEASE, "ray", "cache")
+    assert cluster.api.created("rayjobs", name) == [name]
+    assert cluster.api.get("rayjobs", name) is None  # DESIGN: delete the CR yourself when done
+    assert "missing.hdf5" in caplog.text
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_as_jobs(cluster, demo_run):
+    record = cluster.record("first")
+    assert set(statuses(record).values()) == {"done"}
+    evaluation = read_manifest(str(cluster.root / record["stages"]["evaluate"]["output"]))["metrics"]
+    assert evaluation["conditioning"] == "adapter"
+    for stage in record["stages"]:
+        name = job_name(RELEASE, "first", stage)
+        assert cluster.api.created("jobs", name) == [name]  # one Job per stage, created once
+        job = cluster.api.get("jobs", name)
+        assert job["status"]["conditions"][-1]["type"] == "Complete"
+        assert job["metadata"]["labels"]["clipforge.io/run-id"] == "first"
+        assert job["metadata"]["labels"]["clipforge.io/stage"] == stage
+        assert job["metadata"]["ownerReferences"][0]["uid"] == cluster.driver_uid
+        assert "blockOwnerDeletion" not in job["metadata"]["ownerReferences"][0]
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["command"][-2:] == ["--config", f"demo/artifacts/runs/first/configs/{stage}.yaml"]
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_run):
+    adapter = job_name(RELEASE, "restart", "adapter")
+    cluster.api.hold(adapter)  # its pod stays Pending until released: the stage is "running" throughout
+    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate"})
+    first = cluster.start("restart", "stages.adapter.with.epochs=5", spec=spec)
+    deadline = time.monotonic() + 120
+    while not cluster.api.created("jobs", adapter):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert cluster.record("restart")["stages"]["adapter"]["status"] == "running"
+    reads_before = len([r for r in cluster.api.requests if r == ("GET", "jobs", adapter)])
+    second = cluster.start("restart", "stages.adapter.with.epochs=5", spec=spec)
+    while len([r for r in cluster.api.requests if r == ("GET", "jobs", adapter)]) == reads_before:
+        assert second.poll() is None and time.monotonic() < deadline, second.stdout.read()
+        time.sleep(0.1)
+    cluster.api.release(adapter)
+    output, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, output[-4000:]
+    assert f"re-attaching to the existing Job {adapter} (running)" in output
+    assert cluster.api.created("jobs", adapter) == [adapter]
+    assert len(cluster.api.list("pods", **{"job-name": adapter})) == 1
+    # The killed driver had already recorded the upstream stages as reused under this run: now up to date.
+    assert statuses(cluster.record("restart")) == {"nsd-index": "up-to-date", "source-cache": "up-to-date",
+                                                   "target-cache": "up-to-date", "adapter": "done"}
+
+
+@pytest.mark.slow
+def test_failed_stage_continues_when_its_policy_says_so(cluster, demo_run):
+    spec = demo_without(cluster, "no-generate", {"generate"})
+    proc = cluster.run("broken", "stages.adapter.with.in_dim=7", spec=spec)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    record = cluster.record("broken")
+    assert statuses(record)["adapter"] == "failed-continued"
+    assert record["stages"]["adapter"]["message"] == "exit code 2"
+    assert statuses(record)["evaluate"] == "done"
+    assert read_manifest(str(cluster.root / record["stages"]["evaluate"]["output"]))["metrics"]["conditioning"] \
+        == "zero-pad"
+    adapter = job_name(RELEASE, "broken", "adapter")
+    # A user error fails the Job at once (podFailurePolicy FailJob): one pod, and its log tail in the driver's.
+    assert len(cluster.api.list("pods", **{"job-name": adapter})) == 1
+    assert f"Job {adapter} failed (PodFailurePolicy)" in output and "exited with code 2" in output
+    assert "  | " in output and "in_dim" in output.split("last 40 lines of its log")[1]
+
+
+@pytest.mark.slow
+def test_multi_node_stage_is_an_indexed_job_with_a_rendezvous(cluster, demo_run):
+    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate"})
+    proc = cluster.run("multi", "stages.adapter.resources.nodes=2", "stages.adapter.with.epochs=3", spec=spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert statuses(cluster.record("multi"))["adapter"] == "done"
+    name = job_name(RELEASE, "multi", "adapter", max_length=61)
+    job = cluster.api.get("jobs", name)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    assert spec["backoffLimit"] == 0
+    template = spec["template"]["spec"]
+    assert template["subdomain"] == name and template["restartPolicy"] == "Never"
+    (container,) = template["containers"]
+    raw = {e["name"]: e.get("value") for e in container["env"]}
+    assert raw["MASTER_ADDR"] == f"{name}-0.{name}" and raw["NNODES"] == "2"
+    # The Service existed while the group ran (the stand-in's DNS resolved rank 0 through it), then went.
+    assert cluster.api.created("services", name) == [name] and cluster.api.get("services", name) is None
+    pods = sorted(cluster.api.list("pods", **{"job-name": name}), key=lambda p: p["spec"]["hostname"])
+    assert [p["spec"]["hostname"] for p in pods] == [f"{name}-0", f"{name}-1"]
+    ranks = [cluster.api.pod_env[p["metadata"]["name"]] for p in pods]
+    assert [(env["NODE_RANK"], env["JOB_COMPLETION_INDEX"]) for env in ranks] == [("0", "0"), ("1", "1")]
+    assert {env["MASTER_ADDR"] for env in ranks} == {"127.0.0.1"}  # resolved, as cluster DNS would
+    assert all(p["status"]["phase"] == "Succeeded" for p in pods)
+
+
+def test_check_store_writes_reads_and_deletes_a_probe(s3_bucket, tmp_path):
+    """What the chart's `helm test` pod runs: `clipforge drive SPEC --check-store`."""
+    from clipforge.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"artifacts": "unused", "stages": [index_stage("subj01")]}))
+    for store in (f"s3://{s3_bucket}/clipforge", str(tmp_path / "artifacts")):
+        assert main(["drive", str(spec), "--check-store", "--set", f"artifacts={store}"]) == 0
+    assert not list((tmp_path / "artifacts" / "runs" / ".store-check").iterdir())
+    assert main(["drive", str(spec), "--check-store", "--set", "artifacts=s3://no-such-bucket-here/x"]) == 2
