@@ -108,7 +108,8 @@ def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
     if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):
         return paths
     write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
-    write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images), shared=min(40, n_images))
+    write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images),
+                     shared=min(40, n_images // 4))
     write_tiny_model(root / "models", "tiny-source", 512, seed=1)
     write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
     from clipforge.data.synthetic_unclip import write_tiny_unclip

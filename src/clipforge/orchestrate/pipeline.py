@@ -106,6 +106,8 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     # identity too, so a changed file under the same name is never mistaken for the old one.
     identity["files"] = {key: file_identity(value) for key, value in sorted(values.items())
                          if key not in kind.inputs and file_identity(value) is not None}
+    if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
+        values["num_processes"] = stage.resources.gpus  # one training process per GPU of a node
     config = kind.config.model_validate({**values, kind.output_key: "unresolved"})
     settings = config.model_dump(mode="json", by_alias=True,
                                  exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key}))
