@@ -97,3 +97,17 @@ def test_no_weight_decay_on_norms_biases_and_logit_scale(tiny_clip):
     assert sum(len(g["params"]) for g in param_groups(model, 0.2)) == sum(
         1 for p in model.parameters() if p.requires_grad)
     assert isinstance(next(iter(decayed.values())), torch.nn.Parameter)
+
+
+def test_images_sharing_a_caption_are_interchangeable_answers():
+    from clipforge.train.metrics import retrieval_metrics
+
+    # Two images of "a red circle" (rows 0, 1), one of "a blue square" (row 2); a perfect model.
+    image = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    plain = retrieval_metrics(image, text)
+    assert plain["image_to_text_R@1"] == pytest.approx(1 / 3)  # identical captions tie, and ties count against
+    grouped = retrieval_metrics(image, text, groups=torch.tensor([0, 0, 1]))
+    assert grouped["image_to_text_R@1"] == grouped["text_to_image_R@1"] == 1.0
+    # Distinct labels everywhere are the plain metric.
+    assert retrieval_metrics(image, text, groups=torch.arange(3)) == plain

@@ -12,6 +12,7 @@ from clipforge.config.adapter import AdapterConfig
 from clipforge.config.base import StageConfig
 from clipforge.config.cache import CacheConfig
 from clipforge.config.evaluate import EvaluateConfig
+from clipforge.config.finetune import FinetuneConfig
 from clipforge.config.generate import GenerateConfig
 from clipforge.config.index import IndexConfig
 
@@ -43,4 +44,6 @@ KINDS: dict[str, StageKind] = {
         {"adapter": ("", ("adapter",)), "clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",)),
          "generated": ("", ("generate",))},
     ),
+    # A pipeline's output prefix is already the run's own folder: no timestamped sub-folder in it.
+    "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True),
 }

@@ -65,10 +65,14 @@ def _folder_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else "."
 
 
-def read_rows(path: str, role: str) -> CaptionRows:
-    """A CSV's rows with resolved image URIs; a missing file, column or caption, or missing local image is named."""
+def _require_csv(path: str, role: str) -> None:
     if not storage.exists(path):
         raise UserError(f"{role} {path} not found: it needs one row per image, columns filepath,caption")
+
+
+def read_rows(path: str, role: str) -> CaptionRows:
+    """A CSV's rows with resolved image URIs; a missing file, column or caption, or missing local image is named."""
+    _require_csv(path, role)
     frame = read_captions(path, what=role)
     folder = _folder_of(path)
     rows = CaptionRows(path, list(frame["filepath"]), [resolve_image(folder, p) for p in frame["filepath"]],
@@ -99,6 +103,8 @@ def data_inputs(config: FinetuneConfig) -> dict:
     """What identifies the training data: the fingerprints of the CSVs the run reads (or of the dataset's index)."""
     if config.dataset:
         return {"dataset": storage.fingerprint(dataset_index(config.dataset))}
+    for role in ("train_data", "val_data"):
+        _require_csv(getattr(config, role), role)
     return {role: storage.fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
 
 

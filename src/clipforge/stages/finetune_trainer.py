@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
@@ -83,7 +84,7 @@ def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltMo
     try:
         model, train_transform, val_transform = open_clip.create_model_and_transforms(
             config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError) as exc:  # open_clip asserts on some shapes
         raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
     return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
 
@@ -163,6 +164,8 @@ class FinetuneTrainer:
                                         self.train_keys, config.workers, pin)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
                                       self.val_keys, config.workers, pin)
+        _, inverse = np.unique(np.array(val.captions, dtype=object), return_inverse=True)
+        self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
         self.history: list[dict] = []  # validation before training and after each epoch
         self.last_saved: str | None = None
@@ -210,7 +213,11 @@ class FinetuneTrainer:
     # -- validation ---------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """R@1/5/10 and median rank both ways, and the contrastive loss (in val batches of `batch_size`)."""
+        """R@1/5/10 and median rank both ways, and the contrastive loss (in val batches of `batch_size`).
+
+        Rows with the same caption are interchangeable answers (identical texts
+        embed identically; which image of "a red circle" is "right" is moot).
+        """
         model = self.acc.unwrap_model(self.model)
         model.eval()
         part = range(len(self.val_rows))[shard_slice(len(self.val_rows), self.rank, self.world)]
@@ -232,7 +239,8 @@ class FinetuneTrainer:
         empty = torch.empty(0, dim, device=self.acc.device)
         image = gather_rows(self.acc, torch.cat(images) if images else empty)
         text = gather_rows(self.acc, torch.cat(texts) if texts else empty)
-        metrics = retrieval_metrics(image, text)
+        metrics = retrieval_metrics(image, text, groups=self.val_groups)
+        metrics["distinct_captions"] = int(self.val_groups.max()) + 1
         metrics["val_loss"] = self._val_loss(image, text, model.logit_scale.exp().item())
         return metrics
 
@@ -250,7 +258,7 @@ class FinetuneTrainer:
         self.history.append({"epoch": epoch, "step": self.progress.step, **metrics})
         if self.writer:
             for key, value in metrics.items():
-                if key != "pairs":
+                if key not in ("pairs", "distinct_captions"):
                     self.writer.add_scalar(f"val/{key}", value, self.progress.step)
         log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank %.0f / %.0f",
                  f"epoch {epoch}/{self.config.epochs}" if epoch else "before training", metrics["val_loss"],
@@ -339,7 +347,8 @@ class FinetuneTrainer:
                 if any_bad:
                     self._bad_input(bad)
                 if stop:
-                    self.save()
+                    if self.store.latest() is None or self.store.latest().step != p.step:
+                        self.save()
                     return False
                 lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
                 for group in self.optimizer.param_groups:

@@ -17,15 +17,24 @@ import torch.nn.functional as F
 CHUNK_ROWS = 4096
 
 
-def _ranks(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """0-based rank of keys[i] among all keys for queries[i], by cosine (ties count against)."""
+def _ranks(queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of keys[i] among all keys for queries[i], by cosine (ties count against).
+
+    With `groups`, every key of query i's group is a right answer: the rank is
+    that of the best-scoring one among the keys of other groups.
+    """
     ranks = []
     for start in range(0, len(queries), CHUNK_ROWS):
         sims = queries[start : start + CHUNK_ROWS] @ keys.T
-        rows = torch.arange(len(sims))
-        right = sims[rows, rows + start].unsqueeze(1)
-        # Everything scoring at least as high as the right key, minus the right key itself.
-        ranks.append((sims >= right).sum(dim=1) - 1)
+        rows = torch.arange(len(sims), device=sims.device)
+        if groups is None:
+            right = sims[rows, rows + start].unsqueeze(1)
+            # Everything scoring at least as high as the right key, minus the right key itself.
+            ranks.append((sims >= right).sum(dim=1) - 1)
+        else:
+            same = groups[start : start + len(sims), None] == groups[None, :]
+            right = sims.masked_fill(~same, float("-inf")).max(dim=1, keepdim=True).values
+            ranks.append(((sims >= right) & ~same).sum(dim=1))
     return torch.cat(ranks)
 
 
@@ -35,12 +44,15 @@ def retrieval_metrics(
     *,
     names: tuple[str, str] = ("image_to_text", "text_to_image"),
     ks: tuple[int, ...] = (1, 5, 10),
+    groups: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean cosine of the pairs plus, both ways, R@k, mean rank and median rank (1-based, as open_clip).
 
     `names[0]` is the direction a -> b (each row of `a` looks for its row in `b`),
     `names[1]` the reverse. Inputs are L2-normalised here and compared in float32
-    on their own device.
+    on their own device. `groups` (one int label per row) makes rows with equal
+    labels interchangeable answers, e.g. images sharing a caption: otherwise
+    identical captions tie and, ties counting against, no image could find its own.
     """
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise ValueError(f"need two non-empty (n, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -48,7 +60,7 @@ def retrieval_metrics(
     b = F.normalize(b.detach().float(), dim=-1)
     metrics = {"mean_cosine": float((a * b).sum(dim=1).mean()), "pairs": len(a)}
     for name, (queries, keys) in zip(names, ((a, b), (b, a)), strict=True):
-        ranks = _ranks(queries, keys).cpu().numpy()
+        ranks = _ranks(queries, keys, None if groups is None else groups.to(a.device)).cpu().numpy()
         metrics[f"{name}_mean_rank"] = float(ranks.mean() + 1)
         metrics[f"{name}_median_rank"] = float(np.floor(np.median(ranks)) + 1)
         for k in ks:

@@ -1,0 +1,76 @@
+"""Bad input: one line naming the file, row or name; exit code 2; no manifest anywhere."""
+
+from pathlib import Path
+
+from finetune_fixtures import config_args, settings
+
+from clipforge.cli import main
+from clipforge.errors import EXIT_USER_ERROR
+
+
+def fail(capsys, tiny_clip, captioned, out: Path, **overrides) -> str:
+    """Run `clipforge finetune` here; assert exit 2, one stderr line and no manifest; return the line."""
+    code = main(["finetune", *config_args(settings(tiny_clip, captioned, out, epochs=1, **overrides))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USER_ERROR, err
+    assert len(err) == 1 or all(not line.startswith("clipforge finetune: error") for line in err[:-1]), err
+    assert not list(out.rglob("_manifest.json")) if out.exists() else True
+    return err[-1]
+
+
+def csv_with(tmp_path: Path, captioned, *rows: str, name: str = "train.csv") -> str:
+    """The training CSV with `rows` first; image paths absolute so the CSV can live elsewhere."""
+    train = Path(captioned[0])
+    header, *rest = train.read_text().splitlines()
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows, *(f"{train.parent / r}" for r in rest)]) + "\n")
+    return str(path)
+
+
+def test_missing_csv(capsys, tiny_clip, captioned, tmp_path):
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", train_data=str(tmp_path / "nope.csv"))
+    assert line == f"clipforge finetune: error: train_data {tmp_path / 'nope.csv'} not found: it needs one row per " \
+                   "image, columns filepath,caption"
+
+
+def test_missing_image_is_named(capsys, tiny_clip, captioned, tmp_path):
+    train = csv_with(tmp_path, captioned, "shapes/gone.png,a red circle")
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", train_data=train)
+    assert line == f"clipforge finetune: error: image shapes/gone.png in {train} not found"
+
+
+def test_empty_caption_names_its_row(capsys, tiny_clip, captioned, tmp_path):
+    first = Path(captioned[0]).parent / Path(captioned[0]).read_text().splitlines()[1].split(",")[0]
+    train = csv_with(tmp_path, captioned, f"{first},  ")
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", train_data=train)
+    assert line == f"clipforge finetune: error: {train} row 2: empty caption for {first}"
+
+
+def test_unknown_model(capsys, tiny_clip, captioned, tmp_path):
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-Nope-1", model_config="")
+    assert line.startswith("clipforge finetune: error: unknown model 'ViT-Nope-1': not an open_clip model")
+
+
+def test_weights_that_do_not_fit_the_model(capsys, tiny_clip, captioned, tmp_path):
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-B-32", model_config="")
+    assert line.startswith((f"clipforge finetune: error: weights {tiny_clip[2]} do not fit model ViT-B-32",
+                            f"clipforge finetune: error: cannot load model ViT-B-32 with weights {tiny_clip[2]}"))
+
+
+def test_corrupt_validation_image_is_named_before_training(capsys, tiny_clip, captioned, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    val = csv_with(tmp_path, (captioned[1],), f"{broken},a red circle", name="val.csv")
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", val_data=val)
+    assert line.startswith(f"clipforge finetune: error: image {broken} in {val} cannot be decoded")
+    assert not list((tmp_path / "out").rglob("step-*"))  # it failed in the validation before training
+
+
+def test_a_pipeline_output_of_another_kind_is_refused(capsys, tiny_clip, captioned, tmp_path):
+    from clipforge.storage.manifest import write_manifest
+
+    out = tmp_path / "adapter"
+    write_manifest(str(out), kind="adapter", config={}, config_fingerprint="x", inputs={})
+    code = main(["finetune", *config_args(settings(tiny_clip, captioned, out, timestamped=False))])
+    assert code == EXIT_USER_ERROR
+    assert "holds a 'adapter' output, not a fine-tuned model" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+"""The `finetune` pipeline kind: jobs/finetune-demo.yaml run by the local runner (split and augment inside the
+stage, output straight under the content-addressed prefix), then up to date."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from finetune_fixtures import MODEL
+
+from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.orchestrate.local import run_spec
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(__file__).parents[2] / "jobs" / "finetune-demo.yaml"
+
+
+def test_the_demo_spec_runs_and_then_is_up_to_date(tiny_clip, tmp_path, monkeypatch):
+    # The inputs the demo names, where it names them (relative to the working directory).
+    monkeypatch.chdir(tmp_path)
+    write_captioned_dataset(tmp_path / "demo-finetune", 60, size=64, seed=1)
+    models = tmp_path / "demo-finetune" / "models"
+    models.mkdir()
+    _, config, weights = tiny_clip
+    shutil.copy(weights, models / "tiny-clip.pt")
+    (models / "tiny-clip.json").write_text(Path(config).read_text())
+    quick = ["stages.finetune.with.epochs=2", "stages.finetune.with.workers=0", "stages.finetune.with.batch_size=16"]
+
+    record = run_spec(str(DEMO), quick, run_id="first")
+    stage = record.stage("finetune")
+    assert stage["status"] == "done", stage
+    out = tmp_path / stage["output"]  # relative to the working directory, as the spec's `artifacts`
+    assert out.parent == tmp_path / "demo-finetune" / "artifacts" / "finetune"
+    # Straight under the stage's prefix: no timestamped run folder inside it.
+    names = {p.name for p in out.iterdir()}
+    assert {"model.pt", "model.json", "_manifest.json", "data", "checkpoints", "logs"} <= names
+    data = json.loads((out / "data" / "_manifest.json").read_text())
+    assert data["metrics"]["train"] == 48 and data["metrics"]["val"] == 12 and data["metrics"]["variants"] > 0
+    card = json.loads((out / "model.json").read_text())
+    assert card["data"]["train_rows"] == 48 + data["metrics"]["variants"] and card["data"]["val_rows"] == 12
+    assert card["model"] == "tiny-clip" and MODEL != "tiny-clip"
+
+    again = run_spec(str(DEMO), quick, run_id="second")
+    assert again.stage("finetune")["status"] in ("up-to-date", "reused")
+    assert tmp_path / again.stage("finetune")["output"] == out
