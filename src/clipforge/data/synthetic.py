@@ -65,17 +65,18 @@ def write_expdesign(path: str | Path, n_images: int, *, per_subject: int, shared
                                  "sharedix": (np.sort(shared_ids) + 1)[None].astype(np.float64)})
 
 
-def tiny_model_config(embed_dim: int, image_size: int = 224, width: int = 64) -> dict:
+def tiny_model_config(embed_dim: int, image_size: int = 224, width: int = 64, patch_size: int = 32) -> dict:
     """An open_clip model config small enough for CPU tests (real code paths, tiny widths)."""
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": width, "patch_size": 32, "head_width": 32},
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": width, "patch_size": patch_size,
+                       "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
     }
 
 
 def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int = 0,
-                     image_size: int = 224) -> tuple[Path, Path]:
+                     image_size: int = 224, patch_size: int = 32) -> tuple[Path, Path]:
     """Write `name.json` (open_clip config) and `name.pt` (random weights); returns both paths."""
     import open_clip
     import torch
@@ -83,7 +84,7 @@ def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / f"{name}.json"
-    config_path.write_text(json.dumps(tiny_model_config(embed_dim, image_size), indent=2))
+    config_path.write_text(json.dumps(tiny_model_config(embed_dim, image_size, patch_size=patch_size), indent=2))
     open_clip.add_model_config(config_path)
     torch.manual_seed(seed)
     model = open_clip.create_model(name)
@@ -153,3 +154,10 @@ def write_captioned_dataset(root: str | Path, n: int = 96, *, size: int = 64, se
         rows.append(f"{relative.as_posix()},a {colour} {shape}")
     (root / "index.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def write_finetune_demo_data(root: str | Path, n: int = 240) -> dict[str, Path]:
+    """What `jobs/finetune-demo.yaml` reads: a captioned shapes folder and a tiny CLIP (`models/tiny-clip.*`)."""
+    root = write_captioned_dataset(root, n)
+    config, weights = write_tiny_model(root / "models", "tiny-clip", 32, image_size=64, patch_size=16)
+    return {"dataset": root / "index.csv", "model_config": config, "weights": weights}

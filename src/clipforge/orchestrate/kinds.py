@@ -31,7 +31,9 @@ class StageKind:
 
 KINDS: dict[str, StageKind] = {
     "index": StageKind(("index", "nsd"), IndexConfig, "output", {}),
-    "cache": StageKind(("cache",), CacheConfig, "output", {"index": ("index.parquet", ("index",))}),
+    # A cache may index a folder with a fine-tuned model: `pretrained: <finetune stage>` is its model.pt.
+    "cache": StageKind(("cache",), CacheConfig, "output",
+                       {"index": ("index.parquet", ("index",)), "pretrained": ("model.pt", ("finetune",))}),
     "adapter": StageKind(
         ("train-adapter",), AdapterConfig, "out",
         {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
