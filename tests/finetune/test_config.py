@@ -9,7 +9,8 @@ from clipforge.cli import build_parser
 from clipforge.config.base import load_config
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.stages.finetune_trainer import clamp_warmup, micro_batch, param_groups
+from clipforge.stages.finetune_model import param_groups
+from clipforge.stages.finetune_trainer import clamp_warmup, micro_batch
 
 BASE = {"train_data": "t.csv", "val_data": "v.csv"}
 
@@ -111,3 +112,26 @@ def test_images_sharing_a_caption_are_interchangeable_answers():
     assert grouped["image_to_text_R@1"] == grouped["text_to_image_R@1"] == 1.0
     # Distinct labels everywhere are the plain metric.
     assert retrieval_metrics(image, text, groups=torch.arange(3)) == plain
+
+
+def test_the_text_pass_runs_on_the_longest_caption_and_embeds_as_the_full_context(tiny_clip):
+    import open_clip
+
+    from clipforge.stages.finetune_model import trim_text_context
+
+    model = open_clip.create_model(tiny_clip[0], pretrained=tiny_clip[2])
+    tokens = open_clip.get_tokenizer(tiny_clip[0])(["a red circle", "a very small blue square on a grey ground"])
+    with torch.no_grad():
+        full = model.encode_text(tokens, normalize=True)
+    assert trim_text_context(model, tokens)
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        trimmed = model.encode_text(tokens, normalize=True)
+        assert torch.allclose(trimmed, full, atol=1e-6)
+        model(torch.zeros(2, 3, 64, 64), tokens[:1])  # the forward pass goes through it too
+    assert seen == [int(tokens.argmax(dim=-1).max()) + 1, int(tokens[0].argmax()) + 1] and seen[0] < 32
+    # Not for towers whose feature is not read at the end-of-text token under a causal mask.
+    other = open_clip.create_model(tiny_clip[0])
+    other.text_pool_type = "last"
+    assert not trim_text_context(other, tokens)

@@ -29,7 +29,8 @@ import torch
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
-from clipforge.stages.finetune_trainer import FinetuneTrainer, check_model_name, micro_batch
+from clipforge.stages.finetune_model import check_model_name
+from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, manifest_uri, read_manifest, write_manifest
 from clipforge.train import launch

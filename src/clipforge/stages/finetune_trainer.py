@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ from accelerate.utils import gather_object
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import register_model_config, weights_problem
 from clipforge.progress import Progress
 from clipforge.stages.finetune_data import BadImage, CaptionedImages, CaptionRows, KeyBatches, make_loader
+from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import (
@@ -50,49 +49,6 @@ log = logging.getLogger("clipforge.finetune")
 
 HISTORY = "history.json"
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature here, as the CLIP paper does
-
-
-@dataclass
-class BuiltModel:
-    """open_clip's model, its train and val transforms and its tokenizer, from open_clip's own factory."""
-
-    model: torch.nn.Module
-    train_transform: object
-    val_transform: object
-    tokenizer: object
-
-
-def check_model_name(config: FinetuneConfig) -> None:
-    """Register the model config, if any; a name open_clip does not know is a UserError."""
-    import open_clip
-
-    if config.model_config_file:
-        register_model_config(config.model_config_file)
-    if config.model not in open_clip.list_models():
-        raise UserError(f"unknown model {config.model!r}: not an open_clip model (see open_clip.list_models()) and "
-                        "no --model-config registers it")
-
-
-def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltModel:
-    """The model to fine-tune on the CPU in fp32 (Accelerate moves it and autocasts), or a UserError."""
-    import open_clip
-
-    check_model_name(config)
-    pretrained = config.pretrained or None
-    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
-        pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
-    try:
-        model, train_transform, val_transform = open_clip.create_model_and_transforms(
-            config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
-    except (RuntimeError, ValueError, OSError, KeyError, AssertionError) as exc:  # open_clip asserts on some shapes
-        raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
-    return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
-
-
-@dataclass(frozen=True)
-class _Spec:
-    model: str
-    pretrained: str | None
 
 
 def clamp_warmup(warmup: int, total_steps: int) -> int:
@@ -119,17 +75,6 @@ def micro_batch(config: FinetuneConfig, train_rows: int, world: int) -> int:
     return batch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as open_clip_train makes them: no decay on norms, biases, embeddings of one dim, logit_scale."""
-    def exempt(name: str, p: torch.Tensor) -> bool:
-        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
-    return [g for g in groups if g["params"]]
-
-
 class FinetuneTrainer:
     """One process's share of training: setup, resume, fit, validate, save; rank 0 alone writes."""
 
@@ -148,6 +93,9 @@ class FinetuneTrainer:
         seed_everything(config.seed)
         built = build_model(config, config.work_dir)
         model = built.model
+        if trim_text_context(model, built.tokenizer(val.captions[:16])):
+            log.info("text tower: each batch runs on its longest caption, not the model's %d-token context",
+                     model.context_length)
         if config.lock_image:
             model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
         if config.grad_checkpointing:

@@ -1,0 +1,129 @@
+"""The model side of the fine-tuning stage: open_clip's factory, AdamW's parameter groups, a shorter text pass.
+
+The model, its train/val transforms and its tokenizer all come from open_clip
+itself (`create_model_and_transforms`, `get_tokenizer`), so `model.pt` is a
+state dict of exactly the module open_clip builds for the same name.
+
+`trim_text_context` makes a CLIP's text tower run on a batch's captions only
+as long as the longest of them instead of the model's whole context (77 tokens
+for most models): under the causal attention mask a position never sees the
+positions after it, and the caption's feature is read at its end-of-text
+token, so the padding after it cannot change the result. Captions of a few
+words then cost a tenth of the text tower's work, in training and validation.
+It is installed only on models where that argument holds, after checking on
+real captions that both ways agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import UserError
+from clipforge.models.encoders import register_model_config, weights_problem
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.finetune")
+
+
+@dataclass
+class BuiltModel:
+    """open_clip's model, its train and val transforms and its tokenizer, from open_clip's own factory."""
+
+    model: torch.nn.Module
+    train_transform: object
+    val_transform: object
+    tokenizer: object
+
+
+@dataclass(frozen=True)
+class _Spec:
+    model: str
+    pretrained: str | None
+
+
+def check_model_name(config: FinetuneConfig) -> None:
+    """Register the model config, if any; a name open_clip does not know is a UserError."""
+    import open_clip
+
+    if config.model_config_file:
+        register_model_config(config.model_config_file)
+    if config.model not in open_clip.list_models():
+        raise UserError(f"unknown model {config.model!r}: not an open_clip model (see open_clip.list_models()) and "
+                        "no --model-config registers it")
+
+
+def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltModel:
+    """The model to fine-tune on the CPU in fp32 (Accelerate moves it and autocasts), or a UserError."""
+    import open_clip
+
+    check_model_name(config)
+    pretrained = config.pretrained or None
+    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
+        pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
+    try:
+        model, train_transform, val_transform = open_clip.create_model_and_transforms(
+            config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError) as exc:  # open_clip asserts on some shapes
+        raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
+    return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as open_clip_train makes them: no decay on norms, biases, embeddings of one dim, logit_scale."""
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def _encode_text_trimmed(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip's `CLIP.encode_text` on the first L positions, L = the batch's last end-of-text token + 1."""
+    from open_clip.transformer import text_global_pool
+
+    length = int(text.argmax(dim=-1).max()) + 1  # the end-of-text token has the highest id (argmax pooling)
+    text = text[:, :length]
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype)
+    x = x + self.positional_embedding[:length].to(cast_dtype)
+    x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+    x = self.ln_final(x)
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, torch.nn.Linear) else x @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def trim_text_context(model: torch.nn.Module, sample_tokens: torch.Tensor) -> bool:
+    """Install the trimmed text pass on `model` when it is sound for it; True when installed.
+
+    Sound for open_clip's `CLIP` with a causal mask and end-of-text (argmax)
+    pooling; checked on `sample_tokens` (real captions) against the full pass.
+    """
+    import open_clip
+
+    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+        log.info("text tower runs on the full context (%s): no causal end-of-text pooling to trim for",
+                 type(model).__name__)
+        return False
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        full = model.encode_text(sample_tokens, normalize=True)
+        trimmed = _encode_text_trimmed(model, sample_tokens, normalize=True)
+    model.train(was_training)
+    if not torch.allclose(full, trimmed, atol=1e-4):
+        log.warning("trimmed text pass disagrees with open_clip's (max difference %.2e): using the full context",
+                    float((full - trimmed).abs().max()))
+        return False
+    model.encode_text = types.MethodType(_encode_text_trimmed, model)
+    return True
