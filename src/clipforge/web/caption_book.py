@@ -65,6 +65,7 @@ class CaptionBook:
                 self._rows.setdefault(key, []).append(row)
             else:
                 self.missing.append(filepath)
+        self._captions = {key: str(self.frame.at[rows[0], "caption"]) for key, rows in self._rows.items()}
         self._lock = threading.Lock()
 
     def relative(self, filepath: str) -> str | None:
@@ -82,8 +83,7 @@ class CaptionBook:
         return path in self._image_set
 
     def caption(self, path: str) -> str:
-        rows = self._rows.get(path)
-        return str(self.frame.at[rows[0], "caption"]) if rows else ""
+        return self._captions.get(path, "")
 
     def captioned(self) -> int:
         return sum(1 for path in self.images if self.caption(path).strip())
@@ -108,6 +108,7 @@ class CaptionBook:
                                                    "filepath": path, "caption": text}
             # write_captions would keep only filepath,caption; a user's extra columns are theirs.
             storage.write_bytes(str(self.index), self.frame.to_csv(index=False).encode())
+            self._captions[path] = text
         return text
 
 

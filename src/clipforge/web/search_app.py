@@ -10,10 +10,11 @@ Searching changes nothing, so it needs no token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -48,10 +49,15 @@ class SearchServer:
         sock = open_socket(host, port, exposes=f"search and see the images indexed in {index}")
         self.server = PageServer(app, sock)
         self.url = self.server.url
-        self._lock = threading.Lock()  # one query at a time: each one uses every core already
+        # Queries run one at a time on one thread: each uses every core already, and torch's OpenMP
+        # team is made once, for that thread, instead of once per thread of a pool.
+        self.queries = ThreadPoolExecutor(1, thread_name_prefix="clipforge-search")
 
     def run(self) -> None:
-        self.server.run()
+        try:
+            self.server.run()
+        finally:
+            self.queries.shutdown(wait=False, cancel_futures=True)
 
     def stop(self) -> None:
         self.server.stop()
@@ -70,12 +76,14 @@ class SearchServer:
             return None
         return image_uri(self.searcher.root, row_id)
 
-    def query(self, search: Callable[[], list]) -> dict:
-        with self._lock:
+    async def query(self, search: Callable[[], list]) -> dict:
+        def timed() -> dict:
             started = time.perf_counter()
             hits = search()
             ms = (time.perf_counter() - started) * 1000
-        return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, 1)], "ms": round(ms, 2)}
+            return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, 1)], "ms": round(ms, 2)}
+
+        return await asyncio.get_running_loop().run_in_executor(self.queries, timed)
 
 
 def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: bool):
@@ -103,7 +111,7 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
 
     async def answer(search: Callable[[], list]) -> Response:
         try:
-            result = await run_in_threadpool(session.query, search)
+            result = await session.query(search)
         except UserError as exc:
             return error(400, str(exc))
         return JSONResponse(result, headers={"cache-control": "no-store"})

@@ -45,7 +45,10 @@ def open_socket(host: str, port: int, *, exposes: str) -> socket.socket:
     """A listening TCP socket (port 0 picks a free one). Listening beyond loopback warns that anyone
     who can reach the port can `exposes`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket says TCP, and without it a response written as headers + body waits ~40 ms (Nagle meeting
+    # delayed ACKs) on every request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
