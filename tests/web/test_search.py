@@ -37,7 +37,10 @@ def train_shapes_model(dataset: Path, folder: Path, max_steps: int = 600) -> tup
     every caption's own images rank first (checked every 20 steps); save config and weights as files.
 
     One image per distinct caption in a batch, so a batch holds no false negatives; the token embedding
-    stays frozen (random rows tell the few words apart, and Adam on 49408 rows dominates a step)."""
+    stays frozen (random rows tell the few words apart, and Adam on 49408 rows dominates a step).
+    `clipforge finetune` (stages/finetune.py) was not used: on this 2-core machine it needed 125 s for
+    40 epochs of these 48 images (validation and a checkpoint every epoch) and still ranked another
+    caption's image above an own one for some captions — beyond the pages' 2-minute test budget."""
     config = folder / "tiny-shapes.json"
     config.write_text(json.dumps(SHAPES_MODEL))
     open_clip.add_model_config(config)
