@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--pretrained", help="weights; default: those the index was built with")
     parser.add_argument("--model-config", help="JSON model config, for custom models")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--faiss", action="store_true",
+                        help="approximate search through a FAISS index built once next to the cache (large indexes)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(func=run)
 
@@ -27,7 +29,7 @@ def run(args) -> int:
 
     if bool(args.query) == bool(args.image):
         raise UserError("give a text query or --image, not both and not neither")
-    searcher = Searcher(args.index, args.model, args.pretrained, args.model_config, args.device)
+    searcher = Searcher(args.index, args.model, args.pretrained, args.model_config, args.device, faiss=args.faiss)
     hits = searcher.image(storage.read_bytes(args.image), args.k) if args.image else searcher.text(args.query, args.k)
     if args.json:
         json.dump([hit.__dict__ for hit in hits], sys.stdout, indent=2)
