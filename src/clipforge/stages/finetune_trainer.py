@@ -183,7 +183,8 @@ class FinetuneTrainer:
                 texts.append(out["text_features"].float())
         if any_across(self.acc, bad is not None)[0]:
             self._bad_input(bad)
-        dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.visual.output_dim
+        # A process may hold no val rows (fewer rows than processes): its empty share still needs the width.
+        dim = max(gather_object([images[0].shape[1] if images else 0]))
         empty = torch.empty(0, dim, device=self.acc.device)
         image = gather_rows(self.acc, torch.cat(images) if images else empty)
         text = gather_rows(self.acc, torch.cat(texts) if texts else empty)
