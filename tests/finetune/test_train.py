@@ -155,3 +155,15 @@ def test_grad_accum_equals_one_pass_over_the_whole_batch(tiny_clip, captioned, t
     assert one.metrics["steps"] == two.metrics["steps"] == 2 * (108 // 16)
     one_weights, two_weights = (model_weights(tmp_path / name / "model.pt") for name in ("one", "two"))
     assert max_abs_diff(one_weights, two_weights, key_biases=False) <= 1e-5
+    # Gradient checkpointing recomputes the same activations: the same weights (hence a volatile setting).
+    finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "ckpt", batch_size=16, grad_checkpointing=True,
+                                       **common)))
+    assert max_abs_diff(model_weights(tmp_path / "ckpt" / "model.pt"), one_weights) <= 1e-6
+
+
+def test_lock_image_trains_the_text_tower_only(tiny_clip, captioned, tmp_path):
+    finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "lit", epochs=1, lock_image=True,
+                                       timestamped=False)))
+    before, after = model_weights(tiny_clip[2]), model_weights(tmp_path / "lit" / "model.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
