@@ -82,7 +82,7 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     try:
         model = open_clip.create_model(spec.model, pretrained=pretrained, device=device)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, AssertionError) as exc:  # open_clip asserts on some shape mismatches
         raise UserError(weights_problem(spec, exc)) from None
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
