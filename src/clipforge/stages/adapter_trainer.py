@@ -10,7 +10,6 @@ and evaluating (each embeds a share of the test rows).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
 
 from clipforge.config.adapter import AdapterConfig
 from clipforge.errors import UserError
@@ -26,7 +24,7 @@ from clipforge.models.adapter import AdapterSpec, build_adapter
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import PairedEmbeddings
 from clipforge.storage import uri as storage
-from clipforge.train.checkpoint import CheckpointStore, pack_state, unpack_state
+from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import (
     PreemptionWatch,
     TrainProgress,
@@ -36,13 +34,12 @@ from clipforge.train.loop import (
     gather_with_grad,
     local_rows,
     open_tensorboard,
-    rng_state,
     seed_everything,
-    set_rng_state,
     shard_slice,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
+from clipforge.train.state import restore_state, state_files
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -125,19 +122,7 @@ class AdapterTrainer:
             return
         with self.acc.local_main_process_first():  # one download per machine when OUT is on S3
             files = self.store.load(latest)
-        self.acc.unwrap_model(self.model).load_state_dict(unpack_state(files["model.safetensors"]))
-        optimizer_state = unpack_state(files["optimizer.safetensors"])
-        self.optimizer.load_state_dict(optimizer_state["optimizer"])
-        if self.acc.scaler is not None and optimizer_state["scaler"] is not None:  # fp16 loss scaling
-            self.acc.scaler.load_state_dict(optimizer_state["scaler"])
-        self.progress = TrainProgress.from_dict(json.loads(files["progress.json"]))
-        ranks = unpack_state(files["rng.safetensors"])["ranks"]
-        if len(ranks) == self.world:
-            set_rng_state(ranks[self.rank])
-        else:
-            log.warning("checkpoint written by %d processes, resumed by %d: dropout masks will differ from an "
-                        "uninterrupted run", len(ranks), self.world)
-            seed_everything(self.config.seed + 7919 * self.progress.step + self.rank)
+        self.progress = restore_state(self.acc, self.model, self.optimizer, files, self.config.seed)
         self.last_saved = latest.uri
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
         log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
@@ -148,18 +133,8 @@ class AdapterTrainer:
         weights = self.acc.unwrap_model(self.model).state_dict()
         if not all(torch.isfinite(t).all() for t in weights.values()):
             self._diverged()
-        ranks = gather_object([rng_state()])
-        if self.acc.is_main_process:
-            files = {
-                "model.safetensors": pack_state(weights),
-                "optimizer.safetensors": pack_state({
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                }),
-                "rng.safetensors": pack_state({"ranks": ranks}),
-                "progress.json": json.dumps(self.progress.to_dict()).encode(),
-                "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
-            }
+        files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
+        if files is not None:  # rank 0
             self.flush_logs()
             self.last_saved = self.store.save(self.progress.step, files).uri
             log.info("checkpoint %s", self.last_saved)
