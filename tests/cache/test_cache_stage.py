@@ -1,6 +1,7 @@
 """The cache stage end to end on a real local Ray instance and a real loopback S3 server."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,7 +203,9 @@ def test_kill_9_then_resume_completes_without_rewriting(nsd, tiny_models, tmp_pa
     proc = run_cli(args)
     log = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, log
-    assert f"{len(committed)} already committed, skipped" in log
+    # A Ray worker may finish the shard it was writing as the driver died: at least those seen are skipped.
+    resumed = [int(n) for n in re.findall(r"(\d+) already committed, skipped", log)]
+    assert resumed and resumed[0] >= len(committed), log
     table = read_embeddings(str(output))
     assert sorted(table.ids.tolist()) == nsd["ids"].tolist()
     assert all((output / n).stat().st_mtime_ns == t for n, t in committed.items())
