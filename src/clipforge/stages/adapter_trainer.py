@@ -39,7 +39,7 @@ from clipforge.train.loop import (
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.state import restore_state, state_files
+from clipforge.train.state import resume_latest, state_files
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -116,13 +116,10 @@ class AdapterTrainer:
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any; otherwise give each process its own dropout stream."""
         started = time.monotonic()
-        latest = self.store.latest()
-        if latest is None:
-            seed_everything(self.config.seed + self.rank)
+        resumed = resume_latest(self.store, self.acc, self.model, self.optimizer, self.config.seed)
+        if resumed is None:
             return
-        with self.acc.local_main_process_first():  # one download per machine when OUT is on S3
-            files = self.store.load(latest)
-        self.progress = restore_state(self.acc, self.model, self.optimizer, files, self.config.seed)
+        latest, _, self.progress = resumed
         self.last_saved = latest.uri
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
         log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,

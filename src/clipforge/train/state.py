@@ -76,6 +76,21 @@ def restore_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, f
     return progress
 
 
+def resume_latest(store, accelerator: Accelerator, model: torch.nn.Module, optimizer, seed: int):
+    """Restore the newest complete checkpoint of `store` into model, optimizer and RNG.
+
+    Returns (checkpoint, its files, its progress), or None when there is none — each
+    process then gets its own random stream (seed + rank), as at a fresh start.
+    """
+    latest = store.latest()
+    if latest is None:
+        seed_everything(seed + accelerator.process_index)
+        return None
+    with accelerator.local_main_process_first():  # one download per machine when OUT is on S3
+        files = store.load(latest)
+    return latest, files, restore_state(accelerator, model, optimizer, files, seed)
+
+
 def extra_value(files: dict[str, bytes], name: str, default=None):
     """A JSON value a trainer stored with `extra`, or `default` when the checkpoint has none."""
     return json.loads(files[name]) if name in files else default
