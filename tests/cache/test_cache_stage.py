@@ -67,9 +67,11 @@ def mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def test_cache_from_s3_equals_open_clip(nsd, tiny_models, ray_session, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_cache_from_s3_equals_open_clip(engine, nsd, tiny_models, ray_session, tmp_path):
     output = tmp_path / "cache"
-    manifest = run_cache(config(nsd, tiny_models, str(output)))
+    manifest = run_cache(config(nsd, tiny_models, str(output), engine=engine))
+    assert manifest["metrics"]["engine"] == engine
     table = read_embeddings(str(output))
     assert sorted(table.ids.tolist()) == nsd["ids"].tolist()  # each id exactly once
     assert len(manifest["shards"]) == 4 and manifest["rows"] == 30
@@ -102,10 +104,11 @@ def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, t
     assert mtimes(output) == before
 
 
-def test_committed_shards_are_skipped_and_never_rewritten(nsd, tiny_models, ray_session, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_committed_shards_are_skipped_and_never_rewritten(engine, nsd, tiny_models, ray_session, tmp_path):
     output = tmp_path / "cache"
-    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
-    first = run_cache(cfg)
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"], engine=engine)
+    first = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"]))  # written by the local engine
     (output / "_manifest.json").unlink()
     lost = first["shards"][2]["path"]
     (output / lost).unlink()
@@ -158,13 +161,16 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         "bad shape": ({"--source": str(flat), "--index": str(out_of_range)}, "expected (N, H, W, 3) uint8"),
         "unknown model": ({"--model": "no-such-model"}, "unknown model 'no-such-model'"),
         "weights do not fit": ({"--pretrained": str(tgt_weights)}, "do not fit model tiny-source"),
+        "weights do not fit, in a Ray actor": ({"--pretrained": str(tgt_weights), "--engine": "ray"},
+                                               "do not fit model tiny-source"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
                               "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
     }, base
 
 
 @pytest.mark.parametrize("case", ["missing S3 object", "wrong dataset", "id out of range", "bad shape",
-                                  "unknown model", "weights do not fit", "unknown model id"])
+                                  "unknown model", "weights do not fit", "weights do not fit, in a Ray actor",
+                                  "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)
     changes, message = cases[case]
@@ -182,18 +188,19 @@ def run_cli(args, env=None, **kwargs):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_completes_without_rewriting(nsd, tiny_models, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_kill_9_then_resume_completes_without_rewriting(engine, nsd, tiny_models, tmp_path):
     cfg_path, weights = tiny_models["source"]
     output = tmp_path / "cache"
     args = ["cache", "--source", nsd["local"], "--index", nsd["index"], "--model", "tiny-source", "--model-config",
             str(cfg_path), "--pretrained", str(weights), "--output", str(output), "--batch-size", "3",
-            "--device", "cpu"]
+            "--device", "cpu", "--engine", engine]
     proc = run_cli(args)
     deadline = time.monotonic() + 120
     while not (output.exists() and len(list(output.glob("shard-*.parquet"))) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers: a lost pod
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its threads, or Ray and its workers: a lost pod
     proc.wait()
     committed = {p.name: p.stat().st_mtime_ns for p in output.glob("shard-*.parquet")}
     assert not (output / "_manifest.json").exists()
@@ -203,7 +210,8 @@ def test_kill_9_then_resume_completes_without_rewriting(nsd, tiny_models, tmp_pa
     proc = run_cli(args)
     log = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, log
-    # A Ray worker may finish the shard it was writing as the driver died: at least those seen are skipped.
+    # A writer (a Ray worker) may finish the shard it was writing as the driver died: at least those seen
+    # are skipped.
     resumed = [int(n) for n in re.findall(r"(\d+) already committed, skipped", log)]
     assert resumed and resumed[0] >= len(committed), log
     table = read_embeddings(str(output))

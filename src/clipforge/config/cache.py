@@ -28,15 +28,23 @@ class CacheConfig(StageConfig):
     batch_size: int = Field(500, gt=0, description="rows per shard: the unit of commit and resume")
     inference_batch_size: int = Field(32, gt=0, description="rows per encoder call")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where encoders run")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="encoder precision; auto is bf16 on GPU, fp32 on CPU"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "pure_bf16", "pure_fp16"] = Field(
+        "auto", description="encoder precision: bf16/fp16 autocast, or pure_* with the weights cast too (faster, "
+                            "slightly further from fp32); auto is bf16 on GPU, fp32 on CPU"
     )
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: one process on one device, reads overlapping encoding (fastest start-up); "
+                            "ray: Ray Data over every GPU of a cluster; auto is ray with several GPUs or a "
+                            "RAY_ADDRESS, else local"
+    )
+    read_workers: int = Field(4, gt=0, description="shards read at once (local engine)")
     cache_dir: str | None = Field(None, description="persistent on-disk cache of fetched S3 byte ranges and weights")
     no_sign_request: bool = Field(False, description="read the source anonymously (public buckets such as NSD's)")
     num_encoders: int | None = Field(None, gt=0, description="encoder actors; default one per GPU, else one")
 
     model_config = ConfigDict(populate_by_name=True)
-    volatile = frozenset({"inference_batch_size", "device", "cache_dir", "no_sign_request", "num_encoders"})
+    volatile = frozenset({"inference_batch_size", "device", "cache_dir", "no_sign_request", "num_encoders", "engine",
+                          "read_workers"})
 
     @model_validator(mode="after")
     def _one_index_and_one_model(self):

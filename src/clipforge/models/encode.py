@@ -9,7 +9,8 @@ import torch
 
 from clipforge.models.preprocess import BatchPreprocess
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -26,9 +27,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    """bf16/fp16 autocast; fp32 and the pure_* precisions (weights already cast) run as they are."""
+    if precision == "fp32" or precision.startswith("pure_"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def encode_batch(model, pixels: torch.Tensor, precision: str) -> torch.Tensor:
+    """L2-normalised float32 embeddings of preprocessed pixels, on the pixels' device."""
+    if precision.startswith("pure_"):
+        pixels = pixels.to(PRECISIONS[precision])
+    with autocast(pixels.device, precision):
+        features = model.encode_image(pixels)
+    return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 @torch.inference_mode()
@@ -41,14 +52,47 @@ def encode_images(
     precision: str = "fp32",
 ) -> np.ndarray:
     """L2-normalised float32 embeddings (N, dim) for uint8 images (N, H, W, 3)."""
-    device = preprocess.device
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = preprocess(images[start : start + batch_size])
-        with autocast(device, precision):
-            features = model.encode_image(pixels)
-        features = torch.nn.functional.normalize(features.float(), dim=-1)
-        out.append(features.cpu())
+    out = [encode_batch(model, preprocess(images[start : start + batch_size]), precision).cpu()
+           for start in range(0, len(images), batch_size)]
     if not out:
         return np.zeros((0, model.visual.output_dim), dtype=np.float32)
     return torch.cat(out).numpy()
+
+
+class ImageEncoder:
+    """A CLIP image encoder on its device, in its precision, with its batched preprocessing.
+
+    What both cache engines (a Ray actor, or the in-process pipeline) hold:
+    `encode` takes a shard's uint8 images (an array, a pinned tensor, or a list
+    of differently sized images) and returns their embeddings on the device,
+    so the caller decides when to copy them back.
+    """
+
+    def __init__(self, spec, device: str = "auto", precision: str = "auto", batch_size: int = 256,
+                 cache_dir: str | None = None):
+        from clipforge.models.encoders import describe, load_clip
+
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+        self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
+        self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
+        self.description = {**describe(spec, self.model, preprocess_cfg), "precision": self.precision}
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+        """(N, dim) float32 L2-normalised embeddings on the encoder's device."""
+        if isinstance(images, list) or (isinstance(images, np.ndarray) and images.dtype == object):
+            pixels = self.preprocess.each(list(images))  # image files of many sizes
+            parts = [encode_batch(self.model, pixels[i : i + self.batch_size], self.precision)
+                     for i in range(0, len(pixels), self.batch_size)]
+        else:
+            parts = [encode_batch(self.model, self.preprocess(images[i : i + self.batch_size]), self.precision)
+                     for i in range(0, len(images), self.batch_size)]
+        if not parts:
+            return torch.zeros((0, self.dim), device=self.device)
+        return torch.cat(parts)

@@ -9,6 +9,7 @@ Diffusion id resolves to the CLIP encoder whose space that model conditions on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,8 +69,15 @@ def register_model_config(path: str) -> str:
     return config_path.stem
 
 
-def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: str | None = None):
-    """(model, preprocess_cfg) in eval mode on `device`: the model is built by open_clip's own factory."""
+def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: str | None = None,
+              precision: str = "fp32"):
+    """(model, preprocess_cfg) in eval mode on `device`: the model is built by open_clip's own factory.
+
+    On a GPU the modules are created there (under `torch.device`), so random
+    initialisation of a large tower, which the weights then overwrite, takes
+    milliseconds instead of seconds on the CPU. `pure_bf16`/`pure_fp16` cast
+    the weights (open_clip's own precisions); other precisions keep fp32 weights.
+    """
     import open_clip
 
     if spec.model_config:
@@ -81,7 +89,11 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     try:
-        model = open_clip.create_model(spec.model, pretrained=pretrained, device=device)
+        weights_precision = precision if precision.startswith("pure_") else "fp32"
+        build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+        with build_on:
+            model = open_clip.create_model(spec.model, pretrained=pretrained, device=device,
+                                           precision=weights_precision)
     except (RuntimeError, ValueError, OSError, AssertionError) as exc:  # open_clip asserts on some shape mismatches
         raise UserError(weights_problem(spec, exc)) from None
     model.eval()

@@ -47,9 +47,9 @@ class BatchPreprocess:
             x = torch.as_tensor(images)
         if x.is_floating_point():  # already preprocessed (see `each`)
             return x.to(self.device)
-        if x.device != self.device:
+        if x.device.type != self.device.type:
             if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
+                x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
             else:
                 x = x.to(self.device)
         x = x.permute(0, 3, 1, 2)

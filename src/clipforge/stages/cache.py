@@ -1,12 +1,16 @@
 """The cache stage: images in an HDF5 file, a folder or a CSV (local or S3) -> parquet embedding shards.
 
 Plan: sort the requested ids and cut them into shards in file order, so
-neighbouring rows become one range request. Read: Ray tasks fetch a shard's
-rows (or image files). Compute: an encoder actor pool (one per GPU, else one on the CPU)
-preprocesses and encodes them in batches. Commit: each shard lands as one
-parquet file written atomically by the actor; `_manifest.json` is written last
-by the driver. A crash costs at most the shards in flight: committed shards are
-skipped on the next run and never rewritten.
+neighbouring rows become one range request. Then one of two engines reads and
+encodes them. `local` (one machine, at most one GPU; `cache_local.py`): reader
+threads, the encoder and a committing thread overlap in one process, with no
+start-up beyond the model's. `ray` (several GPUs, or a cluster in RAY_ADDRESS):
+Ray tasks fetch a shard's rows (or image files) and an encoder actor pool (one
+per GPU, else one on the CPU) preprocesses and encodes them in batches. Commit:
+each shard lands as one parquet file written atomically, under a name that
+depends only on its ids and the config; `_manifest.json` is written last by the
+driver. A crash costs at most the shards in flight: committed shards are
+skipped on the next run and never rewritten, whichever engine wrote them.
 """
 
 from __future__ import annotations
@@ -95,16 +99,19 @@ def run_cache(cfg: CacheConfig) -> dict:
     shards = plan_shards(index, cfg.batch_size, fingerprint)
     todo = pending_shards(cfg.output, shards)
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files of {cfg.source}"
-    log.info("plan: %d images of %s in %d shards of %d; %d already committed, skipped",
-             len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo))
+    engine = choose_engine(cfg)
+    log.info("plan: %d images of %s in %d shards of %d; %d already committed, skipped; %s engine",
+             len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine)
 
     started = time.monotonic()
-    stats, model, steady_rate = encode_shards(cfg, spec, todo) if todo else (FetchStats(), None, None)
+    encode = encode_shards_locally if engine == "local" else encode_shards
+    stats, model, steady_rate = encode(cfg, spec, todo) if todo else (FetchStats(), None, None)
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
     encoded = sum(len(s.ids) for s in todo)
     requested_bytes = encoded * dataset.image_bytes if dataset else 0
     metrics = {
+        "engine": engine,
         "images_encoded": encoded,
         "seconds": round(elapsed, 3),
         "images_per_second": round(encoded / elapsed, 2) if elapsed and encoded else None,
@@ -125,6 +132,26 @@ def run_cache(cfg: CacheConfig) -> dict:
              f", {metrics['images_per_second']} img/s" if metrics["images_per_second"] else "",
              stats.bytes / 1e6, stats.requests, stats.retries, cfg.output)
     return manifest
+
+
+def choose_engine(cfg: CacheConfig) -> str:
+    """`local` on one machine with at most one GPU; Ray for a cluster (RAY_ADDRESS) or several GPUs."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if os.environ.get("RAY_ADDRESS") or (cfg.num_encoders or 1) > 1:
+        return "ray"
+    if cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            return "ray"
+    return "local"
+
+
+def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]):
+    from clipforge.stages.cache_local import encode_shards_locally as encode
+
+    return encode(cfg, spec, todo)
 
 
 def check_model_known(spec: EncoderSpec) -> None:
@@ -209,6 +236,13 @@ def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_
     }
 
 
+def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarray, description: dict) -> None:
+    """Write one shard's parquet file atomically under its final name: committed, or absent."""
+    splits = [None if s == "" or s is None else str(s) for s in splits]
+    table = embeddings_to_table(ids, splits, embeddings, description)
+    storage.write_bytes(storage.join(output, shard_name), table_to_parquet_bytes(table))
+
+
 class ShardEncoder:
     """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
 
@@ -216,40 +250,25 @@ class ShardEncoder:
                  cache_dir: str | None):
         import torch
 
-        from clipforge.models.encode import resolve_device, resolve_precision
-        from clipforge.models.encoders import describe, load_clip
-        from clipforge.models.preprocess import BatchPreprocess
+        from clipforge.models.encode import ImageEncoder
 
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
+        if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
-        encoder_spec = EncoderSpec(**spec)
-        self.model, preprocess_cfg = load_clip(encoder_spec, self.device, cache_dir)
-        self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
-        self.precision = resolve_precision(precision, self.device)
-        self.description = {**describe(encoder_spec, self.model, preprocess_cfg), "precision": self.precision}
+        self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
         self.output = output
-        self.batch_size = inference_batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from clipforge.models.encode import encode_images
-
         started = time.time()
-        images = batch["images"][0]
-        if not isinstance(images, np.ndarray) or images.dtype == object:  # image files of many sizes
-            images = self.preprocess.each(list(images))
-        embeddings = encode_images(self.model, self.preprocess, images, batch_size=self.batch_size,
-                                   precision=self.precision)
-        ids, splits = batch["ids"][0], [None if s == "" else str(s) for s in batch["splits"][0]]
-        table = embeddings_to_table(ids, splits, embeddings, self.description)
-        storage.write_bytes(storage.join(self.output, str(batch["name"][0])), table_to_parquet_bytes(table))
+        embeddings = self.encoder.encode(batch["images"][0]).cpu().numpy()
+        commit_shard(self.output, str(batch["name"][0]), batch["ids"][0], batch["splits"][0], embeddings,
+                     self.encoder.description)
         return {
             "shard": batch["shard"],
-            "rows": np.array([len(ids)]),
+            "rows": np.array([len(embeddings)]),
             "fetched_bytes": batch["fetched_bytes"],
             "requests": batch["requests"],
             "retries": batch["retries"],
-            "model": np.array([json.dumps(self.description)]),
+            "model": np.array([json.dumps(self.encoder.description)]),
             "started": np.array([started]),
             "finished": np.array([time.time()]),
         }

@@ -1,0 +1,66 @@
+"""The in-process cache engine and the row reader it uses: reads straight into buffers, errors, odd shapes."""
+
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from clipforge.config.cache import CacheConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.data.hdf5_source import RowReader, read_rows
+from clipforge.data.synthetic import write_nsd_hdf5
+from clipforge.errors import UserError
+from clipforge.stages.cache import run_cache
+
+
+@pytest.fixture(scope="module")
+def stimuli(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stimuli")
+    images = write_nsd_hdf5(root / "contiguous.hdf5", 40, seed=3, size=32)
+    with h5py.File(root / "chunked.hdf5", "w") as f:
+        f.create_dataset("imgBrick", data=images, chunks=(3, 32, 32, 3), compression="gzip")
+    return root, images
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_row_reader_fills_the_buffer_with_exactly_the_rows(layout, stimuli):
+    root, images = stimuli
+    rows = np.array([0, 1, 2, 7, 8, 20, 39])  # runs of neighbours and single rows
+    reader = RowReader(str(root / f"{layout}.hdf5"), "imgBrick")
+    out = np.full((10, 32, 32, 3), 7, np.uint8)  # larger than needed, as a pool slot is
+    stats = reader.read_into(rows, out)
+    reader.close()
+    assert np.array_equal(out[: len(rows)], images[rows])
+    assert (out[len(rows) :] == 7).all()  # nothing written past the rows
+    assert stats.bytes == len(rows) * 32 * 32 * 3
+    assert np.array_equal(read_rows(str(root / f"{layout}.hdf5"), "imgBrick", rows)[0], images[rows])
+
+
+def test_a_file_cut_short_is_named(stimuli, tmp_path):
+    root, _ = stimuli
+    cut = tmp_path / "cut.hdf5"
+    cut.write_bytes((root / "contiguous.hdf5").read_bytes())
+    reader = RowReader(str(cut), "imgBrick")
+    os.truncate(cut, cut.stat().st_size - 5000)  # shrunk after it was opened: an upload still running
+    with pytest.raises(UserError, match="cut.hdf5 ended early: rows from 38"):
+        reader.read_into(np.array([38, 39]), np.empty((2, 32, 32, 3), np.uint8))
+    reader.close()
+    with pytest.raises(UserError, match="cut.hdf5 is not a readable HDF5 file"):  # cut before it was opened
+        RowReader(str(cut), "imgBrick")
+
+
+def test_uneven_shards_and_one_reader_match_the_defaults(stimuli, tiny_models, tmp_path):
+    root, _ = stimuli
+    index = tmp_path / "index.csv"
+    pd.DataFrame({"id": np.arange(0, 40, 3)}).to_csv(index, index=False)  # 14 ids: shards of 4, 4, 4, 2
+    common = dict(source=str(root / "chunked.hdf5"), index=str(index), model="tiny-source",
+                  model_config=str(tiny_models["source"][0]), pretrained=str(tiny_models["source"][1]),
+                  batch_size=4, device="cpu", engine="local")
+    one = run_cache(CacheConfig(**common, output=str(tmp_path / "one"), read_workers=1, inference_batch_size=3))
+    many = run_cache(CacheConfig(**common, output=str(tmp_path / "many"), read_workers=8))
+    assert [s["rows"] for s in one["shards"]] == [s["rows"] for s in many["shards"]] == [4, 4, 4, 2]
+    a, b = read_embeddings(str(tmp_path / "one")), read_embeddings(str(tmp_path / "many"))
+    assert a.ids.tolist() == list(range(0, 40, 3))  # each id once, in order
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)

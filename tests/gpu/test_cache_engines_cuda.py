@@ -1,0 +1,41 @@
+"""Both cache engines on CUDA: the pinned-buffer, side-stream path and the Ray actor give the CPU's embeddings."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clipforge.config.cache import CacheConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.data.synthetic import write_nsd_hdf5
+from clipforge.stages.cache import run_cache
+
+
+@pytest.fixture(scope="module")
+def stimuli(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda-cache")
+    write_nsd_hdf5(root / "stimuli.hdf5", 90, seed=5)
+    pd.DataFrame({"id": np.arange(0, 90, 2)}).to_parquet(root / "index.parquet")  # 45 ids: shards 8 x 5 + 5
+    return root
+
+
+def cache(stimuli, tiny_models, output, **overrides):
+    cfg_path, weights = tiny_models["target"]
+    values = dict(source=str(stimuli / "stimuli.hdf5"), index=str(stimuli / "index.parquet"), model="tiny-target",
+                  model_config=str(cfg_path), pretrained=str(weights), batch_size=8, output=str(output))
+    return run_cache(CacheConfig(**{**values, **overrides}))
+
+
+@pytest.mark.parametrize(("engine", "precision", "floor"), [
+    ("local", "bf16", 0.999),        # more shards than pinned slots: every slot is reused after its copy lands
+    ("ray", "bf16", 0.999),
+    ("local", "pure_bf16", 0.99),    # weights in bf16 too
+])
+def test_cuda_cache_equals_the_cpu_run(engine, precision, floor, stimuli, tiny_models, tmp_path):
+    cpu = tmp_path / "cpu"
+    cache(stimuli, tiny_models, cpu, device="cpu", engine="local")
+    manifest = cache(stimuli, tiny_models, tmp_path / "gpu", device="cuda", engine=engine, precision=precision,
+                     read_workers=1, inference_batch_size=3)
+    assert manifest["metrics"]["engine"] == engine and manifest["model"]["precision"] == precision
+    a, b = read_embeddings(str(cpu)), read_embeddings(str(tmp_path / "gpu"))
+    assert a.ids.tolist() == b.ids.tolist() == list(range(0, 90, 2))
+    assert (a.embeddings * b.embeddings).sum(1).min() >= floor
