@@ -26,6 +26,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per encoder call: enough to fill a GPU, few enough to keep a CPU's cache warm."""
+    return 256 if device.type == "cuda" else 32
+
+
 def autocast(device: torch.device, precision: str):
     """bf16/fp16 autocast; fp32 and the pure_* precisions (weights already cast) run as they are."""
     if precision == "fp32" or precision.startswith("pure_"):
@@ -68,13 +73,13 @@ class ImageEncoder:
     so the caller decides when to copy them back.
     """
 
-    def __init__(self, spec, device: str = "auto", precision: str = "auto", batch_size: int = 256,
+    def __init__(self, spec, device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                  cache_dir: str | None = None):
         from clipforge.models.encoders import describe, load_clip
 
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(self.device)
         self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
         self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
         self.description = {**describe(spec, self.model, preprocess_cfg), "precision": self.precision}

@@ -246,7 +246,7 @@ def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarr
 class ShardEncoder:
     """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
 
-    def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int,
+    def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int | None,
                  cache_dir: str | None):
         import torch
 
