@@ -1,3 +1,4 @@
+import math
 import os
 import random
 import signal
@@ -72,3 +73,40 @@ def test_resolve_device_without_a_gpu():
     assert loop.resolve_device("auto") == "cpu"
     with pytest.raises(Exception, match="no CUDA GPU"):
         loop.resolve_device("cuda")
+
+
+def test_deferred_losses_are_read_in_one_transfer_when_due(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    losses = loop.DeferredLosses(every=10.0)
+    assert not losses.due() and losses.read() == []
+    for step in range(3):
+        losses.add(torch.tensor([1.0 + step, 2.0 + step]), loop.StepLoss(step, 0, 0.1, 0.0))  # two passes a step
+    assert not losses.due()  # a clock check only
+    now[0] += 10.0
+    assert losses.due()
+    read = losses.read()
+    assert [r.values for r in read] == [[1.0, 2.0], [2.0, 3.0], [3.0, 4.0]] and read[-1].loss == 4.0
+    assert losses.pending == [] and not losses.due() and losses.read() == []
+    # One 0-d loss a step; the tensor is kept detached from its graph.
+    w = torch.ones(1, requires_grad=True)
+    losses.add((w * 3).sum(), loop.StepLoss(3, 1, 0.1, 0.0))
+    assert losses.read()[0].values == [3.0]
+
+
+def test_first_nonfinite_names_the_earliest_bad_step():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    records = [loop.StepLoss(s, s // 4, 0.1, 0.0, [v]) for s, v in enumerate([1.0, 2.0, 1.5, 1.0, 1.0, 2.0])]
+    assert loop.first_nonfinite(accelerator, records) is None
+    records[5].values, records[4].values = [math.nan], [1.0, math.inf]
+    assert loop.first_nonfinite(accelerator, records) == (4, 1)
+
+
+def test_to_device_ahead_moves_tensors_and_passes_the_rest_through():
+    marker = object()
+    items = [(torch.ones(2), torch.zeros(1, dtype=torch.long)), marker, [torch.arange(3)]]
+    out = list(loop.to_device_ahead(items, torch.device("cpu")))
+    assert out[1] is marker and isinstance(out[0], tuple) and isinstance(out[2], list)
+    assert torch.equal(out[0][0], torch.ones(2)) and torch.equal(out[2][0], torch.arange(3))

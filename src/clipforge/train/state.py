@@ -26,6 +26,12 @@ MODEL, OPTIMIZER, RNG, PROGRESS, CONFIG = (
 )
 
 
+def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model as built: without DDP and without torch.compile's wrapper (whose state dict keys all start with
+    `_orig_mod.`), so that checkpoints and `model.pt` hold the model's own keys whether or not it was compiled."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def state_files(accelerator: Accelerator, model: torch.nn.Module, optimizer, progress: TrainProgress, config: dict,
                 extra: dict[str, object] | None = None) -> dict[str, bytes] | None:
     """The checkpoint's files (name -> bytes) on rank 0, None elsewhere.
@@ -33,7 +39,7 @@ def state_files(accelerator: Accelerator, model: torch.nn.Module, optimizer, pro
     Every process must call it: each contributes its RNG state. `extra` maps
     file names to JSON-able values stored beside the rest.
     """
-    weights = accelerator.unwrap_model(model).state_dict()
+    weights = plain_module(accelerator, model).state_dict()
     ranks = gather_object([rng_state()])
     if not accelerator.is_main_process:
         return None
@@ -60,7 +66,7 @@ def restore_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, f
     this one: each process is reseeded from `reseed` + step + rank instead (and
     a warning says that dropout masks will differ from an uninterrupted run).
     """
-    accelerator.unwrap_model(model).load_state_dict(unpack_state(files[MODEL]))
+    plain_module(accelerator, model).load_state_dict(unpack_state(files[MODEL]))
     optimizer_state = unpack_state(files[OPTIMIZER])
     optimizer.load_state_dict(optimizer_state["optimizer"])
     if accelerator.scaler is not None and optimizer_state["scaler"] is not None:
