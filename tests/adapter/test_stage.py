@@ -32,6 +32,11 @@ def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path
     assert zero_pad["adapted_to_target_R@1"] <= 0.05  # chance is 1/100
     assert abs(zero_pad["mean_cosine"]) < 0.2
     assert result.metrics["train_rows"] == 500 and result.metrics["test_rows"] == 100
+    # Training seconds of every epoch (its steps only), and their mean.
+    timing = result.metrics["timing"]
+    assert len(timing["epoch_seconds"]) == FAST["epochs"] and all(s > 0 for s in timing["epoch_seconds"])
+    assert timing["seconds_per_epoch"] == pytest.approx(np.mean(timing["epoch_seconds"]), abs=1e-3)
+    assert timing["seconds_per_epoch"] * FAST["epochs"] < timing["train_seconds"]  # evaluation, checkpoints left out
 
     # The outputs, committed with the manifest last.
     names = set(storage.list_names(str(out)))
@@ -196,6 +201,17 @@ def test_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(caches, 
     assert "diverged" in line and "NaN or infinite" in line and "last good checkpoint" in line
     kept = sorted((out / "checkpoints").iterdir())
     assert kept and all((p / "_manifest.json").is_file() for p in kept)
+
+
+def test_a_nan_loss_read_at_the_end_of_the_epoch_names_its_step(caches, tmp_path, capsys):
+    """Losses stay on the device until a read (here: the epoch's end, log_every being long), which names the first
+    bad step all the same: the one a read after every step names."""
+    common = dict(lr=1e30, grad_clip=0, warmup=0, arch="linear")
+    every_step = run_cli(capsys, *caches, tmp_path / "a", log_every=1e-9, **common)
+    deferred = run_cli(capsys, *caches, tmp_path / "b", **common)
+    assert "training diverged: the loss became NaN or infinite at step 2 (epoch 1)" in deferred
+    assert deferred == every_step.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert "no checkpoint was saved yet" in deferred
 
 
 def test_batch_size_must_split_over_the_processes(caches, tmp_path, capsys):

@@ -45,7 +45,8 @@ class AdapterConfig(StageConfig):
                                                     "machines join through MASTER_ADDR/NNODES/NODE_RANK")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 means once per epoch")
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept under OUT/checkpoints")
-    log_every: float = Field(10.0, gt=0, description="seconds between progress lines")
+    log_every: float = Field(10.0, gt=0, description="seconds between progress lines, and between reads of the "
+                                                     "training losses off the GPU (each read waits for it)")
     work_dir: str | None = Field(None, description="local staging folder for checkpoints when OUT is on S3")
 
     # Where things live, how many processes share the work and how often we save or log cannot change the

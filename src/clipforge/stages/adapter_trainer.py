@@ -6,12 +6,18 @@ checkpoint holds weights, optimizer (and fp16 loss scaler), every process's RNG
 and `TrainProgress`, so a resumed run continues exactly where the checkpoint
 was taken. Only rank 0 writes; every process takes part in saving (RNG states)
 and evaluating (each embeds a share of the test rows).
+
+The whole training set sits on the device, and so does each epoch's order
+(one copy per epoch): a step only queues GPU work, and its loss stays there
+until `DeferredLosses` reads the pending ones every `log_every` seconds, before
+a checkpoint, at a stop and at the end of an epoch. `timing` records each
+whole epoch's training seconds (its steps and loss reads, not evaluation or
+checkpoints; the epoch ends with a read, so the GPU has finished it).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -26,10 +32,13 @@ from clipforge.stages.adapter_data import PairedEmbeddings
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import (
+    DeferredLosses,
     PreemptionWatch,
+    StepLoss,
     TrainProgress,
     any_across,
     epoch_batches,
+    first_nonfinite,
     gather_rows,
     gather_with_grad,
     local_rows,
@@ -111,7 +120,11 @@ class AdapterTrainer:
         self.progress = TrainProgress()
         self.last_saved: str | None = None
         self.writer = None
-        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
+        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
+                       "epoch_seconds": [], "seconds_per_epoch": None}
+        self.losses = DeferredLosses(config.log_every)
+        self.meter: Progress | None = None
+        self.saving_seconds = 0.0  # spent in save(), left out of the epochs' training seconds
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any; otherwise give each process its own dropout stream."""
@@ -126,20 +139,45 @@ class AdapterTrainer:
                  self.progress.step, self.timing["resume_seconds"])
 
     def save(self) -> None:
-        """Checkpoint now (every process takes part: each contributes its RNG state)."""
+        """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""
+        self.read_losses()
+        started = time.monotonic()
         weights = self.acc.unwrap_model(self.model).state_dict()
-        if not all(torch.isfinite(t).all() for t in weights.values()):
-            self._diverged()
+        if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
+            self._diverged(self.progress.step, self.progress.epoch)
         files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
         if files is not None:  # rank 0
             self.flush_logs()
             self.last_saved = self.store.save(self.progress.step, files).uri
             log.info("checkpoint %s", self.last_saved)
+        self.saving_seconds += time.monotonic() - started
 
-    def _diverged(self):
+    def _diverged(self, step: int, epoch: int):
         kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
-        raise UserError(f"training diverged: the loss became NaN or infinite at step {self.progress.step} "
-                        f"(epoch {self.progress.epoch + 1}); {kept}; lower --lr or check the inputs")
+        raise UserError(f"training diverged: the loss became NaN or infinite at step {step} "
+                        f"(epoch {epoch + 1}); {kept}; lower --lr or check the inputs")
+
+    def read_losses(self, due: bool = False) -> None:
+        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them.
+
+        Every process calls it at the same steps. `due`: the progress line's
+        period is up (print it); otherwise it prints only if its period is up anyway.
+        """
+        records = self.losses.read()
+        if not records:
+            return
+        bad = first_nonfinite(self.acc, records)
+        if bad is not None:
+            self._diverged(*bad)
+        last = records[-1]
+        if self.meter is not None:
+            self.meter.update(self.batch * len(records),
+                              f"epoch {last.epoch + 1}/{self.config.epochs}, loss {last.loss:.4f}, lr {last.lr:.2e}",
+                              force=due)
+        if self.writer:
+            for r in records:
+                self.writer.add_scalar("train/loss", r.loss, r.step + 1, walltime=r.wall)
+                self.writer.add_scalar("train/lr", r.lr, r.step + 1, walltime=r.wall)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""
@@ -160,44 +198,50 @@ class AdapterTrainer:
             self.writer = open_tensorboard(log_dir, self.progress.step)
         config, p = self.config, self.progress
         remaining = (self.total_steps - p.step) * self.batch
-        meter = Progress(log, max(remaining, 1), unit="samples", every=config.log_every)
+        self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=config.log_every)
         try:
-            return self._fit(watch, meter)
+            return self._fit(watch)
         finally:
             # Throughput of this process's share of the run, checkpoints and per-epoch evaluation included.
             self.timing["train_seconds"] = round(meter.elapsed, 3)
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 1) if meter.done else None
+            whole = self.timing["epoch_seconds"]
+            self.timing["seconds_per_epoch"] = round(sum(whole) / len(whole), 4) if whole else None
 
-    def _fit(self, watch: PreemptionWatch, meter: Progress) -> bool:
+    def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress
         for epoch in range(p.epoch, config.epochs):
-            batches = epoch_batches(len(self.x), self.batch, config.seed, epoch)
-            for i in range(p.step_in_epoch, self.steps_per_epoch):
-                rows = local_rows(batches[i], self.rank, self.world).to(self.acc.device)
-                lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.model.train()
-                loss = adapter_loss(self.model(self.x[rows]), self.y[rows], config, self.acc)
-                loss_value = loss.item()  # one host sync a step: the NaN check, the log and TensorBoard share it
-                diverged, stop = any_across(self.acc, not math.isfinite(loss_value), watch.requested)
-                if diverged:
-                    self._diverged()
-                self.acc.backward(loss)
-                if config.grad_clip:
-                    self.acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.batch
-                meter.update(self.batch, f"epoch {epoch + 1}/{config.epochs}, loss {loss_value:.4f}, lr {lr:.2e}")
-                if self.writer:
-                    self.writer.add_scalar("train/loss", loss_value, p.step)
-                    self.writer.add_scalar("train/lr", lr, p.step)
-                if stop:
-                    self.save()
-                    return False
-                if config.checkpoint_every and p.step % config.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
-                    self.save()
+            started, first, saving = time.monotonic(), p.step_in_epoch, self.saving_seconds
+            # A profiler run (bench/adapter.py --device cuda) finds each epoch's steps under this name.
+            with torch.profiler.record_function("clipforge.adapter.train_epoch"):
+                batches = epoch_batches(len(self.x), self.batch, config.seed, epoch).to(self.acc.device)
+                for i in range(p.step_in_epoch, self.steps_per_epoch):
+                    rows = local_rows(batches[i], self.rank, self.world)
+                    lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.model.train()
+                    loss = adapter_loss(self.model(self.x[rows]), self.y[rows], config, self.acc)
+                    self.acc.backward(loss)
+                    if config.grad_clip:
+                        self.acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.losses.add(loss, StepLoss(p.step, epoch, lr, time.time()))
+                    p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.batch
+                    stop, due = any_across(self.acc, watch.requested, self.losses.due())
+                    if due:
+                        self.read_losses(due=True)
+                    if stop:
+                        self.save()
+                        return False
+                    if config.checkpoint_every and p.step % config.checkpoint_every == 0 and \
+                            i + 1 < self.steps_per_epoch:
+                        self.save()
+                self.read_losses()
+            if first == 0:  # a whole epoch (not the rest of a resumed one): its training seconds
+                seconds = time.monotonic() - started - (self.saving_seconds - saving)
+                self.timing["epoch_seconds"].append(round(seconds, 4))
             p.epoch, p.step_in_epoch = epoch + 1, 0
             metrics = self.evaluate()
             if self.writer:
