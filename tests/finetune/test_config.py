@@ -135,3 +135,20 @@ def test_the_text_pass_runs_on_the_longest_caption_and_embeds_as_the_full_contex
     other = open_clip.create_model(tiny_clip[0])
     other.text_pool_type = "last"
     assert not trim_text_context(other, tokens)
+
+
+def test_the_loader_cuts_a_batch_s_captions_after_its_last_end_of_text_token(tiny_clip):
+    """On the host, so that the text pass on a GPU runs on tokens of the right length without asking the GPU."""
+    import open_clip
+
+    from clipforge.stages.finetune_data import BadImage, collate
+
+    tokens = open_clip.get_tokenizer(tiny_clip[0])(["a red circle", "a very small blue square on a grey ground"])
+    items = [(torch.full((3, 2, 2), float(i)), t) for i, t in enumerate(tokens)]
+    images, cut = collate(items, trim_text=True)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    assert cut.shape == (2, length) and cut.is_contiguous() and torch.equal(cut, tokens[:, :length])
+    assert torch.equal(images, torch.stack([i for i, _ in items]))
+    assert torch.equal(collate(items)[1], tokens)  # a model without the trimmed pass gets the whole context
+    bad = BadImage("x.png", "train.csv", "not found")
+    assert collate([items[0], bad], trim_text=True) is bad

@@ -74,3 +74,26 @@ def test_a_pipeline_output_of_another_kind_is_refused(capsys, tiny_clip, caption
     code = main(["finetune", *config_args(settings(tiny_clip, captioned, out, timestamped=False))])
     assert code == EXIT_USER_ERROR
     assert "holds a 'adapter' output, not a fine-tuned model" in capsys.readouterr().err
+
+
+def test_a_loss_that_becomes_nan_names_its_step_and_keeps_the_last_good_checkpoint(capsys, tiny_clip, captioned,
+                                                                                    tmp_path):
+    """The losses are read off the device now and then (here: before each checkpoint, or at the epoch's end); the
+    message names the first bad step all the same, and no checkpoint is written after it."""
+    def diverge(out: Path, **overrides) -> str:
+        args = settings(tiny_clip, captioned, out, epochs=1, lr=1e30, warmup=0, timestamped=False, **overrides)
+        code = main(["finetune", *config_args(args)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == EXIT_USER_ERROR, err
+        assert not (out / "_manifest.json").exists()
+        return err[-1].replace(str(out), "OUT")
+
+    every_step = diverge(tmp_path / "a", log_every=1e-9)
+    at_epoch_end = diverge(tmp_path / "b")
+    assert at_epoch_end == every_step
+    assert "training diverged: the loss became NaN or infinite at step 1 (epoch 1)" in at_epoch_end
+    assert "no checkpoint was saved yet" in at_epoch_end
+    line = diverge(tmp_path / "c", checkpoint_every=1)
+    assert "at step 1 (epoch 1); the last good checkpoint is OUT/checkpoints/step-000001" in line
+    assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step-000001"]
+    assert (tmp_path / "c" / "checkpoints" / "step-000001" / "_manifest.json").is_file()

@@ -87,6 +87,10 @@ def test_outputs_are_committed_with_the_manifest_last(trained):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/val_loss", "val/image_to_text_R@1", "val/text_to_image_R@10"} <= tags
     assert len(events.Scalars("val/val_loss")) == 21  # before training and after each epoch
+    # Every step's loss, read off the device in bulk, logged at its own step and at the time the step was queued.
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, 121))
+    assert all(a.wall_time <= b.wall_time for a, b in zip(losses, losses[1:], strict=False))
 
 
 def test_model_pt_loads_in_open_clip_and_embeds_as_the_trainer_did(trained, tiny_clip):
@@ -167,3 +171,45 @@ def test_lock_image_trains_the_text_tower_only(tiny_clip, captioned, tmp_path):
     before, after = model_weights(tiny_clip[2]), model_weights(tmp_path / "lit" / "model.pt")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
     assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
+
+
+def test_losses_are_read_once_an_epoch_when_progress_lines_are_rare(tiny_clip, captioned, tmp_path, monkeypatch):
+    """No host sync a step: with a 60 s progress period the losses are read in one transfer at each epoch's end."""
+    from clipforge.train.loop import DeferredLosses
+
+    reads, read = [], DeferredLosses.read
+
+    def counted(self):
+        records = read(self)
+        if records:
+            reads.append([r.step for r in records])
+        return records
+
+    monkeypatch.setattr(DeferredLosses, "read", counted)
+    result = finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "out", epochs=2, timestamped=False)))
+    assert result.metrics["steps"] == 12 and reads == [list(range(6)), list(range(6, 12))]
+
+
+def test_compiled_training_equals_eager_and_checkpoints_the_model_s_own_keys(tiny_clip, captioned, tmp_path,
+                                                                              monkeypatch):
+    """--compile: the same weights, checkpoints and model.pt without `_orig_mod.` keys, an exact resume."""
+    from clipforge.stages import finetune_trainer
+    from clipforge.storage.manifest import MANIFEST_NAME
+
+    common = dict(epochs=2, timestamped=False, checkpoint_every=3)
+    finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "eager", **common)))
+    monkeypatch.setattr(finetune_trainer, "COMPILE_BACKEND", "aot_eager")  # dynamo and autograd tracing, no codegen
+    compiled = FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "compiled", compile=True, **common))
+    assert compiled.fingerprint() == FinetuneConfig(**settings(tiny_clip, captioned, tmp_path, **common)).fingerprint()
+    finetune(compiled)
+    eager_weights, compiled_weights = (model_weights(tmp_path / n / "model.pt") for n in ("eager", "compiled"))
+    assert compiled_weights.keys() == eager_weights.keys() == model_weights(tiny_clip[2]).keys()
+    assert max_abs_diff(compiled_weights, eager_weights) <= 1e-6
+    checkpoints = sorted((tmp_path / "compiled" / "checkpoints").iterdir())
+    assert unpack_state((checkpoints[-1] / "model.safetensors").read_bytes()).keys() == eager_weights.keys()
+    # Resume from the checkpoint before the newest one, into a compiled model: the same weights again.
+    (tmp_path / "compiled" / MANIFEST_NAME).unlink()
+    (checkpoints[-1] / MANIFEST_NAME).unlink()
+    again = finetune(compiled)
+    assert again.status == "trained" and again.metrics["timing"]["resume_seconds"] is not None
+    assert max_abs_diff(model_weights(tmp_path / "compiled" / "model.pt"), compiled_weights) <= 1e-6

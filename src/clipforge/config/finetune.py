@@ -65,6 +65,8 @@ class FinetuneConfig(StageConfig):
                                                                  "trainable")
     grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
                                                         "memory, more compute (big models)")
+    compile: bool = Field(False, description="torch.compile the model (fused kernels, faster steps on a GPU); "
+                                             "pays the compilation, a minute or more, before the first step")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where training runs; auto prefers CUDA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -79,17 +81,20 @@ class FinetuneConfig(StageConfig):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 means once per epoch")
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept under the run's "
                                                        "checkpoints/")
-    log_every: float = Field(10.0, gt=0, description="seconds between progress lines")
+    log_every: float = Field(10.0, gt=0, description="seconds between progress lines, and between reads of the "
+                                                     "training losses off the GPU (each read waits for it)")
     work_dir: str | None = Field(None, description="local staging folder for checkpoints when OUT is on S3")
 
     model_config = ConfigDict(populate_by_name=True)
 
-    # Where things live, how many processes and loader workers share the work, activation recomputation and
-    # how often we save or log cannot change the weights: the batches and each row's augmentation are
-    # functions of (seed, epoch, row), and resume is exact. The data's content counts through the inputs.
+    # Where things live, how many processes and loader workers share the work, activation recomputation,
+    # compilation and how often we save or log cannot change the weights: the batches and each row's
+    # augmentation are functions of (seed, epoch, row), and resume is exact. (Compiled kernels, like another
+    # process count, may round differently: the same computation, not the same bits.) The data's content
+    # counts through the inputs.
     volatile = frozenset({
         "train_data", "val_data", "dataset", "out", "timestamped", "resume", "device", "num_processes", "workers",
-        "logdir", "checkpoint_every", "keep_checkpoints", "log_every", "work_dir", "grad_checkpointing",
+        "logdir", "checkpoint_every", "keep_checkpoints", "log_every", "work_dir", "grad_checkpointing", "compile",
     })
 
     @model_validator(mode="after")

@@ -262,7 +262,7 @@ def summarise(trainer: FinetuneTrainer) -> dict:
 def _commit(config: FinetuneConfig, trainer: FinetuneTrainer, metrics: dict, inputs: dict, fingerprint: str) -> None:
     """Write the outputs, then `_manifest.json` last (rank 0 only)."""
     out = config.out
-    model = trainer.acc.unwrap_model(trainer.model)
+    model = trainer.module  # without torch.compile's wrapper: the model's own state dict keys
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
     storage.write_bytes(storage.join(out, WEIGHTS_NAME), buffer.getvalue())

@@ -15,6 +15,7 @@ where a run was resumed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from clipforge.config.captions import AugmentConfig, PrepareConfig
 from clipforge.config.finetune import FinetuneConfig
@@ -214,13 +216,23 @@ class CaptionedImages(torch.utils.data.Dataset):
         return pixels, self.tokenizer([self.rows.captions[row]])[0]
 
 
-def collate(items: list):
-    """A batch (images, tokens), or the first `BadImage` among the items."""
+def collate(items: list, trim_text: bool = False):
+    """A batch (images, tokens), or the first `BadImage` among the items.
+
+    In a loader worker `default_collate` stacks the images straight into shared
+    memory (no copy on the way to the training process). `trim_text` cuts the tokens
+    after the batch's last end-of-text token (the highest id), for a model
+    whose text pass runs on what it is given (`finetune_model.trim_text_context`):
+    cut here, on the host, finding the length costs the GPU no round trip.
+    """
     bad = next((item for item in items if isinstance(item, BadImage)), None)
     if bad is not None:
         return bad
     images, tokens = zip(*items, strict=True)
-    return torch.stack(images), torch.stack(tokens)
+    tokens = torch.stack(tokens)
+    if trim_text:
+        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1].contiguous()
+    return default_collate(list(images)), tokens
 
 
 class KeyBatches:
@@ -236,9 +248,11 @@ class KeyBatches:
         return len(self.batches)
 
 
-def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool):
+def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool,
+                trim_text: bool = False):
     """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=functools.partial(collate, trim_text=trim_text),
+        pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )

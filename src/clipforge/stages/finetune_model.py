@@ -87,11 +87,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _encode_text_trimmed(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """open_clip's `CLIP.encode_text` on the first L positions, L = the batch's last end-of-text token + 1."""
+    """open_clip's `CLIP.encode_text` on the first L positions, L = the batch's last end-of-text token + 1.
+
+    Tokens on the CPU are cut here; tokens on a GPU (or in a compiled graph)
+    run as given, L being their width: finding L there would stall the host
+    until the GPU caught up (or break the graph), so the trainer's loader cuts
+    them before they leave the host (`finetune_data.collate`). Uncut tokens
+    give the same features, at the cost of the whole context.
+    """
     from open_clip.transformer import text_global_pool
 
-    length = int(text.argmax(dim=-1).max()) + 1  # the end-of-text token has the highest id (argmax pooling)
-    text = text[:, :length]
+    if text.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled, the loader has cut them
+        # The end-of-text token has the highest id (argmax pooling).
+        text = text[:, : int(text.argmax(dim=-1).max()) + 1]
+    length = text.shape[1]
     cast_dtype = self.transformer.get_cast_dtype()
     x = self.token_embedding(text).to(cast_dtype)
     x = x + self.positional_embedding[:length].to(cast_dtype)

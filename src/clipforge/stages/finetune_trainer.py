@@ -8,6 +8,12 @@ so far. The contrastive loss is open_clip's `ClipLoss` over the features of
 all processes (and, with `grad_accum`, of all forward passes of the step, as
 open_clip's `--accum-freq`), so the weights do not depend on the process count.
 Only rank 0 writes; every process takes part in saving and validating.
+
+On a GPU the host queues steps ahead of the GPU and never waits for it inside
+a step: batches are copied on a side stream one step ahead
+(`train.loop.to_device_ahead`), captions are cut to length on the host, and
+the losses stay on the GPU until `DeferredLosses` reads them every
+`log_every` seconds (and before a checkpoint, at a stop, at an epoch's end).
 """
 
 from __future__ import annotations
@@ -31,24 +37,31 @@ from clipforge.stages.finetune_model import build_model, param_groups, trim_text
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import (
+    DeferredLosses,
     PreemptionWatch,
+    StepLoss,
     TrainProgress,
     any_across,
     epoch_batches,
+    first_nonfinite,
     gather_rows,
     local_rows,
     open_tensorboard,
     seed_everything,
     shard_slice,
+    to_device_ahead,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.state import extra_value, resume_latest, state_files
+from clipforge.train.state import extra_value, plain_module, resume_latest, state_files
 
 log = logging.getLogger("clipforge.finetune")
 
 HISTORY = "history.json"
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature here, as the CLIP paper does
+# torch.compile's backend for `compile`: inductor generates fused kernels (Triton on GPUs, C++ on CPUs).
+# Tests on a small CPU swap in aot_eager, which traces the same graphs without a minute of code generation.
+COMPILE_BACKEND = "inductor"
 
 
 def clamp_warmup(warmup: int, total_steps: int) -> int:
@@ -93,7 +106,8 @@ class FinetuneTrainer:
         seed_everything(config.seed)
         built = build_model(config, config.work_dir)
         model = built.model
-        if trim_text_context(model, built.tokenizer(val.captions[:16])):
+        self.trim_text = trim_text_context(model, built.tokenizer(val.captions[:16]))
+        if self.trim_text:
             log.info("text tower: each batch runs on its longest caption, not the model's %d-token context",
                      model.context_length)
         if config.lock_image:
@@ -105,13 +119,20 @@ class FinetuneTrainer:
         optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
                                       eps=1e-6, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if config.compile:
+            # After DDP, as torch recommends (and Accelerate's own dynamo option does; that option lives in
+            # Accelerate's process-wide state, which the first Accelerator of a process fixes for all others).
+            self.model = torch.compile(self.model, backend=COMPILE_BACKEND)
+        # The model itself, without DDP or torch.compile's wrappers: its weights and state dict keys, and the
+        # one that validates (other batch shapes: run as they come rather than compiled again).
+        self.module = plain_module(accelerator, self.model)
         self.loss = open_clip.ClipLoss(rank=self.rank, world_size=self.world)
         pin = accelerator.device.type == "cuda"
         self.train_keys, self.val_keys = KeyBatches(), KeyBatches()
         self.train_loader = make_loader(CaptionedImages(train, built.train_transform, built.tokenizer, config.seed),
-                                        self.train_keys, config.workers, pin)
+                                        self.train_keys, config.workers, pin, self.trim_text)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
-                                      self.val_keys, config.workers, pin)
+                                      self.val_keys, config.workers, pin, self.trim_text)
         _, inverse = np.unique(np.array(val.captions, dtype=object), return_inverse=True)
         self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
@@ -119,6 +140,8 @@ class FinetuneTrainer:
         self.last_saved: str | None = None
         self.writer = None
         self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
+        self.losses = DeferredLosses(config.log_every)
+        self.meter: Progress | None = None
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -137,7 +160,11 @@ class FinetuneTrainer:
                  self.progress.step, self.timing["resume_seconds"])
 
     def save(self) -> None:
-        """Checkpoint now (every process takes part: each contributes its RNG state)."""
+        """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""
+        self.read_losses()
+        # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
+        if not bool(torch.stack([torch.isfinite(w).all() for w in self.module.parameters()]).all()):
+            self._diverged(self.progress.step, self.progress.epoch)
         files = state_files(self.acc, self.model, self.optimizer, self.progress,
                             self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
         if files is not None:
@@ -145,10 +172,35 @@ class FinetuneTrainer:
             self.last_saved = self.store.save(self.progress.step, files).uri
             log.info("checkpoint %s", self.last_saved)
 
-    def _diverged(self):
+    def _diverged(self, step: int, epoch: int):
         kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
-        raise UserError(f"training diverged: the loss became NaN or infinite at step {self.progress.step} "
-                        f"(epoch {self.progress.epoch + 1}); {kept}; lower --lr or check the inputs")
+        raise UserError(f"training diverged: the loss became NaN or infinite at step {step} "
+                        f"(epoch {epoch + 1}); {kept}; lower --lr or check the inputs")
+
+    def read_losses(self, due: bool = False) -> None:
+        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them.
+
+        Every process calls it at the same steps. `due`: the progress line's
+        period is up (print it); otherwise it prints only if its period is up anyway.
+        """
+        records = self.losses.read()
+        if not records:
+            return
+        bad = first_nonfinite(self.acc, records)
+        if bad is not None:
+            self._diverged(*bad)
+        last = records[-1]
+        if self.meter is not None:
+            self.meter.update(self.step_rows * len(records),
+                              f"epoch {last.epoch + 1}/{self.config.epochs}, loss {last.loss:.4f}, lr {last.lr:.2e}",
+                              force=due)
+        if self.writer:
+            for r in records:
+                self.writer.add_scalar("train/loss", r.loss, r.step + 1, walltime=r.wall)
+                self.writer.add_scalar("train/lr", r.lr, r.step + 1, walltime=r.wall)
+            # The GPU has just finished every step so far: samples of this call / seconds since it began.
+            if self.meter is not None:
+                self.writer.add_scalar("train/samples_per_s", self.meter.rate, last.step + 1)
 
     def _bad_input(self, bad: BadImage | None) -> None:
         """Every process raises the same message (the launcher reports rank 0's)."""
@@ -163,7 +215,7 @@ class FinetuneTrainer:
         Rows with the same caption are interchangeable answers (identical texts
         embed identically; which image of "a red circle" is "right" is moot).
         """
-        model = self.acc.unwrap_model(self.model)
+        model = self.module
         model.eval()
         part = range(len(self.val_rows))[shard_slice(len(self.val_rows), self.rank, self.world)]
         step = max(1, self.micro // self.world)
@@ -226,8 +278,9 @@ class FinetuneTrainer:
     def _contrastive(self, out: dict) -> torch.Tensor:
         return self.loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
 
-    def _step(self, passes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step over `grad_accum` forward passes; returns the loss of the whole contrastive batch.
+    def _step(self, passes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over `grad_accum` forward passes, on the device; returns each pass's loss of the whole
+        contrastive batch (on the device, detached: reading it would make the host wait for the GPU).
 
         Each pass's loss is computed against every other pass's features (cached
         without gradient, as open_clip_train does), so the summed gradients are
@@ -236,79 +289,76 @@ class FinetuneTrainer:
         through its own rows of the gathered batch.
         """
         self.model.train()
-        device = self.acc.device
-        passes = [(i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t in passes]
+        if self.config.compile:
+            for _, text in passes:  # captions differ in length from batch to batch: one graph for every length
+                torch._dynamo.maybe_mark_dynamic(text, 1)
         if len(passes) == 1:
             loss = self._contrastive(self.model(*passes[0]))
-            value = loss.item()
-            if not math.isfinite(value):
-                self._diverged()
             self.acc.backward(loss * self.world)
+            losses = [loss]
         else:
             with torch.no_grad():
                 cached = [self.model(*p) for p in passes]
             features = {key: [c[key].float() for c in cached] for key in ("image_features", "text_features")}
+            losses = []
             for j, p in enumerate(passes):
                 with self.acc.no_sync(self.model) if j < len(passes) - 1 else nullcontext():
                     out = self.model(*p)
                     mixed = {key: torch.cat(features[key][:j] + [out[key].float()] + features[key][j + 1 :])
                              for key in features}
                     loss = self.loss(mixed["image_features"], mixed["text_features"], out["logit_scale"].float())
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        self._diverged()
                     self.acc.backward(loss * self.world)
+                    losses.append(loss)
         if self.config.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            self.acc.unwrap_model(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return value
+            self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return torch.stack(losses).detach()
 
     def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
         """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
         if self.acc.is_main_process and log_dir is not None:
             self.writer = open_tensorboard(log_dir, self.progress.step)
         remaining = (self.total_steps - self.progress.step) * self.step_rows
-        meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)
+        self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)
         try:
-            return self._fit(watch, meter)
+            return self._fit(watch)
         finally:
             # Throughput of this process's share of the run, checkpoints and validation included.
             self.timing["train_seconds"] = round(meter.elapsed, 3)
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
 
-    def _fit(self, watch: PreemptionWatch, meter: Progress) -> bool:
+    def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress
         if p.step == 0 and not self.history:
             self._record(self.evaluate(), 0)
         for epoch in range(p.epoch, config.epochs):
             self.train_keys.batches = self._keys(epoch, p.step_in_epoch)
-            batches = iter(self.train_loader)
+            batches = to_device_ahead(self.train_loader, self.acc.device)
             for i in range(p.step_in_epoch, self.steps_per_epoch):
                 passes = [next(batches) for _ in range(config.grad_accum)]
                 bad = next((b for b in passes if isinstance(b, BadImage)), None)
-                any_bad, stop = any_across(self.acc, bad is not None, watch.requested)
+                any_bad, stop, due = any_across(self.acc, bad is not None, watch.requested, self.losses.due())
                 if any_bad:
                     self._bad_input(bad)
                 if stop:
+                    self.read_losses()
                     if self.store.latest() is None or self.store.latest().step != p.step:
                         self.save()
                     return False
+                if due:
+                    self.read_losses(due=True)
                 lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss = self._step(passes)
+                self.losses.add(self._step(passes), StepLoss(p.step, epoch, lr, time.time()))
                 p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.step_rows
-                meter.update(self.step_rows, f"epoch {epoch + 1}/{config.epochs}, loss {loss:.4f}, lr {lr:.2e}")
-                if self.writer:
-                    self.writer.add_scalar("train/loss", loss, p.step)
-                    self.writer.add_scalar("train/lr", lr, p.step)
-                    self.writer.add_scalar("train/samples_per_s", meter.rate, p.step)
                 if config.checkpoint_every and p.step % config.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
                     self.save()
             del batches
+            self.read_losses()
             p.epoch, p.step_in_epoch = epoch + 1, 0
             self._record(self.evaluate(), epoch + 1)
             self.save()
