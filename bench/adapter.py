@@ -1,14 +1,31 @@
-"""Adapter training on CPU: samples/s with 1 and N processes, and the time to resume from a checkpoint.
+"""Adapter training: samples/s with 1 and N processes (CPU), seconds per epoch and the GPU's busy share (CUDA),
+and the time to resume from a checkpoint.
 
 Not a test. Synthetic caches at NSD scale (default 9,000 rows, 512-D -> 1024-D,
 the default residual MLP, global batch 128) are written to a temp folder; every
 run goes through the real CLI (`clipforge train-adapter`, the launcher for N > 1)
 and reports the throughput of its training loop (checkpoints and per-epoch
-evaluation included) in `metrics.json`. Each figure is the best of `--repeat`
-runs (other work on a small machine only ever slows a run down). Ratios are
-against the 1-process run measured in the same invocation.
+evaluation included) and each whole epoch's training seconds (its steps only)
+in `metrics.json`. Each figure is the best of `--repeat` runs (other work on a
+machine only ever slows a run down). Ratios are against the 1-process run
+measured in the same invocation.
+
+With `--device cuda` (one process, bf16 autocast where the GPU has it) the
+figures are seconds per epoch and the GPU's busy share during an epoch: the
+share of the epoch's wall time in which the GPU was running a kernel or a
+copy. It is measured with torch.profiler (CUDA activity) in one more run, in
+this process: the union of the kernel, memcpy and memset intervals of the GPU
+trace that fall inside each epoch's `clipforge.adapter.train_epoch` range,
+over that range's length. The profiler also records every CPU-side operator,
+which slows the host down, so the profiled epochs last longer than unprofiled
+ones; the GPU's own work does not change. Both are printed: the busy share of
+the profiled epoch (a lower bound), and the GPU's busy seconds over the
+unprofiled seconds per epoch (the estimate for an ordinary run). A low share
+means the step is too small to keep the GPU busy: the host's launches, not
+the GPU, set the pace.
 
     .venv/bin/python bench/adapter.py [--rows 9000] [--epochs 2] [--processes 1 2] [--repeat 2]
+    python bench/adapter.py --device cuda [--rows 9000] [--epochs 10] [--profile-epochs 3] [--repeat 1] [--resume]
 """
 
 from __future__ import annotations
@@ -52,10 +69,11 @@ def make_caches(root: Path, rows: int) -> tuple[str, str]:
             write_cache(root / "tgt", ids, splits, target, "ViT-H-14"))
 
 
-def train(src: str, tgt: str, out: Path, processes: int, epochs: int, threads: int | None = None):
+def train(src: str, tgt: str, out: Path, processes: int, epochs: int, threads: int | None = None,
+          device: str = "cpu"):
     """Wall seconds of one CLI run and its metrics.json."""
     cmd = [sys.executable, "-m", "clipforge.cli", "-q", "train-adapter", "--clip-cache", src, "--target-cache", tgt,
-           "--out", str(out), "--epochs", str(epochs), "--batch-size", "128", "--device", "cpu",
+           "--out", str(out), "--epochs", str(epochs), "--batch-size", "128", "--device", device,
            "--num-processes", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     started = time.monotonic()
@@ -63,29 +81,78 @@ def train(src: str, tgt: str, out: Path, processes: int, epochs: int, threads: i
     return time.monotonic() - started, json.loads((out / "metrics.json").read_text())
 
 
+def busy_share(trace: Path, annotation: str) -> list[tuple[float, float]]:
+    """(range seconds, GPU busy seconds) of each `annotation` range of a torch.profiler chrome trace: busy is the
+    union of the kernel, memcpy and memset intervals inside the range (overlapping ones count once)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    ranges = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("name") == annotation and e.get("cat") == "user_annotation")
+    busy = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    out = []
+    for start, end in ranges:
+        total, reach = 0.0, start
+        for a, b in busy:
+            a, b = max(a, reach), min(b, end)
+            if b > a:
+                total += b - a
+                reach = b
+        out.append(((end - start) / 1e6, total / 1e6))
+    return out
+
+
+def profiled_epochs(src: str, tgt: str, out: Path, epochs: int) -> list[tuple[float, float]]:
+    """Train in this process under torch.profiler; (seconds, GPU busy seconds) of each epoch's steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from clipforge.config.adapter import AdapterConfig
+    from clipforge.stages.adapter import train_adapter
+
+    config = AdapterConfig(clip_cache=src, target_cache=tgt, out=str(out), epochs=epochs, batch_size=128,
+                           device="cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_adapter(config)
+    trace = out.parent / f"{out.name}-trace.json"
+    prof.export_chrome_trace(str(trace))
+    return busy_share(trace, "clipforge.adapter.train_epoch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rows", type=int, default=9000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="default 2 on CPU, 10 on CUDA")
+    parser.add_argument("--processes", type=int, nargs="+", help="default 1 2 on CPU, 1 on CUDA")
+    parser.add_argument("--profile-epochs", type=int, default=3, help="CUDA: epochs of the profiled run")
+    parser.add_argument("--repeat", type=int, help="runs of each variant; the best counts (default 2 CPU, 1 CUDA)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                        help="time resuming from a checkpoint (default: on CPU; off on CUDA, to fit a device call)")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    cuda = args.device == "cuda"
+    args.repeat = args.repeat or (1 if cuda else 2)
+    args.resume = (not cuda) if args.resume is None else args.resume
+    args.epochs = args.epochs or (10 if cuda else 2)
+    args.processes = args.processes or ([1] if cuda else [1, 2])
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    gpu = f", {torch.cuda.get_device_name()}" if cuda else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         root = Path(tmp)
         src, tgt = make_caches(root, args.rows)
-        print(f"data: {args.rows} rows, 512 -> 1024, {args.epochs} epochs, global batch 128, residual MLP 1024x2")
+        print(f"data: {args.rows} rows, 512 -> 1024, {args.epochs} epochs, global batch 128, residual MLP 1024x2, "
+              f"{args.device}")
         base = None
         # The launcher gives each of N workers cores/N threads; one process takes all cores. The extra
         # "1 process, 1 thread" row is the per-worker baseline that the scaling of N processes compares with.
         variants = [(n, None) for n in args.processes]
-        if (os.cpu_count() or 1) > 1:
+        if (os.cpu_count() or 1) > 1 and not cuda:
             variants.insert(1, (args.processes[0], 1))
         for n, threads in variants:
             name = f"{n}-{threads or 'all'}"
-            runs = [(train(src, tgt, root / f"out-{name}-{i}", n, args.epochs, threads), root / f"out-{name}-{i}")
-                    for i in range(args.repeat)]
+            runs = [(train(src, tgt, root / f"out-{name}-{i}", n, args.epochs, threads, args.device),
+                     root / f"out-{name}-{i}") for i in range(args.repeat)]
             (wall, metrics), best_out = max(runs, key=lambda run: run[0][1]["timing"]["samples_per_s"])
             rate = metrics["timing"]["samples_per_s"]
             if base is None:
@@ -94,19 +161,43 @@ def main() -> None:
             print(f"{label:<22} {rate:8.0f} samples/s  ({rate / base:.2f}x of the first), "
                   f"wall {wall:.1f} s with start-up, test R@1 {metrics['adapter']['adapted_to_target_R@1']:.3f}",
                   flush=True)
+            # Seconds of an epoch's steps (evaluation and checkpoints left out), the best run's: the mean of all its
+            # epochs, and of those after the first (which pays for warming up: on a GPU, kernels loaded and the
+            # allocator grown), the best of the runs.
+            warm = min(float(np.mean(m["timing"]["epoch_seconds"][1:] or m["timing"]["epoch_seconds"]))
+                       for (_, m), _ in runs)
+            print(f"{'':<22} {metrics['timing']['seconds_per_epoch']:8.4f} s per epoch (its steps; mean of "
+                  f"{args.epochs}), {warm:.4f} s after the first epoch, {metrics['train_rows']} training rows",
+                  flush=True)
+            if n == args.processes[0] and threads is None:
+                seconds_per_epoch = warm
 
         # Resume: drop the commit and the last checkpoint, so the rerun loads the one before and trains one epoch.
         out, epoch_seconds = base_out, base_seconds / args.epochs
         resumes = []
-        for _ in range(args.repeat):
+        if args.resume and args.epochs < 2:
+            print("resume: not timed (one epoch: dropping its checkpoint leaves none to resume from)")
+        for _ in range(args.repeat if args.resume and args.epochs >= 2 else 0):
             (out / "_manifest.json").unlink()
             newest = max((out / "checkpoints").glob("step-*"))
             storage.delete(str(newest / "_manifest.json"))
-            wall, metrics = train(src, tgt, out, args.processes[0], args.epochs)
+            wall, metrics = train(src, tgt, out, args.processes[0], args.epochs, device=args.device)
             resumes.append((metrics["timing"]["resume_seconds"], wall))
-        resume, wall = min(resumes)
-        print(f"resume: {resume:.3f} s to find, read, verify and load the newest checkpoint "
-              f"({resume / epoch_seconds:.3f}x of one epoch, {epoch_seconds:.1f} s); rerun wall {wall:.1f} s")
+        if resumes:
+            resume, wall = min(resumes)
+            print(f"resume: {resume:.3f} s to find, read, verify and load the newest checkpoint "
+                  f"({resume / epoch_seconds:.3f}x of one epoch, {epoch_seconds:.1f} s); rerun wall {wall:.1f} s")
+
+        if cuda:
+            epochs = profiled_epochs(src, tgt, root / "profiled", args.profile_epochs)
+            if not epochs:
+                sys.exit("the profiler trace holds no clipforge.adapter.train_epoch range: no busy share")
+            later = epochs[1:] or epochs  # the first epoch pays CUDA's warm-up (kernels loaded, allocator grown)
+            seconds, busy = (sum(e[i] for e in later) / len(later) for i in (0, 1))
+            print(f"GPU busy share of an epoch (profiled run, epochs {len(epochs) - len(later) + 1}-{len(epochs)}): "
+                  f"{busy:.4f} s busy of {seconds:.4f} s profiled = {busy / seconds:.1%} (a lower bound: the "
+                  f"profiler slows the host); busy / unprofiled {seconds_per_epoch:.4f} s per epoch (after the first) "
+                  f"= {min(1.0, busy / seconds_per_epoch):.1%}")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
