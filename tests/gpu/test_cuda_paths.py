@@ -1,4 +1,5 @@
-"""The CUDA paths CI never runs: the cache stage on a GPU, bf16 training, device-independent checkpoints."""
+"""The CUDA paths CI never runs: the cache stage on a GPU, bf16 training, device-independent checkpoints, a
+fine-tuning step that never waits for the GPU, torch.compile."""
 
 import os
 import signal
@@ -9,14 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 from adapter_caches import FAST, write_pair
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "finetune"))  # the fine-tuning tests' tiny CLIP and captions
+from finetune_fixtures import model_weights, settings, write_captioned_csvs, write_tiny_clip  # noqa: E402
 
 from clipforge.config.adapter import AdapterConfig
 from clipforge.config.cache import CacheConfig
+from clipforge.config.finetune import FinetuneConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.data.synthetic import write_nsd_hdf5
 from clipforge.stages.adapter import train_adapter
 from clipforge.stages.cache import run_cache
+from clipforge.stages.finetune import finetune
 from clipforge.storage.manifest import read_manifest
 
 
@@ -59,3 +67,78 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_manifest(str(out)) is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_finetune(tmp_path_factory):
+    """(tiny CLIP, (train.csv, val.csv)) as the fine-tuning tests make them."""
+    root = tmp_path_factory.mktemp("finetune")
+    (root / "model").mkdir()
+    return write_tiny_clip(root / "model"), write_captioned_csvs(root / "data")
+
+
+def finetune_on_cuda(tiny_finetune, out: Path, **overrides):
+    tiny_clip, captioned = tiny_finetune
+    return finetune(FinetuneConfig(**settings(tiny_clip, captioned, out, **{
+        "device": "cuda", "precision": "bf16", "epochs": 2, "workers": 2, "timestamped": False,
+        "checkpoint_every": 3, "logdir": str(out.parent / "runs"), **overrides})))
+
+
+def train_losses(logdir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = logdir.iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [e.value for e in events.Scalars("train/loss")]
+
+
+def test_finetune_trains_bf16_steps_on_cuda_with_finite_losses(tiny_finetune, tmp_path):
+    result = finetune_on_cuda(tiny_finetune, tmp_path / "out")
+    assert result.status == "trained" and result.metrics["steps"] == 12
+    losses = train_losses(tmp_path / "runs")
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.isfinite(result.metrics["final"]["val_loss"])
+    assert result.metrics["final"]["val_loss"] < result.metrics["before"]["val_loss"]
+    # model.pt: the model's own keys on CPU tensors, as open_clip loads them.
+    assert model_weights(tmp_path / "out" / "model.pt").keys() == model_weights(tiny_finetune[0][2]).keys()
+
+
+def test_a_finetune_step_never_waits_for_the_gpu(tiny_finetune, tmp_path, monkeypatch):
+    """CUDA's sync debug mode reports every operation that makes the host wait (`.item()`, a copy to the host,
+    a data-dependent shape...): none inside an optimizer step (loader, loss reads and validation are outside)."""
+    import warnings
+
+    from clipforge.stages.finetune_trainer import FinetuneTrainer
+
+    step, syncs = FinetuneTrainer._step, []
+
+    def watched(self, passes):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return step(self, passes)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+
+    monkeypatch.setattr(FinetuneTrainer, "_step", watched)
+    result = finetune_on_cuda(tiny_finetune, tmp_path / "out", epochs=1, grad_clip=1.0)
+    assert result.metrics["steps"] == 6
+    assert syncs == []
+
+
+@pytest.mark.skipif(os.environ.get("CLIPFORGE_GPU_COMPILE") != "1",
+                    reason="about a minute of Triton code generation; CLIPFORGE_GPU_COMPILE=1 runs it")
+def test_compiled_finetune_on_cuda(tiny_finetune, tmp_path):
+    """--compile with inductor (Triton kernels): finite bf16 losses, checkpoints and model.pt under the model's keys."""
+    from clipforge.train.checkpoint import unpack_state
+
+    result = finetune_on_cuda(tiny_finetune, tmp_path / "out", compile=True)
+    assert result.status == "trained"
+    assert all(np.isfinite(train_losses(tmp_path / "runs")))
+    keys = model_weights(tiny_finetune[0][2]).keys()
+    assert model_weights(tmp_path / "out" / "model.pt").keys() == keys
+    newest = sorted((tmp_path / "out" / "checkpoints").iterdir())[-1]
+    assert unpack_state((newest / "model.safetensors").read_bytes()).keys() == keys
