@@ -29,7 +29,11 @@ MODEL, OPTIMIZER, RNG, PROGRESS, CONFIG = (
 def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The model as built: without DDP and without torch.compile's wrapper (whose state dict keys all start with
     `_orig_mod.`), so that checkpoints and `model.pt` hold the model's own keys whether or not it was compiled."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    # The compiled wrapper comes off here, not in `unwrap_model`: Accelerate versions before 1.2 cannot drop it,
+    # and keeping it there re-points the wrapper past DDP (its `_orig_mod` becomes the bare model).
+    while (inner := getattr(model, "_orig_mod", None)) is not None:
+        model = inner
+    return accelerator.unwrap_model(model)
 
 
 def state_files(accelerator: Accelerator, model: torch.nn.Module, optimizer, progress: TrainProgress, config: dict,
