@@ -37,12 +37,13 @@ from clipforge.train.loop import (
     StepLoss,
     TrainProgress,
     any_across,
+    diverged,
     epoch_batches,
-    first_nonfinite,
     gather_rows,
     gather_with_grad,
     local_rows,
     open_tensorboard,
+    read_losses,
     seed_everything,
     shard_slice,
     warmup_cosine_lr,
@@ -144,7 +145,7 @@ class AdapterTrainer:
         started = time.monotonic()
         weights = self.acc.unwrap_model(self.model).state_dict()
         if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
-            self._diverged(self.progress.step, self.progress.epoch)
+            raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
         files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
         if files is not None:  # rank 0
             self.flush_logs()
@@ -152,32 +153,10 @@ class AdapterTrainer:
             log.info("checkpoint %s", self.last_saved)
         self.saving_seconds += time.monotonic() - started
 
-    def _diverged(self, step: int, epoch: int):
-        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
-        raise UserError(f"training diverged: the loss became NaN or infinite at step {step} "
-                        f"(epoch {epoch + 1}); {kept}; lower --lr or check the inputs")
-
     def read_losses(self, due: bool = False) -> None:
-        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them.
-
-        Every process calls it at the same steps. `due`: the progress line's
-        period is up (print it); otherwise it prints only if its period is up anyway.
-        """
-        records = self.losses.read()
-        if not records:
-            return
-        bad = first_nonfinite(self.acc, records)
-        if bad is not None:
-            self._diverged(*bad)
-        last = records[-1]
-        if self.meter is not None:
-            self.meter.update(self.batch * len(records),
-                              f"epoch {last.epoch + 1}/{self.config.epochs}, loss {last.loss:.4f}, lr {last.lr:.2e}",
-                              force=due)
-        if self.writer:
-            for r in records:
-                self.writer.add_scalar("train/loss", r.loss, r.step + 1, walltime=r.wall)
-                self.writer.add_scalar("train/lr", r.lr, r.step + 1, walltime=r.wall)
+        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
+        read_losses(self.losses, self.acc, rows_per_step=self.batch, epochs=self.config.epochs, meter=self.meter,
+                           writer=self.writer, last_saved=self.last_saved, due=due)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""

@@ -42,11 +42,12 @@ from clipforge.train.loop import (
     StepLoss,
     TrainProgress,
     any_across,
+    diverged,
     epoch_batches,
-    first_nonfinite,
     gather_rows,
     local_rows,
     open_tensorboard,
+    read_losses,
     seed_everything,
     shard_slice,
     to_device_ahead,
@@ -164,7 +165,7 @@ class FinetuneTrainer:
         self.read_losses()
         # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
         if not bool(torch.stack([torch.isfinite(w).all() for w in self.module.parameters()]).all()):
-            self._diverged(self.progress.step, self.progress.epoch)
+            raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
         files = state_files(self.acc, self.model, self.optimizer, self.progress,
                             self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
         if files is not None:
@@ -172,35 +173,13 @@ class FinetuneTrainer:
             self.last_saved = self.store.save(self.progress.step, files).uri
             log.info("checkpoint %s", self.last_saved)
 
-    def _diverged(self, step: int, epoch: int):
-        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved yet"
-        raise UserError(f"training diverged: the loss became NaN or infinite at step {step} "
-                        f"(epoch {epoch + 1}); {kept}; lower --lr or check the inputs")
-
     def read_losses(self, due: bool = False) -> None:
-        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them.
-
-        Every process calls it at the same steps. `due`: the progress line's
-        period is up (print it); otherwise it prints only if its period is up anyway.
-        """
-        records = self.losses.read()
-        if not records:
-            return
-        bad = first_nonfinite(self.acc, records)
-        if bad is not None:
-            self._diverged(*bad)
-        last = records[-1]
-        if self.meter is not None:
-            self.meter.update(self.step_rows * len(records),
-                              f"epoch {last.epoch + 1}/{self.config.epochs}, loss {last.loss:.4f}, lr {last.lr:.2e}",
-                              force=due)
-        if self.writer:
-            for r in records:
-                self.writer.add_scalar("train/loss", r.loss, r.step + 1, walltime=r.wall)
-                self.writer.add_scalar("train/lr", r.lr, r.step + 1, walltime=r.wall)
+        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
+        last = read_losses(self.losses, self.acc, rows_per_step=self.step_rows, epochs=self.config.epochs,
+                           meter=self.meter, writer=self.writer, last_saved=self.last_saved, due=due)
+        if last is not None and self.writer and self.meter is not None:
             # The GPU has just finished every step so far: samples of this call / seconds since it began.
-            if self.meter is not None:
-                self.writer.add_scalar("train/samples_per_s", self.meter.rate, last.step + 1)
+            self.writer.add_scalar("train/samples_per_s", self.meter.rate, last.step + 1)
 
     def _bad_input(self, bad: BadImage | None) -> None:
         """Every process raises the same message (the launcher reports rank 0's)."""

@@ -308,6 +308,38 @@ def first_nonfinite(accelerator: Accelerator, records: list[StepLoss]) -> tuple[
     return min(found for found in gather_object([local]) if found is not None)
 
 
+
+def diverged(step: int, epoch: int, last_saved: str | None) -> UserError:
+    """The one message for a NaN or infinite loss or weights: where, and which checkpoint is still good."""
+    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+    return UserError(f"training diverged: the loss became NaN or infinite at step {step} (epoch {epoch + 1}); "
+                     f"{kept}; lower --lr or check the inputs")
+
+
+def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_step: int, epochs: int, meter,
+                writer, last_saved: str | None, due: bool = False) -> StepLoss | None:
+    """Read the pending steps' losses off the device (one sync), stop on a NaN, log them; the last step read.
+
+    Every process calls it at the same steps (they agree on the first bad one).
+    `due`: the progress line's period is up (print it); otherwise the meter
+    prints only if its own period is up anyway.
+    """
+    records = losses.read()
+    if not records:
+        return None
+    bad = first_nonfinite(accelerator, records)
+    if bad is not None:
+        raise diverged(*bad, last_saved)
+    last = records[-1]
+    if meter is not None:
+        meter.update(rows_per_step * len(records),
+                     f"epoch {last.epoch + 1}/{epochs}, loss {last.loss:.4f}, lr {last.lr:.2e}", force=due)
+    if writer:
+        for r in records:
+            writer.add_scalar("train/loss", r.loss, r.step + 1, walltime=r.wall)
+            writer.add_scalar("train/lr", r.lr, r.step + 1, walltime=r.wall)
+    return last
+
 # -- preemption and logs ------------------------------------------------------------------------
 
 
