@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import socket
-import subprocess
 import sys
-import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -97,35 +93,12 @@ def serve(port: int, objects: dict[str, str]) -> None:
 def range_server(objects: dict[str, str | Path], timeout: float = 30.0):
     """Serve {"bucket/key": local path} on loopback from a process of its own (so it never shares a GIL
     with a client being timed); point AWS_* at it; yield its URL; stop and restore on exit."""
-    from clipforge.storage.local_s3 import AWS_ENV, free_port
+    from clipforge.storage.local_s3 import free_port, loopback_server
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, str(port), *(f"{k}={v}" for k, v in objects.items())])
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the loopback range server did not start") from None
-            time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    try:
+    command = [sys.executable, __file__, str(port), *(f"{k}={v}" for k, v in objects.items())]
+    with loopback_server(command, port, "the loopback range server", timeout, quiet=False) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]), dict(arg.split("=", 1) for arg in sys.argv[2:]))

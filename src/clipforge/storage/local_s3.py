@@ -27,8 +27,16 @@ def free_port() -> int:
 def local_s3_server(timeout: float = 30.0):
     """Start the server, point this process's AWS_* variables at it, yield its URL; restore on exit."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with loopback_server(command, port, "the loopback S3 server (moto)", timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def loopback_server(command: list[str], port: int, what: str, timeout: float = 30.0, quiet: bool = True):
+    """Run an S3-compatible server process listening on `port`; while it runs, AWS_* point at it."""
+    output = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(command, stdout=output, stderr=output)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -37,8 +45,8 @@ def local_s3_server(timeout: float = 30.0):
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("the loopback S3 server (moto) did not start") from None
-            time.sleep(0.1)
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
     saved = {key: os.environ.get(key) for key in AWS_ENV}
     url = f"http://127.0.0.1:{port}"
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
