@@ -62,7 +62,7 @@ class BufferPool:
         if copied is not None:
             copied.synchronize()
         if self.buffers[slot] is None:
-            self.buffers[slot] = torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.pinned)
+            self.buffers[slot] = torch.empty(self.shape, dtype=torch.uint8, device="cpu", pin_memory=self.pinned)
         return slot, self.buffers[slot]
 
     def release(self, slot: int, copied: torch.cuda.Event | None = None) -> None:
@@ -190,7 +190,7 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
             release(current)  # on the CPU (or for image files) the encoder read the host memory itself
             host, landed = embeddings, None
             if cuda:
-                host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
+                host = torch.empty(embeddings.shape, dtype=embeddings.dtype, device="cpu", pin_memory=True)
                 host.copy_(embeddings, non_blocking=True)
                 landed = torch.cuda.Event()
                 landed.record()
