@@ -70,19 +70,30 @@ def test_as_worker_is_transparent_outside_the_launcher(monkeypatch):
         launch.as_worker(bad)
 
 
+class Exited(Exception):
+    """What `_exit_now` (os._exit in a real worker) does here instead, so pytest survives it."""
+
+
 def test_under_the_launcher_workers_report_and_exit_quietly(tmp_path, monkeypatch):
     monkeypatch.setenv(launch.LAUNCH_DIR_ENV, str(tmp_path))
+    def exit_now():
+        raise Exited
+
+    monkeypatch.setattr(launch, "_exit_now", exit_now)
     status = tmp_path / launch.STATUS_NAME
 
     def bad():
         raise UserError("bad input")
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert launch.as_worker(bad) == 0
+    with pytest.raises(Exited):
+        launch.as_worker(bad)
     assert not status.exists()  # local rank 0 speaks for the machine
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert launch.as_worker(bad) == 0
+    with pytest.raises(Exited):
+        launch.as_worker(bad)
     assert json.loads(status.read_text()) == {"exit_code": 2, "message": "bad input"}
-    assert launch.as_worker(lambda: 75) == 0
+    with pytest.raises(Exited):
+        launch.as_worker(lambda: 75)
     assert json.loads(status.read_text()) == {"exit_code": 75, "message": None}
     assert sorted(p.name for p in tmp_path.glob("pid-*")) == ["pid-0", "pid-1"]

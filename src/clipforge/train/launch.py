@@ -182,7 +182,7 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
 
 
 def as_worker(body: Callable[[], int]) -> int:
-    """Run a command's body; under this launcher report its outcome and return 0 (see the module doc).
+    """Run a command's body; under this launcher report its outcome and exit 0 (see the module doc).
 
     Outside the launcher (one process, or workers started by someone else's
     torchrun) this is just `body()`: exit codes and errors as usual.
@@ -200,4 +200,19 @@ def as_worker(body: Callable[[], int]) -> int:
         tmp = Path(launch_dir, f"{STATUS_NAME}.tmp")
         tmp.write_text(json.dumps({"exit_code": code, "message": message}))
         os.replace(tmp, Path(launch_dir, STATUS_NAME))
-    return 0
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a worker whose work is committed and reported, without the interpreter's finalisation.
+
+    Gloo's C++ threads can outlive `destroy_process_group` and abort the process
+    while Python tears itself down ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), which turns a finished run
+    into a failed one after its last checkpoint and manifest are written.
+    Everything the worker owns is closed by then: flush the logs and leave.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
