@@ -28,6 +28,7 @@ prints the one message and exits with the real code. A worker that crashes
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -210,8 +211,10 @@ def _exit_now() -> None:
     while Python tears itself down ("terminate called without an active
     exception", SIGABRT; pytorch/pytorch#179291), which turns a finished run
     into a failed one after its last checkpoint and manifest are written.
-    Everything the worker owns is closed by then: flush the logs and leave.
+    The worker's own objects are finalised first (a data loader's worker
+    processes shut down), then the logs are flushed.
     """
+    gc.collect()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
