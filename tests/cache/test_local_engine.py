@@ -64,3 +64,12 @@ def test_uneven_shards_and_one_reader_match_the_defaults(stimuli, tiny_models, t
     a, b = read_embeddings(str(tmp_path / "one")), read_embeddings(str(tmp_path / "many"))
     assert a.ids.tolist() == list(range(0, 40, 3))  # each id once, in order
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+
+
+def test_several_encoders_need_the_ray_engine(capsys):
+    from clipforge.cli import main
+
+    argv = ["cache", "--source", "x.hdf5", "--index", "i.csv", "--model", "ViT-B-32", "--output", "o"]
+    assert main([*argv, "--engine", "local", "--num-encoders", "2"]) == 2
+    assert "num_encoders > 1 needs engine ray" in capsys.readouterr().err
+    assert CacheConfig(source="x.hdf5", index="i.csv", model="ViT-B-32", output="o", num_encoders=2).engine == "auto"

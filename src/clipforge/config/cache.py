@@ -64,4 +64,6 @@ class CacheConfig(StageConfig):
             raise ValueError("give model (with pretrained) or model_id")
         if self.model and self.model_id:
             raise ValueError("give model or model_id, not both")
+        if self.engine == "local" and (self.num_encoders or 1) > 1:
+            raise ValueError("num_encoders > 1 needs engine ray (the local engine drives one device)")
         return self
