@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, manifest_uri, read_manifest, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
-from clipforge.train.loop import PreemptionWatch, make_accelerator, resolve_device
+from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.adapter")
@@ -37,17 +36,7 @@ log = logging.getLogger("clipforge.adapter")
 COMMAND = "train-adapter"
 
 
-@dataclass
-class AdapterResult:
-    """How a call ended: `trained`, `up to date` or `preempted`; `exit_code` is what the CLI returns."""
-
-    status: str
-    out: str
-    metrics: dict | None = None
-    exit_code: int = 0
-
-
-def train_adapter(config: AdapterConfig) -> AdapterResult:
+def train_adapter(config: AdapterConfig) -> TrainResult:
     """Make `config.out` hold the adapter for `config` and the two caches: train, resume, or confirm it.
 
     Bad input raises `UserError` before anything is written under `out`; after a
@@ -59,7 +48,7 @@ def train_adapter(config: AdapterConfig) -> AdapterResult:
     _check_out(config, manifest)
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
-        return AdapterResult("up to date", config.out, manifest.get("metrics"))
+        return TrainResult("up to date", config.out, manifest.get("metrics"))
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -72,11 +61,11 @@ def train_adapter(config: AdapterConfig) -> AdapterResult:
     if outcome.message:
         raise UserError(outcome.message)
     if outcome.exit_code == EXIT_PREEMPTED:
-        return AdapterResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+        return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
     if outcome.exit_code != 0:
         raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
     done = read_manifest(config.out) or {}
-    return AdapterResult("trained", config.out, done.get("metrics"))
+    return TrainResult("trained", config.out, done.get("metrics"))
 
 
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
@@ -89,7 +78,7 @@ def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
                         "give the adapter a prefix of its own")
 
 
-def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> AdapterResult:
+def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:
     """This process's part of a run (the only process, or one of a launched group)."""
     accelerator = make_accelerator(config.device, config.mixed_precision)
     pairs = read_pairs(config)
@@ -111,7 +100,7 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
         if not trainer.fit(watch, log_dir):
             log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
                         trainer.progress.step, EXIT_PREEMPTED)
-            return AdapterResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+            return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
         metrics = {
             "adapter": trainer.evaluate(),
             "zero_pad": zero_pad_metrics(pairs),
@@ -124,7 +113,7 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
             trainer.close()
             _commit(config, trainer, metrics, inputs, fingerprint)
         accelerator.wait_for_everyone()
-        return AdapterResult("trained", config.out, metrics)
+        return TrainResult("trained", config.out, metrics)
     finally:
         if trainer is not None:
             trainer.close()

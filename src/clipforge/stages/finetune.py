@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, manifest_uri, read_manifest, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore, list_folders
-from clipforge.train.loop import PreemptionWatch, make_accelerator, resolve_device
+from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 
 log = logging.getLogger("clipforge.finetune")
 
@@ -44,17 +43,7 @@ WEIGHTS_NAME, CARD_NAME, METRICS_NAME = "model.pt", "model.json", "metrics.json"
 RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 
 
-@dataclass
-class FinetuneResult:
-    """How a call ended: `trained`, `up to date` or `preempted`; `out` is the run folder; `exit_code` for the CLI."""
-
-    status: str
-    out: str
-    metrics: dict | None = None
-    exit_code: int = 0
-
-
-def finetune(config: FinetuneConfig) -> FinetuneResult:
+def finetune(config: FinetuneConfig) -> TrainResult:
     """Make the run folder hold the fine-tuned model for `config`: train, resume, or confirm it.
 
     Bad input raises `UserError` before the run folder gets a manifest; after a
@@ -70,7 +59,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                         "give the run a folder of its own")
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
-        return FinetuneResult("up to date", config.out, manifest.get("metrics"))
+        return TrainResult("up to date", config.out, manifest.get("metrics"))
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -82,11 +71,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if outcome.message:
         raise UserError(outcome.message)
     if outcome.exit_code == EXIT_PREEMPTED:
-        return FinetuneResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+        return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
     if outcome.exit_code != 0:
         raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
     done = read_manifest(config.out) or {}
-    return FinetuneResult("trained", config.out, done.get("metrics"))
+    return TrainResult("trained", config.out, done.get("metrics"))
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -196,7 +185,7 @@ def _log_dir(config: FinetuneConfig, store: CheckpointStore) -> Path:
     return store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
 
 
-def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> FinetuneResult:
+def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:
     """This process's part of a run (the only process, or one of a launched group)."""
     accelerator = make_accelerator(config.device, config.mixed_precision)
     trainer = None
@@ -224,13 +213,13 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         if not trainer.fit(watch, log_dir):
             log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
                         trainer.progress.step, EXIT_PREEMPTED)
-            return FinetuneResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
+            return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
         metrics = summarise(trainer)
         if accelerator.is_main_process:
             trainer.close()
             _commit(config, trainer, metrics, inputs, fingerprint)
         accelerator.wait_for_everyone()
-        return FinetuneResult("trained", config.out, metrics)
+        return TrainResult("trained", config.out, metrics)
     finally:
         if trainer is not None:
             trainer.close()

@@ -182,6 +182,17 @@ def gather_with_grad(accelerator: Accelerator, local: torch.Tensor) -> torch.Ten
     return torch.cat(parts)
 
 
+
+@dataclass
+class TrainResult:
+    """How a trainer's call ended: `trained`, `up to date` or `preempted`; `out` is what holds the result
+    (a fine-tuning run folder, an adapter's OUT); `exit_code` is what the CLI returns."""
+
+    status: str
+    out: str
+    metrics: dict | None = None
+    exit_code: int = 0
+
 # -- the device: batches in, losses out, without waiting on it ------------------------------------
 
 
