@@ -20,16 +20,17 @@ import numpy as np
 import torch
 
 from clipforge.config.adapter import AdapterConfig
-from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
 from clipforge.stages.adapter_trainer import METRIC_NAMES, AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, manifest_uri, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.metrics import retrieval_metrics
+from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -56,16 +57,7 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
     pairs = read_pairs(config)
     resolve_device(config.device, config.num_processes)
     global_batch_size(config, len(pairs.train_ids), launch.world_size(config.num_processes))
-    quiet = logging.getLogger("clipforge").getEffectiveLevel() > logging.INFO
-    outcome = launch.relaunch(COMMAND, config.model_dump(mode="json"), config.num_processes, quiet=quiet)
-    if outcome.message:
-        raise UserError(outcome.message)
-    if outcome.exit_code == EXIT_PREEMPTED:
-        return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
-    if outcome.exit_code != 0:
-        raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
-    done = read_manifest(config.out) or {}
-    return TrainResult("trained", config.out, done.get("metrics"))
+    return train_in_workers(COMMAND, config.model_dump(mode="json"), config.num_processes, config.out)
 
 
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
@@ -84,40 +76,31 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
     pairs = read_pairs(config)
     store = CheckpointStore(config.out, config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
                             inputs=inputs, keep=config.keep_checkpoints, work_dir=config.work_dir)
-    if accelerator.is_main_process:
-        if read_manifest(config.out) is not None:
-            log.warning("%s holds an adapter of another config or other caches: training anew", config.out)
-            storage.delete(manifest_uri(config.out))  # OUT must not look "done" while it is being rewritten
-        removed = store.tidy()
-        if removed:
-            log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
-    accelerator.wait_for_everyone()
+    clear_stale_output(accelerator, store, config.out)
     log_dir = store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
     trainer = None
     try:
         trainer = AdapterTrainer(config, pairs, store, accelerator)
         trainer.resume()
-        if not trainer.fit(watch, log_dir):
-            log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
-                        trainer.progress.step, EXIT_PREEMPTED)
-            return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
-        metrics = {
-            "adapter": trainer.evaluate(),
-            "zero_pad": zero_pad_metrics(pairs),
-            "train_rows": len(pairs.train_ids),
-            "test_rows": len(pairs.test_ids),
-            "steps": trainer.progress.step,
-            "timing": trainer.timing,
-        }
-        if accelerator.is_main_process:
-            trainer.close()
-            _commit(config, trainer, metrics, inputs, fingerprint)
-        accelerator.wait_for_everyone()
-        return TrainResult("trained", config.out, metrics)
+        return fit_and_commit(trainer, accelerator, watch, log_dir, config.out,
+                              summarise=lambda: _metrics(trainer, pairs),
+                              commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint))
     finally:
         if trainer is not None:
             trainer.close()
         accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
+
+
+def _metrics(trainer: AdapterTrainer, pairs: PairedEmbeddings) -> dict:
+    """The adapter's and zero-padding's figures on the test split, and what the run did."""
+    return {
+        "adapter": trainer.evaluate(),
+        "zero_pad": zero_pad_metrics(pairs),
+        "train_rows": len(pairs.train_ids),
+        "test_rows": len(pairs.test_ids),
+        "steps": trainer.progress.step,
+        "timing": trainer.timing,
+    }
 
 
 def zero_pad_metrics(pairs: PairedEmbeddings) -> dict | None:

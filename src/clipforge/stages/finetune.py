@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 from clipforge.config.finetune import FinetuneConfig
-from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.errors import UserError
 from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
 from clipforge.stages.finetune_model import check_model_name
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, manifest_uri, read_manifest, write_manifest
+from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, read_manifest, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore, list_folders
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
+from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
 log = logging.getLogger("clipforge.finetune")
 
@@ -65,17 +66,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
             return _train_here(config, inputs, fingerprint, watch)
     # Bad input fails here, once, with one clear line, before any worker starts.
     _check_before_launch(config)
-    quiet = logging.getLogger("clipforge").getEffectiveLevel() > logging.INFO
-    outcome = launch.relaunch(COMMAND, config.model_dump(mode="json", by_alias=True), config.num_processes,
-                              quiet=quiet)
-    if outcome.message:
-        raise UserError(outcome.message)
-    if outcome.exit_code == EXIT_PREEMPTED:
-        return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
-    if outcome.exit_code != 0:
-        raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
-    done = read_manifest(config.out) or {}
-    return TrainResult("trained", config.out, done.get("metrics"))
+    return train_in_workers(COMMAND, config.model_dump(mode="json", by_alias=True), config.num_processes,
+                            config.out)
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -196,30 +188,15 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
                                 config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
                                 work_dir=config.work_dir)
-        if accelerator.is_main_process:
-            if read_manifest(config.out) is not None:
-                log.warning("%s holds a model of another config or other data: training anew", config.out)
-                storage.delete(manifest_uri(config.out))  # OUT must not look "done" while it is being rewritten
-            removed = store.tidy()
-            if removed:
-                log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
-        accelerator.wait_for_everyone()
+        clear_stale_output(accelerator, store, config.out)
         log.info("run folder %s: %d training and %d validation pairs", config.out, len(train), len(val))
         trainer = FinetuneTrainer(config, train, val, store, accelerator)
         trainer.resume()
         log_dir = _log_dir(config, store)
         trainer.upload_logs = (log_dir, storage.join(config.out, "logs")) if store.remote and not config.logdir \
             else None
-        if not trainer.fit(watch, log_dir):
-            log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
-                        trainer.progress.step, EXIT_PREEMPTED)
-            return TrainResult("preempted", config.out, exit_code=EXIT_PREEMPTED)
-        metrics = summarise(trainer)
-        if accelerator.is_main_process:
-            trainer.close()
-            _commit(config, trainer, metrics, inputs, fingerprint)
-        accelerator.wait_for_everyone()
-        return TrainResult("trained", config.out, metrics)
+        return fit_and_commit(trainer, accelerator, watch, log_dir, config.out, summarise=lambda: summarise(trainer),
+                              commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint))
     finally:
         if trainer is not None:
             trainer.close()

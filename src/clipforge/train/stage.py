@@ -1,0 +1,64 @@
+"""What the two training stages (adapter, finetune) do around their trainer, written once.
+
+Each stage plans on its own (fingerprint, inputs, up to date?) and builds its
+own trainer; the steps before and after are the same for both: run the launched
+worker group and read its outcome, clear an output of another config before
+training anew, and fit -> commit on rank 0 -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from accelerate import Accelerator
+
+from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import manifest_uri, read_manifest
+from clipforge.train import launch
+from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.loop import PreemptionWatch, TrainResult
+
+log = logging.getLogger("clipforge.train")
+
+
+def train_in_workers(command: str, config: dict, num_processes: int, out: str) -> TrainResult:
+    """Run the stage as `num_processes` launched workers and turn their outcome into this process's result."""
+    quiet = logging.getLogger("clipforge").getEffectiveLevel() > logging.INFO
+    outcome = launch.relaunch(command, config, num_processes, quiet=quiet)
+    if outcome.message:
+        raise UserError(outcome.message)
+    if outcome.exit_code == EXIT_PREEMPTED:
+        return TrainResult("preempted", out, exit_code=EXIT_PREEMPTED)
+    if outcome.exit_code != 0:
+        raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
+    done = read_manifest(out) or {}
+    return TrainResult("trained", out, done.get("metrics"))
+
+
+def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: str) -> None:
+    """Before training: OUT must not look "done" while it is rewritten, nor keep checkpoints of another run."""
+    if accelerator.is_main_process:
+        if read_manifest(out) is not None:
+            log.warning("%s holds an output of another config or other inputs: training anew", out)
+            storage.delete(manifest_uri(out))
+        removed = store.tidy()
+        if removed:
+            log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
+    accelerator.wait_for_everyone()
+
+
+def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,
+                   summarise: Callable[[], dict], commit: Callable[[dict], None]) -> TrainResult:
+    """Train to the end (or to SIGTERM: checkpoint kept, `EXIT_PREEMPTED`), then rank 0 commits the outputs."""
+    if not trainer.fit(watch, log_dir):
+        log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
+                    trainer.progress.step, EXIT_PREEMPTED)
+        return TrainResult("preempted", out, exit_code=EXIT_PREEMPTED)
+    metrics = summarise()
+    if accelerator.is_main_process:
+        trainer.close()
+        commit(metrics)
+    accelerator.wait_for_everyone()
+    return TrainResult("trained", out, metrics)
