@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"clipforge.commands.{module.name}").add_parser(sub)
+    parser.commands = sub.choices  # each subcommand's parser, to report its own usage
     return parser
 
 
@@ -39,8 +40,16 @@ def setup_logging(quiet: bool = False) -> None:
     logging.getLogger("clipforge").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that a flag the subcommand does not know is reported with that subcommand's usage."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     setup_logging(args.quiet)
     try:
         return args.func(args) or 0

@@ -16,7 +16,7 @@ BASE = {"train_data": "t.csv", "val_data": "v.csv"}
 
 
 def test_every_field_is_described_and_is_a_flag():
-    help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    help_text = build_parser().commands["finetune"].format_help()
     for name, field in FinetuneConfig.model_fields.items():
         assert field.description, name
         assert "--" + (field.alias or name).replace("_", "-") in help_text, name
@@ -152,3 +152,14 @@ def test_the_loader_cuts_a_batch_s_captions_after_its_last_end_of_text_token(tin
     assert torch.equal(collate(items)[1], tokens)  # a model without the trimmed pass gets the whole context
     bad = BadImage("x.png", "train.csv", "not found")
     assert collate([items[0], bad], trim_text=True) is bad
+
+
+def test_unknown_flag_names_the_subcommand_and_shows_its_usage(capsys):
+    from clipforge.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--train-data", "t.csv", "--output", "o"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: clipforge finetune" in err and "--train-data" in err  # the subcommand's usage, not the top level's
+    assert err.strip().endswith("clipforge finetune: error: unrecognized arguments: --output o")

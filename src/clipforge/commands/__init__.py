@@ -9,10 +9,16 @@ from clipforge.config.base import StageConfig
 from clipforge.config.flags import add_config_flags, config_from_args
 
 
+def short_help(doc: str) -> str:
+    """A config's docstring as a line of the command list, in argparse's style (lower case, no full stop)."""
+    line = doc.strip().splitlines()[0].rstrip(".")
+    return line[0].lower() + line[1:]
+
+
 def add_stage_command(sub, name: str, cls: type[StageConfig], run: str):
     """A subcommand whose flags are the fields of `cls`; it logs the resolved config and calls
     `run` ("module:function") with it. Returns the parser for extra arguments."""
-    parser = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
+    parser = sub.add_parser(name, help=short_help(cls.__doc__), description=cls.__doc__)
     add_config_flags(parser, cls)
 
     def call(args) -> int:

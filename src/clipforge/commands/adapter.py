@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from clipforge.commands import short_help
 from clipforge.config.adapter import AdapterConfig
 from clipforge.config.flags import add_config_flags, config_from_args
 
@@ -12,7 +13,7 @@ from clipforge.config.flags import add_config_flags, config_from_args
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "train-adapter",
-        help=AdapterConfig.__doc__,
+        help=short_help(AdapterConfig.__doc__),
         description=AdapterConfig.__doc__ + " Exit code 75: stopped by SIGTERM after a checkpoint; rerun to resume.",
     )
     add_config_flags(parser, AdapterConfig)

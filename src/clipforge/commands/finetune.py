@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from clipforge.commands import short_help
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.config.flags import add_config_flags, config_from_args
 
@@ -12,7 +13,7 @@ from clipforge.config.flags import add_config_flags, config_from_args
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "finetune",
-        help=FinetuneConfig.__doc__,
+        help=short_help(FinetuneConfig.__doc__),
         description=FinetuneConfig.__doc__ + " Output: OUT/<YYYYmmdd-HHMMSS>/ with model.pt (open_clip loads it: "
         "create_model_and_transforms(NAME, pretrained=PATH)), model.json and _manifest.json. Exit code 75: "
         "stopped by SIGTERM after a checkpoint; rerun with --resume latest to continue.",
