@@ -12,6 +12,9 @@
 # $OUT gets 8 files: run.log, steps.json, gpu.json, gpu.log, pytest.log, adapter.log, finetune.log,
 # unet.log. The output ends with every figure, so the reply's output tail holds them.
 #
+# STEPS="gpu unet" runs only the named steps (a rerun on a warm machine with the minutes left; BUDGET=200
+# shortens the whole).
+#
 # DEVICE=cpu runs the same steps with tiny settings (bench/device/simulate.sh does that on a CPU machine,
 # PYTHON naming a venv that looks like the device's).
 set -uo pipefail
@@ -22,6 +25,7 @@ OUT=${OUT:-/tmp/clipforge-out}
 SITE=${SITE:-/tmp/site}
 WHL=${WHL:-.whl}
 BUDGET=${BUDGET:-540}
+STEPS=" ${STEPS:-gpu pytest adapter finetune unet} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::DeprecationWarning
 
@@ -45,6 +49,10 @@ steps=()
 step() {  # NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, what BUDGET has left), log to $OUT/NAME.log
   local name=$1 limit=$2 left rc t0
   shift 2
+  if [[ "$STEPS" != *" $name "* ]]; then
+    steps+=("{\"step\": \"$name\", \"status\": \"not asked\", \"seconds\": 0}")
+    return
+  fi
   left=$((BUDGET - (SECONDS - started) - 5))
   if [ "$left" -lt 15 ]; then
     echo "== $name: skipped, ${left}s of the budget left"
