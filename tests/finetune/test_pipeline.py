@@ -1,4 +1,4 @@
-"""The `finetune` pipeline kind: the finetune stage of jobs/finetune-demo.yaml run by the local runner (split and
+"""The `finetune` pipeline kind: the finetune stage of jobs/demo.yaml run by the local runner (split and
 augment inside the stage, output straight under the content-addressed prefix), then up to date."""
 
 import json
@@ -14,30 +14,30 @@ from clipforge.orchestrate.local import run_spec
 
 pytestmark = pytest.mark.slow
 
-DEMO = Path(__file__).parents[2] / "jobs" / "finetune-demo.yaml"
+DEMO = Path(__file__).parents[2] / "jobs" / "demo.yaml"
 
 
 def test_the_demo_spec_runs_and_then_is_up_to_date(tiny_clip, tmp_path, monkeypatch):
     # The inputs the demo names, where it names them (relative to the working directory).
     monkeypatch.chdir(tmp_path)
-    write_captioned_dataset(tmp_path / "demo-finetune", 60, size=64, seed=1)
-    models = tmp_path / "demo-finetune" / "models"
+    write_captioned_dataset(tmp_path / "demo" / "captioned", 60, size=64, seed=1)
+    models = tmp_path / "demo" / "models"
     models.mkdir()
     _, config, weights = tiny_clip
     shutil.copy(weights, models / "tiny-clip.pt")
     (models / "tiny-clip.json").write_text(Path(config).read_text())
     quick = ["stages.finetune.with.epochs=2", "stages.finetune.with.workers=0", "stages.finetune.with.batch_size=16"]
-    # The demo's finetune stage as shipped; the stages after it (indexing with Ray) are the cache stage's tests'.
+    # The demo's finetune stage as shipped; the whole demo is tests/orchestrate/test_local_runner.py's.
     demo = yaml.safe_load(DEMO.read_text())
     demo["stages"] = [s for s in demo["stages"] if s["kind"] == "finetune"]
-    spec = tmp_path / "finetune-demo.yaml"
+    spec = tmp_path / "finetune-only.yaml"
     spec.write_text(yaml.safe_dump(demo))
 
     record = run_spec(str(spec), quick, run_id="first")
     stage = record.stage("finetune")
     assert stage["status"] == "done", stage
     out = tmp_path / stage["output"]  # relative to the working directory, as the spec's `artifacts`
-    assert out.parent == tmp_path / "demo-finetune" / "artifacts" / "finetune"
+    assert out.parent == tmp_path / "demo" / "artifacts" / "finetune"
     # Straight under the stage's prefix: no timestamped run folder inside it.
     names = {p.name for p in out.iterdir()}
     assert {"model.pt", "model.json", "_manifest.json", "data", "checkpoints", "logs"} <= names

@@ -36,7 +36,7 @@ from clipforge.storage.manifest import read_manifest
 ROOT = Path(__file__).parents[2]
 DEMO_SPEC = str(ROOT / "jobs" / "demo.yaml")
 SMALL = ["stages.adapter.with.epochs=4", "stages.source-cache.with.batch_size=20",
-         "stages.target-cache.with.batch_size=20"]
+         "stages.target-cache.with.batch_size=20", "stages.finetune.with.epochs=2", "stages.finetune.with.workers=0"]
 RELEASE = "demo"
 
 
@@ -49,7 +49,9 @@ class Cluster:
     driver_uid: str
 
     def argv(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> list[str]:
-        sets = [part for item in (*SMALL, *overrides) for part in ("--set", item)]
+        present = {stage["name"] for stage in yaml.safe_load(Path(spec).read_text())["stages"]}
+        small = [item for item in SMALL if item.split(".")[1] in present]  # a spec may hold some of the demo
+        sets = [part for item in (*small, *overrides) for part in ("--set", item)]
         return [sys.executable, "-m", "clipforge.cli", "drive", spec, "--run-id", run_id, "--kubeconfig",
                 str(self.kubeconfig), "--settings", str(self.settings), "--watch-seconds", "2", *sets]
 
@@ -91,7 +93,8 @@ def start_cluster(root: Path) -> Cluster:
 def cluster(tmp_path_factory):
     """The demo's inputs under `root` (the stage pods' working directory), and the API stand-in."""
     root = tmp_path_factory.mktemp("k8s-drive")
-    write_demo_data(root / "demo", n_images=60)  # 40 images would all be shared test images: no training rows
+    # 40 stimuli would all be shared test images: no training rows.
+    write_demo_data(root / "demo", n_images=60, captioned_images=40)
     cluster = start_cluster(root)
     yield cluster
     cluster.api.close()
@@ -117,10 +120,12 @@ def demo_run(cluster):
 
 
 def demo_without(cluster: Cluster, name: str, kinds: set[str]) -> str:
-    """jobs/demo.yaml without the stages of `kinds` (and every reference to them): the same artifacts, so
-    its index, caches and adapter are the full demo's, and only the stage under test runs."""
+    """jobs/demo.yaml without the stages of `kinds`, the stages that need only those, and every reference to
+    them: the same artifacts, so its index, caches and adapter are the full demo's, and only the stage under
+    test runs."""
     raw = yaml.safe_load(Path(DEMO_SPEC).read_text())
     dropped = {s["name"] for s in raw["stages"] if s["kind"] in kinds}
+    dropped |= {s["name"] for s in raw["stages"] if s.get("needs") and set(s["needs"]) <= dropped}
 
     def refers(value) -> bool:
         return value in dropped if isinstance(value, str) else isinstance(value, list) and bool(set(value) & dropped)
@@ -253,7 +258,7 @@ def test_demo_pipeline_runs_as_jobs(cluster, demo_run):
 def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_run):
     adapter = job_name(RELEASE, "restart", "adapter")
     cluster.api.hold(adapter)  # its pod stays Pending until released: the stage is "running" throughout
-    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate"})
+    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate", "finetune"})
     first = cluster.start("restart", "stages.adapter.with.epochs=5", spec=spec)
     deadline = time.monotonic() + 120
     while not cluster.api.created("jobs", adapter):
@@ -280,7 +285,7 @@ def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_r
 
 @pytest.mark.slow
 def test_failed_stage_continues_when_its_policy_says_so(cluster, demo_run):
-    spec = demo_without(cluster, "no-generate", {"generate"})
+    spec = demo_without(cluster, "no-generate", {"generate", "finetune"})
     proc = cluster.run("broken", "stages.adapter.with.in_dim=7", spec=spec)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -299,7 +304,7 @@ def test_failed_stage_continues_when_its_policy_says_so(cluster, demo_run):
 
 @pytest.mark.slow
 def test_multi_node_stage_is_an_indexed_job_with_a_rendezvous(cluster, demo_run):
-    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate"})
+    spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate", "finetune"})
     proc = cluster.run("multi", "stages.adapter.resources.nodes=2", "stages.adapter.with.epochs=3", spec=spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert statuses(cluster.record("multi"))["adapter"] == "done"

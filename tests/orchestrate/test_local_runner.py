@@ -20,7 +20,7 @@ from clipforge.storage.manifest import read_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
 SMALL = ["stages.adapter.with.epochs=4", "stages.source-cache.with.batch_size=20",
-         "stages.target-cache.with.batch_size=20"]
+         "stages.target-cache.with.batch_size=20", "stages.finetune.with.epochs=2", "stages.finetune.with.workers=0"]
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 def demo_root(tmp_path_factory):
     """A folder holding `demo/` inputs, as the repository does after `clipforge demo-data demo`."""
     root = tmp_path_factory.mktemp("demo-run")
-    write_demo_data(root / "demo", n_images=60)
+    write_demo_data(root / "demo", n_images=60, captioned_images=40)
     return root
 
 
@@ -64,6 +64,12 @@ def test_demo_runs_end_to_end(first_run, in_demo):
     assert evaluation["adapter"]["mean_cosine"] > evaluation["zero_pad"]["mean_cosine"]
     assert (Path(stages["evaluate"]["output"]) / "metrics.png").stat().st_size > 1000
     assert stages["source-cache"]["output"].startswith("demo/artifacts/cache/")
+    # The second workload: the captioned folder indexed by the model the finetune stage committed.
+    folder_index = pd.read_parquet(stages["folder-index"]["output"])
+    listed = pd.read_csv("demo/captioned/index.csv")
+    assert sorted(folder_index["id"]) == sorted(listed["filepath"])
+    assert read_manifest(stages["folder-index"]["output"])["config"]["pretrained"].startswith(
+        stages["finetune"]["output"])
     saved = json.loads(Path("demo/artifacts/runs/first/run.json").read_text())
     assert saved["stages"] == stages
 
@@ -84,7 +90,7 @@ def test_changed_adapter_reruns_adapter_and_evaluate_only(first_run, in_demo):
     record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.epochs=3"], run_id="third")
     assert statuses(record) == {"nsd-index": "reused", "source-cache": "reused", "target-cache": "reused",
                                 "adapter": "done", "generate-zero-pad": "reused", "generate-adapter": "done",
-                                "evaluate": "done"}
+                                "evaluate": "done", "finetune": "reused", "folder-index": "reused"}
     assert record.data["stages"]["adapter"]["output"] != first_run.data["stages"]["adapter"]["output"]
 
 

@@ -93,8 +93,10 @@ def write_tiny_model(folder: str | Path, name: str, embed_dim: int, *, seed: int
     return config_path, weights_path
 
 
-def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
-    """Everything `jobs/demo.yaml` reads, under `root` (a tiny Stable unCLIP in `unclip/`).
+def write_demo_data(root: str | Path, n_images: int = 240, captioned_images: int = 240) -> dict[str, Path]:
+    """Everything `jobs/demo.yaml` reads, under `root`: for the NSD path an NSD-like HDF5, an expdesign file,
+    tiny 512-D and 1024-D encoders and a tiny Stable unCLIP (`unclip/`); for fine-tuning a captioned folder
+    (`captioned/`) and a tiny CLIP.
 
     Kept as is when already written with the same settings, so reruns of the demo reuse every
     stage instead of seeing new files."""
@@ -103,19 +105,22 @@ def write_demo_data(root: str | Path, n_images: int = 240) -> dict[str, Path]:
     paths = {"hdf5": root / "nsd_stimuli.hdf5", "expdesign": root / "nsd_expdesign.mat",
              "source_config": models / "tiny-source.json", "source_weights": models / "tiny-source.pt",
              "target_config": models / "tiny-target.json", "target_weights": models / "tiny-target.pt",
-             "unclip": root / "unclip" / "model_index.json"}
+             "unclip": root / "unclip" / "model_index.json", "captioned": root / "captioned" / "index.csv",
+             "clip_config": models / "tiny-clip.json", "clip_weights": models / "tiny-clip.pt"}
     marker = root / ".demo-data.json"
-    settings = json.dumps({"images": n_images, "version": 2})
+    settings = json.dumps({"images": n_images, "captioned": captioned_images, "version": 3})
     if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):
         return paths
     write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
     write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images),
                      shared=min(40, n_images // 4))
-    write_tiny_model(root / "models", "tiny-source", 512, seed=1)
-    write_tiny_model(root / "models", "tiny-target", 1024, seed=2)
+    write_tiny_model(models, "tiny-source", 512, seed=1)
+    write_tiny_model(models, "tiny-target", 1024, seed=2)
     from clipforge.data.synthetic_unclip import write_tiny_unclip
 
     write_tiny_unclip(root / "unclip", 1024, seed=3)
+    write_captioned_dataset(root / "captioned", captioned_images)
+    write_tiny_model(models, "tiny-clip", 32, image_size=64, patch_size=16)
     marker.write_text(settings)
     return paths
 
@@ -154,10 +159,3 @@ def write_captioned_dataset(root: str | Path, n: int = 96, *, size: int = 64, se
         rows.append(f"{relative.as_posix()},a {colour} {shape}")
     (root / "index.csv").write_text("\n".join(rows) + "\n")
     return root
-
-
-def write_finetune_demo_data(root: str | Path, n: int = 240) -> dict[str, Path]:
-    """What `jobs/finetune-demo.yaml` reads: a captioned shapes folder and a tiny CLIP (`models/tiny-clip.*`)."""
-    root = write_captioned_dataset(root, n)
-    config, weights = write_tiny_model(root / "models", "tiny-clip", 32, image_size=64, patch_size=16)
-    return {"dataset": root / "index.csv", "model_config": config, "weights": weights}
