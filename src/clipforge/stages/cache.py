@@ -127,10 +127,11 @@ def run_cache(cfg: CacheConfig) -> dict:
         inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
         model=model, metrics=metrics,
     )
-    log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; fetched %.1f MB in %d requests "
-             "(%d retries); output %s", len(index), encoded, len(index) - encoded, elapsed,
-             f", {metrics['images_per_second']} img/s" if metrics["images_per_second"] else "",
-             stats.bytes / 1e6, stats.requests, stats.retries, cfg.output)
+    transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \
+        if stats.requests else f"read {stats.bytes / 1e6:.1f} MB"
+    log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; %s; output %s", len(index), encoded,
+             len(index) - encoded, elapsed, f", {metrics['images_per_second']} img/s" if metrics["images_per_second"]
+             else "", transfer, cfg.output)
     return manifest
 
 
@@ -316,7 +317,7 @@ def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]) -> tup
             stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
             model = model or json.loads(str(result["model"]))
             progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
-                                                 f"{stats.bytes / 1e6:.1f} MB fetched")
+                                                 f"{stats.bytes / 1e6:.1f} MB read")
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is not None:

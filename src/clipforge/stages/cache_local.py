@@ -176,7 +176,7 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
             while writes and (block or writes[0].done()):
                 finished, rows = writes.popleft().result()
                 commits.append((finished, rows))
-                progress.update(rows, f"shard {len(commits)}/{len(todo)}, {stats.bytes / 1e6:.1f} MB fetched")
+                progress.update(rows, f"shard {len(commits)}/{len(todo)}, {stats.bytes / 1e6:.1f} MB read")
 
         staged = None
         while staged is not None or reads:
