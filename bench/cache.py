@@ -86,7 +86,8 @@ def main() -> None:
 
     from clipforge.config.cache import CacheConfig
     from clipforge.data.synthetic import write_nsd_hdf5
-    from clipforge.stages.cache import ensure_ray, run_cache
+    from clipforge.stages.cache import run_cache
+    from clipforge.stages.cache_ray import ensure_ray
     from clipforge.storage.local_s3 import local_s3_server
 
     torch.set_num_threads(os.cpu_count())

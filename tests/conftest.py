@@ -34,7 +34,7 @@ def ray_session(s3_endpoint):
     """
     import ray
 
-    from clipforge.stages.cache import ensure_ray
+    from clipforge.stages.cache_ray import ensure_ray
 
     ensure_ray()
     yield

@@ -4,8 +4,8 @@ Plan: sort the requested ids and cut them into shards in file order, so
 neighbouring rows become one range request. Then one of two engines reads and
 encodes them. `local` (one machine, at most one GPU; `cache_local.py`): reader
 threads, the encoder and a committing thread overlap in one process, with no
-start-up beyond the model's. `ray` (several GPUs, or a cluster in RAY_ADDRESS):
-Ray tasks fetch a shard's rows (or image files) and an encoder actor pool (one
+start-up beyond the model's. `ray` (several GPUs, or a cluster in RAY_ADDRESS;
+`cache_ray.py`): Ray tasks fetch a shard's rows (or image files) and an encoder actor pool (one
 per GPU, else one on the CPU) preprocesses and encodes them in batches. Commit:
 each shard lands as one parquet file written atomically, under a name that
 depends only on its ids and the config; `_manifest.json` is written last by the
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -28,11 +27,10 @@ import numpy as np
 from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_to_parquet_bytes
-from clipforge.data.image_folder import collection_root, is_image_collection, list_collection, read_images
+from clipforge.data.image_folder import is_image_collection, list_collection
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, register_model_config
-from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.storage.range_reader import FetchStats
@@ -104,8 +102,7 @@ def run_cache(cfg: CacheConfig) -> dict:
              len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine)
 
     started = time.monotonic()
-    encode = encode_shards_locally if engine == "local" else encode_shards
-    stats, model, steady_rate = encode(cfg, spec, todo) if todo else (FetchStats(), None, None)
+    stats, model, steady_rate = encode_shards(engine, cfg, spec, todo) if todo else (FetchStats(), None, None)
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
     encoded = sum(len(s.ids) for s in todo)
@@ -149,9 +146,12 @@ def choose_engine(cfg: CacheConfig) -> str:
     return "local"
 
 
-def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]):
-    from clipforge.stages.cache_local import encode_shards_locally as encode
-
+def encode_shards(engine: str, cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]):
+    """Encode and commit the pending shards with `engine`: (fetch stats, model description, steady img/s)."""
+    if engine == "local":
+        from clipforge.stages.cache_local import encode_shards_locally as encode
+    else:
+        from clipforge.stages.cache_ray import encode_shards_with_ray as encode
     return encode(cfg, spec, todo)
 
 
@@ -195,46 +195,7 @@ def model_from_shard(output: str, name: str) -> dict:
     return json.loads(schema.metadata[METADATA_KEY])["model"]
 
 
-# -- Ray Data: read tasks -> encoder actors -> committed shards -------------------------------
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (KubeRay), else start or reuse a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Worker output stays in Ray's session logs: failures reach the driver as exceptions, and
-    # progress is the driver's own line.
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
-    # Our own progress line replaces Ray Data's bars and per-dataset logs.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None) -> dict:
-    """Ray task: one shard's images (one uint8 array, or a list of differently sized ones for image
-    files), plus what fetching them cost."""
-    if is_image_collection(source):
-        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]])
-        stats = FetchStats(requests=len(images), bytes=size)
-        column = np.empty(1, dtype=object)
-        column[0] = images
-    else:
-        images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned,
-                                              cache_dir=cache_dir)
-        column = images[None]
-    return {
-        **batch,
-        "images": column,
-        "fetched_bytes": np.array([stats.bytes]),
-        "requests": np.array([stats.requests]),
-        "retries": np.array([stats.retries]),
-    }
+# -- commit ----------------------------------------------------------------------------------
 
 
 def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarray, description: dict) -> None:
@@ -244,110 +205,8 @@ def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarr
     storage.write_bytes(storage.join(output, shard_name), table_to_parquet_bytes(table))
 
 
-class ShardEncoder:
-    """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
-
-    def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int | None,
-                 cache_dir: str | None):
-        import torch
-
-        from clipforge.models.encode import ImageEncoder
-
-        if device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
-        self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
-        self.output = output
-
-    def __call__(self, batch: dict) -> dict:
-        started = time.time()
-        embeddings = self.encoder.encode(batch["images"][0]).cpu().numpy()
-        commit_shard(self.output, str(batch["name"][0]), batch["ids"][0], batch["splits"][0], embeddings,
-                     self.encoder.description)
-        return {
-            "shard": batch["shard"],
-            "rows": np.array([len(embeddings)]),
-            "fetched_bytes": batch["fetched_bytes"],
-            "requests": batch["requests"],
-            "retries": batch["retries"],
-            "model": np.array([json.dumps(self.encoder.description)]),
-            "started": np.array([started]),
-            "finished": np.array([time.time()]),
-        }
-
-
-def encode_shards(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard]) -> tuple[FetchStats, dict, float | None]:
-    """Run the Ray Data pipeline over the pending shards.
-
-    Returns fetch stats, the model description, and the steady-state rate: images/s the encoders
-    committed between their first commit and their last, by their own clocks, so start-up and
-    result delivery are left out (None with one shard).
-    """
-    import ray
-
-    ensure_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
-    if cfg.device == "cuda" and gpus == 0:
-        raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
-    encoders = cfg.num_encoders or max(1, gpus)
-    items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
-              "splits": np.array([x or "" for x in s.splits])} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Reads are I/O-bound: half a CPU each lets them run beside the encoder, and resources that
-    # differ from the encoder's keep Ray from fusing reads into the actor (which would serialise them).
-    ds = ds.map_batches(
-        read_shard, batch_size=1, batch_format="numpy", num_cpus=0.5,
-        fn_kwargs={"source": cfg.source, "dataset": cfg.dataset, "unsigned": cfg.no_sign_request,
-                   "cache_dir": cfg.cache_dir},
-    )
-    ds = ds.map_batches(
-        ShardEncoder, batch_size=1, batch_format="numpy",
-        num_gpus=1 if gpus else 0, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=encoders),
-        fn_constructor_kwargs={"spec": spec.__dict__, "output": cfg.output, "device": "cuda" if gpus else "cpu",
-                               "precision": cfg.precision, "inference_batch_size": cfg.inference_batch_size,
-                               "cache_dir": cfg.cache_dir},
-    )
-    total = sum(len(s.ids) for s in todo)
-    progress = Progress(log, total)
-    stats, model = FetchStats(), None
-    shards_done, commits = 0, []
-    try:
-        for result in ds.iter_rows():
-            shards_done += 1
-            commits.append((float(result["finished"]), int(result["rows"])))
-            stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
-            model = model or json.loads(str(result["model"]))
-            progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
-                                                 f"{stats.bytes / 1e6:.1f} MB read")
-    except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is not None:
-            raise user_error from None
-        raise
-    return stats, model, steady_rate(commits)
-
-
 def steady_rate(commits: list[tuple[float, int]]) -> float | None:
     """Rows per second between the first and the last commit; the first shard's rows are start-up."""
     commits = sorted(commits)
     span = commits[-1][0] - commits[0][0] if len(commits) > 1 else 0
     return round(sum(rows for _, rows in commits[1:]) / span, 2) if span > 0 else None
-
-
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError a Ray task or actor raised, however Ray wrapped it.
-
-    Task errors keep the original as `.cause`; an actor whose constructor failed
-    surfaces only as ActorDiedError text, so that text is searched too.
-    """
-    seen = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, UserError):
-            return UserError(str(current).strip().splitlines()[0])
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
-    found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
-    return UserError(found[-1].strip()) if found else None

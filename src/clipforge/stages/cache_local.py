@@ -35,6 +35,7 @@ from clipforge.errors import UserError
 from clipforge.models.encode import ImageEncoder, resolve_device
 from clipforge.models.encoders import EncoderSpec
 from clipforge.progress import Progress
+from clipforge.stages.cache import commit_shard, steady_rate
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
@@ -115,9 +116,7 @@ def check_device(cfg: CacheConfig) -> torch.device:
 
 
 def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tuple[FetchStats, dict, float | None]:
-    """Encode and commit the pending shards in this process; same results as the Ray engine's `encode_shards`."""
-    from clipforge.stages.cache import commit_shard, steady_rate
-
+    """Encode and commit the pending shards in this process; same results as `cache_ray`'s engine."""
     device = check_device(cfg)
     cuda = device.type == "cuda"
     depth = min(len(todo), cfg.read_workers + 1)

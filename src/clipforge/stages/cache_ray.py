@@ -1,0 +1,171 @@
+"""The cache stage's Ray engine: Ray Data read tasks feeding an encoder actor pool.
+
+For several GPUs on one machine, or a cluster in RAY_ADDRESS (a KubeRay
+`RayJob`): one read task per shard fetches its rows (or image files), and an
+actor pool of `num_encoders` (one per GPU, else one on the CPU) preprocesses,
+encodes and commits each shard. Same shards, names and commit rule as the
+in-process engine (`cache_local`), so either resumes the other's run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+
+import numpy as np
+
+from clipforge.config.cache import CacheConfig
+from clipforge.data import hdf5_source
+from clipforge.data.image_folder import collection_root, is_image_collection, read_images
+from clipforge.errors import UserError
+from clipforge.models.encoders import EncoderSpec
+from clipforge.progress import Progress
+from clipforge.stages.cache import Shard, commit_shard, steady_rate
+from clipforge.storage.range_reader import FetchStats
+
+log = logging.getLogger("clipforge.cache")
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (KubeRay), else start or reuse a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Worker output stays in Ray's session logs: failures reach the driver as exceptions, and
+    # progress is the driver's own line.
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    # Our own progress line replaces Ray Data's bars and per-dataset logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None) -> dict:
+    """Ray task: one shard's images (one uint8 array, or a list of differently sized ones for image
+    files), plus what fetching them cost."""
+    if is_image_collection(source):
+        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]])
+        stats = FetchStats(requests=len(images), bytes=size)
+        column = np.empty(1, dtype=object)
+        column[0] = images
+    else:
+        images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned,
+                                              cache_dir=cache_dir)
+        column = images[None]
+    return {
+        **batch,
+        "images": column,
+        "fetched_bytes": np.array([stats.bytes]),
+        "requests": np.array([stats.requests]),
+        "retries": np.array([stats.retries]),
+    }
+
+
+class ShardEncoder:
+    """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
+
+    def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int | None,
+                 cache_dir: str | None):
+        import torch
+
+        from clipforge.models.encode import ImageEncoder
+
+        if device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
+        self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
+        self.output = output
+
+    def __call__(self, batch: dict) -> dict:
+        started = time.time()
+        embeddings = self.encoder.encode(batch["images"][0]).cpu().numpy()
+        commit_shard(self.output, str(batch["name"][0]), batch["ids"][0], batch["splits"][0], embeddings,
+                     self.encoder.description)
+        return {
+            "shard": batch["shard"],
+            "rows": np.array([len(embeddings)]),
+            "fetched_bytes": batch["fetched_bytes"],
+            "requests": batch["requests"],
+            "retries": batch["retries"],
+            "model": np.array([json.dumps(self.encoder.description)]),
+            "started": np.array([started]),
+            "finished": np.array([time.time()]),
+        }
+
+
+def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
+                           todo: list[Shard]) -> tuple[FetchStats, dict, float | None]:
+    """Run the Ray Data pipeline over the pending shards.
+
+    Returns fetch stats, the model description, and the steady-state rate: images/s the encoders
+    committed between their first commit and their last, by their own clocks, so start-up and
+    result delivery are left out (None with one shard).
+    """
+    import ray
+
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
+    if cfg.device == "cuda" and gpus == 0:
+        raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
+    encoders = cfg.num_encoders or max(1, gpus)
+    items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
+              "splits": np.array([x or "" for x in s.splits])} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Reads are I/O-bound: half a CPU each lets them run beside the encoder, and resources that
+    # differ from the encoder's keep Ray from fusing reads into the actor (which would serialise them).
+    ds = ds.map_batches(
+        read_shard, batch_size=1, batch_format="numpy", num_cpus=0.5,
+        fn_kwargs={"source": cfg.source, "dataset": cfg.dataset, "unsigned": cfg.no_sign_request,
+                   "cache_dir": cfg.cache_dir},
+    )
+    ds = ds.map_batches(
+        ShardEncoder, batch_size=1, batch_format="numpy",
+        num_gpus=1 if gpus else 0, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=encoders),
+        fn_constructor_kwargs={"spec": spec.__dict__, "output": cfg.output, "device": "cuda" if gpus else "cpu",
+                               "precision": cfg.precision, "inference_batch_size": cfg.inference_batch_size,
+                               "cache_dir": cfg.cache_dir},
+    )
+    total = sum(len(s.ids) for s in todo)
+    progress = Progress(log, total)
+    stats, model = FetchStats(), None
+    shards_done, commits = 0, []
+    try:
+        for result in ds.iter_rows():
+            shards_done += 1
+            commits.append((float(result["finished"]), int(result["rows"])))
+            stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
+            model = model or json.loads(str(result["model"]))
+            progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
+                                                 f"{stats.bytes / 1e6:.1f} MB read")
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    return stats, model, steady_rate(commits)
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError a Ray task or actor raised, however Ray wrapped it.
+
+    Task errors keep the original as `.cause`; an actor whose constructor failed
+    surfaces only as ActorDiedError text, so that text is searched too.
+    """
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return UserError(str(current).strip().splitlines()[0])
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
+    return UserError(found[-1].strip()) if found else None
