@@ -14,8 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from clipforge.config.pipeline import load_pipeline
 from clipforge.data.synthetic import write_demo_data
 from clipforge.orchestrate.local import run_spec
+from clipforge.orchestrate.pipeline import next_steps
 from clipforge.storage.manifest import read_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
@@ -70,6 +72,9 @@ def test_demo_runs_end_to_end(first_run, in_demo):
     assert sorted(folder_index["id"]) == sorted(listed["filepath"])
     assert read_manifest(stages["folder-index"]["output"])["config"]["pretrained"].startswith(
         stages["finetune"]["output"])
+    hints = next_steps(first_run, load_pipeline(DEMO_SPEC, SMALL))
+    assert [h.split("]")[0] for h in hints] == ["[evaluate", "[finetune", "[folder-index"]
+    assert f"clipforge search --index {stages['folder-index']['output']} " in hints[-1]
     saved = json.loads(Path("demo/artifacts/runs/first/run.json").read_text())
     assert saved["stages"] == stages
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from clipforge.config.pipeline import load_pipeline, order_stages
-from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, new_run_id, run_pipeline, summary_table
+from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, new_run_id, next_steps, run_pipeline, summary_table
 
 log = logging.getLogger("clipforge.run")
 
@@ -41,4 +41,7 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     record = run_pipeline(spec, run_id, execute_locally)
     order = [s.name for s in order_stages(spec)]
     log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record, order))
+    steps = next_steps(record, spec)
+    if steps:
+        log.info("next:\n%s", "\n".join(steps))
     return record

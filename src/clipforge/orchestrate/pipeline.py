@@ -283,3 +283,28 @@ def summary_table(record: RunRecord, order: list[str]) -> str:
         if entry.get("status") == "failed-continued":
             lines.append(f"WARNING [{name}] failed and the run went on without it: {entry.get('message')}")
     return "\n".join(lines)
+
+
+FINISHED = ("done", "up-to-date", "reused")
+
+
+def next_steps(record: RunRecord, spec: PipelineSpec) -> list[str]:
+    """What to look at or run with the run's outputs: the evaluation's pictures, the folder index's search."""
+    from clipforge.data.image_folder import is_image_collection
+
+    lines = []
+    for stage in spec.stages:
+        entry = record.stage(stage.name) or {}
+        out = entry.get("output")
+        if entry.get("status") not in FINISHED or not out:
+            continue
+        if stage.kind == "evaluate":
+            lines.append(f"[{stage.name}] contact sheet {out.rstrip('/')}/contact_sheet.png, "
+                         f"metrics {out.rstrip('/')}/metrics.png")
+        elif stage.kind == "cache" and is_image_collection(str(stage.with_.get("source") or ".h5")):
+            lines.append(f"[{stage.name}] search it: clipforge search --index {out} \"TEXT\"   "
+                         f"(or in the browser: clipforge serve --index {out})")
+        elif stage.kind == "finetune":
+            lines.append(f"[{stage.name}] the model: {out.rstrip('/')}/model.pt; "
+                         f"clipforge models list --dir {out.rstrip('/').rsplit('/', 1)[0]}")
+    return lines
