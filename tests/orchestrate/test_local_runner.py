@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipforge.config.pipeline import load_pipeline
+from clipforge.cli import main
 from clipforge.data.synthetic import write_demo_data
 from clipforge.orchestrate.local import run_spec
 from clipforge.orchestrate.pipeline import next_steps
+from clipforge.orchestrate.runs import run_state
 from clipforge.storage.manifest import read_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
@@ -72,7 +73,7 @@ def test_demo_runs_end_to_end(first_run, in_demo):
     assert sorted(folder_index["id"]) == sorted(listed["filepath"])
     assert read_manifest(stages["folder-index"]["output"])["config"]["pretrained"].startswith(
         stages["finetune"]["output"])
-    hints = next_steps(first_run, load_pipeline(DEMO_SPEC, SMALL))
+    hints = next_steps(first_run.data)
     assert [h.split("]")[0] for h in hints] == ["[evaluate", "[finetune", "[folder-index"]
     assert f"clipforge search --index {stages['folder-index']['output']} " in hints[-1]
     saved = json.loads(Path("demo/artifacts/runs/first/run.json").read_text())
@@ -129,6 +130,21 @@ def test_failed_adapter_continues_with_zero_padding(first_run, in_demo):
     metrics = read_manifest(record.data["stages"]["evaluate"]["output"])["metrics"]
     assert metrics["conditioning"] == "zero-pad" and metrics["adapter"] is None and metrics["zero_pad"]
     assert [row["configuration"] for row in metrics["images"]] == ["zero-pad"]
+    assert run_state(record.data) == "complete"  # a failure the policy let through ends the run complete
+
+
+def test_runs_lists_recorded_runs_and_shows_one(first_run, in_demo, capsys):
+    assert main(["runs", "demo/artifacts"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "first" in listed and listed["first"].endswith("9/9     complete")
+    assert main(["runs", DEMO_SPEC, "first"]) == 0  # a spec names its artifact store
+    shown = capsys.readouterr().out
+    assert shown.startswith("run first: complete")
+    for name, stage in first_run.data["stages"].items():
+        assert any(line.startswith(name) and line.endswith(stage["output"]) for line in shown.splitlines())
+    assert f"clipforge search --index {first_run.data['stages']['folder-index']['output']} " in shown
+    assert main(["runs", "demo/artifacts", "no-such-run"]) == 2
+    assert "run 'no-such-run': no demo/artifacts/runs/no-such-run/run.json (runs there:" in capsys.readouterr().err
 
 
 def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
@@ -146,6 +162,7 @@ def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     proc.wait()
     run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
     assert run_json["stages"]["source-cache"]["status"] == "running"
+    assert run_state(run_json) == "at source-cache"  # what `clipforge runs` shows of a runner that died there
     committed = len(list(cache_root.glob("*/shard-*.parquet")))
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from clipforge.config.base import read_yaml
-from clipforge.config.pipeline import load_pipeline, order_stages
+from clipforge.config.pipeline import load_pipeline
 from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, run_pipeline, summary_table
@@ -370,6 +370,5 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
              settings.namespace, len(spec.stages), spec.artifacts)
     executor = KubernetesExecutor(settings, api_client(kubeconfig), watch_seconds=watch_seconds)
     record = run_pipeline(spec, run_id, executor)
-    order = [stage.name for stage in order_stages(spec)]
-    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record, order))
+    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record.data))
     return record

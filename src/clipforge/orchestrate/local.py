@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from clipforge.config.pipeline import load_pipeline, order_stages
+from clipforge.config.pipeline import load_pipeline
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, new_run_id, next_steps, run_pipeline, summary_table
 
 log = logging.getLogger("clipforge.run")
@@ -39,9 +39,8 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     run_id = run_id or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     record = run_pipeline(spec, run_id, execute_locally)
-    order = [s.name for s in order_stages(spec)]
-    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record, order))
-    steps = next_steps(record, spec)
+    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record.data))
+    steps = next_steps(record.data)
     if steps:
         log.info("next:\n%s", "\n".join(steps))
     return record

@@ -267,17 +267,25 @@ def headline(manifest: dict | None) -> dict:
     return dict(list(flat.items())[:8])
 
 
-def summary_table(record: RunRecord, order: list[str]) -> str:
+def recorded_spec(run: dict) -> PipelineSpec:
+    """The spec a run.json recorded, as it ran (overrides applied)."""
+    return PipelineSpec.model_validate(run["spec"])
+
+
+def summary_table(run: dict) -> str:
+    """A run.json's stages in order, one line each, then its notes and warnings."""
+    order = [stage.name for stage in order_stages(recorded_spec(run))]
+    stages = run.get("stages") or {}
     rows = [("stage", "kind", "status", "seconds", "output")]
     for name in order:
-        entry = record.stage(name) or {}
-        rows.append((name, entry.get("kind", ""), entry.get("status", ""), str(entry.get("seconds") or ""),
-                     entry.get("output") or entry.get("message", "")))
+        entry = stages.get(name) or {}
+        rows.append((name, entry.get("kind", ""), entry.get("status", "not started"),
+                     str(entry.get("seconds") or ""), entry.get("output") or entry.get("message", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
              for row in rows]
     for name in order:
-        entry = record.stage(name) or {}
+        entry = stages.get(name) or {}
         for note in entry.get("notes") or []:
             lines.append(f"NOTE [{name}] {note}")
         if entry.get("status") == "failed-continued":
@@ -288,23 +296,22 @@ def summary_table(record: RunRecord, order: list[str]) -> str:
 FINISHED = ("done", "up-to-date", "reused")
 
 
-def next_steps(record: RunRecord, spec: PipelineSpec) -> list[str]:
-    """What to look at or run with the run's outputs: the evaluation's pictures, the folder index's search."""
+def next_steps(run: dict) -> list[str]:
+    """What to look at or run with a run's outputs: the evaluation's pictures, the model, the folder's search."""
     from clipforge.data.image_folder import is_image_collection
 
     lines = []
-    for stage in spec.stages:
-        entry = record.stage(stage.name) or {}
-        out = entry.get("output")
+    for stage in recorded_spec(run).stages:
+        entry = (run.get("stages") or {}).get(stage.name) or {}
+        out = (entry.get("output") or "").rstrip("/")
         if entry.get("status") not in FINISHED or not out:
             continue
         if stage.kind == "evaluate":
-            lines.append(f"[{stage.name}] contact sheet {out.rstrip('/')}/contact_sheet.png, "
-                         f"metrics {out.rstrip('/')}/metrics.png")
+            lines.append(f"[{stage.name}] contact sheet {out}/contact_sheet.png, metrics {out}/metrics.png")
         elif stage.kind == "cache" and is_image_collection(str(stage.with_.get("source") or ".h5")):
             lines.append(f"[{stage.name}] search it: clipforge search --index {out} \"TEXT\"   "
                          f"(or in the browser: clipforge serve --index {out})")
         elif stage.kind == "finetune":
-            lines.append(f"[{stage.name}] the model: {out.rstrip('/')}/model.pt; "
-                         f"clipforge models list --dir {out.rstrip('/').rsplit('/', 1)[0]}")
+            lines.append(f"[{stage.name}] the model: {out}/model.pt; "
+                         f"clipforge models list --dir {out.rsplit('/', 1)[0]}")
     return lines

@@ -33,7 +33,7 @@ from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, read_manifest, write_manifest
 from clipforge.train import launch
-from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore, list_folders
+from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
@@ -75,12 +75,12 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
 def run_folders(root: str) -> list[str]:
     """Names of the timestamped run folders under `root`, oldest first."""
-    return sorted(name for name in list_folders(root) if RUN_NAME.match(name))
+    return sorted(name for name in storage.list_folders(root) if RUN_NAME.match(name))
 
 
 def _new_run_folder(root: str) -> str:
     name = time.strftime("%Y%m%d-%H%M%S")
-    taken = set(list_folders(root))
+    taken = set(storage.list_folders(root))
     unique, n = name, 1
     while unique in taken:
         n += 1
@@ -117,7 +117,7 @@ def _recorded_config(folder: str) -> dict | None:
     if manifest is not None:
         return manifest
     root = storage.join(folder, CHECKPOINTS_DIR)
-    for name in sorted(list_folders(root), reverse=True):
+    for name in sorted(storage.list_folders(root), reverse=True):
         found = read_manifest(storage.join(root, name))
         if found is not None:
             return found
@@ -270,7 +270,7 @@ def finetuned_models(root: str) -> list[dict]:
     no manifest is listed as incomplete with its newest checkpoint's step.
     """
     folders = [root] if read_manifest(root) is not None else \
-        [storage.join(root, name) for name in sorted(list_folders(root))]
+        [storage.join(root, name) for name in sorted(storage.list_folders(root))]
     models = []
     for folder in folders:
         manifest = read_manifest(folder)
@@ -288,7 +288,7 @@ def finetuned_models(root: str) -> list[dict]:
             })
         elif manifest is None:
             checkpoints = storage.join(folder, CHECKPOINTS_DIR)
-            steps = [n for n in list_folders(checkpoints) if storage.exists(storage.join(checkpoints, n,
+            steps = [n for n in storage.list_folders(checkpoints) if storage.exists(storage.join(checkpoints, n,
                                                                                          MANIFEST_NAME))]
             if steps:
                 recorded = read_manifest(storage.join(checkpoints, max(steps))) or {}

@@ -127,6 +127,21 @@ def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
             return sorted(names)
 
 
+def list_folders(prefix: str, *, unsigned: bool = False) -> list[str]:
+    """Names of the folders (on S3: common prefixes) directly under `prefix`, sorted; none when it does not exist."""
+    match scheme(prefix):
+        case "file":
+            path = local_path(prefix)
+            return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        case "s3":
+            loc = s3.parse_s3(prefix.rstrip("/") + "/")
+            names = []
+            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, Delimiter="/"):
+                names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+            return sorted(names)
+
+
 def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
     """Every object under `prefix`, recursively: relative path -> size."""
     match scheme(prefix):

@@ -33,7 +33,6 @@ import torch
 
 from clipforge.errors import UserError
 from clipforge.models.adapter import safetensors_metadata
-from clipforge.storage import s3
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
@@ -118,24 +117,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _s3_folders(prefix: str) -> list[str]:
-    """Names of the 'folders' (common prefixes) directly under an s3:// prefix."""
-    loc = s3.parse_s3(prefix.rstrip("/") + "/")
-    names = []
-    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key,
-                                                                      Delimiter="/"):
-        names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-    return names
-
-
-def list_folders(root: str) -> list[str]:
-    """Names of the folders directly under `root` (local or s3://); none when it does not exist."""
-    if storage.is_s3(root):
-        return _s3_folders(root)
-    path = storage.local_path(root)
-    return [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
-
-
 def _remove_folder(uri: str) -> None:
     """Manifest first, so that an interrupted removal leaves an incomplete folder, not a broken 'complete' one."""
     storage.delete(storage.join(uri, MANIFEST_NAME))
@@ -183,7 +164,7 @@ class CheckpointStore:
     def _scan(self) -> tuple[list[Checkpoint], list[str]]:
         """(this run's complete checkpoints oldest first, names of every other folder under the root)."""
         ours, others = [], []
-        for name in list_folders(self.root):
+        for name in storage.list_folders(self.root):
             match = NAME_PATTERN.match(name)
             manifest = read_manifest(storage.join(self.root, name)) if match else None
             if match and manifest is not None and manifest.get("kind") == "checkpoint" and self._matches(manifest):

@@ -1,0 +1,61 @@
+"""`clipforge runs ARTIFACTS [RUN_ID]`: the pipeline runs recorded in an artifact store, or one run's stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("runs", help="list the pipeline runs recorded in an artifact store, or show one",
+                            description="The runs under ARTIFACTS/runs/ (local or s3://), as `clipforge run` and the "
+                                        "Kubernetes driver record them after every stage; with RUN_ID (or latest), "
+                                        "that run's stages, outputs and what to do next.")
+    parser.add_argument("artifacts", help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
+    parser.add_argument("run_id", nargs="?", help="a run to show, or `latest`")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _artifacts(value: str) -> str:
+    if value.endswith((".yaml", ".yml")) and Path(value).is_file():
+        from clipforge.config.pipeline import load_pipeline
+
+        return load_pipeline(value).artifacts
+    return value
+
+
+def table(runs: list[dict]) -> str:
+    rows = [("run", "created", "updated", "stages", "state")]
+    rows += [(r["run_id"], (r["created"] or "-").replace("T", " ").rstrip("Z"),
+              (r["updated"] or "-").replace("T", " ").rstrip("Z"), f"{r['stages_ended']}/{r['stages']}", r["state"])
+             for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def run(args) -> int:
+    from clipforge.orchestrate.pipeline import next_steps, summary_table
+    from clipforge.orchestrate.runs import list_runs, read_run, run_state
+
+    artifacts = _artifacts(args.artifacts)
+    if args.run_id:
+        record = read_run(artifacts, args.run_id)
+        if args.json:
+            print(json.dumps(record, indent=2))
+        else:
+            print(f"run {record['run_id']}: {run_state(record)} (created {record.get('created')}, "
+                  f"updated {record.get('updated')})")
+            print(summary_table(record))
+            steps = next_steps(record)
+            if steps:
+                print("next:\n" + "\n".join(steps))
+        return 0
+    runs = list_runs(artifacts)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    elif runs:
+        print(table(runs))
+    else:
+        print(f"no runs recorded under {artifacts}")
+    return 0

@@ -1,0 +1,59 @@
+"""The runs recorded in an artifact store (`ARTIFACTS/runs/<run_id>/run.json`): list them, show one.
+
+Every runner (`clipforge run`, the Kubernetes driver) rewrites run.json after
+each stage, so this is where a run's progress can be read without kubectl or
+the runner's logs: from a laptop, against the same S3 prefix the cluster uses.
+"""
+
+from __future__ import annotations
+
+from clipforge.errors import UserError
+from clipforge.orchestrate.pipeline import FINISHED, recorded_spec
+from clipforge.storage import uri as storage
+
+ENDED = (*FINISHED, "skipped", "failed-continued")
+
+
+def read_run(artifacts: str, run_id: str) -> dict:
+    """One run's record; `latest` is the newest by creation time."""
+    if run_id == "latest":
+        runs = list_runs(artifacts)
+        if not runs:
+            raise UserError(f"no runs recorded under {storage.join(artifacts, 'runs')}")
+        run_id = runs[-1]["run_id"]
+    uri = storage.join(artifacts, "runs", run_id, "run.json")
+    if not storage.exists(uri):
+        known = [r["run_id"] for r in list_runs(artifacts)]
+        raise UserError(f"run {run_id!r}: no {uri}" + (f" (runs there: {', '.join(known[-5:])})" if known else ""))
+    return storage.read_json(uri)
+
+
+def run_state(run: dict) -> str:
+    """`complete`, `failed at STAGE`, `at STAGE` (running, or its runner stopped there) or `incomplete`."""
+    names = [stage.name for stage in recorded_spec(run).stages]
+    stages = run.get("stages") or {}
+    status = {name: (stages.get(name) or {}).get("status") for name in names}
+    failed = [name for name in names if status[name] == "failed"]
+    if failed:
+        return f"failed at {failed[0]}"
+    running = [name for name in names if status[name] == "running"]
+    if running:
+        return f"at {running[0]}"
+    return "complete" if all(status[name] in ENDED for name in names) else "incomplete"
+
+
+def list_runs(artifacts: str) -> list[dict]:
+    """Every recorded run, oldest first: id, created, updated, state, stages ended of stages."""
+    root = storage.join(artifacts, "runs")
+    runs = []
+    for run_id in storage.list_folders(root):
+        uri = storage.join(root, run_id, "run.json")
+        if not storage.exists(uri):
+            continue
+        run = storage.read_json(uri)
+        stages = run.get("stages") or {}
+        total = len(run["spec"]["stages"])
+        ended = sum(1 for entry in stages.values() if entry.get("status") in ENDED)
+        runs.append({"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
+                     "state": run_state(run), "stages_ended": ended, "stages": total})
+    return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
