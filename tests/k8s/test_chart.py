@@ -203,6 +203,10 @@ def test_notes_say_how_to_follow_the_run():
         notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "kubectl -n ns logs -f job/rel-clipforge-r7-driver" in notes
     assert "clipforge.io/run-id=r7" in notes
+    with helm_python.Chart.load(CHART) as chart:
+        notes = chart.render(values={"runId": "r7", "artifactStore": {"s3": {"bucket": "b", "prefix": "p"}}},
+                             name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
+    assert "clipforge runs s3://b/p r7" in notes
 
 
 def test_both_artifact_stores_at_once_is_an_error():
