@@ -65,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `clipforge runs ... | head`: the reader left. Python's recipe: point stdout at devnull so the
+        # interpreter's own flush at exit does not raise again, and exit non-zero as SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,21 @@ def test_overrides(tmp_path):
     assert spec.stage("ad").with_["epochs"] == 5 and spec.artifacts == "s3://b/p"
     with pytest.raises(UserError, match="no stage named 'zz'"):
         load_pipeline(write(tmp_path, base_spec()), ["stages.zz.with.epochs=5"])
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `clipforge schema | head -1`: the pipe closes while the schema (~40 KB) is being written.
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the output, so the writer must block
+    proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "schema"], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    assert os.read(read_end, 100).startswith(b"{")
+    os.close(read_end)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"Traceback" not in err, err.decode()[-2000:]

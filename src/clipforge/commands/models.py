@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from clipforge.tables import text_table
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("models", help="list fine-tuned models")
@@ -33,8 +35,7 @@ def table(models: list[dict]) -> str:
                      _figure(m.get("epochs"), "{}"), _figure(m.get("best_epoch"), "{}"),
                      _figure(best.get("image_to_text_R@1"), "{:.3f}"), _figure(best.get("text_to_image_R@1"), "{:.3f}"),
                      _figure(best.get("val_loss"), "{:.4f}")))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return text_table(rows)
 
 
 def run_list(args) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipforge.tables import text_table
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("runs", help="list the pipeline runs recorded in an artifact store, or show one",
@@ -30,8 +32,7 @@ def table(runs: list[dict]) -> str:
     rows += [(r["run_id"], (r["created"] or "-").replace("T", " ").rstrip("Z"),
               (r["updated"] or "-").replace("T", " ").rstrip("Z"), f"{r['stages_ended']}/{r['stages']}", r["state"])
              for r in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return text_table(rows)
 
 
 def run(args) -> int:

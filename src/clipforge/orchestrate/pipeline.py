@@ -26,6 +26,7 @@ from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
+from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
 
@@ -281,9 +282,7 @@ def summary_table(run: dict) -> str:
         entry = stages.get(name) or {}
         rows.append((name, entry.get("kind", ""), entry.get("status", "not started"),
                      str(entry.get("seconds") or ""), entry.get("output") or entry.get("message", "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-             for row in rows]
+    lines = text_table(rows).splitlines()
     for name in order:
         entry = stages.get(name) or {}
         for note in entry.get("notes") or []:

@@ -1,0 +1,10 @@
+"""Plain-text tables for the CLI's listings: left-aligned columns two spaces apart, no trailing blanks."""
+
+from __future__ import annotations
+
+
+def text_table(rows: list[tuple]) -> str:
+    """`rows[0]` is the header; cells are printed with `str`."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
