@@ -44,7 +44,7 @@ class Searcher:
 
     def __init__(self, index: str, model: str | None = None, pretrained: str | None = None,
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False):
-        self.table = read_embeddings(index)
+        self.table = read_embeddings(index, "index")
         built = self.table.model
         if model and (model != built.get("name") or (pretrained or None) != built.get("pretrained")):
             raise UserError(f"index {index} was built with model {built.get('name')} "

@@ -47,6 +47,10 @@ def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     scipy.io.savemat(other, {"foo": np.zeros(3)})
     with pytest.raises(UserError, match="no variable 'subjectim'"):
         nsd_index(str(other), "subj01")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a .mat file\n")
+    assert main(["index", "nsd", "--expdesign", str(text), "--subject", "subj01", "--output", "x.parquet"]) == 2
+    assert f"{text} is not a readable .mat file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

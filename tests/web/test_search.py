@@ -23,6 +23,7 @@ from clipforge.data.synthetic import write_captioned_dataset
 from clipforge.errors import UserError
 from clipforge.search import Searcher
 from clipforge.stages.cache import run_cache
+from clipforge.storage.manifest import write_manifest
 from clipforge.web.search_app import SearchServer
 
 SHAPES_MODEL = {
@@ -192,6 +193,14 @@ def test_other_model_is_refused(shapes_index, capsys):
     assert main(["serve", "--index", shapes_index["cache"], "--model", "ViT-B-32", "--pretrained", "openai",
                  "--no-browser", "--port", "0"]) == 2
     assert "embeds into another space" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_a_cache_is_refused(tmp_path, capsys):
+    model_folder = str(tmp_path / "model")  # a committed output of another stage: a manifest of its kind
+    write_manifest(model_folder, kind="finetune", config={}, config_fingerprint="x", inputs={})
+    assert main(["search", "--index", model_folder, "a red circle"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"index {model_folder} holds the output of a finetune stage, not an embedding cache")
 
 
 def test_faiss_index_is_built_next_to_the_cache_and_reused(shapes_index):

@@ -68,11 +68,19 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def read_embeddings(prefix: str) -> EmbeddingTable:
-    """Load a committed cache; an uncommitted one (no manifest) is a UserError."""
+def cache_manifest(prefix: str, role: str = "cache") -> dict:
+    """A committed cache's manifest; a prefix without one, or with another stage's, is a UserError naming `role`."""
     manifest = read_manifest(prefix)
     if manifest is None:
-        raise UserError(f"cache {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
+        raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
+    if manifest.get("kind") != "cache":
+        raise UserError(f"{role} {prefix} holds the output of a {manifest.get('kind')} stage, not an embedding cache")
+    return manifest
+
+
+def read_embeddings(prefix: str, role: str = "cache") -> EmbeddingTable:
+    """Load a committed cache; an uncommitted one (no manifest) or another stage's output is a UserError."""
+    manifest = cache_manifest(prefix, role)
     tables = []
     for shard in manifest["shards"]:
         raw = storage.read_bytes(storage.join(prefix, shard["path"]))

@@ -29,7 +29,7 @@ def nsd_index(expdesign: str, subject: str, *, unsigned: bool = False) -> pd.Dat
     number = subject_number(subject)
     try:
         mat = scipy.io.loadmat(io.BytesIO(storage.read_bytes(expdesign, unsigned=unsigned)))
-    except (ValueError, TypeError, NotImplementedError) as exc:
+    except (ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
         raise UserError(f"{expdesign} is not a readable .mat file: {exc}") from None
     for key in ("subjectim", "sharedix"):
         if key not in mat:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipforge.config.adapter import AdapterConfig
-from clipforge.data.embeddings import EmbeddingTable, read_embeddings
+from clipforge.data.embeddings import EmbeddingTable, cache_manifest, read_embeddings
 from clipforge.errors import UserError
-from clipforge.storage.manifest import read_manifest
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -52,9 +51,7 @@ def _examples(ids, n: int = 5) -> str:
 
 def cache_fingerprint(prefix: str, role: str) -> dict:
     """What identifies a committed cache: a hash of its manifest, which lists every shard it holds."""
-    manifest = read_manifest(prefix)
-    if manifest is None:
-        raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
+    manifest = cache_manifest(prefix, role)
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"manifest_sha256": digest, "rows": manifest.get("rows")}
 
@@ -127,8 +124,8 @@ def _splits(source, target, s_idx, t_idx, ids, config: AdapterConfig) -> np.ndar
 
 def read_pairs(config: AdapterConfig) -> PairedEmbeddings:
     """Both caches, checked and joined on id; the training rows cut to `limit` (seeded) when it is set."""
-    source = read_embeddings(config.clip_cache)
-    target = read_embeddings(config.target_cache)
+    source = read_embeddings(config.clip_cache, "clip_cache")
+    target = read_embeddings(config.target_cache, "target_cache")
     _check_cache(source, "clip_cache", config.clip_cache, config.in_dim)
     _check_cache(target, "target_cache", config.target_cache, config.out_dim)
     ids, s_idx, t_idx = _join(source, target, config)

@@ -71,7 +71,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 def evaluate_generated(cfg: EvaluateConfig, metrics: dict) -> list[str]:
     """Image-level rows into `metrics["images"]`; writes the contact sheet and the table's chart."""
-    target = read_embeddings(cfg.target_cache)
+    target = read_embeddings(cfg.target_cache, "target_cache")
     rows, embedded = score_generated(cfg.generated, target, cfg.device)
     metrics["images"] = rows
     log.info("generated images, %s split:\n%s", cfg.split, table_text(rows))

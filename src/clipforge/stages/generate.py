@@ -100,7 +100,7 @@ def load_pipeline(cfg: GenerateConfig, device: torch.device, precision: str):
 
 def select_rows(cfg: GenerateConfig):
     """(ids, embeddings) to generate for, sorted by id; NaN or inf rows are named."""
-    table = read_embeddings(cfg.embeddings)
+    table = read_embeddings(cfg.embeddings, "embeddings")
     keep = np.ones(len(table.ids), dtype=bool)
     if cfg.split and table.has_splits():
         keep = table.splits == cfg.split
