@@ -150,6 +150,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
 
     with h5py.File(flat, "w") as f:
         f.create_dataset("imgBrick", data=np.zeros((4, 8, 8), np.uint8))
+    not_weights = tmp_path / "notes.pt"
+    not_weights.write_text("not a checkpoint\n")
     base = {"--source": nsd["local"], "--index": nsd["index"], "--model": "tiny-source",
             "--model-config": str(src_cfg), "--pretrained": str(src_weights)}
     return {
@@ -161,6 +163,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         "bad shape": ({"--source": str(flat), "--index": str(out_of_range)}, "expected (N, H, W, 3) uint8"),
         "unknown model": ({"--model": "no-such-model"}, "unknown model 'no-such-model'"),
         "weights do not fit": ({"--pretrained": str(tgt_weights)}, "do not fit model tiny-source"),
+        "not a weights file": ({"--pretrained": str(not_weights)},
+                               f"weights {not_weights} are not a checkpoint torch can read"),
         "weights do not fit, in a Ray actor": ({"--pretrained": str(tgt_weights), "--engine": "ray"},
                                                "do not fit model tiny-source"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
@@ -169,7 +173,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing S3 object", "wrong dataset", "id out of range", "bad shape",
-                                  "unknown model", "weights do not fit", "weights do not fit, in a Ray actor",
+                                  "unknown model", "weights do not fit", "not a weights file",
+                                  "weights do not fit, in a Ray actor",
                                   "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,14 +95,22 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
         with build_on:
             model = open_clip.create_model(spec.model, pretrained=pretrained, device=device,
                                            precision=weights_precision)
-    except (RuntimeError, ValueError, OSError, AssertionError) as exc:  # open_clip asserts on some shape mismatches
+    except WEIGHTS_ERRORS as exc:
         raise UserError(weights_problem(spec, exc)) from None
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
 
 
+# What loading a weights file that is not one, or not this model's, raises: torch.load's unpickler (a file of
+# something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path.
+WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError)
+
+
 def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
     """One line for a checkpoint that does not load: the first mismatching key, not torch's whole list."""
+    if isinstance(exc, pickle.UnpicklingError | EOFError):
+        return f"weights {spec.pretrained} are not a checkpoint torch can read (a state dict saved by torch.save, " \
+               "or .safetensors)"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for marker in ("size mismatch", "Missing key", "Unexpected key"):
         hit = next((line for line in lines if marker in line), None)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import register_model_config, weights_problem
+from clipforge.models.encoders import WEIGHTS_ERRORS, register_model_config, weights_problem
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.finetune")
@@ -70,7 +70,7 @@ def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltMo
     try:
         model, train_transform, val_transform = open_clip.create_model_and_transforms(
             config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
-    except (RuntimeError, ValueError, OSError, KeyError, AssertionError) as exc:  # open_clip asserts on some shapes
+    except WEIGHTS_ERRORS as exc:
         raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
     return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
 
