@@ -150,6 +150,7 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
         (["--embeddings", small, "--adapter", generation_inputs["adapter"]],
          "takes 512-D embeddings, but " + small + " holds 16-D ones"),
         (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
+        (["--pipeline", str(tmp_path / "no-such-folder")], f"pipeline {tmp_path / 'no-such-folder'} not found"),
     ]
     for number, (extra, message) in enumerate(cases):
         out = tmp_path / f"out{number}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +59,18 @@ def pipeline_folder(cfg: GenerateConfig) -> str:
     return cfg.pipeline
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+
+
 def pipeline_identity(cfg: GenerateConfig) -> dict:
     index = storage.join(cfg.pipeline, "model_index.json")
     if storage.is_s3(cfg.pipeline) or storage.local_path(cfg.pipeline).is_dir():
         if not storage.exists(index):
             raise UserError(f"pipeline {cfg.pipeline} has no model_index.json: not a diffusers pipeline folder")
         return storage.fingerprint(index)
+    if not HUB_ID.match(cfg.pipeline):  # a path that is not there: hub ids are `owner/name`
+        raise UserError(f"pipeline {cfg.pipeline} not found: give a diffusers pipeline folder (local or s3://) "
+                        "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
     return {"hub_id": cfg.pipeline}
 
 
