@@ -31,6 +31,7 @@ from clipforge.tables import text_table
 log = logging.getLogger("clipforge.run")
 
 STATUSES = ("done", "up-to-date", "reused", "skipped", "failed-continued", "failed")
+FINISHED = ("done", "up-to-date", "reused")  # the stage's output is there
 
 
 @dataclass
@@ -290,9 +291,6 @@ def summary_table(run: dict) -> str:
         if entry.get("status") == "failed-continued":
             lines.append(f"WARNING [{name}] failed and the run went on without it: {entry.get('message')}")
     return "\n".join(lines)
-
-
-FINISHED = ("done", "up-to-date", "reused")
 
 
 def next_steps(run: dict) -> list[str]:
