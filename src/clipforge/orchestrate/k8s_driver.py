@@ -26,7 +26,7 @@ from clipforge.config.base import read_yaml
 from clipforge.config.pipeline import load_pipeline
 from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
-from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, run_pipeline, summary_table
+from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.drive")
@@ -370,5 +370,5 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
              settings.namespace, len(spec.stages), spec.artifacts)
     executor = KubernetesExecutor(settings, api_client(kubeconfig), watch_seconds=watch_seconds)
     record = run_pipeline(spec, run_id, executor)
-    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record.data))
+    log_summary(record)
     return record

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from clipforge.config.pipeline import load_pipeline
-from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, new_run_id, next_steps, run_pipeline, summary_table
+from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, new_run_id, run_pipeline
 
 log = logging.getLogger("clipforge.run")
 
@@ -39,8 +39,5 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     run_id = run_id or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     record = run_pipeline(spec, run_id, execute_locally)
-    log.info("run %s summary (%s):\n%s", run_id, record.uri, summary_table(record.data))
-    steps = next_steps(record.data)
-    if steps:
-        log.info("next:\n%s", "\n".join(steps))
+    log_summary(record)
     return record

@@ -312,3 +312,11 @@ def next_steps(run: dict) -> list[str]:
             lines.append(f"[{stage.name}] the model: {out}/model.pt; "
                          f"clipforge models list --dir {out.rsplit('/', 1)[0]}")
     return lines
+
+
+def log_summary(record: RunRecord) -> None:
+    """The end of a run, whoever ran it: the summary table, then what to do next."""
+    log.info("run %s summary (%s):\n%s", record.data["run_id"], record.uri, summary_table(record.data))
+    steps = next_steps(record.data)
+    if steps:
+        log.info("next:\n%s", "\n".join(steps))
