@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,16 @@ class Hit:
     path: str
 
 
+def _check_relative_paths(index: str, recorded: dict[str, str | None]) -> None:
+    """A cache records the files its model came from as they were given: relative ones resolve from the
+    directory it was built in (a pipeline's working directory), so say that rather than "not found"."""
+    for what, path in recorded.items():
+        if path and not path.startswith("s3://") and "/" in path and not Path(path).is_absolute() \
+                and not Path(path).exists():
+            raise UserError(f"index {index} was built with {what} {path}, relative to the directory it was built "
+                            f"in; run this from there")
+
+
 class Searcher:
     """Holds a cache and its model; `text(query, k)` and `image(bytes, k)` return the k best hits."""
 
@@ -51,6 +62,7 @@ class Searcher:
                             f"({built.get('pretrained')}); {model} ({pretrained}) embeds into another space")
         self.spec = EncoderSpec(model=built["name"], pretrained=built.get("pretrained"),
                                 model_config=model_config or built.get("model_config"))
+        _check_relative_paths(index, {"model config": self.spec.model_config, "weights": self.spec.pretrained})
         self.model, preprocess_cfg = load_clip(self.spec, device)
         self.preprocess = BatchPreprocess(preprocess_cfg, device)
         self.device = torch.device(device)

@@ -172,3 +172,13 @@ def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
     assert {s["status"] for s in run_json["stages"].values()} == {"up-to-date", "done"}
     assert run_json["stages"]["nsd-index"]["status"] == "up-to-date"
+
+
+def test_the_folder_index_is_searched_from_the_run_directory(first_run, in_demo, tmp_path, monkeypatch, capsys):
+    index = first_run.data["stages"]["folder-index"]["output"]  # relative, as the spec's artifacts
+    assert main(["search", "--index", index, "a red circle", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and all(Path(hit["path"]).is_file() for hit in hits)
+    monkeypatch.chdir(tmp_path)  # elsewhere, the model's recorded relative paths do not resolve: say so
+    assert main(["search", "--index", str(in_demo / index), "a red circle"]) == 2
+    assert "relative to the directory it was built in; run this from there" in capsys.readouterr().err
