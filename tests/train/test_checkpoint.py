@@ -121,7 +121,7 @@ def test_s3_checkpoints_upload_committed_folders_and_resume_downloads(s3_bucket,
     for step in (1, 2, 3):
         s.save(step, files(step))
     remote = f"{out}/checkpoints"
-    assert sorted(ckpt._s3_folders(remote)) == ["step-000002", "step-000003"]
+    assert storage.list_folders(remote) == ["step-000002", "step-000003"]
     assert storage.list_names(f"{remote}/step-000001") == []
     manifest = storage.read_json(f"{remote}/step-000003/{MANIFEST_NAME}")
     assert manifest["step"] == 3 and {f["path"] for f in manifest["files"]} == set(files(3))
