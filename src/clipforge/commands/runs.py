@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                             description="The runs under ARTIFACTS/runs/ (local or s3://), as `clipforge run` and the "
                                         "Kubernetes driver record them after every stage; with RUN_ID (or latest), "
                                         "that run's stages, outputs and what to do next.")
-    parser.add_argument("artifacts", metavar="ARTIFACTS", help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
+    parser.add_argument("artifacts", metavar="ARTIFACTS",
+                        help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
     parser.add_argument("run_id", metavar="RUN_ID", nargs="?", help="a run to show, or `latest`")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
