@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from clipforge.tables import text_table
+from clipforge.tables import print_listing, text_table
 
 
 def add_parser(sub) -> None:
@@ -41,11 +39,6 @@ def table(models: list[dict]) -> str:
 def run_list(args) -> int:
     from clipforge.stages.finetune import finetuned_models
 
-    models = finetuned_models(args.dir)
-    if args.json:
-        print(json.dumps(models, indent=2))
-    elif models:
-        print(table(models))
-    else:
-        print(f"no fine-tuned models in {args.dir}")
+    print_listing(finetuned_models(args.dir), as_json=args.json, table=table,
+                  empty=f"no fine-tuned models in {args.dir}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipforge.tables import text_table
+from clipforge.tables import print_listing, text_table
 
 
 def add_parser(sub) -> None:
@@ -53,11 +53,5 @@ def run(args) -> int:
             if steps:
                 print("next:\n" + "\n".join(steps))
         return 0
-    runs = list_runs(artifacts)
-    if args.json:
-        print(json.dumps(runs, indent=2))
-    elif runs:
-        print(table(runs))
-    else:
-        print(f"no runs recorded under {artifacts}")
+    print_listing(list_runs(artifacts), as_json=args.json, table=table, empty=f"no runs recorded under {artifacts}")
     return 0
