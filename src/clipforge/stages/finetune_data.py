@@ -248,6 +248,16 @@ class KeyBatches:
         return len(self.batches)
 
 
+def loader_workers(asked: int) -> int:
+    """`asked`, at most one per CPU this process may use: more only contend (a laptop, a small pod).
+    The batches do not depend on the number of workers, so neither do the weights."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked > available:
+        log.info("--workers %d, but %d CPUs here: %d loader workers", asked, available, available)
+        return available
+    return asked
+
+
 def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool,
                 trim_text: bool = False):
     """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation)."""

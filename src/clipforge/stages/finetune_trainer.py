@@ -32,7 +32,14 @@ from accelerate.utils import gather_object
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
 from clipforge.progress import Progress
-from clipforge.stages.finetune_data import BadImage, CaptionedImages, CaptionRows, KeyBatches, make_loader
+from clipforge.stages.finetune_data import (
+    BadImage,
+    CaptionedImages,
+    CaptionRows,
+    KeyBatches,
+    loader_workers,
+    make_loader,
+)
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
@@ -130,10 +137,11 @@ class FinetuneTrainer:
         self.loss = open_clip.ClipLoss(rank=self.rank, world_size=self.world)
         pin = accelerator.device.type == "cuda"
         self.train_keys, self.val_keys = KeyBatches(), KeyBatches()
+        workers = loader_workers(config.workers)
         self.train_loader = make_loader(CaptionedImages(train, built.train_transform, built.tokenizer, config.seed),
-                                        self.train_keys, config.workers, pin, self.trim_text)
+                                        self.train_keys, workers, pin, self.trim_text)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
-                                      self.val_keys, config.workers, pin, self.trim_text)
+                                      self.val_keys, workers, pin, self.trim_text)
         _, inverse = np.unique(np.array(val.captions, dtype=object), return_inverse=True)
         self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
