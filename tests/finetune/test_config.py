@@ -163,3 +163,15 @@ def test_unknown_flag_names_the_subcommand_and_shows_its_usage(capsys):
     err = capsys.readouterr().err
     assert "usage: clipforge finetune" in err and "--train-data" in err  # the subcommand's usage, not the top level's
     assert err.strip().endswith("clipforge finetune: error: unrecognized arguments: --output o")
+
+
+def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch, caplog):
+    import os
+
+    from clipforge.stages.finetune_data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    with caplog.at_level(logging.INFO, logger="clipforge.finetune"):
+        assert loader_workers(8) == 3
+    assert "--workers 8, but 3 CPUs here: 3 loader workers" in caplog.text
+    assert loader_workers(2) == 2 and loader_workers(0) == 0
