@@ -18,7 +18,7 @@ from clipforge.cli import main
 from clipforge.data.synthetic import write_demo_data
 from clipforge.orchestrate.local import run_spec
 from clipforge.orchestrate.pipeline import next_steps
-from clipforge.orchestrate.runs import run_state
+from clipforge.orchestrate.runs import run_state, watch_run
 from clipforge.storage.manifest import read_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
@@ -182,3 +182,34 @@ def test_the_folder_index_is_searched_from_the_run_directory(first_run, in_demo,
     monkeypatch.chdir(tmp_path)  # elsewhere, the model's recorded relative paths do not resolve: say so
     assert main(["search", "--index", str(in_demo / index), "a red circle"]) == 2
     assert "relative to the directory it was built in; run this from there" in capsys.readouterr().err
+
+
+def test_watch_follows_a_run_until_it_ends(first_run, in_demo):
+    # A run in progress, as a runner writes it: the first run's record, its stages arriving one per read.
+    record = json.loads(Path("demo/artifacts/runs/first/run.json").read_text())
+    names = [stage["name"] for stage in record["spec"]["stages"]]
+    finished = record["stages"]
+    live = Path("demo/artifacts/runs/watched/run.json")
+    live.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: int, running: str | None = None, failed: str | None = None) -> None:
+        stages = {name: finished[name] for name in names[:done]}
+        if running:
+            stages[running] = {"kind": finished[running]["kind"], "status": "running"}
+        if failed:
+            stages[failed] = {"kind": finished[failed]["kind"], "status": "failed", "message": "exit code 1"}
+        live.write_text(json.dumps({**record, "run_id": "watched", "stages": stages}))
+
+    write(0, running=names[0])
+    polls, said = iter(range(1, len(names) + 1)), []
+    state = watch_run("demo/artifacts", "watched", 0.0, say=said.append,
+                      sleep=lambda _: write(done := next(polls), running=names[done] if done < len(names) else None))
+    assert state == "complete" and said[-1] == "run watched: complete"
+    stage_lines = [line.split(" ", 1)[1] for line in said[:-1]]
+    assert stage_lines == [part for name in names
+                           for part in (f"[{name}] running", f"[{name}] {finished[name]['status']}: "
+                                                              f"{finished[name]['output']}")]
+    write(2, failed=names[2])
+    said.clear()
+    assert watch_run("demo/artifacts", "watched", 0.0, say=said.append, sleep=None) == f"failed at {names[2]}"
+    assert f"[{names[2]}] failed: exit code 1" in said[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipforge.errors import UserError
 from clipforge.tables import print_listing, text_table
 
 
@@ -17,6 +18,10 @@ def add_parser(sub) -> None:
                         help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
     parser.add_argument("run_id", metavar="RUN_ID", nargs="?", help="a run to show, or `latest`")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--watch", action="store_true",
+                        help="with RUN_ID: print each stage's status as it changes until the run is complete "
+                             "(exit 0) or failed (exit 1)")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between reads with --watch (default: 10)")
     parser.set_defaults(func=run)
 
 
@@ -38,9 +43,13 @@ def table(runs: list[dict]) -> str:
 
 def run(args) -> int:
     from clipforge.orchestrate.pipeline import next_steps, summary_table
-    from clipforge.orchestrate.runs import list_runs, read_run, run_state
+    from clipforge.orchestrate.runs import list_runs, read_run, run_state, watch_run
 
     artifacts = _artifacts(args.artifacts)
+    if args.watch:
+        if not args.run_id:
+            raise UserError("--watch needs a RUN_ID (or latest)")
+        return 0 if watch_run(artifacts, args.run_id, args.every) == "complete" else 1
     if args.run_id:
         record = read_run(artifacts, args.run_id)
         if args.json:

@@ -7,6 +7,8 @@ the runner's logs: from a laptop, against the same S3 prefix the cluster uses.
 
 from __future__ import annotations
 
+import time
+
 from clipforge.errors import UserError
 from clipforge.orchestrate.pipeline import FINISHED
 from clipforge.storage import uri as storage
@@ -57,3 +59,27 @@ def list_runs(artifacts: str) -> list[dict]:
         runs.append({"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
                      "state": run_state(run), "stages_ended": ended, "stages": total})
     return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
+
+
+def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sleep=time.sleep) -> str:
+    """Say each stage's status as it changes until the run is complete or failed; return that state.
+
+    A run whose runner died stays `at STAGE`: watching it waits, as `kubectl get -w` does, until stopped.
+    """
+    run_id = read_run(artifacts, run_id)["run_id"] if run_id == "latest" else run_id
+    seen: dict[str, str] = {}
+    while True:
+        run = read_run(artifacts, run_id)
+        stages = run.get("stages") or {}
+        for name in [stage["name"] for stage in run["spec"]["stages"]]:
+            entry = stages.get(name) or {}
+            status = entry.get("status")
+            if status and status != seen.get(name):
+                seen[name] = status
+                detail = entry.get("output") if status != "failed" else entry.get("message")
+                say(f"{time.strftime('%H:%M:%S')} [{name}] {status}" + (f": {detail}" if detail else ""))
+        state = run_state(run)
+        if state == "complete" or state.startswith("failed"):
+            say(f"run {run_id}: {state}")
+            return state
+        sleep(every)
