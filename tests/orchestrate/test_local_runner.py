@@ -2,12 +2,14 @@
 resumption after the runner is killed, and each branch of the seed's production policy."""
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,3 +215,24 @@ def test_watch_follows_a_run_until_it_ends(first_run, in_demo):
     said.clear()
     assert watch_run("demo/artifacts", "watched", 0.0, say=said.append, sleep=None) == f"failed at {names[2]}"
     assert f"[{names[2]}] failed: exit code 1" in said[2]
+
+
+def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
+    # Two CI retrains of the same change at once: the same content-addressed adapter output.
+    changed = [*SMALL, "stages.adapter.with.epochs=6"]
+    records = {}
+    first = threading.Thread(target=lambda: records.update(a=run_spec(DEMO_SPEC, changed, run_id="race-a")))
+    first.start()
+    run_json = Path("demo/artifacts/runs/race-a/run.json")
+    deadline = time.monotonic() + 120
+    while not (run_json.is_file()  # written whole (atomically) after every stage
+               and json.loads(run_json.read_text())["stages"].get("adapter", {}).get("status") == "running"):
+        assert first.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    with caplog.at_level(logging.WARNING, logger="clipforge.run"):
+        second = run_spec(DEMO_SPEC, changed, run_id="race-b")
+    first.join()
+    assert statuses(records["a"])["adapter"] == "done"
+    assert statuses(second)["adapter"] == "reused"  # it waited, then found the adapter committed
+    assert second.data["stages"]["adapter"]["output"] == records["a"].data["stages"]["adapter"]["output"]
+    assert "[adapter] run race-a (on " in caplog.text and "waiting for it" in caplog.text

@@ -24,6 +24,7 @@ import yaml
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
+from clipforge.orchestrate.lease import StageLease
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 from clipforge.tables import text_table
@@ -227,6 +228,14 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     notes = resolved.notes + [f"{n} failed; going on without it (zero-padding baseline)" for n in lost]
     for note in notes:
         log.warning("[%s] %s", name, note)
+    # One run at a time writes this output: another run's stage waits here, then finds it done.
+    with StageLease(resolved.output, record.data["run_id"], name):
+        return _reuse_or_execute(stage, resolved, record, execute, notes)
+
+
+def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,
+                      notes: list[str]):
+    name = stage.name
     manifest = read_manifest(resolved.output)
     if manifest is not None:
         previous = record.stage(name) or {}

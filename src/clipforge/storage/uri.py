@@ -6,6 +6,8 @@ never sees half a file under its final name.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -98,6 +100,58 @@ def write_bytes(uri: str, data: bytes) -> None:
         case "s3":
             loc = s3.parse_s3(uri)
             s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """The object's bytes and a token naming this version of it (S3: its ETag; disk: a hash); None if absent."""
+    match scheme(uri):
+        case "file":
+            path = local_path(uri)
+            if not path.is_file():
+                return None
+            data = path.read_bytes()
+            return data, hashlib.sha256(data).hexdigest()
+        case "s3":
+            loc = s3.parse_s3(uri)
+            try:
+                reply = s3.client().get_object(Bucket=loc.bucket, Key=loc.key)
+            except Exception as exc:
+                if s3.is_not_found(exc):
+                    return None
+                raise
+            return reply["Body"].read(), reply["ETag"]
+
+
+def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
+    """Compare-and-swap: write only while the object is still the version `expected` names (None: absent).
+
+    Returns the new version's token, or None when another writer changed it first. S3 checks this itself
+    (conditional PUT: If-None-Match / If-Match); on disk the folder is locked (flock) around read and write.
+    """
+    match scheme(uri):
+        case "file":
+            path = local_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX)
+                current = read_versioned(uri)
+                if (current[1] if current else None) != expected:
+                    return None
+                write_bytes(uri, data)
+                return hashlib.sha256(data).hexdigest()
+            finally:
+                os.close(folder)  # releases the lock
+        case "s3":
+            loc = s3.parse_s3(uri)
+            condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+            try:
+                return s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)["ETag"]
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or (expected and s3.is_not_found(exc)):
+                    return None
+                raise
 
 
 def read_json(uri: str, *, unsigned: bool = False) -> Any:

@@ -1,0 +1,92 @@
+"""One run at a time per stage output: a lease under the output prefix, renewed while the stage runs.
+
+Outputs are content-addressed, so two runs of unchanged stages (two CI retrains
+at once, a new Helm release while the last one's driver still runs) would
+otherwise train into the same prefix together and trip over each other's
+checkpoints. The runner takes `OUTPUT/_lease.json` by compare-and-swap before it
+checks the manifest and runs the stage: a second run waits, then finds the
+output done and reuses it. A run takes its own lease back at once (a restarted
+driver, a rerun after kill -9); another run's lease is taken over only after it
+has not changed for `stale_after` seconds on the waiter's own clock (its holder
+died without releasing it), so the two machines' clocks never have to agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+
+from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.run")
+
+LEASE_NAME = "_lease.json"
+
+
+class StageLease:
+    """Context manager: hold `output`'s lease for `run_id` for the duration of the block."""
+
+    def __init__(self, output: str, run_id: str, stage: str, *, renew_every: float = 30.0,
+                 stale_after: float = 120.0, poll: float = 5.0):
+        self.uri = storage.join(output, LEASE_NAME)
+        self.run_id, self.stage = run_id, stage
+        self.renew_every, self.stale_after, self.poll = renew_every, stale_after, poll
+        self.token: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        # The nonce makes every renewal a new version even within one second.
+        return json.dumps({"run_id": self.run_id, "stage": self.stage, "host": socket.gethostname(),
+                           "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "nonce": secrets.token_hex(4)}).encode()
+
+    def __enter__(self) -> StageLease:
+        seen, since, said = None, time.monotonic(), False
+        while True:
+            current = storage.read_versioned(self.uri)
+            if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
+                seen, since = current[1], time.monotonic()
+            holder = json.loads(current[0]) if current is not None else None
+            mine = holder is not None and holder.get("run_id") == self.run_id
+            stale = holder is not None and time.monotonic() - since > self.stale_after
+            if current is None or mine or stale:
+                if stale and not mine:
+                    log.warning("[%s] run %s held %s but has not renewed it for %.0f s: taking it over",
+                                self.stage, holder.get("run_id"), self.uri, time.monotonic() - since)
+                self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
+                if self.token is not None:
+                    break
+                continue  # another run took it between our read and our write: look again
+            if not said:
+                log.warning("[%s] run %s (on %s) is writing %s: waiting for it", self.stage, holder.get("run_id"),
+                            holder.get("host"), self.uri.rsplit("/", 1)[0])
+                said = True
+            time.sleep(self.poll)
+        self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.stage}", daemon=True)
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                token = storage.write_if(self.uri, self._body(), self.token)
+            except Exception as exc:  # a blip of the store: the next renewal tries again, well before it is stale
+                log.warning("[%s] could not renew the lease on %s: %s", self.stage, self.uri, exc)
+                continue
+            if token is None:
+                log.error("[%s] lost the lease on %s to another run", self.stage, self.uri)
+                return
+            self.token = token
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        current = storage.read_versioned(self.uri)
+        if current is not None and current[1] == self.token:
+            storage.delete(self.uri)

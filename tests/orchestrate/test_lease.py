@@ -1,0 +1,78 @@
+"""Stage leases: one run at a time per output, on disk and on S3 (moto's server), with real threads."""
+
+import logging
+import threading
+import time
+
+import pytest
+
+from clipforge.orchestrate.lease import LEASE_NAME, StageLease
+from clipforge.storage import uri as storage
+
+FAST = {"poll": 0.02, "renew_every": 0.05, "stale_after": 5.0}
+
+
+@pytest.fixture(params=["disk", "s3"])
+def output(request, tmp_path):
+    if request.param == "disk":
+        return str(tmp_path / "adapter" / "key")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/adapter/key"
+
+
+def abandon(lease: StageLease) -> None:
+    """What a runner killed with SIGKILL leaves: the lease held, never renewed, never released."""
+    lease._stop.set()
+    lease._renewer.join()
+
+
+def test_compare_and_swap(output):
+    uri = storage.join(output, "x.json")
+    first = storage.write_if(uri, b"1", None)
+    assert first is not None
+    assert storage.write_if(uri, b"2", None) is None  # it exists: a create loses
+    second = storage.write_if(uri, b"3", first)
+    assert second is not None and storage.read_versioned(uri) == (b"3", second)
+    assert storage.write_if(uri, b"4", first) is None  # a writer holding an old version loses
+    assert storage.read_bytes(uri) == b"3"
+
+
+def test_a_second_run_waits_until_the_first_is_done(output, caplog):
+    spans = {}
+
+    def run(run_id: str, hold: float) -> None:
+        with StageLease(output, run_id, "adapter", **{**FAST, "stale_after": 0.2}):
+            spans[run_id] = [time.monotonic()]
+            time.sleep(hold)
+            spans[run_id].append(time.monotonic())
+
+    first = threading.Thread(target=run, args=("ci-1", 0.6))
+    first.start()
+    while "ci-1" not in spans:
+        time.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="clipforge.run"):
+        run("ci-2", 0.0)  # renewed every 0.05 s, never unchanged for 0.2 s: it waits for the release
+    first.join()
+    assert spans["ci-2"][0] >= spans["ci-1"][1]
+    assert "run ci-1 (on " in caplog.text and "is writing" in caplog.text
+    assert not storage.exists(storage.join(output, LEASE_NAME))  # released
+
+
+def test_the_same_run_takes_its_own_lease_back_at_once(output):
+    held = StageLease(output, "run-7", "adapter", **FAST).__enter__()
+    abandon(held)
+    started = time.monotonic()
+    with StageLease(output, "run-7", "adapter", **FAST):  # a restarted driver, a rerun after kill -9
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog):
+    held = StageLease(output, "dead-run", "adapter", **FAST).__enter__()
+    abandon(held)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="clipforge.run"):
+        with StageLease(output, "next-run", "adapter", **{**FAST, "stale_after": 0.4}) as lease:
+            assert time.monotonic() - started >= 0.4
+            holder = storage.read_json(storage.join(output, LEASE_NAME))
+            assert holder["run_id"] == "next-run" and lease.token is not None
+    assert "run dead-run held" in caplog.text and "taking it over" in caplog.text
