@@ -76,3 +76,10 @@ def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog)
             holder = storage.read_json(storage.join(output, LEASE_NAME))
             assert holder["run_id"] == "next-run" and lease.token is not None
     assert "run dead-run held" in caplog.text and "taking it over" in caplog.text
+
+
+def test_an_unreadable_lease_is_waited_out_like_any_other(output):
+    storage.write_bytes(storage.join(output, LEASE_NAME), b"\x00 not json")
+    started = time.monotonic()
+    with StageLease(output, "run-1", "adapter", **{**FAST, "stale_after": 0.3}):
+        assert time.monotonic() - started >= 0.3

@@ -51,7 +51,7 @@ class StageLease:
             current = storage.read_versioned(self.uri)
             if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
                 seen, since = current[1], time.monotonic()
-            holder = json.loads(current[0]) if current is not None else None
+            holder = _holder(current[0]) if current is not None else None
             mine = holder is not None and holder.get("run_id") == self.run_id
             stale = holder is not None and time.monotonic() - since > self.stale_after
             if current is None or mine or stale:
@@ -90,3 +90,12 @@ class StageLease:
         current = storage.read_versioned(self.uri)
         if current is not None and current[1] == self.token:
             storage.delete(self.uri)
+
+
+def _holder(raw: bytes) -> dict:
+    """The lease's content; one that cannot be read names no run, so only going stale frees it."""
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
