@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 
 def add_parser(sub) -> None:
@@ -15,16 +16,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
+    # The tiny models are random on purpose: open_clip's "no pretrained weights" warnings and the
+    # save_pretrained progress bars say nothing here. (Set before the Hugging Face libraries load, which
+    # happens only when the data is written, not when it is already there.)
+    logging.getLogger().setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from clipforge.data.synthetic import write_demo_data
 
-    # The tiny models are random on purpose: open_clip's "no pretrained weights" warnings and the
-    # save_pretrained progress bars say nothing here.
-    logging.getLogger().setLevel(logging.ERROR)
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     log = logging.getLogger("clipforge.demo")
     paths = write_demo_data(args.dir, args.images, args.captioned_images)
     for name, path in paths.items():
