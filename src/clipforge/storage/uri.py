@@ -166,34 +166,34 @@ def write_json(uri: str, value: Any) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n")
 
 
-def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
-    """Names of the objects directly under `prefix` (not recursive), sorted."""
+def _one_level(prefix: str, unsigned: bool, *, folders: bool) -> list[str]:
+    """Names directly under `prefix`, sorted: its files (S3: objects) or its folders (S3: common prefixes)."""
     match scheme(prefix):
         case "file":
             path = local_path(prefix)
-            return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+            if not path.is_dir():
+                return []
+            return sorted(p.name for p in path.iterdir() if (p.is_dir() if folders else p.is_file()))
         case "s3":
             loc = s3.parse_s3(prefix.rstrip("/") + "/")
             names = []
             paginator = s3.client(unsigned).get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, Delimiter="/"):
-                names.extend(obj["Key"][len(loc.key) :] for obj in page.get("Contents", []))
+                if folders:
+                    names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+                else:
+                    names.extend(obj["Key"][len(loc.key) :] for obj in page.get("Contents", []))
             return sorted(names)
+
+
+def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
+    """Names of the objects directly under `prefix` (not recursive), sorted."""
+    return _one_level(prefix, unsigned, folders=False)
 
 
 def list_folders(prefix: str, *, unsigned: bool = False) -> list[str]:
     """Names of the folders (on S3: common prefixes) directly under `prefix`, sorted; none when it does not exist."""
-    match scheme(prefix):
-        case "file":
-            path = local_path(prefix)
-            return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-        case "s3":
-            loc = s3.parse_s3(prefix.rstrip("/") + "/")
-            names = []
-            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, Delimiter="/"):
-                names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-            return sorted(names)
+    return _one_level(prefix, unsigned, folders=True)
 
 
 def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
