@@ -1,3 +1,5 @@
+import stat
+
 import pytest
 
 from clipforge.errors import UserError
@@ -26,6 +28,18 @@ def test_write_read_list_delete(prefix):
 def test_local_write_leaves_no_temp_files(tmp_path):
     storage.write_bytes(str(tmp_path / "x"), b"1")
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_local_write_honours_the_umask_and_keeps_a_files_mode(tmp_path):
+    """mkstemp's 0600 must not leak: teammates and pods under other uids read these files."""
+    new = tmp_path / "new.csv"
+    storage.write_bytes(str(new), b"1")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~storage._UMASK
+    shared = tmp_path / "index.csv"
+    shared.write_bytes(b"0")
+    shared.chmod(0o664)
+    storage.write_bytes(str(shared), b"1")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
 
 
 def test_missing_object_is_a_user_error(prefix):

@@ -30,6 +30,7 @@ import botocore.exceptions
 
 from clipforge.errors import UserError
 from clipforge.storage import s3
+from clipforge.storage.uri import file_mode
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class RangeCache:
         path = self._path(start, len(data))
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
+            os.fchmod(fd, file_mode(path))  # a cache dir may be shared by several users
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from clipforge.errors import UserError
 from clipforge.storage import s3
 
 SCHEMES = "a local path or s3://bucket/key"
+
+# Read once, while the process is still single-threaded: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def scheme(uri: str) -> str:
@@ -81,6 +86,18 @@ def read_bytes(uri: str, *, unsigned: bool = False) -> bytes:
                 raise
 
 
+def file_mode(path: Path) -> int:
+    """The mode a file written at `path` gets: the one it has if it exists, else what the umask allows.
+
+    mkstemp creates files 0600 and a rename keeps that, which would lock teammates (or a pod running
+    under another uid on a shared volume) out of every dataset split, shard and model written here.
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic: the object appears whole under its name or not at all."""
     match scheme(uri):
@@ -89,6 +106,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
+                os.fchmod(fd, file_mode(path))
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
