@@ -25,6 +25,7 @@ from PIL import Image
 
 from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
+from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, load_clip
 from clipforge.models.preprocess import BatchPreprocess
@@ -85,7 +86,7 @@ class Searcher:
     def image(self, data: bytes, k: int = 10) -> list[Hit]:
         try:
             with Image.open(io.BytesIO(data)) as image:
-                pixels = np.asarray(image.convert("RGB"))
+                pixels = np.asarray(upright_rgb(image))
         except Exception as exc:  # PIL raises many types for corrupt files
             raise UserError(f"the query image cannot be decoded ({type(exc).__name__})") from None
         return self._top(self.model.encode_image(self.preprocess(pixels[None])), k)

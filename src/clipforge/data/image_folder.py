@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from clipforge.data.index import RowIndex
+from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -71,7 +72,7 @@ def decode(root: str, path: str) -> tuple[np.ndarray, int]:
         raise UserError(f"image {uri} not found") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB")), len(data)
+            return np.asarray(upright_rgb(image)), len(data)
     except Exception as exc:  # PIL raises many types for corrupt files
         raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__})") from None
 

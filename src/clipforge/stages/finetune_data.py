@@ -41,6 +41,7 @@ from clipforge.data.captions import (
     resolve_image,
     write_captions,
 )
+from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
@@ -176,8 +177,7 @@ def load_image(uri: str) -> Image.Image:
         image = Image.open(io.BytesIO(storage.read_bytes(uri)))
     else:
         image = Image.open(storage.local_path(uri))
-    image.load()
-    return image
+    return upright_rgb(image)
 
 
 def row_seed(seed: int, epoch: int, row: int) -> int:

@@ -14,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from clipforge.data.pixels import upright
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -51,7 +52,7 @@ def shrink(data: bytes, box: int, name: str) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (box, box))  # JPEG decodes straight at a smaller scale
-            small = ImageOps.exif_transpose(image)
+            small = upright(image)
             small.thumbnail((box, box), Image.Resampling.LANCZOS)
             if small.mode not in ("RGB", "L"):
                 background = Image.new("RGB", small.size, (255, 255, 255))

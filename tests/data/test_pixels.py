@@ -1,0 +1,48 @@
+"""Images reach the model as a person sees them: EXIF rotation applied, 16-bit scaled, in every decoder."""
+
+import numpy as np
+from PIL import Image
+
+from clipforge.data.image_folder import decode
+from clipforge.data.pixels import upright_rgb
+from clipforge.stages.finetune_data import load_image
+
+
+def sideways_photo(path):
+    """A 40 wide x 80 high scene (red top half) stored as 80x40 pixels with orientation 6, as phones do."""
+    upright = np.zeros((80, 40, 3), np.uint8)
+    upright[:40] = (255, 0, 0)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # orientation 6 undoes this
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, "JPEG", quality=95, exif=exif)
+    return upright
+
+
+def test_exif_orientation_is_applied_by_the_cache_and_the_trainer(tmp_path):
+    upright = sideways_photo(tmp_path / "phone.jpg")
+    cached, _ = decode(str(tmp_path), "phone.jpg")
+    trained = np.asarray(load_image(str(tmp_path / "phone.jpg")))
+    for pixels in (cached, trained):
+        assert pixels.shape == upright.shape
+        assert np.abs(pixels.astype(int) - upright).mean() < 8  # JPEG noise only
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    gradient = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    image = Image.fromarray(gradient)
+    assert image.mode == "I;16"
+    image.save(tmp_path / "scan.png")
+    pixels, _ = decode(str(tmp_path), "scan.png")
+    expected = (gradient // 257).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected)
+    assert np.array_equal(np.asarray(load_image(str(tmp_path / "scan.png")))[..., 1], expected)
+
+
+def test_32_bit_greyscale_is_scaled_only_when_it_holds_16_bit_values():
+    """Older Pillows open 16-bit PNGs as mode I; mode I images holding 8-bit values stay as they are."""
+    wide = Image.fromarray(np.array([[0, 65535]], np.int32))
+    narrow = Image.fromarray(np.array([[0, 200]], np.int32))
+    assert wide.mode == narrow.mode == "I"
+    assert np.asarray(upright_rgb(wide))[0, :, 0].tolist() == [0, 255]
+    assert np.asarray(upright_rgb(narrow))[0, :, 0].tolist() == [0, 200]
