@@ -58,6 +58,28 @@ def test_empty_caption_is_named(dataset):
         prepare(PrepareConfig(dataset=str(dataset)))
 
 
+def test_hand_edited_index_mistakes_are_one_line_each(dataset, capsys):
+    """An unquoted comma in a caption and a Latin-1 file name the file and the line, without a traceback."""
+    index = dataset / "index.csv"
+    lines = index.read_text().splitlines()
+    lines[5] = lines[5] + ", gloomy"
+    index.write_text("\n".join(lines) + "\n")
+    assert main(["captions", "prepare", str(dataset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{index}: line 6 has 3 fields, the header 2; put double quotes around" in err
+    lines[5] = lines[5].replace(", gloomy", " caf\u00e9")
+    index.write_bytes("\n".join(lines).encode("latin-1"))
+    assert main(["captions", "prepare", str(dataset)]) == 2
+    assert f"{index} line 6: byte 0xe9 is not UTF-8" in capsys.readouterr().err
+
+
+def test_header_case_and_spaces_are_forgiven(dataset):
+    index = dataset / "index.csv"
+    index.write_text(index.read_text().replace("filepath,caption", "Filepath, Caption ", 1))
+    assert prepare(PrepareConfig(dataset=str(dataset)))["rows"] == 30
+
+
 def test_manual_augmentation_is_deterministic_and_never_repeats(dataset):
     prepare(PrepareConfig(dataset=str(dataset)))
     augment(AugmentConfig(dataset=str(dataset), per_sample=3, seed=1))

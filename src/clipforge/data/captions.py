@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from clipforge.config.captions import PrepareConfig
+from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -35,11 +36,7 @@ def resolve_image(dataset: str, filepath: str) -> str:
 
 def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:
     """A filepath,caption CSV; a missing column or an empty caption is named with its row."""
-    frame = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} has no column {missing[0]!r}; it needs columns filepath,caption "
-                        f"(found: {', '.join(frame.columns)})")
+    frame = read_text_csv(path, COLUMNS)
     if frame.empty:
         raise UserError(f"{path} has no rows")
     empty = frame.index[frame["caption"].str.strip() == ""]

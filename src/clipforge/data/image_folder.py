@@ -14,11 +14,11 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from clipforge.data.index import RowIndex
 from clipforge.data.pixels import upright_rgb
+from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -38,9 +38,7 @@ def collection_root(source: str) -> str:
 def list_collection(source: str) -> tuple[RowIndex, dict]:
     """The ids (relative paths, sorted) and splits of a folder or CSV, and a fingerprint of the listing."""
     if source.lower().endswith(".csv"):
-        frame = pd.read_csv(io.BytesIO(storage.read_bytes(source)), dtype=str, keep_default_na=False)
-        if "filepath" not in frame.columns:
-            raise UserError(f"{source} has no 'filepath' column; found: {', '.join(frame.columns)}")
+        frame = read_text_csv(source, ["filepath"])
         frame = frame.drop_duplicates("filepath").sort_values("filepath")
         splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
         ids = frame["filepath"].to_numpy(dtype=object)

@@ -15,7 +15,6 @@ the caption being typed.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
@@ -29,6 +28,7 @@ from PIL import Image
 
 from clipforge.data.captions import COLUMNS, INDEX
 from clipforge.data.image_folder import IMAGE_SUFFIXES
+from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -116,12 +116,7 @@ def read_index(path: Path) -> pd.DataFrame:
     """index.csv as strings, every column kept; empty when there is none yet."""
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in COLUMNS})
-    frame = pd.read_csv(io.BytesIO(path.read_bytes()), dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} has no column {missing[0]!r}; it needs columns filepath,caption "
-                        f"(found: {', '.join(frame.columns)})")
-    return frame.astype(object)
+    return read_text_csv(str(path), COLUMNS).astype(object)
 
 
 def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
