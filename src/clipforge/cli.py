@@ -15,7 +15,7 @@ import pkgutil
 import sys
 
 from clipforge import commands
-from clipforge.errors import EXIT_USER_ERROR, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         sys.stdout.flush()
 

@@ -13,3 +13,5 @@ EXIT_USER_ERROR = 2
 # An orchestrator tells preemption from failure by this code: the stage saved a
 # checkpoint on SIGTERM and exited cleanly; rerunning resumes it.
 EXIT_PREEMPTED = 75
+# Ctrl-C: the shell's convention (128 + SIGINT), also after a training stage saved a checkpoint first.
+EXIT_INTERRUPTED = 130

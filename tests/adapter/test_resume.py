@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from adapter_caches import FAST, config_args, max_abs_diff, weights, write_pair
 
-from clipforge.errors import EXIT_PREEMPTED
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +79,16 @@ def test_kill_9_twice_then_rerun_equals_uninterrupted(reference, tmp_path):
     assert max_abs_diff(weights(str(out)), expected) <= 1e-6
 
 
-def test_sigterm_checkpoints_and_exits_with_the_preemption_code(reference, tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, EXIT_PREEMPTED, "SIGTERM received"),
+                                              (signal.SIGINT, EXIT_INTERRUPTED, "Ctrl-C: saving a checkpoint")])
+def test_a_stop_signal_checkpoints_and_exits(reference, tmp_path, sig, code, said):
     src, tgt, expected = reference
     out = tmp_path / "out"
     proc = start(src, tgt, str(out))
-    seen = interrupt_after(proc, out, -1, signal.SIGTERM)
+    seen = interrupt_after(proc, out, -1, sig)
     log = proc.communicate(timeout=60)[0]
-    assert proc.returncode == EXIT_PREEMPTED, log
-    assert "SIGTERM" in log and "Traceback" not in log
+    assert proc.returncode == code, log
+    assert said in log and "Traceback" not in log
     assert not (out / "_manifest.json").exists()
     assert newest_step(out) > seen  # the checkpoint taken on the way out
     proc = start(src, tgt, str(out))

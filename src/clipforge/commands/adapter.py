@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "train-adapter",
         help=short_help(AdapterConfig.__doc__),
-        description=AdapterConfig.__doc__ + " Exit code 75: stopped by SIGTERM after a checkpoint; rerun to resume.",
+        description=AdapterConfig.__doc__ + " Exit code 75 (SIGTERM) or 130 (Ctrl-C): stopped "
+        "after a checkpoint; rerun to resume.",
     )
     add_config_flags(parser, AdapterConfig)
     parser.set_defaults(func=run)

@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
         "finetune",
         help=short_help(FinetuneConfig.__doc__),
         description=FinetuneConfig.__doc__ + " Output: OUT/<YYYYmmdd-HHMMSS>/ with model.pt (open_clip loads it: "
-        "create_model_and_transforms(NAME, pretrained=PATH)), model.json and _manifest.json. Exit code 75: "
-        "stopped by SIGTERM after a checkpoint; rerun with --resume latest to continue.",
+        "create_model_and_transforms(NAME, pretrained=PATH)), model.json and _manifest.json. Exit code 75 "
+        "(SIGTERM) or 130 (Ctrl-C): stopped after a checkpoint; rerun with --resume latest to continue.",
     )
     add_config_flags(parser, FinetuneConfig)
     parser.set_defaults(func=run)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -263,6 +264,18 @@ def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin
     """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation)."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=functools.partial(collate, trim_text=trim_text),
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, worker_init_fn=leave_signals_to_the_trainer,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT.
+
+    `kill -- -PGID`, Slurm's scancel, systemd and Ctrl-C signal the whole
+    process group: a worker that died of it would make the trainer fail mid-step
+    ("DataLoader worker is killed by signal") before it could save its checkpoint.
+    The trainer stops them itself once it has saved.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

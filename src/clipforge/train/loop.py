@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from clipforge.errors import UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 log = logging.getLogger(__name__)
 
@@ -355,28 +355,44 @@ def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_st
 
 
 class PreemptionWatch:
-    """Inside `with`, SIGTERM only sets `requested`: the loop checkpoints at the next step and exits.
+    """Inside `with`, SIGTERM or a first Ctrl-C only set `requested`: the loop checkpoints at the next
+    step and exits. A second Ctrl-C stops at once (KeyboardInterrupt), losing the steps since the last
+    checkpoint.
 
     Outside the main thread (where signals cannot be caught) it watches nothing.
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.interrupted = False  # the stop came from Ctrl-C (SIGINT), not from SIGTERM
+        self._previous: dict[int, object] = {}
 
     def _on_sigterm(self, signum, frame) -> None:
         if not self.requested:
             log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
         self.requested = True
 
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
+                    "(Ctrl-C again stops at once, losing the steps since the last checkpoint)")
+        self.requested = self.interrupted = True
+
+    @property
+    def exit_code(self) -> int:
+        """What a stopped run exits with: 130 after Ctrl-C, as shells expect; EXIT_PREEMPTED after SIGTERM."""
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_PREEMPTED
+
     def __enter__(self) -> PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+                              signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def open_tensorboard(log_dir: str | Path, resume_step: int):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from accelerate import Accelerator
 
-from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import manifest_uri, read_manifest
 from clipforge.train import launch
@@ -29,8 +29,8 @@ def train_in_workers(command: str, config: dict, num_processes: int, out: str) -
     outcome = launch.relaunch(command, config, num_processes, quiet=quiet)
     if outcome.message:
         raise UserError(outcome.message)
-    if outcome.exit_code == EXIT_PREEMPTED:
-        return TrainResult("preempted", out, exit_code=EXIT_PREEMPTED)
+    if outcome.exit_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # stopped after a checkpoint
+        return TrainResult("preempted", out, exit_code=outcome.exit_code)
     if outcome.exit_code != 0:
         raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
     done = read_manifest(out) or {}
@@ -50,12 +50,14 @@ def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: st
 
 
 def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,
-                   summarise: Callable[[], dict], commit: Callable[[dict], None]) -> TrainResult:
-    """Train to the end (or to SIGTERM: checkpoint kept, `EXIT_PREEMPTED`), then rank 0 commits the outputs."""
+                   summarise: Callable[[], dict], commit: Callable[[dict], None],
+                   how_to_resume: str = "the same command resumes") -> TrainResult:
+    """Train to the end (or to SIGTERM or Ctrl-C: checkpoint kept, `watch.exit_code`), then rank 0 commits
+    the outputs."""
     if not trainer.fit(watch, log_dir):
-        log.warning("preempted at step %d; checkpoint kept, a rerun resumes (exit code %d)",
-                    trainer.progress.step, EXIT_PREEMPTED)
-        return TrainResult("preempted", out, exit_code=EXIT_PREEMPTED)
+        log.warning("stopped at step %d; checkpoint kept, %s (exit code %d)",
+                    trainer.progress.step, how_to_resume, watch.exit_code)
+        return TrainResult("preempted", out, exit_code=watch.exit_code)
     metrics = summarise()
     if accelerator.is_main_process:
         trainer.close()
