@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+import pytest
 from finetune_fixtures import config_args, settings
 
 from clipforge.cli import main
-from clipforge.errors import EXIT_USER_ERROR
+from clipforge.errors import EXIT_USER_ERROR, UserError
 
 
 def fail(capsys, tiny_clip, captioned, out: Path, **overrides) -> str:
@@ -97,3 +98,35 @@ def test_a_loss_that_becomes_nan_names_its_step_and_keeps_the_last_good_checkpoi
     assert "at step 1 (epoch 1); the last good checkpoint is OUT/checkpoints/step-000001" in line
     assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step-000001"]
     assert (tmp_path / "c" / "checkpoints" / "step-000001" / "_manifest.json").is_file()
+
+
+def test_a_bad_dataset_row_names_the_users_index_and_leaves_no_run_folder(capsys, tiny_clip, captioned, tmp_path):
+    dataset = tmp_path / "photos"
+    dataset.mkdir()
+    rows = Path(captioned[0]).read_text().splitlines()
+    folder = Path(captioned[0]).parent
+    (dataset / "index.csv").write_text("\n".join([rows[0], *(f"{folder / r}" for r in rows[1:20]),
+                                                  "gone.png,a red circle"]) + "\n")
+    out = tmp_path / "out"
+    line = fail(capsys, tiny_clip, captioned, out, train_data="", val_data="", dataset=str(dataset))
+    assert line.startswith(f"clipforge finetune: error: image {dataset / 'gone.png'} in {dataset / 'index.csv'} "
+                           "not found")
+    assert not out.exists() or not list(out.iterdir())  # no timestamped folder that looks like an attempt
+
+
+def test_resume_latest_passes_over_a_run_that_stopped_before_its_first_checkpoint(tiny_clip, captioned, tmp_path,
+                                                                                   caplog):
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages.finetune import resolve_run
+    from clipforge.storage.manifest import write_manifest
+
+    out = tmp_path / "models"
+    (out / "20260101-000000" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    write_manifest(str(out / "20260101-000000" / "checkpoints" / "step-00000004"), kind="checkpoint",
+                   config={}, config_fingerprint="x", inputs={})
+    (out / "20260102-000000" / "logs").mkdir(parents=True)  # stopped (Ctrl-C twice) before any checkpoint
+    config = FinetuneConfig(**settings(tiny_clip, captioned, out, resume="latest"))
+    # The fake checkpoint records other settings, so resuming it is refused: but it is the run chosen.
+    with caplog.at_level("INFO"), pytest.raises(UserError, match="20260101-000000: that run has other settings"):
+        resolve_run(config)
+    assert f"passing over {out / '20260102-000000'}" in caplog.text

@@ -51,7 +51,19 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     crash or SIGTERM, the same call (or `--resume latest`) resumes from the
     newest complete checkpoint.
     """
+    new_run = config.timestamped and not config.resume
     config = resolve_run(config)
+    try:
+        return _finetune_in(config)
+    except UserError:
+        if new_run and _recorded_config(config.out) is None:
+            # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
+            storage.delete_tree(config.out)
+        raise
+
+
+def _finetune_in(config: FinetuneConfig) -> TrainResult:
+    """`finetune` once `config.out` is the run folder itself."""
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
     manifest = read_manifest(config.out)
@@ -78,6 +90,17 @@ def run_folders(root: str) -> list[str]:
     return sorted(name for name in storage.list_folders(root) if RUN_NAME.match(name))
 
 
+def latest_resumable(root: str) -> str | None:
+    """The newest run folder under `root` with a checkpoint or a finished model; newer ones without either
+    (stopped before their first checkpoint) are passed over, and said so."""
+    for name in reversed(run_folders(root)):
+        folder = storage.join(root, name)
+        if _recorded_config(folder) is not None:
+            return folder
+        log.info("passing over %s: it stopped before its first checkpoint, nothing to resume", folder)
+    return None
+
+
 def _new_run_folder(root: str) -> str:
     name = time.strftime("%Y%m%d-%H%M%S")
     taken = set(storage.list_folders(root))
@@ -96,9 +119,8 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
         raise UserError("a run over several machines needs one folder they all agree on: pass --no-timestamped "
                         "(OUT is the run folder) or --resume FOLDER")
     if config.resume == "latest":
-        names = run_folders(config.out)
-        if names:
-            folder = storage.join(config.out, names[-1])
+        folder = latest_resumable(config.out)
+        if folder:
             _check_resumable(config, folder)
         else:
             log.info("no run under %s to resume: starting a new one", config.out)
@@ -196,7 +218,8 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         trainer.upload_logs = (log_dir, storage.join(config.out, "logs")) if store.remote and not config.logdir \
             else None
         return fit_and_commit(trainer, accelerator, watch, log_dir, config.out, summarise=lambda: summarise(trainer),
-                              commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint))
+                              commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint),
+                              how_to_resume=f"the same command with --resume {config.out} resumes")
     finally:
         if trainer is not None:
             trainer.close()

@@ -139,8 +139,11 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     folder = _folder_of(index)
     frame["filepath"] = [_absolute(resolve_image(folder, p)) for p in frame["filepath"]]
     write_captions(storage.join(data, INDEX), frame)
-    split = prepare(PrepareConfig(dataset=data, val_fraction=config.val_fraction, seed=config.seed,
-                                  skip_bad=config.skip_bad))
+    try:
+        split = prepare(PrepareConfig(dataset=data, val_fraction=config.val_fraction, seed=config.seed,
+                                      skip_bad=config.skip_bad))
+    except UserError as exc:  # name the user's index.csv (same rows, same order), not the run's copy of it
+        raise UserError(str(exc).replace(storage.join(data, INDEX), index)) from None
     if config.augment == "none" or config.per_sample == 0:
         storage.write_bytes(train, storage.read_bytes(storage.join(data, TRAIN_ORIGINAL)))
         variants = {"variants": 0}

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -238,6 +239,16 @@ def delete(uri: str) -> None:
         case "s3":
             loc = s3.parse_s3(uri)
             s3.client().delete_object(Bucket=loc.bucket, Key=loc.key)
+
+
+def delete_tree(prefix: str) -> None:
+    """Every object under `prefix` (a folder and what it holds)."""
+    match scheme(prefix):
+        case "file":
+            shutil.rmtree(local_path(prefix), ignore_errors=True)
+        case "s3":
+            for name in list_tree(prefix):
+                delete(join(prefix, name))
 
 
 def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
