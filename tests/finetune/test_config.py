@@ -144,11 +144,12 @@ def test_the_loader_cuts_a_batch_s_captions_after_its_last_end_of_text_token(tin
     from clipforge.stages.finetune_data import BadImage, collate
 
     tokens = open_clip.get_tokenizer(tiny_clip[0])(["a red circle", "a very small blue square on a grey ground"])
-    items = [(torch.full((3, 2, 2), float(i)), t) for i, t in enumerate(tokens)]
-    images, cut = collate(items, trim_text=True)
+    items = [(torch.full((3, 2, 2), float(i)), t, torch.tensor([i, i])) for i, t in enumerate(tokens)]
+    images, cut, keys = collate(items, trim_text=True)
     length = int(tokens.argmax(dim=-1).max()) + 1
     assert cut.shape == (2, length) and cut.is_contiguous() and torch.equal(cut, tokens[:, :length])
-    assert torch.equal(images, torch.stack([i for i, _ in items]))
+    assert torch.equal(images, torch.stack([i for i, _, _ in items]))
+    assert keys.tolist() == [[0, 0], [1, 1]]
     assert torch.equal(collate(items)[1], tokens)  # a model without the trimmed pass gets the whole context
     bad = BadImage("x.png", "train.csv", "not found")
     assert collate([items[0], bad], trim_text=True) is bad

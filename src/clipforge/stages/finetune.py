@@ -212,6 +212,10 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
                                 work_dir=config.work_dir)
         clear_stale_output(accelerator, store, config.out)
         log.info("run folder %s: %d training and %d validation pairs", config.out, len(train), len(val))
+        same_image, same_caption = train.shared_pairs()
+        if same_image or same_caption:
+            log.info("%d training rows share their image and %d their caption with another row (caption variants, "
+                     "repeated captions): such rows are no negatives of each other", same_image, same_caption)
         trainer = FinetuneTrainer(config, train, val, store, accelerator)
         trainer.resume()
         log_dir = _log_dir(config, store)

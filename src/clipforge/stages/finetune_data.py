@@ -25,6 +25,7 @@ import random
 import signal
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
@@ -63,6 +64,19 @@ class CaptionRows:
 
     def __len__(self) -> int:
         return len(self.uris)
+
+    @functools.cached_property
+    def pair_keys(self) -> torch.Tensor:
+        """(rows, 2): each row's image id and caption id; rows sharing either are no negatives of each other
+        in the contrastive loss (`train.contrastive`)."""
+        _, image = np.unique(np.array(self.uris, dtype=object), return_inverse=True)
+        _, caption = np.unique(np.array(self.captions, dtype=object), return_inverse=True)
+        return torch.from_numpy(np.stack([image, caption], axis=1).astype(np.int64))
+
+    def shared_pairs(self) -> tuple[int, int]:
+        """(rows whose image another row has too, rows whose caption another row has too)."""
+        keys = self.pair_keys.numpy()
+        return tuple(int((np.bincount(keys[:, k])[keys[:, k]] > 1).sum()) for k in range(2))
 
 
 def _folder_of(path: str) -> str:
@@ -217,11 +231,11 @@ class CaptionedImages(torch.utils.data.Dataset):
             random.seed(seed)
             pixels = self.transform(image)
         random.setstate(python_state)
-        return pixels, self.tokenizer([self.rows.captions[row]])[0]
+        return pixels, self.tokenizer([self.rows.captions[row]])[0], self.rows.pair_keys[row]
 
 
 def collate(items: list, trim_text: bool = False):
-    """A batch (images, tokens), or the first `BadImage` among the items.
+    """A batch (images, tokens, pair keys), or the first `BadImage` among the items.
 
     In a loader worker `default_collate` stacks the images straight into shared
     memory (no copy on the way to the training process). `trim_text` cuts the tokens
@@ -232,11 +246,11 @@ def collate(items: list, trim_text: bool = False):
     bad = next((item for item in items if isinstance(item, BadImage)), None)
     if bad is not None:
         return bad
-    images, tokens = zip(*items, strict=True)
+    images, tokens, keys = zip(*items, strict=True)
     tokens = torch.stack(tokens)
     if trim_text:
         tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1].contiguous()
-    return default_collate(list(images)), tokens
+    return default_collate(list(images)), tokens, torch.stack(keys)
 
 
 class KeyBatches:

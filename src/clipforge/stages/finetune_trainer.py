@@ -6,7 +6,9 @@ epoch, row), the learning rate of the step, and a checkpoint (`train.state`)
 holds weights, optimizer, every process's RNG, `TrainProgress` and the metrics
 so far. The contrastive loss is open_clip's `ClipLoss` over the features of
 all processes (and, with `grad_accum`, of all forward passes of the step, as
-open_clip's `--accum-freq`), so the weights do not depend on the process count.
+open_clip's `--accum-freq`), so the weights do not depend on the process count;
+rows that share an image or a caption are no negatives of each other
+(`train.contrastive`).
 Only rank 0 writes; every process takes part in saving and validating.
 
 On a GPU the host queues steps ahead of the GPU and never waits for it inside
@@ -43,6 +45,7 @@ from clipforge.stages.finetune_data import (
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.contrastive import clip_loss
 from clipforge.train.loop import (
     DeferredLosses,
     PreemptionWatch,
@@ -52,6 +55,7 @@ from clipforge.train.loop import (
     diverged,
     epoch_batches,
     gather_rows,
+    gather_with_grad,
     local_rows,
     open_tensorboard,
     read_losses,
@@ -101,7 +105,6 @@ class FinetuneTrainer:
 
     def __init__(self, config: FinetuneConfig, train: CaptionRows, val: CaptionRows, store: CheckpointStore,
                  accelerator):
-        import open_clip
 
         self.config, self.train_rows, self.val_rows, self.store, self.acc = config, train, val, store, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
@@ -134,7 +137,6 @@ class FinetuneTrainer:
         # The model itself, without DDP or torch.compile's wrappers: its weights and state dict keys, and the
         # one that validates (other batch shapes: run as they come rather than compiled again).
         self.module = plain_module(accelerator, self.model)
-        self.loss = open_clip.ClipLoss(rank=self.rank, world_size=self.world)
         pin = accelerator.device.type == "cuda"
         self.train_keys, self.val_keys = KeyBatches(), KeyBatches()
         workers = loader_workers(config.workers)
@@ -262,10 +264,13 @@ class FinetuneTrainer:
                 keys.append([(epoch, int(r)) for r in rows])
         return keys
 
-    def _contrastive(self, out: dict) -> torch.Tensor:
-        return self.loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+    def _contrastive(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     keys: torch.Tensor) -> torch.Tensor:
+        """The loss of the whole contrastive batch: this process's rows (with gradient) among every process's."""
+        return clip_loss(gather_with_grad(self.acc, image.float()), gather_with_grad(self.acc, text.float()),
+                         logit_scale.float(), gather_with_grad(self.acc, keys))
 
-    def _step(self, passes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _step(self, passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over `grad_accum` forward passes, on the device; returns each pass's loss of the whole
         contrastive batch (on the device, detached: reading it would make the host wait for the GPU).
 
@@ -277,23 +282,27 @@ class FinetuneTrainer:
         """
         self.model.train()
         if self.config.compile:
-            for _, text in passes:  # captions differ in length from batch to batch: one graph for every length
+            for _, text, _ in passes:  # captions differ in length from batch to batch: one graph for every length
                 torch._dynamo.maybe_mark_dynamic(text, 1)
         if len(passes) == 1:
-            loss = self._contrastive(self.model(*passes[0]))
+            images, tokens, keys = passes[0]
+            out = self.model(images, tokens)
+            loss = self._contrastive(out["image_features"], out["text_features"], out["logit_scale"], keys)
             self.acc.backward(loss * self.world)
             losses = [loss]
         else:
             with torch.no_grad():
-                cached = [self.model(*p) for p in passes]
+                cached = [self.model(images, tokens) for images, tokens, _ in passes]
             features = {key: [c[key].float() for c in cached] for key in ("image_features", "text_features")}
+            keys = torch.cat([k for _, _, k in passes])
             losses = []
-            for j, p in enumerate(passes):
+            for j, (images, tokens, _) in enumerate(passes):
                 with self.acc.no_sync(self.model) if j < len(passes) - 1 else nullcontext():
-                    out = self.model(*p)
+                    out = self.model(images, tokens)
                     mixed = {key: torch.cat(features[key][:j] + [out[key].float()] + features[key][j + 1 :])
                              for key in features}
-                    loss = self.loss(mixed["image_features"], mixed["text_features"], out["logit_scale"].float())
+                    loss = self._contrastive(mixed["image_features"], mixed["text_features"], out["logit_scale"],
+                                             keys)
                     self.acc.backward(loss * self.world)
                     losses.append(loss)
         if self.config.grad_clip:
