@@ -86,3 +86,20 @@ def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ra
     assert [h.id for h in text_hits[:3]] == [row["id"] for row in __import__("json").loads(capsys.readouterr().out)]
     with pytest.raises(UserError, match="embeds into another space"):
         Searcher(str(tmp_path / "index"), model="ViT-B-32", pretrained="openai")
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    """macOS resource forks (`._x.png`) and tools' hidden folders would fail to decode, or index thumbnails."""
+    from clipforge.data.image_folder import list_collection
+    from clipforge.web.caption_book import scan_images
+
+    for path in ("a.png", "sub/c.png", ".thumbnails/a.png", "sub/._c.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "c.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / ".thumbnails" / "a.png")
+    (tmp_path / "sub" / "._c.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    index, _ = list_collection(str(tmp_path))
+    assert list(index.ids) == ["a.png", "sub/c.png"]
+    readable, unreadable = scan_images(tmp_path)
+    assert readable == ["a.png", "sub/c.png"] and unreadable == []

@@ -25,6 +25,12 @@ from clipforge.storage import uri as storage
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+def is_listed_image(relative: str) -> bool:
+    """An image file a folder listing includes: by suffix, and not hidden. Hidden files and folders are
+    other tools' (macOS `._photo.jpg` resource forks, `.thumbnails/`, `.ipynb_checkpoints/`), not images."""
+    return relative.lower().endswith(IMAGE_SUFFIXES) and not any(part.startswith(".") for part in relative.split("/"))
+
+
 def is_image_collection(source: str) -> bool:
     """A CSV or a folder; HDF5 files are the other kind of source."""
     return not source.lower().endswith((".hdf5", ".h5"))
@@ -47,7 +53,7 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
         tree = storage.list_tree(source)
         if not tree and not storage.exists(source):
             raise UserError(f"source {source} not found")
-        files = {path: size for path, size in tree.items() if path.lower().endswith(IMAGE_SUFFIXES)}
+        files = {path: size for path, size in tree.items() if is_listed_image(path)}
         ids = np.array(sorted(files), dtype=object)
         splits = [None] * len(ids)
         listing = json.dumps(sorted(files.items())).encode()

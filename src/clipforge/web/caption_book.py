@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from clipforge.data.captions import COLUMNS, INDEX
-from clipforge.data.image_folder import IMAGE_SUFFIXES
+from clipforge.data.image_folder import IMAGE_SUFFIXES, is_listed_image
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -123,8 +123,8 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     """(readable images, unreadable ones with the reason), as sorted paths relative to `root`."""
     found = []
     for folder, dirs, files in os.walk(root):  # followlinks=False: linked folders are not entered
-        dirs.sort()
-        found.extend(Path(folder, name) for name in files if name.lower().endswith(IMAGE_SUFFIXES))
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found.extend(Path(folder, name) for name in files if is_listed_image(name))
     relative = sorted(p.relative_to(root).as_posix() for p in found)
     if len(relative) > 2000:
         log.info("checking %d images in %s", len(relative), root)
