@@ -8,6 +8,7 @@ Each subcommand lives in its own module under `clipforge.commands` with
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -48,6 +49,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
+# A path the user gave that cannot be written or read this way: where to put the output is theirs to fix.
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def is_about_a_path(exc: OSError) -> bool:
+    return exc.errno in PATH_ERRNOS and exc.filename is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     setup_logging(args.quiet)
@@ -55,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if not is_about_a_path(exc):
+            raise
+        print(f"clipforge {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)

@@ -92,6 +92,8 @@ class Searcher:
         return self._top(self.model.encode_image(self.preprocess(pixels[None])), k)
 
     def _top(self, features: torch.Tensor, k: int) -> list[Hit]:
+        if k < 1:
+            raise UserError(f"k: {k} results asked for; it must be at least 1")
         query = torch.nn.functional.normalize(features.float(), dim=-1)[0]
         if self.faiss is not None:
             scores, rows = self.faiss.search(query.cpu().numpy(), k)

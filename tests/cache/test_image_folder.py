@@ -86,6 +86,9 @@ def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ra
     assert [h.id for h in text_hits[:3]] == [row["id"] for row in __import__("json").loads(capsys.readouterr().out)]
     with pytest.raises(UserError, match="embeds into another space"):
         Searcher(str(tmp_path / "index"), model="ViT-B-32", pretrained="openai")
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "clipforge search: error: k: 0 results asked for; it must be at least 1"
 
 
 def test_hidden_files_and_folders_are_not_images(tmp_path):

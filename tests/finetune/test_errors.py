@@ -130,3 +130,10 @@ def test_resume_latest_passes_over_a_run_that_stopped_before_its_first_checkpoin
     with caplog.at_level("INFO"), pytest.raises(UserError, match="20260101-000000: that run has other settings"):
         resolve_run(config)
     assert f"passing over {out / '20260102-000000'}" in caplog.text
+
+
+def test_an_out_that_is_a_file_is_one_line(capsys, tiny_clip, captioned, tmp_path):
+    out = tmp_path / "models"
+    out.write_text("not a folder")
+    line = fail(capsys, tiny_clip, captioned, out)
+    assert line.startswith(f"clipforge finetune: error: {out}/") and line.endswith(": Not a directory")
