@@ -1,5 +1,7 @@
 """Caption preparation and augmentation on a synthetic captioned folder."""
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -78,6 +80,23 @@ def test_header_case_and_spaces_are_forgiven(dataset):
     index = dataset / "index.csv"
     index.write_text(index.read_text().replace("filepath,caption", "Filepath, Caption ", 1))
     assert prepare(PrepareConfig(dataset=str(dataset)))["rows"] == 30
+
+
+def test_a_failed_prepare_leaves_no_old_split_and_a_newer_index_is_pointed_out(dataset, caplog):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    index = dataset / "index.csv"
+    index.write_text(index.read_text() + "circle/gone.png,a lost circle\n")
+    with pytest.raises(UserError, match="gone.png"):
+        prepare(PrepareConfig(dataset=str(dataset)))
+    assert not (dataset / "train_original.csv").exists() and not (dataset / "val.csv").exists()
+    with pytest.raises(UserError, match="run `clipforge captions prepare"):
+        augment(AugmentConfig(dataset=str(dataset)))
+    prepare(PrepareConfig(dataset=str(dataset), skip_bad=True))
+    index.touch()
+    os.utime(index, (index.stat().st_atime, index.stat().st_mtime + 5))
+    with caplog.at_level("WARNING"):
+        augment(AugmentConfig(dataset=str(dataset)))
+    assert "changed after the split was made" in caplog.text
 
 
 def test_manual_augmentation_is_deterministic_and_never_repeats(dataset):

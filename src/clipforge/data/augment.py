@@ -17,7 +17,7 @@ from importlib import resources
 import pandas as pd
 
 from clipforge.config.captions import AugmentConfig
-from clipforge.data.captions import TRAIN, TRAIN_ORIGINAL, read_captions, write_captions
+from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, read_captions, write_captions
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
@@ -93,11 +93,22 @@ class LanguageModelParaphraser:
         return variants[:n]
 
 
+def warn_if_index_is_newer(dataset: str, split: str) -> None:
+    """Captions edited after `prepare` made the split are not in it (local folders; S3 keeps no mtime here)."""
+    index = storage.join(dataset, INDEX)
+    if storage.is_s3(index) or not storage.exists(index):
+        return
+    if storage.local_path(index).stat().st_mtime > storage.local_path(split).stat().st_mtime:
+        log.warning("%s changed after the split was made: run `clipforge captions prepare %s` again to "
+                    "train on the changes", index, dataset)
+
+
 def augment(cfg: AugmentConfig) -> dict:
     """Write DATASET/train.csv from DATASET/train_original.csv."""
     source = storage.join(cfg.dataset, TRAIN_ORIGINAL)
     if not storage.exists(source):
         raise UserError(f"{source} not found: run `clipforge captions prepare {cfg.dataset}` first")
+    warn_if_index_is_newer(cfg.dataset, source)
     frame = read_captions(source, what="train")
     synonyms = load_synonyms(cfg.synonyms)
     rng = random.Random(cfg.seed)

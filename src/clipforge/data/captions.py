@@ -68,8 +68,14 @@ def index_path(dataset: str) -> str:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Check the images, then write the seeded train/val split next to index.csv."""
+    """Check the images, then write the seeded train/val split next to index.csv.
+
+    The old split goes first: a prepare that fails leaves none that `augment` or a training run
+    would take for the split of the index as it is now.
+    """
     frame = read_captions(index_path(cfg.dataset))
+    for name in (TRAIN_ORIGINAL, VAL):
+        storage.delete(storage.join(cfg.dataset, name))
     uris = [resolve_image(cfg.dataset, p) for p in frame["filepath"]]
     with ThreadPoolExecutor(cfg.workers) as pool:
         problems = list(pool.map(image_problem, uris))
