@@ -99,6 +99,17 @@ def test_a_failed_prepare_leaves_no_old_split_and_a_newer_index_is_pointed_out(d
     assert "changed after the split was made" in caplog.text
 
 
+def test_a_swapped_word_takes_the_article_it_needs():
+    import random
+
+    from clipforge.data.augment import synonym_variants
+
+    variants = synonym_variants("A red circle and an orange box", {"red": ["azure"], "orange": ["big"]}, 3,
+                                random.Random(0))
+    assert sorted(variants) == ["A red circle and a big box", "An azure circle and a big box",
+                                "An azure circle and an orange box"]
+
+
 def test_manual_augmentation_is_deterministic_and_never_repeats(dataset):
     prepare(PrepareConfig(dataset=str(dataset)))
     augment(AugmentConfig(dataset=str(dataset), per_sample=3, seed=1))

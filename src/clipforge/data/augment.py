@@ -40,6 +40,12 @@ def _match_case(word: str, replacement: str) -> str:
     return replacement[:1].upper() + replacement[1:] if word[:1].isupper() else replacement
 
 
+def _agree_article(parts: list[str], i: int) -> None:
+    """"a red" -> "a azure" reads wrong: the article before a swapped-in word follows its first letter."""
+    if i >= 2 and parts[i - 1] == " " and parts[i - 2].lower() in ("a", "an"):
+        parts[i - 2] = _match_case(parts[i - 2], "an" if parts[i][:1].lower() in "aeiou" else "a")
+
+
 def synonym_variants(caption: str, synonyms: dict[str, list[str]], n: int, rng: random.Random) -> list[str]:
     """Up to n distinct rewrites of `caption`, each swapping one or more words for synonyms."""
     parts = TOKEN.split(caption)
@@ -53,6 +59,7 @@ def synonym_variants(caption: str, synonyms: dict[str, list[str]], n: int, rng: 
         new = list(parts)
         for i in chosen:
             new[i] = _match_case(parts[i], rng.choice(synonyms[parts[i].lower()]))
+            _agree_article(new, i)
         text = "".join(new)
         if text not in seen:
             seen.add(text)

@@ -81,7 +81,7 @@ def clamp_warmup(warmup: int, total_steps: int) -> int:
     if warmup < total_steps:
         return warmup
     clamped = max(1, total_steps // 10)
-    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d steps, a tenth of the run",
+    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d, a tenth of the run",
                 warmup, total_steps, clamped)
     return clamped
 
@@ -113,6 +113,13 @@ class FinetuneTrainer:
         self.steps_per_epoch = len(train) // self.step_rows
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = clamp_warmup(config.warmup, self.total_steps)
+        used = self.steps_per_epoch * self.step_rows
+        if used < len(train):
+            log.info("each epoch trains on %d of the %d training rows, in whole steps of %d (the rows left out "
+                     "differ from epoch to epoch)", used, len(train), self.step_rows)
+        if len(val) < 10:
+            log.warning("only %d validation pairs: the R@k figures and the choice of the best epoch mean little "
+                        "(more images, or a larger val_fraction, help)", len(val))
         # Same seed on every process: identical initial weights (random ones too), as DDP expects.
         seed_everything(config.seed)
         built = build_model(config, config.work_dir)
