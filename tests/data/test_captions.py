@@ -99,6 +99,14 @@ def test_a_failed_prepare_leaves_no_old_split_and_a_newer_index_is_pointed_out(d
     assert "changed after the split was made" in caplog.text
 
 
+def test_the_dataset_may_be_named_by_its_index_or_with_a_trailing_slash(dataset, capsys):
+    assert main(["captions", "prepare", f"{dataset}/index.csv"]) == 0
+    assert (dataset / "val.csv").is_file()
+    (dataset / "circle" / "0001.png").unlink()
+    assert main(["captions", "prepare", f"{dataset}/"]) == 2
+    assert f"in {dataset}/index.csv not found" in capsys.readouterr().err  # one slash
+
+
 def test_a_swapped_word_takes_the_article_it_needs():
     import random
 

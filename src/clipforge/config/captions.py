@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipforge.config.base import StageConfig
+
+
+def dataset_folder(value: str) -> str:
+    """The folder, also when given as DIR/ or as DIR/index.csv (what `finetune --dataset` takes)."""
+    value = value.rstrip("/") or "/"
+    if value == "index.csv":
+        return "."
+    return value[: -len("/index.csv")] if value.endswith("/index.csv") else value
 
 
 class PrepareConfig(StageConfig):
@@ -18,6 +26,8 @@ class PrepareConfig(StageConfig):
     skip_bad: bool = Field(False, description="drop (and count) missing or undecodable images instead of failing")
     workers: int = Field(8, ge=1, description="threads that check images")
 
+    _folder = field_validator("dataset")(dataset_folder)
+
 
 class AugmentConfig(StageConfig):
     """Write train.csv: every training caption plus up to N paraphrases of it."""
@@ -28,6 +38,8 @@ class AugmentConfig(StageConfig):
     synonyms: str | None = Field(None, description="JSON word -> list of synonyms; default: the shipped map")
     llm_model: str | None = Field(None, description="local folder of a transformers causal LM (method llm)")
     seed: int = Field(0, ge=0, description="seed of the variants")
+
+    _folder = field_validator("dataset")(dataset_folder)
 
     @model_validator(mode="after")
     def _llm_needs_a_model(self):
