@@ -68,7 +68,7 @@ def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning_saying_to_what(c
     caplog.clear()
     assert clamp_warmup(50, 90) == 50 and clamp_warmup(0, 90) == 0
     assert clamp_warmup(5, 3) == 1
-    assert "clamped to 1 steps" in caplog.text
+    assert "clamped to 1, a tenth" in caplog.text
 
 
 def test_batch_rules():
