@@ -106,3 +106,30 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     assert list(index.ids) == ["a.png", "sub/c.png"]
     readable, unreadable = scan_images(tmp_path)
     assert readable == ["a.png", "sub/c.png"] and unreadable == []
+
+
+def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_models, ray_session, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(shapes, folder)
+    (folder / "circle" / "0001.png").write_bytes(b"\x89PNG truncated")
+    (folder / "notes.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="cannot be decoded"):
+        run_cache(config(tiny_models, folder, tmp_path / "strict", engine="local"))
+    with caplog.at_level("WARNING"):
+        run_cache(config(tiny_models, folder, tmp_path / "index", engine="local", skip_bad=True))
+    assert "leaving out 2 of 25 images that cannot be read: circle/0001.png: cannot be decoded" in caplog.text
+    ids = list(read_embeddings(str(tmp_path / "index")).ids)
+    assert len(ids) == len(set(ids)) == 23 and "circle/0001.png" not in ids and "notes.jpg" not in ids
+    with pytest.raises(ValidationError, match="skip_bad applies to image folders"):
+        CacheConfig(source="x.hdf5", index="i.parquet", model="m", output="o", skip_bad=True)
+
+
+def test_a_setting_added_later_keeps_the_fingerprints_of_outputs_made_without_it(tiny_models, shapes, tmp_path):
+    """skip_bad came after caches existed: left at its default it must not change their keys."""
+    base = config(tiny_models, shapes, tmp_path / "x")
+    payload = base.model_dump(mode="json", by_alias=True, exclude=set(base.volatile) | {"skip_bad"})
+    before = __import__("hashlib").sha256(__import__("json").dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert base.fingerprint() == before
+    assert config(tiny_models, shapes, tmp_path / "x", skip_bad=True).fingerprint() != before

@@ -25,10 +25,14 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     volatile: ClassVar[frozenset[str]] = frozenset()
+    # Settings added after outputs were made without them: they count only when set to something other than
+    # their default, so those outputs keep their fingerprints (a retrain does not redo a 3-hour cache).
+    additive: ClassVar[frozenset[str]] = frozenset()
 
     def fingerprint(self) -> str:
         """A short hash of every setting that can change the stage's output."""
-        payload = self.model_dump(mode="json", by_alias=True, exclude=set(self.volatile))
+        unset = {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
+        payload = self.model_dump(mode="json", by_alias=True, exclude=set(self.volatile) | unset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

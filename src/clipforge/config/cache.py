@@ -43,10 +43,13 @@ class CacheConfig(StageConfig):
     cache_dir: str | None = Field(None, description="persistent on-disk cache of fetched S3 byte ranges and weights")
     no_sign_request: bool = Field(False, description="read the source anonymously (public buckets such as NSD's)")
     num_encoders: int | None = Field(None, gt=0, description="encoder actors; default one per GPU, else one")
+    skip_bad: bool = Field(False, description="image folders and CSVs: leave out (and name) images that cannot be "
+                           "read or decoded, instead of failing")
 
     model_config = ConfigDict(populate_by_name=True)
     volatile = frozenset({"inference_batch_size", "device", "cache_dir", "no_sign_request", "num_encoders", "engine",
                           "read_workers"})
+    additive = frozenset({"skip_bad"})
 
     @model_validator(mode="after")
     def _one_index_and_one_model(self):
@@ -56,6 +59,8 @@ class CacheConfig(StageConfig):
             if self.index or self.subject or self.index_root:
                 raise ValueError("index, subject and index_root apply to HDF5 sources; an image folder or CSV "
                                  "lists its own images")
+        elif self.skip_bad:
+            raise ValueError("skip_bad applies to image folders and CSVs, not to HDF5 sources")
         elif bool(self.index) == bool(self.subject or self.index_root):
             raise ValueError("give either index, or subject with index_root")
         if self.subject and not self.index_root or self.index_root and not self.subject:

@@ -8,15 +8,14 @@ absolute, or s3://); `resolve_image` turns one into a URI.
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from clipforge.config.captions import PrepareConfig
+from clipforge.data.image_folder import image_problem
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -44,20 +43,6 @@ def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:
         row = int(empty[0])
         raise UserError(f"{path} row {row + 2}: empty caption for {frame.loc[row, 'filepath']}")
     return frame[COLUMNS]
-
-
-def image_problem(uri: str) -> str | None:
-    """Why this image cannot be used, or None."""
-    try:
-        data = storage.read_bytes(uri)
-    except UserError:
-        return "not found"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        return f"cannot be decoded ({type(exc).__name__})"
-    return None
 
 
 def index_path(dataset: str) -> str:

@@ -81,6 +81,20 @@ def decode(root: str, path: str) -> tuple[np.ndarray, int]:
         raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__})") from None
 
 
+def image_problem(uri: str) -> str | None:
+    """Why this image cannot be used, or None."""
+    try:
+        data = storage.read_bytes(uri)
+    except UserError:
+        return "not found"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"cannot be decoded ({type(exc).__name__})"
+    return None
+
+
 def read_images(root: str, paths: list[str], threads: int = 8) -> tuple[list[np.ndarray], int]:
     """RGB uint8 arrays of these images, and the encoded bytes read for them."""
     with ThreadPoolExecutor(threads) as pool:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_to_parquet_bytes
-from clipforge.data.image_folder import is_image_collection, list_collection
+from clipforge.data.image_folder import collection_root, image_problem, image_uri, is_image_collection, list_collection
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, register_model_config
@@ -64,11 +65,28 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
     """The rows to encode, and fingerprints of the source and index they come from."""
     if is_image_collection(cfg.source):
         index, listing = list_collection(cfg.source)
-        return index, {"source": listing}
+        return (readable_only(cfg.source, index) if cfg.skip_bad else index), {"source": listing}
     path = cfg.index or index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
     return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
                    "index": storage.fingerprint(path)}
+
+
+def readable_only(source: str, index: RowIndex) -> RowIndex:
+    """The images of a folder or CSV that decode; those that do not are named in the log and left out."""
+    root = collection_root(source)
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda i: image_problem(image_uri(root, str(i))), index.ids))
+    bad = [(str(i), why) for i, why in zip(index.ids, problems, strict=True) if why]
+    if not bad:
+        return index
+    if len(bad) == len(index):
+        raise UserError(f"source {source}: none of its {len(index)} images can be read, e.g. {bad[0][0]} "
+                        f"({bad[0][1]})")
+    log.warning("leaving out %d of %d images that cannot be read: %s", len(bad), len(index),
+                "; ".join(f"{path}: {why}" for path, why in bad[:5]) + (" …" if len(bad) > 5 else ""))
+    keep = [why is None for why in problems]
+    return RowIndex(ids=index.ids[keep], splits=[s for s, k in zip(index.splits, keep, strict=True) if k])
 
 
 def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, found: dict) -> dict:
