@@ -61,6 +61,10 @@ def mutate(change):
         (lambda s: s.update(extra=1), "extra: unknown key"),
         (lambda s: s["stages"][2].update(name="src"), "stages.src: the name is used more than once"),
         (lambda s: s["stages"][3].update(policy={"on_failure": "retry"}), "stages.ad.policy.on_failure"),
+        (lambda s: s.update(artifacts=" "), "artifacts: must name a folder or s3://bucket/prefix"),
+        (lambda s: s.update(stages=3), "stages: Input should be a valid list"),
+        (lambda s: s["stages"][3]["with"].update(clip_cache="sr"),
+         "stages.ad.with.clip_cache: 'sr' is neither a stage of this spec nor an existing path; did you mean 'src'?"),
     ],
 )
 def test_spec_errors_name_stage_and_key(tmp_path, change, message):
@@ -80,6 +84,17 @@ def test_overrides(tmp_path):
     assert spec.stage("ad").with_["epochs"] == 5 and spec.artifacts == "s3://b/p"
     with pytest.raises(UserError, match="no stage named 'zz'"):
         load_pipeline(write(tmp_path, base_spec()), ["stages.zz.with.epochs=5"])
+
+
+def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_refused(tmp_path):
+    from clipforge.config.pipeline import check_run_id
+
+    with pytest.raises(UserError, match=r"--set 'stages.ad.with.epochs=\[1': the value is not valid YAML"):
+        load_pipeline(write(tmp_path, base_spec()), ["stages.ad.with.epochs=[1"])
+    for bad in ("../../x", "a/b", "My Run", "-x", "x" * 41):
+        with pytest.raises(UserError, match="--run-id"):
+            check_run_id(bad)
+    assert check_run_id("nightly-2026-11-26") == "nightly-2026-11-26"
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback():

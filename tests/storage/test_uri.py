@@ -61,3 +61,9 @@ def test_manifest_marks_a_prefix_done(prefix):
     assert is_up_to_date(read_manifest(prefix), "f1", {"i": 1})
     assert not is_up_to_date(read_manifest(prefix), "f2", {"i": 1})
     assert not is_up_to_date(read_manifest(prefix), "f1", {"i": 2})
+
+
+def test_join_never_turns_an_empty_base_into_the_root():
+    assert storage.join("", "runs", "r1") == "runs/r1"
+    assert storage.join("/", "runs") == "/runs"
+    assert storage.join("s3://bucket/", "a/", "/b") == "s3://bucket/a/b"

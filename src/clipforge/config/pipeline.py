@@ -9,10 +9,13 @@ validated by its kind's own config, so a spec error names the stage and key.
 from __future__ import annotations
 
 import copy
+import difflib
+import os
+import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clipforge.config.base import read_yaml, validation_message
 from clipforge.errors import UserError
@@ -65,8 +68,23 @@ class PipelineSpec(_Strict):
     run_id: str | None = Field(None, pattern=NAME_PATTERN, max_length=40, description="default: generated")
     stages: list[StageSpec] = Field(min_length=1)
 
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a folder or s3://bucket/prefix (an empty one would write under /)")
+        return value
+
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id from the command line, held to the spec's rule: it names folders and Kubernetes Jobs."""
+    if not re.match(NAME_PATTERN, run_id) or len(run_id) > 40:
+        raise UserError(f"--run-id {run_id!r}: use lowercase letters, digits and '-', at most 40 characters, "
+                        "starting and ending with a letter or digit (it names folders and Kubernetes Jobs)")
+    return run_id
 
 
 def order_stages(spec: PipelineSpec) -> list[StageSpec]:
@@ -117,6 +135,11 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
             value = values.get(key)
             refs = value if isinstance(value, list) else [value]
             for ref in refs:
+                # `pretrained` also takes open_clip's tags (openai, laion2b_s32b_b79k): bare names that are no path.
+                if key != "pretrained" and looks_like_a_stage_typo(ref, kinds_by_name):
+                    near = difflib.get_close_matches(ref, list(kinds_by_name), n=1)
+                    problems.append(f"{where}.with.{key}: {ref!r} is neither a stage of this spec nor an existing "
+                                    f"path{f'; did you mean {near[0]!r}?' if near else ''}")
                 if isinstance(ref, str) and ref in kinds_by_name:
                     if ref not in stage.needs:
                         problems.append(f"{where}.with.{key}: refers to stage {ref!r}, which is not in needs")
@@ -133,6 +156,12 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
     return problems
 
 
+def looks_like_a_stage_typo(ref: object, stages: dict) -> bool:
+    """A bare name (no '/') that is no stage here and no file in this folder: a misspelt stage, not a path.
+    Paths with a '/' are left to the stage itself: they may exist only where it runs (a pod's volume)."""
+    return isinstance(ref, str) and "/" not in ref and ref not in stages and not os.path.exists(ref)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`stages.NAME.with.KEY=VALUE` (VALUE parsed as YAML), and top-level `KEY=VALUE`."""
     raw = copy.deepcopy(raw)
@@ -140,10 +169,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it to pass a string") \
+                from None
         parts = path.split(".")
         if parts[0] == "stages" and len(parts) >= 3:
-            stage = next((s for s in raw.get("stages", []) if s.get("name") == parts[1]), None)
+            stages = raw.get("stages")
+            stage = next((s for s in (stages if isinstance(stages, list) else []) if isinstance(s, dict)
+                          and s.get("name") == parts[1]), None)
             if stage is None:
                 raise UserError(f"--set {item!r}: no stage named {parts[1]!r}")
             target, keys = stage, parts[2:]
@@ -173,7 +209,8 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineSpec
 
 def _name_stages(message: str, raw: dict) -> str:
     """`stages.2.kind` -> `stages.source-cache.kind` where the spec names the stage."""
-    for number, stage in enumerate(raw.get("stages") or []):
+    stages = raw.get("stages")
+    for number, stage in enumerate(stages if isinstance(stages, list) else []):
         if isinstance(stage, dict) and stage.get("name"):
             message = message.replace(f"stages.{number}.", f"stages.{stage['name']}.")
     return message

@@ -23,7 +23,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from clipforge.config.base import read_yaml
-from clipforge.config.pipeline import load_pipeline
+from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
@@ -354,7 +354,7 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
           namespace: str | None = None, watch_seconds: int = 60) -> RunRecord:
     """`clipforge drive`: run a spec's stages as Kubernetes Jobs in order, resuming the run `run_id`."""
     spec = load_pipeline(spec_path, overrides)
-    run_id = run_id or spec.run_id
+    run_id = (check_run_id(run_id) if run_id else None) or spec.run_id
     if not run_id:
         raise UserError("drive needs --run-id (or run_id in the spec): a restarted driver must find its run")
     values = read_yaml(settings_path) if settings_path else {}

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from clipforge.config.pipeline import load_pipeline
+from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, new_run_id, run_pipeline
 
 log = logging.getLogger("clipforge.run")
@@ -28,15 +28,27 @@ def execute_locally(resolved: ResolvedStage) -> int:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stderr.write(f"[{resolved.spec.name}] {line}")
+    try:
+        _relay(proc, resolved.spec.name)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the stage too (one process group): a training stage is saving a checkpoint. Keep
+        # relaying its output until it exits, then stop the run; a second Ctrl-C stops both at once.
+        log.warning("[%s] Ctrl-C: waiting for the stage to stop (Ctrl-C again to stop at once)", resolved.spec.name)
+        _relay(proc, resolved.spec.name)
+        raise
     return proc.wait()
+
+
+def _relay(proc: subprocess.Popen, name: str) -> None:
+    for line in proc.stdout:
+        sys.stderr.write(f"[{name}] {line}")
+    proc.wait()
 
 
 def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None) -> RunRecord:
     """`clipforge run`: validate the spec, run its stages in order, print the summary."""
     spec = load_pipeline(path, overrides)
-    run_id = run_id or spec.run_id or new_run_id()
+    run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     record = run_pipeline(spec, run_id, execute_locally)
     log_summary(record)

@@ -48,10 +48,10 @@ def local_path(uri: str) -> Path:
 
 
 def join(base: str, *parts: str) -> str:
-    """`base/part/...` for either scheme."""
-    out = base.rstrip("/")
+    """`base/part/...` for either scheme; an empty base stays relative (it never becomes the root)."""
+    out = base.rstrip("/") or ("/" if base.startswith("/") else "")
     for part in parts:
-        out = f"{out}/{part.strip('/')}"
+        out = f"{out.rstrip('/')}/{part.strip('/')}" if out else part.strip("/")
     return out
 
 
