@@ -236,3 +236,36 @@ def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
     assert statuses(second)["adapter"] == "reused"  # it waited, then found the adapter committed
     assert second.data["stages"]["adapter"]["output"] == records["a"].data["stages"]["adapter"]["output"]
     assert "[adapter] run race-a (on " in caplog.text and "waiting for it" in caplog.text
+
+
+def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resumes(demo_root, tmp_path):
+    """A cancelled CI job or `systemctl stop` signals the runner: the stage must save its progress, the run be
+    recorded as stopped there (not failed, never `on_failure: continue`), and the same run id resume it."""
+    import yaml
+
+    shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
+    demo = yaml.safe_load(Path(DEMO_SPEC).read_text())
+    finetune = next(stage for stage in demo["stages"] if stage["kind"] == "finetune")
+    finetune["with"].update(epochs=40, workers=2)
+    finetune["policy"] = {"on_failure": "continue"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": [finetune]}))
+    argv = [sys.executable, "-m", "clipforge.cli", "run", "spec.yaml", "--run-id", "cancelled"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "demo" / "artifacts" / "finetune"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("*/checkpoints/step-*/_manifest.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log
+    assert "Traceback" not in log and "rerun with --run-id cancelled to resume" in log
+    run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+    assert run_json["stages"]["finetune"]["status"] == "interrupted"
+    assert run_state(run_json) == "stopped at finetune"
+    assert not list(checkpoints.glob("*/_lease.json")) and not list(checkpoints.glob("*/_manifest.json"))
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+    assert run_json["stages"]["finetune"]["status"] == "done"

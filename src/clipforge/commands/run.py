@@ -18,8 +18,11 @@ def run(args) -> int:
     from clipforge.orchestrate.local import run_spec
 
     record = run_spec(args.spec, args.overrides, args.run_id)
-    failed = [n for n, s in record.data["stages"].items() if s.get("status") == "failed"]
-    return 1 if failed else 0
+    stages = record.data["stages"].values()
+    if any(s.get("status") == "failed" for s in stages):
+        return 1
+    # Stopped by SIGTERM (75) or Ctrl-C (130) after saving progress: the stage's own code, for the caller.
+    return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), 0)
 
 
 def print_schema(args) -> int:

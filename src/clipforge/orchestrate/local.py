@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, new_run_id, run_pipeline
@@ -28,6 +29,10 @@ def execute_locally(resolved: ResolvedStage) -> int:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     assert proc.stdout is not None
+    # SIGTERM to the runner (a CI job cancelled, systemd) goes to the stage, which saves its progress and
+    # exits EXIT_PREEMPTED; the run then stops, recorded, and a rerun resumes it.
+    forward = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)) if forward else None
     try:
         _relay(proc, resolved.spec.name)
     except KeyboardInterrupt:
@@ -35,7 +40,9 @@ def execute_locally(resolved: ResolvedStage) -> int:
         # relaying its output until it exits, then stop the run; a second Ctrl-C stops both at once.
         log.warning("[%s] Ctrl-C: waiting for the stage to stop (Ctrl-C again to stop at once)", resolved.spec.name)
         _relay(proc, resolved.spec.name)
-        raise
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
     return proc.wait()
 
 

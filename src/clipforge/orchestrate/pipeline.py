@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
-from clipforge.errors import UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease
 from clipforge.storage import uri as storage
@@ -192,14 +192,13 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecor
     # Stages that produced nothing under `on_failure: continue`, and those skipped because of them:
     # an evaluation goes on without them (reporting what is left, zero-padding above all).
     continued: set[str] = set()
-    stopped = False
+    stopped = ""  # why the stages left are skipped, once one failed or was interrupted
     for stage in order_stages(spec):
         name = stage.name
         lost = [n for n in stage.needs if n in continued]
         blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
         if stopped or blocked or (lost and stage.kind != "evaluate"):
-            why = ("an earlier stage failed" if stopped
-                   else f"needs {', '.join(blocked or lost)}, which produced nothing")
+            why = (stopped or f"needs {', '.join(blocked or lost)}, which produced nothing")
             statuses[name], outputs[name] = "skipped", None
             if lost and not blocked and not stopped:
                 continued.add(name)
@@ -209,7 +208,10 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecor
         statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute, lost)
         if statuses[name] == "failed-continued":
             continued.add(name)
-        stopped = statuses[name] == "failed"
+        if statuses[name] == "failed":
+            stopped = "an earlier stage failed"
+        elif statuses[name] == "interrupted":
+            stopped = f"the run was stopped at {name}"
     return record
 
 
@@ -256,6 +258,15 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     if code == 0 and manifest is not None:
         record.record(name, status="done", finished=_now(), seconds=seconds, metrics=headline(manifest))
         return "done", resolved.output
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        # Stopped, not failed: the stage kept its progress (shards, a checkpoint), and going on without it
+        # (on_failure: continue) would throw that away.
+        how = "preempted (SIGTERM)" if code == EXIT_PREEMPTED else "interrupted (Ctrl-C)"
+        log.warning("[%s] %s after saving its progress; rerun with --run-id %s to resume", name, how,
+                    record.data["run_id"])
+        record.record(name, status="interrupted", finished=_now(), seconds=seconds, exit_code=code,
+                      message=f"{how}, exit code {code}")
+        return "interrupted", None
     why = f"exit code {code}" if code else "exited 0 without committing _manifest.json"
     if stage.policy.on_failure == "continue":
         log.error("[%s] FAILED (%s); on_failure: continue, later stages go on without it", name, why)
@@ -309,6 +320,9 @@ def next_steps(run: dict) -> list[str]:
     lines = []
     for stage in recorded_spec(run).stages:
         entry = (run.get("stages") or {}).get(stage.name) or {}
+        if entry.get("status") == "interrupted":
+            lines.append(f"[{stage.name}] stopped after saving its progress: resume the run with --run-id "
+                         f"{run['run_id']}")
         out = (entry.get("output") or "").rstrip("/")
         if entry.get("status") not in FINISHED or not out:
             continue

@@ -31,7 +31,8 @@ def read_run(artifacts: str, run_id: str) -> dict:
 
 
 def run_state(run: dict) -> str:
-    """`complete`, `failed at STAGE`, `at STAGE` (running, or its runner stopped there) or `incomplete`."""
+    """`complete`, `failed at STAGE`, `at STAGE` (running, or its runner died there), `stopped at STAGE`
+    (interrupted or preempted after saving its progress: a rerun resumes) or `incomplete`."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -41,6 +42,9 @@ def run_state(run: dict) -> str:
     running = [name for name in names if status[name] == "running"]
     if running:
         return f"at {running[0]}"
+    stopped = [name for name in names if status[name] == "interrupted"]
+    if stopped:
+        return f"stopped at {stopped[0]}"
     return "complete" if all(status[name] in ENDED for name in names) else "incomplete"
 
 
