@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from clipforge.config.pipeline import load_pipeline
     from clipforge.orchestrate.k8s_driver import check_store, drive
+    from clipforge.orchestrate.pipeline import exit_code
 
     if args.check_store:
         check_store(load_pipeline(args.spec, args.overrides).artifacts)
@@ -34,5 +35,4 @@ def run(args) -> int:
     record = drive(args.spec, run_id=args.run_id, overrides=args.overrides, settings_path=args.settings,
                    image=args.image, kubeconfig=args.kubeconfig, namespace=args.namespace,
                    watch_seconds=args.watch_seconds)
-    failed = [name for name, stage in record.data["stages"].items() if stage.get("status") == "failed"]
-    return 1 if failed else 0
+    return exit_code(record)

@@ -16,13 +16,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from clipforge.orchestrate.local import run_spec
+    from clipforge.orchestrate.pipeline import exit_code
 
-    record = run_spec(args.spec, args.overrides, args.run_id)
-    stages = record.data["stages"].values()
-    if any(s.get("status") == "failed" for s in stages):
-        return 1
-    # Stopped by SIGTERM (75) or Ctrl-C (130) after saving progress: the stage's own code, for the caller.
-    return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), 0)
+    return exit_code(run_spec(args.spec, args.overrides, args.run_id))
 
 
 def print_schema(args) -> int:

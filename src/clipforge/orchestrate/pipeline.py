@@ -337,6 +337,15 @@ def next_steps(run: dict) -> list[str]:
     return lines
 
 
+def exit_code(record: RunRecord) -> int:
+    """What the runner exits with: 1 if a stage failed; a stopped stage's own code (75 SIGTERM, 130 Ctrl-C),
+    so that whoever restarts the runner (a driver Job's retry, a CI step) knows a rerun resumes; else 0."""
+    stages = record.data["stages"].values()
+    if any(s.get("status") == "failed" for s in stages):
+        return 1
+    return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), 0)
+
+
 def log_summary(record: RunRecord) -> None:
     """The end of a run, whoever ran it: the summary table, then what to do next."""
     log.info("run %s summary (%s):\n%s", record.data["run_id"], record.uri, summary_table(record.data))
