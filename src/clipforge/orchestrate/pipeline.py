@@ -197,6 +197,10 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecor
         name = stage.name
         lost = [n for n in stage.needs if n in continued]
         blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
+        # An evaluation goes on without an adapter or generated images (the zero-padding baseline), not
+        # without the caches it compares.
+        if stage.kind == "evaluate":
+            blocked += [n for n in lost if spec.stage(n).kind not in ("adapter", "generate")]
         if stopped or blocked or (lost and stage.kind != "evaluate"):
             why = (stopped or f"needs {', '.join(blocked or lost)}, which produced nothing")
             statuses[name], outputs[name] = "skipped", None

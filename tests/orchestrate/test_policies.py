@@ -1,0 +1,49 @@
+"""What a run does around a stage that fails or stops, with stages that only commit a manifest (no subprocesses):
+which stages go on, which are skipped, and why."""
+
+from pathlib import Path
+
+from clipforge.config.pipeline import load_pipeline
+from clipforge.errors import EXIT_PREEMPTED
+from clipforge.orchestrate.pipeline import exit_code, run_pipeline
+from clipforge.storage.manifest import write_manifest
+
+DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
+
+
+def stages_that(codes: dict[str, int]):
+    """An executor: each stage exits with `codes.get(name, 0)`, committing a manifest when 0."""
+    ran = []
+
+    def execute(resolved) -> int:
+        ran.append(resolved.spec.name)
+        code = codes.get(resolved.spec.name, 0)
+        if code == 0:
+            write_manifest(resolved.output, kind=resolved.spec.kind, config={}, config_fingerprint="x", inputs={})
+        return code
+
+    return execute, ran
+
+
+def test_evaluate_goes_on_without_a_cache_that_failed_under_continue_only_by_being_skipped(tmp_path):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.source-cache.policy.on_failure=continue"])
+    execute, ran = stages_that({"source-cache": 2})
+    record = run_pipeline(spec, "r", execute)
+    status = {name: stage["status"] for name, stage in record.data["stages"].items()}
+    assert status["source-cache"] == "failed-continued"
+    assert status["adapter"] == status["generate-zero-pad"] == status["evaluate"] == "skipped"
+    assert record.data["stages"]["evaluate"]["message"] == "needs source-cache, which produced nothing"
+    assert status["finetune"] == status["folder-index"] == "done"  # the other workload is not held up
+    assert "evaluate" not in ran and exit_code(record) == 0
+
+
+def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.on_failure=continue",
+                                     "stages.adapter.policy.min_input_coverage=null"])
+    execute, ran = stages_that({"adapter": EXIT_PREEMPTED})
+    record = run_pipeline(spec, "r", execute)
+    assert record.data["stages"]["adapter"]["status"] == "interrupted"
+    later = [name for name in ("generate-adapter", "evaluate", "finetune") if name in record.data["stages"]]
+    assert later and all(record.data["stages"][name]["status"] == "skipped" for name in later)
+    assert record.data["stages"]["evaluate"]["message"] == "the run was stopped at adapter"
+    assert exit_code(record) == EXIT_PREEMPTED and ran[-1] == "adapter"
