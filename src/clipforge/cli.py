@@ -57,6 +57,15 @@ def is_about_a_path(exc: OSError) -> bool:
     return exc.errno in PATH_ERRNOS and exc.filename is not None
 
 
+def s3_failure(exc: Exception) -> str | None:
+    """The one line for an S3 failure the user can fix; botocore is imported only if S3 was used at all."""
+    if "botocore" not in sys.modules:
+        return None
+    from clipforge.storage.s3 import describe_failure
+
+    return describe_failure(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     setup_logging(args.quiet)
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         if not is_about_a_path(exc):
             raise
         print(f"clipforge {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        message = s3_failure(exc)
+        if message is None:
+            raise
+        print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)

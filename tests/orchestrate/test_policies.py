@@ -47,3 +47,15 @@ def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
     assert later and all(record.data["stages"][name]["status"] == "skipped" for name in later)
     assert record.data["stages"]["evaluate"]["message"] == "the run was stopped at adapter"
     assert exit_code(record) == EXIT_PREEMPTED and ran[-1] == "adapter"
+
+
+def test_runs_names_a_store_that_is_not_there(tmp_path, capsys):
+    from clipforge.cli import main
+
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"clipforge runs: error: artifact store {tmp_path / 'nope'} not found"
+    (tmp_path / "file").write_text("x")
+    assert main(["runs", str(tmp_path / "file")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["runs", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no runs recorded under {tmp_path}"

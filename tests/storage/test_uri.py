@@ -67,3 +67,17 @@ def test_join_never_turns_an_empty_base_into_the_root():
     assert storage.join("", "runs", "r1") == "runs/r1"
     assert storage.join("/", "runs") == "/runs"
     assert storage.join("s3://bucket/", "a/", "/b") == "s3://bucket/a/b"
+
+
+def test_s3_mistakes_the_user_can_fix_are_one_line(s3_bucket, capsys):
+    import botocore.exceptions
+
+    from clipforge.cli import main
+    from clipforge.storage.s3 import describe_failure
+
+    assert main(["runs", "s3://no-such-bucket-here/prefix"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "clipforge runs: error: S3 ListObjectsV2: bucket no-such-bucket-here does not exist"
+    down = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    assert describe_failure(down).startswith("cannot reach the S3 endpoint http://127.0.0.1:9")
+    assert describe_failure(RuntimeError("a bug")) is None

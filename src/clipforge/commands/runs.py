@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--watch", action="store_true",
                         help="with RUN_ID: print each stage's status as it changes until the run is complete "
                              "(exit 0) or failed (exit 1)")
-    parser.add_argument("--every", type=float, default=10.0, help="seconds between reads with --watch (default: 10)")
+    parser.add_argument("--every", type=seconds, default=10.0, help="seconds between reads with --watch (default: 10)")
     parser.set_defaults(func=run)
 
 
@@ -30,6 +31,17 @@ def _artifacts(value: str) -> str:
         from clipforge.config.pipeline import load_pipeline
 
         return load_pipeline(value).artifacts
+    return value
+
+
+def seconds(text: str) -> float:
+    """A polling period: at least a tenth of a second (0 would read the store in a busy loop)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0.1:
+        raise argparse.ArgumentTypeError(f"{text}: give at least 0.1 seconds")
     return value
 
 

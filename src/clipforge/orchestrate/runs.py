@@ -50,6 +50,9 @@ def run_state(run: dict) -> str:
 
 def list_runs(artifacts: str) -> list[dict]:
     """Every recorded run, oldest first: id, created, updated, state, stages ended of stages."""
+    if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
+        what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
+        raise UserError(f"artifact store {artifacts} {what}")
     root = storage.join(artifacts, "runs")
     runs = []
     for run_id in storage.list_folders(root):

@@ -52,3 +52,35 @@ def is_not_found(exc: Exception) -> bool:
         return False
     code = str(exc.response.get("Error", {}).get("Code", ""))
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+# S3 answers that are the user's to fix (a bucket name, credentials, an endpoint), not clipforge bugs.
+USER_FIXABLE_CODES = {
+    "NoSuchBucket": "bucket {bucket} does not exist",
+    "AccessDenied": "access denied to {target}: check the credentials and the bucket's policy",
+    "AllAccessDisabled": "access denied to {target}",
+    "InvalidAccessKeyId": "the AWS access key is not known to {endpoint}",
+    "SignatureDoesNotMatch": "the AWS secret key does not match the access key",
+    "ExpiredToken": "the AWS session token has expired",
+    "InvalidBucketName": "{bucket} is not a valid bucket name",
+}
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """One line for an S3 failure the user can fix (a missing bucket, credentials, an unreachable endpoint);
+    None for anything else, which stays a bug with its traceback."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return f"cannot reach the S3 endpoint {exc.kwargs.get('endpoint_url', endpoint)}: is it up, and is " \
+               "AWS_ENDPOINT_URL right?"
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or read a " \
+               "public bucket with --no-sign-request"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        template = USER_FIXABLE_CODES.get(str(error.get("Code", "")))
+        if template:
+            bucket = error.get("BucketName") or "?"
+            target = f"s3://{bucket}" if bucket != "?" else "the bucket"
+            return f"S3 {exc.operation_name}: " + template.format(bucket=bucket, target=target, endpoint=endpoint)
+    return None
