@@ -50,7 +50,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 # A path the user gave that cannot be written or read this way: where to put the output is theirs to fix.
-PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
+               errno.EEXIST, errno.ENOENT}
 
 
 def is_about_a_path(exc: OSError) -> bool:

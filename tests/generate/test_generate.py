@@ -152,6 +152,8 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
         (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
         (["--pipeline", str(tmp_path / "no-such-folder")], f"pipeline {tmp_path / 'no-such-folder'} not found"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda asked for, but torch sees no CUDA GPU"))
     for number, (extra, message) in enumerate(cases):
         out = tmp_path / f"out{number}"
         argv = [*base, *extra, "--out", str(out)]

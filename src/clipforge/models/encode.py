@@ -7,6 +7,7 @@ import contextlib
 import numpy as np
 import torch
 
+from clipforge.errors import UserError
 from clipforge.models.preprocess import BatchPreprocess
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -14,8 +15,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` is the GPU where there is one; `cuda` without one is a UserError, said before any work starts."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but torch sees no CUDA GPU on this machine")
     return torch.device(device)
 
 

@@ -31,7 +31,6 @@ import torch
 from clipforge.config.cache import CacheConfig
 from clipforge.data.hdf5_source import RowReader
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
-from clipforge.errors import UserError
 from clipforge.models.encode import ImageEncoder, resolve_device
 from clipforge.models.encoders import EncoderSpec
 from clipforge.progress import Progress
@@ -109,15 +108,9 @@ class ShardReader:
             self.rows.close()
 
 
-def check_device(cfg: CacheConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA GPU on this machine")
-    return resolve_device(cfg.device)
-
-
 def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tuple[FetchStats, dict, float | None]:
     """Encode and commit the pending shards in this process; same results as `cache_ray`'s engine."""
-    device = check_device(cfg)
+    device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     depth = min(len(todo), cfg.read_workers + 1)
     loading = ThreadPoolExecutor(1, thread_name_prefix="cache-model")

@@ -18,6 +18,7 @@ from clipforge.config.evaluate import EvaluateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, load_adapter
+from clipforge.models.encode import resolve_device
 from clipforge.orchestrate.pipeline import output_fingerprint
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import cache_fingerprint, read_pairs
@@ -30,6 +31,8 @@ log = logging.getLogger("clipforge.evaluate")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
+    if cfg.generated:
+        resolve_device(cfg.device)  # a device that is not there is said now, not after the embedding metrics
     inputs = {
         "clip_cache": cache_fingerprint(cfg.clip_cache, "clip_cache"),
         "target_cache": cache_fingerprint(cfg.target_cache, "target_cache"),
