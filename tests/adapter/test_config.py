@@ -33,3 +33,11 @@ def test_all_problems_in_one_line():
 def test_some_loss_is_required():
     with pytest.raises(UserError, match="nothing to train"):
         load_config(AdapterConfig, {**REQUIRED, "cosine_weight": 0, "mse_weight": 0})
+
+
+def test_out_must_not_be_inside_a_cache_and_the_caches_must_differ():
+    with pytest.raises(UserError, match="out caches/src/adapter is inside clip_cache caches/src"):
+        load_config(AdapterConfig, {"clip_cache": "caches/src/", "target_cache": "t", "out": "caches/src/adapter"})
+    with pytest.raises(UserError, match="the same cache"):
+        load_config(AdapterConfig, {"clip_cache": "s3://b/c", "target_cache": "s3://b/c/", "out": "o"})
+    assert load_config(AdapterConfig, {"clip_cache": "caches/src", "target_cache": "t", "out": "caches/src-adapter"})

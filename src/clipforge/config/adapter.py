@@ -61,3 +61,14 @@ class AdapterConfig(StageConfig):
         if self.cosine_weight == self.mse_weight == self.contrastive_weight == 0:
             raise ValueError("cosine_weight, mse_weight and contrastive_weight are all 0: nothing to train")
         return self
+
+    @model_validator(mode="after")
+    def _out_apart_from_the_caches(self):
+        # Files under a cache's prefix would become part of it: `pyarrow.dataset(CACHE)` would fail on them.
+        for role in ("clip_cache", "target_cache"):
+            cache = getattr(self, role).rstrip("/")
+            if f"{self.out.rstrip('/')}/".startswith(f"{cache}/"):
+                raise ValueError(f"out {self.out} is inside {role} {cache}: give the adapter a folder of its own")
+        if self.clip_cache.rstrip("/") == self.target_cache.rstrip("/"):
+            raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")
+        return self
