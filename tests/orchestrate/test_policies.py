@@ -59,3 +59,12 @@ def test_runs_names_a_store_that_is_not_there(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["runs", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"no runs recorded under {tmp_path}"
+
+
+def test_reuse_existing_that_names_no_finished_output_is_said_and_the_stage_runs(tmp_path, caplog):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", f"stages.nsd-index.policy.reuse_existing={tmp_path}/x"])
+    execute, ran = stages_that({"source-cache": 2})  # the stages after it need real caches
+    with caplog.at_level("WARNING"):
+        run_pipeline(spec, "r", execute)
+    assert f"[nsd-index] policy reuse_existing: no finished output at {tmp_path}/x" in caplog.text
+    assert ran[0] == "nsd-index"

@@ -228,6 +228,9 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         record.record(name, kind=stage.kind, status="reused", output=pinned, key=None,
                       metrics=headline(read_manifest(pinned)), message="policy reuse_existing")
         return "reused", pinned
+    if pinned:
+        log.warning("[%s] policy reuse_existing: no finished output at %s (no _manifest.json); running the stage",
+                    name, pinned)
     resolved = resolve_stage(spec, stage, outputs)
     if read_manifest(resolved.output) is None:
         resolved = apply_coverage_policy(resolved, spec, outputs)
