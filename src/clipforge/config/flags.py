@@ -43,11 +43,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], sk
         if name in skip:
             continue
         help_text = field.description or ""
-        if not field.is_required() and field.default is not None and field.default != []:
-            help_text += f" (default: {field.default})"
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if default not in (None, [], False) or (default is False and not name.startswith("no_")):
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if _is_bool(field.annotation):
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # `--no-sign-request` has no sensible negation (`--no-no-sign-request`): a plain switch.
+            kwargs["action"] = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(field.annotation)
         elif _is_list(field.annotation):
             kwargs["nargs"] = "*"
             kwargs["metavar"] = name.upper()
