@@ -18,14 +18,19 @@ import sys
 from clipforge import commands
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
+# `clipforge --help` lists commands in the order a user meets them: pipelines, then each workload's stages.
+HELP_ORDER = ["run", "runs", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate", "caption",
+              "captions", "finetune", "models", "search", "serve"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipforge", description="Resumable CLIP embedding caches, adapters, image generation and fine-tuning.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"clipforge.commands.{module.name}").add_parser(sub)
+    names = [module.name for module in pkgutil.iter_modules(commands.__path__)]
+    for name in sorted(names, key=lambda n: (HELP_ORDER.index(n) if n in HELP_ORDER else len(HELP_ORDER), n)):
+        importlib.import_module(f"clipforge.commands.{name}").add_parser(sub)
     parser.commands = sub.choices  # each subcommand's parser, to report its own usage
     return parser
 
