@@ -36,7 +36,7 @@ def test_some_loss_is_required():
 
 
 def test_out_must_not_be_inside_a_cache_and_the_caches_must_differ():
-    with pytest.raises(UserError, match="out caches/src/adapter is inside clip_cache caches/src"):
+    with pytest.raises(UserError, match="out caches/src/adapter is inside the clip_cache caches/src"):
         load_config(AdapterConfig, {"clip_cache": "caches/src/", "target_cache": "t", "out": "caches/src/adapter"})
     with pytest.raises(UserError, match="the same cache"):
         load_config(AdapterConfig, {"clip_cache": "s3://b/c", "target_cache": "s3://b/c/", "out": "o"})

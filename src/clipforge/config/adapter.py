@@ -65,10 +65,12 @@ class AdapterConfig(StageConfig):
     @model_validator(mode="after")
     def _out_apart_from_the_caches(self):
         # Files under a cache's prefix would become part of it: `pyarrow.dataset(CACHE)` would fail on them.
+        out = self.out.rstrip("/")
         for role in ("clip_cache", "target_cache"):
             cache = getattr(self, role).rstrip("/")
-            if f"{self.out.rstrip('/')}/".startswith(f"{cache}/"):
-                raise ValueError(f"out {self.out} is inside {role} {cache}: give the adapter a folder of its own")
+            if f"{out}/".startswith(f"{cache}/"):
+                where = "the" if out == cache else "inside the"
+                raise ValueError(f"out {self.out} is {where} {role} {cache}: give the adapter a prefix of its own")
         if self.clip_cache.rstrip("/") == self.target_cache.rstrip("/"):
             raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")
         return self

@@ -61,10 +61,8 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
 
 
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
-    """OUT must be an adapter's own prefix: retraining replaces what is there."""
-    for role in ("clip_cache", "target_cache"):
-        if storage.join(getattr(config, role), "") == storage.join(config.out, ""):
-            raise UserError(f"out {config.out} is the {role}: give the adapter a prefix of its own")
+    """OUT must be an adapter's own prefix: retraining replaces what is there (the config keeps it out of the
+    caches)."""
     if manifest is not None and manifest.get("kind") != "adapter":
         raise UserError(f"out {config.out} holds a {manifest.get('kind')!r} output, not an adapter: "
                         "give the adapter a prefix of its own")
