@@ -83,3 +83,11 @@ def test_an_unreadable_lease_is_waited_out_like_any_other(output):
     started = time.monotonic()
     with StageLease(output, "run-1", "adapter", **{**FAST, "stale_after": 0.3}):
         assert time.monotonic() - started >= 0.3
+
+
+def test_a_store_that_fails_on_release_is_said_not_raised(tmp_path, monkeypatch, caplog):
+    """The stage's work is done and committed: an outage at the very end must not turn it into a crash."""
+    output = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING), StageLease(output, "run-a", "cache"):
+        monkeypatch.setattr(storage, "read_versioned", lambda uri: (_ for _ in ()).throw(ConnectionError("down")))
+    assert "[cache] could not release" in caplog.text and "ConnectionError" in caplog.text

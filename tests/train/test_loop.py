@@ -110,3 +110,14 @@ def test_to_device_ahead_moves_tensors_and_passes_the_rest_through():
     out = list(loop.to_device_ahead(items, torch.device("cpu")))
     assert out[1] is marker and isinstance(out[0], tuple) and isinstance(out[2], list)
     assert torch.equal(out[0][0], torch.ones(2)) and torch.equal(out[2][0], torch.arange(3))
+
+
+def test_tensorboard_logs_that_cannot_be_copied_are_said_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from clipforge.storage import uri as storage
+    from clipforge.train.loop import upload_tensorboard
+
+    (tmp_path / "events.out").write_bytes(b"e")
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (_ for _ in ()).throw(ConnectionError("down")))
+    with caplog.at_level("WARNING"):
+        upload_tensorboard(tmp_path, "s3://bucket/out/logs")
+    assert "TensorBoard logs not copied to s3://bucket/out/logs this time (ConnectionError)" in caplog.text

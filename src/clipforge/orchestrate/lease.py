@@ -87,9 +87,13 @@ class StageLease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        current = storage.read_versioned(self.uri)
-        if current is not None and current[1] == self.token:
-            storage.delete(self.uri)
+        try:
+            current = storage.read_versioned(self.uri)
+            if current is not None and current[1] == self.token:
+                storage.delete(self.uri)
+        except Exception as exc:  # the store is down: the lease goes stale, and another run takes it then
+            log.warning("[%s] could not release %s (%s): another run may take it over once it is stale",
+                        self.stage, self.uri, type(exc).__name__)
 
 
 def _holder(raw: bytes) -> dict:

@@ -46,6 +46,7 @@ from clipforge.train.loop import (
     read_losses,
     seed_everything,
     shard_slice,
+    upload_tensorboard,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
@@ -237,16 +238,9 @@ class AdapterTrainer:
         if self.writer:
             self.writer.flush()
         if self.acc.is_main_process and self.store.remote:
-            _upload_logs(self.store.local_root.parent / "logs", self.config.out)
+            upload_tensorboard(self.store.local_root.parent / "logs", storage.join(self.config.out, "logs"))
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
             self.writer = None
-
-
-def _upload_logs(log_dir: Path, out: str) -> None:
-    if log_dir.is_dir():
-        for path in sorted(log_dir.iterdir()):
-            if path.is_file():
-                storage.write_bytes(storage.join(out, "logs", path.name), path.read_bytes())

@@ -43,7 +43,6 @@ from clipforge.stages.finetune_data import (
     make_loader,
 )
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
-from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.contrastive import clip_loss
 from clipforge.train.loop import (
@@ -62,6 +61,7 @@ from clipforge.train.loop import (
     seed_everything,
     shard_slice,
     to_device_ahead,
+    upload_tensorboard,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
@@ -372,11 +372,8 @@ class FinetuneTrainer:
     def flush_logs(self) -> None:
         if self.writer:
             self.writer.flush()
-        if self.acc.is_main_process and self.upload_logs and self.upload_logs[0].is_dir():
-            local, remote = self.upload_logs
-            for path in sorted(local.iterdir()):
-                if path.is_file():
-                    storage.write_bytes(storage.join(remote, path.name), path.read_bytes())
+        if self.acc.is_main_process and self.upload_logs:
+            upload_tensorboard(*self.upload_logs)
 
     def close(self) -> None:
         if self.writer:

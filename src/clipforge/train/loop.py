@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from clipforge.storage import uri as storage
 
 log = logging.getLogger(__name__)
 
@@ -400,3 +401,18 @@ def open_tensorboard(log_dir: str | Path, resume_step: int):
     from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard: only rank 0 pays for it
 
     return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step if resume_step > 0 else None)
+
+
+def upload_tensorboard(local: Path, remote: str) -> None:
+    """Copy the TensorBoard event files to OUT on S3 (called at each checkpoint). Logs are a view of the run,
+    not its state: a store that fails now is said, and the next checkpoint copies them again."""
+    if not local.is_dir():
+        return
+    for path in sorted(local.iterdir()):
+        if path.is_file():
+            try:
+                storage.write_bytes(storage.join(remote, path.name), path.read_bytes())
+            except Exception as exc:  # the store's own errors are many types; the training goes on
+                log.warning("TensorBoard logs not copied to %s this time (%s); the next checkpoint tries again",
+                            remote, type(exc).__name__)
+                return
