@@ -127,6 +127,8 @@ def test_low_coverage_trains_on_a_limited_subset(first_run, in_demo):
 def test_failed_adapter_continues_with_zero_padding(first_run, in_demo):
     record = run_spec(DEMO_SPEC, [*SMALL, "stages.adapter.with.in_dim=7"], run_id="broken")
     assert statuses(record)["adapter"] == "failed-continued"
+    message = record.data["stages"]["adapter"]["message"]  # why, in run.json: `clipforge runs` shows it
+    assert message.startswith("exit code 2: ") and "in_dim" in message
     assert statuses(record)["generate-adapter"] == "skipped"
     assert statuses(record)["evaluate"] == "done"
     metrics = read_manifest(record.data["stages"]["evaluate"]["output"])["metrics"]

@@ -68,3 +68,15 @@ def test_reuse_existing_that_names_no_finished_output_is_said_and_the_stage_runs
         run_pipeline(spec, "r", execute)
     assert f"[nsd-index] policy reuse_existing: no finished output at {tmp_path}/x" in caplog.text
     assert ran[0] == "nsd-index"
+
+
+def test_a_run_that_failed_at_its_first_stage_lists_nothing_done(tmp_path, capsys):
+    from clipforge.cli import main
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    execute, _ = stages_that({"nsd-index": 2, "finetune": 2})
+    run_pipeline(spec, "broken", execute)
+    assert main(["runs", str(tmp_path)]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["run", "created", "updated", "done", "state"]
+    assert row.split()[-4:] == ["0/9", "failed", "at", "nsd-index"]

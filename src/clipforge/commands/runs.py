@@ -46,9 +46,9 @@ def seconds(text: str) -> float:
 
 
 def table(runs: list[dict]) -> str:
-    rows = [("run", "created", "updated", "stages", "state")]
+    rows = [("run", "created", "updated", "done", "state")]
     rows += [(r["run_id"], (r["created"] or "-").replace("T", " ").rstrip("Z"),
-              (r["updated"] or "-").replace("T", " ").rstrip("Z"), f"{r['stages_ended']}/{r['stages']}", r["state"])
+              (r["updated"] or "-").replace("T", " ").rstrip("Z"), f"{r['stages_done']}/{r['stages']}", r["state"])
              for r in runs]
     return text_table(rows)
 

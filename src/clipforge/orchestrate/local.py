@@ -34,21 +34,24 @@ def execute_locally(resolved: ResolvedStage) -> int:
     forward = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)) if forward else None
     try:
-        _relay(proc, resolved.spec.name)
+        _relay(proc, resolved)
     except KeyboardInterrupt:
         # Ctrl-C reached the stage too (one process group): a training stage is saving a checkpoint. Keep
         # relaying its output until it exits, then stop the run; a second Ctrl-C stops both at once.
         log.warning("[%s] Ctrl-C: waiting for the stage to stop (Ctrl-C again to stop at once)", resolved.spec.name)
-        _relay(proc, resolved.spec.name)
+        _relay(proc, resolved)
     finally:
         if forward:
             signal.signal(signal.SIGTERM, previous)
     return proc.wait()
 
 
-def _relay(proc: subprocess.Popen, name: str) -> None:
+def _relay(proc: subprocess.Popen, resolved: ResolvedStage) -> None:
+    """The stage's output, prefixed with its name; its one-line error (if any) kept for run.json."""
     for line in proc.stdout:
-        sys.stderr.write(f"[{name}] {line}")
+        sys.stderr.write(f"[{resolved.spec.name}] {line}")
+        if line.startswith("clipforge ") and ": error: " in line:
+            resolved.error = line.split(": error: ", 1)[1].strip()
     proc.wait()
 
 

@@ -46,6 +46,7 @@ class ResolvedStage:
     output: str
     notes: list[str] = field(default_factory=list)
     config_uri: str = ""  # where the resolved config is saved; the stage command reads it from there
+    error: str = ""  # the stage command's own one-line error, when the executor saw one
 
     @property
     def argv(self) -> list[str]:
@@ -275,6 +276,8 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       message=f"{how}, exit code {code}")
         return "interrupted", None
     why = f"exit code {code}" if code else "exited 0 without committing _manifest.json"
+    if resolved.error:
+        why += f": {resolved.error}"
     if stage.policy.on_failure == "continue":
         log.error("[%s] FAILED (%s); on_failure: continue, later stages go on without it", name, why)
         record.record(name, status="failed-continued", finished=_now(), seconds=seconds, message=why)

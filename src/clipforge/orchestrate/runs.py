@@ -49,7 +49,7 @@ def run_state(run: dict) -> str:
 
 
 def list_runs(artifacts: str) -> list[dict]:
-    """Every recorded run, oldest first: id, created, updated, state, stages ended of stages."""
+    """Every recorded run, oldest first: id, created, updated, state, stages done (with output) of stages."""
     if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
         what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
         raise UserError(f"artifact store {artifacts} {what}")
@@ -62,9 +62,10 @@ def list_runs(artifacts: str) -> list[dict]:
         run = storage.read_json(uri)
         stages = run.get("stages") or {}
         total = len(run["spec"]["stages"])
-        ended = sum(1 for entry in stages.values() if entry.get("status") in ENDED)
+        # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
+        done = sum(1 for entry in stages.values() if entry.get("status") in FINISHED)
         runs.append({"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
-                     "state": run_state(run), "stages_ended": ended, "stages": total})
+                     "state": run_state(run), "stages_done": done, "stages": total})
     return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
 
 
