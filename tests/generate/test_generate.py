@@ -128,6 +128,24 @@ def test_clip_score_and_r1_equal_a_direct_computation(generation_inputs, unclip,
     assert (tmp_path / "eval" / "images.png").stat().st_size > 1000
 
 
+def test_configurations_are_compared_on_the_ids_they_share(generation_inputs, unclip, tmp_path, caplog):
+    """Two zero-padding runs with other seeds pick other ids (limit is a seeded choice): score both on the
+    ids they share, say so, and tell the two apart in the table."""
+    generate(generation_inputs, unclip, tmp_path / "a", limit=4, seed=1)
+    generate(generation_inputs, unclip, tmp_path / "b", limit=4, seed=2)
+    ids = [set(pd.read_parquet(tmp_path / f / "generated.parquet")["id"].astype(str)) for f in ("a", "b")]
+    common = ids[0] & ids[1]
+    assert 0 < len(common) < 4, "the seeds chosen must pick overlapping, different ids"
+    with caplog.at_level("WARNING"):
+        manifest = run_evaluate(EvaluateConfig(
+            clip_cache=generation_inputs["source"], target_cache=generation_inputs["target"],
+            out=str(tmp_path / "eval"), generated=[str(tmp_path / "a"), str(tmp_path / "b")], sheet_rows=4))
+    rows = manifest["metrics"]["images"]
+    assert [r["images"] for r in rows] == [len(common)] * 2
+    assert [r["configuration"] for r in rows] == ["zero-pad (a)", "zero-pad (b)"]
+    assert f"scoring {len(common)} of its 4 images" in caplog.text
+
+
 def run_cli(argv, capsys):
     code = main(argv)
     return code, capsys.readouterr().err.strip()

@@ -65,23 +65,40 @@ def score_generated(generated: list[str], target: EmbeddingTable, device: str = 
     model, preprocess_cfg = load_clip(spec, device)
     preprocess = BatchPreprocess(preprocess_cfg, device)
     rows_of = {str(i): n for n, i in enumerate(target.ids)}
+    outputs = {prefix: read_generated(prefix) for prefix in generated}
+    common = shared_ids(outputs, set(rows_of))
+    labels = [configuration_label(manifest) for _, manifest in outputs.values()]
     rows, embedded = [], {}
-    for prefix in generated:
-        frame, manifest = read_generated(prefix)
-        missing = [str(i) for i in frame["id"] if str(i) not in rows_of]
-        if missing:
-            raise UserError(f"{prefix}: ids {', '.join(missing[:5])} are not in the target cache")
+    for (prefix, (frame, manifest)), label in zip(outputs.items(), labels, strict=True):
+        frame = frame[frame["id"].astype(str).isin(common)].reset_index(drop=True)
+        if labels.count(label) > 1:  # two outputs of one conditioning (other seeds, say): tell them apart
+            label = f"{label} ({prefix.rstrip('/').rsplit('/', 1)[-1][:12]})"
         images = preprocess.each([load_png(prefix, p) for p in frame["path"]])
         gen = encode_images(model, preprocess, images, batch_size=32)
         truth = target.embeddings[[rows_of[str(i)] for i in frame["id"]]]
         cosine = (gen * truth).sum(axis=1)
         metrics = retrieval_metrics(torch.from_numpy(gen), torch.from_numpy(truth), names=NAMES)
         seconds = (manifest.get("metrics") or {}).get("seconds")
-        rows.append({"configuration": configuration_label(manifest), "output": prefix, "images": len(frame),
+        rows.append({"configuration": label, "output": prefix, "images": len(frame),
                      "clip_score": float(cosine.mean()), "R@1": metrics["generated_to_truth_R@1"],
                      "R@5": metrics["generated_to_truth_R@5"], "seconds": seconds})
         embedded[prefix] = {str(i): (frame["path"].iloc[n], float(cosine[n])) for n, i in enumerate(frame["id"])}
     return rows, embedded
+
+
+def shared_ids(outputs: dict[str, tuple], target_ids: set[str]) -> set[str]:
+    """The ids every generate output has and the target cache holds: the configurations are compared on the
+    same images, and each has a ground truth. Any left out are said; none at all is a UserError."""
+    sets = {prefix: {str(i) for i in frame["id"]} for prefix, (frame, _) in outputs.items()}
+    common = set.intersection(*sets.values()) & target_ids
+    if not common:
+        raise UserError(f"the generate outputs {', '.join(outputs)} share no ids with each other and the target "
+                        "cache: nothing to compare")
+    for prefix, ids in sets.items():
+        if len(ids) > len(common):
+            log.warning("%s: scoring %d of its %d images, the ids every generate output has and the target cache "
+                        "holds (like for like)", prefix, len(common), len(ids))
+    return common
 
 
 def table_text(rows: list[dict]) -> str:
