@@ -120,7 +120,7 @@ def test_low_coverage_trains_on_a_limited_subset(first_run, in_demo):
                       run_id="partial")
     adapter = record.data["stages"]["adapter"]
     assert adapter["status"] == "done"
-    assert any("limited subset of 8 rows" in note for note in adapter["notes"])
+    assert any("limited subset of at most 8 rows" in note for note in adapter["notes"])
     assert read_manifest(adapter["output"])["config"]["limit"] == 8
 
 

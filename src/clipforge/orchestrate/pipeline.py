@@ -129,8 +129,9 @@ def input_coverage(source_cache: str, target_cache: str) -> float:
 
     def ids(prefix: str) -> np.ndarray:
         manifest = read_manifest(prefix)
-        if manifest is None:
-            return np.array([])
+        if manifest is None or "shards" not in manifest:
+            raise UserError(f"{prefix} is not a finished cache (no _manifest.json listing shards): "
+                            "the input coverage policy cannot measure it")
         parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, s["path"]))), columns=["id"])
                  .column("id").to_numpy() for s in manifest["shards"]]
         return np.concatenate(parts) if parts else np.array([])
@@ -155,7 +156,7 @@ def apply_coverage_policy(resolved: ResolvedStage, spec: PipelineSpec, outputs: 
                                                         "min_overlap": 0.0}})
     again = resolve_stage(spec, limited, outputs)
     again.notes.append(f"input coverage {coverage:.2f} < {policy.min_input_coverage}: "
-                       f"training on a limited subset of {policy.fallback_limit} rows")
+                       f"training on a limited subset of at most {policy.fallback_limit} rows")
     return again
 
 
