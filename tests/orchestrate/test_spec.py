@@ -113,3 +113,15 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     os.close(read_end)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_a_yaml_mistake_names_its_line_and_a_misspelt_kind_is_said_once(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("artifacts: x\nstages:\n  - name: a\n    kind: index\n   with: {}\n")
+    with pytest.raises(UserError, match=r"is not valid YAML \(line 5, column 4\)"):
+        load_pipeline(str(path))
+    with pytest.raises(UserError) as info:
+        load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][1].update(kind="cahce"))))
+    assert "unknown kind 'cahce'" in str(info.value) and "is a cahce" not in str(info.value)
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'spec.yaml'}: stages: needs form a cycle"):
+        load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][0].update(needs=["ad"]))))

@@ -59,12 +59,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     from clipforge.storage import uri as storage
 
     path = str(path)
+    if not storage.is_s3(path) and storage.local_path(path).is_dir():
+        raise UserError(f"config file {path} is a folder; give the YAML file in it")
     if not storage.exists(path):
         raise UserError(f"config file {path} not found")
     try:
         data = yaml.safe_load(storage.read_bytes(path)) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
     return data

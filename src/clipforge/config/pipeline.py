@@ -143,7 +143,7 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
                 if isinstance(ref, str) and ref in kinds_by_name:
                     if ref not in stage.needs:
                         problems.append(f"{where}.with.{key}: refers to stage {ref!r}, which is not in needs")
-                    elif kinds_by_name[ref] not in accepted:
+                    elif kinds_by_name[ref] not in accepted and kinds_by_name[ref] in KINDS:  # else said above
                         problems.append(f"{where}.with.{key}: stage {ref!r} is a {kinds_by_name[ref]}; "
                                         f"expected {' or '.join(accepted)}")
             placeholders = [f"placeholder-{r}" if isinstance(r, str) and r in kinds_by_name else r for r in refs]
@@ -203,7 +203,10 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineSpec
     problems = check_stage_configs(spec)
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)}")
-    order_stages(spec)
+    try:
+        order_stages(spec)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
     return spec
 
 
