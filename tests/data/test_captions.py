@@ -107,6 +107,26 @@ def test_the_dataset_may_be_named_by_its_index_or_with_a_trailing_slash(dataset,
     assert f"in {dataset}/index.csv not found" in capsys.readouterr().err  # one slash
 
 
+def test_a_name_typed_in_another_unicode_form_finds_its_file(tmp_path):
+    """A folder copied from a Mac keeps café.png as NFD bytes; a hand-typed index.csv has the NFC form."""
+    import unicodedata
+
+    from PIL import Image
+
+    from clipforge.data.image_folder import decode
+    from clipforge.stages.finetune_data import read_rows
+
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    assert nfc != nfd
+    for name in (nfd, "b.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "index.csv").write_text(f"filepath,caption\n{nfc},a red café\nb.png,a red square\n")
+    assert prepare(PrepareConfig(dataset=str(tmp_path)))["rows"] == 2
+    rows = read_rows(str(tmp_path / "index.csv"), "train_data")
+    assert rows.uris[0] == str(tmp_path / nfd)
+    assert decode(str(tmp_path), nfc)[0].shape == (8, 8, 3)
+
+
 def test_a_swapped_word_takes_the_article_it_needs():
     import random
 

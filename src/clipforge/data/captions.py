@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from clipforge.config.captions import PrepareConfig
-from clipforge.data.image_folder import image_problem
+from clipforge.data.image_folder import image_problem, image_uri
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -27,10 +27,9 @@ COLUMNS = ["filepath", "caption"]
 
 
 def resolve_image(dataset: str, filepath: str) -> str:
-    """Absolute paths and s3:// URIs as they are; anything else relative to the dataset folder."""
-    if filepath.startswith("s3://") or filepath.startswith("/"):
-        return filepath
-    return storage.join(dataset, filepath)
+    """Absolute paths and s3:// URIs as they are; anything else relative to the dataset folder (a local name
+    found in either Unicode form, `image_folder.on_disk`)."""
+    return image_uri(dataset, filepath)
 
 
 def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:

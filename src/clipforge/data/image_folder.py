@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,7 +66,19 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
 
 
 def image_uri(root: str, path: str) -> str:
-    return path if path.startswith(("s3://", "/")) else storage.join(root, path)
+    return on_disk(path if path.startswith(("s3://", "/")) else storage.join(root, path))
+
+
+def on_disk(uri: str) -> str:
+    """The local file `uri` names, also when the name on disk differs only in its Unicode form: a folder
+    copied from a Mac keeps "é" as e + combining accent (NFD), while a caption CSV typed by hand has "é" (NFC)."""
+    if storage.is_s3(uri) or os.path.exists(uri):
+        return uri
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, uri)
+        if other != uri and os.path.exists(other):
+            return other
+    return uri
 
 
 def decode(root: str, path: str) -> tuple[np.ndarray, int]:
