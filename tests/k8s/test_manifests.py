@@ -153,6 +153,19 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
     worker = workers["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "2" and "command" not in worker
+    assert workers["rayStartParams"] == {"num-gpus": "2"}  # said outright: MIG resource names are not inferred
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert head["resources"]["requests"]["memory"] == "8Gi"  # the Ray driver only, not the stage's memory
+    assert spec["ttlSecondsAfterFinished"] <= 300  # no idle GPU cluster for a day
+
+
+def test_rayjob_names_fit_kuberays_limit():
+    """KubeRay refuses RayJob names over 47 characters (ValidationFailed), though Jobs may have 63."""
+    long_run = "a" * 40  # a commit SHA as run id, as a CI retrain uses
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, run_id=long_run))
+    assert len(ray["metadata"]["name"]) <= 47
+    assert ray["metadata"]["name"].startswith("team-a-clipforge-release-")
     for pod_spec in pod_specs(ray):
         assert_secure(pod_spec)
         volumes = {v["name"]: v for v in pod_spec["volumes"]}

@@ -33,6 +33,8 @@ log = logging.getLogger("clipforge.drive")
 
 RAY = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
 RAY_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # DESIGN: status.jobStatus values that end a RayJob
+# jobDeploymentStatus values after which no job will run (a spec KubeRay refuses never gets a jobStatus).
+RAY_DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
 # What a broken connection looks like from the client: a read timeout, a reset, a refused reconnect.
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
@@ -257,7 +259,7 @@ class KubernetesExecutor:
         while True:
             status = (self.call(self.custom.get_namespaced_custom_object, name=name, namespace=self.namespace,
                                 **RAY).get("status") or {})
-            if status.get("jobStatus") in RAY_TERMINAL or status.get("jobDeploymentStatus") == "Failed":
+            if status.get("jobStatus") in RAY_TERMINAL or status.get("jobDeploymentStatus") in RAY_DEPLOYMENT_FAILED:
                 break
             time.sleep(delay)
             delay = min(self.poll_seconds, delay * 2)

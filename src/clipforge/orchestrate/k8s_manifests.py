@@ -23,6 +23,9 @@ from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from clipforge.orchestrate.pipeline import ResolvedStage
 
 MAX_NAME = 63  # a DNS-1123 label, and the most a label value (`job-name`) may hold
+MAX_RAYJOB_NAME = 47  # KubeRay's MaxRayJobNameLength: longer ones end as jobDeploymentStatus ValidationFailed
+RAY_HEAD_MEMORY = "8Gi"
+RAY_CLUSTER_TTL = 300  # seconds a finished RayJob's cluster (its GPU workers) is kept
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 CONTAINER = "stage"
 CACHE_MOUNT = "/cache"
@@ -312,7 +315,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     read-only root filesystem, /dev/shm as Memory.
     """
     res = resolved.spec.resources
-    name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
+    name = job_name(settings.prefix, settings.run_id, resolved.spec.name, MAX_RAYJOB_NAME)
 
     def ray_pod(container_name: str, gpus: int) -> dict:
         main = container(resolved, settings, gpus)
@@ -324,21 +327,27 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     submitter = ray_pod("ray-job-submitter", 0)
     submitter["spec"]["restartPolicy"] = "Never"
     submitter["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "200m", "memory": "512Mi"}}
+    head = ray_pod("ray-head", 0)
+    # The head runs the stage's Ray driver (planning, progress, the manifest), not the encoders: it needs
+    # neither the stage's CPUs and memory nor a GPU node's worth of them.
+    head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": RAY_HEAD_MEMORY},
+                                                   "limits": {"memory": RAY_HEAD_MEMORY}}
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
         "spec": {
             "entrypoint": " ".join(stage_command(resolved)),
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            # The GPU cluster goes soon after the job: the driver reads what it needs as the job ends.
+            "ttlSecondsAfterFinished": min(settings.ttl_seconds_after_finished, RAY_CLUSTER_TTL),
             "submitterPodTemplate": submitter,
             "rayClusterSpec": {
                 "rayVersion": settings.ray_version,
                 # The head only coordinates: no tasks or actors there, so encoders land on GPU workers.
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
-                                  "template": ray_pod("ray-head", 0)},
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"}, "template": head},
+                # num-gpus said outright: KubeRay infers it from `nvidia.com/gpu` only, not from MIG names.
                 "workerGroupSpecs": [{"groupName": "gpu", "replicas": res.nodes, "minReplicas": res.nodes,
-                                      "maxReplicas": res.nodes, "rayStartParams": {},
+                                      "maxReplicas": res.nodes, "rayStartParams": {"num-gpus": str(res.gpus)},
                                       "template": ray_pod("ray-worker", res.gpus)}],
             },
         },
