@@ -60,7 +60,9 @@ class StageJobSettings:
     artifact_env: dict[str, str] = field(default_factory=dict)  # e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
     artifact_pvc: str | None = None  # a PersistentVolumeClaim mounted at /artifacts instead of S3
     cache_size_limit: str | None = "50Gi"  # the /cache emptyDir (model weights, range cache)
-    shm_size_limit: str | None = "8Gi"  # the Memory-medium /dev/shm (Ray's object store, DataLoader workers)
+    # The Memory-medium /dev/shm (Ray's object store, DataLoader workers). Ray wants at least 10 GB there,
+    # else it puts its object store in /tmp; it counts against the pod's memory only as it is used.
+    shm_size_limit: str | None = "16Gi"
     service_account: str | None = None  # stage pods' ServiceAccount (S3 access through workload identity)
     ttl_seconds_after_finished: int = 86400
     backoff_limit: int = 3  # single-pod Jobs: retries counted; preemption and exit 75 are not counted
