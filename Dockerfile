@@ -8,8 +8,15 @@
 # Writable state lives under /cache (model hubs, torch, open_clip, range cache), meant for a volume:
 # Kubernetes pods run with readOnlyRootFilesystem and mount an emptyDir (or a PVC) there.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# torch==2.14.1 from PyPI is a CUDA 13 build that brings its own CUDA libraries (nvidia-*-cu13 wheels): the
+# base adds only the CUDA runtime and NVIDIA_REQUIRE_CUDA=cuda>=13.0, so that a node whose driver is too old
+# for it (CUDA 13 needs driver >= 580) refuses the pod at start instead of letting torch fall back to the CPU.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04
 ARG PYTHON=python3.11
+# The Ray the image runs, and the `rayVersion` of the chart's KubeRay clusters (kuberay.rayVersion): the
+# same, as KubeRay sets its probes and the job submission up by that version. [default] adds the dashboard
+# a RayJob submits through.
+ARG RAY_VERSION=2.60.0
 
 # --- Python 3.11 on the CUDA runtime base (Ubuntu 22.04 ships 3.10; deadsnakes has 3.11) -------------
 FROM ${CUDA_IMAGE} AS python-base
@@ -32,15 +39,23 @@ RUN apt-get update \
 # --- builder: the package and its dependencies in a venv ------------------------------------------------
 FROM python-base AS builder
 ARG PYTHON
+ARG RAY_VERSION
 RUN ${PYTHON} -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY src ./src
+# The dependencies in a layer of their own: a code change (every CI retrain) then reinstalls only the
+# package, not torch and its CUDA wheels.
 RUN pip install --no-cache-dir --upgrade pip \
- && pip install --no-cache-dir . \
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > requirements.txt \
+ && pip install --no-cache-dir -r requirements.txt "ray[data,default]==${RAY_VERSION}"
+COPY src ./src
+# Bytecode compiled here: the root filesystem is read-only in the pods, and without .pyc files every
+# process (each torchrun rank, Ray worker and retry) spends seconds more importing torch, ray and the rest.
+RUN pip install --no-cache-dir --no-deps . \
  && pip uninstall -y pip setuptools wheel \
- && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+ && python -m compileall -q -j 0 /opt/venv
 
 # --- runtime: what runs in the pods ----------------------------------------------------------------------
 FROM python-base AS runtime

@@ -84,7 +84,10 @@ def test_multi_stage_on_a_cuda_runtime_base_with_python_311(dockerfile):
     final = stages[-1]
     layers = chain(stages, final)
     root = layers[0].base
-    assert root.startswith("nvidia/cuda:") and "-runtime-" in root, root
+    # A CUDA base of torch's own CUDA major version (the wheels bring the libraries; the base makes a node
+    # whose driver is too old refuse the pod), not a cuDNN/devel image of another version.
+    assert re.match(r"nvidia/cuda:(\d+)\.\d+\.\d+-(base|runtime)-", root), root
+    assert root.split(":")[1].split(".")[0] == torch_cuda_major(), root
     installs = " ".join(run for stage in layers for run in stage.all("RUN"))
     assert "python3.11" in installs or args.get("PYTHON") == "python3.11"
     assert args.get("PYTHON", "python3.11") == "python3.11"
@@ -131,3 +134,26 @@ def test_dockerignore_keeps_the_context_small():
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "tests", "demo"} <= ignored
     assert not {"src", "pyproject.toml", "README.md"} & ignored
+
+
+def torch_cuda_major() -> str:
+    """The CUDA major version of the torch that pyproject pins (a CUDA build; `torch.version.cuda` here)."""
+    import torch
+
+    return (torch.version.cuda or "").split(".")[0]
+
+
+def test_the_images_ray_is_the_version_of_the_charts_ray_clusters(dockerfile):
+    """KubeRay sets a cluster's probes and job submission up by `rayVersion`: it must be the image's Ray."""
+    import yaml
+
+    from clipforge.orchestrate.k8s_manifests import StageJobSettings
+
+    args, stages = dockerfile
+    ray = args["RAY_VERSION"]
+    builder = " ".join(next(s for s in stages if s.name == "builder").all("RUN"))
+    assert '"ray[data,default]==${RAY_VERSION}"' in builder
+    values = yaml.safe_load((ROOT / "charts" / "clipforge" / "values.yaml").read_text())
+    assert values["kuberay"]["rayVersion"] == ray == StageJobSettings(image="x").ray_version
+    for driver in (ROOT / "k8s").rglob("driver.yaml"):
+        assert str(yaml.safe_load(driver.read_text()).get("ray_version", ray)) == ray, driver

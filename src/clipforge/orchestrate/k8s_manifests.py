@@ -71,7 +71,7 @@ class StageJobSettings:
     owner_name: str | None = None  # the driver Job: deleting it (or the release) deletes stage Jobs
     owner_uid: str | None = None
     kuberay: bool = False
-    ray_version: str = "2.40.0"
+    ray_version: str = "2.60.0"  # the Dockerfile's RAY_VERSION: the Ray the image runs
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
