@@ -76,6 +76,16 @@ def test_hand_edited_index_mistakes_are_one_line_each(dataset, capsys):
     assert f"{index} line 6: byte 0xe9 is not UTF-8" in capsys.readouterr().err
 
 
+def test_a_comma_in_every_caption_is_refused_not_read_as_row_labels(dataset):
+    """pandas would use the first column as the index when every row has one field too many; the
+    captioning page would then rewrite index.csv without its paths."""
+    index = dataset / "index.csv"
+    header, *rows = index.read_text().splitlines()
+    index.write_text("\n".join([header, *(row + ", round" for row in rows)]) + "\n")
+    with pytest.raises(UserError, match="line 2 has 3 fields, the header 2; put double quotes"):
+        prepare(PrepareConfig(dataset=str(dataset)))
+
+
 def test_header_case_and_spaces_are_forgiven(dataset):
     index = dataset / "index.csv"
     index.write_text(index.read_text().replace("filepath,caption", "Filepath, Caption ", 1))

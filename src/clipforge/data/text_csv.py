@@ -31,6 +31,11 @@ def read_text_csv(uri: str, required: list[str], data: bytes | None = None) -> p
         raise UserError(f"{uri} is empty; it needs a header row: {','.join(required)}") from None
     except pd.errors.ParserError as exc:
         raise UserError(f"{uri}: {describe_parser_error(str(exc))}") from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # Every row has one field more than the header: pandas takes the first column for the row labels
+        # quietly, and a rewrite of the file would lose it.
+        raise UserError(f"{uri}: line 2 has {len(frame.columns) + 1} fields, the header {len(frame.columns)}; "
+                        'put double quotes around a value that contains a comma ("a dark, gloomy square")')
     frame.columns = [_header(column, required) for column in frame.columns]
     missing = [column for column in required if column not in frame.columns]
     if missing:
