@@ -84,6 +84,31 @@ def test_writes_need_the_session_token(server, folder):
     assert token["X-Clipforge-Token"] in httpx.get(server.url).text  # the page carries it, for same-origin JS
 
 
+def test_a_caption_that_is_not_text_is_refused_and_other_writers_rows_are_kept(server, folder):
+    token = {"X-Clipforge-Token": server.token}
+    for caption in (None, 5):
+        answer = httpx.post(server.url + "api/caption", json={"path": "circle/0000.png", "caption": caption},
+                            headers=token)
+        assert answer.status_code == 400 and "empty caption" in answer.json()["error"]
+    body = {"path": "circle/0000.png", "caption": "a red circle"}
+    assert httpx.post(server.url + "api/caption", json=body, headers=token).status_code == 200
+    # Someone adds a row by hand (or another `clipforge caption` saves) while the page is open.
+    with (folder / "index.csv").open("a") as index:
+        index.write("circle/0003.png,typed in an editor\n")
+    body = {"path": "circle/0001.png", "caption": "a green circle"}
+    assert httpx.post(server.url + "api/caption", json=body, headers=token).status_code == 200
+    assert (folder / "index.csv").read_text().splitlines()[1:] == [
+        "circle/0000.png,a red circle", "circle/0003.png,typed in an editor", "circle/0001.png,a green circle"]
+    assert httpx.get(server.url + "api/state").json()["captioned"] == 3
+
+
+def test_an_image_whose_name_has_a_colon_is_served(folder, tmp_path, serve_in_thread):
+    Image.new("RGB", (8, 8), "green").save(folder / "12:30 meeting.png")
+    caption_server = CaptionServer(folder, thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(caption_server):
+        assert raw_get(caption_server.url, "/image/" + urllib.parse.quote("12:30 meeting.png")) == 200
+
+
 def test_only_loopback_host_names_are_answered(server):
     assert raw_get(server.url, "/api/state", host="attacker.example:80") == 400  # DNS rebinding
     assert raw_get(server.url, "/api/state", host="localhost:1234") == 200  # kubectl port-forward, ssh -L

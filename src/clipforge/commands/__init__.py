@@ -31,3 +31,16 @@ def add_stage_command(sub, name: str, cls: type[StageConfig], run: str):
 
     parser.set_defaults(func=call)
     return parser
+
+
+def port_number(text: str) -> int:
+    """`--port`: 0 (any free port) to 65535, said as a usage error rather than a socket traceback."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a port is 0 (any free one) to 65535")
+    return port

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from clipforge.commands import port_number
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("caption", help="caption the images of a folder in the browser (writes index.csv)",
@@ -11,7 +13,8 @@ def add_parser(sub) -> None:
                                         "shows the next uncaptioned image, Esc saves and ends the session. "
                                         "Every save rewrites DATASET/index.csv atomically.")
     parser.add_argument("dataset", help="folder of images (jpg, jpeg, png, webp; searched recursively)")
-    parser.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
+    parser.add_argument("--port", type=port_number, default=8765,
+                        help="port to listen on; 0 picks a free one (default: 8765)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")

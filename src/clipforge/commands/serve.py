@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from clipforge.commands import port_number
 from clipforge.commands.caption import announcer
 
 
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--faiss", action="store_true",
                         help="approximate search with a FAISS IVF index built once next to the cache "
                              "(CACHE.faiss/); for collections past ~1M images")
-    parser.add_argument("--port", type=int, default=8766, help="port to listen on; 0 picks a free one (default: 8766)")
+    parser.add_argument("--port", type=port_number, default=8766,
+                        help="port to listen on; 0 picks a free one (default: 8766)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")

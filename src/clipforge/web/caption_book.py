@@ -54,8 +54,17 @@ class CaptionBook:
             why = f"; {len(self.unreadable)} cannot be read, e.g. {self.unreadable[0].path} " \
                   f"({self.unreadable[0].reason})" if self.unreadable else ""
             raise UserError(f"dataset {dataset} holds no readable images ({', '.join(IMAGE_SUFFIXES)}){why}")
-        self.frame = read_index(self.index)
+        if not os.access(self.root, os.W_OK) or (self.index.exists() and not os.access(self.index, os.W_OK)):
+            raise UserError(f"cannot write {self.index}: the folder is read-only for this user; fix its "
+                            "permissions, or caption a writable copy")
         self._image_set = set(self.images)
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        """Read index.csv (again): its rows, which images they caption, and which name files that are gone."""
+        self.frame = read_index(self.index)
+        self._stamp = _stamp(self.index)
         found = self._image_set | {u.path for u in self.unreadable}
         self._rows: dict[str, list[int]] = {}
         self.missing: list[str] = []
@@ -66,7 +75,6 @@ class CaptionBook:
             else:
                 self.missing.append(filepath)
         self._captions = {key: str(self.frame.at[rows[0], "caption"]) for key, rows in self._rows.items()}
-        self._lock = threading.Lock()
 
     def relative(self, filepath: str) -> str | None:
         """The image a row names, as a path relative to the folder (None when outside it)."""
@@ -99,6 +107,10 @@ class CaptionBook:
         if path not in self._image_set:
             raise UserError(f"{path} is not an image of {self.root}")
         with self._lock:
+            if _stamp(self.index) != self._stamp:
+                # Written by someone else since (an editor, another `clipforge caption`): keep their rows.
+                log.info("%s changed on disk: reading it again before saving", self.index)
+                self._load()
             rows = self._rows.get(path)
             if rows:
                 self.frame.loc[rows, "caption"] = text
@@ -107,9 +119,23 @@ class CaptionBook:
                 self.frame.loc[len(self.frame)] = {**dict.fromkeys(self.frame.columns, ""),
                                                    "filepath": path, "caption": text}
             # write_captions would keep only filepath,caption; a user's extra columns are theirs.
-            storage.write_bytes(str(self.index), self.frame.to_csv(index=False).encode())
+            try:
+                storage.write_bytes(str(self.index), self.frame.to_csv(index=False).encode())
+            except OSError as exc:
+                self._load()  # what is on disk, not the caption that could not be written
+                raise UserError(f"cannot write {self.index}: {exc.strerror}") from None
+            self._stamp = _stamp(self.index)
             self._captions[path] = text
         return text
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells that a file changed: its modification time and size (None while it does not exist)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def read_index(path: Path) -> pd.DataFrame:

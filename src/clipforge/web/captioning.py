@@ -103,7 +103,7 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         if body is None:
             return error(400, "expected JSON {path, caption}")
         try:
-            caption = await run_in_threadpool(book.save, str(body.get("path", "")), str(body.get("caption", "")))
+            caption = await run_in_threadpool(book.save, text_field(body, "path"), text_field(body, "caption"))
         except UserError as exc:
             return error(400, str(exc))
         return JSONResponse({"caption": caption, "captioned": book.captioned(), "total": len(book.images)})
@@ -112,9 +112,9 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         if not authorised(request):
             return error(403, "this page's session token is missing or wrong; reload the page")
         body = await json_body(request) or {}
-        if str(body.get("caption", "")).strip() and not session.finished:
+        if text_field(body, "caption").strip() and not session.finished:
             try:
-                await run_in_threadpool(book.save, str(body.get("path", "")), str(body["caption"]))
+                await run_in_threadpool(book.save, text_field(body, "path"), text_field(body, "caption"))
             except UserError as exc:
                 return error(400, str(exc))
         session.finished = True
@@ -136,6 +136,12 @@ async def json_body(request: Request) -> dict | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def text_field(body: dict, key: str) -> str:
+    """A JSON field that must be text: anything else (null, a number) counts as empty, never as "None"."""
+    value = body.get(key)
+    return value if isinstance(value, str) else ""
 
 
 def display(file: Path, thumbnails: Thumbnails) -> Response:

@@ -145,7 +145,7 @@ def error(status: int, message: str) -> JSONResponse:
 def resolve_inside(root: Path, relative: str) -> Path | None:
     """The file `relative` names under `root`, or None when it is not a file there: absolute paths,
     `..` and symlinks that lead out of `root` all give None. `root` must be resolved already."""
-    if not relative or "\x00" in relative or relative.startswith(("/", "\\")) or ":" in relative.split("/")[0]:
+    if not relative or "\x00" in relative or relative.startswith(("/", "\\")):
         return None
     if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
         return None
