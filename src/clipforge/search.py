@@ -72,6 +72,12 @@ class Searcher:
         self.tokenizer = open_clip.get_tokenizer(self.spec.model)
         source = self.table.manifest.get("config", {}).get("source", "")
         self.root = collection_root(source) if source and is_image_collection(source) else None
+        if self.root and not storage.is_s3(self.root) and not Path(self.root).is_dir():
+            # Results still come (the embeddings are in the index); their files cannot be shown or opened.
+            where = "relative to the directory the index was built in; run from there" \
+                if not Path(self.root).is_absolute() else "moved or deleted since it was indexed"
+            log.warning("the indexed folder %s is not there (%s): results will name files that cannot be shown",
+                        self.root, where)
         self.matrix = torch.from_numpy(self.table.embeddings).to(self.device)
         self.faiss = FaissIndex(index, self.table) if faiss else None
 

@@ -133,3 +133,16 @@ def test_a_setting_added_later_keeps_the_fingerprints_of_outputs_made_without_it
     before = __import__("hashlib").sha256(__import__("json").dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert base.fingerprint() == before
     assert config(tiny_models, shapes, tmp_path / "x", skip_bad=True).fingerprint() != before
+
+
+def test_search_over_a_folder_moved_since_indexing_says_so(shapes, tiny_models, ray_session, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(shapes, folder)
+    run_cache(config(tiny_models, folder, tmp_path / "index", engine="local"))
+    folder.rename(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING"):
+        hits = Searcher(str(tmp_path / "index")).text("a red circle", k=3)
+    assert len(hits) == 3  # the embeddings are in the index: search still answers
+    assert f"the indexed folder {folder} is not there (moved or deleted since it was indexed)" in caplog.text

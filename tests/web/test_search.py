@@ -172,6 +172,21 @@ def test_image_query_by_upload_and_by_drop(page, search_server, shapes_index, ca
     assert shown_hits(page) == expected
 
 
+def test_a_failed_query_clears_old_results_and_the_image_button_is_keyboard_reachable(page, search_server, tmp_path):
+    page.goto(search_server.url)
+    page.locator("#text").fill("a red circle")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(10)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image")
+    page.locator("#pick").focus()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")  # the button opens the file chooser, as a click does
+    chooser.value.set_files(corrupt)
+    expect(page.locator("#status")).to_contain_text("the query image cannot be decoded")
+    expect(page.locator("#results li")).to_have_count(0)  # the red circles are not this query's answer
+
+
 def test_http_thumbnails_only_for_indexed_ids(search_server, shapes_index):
     url = search_server.url
     thumb = httpx.get(url + "thumb", params={"id": "circle/0000.png"})

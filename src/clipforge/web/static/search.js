@@ -24,6 +24,12 @@ function render(data, what) {
     const thumb = Object.assign(document.createElement('img'), {
       src: `thumb?id=${encodeURIComponent(hit.id)}`, alt: hit.id, loading: 'lazy',
     });
+    // The file was moved or deleted since it was indexed: say so in place of a broken image.
+    thumb.addEventListener('error', () => {
+      link.replaceWith(Object.assign(document.createElement('div'), {
+        className: 'missing', textContent: 'file not found', title: hit.path,
+      }));
+    });
     link.append(thumb);
     const meta = document.createElement('div');
     meta.className = 'meta';
@@ -51,7 +57,12 @@ async function ask(request, what) {
     if (!response.ok) throw new Error(data.error || `The server answered ${response.status}.`);
     render(data, what);
   } catch (problem) {
-    if (ticket === latest) status(problem.message, 'error');
+    if (ticket !== latest) return;
+    // Results of an earlier query under this one's error would read as its answer.
+    $('results').replaceChildren();
+    // fetch() itself fails ("Failed to fetch") only when the server is not there.
+    const gone = problem instanceof TypeError;
+    status(gone ? 'The server cannot be reached: is `clipforge serve` still running?' : problem.message, 'error');
   }
 }
 
@@ -84,6 +95,8 @@ $('query').addEventListener('submit', (event) => {
   byText();
 });
 $('file').addEventListener('change', () => byImage($('file').files[0]));
+// The file input is hidden behind its label: a button opens it, so the keyboard reaches it too.
+$('pick').addEventListener('click', () => $('file').click());
 
 // Dropping an image anywhere on the page searches with it.
 let depth = 0;
