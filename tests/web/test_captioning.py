@@ -121,3 +121,32 @@ def test_kill_9_mid_session_keeps_every_saved_caption(page, dataset, run_cli, po
         page.reload()
         expect(page.locator("#path")).to_have_text("circle/0002.png")
         expect(page.locator("#counter")).to_have_text("2 / 8 captioned")
+
+
+def test_typing_ahead_of_a_slow_save_and_keys_after_a_click_elsewhere(page, dataset, run_cli, port):
+    """Over a slow link (kubectl port-forward) a person types the next caption before the save answers; and
+    a click on the header must not leave the keys dead."""
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.goto(url)
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+
+        def slow(route):
+            page.wait_for_timeout(400)
+            route.continue_()
+
+        page.route("**/api/caption", slow)
+        page.locator("#caption").press_sequentially("a red circle")
+        page.keyboard.press("Enter")
+        page.keyboard.type("a blue")  # before the save has answered
+        expect(page.locator("#path")).to_have_text("circle/0002.png")
+        expect(page.locator("#caption")).to_have_value("a blue")
+        page.unroute("**/api/caption")
+        page.locator("#counter").click()
+        page.keyboard.press("PageUp")
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+        expect(page.locator("#caption")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(page.locator("#done")).to_be_visible()
+        assert server.wait(15) == 0
+    captions = index(dataset)
+    assert captions["circle/0000.png"] == "a red circle" and captions["circle/0002.png"] == "a blue"

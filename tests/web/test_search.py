@@ -179,10 +179,15 @@ def test_a_failed_query_clears_old_results_and_the_image_button_is_keyboard_reac
     expect(page.locator("#results li")).to_have_count(10)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"not an image")
-    page.locator("#pick").focus()
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")  # the button opens the file chooser, as a click does
-    chooser.value.set_files(corrupt)
+    # The image picker is a button the keyboard reaches (Tab) and Enter presses: it opens the file input.
+    page.evaluate("document.getElementById('file').addEventListener('click', () => { window.picked = true; })")
+    page.locator("#k").focus()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(page.locator("#pick")).to_be_focused()
+    page.keyboard.press("Enter")
+    page.wait_for_function("window.picked === true")
+    page.locator("#file").set_input_files(corrupt)
     expect(page.locator("#status")).to_contain_text("the query image cannot be decoded")
     expect(page.locator("#results li")).to_have_count(0)  # the red circles are not this query's answer
 

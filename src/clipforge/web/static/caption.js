@@ -95,7 +95,10 @@ async function enter() {
     hint('Type a caption first: an empty caption is not saved.', 'warn');
     return;
   }
+  const typed = field.value;
   await save(text);
+  // What was typed while the save was on its way (over a slow port-forward, say) starts the next caption.
+  const ahead = field.value.startsWith(typed) ? field.value.slice(typed.length).trimStart() : '';
   const next = nextUncaptioned(at);
   if (next >= 0) {
     show(next);
@@ -103,6 +106,7 @@ async function enter() {
     if (at + 1 < images.length) show(at + 1);
     allCaptioned();
   }
+  if (ahead && !field.value) field.value = ahead;
 }
 
 async function move(step) {
@@ -127,7 +131,7 @@ async function finish() {
   count(data.captioned, data.total);
 }
 
-field.addEventListener('keydown', (event) => {
+function onKey(event) {
   if (event.isComposing) return; // an input method is still composing the text
   const moveKey = (event.altKey && (event.key === 'ArrowLeft' || event.key === 'ArrowRight'))
     || event.key === 'PageUp' || event.key === 'PageDown';
@@ -141,6 +145,15 @@ field.addEventListener('keydown', (event) => {
     event.preventDefault();
     exclusive(() => move(event.key === 'ArrowLeft' || event.key === 'PageUp' ? -1 : 1));
   }
+}
+
+field.addEventListener('keydown', onKey);
+// A click elsewhere (the header, the list of unreadable images) takes the focus from the field: the keys
+// still work, and typing goes back to the field.
+document.addEventListener('keydown', (event) => {
+  if (event.target === field || field.disabled || $('session').hidden) return;
+  field.focus();
+  onKey(event);
 });
 $('form').addEventListener('submit', (event) => event.preventDefault());
 $('image').addEventListener('error', () => {
