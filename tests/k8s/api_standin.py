@@ -82,6 +82,7 @@ class KubernetesApiStandIn:
         self.stall_next_watches = 0  # the next N watches send nothing and never end by themselves
         self.requests: list[tuple[str, str, str | None]] = []  # (method, resource, name or created name)
         self.held: set[str] = set()  # Job names whose pods stay Pending until release()
+        self.waiting: dict[str, tuple[str, str]] = {}  # Job name -> (reason, message) of its pods' containers
         self.disrupted: set[str] = set()
         self.processes: dict[str, subprocess.Popen] = {}
         self.pod_env: dict[str, dict[str, str]] = {}  # the container env each pod ran with (after DNS)
@@ -123,6 +124,13 @@ class KubernetesApiStandIn:
     def hold(self, job: str) -> None:
         with self.lock:
             self.held.add(job)
+
+    def cannot_start(self, job: str, reason: str, message: str) -> None:
+        """Pods of `job` stay Pending with their container waiting for `reason` (what the kubelet reports
+        for a missing Secret or an image it cannot pull); the Job itself never fails of it."""
+        with self.lock:
+            self.held.add(job)
+            self.waiting[job] = (reason, message)
 
     def release(self, job: str) -> None:
         with self.lock:
@@ -377,6 +385,10 @@ class KubernetesApiStandIn:
                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                                                      "uid": job["metadata"]["uid"], "controller": True}]},
                    "spec": spec, "status": {"phase": "Pending", "conditions": []}}
+            if job_name in self.waiting:
+                reason, message = self.waiting[job_name]
+                pod["status"]["containerStatuses"] = [self._container_status(
+                    spec["containers"][0], {"waiting": {"reason": reason, "message": message}})]
             self._put("pods", pod, "ADDED")
             job["status"]["active"] += 1
             self._put("jobs", job, "MODIFIED")

@@ -170,6 +170,29 @@ def test_watch_survives_gone_and_a_stalled_connection(small_cluster, monkeypatch
                                                    "uid": cluster.driver_uid, "controller": False}]
 
 
+def test_a_pod_that_cannot_start_fails_its_stage_naming_the_reason(small_cluster, monkeypatch, caplog):
+    """A missing Secret or an image that cannot be pulled never fails the Job itself: the driver looks at the
+    pods between watches, says why, and fails the stage after stuck_seconds instead of waiting forever."""
+    cluster = small_cluster
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage("subj05")]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "demo/artifacts/runs/stuck/configs/nsd-index.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id="stuck",
+                                             namespace="ml")
+    name = job_name(RELEASE, "stuck", "nsd-index")
+    cluster.api.cannot_start(name, "CreateContainerConfigError", 'secret "s3-keys" not found')
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1, stuck_seconds=2)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    assert code == 1
+    assert 'CreateContainerConfigError: secret "s3-keys" not found' in caplog.text
+    assert f"Job {name} cannot start" in caplog.text
+    assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
+
+
 def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster, monkeypatch, caplog):
     """DESIGN: a lost rank fails the Indexed Job (backoffLimit 0); the driver deletes and recreates it.
     (The group here is a 2-node index stage marked distributed: the orchestration is what is tested.)"""

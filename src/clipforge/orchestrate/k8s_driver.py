@@ -16,6 +16,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
@@ -78,11 +79,58 @@ def job_finished(job: client.V1Job) -> str | None:
     return None
 
 
+# Container states that do not pass by themselves (a retried image pull stays in back-off): the Job never
+# fails of them, so without a look at its pods a run would wait forever.
+STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError")
+
+
+class StageStuck(Exception):
+    """A stage's pod cannot start; the message says why, as Kubernetes does."""
+
+
+class PendingPods:
+    """What a stage's pods wait for, looked at between watches: said when it changes, and a container that
+    cannot start fails the stage after `stuck_seconds`. A pod waiting for a node is only said: a cluster
+    autoscaler may be adding one."""
+
+    def __init__(self, executor: KubernetesExecutor, stage: str, job: str):
+        self.executor, self.stage, self.job = executor, stage, job
+        self.said: set[str] = set()
+        self.stuck_since: float | None = None
+
+    def check(self) -> None:
+        ex = self.executor
+        pods = ex.call(ex.core.list_namespaced_pod, ex.namespace, label_selector=f"job-name={self.job}").items
+        stuck = None
+        for pod in pods:
+            for condition in pod.status.conditions or []:
+                if condition.type == "PodScheduled" and condition.status == "False":
+                    self._say(f"pod {pod.metadata.name} waits for a node: {condition.reason}: {condition.message}")
+            for status in pod.status.container_statuses or []:
+                waiting = status.state.waiting if status.state else None
+                if waiting is not None and waiting.reason in STUCK_REASONS:
+                    stuck = f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".strip()
+                    self._say(stuck)
+        if stuck is None:
+            self.stuck_since = None
+            return
+        self.stuck_since = self.stuck_since or time.monotonic()
+        if time.monotonic() - self.stuck_since >= ex.stuck_seconds:
+            raise StageStuck(stuck)
+
+    def _say(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            log.warning("[%s] %s", self.stage, line)
+
+
 class KubernetesExecutor:
     """`execute(resolved) -> exit code` for `run_pipeline`, one Kubernetes Job (or RayJob) per stage."""
 
     def __init__(self, settings: StageJobSettings, api: client.ApiClient, *, watch_seconds: int = 60,
-                 log_lines: int = 40, group_restarts: int = 3, poll_seconds: float = 10.0):
+                 log_lines: int = 40, group_restarts: int = 3, poll_seconds: float = 10.0,
+                 stuck_seconds: float = 300.0):
         self.settings, self.namespace = settings, settings.namespace
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -91,6 +139,9 @@ class KubernetesExecutor:
         self.watch_seconds = watch_seconds
         self.request_timeout = watch_seconds + max(2, watch_seconds // 4)
         self.log_lines, self.group_restarts, self.poll_seconds = log_lines, group_restarts, poll_seconds
+        # A pod whose container cannot start (a missing Secret, an image that cannot be pulled) never makes
+        # its Job fail: after this long in that state the stage fails, naming the reason.
+        self.stuck_seconds = stuck_seconds
 
     def __call__(self, resolved: ResolvedStage) -> int:
         where = placement(resolved)
@@ -149,7 +200,13 @@ class KubernetesExecutor:
             log.info("[%s] re-attaching to Job %s, created concurrently", stage, name)
 
     def wait_for_job(self, stage: str, name: str) -> StageOutcome:
-        job = self.watch_job(name)
+        watcher = PendingPods(self, stage, name)
+        try:
+            job = self.watch_job(name, between_watches=watcher.check)
+        except StageStuck as stuck:
+            log.error("[%s] Job %s cannot start: %s; deleting it", stage, name, stuck)
+            self.delete_job(name)
+            return StageOutcome(1, str(stuck))
         if job is None:
             return StageOutcome(1, f"Job {name} was deleted before it finished")
         if job_finished(job) == "complete":
@@ -157,8 +214,9 @@ class KubernetesExecutor:
             return StageOutcome(0, "complete")
         return self.failure(stage, job)
 
-    def watch_job(self, name: str) -> client.V1Job | None:
-        """Block until Job `name` finishes (returned) or disappears (None).
+    def watch_job(self, name: str, between_watches: Callable[[], None] | None = None) -> client.V1Job | None:
+        """Block until Job `name` finishes (returned) or disappears (None); `between_watches` runs each time
+        a watch ends without news (every `watch_seconds`) and may raise to stop waiting.
 
         DESIGN (watches): a watch that times out is resumed from the last resourceVersion seen; on
         `410 Gone` (history compacted) the Job is listed again and the watch restarts from the list's
@@ -184,6 +242,8 @@ class KubernetesExecutor:
                         return None
                     if event["type"] in ("ADDED", "MODIFIED") and job_finished(event["object"]):
                         return event["object"]
+                if between_watches is not None:
+                    between_watches()
             except ApiException as exc:
                 if exc.status != 410:
                     raise
