@@ -108,8 +108,12 @@ def test_custom_gpu_resource_and_artifacts_on_a_volume():
     validate(job)
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["requests"] == {"cpu": "1", "memory": "4Gi", "amd.com/gpu": "1"}
+    # The /cache emptyDir's size is asked for as node disk, so the pod lands where it fits.
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "4Gi", "amd.com/gpu": "1",
+                                                  "ephemeral-storage": "50Gi"}
     assert "envFrom" not in container
+    assert pod["terminationGracePeriodSeconds"] == 300  # time to upload a checkpoint after SIGTERM
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in container["env"]}
     assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
 
 
@@ -173,6 +177,15 @@ def test_rayjob_names_fit_kuberays_limit():
         assert "emptyDir" in mounts["/tmp/ray"] and mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
         # The embedded pod templates are built-in kinds: validate them as Pods.
         validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec})
+
+
+def test_cpu_stage_pods_see_no_gpu():
+    """The CUDA base sets NVIDIA_VISIBLE_DEVICES=all: a CPU pod on a node whose default runtime is nvidia
+    would otherwise see every GPU there."""
+    (job,) = stage_manifests(resolved("idx"), settings())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in container["env"]
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
 
 
 def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():

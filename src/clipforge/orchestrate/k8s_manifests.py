@@ -67,6 +67,8 @@ class StageJobSettings:
     ttl_seconds_after_finished: int = 86400
     backoff_limit: int = 3  # single-pod Jobs: retries counted; preemption and exit 75 are not counted
     active_deadline_seconds: int | None = None
+    # Seconds a stopped pod has, after SIGTERM, to save its checkpoint (to S3: large ones take a while) and exit.
+    termination_grace_seconds: int = 300
     rendezvous_port: int = 29500
     owner_name: str | None = None  # the driver Job: deleting it (or the release) deletes stage Jobs
     owner_uid: str | None = None
@@ -161,6 +163,10 @@ def resources(resolved: ResolvedStage, settings: StageJobSettings, gpus: int) ->
     requests = {key: value for key, value in (("cpu", res.cpu or settings.default_cpu),
                                               ("memory", res.memory or settings.default_memory)) if value}
     limits = {"memory": requests["memory"]} if "memory" in requests else {}
+    if settings.cache_size_limit:
+        # The /cache emptyDir (model weights, range cache) lives on the node's disk: a pod placed where
+        # that much is not free is evicted part way, and downloads it all again elsewhere.
+        requests["ephemeral-storage"] = settings.cache_size_limit
     if gpus:
         requests[settings.gpu_resource_name] = str(gpus)
         limits[settings.gpu_resource_name] = str(gpus)
@@ -189,6 +195,10 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
                 {"name": "CLIPFORGE_RUN_ID", "value": settings.run_id},
                 {"name": "CLIPFORGE_STAGE", "value": resolved.spec.name},
                 *({"name": k, "value": str(v)} for k, v in sorted(settings.artifact_env.items()))]
+    if gpus == 0:
+        # The CUDA base image says NVIDIA_VISIBLE_DEVICES=all: where nvidia is the node's default runtime,
+        # a CPU pod would see (and could take) every GPU of the node.
+        base_env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     spec: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.image,
@@ -214,6 +224,7 @@ def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) ->
         "volumes": vols,
         # Stage pods never call the Kubernetes API: only the driver's ServiceAccount has a Role.
         "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "enableServiceLinks": False,
     }
     if settings.service_account:
