@@ -80,3 +80,15 @@ def test_a_run_that_failed_at_its_first_stage_lists_nothing_done(tmp_path, capsy
     header, row = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["run", "created", "updated", "done", "state"]
     assert row.split()[-4:] == ["0/9", "failed", "at", "nsd-index"]
+
+
+def test_a_polling_period_or_port_out_of_range_is_a_usage_error(tmp_path, capsys):
+    import pytest
+
+    from clipforge.cli import main
+
+    for argv, said in ((["runs", str(tmp_path), "latest", "--watch", "--every", "0"], "give at least 0.1 seconds"),
+                       (["serve", "--index", str(tmp_path), "--port", "70000"], "a port is 0 (any free one) to 65535")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err

@@ -33,14 +33,21 @@ def add_stage_command(sub, name: str, cls: type[StageConfig], run: str):
     return parser
 
 
-def port_number(text: str) -> int:
-    """`--port`: 0 (any free port) to 65535, said as a usage error rather than a socket traceback."""
+def number_in(parse: type, low: float, high: float, what: str):
+    """An argparse `type`: `parse(text)` between `low` and `high`, else a usage error saying `what` it must be
+    (rather than a traceback from the socket or the loop that gets the value)."""
     import argparse
 
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port}: a port is 0 (any free one) to 65535")
-    return port
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text}: {what}")
+        return value
+
+    return check
+
+
+port_number = number_in(int, 0, 65535, "a port is 0 (any free one) to 65535")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from clipforge.commands import number_in
 from clipforge.errors import UserError
 from clipforge.tables import print_listing, text_table
 
@@ -34,15 +34,8 @@ def _artifacts(value: str) -> str:
     return value
 
 
-def seconds(text: str) -> float:
-    """A polling period: at least a tenth of a second (0 would read the store in a busy loop)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0.1:
-        raise argparse.ArgumentTypeError(f"{text}: give at least 0.1 seconds")
-    return value
+# A polling period: 0 would read the store in a busy loop.
+seconds = number_in(float, 0.1, float("inf"), "give at least 0.1 seconds")
 
 
 def table(runs: list[dict]) -> str:
