@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from clipforge.config.base import StageConfig
@@ -17,7 +19,8 @@ class EvaluateConfig(StageConfig):
     generated: list[str] = Field(default_factory=list, description="generate outputs to score on images: "
                                  "CLIPScore and R@1 with the target cache's encoder, and a contact sheet")
     sheet_rows: int = Field(8, ge=1, description="test ids (a seeded choice) on the contact sheet")
-    device: str = Field("cpu", description="where the target encoder scores generated images")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the target encoder scores generated images; auto prefers CUDA")
     split: str = Field("test", description="which split to evaluate")
     seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column")
     test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")

@@ -75,7 +75,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def evaluate_generated(cfg: EvaluateConfig, metrics: dict) -> list[str]:
     """Image-level rows into `metrics["images"]`; writes the contact sheet and the table's chart."""
     target = read_embeddings(cfg.target_cache, "target_cache")
-    rows, embedded = score_generated(cfg.generated, target, cfg.device)
+    rows, embedded = score_generated(cfg.generated, target, str(resolve_device(cfg.device)))
     metrics["images"] = rows
     log.info("generated images, %s split:\n%s", cfg.split, table_text(rows))
     storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
