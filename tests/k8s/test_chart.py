@@ -89,6 +89,9 @@ def test_rbac_and_service_account_switches():
     assert not {"Role", "RoleBinding", "ServiceAccount"} & {o["kind"] for o in objects}
     (driver,) = by_kind(objects, "Job")
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+    # No ServiceAccount of its own and none named: the Role must not go to the namespace's default one.
+    with pytest.raises(Exception, match="serviceAccount.name: with serviceAccount.create=false and rbac.create"):
+        chart_objects({"serviceAccount": {"create": False}})
 
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)

@@ -67,6 +67,10 @@ app.kubernetes.io/part-of: clipforge
 {{- if .Values.serviceAccount.create }}
 {{- default (include "clipforge.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
+{{- if and .Values.rbac.create (not .Values.serviceAccount.name) }}
+{{- /* The Role would be bound to the namespace's "default" ServiceAccount: every pod there could make Jobs. */}}
+{{- fail "serviceAccount.name: with serviceAccount.create=false and rbac.create=true, name the ServiceAccount the driver's Role is bound to (binding the namespace's default one would let every pod there create Jobs)" }}
+{{- end }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
