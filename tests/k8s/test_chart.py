@@ -149,6 +149,15 @@ def test_pipeline_from_set_file_is_kept_verbatim():
     assert config["data"]["pipeline.yaml"].strip() == (ROOT / "jobs" / "demo.yaml").read_text().strip()
 
 
+def test_a_pipeline_file_that_is_no_spec_fails_the_install(tmp_path):
+    """--set-file gives a string the values schema cannot look into: the install fails, not a driver pod."""
+    for text, said in (("artifacts: x\nstages: [\n", "pipeline: not valid YAML"),
+                       ("artifacts: x\n", "pipeline: the spec has no stages")):
+        (tmp_path / "spec.yaml").write_text(text)
+        with pytest.raises(Exception, match=said):
+            render_chart(helm_python.parse_set_file(f"pipeline={tmp_path / 'spec.yaml'}"))
+
+
 def test_default_pipeline_is_the_shipped_nsd_job():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["pipeline"] == yaml.safe_load((ROOT / "jobs" / "nsd-subj01.yaml").read_text())
