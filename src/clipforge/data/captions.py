@@ -3,7 +3,7 @@
 `prepare` checks every image exists and decodes, then writes a seeded split:
 `train_original.csv` and `val.csv`, disjoint, together exactly the index.
 Paths in the CSVs stay as the index wrote them (relative to the dataset,
-absolute, or s3://); `resolve_image` turns one into a URI.
+absolute, or s3://); `image_folder.image_uri` turns one into a URI.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ log = logging.getLogger("clipforge.captions")
 
 INDEX, TRAIN_ORIGINAL, VAL, TRAIN = "index.csv", "train_original.csv", "val.csv", "train.csv"
 COLUMNS = ["filepath", "caption"]
-
-
-def resolve_image(dataset: str, filepath: str) -> str:
-    """Absolute paths and s3:// URIs as they are; anything else relative to the dataset folder (a local name
-    found in either Unicode form, `image_folder.on_disk`)."""
-    return image_uri(dataset, filepath)
 
 
 def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:
@@ -60,7 +54,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     frame = read_captions(index_path(cfg.dataset))
     for name in (TRAIN_ORIGINAL, VAL):
         storage.delete(storage.join(cfg.dataset, name))
-    uris = [resolve_image(cfg.dataset, p) for p in frame["filepath"]]
+    uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
     with ThreadPoolExecutor(cfg.workers) as pool:
         problems = list(pool.map(image_problem, uris))
     bad = [(path, why) for path, why in zip(frame["filepath"], problems, strict=True) if why]

@@ -1,7 +1,7 @@
 """The fine-tuning stage's input: caption CSVs checked, images loaded and transformed in DataLoader workers.
 
 Rows come from `filepath,caption` CSVs (`read_captions`); an image path is
-relative to its CSV's folder, absolute, or s3:// (`resolve_image`). With
+relative to its CSV's folder, absolute, or s3:// (`image_folder.image_uri`). With
 `dataset` the stage first splits and augments the dataset's index.csv with the
 caption tools themselves (`captions.prepare`, `augment.augment`), into
 `OUT/data/` with a manifest of its own, so a rerun or a resume reuses it.
@@ -40,9 +40,9 @@ from clipforge.data.captions import (
     VAL,
     prepare,
     read_captions,
-    resolve_image,
     write_captions,
 )
+from clipforge.data.image_folder import image_uri
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -93,7 +93,7 @@ def read_rows(path: str, role: str) -> CaptionRows:
     _require_csv(path, role)
     frame = read_captions(path, what=role)
     folder = _folder_of(path)
-    rows = CaptionRows(path, list(frame["filepath"]), [resolve_image(folder, p) for p in frame["filepath"]],
+    rows = CaptionRows(path, list(frame["filepath"]), [image_uri(folder, p) for p in frame["filepath"]],
                        list(frame["caption"]))
     # A local image that is not there fails now, before any process starts; S3 objects (a HEAD each would
     # cost more than reading them) and undecodable files are named when a batch meets them.
@@ -151,7 +151,7 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
         return train, val
     frame = read_captions(index)
     folder = _folder_of(index)
-    frame["filepath"] = [_absolute(resolve_image(folder, p)) for p in frame["filepath"]]
+    frame["filepath"] = [_absolute(image_uri(folder, p)) for p in frame["filepath"]]
     write_captions(storage.join(data, INDEX), frame)
     try:
         split = prepare(PrepareConfig(dataset=data, val_fraction=config.val_fraction, seed=config.seed,
