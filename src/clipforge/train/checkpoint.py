@@ -120,11 +120,7 @@ def _sha256(data: bytes) -> str:
 def _remove_folder(uri: str) -> None:
     """Manifest first, so that an interrupted removal leaves an incomplete folder, not a broken 'complete' one."""
     storage.delete(storage.join(uri, MANIFEST_NAME))
-    if storage.is_s3(uri):
-        for name in storage.list_names(uri):
-            storage.delete(storage.join(uri, name))
-    else:
-        shutil.rmtree(storage.local_path(uri), ignore_errors=True)
+    storage.delete_tree(uri)
 
 
 def _fsync_dir(path: Path) -> None:
