@@ -127,17 +127,16 @@ def input_coverage(source_cache: str, target_cache: str) -> float:
 
     import pyarrow.parquet as pq
 
-    def ids(prefix: str) -> np.ndarray:
-        manifest = read_manifest(prefix)
-        if manifest is None or "shards" not in manifest:
-            raise UserError(f"{prefix} is not a finished cache (no _manifest.json listing shards): "
-                            "the input coverage policy cannot measure it")
+    from clipforge.data.embeddings import cache_manifest
+
+    def ids(prefix: str, role: str) -> np.ndarray:
+        manifest = cache_manifest(prefix, role)  # none, or another stage's output: a UserError naming it
         parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, s["path"]))), columns=["id"])
                  .column("id").to_numpy() for s in manifest["shards"]]
         return np.concatenate(parts) if parts else np.array([])
 
-    source = ids(source_cache)
-    return float(np.isin(source, ids(target_cache)).mean()) if len(source) else 0.0
+    source = ids(source_cache, "clip_cache")
+    return float(np.isin(source, ids(target_cache, "target_cache")).mean()) if len(source) else 0.0
 
 
 def apply_coverage_policy(resolved: ResolvedStage, spec: PipelineSpec, outputs: dict) -> ResolvedStage:
