@@ -102,6 +102,27 @@ def test_a_caption_that_is_not_text_is_refused_and_other_writers_rows_are_kept(s
     assert httpx.get(server.url + "api/state").json()["captioned"] == 3
 
 
+def test_a_save_over_a_caption_changed_meanwhile_is_refused_with_what_is_there(server, folder):
+    token = {"X-Clipforge-Token": server.token}
+    first = {"path": "circle/0000.png", "caption": "a red circle", "replaces": ""}
+    assert httpx.post(server.url + "api/caption", json=first, headers=token).status_code == 200
+    stale = {"path": "circle/0000.png", "caption": "a crimson disc", "replaces": ""}  # a tab opened before
+    answer = httpx.post(server.url + "api/caption", json=stale, headers=token)
+    assert answer.status_code == 409 and answer.json()["caption"] == "a red circle"
+    assert "captioned elsewhere" in answer.json()["error"]
+    assert httpx.post(server.url + "api/finish", json=stale, headers=token).status_code == 409
+    assert (folder / "index.csv").read_text().splitlines()[1:] == ["circle/0000.png,a red circle"]
+    # The same words from both tabs are no conflict; an edit made in an editor is one.
+    same = {**stale, "caption": "a  red circle"}
+    assert httpx.post(server.url + "api/caption", json=same, headers=token).status_code == 200
+    (folder / "index.csv").write_text("filepath,caption\ncircle/0000.png,edited by hand\n")
+    seen = {**stale, "replaces": "a red circle"}
+    assert httpx.post(server.url + "api/caption", json=seen, headers=token).json()["caption"] == "edited by hand"
+    decided = {**stale, "replaces": "edited by hand"}  # saved again, having seen it
+    assert httpx.post(server.url + "api/caption", json=decided, headers=token).status_code == 200
+    assert (folder / "index.csv").read_text().splitlines()[1:] == ["circle/0000.png,a crimson disc"]
+
+
 def test_an_image_whose_name_has_a_colon_is_served(folder, tmp_path, serve_in_thread):
     Image.new("RGB", (8, 8), "green").save(folder / "12:30 meeting.png")
     caption_server = CaptionServer(folder, thumbnail_cache=tmp_path / "thumbs")

@@ -150,3 +150,21 @@ def test_typing_ahead_of_a_slow_save_and_keys_after_a_click_elsewhere(page, data
         assert server.wait(15) == 0
     captions = index(dataset)
     assert captions["circle/0000.png"] == "a red circle" and captions["circle/0002.png"] == "a blue"
+
+
+def test_two_tabs_on_one_image_neither_overwrites_the_other_unseen(page, dataset, run_cli, port):
+    with run_cli(caption_args(dataset, port)) as (server, url):
+        page.goto(url)
+        other = page.context.new_page()  # a second tab, opened before the first one saves
+        other.goto(url)
+        expect(other.locator("#path")).to_have_text("circle/0000.png")
+        type_and_enter(page, "a red circle")
+        other.locator("#caption").press_sequentially("a crimson disc")
+        other.keyboard.press("Enter")
+        expect(other.locator("#hint")).to_contain_text('it is now "a red circle"')
+        expect(other.locator("#path")).to_have_text("circle/0000.png")  # still there, the typing kept
+        expect(other.locator("#caption")).to_have_value("a crimson disc")
+        assert index(dataset)["circle/0000.png"] == "a red circle"
+        other.keyboard.press("Enter")  # having seen it: replace it
+        expect(other.locator("#path")).not_to_have_text("circle/0000.png")
+        assert index(dataset)["circle/0000.png"] == "a crimson disc"

@@ -10,7 +10,9 @@ is: rows keep their order and any extra columns; rows whose file is gone are
 kept and reported, never dropped; a row with an empty caption counts as not
 captioned. A new caption appends a row. Every save rewrites the whole file
 atomically (temp file + rename), so a crash, kill -9 included, loses at most
-the caption being typed.
+the caption being typed. A save names the caption it replaces: when that is no
+longer the caption on disk (a second tab, an editor), the save is refused with
+the caption that is there, so nobody's words are overwritten unseen.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.caption")
+
+
+class CaptionConflict(UserError):
+    """The caption a save meant to replace has been changed by someone else meanwhile."""
+
+    def __init__(self, path: str, current: str):
+        shown = f'"{current}"' if current else "empty"
+        super().__init__(f"{path} was captioned elsewhere meanwhile (another tab or an editor): it is now {shown}; "
+                         "save again to replace it with yours")
+        self.current = current
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,11 @@ class CaptionBook:
     def first_uncaptioned(self) -> int | None:
         return next((i for i, path in enumerate(self.images) if not self.caption(path).strip()), None)
 
-    def save(self, path: str, caption: str) -> str:
-        """Set the caption of one image and rewrite index.csv; returns the caption as saved."""
+    def save(self, path: str, caption: str, replaces: str | None = None) -> str:
+        """Set the caption of one image and rewrite index.csv; returns the caption as saved.
+
+        `replaces`: the caption the writer saw. If another writer changed it since, CaptionConflict; None
+        skips the check (a caller that holds no earlier view)."""
         text = " ".join(caption.split())
         if not text:
             raise UserError("an empty caption is not saved: type what the image shows")
@@ -111,6 +126,9 @@ class CaptionBook:
                 # Written by someone else since (an editor, another `clipforge caption`): keep their rows.
                 log.info("%s changed on disk: reading it again before saving", self.index)
                 self._load()
+            current = self.caption(path)
+            if replaces is not None and " ".join(current.split()) not in (" ".join(replaces.split()), text):
+                raise CaptionConflict(path, current)
             rows = self._rows.get(path)
             if rows:
                 self.frame.loc[rows, "caption"] = text

@@ -25,7 +25,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from clipforge.errors import UserError
-from clipforge.web.caption_book import CaptionBook
+from clipforge.web.caption_book import CaptionBook, CaptionConflict
 from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page, resolve_inside
 from clipforge.web.thumbnails import DISPLAY_BOX, Thumbnails
 
@@ -101,12 +101,19 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
             return error(409, "this session has ended")
         body = await json_body(request)
         if body is None:
-            return error(400, "expected JSON {path, caption}")
+            return error(400, "expected JSON {path, caption, replaces}")
         try:
-            caption = await run_in_threadpool(book.save, text_field(body, "path"), text_field(body, "caption"))
+            caption = await run_in_threadpool(write, body)
+        except CaptionConflict as exc:
+            return conflict(exc)
         except UserError as exc:
             return error(400, str(exc))
         return JSONResponse({"caption": caption, "captioned": book.captioned(), "total": len(book.images)})
+
+    def write(body: dict) -> str:
+        replaces = body.get("replaces")
+        return book.save(text_field(body, "path"), text_field(body, "caption"),
+                         replaces if isinstance(replaces, str) else None)
 
     async def finish(request: Request) -> Response:
         if not authorised(request):
@@ -114,7 +121,9 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         body = await json_body(request) or {}
         if text_field(body, "caption").strip() and not session.finished:
             try:
-                await run_in_threadpool(book.save, text_field(body, "path"), text_field(body, "caption"))
+                await run_in_threadpool(write, body)
+            except CaptionConflict as exc:
+                return conflict(exc)
             except UserError as exc:
                 return error(400, str(exc))
         session.finished = True
@@ -128,6 +137,12 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         Route("/api/caption", save, methods=["POST"]),
         Route("/api/finish", finish, methods=["POST"]),
     ], loopback_only=loopback_only)
+
+
+def conflict(exc: CaptionConflict) -> Response:
+    """409 with the caption on disk, so the page can show it before the person decides."""
+    return JSONResponse({"error": str(exc), "caption": exc.current}, status_code=409,
+                        headers={"cache-control": "no-store"})
 
 
 async def json_body(request: Request) -> dict | None:

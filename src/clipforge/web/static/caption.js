@@ -34,8 +34,24 @@ async function post(path, body) {
       + 'run clipforge caption again to go on.');
   }
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(data.error || `The server answered ${response.status}.`);
+  if (!response.ok) {
+    throw Object.assign(new Error(data.error || `The server answered ${response.status}.`),
+      { status: response.status, answer: data });
+  }
   return data;
+}
+
+// A save names the caption it replaces. If another tab or an editor changed it meanwhile, the server
+// refuses (409) and says what is there now: that becomes what the next save replaces, so saving again
+// is a decision made after seeing it.
+async function saveCaption(path, body) {
+  const item = images[at];
+  try {
+    return await post(path, { ...body, replaces: item.caption });
+  } catch (problem) {
+    if (problem.status === 409) item.caption = problem.answer.caption;
+    throw problem;
+  }
 }
 
 function imageUrl(path) {
@@ -67,7 +83,7 @@ function nextUncaptioned(from) {
 async function save(text) {
   const item = images[at];
   if (text === item.caption) return;
-  const data = await post('api/caption', { path: item.path, caption: text });
+  const data = await saveCaption('api/caption', { path: item.path, caption: text });
   item.caption = data.caption;
   count(data.captioned, data.total);
 }
@@ -123,8 +139,8 @@ async function move(step) {
 async function finish() {
   const item = images[at];
   const text = field.value.trim();
-  const body = text && text !== item.caption ? { path: item.path, caption: text } : {};
-  const data = await post('api/finish', body);
+  const data = text && text !== item.caption
+    ? await saveCaption('api/finish', { path: item.path, caption: text }) : await post('api/finish', {});
   $('session').hidden = true;
   $('done').hidden = false;
   $('done-summary').textContent = `${data.captioned} / ${data.total} images captioned, saved in ${data.index}.`;
