@@ -172,6 +172,34 @@ def test_image_query_by_upload_and_by_drop(page, search_server, shapes_index, ca
     assert shown_hits(page) == expected
 
 
+def test_more_results_page_down_the_same_ranking_as_the_cli(page, search_server, shapes_index, capsys):
+    everything = cli_hits(capsys, ["--index", shapes_index["cache"], "a blue square", "-k", "48"])
+    page.goto(search_server.url)
+    page.locator("#k").fill("20")
+    page.locator("#text").fill("a blue square")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(20)
+    for shown in (40, 48):
+        page.locator("#more").click()
+        expect(page.locator("#results li")).to_have_count(shown)
+    expect(page.locator("#more")).to_be_hidden()  # all 48 are shown
+    expect(page.locator("#status")).to_contain_text("48 results")
+    assert shown_hits(page) == everything
+    ranks = page.locator("#results .rank").all_inner_texts()
+    assert ranks == [f"#{rank}" for rank in range(1, 49)]
+    page.locator("#text").fill("a red circle")  # a new query starts again from the top
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(20)
+    expect(page.locator("#more")).to_be_visible()
+
+    query = shapes_index["dataset"] / "square" / "0005.png"
+    second = httpx.post(search_server.url + "api/search-image", data={"k": "5", "offset": "5"},
+                        files={"image": ("q.png", query.read_bytes())}).json()
+    expected = cli_hits(capsys, ["--index", shapes_index["cache"], "--image", str(query), "-k", "10"])[5:]
+    assert [{"id": hit["id"], "score": hit["score"]} for hit in second["hits"]] == expected
+    assert [hit["rank"] for hit in second["hits"]] == [6, 7, 8, 9, 10] and second["more"]
+
+
 def test_a_failed_query_clears_old_results_and_the_image_button_is_keyboard_reachable(page, search_server, tmp_path):
     page.goto(search_server.url)
     page.locator("#text").fill("a red circle")
@@ -204,6 +232,8 @@ def test_http_thumbnails_only_for_indexed_ids(search_server, shapes_index):
         assert httpx.get(url + "image", params={"id": bad}).status_code == 404, bad
     assert httpx.get(url + "api/search", params={"q": " "}).status_code == 400
     assert httpx.get(url + "api/search", params={"q": "a red circle", "k": "0"}).status_code == 400
+    for offset in ("-1", "x", "9995"):  # 9995 + 10 is past the deepest page
+        assert httpx.get(url + "api/search", params={"q": "a red circle", "offset": offset}).status_code == 400
     assert httpx.post(url + "api/search-image", files={"image": ("x.png", b"not an image")}).status_code == 400
 
 

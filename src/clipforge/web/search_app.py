@@ -1,8 +1,9 @@
 """The search page: a text (or a dropped image) -> the nearest images of an indexed folder.
 
-Routes: `/` the page, `/api/search?q=TEXT&k=K` and `POST /api/search-image`
-(multipart field `image`, optional `k`) -> `{"hits": [{rank, id, score,
-path}], "ms"}`, `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
+Routes: `/` the page, `/api/search?q=TEXT&k=K&offset=N` and `POST
+/api/search-image` (multipart fields `image`, optional `k` and `offset`) ->
+`{"hits": [{rank, id, score, path}], "ms", "more"}`: hits ranked offset+1 to
+offset+k, and whether more follow (pages reach MAX_DEPTH), `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
 index does not hold are a 404, so nothing else on disk is reachable). Queries
 go through the same `Searcher` as `clipforge search`: same results, same order.
 Searching changes nothing, so it needs no token.
@@ -33,7 +34,8 @@ from clipforge.web.thumbnails import DISPLAY_BOX, THUMBNAIL_BOX, Thumbnails
 
 log = logging.getLogger("clipforge.serve")
 
-MAX_K = 200
+MAX_K = 200  # hits in one answer
+MAX_DEPTH = 10_000  # how far down the ranking pages go: offset + k
 
 
 class SearchServer:
@@ -76,12 +78,15 @@ class SearchServer:
             return None
         return image_uri(self.searcher.root, row_id)
 
-    async def query(self, search: Callable[[], list]) -> dict:
+    async def query(self, search: Callable[[int], list], k: int, offset: int) -> dict:
+        """Hits ranked offset+1 .. offset+k: the top offset+k, less the first offset."""
         def timed() -> dict:
             started = time.perf_counter()
-            hits = search()
+            hits = search(offset + k)[offset:]
             ms = (time.perf_counter() - started) * 1000
-            return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, 1)], "ms": round(ms, 2)}
+            more = len(hits) == k and offset + k < min(MAX_DEPTH, len(self.ids))
+            return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, offset + 1)],
+                    "ms": round(ms, 2), "more": more}
 
         return await asyncio.get_running_loop().run_in_executor(self.queries, timed)
 
@@ -93,25 +98,26 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
         return render_page("search.html", index=session.index, about=session.about())
 
     async def by_text(request: Request) -> Response:
-        k = parse_k(request.query_params.get("k"))
-        if k is None:
-            return error(400, f"k must be a whole number from 1 to {MAX_K}")
         text = request.query_params.get("q", "")
-        return await answer(lambda: searcher.text(text, k))
+        return await answer(lambda depth: searcher.text(text, depth), request.query_params)
 
     async def by_image(request: Request) -> Response:
-        async with request.form(max_files=1, max_fields=2) as form:
-            upload, k = form.get("image"), parse_k(form.get("k"))
+        async with request.form(max_files=1, max_fields=3) as form:
+            upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 return error(400, "send the query image as the multipart field 'image'")
-            if k is None:
-                return error(400, f"k must be a whole number from 1 to {MAX_K}")
             data = await upload.read()
-        return await answer(lambda: searcher.image(data, k))
+            fields = {key: form.get(key) for key in ("k", "offset")}
+        return await answer(lambda depth: searcher.image(data, depth), fields)
 
-    async def answer(search: Callable[[], list]) -> Response:
+    async def answer(search: Callable[[int], list], fields) -> Response:
+        k, offset = parse_k(fields.get("k")), parse_offset(fields.get("offset"))
+        if k is None:
+            return error(400, f"k must be a whole number from 1 to {MAX_K}")
+        if offset is None or offset + k > MAX_DEPTH:
+            return error(400, f"offset must be a whole number from 0, with offset + k at most {MAX_DEPTH}")
         try:
-            result = await session.query(search)
+            result = await session.query(search, k, offset)
         except UserError as exc:
             return error(400, str(exc))
         return JSONResponse(result, headers={"cache-control": "no-store"})
@@ -136,13 +142,23 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
 
 
 def parse_k(value) -> int | None:
+    k = whole_number(value, default=10)
+    return k if k is not None and 1 <= k <= MAX_K else None
+
+
+def parse_offset(value) -> int | None:
+    offset = whole_number(value, default=0)
+    return offset if offset is not None and offset >= 0 else None
+
+
+def whole_number(value, default: int) -> int | None:
+    """A form or query field as an int: `default` when absent, None when it is not a whole number."""
     if value is None or value == "":
-        return 10
+        return default
     try:
-        k = int(str(value))
+        return int(str(value))
     except ValueError:
         return None
-    return k if 1 <= k <= MAX_K else None
 
 
 def serve_search(index: str, *, model: str | None = None, pretrained: str | None = None,

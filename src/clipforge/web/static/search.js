@@ -1,18 +1,20 @@
 // The search page: a text or an image goes to the server, which answers with the top-k hits of the
 // same search `clipforge search` runs; each hit shows a server-made thumbnail, its score and path.
+// "More results" asks for the next page of the same query and adds it below.
 
 const $ = (id) => document.getElementById(id);
 let latest = 0; // only the newest query's answer is shown
 let preview = null;
+let current = null; // the query shown: { request(offset, k), what, k, shown }
 
 function status(text, kind = '') {
   $('status').textContent = text;
   $('status').className = `status ${kind}`;
 }
 
-function render(data, what) {
+function render(data, what, append) {
   const list = $('results');
-  list.replaceChildren();
+  if (!append) list.replaceChildren();
   for (const hit of data.hits) {
     const item = document.createElement('li');
     item.className = 'hit';
@@ -44,22 +46,28 @@ function render(data, what) {
     item.append(link, meta, path);
     list.append(item);
   }
-  status(`${data.hits.length} results for ${what} in ${data.ms.toFixed(1)} ms`);
+  $('more').hidden = !data.more;
+  const shown = list.children.length;
+  status(`${shown} results for ${what} in ${data.ms.toFixed(1)} ms`);
 }
 
-async function ask(request, what) {
+// A new query (offset 0) replaces the results; a further page (offset > 0) is added below them.
+async function ask(query, offset = 0) {
   const ticket = ++latest;
+  current = query;
   status('Searching…');
   try {
-    const response = await request();
+    const response = await query.request(offset, query.k);
     const data = await response.json().catch(() => ({}));
     if (ticket !== latest) return;
     if (!response.ok) throw new Error(data.error || `The server answered ${response.status}.`);
-    render(data, what);
+    render(data, query.what, offset > 0);
   } catch (problem) {
     if (ticket !== latest) return;
-    // Results of an earlier query under this one's error would read as its answer.
-    $('results').replaceChildren();
+    // Results of an earlier query under this one's error would read as its answer; a failed further
+    // page leaves the pages already shown, which are this query's.
+    if (offset === 0) $('results').replaceChildren();
+    $('more').hidden = offset === 0;
     // fetch() itself fails ("Failed to fetch") only when the server is not there.
     const gone = problem instanceof TypeError;
     status(gone ? 'The server cannot be reached: is `clipforge serve` still running?' : problem.message, 'error');
@@ -73,8 +81,11 @@ function byText() {
     return;
   }
   $('query-image').hidden = true;
-  const query = new URLSearchParams({ q: text, k: $('k').value });
-  ask(() => fetch(`api/search?${query}`), `“${text}”`);
+  ask({
+    what: `“${text}”`,
+    k: $('k').value,
+    request: (offset, k) => fetch(`api/search?${new URLSearchParams({ q: text, k, offset })}`),
+  });
 }
 
 function byImage(file) {
@@ -84,10 +95,17 @@ function byImage(file) {
   $('query-preview').src = preview;
   $('query-name').textContent = `query image: ${file.name}`;
   $('query-image').hidden = false;
-  const form = new FormData();
-  form.append('image', file);
-  form.append('k', $('k').value);
-  ask(() => fetch('api/search-image', { method: 'POST', body: form }), file.name);
+  ask({
+    what: file.name,
+    k: $('k').value,
+    request: (offset, k) => {
+      const form = new FormData();
+      form.append('image', file);
+      form.append('k', k);
+      form.append('offset', offset);
+      return fetch('api/search-image', { method: 'POST', body: form });
+    },
+  });
 }
 
 $('query').addEventListener('submit', (event) => {
@@ -97,6 +115,9 @@ $('query').addEventListener('submit', (event) => {
 $('file').addEventListener('change', () => byImage($('file').files[0]));
 // The file input is hidden behind its label: a button opens it, so the keyboard reaches it too.
 $('pick').addEventListener('click', () => $('file').click());
+$('more').addEventListener('click', () => {
+  if (current) ask(current, $('results').children.length);
+});
 
 // Dropping an image anywhere on the page searches with it.
 let depth = 0;
