@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -102,6 +103,23 @@ def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, t
     run_cache(cfg)
     assert time.monotonic() - started < 5
     assert mtimes(output) == before
+
+
+def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, ray_session, tmp_path,
+                                                               monkeypatch):
+    """`--pretrained model.pt` in the working directory loads the file; changing that file must not leave
+    the cache "up to date"."""
+    from clipforge.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    weights = torch.load(tiny_models["source"][1])
+    torch.save(weights, "model.pt")
+    cfg = config(nsd, tiny_models, str(tmp_path / "cache"), source=nsd["local"], pretrained="model.pt")
+    manifest = run_cache(cfg)
+    assert manifest["model"]["weights"]["size"] == Path("model.pt").stat().st_size
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, "model.pt")
+    with pytest.raises(UserError, match="already holds a cache of another config or input"):
+        run_cache(cfg)
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])

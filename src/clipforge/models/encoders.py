@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,10 +53,18 @@ class EncoderSpec:
         return cls(model=model, pretrained=pretrained, model_config=model_config)
 
     def weights_fingerprint(self) -> dict | None:
-        """ETag/size or size/mtime of a weights file; a tag identifies itself."""
-        if self.pretrained and ("/" in self.pretrained or self.pretrained.startswith("s3://")):
-            return storage.fingerprint(self.pretrained)
-        return None
+        return weights_identity(self.pretrained)
+
+
+def names_weights_file(pretrained: str | None) -> bool:
+    """Whether `pretrained` is a weights file (local or s3://) rather than an open_clip tag such as 'openai'.
+    The one rule every stage uses: what loads a file must also fingerprint it, or a changed file goes unseen."""
+    return bool(pretrained) and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists())
+
+
+def weights_identity(pretrained: str | None) -> dict | None:
+    """ETag/size or size/mtime of a weights file; None for a tag, which identifies itself."""
+    return storage.fingerprint(pretrained) if names_weights_file(pretrained) else None
 
 
 def register_model_config(path: str) -> str:
@@ -70,6 +78,17 @@ def register_model_config(path: str) -> str:
     return config_path.stem
 
 
+def check_model_known(model: str, model_config: str | None) -> None:
+    """Register `model_config`, if any; a name open_clip does not know is a UserError before any work."""
+    import open_clip
+
+    if model_config:
+        register_model_config(model_config)
+    if model not in open_clip.list_models():
+        raise UserError(f"unknown model {model!r}: not an open_clip model (see open_clip.list_models()) "
+                        "and no --model-config registers it")
+
+
 def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: str | None = None,
               precision: str = "fp32"):
     """(model, preprocess_cfg) in eval mode on `device`: the model is built by open_clip's own factory.
@@ -81,13 +100,9 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     """
     import open_clip
 
-    if spec.model_config:
-        register_model_config(spec.model_config)
-    if spec.model not in open_clip.list_models():
-        raise UserError(f"unknown model {spec.model!r}: not an open_clip model (try `open_clip.list_models()`) "
-                        "and no --model-config registers it")
+    check_model_known(spec.model, spec.model_config)
     pretrained = spec.pretrained
-    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
+    if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     try:
         weights_precision = precision if precision.startswith("pure_") else "fp32"
@@ -131,6 +146,3 @@ def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
         "weights": spec.weights_fingerprint(),
     }
 
-
-def spec_dict(spec: EncoderSpec) -> dict:
-    return asdict(spec)

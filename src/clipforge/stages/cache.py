@@ -31,7 +31,7 @@ from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_t
 from clipforge.data.image_folder import collection_root, image_problem, image_uri, is_image_collection, list_collection
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
-from clipforge.models.encoders import EncoderSpec, register_model_config
+from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.storage.range_reader import FetchStats
@@ -89,7 +89,7 @@ def readable_only(source: str, index: RowIndex) -> RowIndex:
     return RowIndex(ids=index.ids[keep], splits=[s for s, k in zip(index.splits, keep, strict=True) if k])
 
 
-def stage_inputs(cfg: CacheConfig, spec: EncoderSpec, found: dict) -> dict:
+def stage_inputs(spec: EncoderSpec, found: dict) -> dict:
     """Fingerprints of everything the output depends on besides the config."""
     inputs = {**found, "weights": spec.weights_fingerprint()}
     if spec.model_config:
@@ -101,7 +101,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest."""
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
-    inputs = stage_inputs(cfg, spec, found)
+    inputs = stage_inputs(spec, found)
     fingerprint = cfg.fingerprint()
     manifest = read_manifest(cfg.output)
     if is_up_to_date(manifest, fingerprint, inputs):
@@ -110,7 +110,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     if manifest is not None:
         raise UserError(f"output {cfg.output} already holds a cache of another config or input; "
                         "choose a new --output (pipelines do this for you)")
-    check_model_known(spec)
+    check_model_known(spec.model, spec.model_config)
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     shards = plan_shards(index, cfg.batch_size, fingerprint)
     todo = pending_shards(cfg.output, shards)
@@ -171,16 +171,6 @@ def encode_shards(engine: str, cfg: CacheConfig, spec: EncoderSpec, todo: list[S
     else:
         from clipforge.stages.cache_ray import encode_shards_with_ray as encode
     return encode(cfg, spec, todo)
-
-
-def check_model_known(spec: EncoderSpec) -> None:
-    """Fail before any work when the model name is unknown (weights are checked by the encoder)."""
-    import open_clip
-
-    if spec.model_config:
-        register_model_config(spec.model_config)
-    if spec.model not in open_clip.list_models():
-        raise UserError(f"unknown model {spec.model!r}: not an open_clip model and no --model-config registers it")
 
 
 def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDataset:

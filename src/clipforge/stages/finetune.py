@@ -27,13 +27,13 @@ import torch
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
+from clipforge.models.encoders import check_model_known, weights_identity
 from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
-from clipforge.stages.finetune_model import check_model_name
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, read_manifest, write_manifest
 from clipforge.train import launch
-from clipforge.train.checkpoint import CHECKPOINTS_DIR, CheckpointStore
+from clipforge.train.checkpoint import CHECKPOINTS_DIR, NAME_PATTERN, CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
@@ -56,7 +56,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     try:
         return _finetune_in(config)
     except UserError:
-        if new_run and _recorded_config(config.out) is None:
+        if new_run and _newest_manifest(config.out) is None:
             # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
             storage.delete_tree(config.out)
         raise
@@ -95,7 +95,7 @@ def latest_resumable(root: str) -> str | None:
     (stopped before their first checkpoint) are passed over, and said so."""
     for name in reversed(run_folders(root)):
         folder = storage.join(root, name)
-        if _recorded_config(folder) is not None:
+        if _newest_manifest(folder) is not None:
             return folder
         log.info("passing over %s: it stopped before its first checkpoint, nothing to resume", folder)
     return None
@@ -133,13 +133,14 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     return config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
 
 
-def _recorded_config(folder: str) -> dict | None:
-    """The manifest of a run folder, or of its newest complete checkpoint."""
+def _newest_manifest(folder: str) -> dict | None:
+    """The manifest of a run folder, or of its newest complete checkpoint (not one being written)."""
     manifest = read_manifest(folder)
     if manifest is not None:
         return manifest
     root = storage.join(folder, CHECKPOINTS_DIR)
-    for name in sorted(storage.list_folders(root), reverse=True):
+    steps = [name for name in storage.list_folders(root) if NAME_PATTERN.match(name)]
+    for name in sorted(steps, key=lambda name: int(NAME_PATTERN.match(name)[1]), reverse=True):
         found = read_manifest(storage.join(root, name))
         if found is not None:
             return found
@@ -148,7 +149,7 @@ def _recorded_config(folder: str) -> dict | None:
 
 def _check_resumable(config: FinetuneConfig, folder: str) -> None:
     """Resuming a run with other settings or data would start it over and delete its checkpoints: refuse."""
-    recorded = _recorded_config(folder)
+    recorded = _newest_manifest(folder)
     if recorded is None:
         raise UserError(f"resume {folder}: no run to resume there (no _manifest.json and no complete checkpoint)")
     mine = config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
@@ -164,19 +165,10 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> None:
                         "start a new run without --resume")
 
 
-def _weights_identity(value: str | None) -> dict | None:
-    """Size and ETag or mtime of a file named by `pretrained`/`model_config`; a tag identifies itself."""
-    if not value:
-        return None
-    if value.startswith("s3://") or "/" in value or Path(value).exists():
-        return storage.fingerprint(value)
-    return None
-
-
 def stage_inputs(config: FinetuneConfig) -> dict:
     """What identifies the run's inputs: its data and the files its model comes from."""
-    return {**data_inputs(config), "pretrained": _weights_identity(config.pretrained),
-            "model_config": _weights_identity(config.model_config_file)}
+    return {**data_inputs(config), "pretrained": weights_identity(config.pretrained),
+            "model_config": weights_identity(config.model_config_file)}
 
 
 def _check_before_launch(config: FinetuneConfig) -> None:
@@ -187,7 +179,7 @@ def _check_before_launch(config: FinetuneConfig) -> None:
         read_rows(config.val_data, "val_data")
         micro_batch(config, len(train), launch.world_size(config.num_processes))
     resolve_device(config.device, config.num_processes)
-    check_model_name(config)
+    check_model_known(config.model, config.model_config_file)
 
 
 # -- train --------------------------------------------------------------------------------------

@@ -19,14 +19,19 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import WEIGHTS_ERRORS, register_model_config, weights_problem
+from clipforge.models.encoders import (
+    WEIGHTS_ERRORS,
+    EncoderSpec,
+    check_model_known,
+    names_weights_file,
+    weights_problem,
+)
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.finetune")
@@ -42,36 +47,19 @@ class BuiltModel:
     tokenizer: object
 
 
-@dataclass(frozen=True)
-class _Spec:
-    model: str
-    pretrained: str | None
-
-
-def check_model_name(config: FinetuneConfig) -> None:
-    """Register the model config, if any; a name open_clip does not know is a UserError."""
-    import open_clip
-
-    if config.model_config_file:
-        register_model_config(config.model_config_file)
-    if config.model not in open_clip.list_models():
-        raise UserError(f"unknown model {config.model!r}: not an open_clip model (see open_clip.list_models()) and "
-                        "no --model-config registers it")
-
-
 def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltModel:
     """The model to fine-tune on the CPU in fp32 (Accelerate moves it and autocasts), or a UserError."""
     import open_clip
 
-    check_model_name(config)
+    check_model_known(config.model, config.model_config_file)
     pretrained = config.pretrained or None
-    if pretrained and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists()):
+    if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     try:
         model, train_transform, val_transform = open_clip.create_model_and_transforms(
             config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
     except WEIGHTS_ERRORS as exc:
-        raise UserError(weights_problem(_Spec(config.model, config.pretrained), exc)) from None
+        raise UserError(weights_problem(EncoderSpec(config.model, config.pretrained), exc)) from None
     return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
 
 
