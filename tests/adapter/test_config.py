@@ -41,3 +41,13 @@ def test_out_must_not_be_inside_a_cache_and_the_caches_must_differ():
     with pytest.raises(UserError, match="the same cache"):
         load_config(AdapterConfig, {"clip_cache": "s3://b/c", "target_cache": "s3://b/c/", "out": "o"})
     assert load_config(AdapterConfig, {"clip_cache": "caches/src", "target_cache": "t", "out": "caches/src-adapter"})
+
+
+def test_evaluate_refuses_the_same_mistakes_in_one_line(capsys):
+    from clipforge.cli import main
+
+    for args, expected in ((["--target-cache", "c", "--out", "o"], "the same cache"),
+                           (["--target-cache", "t", "--out", "c/eval"], "out c/eval is inside the clip_cache c")):
+        assert main(["evaluate", "--clip-cache", "c", *args]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

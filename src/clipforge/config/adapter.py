@@ -64,13 +64,19 @@ class AdapterConfig(StageConfig):
 
     @model_validator(mode="after")
     def _out_apart_from_the_caches(self):
-        # Files under a cache's prefix would become part of it: `pyarrow.dataset(CACHE)` would fail on them.
-        out = self.out.rstrip("/")
-        for role in ("clip_cache", "target_cache"):
-            cache = getattr(self, role).rstrip("/")
-            if f"{out}/".startswith(f"{cache}/"):
-                where = "the" if out == cache else "inside the"
-                raise ValueError(f"out {self.out} is {where} {role} {cache}: give the adapter a prefix of its own")
-        if self.clip_cache.rstrip("/") == self.target_cache.rstrip("/"):
-            raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")
+        check_two_caches(self, "the adapter")
         return self
+
+
+def check_two_caches(config, what: str) -> None:
+    """`clip_cache` and `target_cache` are two caches and `out` is in neither: files under a cache's
+    prefix would become part of it (`pyarrow.dataset(CACHE)` would fail on them). For the stages that read
+    both caches (train-adapter, evaluate)."""
+    out = config.out.rstrip("/")
+    for role in ("clip_cache", "target_cache"):
+        cache = getattr(config, role).rstrip("/")
+        if f"{out}/".startswith(f"{cache}/"):
+            where = "the" if out == cache else "inside the"
+            raise ValueError(f"out {config.out} is {where} {role} {cache}: give {what} a prefix of its own")
+    if config.clip_cache.rstrip("/") == config.target_cache.rstrip("/"):
+        raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")

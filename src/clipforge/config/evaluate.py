@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from clipforge.config.adapter import check_two_caches
 from clipforge.config.base import StageConfig
 
 
@@ -26,3 +27,8 @@ class EvaluateConfig(StageConfig):
     test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
 
     volatile = frozenset({"clip_cache", "target_cache", "adapter", "generated", "out", "device"})
+
+    @model_validator(mode="after")
+    def _out_apart_from_the_caches(self):
+        check_two_caches(self, "the evaluation")
+        return self
