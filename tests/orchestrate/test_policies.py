@@ -88,7 +88,8 @@ def test_a_polling_period_or_port_out_of_range_is_a_usage_error(tmp_path, capsys
     from clipforge.cli import main
 
     for argv, said in ((["runs", str(tmp_path), "latest", "--watch", "--every", "0"], "give at least 0.1 seconds"),
-                       (["serve", "--index", str(tmp_path), "--port", "70000"], "a port is 0 (any free one) to 65535")):
+                       (["serve", "--index", str(tmp_path), "--port", "70000"], "a port is 0 (any free one) to 65535"),
+                       (["demo-data", str(tmp_path), "--images", "-3"], "a count of images from 1")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err

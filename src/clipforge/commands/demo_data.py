@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
+from clipforge.commands import number_in
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("demo-data", help="write the demo's synthetic data and tiny models into DIR")
     parser.add_argument("dir", help="folder to write into")
-    parser.add_argument("--images", type=int, default=240, help="number of synthetic stimuli (default: 240)")
-    parser.add_argument("--captioned-images", type=int, default=240,
+    count = number_in(int, 1, 1_000_000, "a count of images from 1")
+    parser.add_argument("--images", type=count, default=240, help="number of synthetic stimuli (default: 240)")
+    parser.add_argument("--captioned-images", type=count, default=240,
                         help="number of images in the captioned folder for fine-tuning (default: 240)")
     parser.set_defaults(func=run)
 

@@ -35,6 +35,9 @@ def run(args) -> int:
         json.dump([hit.__dict__ for hit in hits], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    if not hits:  # FAISS scans some lists only: a query can find fewer rows than asked, even none
+        sys.stdout.write("no results\n")
+        return 0
     width = max(len(hit.path) for hit in hits)
     sys.stdout.write(f"{'rank':>4}  {'score':>7}  path\n")
     for rank, hit in enumerate(hits, 1):

@@ -75,7 +75,7 @@ def read_bytes(uri: str, *, unsigned: bool = False) -> bytes:
         case "file":
             path = local_path(uri)
             if not path.is_file():
-                raise UserError(f"{uri} not found")
+                raise UserError(f"{uri} is a folder, not a file" if path.is_dir() else f"{uri} not found")
             return path.read_bytes()
         case "s3":
             loc = s3.parse_s3(uri)
