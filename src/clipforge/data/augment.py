@@ -116,7 +116,7 @@ def augment(cfg: AugmentConfig) -> dict:
     if not storage.exists(source):
         raise UserError(f"{source} not found: run `clipforge captions prepare {cfg.dataset}` first")
     warn_if_index_is_newer(cfg.dataset, source)
-    frame = read_captions(source, what="train")
+    frame = read_captions(source)
     synonyms = load_synonyms(cfg.synonyms)
     rng = random.Random(cfg.seed)
     paraphrase, fallbacks = None, 0

@@ -26,7 +26,7 @@ INDEX, TRAIN_ORIGINAL, VAL, TRAIN = "index.csv", "train_original.csv", "val.csv"
 COLUMNS = ["filepath", "caption"]
 
 
-def read_captions(path: str, *, what: str = "index") -> pd.DataFrame:
+def read_captions(path: str) -> pd.DataFrame:
     """A filepath,caption CSV; a missing column or an empty caption is named with its row."""
     frame = read_text_csv(path, COLUMNS)
     if frame.empty:

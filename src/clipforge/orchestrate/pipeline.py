@@ -31,7 +31,6 @@ from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
 
-STATUSES = ("done", "up-to-date", "reused", "skipped", "failed-continued", "failed")
 FINISHED = ("done", "up-to-date", "reused")  # the stage's output is there
 
 

@@ -3,7 +3,9 @@
 Reads the two caches and (when there is one) the adapter; writes `metrics.json`,
 `metrics.png` (a bar chart of the two) and `_manifest.json` last. Without an
 adapter — none given, or the adapter stage failed under `on_failure: continue` —
-it reports the zero-padding baseline alone and says so.
+it reports the zero-padding baseline alone and says so. With `generated` sets it
+also scores their images with the target cache's encoder (CLIPScore, R@1, R@5,
+on the ids every set shares) and writes `contact_sheet.png` and `images.png`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger("clipforge.evaluate")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Score the adapter (when given) and zero-padding on the test split, and the generated sets (when
+    given) on images; returns the manifest, written last. Up to date when nothing it reads changed."""
     if cfg.generated:
         resolve_device(cfg.device)  # a device that is not there is said now, not after the embedding metrics
     inputs = {

@@ -91,7 +91,7 @@ def _require_csv(path: str, role: str) -> None:
 def read_rows(path: str, role: str) -> CaptionRows:
     """A CSV's rows with resolved image URIs; a missing file, column or caption, or missing local image is named."""
     _require_csv(path, role)
-    frame = read_captions(path, what=role)
+    frame = read_captions(path)
     folder = _folder_of(path)
     rows = CaptionRows(path, list(frame["filepath"]), [image_uri(folder, p) for p in frame["filepath"]],
                        list(frame["caption"]))

@@ -168,6 +168,8 @@ def committed_ids(out: str) -> tuple[set, list[pd.DataFrame]]:
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
+    """Images from the chosen rows' embeddings, one committed batch at a time, so a rerun generates only
+    what is missing; returns the manifest, written last."""
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
               "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
