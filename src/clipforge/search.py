@@ -11,9 +11,7 @@ embeddings live in another space. The CLI and the search page both call
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, load_clip
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.search")
 
@@ -124,8 +123,7 @@ class FaissIndex:
 
         rows, dim = table.embeddings.shape
         self.nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))  # FAISS wants >= 39 rows per list
-        key = hashlib.sha256(json.dumps(table.manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.uri = storage.join(f"{cache.rstrip('/')}.faiss", f"ivf{self.nlist}-{key}.index")
+        self.uri = storage.join(f"{cache.rstrip('/')}.faiss", f"ivf{self.nlist}-{digest(table.manifest)}.index")
         self.reused = storage.exists(self.uri)
         if self.reused:
             self.index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(self.uri), dtype=np.uint8))

@@ -270,7 +270,7 @@ class KubernetesExecutor:
         # A group fails because of its first failure; a retried single pod is best told by its last.
         failed.sort(key=lambda item: item[0])
         _, pod = failed[0] if job.spec.completion_mode == "Indexed" else failed[-1]
-        code = exit_code(pod)
+        code = container_exit_code(pod)
         disrupted = any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
         log.error("[%s] Job %s failed (%s): pod %s exited with code %s%s; last %d lines of its log:\n%s",
                   stage, name, condition.reason, pod.metadata.name, code, " after a disruption" if disrupted else "",
@@ -387,7 +387,7 @@ def finished_at(pod: client.V1Pod) -> float:
     return float("inf")
 
 
-def exit_code(pod: client.V1Pod) -> int | None:
+def container_exit_code(pod: client.V1Pod) -> int | None:
     for status in pod.status.container_statuses or []:
         if status.name == CONTAINER and status.state and status.state.terminated:
             return status.state.terminated.exit_code

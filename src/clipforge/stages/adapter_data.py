@@ -6,8 +6,6 @@ reported as one `UserError` naming the cache, the key and a few ids.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ import numpy as np
 from clipforge.config.adapter import AdapterConfig
 from clipforge.data.embeddings import EmbeddingTable, cache_manifest, read_embeddings
 from clipforge.errors import UserError
+from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -52,8 +51,7 @@ def _examples(ids, n: int = 5) -> str:
 def cache_fingerprint(prefix: str, role: str) -> dict:
     """What identifies a committed cache: a hash of its manifest, which lists every shard it holds."""
     manifest = cache_manifest(prefix, role)
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"manifest_sha256": digest, "rows": manifest.get("rows")}
+    return {"manifest_sha256": digest(manifest), "rows": manifest.get("rows")}
 
 
 def stage_inputs(config: AdapterConfig) -> dict:

@@ -21,12 +21,11 @@ from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, load_adapter
 from clipforge.models.encode import resolve_device
-from clipforge.orchestrate.pipeline import output_fingerprint
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import cache_fingerprint, read_pairs
 from clipforge.stages.evaluate_images import contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, write_manifest
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.evaluate")

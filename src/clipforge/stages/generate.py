@@ -27,11 +27,10 @@ from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
-from clipforge.orchestrate.pipeline import output_fingerprint
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, write_manifest
 
 log = logging.getLogger("clipforge.generate")
 EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
@@ -74,7 +73,7 @@ def pipeline_identity(cfg: GenerateConfig) -> dict:
     return {"hub_id": cfg.pipeline}
 
 
-def load_pipeline(cfg: GenerateConfig, device: torch.device, precision: str):
+def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     """The pipeline, checked to be Stable unCLIP image variation; a hub id needs the hub."""
     from diffusers import DiffusionPipeline
 
@@ -179,7 +178,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     ids, embeddings, cache_dim = select_rows(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    pipe = load_pipeline(cfg, device, precision)
+    pipe = load_unclip(cfg, device, precision)
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
     conditioning = Conditioning(cfg, cache_dim, pipeline_dim)
     done, parts = committed_ids(cfg.out)

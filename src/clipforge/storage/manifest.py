@@ -7,6 +7,8 @@ and inputs is up to date.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -38,6 +40,19 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
     }
     storage.write_json(manifest_uri(prefix), manifest)
     return manifest
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of JSON-like data: how a manifest, or part of one, stands for an output."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_fingerprint(output: str) -> str | None:
+    """A finished output's identity: a hash of its manifest's config fingerprint and inputs."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        return None
+    return digest({"config": manifest.get("config_fingerprint"), "inputs": manifest.get("inputs")})
 
 
 def is_up_to_date(manifest: dict | None, config_fingerprint: str, inputs: dict) -> bool:

@@ -75,7 +75,7 @@ class CaptionBook:
 
     def _load(self) -> None:
         """Read index.csv (again): its rows, which images they caption, and which name files that are gone."""
-        self.frame = read_index(self.index)
+        self.frame = read_caption_index(self.index)
         self._stamp = _stamp(self.index)
         found = self._image_set | {u.path for u in self.unreadable}
         self._rows: dict[str, list[int]] = {}
@@ -156,7 +156,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return info.st_mtime_ns, info.st_size
 
 
-def read_index(path: Path) -> pd.DataFrame:
+def read_caption_index(path: Path) -> pd.DataFrame:
     """index.csv as strings, every column kept; empty when there is none yet."""
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in COLUMNS})
