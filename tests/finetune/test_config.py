@@ -176,3 +176,14 @@ def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch, c
         assert loader_workers(8) == 3
     assert "--workers 8, but 3 CPUs here: 3 loader workers" in caplog.text
     assert loader_workers(2) == 2 and loader_workers(0) == 0
+
+
+def test_listing_models_loads_no_torch():
+    """`clipforge models list` reads JSON only: importing torch, open_clip and accelerate took 5 s of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from clipforge.cli import main; main(['models', 'list', '--dir', 'no-such-folder']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]

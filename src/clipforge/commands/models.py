@@ -37,7 +37,7 @@ def table(models: list[dict]) -> str:
 
 
 def run_list(args) -> int:
-    from clipforge.stages.finetune import finetuned_models
+    from clipforge.stages.finetune_runs import finetuned_models
 
     print_listing(finetuned_models(args.dir), as_json=args.json, table=table,
                   empty=f"no fine-tuned models in {args.dir}")

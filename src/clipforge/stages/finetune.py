@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -29,19 +28,24 @@ from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
 from clipforge.models.encoders import check_model_known, weights_identity
 from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
+from clipforge.stages.finetune_runs import (
+    CARD_NAME,
+    METRICS_NAME,
+    WEIGHTS_NAME,
+    latest_resumable,
+    newest_manifest,
+)
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import MANIFEST_NAME, is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.train import launch
-from clipforge.train.checkpoint import CHECKPOINTS_DIR, NAME_PATTERN, CheckpointStore
+from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
 log = logging.getLogger("clipforge.finetune")
 
 COMMAND = "finetune"
-WEIGHTS_NAME, CARD_NAME, METRICS_NAME = "model.pt", "model.json", "metrics.json"
-RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 
 
 def finetune(config: FinetuneConfig) -> TrainResult:
@@ -56,7 +60,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     try:
         return _finetune_in(config)
     except UserError:
-        if new_run and _newest_manifest(config.out) is None:
+        if new_run and newest_manifest(config.out) is None:
             # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
             storage.delete_tree(config.out)
         raise
@@ -83,22 +87,6 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
 
 
 # -- plan ---------------------------------------------------------------------------------------
-
-
-def run_folders(root: str) -> list[str]:
-    """Names of the timestamped run folders under `root`, oldest first."""
-    return sorted(name for name in storage.list_folders(root) if RUN_NAME.match(name))
-
-
-def latest_resumable(root: str) -> str | None:
-    """The newest run folder under `root` with a checkpoint or a finished model; newer ones without either
-    (stopped before their first checkpoint) are passed over, and said so."""
-    for name in reversed(run_folders(root)):
-        folder = storage.join(root, name)
-        if _newest_manifest(folder) is not None:
-            return folder
-        log.info("passing over %s: it stopped before its first checkpoint, nothing to resume", folder)
-    return None
 
 
 def _new_run_folder(root: str) -> str:
@@ -133,23 +121,9 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     return config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
 
 
-def _newest_manifest(folder: str) -> dict | None:
-    """The manifest of a run folder, or of its newest complete checkpoint (not one being written)."""
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        return manifest
-    root = storage.join(folder, CHECKPOINTS_DIR)
-    steps = [name for name in storage.list_folders(root) if NAME_PATTERN.match(name)]
-    for name in sorted(steps, key=lambda name: int(NAME_PATTERN.match(name)[1]), reverse=True):
-        found = read_manifest(storage.join(root, name))
-        if found is not None:
-            return found
-    return None
-
-
 def _check_resumable(config: FinetuneConfig, folder: str) -> None:
     """Resuming a run with other settings or data would start it over and delete its checkpoints: refuse."""
-    recorded = _newest_manifest(folder)
+    recorded = newest_manifest(folder)
     if recorded is None:
         raise UserError(f"resume {folder}: no run to resume there (no _manifest.json and no complete checkpoint)")
     mine = config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
@@ -277,42 +251,3 @@ def _commit(config: FinetuneConfig, trainer: FinetuneTrainer, metrics: dict, inp
              final["image_to_text_R@1"], final["text_to_image_R@1"], final["val_loss"],
              json.dumps({k: round(metrics["before"][k], 3) for k in ("image_to_text_R@1", "text_to_image_R@1",
                                                                      "val_loss")}) if metrics["before"] else "-")
-
-
-# -- listing ------------------------------------------------------------------------------------
-
-
-def finetuned_models(root: str) -> list[dict]:
-    """Every run folder under `root` (or `root` itself when it is one): base, date, data size, best val figures.
-
-    Finished runs come from their `model.json`; a folder with checkpoints but
-    no manifest is listed as incomplete with its newest checkpoint's step.
-    """
-    folders = [root] if read_manifest(root) is not None else \
-        [storage.join(root, name) for name in sorted(storage.list_folders(root))]
-    models = []
-    for folder in folders:
-        manifest = read_manifest(folder)
-        name = folder.rstrip("/").rsplit("/", 1)[-1]
-        if manifest is not None and manifest.get("kind") == "finetune":
-            card = storage.read_json(storage.join(folder, CARD_NAME))
-            best = card["metrics"]["best"]
-            models.append({
-                "name": name, "path": folder, "status": "complete", "model": card["model"],
-                "pretrained": card["pretrained"], "created": card["created"],
-                "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
-                "epochs": card["config"]["epochs"], "best_epoch": best["epoch"],
-                "best": {k: best[k] for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
-                                              "text_to_image_R@5", "val_loss")},
-            })
-        elif manifest is None:
-            checkpoints = storage.join(folder, CHECKPOINTS_DIR)
-            steps = [n for n in storage.list_folders(checkpoints) if storage.exists(storage.join(checkpoints, n,
-                                                                                         MANIFEST_NAME))]
-            if steps:
-                recorded = read_manifest(storage.join(checkpoints, max(steps))) or {}
-                config = recorded.get("config") or {}
-                models.append({"name": name, "path": folder, "status": f"incomplete ({max(steps)})",
-                               "model": config.get("model"), "pretrained": config.get("pretrained"),
-                               "created": recorded.get("created"), "epochs": config.get("epochs")})
-    return models

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,16 +34,11 @@ from clipforge.errors import UserError
 from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN, checkpoint_name
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-NAME_PATTERN = re.compile(r"^step-(\d+)$")
 SKELETON_KEY = "clipforge_state"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 # -- nested state <-> safetensors ---------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Fine-tuning run folders as they sit on disk or S3, read without torch: which runs there are, which one
+`--resume latest` takes, and what `clipforge models list` shows.
+
+OUT/<YYYYmmdd-HHMMSS>/ holds one run: `model.pt`, `model.json` (the card) and
+`metrics.json` once finished, `checkpoints/step-N/` while it trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import read_manifest
+from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN
+
+log = logging.getLogger("clipforge.finetune")
+
+WEIGHTS_NAME, CARD_NAME, METRICS_NAME = "model.pt", "model.json", "metrics.json"
+RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
+
+
+def run_folders(root: str) -> list[str]:
+    """Names of the timestamped run folders under `root`, oldest first."""
+    return sorted(name for name in storage.list_folders(root) if RUN_NAME.match(name))
+
+
+def latest_resumable(root: str) -> str | None:
+    """The newest run folder under `root` with a checkpoint or a finished model; newer ones without either
+    (stopped before their first checkpoint) are passed over, and said so."""
+    for name in reversed(run_folders(root)):
+        folder = storage.join(root, name)
+        if newest_manifest(folder) is not None:
+            return folder
+        log.info("passing over %s: it stopped before its first checkpoint, nothing to resume", folder)
+    return None
+
+
+def newest_manifest(folder: str) -> dict | None:
+    """The manifest of a run folder, or of its newest complete checkpoint."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return manifest
+    newest = newest_checkpoint(folder)
+    return newest[1] if newest else None
+
+
+def newest_checkpoint(folder: str) -> tuple[str, dict] | None:
+    """(name, manifest) of the run's newest complete checkpoint; one being written (`.tmp-*`, or no manifest
+    yet) is not one."""
+    root = storage.join(folder, CHECKPOINTS_DIR)
+    steps = [name for name in storage.list_folders(root) if NAME_PATTERN.match(name)]
+    for name in sorted(steps, key=lambda name: int(NAME_PATTERN.match(name)[1]), reverse=True):
+        found = read_manifest(storage.join(root, name))
+        if found is not None:
+            return name, found
+    return None
+
+
+def finetuned_models(root: str) -> list[dict]:
+    """Every run folder under `root` (or `root` itself when it is one): base, date, data size, best val figures.
+
+    Finished runs come from their `model.json`; a folder with checkpoints but
+    no manifest is listed as incomplete with its newest checkpoint's step.
+    """
+    folders = [root] if read_manifest(root) is not None else \
+        [storage.join(root, name) for name in sorted(storage.list_folders(root))]
+    models = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if manifest is not None and manifest.get("kind") == "finetune":
+            card = storage.read_json(storage.join(folder, CARD_NAME))
+            best = card["metrics"]["best"]
+            models.append({
+                "name": name, "path": folder, "status": "complete", "model": card["model"],
+                "pretrained": card["pretrained"], "created": card["created"],
+                "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
+                "epochs": card["config"]["epochs"], "best_epoch": best["epoch"],
+                "best": {k: best[k] for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
+                                              "text_to_image_R@5", "val_loss")},
+            })
+        elif manifest is None and (newest := newest_checkpoint(folder)):
+            step, recorded = newest
+            config = recorded.get("config") or {}
+            models.append({"name": name, "path": folder, "status": f"incomplete ({step})",
+                           "model": config.get("model"), "pretrained": config.get("pretrained"),
+                           "created": recorded.get("created"), "epochs": config.get("epochs")})
+    return models
