@@ -271,3 +271,30 @@ def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resum
     assert "resuming from" in done.stderr
     run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
     assert run_json["stages"]["finetune"]["status"] == "done"
+
+
+def test_a_folder_source_that_changed_is_not_reused(demo_root, in_demo, tmp_path):
+    """The stage key counts a folder's images: one added makes a new cache; a caption edit (not an image)
+    keeps the old one."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_root / "demo" / "captioned", folder)
+    spec = tmp_path / "folder.yaml"
+    spec.write_text(f"""
+artifacts: {tmp_path}/artifacts
+stages:
+  - name: photos
+    kind: cache
+    with: {{source: {folder}, model: tiny-clip, model_config: demo/models/tiny-clip.json,
+            pretrained: demo/models/tiny-clip.pt, batch_size: 64, device: cpu}}
+""")
+    first = run_spec(str(spec), [], run_id="one")
+    rows = read_manifest(first.data["stages"]["photos"]["output"])["rows"]
+    with (folder / "index.csv").open("a") as index:
+        index.write("extra.png,a note that is not an image\n")
+    assert statuses(run_spec(str(spec), [], run_id="two")) == {"photos": "reused"}
+    Image.new("RGB", (32, 32), "purple").save(folder / "extra.png")
+    third = run_spec(str(spec), [], run_id="three")
+    assert statuses(third) == {"photos": "done"}
+    assert read_manifest(third.data["stages"]["photos"]["output"])["rows"] == rows + 1

@@ -81,3 +81,24 @@ def test_s3_mistakes_the_user_can_fix_are_one_line(s3_bucket, capsys):
     down = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
     assert describe_failure(down).startswith("cannot reach the S3 endpoint http://127.0.0.1:9")
     assert describe_failure(RuntimeError("a bug")) is None
+
+
+def test_a_folders_fingerprint_changes_with_what_it_holds_and_only_that(prefix):
+    assert storage.tree_fingerprint(storage.join(prefix, "none")) is None
+    folder = storage.join(prefix, "set")
+    storage.write_bytes(storage.join(folder, "a/1.png"), b"one")
+    storage.write_bytes(storage.join(folder, "index.csv"), b"filepath,caption\n")
+    first = storage.tree_fingerprint(folder)
+    assert first["files"] == 2
+    storage.write_bytes(storage.join(folder, ".thumbnails/1.jpg"), b"not counted")
+    assert storage.tree_fingerprint(folder) == first
+    images_only = storage.tree_fingerprint(folder, lambda path: path.endswith(".png"))
+    storage.write_bytes(storage.join(folder, "index.csv"), b"filepath,caption\na/1.png,x\n")
+    assert storage.tree_fingerprint(folder) != first
+    assert storage.tree_fingerprint(folder, lambda path: path.endswith(".png")) == images_only
+    storage.write_bytes(storage.join(folder, "a/1.png"), b"ONE")  # same size, new content
+    if not prefix.startswith("s3://"):  # the clock may not have ticked since the first write: say it did
+        import os
+
+        os.utime(storage.join(folder, "a/1.png"), ns=(1, 1))
+    assert storage.tree_fingerprint(folder, lambda path: path.endswith(".png")) != images_only

@@ -6,7 +6,8 @@ a subprocess, on Kubernetes as a Job — so a stage behaves the same everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from clipforge.config.adapter import AdapterConfig
 from clipforge.config.base import StageConfig
@@ -15,6 +16,7 @@ from clipforge.config.evaluate import EvaluateConfig
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.config.generate import GenerateConfig
 from clipforge.config.index import IndexConfig
+from clipforge.data.image_folder import is_listed_image
 
 
 @dataclass(frozen=True)
@@ -27,19 +29,25 @@ class StageKind:
     inputs: dict[str, tuple[str, tuple[str, ...]]]
     # Training stages run as several processes per node and as Indexed Jobs over nodes.
     distributed: bool = False
+    # `with` keys that may name a folder of inputs (images, a dataset, a model's files), each with which of
+    # its files count (None: all): the stage key counts their listing, so a file added or changed there
+    # makes a new output, not a reused one.
+    folders: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
 
 
 KINDS: dict[str, StageKind] = {
     "index": StageKind(("index", "nsd"), IndexConfig, "output", {}),
     # A cache may index a folder with a fine-tuned model: `pretrained: <finetune stage>` is its model.pt.
     "cache": StageKind(("cache",), CacheConfig, "output",
-                       {"index": ("index.parquet", ("index",)), "pretrained": ("model.pt", ("finetune",))}),
+                       {"index": ("index.parquet", ("index",)), "pretrained": ("model.pt", ("finetune",))},
+                       folders={"source": is_listed_image}),
     "adapter": StageKind(
         ("train-adapter",), AdapterConfig, "out",
         {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
     ),
     "generate": StageKind(
         ("generate",), GenerateConfig, "out", {"embeddings": ("", ("cache",)), "adapter": ("", ("adapter",))},
+        folders={"pipeline": None},
     ),
     "evaluate": StageKind(
         ("evaluate",), EvaluateConfig, "out",
@@ -47,5 +55,6 @@ KINDS: dict[str, StageKind] = {
          "generated": ("", ("generate",))},
     ),
     # A pipeline's output prefix is already the run's own folder: no timestamped sub-folder in it.
-    "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True),
+    "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True,
+                          folders={"dataset": None, "llm_model": None}),
 }

@@ -26,7 +26,7 @@ from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import read_manifest
+from clipforge.storage.manifest import output_fingerprint, read_manifest
 from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
@@ -54,15 +54,6 @@ class ResolvedStage:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
-
-
-def output_fingerprint(output: str) -> str | None:
-    """A finished output's identity: a hash of its manifest's config fingerprint and inputs."""
-    manifest = read_manifest(output)
-    if manifest is None:
-        return None
-    payload = {"config": manifest.get("config_fingerprint"), "inputs": manifest.get("inputs")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_identity(value: Any) -> dict | None:
@@ -107,8 +98,12 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
                 values[key] = uri
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
-    identity["files"] = {key: file_identity(value) for key, value in sorted(values.items())
-                         if key not in kind.inputs and file_identity(value) is not None}
+    files = {key: file_identity(value) for key, value in sorted(values.items()) if key not in kind.inputs}
+    identity["files"] = {key: found for key, found in files.items() if found is not None}
+    folders = {key: storage.tree_fingerprint(values[key], keep) for key, keep in kind.folders.items()
+               if isinstance(values.get(key), str)}
+    if any(folders.values()):  # only then: the keys of stages that read no folder stay what they were
+        identity["folders"] = {key: found for key, found in folders.items() if found is not None}
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
         values["num_processes"] = stage.resources.gpus  # one training process per GPU of a node
     config = kind.config.model_validate({**values, kind.output_key: "unresolved"})

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,32 @@ def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
                 found.update({obj["Key"][len(loc.key):]: obj["Size"] for obj in page.get("Contents", [])})
             return dict(sorted(found.items()))
+
+
+def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
+                     unsigned: bool = False) -> dict[str, Any] | None:
+    """What identifies a folder's content cheaply: every file's path, size and mtime (ETag on S3), hashed;
+    only the files whose relative path `keep` accepts, when given. Hidden files and folders (`.thumbnails/`,
+    editors' temp files) do not count. None: no such folder."""
+    match scheme(prefix):
+        case "file":
+            root = local_path(prefix)
+            if not root.is_dir():
+                return None
+            entries = [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns)
+                       for path in root.rglob("*") if path.is_file() for info in [path.stat()]]
+        case "s3":
+            loc = s3.parse_s3(prefix.rstrip("/") + "/")
+            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
+            entries = [(obj["Key"][len(loc.key):], obj["Size"], obj["ETag"].strip('"'))
+                       for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key)
+                       for obj in page.get("Contents", [])]
+            if not entries:
+                return None
+    entries = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/"))
+                     and (keep is None or keep(e[0])))
+    listing = json.dumps(entries).encode()
+    return {"files": len(entries), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
 
 
 def delete(uri: str) -> None:
