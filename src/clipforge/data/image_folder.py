@@ -13,6 +13,7 @@ import io
 import json
 import os
 import unicodedata
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -109,8 +110,20 @@ def image_problem(uri: str) -> str | None:
     return None
 
 
-def read_images(root: str, paths: list[str], threads: int = 8) -> tuple[list[np.ndarray], int]:
-    """RGB uint8 arrays of these images, and the encoded bytes read for them."""
-    with ThreadPoolExecutor(threads) as pool:
-        decoded = list(pool.map(lambda p: decode(root, p), paths))
+def read_images(root: str, paths: list[str], threads: int = 8,
+                shrink: Callable[[np.ndarray], np.ndarray] | None = None,
+                pool: ThreadPoolExecutor | None = None) -> tuple[list[np.ndarray], int]:
+    """RGB uint8 arrays of these images, and the encoded bytes read for them.
+
+    `shrink`, applied to each image as soon as it is decoded, keeps one full-size photo per thread in
+    memory rather than a shard's; a shared `pool` bounds those threads across shards read at once."""
+    def read(path: str) -> tuple[np.ndarray, int]:
+        image, size = decode(root, path)
+        return (shrink(image) if shrink else image), size
+
+    if pool is not None:
+        decoded = list(pool.map(read, paths))
+    else:
+        with ThreadPoolExecutor(threads) as own:
+            decoded = list(own.map(read, paths))
     return [image for image, _ in decoded], sum(size for _, size in decoded)
