@@ -13,10 +13,12 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 from clipforge import commands
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, Stopped, UserError
 
 # `clipforge --help` lists commands in the order a user meets them: pipelines, then each workload's stages.
 HELP_ORDER = ["run", "runs", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate", "caption",
@@ -72,9 +74,17 @@ def s3_failure(exc: Exception) -> str | None:
     return describe_failure(exc)
 
 
+def stop(signum, frame) -> None:
+    raise Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     setup_logging(args.quiet)
+    # SIGTERM (a cancelled CI job, a drained node, `kill`) ends any command with the one line and code a
+    # rerun expects, not a bare death by signal; trainers and the runner put their own handler over this.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     try:
         return args.func(args) or 0
     except UserError as exc:
@@ -94,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Stopped:
+        print(f"clipforge {args.command}: stopped (SIGTERM); what it committed is kept: run the same command "
+              "again to go on from there", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         sys.stdout.flush()
 
 

@@ -9,6 +9,11 @@ class UserError(Exception):
     """Bad input: a missing file, an unknown key, an id out of range. The message names it."""
 
 
+class Stopped(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is, not an error)
+    """SIGTERM reached a command that saves nothing on its own: stop where it is. What it committed (shards,
+    batches, checkpoints) stays, and the same command run again goes on from there."""
+
+
 EXIT_USER_ERROR = 2
 # An orchestrator tells preemption from failure by this code: the stage saved a
 # checkpoint on SIGTERM and exited cleanly; rerunning resumes it.

@@ -23,11 +23,12 @@ pytestmark = pytest.mark.slow
 SETTINGS = {**FAST, "batch_size": 32, "contrastive_weight": 0.5, "dropout": 0.0}
 
 
-def run(src, tgt, out, processes, wait=True, **overrides):
+def run(src, tgt, out, processes, wait=True, env=None, **overrides):
     args = config_args({"clip_cache": src, "target_cache": tgt, "out": out, "num_processes": processes,
                         **SETTINGS, **overrides})
     proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "train-adapter", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if not wait:
         return proc
     out_text, err_text = proc.communicate(timeout=300)
@@ -97,3 +98,35 @@ def test_a_worker_error_ends_the_launcher_with_its_message(caches, tmp_path):
     assert code == EXIT_USER_ERROR
     assert err.strip().splitlines()[-1].startswith("clipforge train-adapter: error: training diverged")
     assert not Path(tmp_path / "out" / "_manifest.json").exists()
+
+
+def processes_marked(mark: str) -> list[int]:
+    """Live processes whose environment holds `mark` (inherited by every process a command starts)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def test_kill_9_of_the_group_leaves_no_worker_training(caches, tmp_path):
+    """torchrun starts its workers in sessions of their own, so `kill -9` of the group does not reach them: they
+    must die with their launcher, not go on writing the output a rerun is about to write."""
+    out = tmp_path / "out"
+    mark = f"CLIPFORGE_TEST_MARK=kill9-{os.getpid()}-{time.monotonic_ns()}"
+    proc = run(*caches, str(out), 2, wait=False, env=dict([mark.split("=", 1)]), epochs=500)  # minutes
+    root = out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any((p / "_manifest.json").is_file() for p in root.glob("step-*")) if root.is_dir() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    assert len(processes_marked(mark)) >= 4  # the command, torchrun, two workers
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()  # not communicate(): a surviving worker would hold its pipes open
+    deadline = time.monotonic() + 15
+    while processes_marked(mark):
+        assert time.monotonic() < deadline, f"still running after kill -9 of the group: {processes_marked(mark)}"
+        time.sleep(0.1)

@@ -225,8 +225,11 @@ def kill_9_job(engine, nsd, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_kill_9_then_resume_completes_without_rewriting(engine, nsd, tiny_models, tmp_path):
+@pytest.mark.parametrize(("engine", "stop"), [("local", signal.SIGKILL), ("ray", signal.SIGKILL),
+                                              ("local", signal.SIGTERM)])
+def test_kill_9_then_resume_completes_without_rewriting(engine, stop, nsd, tiny_models, tmp_path):
+    """kill -9 of the whole group (a lost pod), or SIGTERM to the command (a drained node): committed shards
+    stay, and a rerun encodes only the rest."""
     cfg_path, weights = tiny_models["source"]
     source, index, ids, rows = kill_9_job(engine, nsd, tmp_path)
     output = tmp_path / "cache"
@@ -238,8 +241,13 @@ def test_kill_9_then_resume_completes_without_rewriting(engine, nsd, tiny_models
     while not (output.exists() and len(list(output.glob("shard-*.parquet"))) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its threads, or Ray and its workers: a lost pod
-    proc.wait()
+    if stop == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its threads, or Ray and its workers: a lost pod
+        proc.wait()
+    else:
+        proc.send_signal(stop)
+        said = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 75 and "stopped (SIGTERM)" in said and "Traceback" not in said, said
     committed = {p.name: p.stat().st_mtime_ns for p in output.glob("shard-*.parquet")}
     assert not (output / "_manifest.json").exists()
     assert 2 <= len(committed) < len(ids) // rows

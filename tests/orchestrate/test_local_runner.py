@@ -298,3 +298,30 @@ stages:
     third = run_spec(str(spec), [], run_id="three")
     assert statuses(third) == {"photos": "done"}
     assert read_manifest(third.data["stages"]["photos"]["output"])["rows"] == rows + 1
+
+
+def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(demo_root, tmp_path):
+    """A stage that does not train stops on SIGTERM too (exit 75, its shards kept): the run is stopped there,
+    not continued past a stage marked `on_failure: continue` as if it had failed."""
+    import yaml
+
+    shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
+    demo = yaml.safe_load(Path(DEMO_SPEC).read_text())
+    stages = [stage for stage in demo["stages"] if stage["name"] in ("nsd-index", "source-cache", "target-cache")]
+    stages[1]["with"]["batch_size"] = 4
+    stages[1]["policy"] = {"on_failure": "continue"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": stages}))
+    argv = [sys.executable, "-m", "clipforge.cli", "run", "spec.yaml", "--run-id", "cancelled"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "demo" / "artifacts" / "cache").glob("*/shard-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log
+    assert "Traceback" not in log and "stopped (SIGTERM)" in log
+    run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+    assert {name: stage["status"] for name, stage in run_json["stages"].items()} == {
+        "nsd-index": "done", "source-cache": "interrupted", "target-cache": "skipped"}
+    assert run_state(run_json) == "stopped at source-cache"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import os
 import signal
@@ -11,28 +11,32 @@ import sys
 import threading
 
 from clipforge.config.pipeline import check_run_id, load_pipeline
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from clipforge.lifetime import die_with_parent
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, new_run_id, run_pipeline
 
 log = logging.getLogger("clipforge.run")
 
 
-def _die_with_parent() -> None:
-    """A stage must not outlive a killed runner: it gets SIGTERM (and checkpoints) when the runner dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def execute_locally(resolved: ResolvedStage, stop: threading.Event | None = None) -> int:
+    """Run `clipforge <command> --config <saved config>`; stream its output with a stage prefix.
 
-
-def execute_locally(resolved: ResolvedStage) -> int:
-    """Run `clipforge <command> --config <saved config>`; stream its output with a stage prefix."""
+    SIGTERM to the runner is passed to the stage and sets `stop`; a stage that then ends other than
+    done counts as stopped (75), whatever it exited with."""
     argv = [sys.executable, "-m", "clipforge.cli", *resolved.argv, "--config", resolved.config_uri]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                            preexec_fn=die_with_parent)  # a stage checkpoints and stops when the runner dies
     assert proc.stdout is not None
     # SIGTERM to the runner (a CI job cancelled, systemd) goes to the stage, which saves its progress and
     # exits EXIT_PREEMPTED; the run then stops, recorded, and a rerun resumes it.
     forward = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)) if forward else None
+    def pass_on(signum, frame) -> None:
+        if stop is not None:
+            stop.set()
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on) if forward else None
     try:
         _relay(proc, resolved)
     except KeyboardInterrupt:
@@ -43,7 +47,15 @@ def execute_locally(resolved: ResolvedStage) -> int:
     finally:
         if forward:
             signal.signal(signal.SIGTERM, previous)
-    return proc.wait()
+    return stopped_code(proc.wait(), stop is not None and stop.is_set())
+
+
+def stopped_code(code: int, told_to_stop: bool) -> int:
+    """A stage ended by SIGTERM or SIGINT is stopped (75, 130), not failed: everything commits as it goes,
+    so a rerun goes on. The same for any failure once the runner itself was told to stop."""
+    if code == -signal.SIGTERM or (told_to_stop and code not in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED)):
+        return EXIT_PREEMPTED
+    return EXIT_INTERRUPTED if code == -signal.SIGINT else code
 
 
 def _relay(proc: subprocess.Popen, resolved: ResolvedStage) -> None:
@@ -60,6 +72,7 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     spec = load_pipeline(path, overrides)
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
-    record = run_pipeline(spec, run_id, execute_locally)
+    stop = threading.Event()
+    record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop), stop)
     log_summary(record)
     return record

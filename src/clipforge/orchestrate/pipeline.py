@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class RunRecord:
         existing = storage.read_json(self.uri) if storage.exists(self.uri) else None
         self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
         self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
+        self.stopped = False  # by SIGTERM, after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
         return self.data["stages"].get(name)
@@ -179,8 +181,10 @@ def _now() -> str:
 Executor = Callable[[ResolvedStage], int]
 
 
-def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecord:
-    """Run every stage in order with `execute` (returns the stage command's exit code)."""
+def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
+                 stop: threading.Event | None = None) -> RunRecord:
+    """Run every stage in order with `execute` (returns the stage command's exit code); once `stop` is set
+    (the runner got SIGTERM), the stages left are skipped."""
     record = RunRecord(spec, run_id)
     outputs: dict[str, str | None] = {}
     statuses: dict[str, str] = {}
@@ -190,6 +194,8 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor) -> RunRecor
     stopped = ""  # why the stages left are skipped, once one failed or was interrupted
     for stage in order_stages(spec):
         name = stage.name
+        if stop is not None and stop.is_set() and not stopped:
+            stopped, record.stopped = "the run was stopped (SIGTERM)", True
         lost = [n for n in stage.needs if n in continued]
         blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
         # An evaluation goes on without an adapter or generated images (the zero-padding baseline), not
@@ -347,7 +353,8 @@ def exit_code(record: RunRecord) -> int:
     stages = record.data["stages"].values()
     if any(s.get("status") == "failed" for s in stages):
         return 1
-    return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), 0)
+    stopped = EXIT_PREEMPTED if record.stopped else 0
+    return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), stopped)
 
 
 def log_summary(record: RunRecord) -> None:

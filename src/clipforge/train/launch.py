@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from clipforge.errors import EXIT_USER_ERROR, UserError
+from clipforge.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,9 @@ def as_worker(body: Callable[[], int]) -> int:
     local_rank = os.environ.get("LOCAL_RANK")
     if not launch_dir or local_rank is None:
         return body()
+    # torchrun put this worker in a session of its own: if the launcher is killed (kill -9 of the group),
+    # nothing else would stop it writing the output a rerun is about to write.
+    die_with_parent(signal.SIGKILL)
     Path(launch_dir, f"pid-{local_rank}").write_text(str(os.getpid()))
     try:
         code, message = body(), None
