@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from clipforge.orchestrate.lease import LEASE_NAME, StageLease
+from clipforge.orchestrate.lease import HELD, LEASE_NAME, StageLease
 from clipforge.storage import uri as storage
 
 FAST = {"poll": 0.02, "renew_every": 0.05, "stale_after": 5.0}
@@ -21,9 +21,11 @@ def output(request, tmp_path):
 
 
 def abandon(lease: StageLease) -> None:
-    """What a runner killed with SIGKILL leaves: the lease held, never renewed, never released."""
+    """What a runner killed with SIGKILL leaves: the lease held, never renewed, never released (and, as its
+    process is gone, held by nobody alive)."""
     lease._stop.set()
     lease._renewer.join()
+    HELD.discard(lease.holder)
 
 
 def test_compare_and_swap(output):
@@ -58,7 +60,7 @@ def test_a_second_run_waits_until_the_first_is_done(output, caplog):
     assert not storage.exists(storage.join(output, LEASE_NAME))  # released
 
 
-def test_the_same_run_takes_its_own_lease_back_at_once(output):
+def test_a_lease_of_a_gone_process_is_taken_back_at_once(output):
     held = StageLease(output, "run-7", "adapter", **FAST).__enter__()
     abandon(held)
     started = time.monotonic()
@@ -69,6 +71,8 @@ def test_the_same_run_takes_its_own_lease_back_at_once(output):
 def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog):
     held = StageLease(output, "dead-run", "adapter", **FAST).__enter__()
     abandon(held)
+    lease_uri = storage.join(output, LEASE_NAME)  # held on another machine: only going stale frees it
+    storage.write_json(lease_uri, {**storage.read_json(lease_uri), "host": "another-node"})
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="clipforge.run"):
         with StageLease(output, "next-run", "adapter", **{**FAST, "stale_after": 0.4}) as lease:
@@ -76,6 +80,28 @@ def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog)
             holder = storage.read_json(storage.join(output, LEASE_NAME))
             assert holder["run_id"] == "next-run" and lease.token is not None
     assert "run dead-run held" in caplog.text and "taking it over" in caplog.text
+
+
+def test_two_live_runners_with_one_run_id_do_not_write_together(output):
+    """A CI job run twice for one commit: same run id, two live runners. The second waits."""
+    first = StageLease(output, "sha-1", "adapter", **FAST).__enter__()
+    started = time.monotonic()
+    release = threading.Timer(0.5, first.__exit__)
+    release.start()
+    with StageLease(output, "sha-1", "adapter", **{**FAST, "stale_after": 5.0}):
+        assert time.monotonic() - started >= 0.45
+    release.join()
+
+
+def test_a_holder_whose_lease_was_taken_is_told_to_stop(output, caplog):
+    lost = threading.Event()
+    lease = StageLease(output, "slow-run", "adapter", **FAST, on_lost=lost.set)
+    with caplog.at_level(logging.ERROR, logger="clipforge.run"), lease:
+        uri = storage.join(output, LEASE_NAME)  # another run took it over while this one could not renew
+        storage.write_json(uri, {"run_id": "other", "host": "another-node", "pid": 1})
+        assert lost.wait(2.0)
+    assert "lost the lease" in caplog.text and "stopping the stage" in caplog.text
+    assert storage.read_json(storage.join(output, LEASE_NAME))["run_id"] == "other"  # not released: not ours
 
 
 def test_an_unreadable_lease_is_waited_out_like_any_other(output):

@@ -5,44 +5,52 @@ at once, a new Helm release while the last one's driver still runs) would
 otherwise train into the same prefix together and trip over each other's
 checkpoints. The runner takes `OUTPUT/_lease.json` by compare-and-swap before it
 checks the manifest and runs the stage: a second run waits, then finds the
-output done and reuses it. A run takes its own lease back at once (a restarted
-driver, a rerun after kill -9); another run's lease is taken over only after it
-has not changed for `stale_after` seconds on the waiter's own clock (its holder
-died without releasing it), so the two machines' clocks never have to agree.
+output done and reuses it. A lease whose holder was a process of this machine
+that is gone (a runner killed with kill -9) is taken at once; any other is
+taken over only after it has not changed for `stale_after` seconds on the
+waiter's own clock (its holder died without releasing it), so the two machines'
+clocks never have to agree. That holds for the same run id too: two runners
+given one id (a CI job run twice for a commit) must not write together. A
+holder that finds its lease taken (it could not renew it for that long) calls
+`on_lost`, which stops its stage.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.run")
 
 LEASE_NAME = "_lease.json"
+HELD: set[str] = set()  # the holder ids of the leases this process holds now
 
 
 class StageLease:
     """Context manager: hold `output`'s lease for `run_id` for the duration of the block."""
 
     def __init__(self, output: str, run_id: str, stage: str, *, renew_every: float = 30.0,
-                 stale_after: float = 120.0, poll: float = 5.0):
+                 stale_after: float = 120.0, poll: float = 5.0, on_lost: Callable[[], None] | None = None):
         self.uri = storage.join(output, LEASE_NAME)
-        self.run_id, self.stage = run_id, stage
+        self.run_id, self.stage, self.on_lost = run_id, stage, on_lost
         self.renew_every, self.stale_after, self.poll = renew_every, stale_after, poll
         self.token: str | None = None
+        self.holder = secrets.token_hex(8)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _body(self) -> bytes:
         # The nonce makes every renewal a new version even within one second.
         return json.dumps({"run_id": self.run_id, "stage": self.stage, "host": socket.gethostname(),
-                           "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "pid": os.getpid(), "holder": self.holder, "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "nonce": secrets.token_hex(4)}).encode()
 
     def __enter__(self) -> StageLease:
@@ -52,14 +60,18 @@ class StageLease:
             if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
                 seen, since = current[1], time.monotonic()
             holder = _holder(current[0]) if current is not None else None
-            mine = holder is not None and holder.get("run_id") == self.run_id
+            gone = holder is not None and _gone(holder)
             stale = holder is not None and time.monotonic() - since > self.stale_after
-            if current is None or mine or stale:
-                if stale and not mine:
+            if current is None or gone or stale:
+                if gone and holder.get("run_id") != self.run_id:
+                    log.warning("[%s] run %s held %s, but its process on this machine is gone: taking it over",
+                                self.stage, holder.get("run_id"), self.uri)
+                elif stale:
                     log.warning("[%s] run %s held %s but has not renewed it for %.0f s: taking it over",
                                 self.stage, holder.get("run_id"), self.uri, time.monotonic() - since)
                 self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
                 if self.token is not None:
+                    HELD.add(self.holder)
                     break
                 continue  # another run took it between our read and our write: look again
             if not said:
@@ -79,11 +91,15 @@ class StageLease:
                 log.warning("[%s] could not renew the lease on %s: %s", self.stage, self.uri, exc)
                 continue
             if token is None:
-                log.error("[%s] lost the lease on %s to another run", self.stage, self.uri)
+                log.error("[%s] lost the lease on %s to another run after failing to renew it: stopping the "
+                          "stage (its progress is kept)", self.stage, self.uri)
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
             self.token = token
 
     def __exit__(self, *exc) -> None:
+        HELD.discard(self.holder)
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
@@ -94,6 +110,23 @@ class StageLease:
         except Exception as exc:  # the store is down: the lease goes stale, and another run takes it then
             log.warning("[%s] could not release %s (%s): another run may take it over once it is stale",
                         self.stage, self.uri, type(exc).__name__)
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the lease's holder was a process of this machine that no longer runs (a pid that is not
+    there), or this process without that lease any more. A holder elsewhere can only go stale."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return holder.get("holder") not in HELD
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
 
 
 def _holder(raw: bytes) -> dict:

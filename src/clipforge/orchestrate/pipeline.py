@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -239,8 +241,14 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     for note in notes:
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
-    with StageLease(resolved.output, record.data["run_id"], name):
+    with StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process):
         return _reuse_or_execute(stage, resolved, record, execute, notes)
+
+
+def stop_this_process() -> None:
+    """SIGTERM to the runner itself: the local runner passes it to the stage, which saves its progress and
+    stops; the run is then recorded as stopped there."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,
