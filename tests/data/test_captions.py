@@ -102,6 +102,10 @@ def test_a_failed_prepare_leaves_no_old_split_and_a_newer_index_is_pointed_out(d
     with pytest.raises(UserError, match="run `clipforge captions prepare"):
         augment(AugmentConfig(dataset=str(dataset)))
     prepare(PrepareConfig(dataset=str(dataset), skip_bad=True))
+    augment(AugmentConfig(dataset=str(dataset)))
+    assert (dataset / "train.csv").exists()
+    prepare(PrepareConfig(dataset=str(dataset), skip_bad=True, seed=7))  # a new split: the augmented one goes
+    assert not (dataset / "train.csv").exists()
     index.touch()
     os.utime(index, (index.stat().st_atime, index.stat().st_mtime + 5))
     with caplog.at_level("WARNING"):

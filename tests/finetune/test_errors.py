@@ -47,6 +47,15 @@ def test_empty_caption_names_its_row(capsys, tiny_clip, captioned, tmp_path):
     assert line == f"clipforge finetune: error: {train} row 2: empty caption for {first}"
 
 
+def test_validation_images_that_are_also_training_images_are_refused(capsys, tiny_clip, captioned, tmp_path):
+    """A stale augmented train.csv beside a newer val.csv: scoring on training images would inflate R@1."""
+    val = Path(captioned[1])
+    first = val.parent / val.read_text().splitlines()[1].split(",")[0]
+    train = csv_with(tmp_path, captioned, f"{first},seen in training too")
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", train_data=train)
+    assert line.startswith("clipforge finetune: error: 1 of the ") and "are training images" in line
+
+
 def test_unknown_model(capsys, tiny_clip, captioned, tmp_path):
     line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-Nope-1", model_config="")
     assert line.startswith("clipforge finetune: error: unknown model 'ViT-Nope-1': not an open_clip model")

@@ -48,11 +48,15 @@ def index_path(dataset: str) -> str:
 def prepare(cfg: PrepareConfig) -> dict:
     """Check the images, then write the seeded train/val split next to index.csv.
 
-    The old split goes first: a prepare that fails leaves none that `augment` or a training run
-    would take for the split of the index as it is now.
+    The old split goes first, and the augmented train.csv made from it: a prepare that fails leaves
+    none that `augment` or a training run would take for the split of the index as it is now, and
+    no train.csv holds images of the new val.csv.
     """
     frame = read_captions(index_path(cfg.dataset))
-    for name in (TRAIN_ORIGINAL, VAL):
+    if storage.exists(storage.join(cfg.dataset, TRAIN)):
+        log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
+                 storage.join(cfg.dataset, TRAIN))
+    for name in (TRAIN_ORIGINAL, VAL, TRAIN):
         storage.delete(storage.join(cfg.dataset, name))
     uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
     with ThreadPoolExecutor(cfg.workers) as pool:

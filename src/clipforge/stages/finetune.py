@@ -27,7 +27,7 @@ import torch
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
 from clipforge.models.encoders import check_model_known, weights_identity
-from clipforge.stages.finetune_data import data_inputs, dataset_index, prepared_csvs, read_rows
+from clipforge.stages.finetune_data import check_apart, data_inputs, dataset_index, prepared_csvs, read_rows
 from clipforge.stages.finetune_runs import (
     CARD_NAME,
     METRICS_NAME,
@@ -150,7 +150,7 @@ def _check_before_launch(config: FinetuneConfig) -> None:
         dataset_index(config.dataset)
     else:
         train = read_rows(config.train_data, "train_data")
-        read_rows(config.val_data, "val_data")
+        check_apart(train, read_rows(config.val_data, "val_data"))
         micro_batch(config, len(train), launch.world_size(config.num_processes))
     resolve_device(config.device, config.num_processes)
     check_model_known(config.model, config.model_config_file)
@@ -173,6 +173,7 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         with accelerator.main_process_first():  # rank 0 prepares a dataset's CSVs; the others then read them
             train_csv, val_csv = prepared_csvs(config, config.out)
         train, val = read_rows(train_csv, "train_data"), read_rows(val_csv, "val_data")
+        check_apart(train, val)
         store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
                                 config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
                                 work_dir=config.work_dir)

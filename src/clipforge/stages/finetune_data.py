@@ -105,6 +105,17 @@ def read_rows(path: str, role: str) -> CaptionRows:
     return rows
 
 
+def check_apart(train: CaptionRows, val: CaptionRows) -> None:
+    """Validation images must not be training images: the model would be scored on what it was fit to, and
+    its figures would look better than they are (a stale augmented train.csv beside a new val.csv)."""
+    seen = set(train.uris)
+    shared = [path for path, uri in zip(val.filepaths, val.uris, strict=True) if uri in seen]
+    if shared:
+        raise UserError(f"{len(shared)} of the {len(val.filepaths)} images of {val.source} are training images "
+                        f"in {train.source} too, e.g. {shared[0]}: split again (`clipforge captions prepare`, then "
+                        "augment) so that validation is on images the model has not seen")
+
+
 def dataset_index(dataset: str) -> str:
     """The index.csv a `dataset` setting names: the file itself, or the one inside the folder."""
     if dataset.endswith(".csv"):
