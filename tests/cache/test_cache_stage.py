@@ -138,6 +138,25 @@ def test_committed_shards_are_skipped_and_never_rewritten(engine, nsd, tiny_mode
     assert lost in after and second["shards"] == first["shards"]
 
 
+def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_models, ray_session, tmp_path,
+                                                                  caplog):
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
+    first = run_cache(cfg)
+    (output / "_manifest.json").unlink()  # an interrupted run: shards, no manifest
+    cut, flipped = (output / first["shards"][1]["path"]), (output / first["shards"][3]["path"])
+    cut.write_bytes(cut.read_bytes()[:100])  # a copy cut short
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a bad sector in the middle
+    flipped.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="clipforge.cache"):
+        second = run_cache(cfg)
+    assert second["metrics"]["images_encoded"] == first["shards"][1]["rows"] + first["shards"][3]["rows"]
+    assert caplog.text.count("is damaged") == 2
+    table = read_embeddings(str(output))
+    assert sorted(table.ids.tolist()) == nsd["ids"].tolist()
+
+
 def test_s3_output_and_chunked_source_agree_with_local(nsd, tiny_models, ray_session, tmp_path):
     bucket = nsd["bucket"]
     run_cache(config(nsd, tiny_models, f"s3://{bucket}/cache-out"))

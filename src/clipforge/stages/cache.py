@@ -184,14 +184,38 @@ def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDatase
 
 
 def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
-    """Shards not yet committed; shard files of another plan mean the output belongs to something else."""
+    """Shards not yet committed; shard files of another plan mean the output belongs to something else.
+
+    A shard file is committed whole (written under a temporary name, then renamed), so one that does not
+    read back whole was damaged afterwards (a disk, a copy cut short): it is encoded again, not trusted."""
     present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
     planned = {s.name for s in shards}
     foreign = sorted(present - planned)
     if foreign:
         raise UserError(f"output {output} holds {len(foreign)} shard files of another config or index "
                         f"(e.g. {foreign[0]}); choose a new --output or remove them")
+    committed = [s for s in shards if s.name in present]
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda shard: shard_problem(output, shard), committed))
+    for shard, why in zip(committed, problems, strict=True):
+        if why:
+            log.warning("shard %s is damaged (%s): encoding it again", storage.join(output, shard.name), why)
+            storage.delete(storage.join(output, shard.name))
+            present.discard(shard.name)
     return [s for s in shards if s.name not in present]
+
+
+def shard_problem(output: str, shard: Shard) -> str | None:
+    """Why a shard file cannot be taken as committed (unreadable, or another row count than planned)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, shard.name))))  # every page
+    except Exception as exc:  # pyarrow raises several types for truncated or corrupt files
+        return f"unreadable: {type(exc).__name__}"
+    return None if rows.num_rows == len(shard.ids) else f"{rows.num_rows} rows where {len(shard.ids)} were planned"
 
 
 def model_from_shard(output: str, name: str) -> dict:
