@@ -126,8 +126,13 @@ class FaissIndex:
         self.uri = storage.join(f"{cache.rstrip('/')}.faiss", f"ivf{self.nlist}-{digest(table.manifest)}.index")
         self.reused = storage.exists(self.uri)
         if self.reused:
-            self.index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(self.uri), dtype=np.uint8))
-            self.reused = self.index.ntotal == rows and self.index.d == dim
+            try:
+                self.index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(self.uri), dtype=np.uint8))
+                self.reused = self.index.ntotal == rows and self.index.d == dim
+            except RuntimeError as exc:  # a file cut short or damaged: faiss says "read error"
+                log.warning("FAISS index %s cannot be read (%s): building it again", self.uri,
+                            str(exc).strip().splitlines()[-1][:120])
+                self.reused = False
         if not self.reused:
             self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
             self.index.train(table.embeddings)

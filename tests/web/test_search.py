@@ -266,3 +266,9 @@ def test_faiss_index_is_built_next_to_the_cache_and_reused(shapes_index):
             got = searcher.text(query, 12)
             assert [h.id for h in got] == [h.id for h in want]  # 48 rows: one list, so exact
             assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    saved = Path(reused.faiss.uri)
+    saved.write_bytes(saved.read_bytes()[:200])  # a copy cut short: built again, not a faiss traceback
+    rebuilt = Searcher(cache, faiss=True)
+    assert not rebuilt.faiss.reused and [h.id for h in rebuilt.text("a red circle", 12)] == \
+        [h.id for h in exact.text("a red circle", 12)]
+    assert Searcher(cache, faiss=True).faiss.reused

@@ -42,7 +42,9 @@ class BatchPreprocess:
         What a reader of an image folder keeps instead of the photo: 150 KB at 224 px where a 12 MP photo
         is 36 MB. Preprocessing the result gives the tensor the photo itself gives on the CPU (resizing to
         the size an image already has changes nothing)."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        with warnings.catch_warnings():  # PIL's arrays are read-only; nothing here writes into them
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         return self.resize_crop(x).permute(1, 2, 0).contiguous().numpy()
 
     def resize_crop(self, x: torch.Tensor) -> torch.Tensor:
