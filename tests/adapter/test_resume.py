@@ -77,6 +77,9 @@ def test_kill_9_twice_then_rerun_equals_uninterrupted(reference, tmp_path):
     assert proc.returncode == 0, log
     assert "resuming from" in log
     assert max_abs_diff(weights(str(out)), expected) <= 1e-6
+    # The training time of the attempts killed after a checkpoint counts too, not only the last one's.
+    timing = json.loads((out / "metrics.json").read_text())["timing"]
+    assert timing["train_seconds"] > timing["train_seconds_now"] > 0
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, EXIT_PREEMPTED, "SIGTERM received"),

@@ -126,6 +126,7 @@ class AdapterTrainer:
                        "epoch_seconds": [], "seconds_per_epoch": None}
         self.losses = DeferredLosses(config.log_every)
         self.meter: Progress | None = None
+        self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
         self.saving_seconds = 0.0  # spent in save(), left out of the epochs' training seconds
 
     def resume(self) -> None:
@@ -147,6 +148,8 @@ class AdapterTrainer:
         weights = self.acc.unwrap_model(self.model).state_dict()
         if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
             raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
+        if self.meter is not None:
+            self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
         files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
         if files is not None:  # rank 0
             self.flush_logs()
@@ -178,12 +181,14 @@ class AdapterTrainer:
             self.writer = open_tensorboard(log_dir, self.progress.step)
         config, p = self.config, self.progress
         remaining = (self.total_steps - p.step) * self.batch
+        self.seconds_before = self.progress.seconds
         self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=config.log_every)
         try:
             return self._fit(watch)
         finally:
             # Throughput of this process's share of the run, checkpoints and per-epoch evaluation included.
-            self.timing["train_seconds"] = round(meter.elapsed, 3)
+            self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
+            self.timing["train_seconds_now"] = round(meter.elapsed, 3)
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 1) if meter.done else None
             whole = self.timing["epoch_seconds"]
             self.timing["seconds_per_epoch"] = round(sum(whole) / len(whole), 4) if whole else None

@@ -160,6 +160,7 @@ class FinetuneTrainer:
         self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
         self.losses = DeferredLosses(config.log_every)
         self.meter: Progress | None = None
+        self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ class FinetuneTrainer:
         # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
         if not bool(torch.stack([torch.isfinite(w).all() for w in self.module.parameters()]).all()):
             raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
+        if self.meter is not None:
+            self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
         files = state_files(self.acc, self.model, self.optimizer, self.progress,
                             self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
         if files is not None:
@@ -325,12 +328,14 @@ class FinetuneTrainer:
         if self.acc.is_main_process and log_dir is not None:
             self.writer = open_tensorboard(log_dir, self.progress.step)
         remaining = (self.total_steps - self.progress.step) * self.step_rows
+        self.seconds_before = self.progress.seconds
         self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)
         try:
             return self._fit(watch)
         finally:
             # Throughput of this process's share of the run, checkpoints and validation included.
-            self.timing["train_seconds"] = round(meter.elapsed, 3)
+            self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
+            self.timing["train_seconds_now"] = round(meter.elapsed, 3)
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
 
     def _fit(self, watch: PreemptionWatch) -> bool:

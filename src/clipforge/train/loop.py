@@ -81,6 +81,7 @@ class TrainProgress:
     step_in_epoch: int = 0  # batches of the current epoch already trained on
     step: int = 0  # optimizer steps in total
     samples: int = 0  # training rows seen, over all processes
+    seconds: float = 0.0  # training time up to here, summed over the attempts (resumes) that got here
 
     def to_dict(self) -> dict:
         return asdict(self)
