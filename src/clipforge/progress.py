@@ -12,9 +12,12 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Call `update(n)` as work lands; it logs `what: done/total unit, rate, ETA` and any extra fields."""
+    """Call `update(n)` as work lands; it logs `what: done/total unit, rate, ETA` and any extra fields.
 
-    def __init__(self, log: logging.Logger, total: int, unit: str = "img", every: float = 2.0):
+    `every`: seconds between lines. By default a line every 2 s at first, spacing out to one a minute as
+    the work goes on (elapsed / 20): a 3-hour cache logs a few hundred lines, not 5,000."""
+
+    def __init__(self, log: logging.Logger, total: int, unit: str = "img", every: float | None = None):
         self.log, self.total, self.unit, self.every = log, total, unit, every
         self.done = 0
         self.start = time.monotonic()
@@ -31,7 +34,8 @@ class Progress:
     def update(self, n: int, extra: str = "", force: bool = False) -> None:
         self.done += n
         now = time.monotonic()
-        if not force and now - self._last < self.every and self.done < self.total:
+        every = self.every if self.every is not None else max(2.0, min(60.0, (now - self.start) / 20))
+        if not force and now - self._last < every and self.done < self.total:
             return
         self._last = now
         eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")

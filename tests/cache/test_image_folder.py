@@ -122,6 +122,10 @@ def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_model
     assert "leaving out 2 of 25 images that cannot be read: circle/0001.png: cannot be decoded" in caplog.text
     ids = list(read_embeddings(str(tmp_path / "index")).ids)
     assert len(ids) == len(set(ids)) == 23 and "circle/0001.png" not in ids and "notes.jpg" not in ids
+    caplog.clear()
+    with caplog.at_level("INFO"):  # up to date: said from the listing, without decoding every image again
+        run_cache(config(tiny_models, folder, tmp_path / "index", engine="local", skip_bad=True))
+    assert "is up to date" in caplog.text and "leaving out" not in caplog.text
     with pytest.raises(ValidationError, match="skip_bad applies to image folders"):
         CacheConfig(source="x.hdf5", index="i.parquet", model="m", output="o", skip_bad=True)
 

@@ -32,6 +32,7 @@ from clipforge.data.image_folder import collection_root, image_problem, image_ur
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
+from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 from clipforge.storage.range_reader import FetchStats
@@ -65,7 +66,7 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
     """The rows to encode, and fingerprints of the source and index they come from."""
     if is_image_collection(cfg.source):
         index, listing = list_collection(cfg.source)
-        return (readable_only(cfg.source, index) if cfg.skip_bad else index), {"source": listing}
+        return index, {"source": listing}
     path = cfg.index or index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
     return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
@@ -75,8 +76,11 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
 def readable_only(source: str, index: RowIndex) -> RowIndex:
     """The images of a folder or CSV that decode; those that do not are named in the log and left out."""
     root = collection_root(source)
+    progress, problems = Progress(log, len(index), unit="images checked"), []
     with ThreadPoolExecutor(8) as pool:
-        problems = list(pool.map(lambda i: image_problem(image_uri(root, str(i))), index.ids))
+        for why in pool.map(lambda row_id: image_problem(image_uri(root, str(row_id))), index.ids):
+            problems.append(why)
+            progress.update(1)
     bad = [(str(i), why) for i, why in zip(index.ids, problems, strict=True) if why]
     if not bad:
         return index
@@ -111,6 +115,8 @@ def run_cache(cfg: CacheConfig) -> dict:
         raise UserError(f"output {cfg.output} already holds a cache of another config or input; "
                         "choose a new --output (pipelines do this for you)")
     check_model_known(spec.model, spec.model_config)
+    if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
+        index = readable_only(cfg.source, index)
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     shards = plan_shards(index, cfg.batch_size, fingerprint)
     todo = pending_shards(cfg.output, shards)
