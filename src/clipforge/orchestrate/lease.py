@@ -50,7 +50,8 @@ class StageLease:
     def _body(self) -> bytes:
         # The nonce makes every renewal a new version even within one second.
         return json.dumps({"run_id": self.run_id, "stage": self.stage, "host": socket.gethostname(),
-                           "pid": os.getpid(), "holder": self.holder, "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "pid": os.getpid(), "holder": self.holder,
+                           "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "nonce": secrets.token_hex(4)}).encode()
 
     def __enter__(self) -> StageLease:
