@@ -53,11 +53,16 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
-    # Bad input fails here, once, with one clear line, before any worker starts.
+    _check_before_launch(config)
+    return train_in_workers(COMMAND, config.model_dump(mode="json"), config.num_processes, config.out)
+
+
+def _check_before_launch(config: AdapterConfig) -> None:
+    """Bad input fails here, once, with one clear line, before any worker starts. The caches read for that
+    are let go on return: the launcher waits with nothing but each worker holds its own copy."""
     pairs = read_pairs(config)
     resolve_device(config.device, config.num_processes)
     global_batch_size(config, len(pairs.train_ids), launch.world_size(config.num_processes))
-    return train_in_workers(COMMAND, config.model_dump(mode="json"), config.num_processes, config.out)
 
 
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
