@@ -19,6 +19,7 @@ import pandas as pd
 from clipforge.config.captions import AugmentConfig
 from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, read_captions, write_captions
 from clipforge.errors import UserError
+from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
@@ -78,14 +79,17 @@ class LanguageModelParaphraser:
 
         if not storage.local_path(model_path).is_dir():
             raise UserError(f"llm_model {model_path} is not a local model folder")
+        import torch
+
         set_seed(seed)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU node generates far faster
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path).eval().to(self.device)
 
     def __call__(self, caption: str, n: int) -> list[str]:
         import torch
 
-        inputs = self.tokenizer(PROMPT.format(caption=caption), return_tensors="pt")
+        inputs = self.tokenizer(PROMPT.format(caption=caption), return_tensors="pt").to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
             out = self.model.generate(**inputs, do_sample=True, top_p=0.9, max_new_tokens=32,
@@ -129,6 +133,7 @@ def augment(cfg: AugmentConfig) -> dict:
             log.warning("cannot load llm_model %s (%s); every caption falls back to the synonym map",
                         cfg.llm_model, exc)
     rows = []
+    progress = Progress(log, len(frame), unit="captions") if paraphrase is not None else None
     for filepath, caption in zip(frame["filepath"], frame["caption"], strict=True):
         rows.append((filepath, caption))
         variants: list[str] = []
@@ -144,6 +149,8 @@ def augment(cfg: AugmentConfig) -> dict:
         elif cfg.method == "manual":
             variants = synonym_variants(caption, synonyms, cfg.per_sample, rng)
         rows.extend((filepath, v) for v in variants if v != caption)
+        if progress is not None:  # a language model takes seconds a caption on a CPU
+            progress.update(1)
     if cfg.method == "llm" and fallbacks:
         log.warning("the language model gave too few paraphrases for %d of %d captions; the synonym map "
                     "filled in", fallbacks, len(frame))
