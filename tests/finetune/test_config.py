@@ -187,3 +187,13 @@ def test_listing_models_loads_no_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_every_command_has_its_place_in_the_help():
+    """`clipforge --help` lists commands in workflow order; a new command module left out would land last."""
+    import pkgutil
+
+    from clipforge import commands
+    from clipforge.cli import HELP_ORDER
+
+    assert sorted(HELP_ORDER) == sorted(module.name for module in pkgutil.iter_modules(commands.__path__))

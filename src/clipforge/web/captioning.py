@@ -102,33 +102,37 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         body = await json_body(request)
         if body is None:
             return error(400, "expected JSON {path, caption, replaces}")
-        try:
-            caption = await run_in_threadpool(write, body)
-        except CaptionConflict as exc:
-            return conflict(exc)
-        except UserError as exc:
-            return error(400, str(exc))
-        return JSONResponse({"caption": caption, "captioned": book.captioned(), "total": len(book.images)})
-
-    def write(body: dict) -> str:
-        replaces = body.get("replaces")
-        return book.save(text_field(body, "path"), text_field(body, "caption"),
-                         replaces if isinstance(replaces, str) else None)
+        refused = await write(body)
+        if refused is not None:
+            return refused
+        return JSONResponse({"caption": book.caption(text_field(body, "path")), "captioned": book.captioned(),
+                             "total": len(book.images)})
 
     async def finish(request: Request) -> Response:
         if not authorised(request):
             return error(403, "this page's session token is missing or wrong; reload the page")
         body = await json_body(request) or {}
         if text_field(body, "caption").strip() and not session.finished:
-            try:
-                await run_in_threadpool(write, body)
-            except CaptionConflict as exc:
-                return conflict(exc)
-            except UserError as exc:
-                return error(400, str(exc))
+            refused = await write(body)
+            if refused is not None:
+                return refused
         session.finished = True
         # The server stops after this response is sent.
         return JSONResponse(session.summary(), background=BackgroundTask(session.stop))
+
+    async def write(body: dict) -> Response | None:
+        """Save the body's caption; None when saved, else the answer that says why not."""
+        replaces = body.get("replaces")
+        try:
+            await run_in_threadpool(book.save, text_field(body, "path"), text_field(body, "caption"),
+                                    replaces if isinstance(replaces, str) else None)
+        except CaptionConflict as exc:
+            # 409 with the caption on disk, so the page can show it before the person decides.
+            return JSONResponse({"error": str(exc), "caption": exc.current}, status_code=409,
+                                headers={"cache-control": "no-store"})
+        except UserError as exc:
+            return error(400, str(exc))
+        return None
 
     return page_app([
         Route("/", page),
@@ -137,12 +141,6 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         Route("/api/caption", save, methods=["POST"]),
         Route("/api/finish", finish, methods=["POST"]),
     ], loopback_only=loopback_only)
-
-
-def conflict(exc: CaptionConflict) -> Response:
-    """409 with the caption on disk, so the page can show it before the person decides."""
-    return JSONResponse({"error": str(exc), "caption": exc.current}, status_code=409,
-                        headers={"cache-control": "no-store"})
 
 
 async def json_body(request: Request) -> dict | None:
