@@ -31,6 +31,7 @@ def execute_locally(resolved: ResolvedStage, stop: threading.Event | None = None
     # SIGTERM to the runner (a CI job cancelled, systemd) goes to the stage, which saves its progress and
     # exits EXIT_PREEMPTED; the run then stops, recorded, and a rerun resumes it.
     forward = threading.current_thread() is threading.main_thread()
+
     def pass_on(signum, frame) -> None:
         if stop is not None:
             stop.set()
