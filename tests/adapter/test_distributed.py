@@ -13,7 +13,7 @@ import torch
 from adapter_caches import FAST, config_args, max_abs_diff, weights, write_pair
 
 from clipforge.config.adapter import AdapterConfig
-from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR
 from clipforge.stages.adapter import train_adapter
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,12 @@ def test_two_processes_learn_as_well_and_match_one_process(one_process, two_proc
     assert len(list((two_processes / "logs").iterdir())) == 1
 
 
-def test_sigterm_to_the_launcher_checkpoints_both_workers_and_resumes(caches, two_processes, tmp_path):
+@pytest.mark.parametrize(("whom", "sig", "code"), [("launcher", signal.SIGTERM, EXIT_PREEMPTED),
+                                                    ("group", signal.SIGTERM, EXIT_PREEMPTED),
+                                                    ("group", signal.SIGINT, EXIT_INTERRUPTED)])
+def test_a_stop_signal_checkpoints_both_workers_and_resumes(caches, two_processes, tmp_path, whom, sig, code):
+    """SIGTERM to the launcher (Kubernetes signals PID 1), or SIGTERM or Ctrl-C to the whole group (scancel, a
+    terminal): both workers checkpoint, the command ends with one line and no traceback, and a rerun resumes."""
     out = tmp_path / "out"
     proc = run(*caches, str(out), 2, wait=False)
     root = out / "checkpoints"
@@ -81,9 +86,12 @@ def test_sigterm_to_the_launcher_checkpoints_both_workers_and_resumes(caches, tw
     while not any((p / "_manifest.json").is_file() for p in root.glob("step-*")) if root.is_dir() else True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGTERM)
+    if whom == "launcher":
+        os.kill(proc.pid, sig)
+    else:
+        os.killpg(proc.pid, sig)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == EXIT_PREEMPTED, err
+    assert proc.returncode == code, err
     # The workers got the signal from the launcher and stopped cleanly: no torchrun failure report.
     assert "Traceback" not in err and "ChildFailedError" not in err, err
     assert not (out / "_manifest.json").exists()

@@ -162,7 +162,11 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
                  rdzv.nnodes, rdzv.master_addr, rdzv.master_port)
         # Share this machine's cores among the workers (torchrun would otherwise give each one thread and say so).
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
-        proc = subprocess.Popen(cmd, env={**os.environ, LAUNCH_DIR_ENV: tmp, "OMP_NUM_THREADS": threads})
+        # torchrun runs in a session of its own, out of reach of signals to this process group: this
+        # process passes SIGTERM and Ctrl-C to the workers itself (torchrun, signalled too, would end in a
+        # traceback of its own), and torchrun dies with it.
+        proc = subprocess.Popen(cmd, env={**os.environ, LAUNCH_DIR_ENV: tmp, "OMP_NUM_THREADS": threads},
+                                start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGKILL))
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: _signal_workers(launch_dir, proc, signum))
         interrupted = False
         try:
@@ -170,7 +174,8 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
                 try:
                     returncode = proc.wait()
                     break
-                except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them finish stopping
+                except KeyboardInterrupt:  # the workers save a checkpoint, or stop at once on a second Ctrl-C
+                    _signal_workers(launch_dir, proc, signal.SIGINT)
                     interrupted = True
         finally:
             signal.signal(signal.SIGTERM, previous)
