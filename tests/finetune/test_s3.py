@@ -26,6 +26,7 @@ def test_s3_data_and_output(tiny_clip, captioned, s3_bucket, tmp_path, capsys):
     assert {"model.pt", "model.json", "metrics.json", "_manifest.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in storage.list_names(f"{result.out}/logs"))
     assert result.metrics["final"]["val_loss"] < result.metrics["before"]["val_loss"]
+    assert not (tmp_path / "work" / "checkpoints").exists()  # the local copies go once the run is on S3
 
     assert main(["models", "list", "--dir", out]) == 0
     assert result.out.rsplit("/", 1)[-1] in capsys.readouterr().out

@@ -218,6 +218,12 @@ class CheckpointStore:
         self.prune()
         return Checkpoint(step, uri, manifest)
 
+    def drop_local_copies(self) -> None:
+        """Once the run is committed, the working copies of checkpoints kept on S3 serve nothing: remove them
+        (a large model leaves gigabytes per checkpoint on the machine otherwise)."""
+        if self.remote:
+            shutil.rmtree(self.local_root, ignore_errors=True)
+
     def prune(self) -> None:
         """Delete all but the newest `keep` checkpoints of this run (and their local copies)."""
         for old in self.all()[: -self.keep]:

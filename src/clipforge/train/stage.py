@@ -63,4 +63,5 @@ def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, lo
         trainer.close()
         commit(metrics)
     accelerator.wait_for_everyone()
+    trainer.store.drop_local_copies()  # every machine its own
     return TrainResult("trained", out, metrics)
