@@ -240,29 +240,41 @@ def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
     assert "[adapter] run race-a (on " in caplog.text and "waiting for it" in caplog.text
 
 
-def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resumes(demo_root, tmp_path):
-    """A cancelled CI job or `systemctl stop` signals the runner: the stage must save its progress, the run be
-    recorded as stopped there (not failed, never `on_failure: continue`), and the same run id resume it."""
+def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str) -> tuple[list[str], str, dict]:
+    """`clipforge run` of `stages` (the demo's, edited) in a subprocess, SIGTERM once `started` (a glob under
+    demo/artifacts) matches; returns (its argv, its output, its run.json) after asserting exit 75 and no
+    traceback."""
     import yaml
 
     shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
-    demo = yaml.safe_load(Path(DEMO_SPEC).read_text())
-    finetune = next(stage for stage in demo["stages"] if stage["kind"] == "finetune")
-    finetune["with"].update(epochs=40, workers=2)
-    finetune["policy"] = {"on_failure": "continue"}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": [finetune]}))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": stages}))
     argv = [sys.executable, "-m", "clipforge.cli", "run", "spec.yaml", "--run-id", "cancelled"]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoints = tmp_path / "demo" / "artifacts" / "finetune"
     deadline = time.monotonic() + 180
-    while not list(checkpoints.glob("*/checkpoints/step-*/_manifest.json")):
+    while not list((tmp_path / "demo" / "artifacts").glob(started)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, log
-    assert "Traceback" not in log and "rerun with --run-id cancelled to resume" in log
-    run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+    assert proc.returncode == 75 and "Traceback" not in log, log
+    return argv, log, json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+
+
+def demo_stages() -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(Path(DEMO_SPEC).read_text())["stages"]
+
+
+def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resumes(demo_root, tmp_path):
+    """A cancelled CI job or `systemctl stop` signals the runner: the stage must save its progress, the run be
+    recorded as stopped there (not failed, never `on_failure: continue`), and the same run id resume it."""
+    finetune = next(stage for stage in demo_stages() if stage["kind"] == "finetune")
+    finetune["with"].update(epochs=40, workers=2)
+    finetune["policy"] = {"on_failure": "continue"}
+    argv, log, run_json = sigterm_a_run(demo_root, tmp_path, [finetune], "finetune/*/checkpoints/step-*/_manifest.json")
+    assert "rerun with --run-id cancelled to resume" in log
+    checkpoints = tmp_path / "demo" / "artifacts" / "finetune"
     assert run_json["stages"]["finetune"]["status"] == "interrupted"
     assert run_state(run_json) == "stopped at finetune"
     assert not list(checkpoints.glob("*/_lease.json")) and not list(checkpoints.glob("*/_manifest.json"))
@@ -303,25 +315,11 @@ stages:
 def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(demo_root, tmp_path):
     """A stage that does not train stops on SIGTERM too (exit 75, its shards kept): the run is stopped there,
     not continued past a stage marked `on_failure: continue` as if it had failed."""
-    import yaml
-
-    shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
-    demo = yaml.safe_load(Path(DEMO_SPEC).read_text())
-    stages = [stage for stage in demo["stages"] if stage["name"] in ("nsd-index", "source-cache", "target-cache")]
+    stages = [stage for stage in demo_stages() if stage["name"] in ("nsd-index", "source-cache", "target-cache")]
     stages[1]["with"]["batch_size"] = 4
     stages[1]["policy"] = {"on_failure": "continue"}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "demo/artifacts", "stages": stages}))
-    argv = [sys.executable, "-m", "clipforge.cli", "run", "spec.yaml", "--run-id", "cancelled"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not list((tmp_path / "demo" / "artifacts" / "cache").glob("*/shard-*.parquet")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, log
-    assert "Traceback" not in log and "stopped (SIGTERM)" in log
-    run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
+    _, log, run_json = sigterm_a_run(demo_root, tmp_path, stages, "cache/*/shard-*.parquet")
+    assert "stopped (SIGTERM)" in log
     assert {name: stage["status"] for name, stage in run_json["stages"].items()} == {
         "nsd-index": "done", "source-cache": "interrupted", "target-cache": "skipped"}
     assert run_state(run_json) == "stopped at source-cache"
