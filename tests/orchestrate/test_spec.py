@@ -125,3 +125,28 @@ def test_a_yaml_mistake_names_its_line_and_a_misspelt_kind_is_said_once(tmp_path
     assert "unknown kind 'cahce'" in str(info.value) and "is a cahce" not in str(info.value)
     with pytest.raises(UserError, match=rf"^{tmp_path / 'spec.yaml'}: stages: needs form a cycle"):
         load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][0].update(needs=["ad"]))))
+
+
+def test_a_stage_key_lists_folders_but_never_a_file_as_one(tmp_path, monkeypatch):
+    """A cache's source may be a folder (its listing counts) or an HDF5 file: a file is fingerprinted as a
+    file, with no listing asked for (a bucket may grant reads but not LIST)."""
+    from clipforge.config.pipeline import PipelineSpec
+    from clipforge.orchestrate.pipeline import resolve_stage
+    from clipforge.storage import uri as storage
+
+    (tmp_path / "stimuli.hdf5").write_bytes(b"not read here")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"png")
+    listed = []
+    real = storage.tree_fingerprint
+    monkeypatch.setattr(storage, "tree_fingerprint", lambda uri, keep=None: listed.append(uri) or real(uri, keep))
+    def key(**settings) -> str:
+        spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "a"), "stages": [
+            {"name": "c", "kind": "cache", "with": {**settings, "model": "m"}}]})
+        return resolve_stage(spec, spec.stages[0], {}).key
+
+    key(source=str(tmp_path / "stimuli.hdf5"), index="i.parquet")
+    before = key(source=str(tmp_path / "photos"))
+    assert listed == [str(tmp_path / "photos")]
+    (tmp_path / "photos" / "b.png").write_bytes(b"png")
+    assert key(source=str(tmp_path / "photos")) != before

@@ -103,8 +103,10 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     # identity too, so a changed file under the same name is never mistaken for the old one.
     files = {key: file_identity(value) for key, value in sorted(values.items()) if key not in kind.inputs}
     identity["files"] = {key: found for key, found in files.items() if found is not None}
+    # A value that names a file (an HDF5 source) is no folder: no listing asked for, which a bucket that
+    # grants reads but not LIST would refuse.
     folders = {key: storage.tree_fingerprint(values[key], keep) for key, keep in kind.folders.items()
-               if isinstance(values.get(key), str)}
+               if isinstance(values.get(key), str) and key not in identity["files"]}
     if any(folders.values()):  # only then: the keys of stages that read no folder stay what they were
         identity["folders"] = {key: found for key, found in folders.items() if found is not None}
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
