@@ -218,19 +218,26 @@ def list_folders(prefix: str, *, unsigned: bool = False) -> list[str]:
 
 def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
     """Every object under `prefix`, recursively: relative path -> size."""
+    return {path: size for path, size, _ in sorted(_walk(prefix, unsigned) or [])}
+
+
+def _walk(prefix: str, unsigned: bool) -> list[tuple[str, int, int | str]] | None:
+    """(relative path, size, mtime_ns on disk or ETag on S3) of every object under `prefix`; None when there
+    is nothing there."""
     match scheme(prefix):
         case "file":
             root = local_path(prefix)
             if not root.is_dir():
-                return {}
-            return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+                return None
+            return [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns)
+                    for path in root.rglob("*") if path.is_file() for info in [path.stat()]]
         case "s3":
             loc = s3.parse_s3(prefix.rstrip("/") + "/")
-            found = {}
             paginator = s3.client(unsigned).get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
-                found.update({obj["Key"][len(loc.key):]: obj["Size"] for obj in page.get("Contents", [])})
-            return dict(sorted(found.items()))
+            found = [(obj["Key"][len(loc.key):], obj["Size"], obj["ETag"].strip('"'))
+                     for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key)
+                     for obj in page.get("Contents", [])]
+            return found or None
 
 
 def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
@@ -238,21 +245,9 @@ def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
     """What identifies a folder's content cheaply: every file's path, size and mtime (ETag on S3), hashed;
     only the files whose relative path `keep` accepts, when given. Hidden files and folders (`.thumbnails/`,
     editors' temp files) do not count. None: no such folder."""
-    match scheme(prefix):
-        case "file":
-            root = local_path(prefix)
-            if not root.is_dir():
-                return None
-            entries = [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns)
-                       for path in root.rglob("*") if path.is_file() for info in [path.stat()]]
-        case "s3":
-            loc = s3.parse_s3(prefix.rstrip("/") + "/")
-            paginator = s3.client(unsigned).get_paginator("list_objects_v2")
-            entries = [(obj["Key"][len(loc.key):], obj["Size"], obj["ETag"].strip('"'))
-                       for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key)
-                       for obj in page.get("Contents", [])]
-            if not entries:
-                return None
+    entries = _walk(prefix, unsigned)
+    if entries is None:
+        return None
     entries = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/"))
                      and (keep is None or keep(e[0])))
     listing = json.dumps(entries).encode()
