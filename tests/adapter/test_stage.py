@@ -1,6 +1,10 @@
 """The adapter stage in this process: learning, outputs, idempotence, --limit, S3, and every bad input."""
 
+import functools
 import json
+import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ from adapter_caches import FAST, config_args, max_abs_diff, normalise, planted_m
 from clipforge.cli import main
 from clipforge.config.adapter import AdapterConfig
 from clipforge.models.adapter import load_adapter
+from clipforge.orchestrate import lease
 from clipforge.stages import adapter as stage
 from clipforge.stages.adapter import train_adapter
 from clipforge.storage import uri as storage
@@ -72,6 +77,35 @@ def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path
     rerun = train_adapter(config(src, tgt, out, num_processes=3, log_every=5.0))  # volatile fields only
     assert rerun.status == "up to date" and rerun.metrics == result.metrics
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_second_run_into_one_out_waits_for_the_first_then_finds_it_done(caches, tmp_path, monkeypatch, caplog):
+    """Two `clipforge train-adapter` by hand into one OUT (two CI jobs, a user and a pipeline) do not train
+    into it together: the second waits on the lease, then finds the adapter done."""
+    src, tgt = caches
+    out = tmp_path / "out"
+    monkeypatch.setattr(lease, "StageLease", functools.partial(lease.StageLease, poll=0.05))
+    monkeypatch.delenv(lease.RUN_ID_ENV, raising=False)
+    results = {}
+
+    def second() -> None:
+        results["second"] = train_adapter(config(src, tgt, out))
+
+    first = lease.StageLease(str(out), "train-adapter-elsewhere", "train-adapter")  # a live holder
+    with caplog.at_level(logging.WARNING, logger="clipforge.run"), first:
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "is writing" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "run train-adapter-elsewhere (on " in caplog.text
+        monkeypatch.setenv(lease.RUN_ID_ENV, "elsewhere")  # the holder's own stage: its runner holds the lease
+        results["first"] = train_adapter(config(src, tgt, out))
+        monkeypatch.delenv(lease.RUN_ID_ENV)
+        assert waiter.is_alive() and "second" not in results
+    waiter.join(timeout=60)
+    assert results["first"].status == "trained" and results["second"].status == "up to date"
+    assert not (out / lease.LEASE_NAME).exists()
 
 
 def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import ResolvedStage
 
 MAX_NAME = 63  # a DNS-1123 label, and the most a label value (`job-name`) may hold
@@ -192,7 +193,7 @@ def volumes(settings: StageJobSettings) -> tuple[list[dict], list[dict]]:
 def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, env: list[dict] | None = None) -> dict:
     _, mounts = volumes(settings)
     base_env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
-                {"name": "CLIPFORGE_RUN_ID", "value": settings.run_id},
+                {"name": RUN_ID_ENV, "value": settings.run_id},  # the driver holds the output's lease
                 {"name": "CLIPFORGE_STAGE", "value": resolved.spec.name},
                 *({"name": k, "value": str(v)} for k, v in sorted(settings.artifact_env.items()))]
     if gpus == 0:

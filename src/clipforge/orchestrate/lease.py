@@ -21,16 +21,19 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.run")
 
 LEASE_NAME = "_lease.json"
+RUN_ID_ENV = "CLIPFORGE_RUN_ID"  # set by the runner (local or Kubernetes) on the stages it runs: it holds their lease
 HELD: set[str] = set()  # the holder ids of the leases this process holds now
 
 
@@ -111,6 +114,27 @@ class StageLease:
         except Exception as exc:  # the store is down: the lease goes stale, and another run takes it then
             log.warning("[%s] could not release %s (%s): another run may take it over once it is stale",
                         self.stage, self.uri, type(exc).__name__)
+
+
+def stop_this_process() -> None:
+    """SIGTERM to this process: a runner passes it to its stage, a command saves its progress; either then
+    stops with exit code 75."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextmanager
+def command_lease(output: str, command: str) -> Iterator[None]:
+    """A command run by hand holds its output's lease as a pipeline stage does: a second `clipforge
+    train-adapter` into the same OUT waits, then finds it done, instead of training into it alongside.
+
+    Nothing to take under a runner (it holds the lease for its stage), in a worker a launcher started, or on
+    any machine but the first of a multi-machine run (the first one's launcher holds it for all)."""
+    node_rank = os.environ.get("NODE_RANK") or os.environ.get("JOB_COMPLETION_INDEX") or "0"
+    if os.environ.get(RUN_ID_ENV) or "LOCAL_RANK" in os.environ or node_rank.strip() != "0":
+        yield
+        return
+    with StageLease(output, f"{command}-pid{os.getpid()}", command, on_lost=stop_this_process):
+        yield
 
 
 def _gone(holder: dict) -> bool:

@@ -13,18 +13,21 @@ import threading
 from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from clipforge.lifetime import die_with_parent
+from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, new_run_id, run_pipeline
 
 log = logging.getLogger("clipforge.run")
 
 
-def execute_locally(resolved: ResolvedStage, stop: threading.Event | None = None) -> int:
+def execute_locally(resolved: ResolvedStage, stop: threading.Event | None = None, run_id: str = "") -> int:
     """Run `clipforge <command> --config <saved config>`; stream its output with a stage prefix.
+
+    The stage learns its run id as on Kubernetes, and so that this runner holds its output's lease.
 
     SIGTERM to the runner is passed to the stage and sets `stop`; a stage that then ends other than
     done counts as stopped (75), whatever it exited with."""
     argv = [sys.executable, "-m", "clipforge.cli", *resolved.argv, "--config", resolved.config_uri]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id or "local", "CLIPFORGE_STAGE": resolved.spec.name}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                             preexec_fn=die_with_parent)  # a stage checkpoints and stops when the runner dies
     assert proc.stdout is not None
@@ -74,6 +77,6 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     stop = threading.Event()
-    record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop), stop)
+    record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop, run_id=run_id), stop)
     log_summary(record)
     return record

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +25,7 @@ import yaml
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
-from clipforge.orchestrate.lease import StageLease
+from clipforge.orchestrate.lease import StageLease, stop_this_process
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import output_fingerprint, read_manifest
 from clipforge.tables import text_table
@@ -245,12 +243,6 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     # One run at a time writes this output: another run's stage waits here, then finds it done.
     with StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process):
         return _reuse_or_execute(stage, resolved, record, execute, notes)
-
-
-def stop_this_process() -> None:
-    """SIGTERM to the runner itself: the local runner passes it to the stage, which saves its progress and
-    stops; the run is then recorded as stopped there."""
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,

@@ -22,6 +22,7 @@ import torch
 from clipforge.config.adapter import AdapterConfig
 from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
+from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
 from clipforge.stages.adapter_trainer import METRIC_NAMES, AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
@@ -41,8 +42,14 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
     """Make `config.out` hold the adapter for `config` and the two caches: train, resume, or confirm it.
 
     Bad input raises `UserError` before anything is written under `out`; after a
-    crash or SIGTERM, calling again resumes from the newest complete checkpoint.
+    crash or SIGTERM, calling again resumes from the newest complete checkpoint. Another run into the
+    same `out` is waited for (it holds the lease), then found done.
     """
+    with command_lease(config.out, COMMAND):
+        return _train_adapter(config)
+
+
+def _train_adapter(config: AdapterConfig) -> TrainResult:
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
     manifest = read_manifest(config.out)

@@ -32,6 +32,7 @@ from clipforge.data.image_folder import collection_root, image_problem, image_ur
 from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
+from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
@@ -102,7 +103,13 @@ def stage_inputs(spec: EncoderSpec, found: dict) -> dict:
 
 
 def run_cache(cfg: CacheConfig) -> dict:
-    """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest."""
+    """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest. Another run writing
+    the same output is waited for (it holds the lease), then found done."""
+    with command_lease(cfg.output, "cache"):
+        return _run_cache(cfg)
+
+
+def _run_cache(cfg: CacheConfig) -> dict:
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = stage_inputs(spec, found)

@@ -27,6 +27,7 @@ import torch
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
 from clipforge.models.encoders import check_model_known, weights_identity
+from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.finetune_data import check_apart, data_inputs, dataset_index, prepared_csvs, read_rows
 from clipforge.stages.finetune_runs import (
     CARD_NAME,
@@ -58,7 +59,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     new_run = config.timestamped and not config.resume
     config = resolve_run(config)
     try:
-        return _finetune_in(config)
+        with command_lease(config.out, COMMAND):  # the run folder: two `--resume latest` do not train together
+            return _finetune_in(config)
     except UserError:
         if new_run and newest_manifest(config.out) is None:
             # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
