@@ -58,6 +58,25 @@ def test_s3_folder_and_csv_sources(shapes, tiny_models, ray_session, s3_bucket, 
     np.testing.assert_allclose(subset.embeddings[0], rows["circle/0000.png"], atol=1e-6)
 
 
+def test_a_partial_cache_of_other_weights_is_not_taken_as_this_one(shapes, tiny_models, tmp_path):
+    """A run killed before its manifest, then the weights file replaced under the same name: its shards
+    are not resumed as if they were this model's (they were, and the cache mixed two models)."""
+    import shutil
+
+    from clipforge.data.synthetic import write_tiny_model
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(tiny_models["source"][1], weights)
+    cfg = config(tiny_models, shapes, tmp_path / "out").model_copy(update={"pretrained": str(weights)})
+    run_cache(cfg)
+    (tmp_path / "out" / "_manifest.json").unlink()  # what a run killed before its commit leaves
+    _, other = write_tiny_model(tmp_path / "other", "tiny-source", 512, seed=5)
+    shutil.copy(other, weights)
+    with pytest.raises(UserError, match="shard files of another config, index, weights file or image set"):
+        run_cache(cfg)
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
 def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -50,3 +50,16 @@ def test_the_demo_spec_runs_and_then_is_up_to_date(tiny_clip, tmp_path, monkeypa
     again = run_spec(str(spec), quick, run_id="second")
     assert again.stage("finetune")["status"] in ("up-to-date", "reused")
     assert tmp_path / again.stage("finetune")["output"] == out
+
+    # An image replaced under its own name (the spec names the dataset by its index.csv): a new model, whose
+    # manifest says so to the stages that use it (a folder index by it is then not reused either).
+    from PIL import Image
+
+    first_image = (tmp_path / "demo" / "captioned" / "index.csv").read_text().splitlines()[1].split(",")[0]
+    Image.new("RGB", (64, 64), "orange").save(tmp_path / "demo" / "captioned" / first_image)
+    third = run_spec(str(spec), quick, run_id="third")
+    assert third.stage("finetune")["status"] == "done"
+    retrained = tmp_path / third.stage("finetune")["output"]
+    assert retrained != out
+    inputs = [json.loads((o / "_manifest.json").read_text())["inputs"] for o in (out, retrained)]
+    assert inputs[0]["images"] != inputs[1]["images"]

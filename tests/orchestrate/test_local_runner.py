@@ -287,29 +287,40 @@ def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resum
 
 def test_a_folder_source_that_changed_is_not_reused(demo_root, in_demo, tmp_path):
     """The stage key counts a folder's images: one added makes a new cache; a caption edit (not an image)
-    keeps the old one."""
+    keeps the old one. A source named by its CSV counts the images of the CSV's folder: one replaced under
+    its own name makes a new cache too."""
     from PIL import Image
 
     folder = tmp_path / "photos"
     shutil.copytree(demo_root / "demo" / "captioned", folder)
     spec = tmp_path / "folder.yaml"
+    model = "model: tiny-clip, model_config: demo/models/tiny-clip.json, pretrained: demo/models/tiny-clip.pt"
     spec.write_text(f"""
 artifacts: {tmp_path}/artifacts
 stages:
   - name: photos
     kind: cache
-    with: {{source: {folder}, model: tiny-clip, model_config: demo/models/tiny-clip.json,
-            pretrained: demo/models/tiny-clip.pt, batch_size: 64, device: cpu}}
+    with: {{source: {folder}, {model}, batch_size: 64, device: cpu}}
+  - name: listed
+    kind: cache
+    with: {{source: {folder}/index.csv, {model}, batch_size: 64, device: cpu}}
 """)
     first = run_spec(str(spec), [], run_id="one")
     rows = read_manifest(first.data["stages"]["photos"]["output"])["rows"]
+    listed = pd.read_csv(folder / "index.csv")
     with (folder / "index.csv").open("a") as index:
         index.write("extra.png,a note that is not an image\n")
-    assert statuses(run_spec(str(spec), [], run_id="two")) == {"photos": "reused"}
+    assert statuses(run_spec(str(spec), [], run_id="two"))["photos"] == "reused"
     Image.new("RGB", (32, 32), "purple").save(folder / "extra.png")
     third = run_spec(str(spec), [], run_id="three")
-    assert statuses(third) == {"photos": "done"}
+    assert statuses(third) == {"photos": "done", "listed": "done"}
     assert read_manifest(third.data["stages"]["photos"]["output"])["rows"] == rows + 1
+    assert statuses(run_spec(str(spec), [], run_id="four")) == {"photos": "reused", "listed": "reused"}
+    replaced = folder / listed["filepath"][0]
+    Image.new("RGB", (40, 40), "orange").save(replaced)
+    fifth = run_spec(str(spec), [], run_id="five")
+    assert statuses(fifth) == {"photos": "done", "listed": "done"}
+    assert fifth.data["stages"]["listed"]["output"] != third.data["stages"]["listed"]["output"]
 
 
 def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(demo_root, tmp_path):

@@ -8,9 +8,7 @@ encoder's size happens on the encoder's device.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import unicodedata
 from collections.abc import Callable
@@ -41,7 +39,9 @@ def is_image_collection(source: str) -> bool:
 
 def collection_root(source: str) -> str:
     """Relative paths resolve against the folder, or against the CSV's folder."""
-    return source.rsplit("/", 1)[0] if source.lower().endswith(".csv") else source
+    if not source.lower().endswith(".csv"):
+        return source
+    return source.rsplit("/", 1)[0] if "/" in source else "."
 
 
 def list_collection(source: str) -> tuple[RowIndex, dict]:
@@ -51,16 +51,17 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
         frame = frame.drop_duplicates("filepath").sort_values("filepath")
         splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
         ids = frame["filepath"].to_numpy(dtype=object)
-        fingerprint = storage.fingerprint(source)
+        # The CSV names the images; their folder's listing says whether one was replaced since.
+        fingerprint = {**storage.fingerprint(source),
+                       "images": storage.tree_fingerprint(collection_root(source), is_listed_image)}
     else:
         tree = storage.list_tree(source)
         if not tree and not storage.exists(source):
             raise UserError(f"source {source} not found")
-        files = {path: size for path, size in tree.items() if is_listed_image(path)}
-        ids = np.array(sorted(files), dtype=object)
+        ids = np.array(sorted(path for path in tree if is_listed_image(path)), dtype=object)
         splits = [None] * len(ids)
-        listing = json.dumps(sorted(files.items())).encode()
-        fingerprint = {"uri": source, "images": len(files), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
+        # Path, size and mtime (ETag on S3): an image replaced by one of the same size is seen too.
+        fingerprint = {"uri": source, **(storage.tree_fingerprint(source, is_listed_image) or {})}
     if len(ids) == 0:
         raise UserError(f"source {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return RowIndex(ids=ids, splits=splits), fingerprint

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
+from clipforge.data.image_folder import collection_root
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease, stop_this_process
@@ -70,6 +71,16 @@ def file_identity(value: Any) -> dict | None:
     return None
 
 
+def listed_folder(value: str, names_file: bool) -> str | None:
+    """The folder whose listing a folder setting counts: the folder itself, or the folder of a CSV that
+    names its files (`source: photos/index.csv`: a replaced photo must not reuse the old output). A value
+    naming any other file (an HDF5 source) has none, and no LIST is sent, which a bucket that grants reads
+    but not LIST would refuse."""
+    if not names_file:
+        return value
+    return collection_root(value) if value.lower().endswith(".csv") else None
+
+
 def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None]):
     """(URI, identity) of one input: a needed stage's output (None if it produced nothing), or a literal URI."""
     if value in stage.needs:
@@ -101,12 +112,14 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     # identity too, so a changed file under the same name is never mistaken for the old one.
     files = {key: file_identity(value) for key, value in sorted(values.items()) if key not in kind.inputs}
     identity["files"] = {key: found for key, found in files.items() if found is not None}
-    # A value that names a file (an HDF5 source) is no folder: no listing asked for, which a bucket that
-    # grants reads but not LIST would refuse.
-    folders = {key: storage.tree_fingerprint(values[key], keep) for key, keep in kind.folders.items()
-               if isinstance(values.get(key), str) and key not in identity["files"]}
-    if any(folders.values()):  # only then: the keys of stages that read no folder stay what they were
-        identity["folders"] = {key: found for key, found in folders.items() if found is not None}
+    folders = {}
+    for key, keep in kind.folders.items():
+        folder = listed_folder(values[key], key in identity["files"]) if isinstance(values.get(key), str) else None
+        found = storage.tree_fingerprint(folder, keep) if folder else None
+        if found is not None:
+            folders[key] = found
+    if folders:  # only then: the keys of stages that read no folder stay what they were
+        identity["folders"] = folders
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
         values["num_processes"] = stage.resources.gpus  # one training process per GPU of a node
     config = kind.config.model_validate({**values, kind.output_key: "unresolved"})

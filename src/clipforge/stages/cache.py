@@ -35,7 +35,7 @@ from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, write_manifest
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
@@ -52,13 +52,14 @@ class Shard:
     splits: list[str | None]
 
 
-def plan_shards(index: RowIndex, batch_size: int, config_fingerprint: str) -> list[Shard]:
-    """Cut sorted ids into shards; a shard's name depends on its ids and the config, never on timing."""
+def plan_shards(index: RowIndex, batch_size: int, identity: str) -> list[Shard]:
+    """Cut sorted ids into shards; a shard's name depends on its ids, the config and the inputs' identity,
+    never on timing."""
     shards = []
     for number, start in enumerate(range(0, len(index), batch_size)):
         ids = index.ids[start : start + batch_size]
-        digest = hashlib.sha256(config_fingerprint.encode() + "\n".join(map(str, ids)).encode()).hexdigest()[:12]
-        shards.append(Shard(number, f"{SHARD_PREFIX}{number:05d}-{digest}.parquet", ids,
+        tag = hashlib.sha256(identity.encode() + "\n".join(map(str, ids)).encode()).hexdigest()[:12]
+        shards.append(Shard(number, f"{SHARD_PREFIX}{number:05d}-{tag}.parquet", ids,
                             index.splits[start : start + batch_size]))
     return shards
 
@@ -125,7 +126,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index)
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
-    shards = plan_shards(index, cfg.batch_size, fingerprint)
+    # Shards of other weights or images (a run that failed, the file replaced, then resumed) are not this
+    # cache's: their names differ, so they are encoded again rather than mixed in.
+    shards = plan_shards(index, cfg.batch_size, digest({"config": fingerprint, "inputs": inputs}))
     todo = pending_shards(cfg.output, shards)
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files of {cfg.source}"
     engine = choose_engine(cfg)
@@ -205,8 +208,8 @@ def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
     planned = {s.name for s in shards}
     foreign = sorted(present - planned)
     if foreign:
-        raise UserError(f"output {output} holds {len(foreign)} shard files of another config or index "
-                        f"(e.g. {foreign[0]}); choose a new --output or remove them")
+        raise UserError(f"output {output} holds {len(foreign)} shard files of another config, index, weights file "
+                        f"or image set (e.g. {foreign[0]}); choose a new --output or remove them")
     committed = [s for s in shards if s.name in present]
     with ThreadPoolExecutor(8) as pool:
         problems = list(pool.map(lambda shard: shard_problem(output, shard), committed))

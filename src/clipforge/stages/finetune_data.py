@@ -42,7 +42,7 @@ from clipforge.data.captions import (
     read_captions,
     write_captions,
 )
-from clipforge.data.image_folder import image_uri
+from clipforge.data.image_folder import collection_root, image_uri, is_listed_image
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -131,7 +131,11 @@ def dataset_index(dataset: str) -> str:
 def data_inputs(config: FinetuneConfig) -> dict:
     """What identifies the training data: the fingerprints of the CSVs the run reads (or of the dataset's index)."""
     if config.dataset:
-        return {"dataset": storage.fingerprint(dataset_index(config.dataset))}
+        index = dataset_index(config.dataset)
+        # The CSV names the images; their folder's listing says whether one was replaced since, which
+        # makes another model (and a new fingerprint for the stages that use it).
+        return {"dataset": storage.fingerprint(index),
+                "images": storage.tree_fingerprint(collection_root(index), is_listed_image)}
     for role in ("train_data", "val_data"):
         _require_csv(getattr(config, role), role)
     return {role: storage.fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
