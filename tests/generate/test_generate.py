@@ -156,6 +156,29 @@ def run_cli(argv, capsys):
     return code, capsys.readouterr().err.strip()
 
 
+def test_a_rerun_into_one_out_reuses_only_images_of_the_same_settings(generation_inputs, unclip, tmp_path, capsys):
+    """Images already in `out` are reused only when the same settings made them: a larger limit generates
+    the rest; other steps, or an adapter instead of zero-padding, are refused (the manifest would describe
+    images made otherwise). `out` is never the embeddings cache itself."""
+    out = tmp_path / "g"
+    generate(generation_inputs, unclip, out, limit=2)
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    grown = generate(generation_inputs, unclip, out, limit=4)
+    assert grown["rows"] == 4 and grown["metrics"]["generated_now"] == 2
+    assert all((out / "images" / name).stat().st_mtime_ns == ns for name, ns in first.items())
+    smaller = generate(generation_inputs, unclip, out, limit=3)
+    assert smaller["rows"] == 3 and len(pd.read_parquet(out / "generated.parquet")) == 3
+    base = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--device", "cpu",
+            "--batch-size", "3"]
+    for extra in (["--steps", "3", "--limit", "4"], ["--steps", "2", "--adapter", generation_inputs["adapter"]]):
+        code, err = run_cli([*base, *extra, "--out", str(out)], capsys)
+        assert code == 2 and "holds images made with other settings" in err and len(err.splitlines()) == 1, err
+    assert read_manifest(str(out))["rows"] == 3
+    code, err = run_cli([*base, "--steps", "1", "--out", generation_inputs["source"]], capsys)
+    assert code == 2 and "is the embeddings" in err and len(err.splitlines()) == 1, err
+    assert read_manifest(generation_inputs["source"])["kind"] == "cache"
+
+
 def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp_path, capsys):
     base = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--steps", "1",
             "--device", "cpu"]

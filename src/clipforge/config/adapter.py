@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from clipforge.config.base import StageConfig
+from clipforge.config.base import StageConfig, check_out_apart
 
 
 class AdapterConfig(StageConfig):
@@ -72,11 +72,7 @@ def check_two_caches(config, what: str) -> None:
     """`clip_cache` and `target_cache` are two caches and `out` is in neither: files under a cache's
     prefix would become part of it (`pyarrow.dataset(CACHE)` would fail on them). For the stages that read
     both caches (train-adapter, evaluate)."""
-    out = config.out.rstrip("/")
     for role in ("clip_cache", "target_cache"):
-        cache = getattr(config, role).rstrip("/")
-        if f"{out}/".startswith(f"{cache}/"):
-            where = "the" if out == cache else "inside the"
-            raise ValueError(f"out {config.out} is {where} {role} {cache}: give {what} a prefix of its own")
+        check_out_apart(config.out, role, getattr(config, role), what)
     if config.clip_cache.rstrip("/") == config.target_cache.rstrip("/"):
         raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")

@@ -36,6 +36,17 @@ class StageConfig(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_out_apart(out: str, role: str, prefix: str | None, what: str) -> None:
+    """`out` is neither the input `prefix` nor inside it: files under a cache's prefix would become part of
+    it (`pyarrow.dataset(CACHE)` would read them), and a manifest there would replace the input's."""
+    if not prefix:
+        return
+    out, prefix = out.rstrip("/"), prefix.rstrip("/")
+    if f"{out}/".startswith(f"{prefix}/"):
+        where = "the" if out == prefix else "inside the"
+        raise ValueError(f"out {out} is {where} {role} {prefix}: give {what} a prefix of its own")
+
+
 def validation_message(error: ValidationError, prefix: str = "") -> str:
     """All problems of one validation, each naming its key, in one line."""
     problems = []

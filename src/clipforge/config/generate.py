@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from clipforge.config.base import StageConfig
+from clipforge.config.base import StageConfig, check_out_apart
 
 
 class GenerateConfig(StageConfig):
@@ -41,4 +41,10 @@ class GenerateConfig(StageConfig):
     def _one_conditioning(self):
         if self.adapter and self.zero_pad:
             raise ValueError("give adapter or zero_pad, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _out_apart_from_the_inputs(self):
+        check_out_apart(self.out, "embeddings", self.embeddings, "the images")
+        check_out_apart(self.out, "adapter", self.adapter, "the images")
         return self

@@ -30,7 +30,7 @@ from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, write_manifest
+from clipforge.storage.manifest import digest, is_up_to_date, output_fingerprint, read_manifest, write_manifest
 
 log = logging.getLogger("clipforge.generate")
 EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
@@ -160,9 +160,25 @@ class Conditioning:
         return x
 
 
-def committed_ids(out: str) -> tuple[set, list[pd.DataFrame]]:
+def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
+    """What decides an id's image besides the id: the settings, inputs and precision. Not the split, limit
+    or batch size, which only choose and group the ids: a larger `limit` reuses the images there are."""
+    chosen = cfg.model_dump(mode="json", include={"steps", "guidance", "noise_level", "embed_norm", "seed"})
+    return digest({"settings": chosen, "inputs": inputs, "precision": precision})
+
+
+def committed_ids(out: str, settings: str) -> tuple[set, list[pd.DataFrame]]:
+    """The ids whose images a batch committed, and those batches' rows. Images made with other settings
+    (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these: they
+    would be scored as what the manifest then says."""
     parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "batches", name))))
              for name in storage.list_names(storage.join(out, "batches")) if name.endswith(".parquet")]
+    for part in parts:
+        # Batches written before rows recorded their settings carry none; those came from this stage's own
+        # earlier attempt (a pipeline's key names its output).
+        if "settings" in part and (part["settings"] != settings).any():
+            raise UserError(f"out {out} holds images made with other settings, adapter or embeddings (steps, "
+                            "guidance, noise_level, embed_norm, seed or precision): choose a new --out or remove it")
     return {str(i) for part in parts for i in part["id"]}, parts
 
 
@@ -172,7 +188,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
               "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
-    if is_up_to_date(read_manifest(cfg.out), cfg.fingerprint(), inputs):
+    manifest = read_manifest(cfg.out)
+    if manifest is not None and manifest.get("kind") != "generate":
+        raise UserError(f"out {cfg.out} holds a {manifest.get('kind')!r} output, not generated images: give the "
+                        "images a prefix of their own")
+    if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return read_manifest(cfg.out)
     ids, embeddings, cache_dim = select_rows(cfg)
@@ -181,7 +201,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     pipe = load_unclip(cfg, device, precision)
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
     conditioning = Conditioning(cfg, cache_dim, pipeline_dim)
-    done, parts = committed_ids(cfg.out)
+    settings = image_settings(cfg, inputs, precision)
+    done, parts = committed_ids(cfg.out, settings)
     todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
     log.info("%d ids of split %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
              len(ids), cfg.split, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
@@ -189,10 +210,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
     started = time.monotonic()
     for start in range(0, len(todo), cfg.batch_size):
         rows = todo[start : start + cfg.batch_size]
-        parts.append(generate_batch(cfg, pipe, conditioning, ids[rows], embeddings[rows], device))
+        parts.append(generate_batch(cfg, pipe, conditioning, ids[rows], embeddings[rows], device, settings))
         progress.update(len(rows))
     seconds_now = time.monotonic() - started
     table = pd.concat(parts, ignore_index=True).sort_values("id", ignore_index=True)
+    table = table[table["id"].astype(str).isin({str(i) for i in ids})].reset_index(drop=True)  # a smaller limit
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, "generated.parquet"), buffer.getvalue())
@@ -209,7 +231,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
                           conditioning=conditioning.source, metrics=metrics)
 
 
-def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, device) -> pd.DataFrame:
+def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, device, settings: str) -> pd.DataFrame:
     """One pipeline call for a batch; its PNGs, then its row file (the batch's commit), which records each
     image's share of the call's time."""
     started = time.monotonic()
@@ -228,7 +250,7 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
         paths.append(path)
     seconds = (time.monotonic() - started) / len(ids)
     frame = pd.DataFrame({"id": ids, "path": paths, "seed": seeds, "conditioning": conditioning.source,
-                          "adapter": conditioning.fingerprint, "seconds": seconds})
+                          "adapter": conditioning.fingerprint, "seconds": seconds, "settings": settings})
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     first = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
