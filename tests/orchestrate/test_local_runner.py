@@ -323,6 +323,26 @@ stages:
     assert fifth.data["stages"]["listed"]["output"] != third.data["stages"]["listed"]["output"]
 
 
+def test_a_pinned_output_is_checked_by_the_stage_not_taken_as_done(demo_root, in_demo, tmp_path):
+    """`output:` pins a stage's output outside the content-addressed keys, so a manifest there says nothing
+    about this config: the stage runs and finds it up to date, or refuses another config's output."""
+    spec = tmp_path / "pinned.yaml"
+    spec.write_text(f"""
+artifacts: {tmp_path}/artifacts
+stages:
+  - name: photos
+    kind: cache
+    output: {tmp_path}/pinned
+    with: {{source: demo/captioned, model: tiny-clip, model_config: demo/models/tiny-clip.json,
+            pretrained: demo/models/tiny-clip.pt, batch_size: 64, device: cpu}}
+""")
+    assert statuses(run_spec(str(spec), [], run_id="one")) == {"photos": "done"}
+    assert statuses(run_spec(str(spec), [], run_id="two")) == {"photos": "up-to-date"}
+    changed = run_spec(str(spec), ["stages.photos.with.batch_size=8"], run_id="three")
+    assert statuses(changed) == {"photos": "failed"}
+    assert "already holds a cache of another config" in changed.stage("photos")["message"]
+
+
 def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(demo_root, tmp_path):
     """A stage that does not train stops on SIGTERM too (exit 75, its shards kept): the run is stopped there,
     not continued past a stage marked `on_failure: continue` as if it had failed."""

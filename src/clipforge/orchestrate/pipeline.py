@@ -28,7 +28,7 @@ from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease, stop_this_process
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import output_fingerprint, read_manifest
+from clipforge.storage.manifest import digest, output_fingerprint, read_manifest
 from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
@@ -262,7 +262,12 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       notes: list[str]):
     name = stage.name
     manifest = read_manifest(resolved.output)
-    if manifest is not None:
+    # A pinned `output:` is not named by the key: only the stage itself can tell whether what is there was
+    # made with these settings (it reports up to date in seconds, or retrains, or refuses another config).
+    if manifest is not None and stage.output:
+        log.info("[%s] %s is pinned and holds an output: the stage checks that it is this config's", name,
+                 resolved.output)
+    elif manifest is not None:
         previous = record.stage(name) or {}
         status = "up-to-date" if previous.get("key") == resolved.key else "reused"
         log.info("[%s] %s: %s", name, status, resolved.output)
@@ -277,10 +282,11 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
     code = execute(resolved)
     seconds = round(time.monotonic() - started, 1)
-    manifest = read_manifest(resolved.output)
+    before, manifest = manifest, read_manifest(resolved.output)
     if code == 0 and manifest is not None:
-        record.record(name, status="done", finished=_now(), seconds=seconds, metrics=headline(manifest))
-        return "done", resolved.output
+        status = "up-to-date" if before is not None and digest(before) == digest(manifest) else "done"
+        record.record(name, status=status, finished=_now(), seconds=seconds, metrics=headline(manifest))
+        return status, resolved.output
     if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
         # Stopped, not failed: the stage kept its progress (shards, a checkpoint), and going on without it
         # (on_failure: continue) would throw that away.
