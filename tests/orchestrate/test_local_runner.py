@@ -240,10 +240,11 @@ def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
     assert "[adapter] run race-a (on " in caplog.text and "waiting for it" in caplog.text
 
 
-def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str) -> tuple[list[str], str, dict]:
-    """`clipforge run` of `stages` (the demo's, edited) in a subprocess, SIGTERM once `started` (a glob under
-    demo/artifacts) matches; returns (its argv, its output, its run.json) after asserting exit 75 and no
-    traceback."""
+def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str,
+                  signum: int = signal.SIGTERM) -> tuple[list[str], str, dict]:
+    """`clipforge run` of `stages` (the demo's, edited) in a subprocess, SIGTERM (or `signum`) to the runner
+    alone once `started` (a glob under demo/artifacts) matches; returns (its argv, its output, its run.json)
+    after asserting exit 75 (130 for SIGINT) and no traceback."""
     import yaml
 
     shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
@@ -254,9 +255,9 @@ def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str) -> tupl
     while not list((tmp_path / "demo" / "artifacts").glob(started)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75 and "Traceback" not in log, log
+    assert proc.returncode == (130 if signum == signal.SIGINT else 75) and "Traceback" not in log, log
     return argv, log, json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
 
 
@@ -283,6 +284,19 @@ def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resum
     assert "resuming from" in done.stderr
     run_json = json.loads((tmp_path / "demo/artifacts/runs/cancelled/run.json").read_text())
     assert run_json["stages"]["finetune"]["status"] == "done"
+
+
+def test_ctrl_c_to_the_runner_alone_stops_the_stage_and_the_run(demo_root, tmp_path):
+    """`kill -INT RUNNER` (or Ctrl-C where the stage is not in the terminal's process group): the stage is
+    told too, saves its progress and stops, and the stages after it do not start."""
+    stages = [stage for stage in demo_stages() if stage["name"] in ("finetune", "folder-index")]
+    stages[0]["with"].update(epochs=40, workers=2)
+    _, log, run_json = sigterm_a_run(demo_root, tmp_path, stages, "finetune/*/checkpoints/step-*/_manifest.json",
+                                     signum=signal.SIGINT)
+    assert "Ctrl-C: waiting for the stage" in log
+    assert {name: stage["status"] for name, stage in run_json["stages"].items()} == {
+        "finetune": "interrupted", "folder-index": "skipped"}
+    assert run_state(run_json) == "stopped at finetune"
 
 
 def test_a_folder_source_that_changed_is_not_reused(demo_root, in_demo, tmp_path):

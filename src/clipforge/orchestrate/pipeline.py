@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -178,7 +179,7 @@ class RunRecord:
         existing = storage.read_json(self.uri) if storage.exists(self.uri) else None
         self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
         self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
-        self.stopped = False  # by SIGTERM, after a stage that finished anyway
+        self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
         return self.data["stages"].get(name)
@@ -196,8 +197,21 @@ def _now() -> str:
 Executor = Callable[[ResolvedStage], int]
 
 
+class StopRequest(threading.Event):
+    """Set when the runner is told to stop; `code` is what the run then exits with: 75 after SIGTERM,
+    130 after Ctrl-C (SIGINT)."""
+
+    code = EXIT_PREEMPTED
+    why = "SIGTERM"
+
+    def request(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            self.code, self.why = EXIT_INTERRUPTED, "Ctrl-C"
+        self.set()
+
+
 def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
-                 stop: threading.Event | None = None) -> RunRecord:
+                 stop: StopRequest | None = None) -> RunRecord:
     """Run every stage in order with `execute` (returns the stage command's exit code); once `stop` is set
     (the runner got SIGTERM), the stages left are skipped."""
     record = RunRecord(spec, run_id)
@@ -210,7 +224,7 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     for stage in order_stages(spec):
         name = stage.name
         if stop is not None and stop.is_set() and not stopped:
-            stopped, record.stopped = "the run was stopped (SIGTERM)", True
+            stopped, record.stopped = f"the run was stopped ({stop.why})", stop.code
         lost = [n for n in stage.needs if n in continued]
         blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
         # An evaluation goes on without an adapter or generated images (the zero-padding baseline), not
@@ -374,7 +388,7 @@ def exit_code(record: RunRecord) -> int:
     stages = record.data["stages"].values()
     if any(s.get("status") == "failed" for s in stages):
         return 1
-    stopped = EXIT_PREEMPTED if record.stopped else 0
+    stopped = record.stopped
     return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), stopped)
 
 
