@@ -108,6 +108,37 @@ def test_a_second_run_into_one_out_waits_for_the_first_then_finds_it_done(caches
     assert not (out / lease.LEASE_NAME).exists()
 
 
+def test_evaluate_scores_the_split_asked_for_and_only_caches_of_the_adapters_encoders(caches, tmp_path, capsys):
+    """`--split train` scores the training rows (it scored the test rows and called them train), and a cache
+    of another encoder of the same width is refused (every shape check passed, the scores were meaningless)."""
+    from clipforge.config.evaluate import EvaluateConfig
+    from clipforge.stages.evaluate import run_evaluate
+
+    src, tgt = caches
+    train_adapter(config(src, tgt, tmp_path / "adapter", epochs=1))
+    adapter = str(tmp_path / "adapter")
+    rows = {split: run_evaluate(EvaluateConfig(clip_cache=src, target_cache=tgt, adapter=adapter, split=split,
+                                               out=str(tmp_path / f"eval-{split}")))["metrics"]["test_rows"]
+            for split in ("test", "train")}
+    assert rows == {"test": 100, "train": 500}
+    table = read_embeddings_for_copy(src)
+    other = write_cache(str(tmp_path / "other"), list(table.ids), list(table.splits), table.embeddings,
+                        {"name": "another-512", "dim": table.dim})
+    base = ["evaluate", "--target-cache", tgt, "--adapter", adapter, "--out", str(tmp_path / "e")]
+    assert main([*base, "--clip-cache", other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"adapter {adapter} was trained on ViT-B-32-tiny (None) embeddings, but {other} holds another-512" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="split"):
+        EvaluateConfig(clip_cache=src, target_cache=tgt, out=str(tmp_path / "e"), split="val")
+
+
+def read_embeddings_for_copy(prefix):
+    from clipforge.data.embeddings import read_embeddings
+
+    return read_embeddings(prefix)
+
+
 def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):
     src, tgt = caches
     out = tmp_path / "out"

@@ -38,19 +38,21 @@ def generation_inputs(tmp_path_factory, tiny_models):
     images = write_nsd_hdf5(root / "stimuli.hdf5", N, seed=5, size=64)
     ids = np.arange(N)
     splits = ["test" if i % 2 == 0 else "train" for i in ids]
-    caches = {}
+    caches, models = {}, {}
     for role in ("source", "target"):
         cfg_path, weights = tiny_models[role]
         spec = EncoderSpec(model=f"tiny-{role}", pretrained=str(weights), model_config=str(cfg_path))
         model, pp = load_clip(spec)
         embeddings = encode_images(model, BatchPreprocess(pp), images, batch_size=8)
         config = {"source": str(root / "stimuli.hdf5"), "dataset": "imgBrick", "model_config": str(cfg_path)}
-        caches[role] = write_cache(root / f"{role}-cache", ids, splits, embeddings, describe(spec, model, pp), config)
+        models[role] = describe(spec, model, pp)
+        caches[role] = write_cache(root / f"{role}-cache", ids, splits, embeddings, models[role], config)
     torch.manual_seed(0)
     spec = AdapterSpec(arch="linear", in_dim=512, out_dim=1024)
     adapter = root / "adapter"
     storage.write_bytes(str(adapter / WEIGHTS_NAME), adapter_bytes(build_adapter(spec), spec))
-    storage.write_json(str(adapter / CARD_NAME), {"config": {"seed": 0}})
+    storage.write_json(str(adapter / CARD_NAME), {"config": {"seed": 0}, "source_model": models["source"],
+                                                  "target_model": models["target"]})
     write_manifest(str(adapter), kind="adapter", config={}, config_fingerprint="t", inputs={})
     return {"root": root, "images": images, "source": caches["source"], "target": caches["target"],
             "adapter": str(adapter)}

@@ -189,12 +189,16 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     small = write_cache(tmp_path / "small", [1], ["test"], np.ones((1, 16), np.float32), {"name": "y", "dim": 16})
+    foreign = write_cache(tmp_path / "other-encoder", [1], ["test"], np.ones((1, 512), np.float32),
+                        {"name": "another-512", "dim": 512})
     cases = [
         (["--split", "val"], "has no rows in split 'val'"),
         (["--embeddings", nan_cache], "NaN or inf embeddings for ids 2"),
         (["--pipeline", str(other)], "is a StableDiffusionPipeline; expected a StableUnCLIPImg2ImgPipeline"),
         (["--embeddings", small, "--adapter", generation_inputs["adapter"]],
          "takes 512-D embeddings, but " + small + " holds 16-D ones"),
+        (["--embeddings", foreign, "--adapter", generation_inputs["adapter"]],
+         f"embeddings, but {foreign} holds another-512 (None) ones, another space"),
         (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
         (["--pipeline", str(tmp_path / "no-such-folder")], f"pipeline {tmp_path / 'no-such-folder'} not found"),
     ]

@@ -22,7 +22,8 @@ class EvaluateConfig(StageConfig):
     sheet_rows: int = Field(8, ge=1, description="test ids (a seeded choice) on the contact sheet")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the target encoder scores generated images; auto prefers CUDA")
-    split: str = Field("test", description="which split to evaluate")
+    split: Literal["test", "train"] = Field("test", description="which split's rows to score: the held-out test "
+                                            "rows, or the training rows (how well the adapter fits them)")
     seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column")
     test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
 

@@ -146,3 +146,21 @@ def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
         "weights": spec.weights_fingerprint(),
     }
 
+
+def same_encoder(a: dict, b: dict) -> bool:
+    """Whether two model descriptions (cache metadata) can be one encoder: the same name, and the same
+    weights where both say it the same way (two tags that differ, or two weights files of different sizes,
+    are two encoders). Two encoders of one width embed into unrelated spaces."""
+    if a.get("name") != b.get("name"):
+        return False
+    weights_a, weights_b = a.get("weights"), b.get("weights")
+    if weights_a is None and weights_b is None:
+        return a.get("pretrained") == b.get("pretrained")
+    if weights_a is not None and weights_b is not None:
+        return weights_a.get("size") == weights_b.get("size")
+    return True
+
+
+def encoder_name(model: dict) -> str:
+    return f"{model.get('name')} ({model.get('pretrained')})"
+

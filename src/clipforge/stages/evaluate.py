@@ -10,6 +10,7 @@ on the ids every set shares) and writes `contact_sheet.png` and `images.png`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -19,16 +20,24 @@ from clipforge.config.adapter import AdapterConfig
 from clipforge.config.evaluate import EvaluateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
-from clipforge.models.adapter import CARD_NAME, load_adapter
+from clipforge.models.adapter import CARD_NAME, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
-from clipforge.stages.adapter_data import cache_fingerprint, read_pairs
+from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
 from clipforge.stages.evaluate_images import contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, write_manifest
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.evaluate")
+
+
+def scored_rows(pairs: PairedEmbeddings, split: str) -> PairedEmbeddings:
+    """The pairs with the rows of `split` as the ones scored (the test rows, unless split is "train")."""
+    if split == "test":
+        return pairs
+    return dataclasses.replace(pairs, test_ids=pairs.train_ids, test_source=pairs.train_source,
+                               test_target=pairs.train_target)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -51,12 +60,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     pairs = read_pairs(AdapterConfig(clip_cache=cfg.clip_cache, target_cache=cfg.target_cache, out=cfg.out,
                                      seed=trained.get("seed", cfg.seed),
                                      test_share=trained.get("test_share", cfg.test_share), min_overlap=0.0))
+    pairs = scored_rows(pairs, cfg.split)
     metrics = {"split": cfg.split, "test_rows": len(pairs.test_ids), "zero_pad": zero_pad_metrics(pairs)}
     if cfg.adapter:
         model = load_adapter(cfg.adapter)
         if model.spec.in_dim != pairs.in_dim or model.spec.out_dim != pairs.out_dim:
             raise UserError(f"adapter {cfg.adapter} maps {model.spec.in_dim}-D -> {model.spec.out_dim}-D, "
                             f"but the caches are {pairs.in_dim}-D -> {pairs.out_dim}-D")
+        check_trained_on(cfg.adapter, "source", cfg.clip_cache, pairs.source_model)
+        check_trained_on(cfg.adapter, "target", cfg.target_cache, pairs.target_model)
         with torch.no_grad():
             adapted = model(torch.from_numpy(pairs.test_source))
         metrics["adapter"] = retrieval_metrics(adapted, torch.from_numpy(pairs.test_target), names=METRIC_NAMES)
@@ -80,7 +92,7 @@ def evaluate_generated(cfg: EvaluateConfig, metrics: dict) -> list[str]:
     target = read_embeddings(cfg.target_cache, "target_cache")
     rows, embedded = score_generated(cfg.generated, target, str(resolve_device(cfg.device)))
     metrics["images"] = rows
-    log.info("generated images, %s split:\n%s", cfg.split, table_text(rows))
+    log.info("generated images (the ids each generate output holds):\n%s", table_text(rows))
     storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
                         contact_sheet(target, rows, embedded, cfg.sheet_rows, cfg.seed))
     storage.write_bytes(storage.join(cfg.out, "images.png"), images_chart(rows))

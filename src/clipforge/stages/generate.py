@@ -25,7 +25,7 @@ import torch
 from clipforge.config.generate import GenerateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
-from clipforge.models.adapter import load_adapter
+from clipforge.models.adapter import check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
@@ -105,7 +105,7 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
 
 
 def select_rows(cfg: GenerateConfig):
-    """(ids, embeddings) to generate for, sorted by id; NaN or inf rows are named."""
+    """(ids, embeddings, their width, the cache's model) to generate for, sorted by id; NaN or inf rows are named."""
     table = read_embeddings(cfg.embeddings, "embeddings")
     keep = np.ones(len(table.ids), dtype=bool)
     if cfg.split and table.has_splits():
@@ -122,13 +122,13 @@ def select_rows(cfg: GenerateConfig):
     if cfg.limit and cfg.limit < len(ids):
         chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), cfg.limit, replace=False))
         ids, embeddings = ids[chosen], embeddings[chosen]
-    return ids, embeddings, table.dim
+    return ids, embeddings, table.dim, table.model
 
 
 class Conditioning:
     """Maps cached embeddings into the pipeline's image-embedding space."""
 
-    def __init__(self, cfg: GenerateConfig, cache_dim: int, pipeline_dim: int):
+    def __init__(self, cfg: GenerateConfig, cache_dim: int, cache_model: dict, pipeline_dim: int):
         self.adapter = None
         self.embed_norm = cfg.embed_norm
         if cfg.adapter:
@@ -137,6 +137,7 @@ class Conditioning:
             if spec.in_dim != cache_dim:
                 raise UserError(f"adapter {cfg.adapter} takes {spec.in_dim}-D embeddings, but {cfg.embeddings} "
                                 f"holds {cache_dim}-D ones")
+            check_trained_on(cfg.adapter, "source", cfg.embeddings, cache_model)
             if spec.out_dim != pipeline_dim:
                 raise UserError(f"adapter {cfg.adapter} gives {spec.out_dim}-D embeddings, but pipeline "
                                 f"{cfg.pipeline} takes {pipeline_dim}-D ones")
@@ -195,12 +196,12 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return read_manifest(cfg.out)
-    ids, embeddings, cache_dim = select_rows(cfg)
+    ids, embeddings, cache_dim, cache_model = select_rows(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     pipe = load_unclip(cfg, device, precision)
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
-    conditioning = Conditioning(cfg, cache_dim, pipeline_dim)
+    conditioning = Conditioning(cfg, cache_dim, cache_model, pipeline_dim)
     settings = image_settings(cfg, inputs, precision)
     done, parts = committed_ids(cfg.out, settings)
     todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
