@@ -92,15 +92,22 @@ def test_header_case_and_spaces_are_forgiven(dataset):
     assert prepare(PrepareConfig(dataset=str(dataset)))["rows"] == 30
 
 
-def test_a_failed_prepare_leaves_no_old_split_and_a_newer_index_is_pointed_out(dataset, caplog):
+def test_a_failed_prepare_changes_nothing_and_a_newer_index_is_pointed_out(dataset, caplog):
+    """A prepare that fails on the index leaves the split there was (it deleted the user's split, val.csv
+    included); augment then says the index is newer than that split."""
     prepare(PrepareConfig(dataset=str(dataset)))
+    augment(AugmentConfig(dataset=str(dataset)))
+    before = {name: (dataset / name).read_bytes() for name in ("train_original.csv", "val.csv", "train.csv")}
     index = dataset / "index.csv"
     index.write_text(index.read_text() + "circle/gone.png,a lost circle\n")
+    os.utime(index, (index.stat().st_atime, index.stat().st_mtime + 5))
     with pytest.raises(UserError, match="gone.png"):
         prepare(PrepareConfig(dataset=str(dataset)))
-    assert not (dataset / "train_original.csv").exists() and not (dataset / "val.csv").exists()
-    with pytest.raises(UserError, match="run `clipforge captions prepare"):
+    assert {name: (dataset / name).read_bytes() for name in before} == before
+    with caplog.at_level("WARNING"):
         augment(AugmentConfig(dataset=str(dataset)))
+    assert "changed after the split was made" in caplog.text
+    caplog.clear()
     prepare(PrepareConfig(dataset=str(dataset), skip_bad=True))
     augment(AugmentConfig(dataset=str(dataset)))
     assert (dataset / "train.csv").exists()

@@ -48,16 +48,11 @@ def index_path(dataset: str) -> str:
 def prepare(cfg: PrepareConfig) -> dict:
     """Check the images, then write the seeded train/val split next to index.csv.
 
-    The old split goes first, and the augmented train.csv made from it: a prepare that fails leaves
-    none that `augment` or a training run would take for the split of the index as it is now, and
-    no train.csv holds images of the new val.csv.
+    A prepare that fails on the index (a bad image, a duplicate) changes nothing: the old split stays
+    as it was. One that succeeds replaces the split and removes the augmented train.csv made from the
+    old one, so no train.csv holds images of the new val.csv.
     """
     frame = read_captions(index_path(cfg.dataset))
-    if storage.exists(storage.join(cfg.dataset, TRAIN)):
-        log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
-                 storage.join(cfg.dataset, TRAIN))
-    for name in (TRAIN_ORIGINAL, VAL, TRAIN):
-        storage.delete(storage.join(cfg.dataset, name))
     uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
     with ThreadPoolExecutor(cfg.workers) as pool:
         problems = list(pool.map(image_problem, uris))
@@ -77,6 +72,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     order = np.random.default_rng(cfg.seed).permutation(len(frame))
     n_val = min(len(frame) - 1, max(1, round(cfg.val_fraction * len(frame))))
     val, train = frame.iloc[np.sort(order[:n_val])], frame.iloc[np.sort(order[n_val:])]
+    if storage.exists(storage.join(cfg.dataset, TRAIN)):
+        log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
+                 storage.join(cfg.dataset, TRAIN))
+        storage.delete(storage.join(cfg.dataset, TRAIN))
     write_captions(storage.join(cfg.dataset, TRAIN_ORIGINAL), train)
     write_captions(storage.join(cfg.dataset, VAL), val)
     summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad)}
