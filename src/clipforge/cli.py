@@ -18,7 +18,15 @@ import sys
 import threading
 
 from clipforge import commands
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, Stopped, UserError
+from clipforge.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    SIGNALS_SEEN,
+    Stopped,
+    UserError,
+    stop_if_signalled,
+)
 
 # `clipforge --help` lists commands in the order a user meets them: pipelines, then each workload's stages.
 HELP_ORDER = ["run", "runs", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate", "caption",
@@ -75,7 +83,20 @@ def s3_failure(exc: Exception) -> str | None:
 
 
 def stop(signum, frame) -> None:
+    SIGNALS_SEEN.add("SIGTERM")
     raise Stopped
+
+
+def interrupt(signum, frame) -> None:
+    SIGNALS_SEEN.add("SIGINT")
+    raise KeyboardInterrupt
+
+
+def quiet_about_stops(unraisable) -> None:
+    """A stop raised inside a destructor is acted on later (`stop_if_signalled`): no "Exception ignored"
+    traceback for it; anything else is reported as Python would."""
+    if not isinstance(unraisable.exc_value, (Stopped, KeyboardInterrupt)):
+        sys.__unraisablehook__(unraisable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a cancelled CI job, a drained node, `kill`) ends any command with the one line and code a
     # rerun expects, not a bare death by signal; trainers and the runner put their own handler over this.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    SIGNALS_SEEN.clear()
+    unraisable_hook, sys.unraisablehook = sys.unraisablehook, quiet_about_stops
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: interrupt} if in_main_thread else {}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        stop_if_signalled()  # a stop that a destructor swallowed is a stop still
+        return code
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -109,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
               "again to go on from there", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = unraisable_hook
         sys.stdout.flush()
 
 

@@ -1,8 +1,10 @@
-"""The one exception type for user mistakes.
+"""The one exception type for user mistakes, and how a command stops on a signal.
 
 The CLI turns a `UserError` into one line on stderr and exit code 2; anything
 else is a bug and keeps its traceback.
 """
+
+import threading
 
 
 class UserError(Exception):
@@ -12,6 +14,23 @@ class UserError(Exception):
 class Stopped(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is, not an error)
     """SIGTERM reached a command that saves nothing on its own: stop where it is. What it committed (shards,
     batches, checkpoints) stays, and the same command run again goes on from there."""
+
+
+# The signals the CLI's handlers saw. A handler's exception raised while a destructor runs (a library's
+# __del__ during a model load) is dropped by Python, and the command would run on to exit 0: long loops and
+# the CLI look here again.
+SIGNALS_SEEN: set[str] = set()
+
+
+def stop_if_signalled() -> None:
+    """Raise again the stop (Stopped, KeyboardInterrupt) of a signal already seen; only in the main thread,
+    where the handlers run and a command can unwind."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if "SIGTERM" in SIGNALS_SEEN:
+        raise Stopped
+    if "SIGINT" in SIGNALS_SEEN:
+        raise KeyboardInterrupt
 
 
 EXIT_USER_ERROR = 2

@@ -6,6 +6,8 @@ import logging
 import time
 from datetime import timedelta
 
+from clipforge.errors import stop_if_signalled
+
 
 def _duration(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
@@ -32,6 +34,7 @@ class Progress:
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
     def update(self, n: int, extra: str = "", force: bool = False) -> None:
+        stop_if_signalled()  # between units of work: a stop that a destructor swallowed is acted on here
         self.done += n
         now = time.monotonic()
         every = self.every if self.every is not None else max(2.0, min(60.0, (now - self.start) / 20))
