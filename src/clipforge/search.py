@@ -25,12 +25,13 @@ from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
-from clipforge.models.encoders import EncoderSpec, load_clip
+from clipforge.models.encoders import EncoderSpec, load_clip, names_weights_file, weights_identity
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.search")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a file name, not an open_clip tag
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,32 @@ class Hit:
 def _check_relative_paths(index: str, recorded: dict[str, str | None]) -> None:
     """A cache records the files its model came from as they were given: relative ones resolve from the
     directory it was built in (a pipeline's working directory), so say that rather than "not found"."""
-    for what, path in recorded.items():
+    for (what, flag), path in recorded.items():
         if path and not path.startswith("s3://") and "/" in path and not Path(path).is_absolute() \
                 and not Path(path).exists():
             raise UserError(f"index {index} was built with {what} {path}, relative to the directory it was built "
-                            f"in; run this from there")
+                            f"in; run this from there, or give {flag} with its path from here")
+
+
+def query_encoder(index: str, built: dict, model: str | None, pretrained: str | None,
+                  model_config: str | None) -> EncoderSpec:
+    """The encoder for queries: the one the index was built with, found where the user says (the same
+    weights file from another directory) or where the index recorded it. Another encoder is refused: its
+    embeddings live in another space."""
+    name, recorded = built.get("name"), built.get("pretrained")
+    same = (model or name) == name
+    if same and pretrained and pretrained != recorded:
+        if not names_weights_file(pretrained) and not pretrained.endswith(WEIGHTS_SUFFIXES):
+            same = False  # another open_clip tag
+        elif not storage.exists(pretrained):
+            raise UserError(f"--pretrained {pretrained} not found")
+        else:  # a copy of the same file, or the same file by another path, has the same size
+            same = (built.get("weights") or {}).get("size") == weights_identity(pretrained).get("size")
+    if not same:
+        raise UserError(f"index {index} was built with model {name} ({recorded}); {model or name} "
+                        f"({pretrained or recorded}) embeds into another space")
+    return EncoderSpec(model=name, pretrained=pretrained or recorded,
+                       model_config=model_config or built.get("model_config"))
 
 
 class Searcher:
@@ -56,13 +78,9 @@ class Searcher:
     def __init__(self, index: str, model: str | None = None, pretrained: str | None = None,
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False):
         self.table = read_embeddings(index, "index")
-        built = self.table.model
-        if model and (model != built.get("name") or (pretrained or None) != built.get("pretrained")):
-            raise UserError(f"index {index} was built with model {built.get('name')} "
-                            f"({built.get('pretrained')}); {model} ({pretrained}) embeds into another space")
-        self.spec = EncoderSpec(model=built["name"], pretrained=built.get("pretrained"),
-                                model_config=model_config or built.get("model_config"))
-        _check_relative_paths(index, {"model config": self.spec.model_config, "weights": self.spec.pretrained})
+        self.spec = query_encoder(index, self.table.model, model, pretrained, model_config)
+        _check_relative_paths(index, {("model config", "--model-config"): self.spec.model_config,
+                                      ("weights", "--pretrained"): self.spec.pretrained})
         self.model, preprocess_cfg = load_clip(self.spec, device)
         self.preprocess = BatchPreprocess(preprocess_cfg, device)
         self.device = torch.device(device)

@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("serve", help="search an indexed image collection in the browser")
     parser.add_argument("--index", required=True, help="cache of the collection (from `clipforge cache`)")
     parser.add_argument("--model", help="model name; default: the one the index was built with")
-    parser.add_argument("--pretrained", help="weights; default: those the index was built with")
+    parser.add_argument("--pretrained", help="weights; default: those the index was built with (give "
+                        "their path when the index recorded it relative to another directory)")
     parser.add_argument("--model-config", help="JSON model config, for custom models")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--faiss", action="store_true",
