@@ -1,6 +1,7 @@
 """What a run does around a stage that fails or stops, with stages that only commit a manifest (no subprocesses):
 which stages go on, which are skipped, and why."""
 
+import json
 from pathlib import Path
 
 from clipforge.config.pipeline import load_pipeline
@@ -80,6 +81,14 @@ def test_a_run_that_failed_at_its_first_stage_lists_nothing_done(tmp_path, capsy
     header, row = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["run", "created", "updated", "done", "state"]
     assert row.split()[-4:] == ["0/9", "failed", "at", "nsd-index"]
+    # One run shown: why it failed, and what to do (the stage's one-line error is its message in run.json)
+    record = json.loads((tmp_path / "runs" / "broken" / "run.json").read_text())
+    record["stages"]["nsd-index"]["message"] = "exit code 2: expdesign x.mat not found"
+    (tmp_path / "runs" / "broken" / "run.json").write_text(json.dumps(record))
+    assert main(["runs", str(tmp_path), "latest"]) == 0
+    shown = capsys.readouterr().out
+    assert "FAILED [nsd-index] exit code 2: expdesign x.mat not found" in shown
+    assert "[nsd-index] failed: fix what it says, then rerun with --run-id broken" in shown
 
 
 def test_a_polling_period_or_port_out_of_range_is_a_usage_error(tmp_path, capsys):

@@ -355,6 +355,8 @@ def summary_table(run: dict) -> str:
             lines.append(f"NOTE [{name}] {note}")
         if entry.get("status") == "failed-continued":
             lines.append(f"WARNING [{name}] failed and the run went on without it: {entry.get('message')}")
+        elif entry.get("status") == "failed":
+            lines.append(f"FAILED [{name}] {entry.get('message')}")
     return "\n".join(lines)
 
 
@@ -368,6 +370,9 @@ def next_steps(run: dict) -> list[str]:
         if entry.get("status") == "interrupted":
             lines.append(f"[{stage.name}] stopped after saving its progress: resume the run with --run-id "
                          f"{run['run_id']}")
+        elif entry.get("status") == "failed":
+            lines.append(f"[{stage.name}] failed: fix what it says, then rerun with --run-id {run['run_id']} (the "
+                         "stages that finished are reused)")
         out = (entry.get("output") or "").rstrip("/")
         if entry.get("status") not in FINISHED or not out:
             continue
