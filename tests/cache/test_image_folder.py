@@ -86,7 +86,8 @@ def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, caps
     code = main(["cache", "--source", str(bad), "--model", "tiny-source", "--model-config", str(cfg_path),
                  "--pretrained", str(weights), "--output", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2
-    assert f"image {bad}/broken.jpg cannot be decoded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"image {bad}/broken.jpg cannot be decoded" in err and "--skip-bad (skip_bad: true in a spec)" in err
     with pytest.raises(ValidationError, match="apply to HDF5 sources"):
         config(tiny_models, bad, tmp_path / "x", index="ids.csv")
 

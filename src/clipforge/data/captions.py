@@ -59,7 +59,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     bad = [(path, why) for path, why in zip(frame["filepath"], problems, strict=True) if why]
     if bad and not cfg.skip_bad:
         path, why = bad[0]
-        more = f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else " (--skip-bad drops it)"
+        more = f" (and {len(bad) - 1} more; --skip-bad, skip_bad: true in a spec, drops them)" if len(bad) > 1 \
+            else " (--skip-bad, skip_bad: true in a spec, drops it)"
         raise UserError(f"image {path} in {cfg.dataset}/index.csv {why}{more}")
     if bad:
         log.warning("skipping %d bad images, e.g. %s (%s)", len(bad), *bad[0])

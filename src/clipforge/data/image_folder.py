@@ -83,18 +83,21 @@ def on_disk(uri: str) -> str:
     return uri
 
 
+SKIP_BAD_HINT = "; --skip-bad (skip_bad: true in a spec) leaves out the images that do not read"
+
+
 def decode(root: str, path: str) -> tuple[np.ndarray, int]:
     """(RGB uint8 array, encoded size in bytes) of one image."""
     uri = image_uri(root, path)
     try:
         data = storage.read_bytes(uri)
     except UserError:
-        raise UserError(f"image {uri} not found") from None
+        raise UserError(f"image {uri} not found{SKIP_BAD_HINT}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(upright_rgb(image)), len(data)
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__})") from None
+        raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__}){SKIP_BAD_HINT}") from None
 
 
 def image_problem(uri: str) -> str | None:
