@@ -41,6 +41,8 @@ def test_all_problems_at_once_each_named():
         load_config(FinetuneConfig, {"dataset": "d", "augment": "llm"})
     with pytest.raises(UserError, match="resume applies to timestamped runs"):
         load_config(FinetuneConfig, {**BASE, "resume": "latest", "timestamped": False})
+    with pytest.raises(UserError, match="skip_bad applies to dataset"):  # it looked as if it would, and did nothing
+        load_config(FinetuneConfig, {**BASE, "skip_bad": True})
 
 
 def test_model_config_is_the_yaml_key_and_the_dump_round_trips():

@@ -104,6 +104,9 @@ class FinetuneConfig(StageConfig):
             problems.append("give dataset, or train_data with val_data, not both")
         elif not self.dataset and not (self.train_data and self.val_data):
             problems.append("give train_data and val_data (CSV files), or dataset (a captioned folder's index.csv)")
+        if self.skip_bad and not self.dataset:
+            problems.append("skip_bad applies to dataset, which this run prepares; CSVs given as train_data are "
+                            "used as they are (`clipforge captions prepare --skip-bad` drops bad images from a split)")
         if self.augment == "llm" and not self.llm_model:
             problems.append("augment llm needs llm_model: a local model folder (no hub downloads)")
         if self.resume and not self.timestamped:
