@@ -94,7 +94,8 @@ def test_a_signal_to_the_process_group_checkpoints_and_exits(reference, tiny_cli
     folder = run_folder(out)
     assert not (folder / "_manifest.json").exists()
     stopped_at = int(re.search(rf"stopped at step (\d+); checkpoint kept, the same command with --resume {folder} "
-                               rf"resumes \(exit code {code}\)", log).group(1))
+                               r"resumes \(or as it is, if it ran with --no-timestamped\) "
+                               rf"\(exit code {code}\)", log).group(1))
     assert newest_step(out) == stopped_at >= seen  # the step it stopped at is checkpointed
     proc = start(tiny_clip, captioned, out, "--resume", str(folder), workers=0)
     log = proc.communicate(timeout=300)[0]

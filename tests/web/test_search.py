@@ -124,6 +124,8 @@ def cli_hits(capsys, args: list[str]) -> list[dict]:
 
 
 def test_text_query_finds_red_circles_as_the_cli_does(page, search_server, shapes_index, capsys, tmp_path):
+    refused = []  # every request the page makes is answered (a favicon request was a 404 in the console)
+    page.on("response", lambda response: response.status >= 400 and refused.append(response.url))
     page.goto(search_server.url)
     expect(page.locator("#about")).to_have_text(
         f"48 images in {shapes_index['dataset']} · tiny-shapes (tiny-shapes.pt) · exact search")
@@ -142,6 +144,7 @@ def test_text_query_finds_red_circles_as_the_cli_does(page, search_server, shape
     expect(first.locator(".score")).to_have_text(f"{hits[0]['score']:.4f}")
     page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
     page.screenshot(path=tmp_path / "search.png", full_page=True)
+    assert refused == []
 
 
 def test_image_query_by_upload_and_by_drop(page, search_server, shapes_index, capsys):

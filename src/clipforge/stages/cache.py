@@ -130,9 +130,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
     # cache's: their names differ, so they are encoded again rather than mixed in.
     shards = plan_shards(index, cfg.batch_size, digest({"config": fingerprint, "inputs": inputs}))
     todo = pending_shards(cfg.output, shards)
-    what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files of {cfg.source}"
+    what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
-    log.info("plan: %d images of %s in %d shards of %d; %d already committed, skipped; %s engine",
+    log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine",
              len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine)
 
     started = time.monotonic()

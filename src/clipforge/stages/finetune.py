@@ -192,7 +192,8 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
             else None
         return fit_and_commit(trainer, accelerator, watch, log_dir, config.out, summarise=lambda: summarise(trainer),
                               commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint),
-                              how_to_resume=f"the same command with --resume {config.out} resumes")
+                              how_to_resume=f"the same command with --resume {config.out} resumes (or as it "
+                              "is, if it ran with --no-timestamped)")
     finally:
         if trainer is not None:
             trainer.close()

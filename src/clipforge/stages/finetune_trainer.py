@@ -257,7 +257,8 @@ class FinetuneTrainer:
             for key, value in metrics.items():
                 if key not in ("pairs", "distinct_captions"):
                     self.writer.add_scalar(f"val/{key}", value, self.progress.step)
-        log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank %.0f / %.0f",
+        log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank image->text %.0f, "
+                 "text->image %.0f",
                  f"epoch {epoch}/{self.config.epochs}" if epoch else "before training", metrics["val_loss"],
                  metrics["image_to_text_R@1"], metrics["text_to_image_R@1"], metrics["image_to_text_median_rank"],
                  metrics["text_to_image_median_rank"])

@@ -9,11 +9,13 @@ training anew, and fit -> commit on rank 0 -> report.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from accelerate import Accelerator
 
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import manifest_uri, read_manifest
 from clipforge.train import launch
@@ -54,6 +56,8 @@ def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, lo
                    how_to_resume: str = "the same command resumes") -> TrainResult:
     """Train to the end (or to SIGTERM or Ctrl-C: checkpoint kept, `watch.exit_code`), then rank 0 commits
     the outputs."""
+    if os.environ.get(RUN_ID_ENV):  # a pipeline's stage: the run resumes it, by its id
+        how_to_resume = f"the run resumes it (clipforge run SPEC --run-id {os.environ[RUN_ID_ENV]})"
     if not trainer.fit(watch, log_dir):
         log.warning("stopped at step %d; checkpoint kept, %s (exit code %d)",
                     trainer.progress.step, how_to_resume, watch.exit_code)

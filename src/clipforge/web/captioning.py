@@ -49,8 +49,9 @@ class CaptionServer:
         self.server = PageServer(app, sock)
         self.url = self.server.url
         if self.book.missing:
-            log.warning("%d rows of %s name files that are not in the folder; they are kept, e.g. %s",
-                        len(self.book.missing), self.book.index, self.book.missing[0])
+            log.warning("%s: %d %s files that are not in the folder; they are kept, e.g. %s", self.book.index,
+                        len(self.book.missing), "row names" if len(self.book.missing) == 1 else "rows name",
+                        self.book.missing[0])
 
     def run(self) -> dict:
         self.server.run()
