@@ -146,3 +146,22 @@ def test_an_out_that_is_a_file_is_one_line(capsys, tiny_clip, captioned, tmp_pat
     out.write_text("not a folder")
     line = fail(capsys, tiny_clip, captioned, out)
     assert line.startswith(f"clipforge finetune: error: {out}/") and line.endswith(": Not a directory")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{bad", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('{"embed_dim": 32, "vision_cfg": 5, "text_cfg": {}}', "vision_cfg must be an object, got 5"),
+    ('{"embed_dim": 32, "vision_cfg": {"width": "wide"}, "text_cfg": {}}',
+     "vision_cfg.width has the wrong type for <class 'int'>: 'wide'"),
+    ('{"embed_dim": 32, "vision_cfg": {"widht": 64}, "text_cfg": {}}',
+     "vision_cfg.widht is not a field of open_clip's CLIPVisionCfg"),
+    ("[]", "expected a JSON object with embed_dim, vision_cfg and text_cfg, got list"),
+])
+def test_a_malformed_model_config_names_the_file_and_key(capsys, tiny_clip, captioned, tmp_path, content, message):
+    config = tmp_path / "badcfg.json"
+    config.write_text(content)
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="badcfg", model_config=str(config))
+    assert line == f"clipforge finetune: error: model config {config}: {message}"
+    import open_clip
+
+    assert config not in open_clip.factory._MODEL_CONFIG_PATHS  # later registrations still work

@@ -10,8 +10,12 @@ Diffusion id resolves to the CLIP encoder whose space that model conditions on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import pickle
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +78,60 @@ def register_model_config(path: str) -> str:
     config_path = Path(path)
     if not config_path.is_file():
         raise UserError(f"model config {path} not found")
+    # open_clip keeps every path it was given and rereads them all on each registration: a bad file
+    # must never reach it, or it breaks every later one in this process too.
+    problem = model_config_problem(config_path)
+    if problem:
+        raise UserError(f"model config {path}: {problem}")
     open_clip.add_model_config(config_path)
     return config_path.stem
+
+
+def model_config_problem(path: Path) -> str | None:
+    """What makes this file no open_clip model config (not JSON, a missing tower, a value of the wrong type
+    for its key), or None. Keys are checked against open_clip's own `CLIPVisionCfg`/`CLIPTextCfg` fields."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})"
+    if not isinstance(config, dict):
+        return f"expected a JSON object with embed_dim, vision_cfg and text_cfg, got {type(config).__name__}"
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not fits(config["embed_dim"], int):
+        return f"embed_dim must be an integer, got {config['embed_dim']!r}"
+    for key, schema in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        tower = config[key]
+        if not isinstance(tower, dict):
+            return f"{key} must be an object, got {tower!r}"
+        fields = {f.name: f.type for f in dataclasses.fields(schema)}
+        for name, value in tower.items():
+            if name not in fields:
+                return f"{key}.{name} is not a field of open_clip's {schema.__name__}"
+            if not fits(value, fields[name]):
+                return f"{key}.{name} has the wrong type for {fields[name]}: {value!r}"
+    return None
+
+
+def fits(value, annotation) -> bool:
+    """Whether a JSON value fits a dataclass field's type (int, float, bool, str, dict, tuples, Optional/Union)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(fits(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, list) and len(value) == len(args) and all(map(fits, value, args))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # a type this check does not know: open_clip decides
 
 
 def check_model_known(model: str, model_config: str | None) -> None:
