@@ -46,6 +46,8 @@ def setup_logging(quiet: bool = False) -> None:
     )
     # Our own loggers speak at INFO; libraries (open_clip logs on the root logger) only warn.
     logging.getLogger("clipforge").setLevel(logging.WARNING if quiet else logging.INFO)
+    # huggingface_hub prints its warnings (retries) through a handler of its own: not a second time through ours.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

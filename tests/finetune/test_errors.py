@@ -165,3 +165,50 @@ def test_a_malformed_model_config_names_the_file_and_key(capsys, tiny_clip, capt
     import open_clip
 
     assert config not in open_clip.factory._MODEL_CONFIG_PATHS  # later registrations still work
+
+
+def test_a_tag_with_the_hub_unreachable_fails_at_once_in_one_line(capsys, tiny_clip, captioned, tmp_path,
+                                                                   monkeypatch):
+    """No network: not five retries of each file (about 50 s), and a line that says why."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # nothing cached
+    started = time.monotonic()
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-B-32", model_config="",
+                pretrained="openai")
+    assert line == "clipforge finetune: error: cannot load model ViT-B-32 with weights openai: they are not in the " \
+                   "local Hugging Face cache, and huggingface.co cannot be reached"
+    assert time.monotonic() - started < 30
+    assert constants.HF_HUB_OFFLINE is False  # offline only for that call
+
+
+def test_a_long_load_error_ends_at_a_sentence_or_a_word():
+    from clipforge.models.encoders import EncoderSpec, weights_problem
+
+    spec = EncoderSpec("ViT-B-32", "openai")
+    sentences = RuntimeError("Failed to download file (open_clip_model.bin). " + "Please check your connection. " * 20)
+    line = weights_problem(spec, sentences)
+    assert line.startswith("cannot load model ViT-B-32 with weights openai: Failed to download file")
+    assert line.endswith(". Please check your connection.") and len(line) < 400
+    words = weights_problem(spec, RuntimeError("x" + " connection" * 60))
+    assert words.endswith(" connection ...") and len(words) < 400
+
+
+def test_hub_warnings_are_printed_once():
+    """huggingface_hub has a stderr handler of its own: its retry warnings must not also reach ours."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from clipforge.cli import setup_logging
+
+    setup_logging()
+    assert logging.getLogger("huggingface_hub").handlers == hub_logging._get_library_root_logger().handlers != []
+    assert logging.getLogger("huggingface_hub").propagate is False

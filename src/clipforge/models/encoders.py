@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import types
 import typing
@@ -160,14 +161,10 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     pretrained = spec.pretrained
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
-    try:
-        weights_precision = precision if precision.startswith("pure_") else "fp32"
-        build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
-        with build_on:
-            model = open_clip.create_model(spec.model, pretrained=pretrained, device=device,
-                                           precision=weights_precision)
-    except WEIGHTS_ERRORS as exc:
-        raise UserError(weights_problem(spec, exc)) from None
+    weights_precision = precision if precision.startswith("pure_") else "fp32"
+    build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+    with loading_weights(spec), build_on:
+        model = open_clip.create_model(spec.model, pretrained=pretrained, device=device, precision=weights_precision)
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
 
@@ -175,6 +172,61 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
 # What loading a weights file that is not one, or not this model's, raises: torch.load's unpickler (a file of
 # something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path.
 WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def loading_weights(spec: EncoderSpec):
+    """Around open_clip's factory: what a weights file or tag that does not load raises becomes one UserError.
+
+    A tag is fetched from the Hugging Face Hub, whose client retries each file five times (about 50 s for
+    one open_clip tag) when the hub cannot be reached. When the hub's host does not even resolve (no
+    network), the factory runs in the hub's offline mode instead: weights in the local cache still load,
+    and missing ones fail at once."""
+    from huggingface_hub import constants
+
+    host = unresolvable_hub_host() if spec.pretrained and not names_weights_file(spec.pretrained) else None
+    if host:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except WEIGHTS_ERRORS as exc:
+        if host:
+            raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
+                            f"local Hugging Face cache, and {host} cannot be reached") from None
+        raise UserError(weights_problem(spec, exc)) from None
+    finally:
+        if host:
+            constants.HF_HUB_OFFLINE = False
+
+
+def unresolvable_hub_host() -> str | None:
+    """The Hugging Face Hub's host name if it does not resolve here (and no proxy resolves it for us), else None.
+    None too in the hub's offline mode (HF_HUB_OFFLINE=1), which the hub client honours on its own."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied:
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` cut to about `limit` characters at the end of a sentence, or else of a word, never mid-word."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    sentence = head.rfind(". ")
+    if sentence > limit // 2:
+        return head[: sentence + 1]
+    return head[: head.rfind(" ")].rstrip(",;:") + " ..." if " " in head else head + "..."
 
 
 def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
@@ -186,9 +238,9 @@ def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
     for marker in ("size mismatch", "Missing key", "Unexpected key"):
         hit = next((line for line in lines if marker in line), None)
         if hit:
-            return f"weights {spec.pretrained} do not fit model {spec.model}: {hit[:300]}"
+            return f"weights {spec.pretrained} do not fit model {spec.model}: {one_line(hit)}"
     first = lines[0] if lines else type(exc).__name__
-    return f"cannot load model {spec.model} with weights {spec.pretrained}: {first[:300]}"
+    return f"cannot load model {spec.model} with weights {spec.pretrained}: {one_line(first)}"
 
 
 def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
