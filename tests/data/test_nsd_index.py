@@ -53,6 +53,19 @@ def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     assert f"{text} is not a readable .mat file" in capsys.readouterr().err
 
 
+def test_a_cut_file_and_ids_that_are_not_numbers_are_one_line(expdesign, tmp_path, capsys):
+    path, subjectim, shared = expdesign
+    cut = tmp_path / "cut.mat"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["index", "nsd", "--expdesign", str(cut), "--subject", "subj01", "--output", "x.parquet"]) == 2
+    assert capsys.readouterr().err == f"clipforge index: error: {cut} is not a readable .mat file: could not read " \
+                                      "bytes\n"
+    strings = tmp_path / "strings.mat"
+    scipy.io.savemat(strings, {"subjectim": np.array([["a", "b"]] * 8), "sharedix": (shared + 1)[None]})
+    with pytest.raises(UserError, match=f"^{strings}: subjectim holds <U1 values; expected numeric ids$"):
+        nsd_index(str(strings), "subj01")
+
+
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
