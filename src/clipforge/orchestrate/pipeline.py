@@ -120,16 +120,11 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
 
 def input_coverage(source_cache: str, target_cache: str) -> float:
     """Share of the source cache's ids that the target cache also holds (id columns only)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from clipforge.data.embeddings import cache_manifest
+    from clipforge.data.embeddings import cache_manifest, read_shard
 
     def ids(prefix: str, role: str) -> np.ndarray:
         manifest = cache_manifest(prefix, role)  # none, or another stage's output: a UserError naming it
-        parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, s["path"]))), columns=["id"])
-                 .column("id").to_numpy() for s in manifest["shards"]]
+        parts = [read_shard(prefix, s["path"], columns=["id"]).column("id").to_numpy() for s in manifest["shards"]]
         return np.concatenate(parts) if parts else np.array([])
 
     source = ids(source_cache, "clip_cache")
