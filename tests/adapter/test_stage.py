@@ -244,6 +244,20 @@ def test_a_damaged_or_missing_shard_is_named_with_how_to_rebuild(caches, tmp_pat
     assert line == f"clipforge train-adapter: error: cache shard {shard} is missing; {rebuild}"
 
 
+@pytest.mark.parametrize(("content", "why"), [
+    ("[]", "is not a clipforge manifest (expected a JSON object, got list)"),
+    ("{}", "is not a clipforge manifest (no kind, config_fingerprint, config, inputs)"),
+    ('{"kind": "cache"}', "is not a clipforge manifest (no config_fingerprint, config, inputs)"),
+    ('{"kind": "cache", "config_fingerprint": "x", "config": {}, "inputs": {}, "shards": 3}',
+     "lists no shards (a list of {path, rows})"),
+])
+def test_a_cache_manifest_of_another_shape_is_named(caches, tmp_path, capsys, content, why):
+    src, tgt = caches
+    Path(src, "_manifest.json").write_text(content)
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    assert line.startswith("clipforge train-adapter: error: ") and why in line and src in line
+
+
 def test_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, capsys):
     out = tmp_path / "out"
     line = run_cli(capsys, *caches, out, lr=1e30, grad_clip=0, warmup=0, arch="linear", checkpoint_every=1)

@@ -212,3 +212,40 @@ def test_hub_warnings_are_printed_once():
     setup_logging()
     assert logging.getLogger("huggingface_hub").handlers == hub_logging._get_library_root_logger().handlers != []
     assert logging.getLogger("huggingface_hub").propagate is False
+
+
+def test_models_list_lists_the_others_past_a_damaged_run_and_names_it(tmp_path, capsys, caplog):
+    import json
+
+    from clipforge.storage.manifest import write_manifest
+
+    root = tmp_path / "models"
+    best = {"epoch": 2, "image_to_text_R@1": 0.5, "text_to_image_R@1": 0.4, "image_to_text_R@5": 0.9,
+            "text_to_image_R@5": 0.8, "val_loss": 1.25}
+    card = {"model": "tiny", "pretrained": None, "created": "2026-01-01T00:00:00Z", "config": {"epochs": 3},
+            "data": {"train_rows": 10, "val_rows": 2}, "metrics": {"best": best}}
+    for name, model_json in {"20260101-000000": card, "20260102-000000": {}, "20260103-000000": []}.items():
+        write_manifest(str(root / name), kind="finetune", config={}, config_fingerprint="x", inputs={})
+        (root / name / "model.json").write_text(json.dumps(model_json))
+    (root / "20260104-000000").mkdir()
+    (root / "20260104-000000" / "_manifest.json").write_text('{"kind": "finetune"}')
+    with caplog.at_level("WARNING"):
+        assert main(["models", "list", "--dir", str(root), "--json"]) == 0
+    listed = {m["name"]: m["status"] for m in json.loads(capsys.readouterr().out)}
+    assert listed == {"20260101-000000": "complete", "20260102-000000": "unreadable",
+                      "20260103-000000": "unreadable", "20260104-000000": "unreadable"}
+    card_line = f"{root / '20260102-000000' / 'model.json'} is not a model card clipforge wrote (no 'metrics')"
+    assert card_line in caplog.text
+    assert f"{root / '20260104-000000' / '_manifest.json'} is not a clipforge manifest (no config_fingerprint, " \
+           "config, inputs)" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"kind": "cache"}'])
+def test_a_checkpoint_manifest_of_another_shape_is_named_on_resume(capsys, tiny_clip, captioned, tmp_path, content):
+    folder = tmp_path / "models" / "20260101-000000" / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "_manifest.json").write_text(content)
+    code = main(["finetune", *config_args(settings(tiny_clip, captioned, tmp_path / "models", resume="latest"))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USER_ERROR and len(err) == 1, err
+    assert err[0].startswith(f"clipforge finetune: error: {folder / '_manifest.json'} is not a clipforge manifest (")
