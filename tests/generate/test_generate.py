@@ -185,3 +185,21 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
         code, err = run_cli(argv, capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
         assert read_manifest(str(out)) is None
+
+
+def test_a_damaged_generated_image_or_table_is_one_line(generation_inputs, unclip, tmp_path, capsys):
+    generate(generation_inputs, unclip, tmp_path / "zero", limit=2)
+    argv = ["evaluate", "--clip-cache", generation_inputs["source"], "--target-cache", generation_inputs["target"],
+            "--generated", str(tmp_path / "zero"), "--out", str(tmp_path / "eval"), "--device", "cpu"]
+    first = pd.read_parquet(tmp_path / "zero" / "generated.parquet")["path"].iloc[0]
+    (tmp_path / "zero" / first).write_bytes(b"not a png")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"clipforge evaluate: error: generated image {tmp_path / 'zero' / first} cannot be "
+                          "decoded (cannot identify image file")
+    (tmp_path / "zero" / "generated.parquet").write_bytes(b"PAR1 cut short")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"clipforge evaluate: error: {tmp_path / 'zero' / 'generated.parquet'} is not a readable "
+                          "parquet file (") and err.endswith("): run generate into a new --out")
+    assert read_manifest(str(tmp_path / "eval")) is None
