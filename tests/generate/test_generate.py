@@ -203,3 +203,12 @@ def test_a_damaged_generated_image_or_table_is_one_line(generation_inputs, uncli
     assert err.startswith(f"clipforge evaluate: error: {tmp_path / 'zero' / 'generated.parquet'} is not a readable "
                           "parquet file (") and err.endswith("): run generate into a new --out")
     assert read_manifest(str(tmp_path / "eval")) is None
+
+
+def test_noise_level_is_bounded_by_the_noising_schedulers_steps(capsys):
+    """Beyond 999 diffusers' unCLIP scheduler raises deep in the pipeline: refused with the config, named."""
+    argv = ["generate", "--embeddings", "e", "--pipeline", "p", "--out", "o", "--noise-level"]
+    code, err = run_cli([*argv, "100000"], capsys)
+    assert code == 2 and err == "clipforge generate: error: noise_level: Input should be less than or equal to 999 " \
+                                "(got '100000')"
+    assert GenerateConfig(embeddings="e", pipeline="p", out="o", noise_level=999).noise_level == 999
