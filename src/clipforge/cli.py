@@ -18,7 +18,15 @@ import sys
 import threading
 
 from clipforge import commands
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, Stopped, UserError
+from clipforge.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    Stopped,
+    StorageUnreachable,
+    UserError,
+)
 
 # `clipforge --help` lists commands in the order a user meets them: pipelines, then each workload's stages.
 HELP_ORDER = ["run", "runs", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate", "caption",
@@ -92,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StorageUnreachable as exc:
+        print(f"clipforge {args.command}: error: {exc}; what it committed is kept: run the same command again to go "
+              "on from there", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         if not is_about_a_path(exc):
             raise
