@@ -249,3 +249,14 @@ def test_a_checkpoint_manifest_of_another_shape_is_named_on_resume(capsys, tiny_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USER_ERROR and len(err) == 1, err
     assert err[0].startswith(f"clipforge finetune: error: {folder / '_manifest.json'} is not a clipforge manifest (")
+
+
+def test_models_list_of_a_folder_that_is_not_there_is_an_error(tmp_path, capsys):
+    assert main(["models", "list", "--dir", str(tmp_path / "nope")]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == f"clipforge models: error: models folder {tmp_path / 'nope'} not found (give " \
+                                      "the --out of clipforge finetune)\n"
+    (tmp_path / "file").write_text("x")
+    assert main(["models", "list", "--dir", str(tmp_path / "file")]) == EXIT_USER_ERROR
+    assert "models folder" in capsys.readouterr().err
+    assert main(["models", "list", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no fine-tuned models in {tmp_path}"

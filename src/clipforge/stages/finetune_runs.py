@@ -66,6 +66,9 @@ def finetuned_models(root: str) -> list[dict]:
     folder whose manifest or card cannot be read is listed as `unreadable` and
     said why in a warning: the other runs are still listed.
     """
+    if not storage.is_s3(root) and not storage.local_path(root).is_dir():
+        what = "is not a folder" if storage.local_path(root).exists() else "not found"
+        raise UserError(f"models folder {root} {what} (give the --out of clipforge finetune)")
     try:
         is_run = read_manifest(root) is not None
     except UserError:
