@@ -39,6 +39,14 @@ def test_cli_writes_the_index(expdesign, tmp_path):
     assert list(index.ids) == sorted(subjectim[0] - 1)
 
 
+def test_a_csv_output_is_written_as_csv(expdesign, tmp_path):
+    path, subjectim, _ = expdesign
+    out = tmp_path / "w" / "subj01.csv"
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]) == 0
+    assert out.read_text().startswith("id,split\n")
+    assert list(read_index(str(out)).ids) == sorted(subjectim[0] - 1)
+
+
 def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     path, _, _ = expdesign
     assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj9", "--output", "x.parquet"]) == 2
