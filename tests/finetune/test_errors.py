@@ -167,6 +167,17 @@ def test_a_malformed_model_config_names_the_file_and_key(capsys, tiny_clip, capt
     assert config not in open_clip.factory._MODEL_CONFIG_PATHS  # later registrations still work
 
 
+def test_every_model_config_open_clip_ships_passes_the_check():
+    """The check must refuse only what open_clip itself would fail on (its configs use null for unset keys)."""
+    import open_clip
+
+    from clipforge.models.encoders import model_config_problem
+
+    shipped = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*.json"))
+    assert len(shipped) > 50
+    assert {p.name: model_config_problem(p) for p in shipped if model_config_problem(p)} == {}
+
+
 def test_a_tag_with_the_hub_unreachable_fails_at_once_in_one_line(capsys, tiny_clip, captioned, tmp_path,
                                                                    monkeypatch):
     """No network: not five retries of each file (about 50 s), and a line that says why."""

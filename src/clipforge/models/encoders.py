@@ -90,7 +90,8 @@ def register_model_config(path: str) -> str:
 
 def model_config_problem(path: Path) -> str | None:
     """What makes this file no open_clip model config (not JSON, a missing tower, a value of the wrong type
-    for its key), or None. Keys are checked against open_clip's own `CLIPVisionCfg`/`CLIPTextCfg` fields."""
+    for its key), or None. Keys are checked against open_clip's own `CLIPVisionCfg`/`CLIPTextCfg` fields;
+    every config open_clip ships passes."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     try:
@@ -112,7 +113,7 @@ def model_config_problem(path: Path) -> str | None:
         for name, value in tower.items():
             if name not in fields:
                 return f"{key}.{name} is not a field of open_clip's {schema.__name__}"
-            if not fits(value, fields[name]):
+            if value is not None and not fits(value, fields[name]):  # open_clip's own configs use null as unset
                 return f"{key}.{name} has the wrong type for {fields[name]}: {value!r}"
     return None
 
