@@ -191,7 +191,7 @@ def loading_weights(spec: EncoderSpec):
     try:
         yield
     except WEIGHTS_ERRORS as exc:
-        if host:
+        if host and ("download" in str(exc).lower() or isinstance(exc, OSError)):  # open_clip: "Failed to download"
             raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
                             f"local Hugging Face cache, and {host} cannot be reached") from None
         raise UserError(weights_problem(spec, exc)) from None
