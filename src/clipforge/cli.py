@@ -19,11 +19,13 @@ import threading
 
 from clipforge import commands
 from clipforge.errors import (
+    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     SIGNALS_SEEN,
     Stopped,
+    StorageUnreachable,
     UserError,
     stop_if_signalled,
 )
@@ -54,6 +56,8 @@ def setup_logging(quiet: bool = False) -> None:
     )
     # Our own loggers speak at INFO; libraries (open_clip logs on the root logger) only warn.
     logging.getLogger("clipforge").setLevel(logging.WARNING if quiet else logging.INFO)
+    # huggingface_hub prints its warnings (retries) through a handler of its own: not a second time through ours.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StorageUnreachable as exc:
+        print(f"clipforge {args.command}: error: {exc}; what it committed is kept: run the same command again to go "
+              "on from there", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         if not is_about_a_path(exc):
             raise

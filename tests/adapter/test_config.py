@@ -51,3 +51,11 @@ def test_evaluate_refuses_the_same_mistakes_in_one_line(capsys):
         assert main(["evaluate", "--clip-cache", "c", *args]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_takes_an_adapters_safetensors_as_its_folder():
+    from clipforge.config.evaluate import EvaluateConfig
+
+    for given, folder in (("runs/adp/adapter.safetensors", "runs/adp"), ("s3://b/adp/adapter.safetensors", "s3://b/adp"),
+                          ("adapter.safetensors", "."), ("runs/adp", "runs/adp"), (None, None)):
+        assert load_config(EvaluateConfig, {**REQUIRED, "out": "e", "adapter": given}).adapter == folder, given

@@ -260,6 +260,35 @@ def test_missing_cache(caches, tmp_path, capsys):
     assert "clip_cache" in line and "no _manifest.json" in line
 
 
+def test_a_damaged_or_missing_shard_is_named_with_how_to_rebuild(caches, tmp_path, capsys):
+    """The shard reader every consumer shares (train-adapter, generate, evaluate, search)."""
+    src, tgt = caches
+    shard = Path(tgt, "shard-00001.parquet")
+    shard.write_bytes(shard.read_bytes()[:100])  # a copy cut short
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    rebuild = f"the cache must be rebuilt: delete {tgt}/_manifest.json and run its cache stage again, which " \
+              "encodes only missing or damaged shards"
+    assert line.startswith(f"clipforge train-adapter: error: cache shard {shard} is not a readable parquet file (")
+    assert line.endswith(rebuild)
+    shard.unlink()
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    assert line == f"clipforge train-adapter: error: cache shard {shard} is missing; {rebuild}"
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("[]", "is not a clipforge manifest (expected a JSON object, got list)"),
+    ("{}", "is not a clipforge manifest (no kind, config_fingerprint, config, inputs)"),
+    ('{"kind": "cache"}', "is not a clipforge manifest (no config_fingerprint, config, inputs)"),
+    ('{"kind": "cache", "config_fingerprint": "x", "config": {}, "inputs": {}, "shards": 3}',
+     "lists no shards (a list of {path, rows})"),
+])
+def test_a_cache_manifest_of_another_shape_is_named(caches, tmp_path, capsys, content, why):
+    src, tgt = caches
+    Path(src, "_manifest.json").write_text(content)
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    assert line.startswith("clipforge train-adapter: error: ") and why in line and src in line
+
+
 def test_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, capsys):
     out = tmp_path / "out"
     line = run_cli(capsys, *caches, out, lr=1e30, grad_clip=0, warmup=0, arch="linear", checkpoint_every=1)

@@ -181,6 +181,20 @@ def test_custom_synonym_map(dataset, tmp_path):
     assert "a ruby ring" in variants and all("ring" in v or "ruby" in v for v in variants)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"red": [1, 2]}', "'red' must map to a list of words (strings), not [1, 2]"),
+    ('{"red": ["ruby"], "blue": "navy"}', "'blue' must map to a list of words (strings), not 'navy'"),
+    ('["red"]', "must be a JSON object of word -> list of synonyms"),
+])
+def test_a_synonym_map_of_another_shape_names_the_word(tmp_path, content, message):
+    from clipforge.data.augment import load_synonyms
+
+    (tmp_path / "map.json").write_text(content)
+    with pytest.raises(UserError) as info:
+        load_synonyms(str(tmp_path / "map.json"))
+    assert str(info.value).startswith(f"synonym map {tmp_path / 'map.json'}") and message in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
     """A tiny GPT-2 with a tokenizer trained here, saved as a transformers folder (no hub)."""

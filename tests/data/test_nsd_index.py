@@ -39,6 +39,14 @@ def test_cli_writes_the_index(expdesign, tmp_path):
     assert list(index.ids) == sorted(subjectim[0] - 1)
 
 
+def test_a_csv_output_is_written_as_csv(expdesign, tmp_path):
+    path, subjectim, _ = expdesign
+    out = tmp_path / "w" / "subj01.csv"
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]) == 0
+    assert out.read_text().startswith("id,split\n")
+    assert list(read_index(str(out)).ids) == sorted(subjectim[0] - 1)
+
+
 def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     path, _, _ = expdesign
     assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj9", "--output", "x.parquet"]) == 2
@@ -51,6 +59,19 @@ def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     text.write_text("not a .mat file\n")
     assert main(["index", "nsd", "--expdesign", str(text), "--subject", "subj01", "--output", "x.parquet"]) == 2
     assert f"{text} is not a readable .mat file" in capsys.readouterr().err
+
+
+def test_a_cut_file_and_ids_that_are_not_numbers_are_one_line(expdesign, tmp_path, capsys):
+    path, subjectim, shared = expdesign
+    cut = tmp_path / "cut.mat"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["index", "nsd", "--expdesign", str(cut), "--subject", "subj01", "--output", "x.parquet"]) == 2
+    assert capsys.readouterr().err == f"clipforge index: error: {cut} is not a readable .mat file: could not read " \
+                                      "bytes\n"
+    strings = tmp_path / "strings.mat"
+    scipy.io.savemat(strings, {"subjectim": np.array([["a", "b"]] * 8), "sharedix": (shared + 1)[None]})
+    with pytest.raises(UserError, match=f"^{strings}: subjectim holds <U1 values; expected numeric ids$"):
+        nsd_index(str(strings), "subj01")
 
 
 @pytest.mark.parametrize(

@@ -146,3 +146,128 @@ def test_an_out_that_is_a_file_is_one_line(capsys, tiny_clip, captioned, tmp_pat
     out.write_text("not a folder")
     line = fail(capsys, tiny_clip, captioned, out)
     assert line.startswith(f"clipforge finetune: error: {out}/") and line.endswith(": Not a directory")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{bad", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('{"embed_dim": 32, "vision_cfg": 5, "text_cfg": {}}', "vision_cfg must be an object, got 5"),
+    ('{"embed_dim": 32, "vision_cfg": {"width": "wide"}, "text_cfg": {}}',
+     "vision_cfg.width has the wrong type for <class 'int'>: 'wide'"),
+    ('{"embed_dim": 32, "vision_cfg": {"widht": 64}, "text_cfg": {}}',
+     "vision_cfg.widht is not a field of open_clip's CLIPVisionCfg"),
+    ("[]", "expected a JSON object with embed_dim, vision_cfg and text_cfg, got list"),
+])
+def test_a_malformed_model_config_names_the_file_and_key(capsys, tiny_clip, captioned, tmp_path, content, message):
+    config = tmp_path / "badcfg.json"
+    config.write_text(content)
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="badcfg", model_config=str(config))
+    assert line == f"clipforge finetune: error: model config {config}: {message}"
+    import open_clip
+
+    assert config not in open_clip.factory._MODEL_CONFIG_PATHS  # later registrations still work
+
+
+def test_every_model_config_open_clip_ships_passes_the_check():
+    """The check must refuse only what open_clip itself would fail on (its configs use null for unset keys)."""
+    import open_clip
+
+    from clipforge.models.encoders import model_config_problem
+
+    shipped = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*.json"))
+    assert len(shipped) > 50
+    assert {p.name: model_config_problem(p) for p in shipped if model_config_problem(p)} == {}
+
+
+def test_a_tag_with_the_hub_unreachable_fails_at_once_in_one_line(capsys, tiny_clip, captioned, tmp_path,
+                                                                   monkeypatch):
+    """No network: not five retries of each file (about 50 s), and a line that says why."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # nothing cached
+    started = time.monotonic()
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-B-32", model_config="",
+                pretrained="openai")
+    assert line == "clipforge finetune: error: cannot load model ViT-B-32 with weights openai: they are not in the " \
+                   "local Hugging Face cache, and huggingface.co cannot be reached"
+    assert time.monotonic() - started < 30
+    assert constants.HF_HUB_OFFLINE is False  # offline only for that call
+
+
+def test_a_long_load_error_ends_at_a_sentence_or_a_word():
+    from clipforge.models.encoders import EncoderSpec, weights_problem
+
+    spec = EncoderSpec("ViT-B-32", "openai")
+    sentences = RuntimeError("Failed to download file (open_clip_model.bin). " + "Please check your connection. " * 20)
+    line = weights_problem(spec, sentences)
+    assert line.startswith("cannot load model ViT-B-32 with weights openai: Failed to download file")
+    assert line.endswith(". Please check your connection.") and len(line) < 400
+    words = weights_problem(spec, RuntimeError("x" + " connection" * 60))
+    assert words.endswith(" connection ...") and len(words) < 400
+
+
+def test_hub_warnings_are_printed_once():
+    """huggingface_hub has a stderr handler of its own: its retry warnings must not also reach ours."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from clipforge.cli import setup_logging
+
+    setup_logging()
+    assert logging.getLogger("huggingface_hub").handlers == hub_logging._get_library_root_logger().handlers != []
+    assert logging.getLogger("huggingface_hub").propagate is False
+
+
+def test_models_list_lists_the_others_past_a_damaged_run_and_names_it(tmp_path, capsys, caplog):
+    import json
+
+    from clipforge.storage.manifest import write_manifest
+
+    root = tmp_path / "models"
+    best = {"epoch": 2, "image_to_text_R@1": 0.5, "text_to_image_R@1": 0.4, "image_to_text_R@5": 0.9,
+            "text_to_image_R@5": 0.8, "val_loss": 1.25}
+    card = {"model": "tiny", "pretrained": None, "created": "2026-01-01T00:00:00Z", "config": {"epochs": 3},
+            "data": {"train_rows": 10, "val_rows": 2}, "metrics": {"best": best}}
+    for name, model_json in {"20260101-000000": card, "20260102-000000": {}, "20260103-000000": []}.items():
+        write_manifest(str(root / name), kind="finetune", config={}, config_fingerprint="x", inputs={})
+        (root / name / "model.json").write_text(json.dumps(model_json))
+    (root / "20260104-000000").mkdir()
+    (root / "20260104-000000" / "_manifest.json").write_text('{"kind": "finetune"}')
+    with caplog.at_level("WARNING"):
+        assert main(["models", "list", "--dir", str(root), "--json"]) == 0
+    listed = {m["name"]: m["status"] for m in json.loads(capsys.readouterr().out)}
+    assert listed == {"20260101-000000": "complete", "20260102-000000": "unreadable",
+                      "20260103-000000": "unreadable", "20260104-000000": "unreadable"}
+    card_line = f"{root / '20260102-000000' / 'model.json'} is not a model card clipforge wrote (no 'metrics')"
+    assert card_line in caplog.text
+    assert f"{root / '20260104-000000' / '_manifest.json'} is not a clipforge manifest (no config_fingerprint, " \
+           "config, inputs)" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"kind": "cache"}'])
+def test_a_checkpoint_manifest_of_another_shape_is_named_on_resume(capsys, tiny_clip, captioned, tmp_path, content):
+    folder = tmp_path / "models" / "20260101-000000" / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "_manifest.json").write_text(content)
+    code = main(["finetune", *config_args(settings(tiny_clip, captioned, tmp_path / "models", resume="latest"))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USER_ERROR and len(err) == 1, err
+    assert err[0].startswith(f"clipforge finetune: error: {folder / '_manifest.json'} is not a clipforge manifest (")
+
+
+def test_models_list_of_a_folder_that_is_not_there_is_an_error(tmp_path, capsys):
+    assert main(["models", "list", "--dir", str(tmp_path / "nope")]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == f"clipforge models: error: models folder {tmp_path / 'nope'} not found (give " \
+                                      "the --out of clipforge finetune)\n"
+    (tmp_path / "file").write_text("x")
+    assert main(["models", "list", "--dir", str(tmp_path / "file")]) == EXIT_USER_ERROR
+    assert "models folder" in capsys.readouterr().err
+    assert main(["models", "list", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no fine-tuned models in {tmp_path}"

@@ -212,3 +212,53 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
         code, err = run_cli(argv, capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
         assert read_manifest(str(out)) is None
+
+
+def test_a_damaged_generated_image_or_table_is_one_line(generation_inputs, unclip, tmp_path, capsys):
+    generate(generation_inputs, unclip, tmp_path / "zero", limit=2)
+    argv = ["evaluate", "--clip-cache", generation_inputs["source"], "--target-cache", generation_inputs["target"],
+            "--generated", str(tmp_path / "zero"), "--out", str(tmp_path / "eval"), "--device", "cpu"]
+    first = pd.read_parquet(tmp_path / "zero" / "generated.parquet")["path"].iloc[0]
+    (tmp_path / "zero" / first).write_bytes(b"not a png")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"clipforge evaluate: error: generated image {tmp_path / 'zero' / first} cannot be "
+                          "decoded (cannot identify image file")
+    (tmp_path / "zero" / "generated.parquet").write_bytes(b"PAR1 cut short")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"clipforge evaluate: error: {tmp_path / 'zero' / 'generated.parquet'} is not a readable "
+                          "parquet file (") and err.endswith("): run generate into a new --out")
+    assert read_manifest(str(tmp_path / "eval")) is None
+
+
+def test_noise_level_is_bounded_by_the_noising_schedulers_steps(capsys):
+    """Beyond 999 diffusers' unCLIP scheduler raises deep in the pipeline: refused with the config, named."""
+    argv = ["generate", "--embeddings", "e", "--pipeline", "p", "--out", "o", "--noise-level"]
+    code, err = run_cli([*argv, "100000"], capsys)
+    assert code == 2 and err == "clipforge generate: error: noise_level: Input should be less than or equal to 999 " \
+                                "(got '100000')"
+    assert GenerateConfig(embeddings="e", pipeline="p", out="o", noise_level=999).noise_level == 999
+
+
+def test_a_pipeline_that_is_a_file_or_an_unreachable_hub_id_is_one_line(generation_inputs, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Both pass for hub ids (`owner/name`); diffusers' own message points at a stack trace nobody sees."""
+    import socket
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "unclip.json").write_text("{}")
+    base = ["generate", "--embeddings", generation_inputs["source"], "--steps", "1", "--device", "cpu"]
+    for pipeline, message in (
+            ("models/unclip.json", "pipeline models/unclip.json is a file: give a diffusers pipeline folder (with "
+                                   "model_index.json) or a hub id such as stabilityai/stable-diffusion-2-1-unclip"),
+            ("nope/dir", "pipeline nope/dir is neither a diffusers pipeline folder nor loadable from the hub: it is "
+                         "not in the local Hugging Face cache, and huggingface.co cannot be reached")):
+        code, err = run_cli([*base, "--pipeline", pipeline, "--out", str(tmp_path / "out")], capsys)
+        assert code == 2 and err.splitlines()[-1] == f"clipforge generate: error: {message}", err
+        assert "stacktrace" not in err and read_manifest(str(tmp_path / "out")) is None

@@ -102,3 +102,29 @@ def test_a_polling_period_or_port_out_of_range_is_a_usage_error(tmp_path, capsys
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_runs_lists_the_others_past_a_run_json_of_another_shape_and_names_it(tmp_path, capsys, caplog):
+    import json
+
+    from clipforge.cli import main
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    execute, _ = stages_that({})
+    run_pipeline(spec, "good", execute)
+    for run_id, content in {"list": "[]", "empty": "{}", "other": '{"kind": "cache"}', "junk": "{bad"}.items():
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "run.json").write_text(content)
+    with caplog.at_level("WARNING"):
+        assert main(["runs", str(tmp_path), "--json"]) == 0
+    assert [run["run_id"] for run in json.loads(capsys.readouterr().out)] == ["good"]
+    for run_id, why in {"list": "expected a JSON object, got list", "empty": "no run_id", "other": "no run_id",
+                        "junk": "is not valid JSON"}.items():
+        assert f"{tmp_path / 'runs' / run_id / 'run.json'}" in caplog.text and why in caplog.text
+    assert main(["runs", str(tmp_path), "other"]) == 2
+    assert capsys.readouterr().err == f"clipforge runs: error: {tmp_path / 'runs' / 'other' / 'run.json'} is not a " \
+                                      "run record (no run_id)\n"
+    (tmp_path / "runs" / "good" / "run.json").write_text('{"run_id": "good", "spec": {"stages": 3}}')
+    assert main(["run", DEMO_SPEC, "--set", f"artifacts={tmp_path}", "--run-id", "good"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'runs' / 'good' / 'run.json'} is not a run record (no spec with a list of named stages)")

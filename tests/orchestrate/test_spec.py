@@ -1,5 +1,6 @@
 """Pipeline specs: every shipped one validates; every mistake is named by stage and key."""
 
+import re
 from pathlib import Path
 
 import jsonschema
@@ -84,6 +85,9 @@ def test_overrides(tmp_path):
     assert spec.stage("ad").with_["epochs"] == 5 and spec.artifacts == "s3://b/p"
     with pytest.raises(UserError, match="no stage named 'zz'"):
         load_pipeline(write(tmp_path, base_spec()), ["stages.zz.with.epochs=5"])
+    for bad in ("=1", "stages.ad..epochs=1", ".artifacts=x"):
+        with pytest.raises(UserError, match=rf"^--set '{re.escape(bad)}': expected KEY=VALUE with a dotted KEY"):
+            load_pipeline(write(tmp_path, base_spec()), [bad])
 
 
 def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_refused(tmp_path):

@@ -109,3 +109,49 @@ def test_object_changed_mid_read_is_reported(blob):
 def test_missing_object_is_named(s3_bucket):
     with pytest.raises(UserError, match=f"s3://{s3_bucket}/nope.hdf5 not found"):
         RangeReader(f"s3://{s3_bucket}/nope.hdf5")
+
+
+def test_storage_that_stops_answering_is_one_line_naming_the_object(blob, faulty_proxy, monkeypatch):
+    """Every range GET failing (the S3 server went away mid-run): StorageUnreachable after the retries."""
+    from clipforge.errors import StorageUnreachable
+
+    uri, _ = blob
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    reader = RangeReader(uri, max_attempts=2)
+    faulty_proxy.fail_share = 1.0
+    with pytest.raises(StorageUnreachable, match=rf"^{uri}: bytes 0-\d+ failed 2 times; last: .*ServiceUnavailable"):
+        reader.pread(0, 100)
+
+
+def test_an_hdf5_source_whose_storage_stops_answering_is_not_called_unreadable(s3_bucket, faulty_proxy, tmp_path,
+                                                                                monkeypatch):
+    """h5py passes on what the reader raised: StorageUnreachable, not "not a readable HDF5 file" (exit 2)."""
+    import functools
+
+    from clipforge.data import hdf5_source
+    from clipforge.data.synthetic import write_nsd_hdf5
+    from clipforge.errors import StorageUnreachable
+
+    write_nsd_hdf5(tmp_path / "s.hdf5", 4, seed=0, size=16)
+    boto3.client("s3").upload_file(str(tmp_path / "s.hdf5"), s3_bucket, "s.hdf5")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    monkeypatch.setattr(hdf5_source, "RangeReader", functools.partial(RangeReader, max_attempts=1))
+    faulty_proxy.fail_share = 1.0
+    with pytest.raises(StorageUnreachable, match=f"^s3://{s3_bucket}/s.hdf5: bytes "):
+        hdf5_source.read_rows(f"s3://{s3_bucket}/s.hdf5", "imgBrick", np.array([0, 1]))
+
+
+def test_the_cli_says_storage_unreachable_in_one_line_and_exit_1(monkeypatch, capsys):
+    from clipforge import cli
+    from clipforge.errors import StorageUnreachable
+
+    def unreachable(args):
+        raise StorageUnreachable("s3://bkt/s.hdf5: bytes 0-99 failed 8 times; last: Could not connect")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.commands["runs"].set_defaults(func=unreachable)
+    assert cli.main(["runs", "s3://bkt/artifacts"]) == 1
+    assert capsys.readouterr().err == "clipforge runs: error: s3://bkt/s.hdf5: bytes 0-99 failed 8 times; last: " \
+                                      "Could not connect; what it committed is kept: run the same command again " \
+                                      "to go on from there\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipforge.config.adapter import check_two_caches
 from clipforge.config.base import StageConfig
@@ -15,7 +15,8 @@ class EvaluateConfig(StageConfig):
 
     clip_cache: str = Field(description="source-space embedding cache (e.g. ViT-B-32, 512-D)")
     target_cache: str = Field(description="target-space embedding cache (e.g. ViT-H-14, 1024-D)")
-    adapter: str | None = Field(None, description="adapter output (or .safetensors); none: zero-padding only")
+    adapter: str | None = Field(None, description="adapter output (or the adapter.safetensors in it); none: "
+                                "zero-padding only")
     out: str = Field(description="output prefix: metrics.json, metrics.png, _manifest.json")
     generated: list[str] = Field(default_factory=list, description="generate outputs to score on images: "
                                  "CLIPScore and R@1 with the target cache's encoder, and a contact sheet")
@@ -28,6 +29,14 @@ class EvaluateConfig(StageConfig):
     test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
 
     volatile = frozenset({"clip_cache", "target_cache", "adapter", "generated", "out", "device"})
+
+    @field_validator("adapter")
+    @classmethod
+    def _the_adapters_folder(cls, value: str | None) -> str | None:
+        """An adapter's weights file stands for its output folder, where its card and manifest are."""
+        if value and value.endswith(".safetensors"):
+            return value.rsplit("/", 1)[0] if "/" in value else "."
+        return value
 
     @model_validator(mode="after")
     def _out_apart_from_the_caches(self):

@@ -23,7 +23,8 @@ class GenerateConfig(StageConfig):
     limit: int | None = Field(None, ge=1, description="at most this many ids (a seeded choice)")
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale")
-    noise_level: int = Field(0, ge=0, description="noise added to the image embeddings (unCLIP noise level)")
+    noise_level: int = Field(0, ge=0, le=999, description="noise added to the image embeddings: the unCLIP noise "
+                             "level, a step of its noising scheduler (0 to 999)")
     embed_norm: float | None = Field(None, gt=0, description="rescale each embedding to this L2 norm first "
                                                             "(cached embeddings are unit length)")
     seed: int = Field(0, ge=0, description="base seed; each id's generator seed derives from it and the id")

@@ -13,4 +13,5 @@ class IndexConfig(StageConfig):
     expdesign: str = Field(description="nsd_expdesign.mat (local or s3://), with subjectim and sharedix")
     subject: str = Field(description="subj01 … subj08")
     no_sign_request: bool = Field(False, description="read expdesign anonymously (the public NSD bucket)")
-    output: str = Field(description="a .parquet file, or a prefix that receives index.parquet and _manifest.json")
+    output: str = Field(description="a .parquet or .csv file, or a prefix that receives index.parquet and "
+                        "_manifest.json")

@@ -176,6 +176,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it to pass a string") \
                 from None
         parts = path.split(".")
+        if not all(part.strip() for part in parts):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as artifacts or "
+                            "stages.NAME.with.KEY, each part non-empty")
         if parts[0] == "stages" and len(parts) >= 3:
             stages = raw.get("stages")
             stage = next((s for s in (stages if isinstance(stages, list) else []) if isinstance(s, dict)

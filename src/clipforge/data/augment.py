@@ -32,8 +32,11 @@ def load_synonyms(path: str | None) -> dict[str, list[str]]:
         raw = storage.read_json(path)
     else:
         raw = json.loads(resources.files("clipforge.data").joinpath("synonyms.json").read_text())
-    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+    if not isinstance(raw, dict):
         raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")
+    for word, synonyms in raw.items():
+        if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
+            raise UserError(f"synonym map {path}: {word!r} must map to a list of words (strings), not {synonyms!r}")
     return {str(k).lower(): [str(s) for s in v if str(s).strip()] for k, v in raw.items()}
 
 

@@ -75,7 +75,36 @@ def cache_manifest(prefix: str, role: str = "cache") -> dict:
         raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
     if manifest.get("kind") != "cache":
         raise UserError(f"{role} {prefix} holds the output of a {manifest.get('kind')} stage, not an embedding cache")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards):
+        raise UserError(f"{role} {prefix}: its _manifest.json lists no shards (a list of {{path, rows}}); delete it "
+                        "and run its cache stage again")
     return manifest
+
+
+def read_shard(prefix: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard a committed cache's manifest lists; one that is gone or does not read back (a disk, a copy cut
+    short) is a UserError naming it and saying how to rebuild: the cache stage encodes such shards again."""
+    uri = storage.join(prefix, name)
+    rebuild = f"the cache must be rebuilt: delete {storage.join(prefix, '_manifest.json')} and run its cache " \
+              "stage again, which encodes only missing or damaged shards"
+    try:
+        data = storage.read_bytes(uri)
+    except UserError:
+        raise UserError(f"cache shard {uri} is missing; {rebuild}") from None
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"cache shard {uri} is not a readable parquet file ({one_line(exc)}); {rebuild}") from None
+    missing = [column for column in columns or ("id", "split", "embedding") if column not in table.column_names]
+    if missing:
+        raise UserError(f"cache shard {uri} has no {', '.join(missing)} column; {rebuild}")
+    return table
+
+
+def one_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_embeddings(prefix: str, role: str = "cache") -> EmbeddingTable:
@@ -89,7 +118,7 @@ def read_embeddings(prefix: str, role: str = "cache") -> EmbeddingTable:
     total = sum(shard["rows"] for shard in shards) if sized else 0
     embeddings, parts, ids, splits, at = None, [], [], [], 0
     for shard in shards:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, shard["path"]))))
+        table = read_shard(prefix, shard["path"])
         dim = table.schema.field("embedding").type.list_size
         values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         values = values.reshape(len(table), dim)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from clipforge.errors import UserError
+from clipforge.errors import StorageUnreachable, UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.range_reader import FetchStats, RangeReader
 
@@ -48,6 +48,8 @@ def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = No
             raise UserError(f"source {source} not found")
     try:
         handle = h5py.File(target, "r")
+    except StorageUnreachable:  # h5py passes on what the reader raised: the file may be fine
+        raise
     except OSError as exc:
         raise UserError(f"source {source} is not a readable HDF5 file: {exc}") from None
     try:

@@ -27,13 +27,17 @@ def subject_number(subject: str) -> int:
 def nsd_index(expdesign: str, subject: str, *, unsigned: bool = False) -> pd.DataFrame:
     """`id` (0-based row of imgBrick) and `split` (`test` for shared images) for one subject, sorted by id."""
     number = subject_number(subject)
+    data = storage.read_bytes(expdesign, unsigned=unsigned)
     try:
-        mat = scipy.io.loadmat(io.BytesIO(storage.read_bytes(expdesign, unsigned=unsigned)))
-    except (ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
+        # A file cut short raises a plain OSError ("could not read bytes") from inside the parser.
+        mat = scipy.io.loadmat(io.BytesIO(data))
+    except (ValueError, TypeError, NotImplementedError, OSError, scipy.io.matlab.MatReadError) as exc:
         raise UserError(f"{expdesign} is not a readable .mat file: {exc}") from None
     for key in ("subjectim", "sharedix"):
         if key not in mat:
             raise UserError(f"{expdesign} has no variable {key!r} (is it nsd_expdesign.mat?)")
+        if not np.issubdtype(np.asarray(mat[key]).dtype, np.number):
+            raise UserError(f"{expdesign}: {key} holds {np.asarray(mat[key]).dtype} values; expected numeric ids")
     subjectim = np.asarray(mat["subjectim"])
     if subjectim.ndim != 2 or subjectim.shape[0] < number:
         raise UserError(f"{expdesign}: subjectim has shape {subjectim.shape}; expected 8 x N")

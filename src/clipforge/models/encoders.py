@@ -10,8 +10,13 @@ Diffusion id resolves to the CLIP encoder whose space that model conditions on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import pickle
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +79,61 @@ def register_model_config(path: str) -> str:
     config_path = Path(path)
     if not config_path.is_file():
         raise UserError(f"model config {path} not found")
+    # open_clip keeps every path it was given and rereads them all on each registration: a bad file
+    # must never reach it, or it breaks every later one in this process too.
+    problem = model_config_problem(config_path)
+    if problem:
+        raise UserError(f"model config {path}: {problem}")
     open_clip.add_model_config(config_path)
     return config_path.stem
+
+
+def model_config_problem(path: Path) -> str | None:
+    """What makes this file no open_clip model config (not JSON, a missing tower, a value of the wrong type
+    for its key), or None. Keys are checked against open_clip's own `CLIPVisionCfg`/`CLIPTextCfg` fields;
+    every config open_clip ships passes."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})"
+    if not isinstance(config, dict):
+        return f"expected a JSON object with embed_dim, vision_cfg and text_cfg, got {type(config).__name__}"
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not fits(config["embed_dim"], int):
+        return f"embed_dim must be an integer, got {config['embed_dim']!r}"
+    for key, schema in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        tower = config[key]
+        if not isinstance(tower, dict):
+            return f"{key} must be an object, got {tower!r}"
+        fields = {f.name: f.type for f in dataclasses.fields(schema)}
+        for name, value in tower.items():
+            if name not in fields:
+                return f"{key}.{name} is not a field of open_clip's {schema.__name__}"
+            if value is not None and not fits(value, fields[name]):  # open_clip's own configs use null as unset
+                return f"{key}.{name} has the wrong type for {fields[name]}: {value!r}"
+    return None
+
+
+def fits(value, annotation) -> bool:
+    """Whether a JSON value fits a dataclass field's type (int, float, bool, str, dict, tuples, Optional/Union)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(fits(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, list) and len(value) == len(args) and all(map(fits, value, args))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # a type this check does not know: open_clip decides
 
 
 def check_model_known(model: str, model_config: str | None) -> None:
@@ -104,14 +162,10 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     pretrained = spec.pretrained
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
-    try:
-        weights_precision = precision if precision.startswith("pure_") else "fp32"
-        build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
-        with build_on:
-            model = open_clip.create_model(spec.model, pretrained=pretrained, device=device,
-                                           precision=weights_precision)
-    except WEIGHTS_ERRORS as exc:
-        raise UserError(weights_problem(spec, exc)) from None
+    weights_precision = precision if precision.startswith("pure_") else "fp32"
+    build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+    with loading_weights(spec), build_on:
+        model = open_clip.create_model(spec.model, pretrained=pretrained, device=device, precision=weights_precision)
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
 
@@ -119,6 +173,61 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
 # What loading a weights file that is not one, or not this model's, raises: torch.load's unpickler (a file of
 # something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path.
 WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def loading_weights(spec: EncoderSpec):
+    """Around open_clip's factory: what a weights file or tag that does not load raises becomes one UserError.
+
+    A tag is fetched from the Hugging Face Hub, whose client retries each file five times (about 50 s for
+    one open_clip tag) when the hub cannot be reached. When the hub's host does not even resolve (no
+    network), the factory runs in the hub's offline mode instead: weights in the local cache still load,
+    and missing ones fail at once."""
+    from huggingface_hub import constants
+
+    host = unresolvable_hub_host() if spec.pretrained and not names_weights_file(spec.pretrained) else None
+    if host:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except WEIGHTS_ERRORS as exc:
+        if host and ("download" in str(exc).lower() or isinstance(exc, OSError)):  # open_clip: "Failed to download"
+            raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
+                            f"local Hugging Face cache, and {host} cannot be reached") from None
+        raise UserError(weights_problem(spec, exc)) from None
+    finally:
+        if host:
+            constants.HF_HUB_OFFLINE = False
+
+
+def unresolvable_hub_host() -> str | None:
+    """The Hugging Face Hub's host name if it does not resolve here (and no proxy resolves it for us), else None.
+    None too in the hub's offline mode (HF_HUB_OFFLINE=1), which the hub client honours on its own."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied:
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` cut to about `limit` characters at the end of a sentence, or else of a word, never mid-word."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    sentence = head.rfind(". ")
+    if sentence > limit // 2:
+        return head[: sentence + 1]
+    return head[: head.rfind(" ")].rstrip(",;:") + " ..." if " " in head else head + "..."
 
 
 def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
@@ -130,9 +239,9 @@ def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
     for marker in ("size mismatch", "Missing key", "Unexpected key"):
         hit = next((line for line in lines if marker in line), None)
         if hit:
-            return f"weights {spec.pretrained} do not fit model {spec.model}: {hit[:300]}"
+            return f"weights {spec.pretrained} do not fit model {spec.model}: {one_line(hit)}"
     first = lines[0] if lines else type(exc).__name__
-    return f"cannot load model {spec.model} with weights {spec.pretrained}: {first[:300]}"
+    return f"cannot load model {spec.model} with weights {spec.pretrained}: {one_line(first)}"
 
 
 def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:

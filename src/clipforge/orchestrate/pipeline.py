@@ -134,16 +134,11 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
 
 def input_coverage(source_cache: str, target_cache: str) -> float:
     """Share of the source cache's ids that the target cache also holds (id columns only)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from clipforge.data.embeddings import cache_manifest
+    from clipforge.data.embeddings import cache_manifest, read_shard
 
     def ids(prefix: str, role: str) -> np.ndarray:
         manifest = cache_manifest(prefix, role)  # none, or another stage's output: a UserError naming it
-        parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, s["path"]))), columns=["id"])
-                 .column("id").to_numpy() for s in manifest["shards"]]
+        parts = [read_shard(prefix, s["path"], columns=["id"]).column("id").to_numpy() for s in manifest["shards"]]
         return np.concatenate(parts) if parts else np.array([])
 
     source = ids(source_cache, "clip_cache")
@@ -176,7 +171,7 @@ class RunRecord:
     def __init__(self, spec: PipelineSpec, run_id: str):
         self.folder = storage.join(spec.artifacts, "runs", run_id)
         self.uri = storage.join(self.folder, "run.json")
-        existing = storage.read_json(self.uri) if storage.exists(self.uri) else None
+        existing = read_run_record(self.uri) if storage.exists(self.uri) else None
         self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
         self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
         self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
@@ -188,6 +183,32 @@ class RunRecord:
         self.data["stages"][name] = {**(self.data["stages"].get(name) or {}), **fields}
         self.data["updated"] = _now()
         storage.write_json(self.uri, self.data)
+
+
+def read_run_record(uri: str) -> dict:
+    """A run.json; one that is not JSON, or JSON of another shape, is a UserError naming it."""
+    run = storage.read_json(uri)
+    problem = run_record_problem(run)
+    if problem:
+        raise UserError(f"{uri} is not a run record ({problem})")
+    return run
+
+
+def run_record_problem(run) -> str | None:
+    """What keeps `run` from being a run.json a runner wrote (run_id, spec with named stages, stages), or None."""
+    if not isinstance(run, dict):
+        return f"expected a JSON object, got {type(run).__name__}"
+    if not isinstance(run.get("run_id"), str):
+        return "no run_id"
+    spec = run.get("spec")
+    named = isinstance(spec, dict) and isinstance(spec.get("stages"), list) and all(
+        isinstance(stage, dict) and isinstance(stage.get("name"), str) for stage in spec["stages"])
+    if not named:
+        return "no spec with a list of named stages"
+    stages = run.get("stages") or {}
+    if not isinstance(stages, dict) or not all(isinstance(entry, dict) for entry in stages.values()):
+        return "stages is not an object of stage entries"
+    return None
 
 
 def _now() -> str:

@@ -7,13 +7,12 @@ the runner's logs: from a laptop, against the same S3 prefix the cluster uses.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from clipforge.errors import UserError
-from clipforge.orchestrate.pipeline import FINISHED
+from clipforge.orchestrate.pipeline import FINISHED, read_run_record
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.run")
@@ -32,7 +31,7 @@ def read_run(artifacts: str, run_id: str) -> dict:
     if not storage.exists(uri):
         known = [r["run_id"] for r in list_runs(artifacts)]
         raise UserError(f"run {run_id!r}: no {uri}" + (f" (runs there: {', '.join(known[-5:])})" if known else ""))
-    return storage.read_json(uri)
+    return read_run_record(uri)
 
 
 def run_state(run: dict) -> str:
@@ -79,15 +78,13 @@ def list_runs(artifacts: str) -> list[dict]:
 
 def _read_or_none(uri: str) -> dict | None:
     """A run's record, or None for a folder without one (a run that never wrote it) or with one that is not
-    JSON (said, not fatal: the other runs are still listed)."""
-    try:
-        raw = storage.read_bytes(uri)
-    except UserError:  # not found
+    JSON, or JSON of another shape (said, not fatal: the other runs are still listed)."""
+    if not storage.exists(uri):
         return None
     try:
-        return json.loads(raw)
-    except ValueError as exc:
-        log.warning("%s is not valid JSON (%s): that run is left out", uri, exc)
+        return read_run_record(uri)
+    except UserError as exc:
+        log.warning("%s: that run is left out", exc)
         return None
 
 

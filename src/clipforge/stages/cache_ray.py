@@ -20,7 +20,7 @@ import numpy as np
 from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
-from clipforge.errors import UserError
+from clipforge.errors import StorageUnreachable, UserError
 from clipforge.models.encoders import EncoderSpec
 from clipforge.progress import Progress
 from clipforge.stages.cache import Shard, commit_shard, steady_rate
@@ -151,8 +151,8 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     return stats, model, steady_rate(commits)
 
 
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError a Ray task or actor raised, however Ray wrapped it.
+def find_user_error(exc: BaseException) -> UserError | StorageUnreachable | None:
+    """The UserError (or StorageUnreachable: one line too) a Ray task or actor raised, however Ray wrapped it.
 
     Task errors keep the original as `.cause`; an actor whose constructor failed
     surfaces only as ActorDiedError text, so that text is searched too.
@@ -164,8 +164,9 @@ def find_user_error(exc: BaseException) -> UserError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, UserError):
-            return UserError(str(current).strip().splitlines()[0])
+        if isinstance(current, UserError | StorageUnreachable):
+            return (UserError if isinstance(current, UserError) else StorageUnreachable)(
+                str(current).strip().splitlines()[0])
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
     return UserError(found[-1].strip()) if found else None

@@ -15,8 +15,9 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import EmbeddingTable
@@ -38,13 +39,31 @@ def read_generated(prefix: str) -> tuple[pd.DataFrame, dict]:
     manifest = read_manifest(prefix)
     if manifest is None:
         raise UserError(f"generated images {prefix} are incomplete: no _manifest.json")
-    frame = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(prefix, "generated.parquet"))))
+    uri = storage.join(prefix, "generated.parquet")
+    data = storage.read_bytes(uri)
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{uri} is not a readable parquet file ({first_line(exc)}): run generate into a new "
+                        "--out") from None
+    missing = [column for column in ("id", "path") if column not in frame.columns]
+    if missing:
+        raise UserError(f"{uri} has no {', '.join(missing)} column: not a generate output's table")
     return frame, manifest
 
 
 def load_png(prefix: str, path: str) -> np.ndarray:
-    with Image.open(io.BytesIO(storage.read_bytes(storage.join(prefix, path)))) as image:
-        return np.asarray(image.convert("RGB"))
+    uri = storage.join(prefix, path)
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a damaged file
+        raise UserError(f"generated image {uri} cannot be decoded ({first_line(exc)})") from None
+
+
+def first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def configuration_label(manifest: dict) -> str:

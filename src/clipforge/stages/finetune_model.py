@@ -24,14 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.config.finetune import FinetuneConfig
-from clipforge.errors import UserError
-from clipforge.models.encoders import (
-    WEIGHTS_ERRORS,
-    EncoderSpec,
-    check_model_known,
-    names_weights_file,
-    weights_problem,
-)
+from clipforge.models.encoders import EncoderSpec, check_model_known, loading_weights, names_weights_file
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.finetune")
@@ -55,11 +48,9 @@ def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltMo
     pretrained = config.pretrained or None
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
-    try:
+    with loading_weights(EncoderSpec(config.model, config.pretrained)):
         model, train_transform, val_transform = open_clip.create_model_and_transforms(
             config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
-    except WEIGHTS_ERRORS as exc:
-        raise UserError(weights_problem(EncoderSpec(config.model, config.pretrained), exc)) from None
     return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 
+from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN
@@ -61,29 +62,53 @@ def finetuned_models(root: str) -> list[dict]:
     """Every run folder under `root` (or `root` itself when it is one): base, date, data size, best val figures.
 
     Finished runs come from their `model.json`; a folder with checkpoints but
-    no manifest is listed as incomplete with its newest checkpoint's step.
+    no manifest is listed as incomplete with its newest checkpoint's step. A
+    folder whose manifest or card cannot be read is listed as `unreadable` and
+    said why in a warning: the other runs are still listed.
     """
-    folders = [root] if read_manifest(root) is not None else \
-        [storage.join(root, name) for name in sorted(storage.list_folders(root))]
+    if not storage.is_s3(root) and not storage.local_path(root).is_dir():
+        what = "is not a folder" if storage.local_path(root).exists() else "not found"
+        raise UserError(f"models folder {root} {what} (give the --out of clipforge finetune)")
+    try:
+        is_run = read_manifest(root) is not None
+    except UserError:
+        is_run = True  # a run folder with a damaged manifest: listed below as unreadable
+    folders = [root] if is_run else [storage.join(root, name) for name in sorted(storage.list_folders(root))]
     models = []
     for folder in folders:
-        manifest = read_manifest(folder)
         name = folder.rstrip("/").rsplit("/", 1)[-1]
-        if manifest is not None and manifest.get("kind") == "finetune":
-            card = storage.read_json(storage.join(folder, CARD_NAME))
+        try:
+            row = model_row(folder)
+        except UserError as exc:
+            log.warning("%s: that run is listed as unreadable", exc)
+            row = {"name": name, "path": folder, "status": "unreadable"}
+        if row:
+            models.append({"name": name, "path": folder, **row})
+    return models
+
+
+def model_row(folder: str) -> dict | None:
+    """A run folder's line in `models list`; None for a folder that holds no run."""
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("kind") == "finetune":
+        uri = storage.join(folder, CARD_NAME)
+        card = storage.read_json(uri)
+        try:
             best = card["metrics"]["best"]
-            models.append({
-                "name": name, "path": folder, "status": "complete", "model": card["model"],
+            return {
+                "status": "complete", "model": card["model"],
                 "pretrained": card["pretrained"], "created": card["created"],
                 "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
                 "epochs": card["config"]["epochs"], "best_epoch": best["epoch"],
                 "best": {k: best[k] for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
                                               "text_to_image_R@5", "val_loss")},
-            })
-        elif manifest is None and (newest := newest_checkpoint(folder)):
-            step, recorded = newest
-            config = recorded.get("config") or {}
-            models.append({"name": name, "path": folder, "status": f"incomplete ({step})",
-                           "model": config.get("model"), "pretrained": config.get("pretrained"),
-                           "created": recorded.get("created"), "epochs": config.get("epochs")})
-    return models
+            }
+        except (KeyError, TypeError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else "not a JSON object of objects"
+            raise UserError(f"{uri} is not a model card clipforge wrote ({what})") from None
+    if manifest is None and (newest := newest_checkpoint(folder)):
+        step, recorded = newest
+        config = recorded.get("config") or {}
+        return {"status": f"incomplete ({step})", "model": config.get("model"), "pretrained": config.get("pretrained"),
+                "created": recorded.get("created"), "epochs": config.get("epochs")}
+    return None

@@ -27,6 +27,7 @@ from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
+from clipforge.models.encoders import one_line, unresolvable_hub_host
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import uri as storage
@@ -78,6 +79,9 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     from diffusers import DiffusionPipeline
 
     folder = pipeline_folder(cfg)
+    if storage.local_path(folder).is_file():
+        raise UserError(f"pipeline {cfg.pipeline} is a file: give a diffusers pipeline folder (with model_index.json) "
+                        "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
     if storage.local_path(folder).is_dir():
         found = storage.read_json(storage.join(folder, "model_index.json")).get("_class_name")
         if found != EXPECTED_CLASS:
@@ -91,7 +95,16 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=DTYPES[precision])
     except OSError as exc:
-        raise UserError(f"cannot load pipeline {cfg.pipeline}: {str(exc).splitlines()[0]}") from None
+        # diffusers ends its message pointing at a stack trace the CLI does not print.
+        why = one_line(re.sub(r"\s*Please check out the root cause in the stacktrace above\.?", "",
+                              str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+        if storage.local_path(folder).is_dir():
+            raise UserError(f"cannot load pipeline {cfg.pipeline}: {why}") from None
+        host = unresolvable_hub_host()
+        if host:
+            why = f"it is not in the local Hugging Face cache, and {host} cannot be reached"
+        raise UserError(f"pipeline {cfg.pipeline} is neither a diffusers pipeline folder nor loadable from the hub: "
+                        f"{why}") from None
     if type(pipe).__name__ != EXPECTED_CLASS:
         raise UserError(f"pipeline {cfg.pipeline} is a {type(pipe).__name__}; expected a {EXPECTED_CLASS}")
     pipe.set_progress_bar_config(disable=True)

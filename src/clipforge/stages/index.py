@@ -15,7 +15,7 @@ INDEX_FILE = "index.parquet"
 
 
 def index_file(output: str) -> str:
-    """The parquet file an index output names: itself, or `index.parquet` under a prefix."""
+    """The file an index output names: itself (.parquet or .csv), or `index.parquet` under a prefix."""
     return output if output.endswith((".parquet", ".csv")) else storage.join(output, INDEX_FILE)
 
 
@@ -27,9 +27,13 @@ def run_index(cfg: IndexConfig) -> dict:
         log.info("%s is up to date; nothing to do", cfg.output)
         return read_manifest(cfg.output)
     frame = nsd_index(cfg.expdesign, cfg.subject, unsigned=cfg.no_sign_request)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(index_file(cfg.output), buffer.getvalue())
+    if cfg.output.endswith(".csv"):  # in the format its name says, as `read_index` reads it back
+        data = frame.to_csv(index=False).encode()
+    else:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        data = buffer.getvalue()
+    storage.write_bytes(index_file(cfg.output), data)
     counts = frame["split"].value_counts().to_dict()
     summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}
     log.info("%s: %d images (%d train, %d test) -> %s", cfg.subject, summary["rows"], summary["train"],

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import clipforge
+from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
 MANIFEST_NAME = "_manifest.json"
@@ -22,9 +23,33 @@ def manifest_uri(prefix: str) -> str:
     return storage.join(prefix, MANIFEST_NAME)
 
 
+# What `write_manifest` puts in every manifest, and what readers take from any of them without a default.
+MANIFEST_FIELDS = {"kind": str, "config_fingerprint": str, "config": dict, "inputs": dict}
+
+
 def read_manifest(prefix: str) -> dict[str, Any] | None:
+    """The prefix's manifest, or None without one. A file there that is not one clipforge wrote (valid JSON of
+    another shape, a hand-edited copy) is a UserError naming it, not a KeyError in whichever stage reads it."""
     target = manifest_uri(prefix)
-    return storage.read_json(target) if storage.exists(target) else None
+    if not storage.exists(target):
+        return None
+    manifest = storage.read_json(target)
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{target} is not a clipforge manifest ({problem}); delete it and run the stage that writes "
+                        f"{prefix} again")
+    return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    missing = [key for key in MANIFEST_FIELDS if key not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = [f"{key} is not a {kind.__name__}" for key, kind in MANIFEST_FIELDS.items()
+             if not isinstance(manifest[key], kind)]
+    return "; ".join(wrong) or None
 
 
 def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: str, inputs: dict, **fields) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import botocore.exceptions
 
-from clipforge.errors import UserError
+from clipforge.errors import StorageUnreachable, UserError
 from clipforge.storage import s3
 from clipforge.storage.uri import file_mode
 
@@ -262,7 +262,8 @@ class RangeReader(io.RawIOBase):
                 self.stats.retries += 1
                 self.stats.requests += 1
             if attempt == self.max_attempts:
-                raise OSError(f"{self.uri}: bytes {start}-{end - 1} failed {attempt} times; last: {problem}")
+                last = problem.strip().splitlines()[0] if problem.strip() else "no answer"
+                raise StorageUnreachable(f"{self.uri}: bytes {start}-{end - 1} failed {attempt} times; last: {last}")
             delay = min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
             log.debug("retrying %s bytes %d-%d after %s (%.2fs)", self.uri, start, end - 1, problem, delay)
             time.sleep(delay)
