@@ -20,8 +20,8 @@ It also plays, crudely, the controllers and the node:
 - cluster DNS: `<host>.<subdomain>` resolves (to 127.0.0.1) only as a headless Service would make it:
   the Service exists, has `clusterIP: None`, selects the pod, the pod's hostname and subdomain match,
   and the pod runs or the Service publishes not-ready addresses;
-- KubeRay: a RayJob runs its `entrypoint` as a subprocess and ends SUCCEEDED or FAILED with Ray's
-  "failed with exit code N" message.
+- KubeRay: a RayJob runs its `entrypoint` as a subprocess with the head container's env (as `ray start`
+  there has it) and ends SUCCEEDED or FAILED with Ray's "failed with exit code N" message.
 
 Emptydirs, images, scheduling, resources and security contexts are not simulated: the tests check
 those on the manifests with kubernetes-validate.
@@ -549,10 +549,13 @@ class KubernetesApiStandIn:
             ray["status"].update(jobDeploymentStatus="Running", jobStatus="RUNNING", startTime=now())
             self._put("rayjobs", ray, "MODIFIED")
             entrypoint = ray["spec"]["entrypoint"]
+            # Ray runs the entrypoint on the head, in the environment `ray start` had: the head container's.
+            (head,) = ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+            env = {item["name"]: item["value"] for item in head.get("env", []) if "value" in item}
         log = self.logs / f"rayjob-{name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(self._image(shlex.split(entrypoint)), cwd=self.workdir, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    env={**os.environ, **env}, stderr=subprocess.STDOUT, start_new_session=True)
             with self.lock:
                 self.processes[f"rayjob-{name}"] = proc
             code = proc.wait()
