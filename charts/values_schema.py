@@ -74,7 +74,7 @@ def values_schema() -> dict:
                 "cacheSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
                 "shmSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
                 "rendezvousPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-                "serviceAccountName": string("ServiceAccount of stage pods"),
+                "serviceAccountName": string("an existing ServiceAccount of stage pods"),
             }),
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
             "tolerations": {"type": "array", "items": free_map},
@@ -89,6 +89,11 @@ def values_schema() -> dict:
             "serviceAccount": obj({
                 "create": {"type": "boolean"},
                 "name": string("the driver's ServiceAccount"),
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            }),
+            "stageServiceAccount": obj({
+                "create": {"type": "boolean"},
+                "name": string("the stage pods' ServiceAccount"),
                 "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
             }),
             "rbac": obj({"create": {"type": "boolean"}}),

@@ -3,6 +3,7 @@ every values file under charts/clipforge/ci/; every object validated against the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -23,8 +24,9 @@ from conftest import (
     validate,
 )
 
-from clipforge.config.pipeline import load_pipeline
-from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name
+from clipforge.config.pipeline import PipelineSpec, load_pipeline
+from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name, stage_manifests
+from clipforge.orchestrate.pipeline import resolve_stage
 
 VALUES = [None, *CI_VALUES]
 IDS = ["default", *(p.name for p in CI_VALUES)]
@@ -75,7 +77,7 @@ def test_rbac_is_namespaced_and_minimal(values_file):
         expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete"}
     assert granted == expected
     (binding,) = by_kind(objects, "RoleBinding")
-    (account,) = by_kind(objects, "ServiceAccount")
+    (account,) = [a for a in by_kind(objects, "ServiceAccount") if a.get("automountServiceAccountToken") is not False]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
@@ -84,8 +86,54 @@ def test_rbac_is_namespaced_and_minimal(values_file):
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
+def stage_settings(objects: list[dict]) -> StageJobSettings:
+    """What the driver reads from the rendered ConfigMap: the settings of every stage pod."""
+    (config,) = by_kind(objects, "ConfigMap")
+    return StageJobSettings.from_mapping(yaml.safe_load(config["data"]["driver.yaml"]))
+
+
+def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity():
+    """Workload identity (IRSA) must reach the stage pods, which read and write S3, not only the driver; and
+    `helm test` checks the store as the stage pods will reach it."""
+    arn = {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/stages"}
+    objects = chart_objects({"stageServiceAccount": {"annotations": arn}}, name="rel", namespace="ml-team")
+    accounts = {a["metadata"]["name"]: a for a in by_kind(objects, "ServiceAccount")}
+    stage = accounts["rel-clipforge-stage"]
+    assert stage["metadata"]["annotations"] == arn
+    assert stage["automountServiceAccountToken"] is False  # stage pods never call the API
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert [s["name"] for s in binding["subjects"]] == ["rel-clipforge"]  # the Role stays the driver's
+    (pod,) = by_kind(objects, "Pod")
+    assert pod["spec"]["serviceAccountName"] == "rel-clipforge-stage"
+    # The driver gives it to every stage pod it creates.
+    settings = stage_settings(objects)
+    assert settings.service_account == "rel-clipforge-stage"
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage_job = resolve_stage(spec, spec.stages[0], {})
+    stage_job.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage_job, dataclasses.replace(settings, run_id="r"))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "rel-clipforge-stage"
+
+
+def test_stage_service_account_choices():
+    def accounts(values: dict) -> tuple[list[str], str | None, str]:
+        objects = chart_objects(values)
+        (pod,) = by_kind(objects, "Pod")
+        return ([a["metadata"]["name"] for a in by_kind(objects, "ServiceAccount")],
+                stage_settings(objects).service_account, pod["spec"]["serviceAccountName"])
+
+    assert accounts({"stageServiceAccount": {"name": "mine"}}) == (["clipforge", "mine"], "mine", "mine")
+    # An existing one named the old way still wins, and the chart creates none.
+    assert accounts({"stageDefaults": {"serviceAccountName": "old"}}) == (["clipforge"], "old", "old")
+    assert accounts({"stageServiceAccount": {"create": False, "name": "existing"}}) == (
+        ["clipforge"], "existing", "existing")
+    assert accounts({"stageServiceAccount": {"create": False}}) == (["clipforge"], None, "default")
+
+
 def test_rbac_and_service_account_switches():
-    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}})
+    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
+                             "stageServiceAccount": {"create": False}})
     assert not {"Role", "RoleBinding", "ServiceAccount"} & {o["kind"] for o in objects}
     (driver,) = by_kind(objects, "Job")
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
