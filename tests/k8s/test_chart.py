@@ -72,7 +72,7 @@ def test_rbac_is_namespaced_and_minimal(values_file):
                for group in rule["apiGroups"] for resource in rule["resources"]}
     expected = {("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
                 ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
-                ("", "services"): {"get", "list", "create", "delete"}}
+                ("", "services"): {"get", "list", "create", "delete"}, ("", "events"): {"list"}}
     if values.get("kuberay", {}).get("enabled"):
         expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete"}
     assert granted == expected

@@ -193,6 +193,62 @@ def test_a_pod_that_cannot_start_fails_its_stage_naming_the_reason(small_cluster
     assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
 
 
+def index_stage_for(cluster: Cluster, run_id: str, subject: str):
+    """A resolved index stage of run `run_id` with its config saved, and the settings to run it with."""
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage(subject)]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = f"demo/artifacts/runs/{run_id}/configs/nsd-index.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id=run_id,
+                                             namespace="ml")
+    return stage, settings
+
+
+def test_pods_the_api_server_refuses_fail_the_stage_with_the_jobs_event(small_cluster, monkeypatch, caplog):
+    """A quota, Pod Security or a webhook refusing the pods leaves a Job without pods, said only in its
+    FailedCreate events: the driver reads them and fails the stage instead of waiting silently forever."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "refused", "subj06")
+    name = job_name(RELEASE, "refused", "nsd-index")
+    why = 'pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1'
+    cluster.api.refuse_pods(name, why)
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1, stuck_seconds=2)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    assert code == 1
+    assert f"Job {name} cannot create its pods: Error creating: {why}" in caplog.text
+    assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
+
+
+def test_a_suspended_job_waits_for_admission(small_cluster, monkeypatch, caplog):
+    """Kueue creates a Job suspended until its queue admits it: no pods for a long while is no failure."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "queued", "subj07")
+    name = job_name(RELEASE, "queued", "nsd-index")
+    cluster.api.queue(name)
+
+    def admit_once_looked_at():
+        deadline = time.monotonic() + 60
+        # One read of the Job before it is created, one more from the look at a Job without pods.
+        while len([r for r in cluster.api.requests if r == ("GET", "jobs", name)]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2)  # a few more looks, none of which may fail the stage
+        cluster.api.admit(name)
+
+    helper = threading.Thread(target=admit_once_looked_at)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1, stuck_seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 0
+    assert f"Job {name} is suspended: waiting for admission" in caplog.text
+
+
 def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster, monkeypatch, caplog):
     """DESIGN: a lost rank fails the Indexed Job (backoffLimit 0); the driver deletes and recreates it.
     (The group here is a 2-node index stage marked distributed: the orchestration is what is tested.)"""

@@ -92,16 +92,21 @@ class StageStuck(Exception):
 class PendingPods:
     """What a stage's pods wait for, looked at between watches: said when it changes, and a container that
     cannot start fails the stage after `stuck_seconds`. A pod waiting for a node is only said: a cluster
-    autoscaler may be adding one."""
+    autoscaler may be adding one. A Job with no pods at all after `stuck_seconds` is looked at too: a
+    suspended one waits for admission (Kueue), one whose pods the API server refuses fails the stage."""
 
     def __init__(self, executor: KubernetesExecutor, stage: str, job: str):
         self.executor, self.stage, self.job = executor, stage, job
         self.said: set[str] = set()
         self.stuck_since: float | None = None
+        self.podless_since: float | None = None
 
     def check(self) -> None:
         ex = self.executor
         pods = ex.call(ex.core.list_namespaced_pod, ex.namespace, label_selector=f"job-name={self.job}").items
+        self.podless_since = None if pods else (self.podless_since or time.monotonic())
+        if not pods and time.monotonic() - self.podless_since >= ex.stuck_seconds:
+            self.check_podless()
         stuck = None
         for pod in pods:
             for condition in pod.status.conditions or []:
@@ -118,6 +123,28 @@ class PendingPods:
         self.stuck_since = self.stuck_since or time.monotonic()
         if time.monotonic() - self.stuck_since >= ex.stuck_seconds:
             raise StageStuck(stuck)
+
+    def check_podless(self) -> None:
+        """Why a Job has no pods: suspended (a queue has not admitted it yet: wait), or the Job controller's
+        pod creations are refused (a quota, an admission webhook, Pod Security): no pod will ever come, and
+        only the Job's FailedCreate events say why, so the stage fails with their message."""
+        ex = self.executor
+        job = ex.read(ex.batch.read_namespaced_job, self.job)
+        if job is None:
+            return  # deleted: the watch says so
+        if job.spec.suspend:
+            self._say(f"Job {self.job} is suspended: waiting for admission (e.g. by Kueue) before its pods start")
+            return
+        events = ex.call(ex.core.list_namespaced_event, ex.namespace,
+                         field_selector=f"involvedObject.name={self.job}").items
+        refused = [e for e in events if e.reason == "FailedCreate" and e.involved_object.kind == "Job"]
+        if not refused:
+            self._say(f"Job {self.job} has no pods yet, and no event says why")
+            return
+        latest = max(refused, key=event_time)
+        message = f"Job {self.job} cannot create its pods: {latest.message}"
+        self._say(message)
+        raise StageStuck(message)
 
     def _say(self, line: str) -> None:
         if line not in self.said:
@@ -378,6 +405,12 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def event_time(event: client.CoreV1Event) -> float:
+    """When an event last happened; 0 when it says nothing (the fields an API server fills vary)."""
+    stamp = event.last_timestamp or event.event_time or event.first_timestamp or event.metadata.creation_timestamp
+    return stamp.timestamp() if stamp else 0.0
 
 
 def finished_at(pod: client.V1Pod) -> float:
