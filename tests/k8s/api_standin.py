@@ -7,7 +7,7 @@ real REST protocol the driver uses, over HTTP on loopback, to the real `kubernet
   `pods/log` with `tailLines`, `404 NotFound` and `409 AlreadyExists` as Status objects;
 - watch: a chunked stream of `{"type", "object"}` lines resuming after `resourceVersion`, ended by
   `timeoutSeconds`; `410 Gone` as an ERROR event (injectable, or after `compact()`); a stalled watch
-  that sends nothing (injectable), which only the client's own `_request_timeout` ends.
+  that sends nothing (injectable), which only the client's own `_request_timeout` ends; `503` (injectable).
 
 It also plays, crudely, the controllers and the node:
 
@@ -81,6 +81,7 @@ class KubernetesApiStandIn:
         self.compacted = 0
         self.gone_next_watches = 0  # the next N watches get 410 Gone
         self.stall_next_watches = 0  # the next N watches send nothing and never end by themselves
+        self.unavailable_next_watches = 0  # the next N watches get 503 (an API server restarting)
         self.requests: list[tuple[str, str, str | None]] = []  # (method, resource, name or created name)
         self.held: set[str] = set()  # Job names whose pods stay Pending until release()
         self.waiting: dict[str, tuple[str, str]] = {}  # Job name -> (reason, message) of its pods' containers
@@ -221,6 +222,11 @@ class KubernetesApiStandIn:
         with self.lock:
             self.requests.append((req.command, resource, name or (body or {}).get("metadata", {}).get("name")))
         if req.command == "GET" and name is None and query.get("watch") in ("true", "True", "1"):
+            with self.lock:  # after the 410s and stalls asked for
+                unavailable = self.unavailable_next_watches > 0 and not self.gone_next_watches + self.stall_next_watches
+                self.unavailable_next_watches -= unavailable
+            if unavailable:
+                return self._send(req, 503, status_body(503, "ServiceUnavailable", "the API server is restarting"))
             return self._watch(req, resource, ns, query)
         if req.command == "GET" and route["log"]:
             return self._log(req, ns, name, query)

@@ -25,6 +25,7 @@ from conftest import (
 )
 
 from clipforge.config.pipeline import PipelineSpec, load_pipeline
+from clipforge.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
 from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name, stage_manifests
 from clipforge.orchestrate.pipeline import resolve_stage
 
@@ -159,11 +160,13 @@ def test_driver_job_and_its_settings(values_file, tmp_path):
     args = container["args"]
     assert args[:4] == ["drive", "/etc/clipforge/pipeline.yaml", "--run-id", run_id]
     assert template["spec"]["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
-    # A failed run (1) or a wrong spec (2) is not retried by a new driver pod (it would run the failed stage
-    # again); a stopped stage (75, 130) or a crash is, and a drained node does not count.
+    # A failed run (3) or a wrong spec (2) is not retried by a new driver pod (it would run the failed stage
+    # again); a stopped stage (75, 130) or a crashed driver (1: the API server went away) is, and resumes; a
+    # drained node does not count.
     rules = driver["spec"]["podFailurePolicy"]["rules"]
     fail = [r for r in rules if r["action"] == "FailJob"]
-    assert [r["onExitCodes"] for r in fail] == [{"containerName": "driver", "operator": "In", "values": [1, 2]}]
+    assert [r["onExitCodes"] for r in fail] == [{"containerName": "driver", "operator": "In",
+                                                 "values": [EXIT_USER_ERROR, EXIT_RUN_FAILED]}]
     assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
     # What the driver reads validates as it will in the pod.
     spec_file = tmp_path / "pipeline.yaml"

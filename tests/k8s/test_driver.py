@@ -148,20 +148,34 @@ def index_stage(subject: str) -> dict:
     return {"name": "nsd-index", "kind": "index", "with": {"expdesign": "demo/nsd_expdesign.mat", "subject": subject}}
 
 
-def test_watch_survives_gone_and_a_stalled_connection(small_cluster, monkeypatch, caplog):
+def test_watch_survives_gone_a_stalled_connection_and_a_503(small_cluster, monkeypatch, caplog):
     cluster = small_cluster
     spec = one_stage_spec(cluster, "index-only", [index_stage("subj02")])
     cluster.api.gone_next_watches = 1  # the first watch: 410 Gone -> list again
     cluster.api.stall_next_watches = 1  # the next: silence -> only _request_timeout ends it
+    cluster.api.unavailable_next_watches = 1  # the next: 503 -> watch again (only a crash would end the run)
+    name = job_name(RELEASE, "watch", "nsd-index")
+    cluster.api.hold(name)  # the Job runs only once every fault has been met
+
+    def release_after_the_faults():
+        deadline = time.monotonic() + 60
+        while cluster.api.gone_next_watches + cluster.api.stall_next_watches + cluster.api.unavailable_next_watches:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        cluster.api.release(name)
+
+    helper = threading.Thread(target=release_after_the_faults)
+    helper.start()
     monkeypatch.chdir(cluster.root)
     monkeypatch.setenv("DRIVER_JOB_UID", cluster.driver_uid)
     monkeypatch.setenv("DRIVER_JOB_NAME", "demo-driver")
     with caplog.at_level(logging.INFO, logger="clipforge"):
         record = drive(spec, run_id="watch", settings_path=str(cluster.settings), kubeconfig=str(cluster.kubeconfig),
                        watch_seconds=2)
+    helper.join()
     assert statuses(record.data) == {"nsd-index": "done"}
     assert "410 Gone" in caplog.text and "broke off (ReadTimeoutError)" in caplog.text
-    name = job_name(RELEASE, "watch", "nsd-index")
+    assert "503 Service Unavailable; watching again" in caplog.text
     assert cluster.api.created("jobs", name) == [name]
     job = cluster.api.get("jobs", name)
     assert job["status"]["conditions"][-1]["type"] == "Complete"

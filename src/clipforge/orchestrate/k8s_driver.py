@@ -38,6 +38,8 @@ RAY_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # DESIGN: status.jobStatus va
 RAY_DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
 # What a broken connection looks like from the client: a read timeout, a reset, a refused reconnect.
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+# Answers that pass by themselves (throttling, an API server restarting or behind a load balancer): retried.
+RETRIED_STATUSES = (429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ class KubernetesExecutor:
         """
         selector = f"metadata.name={name}"
         version: str | None = None
+        refused = 0  # watches answered 429/5xx in a row: the wait before the next grows
         while True:
             if version is None:
                 listed = self.call(self.batch.list_namespaced_job, self.namespace, field_selector=selector)
@@ -269,9 +272,15 @@ class KubernetesExecutor:
                         return None
                     if event["type"] in ("ADDED", "MODIFIED") and job_finished(event["object"]):
                         return event["object"]
+                refused = 0
                 if between_watches is not None:
                     between_watches()
             except ApiException as exc:
+                if exc.status in RETRIED_STATUSES:  # as call() does: the driver must outlive an API hiccup
+                    log.info("watch on Job %s: %s %s; watching again", name, exc.status, exc.reason)
+                    time.sleep(min(30, 2 ** min(refused, 5)))
+                    refused += 1
+                    continue
                 if exc.status != 410:
                     raise
                 log.info("watch on Job %s: 410 Gone (resourceVersion %s expired); listing again", name, version)
@@ -372,7 +381,7 @@ class KubernetesExecutor:
             try:
                 return method(*args, _request_timeout=60, **kwargs)
             except ApiException as exc:
-                if exc.status not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
                     raise
             except CONNECTION_ERRORS:
                 if attempt == attempts - 1:
