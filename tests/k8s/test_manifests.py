@@ -188,6 +188,30 @@ def test_cpu_stage_pods_see_no_gpu():
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
 
 
+def test_gpu_placement_goes_only_to_pods_that_request_gpus():
+    """A CPU stage, a Ray head or submitter on a GPU node would hold it (or wait for a free one)."""
+    gpu = dict(gpu_node_selector={"gpu": "yes"}, gpu_tolerations=[{"key": "gpu-only", "operator": "Exists"}],
+               gpu_affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                   "nodeSelectorTerms": [{"matchExpressions": [{"key": "t", "operator": "In", "values": ["a"]}]}]}}})
+    general = settings(affinity={"podAntiAffinity": {}}, **gpu)
+    (cpu_job,) = stage_manifests(resolved("idx"), general)
+    cpu = cpu_job["spec"]["template"]["spec"]
+    assert cpu["nodeSelector"] == {"pool": "gpu"} and [t["key"] for t in cpu["tolerations"]] == ["nvidia.com/gpu"]
+    assert cpu["affinity"] == {"podAntiAffinity": {}}
+    for job in (*stage_manifests(resolved("tgt"), general),
+                stage_manifests(resolved("adapter-with-a-rather-long-stage-name-40"), general)[0]):
+        validate(job)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "gpu", "gpu": "yes"}
+        assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "gpu-only"]
+        assert pod["affinity"] == {"podAntiAffinity": {}, **gpu["gpu_affinity"]}
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, node_selector={}, tolerations=[], **gpu))
+    head, submitter, worker = pod_specs(ray)
+    assert worker["nodeSelector"] == {"gpu": "yes"} and worker["affinity"] == gpu["gpu_affinity"]
+    for spec in (head, submitter):
+        assert not {"nodeSelector", "tolerations", "affinity"} & spec.keys()
+
+
 def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():
     (job,) = stage_manifests(resolved("src"), settings(kuberay=False))
     validate(job)

@@ -57,6 +57,11 @@ class StageJobSettings:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     affinity: dict | None = None
+    # Placement of pods that request GPUs only, over the above: CPU pods (an index stage, a Ray head or
+    # submitter) then need no GPU node.
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)
+    gpu_tolerations: list[dict] = field(default_factory=list)
+    gpu_affinity: dict | None = None
     artifact_secret: str | None = None  # a Secret whose keys become env (AWS_ACCESS_KEY_ID, ...)
     artifact_env: dict[str, str] = field(default_factory=dict)  # e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
     artifact_pvc: str | None = None  # a PersistentVolumeClaim mounted at /artifacts instead of S3
@@ -215,7 +220,25 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
     return spec
 
 
-def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) -> dict:
+def placement_fields(settings: StageJobSettings, gpus: int) -> dict:
+    """nodeSelector, tolerations and affinity: the general ones, with the GPU-only ones merged over them when
+    the pod asks for GPUs (a CPU pod forced onto a GPU node would hold it, and wait when none is free)."""
+    selector, tolerations, affinity = dict(settings.node_selector), list(settings.tolerations), settings.affinity
+    if gpus:
+        selector.update(settings.gpu_node_selector)
+        tolerations += settings.gpu_tolerations
+        affinity = {**(affinity or {}), **(settings.gpu_affinity or {})} or None
+    out: dict[str, Any] = {}
+    if selector:
+        out["nodeSelector"] = selector
+    if tolerations:
+        out["tolerations"] = [dict(t) for t in tolerations]
+    if affinity:
+        out["affinity"] = dict(affinity)
+    return out
+
+
+def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict, gpus: int) -> dict:
     vols, _ = volumes(settings)
     spec: dict[str, Any] = {
         # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
@@ -230,12 +253,7 @@ def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) ->
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
-    if settings.node_selector:
-        spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    if settings.affinity:
-        spec["affinity"] = dict(settings.affinity)
+    spec.update(placement_fields(settings, gpus))
     if settings.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     return spec
@@ -282,7 +300,7 @@ def single_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     gpus = res.gpus * res.nodes if resolved.spec.kind == "cache" else res.gpus
     name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
     main = container(resolved, settings, gpus)
-    return _job(name, resolved, settings, pod_spec(resolved, settings, main),
+    return _job(name, resolved, settings, pod_spec(resolved, settings, main, gpus),
                 {"backoffLimit": settings.backoff_limit, "podFailurePolicy": pod_failure_policy(indexed=False)})
 
 
@@ -307,7 +325,7 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
     ]
     main = container(resolved, settings, resolved.spec.resources.gpus, rendezvous)
     main["ports"] = [{"name": "rendezvous", "containerPort": settings.rendezvous_port}]
-    template = {**pod_spec(resolved, settings, main), "subdomain": service}
+    template = {**pod_spec(resolved, settings, main, resolved.spec.resources.gpus), "subdomain": service}
     job = _job(name, resolved, settings, template, {
         "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
         "backoffLimit": 0, "podFailurePolicy": pod_failure_policy(indexed=True)})
@@ -336,7 +354,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         main["name"] = container_name
         del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
         return {"metadata": {"labels": labels(settings, resolved.spec.name)},
-                "spec": {k: v for k, v in pod_spec(resolved, settings, main).items() if k != "restartPolicy"}}
+                "spec": {k: v for k, v in pod_spec(resolved, settings, main, gpus).items() if k != "restartPolicy"}}
 
     submitter = ray_pod("ray-job-submitter", 0)
     submitter["spec"]["restartPolicy"] = "Never"
