@@ -132,6 +132,19 @@ def test_stage_service_account_choices():
     assert accounts({"stageServiceAccount": {"create": False}}) == (["clipforge"], None, "default")
 
 
+def test_scheduling_values_reach_the_driver_settings():
+    settings = stage_settings(chart_objects({
+        "kueue": {"queueName": "team-a"},
+        "stageDefaults": {"priorityClassName": "high", "runtimeClassName": "nvidia", "podLabels": {"team": "a"},
+                          "podAnnotations": {"sidecar.istio.io/inject": "false"}, "labels": {"cost": "ml"}}}))
+    assert (settings.queue_name, settings.priority_class_name, settings.runtime_class_name) == (
+        "team-a", "high", "nvidia")
+    assert settings.pod_labels == {"team": "a"} and settings.extra_labels == {"cost": "ml"}
+    assert settings.pod_annotations == {"sidecar.istio.io/inject": "false"}
+    default = stage_settings(chart_objects({}))
+    assert default.queue_name is default.priority_class_name is default.runtime_class_name is None
+
+
 def test_rbac_and_service_account_switches():
     objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
                              "stageServiceAccount": {"create": False}})

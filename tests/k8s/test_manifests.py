@@ -212,6 +212,34 @@ def test_gpu_placement_goes_only_to_pods_that_request_gpus():
         assert not {"nodeSelector", "tolerations", "affinity"} & spec.keys()
 
 
+def test_scheduling_knobs_queue_priority_runtime_and_pod_metadata():
+    knobs = settings(queue_name="team-a", priority_class_name="training-high", runtime_class_name="nvidia",
+                     pod_labels={"team": "a"}, pod_annotations={"sidecar.istio.io/inject": "false"},
+                     extra_labels={"cost-center": "ml"}, kuberay=True)
+    job, service = stage_manifests(resolved("adapter-with-a-rather-long-stage-name-40"), knobs)
+    (ray,) = stage_manifests(resolved("src"), knobs)
+    validate(job)
+    validate(service)
+    # Kueue admits the workload (a Job, a RayJob); it must not see the label on pods or Services.
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "kueue.x-k8s.io/queue-name" not in service["metadata"]["labels"]
+    assert service["metadata"]["labels"]["cost-center"] == "ml"
+    templates = [job["spec"]["template"], ray["spec"]["submitterPodTemplate"],
+                 ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+                 ray["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]]
+    for template in templates:
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+        assert template["metadata"]["labels"]["team"] == "a" and template["metadata"]["labels"]["cost-center"] == "ml"
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert template["spec"]["priorityClassName"] == "training-high"
+        assert template["spec"]["runtimeClassName"] == "nvidia"
+    (plain,) = stage_manifests(resolved("tgt"), settings())
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+    assert not {"priorityClassName", "runtimeClassName"} & plain["spec"]["template"]["spec"].keys()
+    assert "annotations" not in plain["spec"]["template"]["metadata"]
+
+
 def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():
     (job,) = stage_manifests(resolved("src"), settings(kuberay=False))
     validate(job)

@@ -32,6 +32,7 @@ CONTAINER = "stage"
 CACHE_MOUNT = "/cache"
 ARTIFACTS_MOUNT = "/artifacts"
 KEY_ANNOTATION = "clipforge.io/stage-key"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 # Pod security, the same for the driver (see the chart's _helpers.tpl) and every stage pod.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
@@ -80,7 +81,12 @@ class StageJobSettings:
     owner_uid: str | None = None
     kuberay: bool = False
     ray_version: str = "2.60.0"  # the Dockerfile's RAY_VERSION: the Ray the image runs
-    extra_labels: dict[str, str] = field(default_factory=dict)
+    extra_labels: dict[str, str] = field(default_factory=dict)  # on every object the driver creates
+    queue_name: str | None = None  # a Kueue LocalQueue: the kueue.x-k8s.io/queue-name label on Jobs and RayJobs
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None  # e.g. nvidia, where GPU nodes do not make it the default runtime
+    pod_labels: dict[str, str] = field(default_factory=dict)  # stage pods only, e.g. for a NetworkPolicy
+    pod_annotations: dict[str, str] = field(default_factory=dict)  # e.g. sidecar.istio.io/inject: "false"
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> StageJobSettings:
@@ -254,6 +260,10 @@ def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict, gp
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
     spec.update(placement_fields(settings, gpus))
+    if settings.priority_class_name:
+        spec["priorityClassName"] = settings.priority_class_name
+    if settings.runtime_class_name:
+        spec["runtimeClassName"] = settings.runtime_class_name
     if settings.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     return spec
@@ -279,15 +289,31 @@ def pod_failure_policy(indexed: bool) -> dict:
     ]}
 
 
+def pod_metadata(settings: StageJobSettings, stage: str) -> dict:
+    """A stage pod template's labels (ours win over pod_labels: selectors depend on them) and annotations."""
+    meta: dict[str, Any] = {"labels": {**settings.pod_labels, **labels(settings, stage)}}
+    if settings.pod_annotations:
+        meta["annotations"] = dict(settings.pod_annotations)
+    return meta
+
+
+def queued(meta: dict, settings: StageJobSettings) -> dict:
+    """A Job's or RayJob's metadata with the Kueue queue label: Kueue then admits it (unsuspends it) when
+    the queue has quota. Only on those: Kueue manages the workload, not its pods or Services."""
+    if settings.queue_name:
+        meta["labels"][QUEUE_LABEL] = settings.queue_name
+    return meta
+
+
 def _job(name: str, resolved: ResolvedStage, settings: StageJobSettings, template_spec: dict,
-         extra_spec: dict, pod_labels: dict | None = None) -> dict:
-    meta = metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}})
+         extra_spec: dict) -> dict:
+    meta = queued(metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
+                  settings)
     spec: dict[str, Any] = {
         **extra_spec,
         # DESIGN: the TTL deletes pods and their logs; the driver reads both as soon as the Job finishes.
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-        "template": {"metadata": {"labels": {**labels(settings, resolved.spec.name), **(pod_labels or {})}},
-                     "spec": template_spec},
+        "template": {"metadata": pod_metadata(settings, resolved.spec.name), "spec": template_spec},
     }
     if settings.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
@@ -353,7 +379,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         main = container(resolved, settings, gpus)
         main["name"] = container_name
         del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
-        return {"metadata": {"labels": labels(settings, resolved.spec.name)},
+        return {"metadata": pod_metadata(settings, resolved.spec.name),
                 "spec": {k: v for k, v in pod_spec(resolved, settings, main, gpus).items() if k != "restartPolicy"}}
 
     submitter = ray_pod("ray-job-submitter", 0)
@@ -366,7 +392,8 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
                                                    "limits": {"memory": RAY_HEAD_MEMORY}}
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
+        "metadata": queued(metadata(name, settings, resolved.spec.name,
+                                    {"annotations": {KEY_ANNOTATION: resolved.key}}), settings),
         "spec": {
             "entrypoint": " ".join(stage_command(resolved)),
             "shutdownAfterJobFinishes": True,
