@@ -162,6 +162,12 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert head["resources"]["requests"]["memory"] == "8Gi"  # the Ray driver only, not the stage's memory
     assert spec["ttlSecondsAfterFinished"] <= 300  # no idle GPU cluster for a day
+    assert "activeDeadlineSeconds" not in spec
+
+
+def test_rayjob_keeps_the_stage_deadline():
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, active_deadline_seconds=7200))
+    assert ray["spec"]["activeDeadlineSeconds"] == 7200
 
 
 def test_rayjob_names_fit_kuberays_limit():

@@ -390,7 +390,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     # neither the stage's CPUs and memory nor a GPU node's worth of them.
     head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": RAY_HEAD_MEMORY},
                                                    "limits": {"memory": RAY_HEAD_MEMORY}}
-    return {
+    body = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": queued(metadata(name, settings, resolved.spec.name,
                                     {"annotations": {KEY_ANNOTATION: resolved.key}}), settings),
@@ -411,6 +411,11 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
             },
         },
     }
+    if settings.active_deadline_seconds:
+        # The stage's wall-clock limit, as on a Job: KubeRay stops the job (jobStatus FAILED, reason
+        # DeadlineExceeded) and, with shutdownAfterJobFinishes, frees the GPU workers.
+        body["spec"]["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    return body
 
 
 def stage_manifests(resolved: ResolvedStage, settings: StageJobSettings) -> list[dict]:
