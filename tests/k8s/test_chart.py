@@ -132,6 +132,23 @@ def test_stage_service_account_choices():
     assert accounts({"stageServiceAccount": {"create": False}}) == (["clipforge"], None, "default")
 
 
+def test_objects_the_driver_creates_carry_the_charts_name_labels():
+    """With nameOverride, the chart's selectors (name + instance) must still find the stage Jobs and pods."""
+    objects = chart_objects({"nameOverride": "embedder"}, name="rel")
+    (driver,) = by_kind(objects, "Job")
+    selector = {k: v for k, v in driver["spec"]["template"]["metadata"]["labels"].items()
+                if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    assert selector == {"app.kubernetes.io/name": "embedder", "app.kubernetes.io/instance": "rel"}
+    settings = dataclasses.replace(stage_settings(objects), run_id="r")
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage, settings)
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        assert selector.items() <= meta["labels"].items()
+
+
 def test_scheduling_values_reach_the_driver_settings():
     settings = stage_settings(chart_objects({
         "kueue": {"queueName": "team-a"},

@@ -48,6 +48,7 @@ class StageJobSettings:
     image: str  # the clipforge image, pinned tag or digest
     namespace: str = "default"  # stage Jobs go to the driver's own namespace
     release: str = "clipforge"  # the Helm release: app.kubernetes.io/instance
+    app_name: str = "clipforge"  # the chart's name (nameOverride): app.kubernetes.io/name
     run_id: str = ""  # set by the driver from --run-id
     name_prefix: str = ""  # Job names start with this (the chart's fullname); default: release
     image_pull_policy: str = "IfNotPresent"
@@ -128,7 +129,7 @@ def job_name(prefix: str, run_id: str, stage: str = "", max_length: int = MAX_NA
 def labels(settings: StageJobSettings, stage: str | None = None, component: str = "stage") -> dict[str, str]:
     """The chart's labels plus run id and stage; `app.kubernetes.io/name` + `instance` select a release."""
     out = {
-        "app.kubernetes.io/name": "clipforge",
+        "app.kubernetes.io/name": settings.app_name,
         "app.kubernetes.io/instance": settings.release,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "clipforge",
