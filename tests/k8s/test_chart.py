@@ -301,6 +301,8 @@ def test_notes_say_how_to_follow_the_run():
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "kubectl -n ns logs -f job/rel-clipforge-r7-driver" in notes
+    # Stage Jobs are owned by the driver Job: a plain delete cascades to a stage that still runs.
+    assert "kubectl -n ns delete job rel-clipforge-r7-driver --cascade=orphan" in notes
     assert "clipforge.io/run-id=r7" in notes
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7", "artifactStore": {"s3": {"bucket": "b", "prefix": "p"}}},
