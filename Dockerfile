@@ -67,7 +67,8 @@ RUN groupadd --gid 10001 clipforge \
  && ln -s /cache /home/clipforge/.cache
 COPY --from=builder /opt/venv /opt/venv
 # Every cache a stage may fill, under one volume path. open_clip downloads to ~/.cache/clip, which the
-# symlink above puts under /cache too.
+# symlink above puts under /cache too. Triton (torch.compile) writes $TRITON_HOME/.triton, by default in
+# HOME, which is on the read-only root filesystem.
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/clipforge \
     CLIPFORGE_CACHE=/cache \
@@ -75,6 +76,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
     TORCH_HOME=/cache/torch \
     MPLCONFIGDIR=/cache/matplotlib \
+    TRITON_HOME=/cache \
     TMPDIR=/tmp
 VOLUME ["/cache"]
 WORKDIR /home/clipforge

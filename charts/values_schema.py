@@ -33,6 +33,9 @@ def values_schema() -> dict:
     defs["PipelineSpec"] = pipeline
     quantity = {"anyOf": [{"type": "string", "pattern": QUANTITY}, {"type": "integer", "minimum": 0}]}
     free_map = {"type": "object"}
+    # Label values: at most 63 characters of [A-Za-z0-9_.-], starting and ending alphanumeric, or empty.
+    labels = {"type": "object", "additionalProperties": {
+        "type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "clipforge chart values",
@@ -74,7 +77,15 @@ def values_schema() -> dict:
                 "cacheSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
                 "shmSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
                 "rendezvousPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-                "serviceAccountName": string("ServiceAccount of stage pods"),
+                "priorityClassName": string("PriorityClass of stage pods"),
+                "runtimeClassName": string("RuntimeClass of stage pods"),
+                "podLabels": labels,
+                "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                "labels": labels,
+                "gpuNodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+                "gpuTolerations": {"type": "array", "items": free_map},
+                "gpuAffinity": free_map,
+                "serviceAccountName": string("an existing ServiceAccount of stage pods"),
             }),
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
             "tolerations": {"type": "array", "items": free_map},
@@ -91,7 +102,13 @@ def values_schema() -> dict:
                 "name": string("the driver's ServiceAccount"),
                 "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
             }),
+            "stageServiceAccount": obj({
+                "create": {"type": "boolean"},
+                "name": string("the stage pods' ServiceAccount"),
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            }),
             "rbac": obj({"create": {"type": "boolean"}}),
+            "kueue": obj({"queueName": string("Kueue LocalQueue of stage Jobs and RayJobs")}),
             "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters")}),
             "tests": obj({"enabled": {"type": "boolean"}}),
             # Helm adds `global` for subcharts; allow it so the chart can be used as one.

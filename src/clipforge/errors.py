@@ -41,6 +41,9 @@ def stop_if_signalled() -> None:
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+# A pipeline ran and a stage failed: not 1, which an uncaught exception (a bug, an API server that went away)
+# exits with, so that a driver Job retries a crashed driver, which resumes, but not a run that failed.
+EXIT_RUN_FAILED = 3
 # An orchestrator tells preemption from failure by this code: the stage saved a
 # checkpoint on SIGTERM and exited cleanly; rerunning resumes it.
 EXIT_PREEMPTED = 75

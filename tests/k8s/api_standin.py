@@ -3,15 +3,16 @@
 No API server can run here (no cluster, no container runtime), so this process speaks the part of the
 real REST protocol the driver uses, over HTTP on loopback, to the real `kubernetes` Python client:
 
-- get / list (label and field selectors) / create / delete of Jobs, Pods, Services and KubeRay RayJobs,
+- get / list (label and field selectors) / create / delete of Jobs, Pods, Services, Events and KubeRay RayJobs,
   `pods/log` with `tailLines`, `404 NotFound` and `409 AlreadyExists` as Status objects;
 - watch: a chunked stream of `{"type", "object"}` lines resuming after `resourceVersion`, ended by
   `timeoutSeconds`; `410 Gone` as an ERROR event (injectable, or after `compact()`); a stalled watch
-  that sends nothing (injectable), which only the client's own `_request_timeout` ends.
+  that sends nothing (injectable), which only the client's own `_request_timeout` ends; `503` (injectable).
 
 It also plays, crudely, the controllers and the node:
 
 - Job controller: pods per Job (one, or one per index of an Indexed Job with hostname `<job>-<index>`),
+  none for a suspended Job (`queue()`, then `admit()`), a FailedCreate Event instead of pods (`refuse_pods()`),
   `backoffLimit`, `podFailurePolicy` (FailJob / Ignore / Count on exit codes and pod conditions),
   Complete / Failed conditions; deleting a Job stops and deletes its pods;
 - kubelet: a pod "runs" its container's command as a local subprocess (the image's `clipforge` is this
@@ -46,9 +47,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 ROUTE = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
-                   r"(?P<resource>jobs|pods|services|rayjobs)(?:/(?P<name>[^/]+))?(?P<log>/log)?$")
+                   r"(?P<resource>jobs|pods|services|rayjobs|events)(?:/(?P<name>[^/]+))?(?P<log>/log)?$")
 KINDS = {"jobs": ("Job", "batch/v1"), "pods": ("Pod", "v1"), "services": ("Service", "v1"),
-         "rayjobs": ("RayJob", "ray.io/v1")}
+         "rayjobs": ("RayJob", "ray.io/v1"), "events": ("Event", "v1")}
 
 
 def now() -> str:
@@ -80,10 +81,13 @@ class KubernetesApiStandIn:
         self.compacted = 0
         self.gone_next_watches = 0  # the next N watches get 410 Gone
         self.stall_next_watches = 0  # the next N watches send nothing and never end by themselves
+        self.unavailable_next_watches = 0  # the next N watches get 503 (an API server restarting)
         self.requests: list[tuple[str, str, str | None]] = []  # (method, resource, name or created name)
         self.held: set[str] = set()  # Job names whose pods stay Pending until release()
         self.waiting: dict[str, tuple[str, str]] = {}  # Job name -> (reason, message) of its pods' containers
         self.disrupted: set[str] = set()
+        self.refused: dict[str, str] = {}  # Job name -> why the API server refuses its pods
+        self.queued: set[str] = set()  # Job names created suspended, as a Kueue webhook does, until admit()
         self.processes: dict[str, subprocess.Popen] = {}
         self.pod_env: dict[str, dict[str, str]] = {}  # the container env each pod ran with (after DNS)
         self.logs = Path(tempfile.mkdtemp(prefix="k8s-standin-logs-"))
@@ -131,6 +135,24 @@ class KubernetesApiStandIn:
         with self.lock:
             self.held.add(job)
             self.waiting[job] = (reason, message)
+
+    def refuse_pods(self, job: str, message: str) -> None:
+        """The Job controller's pod creations for `job` are refused (a quota, Pod Security, a webhook): no
+        pod appears, only a FailedCreate event on the Job, as the real controller records it."""
+        with self.lock:
+            self.refused[job] = message
+
+    def queue(self, job: str) -> None:
+        """`job` is created suspended, as Kueue's webhook does, and runs only after `admit(job)`."""
+        with self.lock:
+            self.queued.add(job)
+
+    def admit(self, job: str) -> None:
+        with self.lock:
+            obj = self.objects[("jobs", self.namespace, job)]
+            obj["spec"]["suspend"] = False
+            self._put("jobs", obj, "MODIFIED")
+        threading.Thread(target=self._start_job, args=(self.namespace, job), daemon=True).start()
 
     def release(self, job: str) -> None:
         with self.lock:
@@ -200,6 +222,11 @@ class KubernetesApiStandIn:
         with self.lock:
             self.requests.append((req.command, resource, name or (body or {}).get("metadata", {}).get("name")))
         if req.command == "GET" and name is None and query.get("watch") in ("true", "True", "1"):
+            with self.lock:  # after the 410s and stalls asked for
+                unavailable = self.unavailable_next_watches > 0 and not self.gone_next_watches + self.stall_next_watches
+                self.unavailable_next_watches -= unavailable
+            if unavailable:
+                return self._send(req, 503, status_body(503, "ServiceUnavailable", "the API server is restarting"))
             return self._watch(req, resource, ns, query)
         if req.command == "GET" and route["log"]:
             return self._log(req, ns, name, query)
@@ -236,7 +263,10 @@ class KubernetesApiStandIn:
                 return False
         for term in filter(None, (query.get("fieldSelector") or "").split(",")):
             key, _, value = term.partition("=")
-            if key == "metadata.name" and obj["metadata"]["name"] != value:
+            found = obj
+            for part in key.split("."):  # metadata.name, involvedObject.name, reason
+                found = found.get(part) if isinstance(found, dict) else None
+            if found != value:
                 return False
         return True
 
@@ -325,6 +355,8 @@ class KubernetesApiStandIn:
                 obj["spec"].setdefault("parallelism", 1)
                 obj["spec"].setdefault("backoffLimit", 6)
                 obj["status"] = {}
+                if meta["name"] in self.queued:
+                    obj["spec"]["suspend"] = True
             if resource == "rayjobs":
                 obj["status"] = {"jobDeploymentStatus": "Initializing"}
             self._put(resource, obj, "ADDED")
@@ -362,6 +394,17 @@ class KubernetesApiStandIn:
             job["status"].update(startTime=now(), active=0, succeeded=0, failed=0)
             indexed = job["spec"].get("completionMode") == "Indexed"
             indexes = list(range(job["spec"]["completions"])) if indexed else [None]
+            refused = self.refused.get(name)
+            if refused is not None:
+                self._put("events", {
+                    "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedCreate",
+                    "message": f"Error creating: {refused}", "count": 1, "firstTimestamp": now(),
+                    "lastTimestamp": now(), "source": {"component": "job-controller"},
+                    "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": ns,
+                                 "creationTimestamp": now()},
+                    "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": name, "namespace": ns,
+                                       "uid": job["metadata"]["uid"]}}, "ADDED")
+                return
         for index in indexes:
             self._start_pod(ns, name, index)
 

@@ -3,6 +3,7 @@ every values file under charts/clipforge/ci/; every object validated against the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -23,8 +24,10 @@ from conftest import (
     validate,
 )
 
-from clipforge.config.pipeline import load_pipeline
-from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name
+from clipforge.config.pipeline import PipelineSpec, load_pipeline
+from clipforge.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
+from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name, stage_manifests
+from clipforge.orchestrate.pipeline import resolve_stage
 
 VALUES = [None, *CI_VALUES]
 IDS = ["default", *(p.name for p in CI_VALUES)]
@@ -70,12 +73,12 @@ def test_rbac_is_namespaced_and_minimal(values_file):
                for group in rule["apiGroups"] for resource in rule["resources"]}
     expected = {("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
                 ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
-                ("", "services"): {"get", "list", "create", "delete"}}
+                ("", "services"): {"get", "list", "create", "delete"}, ("", "events"): {"list"}}
     if values.get("kuberay", {}).get("enabled"):
         expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete"}
     assert granted == expected
     (binding,) = by_kind(objects, "RoleBinding")
-    (account,) = by_kind(objects, "ServiceAccount")
+    (account,) = [a for a in by_kind(objects, "ServiceAccount") if a.get("automountServiceAccountToken") is not False]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
@@ -84,8 +87,84 @@ def test_rbac_is_namespaced_and_minimal(values_file):
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
+def stage_settings(objects: list[dict]) -> StageJobSettings:
+    """What the driver reads from the rendered ConfigMap: the settings of every stage pod."""
+    (config,) = by_kind(objects, "ConfigMap")
+    return StageJobSettings.from_mapping(yaml.safe_load(config["data"]["driver.yaml"]))
+
+
+def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity():
+    """Workload identity (IRSA) must reach the stage pods, which read and write S3, not only the driver; and
+    `helm test` checks the store as the stage pods will reach it."""
+    arn = {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/stages"}
+    objects = chart_objects({"stageServiceAccount": {"annotations": arn}}, name="rel", namespace="ml-team")
+    accounts = {a["metadata"]["name"]: a for a in by_kind(objects, "ServiceAccount")}
+    stage = accounts["rel-clipforge-stage"]
+    assert stage["metadata"]["annotations"] == arn
+    assert stage["automountServiceAccountToken"] is False  # stage pods never call the API
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert [s["name"] for s in binding["subjects"]] == ["rel-clipforge"]  # the Role stays the driver's
+    (pod,) = by_kind(objects, "Pod")
+    assert pod["spec"]["serviceAccountName"] == "rel-clipforge-stage"
+    # The driver gives it to every stage pod it creates.
+    settings = stage_settings(objects)
+    assert settings.service_account == "rel-clipforge-stage"
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage_job = resolve_stage(spec, spec.stages[0], {})
+    stage_job.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage_job, dataclasses.replace(settings, run_id="r"))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "rel-clipforge-stage"
+
+
+def test_stage_service_account_choices():
+    def accounts(values: dict) -> tuple[list[str], str | None, str]:
+        objects = chart_objects(values)
+        (pod,) = by_kind(objects, "Pod")
+        return ([a["metadata"]["name"] for a in by_kind(objects, "ServiceAccount")],
+                stage_settings(objects).service_account, pod["spec"]["serviceAccountName"])
+
+    assert accounts({"stageServiceAccount": {"name": "mine"}}) == (["clipforge", "mine"], "mine", "mine")
+    # An existing one named the old way still wins, and the chart creates none.
+    assert accounts({"stageDefaults": {"serviceAccountName": "old"}}) == (["clipforge"], "old", "old")
+    assert accounts({"stageServiceAccount": {"create": False, "name": "existing"}}) == (
+        ["clipforge"], "existing", "existing")
+    assert accounts({"stageServiceAccount": {"create": False}}) == (["clipforge"], None, "default")
+
+
+def test_objects_the_driver_creates_carry_the_charts_name_labels():
+    """With nameOverride, the chart's selectors (name + instance) must still find the stage Jobs and pods."""
+    objects = chart_objects({"nameOverride": "embedder"}, name="rel")
+    (driver,) = by_kind(objects, "Job")
+    selector = {k: v for k, v in driver["spec"]["template"]["metadata"]["labels"].items()
+                if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    assert selector == {"app.kubernetes.io/name": "embedder", "app.kubernetes.io/instance": "rel"}
+    settings = dataclasses.replace(stage_settings(objects), run_id="r")
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage, settings)
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        assert selector.items() <= meta["labels"].items()
+
+
+def test_scheduling_values_reach_the_driver_settings():
+    settings = stage_settings(chart_objects({
+        "kueue": {"queueName": "team-a"},
+        "stageDefaults": {"priorityClassName": "high", "runtimeClassName": "nvidia", "podLabels": {"team": "a"},
+                          "podAnnotations": {"sidecar.istio.io/inject": "false"}, "labels": {"cost": "ml"}}}))
+    assert (settings.queue_name, settings.priority_class_name, settings.runtime_class_name) == (
+        "team-a", "high", "nvidia")
+    assert settings.pod_labels == {"team": "a"} and settings.extra_labels == {"cost": "ml"}
+    assert settings.pod_annotations == {"sidecar.istio.io/inject": "false"}
+    default = stage_settings(chart_objects({}))
+    assert default.queue_name is default.priority_class_name is default.runtime_class_name is None
+
+
 def test_rbac_and_service_account_switches():
-    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}})
+    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
+                             "stageServiceAccount": {"create": False}})
     assert not {"Role", "RoleBinding", "ServiceAccount"} & {o["kind"] for o in objects}
     (driver,) = by_kind(objects, "Job")
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
@@ -111,11 +190,13 @@ def test_driver_job_and_its_settings(values_file, tmp_path):
     args = container["args"]
     assert args[:4] == ["drive", "/etc/clipforge/pipeline.yaml", "--run-id", run_id]
     assert template["spec"]["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
-    # A failed run (1) or a wrong spec (2) is not retried by a new driver pod (it would run the failed stage
-    # again); a stopped stage (75, 130) or a crash is, and a drained node does not count.
+    # A failed run (3) or a wrong spec (2) is not retried by a new driver pod (it would run the failed stage
+    # again); a stopped stage (75, 130) or a crashed driver (1: the API server went away) is, and resumes; a
+    # drained node does not count.
     rules = driver["spec"]["podFailurePolicy"]["rules"]
     fail = [r for r in rules if r["action"] == "FailJob"]
-    assert [r["onExitCodes"] for r in fail] == [{"containerName": "driver", "operator": "In", "values": [1, 2]}]
+    assert [r["onExitCodes"] for r in fail] == [{"containerName": "driver", "operator": "In",
+                                                 "values": [EXIT_USER_ERROR, EXIT_RUN_FAILED]}]
     assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
     # What the driver reads validates as it will in the pod.
     spec_file = tmp_path / "pipeline.yaml"
@@ -220,6 +301,8 @@ def test_notes_say_how_to_follow_the_run():
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "kubectl -n ns logs -f job/rel-clipforge-r7-driver" in notes
+    # Stage Jobs are owned by the driver Job: a plain delete cascades to a stage that still runs.
+    assert "kubectl -n ns delete job rel-clipforge-r7-driver --cascade=orphan" in notes
     assert "clipforge.io/run-id=r7" in notes
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7", "artifactStore": {"s3": {"bucket": "b", "prefix": "p"}}},

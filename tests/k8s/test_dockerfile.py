@@ -121,7 +121,7 @@ def test_non_root_entrypoint_and_cache_volume(dockerfile):
     assert len(volumes) == 1
     volume = volumes[0]
     env = env_of(chain(stages, final))
-    for key in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+    for key in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_HOME"):
         assert env[key] == volume or env[key].startswith(volume + "/"), key
     # open_clip downloads to ~/.cache/clip: HOME's .cache is the volume too.
     runs = " ".join(final.all("RUN"))

@@ -148,20 +148,34 @@ def index_stage(subject: str) -> dict:
     return {"name": "nsd-index", "kind": "index", "with": {"expdesign": "demo/nsd_expdesign.mat", "subject": subject}}
 
 
-def test_watch_survives_gone_and_a_stalled_connection(small_cluster, monkeypatch, caplog):
+def test_watch_survives_gone_a_stalled_connection_and_a_503(small_cluster, monkeypatch, caplog):
     cluster = small_cluster
     spec = one_stage_spec(cluster, "index-only", [index_stage("subj02")])
     cluster.api.gone_next_watches = 1  # the first watch: 410 Gone -> list again
     cluster.api.stall_next_watches = 1  # the next: silence -> only _request_timeout ends it
+    cluster.api.unavailable_next_watches = 1  # the next: 503 -> watch again (only a crash would end the run)
+    name = job_name(RELEASE, "watch", "nsd-index")
+    cluster.api.hold(name)  # the Job runs only once every fault has been met
+
+    def release_after_the_faults():
+        deadline = time.monotonic() + 60
+        while cluster.api.gone_next_watches + cluster.api.stall_next_watches + cluster.api.unavailable_next_watches:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        cluster.api.release(name)
+
+    helper = threading.Thread(target=release_after_the_faults)
+    helper.start()
     monkeypatch.chdir(cluster.root)
     monkeypatch.setenv("DRIVER_JOB_UID", cluster.driver_uid)
     monkeypatch.setenv("DRIVER_JOB_NAME", "demo-driver")
     with caplog.at_level(logging.INFO, logger="clipforge"):
         record = drive(spec, run_id="watch", settings_path=str(cluster.settings), kubeconfig=str(cluster.kubeconfig),
                        watch_seconds=2)
+    helper.join()
     assert statuses(record.data) == {"nsd-index": "done"}
     assert "410 Gone" in caplog.text and "broke off (ReadTimeoutError)" in caplog.text
-    name = job_name(RELEASE, "watch", "nsd-index")
+    assert "503 Service Unavailable; watching again" in caplog.text
     assert cluster.api.created("jobs", name) == [name]
     job = cluster.api.get("jobs", name)
     assert job["status"]["conditions"][-1]["type"] == "Complete"
@@ -191,6 +205,62 @@ def test_a_pod_that_cannot_start_fails_its_stage_naming_the_reason(small_cluster
     assert 'CreateContainerConfigError: secret "s3-keys" not found' in caplog.text
     assert f"Job {name} cannot start" in caplog.text
     assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
+
+
+def index_stage_for(cluster: Cluster, run_id: str, subject: str):
+    """A resolved index stage of run `run_id` with its config saved, and the settings to run it with."""
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage(subject)]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = f"demo/artifacts/runs/{run_id}/configs/nsd-index.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id=run_id,
+                                             namespace="ml")
+    return stage, settings
+
+
+def test_pods_the_api_server_refuses_fail_the_stage_with_the_jobs_event(small_cluster, monkeypatch, caplog):
+    """A quota, Pod Security or a webhook refusing the pods leaves a Job without pods, said only in its
+    FailedCreate events: the driver reads them and fails the stage instead of waiting silently forever."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "refused", "subj06")
+    name = job_name(RELEASE, "refused", "nsd-index")
+    why = 'pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1'
+    cluster.api.refuse_pods(name, why)
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1, stuck_seconds=2)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    assert code == 1
+    assert f"Job {name} cannot create its pods: Error creating: {why}" in caplog.text
+    assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
+
+
+def test_a_suspended_job_waits_for_admission(small_cluster, monkeypatch, caplog):
+    """Kueue creates a Job suspended until its queue admits it: no pods for a long while is no failure."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "queued", "subj07")
+    name = job_name(RELEASE, "queued", "nsd-index")
+    cluster.api.queue(name)
+
+    def admit_once_looked_at():
+        deadline = time.monotonic() + 60
+        # One read of the Job before it is created, one more from the look at a Job without pods.
+        while len([r for r in cluster.api.requests if r == ("GET", "jobs", name)]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2)  # a few more looks, none of which may fail the stage
+        cluster.api.admit(name)
+
+    helper = threading.Thread(target=admit_once_looked_at)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1, stuck_seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 0
+    assert f"Job {name} is suspended: waiting for admission" in caplog.text
 
 
 def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster, monkeypatch, caplog):

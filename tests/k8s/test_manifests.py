@@ -162,6 +162,12 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert head["resources"]["requests"]["memory"] == "8Gi"  # the Ray driver only, not the stage's memory
     assert spec["ttlSecondsAfterFinished"] <= 300  # no idle GPU cluster for a day
+    assert "activeDeadlineSeconds" not in spec
+
+
+def test_rayjob_keeps_the_stage_deadline():
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, active_deadline_seconds=7200))
+    assert ray["spec"]["activeDeadlineSeconds"] == 7200
 
 
 def test_rayjob_names_fit_kuberays_limit():
@@ -186,6 +192,58 @@ def test_cpu_stage_pods_see_no_gpu():
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in container["env"]
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
+
+
+def test_gpu_placement_goes_only_to_pods_that_request_gpus():
+    """A CPU stage, a Ray head or submitter on a GPU node would hold it (or wait for a free one)."""
+    gpu = dict(gpu_node_selector={"gpu": "yes"}, gpu_tolerations=[{"key": "gpu-only", "operator": "Exists"}],
+               gpu_affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                   "nodeSelectorTerms": [{"matchExpressions": [{"key": "t", "operator": "In", "values": ["a"]}]}]}}})
+    general = settings(affinity={"podAntiAffinity": {}}, **gpu)
+    (cpu_job,) = stage_manifests(resolved("idx"), general)
+    cpu = cpu_job["spec"]["template"]["spec"]
+    assert cpu["nodeSelector"] == {"pool": "gpu"} and [t["key"] for t in cpu["tolerations"]] == ["nvidia.com/gpu"]
+    assert cpu["affinity"] == {"podAntiAffinity": {}}
+    for job in (*stage_manifests(resolved("tgt"), general),
+                stage_manifests(resolved("adapter-with-a-rather-long-stage-name-40"), general)[0]):
+        validate(job)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "gpu", "gpu": "yes"}
+        assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "gpu-only"]
+        assert pod["affinity"] == {"podAntiAffinity": {}, **gpu["gpu_affinity"]}
+    (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, node_selector={}, tolerations=[], **gpu))
+    head, submitter, worker = pod_specs(ray)
+    assert worker["nodeSelector"] == {"gpu": "yes"} and worker["affinity"] == gpu["gpu_affinity"]
+    for spec in (head, submitter):
+        assert not {"nodeSelector", "tolerations", "affinity"} & spec.keys()
+
+
+def test_scheduling_knobs_queue_priority_runtime_and_pod_metadata():
+    knobs = settings(queue_name="team-a", priority_class_name="training-high", runtime_class_name="nvidia",
+                     pod_labels={"team": "a"}, pod_annotations={"sidecar.istio.io/inject": "false"},
+                     extra_labels={"cost-center": "ml"}, kuberay=True)
+    job, service = stage_manifests(resolved("adapter-with-a-rather-long-stage-name-40"), knobs)
+    (ray,) = stage_manifests(resolved("src"), knobs)
+    validate(job)
+    validate(service)
+    # Kueue admits the workload (a Job, a RayJob); it must not see the label on pods or Services.
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "kueue.x-k8s.io/queue-name" not in service["metadata"]["labels"]
+    assert service["metadata"]["labels"]["cost-center"] == "ml"
+    templates = [job["spec"]["template"], ray["spec"]["submitterPodTemplate"],
+                 ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+                 ray["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]]
+    for template in templates:
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+        assert template["metadata"]["labels"]["team"] == "a" and template["metadata"]["labels"]["cost-center"] == "ml"
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert template["spec"]["priorityClassName"] == "training-high"
+        assert template["spec"]["runtimeClassName"] == "nvidia"
+    (plain,) = stage_manifests(resolved("tgt"), settings())
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+    assert not {"priorityClassName", "runtimeClassName"} & plain["spec"]["template"]["spec"].keys()
+    assert "annotations" not in plain["spec"]["template"]["metadata"]
 
 
 def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():

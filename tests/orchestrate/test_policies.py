@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from clipforge.config.pipeline import load_pipeline
-from clipforge.errors import EXIT_PREEMPTED
+from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED
 from clipforge.orchestrate.pipeline import exit_code, run_pipeline
 from clipforge.storage.manifest import write_manifest
 
@@ -48,6 +48,15 @@ def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
     assert later and all(record.data["stages"][name]["status"] == "skipped" for name in later)
     assert record.data["stages"]["evaluate"]["message"] == "the run was stopped at adapter"
     assert exit_code(record) == EXIT_PREEMPTED and ran[-1] == "adapter"
+
+
+def test_a_failed_run_exits_with_its_own_code_not_a_crashs(tmp_path):
+    """A driver Job retries a crashed driver (exit 1) but not a run that failed: the two need two codes."""
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    execute, _ = stages_that({"nsd-index": 1})
+    record = run_pipeline(spec, "r", execute)
+    assert record.data["stages"]["nsd-index"]["status"] == "failed"
+    assert exit_code(record) == EXIT_RUN_FAILED != 1
 
 
 def test_runs_names_a_store_that_is_not_there(tmp_path, capsys):

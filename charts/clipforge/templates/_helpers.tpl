@@ -75,6 +75,25 @@ app.kubernetes.io/part-of: clipforge
 {{- end }}
 {{- end }}
 
+{{/*
+The stage pods' ServiceAccount (the helm test pod runs as it too, so it checks what stages will see):
+stageDefaults.serviceAccountName when set (an existing one), else the one stageServiceAccount creates or
+names; empty: the namespace's default.
+*/}}
+{{- define "clipforge.stageServiceAccountName" -}}
+{{- if .Values.stageDefaults.serviceAccountName }}
+{{- .Values.stageDefaults.serviceAccountName }}
+{{- else if .Values.stageServiceAccount.create }}
+{{- default (printf "%s-stage" (include "clipforge.fullname" . | trunc 57 | trimSuffix "-")) .Values.stageServiceAccount.name }}
+{{- else }}
+{{- .Values.stageServiceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.createStageServiceAccount" -}}
+{{- if and .Values.stageServiceAccount.create (not .Values.stageDefaults.serviceAccountName) }}true{{ end }}
+{{- end }}
+
 {{- define "clipforge.image" -}}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
 {{- end }}

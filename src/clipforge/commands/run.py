@@ -8,8 +8,8 @@ def add_parser(sub) -> None:
         "run", help="run a pipeline spec (jobs/*.yaml) locally",
         description="Run a pipeline spec's stages on this machine, each as a `clipforge` subprocess (what a "
         "Kubernetes Job runs), in dependency order. Finished stages are reused; a rerun with the same --run-id "
-        "resumes the one that stopped. Exit code 1: a stage failed; 75 or 130: a stage was stopped (SIGTERM, "
-        "Ctrl-C) after saving its progress.")
+        "resumes the one that stopped. Exit code 3: a stage failed; 2: a mistake in the spec; 75 or 130: a stage "
+        "was stopped (SIGTERM, Ctrl-C) after saving its progress.")
     parser.add_argument("spec", help="pipeline spec YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec value, e.g. stages.adapter.with.epochs=5 (repeatable)")

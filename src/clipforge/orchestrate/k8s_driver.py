@@ -38,6 +38,8 @@ RAY_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # DESIGN: status.jobStatus va
 RAY_DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
 # What a broken connection looks like from the client: a read timeout, a reset, a refused reconnect.
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+# Answers that pass by themselves (throttling, an API server restarting or behind a load balancer): retried.
+RETRIED_STATUSES = (429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -92,16 +94,21 @@ class StageStuck(Exception):
 class PendingPods:
     """What a stage's pods wait for, looked at between watches: said when it changes, and a container that
     cannot start fails the stage after `stuck_seconds`. A pod waiting for a node is only said: a cluster
-    autoscaler may be adding one."""
+    autoscaler may be adding one. A Job with no pods at all after `stuck_seconds` is looked at too: a
+    suspended one waits for admission (Kueue), one whose pods the API server refuses fails the stage."""
 
     def __init__(self, executor: KubernetesExecutor, stage: str, job: str):
         self.executor, self.stage, self.job = executor, stage, job
         self.said: set[str] = set()
         self.stuck_since: float | None = None
+        self.podless_since: float | None = None
 
     def check(self) -> None:
         ex = self.executor
         pods = ex.call(ex.core.list_namespaced_pod, ex.namespace, label_selector=f"job-name={self.job}").items
+        self.podless_since = None if pods else (self.podless_since or time.monotonic())
+        if not pods and time.monotonic() - self.podless_since >= ex.stuck_seconds:
+            self.check_podless()
         stuck = None
         for pod in pods:
             for condition in pod.status.conditions or []:
@@ -118,6 +125,28 @@ class PendingPods:
         self.stuck_since = self.stuck_since or time.monotonic()
         if time.monotonic() - self.stuck_since >= ex.stuck_seconds:
             raise StageStuck(stuck)
+
+    def check_podless(self) -> None:
+        """Why a Job has no pods: suspended (a queue has not admitted it yet: wait), or the Job controller's
+        pod creations are refused (a quota, an admission webhook, Pod Security): no pod will ever come, and
+        only the Job's FailedCreate events say why, so the stage fails with their message."""
+        ex = self.executor
+        job = ex.read(ex.batch.read_namespaced_job, self.job)
+        if job is None:
+            return  # deleted: the watch says so
+        if job.spec.suspend:
+            self._say(f"Job {self.job} is suspended: waiting for admission (e.g. by Kueue) before its pods start")
+            return
+        events = ex.call(ex.core.list_namespaced_event, ex.namespace,
+                         field_selector=f"involvedObject.name={self.job}").items
+        refused = [e for e in events if e.reason == "FailedCreate" and e.involved_object.kind == "Job"]
+        if not refused:
+            self._say(f"Job {self.job} has no pods yet, and no event says why")
+            return
+        latest = max(refused, key=event_time)
+        message = f"Job {self.job} cannot create its pods: {latest.message}"
+        self._say(message)
+        raise StageStuck(message)
 
     def _say(self, line: str) -> None:
         if line not in self.said:
@@ -224,6 +253,7 @@ class KubernetesExecutor:
         """
         selector = f"metadata.name={name}"
         version: str | None = None
+        refused = 0  # watches answered 429/5xx in a row: the wait before the next grows
         while True:
             if version is None:
                 listed = self.call(self.batch.list_namespaced_job, self.namespace, field_selector=selector)
@@ -242,9 +272,15 @@ class KubernetesExecutor:
                         return None
                     if event["type"] in ("ADDED", "MODIFIED") and job_finished(event["object"]):
                         return event["object"]
+                refused = 0
                 if between_watches is not None:
                     between_watches()
             except ApiException as exc:
+                if exc.status in RETRIED_STATUSES:  # as call() does: the driver must outlive an API hiccup
+                    log.info("watch on Job %s: %s %s; watching again", name, exc.status, exc.reason)
+                    time.sleep(min(30, 2 ** min(refused, 5)))
+                    refused += 1
+                    continue
                 if exc.status != 410:
                     raise
                 log.info("watch on Job %s: 410 Gone (resourceVersion %s expired); listing again", name, version)
@@ -345,7 +381,7 @@ class KubernetesExecutor:
             try:
                 return method(*args, _request_timeout=60, **kwargs)
             except ApiException as exc:
-                if exc.status not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
                     raise
             except CONNECTION_ERRORS:
                 if attempt == attempts - 1:
@@ -378,6 +414,12 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def event_time(event: client.CoreV1Event) -> float:
+    """When an event last happened; 0 when it says nothing (the fields an API server fills vary)."""
+    stamp = event.last_timestamp or event.event_time or event.first_timestamp or event.metadata.creation_timestamp
+    return stamp.timestamp() if stamp else 0.0
 
 
 def finished_at(pod: client.V1Pod) -> float:

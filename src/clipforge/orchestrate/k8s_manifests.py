@@ -32,6 +32,7 @@ CONTAINER = "stage"
 CACHE_MOUNT = "/cache"
 ARTIFACTS_MOUNT = "/artifacts"
 KEY_ANNOTATION = "clipforge.io/stage-key"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 # Pod security, the same for the driver (see the chart's _helpers.tpl) and every stage pod.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
@@ -47,6 +48,7 @@ class StageJobSettings:
     image: str  # the clipforge image, pinned tag or digest
     namespace: str = "default"  # stage Jobs go to the driver's own namespace
     release: str = "clipforge"  # the Helm release: app.kubernetes.io/instance
+    app_name: str = "clipforge"  # the chart's name (nameOverride): app.kubernetes.io/name
     run_id: str = ""  # set by the driver from --run-id
     name_prefix: str = ""  # Job names start with this (the chart's fullname); default: release
     image_pull_policy: str = "IfNotPresent"
@@ -57,6 +59,11 @@ class StageJobSettings:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     affinity: dict | None = None
+    # Placement of pods that request GPUs only, over the above: CPU pods (an index stage, a Ray head or
+    # submitter) then need no GPU node.
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)
+    gpu_tolerations: list[dict] = field(default_factory=list)
+    gpu_affinity: dict | None = None
     artifact_secret: str | None = None  # a Secret whose keys become env (AWS_ACCESS_KEY_ID, ...)
     artifact_env: dict[str, str] = field(default_factory=dict)  # e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
     artifact_pvc: str | None = None  # a PersistentVolumeClaim mounted at /artifacts instead of S3
@@ -75,7 +82,12 @@ class StageJobSettings:
     owner_uid: str | None = None
     kuberay: bool = False
     ray_version: str = "2.60.0"  # the Dockerfile's RAY_VERSION: the Ray the image runs
-    extra_labels: dict[str, str] = field(default_factory=dict)
+    extra_labels: dict[str, str] = field(default_factory=dict)  # on every object the driver creates
+    queue_name: str | None = None  # a Kueue LocalQueue: the kueue.x-k8s.io/queue-name label on Jobs and RayJobs
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None  # e.g. nvidia, where GPU nodes do not make it the default runtime
+    pod_labels: dict[str, str] = field(default_factory=dict)  # stage pods only, e.g. for a NetworkPolicy
+    pod_annotations: dict[str, str] = field(default_factory=dict)  # e.g. sidecar.istio.io/inject: "false"
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> StageJobSettings:
@@ -117,7 +129,7 @@ def job_name(prefix: str, run_id: str, stage: str = "", max_length: int = MAX_NA
 def labels(settings: StageJobSettings, stage: str | None = None, component: str = "stage") -> dict[str, str]:
     """The chart's labels plus run id and stage; `app.kubernetes.io/name` + `instance` select a release."""
     out = {
-        "app.kubernetes.io/name": "clipforge",
+        "app.kubernetes.io/name": settings.app_name,
         "app.kubernetes.io/instance": settings.release,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "clipforge",
@@ -215,7 +227,25 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
     return spec
 
 
-def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) -> dict:
+def placement_fields(settings: StageJobSettings, gpus: int) -> dict:
+    """nodeSelector, tolerations and affinity: the general ones, with the GPU-only ones merged over them when
+    the pod asks for GPUs (a CPU pod forced onto a GPU node would hold it, and wait when none is free)."""
+    selector, tolerations, affinity = dict(settings.node_selector), list(settings.tolerations), settings.affinity
+    if gpus:
+        selector.update(settings.gpu_node_selector)
+        tolerations += settings.gpu_tolerations
+        affinity = {**(affinity or {}), **(settings.gpu_affinity or {})} or None
+    out: dict[str, Any] = {}
+    if selector:
+        out["nodeSelector"] = selector
+    if tolerations:
+        out["tolerations"] = [dict(t) for t in tolerations]
+    if affinity:
+        out["affinity"] = dict(affinity)
+    return out
+
+
+def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict, gpus: int) -> dict:
     vols, _ = volumes(settings)
     spec: dict[str, Any] = {
         # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
@@ -230,12 +260,11 @@ def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict) ->
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
-    if settings.node_selector:
-        spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    if settings.affinity:
-        spec["affinity"] = dict(settings.affinity)
+    spec.update(placement_fields(settings, gpus))
+    if settings.priority_class_name:
+        spec["priorityClassName"] = settings.priority_class_name
+    if settings.runtime_class_name:
+        spec["runtimeClassName"] = settings.runtime_class_name
     if settings.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     return spec
@@ -261,15 +290,31 @@ def pod_failure_policy(indexed: bool) -> dict:
     ]}
 
 
+def pod_metadata(settings: StageJobSettings, stage: str) -> dict:
+    """A stage pod template's labels (ours win over pod_labels: selectors depend on them) and annotations."""
+    meta: dict[str, Any] = {"labels": {**settings.pod_labels, **labels(settings, stage)}}
+    if settings.pod_annotations:
+        meta["annotations"] = dict(settings.pod_annotations)
+    return meta
+
+
+def queued(meta: dict, settings: StageJobSettings) -> dict:
+    """A Job's or RayJob's metadata with the Kueue queue label: Kueue then admits it (unsuspends it) when
+    the queue has quota. Only on those: Kueue manages the workload, not its pods or Services."""
+    if settings.queue_name:
+        meta["labels"][QUEUE_LABEL] = settings.queue_name
+    return meta
+
+
 def _job(name: str, resolved: ResolvedStage, settings: StageJobSettings, template_spec: dict,
-         extra_spec: dict, pod_labels: dict | None = None) -> dict:
-    meta = metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}})
+         extra_spec: dict) -> dict:
+    meta = queued(metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
+                  settings)
     spec: dict[str, Any] = {
         **extra_spec,
         # DESIGN: the TTL deletes pods and their logs; the driver reads both as soon as the Job finishes.
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-        "template": {"metadata": {"labels": {**labels(settings, resolved.spec.name), **(pod_labels or {})}},
-                     "spec": template_spec},
+        "template": {"metadata": pod_metadata(settings, resolved.spec.name), "spec": template_spec},
     }
     if settings.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
@@ -282,7 +327,7 @@ def single_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     gpus = res.gpus * res.nodes if resolved.spec.kind == "cache" else res.gpus
     name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
     main = container(resolved, settings, gpus)
-    return _job(name, resolved, settings, pod_spec(resolved, settings, main),
+    return _job(name, resolved, settings, pod_spec(resolved, settings, main, gpus),
                 {"backoffLimit": settings.backoff_limit, "podFailurePolicy": pod_failure_policy(indexed=False)})
 
 
@@ -307,7 +352,7 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
     ]
     main = container(resolved, settings, resolved.spec.resources.gpus, rendezvous)
     main["ports"] = [{"name": "rendezvous", "containerPort": settings.rendezvous_port}]
-    template = {**pod_spec(resolved, settings, main), "subdomain": service}
+    template = {**pod_spec(resolved, settings, main, resolved.spec.resources.gpus), "subdomain": service}
     job = _job(name, resolved, settings, template, {
         "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
         "backoffLimit": 0, "podFailurePolicy": pod_failure_policy(indexed=True)})
@@ -335,8 +380,8 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         main = container(resolved, settings, gpus)
         main["name"] = container_name
         del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
-        return {"metadata": {"labels": labels(settings, resolved.spec.name)},
-                "spec": {k: v for k, v in pod_spec(resolved, settings, main).items() if k != "restartPolicy"}}
+        return {"metadata": pod_metadata(settings, resolved.spec.name),
+                "spec": {k: v for k, v in pod_spec(resolved, settings, main, gpus).items() if k != "restartPolicy"}}
 
     submitter = ray_pod("ray-job-submitter", 0)
     submitter["spec"]["restartPolicy"] = "Never"
@@ -346,9 +391,10 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     # neither the stage's CPUs and memory nor a GPU node's worth of them.
     head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": RAY_HEAD_MEMORY},
                                                    "limits": {"memory": RAY_HEAD_MEMORY}}
-    return {
+    body = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": metadata(name, settings, resolved.spec.name, {"annotations": {KEY_ANNOTATION: resolved.key}}),
+        "metadata": queued(metadata(name, settings, resolved.spec.name,
+                                    {"annotations": {KEY_ANNOTATION: resolved.key}}), settings),
         "spec": {
             "entrypoint": " ".join(stage_command(resolved)),
             "shutdownAfterJobFinishes": True,
@@ -366,6 +412,11 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
             },
         },
     }
+    if settings.active_deadline_seconds:
+        # The stage's wall-clock limit, as on a Job: KubeRay stops the job (jobStatus FAILED, reason
+        # DeadlineExceeded) and, with shutdownAfterJobFinishes, frees the GPU workers.
+        body["spec"]["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    return body
 
 
 def stage_manifests(resolved: ResolvedStage, settings: StageJobSettings) -> list[dict]:

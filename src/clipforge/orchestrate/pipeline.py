@@ -25,7 +25,7 @@ import yaml
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.data.image_folder import collection_root
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease, stop_this_process
 from clipforge.storage import uri as storage
@@ -409,11 +409,12 @@ def next_steps(run: dict) -> list[str]:
 
 
 def exit_code(record: RunRecord) -> int:
-    """What the runner exits with: 1 if a stage failed; a stopped stage's own code (75 SIGTERM, 130 Ctrl-C),
-    so that whoever restarts the runner (a driver Job's retry, a CI step) knows a rerun resumes; else 0."""
+    """What the runner exits with: EXIT_RUN_FAILED (3) if a stage failed (not 1, a crash's code, which a driver
+    Job retries); a stopped stage's own code (75 SIGTERM, 130 Ctrl-C), so that whoever restarts the runner (a
+    driver Job's retry, a CI step) knows a rerun resumes; else 0."""
     stages = record.data["stages"].values()
     if any(s.get("status") == "failed" for s in stages):
-        return 1
+        return EXIT_RUN_FAILED
     stopped = record.stopped
     return next((s["exit_code"] for s in stages if s.get("status") == "interrupted"), stopped)
 
