@@ -24,8 +24,8 @@ from clipforge.errors import (
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     SIGNALS_SEEN,
+    ServiceUnreachable,
     Stopped,
-    StorageUnreachable,
     UserError,
     stop_if_signalled,
 )
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except StorageUnreachable as exc:
+    except ServiceUnreachable as exc:
         print(f"clipforge {args.command}: error: {exc}; what it committed is kept: run the same command again to go "
               "on from there", file=sys.stderr)
         return EXIT_FAILURE

@@ -11,10 +11,15 @@ class UserError(Exception):
     """Bad input: a missing file, an unknown key, an id out of range. The message names it."""
 
 
-class StorageUnreachable(OSError):
-    """Storage (an S3 endpoint) stopped answering mid-run and retries did not bring it back: no mistake of the
-    user's, so exit code 1, but no bug either: the CLI prints the message (the object and the last error) as
-    one line, without a traceback. What was committed stays; the same command run again goes on from there."""
+class ServiceUnreachable(OSError):
+    """A service (an S3 endpoint, the Kubernetes API server) does not answer and retries did not bring it
+    back: no mistake of the user's, so exit code 1, but no bug either: the CLI prints the message (what was
+    asked, the last error) as one line, without a traceback. What was committed stays; the same command run
+    again goes on from there."""
+
+
+class StorageUnreachable(ServiceUnreachable):
+    """Storage (an S3 endpoint) stopped answering mid-run: the object and the last error."""
 
 
 class Stopped(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is, not an error)

@@ -431,3 +431,31 @@ def test_check_store_writes_reads_and_deletes_a_probe(s3_bucket, tmp_path):
         assert main(["drive", str(spec), "--check-store", "--set", f"artifacts={store}"]) == 0
     assert not list((tmp_path / "artifacts" / "runs" / ".store-check").iterdir())
     assert main(["drive", str(spec), "--check-store", "--set", "artifacts=s3://no-such-bucket-here/x"]) == 2
+
+
+def test_a_kubeconfig_that_cannot_be_used_or_an_api_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """No stand-in here: a missing or garbage kubeconfig (exit 2, the user's to fix) and an API server that
+    refuses connections (exit 1, retried by the driver Job) were 30-130 lines of client tracebacks."""
+    from clipforge.cli import main
+    from clipforge.orchestrate import k8s_driver
+
+    monkeypatch.setattr(k8s_driver.time, "sleep", lambda seconds: None)  # the client's backoff between tries
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    garbage = tmp_path / "garbage"
+    garbage.write_text("just a line\n")
+    down = tmp_path / "down.yaml"
+    down.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "current-context": "c", "users": [{"name": "u", "user": {"token": "t"}}],
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    base = ["drive", str(Path(__file__).parents[2] / "jobs" / "demo.yaml"), "--run-id", "x", "--image", "img:1",
+            "--set", f"artifacts={tmp_path}/artifacts"]
+    for kubeconfig, code, said in (
+            (tmp_path / "nope", 2, f"kubeconfig {tmp_path / 'nope'} not found"),
+            (garbage, 2, f"kubeconfig {garbage} cannot be used: it is not a kubeconfig"),
+            (down, 1, "the Kubernetes API server https://127.0.0.1:")):
+        assert main([*base, "--kubeconfig", str(kubeconfig)]) == code
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith(f"clipforge drive: error: {said}"), err
+        assert "Traceback" not in err

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from clipforge.config.base import read_yaml
 from clipforge.config.pipeline import check_run_id, load_pipeline
-from clipforge.errors import EXIT_PREEMPTED, UserError
+from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError
 from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
 from clipforge.storage import uri as storage
@@ -51,15 +52,30 @@ class StageOutcome:
     preempted: bool = False
 
 
+# What the client's config loader raises for a file that is not a kubeconfig (garbage YAML, a list, a string).
+KUBECONFIG_ERRORS = (config.ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError)
+
+
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """A kubeconfig when given; in a pod the ServiceAccount (in-cluster config); else ~/.kube/config."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-    return config.new_client_from_config()
+    """A kubeconfig when given; in a pod the ServiceAccount (in-cluster config); else ~/.kube/config. One that
+    is missing or does not parse is a UserError naming it."""
+    where = f"kubeconfig {kubeconfig}"
+    try:
+        if kubeconfig:
+            if not os.path.isfile(kubeconfig):
+                raise UserError(f"{where} not found")
+            return config.new_client_from_config(config_file=kubeconfig)
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            where = "the in-cluster config (the pod's ServiceAccount)"
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        where = f"kubeconfig {os.path.expanduser(config.KUBE_CONFIG_DEFAULT_LOCATION)}"
+        return config.new_client_from_config()
+    except KUBECONFIG_ERRORS as exc:
+        why = str(exc).strip().splitlines()[0] if isinstance(exc, config.ConfigException | OSError) and str(exc) \
+            else "it is not a kubeconfig (YAML with clusters, contexts and users)"
+        raise UserError(f"{where} cannot be used: {why} (give --kubeconfig FILE, or run in a pod)") from None
 
 
 def current_namespace(kubeconfig: str | None = None) -> str:
@@ -69,7 +85,7 @@ def current_namespace(kubeconfig: str | None = None) -> str:
     try:
         _, context = config.list_kube_config_contexts(kubeconfig)
         return (context or {}).get("context", {}).get("namespace") or "default"
-    except (config.ConfigException, OSError):
+    except KUBECONFIG_ERRORS:  # api_client() says what is wrong with it
         return "default"
 
 
@@ -383,9 +399,12 @@ class KubernetesExecutor:
             except ApiException as exc:
                 if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
                     raise
-            except CONNECTION_ERRORS:
+            except CONNECTION_ERRORS as exc:
                 if attempt == attempts - 1:
-                    raise
+                    host = self.core.api_client.configuration.host
+                    raise ServiceUnreachable(f"the Kubernetes API server {host} does not answer after {attempts} "
+                                             f"tries; last: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+                        from None
             time.sleep(min(30, 2**attempt))
 
     def read(self, method, name: str, **kwargs):
@@ -458,6 +477,8 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
           namespace: str | None = None, watch_seconds: int = 60) -> RunRecord:
     """`clipforge drive`: run a spec's stages as Kubernetes Jobs in order, resuming the run `run_id`."""
     spec = load_pipeline(spec_path, overrides)
+    # The client's own retry warnings would precede our one line on an API server that does not answer.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id
     if not run_id:
         raise UserError("drive needs --run-id (or run_id in the spec): a restarted driver must find its run")
