@@ -90,6 +90,8 @@ def values_schema() -> dict:
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
             "tolerations": {"type": "array", "items": free_map},
             "affinity": free_map,
+            "podSecurityContext": free_map,
+            "containerSecurityContext": free_map,
             "driver": obj({
                 "resources": free_map,
                 "backoffLimit": {"type": "integer", "minimum": 0},

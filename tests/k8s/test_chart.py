@@ -162,6 +162,31 @@ def test_scheduling_values_reach_the_driver_settings():
     assert default.queue_name is default.priority_class_name is default.runtime_class_name is None
 
 
+def test_security_contexts_can_be_replaced_for_every_pod():
+    """OpenShift's restricted-v2 refuses fixed user and group ids: the values replace the built-in contexts of
+    the driver, the helm test pod and (through the driver's settings) every stage pod."""
+    pod = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                 "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}, "privileged": False}
+    objects = chart_objects({"podSecurityContext": pod, "containerSecurityContext": container})
+    specs = [spec for obj in objects for spec in pod_specs(obj)]
+    assert len(specs) == 2
+    for spec in specs:
+        assert spec["securityContext"] == pod
+        assert all(c["securityContext"] == container for c in spec["containers"])
+    settings = dataclasses.replace(stage_settings(objects), run_id="r")
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage, settings)
+    validate(job)
+    template = job["spec"]["template"]["spec"]
+    assert template["securityContext"] == pod and template["containers"][0]["securityContext"] == container
+    default = stage_settings(chart_objects({}))
+    assert default.pod_security_context is default.container_security_context is None
+
+
 def test_rbac_and_service_account_switches():
     objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
                              "stageServiceAccount": {"create": False}})

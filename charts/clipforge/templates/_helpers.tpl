@@ -120,9 +120,13 @@ names; empty: the namespace's default.
 {{- end }}
 
 {{/*
-Pod and container security: the same as k8s_manifests.POD_SECURITY / CONTAINER_SECURITY for stage pods.
+Pod and container security: the same as k8s_manifests.POD_SECURITY / CONTAINER_SECURITY for stage pods, unless
+podSecurityContext / containerSecurityContext replace them (for every pod; the driver passes them on).
 */}}
 {{- define "clipforge.podSecurityContext" -}}
+{{- if .Values.podSecurityContext }}
+{{- toYaml .Values.podSecurityContext }}
+{{- else }}
 runAsNonRoot: true
 runAsUser: 10001
 runAsGroup: 10001
@@ -130,8 +134,12 @@ fsGroup: 10001
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+{{- end }}
 
 {{- define "clipforge.containerSecurityContext" -}}
+{{- if .Values.containerSecurityContext }}
+{{- toYaml .Values.containerSecurityContext }}
+{{- else }}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 runAsNonRoot: true
@@ -139,6 +147,7 @@ capabilities:
   drop: ["ALL"]
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
 {{- end }}
 
 {{/* Environment and mounts of pods that reach the artifact store (driver, helm test). */}}

@@ -88,6 +88,10 @@ class StageJobSettings:
     runtime_class_name: str | None = None  # e.g. nvidia, where GPU nodes do not make it the default runtime
     pod_labels: dict[str, str] = field(default_factory=dict)  # stage pods only, e.g. for a NetworkPolicy
     pod_annotations: dict[str, str] = field(default_factory=dict)  # e.g. sidecar.istio.io/inject: "false"
+    # In place of POD_SECURITY / CONTAINER_SECURITY (None: those): OpenShift's restricted-v2 assigns the user
+    # and group itself and refuses a pod that fixes them.
+    pod_security_context: dict | None = None
+    container_security_context: dict | None = None
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> StageJobSettings:
@@ -219,7 +223,7 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
         "command": stage_command(resolved),
         "env": base_env + (env or []),
         "resources": resources(resolved, settings, gpus),
-        "securityContext": dict(CONTAINER_SECURITY),
+        "securityContext": dict(settings.container_security_context or CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }
     if settings.artifact_secret:
@@ -250,7 +254,7 @@ def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict, gp
     spec: dict[str, Any] = {
         # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
         "restartPolicy": "Never",
-        "securityContext": dict(POD_SECURITY),
+        "securityContext": dict(settings.pod_security_context or POD_SECURITY),
         "containers": [main],
         "volumes": vols,
         # Stage pods never call the Kubernetes API: only the driver's ServiceAccount has a Role.
