@@ -187,6 +187,31 @@ def test_security_contexts_can_be_replaced_for_every_pod():
     assert default.pod_security_context is default.container_security_context is None
 
 
+def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
+    """For namespaces that deny by default: training ranks and Ray pods of the release reach each other, every
+    pod reaches the API server and S3; off by default."""
+    assert not by_kind(chart_objects({}), "NetworkPolicy")
+    objects = chart_objects({"networkPolicy": {"enabled": True}}, name="rel")
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    validate(policy)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    assert policy["spec"]["egress"] == [{}]
+    (driver,) = by_kind(objects, "Job")
+    assert selector.items() <= driver["spec"]["template"]["metadata"]["labels"].items()
+    settings = dataclasses.replace(stage_settings(objects), run_id="r")
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage, settings)
+    assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()  # stage pods are selected
+    dns = [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]}]
+    (strict,) = by_kind(chart_objects({"networkPolicy": {"enabled": True, "egress": dns}}), "NetworkPolicy")
+    validate(strict)
+    assert strict["spec"]["egress"] == dns
+
+
 def test_rbac_and_service_account_switches():
     objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
                              "stageServiceAccount": {"create": False}})
