@@ -55,13 +55,14 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
         fingerprint = {**storage.fingerprint(source),
                        "images": storage.tree_fingerprint(collection_root(source), is_listed_image)}
     else:
-        tree = storage.list_tree(source)
-        if not tree and not storage.exists(source):
+        # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
+        found = storage.listed_tree(source, is_listed_image)
+        if found is None and not storage.exists(source):
             raise UserError(f"source {source} not found")
-        ids = np.array(sorted(path for path in tree if is_listed_image(path)), dtype=object)
+        paths, listing = found or ([], {})
+        ids = np.array(paths, dtype=object)
         splits = [None] * len(ids)
-        # Path, size and mtime (ETag on S3): an image replaced by one of the same size is seen too.
-        fingerprint = {"uri": source, **(storage.tree_fingerprint(source, is_listed_image) or {})}
+        fingerprint = {"uri": source, **listing}
     if len(ids) == 0:
         raise UserError(f"source {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return RowIndex(ids=ids, splits=splits), fingerprint

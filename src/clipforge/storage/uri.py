@@ -245,13 +245,21 @@ def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
     """What identifies a folder's content cheaply: every file's path, size and mtime (ETag on S3), hashed;
     only the files whose relative path `keep` accepts, when given. Hidden files and folders (`.thumbnails/`,
     editors' temp files) do not count. None: no such folder."""
+    found = listed_tree(prefix, keep, unsigned=unsigned)
+    return found[1] if found is not None else None
+
+
+def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *,
+                unsigned: bool = False) -> tuple[list[str], dict[str, Any]] | None:
+    """The relative paths `tree_fingerprint` counts, sorted, and that fingerprint, from one listing (one
+    walk of a folder, one paged LIST on S3). None: no such folder."""
     entries = _walk(prefix, unsigned)
     if entries is None:
         return None
     entries = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/"))
                      and (keep is None or keep(e[0])))
     listing = json.dumps(entries).encode()
-    return {"files": len(entries), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
+    return [e[0] for e in entries], {"files": len(entries), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
 
 
 def delete(uri: str) -> None:
