@@ -129,8 +129,9 @@ def command_lease(output: str, command: str) -> Iterator[None]:
 
     Nothing to take under a runner (it holds the lease for its stage), in a worker a launcher started, or on
     any machine but the first of a multi-machine run (the first one's launcher holds it for all)."""
-    node_rank = os.environ.get("NODE_RANK") or os.environ.get("JOB_COMPLETION_INDEX") or "0"
-    if os.environ.get(RUN_ID_ENV) or "LOCAL_RANK" in os.environ or node_rank.strip() != "0":
+    from clipforge.train import launch
+
+    if os.environ.get(RUN_ID_ENV) or launch.in_launched_worker() or launch.rendezvous_from_env().node_rank != 0:
         yield
         return
     with StageLease(output, f"{command}-pid{os.getpid()}", command, on_lost=stop_this_process):
