@@ -93,6 +93,16 @@ def stage_settings(objects: list[dict]) -> StageJobSettings:
     return StageJobSettings.from_mapping(yaml.safe_load(config["data"]["driver.yaml"]))
 
 
+def index_stage_job(settings: StageJobSettings) -> dict:
+    """The Job the driver would create, with these settings, for a one-stage index run."""
+    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
+        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
+    (job,) = stage_manifests(stage, settings)
+    return job
+
+
 def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity():
     """Workload identity (IRSA) must reach the stage pods, which read and write S3, not only the driver; and
     `helm test` checks the store as the stage pods will reach it."""
@@ -109,11 +119,7 @@ def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity(
     # The driver gives it to every stage pod it creates.
     settings = stage_settings(objects)
     assert settings.service_account == "rel-clipforge-stage"
-    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
-        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
-    stage_job = resolve_stage(spec, spec.stages[0], {})
-    stage_job.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
-    (job,) = stage_manifests(stage_job, dataclasses.replace(settings, run_id="r"))
+    job = index_stage_job(dataclasses.replace(settings, run_id="r"))
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "rel-clipforge-stage"
 
 
@@ -140,11 +146,7 @@ def test_objects_the_driver_creates_carry_the_charts_name_labels():
                 if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
     assert selector == {"app.kubernetes.io/name": "embedder", "app.kubernetes.io/instance": "rel"}
     settings = dataclasses.replace(stage_settings(objects), run_id="r")
-    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
-        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
-    stage = resolve_stage(spec, spec.stages[0], {})
-    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
-    (job,) = stage_manifests(stage, settings)
+    job = index_stage_job(settings)
     for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
         assert selector.items() <= meta["labels"].items()
 
@@ -175,11 +177,7 @@ def test_security_contexts_can_be_replaced_for_every_pod():
         assert spec["securityContext"] == pod
         assert all(c["securityContext"] == container for c in spec["containers"])
     settings = dataclasses.replace(stage_settings(objects), run_id="r")
-    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
-        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
-    stage = resolve_stage(spec, spec.stages[0], {})
-    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
-    (job,) = stage_manifests(stage, settings)
+    job = index_stage_job(settings)
     validate(job)
     template = job["spec"]["template"]["spec"]
     assert template["securityContext"] == pod and template["containers"][0]["securityContext"] == container
@@ -200,11 +198,7 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     (driver,) = by_kind(objects, "Job")
     assert selector.items() <= driver["spec"]["template"]["metadata"]["labels"].items()
     settings = dataclasses.replace(stage_settings(objects), run_id="r")
-    spec = PipelineSpec.model_validate({"artifacts": "s3://b/p", "stages": [
-        {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]})
-    stage = resolve_stage(spec, spec.stages[0], {})
-    stage.config_uri = "s3://b/p/runs/r/configs/idx.yaml"
-    (job,) = stage_manifests(stage, settings)
+    job = index_stage_job(settings)
     assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()  # stage pods are selected
     dns = [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]}]
     (strict,) = by_kind(chart_objects({"networkPolicy": {"enabled": True, "egress": dns}}), "NetworkPolicy")
