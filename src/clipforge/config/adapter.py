@@ -68,6 +68,13 @@ class AdapterConfig(StageConfig):
         return self
 
 
+def adapter_folder(path: str) -> str:
+    """An adapter stage's output, also when given by its weights file (the card and manifest are beside it)."""
+    if not path.endswith(".safetensors"):
+        return path
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
 def check_two_caches(config, what: str) -> None:
     """`clip_cache` and `target_cache` are two caches and `out` is in neither: files under a cache's
     prefix would become part of it (`pyarrow.dataset(CACHE)` would fail on them). For the stages that read

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from clipforge.config.adapter import check_two_caches
+from clipforge.config.adapter import adapter_folder, check_two_caches
 from clipforge.config.base import StageConfig
 
 
@@ -34,9 +34,7 @@ class EvaluateConfig(StageConfig):
     @classmethod
     def _the_adapters_folder(cls, value: str | None) -> str | None:
         """An adapter's weights file stands for its output folder, where its card and manifest are."""
-        if value and value.endswith(".safetensors"):
-            return value.rsplit("/", 1)[0] if "/" in value else "."
-        return value
+        return adapter_folder(value) if value else value
 
     @model_validator(mode="after")
     def _out_apart_from_the_caches(self):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.config.adapter import adapter_folder
 from clipforge.errors import UserError
 from clipforge.models.encoders import encoder_name, same_encoder
 from clipforge.storage import uri as storage
@@ -136,10 +137,8 @@ def check_trained_on(adapter: str, side: str, cache: str, model: dict) -> None:
     """The adapter was trained on embeddings of the encoder that made `cache` (`side`: "source" or "target").
     Another encoder of the same width passes every shape check and gives meaningless output. An adapter
     without its card (a bare .safetensors file copied alone) cannot say, and is taken as it is."""
-    folder = adapter.rsplit("/", 1)[0] if adapter.endswith(".safetensors") else adapter
-    card = storage.join(folder, CARD_NAME)
+    card = storage.join(adapter_folder(adapter), CARD_NAME)
     trained = (storage.read_json(card).get(f"{side}_model") or {}) if storage.exists(card) else {}
     if trained and model and not same_encoder(trained, model):
         raise UserError(f"adapter {adapter} was trained on {encoder_name(trained)} embeddings, but {cache} holds "
                         f"{encoder_name(model)} ones, another space")
-
