@@ -31,7 +31,6 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.search")
-WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a file name, not an open_clip tag
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def query_encoder(index: str, built: dict, model: str | None, pretrained: str | 
     name, recorded = built.get("name"), built.get("pretrained")
     same = (model or name) == name
     if same and pretrained and pretrained != recorded:
-        if not names_weights_file(pretrained) and not pretrained.endswith(WEIGHTS_SUFFIXES):
+        if not names_weights_file(pretrained):
             same = False  # another open_clip tag
         elif not storage.exists(pretrained):
             raise UserError(f"--pretrained {pretrained} not found")

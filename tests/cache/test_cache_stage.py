@@ -202,6 +202,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         "weights do not fit": ({"--pretrained": str(tgt_weights)}, "do not fit model tiny-source"),
         "not a weights file": ({"--pretrained": str(not_weights)},
                                f"weights {not_weights} are not a checkpoint torch can read"),
+        "a weights file name that is not there": ({"--pretrained": "tiny-source.pt"}, "tiny-source.pt not found"),
         "weights do not fit, in a Ray actor": ({"--pretrained": str(tgt_weights), "--engine": "ray"},
                                                "do not fit model tiny-source"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
@@ -211,6 +212,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing S3 object", "wrong dataset", "id out of range", "bad shape",
                                   "unknown model", "weights do not fit", "not a weights file",
+                                  "a weights file name that is not there",
                                   "weights do not fit, in a Ray actor",
                                   "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):

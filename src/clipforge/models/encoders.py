@@ -61,10 +61,15 @@ class EncoderSpec:
         return weights_identity(self.pretrained)
 
 
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a file's name, never an open_clip tag
+
+
 def names_weights_file(pretrained: str | None) -> bool:
     """Whether `pretrained` is a weights file (local or s3://) rather than an open_clip tag such as 'openai'.
-    The one rule every stage uses: what loads a file must also fingerprint it, or a changed file goes unseen."""
-    return bool(pretrained) and (pretrained.startswith("s3://") or "/" in pretrained or Path(pretrained).exists())
+    The one rule every stage uses: what loads a file must also fingerprint it, or a changed file goes unseen.
+    A bare file name that is not there (a typo) is a file too, so it is "not found", not an unknown tag."""
+    return bool(pretrained) and (pretrained.startswith("s3://") or "/" in pretrained
+                                 or pretrained.endswith(WEIGHTS_SUFFIXES) or Path(pretrained).exists())
 
 
 def weights_identity(pretrained: str | None) -> dict | None:
