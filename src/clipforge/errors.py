@@ -44,6 +44,13 @@ def stop_if_signalled() -> None:
         raise KeyboardInterrupt
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line for the CLI's error: its first line, or its type's name when it has
+    no message (a library's multi-line message would break the one-line rule)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 # A pipeline ran and a stage failed: not 1, which an uncaught exception (a bug, an API server that went away)

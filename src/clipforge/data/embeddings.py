@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.errors import UserError
+from clipforge.errors import UserError, first_line
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 
@@ -95,16 +95,11 @@ def read_shard(prefix: str, name: str, columns: list[str] | None = None) -> pa.T
     try:
         table = pq.read_table(io.BytesIO(data), columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"cache shard {uri} is not a readable parquet file ({one_line(exc)}); {rebuild}") from None
+        raise UserError(f"cache shard {uri} is not a readable parquet file ({first_line(exc)}); {rebuild}") from None
     missing = [column for column in columns or ("id", "split", "embedding") if column not in table.column_names]
     if missing:
         raise UserError(f"cache shard {uri} has no {', '.join(missing)} column; {rebuild}")
     return table
-
-
-def one_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def read_embeddings(prefix: str, role: str = "cache") -> EmbeddingTable:

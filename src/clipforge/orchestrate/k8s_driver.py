@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from clipforge.config.base import read_yaml
 from clipforge.config.pipeline import check_run_id, load_pipeline
-from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError
+from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError, first_line
 from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
 from clipforge.storage import uri as storage
@@ -73,7 +73,7 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
         where = f"kubeconfig {os.path.expanduser(config.KUBE_CONFIG_DEFAULT_LOCATION)}"
         return config.new_client_from_config()
     except KUBECONFIG_ERRORS as exc:
-        why = str(exc).strip().splitlines()[0] if isinstance(exc, config.ConfigException | OSError) and str(exc) \
+        why = first_line(exc) if isinstance(exc, config.ConfigException | OSError) \
             else "it is not a kubeconfig (YAML with clusters, contexts and users)"
         raise UserError(f"{where} cannot be used: {why} (give --kubeconfig FILE, or run in a pod)") from None
 
@@ -403,7 +403,7 @@ class KubernetesExecutor:
                 if attempt == attempts - 1:
                     host = self.core.api_client.configuration.host
                     raise ServiceUnreachable(f"the Kubernetes API server {host} does not answer after {attempts} "
-                                             f"tries; last: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+                                             f"tries; last: {type(exc).__name__}: {first_line(exc)}") \
                         from None
             time.sleep(min(30, 2**attempt))
 

@@ -24,7 +24,7 @@ import torch
 
 from clipforge.config.generate import GenerateConfig
 from clipforge.data.embeddings import read_embeddings
-from clipforge.errors import UserError
+from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
@@ -96,8 +96,7 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=DTYPES[precision])
     except OSError as exc:
         # diffusers ends its message pointing at a stack trace the CLI does not print.
-        why = one_line(re.sub(r"\s*Please check out the root cause in the stacktrace above\.?", "",
-                              str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+        why = one_line(re.sub(r"\s*Please check out the root cause in the stacktrace above\.?", "", first_line(exc)))
         if storage.local_path(folder).is_dir():
             raise UserError(f"cannot load pipeline {cfg.pipeline}: {why}") from None
         host = unresolvable_hub_host()
