@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.errors import UserError, first_line
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 
@@ -93,7 +94,7 @@ def read_shard(prefix: str, name: str, columns: list[str] | None = None) -> pa.T
     except UserError:
         raise UserError(f"cache shard {uri} is missing; {rebuild}") from None
     try:
-        table = pq.read_table(io.BytesIO(data), columns=columns)
+        table = parquet.read_table(data, columns)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"cache shard {uri} is not a readable parquet file ({first_line(exc)}); {rebuild}") from None
     missing = [column for column in columns or ("id", "split", "embedding") if column not in table.column_names]

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from clipforge.errors import UserError
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 
 
@@ -30,7 +31,7 @@ def read_index(path: str) -> RowIndex:
         if path.endswith(".csv"):
             frame = pd.read_csv(io.BytesIO(raw))
         else:
-            frame = pd.read_parquet(io.BytesIO(raw))
+            frame = parquet.read_table(raw).to_pandas()
     except Exception as exc:  # pandas raises many types for unreadable files
         raise UserError(f"index {path} cannot be read as {'CSV' if path.endswith('.csv') else 'parquet'}: {exc}") \
             from None

@@ -34,6 +34,7 @@ from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, write_manifest
 from clipforge.storage.range_reader import FetchStats
@@ -223,23 +224,15 @@ def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
 
 def shard_problem(output: str, shard: Shard) -> str | None:
     """Why a shard file cannot be taken as committed (unreadable, or another row count than planned)."""
-    import io
-
-    import pyarrow.parquet as pq
-
     try:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, shard.name))))  # every page
+        rows = parquet.read_table(storage.read_bytes(storage.join(output, shard.name)))  # every page
     except Exception as exc:  # pyarrow raises several types for truncated or corrupt files
         return f"unreadable: {type(exc).__name__}"
     return None if rows.num_rows == len(shard.ids) else f"{rows.num_rows} rows where {len(shard.ids)} were planned"
 
 
 def model_from_shard(output: str, name: str) -> dict:
-    import io
-
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(io.BytesIO(storage.read_bytes(storage.join(output, name))))
+    schema = parquet.read_schema(storage.read_bytes(storage.join(output, name)))
     return json.loads(schema.metadata[METADATA_KEY])["model"]
 
 

@@ -27,6 +27,7 @@ from clipforge.models.adapter import CARD_NAME
 from clipforge.models.encode import encode_images
 from clipforge.models.encoders import EncoderSpec, load_clip
 from clipforge.models.preprocess import BatchPreprocess
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 from clipforge.train.metrics import retrieval_metrics
@@ -42,7 +43,7 @@ def read_generated(prefix: str) -> tuple[pd.DataFrame, dict]:
     uri = storage.join(prefix, "generated.parquet")
     data = storage.read_bytes(uri)
     try:
-        frame = pd.read_parquet(io.BytesIO(data))
+        frame = parquet.read_table(data).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{uri} is not a readable parquet file ({first_line(exc)}): run generate into a new "
                         "--out") from None

@@ -30,6 +30,7 @@ from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, is_up_to_date, output_fingerprint, read_manifest, write_manifest
 
@@ -184,7 +185,7 @@ def committed_ids(out: str, settings: str) -> tuple[set, list[pd.DataFrame]]:
     """The ids whose images a batch committed, and those batches' rows. Images made with other settings
     (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these: they
     would be scored as what the manifest then says."""
-    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "batches", name))))
+    parts = [parquet.read_table(storage.read_bytes(storage.join(out, "batches", name))).to_pandas()
              for name in storage.list_names(storage.join(out, "batches")) if name.endswith(".parquet")]
     for part in parts:
         # Batches written before rows recorded their settings carry none; those came from this stage's own
