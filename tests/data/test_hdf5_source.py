@@ -33,10 +33,20 @@ def test_rows_equal_the_local_file(on_s3):
     rows = np.array([0, 1, 2, 7, 19, 20, 39])
     got, stats = read_rows(uri, "imgBrick", rows)
     assert np.array_equal(got, images[rows])
+    if layout == "contiguous":  # straight into the buffer: each row's bytes once, one GET per run of neighbours
+        assert stats.bytes == len(rows) * images[0].nbytes
+        assert stats.requests == 4
+
+
+def test_contiguous_rows_come_from_the_disk_cache_the_second_time(on_s3, tmp_path):
+    layout, uri, images = on_s3
+    rows = np.array([5, 6, 30])
+    first, fetched = read_rows(uri, "imgBrick", rows, cache_dir=str(tmp_path))
+    second, cached = read_rows(uri, "imgBrick", rows, cache_dir=str(tmp_path))
+    assert np.array_equal(first, images[rows]) and np.array_equal(second, images[rows])
     if layout == "contiguous":
-        requested = len(rows) * images[0].nbytes
-        assert stats.bytes / requested <= 1.05
-        assert stats.requests <= 4 + 3  # 4 runs of neighbours + HDF5 metadata blocks
+        assert (fetched.requests, fetched.cache_hits) == (2, 0)
+        assert (cached.requests, cached.cache_hits) == (0, 2)
 
 
 def test_local_source_reads_directly(stimuli):

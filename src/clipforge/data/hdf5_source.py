@@ -21,6 +21,10 @@ from clipforge.errors import StorageUnreachable, UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.range_reader import FetchStats, RangeReader
 
+# Range GETs in flight for one source, over all the shards being read at once: S3 serves one connection at
+# ~100 MB/s, and more threads than this only contend for the GIL (bench/s3_rows.py).
+RANGE_GETS = 16
+
 
 @dataclass(frozen=True)
 class ImageDataset:
@@ -125,11 +129,12 @@ def _coalesced_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 class RowReader:
     """Reads rows of one image dataset into caller-owned buffers (pinned host memory on a GPU machine).
 
-    A local file in HDF5's contiguous layout holds each image as raw bytes at
-    offset + row * row_bytes, so its rows are read with `os.preadv` straight
-    into the buffer: no h5py lock (threads read in parallel) and no copy.
-    Everything else (S3, chunked or compressed data) goes through h5py, after
-    the S3 byte ranges have been prefetched. Safe to share between threads.
+    A file in HDF5's contiguous layout holds each image as raw bytes at
+    offset + row * row_bytes, so its rows go straight into the buffer: with
+    `os.preadv` from a local file, with parallel range GETs (`RangeReader.fill`)
+    from S3. No h5py lock (threads read in parallel), and each byte is fetched
+    once. Chunked or compressed data goes through h5py, after the S3 byte ranges
+    have been prefetched. Safe to share between threads.
     """
 
     def __init__(self, source: str, dataset: str, *, unsigned: bool = False, cache_dir: str | None = None):
@@ -141,8 +146,10 @@ class RowReader:
             offset = dset.id.get_offset() if dset.chunks is None and dset.dtype == np.uint8 else None
         self.row_bytes = int(np.prod(self.image_shape))
         self._offset = offset
-        self._fd = None
-        if offset is not None and not storage.is_s3(source):
+        self._fd = self._remote = None
+        if offset is not None and storage.is_s3(source):
+            self._remote = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir, threads=RANGE_GETS)
+        elif offset is not None:
             self._fd = os.open(storage.local_path(source), os.O_RDONLY)
 
     def read_into(self, rows: np.ndarray, out: np.ndarray) -> FetchStats:
@@ -151,16 +158,19 @@ class RowReader:
         target = out[: len(rows)]
         if not len(rows):
             return FetchStats()
-        if self._fd is not None:
+        if self._fd is not None or self._remote is not None:
             view = memoryview(target.reshape(-1))
-            for first, count in _coalesced_runs(rows):
-                start = first * self.row_bytes
-                wanted = count * self.row_bytes
-                at = self._offset + int(rows[first]) * self.row_bytes
-                got = os.preadv(self._fd, [view[start : start + wanted]], at)
-                if got != wanted:
-                    raise UserError(f"source {self.source} ended early: rows from {int(rows[first])} are cut short "
-                                    "(truncated file?)")
+            runs = [(self._offset + int(rows[first]) * self.row_bytes,
+                     view[first * self.row_bytes : (first + count) * self.row_bytes])
+                    for first, count in _coalesced_runs(rows)]
+            if self._remote is not None:
+                beyond = rows[self._offset + (rows + 1) * self.row_bytes > self._remote.size]
+                if len(beyond):
+                    raise self._cut_short(int(beyond[0]))
+                return self._remote.fill(runs)
+            for at, part in runs:
+                if os.preadv(self._fd, [part], at) != len(part):
+                    raise self._cut_short((at - self._offset) // self.row_bytes)
             return FetchStats(requests=0, bytes=int(target.nbytes))
         with open_hdf5(self.source, unsigned=self.unsigned, cache_dir=self.cache_dir) as (handle, reader):
             dset = image_dataset(handle, self.source, self.dataset)
@@ -172,7 +182,13 @@ class RowReader:
             reader.release()
             return reader.stats
 
+    def _cut_short(self, row: int) -> UserError:
+        return UserError(f"source {self.source} ended early: rows from {row} are cut short (truncated file?)")
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None

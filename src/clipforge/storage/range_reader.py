@@ -4,7 +4,9 @@
 Reads the caller announces with `prefetch(ranges)` (the byte ranges of the rows
 a shard needs) are coalesced into one request per run of neighbouring ranges
 and fetched in parallel; anything else (HDF5 metadata) is read in small
-aligned blocks. Every body is checked against the range asked for: transient
+aligned blocks. Where the caller knows the file offsets itself (HDF5's
+contiguous layout), `fill` writes ranges straight into its buffers: each byte
+crosses the network once and is copied once. Every body is checked against the range asked for: transient
 errors and short or truncated bodies are retried with backoff, never served.
 With `cache_dir`, ranges persist on disk keyed by bucket, key, ETag and range,
 each written atomically and its length verified on read, so a torn file is
@@ -104,6 +106,17 @@ class RangeCache:
             raise
 
 
+def _stream_into(body, view: memoryview) -> int:
+    """Bytes of a streamed response body written into `view`, up to its length (no further)."""
+    got = 0
+    while got < len(view):
+        n = body.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 class RangeReader(io.RawIOBase):
     """File object over `s3://bucket/key`; see the module docstring for the contract."""
 
@@ -135,8 +148,9 @@ class RangeReader(io.RawIOBase):
         self.cache = RangeCache(cache_dir, self.location.bucket, self.location.key, self.etag) if cache_dir else None
         self._pos = 0
         self._span_starts: list[int] = []
-        self._spans: list[bytes] = []
+        self._spans: list[memoryview] = []
         self._blocks: dict[int, bytes] = {}
+        self._getters: ThreadPoolExecutor | None = None
 
     # -- io.RawIOBase -------------------------------------------------------------
     def readable(self) -> bool:
@@ -163,7 +177,7 @@ class RangeReader(io.RawIOBase):
         return n
 
     # -- reading ----------------------------------------------------------------
-    def pread(self, start: int, length: int) -> bytes:
+    def pread(self, start: int, length: int) -> bytes | memoryview:
         """`length` bytes at `start`: from prefetched spans when they cover it, else from blocks."""
         data = self._from_spans(start, length)
         if data is not None:
@@ -179,10 +193,14 @@ class RangeReader(io.RawIOBase):
         return joined[offset : offset + length]
 
     def prefetch(self, ranges: list[tuple[int, int]], max_gap: int = 0) -> None:
-        """Hold these half-open byte ranges in memory (replacing earlier ones), in few requests."""
+        """Hold these half-open byte ranges in memory (replacing earlier ones), in few requests.
+
+        Touching ranges make one span, whatever its size: h5py reads a run of rows in one call, and a read
+        that straddles two spans would miss both and be fetched again.
+        """
         ranges = sorted({(max(0, a), min(b, self.size)) for a, b in ranges if b > a})
         pieces = dict(zip(ranges, self._fetch_many(ranges, max_gap=max_gap), strict=True))
-        merged = coalesce(ranges)
+        merged = coalesce(ranges, max_size=self.size)
         self._span_starts = [a for a, _ in merged]
         self._spans = []
         for a, b in merged:
@@ -190,12 +208,49 @@ class RangeReader(io.RawIOBase):
             for (ra, rb), data in pieces.items():
                 if a <= ra and rb <= b:
                     buf[ra - a : rb - a] = data
-            self._spans.append(bytes(buf))
+            self._spans.append(memoryview(buf))
+
+    def fill(self, targets: list[tuple[int, memoryview]]) -> FetchStats:
+        """Write the object's bytes from each `start` into its byte view, in parallel GETs of at most
+        REQUEST_BYTES (the disk cache first, if any); returns what this call cost."""
+        tally = FetchStats()
+        parts = [(start + a, view[a : a + REQUEST_BYTES]) for start, view in targets
+                 for a in range(0, len(view), REQUEST_BYTES)]
+        for start, view in parts:
+            if start < 0 or start + len(view) > self.size:
+                raise UserError(f"{self.uri}: bytes {start}-{start + len(view) - 1} lie beyond its "
+                                f"{self.size} bytes (truncated file?)")
+
+        def fetch(part: tuple[int, memoryview]) -> None:
+            start, view = part
+            data = self.cache.get(start, len(view)) if self.cache else None
+            if data is not None:
+                view[:] = data
+                with self._lock:
+                    tally.cache_hits += 1
+                return
+            self._get(start, start + len(view), tally, into=view)
+            if self.cache:
+                self.cache.put(start, bytes(view))
+
+        with self._lock:  # one pool for every call: `threads` GETs at most, however many threads call fill
+            if self._getters is None:
+                self._getters = ThreadPoolExecutor(self.threads, thread_name_prefix="range-get")
+        list(self._getters.map(fetch, parts))
+        with self._lock:
+            self.stats.add(tally)
+        return tally
+
+    def close(self) -> None:
+        if self._getters is not None:
+            self._getters.shutdown(wait=True, cancel_futures=True)
+            self._getters = None
+        super().close()
 
     def release(self) -> None:
         self._span_starts, self._spans = [], []
 
-    def _from_spans(self, start: int, length: int) -> bytes | None:
+    def _from_spans(self, start: int, length: int) -> memoryview | None:
         i = bisect.bisect_right(self._span_starts, start) - 1
         if i < 0:
             return None
@@ -232,8 +287,11 @@ class RangeReader(io.RawIOBase):
                         self.cache.put(a, piece)
         return [results[r] for r in ranges]
 
-    def _get(self, start: int, end: int) -> bytes:
-        """One range GET, verified and retried; end is exclusive."""
+    def _get(self, start: int, end: int, tally: FetchStats | None = None, into: memoryview | None = None) -> bytes:
+        """One range GET, verified and retried; end is exclusive. The body is returned, or streamed into `into`
+        (a view of end - start bytes; nothing is returned) with no copy on the way. Its cost goes to `tally`
+        (default: the reader's own running total)."""
+        tally = self.stats if tally is None else tally
         expected = end - start
         for attempt in range(1, self.max_attempts + 1):
             try:
@@ -243,14 +301,18 @@ class RangeReader(io.RawIOBase):
                     Range=f"bytes={start}-{end - 1}",
                     IfMatch=self.etag,
                 )
-                body = response["Body"].read()
+                if into is None:
+                    body = response["Body"].read()
+                    got = len(body)
+                else:
+                    body, got = b"", _stream_into(response["Body"], into)
                 content_range = response.get("ContentRange", "")
-                if len(body) == expected and content_range.startswith(f"bytes {start}-{end - 1}/"):
+                if got == expected and content_range.startswith(f"bytes {start}-{end - 1}/"):
                     with self._lock:
-                        self.stats.requests += 1
-                        self.stats.bytes += len(body)
+                        tally.requests += 1
+                        tally.bytes += got
                     return body
-                problem = f"short or mismatched body: {len(body)} of {expected} bytes, Content-Range {content_range!r}"
+                problem = f"short or mismatched body: {got} of {expected} bytes, Content-Range {content_range!r}"
             except botocore.exceptions.ClientError as exc:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 if status and status < 500 and status != 429:
@@ -259,8 +321,8 @@ class RangeReader(io.RawIOBase):
             except (botocore.exceptions.BotoCoreError, OSError, ValueError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                self.stats.retries += 1
-                self.stats.requests += 1
+                tally.retries += 1
+                tally.requests += 1
             if attempt == self.max_attempts:
                 last = problem.strip().splitlines()[0] if problem.strip() else "no answer"
                 raise StorageUnreachable(f"{self.uri}: bytes {start}-{end - 1} failed {attempt} times; last: {last}")
