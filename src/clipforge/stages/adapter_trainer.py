@@ -119,7 +119,7 @@ class AdapterTrainer:
         # Same seed on every process: identical initial weights, as DDP expects.
         seed_everything(config.seed)
         model = build_adapter(self.spec)
-        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.progress = TrainProgress()
         self.last_saved: str | None = None
