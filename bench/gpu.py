@@ -14,9 +14,9 @@ contiguous HDF5 `imgBrick`, the parts (`--parts`, in this order):
              images  (goal >= 0.999)
   s3static   the same file behind a loopback S3 endpoint that answers range GETs with just those bytes,
              as S3 does (bench/device/range_server.py): raw read = parallel range GETs, then the stage
+  ray        `--engine ray` for --ray-models on the local file: the plain Ray Data shape, for comparison
   s3         a smaller file (--s3-images) uploaded to moto's server (clipforge.storage.local_s3, what the
              tests use). moto copies the whole object for every range GET, so these rates are moto's
-  ray        `--engine ray` for --ray-models on the local file: the plain Ray Data shape, for comparison
   unet       Stable unCLIP 2.1's UNet at full size (bench/device/unclip_unet.py), random weights, bf16, 96x96
              latents (768 px): img/s of 20 denoising steps with classifier-free guidance, batch 1 and 4
 
@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "device"))
 
-PARTS = ["encoder", "read", "cache", "precision", "s3static", "s3", "ray", "unet"]
+PARTS = ["encoder", "read", "cache", "precision", "s3static", "ray", "s3", "unet"]
 DEFAULT_PARTS = [p for p in PARTS if p != "unet"]
 REPO = Path(__file__).resolve().parents[1]
 ROW_BYTES = 425 * 425 * 3
@@ -376,6 +376,8 @@ class Context:
                       wall_goal: str | None = None) -> None:
         add, name = self.report.add, f"{model.name} {label}"
         add(f"{name}: whole wall time", run.wall if run.ok else None, "s", wall_goal, run.describe())
+        startup = (run.manifest or {}).get("metrics", {}).get("startup_seconds")
+        add(f"{name}: start-up (process start to the first read)", startup, "s", note="imports, plan")
         add(f"{name}: steady img/s", run.steady, "img/s")
         enc = self.encoder.get((model.name, run.precision or ""))
         bound = min(r for r in (enc, read_rate) if r) if (enc or read_rate) else None

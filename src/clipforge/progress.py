@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 
 from clipforge.errors import stop_if_signalled
+
+_IMPORTED = time.monotonic()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; elsewhere since clipforge was imported): a stage's
+    log says how much of its wall time was start-up (imports, the model's load), not only its own work."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
 
 
 def _duration(seconds: float) -> str:

@@ -33,7 +33,7 @@ from clipforge.data.index import RowIndex, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.orchestrate.lease import command_lease
-from clipforge.progress import Progress
+from clipforge.progress import Progress, process_age
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, write_manifest
@@ -133,10 +133,11 @@ def _run_cache(cfg: CacheConfig) -> dict:
     todo = pending_shards(cfg.output, shards)
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
-    log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine",
-             len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine)
+    log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine (%.1f s after "
+             "the process started)", len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine,
+             process_age())
 
-    started = time.monotonic()
+    started, startup = time.monotonic(), process_age()
     stats, model, steady_rate = encode_shards(engine, cfg, spec, todo) if todo else (FetchStats(), None, None)
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
@@ -146,6 +147,7 @@ def _run_cache(cfg: CacheConfig) -> dict:
         "engine": engine,
         "images_encoded": encoded,
         "seconds": round(elapsed, 3),
+        "startup_seconds": round(startup, 2),  # from the process's start to the first shard's read: imports, plan
         "images_per_second": round(encoded / elapsed, 2) if elapsed and encoded else None,
         "steady_images_per_second": steady_rate,
         "fetched_bytes": stats.bytes,

@@ -38,7 +38,7 @@ from clipforge.data.hdf5_source import RowReader
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
 from clipforge.models.encode import ImageEncoder, resolve_device
 from clipforge.models.encoders import EncoderSpec
-from clipforge.progress import Progress
+from clipforge.progress import Progress, process_age
 from clipforge.stages.cache import commit_shard, steady_rate
 from clipforge.storage.range_reader import FetchStats
 
@@ -147,7 +147,8 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
         for _ in range(depth):
             read_next()
         encoder = model.result()
-        log.info("encoder %s ready on %s in %s", spec.model, device, encoder.precision)
+        log.info("encoder %s ready on %s in %s, %.1f s after the process started", spec.model, device,
+                 encoder.precision, process_age())
         copies = torch.cuda.Stream(device) if cuda else None
 
         def release(item: ReadShard) -> None:
