@@ -242,8 +242,9 @@ class RangeReader(io.RawIOBase):
         return tally
 
     def close(self) -> None:
-        if self._getters is not None:
-            self._getters.shutdown(wait=True, cancel_futures=True)
+        getters = getattr(self, "_getters", None)  # absent when __init__ failed (IOBase's __del__ still closes)
+        if getters is not None:
+            getters.shutdown(wait=True, cancel_futures=True)
             self._getters = None
         super().close()
 
