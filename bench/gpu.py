@@ -221,6 +221,30 @@ def encoder_rate(model, device: torch.device, precision: str, batch: int, second
     return n * batch / run(n)
 
 
+@torch.inference_mode()
+def preprocess_rate(model, device: torch.device, batch: int, seconds: float) -> float:
+    """img/s of the stage's GPU preprocessing alone: NSD-sized uint8 images already on the device -> the model's
+    normalised input (resize, crop, scale), as `ImageEncoder.encode` runs it before the encoder."""
+    import open_clip
+
+    from clipforge.models.preprocess import BatchPreprocess
+
+    preprocess = BatchPreprocess(open_clip.get_model_preprocess_cfg(model), device)
+    images = torch.randint(0, 256, (batch, 425, 425, 3), dtype=torch.uint8, device=device)
+
+    def run(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            preprocess(images)
+        sync(device)
+        return time.perf_counter() - start
+
+    run(1)  # warm-up
+    n = max(2, int(seconds / max(run(1), 1e-6)))
+    return n * batch / run(n)
+
+
 def local_read_rate(path: Path, rows: np.ndarray, threads: int = 8, part_rows: int = 128) -> tuple[float, str]:
     """Best of threaded pread and h5py slicing of these rows into one preallocated array; (img/s, how)."""
     with h5py.File(path, "r") as f:
@@ -405,6 +429,11 @@ def part_setup(ctx: Context, encoder: bool) -> None:
         print(f"{model.name}: random weights saved to {model.weights} in {time.perf_counter() - start:.1f} s",
               flush=True)
         if encoder:
+            # The stage preprocesses each shard on the device, in series with encoding it: with the encoder-only
+            # rate this bounds what the stage can reach (1 / (1/encoder + 1/preprocess)).
+            rate = preprocess_rate(module, ctx.device, args.batch, args.seconds)
+            ctx.report.add(f"{model.name} preprocessing only on {ctx.device.type}, uint8 425px, batch {args.batch}",
+                           rate, "img/s")
             for precision in precisions:  # pure_bf16 last: it casts the module
                 if precision == "pure_bf16":
                     module = module.to(torch.bfloat16)
