@@ -58,6 +58,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -242,7 +243,7 @@ def run_open_clip(args, train: Path, val: Path, weights: Path, work: Path, env: 
 
 def run_clipforge(args, train: Path, val: Path, weights: Path, work: Path, env: dict) -> dict:
     out = work / "clipforge"
-    cmd = [sys.executable, "-m", "clipforge.cli", "-q", "finetune", "--train-data", str(train), "--val-data",
+    cmd = [sys.executable, "-m", "clipforge.cli", "finetune", "--train-data", str(train), "--val-data",
            str(val), "--model", args.model, "--pretrained", str(weights), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--weight-decay", "0.2", "--warmup",
            str(args.warmup), "--workers", str(args.workers), "--precision", args.precision, "--device",
@@ -250,7 +251,10 @@ def run_clipforge(args, train: Path, val: Path, weights: Path, work: Path, env: 
            str(args.clipforge_log_every)]
     if args.compile in ("clipforge", "both"):
         cmd.append("--compile")
-    seconds, peak, _ = timed(cmd, work, env, args.memory_every)
+    seconds, peak, output = timed(cmd, work, env, args.memory_every)
+    # Its own log, timestamped, says where the whole command's seconds went (start-up, validation, checkpoints).
+    logged = [line[:160] for line in output.splitlines() if re.match(r"\d\d:\d\d:\d\d clipforge", line)]
+    print("\n".join(f"    | {line}" for line in logged), file=sys.stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     points = synced_points(out / "logs", "train/samples_per_s", 0)
     return {"seconds": seconds, "peak": peak, "metrics": metrics["final"], "points": points}
