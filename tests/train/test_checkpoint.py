@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from clipforge.errors import UserError
@@ -30,6 +31,20 @@ def test_pack_state_round_trips_nested_state_without_pickle():
     assert back[3] == "int key" and back["empty"].numel() == 0
     with pytest.raises(TypeError, match="object"):
         pack_state({"bad": object()})
+
+
+@pytest.mark.parametrize("dtype", [*ckpt.SAFETENSORS_DTYPES, torch.uint16, torch.float8_e4m3fn])
+def test_every_dtype_round_trips_and_is_a_safetensors_file(dtype):
+    """The fast writer for the usual dtypes, safetensors' own for the rest: either way safetensors reads it."""
+    values = torch.arange(-6, 6).reshape(3, 4).T  # a transposed view: not contiguous
+    values = values > 0 if dtype == torch.bool else values.abs().to(dtype) if not dtype.is_signed else values.to(dtype)
+    state = {"x": values, "scalar": values[0, 0].clone(), "empty": values[:0], "shared": values}
+    data = pack_state(state)
+    back = unpack_state(data)
+    for key in state:
+        assert back[key].dtype == dtype and back[key].shape == state[key].shape
+        assert torch.equal(back[key].reshape(-1).view(torch.uint8), state[key].reshape(-1).view(torch.uint8))
+    assert sorted(safetensors.torch.load(bytes(data))) == [".empty", ".scalar", ".shared", ".x"]
 
 
 def test_optimizer_state_round_trip_continues_identically():

@@ -47,7 +47,7 @@ SKELETON_KEY = "clipforge_state"
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     match obj:
         case torch.Tensor():
-            tensors[path] = obj.detach().cpu().contiguous().clone()
+            tensors[path] = obj.detach().cpu().contiguous()  # serialised at once: its bytes are the snapshot
             return {"t": path}
         case dict():
             # Keys keep their type (optimizer state is keyed by int).
@@ -78,17 +78,55 @@ def _decode(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
     raise ValueError(f"unknown state tag {tag!r}")
 
 
-def pack_state(state: Any) -> bytes:
-    """One safetensors file holding nested dicts/lists/tuples of tensors and JSON scalars."""
+def pack_state(state: Any) -> bytes | bytearray:
+    """One safetensors file holding nested dicts/lists/tuples of tensors and JSON scalars (bytes-like: written,
+    hashed and uploaded as it is, never copied once more)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(state, "", tensors)
-    return safetensors.torch.save(tensors, metadata={SKELETON_KEY: json.dumps(skeleton)})
+    metadata = {SKELETON_KEY: json.dumps(skeleton)}
+    if all(t.dtype in SAFETENSORS_DTYPES for t in tensors.values()):
+        return _safetensors_bytes(tensors, metadata)
+    return safetensors.torch.save({k: t.clone() for k, t in tensors.items()}, metadata=metadata)
 
 
-def unpack_state(data: bytes) -> Any:
+# The dtypes a checkpoint holds (weights, optimizer moments, steps, RNG states), by safetensors' names.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytearray:
+    """The safetensors file of these CPU tensors, each copied once into one preallocated buffer.
+
+    `safetensors.torch.save` of cloned tensors (what this replaced) takes 3-5x as long: 2.9-4.2 s against
+    0.8-0.9 s for ViT-B-32's 1.8 GB of weights and AdamW moments (bench/checkpoint.py), once an epoch. The
+    buffer is returned as it is: a copy into `bytes` would cost as much again. Layout (the format's spec):
+    8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, then the tensors'
+    bytes back to back in the header's order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8 : 8 + len(head)] = head
+    view, base = memoryview(out), 8 + len(head)
+    for name, tensor in tensors.items():
+        start, end = header[name]["data_offsets"]
+        if end > start:
+            view[base + start : base + end] = tensor.reshape(-1).view(torch.uint8).numpy()
+    return out
+
+
+def unpack_state(data: bytes | bytearray) -> Any:
     """The exact inverse of `pack_state` (tensors on the CPU)."""
     skeleton = json.loads(safetensors_metadata(data)[SKELETON_KEY])
-    return _decode(skeleton, safetensors.torch.load(data))
+    return _decode(skeleton, safetensors.torch.load(data if isinstance(data, bytes) else bytes(data)))
 
 
 # -- the store ----------------------------------------------------------------------------------
