@@ -68,7 +68,7 @@ def values_schema() -> dict:
             }),
             "gpuResourceName": string("extended resource name of GPUs", minLength=1),
             "stageDefaults": obj({
-                "resources": obj({"cpu": quantity, "memory": quantity}),
+                "resources": obj({"cpu": quantity, "memory": quantity, "limitCpu": {"type": "boolean"}}),
                 "backoffLimit": {"type": "integer", "minimum": 0},
                 # Long enough for the driver to read status and logs before the Job and its pods go.
                 "ttlSecondsAfterFinished": {"type": "integer", "minimum": 60},

@@ -164,6 +164,17 @@ def test_scheduling_values_reach_the_driver_settings():
     assert default.queue_name is default.priority_class_name is default.runtime_class_name is None
 
 
+def test_a_cpu_limit_for_quota_namespaces_reaches_the_stage_pods():
+    """A ResourceQuota on limits.cpu refuses pods without a CPU limit: `stageDefaults.resources.limitCpu`."""
+    settings = dataclasses.replace(stage_settings(chart_objects({"stageDefaults": {"resources": {"limitCpu": True}}})),
+                                   run_id="r")
+    job = index_stage_job(settings)
+    validate(job)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"] == "1"
+    assert stage_settings(chart_objects({})).limit_cpu is False
+
+
 def test_security_contexts_can_be_replaced_for_every_pod():
     """OpenShift's restricted-v2 refuses fixed user and group ids: the values replace the built-in contexts of
     the driver, the helm test pod and (through the driver's settings) every stage pod."""

@@ -165,6 +165,21 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert "activeDeadlineSeconds" not in spec
 
 
+def test_cpu_limits_only_where_asked_and_on_every_pod():
+    """`limit_cpu` (for a quota on limits.cpu): every container of every stage pod, the Ray head and submitter
+    included, is limited to the CPU it requests; without it none is (a limit throttles on idle nodes)."""
+    for limit in (True, False):
+        for name in ("src", "tgt", "adapter-with-a-rather-long-stage-name-40"):
+            for manifest in stage_manifests(resolved(name), settings(kuberay=True, limit_cpu=limit)):
+                if manifest["kind"] != "RayJob":
+                    validate(manifest)
+                for spec in pod_specs(manifest):
+                    for container in spec["containers"]:
+                        resources = container["resources"]
+                        assert resources["limits"].get("cpu") == (resources["requests"]["cpu"] if limit else None)
+                        assert resources["limits"]["memory"] == resources["requests"]["memory"]
+
+
 def test_rayjob_keeps_the_stage_deadline():
     (ray,) = stage_manifests(resolved("src"), settings(kuberay=True, active_deadline_seconds=7200))
     assert ray["spec"]["activeDeadlineSeconds"] == 7200

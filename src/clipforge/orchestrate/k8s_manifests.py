@@ -56,6 +56,9 @@ class StageJobSettings:
     gpu_resource_name: str = "nvidia.com/gpu"  # e.g. amd.com/gpu, or a MIG profile resource
     default_cpu: str | None = "1"  # requests where a stage names none
     default_memory: str | None = "4Gi"
+    # A CPU limit equal to the CPU request on every stage pod, for namespaces whose ResourceQuota counts
+    # limits.cpu (and so refuses pods without one). Off by default: a limit throttles a pod on an idle node.
+    limit_cpu: bool = False
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     affinity: dict | None = None
@@ -175,11 +178,12 @@ def placement(resolved: ResolvedStage) -> str:
 
 
 def resources(resolved: ResolvedStage, settings: StageJobSettings, gpus: int) -> dict:
-    """Requests from the stage (else the defaults); GPUs as requests = limits, memory limited to its request."""
+    """Requests from the stage (else the defaults); GPUs as requests = limits, memory limited to its request,
+    CPU too with `limit_cpu`."""
     res = resolved.spec.resources
     requests = {key: value for key, value in (("cpu", res.cpu or settings.default_cpu),
                                               ("memory", res.memory or settings.default_memory)) if value}
-    limits = {"memory": requests["memory"]} if "memory" in requests else {}
+    limits = {key: requests[key] for key in ("memory", *(("cpu",) if settings.limit_cpu else ())) if key in requests}
     if settings.cache_size_limit:
         # The /cache emptyDir (model weights, range cache) lives on the node's disk: a pod placed where
         # that much is not free is evicted part way, and downloads it all again elsewhere.
@@ -370,6 +374,13 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
     return [job, svc]
 
 
+def own_resources(cpu: str, memory: str, settings: StageJobSettings) -> dict:
+    """Resources of a pod clipforge sizes itself (the Ray head, the job submitter): memory limited to its
+    request, CPU too with `limit_cpu`."""
+    limits = {"memory": memory, **({"cpu": cpu} if settings.limit_cpu else {})}
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": limits}
+
+
 def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     """A KubeRay RayJob: a head (the Ray driver runs the stage command there) and `nodes` GPU workers.
 
@@ -389,12 +400,11 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
 
     submitter = ray_pod("ray-job-submitter", 0)
     submitter["spec"]["restartPolicy"] = "Never"
-    submitter["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "200m", "memory": "512Mi"}}
+    submitter["spec"]["containers"][0]["resources"] = own_resources("200m", "1Gi", settings)
     head = ray_pod("ray-head", 0)
     # The head runs the stage's Ray driver (planning, progress, the manifest), not the encoders: it needs
     # neither the stage's CPUs and memory nor a GPU node's worth of them.
-    head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": RAY_HEAD_MEMORY},
-                                                   "limits": {"memory": RAY_HEAD_MEMORY}}
+    head["spec"]["containers"][0]["resources"] = own_resources("2", RAY_HEAD_MEMORY, settings)
     body = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": queued(metadata(name, settings, resolved.spec.name,
