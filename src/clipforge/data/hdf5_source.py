@@ -60,6 +60,8 @@ def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = No
         yield handle, reader
     finally:
         handle.close()
+        if reader is not None:
+            reader.close()  # its GET threads
 
 
 def image_dataset(handle: h5py.File, source: str, name: str) -> h5py.Dataset:
@@ -126,6 +128,21 @@ def _coalesced_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
+def read_through_h5py(source: str, dataset: str, rows: np.ndarray, target: np.ndarray, *, unsigned: bool = False,
+                      cache_dir: str | None = None) -> FetchStats:
+    """Fill `target` with sorted unique `rows` by h5py, for any layout (chunked, compressed): on S3 the rows'
+    byte ranges (or chunks) are prefetched first, then h5py decodes them from memory."""
+    with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir) as (handle, reader):
+        dset = image_dataset(handle, source, dataset)
+        if reader is not None:
+            reader.prefetch(row_byte_ranges(dset, rows))
+        dset.read_direct(target, np.s_[rows])
+        if reader is None:
+            return FetchStats(requests=0, bytes=int(target.nbytes))
+        reader.release()
+        return reader.stats
+
+
 class RowReader:
     """Reads rows of one image dataset into caller-owned buffers (pinned host memory on a GPU machine).
 
@@ -172,15 +189,8 @@ class RowReader:
                 if os.preadv(self._fd, [part], at) != len(part):
                     raise self._cut_short((at - self._offset) // self.row_bytes)
             return FetchStats(requests=0, bytes=int(target.nbytes))
-        with open_hdf5(self.source, unsigned=self.unsigned, cache_dir=self.cache_dir) as (handle, reader):
-            dset = image_dataset(handle, self.source, self.dataset)
-            if reader is not None:
-                reader.prefetch(row_byte_ranges(dset, rows))
-            dset.read_direct(target, np.s_[rows])
-            if reader is None:
-                return FetchStats(requests=0, bytes=int(target.nbytes))
-            reader.release()
-            return reader.stats
+        return read_through_h5py(self.source, self.dataset, rows, target, unsigned=self.unsigned,
+                                 cache_dir=self.cache_dir)
 
     def _cut_short(self, row: int) -> UserError:
         return UserError(f"source {self.source} ended early: rows from {row} are cut short (truncated file?)")

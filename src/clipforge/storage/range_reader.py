@@ -233,13 +233,17 @@ class RangeReader(io.RawIOBase):
             if self.cache:
                 self.cache.put(start, bytes(view))
 
-        with self._lock:  # one pool for every call: `threads` GETs at most, however many threads call fill
-            if self._getters is None:
-                self._getters = ThreadPoolExecutor(self.threads, thread_name_prefix="range-get")
-        list(self._getters.map(fetch, parts))
+        list(self._pool().map(fetch, parts))
         with self._lock:
             self.stats.add(tally)
         return tally
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The reader's GET threads, one pool for every call: `threads` GETs at most, however many threads read."""
+        with self._lock:
+            if self._getters is None:
+                self._getters = ThreadPoolExecutor(self.threads, thread_name_prefix="range-get")
+            return self._getters
 
     def close(self) -> None:
         getters = getattr(self, "_getters", None)  # absent when __init__ failed (IOBase's __del__ still closes)
@@ -277,8 +281,7 @@ class RangeReader(io.RawIOBase):
         if len(groups) == 1:
             bodies = [self._get(*groups[0])]
         else:
-            with ThreadPoolExecutor(min(self.threads, max(1, len(groups)))) as pool:
-                bodies = list(pool.map(lambda g: self._get(*g), groups))
+            bodies = list(self._pool().map(lambda g: self._get(*g), groups))
         for (ga, gb), body in zip(groups, bodies, strict=True):
             for a, b in todo:
                 if ga <= a and b <= gb:
