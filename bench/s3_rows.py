@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent / "device"))
 from gpu import ROW_BYTES, s3_read_rate, write_images  # noqa: E402
 from range_server import range_server  # noqa: E402
 
-from clipforge.data.hdf5_source import RowReader, image_dataset, open_hdf5  # noqa: E402
+from clipforge.data.hdf5_source import RowReader, read_through_h5py  # noqa: E402
 from clipforge.storage.range_reader import FetchStats  # noqa: E402
 
 
@@ -59,16 +59,7 @@ def read_shards(read_shard, shards: list[np.ndarray], workers: int) -> tuple[flo
 
 def h5py_shard(uri: str):
     """The h5py path for any layout: prefetch the rows' byte ranges, then h5py reads them through the reader."""
-    from clipforge.data.hdf5_source import row_byte_ranges
-
-    def read(rows: np.ndarray, out: np.ndarray) -> FetchStats:
-        with open_hdf5(uri) as (handle, reader):
-            dset = image_dataset(handle, uri, "imgBrick")
-            reader.prefetch(row_byte_ranges(dset, rows))
-            dset.read_direct(out, np.s_[rows], np.s_[: len(rows)])
-            return reader.stats
-
-    return read
+    return lambda rows, out: read_through_h5py(uri, "imgBrick", rows, out[: len(rows)])
 
 
 def main() -> None:
