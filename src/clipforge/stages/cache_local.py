@@ -6,9 +6,10 @@ start, and its actor builds the model only once the reads have begun. Here:
 
 - the model loads in a thread while reader threads fill the first shards;
 - readers write rows straight into reusable host buffers (pinned on a GPU);
-- the main thread copies each shard to the device on a side stream, so the
-  next shard's copy overlaps this one's compute, then preprocesses and encodes
-  it there and starts copying the embeddings back without waiting;
+- the main thread copies each shard to the device and preprocesses it there on
+  a side stream, so the next shard's copy and preprocessing overlap this one's
+  encoding, then encodes it and starts copying the embeddings back without
+  waiting;
 - a writer thread commits each shard's parquet file once its copy has landed.
 
 Every stage is bounded (`read_workers` + 1 host buffers, a few shards of
@@ -83,7 +84,8 @@ class ReadShard:
     images: torch.Tensor | list
     stats: FetchStats
     slot: int | None = None
-    copied: torch.cuda.Event | None = field(default=None, repr=False)
+    copied: torch.cuda.Event | None = field(default=None, repr=False)  # the copy to the device has landed
+    ready: torch.cuda.Event | None = field(default=None, repr=False)  # ... and been preprocessed there
     released: bool = False  # the host side is done with: its slot is free and the next read is queued
 
 
@@ -150,6 +152,8 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
         log.info("encoder %s ready on %s in %s, %.1f s after the process started", spec.model, device,
                  encoder.precision, process_age())
         copies = torch.cuda.Stream(device) if cuda else None
+        if copies is not None:  # the preprocessing's constants were put on the device by the loading thread
+            copies.wait_stream(torch.cuda.current_stream(device))
 
         def release(item: ReadShard) -> None:
             """The host side of a shard is done with: its slot goes back, and the next shard's read starts."""
@@ -160,12 +164,16 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
                 read_next()
 
         def stage(item: ReadShard) -> ReadShard:
-            """Start a shard's copy to the device on the side stream; its host slot is free once it lands."""
+            """Queue a shard's copy to the device and its preprocessing there on the side stream, where both
+            overlap the previous shard's encoding; its host slot is free once the copy lands."""
             if copies is not None and item.slot is not None:
-                with torch.cuda.stream(copies):
-                    item.images = item.images.to(device, non_blocking=True)
+                with torch.cuda.stream(copies), torch.inference_mode():
+                    pixels = item.images.to(device, non_blocking=True)
                     item.copied = torch.cuda.Event()
                     item.copied.record(copies)
+                    item.images = encoder.preprocess(pixels)  # float pixels, which `encode` takes as they are
+                    item.ready = torch.cuda.Event()
+                    item.ready.record(copies)
                 release(item)
             return item
 
@@ -190,9 +198,9 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
             current = staged if staged is not None else stage(reads.popleft().result())
             staged = stage(reads.popleft().result()) if reads and reads[0].done() else None
             stats.add(current.stats)
-            if current.copied is not None:
+            if current.ready is not None:
                 current.images.record_stream(torch.cuda.current_stream(device))
-                torch.cuda.current_stream(device).wait_event(current.copied)
+                torch.cuda.current_stream(device).wait_event(current.ready)
             embeddings = encoder.encode(current.images)
             release(current)  # on the CPU (or for image files) the encoder read the host memory itself
             host, landed = embeddings, None
