@@ -8,13 +8,15 @@
 #   1. bench/gpu.py: the cache figures (encoder-only, raw reads, the stage local / S3 / Ray, bf16 cosines)
 #   2. the GPU tests (tests/gpu)
 #   3. bench/adapter.py --device cuda                 4. bench/gpu.py --parts unet (full-size unCLIP UNet)
-# The fine-tuning comparison (bench/finetune.py, ~140 s: open_clip_train and clipforge, one run each) does not
-# fit beside them in one 600 s call; it is the second call of a session, on the still-warm machine:
-#     STEPS=finetune BUDGET=200 bash bench/device/run.sh        (timeout_s 220)
+# The fine-tuning comparison (bench/finetune.py, ~140 s: open_clip_train and clipforge, one run each) and the
+# start-up breakdown (bench/startup.py, ViT-H-14, ~40 s) do not fit beside them in one 600 s call; they are
+# the second call of a session, on the still-warm machine:
+#     STEPS="finetune startup" BUDGET=260 bash bench/device/run.sh        (timeout_s 280)
 # (On an H200, 2026-11-26, the first call took 530 s and the machine started in ~30 s: two calls fit in 15
 # device minutes.)
 # $OUT gets up to 8 files: run.log, steps.json, gpu.json, gpu.log, pytest.log, adapter.log, unet.log
-# (finetune.log in the second call). The output ends with every figure, so the reply's output tail holds them.
+# (finetune.log and startup.log in the second call). The output ends with every figure, so the reply's
+# output tail holds them.
 #
 # STEPS="gpu unet" runs only the named steps (a rerun on a warm machine with the minutes left; BUDGET=200
 # shortens the whole).
@@ -39,13 +41,15 @@ if [ "$DEVICE" = cpu ]; then
   UNET_ARGS=(--device cpu --unet tiny)
   ADAPTER_ARGS=(--device cpu --rows 900 --epochs 1 --processes 1 --repeat 1)
   FINETUNE_ARGS=(--device cpu --precision fp32 --images 40 --epochs 1 --repeat 1 --batch-size 8 --workers 1)
-  LIMITS=(300 120 120 400 120)  # gpu pytest adapter finetune unet: a small shared CPU is slow
+  STARTUP_ARGS=(--device cpu --model tiny --repeat 1)
+  LIMITS=(300 120 120 400 120 120)  # gpu pytest adapter finetune unet startup: a small shared CPU is slow
 else
   GPU_ARGS=()
   UNET_ARGS=()
   ADAPTER_ARGS=(--device cuda)
   FINETUNE_ARGS=(--device cuda --precision bf16 --repeat 1)
-  LIMITS=(340 100 45 190 50)  # gpu pytest adapter finetune unet: H200 2026-11-26 took >300, 80, 38, 140 s
+  STARTUP_ARGS=(--device cuda --model ViT-H-14 --repeat 1)
+  LIMITS=(340 100 45 190 50 70)  # gpu pytest adapter finetune unet startup: H200 2026-11-26 took >300, 80, 38, 140 s
 fi
 
 started=$SECONDS
@@ -101,15 +105,17 @@ EOF
   step adapter "${LIMITS[2]}" "$PYTHON" bench/adapter.py "${ADAPTER_ARGS[@]}"
   step finetune "${LIMITS[3]}" "$PYTHON" bench/finetune.py "${FINETUNE_ARGS[@]}"
   step unet "${LIMITS[4]}" "$PYTHON" bench/gpu.py --parts unet --json "$OUT/gpu.json" "${UNET_ARGS[@]}"
+  step startup "${LIMITS[5]}" "$PYTHON" bench/startup.py "${STARTUP_ARGS[@]}"
 
   (IFS=,; echo "[${steps[*]}]") >"$OUT/steps.json"
   echo
   echo "================ summary after $((SECONDS - started))s ================"
   cat "$OUT/steps.json"
-  for name in pytest adapter finetune; do
+  for name in pytest adapter finetune startup; do
     echo "---- $name (last lines)"
     tail -n 12 "$OUT/$name.log" 2>/dev/null
   done
+  [ -f "$OUT/gpu.json" ] || return 0  # a call without the gpu and unet steps has no figures
   echo "---- figures (also in gpu.json)"
   "$PYTHON" - "$OUT/gpu.json" <<'EOF'
 import json, sys
