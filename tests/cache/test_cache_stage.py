@@ -138,6 +138,49 @@ def test_committed_shards_are_skipped_and_never_rewritten(engine, nsd, tiny_mode
     assert lost in after and second["shards"] == first["shards"]
 
 
+def test_a_copied_cache_is_up_to_date_where_it_was_copied(nsd, tiny_models, ray_session, tmp_path):
+    """Where a cache lives does not change it: a copy (another disk, another bucket) is not encoded again,
+    and an unfinished run copied elsewhere resumes there."""
+    import shutil
+
+    first = run_cache(config(nsd, tiny_models, str(tmp_path / "a"), source=nsd["local"]))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = mtimes(tmp_path / "b")
+    assert run_cache(config(nsd, tiny_models, str(tmp_path / "b"), source=nsd["local"])) == first
+    assert mtimes(tmp_path / "b") == before
+
+    (tmp_path / "a" / "_manifest.json").unlink()  # an unfinished run, moved
+    (tmp_path / "a" / first["shards"][0]["path"]).unlink()
+    shutil.move(tmp_path / "a", tmp_path / "c")
+    resumed = run_cache(config(nsd, tiny_models, str(tmp_path / "c"), source=nsd["local"]))
+    assert resumed["metrics"]["images_encoded"] == first["shards"][0]["rows"]
+    assert read_embeddings(str(tmp_path / "c")).ids.tolist() == nsd["ids"].tolist()
+
+
+def test_a_cache_made_while_its_location_counted_stays_current(nsd, tiny_models, ray_session, tmp_path,
+                                                               monkeypatch):
+    """Caches made before `output` left the fingerprint recorded another fingerprint and other shard names:
+    they are still up to date, and an unfinished one resumes instead of being refused."""
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
+    with monkeypatch.context() as old:  # what such a version did: `output` counted
+        old.setattr(CacheConfig, "volatile", CacheConfig.volatile - {"output"})
+        first = run_cache(cfg)
+    assert first["config_fingerprint"] == cfg.located_fingerprint() != cfg.fingerprint()
+    before = mtimes(output)
+    assert run_cache(cfg) == first
+    assert mtimes(output) == before
+
+    (output / "_manifest.json").unlink()
+    lost = first["shards"][1]["path"]
+    (output / lost).unlink()
+    before = mtimes(output)
+    resumed = run_cache(cfg)
+    assert resumed["metrics"]["images_encoded"] == first["shards"][1]["rows"]
+    assert resumed["shards"] == first["shards"]
+    assert {k: v for k, v in mtimes(output).items() if k in before} == before
+
+
 def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_models, ray_session, tmp_path,
                                                                   caplog):
     output = tmp_path / "cache"

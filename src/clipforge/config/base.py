@@ -29,10 +29,11 @@ class StageConfig(BaseModel):
     # their default, so those outputs keep their fingerprints (a retrain does not redo a 3-hour cache).
     additive: ClassVar[frozenset[str]] = frozenset()
 
-    def fingerprint(self) -> str:
-        """A short hash of every setting that can change the stage's output."""
+    def fingerprint(self, counting: frozenset[str] = frozenset()) -> str:
+        """A short hash of every setting that can change the stage's output (and of the volatile ones named in
+        `counting`: how a field counted before it became volatile, for outputs made then)."""
         unset = {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
-        payload = self.model_dump(mode="json", by_alias=True, exclude=set(self.volatile) | unset)
+        payload = self.model_dump(mode="json", by_alias=True, exclude=(set(self.volatile) - counting) | unset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

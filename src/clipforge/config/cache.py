@@ -47,9 +47,15 @@ class CacheConfig(StageConfig):
                            "read or decoded, instead of failing")
 
     model_config = ConfigDict(populate_by_name=True)
+    # Where a cache lives does not change it: a copied or moved cache is the same cache. Caches made while
+    # `output` still counted recorded the fingerprint `located_fingerprint` gives, and stay current.
     volatile = frozenset({"inference_batch_size", "device", "cache_dir", "no_sign_request", "num_encoders", "engine",
-                          "read_workers"})
+                          "read_workers", "output"})
     additive = frozenset({"skip_bad"})
+
+    def located_fingerprint(self) -> str:
+        """The fingerprint with `output` counted, as caches made before it stopped counting recorded it."""
+        return self.fingerprint(counting=frozenset({"output"}))
 
     @model_validator(mode="after")
     def _one_index_and_one_model(self):

@@ -115,9 +115,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = stage_inputs(spec, found)
-    fingerprint = cfg.fingerprint()
+    fingerprint, located = cfg.fingerprint(), cfg.located_fingerprint()
     manifest = read_manifest(cfg.output)
-    if is_up_to_date(manifest, fingerprint, inputs):
+    if is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs):
         log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
         return manifest
     if manifest is not None:
@@ -129,7 +129,8 @@ def _run_cache(cfg: CacheConfig) -> dict:
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     # Shards of other weights or images (a run that failed, the file replaced, then resumed) are not this
     # cache's: their names differ, so they are encoded again rather than mixed in.
-    shards = plan_shards(index, cfg.batch_size, digest({"config": fingerprint, "inputs": inputs}))
+    shards = plan_for(cfg.output, [plan_shards(index, cfg.batch_size, digest({"config": identity, "inputs": inputs}))
+                                   for identity in (fingerprint, located)])
     todo = pending_shards(cfg.output, shards)
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
@@ -200,6 +201,16 @@ def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDatase
         raise UserError(f"id {first_bad} is out of range for dataset {cfg.dataset!r} of {cfg.source}, "
                         f"which has {dataset.length} images (ids are 0-based rows)")
     return dataset
+
+
+def plan_for(output: str, plans: list[list[Shard]]) -> list[Shard]:
+    """The first plan that names every shard file already under `output` (the plan of an unfinished run to
+    resume: shard names of caches begun while `output` counted differ), else the first plan."""
+    present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
+    for plan in plans:
+        if present and present <= {s.name for s in plan}:
+            return plan
+    return plans[0]
 
 
 def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
