@@ -42,6 +42,33 @@ def test_folder_cache_ids_are_relative_paths_and_match_open_clip(shapes, tiny_mo
     assert (table.embeddings * expected).sum(1).min() >= 0.999
 
 
+def test_ray_reads_shrink_photos_to_the_encoders_input_and_match_the_local_engine(tiny_models, ray_session,
+                                                                                  tmp_path):
+    """Ray's read tasks resize and crop each photo as it is decoded, as the local engine's readers do, so a
+    shard crosses the object store at the model's input size, and both engines give the same embeddings."""
+    from clipforge.models.encoders import EncoderSpec, preprocess_config
+    from clipforge.stages.cache_ray import read_shard
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (width, height) in enumerate([(640, 480), (300, 700), (225, 224), (1000, 250)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    cfg_path, weights = tiny_models["source"]
+    preprocess = preprocess_config(EncoderSpec("tiny-source", str(weights), str(cfg_path)))
+    read = read_shard({"ids": [np.array(["0.jpg", "1.jpg", "3.jpg"])]}, source=str(folder), dataset="",
+                      unsigned=False, cache_dir=None, preprocess=preprocess)
+    size = preprocess["size"]
+    assert read["images"].shape == (1, 3, size, size, 3) and read["images"].dtype == np.uint8
+
+    by_ray = run_cache(config(tiny_models, folder, tmp_path / "ray", engine="ray"))
+    by_local = run_cache(config(tiny_models, folder, tmp_path / "local", engine="local"))
+    assert by_ray["metrics"]["engine"] == "ray" and by_local["metrics"]["engine"] == "local"
+    ray_table, local_table = read_embeddings(str(tmp_path / "ray")), read_embeddings(str(tmp_path / "local"))
+    assert ray_table.ids.tolist() == local_table.ids.tolist() == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    np.testing.assert_allclose(ray_table.embeddings, local_table.embeddings, atol=1e-5)
+
+
 def test_s3_folder_and_csv_sources(shapes, tiny_models, ray_session, s3_bucket, tmp_path):
     client = boto3.client("s3")
     for path in shapes.rglob("*"):

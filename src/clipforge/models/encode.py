@@ -85,6 +85,7 @@ class ImageEncoder:
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size or default_batch_size(self.device)
         self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
+        self.preprocess_cfg = preprocess_cfg
         self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
         self.description = {**describe(spec, self.model, preprocess_cfg), "precision": self.precision}
 

@@ -175,6 +175,30 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     return model, open_clip.get_model_preprocess_cfg(model)
 
 
+def preprocess_config(spec: EncoderSpec) -> dict:
+    """The preprocessing `load_clip` will find on the model, worked out without building it, as open_clip's
+    factory does for a built-in or registered name: its defaults, a pretrained tag's own values over them,
+    and the vision tower's image size. What Ray's read tasks shrink images with before the encoder exists."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    check_model_known(spec.model, spec.model_config)
+    cfg = dataclasses.asdict(PreprocessCfg())
+    if spec.pretrained and not names_weights_file(spec.pretrained):
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {})
+    cfg["size"] = open_clip.get_model_config(spec.model)["vision_cfg"]["image_size"]
+    return cfg
+
+
+def same_preprocess(a: dict, b: dict) -> bool:
+    """Whether two preprocessing configs resize, crop and normalise alike (a size may be an int or a pair)."""
+    def plain(cfg: dict) -> dict:
+        size = cfg.get("size")
+        return json.loads(json.dumps({**cfg, "size": [size, size] if isinstance(size, int) else list(size)}))
+
+    return plain(a) == plain(b)
+
+
 # What loading a weights file that is not one, or not this model's, raises: torch.load's unpickler (a file of
 # something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path.
 WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError)

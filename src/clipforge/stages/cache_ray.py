@@ -21,7 +21,8 @@ from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
 from clipforge.errors import StorageUnreachable, UserError
-from clipforge.models.encoders import EncoderSpec
+from clipforge.models.encoders import EncoderSpec, preprocess_config, same_preprocess
+from clipforge.models.preprocess import BatchPreprocess
 from clipforge.progress import Progress
 from clipforge.stages.cache import Shard, commit_shard, steady_rate
 from clipforge.storage.range_reader import FetchStats
@@ -47,14 +48,16 @@ def ensure_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None) -> dict:
-    """Ray task: one shard's images (one uint8 array, or a list of differently sized ones for image
-    files), plus what fetching them cost."""
+def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None,
+               preprocess: dict | None = None) -> dict:
+    """Ray task: one shard's images as one uint8 array, plus what fetching them cost. Image files are
+    resized and cropped to the encoder's input (`preprocess`) as each is decoded, as the local engine does:
+    a shard of 12 MP photos would otherwise cross the object store at 36 MB an image."""
     if is_image_collection(source):
-        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]])
+        shrink = BatchPreprocess(preprocess).shrink
+        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]], shrink=shrink)
         stats = FetchStats(requests=len(images), bytes=size)
-        column = np.empty(1, dtype=object)
-        column[0] = images
+        column = np.stack(images)[None]
     else:
         images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned,
                                               cache_dir=cache_dir)
@@ -72,7 +75,7 @@ class ShardEncoder:
     """Ray actor: encodes a shard and commits it as one parquet file under the output prefix."""
 
     def __init__(self, spec: dict, output: str, device: str, precision: str, inference_batch_size: int | None,
-                 cache_dir: str | None):
+                 cache_dir: str | None, shrunk_with: dict | None = None):
         import torch
 
         from clipforge.models.encode import ImageEncoder
@@ -81,6 +84,9 @@ class ShardEncoder:
             torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
         self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
         self.output = output
+        if shrunk_with is not None and not same_preprocess(shrunk_with, self.encoder.preprocess_cfg):
+            raise RuntimeError(f"images were resized for {shrunk_with}, but {spec['model']} preprocesses with "
+                               f"{self.encoder.preprocess_cfg}: a clipforge bug, please report it")
 
     def __call__(self, batch: dict) -> dict:
         started = time.time()
@@ -117,19 +123,20 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
               "splits": np.array([x or "" for x in s.splits])} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    preprocess = preprocess_config(spec) if is_image_collection(cfg.source) else None
     # Reads are I/O-bound: half a CPU each lets them run beside the encoder, and resources that
     # differ from the encoder's keep Ray from fusing reads into the actor (which would serialise them).
     ds = ds.map_batches(
         read_shard, batch_size=1, batch_format="numpy", num_cpus=0.5,
         fn_kwargs={"source": cfg.source, "dataset": cfg.dataset, "unsigned": cfg.no_sign_request,
-                   "cache_dir": cfg.cache_dir},
+                   "cache_dir": cfg.cache_dir, "preprocess": preprocess},
     )
     ds = ds.map_batches(
         ShardEncoder, batch_size=1, batch_format="numpy",
         num_gpus=1 if gpus else 0, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=encoders),
         fn_constructor_kwargs={"spec": spec.__dict__, "output": cfg.output, "device": "cuda" if gpus else "cpu",
                                "precision": cfg.precision, "inference_batch_size": cfg.inference_batch_size,
-                               "cache_dir": cfg.cache_dir},
+                               "cache_dir": cfg.cache_dir, "shrunk_with": preprocess},
     )
     total = sum(len(s.ids) for s in todo)
     progress = Progress(log, total)
