@@ -3,8 +3,8 @@
 No API server can run here (no cluster, no container runtime), so this process speaks the part of the
 real REST protocol the driver uses, over HTTP on loopback, to the real `kubernetes` Python client:
 
-- get / list (label and field selectors) / create / delete of Jobs, Pods, Services, Events and KubeRay RayJobs,
-  `pods/log` with `tailLines`, `404 NotFound` and `409 AlreadyExists` as Status objects;
+- get / list (label and field selectors) / create / delete / merge-patch of Jobs, Pods, Services, Events
+  and KubeRay RayJobs, `pods/log` with `tailLines`, `404 NotFound` and `409 AlreadyExists` as Status objects;
 - watch: a chunked stream of `{"type", "object"}` lines resuming after `resourceVersion`, ended by
   `timeoutSeconds`; `410 Gone` as an ERROR event (injectable, or after `compact()`); a stalled watch
   that sends nothing (injectable), which only the client's own `_request_timeout` ends; `503` (injectable).
@@ -159,6 +159,14 @@ class KubernetesApiStandIn:
             self.held.discard(job)
             self.lock.notify_all()
 
+    def orphan(self, resource: str, name: str) -> None:
+        """What the garbage collector does to the dependents of an owner deleted with `--cascade=orphan`:
+        their ownerReferences are removed, and they go on."""
+        with self.lock:
+            obj = self.objects[(resource, self.namespace, name)]
+            obj["metadata"].pop("ownerReferences", None)
+            self._put(resource, obj, "MODIFIED")
+
     def created(self, resource: str, name: str | None = None) -> list[str]:
         return [n for m, r, n in self.requests if m == "POST" and r == resource and (name is None or n == name)]
 
@@ -242,6 +250,8 @@ class KubernetesApiStandIn:
                 code, payload = self._create(resource, ns, body)
             case "DELETE", _:
                 code, payload = self._delete(resource, ns, name)
+            case "PATCH", _:
+                code, payload = self._patch(resource, ns, name, req.headers.get("Content-Type", ""), body)
             case _:
                 code, payload = 405, status_body(405, "MethodNotAllowed", f"{req.command} is not served")
         self._send(req, code, payload)
@@ -365,6 +375,30 @@ class KubernetesApiStandIn:
         if resource == "rayjobs":
             threading.Thread(target=self._run_ray_job, args=(ns, meta["name"]), daemon=True).start()
         return 201, copy.deepcopy(obj)
+
+    def _patch(self, resource: str, ns: str, name: str, content_type: str, body: dict) -> tuple[int, dict]:
+        """A JSON merge patch (RFC 7386), the one kind every resource takes, CRDs included; others are 415."""
+        if content_type.split(";")[0] != "application/merge-patch+json":
+            return 415, status_body(415, "UnsupportedMediaType", f"only merge patches are served, not {content_type}")
+
+        def merge(target, patch):
+            if not isinstance(patch, dict):
+                return copy.deepcopy(patch)
+            out = dict(target) if isinstance(target, dict) else {}
+            for key, value in patch.items():
+                if value is None:
+                    out.pop(key, None)
+                else:
+                    out[key] = merge(out.get(key), value)
+            return out
+
+        with self.lock:
+            obj = self.objects.get((resource, ns, name))
+            if obj is None:
+                return 404, status_body(404, "NotFound", f"{resource} {name!r} not found")
+            obj = merge(obj, body)
+            self._put(resource, obj, "MODIFIED")
+        return 200, copy.deepcopy(obj)
 
     def _delete(self, resource: str, ns: str, name: str) -> tuple[int, dict]:
         with self.lock:

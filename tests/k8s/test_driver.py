@@ -55,14 +55,15 @@ class Cluster:
         return [sys.executable, "-m", "clipforge.cli", "drive", spec, "--run-id", run_id, "--kubeconfig",
                 str(self.kubeconfig), "--settings", str(self.settings), "--watch-seconds", "2", *sets]
 
-    def env(self) -> dict[str, str]:
-        # What the chart's downward API gives the driver pod.
-        return {**os.environ, "DRIVER_JOB_NAME": "demo-driver", "DRIVER_JOB_UID": self.driver_uid,
-                "PYTHONUNBUFFERED": "1"}
+    def env(self, driver: tuple[str, str] | None = None) -> dict[str, str]:
+        # What the chart's downward API gives the driver pod: its Job's name and uid.
+        name, uid = driver or ("demo-driver", self.driver_uid)
+        return {**os.environ, "DRIVER_JOB_NAME": name, "DRIVER_JOB_UID": uid, "PYTHONUNBUFFERED": "1"}
 
-    def start(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(run_id, *overrides, spec=spec), cwd=self.root, env=self.env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    def start(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC,
+              driver: tuple[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(run_id, *overrides, spec=spec), cwd=self.root, env=self.env(driver),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
     def run(self, run_id: str, *overrides: str, spec: str = DEMO_SPEC) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(run_id, *overrides, spec=spec), cwd=self.root, env=self.env(),
@@ -76,17 +77,21 @@ def statuses(record: dict) -> dict[str, str]:
     return {name: stage["status"] for name, stage in record["stages"].items()}
 
 
-def start_cluster(root: Path) -> Cluster:
-    api = KubernetesApiStandIn(root, namespace="ml")
-    # The driver's own Job, suspended (the stand-in runs no pods for it): the owner of every stage Job.
-    driver = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-driver"},
+def driver_job(api: KubernetesApiStandIn, name: str) -> str:
+    """A driver's own Job, suspended (the stand-in runs no pods for it): the owner of its stage Jobs; its uid."""
+    driver = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
               "spec": {"suspend": True, "template": {"metadata": {}, "spec": {
                   "restartPolicy": "Never", "containers": [{"name": "driver", "image": "clipforge:test"}]}}}}
     _, created = api._create("jobs", "ml", driver)
+    return created["metadata"]["uid"]
+
+
+def start_cluster(root: Path) -> Cluster:
+    api = KubernetesApiStandIn(root, namespace="ml")
     settings = root / "driver.yaml"
     settings.write_text(yaml.safe_dump({"image": "ghcr.io/clipforge/clipforge:test", "release": RELEASE,
                                         "rendezvous_port": free_port(), "ttl_seconds_after_finished": 600}))
-    return Cluster(root, api, api.kubeconfig(root / "kubeconfig.json"), settings, created["metadata"]["uid"])
+    return Cluster(root, api, api.kubeconfig(root / "kubeconfig.json"), settings, driver_job(api, "demo-driver"))
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +312,26 @@ def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster,
 
 
 @pytest.mark.slow  # about 5 s alone, over 10 s on a busy machine (it starts `clipforge cache`)
+def test_a_reattached_rayjob_is_adopted_by_the_new_driver(small_cluster):
+    """As for stage Jobs: a RayJob left ownerless (its driver deleted with --cascade=orphan) gains the new
+    driver as owner, by a merge patch (CRDs take no strategic merge), and keeps owners it has."""
+    cluster = small_cluster
+    settings = StageJobSettings(image="img", run_id="adopt", namespace="ml", owner_name="new-driver",
+                                owner_uid="uid-new")
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)))
+    other = {"apiVersion": "batch/v1", "kind": "Job", "name": "other", "uid": "uid-other", "controller": False}
+    with cluster.api.lock:
+        cluster.api._put("rayjobs", {"apiVersion": "ray.io/v1", "kind": "RayJob", "status": {},
+                                     "metadata": {"name": "left", "namespace": "ml", "ownerReferences": [other]}},
+                         "ADDED")
+    ours = {"apiVersion": "batch/v1", "kind": "Job", "name": "new-driver", "uid": "uid-new", "controller": False}
+    for _ in range(2):  # the second time it is ours already: nothing to patch
+        existing = cluster.api.get("rayjobs", "left")
+        executor.adopt("cache", "left", existing["metadata"].get("ownerReferences"), executor.patch_ray_job)
+    assert cluster.api.get("rayjobs", "left")["metadata"]["ownerReferences"] == [other, ours]
+    assert [r for r in cluster.api.requests if r[0] == "PATCH"] == [("PATCH", "rayjobs", "left")]
+
+
 def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):
     """KubeRay on: the stand-in runs the RayJob's entrypoint; its failure (a missing source, exit 2) comes
     back through Ray's status message, and the driver deletes the RayJob."""
@@ -343,12 +368,16 @@ def test_demo_pipeline_runs_as_jobs(cluster, demo_run):
         assert job["metadata"]["labels"]["clipforge.io/stage"] == stage
         assert job["metadata"]["ownerReferences"][0]["uid"] == cluster.driver_uid
         assert "blockOwnerDeletion" not in job["metadata"]["ownerReferences"][0]
+        assert ("PATCH", "jobs", name) not in cluster.api.requests  # created by this driver: already its owner
         (container,) = job["spec"]["template"]["spec"]["containers"]
         assert container["command"][-2:] == ["--config", f"demo/artifacts/runs/first/configs/{stage}.yaml"]
 
 
 @pytest.mark.slow
 def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_run):
+    """The README's resume: the driver Job deleted with --cascade=orphan mid-stage (its stage Job goes on,
+    ownerless), the release applied again. The new driver re-attaches, and adopts the stage Job, so that
+    deleting the release still deletes it."""
     adapter = job_name(RELEASE, "restart", "adapter")
     cluster.api.hold(adapter)  # its pod stays Pending until released: the stage is "running" throughout
     spec = demo_without(cluster, "up-to-adapter", {"generate", "evaluate", "finetune"})
@@ -359,9 +388,11 @@ def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_r
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    cluster.api.orphan("jobs", adapter)
     assert cluster.record("restart")["stages"]["adapter"]["status"] == "running"
     reads_before = len([r for r in cluster.api.requests if r == ("GET", "jobs", adapter)])
-    second = cluster.start("restart", "stages.adapter.with.epochs=5", spec=spec)
+    new_driver = ("demo-driver-2", driver_job(cluster.api, "demo-driver-2"))
+    second = cluster.start("restart", "stages.adapter.with.epochs=5", spec=spec, driver=new_driver)
     while len([r for r in cluster.api.requests if r == ("GET", "jobs", adapter)]) == reads_before:
         assert second.poll() is None and time.monotonic() < deadline, second.stdout.read()
         time.sleep(0.1)
@@ -370,6 +401,8 @@ def test_driver_killed_mid_stage_reattaches_without_a_second_job(cluster, demo_r
     assert second.returncode == 0, output[-4000:]
     assert f"re-attaching to the existing Job {adapter} (running)" in output
     assert cluster.api.created("jobs", adapter) == [adapter]
+    assert cluster.api.get("jobs", adapter)["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "demo-driver-2", "uid": new_driver[1], "controller": False}]
     assert len(cluster.api.list("pods", **{"job-name": adapter})) == 1
     # The killed driver had already recorded the upstream stages as reused under this run: now up to date.
     assert statuses(cluster.record("restart")) == {"nsd-index": "up-to-date", "source-cache": "up-to-date",

@@ -27,7 +27,14 @@ from kubernetes.client.exceptions import ApiException
 from clipforge.config.base import read_yaml
 from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError, first_line
-from clipforge.orchestrate.k8s_manifests import CONTAINER, KEY_ANNOTATION, StageJobSettings, placement, stage_manifests
+from clipforge.orchestrate.k8s_manifests import (
+    CONTAINER,
+    KEY_ANNOTATION,
+    StageJobSettings,
+    owner_reference,
+    placement,
+    stage_manifests,
+)
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
 from clipforge.storage import uri as storage
 
@@ -235,6 +242,7 @@ class KubernetesExecutor:
             state = job_finished(existing)
             if key == resolved.key and state != "failed":
                 log.info("[%s] re-attaching to the existing Job %s (%s)", stage, name, state or "running")
+                self.adopt(stage, name, existing.metadata.owner_references, self.batch.patch_namespaced_job)
                 return
             why = "it failed earlier; trying again" if key == resolved.key else "it ran another config"
             log.warning("[%s] deleting the existing Job %s: %s", stage, name, why)
@@ -359,6 +367,7 @@ class KubernetesExecutor:
             same = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION) == resolved.key
             if same and status.get("jobStatus") not in ("FAILED", "STOPPED"):
                 log.info("[%s] re-attaching to the existing RayJob %s", stage, name)
+                self.adopt(stage, name, existing["metadata"].get("ownerReferences"), self.patch_ray_job)
             else:
                 log.warning("[%s] deleting the existing RayJob %s", stage, name)
                 self.delete_ray_job(name)
@@ -406,6 +415,25 @@ class KubernetesExecutor:
                                              f"tries; last: {type(exc).__name__}: {first_line(exc)}") \
                         from None
             time.sleep(min(30, 2**attempt))
+
+    def adopt(self, stage: str, name: str, owners: list | None, patch) -> None:
+        """Add this driver to the owners of an object a driver before it created and this one re-attached to.
+
+        Deleting a driver Job with `--cascade=orphan` to resume (the README's way) strips its stage Jobs of
+        their owner: without this, deleting the release later would leave them running. The patch is a JSON
+        merge patch of the whole list (CRDs such as RayJob take no strategic merge)."""
+        ours = owner_reference(self.settings)
+        owners = [o if isinstance(o, dict) else self.batch.api_client.sanitize_for_serialization(o)
+                  for o in owners or []]
+        if ours is None or any(o.get("uid") == ours["uid"] for o in owners):
+            return
+        self.call(patch, name=name, namespace=self.namespace, body={"metadata": {"ownerReferences": [*owners, ours]}},
+                  _content_type="application/merge-patch+json")
+        log.info("[%s] %s now also belongs to this driver (%s): deleting the release deletes it", stage, name,
+                 ours["name"])
+
+    def patch_ray_job(self, name: str, namespace: str, body: dict, **kwargs):
+        return self.custom.patch_namespaced_custom_object(name=name, namespace=namespace, body=body, **RAY, **kwargs)
 
     def read(self, method, name: str, **kwargs):
         """The object, or None when there is none (404)."""

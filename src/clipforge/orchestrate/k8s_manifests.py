@@ -152,11 +152,19 @@ def labels(settings: StageJobSettings, stage: str | None = None, component: str 
 def metadata(name: str, settings: StageJobSettings, stage: str, extra: dict | None = None) -> dict:
     meta: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": labels(settings, stage),
                             **(extra or {})}
-    if settings.owner_name and settings.owner_uid:
-        # DESIGN: no blockOwnerDeletion, which needs `update` on the owner's finalizers on some clusters.
-        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": settings.owner_name,
-                                    "uid": settings.owner_uid, "controller": False}]
+    owner = owner_reference(settings)
+    if owner:
+        meta["ownerReferences"] = [owner]
     return meta
+
+
+def owner_reference(settings: StageJobSettings) -> dict | None:
+    """The driver Job as an owner: deleting it (or the release) deletes what it created."""
+    if not (settings.owner_name and settings.owner_uid):
+        return None
+    # DESIGN: no blockOwnerDeletion, which needs `update` on the owner's finalizers on some clusters.
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": settings.owner_name, "uid": settings.owner_uid,
+            "controller": False}
 
 
 def stage_command(resolved: ResolvedStage) -> list[str]:
