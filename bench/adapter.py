@@ -26,6 +26,7 @@ the GPU, set the pace.
 
     .venv/bin/python bench/adapter.py [--rows 9000] [--epochs 2] [--processes 1 2] [--repeat 2]
     python bench/adapter.py --device cuda [--rows 9000] [--epochs 10] [--profile-epochs 3] [--repeat 1] [--resume]
+        [--compile]     # also one run with --compile (CUDA graphs on one GPU), its seconds per epoch against eager
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ def make_caches(root: Path, rows: int) -> tuple[str, str]:
 
 
 def train(src: str, tgt: str, out: Path, processes: int, epochs: int, threads: int | None = None,
-          device: str = "cpu"):
+          device: str = "cpu", compile: bool = False):
     """Wall seconds of one CLI run and its metrics.json."""
     cmd = [sys.executable, "-m", "clipforge.cli", "-q", "train-adapter", "--clip-cache", src, "--target-cache", tgt,
            "--out", str(out), "--epochs", str(epochs), "--batch-size", "128", "--device", device,
-           "--num-processes", str(processes)]
+           "--num-processes", str(processes), *(["--compile"] if compile else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     started = time.monotonic()
     subprocess.run(cmd, check=True, env=env)
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", help="default 1 2 on CPU, 1 on CUDA")
     parser.add_argument("--profile-epochs", type=int, default=3, help="CUDA: epochs of the profiled run")
     parser.add_argument("--repeat", type=int, help="runs of each variant; the best counts (default 2 CPU, 1 CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time one process with --compile (on one GPU: CUDA graphs) against eager")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction,
                         help="time resuming from a checkpoint (default: on CPU; off on CUDA, to fit a device call)")
     args = parser.parse_args()
@@ -198,6 +201,19 @@ def main() -> None:
                   f"{busy:.4f} s busy of {seconds:.4f} s profiled = {busy / seconds:.1%} (a lower bound: the "
                   f"profiler slows the host); busy / unprofiled {seconds_per_epoch:.4f} s per epoch (after the first) "
                   f"= {min(1.0, busy / seconds_per_epoch):.1%}")
+        # After the eager figures and the profile, so that a device step cut short by compilation keeps them.
+        if args.compile:  # compilation is paid in the first epoch and at start-up: later epochs compare
+            wall, metrics = train(src, tgt, root / "out-compiled", args.processes[0], args.epochs,
+                                  device=args.device, compile=True)
+            epoch_times = metrics["timing"]["epoch_seconds"]
+            compiled_seconds = float(np.mean(epoch_times[1:] or epoch_times))
+            print(f"{'1 process, --compile':<22} {compiled_seconds:8.4f} s per epoch after the first "
+                  f"({seconds_per_epoch / compiled_seconds:.2f}x eager's {seconds_per_epoch:.4f} s), first epoch "
+                  f"{epoch_times[0]:.2f} s, wall {wall:.1f} s with start-up and compilation, test R@1 "
+                  f"{metrics['adapter']['adapted_to_target_R@1']:.3f}", flush=True)
+            if cuda:  # its fused kernels take no longer than eager's: eager's busy seconds give a lower bound
+                print(f"GPU busy share with --compile: at least eager's busy {busy:.4f} s / {compiled_seconds:.4f} s "
+                      f"per epoch = {min(1.0, busy / compiled_seconds):.1%}")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

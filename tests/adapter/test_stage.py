@@ -153,6 +153,32 @@ def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):
                for p in (out / "checkpoints").iterdir())
 
 
+def test_compiled_training_gives_the_eager_weights_under_the_models_own_keys(caches, tmp_path, monkeypatch,
+                                                                            caplog):
+    """--compile changes how the step runs, not what it computes: the same config fingerprint, the weights of
+    an eager run (to rounding), checkpoints and adapter.safetensors without torch.compile's `_orig_mod.`, and a
+    resume from such a checkpoint."""
+    from clipforge.stages import adapter_trainer
+
+    src, tgt = caches
+    common = dict(epochs=3, dropout=0.1)
+    train_adapter(config(src, tgt, tmp_path / "eager", **common))
+    monkeypatch.setattr(adapter_trainer, "COMPILE_BACKEND", "aot_eager")  # dynamo and autograd tracing, no codegen
+    compiled = config(src, tgt, tmp_path / "compiled", compile=True, **common)
+    assert compiled.fingerprint() == config(src, tgt, tmp_path / "eager", **common).fingerprint()
+    result = train_adapter(compiled)
+    assert result.status == "trained"
+    assert max_abs_diff(weights(str(tmp_path / "eager")), weights(str(tmp_path / "compiled"))) < 1e-4
+    newest = sorted((tmp_path / "compiled" / "checkpoints").iterdir())[-1]
+    assert not [f for f in newest.iterdir() if b"_orig_mod" in f.read_bytes()]
+    trained = weights(str(tmp_path / "compiled"))
+    (tmp_path / "compiled" / "_manifest.json").unlink()  # committed but not marked done: resumes at the end
+    with caplog.at_level(logging.INFO, logger="clipforge.adapter"):
+        train_adapter(compiled)
+    assert "resuming from" in caplog.text
+    assert max_abs_diff(trained, weights(str(tmp_path / "compiled"))) == 0
+
+
 def test_limit_trains_on_a_seeded_subset_and_keeps_the_test_split(caches, tmp_path):
     src, tgt = caches
     result = train_adapter(config(src, tgt, tmp_path / "a", limit=64, epochs=2))

@@ -48,12 +48,14 @@ class AdapterConfig(StageConfig):
     log_every: float = Field(10.0, gt=0, description="seconds between progress lines, and between reads of the "
                                                      "training losses off the GPU (each read waits for it)")
     work_dir: str | None = Field(None, description="local staging folder for checkpoints when OUT is on S3")
+    compile: bool = Field(False, description="torch.compile the adapter; on one GPU its step is replayed as a CUDA "
+                                             "graph, one launch instead of dozens (a small MLP is launch-bound)")
 
     # Where things live, how many processes share the work and how often we save or log cannot change the
     # weights (the global batch and the data order are the same for any process count; resume is exact).
     volatile = frozenset({
         "clip_cache", "target_cache", "out", "device", "num_processes", "checkpoint_every", "keep_checkpoints",
-        "log_every", "work_dir",
+        "log_every", "work_dir", "compile",
     })
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
 from clipforge.train.metrics import retrieval_metrics
 from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
+from clipforge.train.state import plain_module
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -138,7 +139,7 @@ def metrics_table(metrics: dict) -> str:
 def _commit(config: AdapterConfig, trainer: AdapterTrainer, metrics: dict, inputs: dict, fingerprint: str) -> None:
     """Write the outputs, then `_manifest.json` last (rank 0 only)."""
     pairs, out = trainer.pairs, config.out
-    model = trainer.acc.unwrap_model(trainer.model)
+    model = plain_module(trainer.acc, trainer.model)
     storage.write_bytes(storage.join(out, WEIGHTS_NAME), adapter_bytes(model, trainer.spec))
     card = {
         "format": "clipforge-adapter/1",

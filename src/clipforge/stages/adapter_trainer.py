@@ -32,6 +32,7 @@ from clipforge.stages.adapter_data import PairedEmbeddings
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import (
+    COMPILE_BACKEND,
     DeferredLosses,
     PreemptionWatch,
     StepLoss,
@@ -50,7 +51,7 @@ from clipforge.train.loop import (
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.state import resume_latest, state_files
+from clipforge.train.state import plain_module, resume_latest, state_files
 
 log = logging.getLogger("clipforge.adapter")
 
@@ -99,6 +100,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def compile_adapter(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """torch.compile (inductor): fused kernels and, on a single GPU, CUDA graphs ("reduce-overhead"), which
+    replay a step's forward and backward in one launch. An epoch of 9,000 rows in steps of 128 is ~5 ms of
+    host work per step around microseconds of GPU work (issue 10). DDP's gradient hooks do not go into CUDA
+    graphs, so several processes get the fused kernels only."""
+    mode = "reduce-overhead" if device.type == "cuda" and world == 1 and COMPILE_BACKEND == "inductor" else None
+    return torch.compile(model, backend=COMPILE_BACKEND, mode=mode)
+
+
 class AdapterTrainer:
     """One process's share of training: setup, resume, fit, save; rank 0 alone writes."""
 
@@ -121,6 +131,8 @@ class AdapterTrainer:
         model = build_adapter(self.spec)
         optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if config.compile:
+            self.model = compile_adapter(self.model, device, self.world)
         self.progress = TrainProgress()
         self.last_saved: str | None = None
         self.writer = None
@@ -147,7 +159,7 @@ class AdapterTrainer:
         """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""
         self.read_losses()
         started = time.monotonic()
-        weights = self.acc.unwrap_model(self.model).state_dict()
+        weights = plain_module(self.acc, self.model).state_dict()
         if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
             raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
         if self.meter is not None:
@@ -166,7 +178,7 @@ class AdapterTrainer:
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""
-        model = self.acc.unwrap_model(self.model)
+        model = plain_module(self.acc, self.model)  # eager: test batches have other shapes
         model.eval()
         part = x[shard_slice(len(x), self.rank, self.world)]
         with torch.no_grad():

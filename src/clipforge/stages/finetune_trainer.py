@@ -46,6 +46,7 @@ from clipforge.stages.finetune_model import build_model, param_groups, trim_text
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.contrastive import clip_loss
 from clipforge.train.loop import (
+    COMPILE_BACKEND,
     DeferredLosses,
     PreemptionWatch,
     StepLoss,
@@ -71,9 +72,6 @@ log = logging.getLogger("clipforge.finetune")
 
 HISTORY = "history.json"
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature here, as the CLIP paper does
-# torch.compile's backend for `compile`: inductor generates fused kernels (Triton on GPUs, C++ on CPUs).
-# Tests on a small CPU swap in aot_eager, which traces the same graphs without a minute of code generation.
-COMPILE_BACKEND = "inductor"
 
 
 def clamp_warmup(warmup: int, total_steps: int) -> int:

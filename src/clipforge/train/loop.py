@@ -27,6 +27,10 @@ from accelerate.utils import gather_object
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.storage import uri as storage
 
+# torch.compile's backend for the trainers' `compile`: inductor generates fused kernels (Triton on GPUs, C++ on
+# CPUs). Tests on a small CPU swap in aot_eager, which traces the same graphs without a minute of code generation.
+COMPILE_BACKEND = "inductor"
+
 log = logging.getLogger(__name__)
 
 
