@@ -199,3 +199,13 @@ def test_every_command_has_its_place_in_the_help():
     from clipforge.cli import HELP_ORDER
 
     assert sorted(HELP_ORDER) == sorted(module.name for module in pkgutil.iter_modules(commands.__path__))
+
+
+def test_validation_gets_no_more_loader_workers_than_it_has_batches():
+    from clipforge.stages.finetune_data import validation_workers
+
+    assert validation_workers(12, val_rows=256, world=1, micro=256) == 1  # one batch: one worker, not twelve
+    assert validation_workers(12, val_rows=1000, world=1, micro=256) == 4
+    assert validation_workers(12, val_rows=1000, world=2, micro=256) == 4  # 500 rows each, in batches of 128
+    assert validation_workers(2, val_rows=100_000, world=1, micro=64) == 2
+    assert validation_workers(0, val_rows=256, world=1, micro=256) == 0  # loading in the trainer's process

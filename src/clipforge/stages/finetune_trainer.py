@@ -41,6 +41,7 @@ from clipforge.stages.finetune_data import (
     KeyBatches,
     loader_workers,
     make_loader,
+    validation_workers,
 )
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.train.checkpoint import CheckpointStore
@@ -148,7 +149,8 @@ class FinetuneTrainer:
         self.train_loader = make_loader(CaptionedImages(train, built.train_transform, built.tokenizer, config.seed),
                                         self.train_keys, workers, pin, self.trim_text)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
-                                      self.val_keys, workers, pin, self.trim_text)
+                                      self.val_keys, validation_workers(workers, len(val), self.world, self.micro),
+                                      pin, self.trim_text)
         _, inverse = np.unique(np.array(val.captions, dtype=object), return_inverse=True)
         self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
