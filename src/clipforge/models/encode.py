@@ -72,9 +72,9 @@ class ImageEncoder:
     """A CLIP image encoder on its device, in its precision, with its batched preprocessing.
 
     What both cache engines (a Ray actor, or the in-process pipeline) hold:
-    `encode` takes a shard's uint8 images (an array, a pinned tensor, or a list
-    of differently sized images) and returns their embeddings on the device,
-    so the caller decides when to copy them back.
+    `encode` takes a shard's uint8 images (an array or a pinned tensor) and
+    returns their embeddings on the device, so the caller decides when to copy
+    them back.
     """
 
     def __init__(self, spec, device: str = "auto", precision: str = "auto", batch_size: int | None = None,
@@ -94,15 +94,11 @@ class ImageEncoder:
         return int(self.model.visual.output_dim)
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
-        """(N, dim) float32 L2-normalised embeddings on the encoder's device."""
-        if isinstance(images, list) or (isinstance(images, np.ndarray) and images.dtype == object):
-            pixels = self.preprocess.each(list(images))  # image files of many sizes
-            parts = [encode_batch(self.model, pixels[i : i + self.batch_size], self.precision)
-                     for i in range(0, len(pixels), self.batch_size)]
-        else:
-            parts = [encode_batch(self.model, self.preprocess(images[i : i + self.batch_size]), self.precision)
-                     for i in range(0, len(images), self.batch_size)]
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, dim) float32 L2-normalised embeddings on the encoder's device, of uint8 images (N, H, W, 3)
+        (image files arrive already shrunk to the model's input) or of pixels already preprocessed."""
+        parts = [encode_batch(self.model, self.preprocess(images[i : i + self.batch_size]), self.precision)
+                 for i in range(0, len(images), self.batch_size)]
         if not parts:
             return torch.zeros((0, self.dim), device=self.device)
         return torch.cat(parts)

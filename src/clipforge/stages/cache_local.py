@@ -78,10 +78,11 @@ class BufferPool:
 
 @dataclass
 class ReadShard:
-    """A shard's images on their way to the encoder: in a pool slot (HDF5) or a list (image files)."""
+    """A shard's images on their way to the encoder: in a pool slot (HDF5), or an array of image files shrunk
+    to the model's input."""
 
     shard: object
-    images: torch.Tensor | list
+    images: torch.Tensor | np.ndarray
     stats: FetchStats
     slot: int | None = None
     copied: torch.cuda.Event | None = field(default=None, repr=False)  # the copy to the device has landed
@@ -92,7 +93,7 @@ class ReadShard:
 class ShardReader:
     """Reads one shard's images, for any source the cache stage takes; safe to call from many threads."""
 
-    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future | None = None):
+    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future):
         self.cfg = cfg
         self.encoder = encoder  # an ImageEncoder to come: its preprocessing shrinks folder images
         self.rows = self.pool = self.decoding = None
@@ -104,11 +105,9 @@ class ShardReader:
 
     def __call__(self, shard) -> ReadShard:
         if self.rows is None:
-            shrink = self.encoder.result().preprocess.shrink if self.encoder is not None else None
             images, size = read_images(collection_root(self.cfg.source), [str(i) for i in shard.ids],
-                                       shrink=shrink, pool=self.decoding)
-            return ReadShard(shard, np.stack(images) if shrink else images,
-                             FetchStats(requests=len(images), bytes=size))
+                                       shrink=self.encoder.result().preprocess.shrink, pool=self.decoding)
+            return ReadShard(shard, np.stack(images), FetchStats(requests=len(images), bytes=size))
         slot, buffer = self.pool.acquire()
         try:
             stats = self.rows.read_into(shard.ids, buffer.numpy())
