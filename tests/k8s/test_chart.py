@@ -73,7 +73,7 @@ def test_rbac_is_namespaced_and_minimal(values_file):
                for group in rule["apiGroups"] for resource in rule["resources"]}
     expected = {("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
                 ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
-                ("", "services"): {"get", "list", "create", "delete"}, ("", "events"): {"list"}}
+                ("", "services"): {"get", "list", "create", "delete", "patch"}, ("", "events"): {"list"}}
     if values.get("kuberay", {}).get("enabled"):
         expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete", "patch"}
     assert granted == expected

@@ -312,24 +312,32 @@ def test_preempted_node_makes_the_driver_recreate_the_whole_group(small_cluster,
 
 
 @pytest.mark.slow  # about 5 s alone, over 10 s on a busy machine (it starts `clipforge cache`)
-def test_a_reattached_rayjob_is_adopted_by_the_new_driver(small_cluster):
-    """As for stage Jobs: a RayJob left ownerless (its driver deleted with --cascade=orphan) gains the new
-    driver as owner, by a merge patch (CRDs take no strategic merge), and keeps owners it has."""
+@pytest.mark.parametrize("resource", ["rayjobs", "services"])
+def test_a_reattached_rayjob_or_service_is_adopted_by_the_new_driver(small_cluster, resource):
+    """As for stage Jobs: a RayJob, or a multi-node group's headless Service, left ownerless (its driver
+    deleted with --cascade=orphan) gains the new driver as owner, by a merge patch (CRDs take no strategic
+    merge), and keeps owners it has."""
     cluster = small_cluster
     settings = StageJobSettings(image="img", run_id="adopt", namespace="ml", owner_name="new-driver",
                                 owner_uid="uid-new")
     executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)))
     other = {"apiVersion": "batch/v1", "kind": "Job", "name": "other", "uid": "uid-other", "controller": False}
+    name = f"left-{resource}"
+    kind, version = {"rayjobs": ("RayJob", "ray.io/v1"), "services": ("Service", "v1")}[resource]
     with cluster.api.lock:
-        cluster.api._put("rayjobs", {"apiVersion": "ray.io/v1", "kind": "RayJob", "status": {},
-                                     "metadata": {"name": "left", "namespace": "ml", "ownerReferences": [other]}},
+        cluster.api._put(resource, {"apiVersion": version, "kind": kind, "spec": {}, "status": {},
+                                    "metadata": {"name": name, "namespace": "ml", "ownerReferences": [other]}},
                          "ADDED")
     ours = {"apiVersion": "batch/v1", "kind": "Job", "name": "new-driver", "uid": "uid-new", "controller": False}
     for _ in range(2):  # the second time it is ours already: nothing to patch
-        existing = cluster.api.get("rayjobs", "left")
-        executor.adopt("cache", "left", existing["metadata"].get("ownerReferences"), executor.patch_ray_job)
-    assert cluster.api.get("rayjobs", "left")["metadata"]["ownerReferences"] == [other, ours]
-    assert [r for r in cluster.api.requests if r[0] == "PATCH"] == [("PATCH", "rayjobs", "left")]
+        if resource == "rayjobs":
+            existing = cluster.api.get(resource, name)
+            executor.adopt("cache", name, existing["metadata"].get("ownerReferences"), executor.patch_ray_job)
+        else:  # what the driver does before it (re-)starts a group
+            executor.start_or_adopt_service("train", {"apiVersion": version, "kind": kind, "metadata": {"name": name},
+                                                      "spec": {"clusterIP": "None"}})
+    assert cluster.api.get(resource, name)["metadata"]["ownerReferences"] == [other, ours]
+    assert [r for r in cluster.api.requests if r[0] == "PATCH" and r[2] == name] == [("PATCH", resource, name)]
 
 
 def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):

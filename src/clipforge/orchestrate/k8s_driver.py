@@ -218,7 +218,7 @@ class KubernetesExecutor:
         group = job["spec"].get("completionMode") == "Indexed"
         for attempt in range(self.group_restarts + 1):
             for service in services:
-                self.create(self.core.create_namespaced_service, service)
+                self.start_or_adopt_service(stage, service)
             self.start_or_attach(resolved, job)
             outcome = self.wait_for_job(stage, name)
             # DESIGN: one rank lost means the others hang in NCCL; the group has backoffLimit 0 and the
@@ -232,6 +232,14 @@ class KubernetesExecutor:
         for service in services:  # only after the group is done: ranks resolve rank 0 through it
             self.delete(self.core.delete_namespaced_service, service["metadata"]["name"])
         return outcome.exit_code
+
+    def start_or_adopt_service(self, stage: str, service: dict) -> None:
+        """Create a group's headless Service, or take over the one a driver before this one left."""
+        name = service["metadata"]["name"]
+        if not self.create(self.core.create_namespaced_service, service):
+            existing = self.read(self.core.read_namespaced_service, name)
+            if existing is not None:
+                self.adopt(stage, name, existing.metadata.owner_references, self.core.patch_namespaced_service)
 
     def start_or_attach(self, resolved: ResolvedStage, job: dict) -> None:
         """Create the Job unless one of this name already runs this stage's config: never a second one."""
