@@ -20,7 +20,8 @@
 # output tail holds them.
 #
 # STEPS="gpu unet" runs only the named steps (a rerun on a warm machine with the minutes left; BUDGET=200
-# shortens the whole).
+# shortens the whole). Steps only run when named: unet, finetune_compile (fine-tuning with clipforge's
+# --compile against open_clip_train, ~200 s).
 #
 # DEVICE=cpu runs the same steps with tiny settings (bench/device/simulate.sh does that on a CPU machine,
 # PYTHON naming a venv that looks like the device's).
@@ -43,15 +44,16 @@ if [ "$DEVICE" = cpu ]; then
   ADAPTER_ARGS=(--device cpu --rows 900 --epochs 2 --processes 1 --repeat 1 --compile)
   FINETUNE_ARGS=(--device cpu --precision fp32 --images 40 --epochs 1 --repeat 1 --batch-size 8 --workers 1)
   STARTUP_ARGS=(--device cpu --model tiny --repeat 1)
-  LIMITS=(300 120 120 400 120 120)  # gpu pytest adapter finetune unet startup: a small shared CPU is slow
+  LIMITS=(300 120 120 400 120 120 900)  # gpu pytest adapter finetune unet startup finetune_compile: a small CPU
 else
   GPU_ARGS=()
   UNET_ARGS=()
   ADAPTER_ARGS=(--device cuda --compile)
   FINETUNE_ARGS=(--device cuda --precision bf16 --repeat 1)
   STARTUP_ARGS=(--device cuda --model ViT-H-14 --repeat 1)
-  # gpu pytest adapter finetune unet startup. H200 2026-11-26: >300, 80, 38 (without --compile), 140 s.
-  LIMITS=(340 100 95 190 50 70)
+  # gpu pytest adapter finetune unet startup finetune_compile. H200 2026-11-26: >300, 80, 38 (without
+  # --compile), 140 s.
+  LIMITS=(340 100 95 190 50 70 260)
 fi
 
 started=$SECONDS
@@ -106,6 +108,8 @@ EOF
   step pytest "${LIMITS[1]}" "$PYTHON" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
   step adapter "${LIMITS[2]}" "$PYTHON" bench/adapter.py "${ADAPTER_ARGS[@]}"
   step finetune "${LIMITS[3]}" "$PYTHON" bench/finetune.py "${FINETUNE_ARGS[@]}"
+  # Only when asked: clipforge with --compile (inductor's code generation comes on top of both runs).
+  step finetune_compile "${LIMITS[6]}" "$PYTHON" bench/finetune.py "${FINETUNE_ARGS[@]}" --compile clipforge
   step unet "${LIMITS[4]}" "$PYTHON" bench/gpu.py --parts unet --json "$OUT/gpu.json" "${UNET_ARGS[@]}"
   step startup "${LIMITS[5]}" "$PYTHON" bench/startup.py "${STARTUP_ARGS[@]}"
 
@@ -113,7 +117,7 @@ EOF
   echo
   echo "================ summary after $((SECONDS - started))s ================"
   cat "$OUT/steps.json"
-  for name in pytest adapter finetune startup; do
+  for name in pytest adapter finetune finetune_compile startup; do
     echo "---- $name (last lines)"
     tail -n 12 "$OUT/$name.log" 2>/dev/null
   done
