@@ -1,4 +1,5 @@
-"""Both cache engines on CUDA: the pinned-buffer, side-stream path and the Ray actor give the CPU's embeddings."""
+"""Both cache engines on CUDA: the pinned-buffer, side-stream path and the Ray actor give the CPU's embeddings, for
+HDF5 rows and for image files."""
 
 import numpy as np
 import pandas as pd
@@ -39,3 +40,19 @@ def test_cuda_cache_equals_the_cpu_run(engine, precision, floor, stimuli, tiny_m
     a, b = read_embeddings(str(cpu)), read_embeddings(str(tmp_path / "gpu"))
     assert a.ids.tolist() == b.ids.tolist() == list(range(0, 90, 2))
     assert (a.embeddings * b.embeddings).sum(1).min() >= floor
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_cuda_folder_cache_equals_the_cpu_run(engine, tiny_models, tmp_path):
+    """Image files, shrunk to the model's input by their readers (Ray's read tasks too), encoded on CUDA."""
+    from clipforge.data.synthetic import write_captioned_dataset
+
+    folder = write_captioned_dataset(tmp_path / "set", 20, size=300)
+    cfg_path, weights = tiny_models["target"]
+    values = dict(source=str(folder), model="tiny-target", model_config=str(cfg_path), pretrained=str(weights),
+                  batch_size=8)
+    run_cache(CacheConfig(**values, output=str(tmp_path / "cpu"), device="cpu", engine="local"))
+    run_cache(CacheConfig(**values, output=str(tmp_path / "gpu"), device="cuda", engine=engine))
+    a, b = read_embeddings(str(tmp_path / "cpu")), read_embeddings(str(tmp_path / "gpu"))
+    assert a.ids.tolist() == b.ids.tolist() and len(a.ids) == 20
+    assert (a.embeddings * b.embeddings).sum(1).min() >= 0.999
