@@ -402,6 +402,9 @@ class Context:
         add(f"{name}: whole wall time", run.wall if run.ok else None, "s", wall_goal, run.describe())
         startup = (run.manifest or {}).get("metrics", {}).get("startup_seconds")
         add(f"{name}: start-up (process start to the first read)", startup, "s", note="imports, plan")
+        ready = re.search(r"encoder \S+ ready on .*?([\d.]+) s after the process started", run.log)
+        add(f"{name}: encoder ready (s after the process started)", float(ready.group(1)) if ready else None, "s",
+            note="model built, weights read, on the device")
         add(f"{name}: steady img/s", run.steady, "img/s")
         enc = self.encoder.get((model.name, run.precision or ""))
         bound = min(r for r in (enc, read_rate) if r) if (enc or read_rate) else None
