@@ -153,12 +153,26 @@ def set_rng_state(state: dict) -> None:
 # -- across processes ---------------------------------------------------------------------------
 
 
+_control_groups: dict[int, object] = {}
+
+
+def control_group():
+    """A gloo group over the same processes, for the host-side flags every step agrees on. On the GPUs' NCCL
+    group, a flag tensor's copy to the device and its read back would each wait for every kernel queued so
+    far: a host sync per step, which leaves the GPU idle while the next step is launched."""
+    world = torch.distributed.group.WORLD
+    if id(world) not in _control_groups:  # made once per process group, by every rank at the same call
+        _control_groups[id(world)] = torch.distributed.new_group(backend="gloo")
+    return _control_groups[id(world)]
+
+
 def any_across(accelerator: Accelerator, *flags: bool) -> list[bool]:
-    """Each flag OR-ed over all processes, in one collective, so that every rank takes the same branch."""
+    """Each flag OR-ed over all processes, in one host-side collective, so that every rank takes the same
+    branch without waiting for its GPU."""
     if accelerator.num_processes == 1:
         return list(flags)
-    tensor = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    tensor = torch.tensor([float(f) for f in flags])
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=control_group())
     return [bool(v) for v in tensor.tolist()]
 
 
