@@ -88,6 +88,7 @@ class KubernetesApiStandIn:
         self.disrupted: set[str] = set()
         self.refused: dict[str, str] = {}  # Job name -> why the API server refuses its pods
         self.queued: set[str] = set()  # Job names created suspended, as a Kueue webhook does, until admit()
+        self.patch_forbidden = False  # PATCH answers 403, as for a Role without `patch`
         self.processes: dict[str, subprocess.Popen] = {}
         self.pod_env: dict[str, dict[str, str]] = {}  # the container env each pod ran with (after DNS)
         self.logs = Path(tempfile.mkdtemp(prefix="k8s-standin-logs-"))
@@ -378,6 +379,8 @@ class KubernetesApiStandIn:
 
     def _patch(self, resource: str, ns: str, name: str, content_type: str, body: dict) -> tuple[int, dict]:
         """A JSON merge patch (RFC 7386), the one kind every resource takes, CRDs included; others are 415."""
+        if self.patch_forbidden:
+            return 403, status_body(403, "Forbidden", f"{resource} {name!r} is forbidden: cannot patch")
         if content_type.split(";")[0] != "application/merge-patch+json":
             return 415, status_body(415, "UnsupportedMediaType", f"only merge patches are served, not {content_type}")
 

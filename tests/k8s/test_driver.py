@@ -340,6 +340,25 @@ def test_a_reattached_rayjob_or_service_is_adopted_by_the_new_driver(small_clust
     assert [r for r in cluster.api.requests if r[0] == "PATCH" and r[2] == name] == [("PATCH", resource, name)]
 
 
+def test_a_role_without_patch_leaves_the_object_ownerless_and_says_so(small_cluster, caplog):
+    """A Role of one's own (rbac.create=false) from before the driver patched: the run goes on, with a warning."""
+    cluster = small_cluster
+    settings = StageJobSettings(image="img", run_id="adopt", namespace="ml", owner_name="d", owner_uid="uid-d")
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)))
+    with cluster.api.lock:
+        cluster.api._put("services", {"apiVersion": "v1", "kind": "Service", "spec": {}, "status": {},
+                                      "metadata": {"name": "forbidden", "namespace": "ml"}}, "ADDED")
+    cluster.api.patch_forbidden = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="clipforge"):
+            executor.start_or_adopt_service("train", {"apiVersion": "v1", "kind": "Service",
+                                                      "metadata": {"name": "forbidden"}, "spec": {}})
+    finally:
+        cluster.api.patch_forbidden = False
+    assert "cannot make this driver an owner of forbidden (403" in caplog.text
+    assert "ownerReferences" not in cluster.api.get("services", "forbidden")["metadata"]
+
+
 def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):
     """KubeRay on: the stand-in runs the RayJob's entrypoint; its failure (a missing source, exit 2) comes
     back through Ray's status message, and the driver deletes the RayJob."""
