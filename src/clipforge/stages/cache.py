@@ -129,9 +129,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     # Shards of other weights or images (a run that failed, the file replaced, then resumed) are not this
     # cache's: their names differ, so they are encoded again rather than mixed in.
-    shards = plan_for(cfg.output, [plan_shards(index, cfg.batch_size, digest({"config": identity, "inputs": inputs}))
-                                   for identity in (fingerprint, located)])
-    todo = pending_shards(cfg.output, shards)
+    shards, todo = pending_shards(cfg.output, [plan_shards(index, cfg.batch_size,
+                                                           digest({"config": identity, "inputs": inputs}))
+                                               for identity in (fingerprint, located)])
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
     log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine (%.1f s after "
@@ -203,22 +203,15 @@ def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDatase
     return dataset
 
 
-def plan_for(output: str, plans: list[list[Shard]]) -> list[Shard]:
-    """The first plan that names every shard file already under `output` (the plan of an unfinished run to
-    resume: shard names of caches begun while `output` counted differ), else the first plan."""
-    present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
-    for plan in plans:
-        if present and present <= {s.name for s in plan}:
-            return plan
-    return plans[0]
-
-
-def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
-    """Shards not yet committed; shard files of another plan mean the output belongs to something else.
+def pending_shards(output: str, plans: list[list[Shard]]) -> tuple[list[Shard], list[Shard]]:
+    """(the plan, its shards not yet committed). The plan is the first of `plans` that names every shard file
+    already under `output` (an unfinished run's: caches begun while `output` counted in the fingerprint have
+    other shard names), else the first; shard files of no plan mean the output belongs to something else.
 
     A shard file is committed whole (written under a temporary name, then renamed), so one that does not
     read back whole was damaged afterwards (a disk, a copy cut short): it is encoded again, not trusted."""
     present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
+    shards = next((plan for plan in plans if present and present <= {s.name for s in plan}), plans[0])
     planned = {s.name for s in shards}
     foreign = sorted(present - planned)
     if foreign:
@@ -232,7 +225,7 @@ def pending_shards(output: str, shards: list[Shard]) -> list[Shard]:
             log.warning("shard %s is damaged (%s): encoding it again", storage.join(output, shard.name), why)
             storage.delete(storage.join(output, shard.name))
             present.discard(shard.name)
-    return [s for s in shards if s.name not in present]
+    return shards, [s for s in shards if s.name not in present]
 
 
 def shard_problem(output: str, shard: Shard) -> str | None:
