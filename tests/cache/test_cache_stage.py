@@ -68,6 +68,21 @@ def mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
+def resume_after_losing_a_shard(cfg, first, number):
+    """An interrupted run (no manifest, shard `number` never written) resumed with `cfg`: only that shard is
+    encoded, every other file is left as it was, and the plan is the first run's."""
+    output = Path(cfg.output)
+    (output / "_manifest.json").unlink()
+    lost = first["shards"][number]["path"]
+    (output / lost).unlink()
+    before = mtimes(output)
+    resumed = run_cache(cfg)
+    assert resumed["metrics"]["images_encoded"] == first["shards"][number]["rows"]
+    after = mtimes(output)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert lost in after and resumed["shards"] == first["shards"]
+
+
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_cache_from_s3_equals_open_clip(engine, nsd, tiny_models, ray_session, tmp_path):
     output = tmp_path / "cache"
@@ -127,15 +142,7 @@ def test_committed_shards_are_skipped_and_never_rewritten(engine, nsd, tiny_mode
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"], engine=engine)
     first = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"]))  # written by the local engine
-    (output / "_manifest.json").unlink()
-    lost = first["shards"][2]["path"]
-    (output / lost).unlink()
-    before = mtimes(output)
-    second = run_cache(cfg)
-    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"]
-    after = mtimes(output)
-    assert {k: v for k, v in after.items() if k in before} == before
-    assert lost in after and second["shards"] == first["shards"]
+    resume_after_losing_a_shard(cfg, first, 2)
 
 
 def test_a_copied_cache_is_up_to_date_where_it_was_copied(nsd, tiny_models, ray_session, tmp_path):
@@ -171,14 +178,7 @@ def test_a_cache_made_while_its_location_counted_stays_current(nsd, tiny_models,
     assert run_cache(cfg) == first
     assert mtimes(output) == before
 
-    (output / "_manifest.json").unlink()
-    lost = first["shards"][1]["path"]
-    (output / lost).unlink()
-    before = mtimes(output)
-    resumed = run_cache(cfg)
-    assert resumed["metrics"]["images_encoded"] == first["shards"][1]["rows"]
-    assert resumed["shards"] == first["shards"]
-    assert {k: v for k, v in mtimes(output).items() if k in before} == before
+    resume_after_losing_a_shard(cfg, first, 1)
 
 
 def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_models, ray_session, tmp_path,
