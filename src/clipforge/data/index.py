@@ -31,7 +31,7 @@ def read_index(path: str) -> RowIndex:
         if path.endswith(".csv"):
             frame = pd.read_csv(io.BytesIO(raw))
         else:
-            frame = parquet.read_table(raw).to_pandas()
+            frame = parquet.read_frame(raw)
     except Exception as exc:  # pandas raises many types for unreadable files
         raise UserError(f"index {path} cannot be read as {'CSV' if path.endswith('.csv') else 'parquet'}: {exc}") \
             from None

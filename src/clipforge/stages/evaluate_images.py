@@ -43,7 +43,7 @@ def read_generated(prefix: str) -> tuple[pd.DataFrame, dict]:
     uri = storage.join(prefix, "generated.parquet")
     data = storage.read_bytes(uri)
     try:
-        frame = parquet.read_table(data).to_pandas()
+        frame = parquet.read_frame(data)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{uri} is not a readable parquet file ({first_line(exc)}): run generate into a new "
                         "--out") from None

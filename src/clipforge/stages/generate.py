@@ -185,7 +185,7 @@ def committed_ids(out: str, settings: str) -> tuple[set, list[pd.DataFrame]]:
     """The ids whose images a batch committed, and those batches' rows. Images made with other settings
     (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these: they
     would be scored as what the manifest then says."""
-    parts = [parquet.read_table(storage.read_bytes(storage.join(out, "batches", name))).to_pandas()
+    parts = [parquet.read_frame(storage.read_bytes(storage.join(out, "batches", name)))
              for name in storage.list_names(storage.join(out, "batches")) if name.endswith(".parquet")]
     for part in parts:
         # Batches written before rows recorded their settings carry none; those came from this stage's own
