@@ -257,7 +257,8 @@ def run_clipforge(args, train: Path, val: Path, weights: Path, work: Path, env: 
     print("\n".join(f"    | {line}" for line in logged), file=sys.stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     points = synced_points(out / "logs", "train/samples_per_s", 0)
-    return {"seconds": seconds, "peak": peak, "metrics": metrics["final"], "points": points}
+    return {"seconds": seconds, "peak": peak, "metrics": metrics["final"], "points": points,
+            "timing": metrics["timing"]}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -358,6 +359,9 @@ def main() -> None:
         "goal >= 1.1 whole command on CPU"
     print(f"ratio clipforge / open_clip_train samples/s: whole command {whole:.2f}, steady "
           f"{f'{ratio:.2f}' if ratio else '-'} ({goal})")
+    timing = best["clipforge"]["timing"]
+    print(f"clipforge's checkpoints: training stopped {timing['checkpoint_seconds']:.2f} s for them (snapshots); "
+          f"their commits took {timing['checkpoint_commit_seconds']:.2f} s beside training")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from clipforge.progress import Progress
 from clipforge.stages.adapter_data import PairedEmbeddings
 from clipforge.storage import uri as storage
 from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.checkpoint_writer import CheckpointWriter
 from clipforge.train.loop import (
     COMPILE_BACKEND,
     DeferredLosses,
@@ -134,14 +135,14 @@ class AdapterTrainer:
         if config.compile:
             self.model = compile_adapter(self.model, device, self.world)
         self.progress = TrainProgress()
-        self.last_saved: str | None = None
+        self.checkpoints = CheckpointWriter(store)
         self.writer = None
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
                        "epoch_seconds": [], "seconds_per_epoch": None}
         self.losses = DeferredLosses(config.log_every)
         self.meter: Progress | None = None
         self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
-        self.saving_seconds = 0.0  # spent in save(), left out of the epochs' training seconds
+        self.saving_seconds = 0.0  # spent in save() (the snapshot; the commit runs beside), left out of epochs' seconds
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any; otherwise give each process its own dropout stream."""
@@ -150,7 +151,7 @@ class AdapterTrainer:
         if resumed is None:
             return
         latest, _, self.progress = resumed
-        self.last_saved = latest.uri
+        self.checkpoints.resumed(latest.step, latest.uri)
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
         log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
                  self.progress.step, self.timing["resume_seconds"])
@@ -161,20 +162,20 @@ class AdapterTrainer:
         started = time.monotonic()
         weights = plain_module(self.acc, self.model).state_dict()
         if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
-            raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
+            raise diverged(self.progress.step, self.progress.epoch, self.checkpoints.wait())
+        self.checkpoints.wait()  # the one before is in: one snapshot in host memory at a time
         if self.meter is not None:
             self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
         files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
         if files is not None:  # rank 0
             self.flush_logs()
-            self.last_saved = self.store.save(self.progress.step, files).uri
-            log.info("checkpoint %s", self.last_saved)
+        self.checkpoints.submit(self.progress.step, files)  # committed beside the next steps
         self.saving_seconds += time.monotonic() - started
 
     def read_losses(self, due: bool = False) -> None:
         """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
         read_losses(self.losses, self.acc, rows_per_step=self.batch, epochs=self.config.epochs, meter=self.meter,
-                           writer=self.writer, last_saved=self.last_saved, due=due)
+                           writer=self.writer, last_saved=self.checkpoints.wait, due=due)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""
@@ -209,6 +210,8 @@ class AdapterTrainer:
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 1) if meter.done else None
             whole = self.timing["epoch_seconds"]
             self.timing["seconds_per_epoch"] = round(sum(whole) / len(whole), 4) if whole else None
+            self.timing["checkpoint_seconds"] = round(self.saving_seconds, 3)
+            self.timing["checkpoint_commit_seconds"] = round(self.checkpoints.commit_seconds, 3)
 
     def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress
@@ -236,6 +239,7 @@ class AdapterTrainer:
                         self.read_losses(due=True)
                     if stop:
                         self.save()
+                        self.checkpoints.wait()
                         return False
                     if config.checkpoint_every and p.step % config.checkpoint_every == 0 and \
                             i + 1 < self.steps_per_epoch:
@@ -253,6 +257,7 @@ class AdapterTrainer:
             log.info("epoch %d/%d: test cosine %.4f, R@1 %.3f%s", epoch + 1, config.epochs, metrics["mean_cosine"],
                      metrics["adapted_to_target_R@1"], sample)
             self.save()
+        self.checkpoints.wait()
         # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
         # every process must take the same path.
         return True

@@ -45,6 +45,7 @@ from clipforge.stages.finetune_data import (
 )
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.checkpoint_writer import CheckpointWriter
 from clipforge.train.contrastive import clip_loss
 from clipforge.train.loop import (
     COMPILE_BACKEND,
@@ -155,12 +156,13 @@ class FinetuneTrainer:
         self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
         self.history: list[dict] = []  # validation before training and after each epoch
-        self.last_saved: str | None = None
+        self.checkpoints = CheckpointWriter(store)
         self.writer = None
         self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
         self.losses = DeferredLosses(config.log_every)
         self.meter: Progress | None = None
         self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
+        self.saving_seconds = 0.0  # training stopped for checkpoints (the snapshot; the commit runs beside)
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ class FinetuneTrainer:
             return
         latest, files, self.progress = resumed
         self.history = extra_value(files, HISTORY, [])
-        self.last_saved = latest.uri
+        self.checkpoints.resumed(latest.step, latest.uri)
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
         log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
                  self.progress.step, self.timing["resume_seconds"])
@@ -183,20 +185,22 @@ class FinetuneTrainer:
         self.read_losses()
         # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
         if not bool(torch.stack([torch.isfinite(w).all() for w in self.module.parameters()]).all()):
-            raise diverged(self.progress.step, self.progress.epoch, self.last_saved)
+            raise diverged(self.progress.step, self.progress.epoch, self.checkpoints.wait())
+        started = time.monotonic()
+        self.checkpoints.wait()  # the one before is in: one snapshot in host memory at a time
         if self.meter is not None:
             self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
         files = state_files(self.acc, self.model, self.optimizer, self.progress,
                             self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
         if files is not None:
             self.flush_logs()
-            self.last_saved = self.store.save(self.progress.step, files).uri
-            log.info("checkpoint %s", self.last_saved)
+        self.checkpoints.submit(self.progress.step, files)  # committed beside the next steps
+        self.saving_seconds += time.monotonic() - started
 
     def read_losses(self, due: bool = False) -> None:
         """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
         last = read_losses(self.losses, self.acc, rows_per_step=self.step_rows, epochs=self.config.epochs,
-                           meter=self.meter, writer=self.writer, last_saved=self.last_saved, due=due)
+                           meter=self.meter, writer=self.writer, last_saved=self.checkpoints.wait, due=due)
         if last is not None and self.writer and self.meter is not None:
             # The GPU has just finished every step so far: samples of this call / seconds since it began.
             self.writer.add_scalar("train/samples_per_s", self.meter.rate, last.step + 1)
@@ -338,6 +342,8 @@ class FinetuneTrainer:
             self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
             self.timing["train_seconds_now"] = round(meter.elapsed, 3)
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
+            self.timing["checkpoint_seconds"] = round(self.saving_seconds, 3)
+            self.timing["checkpoint_commit_seconds"] = round(self.checkpoints.commit_seconds, 3)
 
     def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress
@@ -354,8 +360,9 @@ class FinetuneTrainer:
                     self._bad_input(bad)
                 if stop:
                     self.read_losses()
-                    if self.store.latest() is None or self.store.latest().step != p.step:
+                    if self.checkpoints.saved_step != p.step:
                         self.save()
+                    self.checkpoints.wait()
                     return False
                 if due:
                     self.read_losses(due=True)
@@ -371,6 +378,7 @@ class FinetuneTrainer:
             p.epoch, p.step_in_epoch = epoch + 1, 0
             self._record(self.evaluate(), epoch + 1)
             self.save()
+        self.checkpoints.wait()
         # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
         # every process must take the same path.
         return True

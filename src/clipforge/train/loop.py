@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -348,10 +348,13 @@ def diverged(step: int, epoch: int, last_saved: str | None) -> UserError:
 
 
 def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_step: int, epochs: int, meter,
-                writer, last_saved: str | None, due: bool = False) -> StepLoss | None:
+                writer, last_saved: Callable[[], str | None], due: bool = False) -> StepLoss | None:
     """Read the pending steps' losses off the device (one sync), stop on a NaN, log them; the last step read.
 
     Every process calls it at the same steps (they agree on the first bad one).
+    `last_saved` gives the newest committed checkpoint, for the message on a
+    NaN (`CheckpointWriter.wait`: a commit still running beside training is
+    waited for, so that the message names it).
     `due`: the progress line's period is up (print it); otherwise the meter
     prints only if its own period is up anyway.
     """
@@ -360,7 +363,7 @@ def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_st
         return None
     bad = first_nonfinite(accelerator, records)
     if bad is not None:
-        raise diverged(*bad, last_saved)
+        raise diverged(*bad, last_saved())
     last = records[-1]
     if meter is not None:
         meter.update(rows_per_step * len(records),
