@@ -68,3 +68,19 @@ def test_another_rank_hands_over_nothing_but_keeps_the_same_step(tmp_path):
     writer.submit(7, None)
     assert writer.saved_step == 7 and writer.wait() == "s3://bucket/out/checkpoints/step-000003"
     assert store(tmp_path).latest() is None
+
+
+def test_settling_after_a_failure_finishes_the_commit_and_logs_its_error(tmp_path, caplog):
+    checkpoints = gated(tmp_path / "ok")
+    writer = CheckpointWriter(checkpoints)
+    writer.submit(4, files(4))
+    threading.Timer(0.2, checkpoints.gate.set).start()
+    writer.settle()
+    assert checkpoints.latest().step == 4  # finished, not abandoned
+
+    (tmp_path / "bad" / "checkpoints").parent.mkdir()
+    (tmp_path / "bad" / "checkpoints").write_text("a file where the folder goes")
+    failing = CheckpointWriter(store(tmp_path / "bad"))
+    failing.submit(1, files(1))
+    failing.settle()  # does not raise: the training error that led here is the one to report
+    assert "the checkpoint being committed was lost" in caplog.text

@@ -338,6 +338,7 @@ class FinetuneTrainer:
         try:
             return self._fit(watch)
         finally:
+            self.checkpoints.settle()  # _fit waited unless it failed
             # Throughput of this process's share of the run, checkpoints and validation included.
             self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
             self.timing["train_seconds_now"] = round(meter.elapsed, 3)

@@ -71,3 +71,11 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
         return self.last_saved
+
+    def settle(self) -> None:
+        """After training failed: let a pending commit finish (its checkpoint saves a rerun those steps), and
+        log, not raise, its own error, so that the training error is the one reported."""
+        try:
+            self.wait()
+        except Exception as exc:
+            log.warning("the checkpoint being committed was lost: %s", exc)

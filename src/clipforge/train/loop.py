@@ -380,7 +380,7 @@ def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_st
 class PreemptionWatch:
     """Inside `with`, SIGTERM or a first Ctrl-C only set `requested`: the loop checkpoints at the next
     step and exits. A second Ctrl-C stops at once (KeyboardInterrupt), losing the steps since the last
-    checkpoint.
+    checkpoint; a checkpoint being committed beside training (`CheckpointWriter`) is finished first.
 
     Outside the main thread (where signals cannot be caught) it watches nothing.
     """
