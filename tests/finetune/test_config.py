@@ -201,11 +201,12 @@ def test_every_command_has_its_place_in_the_help():
     assert sorted(HELP_ORDER) == sorted(module.name for module in pkgutil.iter_modules(commands.__path__))
 
 
-def test_validation_gets_no_more_loader_workers_than_it_has_batches():
-    from clipforge.stages.finetune_data import validation_workers
+def test_a_validation_pass_is_spread_over_the_loader_workers_in_batches_of_at_least_32_rows():
+    from clipforge.stages.finetune_data import validation_plan
 
-    assert validation_workers(12, val_rows=256, world=1, micro=256) == 1  # one batch: one worker, not twelve
-    assert validation_workers(12, val_rows=1000, world=1, micro=256) == 4
-    assert validation_workers(12, val_rows=1000, world=2, micro=256) == 4  # 500 rows each, in batches of 128
-    assert validation_workers(2, val_rows=100_000, world=1, micro=64) == 2
-    assert validation_workers(0, val_rows=256, world=1, micro=256) == 0  # loading in the trainer's process
+    assert validation_plan(12, val_rows=256, world=1, micro=256) == (8, 32)  # one batch of 256: one worker decoded
+    assert validation_plan(12, val_rows=1000, world=1, micro=256) == (12, 84)
+    assert validation_plan(12, val_rows=1000, world=2, micro=256) == (12, 42)  # 500 rows each
+    assert validation_plan(2, val_rows=100_000, world=1, micro=64) == (2, 64)  # never above the micro-batch
+    assert validation_plan(2, val_rows=12, world=1, micro=32) == (1, 32)  # one batch: one worker
+    assert validation_plan(0, val_rows=256, world=1, micro=256) == (0, 256)  # loading in the trainer's process

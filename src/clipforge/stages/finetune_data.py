@@ -292,11 +292,22 @@ def loader_workers(asked: int) -> int:
     return asked
 
 
-def validation_workers(workers: int, val_rows: int, world: int, micro: int) -> int:
-    """Loader workers for validation: no more than a pass has batches of `micro` rows on this process (a few
-    hundred rows are one or two). Each idle one is a process, and its prefetched batches, for the whole run."""
-    batches = math.ceil(math.ceil(val_rows / world) / max(1, micro // world))
-    return min(workers, max(1, batches)) if workers else 0
+VAL_MIN_ROWS = 32  # the fewest rows of a validation loader batch
+
+
+def validation_plan(workers: int, val_rows: int, world: int, micro: int) -> tuple[int, int]:
+    """(loader workers, rows per loader batch) for validation, on each process.
+
+    A pass is often a few hundred rows. In batches of `micro` rows that is one batch, which one worker
+    decodes alone while the others wait (open_clip_train's shape). Batches of at least VAL_MIN_ROWS, one
+    per worker, decode side by side instead. There are no more workers than batches: each idle one is a
+    process, and its prefetched batches, for the whole run.
+    """
+    share, largest = math.ceil(val_rows / world), max(1, micro // world)
+    if not workers:
+        return 0, largest
+    count = min(workers, max(1, math.ceil(share / VAL_MIN_ROWS)))
+    return count, min(largest, max(VAL_MIN_ROWS, math.ceil(share / count)))
 
 
 def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool,

@@ -41,7 +41,7 @@ from clipforge.stages.finetune_data import (
     KeyBatches,
     loader_workers,
     make_loader,
-    validation_workers,
+    validation_plan,
 )
 from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
 from clipforge.train.checkpoint import CheckpointStore
@@ -149,9 +149,9 @@ class FinetuneTrainer:
         workers = loader_workers(config.workers)
         self.train_loader = make_loader(CaptionedImages(train, built.train_transform, built.tokenizer, config.seed),
                                         self.train_keys, workers, pin, self.trim_text)
+        val_workers, self.val_batch_rows = validation_plan(workers, len(val), self.world, self.micro)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
-                                      self.val_keys, validation_workers(workers, len(val), self.world, self.micro),
-                                      pin, self.trim_text)
+                                      self.val_keys, val_workers, pin, self.trim_text)
         _, inverse = np.unique(np.array(val.captions, dtype=object), return_inverse=True)
         self.val_groups = torch.from_numpy(inverse.astype(np.int64))
         self.progress = TrainProgress()
@@ -213,7 +213,7 @@ class FinetuneTrainer:
     # -- validation ---------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """R@1/5/10 and median rank both ways, and the contrastive loss (in val batches of `batch_size`).
+        """R@1/5/10 and median rank both ways, and the contrastive loss (over windows of `batch_size` rows).
 
         Rows with the same caption are interchangeable answers (identical texts
         embed identically; which image of "a red circle" is "right" is moot).
@@ -221,7 +221,7 @@ class FinetuneTrainer:
         model = self.module
         model.eval()
         part = range(len(self.val_rows))[shard_slice(len(self.val_rows), self.rank, self.world)]
-        step = max(1, self.micro // self.world)
+        step = self.val_batch_rows  # the loader's workers decode a pass side by side (`validation_plan`)
         self.val_keys.batches = [[(-1, row) for row in part[i : i + step]] for i in range(0, len(part), step)]
         images, texts, bad = [], [], None
         with torch.no_grad(), self.acc.autocast():
