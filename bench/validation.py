@@ -1,9 +1,9 @@
 """Fine-tuning's validation passes: spread over the loader's workers, against one batch decoded by one worker.
 
-Not a test. Writes `--val-images` validation and as many training JPEGs of
-`--size` px (smooth colour fields with noise, quality 90: decoding costs what
-a photo of that size does) and a tiny CLIP (64 px input, so the model costs
-next to nothing and decoding is what a pass waits for). Then, alternately and
+Not a test. Writes 256 training and `--val-images` validation JPEGs of `--size`
+px (`bench/finetune.py`'s: decoding costs what a photo of that size does) and
+a tiny CLIP (64 px input, so the model costs next to nothing and decoding is
+what a pass waits for). Then, alternately and
 `--repeat` times each, the whole `clipforge finetune` command (`--epochs`
 epochs, batch 256, `--workers` loader workers: a validation before training and
 one after each epoch):
@@ -29,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune import write_jpeg_dataset  # noqa: E402
+
+from clipforge.data.synthetic import write_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench-tiny-clip"
@@ -39,34 +41,6 @@ MODEL = "bench-tiny-clip"
 BASELINE = ("import clipforge.stages.finetune_trainer as t\n"
             "t.validation_plan = lambda workers, rows, world, micro: (min(workers, 1), max(1, micro // world))\n")
 RUN = "import sys\nfrom clipforge.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def write_images(folder: Path, count: int, size: int, rng: np.random.Generator) -> list[str]:
-    folder.mkdir(parents=True)
-    paths = []
-    for i in range(count):
-        field = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        noisy = np.asarray(field).astype(np.int16) + rng.integers(-12, 12, (size, size, 3))
-        path = folder / f"{i}.jpg"
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
-
-
-def write_tiny_clip(folder: Path) -> tuple[Path, Path]:
-    import open_clip
-    import torch
-
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    config_path = folder / f"{MODEL}.json"
-    config_path.write_text(json.dumps(config))
-    open_clip.add_model_config(config_path)
-    torch.manual_seed(0)
-    weights = folder / f"{MODEL}.pt"
-    torch.save(open_clip.create_model(MODEL).state_dict(), weights)
-    return config_path, weights
 
 
 def run(prelude: str, args, work: Path, name: str, config: Path, weights: Path) -> tuple[float, float]:
@@ -96,12 +70,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rng = np.random.default_rng(0)
-        paths = write_images(work / "images", 256 + args.val_images, args.size, rng)
-        for name, part in (("train", paths[:256]), ("val", paths[256:])):
-            rows = [f"{path},a photo of thing {i % 17}" for i, path in enumerate(part)]
-            (work / f"{name}.csv").write_text("filepath,caption\n" + "\n".join(rows) + "\n")
-        config, weights = write_tiny_clip(work)
+        rows = write_jpeg_dataset(work / "images", 256 + args.val_images, args.size)
+        for name, part in (("train", rows[:256]), ("val", rows[256:])):
+            (work / f"{name}.csv").write_text("filepath,caption\n" + "\n".join(part) + "\n")
+        config, weights = write_tiny_model(work, MODEL, 32, image_size=64, patch_size=16)
         runs: dict[str, list[tuple[float, float]]] = {"baseline": [], "clipforge": []}
         for i in range(args.repeat):
             for name, prelude in (("baseline", BASELINE), ("clipforge", "")):
