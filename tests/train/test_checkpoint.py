@@ -11,9 +11,8 @@ from clipforge.train import checkpoint as ckpt
 from clipforge.train.checkpoint import CheckpointStore, pack_state, unpack_state
 
 
-def store(out, fingerprint="abc", keep=2, **kwargs):
-    return CheckpointStore(str(out), config={"lr": 1.0}, config_fingerprint=fingerprint, inputs={"x": 1}, keep=keep,
-                           **kwargs)
+def store(out, fingerprint="abc", keep=2, cls=CheckpointStore, **kwargs):
+    return cls(str(out), config={"lr": 1.0}, config_fingerprint=fingerprint, inputs={"x": 1}, keep=keep, **kwargs)
 
 
 def files(step):

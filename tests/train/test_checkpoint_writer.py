@@ -26,12 +26,8 @@ class GatedStore(CheckpointStore):
         return super().save(step, files)
 
 
-def gated(out):
-    return GatedStore(str(out), config={"lr": 1.0}, config_fingerprint="abc", inputs={"x": 1}, keep=2)
-
-
 def test_submit_returns_before_the_commit_and_wait_returns_after_it(tmp_path):
-    checkpoints = gated(tmp_path)
+    checkpoints = store(tmp_path, cls=GatedStore)
     writer = CheckpointWriter(checkpoints)
     writer.submit(5, files(5))
     assert checkpoints.entered.wait(30)
@@ -71,7 +67,7 @@ def test_another_rank_hands_over_nothing_but_keeps_the_same_step(tmp_path):
 
 
 def test_settling_after_a_failure_finishes_the_commit_and_logs_its_error(tmp_path, caplog):
-    checkpoints = gated(tmp_path / "ok")
+    checkpoints = store(tmp_path / "ok", cls=GatedStore)
     writer = CheckpointWriter(checkpoints)
     writer.submit(4, files(4))
     threading.Timer(0.2, checkpoints.gate.set).start()
