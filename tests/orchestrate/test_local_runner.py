@@ -20,7 +20,7 @@ from clipforge.cli import main
 from clipforge.data.synthetic import write_demo_data
 from clipforge.orchestrate.local import run_spec
 from clipforge.orchestrate.pipeline import next_steps
-from clipforge.orchestrate.runs import run_state, watch_run
+from clipforge.orchestrate.runs import live_state, run_state, watch_run
 from clipforge.storage.manifest import read_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
@@ -166,7 +166,9 @@ def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     proc.wait()
     run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
     assert run_json["stages"]["source-cache"]["status"] == "running"
-    assert run_state(run_json) == "at source-cache"  # what `clipforge runs` shows of a runner that died there
+    assert run_state(run_json) == "at source-cache"  # what the record says of a runner that died there...
+    run_uri = str(tmp_path / "demo/artifacts/runs/killed/run.json")
+    assert live_state(run_json, run_uri) == "lost at source-cache"  # ...and what `clipforge runs` shows
     committed = len(list(cache_root.glob("*/shard-*.parquet")))
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,11 +2,20 @@
 which stages go on, which are skipped, and why."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from clipforge.config.pipeline import load_pipeline
-from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED
-from clipforge.orchestrate.pipeline import exit_code, run_pipeline
+from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED, Stopped
+from clipforge.orchestrate import lease
+from clipforge.orchestrate.pipeline import exit_code, exit_description, next_steps, run_pipeline
+from clipforge.orchestrate.runs import live_state, run_state, watch_run
 from clipforge.storage.manifest import write_manifest
 
 DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
@@ -137,3 +146,106 @@ def test_runs_lists_the_others_past_a_run_json_of_another_shape_and_names_it(tmp
     assert main(["run", DEMO_SPEC, "--set", f"artifacts={tmp_path}", "--run-id", "good"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"{tmp_path / 'runs' / 'good' / 'run.json'} is not a run record (no spec with a list of named stages)")
+
+
+def test_a_stage_skipped_for_a_failure_is_named_as_skipped_not_failed(tmp_path):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    execute, _ = stages_that({"adapter": 1})  # on_failure: continue in the demo
+    record = run_pipeline(spec, "r", execute)
+    assert record.data["stages"]["generate-adapter"]["status"] == "skipped"
+    assert record.data["stages"]["evaluate"]["notes"] == [
+        "adapter failed; going on without it (zero-padding baseline)",
+        "generate-adapter was skipped; going on without it (zero-padding baseline)"]
+
+
+def test_a_stage_killed_by_a_signal_says_which(tmp_path):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    record = run_pipeline(spec, "r", stages_that({"nsd-index": -signal.SIGKILL})[0])
+    assert record.data["stages"]["nsd-index"]["message"] == "killed by SIGKILL (out of memory?)"
+    assert exit_description(-signal.SIGSEGV) == "killed by SIGSEGV" and exit_description(2) == "exit code 2"
+
+
+def test_reuse_existing_of_another_kind_of_output_fails_the_stage_naming_both(tmp_path):
+    cache = tmp_path / "some-cache"
+    write_manifest(str(cache), kind="cache", config={}, config_fingerprint="x", inputs={})
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", f"stages.adapter.policy.reuse_existing={cache}",
+                                     "stages.adapter.policy.min_input_coverage=null"])
+    execute, ran = stages_that({})
+    record = run_pipeline(spec, "r", execute)
+    assert record.data["stages"]["adapter"]["status"] == "failed" and "adapter" not in ran
+    assert record.data["stages"]["adapter"]["message"] == (
+        f"policy reuse_existing: {cache} holds a cache stage's output, not a adapter stage's")
+    assert exit_code(record) == EXIT_RUN_FAILED
+
+
+def dies_at(stage: str):
+    """An executor whose runner dies at `stage` as a killed one does: nothing more is recorded."""
+    def execute(resolved) -> int:
+        if resolved.spec.name == stage:
+            raise SystemExit("killed")
+        return stages_that({})[0](resolved)
+    return execute
+
+
+def test_a_run_whose_runner_is_gone_is_lost_and_watching_it_ends(tmp_path, capsys):
+    from clipforge.cli import main
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    with pytest.raises(SystemExit):
+        run_pipeline(spec, "killed", dies_at("adapter"))
+    uri = str(tmp_path / "runs" / "killed" / "run.json")
+    record = json.loads(Path(uri).read_text())
+    assert run_state(record) == "at adapter"  # what the record alone says...
+    assert live_state(record, uri) == "lost at adapter"  # ...but the adapter's output holds no lease of this run
+    said = []
+    assert watch_run(str(tmp_path), "killed", 0.0, say=said.append, sleep=None) == "lost at adapter"
+    assert said[-1] == "run killed: lost at adapter; nothing runs it now: rerun it with --run-id killed to go on"
+    assert main(["runs", str(tmp_path), "killed", "--watch", "--every", "0.1"]) == EXIT_PREEMPTED
+    assert main(["runs", str(tmp_path), "killed"]) == 0
+    out = capsys.readouterr().out
+    assert "run killed: lost at adapter" in out and "its runner is gone (killed, or its machine lost)" in out
+    assert main(["runs", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-3:] == ["lost", "at", "adapter"]
+
+    # A runner process of this machine that has ended, between stages: lost too.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record["runner"]["pid"] = int(ended.stdout)
+    del record["stages"]["adapter"]
+    Path(uri).write_text(json.dumps(record))
+    assert run_state(record) == "incomplete" and live_state(record, uri) == "lost"
+
+    # A Kubernetes run is waited on: the driver Job's retry resumes it.
+    record["runner"]["kind"] = "kubernetes"
+    Path(uri).write_text(json.dumps(record))
+    said.clear()
+
+    def give_up(_):
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        watch_run(str(tmp_path), "killed", 0.0, say=said.append, sleep=give_up)
+    assert said[-1] == "run killed: lost; waiting for the driver Job to resume it"
+
+
+def test_a_runner_stopped_while_another_run_holds_a_stage_records_where_it_stopped(tmp_path, monkeypatch):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    inner = {}
+
+    def sigterm_while_waiting(seconds):
+        raise Stopped  # what SIGTERM raises in `clipforge run` (cli.stop)
+
+    def first_run_executes(resolved) -> int:
+        if resolved.spec.name == "nsd-index" and not inner:  # a second run comes along while this one holds it
+            monkeypatch.setattr(lease, "time", SimpleNamespace(**{**vars(time), "sleep": sigterm_while_waiting}))
+            inner["record"] = run_pipeline(spec, "second", stages_that({})[0])
+            monkeypatch.setattr(lease, "time", time)
+        return stages_that({})[0](resolved)
+
+    run_pipeline(spec, "first", first_run_executes)
+    second = inner["record"]
+    entry = second.data["stages"]["nsd-index"]
+    assert entry["status"] == "interrupted" and entry["exit_code"] == EXIT_PREEMPTED
+    assert entry["message"] == f"stopped (SIGTERM) while waiting for another run writing {entry['output']}"
+    assert run_state(second.data) == "stopped at nsd-index" and exit_code(second) == EXIT_PREEMPTED
+    assert {s["status"] for name, s in second.data["stages"].items() if name != "nsd-index"} == {"skipped"}
+    assert any("resume the run with --run-id second" in line for line in next_steps(second.data))

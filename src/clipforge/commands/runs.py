@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from clipforge.commands import number_in
-from clipforge.errors import UserError
+from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.tables import print_listing, text_table
 
 
@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--watch", action="store_true",
                         help="with RUN_ID: print each stage's status as it changes until the run is complete "
-                             "(exit 0) or failed (exit 1)")
+                             "(exit 0) or failed (exit 1); a run of `clipforge run` that was stopped or whose "
+                             "runner is gone exits 75 (rerun it to go on)")
     parser.add_argument("--every", type=seconds, default=10.0, help="seconds between reads with --watch (default: 10)")
     parser.set_defaults(func=run)
 
@@ -48,22 +49,27 @@ def table(runs: list[dict]) -> str:
 
 def run(args) -> int:
     from clipforge.orchestrate.pipeline import next_steps, summary_table
-    from clipforge.orchestrate.runs import list_runs, read_run, run_state, watch_run
+    from clipforge.orchestrate.runs import list_runs, live_state, read_run, run_uri, watch_run
 
     artifacts = _artifacts(args.artifacts)
     if args.watch:
         if not args.run_id:
             raise UserError("--watch needs a RUN_ID (or latest)")
-        return 0 if watch_run(artifacts, args.run_id, args.every) == "complete" else 1
+        state = watch_run(artifacts, args.run_id, args.every)
+        return 0 if state == "complete" else 1 if state.startswith("failed") else EXIT_PREEMPTED
     if args.run_id:
         record = read_run(artifacts, args.run_id)
+        state = live_state(record, run_uri(artifacts, record["run_id"]))
         if args.json:
-            print(json.dumps(record, indent=2))
+            print(json.dumps({**record, "state": state}, indent=2))
         else:
-            print(f"run {record['run_id']}: {run_state(record)} (created {record.get('created')}, "
+            print(f"run {record['run_id']}: {state} (created {record.get('created')}, "
                   f"updated {record.get('updated')})")
             print(summary_table(record))
             steps = next_steps(record)
+            if state.startswith("lost"):
+                steps.insert(0, f"its runner is gone (killed, or its machine lost): rerun it with --run-id "
+                                f"{record['run_id']} to go on from what it committed")
             if steps:
                 print("next:\n" + "\n".join(steps))
         return 0

@@ -539,6 +539,6 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
     log.info("driving run %s of %s in namespace %s: %d stages, artifacts in %s", run_id, spec_path,
              settings.namespace, len(spec.stages), spec.artifacts)
     executor = KubernetesExecutor(settings, api_client(kubeconfig), watch_seconds=watch_seconds)
-    record = run_pipeline(spec, run_id, executor)
+    record = run_pipeline(spec, run_id, executor, runner="kubernetes")
     log_summary(record)
     return record

@@ -63,7 +63,7 @@ class StageLease:
             current = storage.read_versioned(self.uri)
             if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
                 seen, since = current[1], time.monotonic()
-            holder = _holder(current[0]) if current is not None else None
+            holder = lease_holder(current[0]) if current is not None else None
             gone = holder is not None and _gone(holder)
             stale = holder is not None and time.monotonic() - since > self.stale_after
             if current is None or gone or stale:
@@ -141,11 +141,15 @@ def command_lease(output: str, command: str) -> Iterator[None]:
 def _gone(holder: dict) -> bool:
     """Whether the lease's holder was a process of this machine that no longer runs (a pid that is not
     there), or this process without that lease any more. A holder elsewhere can only go stale."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False
-    if pid == os.getpid():
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         return holder.get("holder") not in HELD
+    return process_gone(holder.get("host"), holder.get("pid"))
+
+
+def process_gone(host, pid) -> bool:
+    """Whether `pid` on `host` is known to have ended: only a process of this machine can be looked up."""
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -155,7 +159,7 @@ def _gone(holder: dict) -> bool:
     return False
 
 
-def _holder(raw: bytes) -> dict:
+def lease_holder(raw: bytes) -> dict:
     """The lease's content; one that cannot be read names no run, so only going stale frees it."""
     try:
         found = json.loads(raw)

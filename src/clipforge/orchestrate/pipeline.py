@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ import yaml
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.data.image_folder import collection_root
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, SIGNALS_SEEN, Stopped, UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
 from clipforge.orchestrate.lease import StageLease, stop_this_process
 from clipforge.storage import uri as storage
@@ -168,12 +170,15 @@ def apply_coverage_policy(resolved: ResolvedStage, spec: PipelineSpec, outputs: 
 class RunRecord:
     """`ARTIFACTS/runs/<run_id>/run.json`, rewritten after every stage, and the stages' resolved configs."""
 
-    def __init__(self, spec: PipelineSpec, run_id: str):
+    def __init__(self, spec: PipelineSpec, run_id: str, runner: str = "local"):
         self.folder = storage.join(spec.artifacts, "runs", run_id)
         self.uri = storage.join(self.folder, "run.json")
         existing = read_run_record(self.uri) if storage.exists(self.uri) else None
         self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
         self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
+        # Who runs it now, so that `clipforge runs` can tell a run whose runner was killed from one in progress
+        # (`local`: nobody resumes it but a rerun; `kubernetes`: the driver Job's retry does).
+        self.data["runner"] = {"kind": runner, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
         self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
@@ -232,10 +237,10 @@ class StopRequest(threading.Event):
 
 
 def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
-                 stop: StopRequest | None = None) -> RunRecord:
+                 stop: StopRequest | None = None, runner: str = "local") -> RunRecord:
     """Run every stage in order with `execute` (returns the stage command's exit code); once `stop` is set
-    (the runner got SIGTERM), the stages left are skipped."""
-    record = RunRecord(spec, run_id)
+    (the runner got SIGTERM), the stages left are skipped. `runner` names who runs it (run.json's `runner`)."""
+    record = RunRecord(spec, run_id, runner)
     outputs: dict[str, str | None] = {}
     statuses: dict[str, str] = {}
     # Stages that produced nothing under `on_failure: continue`, and those skipped because of them:
@@ -260,7 +265,8 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
             record.record(name, kind=stage.kind, status="skipped", message=why)
             log.warning("[%s] skipped: %s", name, why)
             continue
-        statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute, lost)
+        statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute,
+                                                {n: statuses[n] for n in lost})
         if statuses[name] == "failed-continued":
             continued.add(name)
         if statuses[name] == "failed":
@@ -270,14 +276,21 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     return record
 
 
-def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executor, lost: list[str]):
-    """One stage: reuse, skip as up to date, or execute; returns (status, output or None)."""
+def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executor, lost: dict[str, str]):
+    """One stage: reuse, skip as up to date, or execute; returns (status, output or None). `lost`: the stages
+    it needs that produced nothing under `on_failure: continue`, with their status."""
     name = stage.name
     pinned = stage.policy.reuse_existing
-    if pinned and read_manifest(pinned) is not None:
+    found = read_manifest(pinned) if pinned else None
+    if found is not None and found.get("kind", stage.kind) != stage.kind:
+        why = f"policy reuse_existing: {pinned} holds a {found['kind']} stage's output, not a {stage.kind} stage's"
+        log.error("[%s] FAILED (%s); stopping the pipeline", name, why)
+        record.record(name, kind=stage.kind, status="failed", finished=_now(), message=why)
+        return "failed", None
+    if found is not None:
         log.info("[%s] reusing the existing output at %s (policy reuse_existing)", name, pinned)
         record.record(name, kind=stage.kind, status="reused", output=pinned, key=None,
-                      metrics=headline(read_manifest(pinned)), message="policy reuse_existing")
+                      metrics=headline(found), message="policy reuse_existing")
         return "reused", pinned
     if pinned:
         log.warning("[%s] policy reuse_existing: no finished output at %s (no _manifest.json); running the stage",
@@ -285,12 +298,26 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     resolved = resolve_stage(spec, stage, outputs)
     if read_manifest(resolved.output) is None:
         resolved = apply_coverage_policy(resolved, spec, outputs)
-    notes = resolved.notes + [f"{n} failed; going on without it (zero-padding baseline)" for n in lost]
+    notes = resolved.notes + [f"{n} {'was skipped' if status == 'skipped' else 'failed'}; going on without it "
+                              "(zero-padding baseline)" for n, status in lost.items()]
     for note in notes:
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
-    with StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process):
-        return _reuse_or_execute(stage, resolved, record, execute, notes)
+    lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process)
+    try:
+        with lease:
+            return _reuse_or_execute(stage, resolved, record, execute, notes)
+    except (Stopped, KeyboardInterrupt) as exc:
+        if lease.token is not None:  # stopped while the stage ran: the executor's to handle
+            raise
+        # Stopped while another run held the output: nothing of this run's is lost, and the record says so.
+        code, how = (EXIT_PREEMPTED, "SIGTERM") if isinstance(exc, Stopped) else (EXIT_INTERRUPTED, "Ctrl-C")
+        SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
+        why = f"stopped ({how}) while waiting for another run writing {resolved.output}"
+        log.warning("[%s] %s; rerun with --run-id %s to go on", name, why, record.data["run_id"])
+        record.record(name, kind=stage.kind, status="interrupted", key=resolved.key, output=resolved.output,
+                      finished=_now(), exit_code=code, message=why)
+        return "interrupted", None
 
 
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,
@@ -331,7 +358,7 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
         record.record(name, status="interrupted", finished=_now(), seconds=seconds, exit_code=code,
                       message=f"{how}, exit code {code}")
         return "interrupted", None
-    why = f"exit code {code}" if code else "exited 0 without committing _manifest.json"
+    why = exit_description(code) if code else "exited 0 without committing _manifest.json"
     if resolved.error:
         why += f": {resolved.error}"
     if stage.policy.on_failure == "continue":
@@ -341,6 +368,17 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     log.error("[%s] FAILED (%s); stopping the pipeline", name, why)
     record.record(name, status="failed", finished=_now(), seconds=seconds, message=why)
     return "failed", None
+
+
+def exit_description(code: int) -> str:
+    """A stage's exit code as a person reads it: a negative one (a local process) names its signal."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 def headline(manifest: dict | None) -> dict:

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from clipforge.errors import UserError
+from clipforge.orchestrate.lease import LEASE_NAME, lease_holder, process_gone
 from clipforge.orchestrate.pipeline import FINISHED, read_run_record
 from clipforge.storage import uri as storage
 
@@ -27,16 +28,20 @@ def read_run(artifacts: str, run_id: str) -> dict:
         if not runs:
             raise UserError(f"no runs recorded under {storage.join(artifacts, 'runs')}")
         run_id = runs[-1]["run_id"]
-    uri = storage.join(artifacts, "runs", run_id, "run.json")
+    uri = run_uri(artifacts, run_id)
     if not storage.exists(uri):
         known = [r["run_id"] for r in list_runs(artifacts)]
         raise UserError(f"run {run_id!r}: no {uri}" + (f" (runs there: {', '.join(known[-5:])})" if known else ""))
     return read_run_record(uri)
 
 
+def run_uri(artifacts: str, run_id: str) -> str:
+    return storage.join(artifacts, "runs", run_id, "run.json")
+
+
 def run_state(run: dict) -> str:
-    """`complete`, `failed at STAGE`, `at STAGE` (running, or its runner died there), `stopped at STAGE`
-    (interrupted or preempted after saving its progress: a rerun resumes) or `incomplete`."""
+    """`complete`, `failed at STAGE`, `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after
+    saving its progress: a rerun resumes) or `incomplete` (between stages), from the record alone."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -50,6 +55,33 @@ def run_state(run: dict) -> str:
     if stopped:
         return f"stopped at {stopped[0]}"
     return "complete" if all(status[name] in ENDED for name in names) else "incomplete"
+
+
+def live_state(run: dict, uri: str) -> str:
+    """`run_state`, except that a run nothing runs any more (`runner_gone`) is `lost at STAGE` (or `lost`)
+    where its record still says `at STAGE` (or `incomplete`): a runner killed with kill -9 writes nothing."""
+    state = run_state(run)
+    if not (state.startswith("at ") or state == "incomplete") or not runner_gone(run):
+        return state
+    again = read_run_record(uri)  # the runner may have finished the stage (and let go of its lease) meanwhile
+    if again.get("updated") != run.get("updated") or again.get("runner") != run.get("runner"):
+        return live_state(again, uri)
+    return "lost" if state == "incomplete" else f"lost {state}"
+
+
+def runner_gone(run: dict) -> bool:
+    """Whether the run's runner is known to be gone: it was a process of this machine that has ended, or the
+    stage it runs holds no lease of this run (it holds one for as long as the stage runs: released, or taken
+    over by another run once it went stale). A runner elsewhere that died shows only by its lease."""
+    runner = run.get("runner") or {}
+    if process_gone(runner.get("host"), runner.get("pid")):
+        return True
+    for entry in (run.get("stages") or {}).values():
+        if entry.get("status") == "running" and entry.get("output"):
+            lease = storage.read_versioned(storage.join(entry["output"], LEASE_NAME))
+            if lease is None or lease_holder(lease[0]).get("run_id") != run["run_id"]:
+                return True
+    return False
 
 
 def list_runs(artifacts: str) -> list[dict]:
@@ -72,7 +104,8 @@ def list_runs(artifacts: str) -> list[dict]:
         # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
         done = sum(1 for entry in stages.values() if entry.get("status") in FINISHED)
         runs.append({"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
-                     "state": run_state(run), "stages_done": done, "stages": total})
+                     "state": live_state(run, storage.join(root, run_id, "run.json")), "stages_done": done,
+                     "stages": total})
     return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
 
 
@@ -89,12 +122,15 @@ def _read_or_none(uri: str) -> dict | None:
 
 
 def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sleep=time.sleep) -> str:
-    """Say each stage's status as it changes until the run is complete or failed; return that state.
+    """Say each stage's status as it changes until the run ends; return its state then.
 
-    A run whose runner died stays `at STAGE`: watching it waits, as `kubectl get -w` does, until stopped.
+    It ends `complete`, `failed at STAGE`, or, for a run of `clipforge run` (nothing but a rerun resumes it),
+    `stopped at STAGE` or `lost…` (its runner killed). A Kubernetes run that stops or loses its driver is waited
+    on: the driver Job's retry resumes it.
     """
     run_id = read_run(artifacts, run_id)["run_id"] if run_id == "latest" else run_id
     seen: dict[str, str] = {}
+    said_waiting = ""
     while True:
         run = read_run(artifacts, run_id)
         stages = run.get("stages") or {}
@@ -103,10 +139,17 @@ def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sl
             status = entry.get("status")
             if status and status != seen.get(name):
                 seen[name] = status
-                detail = entry.get("output") if status != "failed" else entry.get("message")
+                detail = entry.get("output") if status in (*FINISHED, "running") else entry.get("message")
                 say(f"{time.strftime('%H:%M:%S')} [{name}] {status}" + (f": {detail}" if detail else ""))
-        state = run_state(run)
+        state = live_state(run, run_uri(artifacts, run_id))
         if state == "complete" or state.startswith("failed"):
             say(f"run {run_id}: {state}")
             return state
+        if state.startswith(("stopped", "lost")):
+            if (run.get("runner") or {}).get("kind") != "kubernetes":
+                say(f"run {run_id}: {state}; nothing runs it now: rerun it with --run-id {run_id} to go on")
+                return state
+            if state != said_waiting:
+                say(f"run {run_id}: {state}; waiting for the driver Job to resume it")
+                said_waiting = state
         sleep(every)
