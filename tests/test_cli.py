@@ -44,3 +44,21 @@ def test_a_stop_swallowed_by_a_destructor_still_stops_the_command(signum, code, 
     assert not ran_on
     monkeypatch.undo()
     assert main(["models", "list", "--dir", str(tmp_path)]) == 0  # the next call in this process starts clean
+
+
+@pytest.mark.parametrize(("argv", "server", "line"), [
+    (["serve", "--index", "CACHE", "--no-browser"], "clipforge.web.search_app.serve_search",
+     "clipforge serve: stopped (SIGTERM)\n"),
+    (["caption", "DATASET", "--no-browser"], "clipforge.web.captioning.serve_captioning",
+     "clipforge caption: stopped (SIGTERM); every caption saved is in index.csv\n"),
+])
+def test_a_server_stopped_by_sigterm_does_not_speak_of_going_on(argv, server, line, monkeypatch, capsys):
+    def serve_until_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between these bytecodes
+            pass
+
+    monkeypatch.setattr(server, serve_until_sigterm)
+    assert main(argv) == EXIT_PREEMPTED
+    assert capsys.readouterr().err == line
+

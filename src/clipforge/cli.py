@@ -86,6 +86,11 @@ def s3_failure(exc: Exception) -> str | None:
     return describe_failure(exc)
 
 
+# What a command says when SIGTERM stops it; a command with nothing to go on from (a server) sets its own
+# `on_stop` default on its parser.
+STOPPED = "stopped (SIGTERM); what it committed is kept: run the same command again to go on from there"
+
+
 def stop(signum, frame) -> None:
     SIGNALS_SEEN.add("SIGTERM")
     raise Stopped
@@ -139,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Stopped:
-        print(f"clipforge {args.command}: stopped (SIGTERM); what it committed is kept: run the same command "
-              "again to go on from there", file=sys.stderr)
+        print(f"clipforge {args.command}: {getattr(args, 'on_stop', STOPPED)}", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        SIGNALS_SEEN.clear()  # acted on: library calls after this one (in tests, say) are not stopped by it
         sys.unraisablehook = unraisable_hook
         sys.stdout.flush()
 

@@ -105,12 +105,14 @@ class Searcher:
         return self._top(features, k)
 
     @torch.inference_mode()
-    def image(self, data: bytes, k: int = 10) -> list[Hit]:
+    def image(self, data: bytes, k: int = 10, name: str | None = None) -> list[Hit]:
+        """The k nearest rows to an image's bytes; `name` (its file) is what an error names."""
         try:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = np.asarray(upright_rgb(image))
         except Exception as exc:  # PIL raises many types for corrupt files
-            raise UserError(f"the query image cannot be decoded ({type(exc).__name__})") from None
+            what = f"the query image {name}" if name else "the query image"
+            raise UserError(f"{what} cannot be decoded ({type(exc).__name__})") from None
         return self._top(self.model.encode_image(self.preprocess(pixels[None])), k)
 
     def _top(self, features: torch.Tensor, k: int) -> list[Hit]:

@@ -210,3 +210,19 @@ def test_a_validation_pass_is_spread_over_the_loader_workers_in_batches_of_at_le
     assert validation_plan(2, val_rows=100_000, world=1, micro=64) == (2, 64)  # never above the micro-batch
     assert validation_plan(2, val_rows=12, world=1, micro=32) == (1, 32)  # one batch: one worker
     assert validation_plan(0, val_rows=256, world=1, micro=256) == (0, 256)  # loading in the trainer's process
+
+
+def test_settings_that_would_be_ignored_are_refused_each_named_at_once():
+    """Each looked as if it changed the run and did nothing: the CSVs are used as given, the tower is not locked,
+    augmentation is off."""
+    with pytest.raises(UserError) as err:
+        load_config(FinetuneConfig, {**BASE, "val_fraction": 0.3, "lock_image_unlocked_groups": 2})
+    assert "val_fraction applies to dataset" in str(err.value)
+    assert "lock_image_unlocked_groups applies with lock_image" in str(err.value)
+    with pytest.raises(UserError, match="synonyms applies to augment manual, not none"):
+        load_config(FinetuneConfig, {"dataset": "d", "augment": "none", "synonyms": "s.json"})
+    # Where they apply they load, and so does a config's own dump (what workers and a resume read).
+    config = load_config(FinetuneConfig, {"dataset": "d", "val_fraction": 0.3, "synonyms": "s.json",
+                                          "lock_image": True, "lock_image_unlocked_groups": 2})
+    assert load_config(FinetuneConfig, config.model_dump(mode="json", by_alias=True)) == config
+    assert load_config(FinetuneConfig, FinetuneConfig(**BASE).model_dump(mode="json", by_alias=True))

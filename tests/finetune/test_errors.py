@@ -145,7 +145,46 @@ def test_an_out_that_is_a_file_is_one_line(capsys, tiny_clip, captioned, tmp_pat
     out = tmp_path / "models"
     out.write_text("not a folder")
     line = fail(capsys, tiny_clip, captioned, out)
-    assert line.startswith(f"clipforge finetune: error: {out}/") and line.endswith(": Not a directory")
+    assert line == f"clipforge finetune: error: --out {out} is a file, not a folder"
+
+
+def test_weights_holding_no_parameters_are_one_line_and_leave_no_run_folder(capsys, tiny_clip, captioned, tmp_path):
+    import torch
+
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    out = tmp_path / "out"
+    line = fail(capsys, tiny_clip, captioned, out, pretrained=str(empty))
+    assert line == f"clipforge finetune: error: weights {empty} hold no parameters (an empty state dict)"
+    assert not out.exists() or not list(out.iterdir())  # no empty timestamped folder left behind
+
+
+def test_a_file_that_is_no_weights_file_is_named_as_such(capsys, tiny_clip, captioned, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk\n")  # torch.load's legacy reader raises a bare KeyError on it
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", pretrained=str(junk))
+    assert line == f"clipforge finetune: error: weights {junk} are not a PyTorch or safetensors weights file (a " \
+                   "state dict saved by torch.save, or .safetensors)"
+
+
+def test_a_model_config_of_another_name_says_which_name_it_registers(capsys, tiny_clip, captioned, tmp_path):
+    name, config_path, _ = tiny_clip
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-B-32")
+    assert line == f"clipforge finetune: error: model config {config_path} registers the model {name!r} (its " \
+                   f"file's stem), not 'ViT-B-32': pass --model {name}, or leave out --model-config"
+
+
+def test_a_tag_the_custom_model_does_not_have_is_our_one_line_only(capsys, tiny_clip, captioned, tmp_path):
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", pretrained="openai")
+    assert line == f"clipforge finetune: error: pretrained 'openai' is neither a weights file nor a pretrained tag " \
+                   f"of model {tiny_clip[0]} (its tags: none)"
+    assert "Pretrained tag or path" not in capsys.readouterr().err  # open_clip's own line is not printed first
+
+
+def test_more_unlocked_image_groups_than_the_tower_has_is_an_error(capsys, tiny_clip, captioned, tmp_path):
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", lock_image=True, lock_image_unlocked_groups=99)
+    assert line == "clipforge finetune: error: lock_image_unlocked_groups 99 leaves all of its 4 layer groups of " \
+                   "the image tower trainable, so nothing is locked: give fewer, or leave out lock_image"
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -234,7 +273,7 @@ def test_models_list_lists_the_others_past_a_damaged_run_and_names_it(tmp_path, 
     best = {"epoch": 2, "image_to_text_R@1": 0.5, "text_to_image_R@1": 0.4, "image_to_text_R@5": 0.9,
             "text_to_image_R@5": 0.8, "val_loss": 1.25}
     card = {"model": "tiny", "pretrained": None, "created": "2026-01-01T00:00:00Z", "config": {"epochs": 3},
-            "data": {"train_rows": 10, "val_rows": 2}, "metrics": {"best": best}}
+            "data": {"train_rows": 10, "val_rows": 2}, "metrics": {"final": best, "best": best}}
     for name, model_json in {"20260101-000000": card, "20260102-000000": {}, "20260103-000000": []}.items():
         write_manifest(str(root / name), kind="finetune", config={}, config_fingerprint="x", inputs={})
         (root / name / "model.json").write_text(json.dumps(model_json))
@@ -271,3 +310,73 @@ def test_models_list_of_a_folder_that_is_not_there_is_an_error(tmp_path, capsys)
     assert "models folder" in capsys.readouterr().err
     assert main(["models", "list", "--dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"no fine-tuned models in {tmp_path}"
+
+
+def test_models_list_shows_the_figures_of_model_pt_and_labels_the_best_epoch(tmp_path, capsys):
+    """model.pt holds the last epoch's weights: its figures are the ones shown; the best epoch's are labelled."""
+    import json
+
+    from clipforge.storage.manifest import write_manifest
+
+    folder = tmp_path / "models" / "20260101-000000"
+    final = {"epoch": 3, "image_to_text_R@1": 0.25, "text_to_image_R@1": 0.125, "image_to_text_R@5": 0.5,
+             "text_to_image_R@5": 0.5, "val_loss": 2.5}
+    best = {**final, "epoch": 2, "image_to_text_R@1": 0.75, "text_to_image_R@1": 0.625, "val_loss": 1.25}
+    card = {"model": "tiny", "pretrained": None, "created": "2026-01-01T00:00:00Z", "config": {"epochs": 3},
+            "data": {"train_rows": 10, "val_rows": 2}, "metrics": {"final": final, "best": best}}
+    write_manifest(str(folder), kind="finetune", config={}, config_fingerprint="x", inputs={})
+    (folder / "model.json").write_text(json.dumps(card))
+    assert main(["models", "list", "--dir", str(tmp_path / "models")]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+
+    def cell(column: str) -> str:  # columns are left-aligned under their header
+        return row[header.index(column):].split()[0]
+
+    assert (cell("R@1 i->t"), cell("R@1 t->i"), cell("val loss")) == ("0.250", "0.125", "2.5000")
+    assert (cell("best epoch"), cell("best R@1 i->t")) == ("2", "0.750")
+    assert main(["models", "list", "--dir", str(tmp_path / "models"), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["final"]["val_loss"] == 2.5 and entry["best"]["val_loss"] == 1.25 and entry["best_epoch"] == 2
+
+
+def test_resume_after_a_csv_is_touched_goes_on_and_a_changed_csv_is_named(tiny_clip, captioned, tmp_path):
+    """The CSVs count by content (a touch, a checkout, a copy of the same bytes keep the run resumable); when
+    one did change, the refusal names it and what changed."""
+    import os
+    import shutil
+
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages.finetune import resolve_run, stage_inputs
+    from clipforge.storage.manifest import write_manifest
+
+    train = tmp_path / "train.csv"
+    shutil.copy(captioned[0], train)
+    out = tmp_path / "models"
+    folder = out / "20260101-000000"
+    config = FinetuneConfig(**settings(tiny_clip, captioned, out, train_data=str(train), resume="latest"))
+    ran = config.model_copy(update={"out": str(folder), "timestamped": False, "resume": None})
+    write_manifest(str(folder / "checkpoints" / "step-00000004"), kind="checkpoint", config={},
+                   config_fingerprint=ran.fingerprint(), inputs=stage_inputs(ran))
+    os.utime(train, ns=(1, 1))
+    assert resolve_run(config).out == str(folder)
+    with train.open("a") as f:
+        f.write("shapes/extra.png,a blue square\n")
+    with pytest.raises(UserError) as err:
+        resolve_run(config)
+    assert str(err.value) == f"resume {folder}: train_data {train} changed (size, content) since that run began; " \
+                             "start a new run without --resume"
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_run_folder(tiny_clip, captioned, tmp_path, monkeypatch):
+    """Not only bad input: a crash (or a stop) before the first file leaves no empty timestamped folder."""
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages import finetune as stage
+
+    def crash(config):
+        raise RuntimeError("a bug before anything was written")
+
+    monkeypatch.setattr(stage, "_finetune_in", crash)
+    out = tmp_path / "models"
+    with pytest.raises(RuntimeError):
+        stage.finetune(FinetuneConfig(**settings(tiny_clip, captioned, out)))
+    assert not out.exists() or not list(out.iterdir())

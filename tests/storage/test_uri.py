@@ -102,3 +102,25 @@ def test_a_folders_fingerprint_changes_with_what_it_holds_and_only_that(prefix):
 
         os.utime(storage.join(folder, "a/1.png"), ns=(1, 1))
     assert storage.tree_fingerprint(folder, lambda path: path.endswith(".png")) != images_only
+
+
+def test_a_failed_block_takes_away_only_the_empty_folders_it_made(tmp_path):
+    out = tmp_path / "runs" / "a" / "out"
+
+    def fail_after(write: str | None = None):
+        with pytest.raises(UserError), storage.removed_if_left_empty(str(out)):
+            out.mkdir(parents=True, exist_ok=True)
+            if write:
+                (tmp_path / write).write_text("x")
+            raise UserError("bad input")
+
+    fail_after()
+    assert tmp_path.exists() and not (tmp_path / "runs").exists()
+    fail_after("runs/a/note.txt")  # a parent that now holds something stays, with its own parents
+    assert (tmp_path / "runs" / "a" / "note.txt").exists() and not out.exists()
+    out.mkdir()
+    fail_after()  # there before: stays
+    assert out.is_dir()
+    with storage.removed_if_left_empty(str(tmp_path / "done")):
+        (tmp_path / "done").mkdir()
+    assert (tmp_path / "done").is_dir()

@@ -67,6 +67,33 @@ def test_sigterm_inside_the_watch_only_sets_a_flag():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_only_the_first_process_of_a_group_announces_a_stop(monkeypatch, caplog):
+    """Every process of a launched group gets the signal; one line says so, not one per process."""
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipforge.train.loop"), loop.PreemptionWatch() as watch:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between these bytecodes
+                pass
+        assert watch.requested and ("SIGTERM received" in caplog.text) == said
+
+
+def test_only_the_main_process_says_where_it_stopped(caplog):
+    """The others have no checkpoint of their own to wait for and spoke before the main one had committed it."""
+    from types import SimpleNamespace
+
+    from clipforge.train.stage import fit_and_commit
+
+    trainer = SimpleNamespace(fit=lambda watch, log_dir: False, progress=SimpleNamespace(step=7))
+    for main, said in ((False, False), (True, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipforge.train"):
+            result = fit_and_commit(trainer, SimpleNamespace(is_main_process=main), loop.PreemptionWatch(), None,
+                                    "OUT", summarise=None, commit=None)
+        assert result.status == "preempted" and ("stopped at step 7; checkpoint kept" in caplog.text) == said
+
+
 def test_resolve_device_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -248,6 +248,13 @@ def test_other_model_is_refused(shapes_index, capsys):
     assert "embeds into another space" in capsys.readouterr().err
 
 
+def test_a_query_image_that_cannot_be_decoded_is_named(shapes_index, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(["search", "--index", shapes_index["cache"], "--image", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: the query image {bad} cannot be decoded (OSError)")
+
+
 def test_an_output_that_is_not_a_cache_is_refused(tmp_path, capsys):
     model_folder = str(tmp_path / "model")  # a committed output of another stage: a manifest of its kind
     write_manifest(model_folder, kind="finetune", config={}, config_fingerprint="x", inputs={})

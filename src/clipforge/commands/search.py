@@ -31,7 +31,10 @@ def run(args) -> int:
     if bool(args.query) == bool(args.image):
         raise UserError("give a text query or --image, not both and not neither")
     searcher = Searcher(args.index, args.model, args.pretrained, args.model_config, args.device, faiss=args.faiss)
-    hits = searcher.image(storage.read_bytes(args.image), args.k) if args.image else searcher.text(args.query, args.k)
+    if args.image:
+        hits = searcher.image(storage.read_bytes(args.image), args.k, name=args.image)
+    else:
+        hits = searcher.text(args.query, args.k)
     if args.json:
         json.dump([hit.__dict__ for hit in hits], sys.stdout, indent=2)
         sys.stdout.write("\n")

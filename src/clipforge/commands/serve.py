@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, on_stop="stopped (SIGTERM)")
 
 
 def run(args) -> int:

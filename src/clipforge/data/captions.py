@@ -18,6 +18,7 @@ from clipforge.config.captions import PrepareConfig
 from clipforge.data.image_folder import image_problem, image_uri
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
+from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
@@ -54,8 +55,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     """
     frame = read_captions(index_path(cfg.dataset))
     uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
+    progress, problems = Progress(log, len(uris), unit="images checked"), []
     with ThreadPoolExecutor(cfg.workers) as pool:
-        problems = list(pool.map(image_problem, uris))
+        for why in pool.map(image_problem, uris):  # every image decoded: large photos take a while
+            problems.append(why)
+            progress.update(1)
     bad = [(path, why) for path, why in zip(frame["filepath"], problems, strict=True) if why]
     if bad and not cfg.skip_bad:
         path, why = bad[0]

@@ -146,7 +146,10 @@ def check_model_known(model: str, model_config: str | None) -> None:
     import open_clip
 
     if model_config:
-        register_model_config(model_config)
+        registered = register_model_config(model_config)
+        if registered != model:
+            raise UserError(f"model config {model_config} registers the model {registered!r} (its file's stem), "
+                            f"not {model!r}: pass --model {registered}, or leave out --model-config")
     if model not in open_clip.list_models():
         raise UserError(f"unknown model {model!r}: not an open_clip model (see open_clip.list_models()) "
                         "and no --model-config registers it")
@@ -169,7 +172,7 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
     weights_precision = precision if precision.startswith("pure_") else "fp32"
     build_on = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
-    with loading_weights(spec), build_on:
+    with loading_weights(spec, pretrained), build_on:
         model = open_clip.create_model(spec.model, pretrained=pretrained, device=device, precision=weights_precision)
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
@@ -200,21 +203,31 @@ def same_preprocess(a: dict, b: dict) -> bool:
 
 
 # What loading a weights file that is not one, or not this model's, raises: torch.load's unpickler (a file of
-# something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path.
-WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError)
+# something else), load_state_dict (other shapes or keys), open_clip's asserts on some shapes, a bad path, and
+# open_clip's `next(iter(state_dict.items()))` on a state dict with nothing in it.
+WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, EOFError, pickle.UnpicklingError,
+                  StopIteration)
 
 
 @contextlib.contextmanager
-def loading_weights(spec: EncoderSpec):
+def loading_weights(spec: EncoderSpec, local_weights: str | None = None):
     """Around open_clip's factory: what a weights file or tag that does not load raises becomes one UserError.
+    `local_weights`: the local copy of a weights file (of an s3:// one), looked at only when it does not load.
 
-    A tag is fetched from the Hugging Face Hub, whose client retries each file five times (about 50 s for
-    one open_clip tag) when the hub cannot be reached. When the hub's host does not even resolve (no
-    network), the factory runs in the hub's offline mode instead: weights in the local cache still load,
-    and missing ones fail at once."""
+    A tag that is not one of the model's is refused before the factory runs (which would log a line of its
+    own before failing). A tag is fetched from the Hugging Face Hub, whose client retries each file five
+    times (about 50 s for one open_clip tag) when the hub cannot be reached. When the hub's host does not
+    even resolve (no network), the factory runs in the hub's offline mode instead: weights in the local
+    cache still load, and missing ones fail at once."""
+    import open_clip
     from huggingface_hub import constants
 
-    host = unresolvable_hub_host() if spec.pretrained and not names_weights_file(spec.pretrained) else None
+    is_tag = bool(spec.pretrained) and not names_weights_file(spec.pretrained)
+    if is_tag and ":" not in spec.model and not open_clip.get_pretrained_cfg(spec.model, spec.pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)) or "none"
+        raise UserError(f"pretrained {spec.pretrained!r} is neither a weights file nor a pretrained tag of model "
+                        f"{spec.model} (its tags: {tags})")
+    host = unresolvable_hub_host() if is_tag else None
     if host:
         constants.HF_HUB_OFFLINE = True
     try:
@@ -223,7 +236,7 @@ def loading_weights(spec: EncoderSpec):
         if host and ("download" in str(exc).lower() or isinstance(exc, OSError)):  # open_clip: "Failed to download"
             raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
                             f"local Hugging Face cache, and {host} cannot be reached") from None
-        raise UserError(weights_problem(spec, exc)) from None
+        raise UserError(weights_problem(spec, exc, local_weights)) from None
     finally:
         if host:
             constants.HF_HUB_OFFLINE = False
@@ -259,11 +272,13 @@ def one_line(text: str, limit: int = 300) -> str:
     return head[: head.rfind(" ")].rstrip(",;:") + " ..." if " " in head else head + "..."
 
 
-def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
+def weights_problem(spec: EncoderSpec, exc: Exception, local_weights: str | None = None) -> str:
     """One line for a checkpoint that does not load: the first mismatching key, not torch's whole list."""
-    if isinstance(exc, pickle.UnpicklingError | EOFError):
-        return f"weights {spec.pretrained} are not a checkpoint torch can read (a state dict saved by torch.save, " \
-               "or .safetensors)"
+    if isinstance(exc, StopIteration):
+        return f"weights {spec.pretrained} hold no parameters (an empty state dict)"
+    if isinstance(exc, pickle.UnpicklingError | EOFError) or not is_weights_format(local_weights):
+        return f"weights {spec.pretrained} are not a PyTorch or safetensors weights file (a state dict saved by " \
+               "torch.save, or .safetensors)"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for marker in ("size mismatch", "Missing key", "Unexpected key"):
         hit = next((line for line in lines if marker in line), None)
@@ -271,6 +286,17 @@ def weights_problem(spec: EncoderSpec, exc: Exception) -> str:
             return f"weights {spec.pretrained} do not fit model {spec.model}: {one_line(hit)}"
     first = lines[0] if lines else type(exc).__name__
     return f"cannot load model {spec.model} with weights {spec.pretrained}: {one_line(first)}"
+
+
+def is_weights_format(path: str | None) -> bool:
+    """Whether a local file begins as a weights file open_clip loads does: a zip archive (torch.save since 1.6,
+    TorchScript, .npz), a legacy torch pickle, or safetensors (a little-endian header length, then its JSON).
+    True too for no file at all: then the loader's own error says more."""
+    if not path or not Path(path).is_file():
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
 
 
 def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:

@@ -66,6 +66,10 @@ def finetune(config: FinetuneConfig) -> TrainResult:
             # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
             storage.delete_tree(config.out)
         raise
+    except BaseException:
+        if new_run and not storage.list_tree(config.out):  # failed (or stopped) before writing anything
+            storage.delete_tree(config.out)
+        raise
 
 
 def _finetune_in(config: FinetuneConfig) -> TrainResult:
@@ -103,6 +107,8 @@ def _new_run_folder(root: str) -> str:
 
 def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     """The config with `out` the run's own folder: new, resumed (`resume`), or OUT itself (not timestamped)."""
+    if not storage.is_s3(config.out) and storage.local_path(config.out).is_file():
+        raise UserError(f"--out {config.out} is a file, not a folder")
     if not config.timestamped:
         return config
     if launch.rendezvous_from_env().nnodes > 1 and not config.resume:
@@ -136,9 +142,31 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> None:
                    if k not in FinetuneConfig.volatile and theirs.get(k) != v]
         raise UserError(f"resume {folder}: that run has other settings ({'; '.join(changed) or 'see its config'}); "
                         "resume it with its own settings, or start a new run without --resume")
-    if recorded.get("inputs") != stage_inputs(mine):
-        raise UserError(f"resume {folder}: its data or starting weights changed since that run began; "
-                        "start a new run without --resume")
+    changed = input_changes(recorded.get("inputs") or {}, stage_inputs(mine))
+    if changed:
+        raise UserError(f"resume {folder}: {'; '.join(changed)} since that run began; start a new run without "
+                        "--resume")
+
+
+# The fields of an input's fingerprint (`storage.fingerprint`, `content_fingerprint`, `tree_fingerprint`), as a
+# user would name what changed.
+FINGERPRINT_FIELDS = {"uri": "path", "size": "size", "mtime_ns": "mtime", "sha256": "content", "etag": "content",
+                      "files": "number of files", "listing_sha256": "files listed"}
+
+
+def input_changes(recorded: dict, current: dict) -> list[str]:
+    """Each input whose fingerprint differs from the one recorded, named with its file and what changed."""
+    changes = []
+    for role in sorted(recorded.keys() | current.keys()):
+        was, now = recorded.get(role), current.get(role)
+        if was == now:
+            continue
+        if not isinstance(was, dict) or not isinstance(now, dict):
+            changes.append(f"{role} {'is no longer a file' if now is None else 'is a file now'}")
+            continue
+        what = list(dict.fromkeys(name for key, name in FINGERPRINT_FIELDS.items() if was.get(key) != now.get(key)))
+        changes.append(f"{role} {now.get('uri', '')}".rstrip() + f" changed ({', '.join(what) or 'fingerprint'})")
+    return changes
 
 
 def stage_inputs(config: FinetuneConfig) -> dict:

@@ -130,16 +130,17 @@ def dataset_index(dataset: str) -> str:
 
 
 def data_inputs(config: FinetuneConfig) -> dict:
-    """What identifies the training data: the fingerprints of the CSVs the run reads (or of the dataset's index)."""
+    """What identifies the training data: the fingerprints of the CSVs the run reads (or of the dataset's index),
+    by content, so that a CSV touched or checked out again with the same rows does not block a resume."""
     if config.dataset:
         index = dataset_index(config.dataset)
         # The CSV names the images; their folder's listing says whether one was replaced since, which
         # makes another model (and a new fingerprint for the stages that use it).
-        return {"dataset": storage.fingerprint(index),
+        return {"dataset": storage.content_fingerprint(index),
                 "images": storage.tree_fingerprint(collection_root(index), is_listed_image)}
     for role in ("train_data", "val_data"):
         _require_csv(getattr(config, role), role)
-    return {role: storage.fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
+    return {role: storage.content_fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
 
 
 def _prepare_settings(config: FinetuneConfig) -> dict:
@@ -162,7 +163,7 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     settings = _prepare_settings(config)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     index = dataset_index(config.dataset)
-    inputs = {"dataset": storage.fingerprint(index)}
+    inputs = {"dataset": storage.content_fingerprint(index)}
     if is_up_to_date(read_manifest(data), fingerprint, inputs):
         return train, val
     frame = read_captions(index)

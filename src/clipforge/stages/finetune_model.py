@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.config.finetune import FinetuneConfig
+from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known, loading_weights, names_weights_file
 from clipforge.storage import uri as storage
 
@@ -48,10 +49,21 @@ def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltMo
     pretrained = config.pretrained or None
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
-    with loading_weights(EncoderSpec(config.model, config.pretrained)):
+    with loading_weights(EncoderSpec(config.model, config.pretrained, config.model_config_file), pretrained):
         model, train_transform, val_transform = open_clip.create_model_and_transforms(
             config.model, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True)
     return BuiltModel(model, train_transform, val_transform, open_clip.get_tokenizer(config.model))
+
+
+def lock_image_tower(model: torch.nn.Module, unlocked_groups: int) -> None:
+    """open_clip's `lock_image_tower`, except that leaving as many layer groups trainable as the tower has (or
+    more), which open_clip does without a word, locking nothing, is a UserError naming how many it has."""
+    model.lock_image_tower(unlocked_groups=unlocked_groups)
+    if unlocked_groups and all(p.requires_grad for p in model.visual.parameters()):
+        resblocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
+        groups = f" of its {len(resblocks) + 2}" if resblocks is not None else ""  # open_clip's ViT: layers + 2
+        raise UserError(f"lock_image_unlocked_groups {unlocked_groups} leaves all{groups} layer groups of the image "
+                        "tower trainable, so nothing is locked: give fewer, or leave out lock_image")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -19,6 +19,7 @@ log = logging.getLogger("clipforge.finetune")
 
 WEIGHTS_NAME, CARD_NAME, METRICS_NAME = "model.pt", "model.json", "metrics.json"
 RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
+FIGURES = ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5", "text_to_image_R@5", "val_loss")
 
 
 def run_folders(root: str) -> list[str]:
@@ -59,7 +60,8 @@ def newest_checkpoint(folder: str) -> tuple[str, dict] | None:
 
 
 def finetuned_models(root: str) -> list[dict]:
-    """Every run folder under `root` (or `root` itself when it is one): base, date, data size, best val figures.
+    """Every run folder under `root` (or `root` itself when it is one): base, date, data size, the validation
+    figures of its model.pt (the last epoch's) and of its best epoch.
 
     Finished runs come from their `model.json`; a folder with checkpoints but
     no manifest is listed as incomplete with its newest checkpoint's step. A
@@ -94,14 +96,15 @@ def model_row(folder: str) -> dict | None:
         uri = storage.join(folder, CARD_NAME)
         card = storage.read_json(uri)
         try:
-            best = card["metrics"]["best"]
+            final, best = card["metrics"]["final"], card["metrics"]["best"]
             return {
                 "status": "complete", "model": card["model"],
                 "pretrained": card["pretrained"], "created": card["created"],
                 "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
-                "epochs": card["config"]["epochs"], "best_epoch": best["epoch"],
-                "best": {k: best[k] for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
-                                              "text_to_image_R@5", "val_loss")},
+                "epochs": card["config"]["epochs"],
+                "final": {k: final[k] for k in FIGURES},  # model.pt's own: the last epoch's weights
+                "best_epoch": best["epoch"],  # the epoch that scored best, whose weights are not kept
+                "best": {k: best[k] for k in FIGURES},
             }
         except (KeyError, TypeError) as exc:
             what = f"no {exc}" if isinstance(exc, KeyError) else "not a JSON object of objects"

@@ -43,7 +43,7 @@ from clipforge.stages.finetune_data import (
     make_loader,
     validation_plan,
 )
-from clipforge.stages.finetune_model import build_model, param_groups, trim_text_context
+from clipforge.stages.finetune_model import build_model, lock_image_tower, param_groups, trim_text_context
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.checkpoint_writer import CheckpointWriter
 from clipforge.train.contrastive import clip_loss
@@ -129,7 +129,7 @@ class FinetuneTrainer:
             log.info("text tower: each batch runs on its longest caption, not the model's %d-token context",
                      model.context_length)
         if config.lock_image:
-            model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
+            lock_image_tower(model, config.lock_image_unlocked_groups)
         if config.grad_checkpointing:
             model.set_grad_checkpointing(True)
         # open_clip_train's AdamW settings for ViTs (betas 0.9/0.98, eps 1e-6); the fused kernel (CPU and CUDA)

@@ -13,7 +13,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,39 @@ def delete_tree(prefix: str) -> None:
                 delete(join(prefix, name))
 
 
+@contextmanager
+def removed_if_left_empty(prefix: str) -> Iterator[None]:
+    """Run the block; when it fails, remove the folders it made for `prefix` that are still empty, so a failed
+    command leaves no empty output behind."""
+    made = missing_folders(prefix)
+    try:
+        yield
+    except BaseException:
+        remove_empty(made)
+        raise
+
+
+def missing_folders(prefix: str) -> list[Path]:
+    """The local folders that writing under `prefix` would make (it and the parents it lacks), deepest first.
+    S3 has no folders: none there."""
+    if scheme(prefix) != "file":
+        return []
+    path = local_path(prefix).absolute()
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first, from `missing_folders`) while they are empty: a folder that holds
+    anything stays, and so do those above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+
+
 def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
     """What identifies an input's content cheaply: ETag and size on S3, size and mtime on disk."""
     match scheme(uri):
@@ -299,6 +333,15 @@ def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
                     raise UserError(f"{uri} not found") from None
                 raise
             return {"uri": uri, "size": head["ContentLength"], "etag": head["ETag"].strip('"')}
+
+
+def content_fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
+    """`fingerprint` of a small file (a CSV) by its content: a hash of its bytes in place of the mtime on disk,
+    so that a touch, a checkout or a copy of the same bytes leaves it the same. S3's ETag already is one."""
+    found = fingerprint(uri, unsigned=unsigned)
+    if "mtime_ns" not in found:
+        return found
+    return {"uri": uri, "size": found["size"], "sha256": hashlib.sha256(local_path(uri).read_bytes()).hexdigest()}
 
 
 def fetch_to_local(uri: str, cache_dir: str | Path | None = None, *, unsigned: bool = False) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -389,17 +390,20 @@ class PreemptionWatch:
         self.requested = False
         self.interrupted = False  # the stop came from Ctrl-C (SIGINT), not from SIGTERM
         self._previous: dict[int, object] = {}
+        # Every process of a launched group gets the signal; the first (RANK 0, as torchrun numbers them) says so.
+        self._announce = os.environ.get("RANK", "0") == "0"
 
     def _on_sigterm(self, signum, frame) -> None:
-        if not self.requested:
+        if not self.requested and self._announce:
             log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
         self.requested = True
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:
             raise KeyboardInterrupt
-        log.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
-                    "(Ctrl-C again stops at once, losing the steps since the last checkpoint)")
+        if self._announce:
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
+                        "(Ctrl-C again stops at once, losing the steps since the last checkpoint)")
         self.requested = self.interrupted = True
 
     @property

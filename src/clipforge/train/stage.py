@@ -58,9 +58,10 @@ def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, lo
     the outputs."""
     if os.environ.get(RUN_ID_ENV):  # a pipeline's stage: the run resumes it, by its id
         how_to_resume = f"the run resumes it (clipforge run SPEC --run-id {os.environ[RUN_ID_ENV]})"
-    if not trainer.fit(watch, log_dir):
-        log.warning("stopped at step %d; checkpoint kept, %s (exit code %d)",
-                    trainer.progress.step, how_to_resume, watch.exit_code)
+    if not trainer.fit(watch, log_dir):  # returns once the checkpoint is committed
+        if accelerator.is_main_process:
+            log.warning("stopped at step %d; checkpoint kept, %s (exit code %d)",
+                        trainer.progress.step, how_to_resume, watch.exit_code)
         return TrainResult("preempted", out, exit_code=watch.exit_code)
     metrics = summarise()
     if accelerator.is_main_process:
