@@ -11,16 +11,19 @@ from clipforge.storage.manifest import write_manifest
 SRC_DIM, TGT_DIM = 16, 32
 
 
-def write_cache(prefix: str, ids, splits, embeddings: np.ndarray, model: dict, shards: int = 2) -> str:
-    """Parquet shards + `_manifest.json`, exactly what the cache stage commits."""
+def write_cache(prefix: str, ids, splits, embeddings: np.ndarray, model: dict, shards: int = 2, *,
+                source: dict | None = None, dataset: str = "imgBrick") -> str:
+    """Parquet shards + `_manifest.json`, exactly what the cache stage commits; `source`: the source file's
+    fingerprint the manifest records ({uri, size, mtime_ns} on disk, {uri, size, etag} on S3), none by default."""
     listing = []
     for number, rows in enumerate(np.array_split(np.arange(len(ids)), shards)):
         name = f"shard-{number:05d}.parquet"
         table = embeddings_to_table([ids[i] for i in rows], [splits[i] for i in rows], embeddings[rows], model)
         storage.write_bytes(storage.join(prefix, name), table_to_parquet_bytes(table))
         listing.append({"path": name, "rows": len(rows)})
-    write_manifest(prefix, kind="cache", config={"model": model["name"]}, config_fingerprint=model["name"],
-                   inputs={}, shards=listing, rows=len(ids), model=model)
+    config = {"model": model["name"], **({"source": source["uri"], "dataset": dataset} if source else {})}
+    write_manifest(prefix, kind="cache", config=config, config_fingerprint=model["name"],
+                   inputs={"source": source} if source else {}, shards=listing, rows=len(ids), model=model)
     return prefix
 
 

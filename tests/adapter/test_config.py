@@ -59,3 +59,16 @@ def test_evaluate_takes_an_adapters_safetensors_as_its_folder():
     for given, folder in (("runs/adp/adapter.safetensors", "runs/adp"), ("s3://b/adp/adapter.safetensors", "s3://b/adp"),
                           ("adapter.safetensors", "."), ("runs/adp", "runs/adp"), (None, None)):
         assert load_config(EvaluateConfig, {**REQUIRED, "out": "e", "adapter": given}).adapter == folder, given
+
+
+def test_a_problem_names_where_its_value_came_from_a_flag_or_the_file(tmp_path, capsys):
+    """Flags override the YAML file: a bad flag is the flag's, not the file's (it was all blamed on the file)."""
+    from clipforge.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clip_cache: a\ntarget_cache: b\nout: c\nepochs: 5\nlr: -1\ncolour: red\n")
+    assert main(["train-adapter", "--config", str(bad), "--epochs", "0", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"clipforge train-adapter: error: --epochs: Input should be greater than or equal to 1 (got '0'); "
+                   f"--batch-size: Input should be greater than or equal to 1 (got '0'); {bad}: lr: Input should be "
+                   f"greater than 0 (got -1); {bad}: colour: unknown key\n")

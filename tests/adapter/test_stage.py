@@ -14,6 +14,7 @@ from adapter_caches import FAST, config_args, max_abs_diff, normalise, planted_m
 
 from clipforge.cli import main
 from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import UserError
 from clipforge.models.adapter import load_adapter
 from clipforge.orchestrate import lease
 from clipforge.stages import adapter as stage
@@ -246,10 +247,13 @@ def run_cli(capsys, src, tgt, out, **overrides) -> str:
 
 
 def test_dimension_mismatch(caches, tmp_path, capsys):
-    line = run_cli(capsys, *caches, tmp_path / "out", in_dim=512)
+    line = run_cli(capsys, *caches, tmp_path / "runs" / "out", in_dim=512)
     assert "clip_cache" in line and "16-D" in line and "in_dim is 512" in line
+    assert not (tmp_path / "runs").exists()  # the folders the lease made went with it
+    (tmp_path / "out").mkdir()  # one that was there stays
     line = run_cli(capsys, *caches, tmp_path / "out", out_dim=1024)
     assert "target_cache" in line and "out_dim is 1024" in line
+    assert (tmp_path / "out").is_dir()
 
 
 def test_non_finite_embeddings_name_the_ids(tmp_path, capsys):
@@ -284,6 +288,7 @@ def test_no_common_ids_and_too_few(tmp_path, capsys):
 def test_missing_cache(caches, tmp_path, capsys):
     line = run_cli(capsys, str(tmp_path / "nowhere"), caches[1], tmp_path / "out")
     assert "clip_cache" in line and "no _manifest.json" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_damaged_or_missing_shard_is_named_with_how_to_rebuild(caches, tmp_path, capsys):
@@ -345,3 +350,61 @@ def test_duplicate_ids(tmp_path, capsys):
     src = write_cache(str(tmp_path / "s"), list(ids), list(splits), source, {"name": "a"})
     tgt = write_cache(str(tmp_path / "t"), list(ids), list(splits), normalise(target), {"name": "b"})
     assert "ids appear more than once: 1006" in run_cli(capsys, src, tgt, tmp_path / "out")
+
+
+# -- the two caches must show the same images, through two encoders -------------------------------------------
+
+
+def caches_of(tmp_path, source_file: dict, target_file: dict, *, target_dataset: str = "imgBrick"):
+    """A source and a target cache of the planted map whose manifests record these source files."""
+    ids, splits, source, target = planted_map(200, 40)
+    src = write_cache(str(tmp_path / "s"), list(ids), list(splits), source, {"name": "a"}, source=source_file)
+    tgt = write_cache(str(tmp_path / "t"), list(ids), list(splits), target, {"name": "b"}, source=target_file,
+                      dataset=target_dataset)
+    return src, tgt
+
+
+NSD = {"uri": "data/nsd_stimuli.hdf5", "size": 130052048, "mtime_ns": 1}
+
+
+@pytest.mark.parametrize(("target_file", "dataset", "differ"), [
+    ({"uri": "/tmp/other.hdf5", "size": 4096, "mtime_ns": 1}, "imgBrick", "size"),
+    (NSD, "imgBrick2", "dataset"),
+])
+def test_caches_of_different_images_are_refused_naming_both(tmp_path, capsys, target_file, dataset, differ):
+    """Joined on id alone, a cache of another file (or another dataset in it) paired each image with another
+    image's embedding, and trained on that with exit code 0."""
+    src, tgt = caches_of(tmp_path, NSD, target_file, target_dataset=dataset)
+    line = run_cli(capsys, src, tgt, tmp_path / "out")
+    assert f"clip_cache {src} and target_cache {tgt} were encoded from different images" in line
+    assert f"data/nsd_stimuli.hdf5[imgBrick], 130052048 bytes and {target_file['uri']}[{dataset}]" in line
+    assert f"(the {differ} differ)" in line
+    assert main(["-q", "evaluate", "--clip-cache", src, "--target-cache", tgt, "--out", str(tmp_path / "e")]) == 2
+    assert "were encoded from different images" in capsys.readouterr().err
+
+
+def test_one_file_named_two_ways_is_one_source(tmp_path, caplog):
+    """A relative and an absolute path, a local copy and the S3 object: the same dataset and size are the same
+    images. Two S3 objects of one size but different ETags are not."""
+    local = {"uri": str(Path.cwd() / NSD["uri"]), "size": NSD["size"], "mtime_ns": 2}
+    src, tgt = caches_of(tmp_path / "a", NSD, local)
+    with caplog.at_level(logging.INFO, logger="clipforge.adapter"):
+        assert train_adapter(config(src, tgt, tmp_path / "out-a", epochs=1)).status == "trained"
+    assert "taken as one file" in caplog.text
+    on_s3 = {"uri": "s3://nsd/nsd_stimuli.hdf5", "size": NSD["size"], "etag": "e1"}
+    src, tgt = caches_of(tmp_path / "b", on_s3, local)
+    assert train_adapter(config(src, tgt, tmp_path / "out-b", epochs=1)).status == "trained"
+    src, tgt = caches_of(tmp_path / "c", on_s3, {**on_s3, "uri": "s3://mirror/nsd.hdf5", "etag": "e2"})
+    with pytest.raises(UserError, match=r"ETag e1 and s3://mirror/nsd.hdf5\[imgBrick\], 130052048 bytes, ETag e2 "
+                                        r"\(the etag differ\)"):
+        train_adapter(config(src, tgt, tmp_path / "out-c", epochs=1))
+
+
+def test_a_byte_copy_of_the_source_cache_is_not_a_target(caches, tmp_path, capsys):
+    """Two paths, one cache: the paths differ, the encoder does not."""
+    import shutil
+
+    src, _ = caches
+    copy = shutil.copytree(src, tmp_path / "copy")
+    line = run_cli(capsys, src, str(copy), tmp_path / "out")
+    assert f"clip_cache {src} and target_cache {copy} hold embeddings of one encoder, ViT-B-32-tiny" in line

@@ -23,6 +23,7 @@ from clipforge.cli import main
 from clipforge.config.cache import CacheConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.data.synthetic import write_nsd_hdf5
+from clipforge.errors import UserError
 from clipforge.stages.cache import run_cache
 from clipforge.storage.manifest import read_manifest
 
@@ -124,8 +125,6 @@ def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, r
                                                                monkeypatch):
     """`--pretrained model.pt` in the working directory loads the file; changing that file must not leave
     the cache "up to date"."""
-    from clipforge.errors import UserError
-
     monkeypatch.chdir(tmp_path)
     weights = torch.load(tiny_models["source"][1])
     torch.save(weights, "model.pt")
@@ -133,7 +132,7 @@ def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, r
     manifest = run_cache(cfg)
     assert manifest["model"]["weights"]["size"] == Path("model.pt").stat().st_size
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, "model.pt")
-    with pytest.raises(UserError, match="already holds a cache of another config or input"):
+    with pytest.raises(UserError, match=r"another config or input \(inputs.weights.mtime_ns: \d+ in the manifest"):
         run_cache(cfg)
 
 
@@ -201,12 +200,19 @@ def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_model
 
 
 def test_s3_output_and_chunked_source_agree_with_local(nsd, tiny_models, ray_session, tmp_path):
+    from clipforge.stages.adapter_data import images_of
+
     bucket = nsd["bucket"]
-    run_cache(config(nsd, tiny_models, f"s3://{bucket}/cache-out"))
-    run_cache(config(nsd, tiny_models, str(tmp_path / "local"), source=nsd["local"]))
+    on_s3 = run_cache(config(nsd, tiny_models, f"s3://{bucket}/cache-out"))
+    on_disk = run_cache(config(nsd, tiny_models, str(tmp_path / "local"), source=nsd["local"]))
     remote, local = read_embeddings(f"s3://{bucket}/cache-out"), read_embeddings(str(tmp_path / "local"))
     assert remote.ids.tolist() == local.ids.tolist()
     np.testing.assert_allclose(remote.embeddings, local.embeddings, atol=1e-6)
+    # What the adapter compares to tell the images of two caches apart: the same for the object and its copy.
+    size = Path(nsd["local"]).stat().st_size
+    assert images_of(on_s3) == {"uri": nsd["s3"], "dataset": "imgBrick", "size": size,
+                                "etag": on_s3["inputs"]["source"]["etag"]}
+    assert images_of(on_disk) == {"uri": nsd["local"], "dataset": "imgBrick", "size": size, "etag": None}
 
 
 def test_another_config_into_a_used_output_is_refused(nsd, tiny_models, ray_session, tmp_path, capsys):
@@ -217,7 +223,28 @@ def test_another_config_into_a_used_output_is_refused(nsd, tiny_models, ray_sess
                  "--model-config", str(cfg_path), "--pretrained", str(weights), "--output", str(output),
                  "--batch-size", "5", "--device", "cpu"])
     assert code == 2
-    assert "already holds a cache of another config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"output {output} already holds a cache of another config or input (batch_size: 8 in the manifest, " \
+           "5 now); choose a new --output" in err
+
+
+def test_a_path_spelled_another_way_names_the_same_input(nsd, tiny_models, ray_session, tmp_path, monkeypatch,
+                                                          caplog):
+    """`--source stimuli.hdf5` in its folder, then the absolute path: one file, so the cache is up to date (it
+    was refused as "another config"). Another file is refused, naming the setting and both values."""
+    output = tmp_path / "cache"
+    monkeypatch.chdir(nsd["root"])
+    first = run_cache(config(nsd, tiny_models, str(output), source="stimuli.hdf5"))
+    before = mtimes(output)
+    with caplog.at_level("INFO", logger="clipforge.cache"):
+        assert run_cache(config(nsd, tiny_models, str(output), source=nsd["local"])) == first
+    assert mtimes(output) == before
+    assert f"source: stimuli.hdf5 in the manifest of {output} and {nsd['local']} now name one file" in caplog.text
+    copy = tmp_path / "copy.hdf5"
+    copy.write_bytes(Path(nsd["local"]).read_bytes())
+    with pytest.raises(UserError, match=re.escape(f"(source: stimuli.hdf5 in the manifest, {copy} now; "
+                                                  "inputs.source.mtime_ns: ")):
+        run_cache(config(nsd, tiny_models, str(output), source=str(copy)))
 
 
 def bad_input_cases(nsd, tiny_models, tmp_path):
@@ -232,6 +259,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         f.create_dataset("imgBrick", data=np.zeros((4, 8, 8), np.uint8))
     not_weights = tmp_path / "notes.pt"
     not_weights.write_text("not a checkpoint\n")
+    empty_weights = tmp_path / "empty.pt"
+    torch.save({}, empty_weights)
     base = {"--source": nsd["local"], "--index": nsd["index"], "--model": "tiny-source",
             "--model-config": str(src_cfg), "--pretrained": str(src_weights)}
     return {
@@ -241,10 +270,12 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         "id out of range": ({"--index": str(out_of_range)},
                             f"id {N_IMAGES + 5} is out of range for dataset 'imgBrick'"),
         "bad shape": ({"--source": str(flat), "--index": str(out_of_range)}, "expected (N, H, W, 3) uint8"),
-        "unknown model": ({"--model": "no-such-model"}, "unknown model 'no-such-model'"),
+        "unknown model": ({"--model": "no-such-model", "--model-config": None}, "unknown model 'no-such-model'"),
         "weights do not fit": ({"--pretrained": str(tgt_weights)}, "do not fit model tiny-source"),
         "not a weights file": ({"--pretrained": str(not_weights)},
-                               f"weights {not_weights} are not a checkpoint torch can read"),
+                               f"weights {not_weights} are not a PyTorch or safetensors weights file"),
+        "weights holding no parameters": ({"--pretrained": str(empty_weights)},
+                                          f"weights {empty_weights} hold no parameters"),
         "a weights file name that is not there": ({"--pretrained": "tiny-source.pt"}, "tiny-source.pt not found"),
         "weights do not fit, in a Ray actor": ({"--pretrained": str(tgt_weights), "--engine": "ray"},
                                                "do not fit model tiny-source"),
@@ -255,18 +286,21 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing S3 object", "wrong dataset", "id out of range", "bad shape",
                                   "unknown model", "weights do not fit", "not a weights file",
+                                  "weights holding no parameters",
                                   "a weights file name that is not there",
                                   "weights do not fit, in a Ray actor",
                                   "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)
     changes, message = cases[case]
-    flags = {**base, **changes, "--output": str(tmp_path / "out"), "--device": "cpu", "--batch-size": "8"}
+    flags = {**base, **changes, "--output": str(tmp_path / "outputs" / "out"), "--device": "cpu", "--batch-size": "8"}
     argv = ["cache"] + [part for key, value in flags.items() if value is not None for part in (key, value)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert read_manifest(str(tmp_path / "out")) is None
+    assert not (tmp_path / "outputs").exists()  # no empty folder the command made, which looked like an output
+    (tmp_path / "outputs" / "out").mkdir(parents=True)  # but one that was there stays
+    assert main(argv) == 2 and (tmp_path / "outputs" / "out").is_dir()
 
 
 def run_cli(args, env=None, **kwargs):

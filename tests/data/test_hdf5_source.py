@@ -82,3 +82,21 @@ def test_not_an_hdf5_file(tmp_path):
     path.write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="not a readable HDF5 file"):
         read_rows(str(path), "imgBrick", np.array([0]))
+
+
+def test_a_group_named_as_the_dataset_lists_the_datasets_inside(tmp_path):
+    """`imgBrick` a group holding `imgBrick/x`: said as such (it was "no dataset 'imgBrick'; datasets found: none")."""
+    import h5py
+
+    path = tmp_path / "group.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick/x", data=np.zeros((2, 4, 4, 3), np.uint8))
+        for n in range(6):
+            f.create_dataset(f"imgBrick/more/y{n}", data=np.zeros(1))
+    with pytest.raises(UserError, match=r"^source \S+: 'imgBrick' is a group, not a dataset; datasets in it: "
+                                        r"imgBrick/more/y0, imgBrick/more/y1, .*, … \(7 in all\) \(give one as "
+                                        r"--dataset\)$"):
+        read_rows(str(path), "imgBrick", np.array([0]))
+    with pytest.raises(UserError, match=r"no dataset 'images'; datasets found: imgBrick/more/y0, "):
+        read_rows(str(path), "images", np.array([0]))
+    assert read_rows(str(path), "imgBrick/x", np.array([1]))[0].shape == (1, 4, 4, 3)

@@ -81,6 +81,9 @@ def test_a_cut_file_and_ids_that_are_not_numbers_are_one_line(expdesign, tmp_pat
         (pd.DataFrame({"id": [1, 2, 1]}), "id 1 appears more than once"),
         (pd.DataFrame({"id": [3, -1]}), "id -1 is negative"),
         (pd.DataFrame({"id": ["a"]}), "must hold integers"),
+        # Encoded, then left out of training and testing with a warning, rather than said here.
+        (pd.DataFrame({"id": [1, 2, 3, 4], "split": ["train", "val", "Test", "val"]}),
+         "column 'split' holds 'val' in 2 rows, 'Test' in 1 row; a split is train or test"),
     ],
 )
 def test_bad_index_files_are_named(tmp_path, frame, message):
@@ -96,3 +99,18 @@ def test_index_without_split_is_sorted(tmp_path):
     pd.DataFrame({"id": [5, 1, 3]}).to_parquet(path)
     index = read_index(str(path))
     assert list(index.ids) == [1, 3, 5] and index.splits == [None, None, None]
+    pd.DataFrame({"id": [5, 1, 3], "split": ["test", None, "train"]}).to_csv(tmp_path / "index.csv", index=False)
+    assert read_index(str(tmp_path / "index.csv")).splits == [None, "train", "test"]
+
+
+def test_an_unknown_subject_in_a_pipeline_is_a_spec_error_and_makes_no_folder(expdesign, tmp_path, capsys):
+    """Said by the spec's check, before any stage runs: it was said by the index stage, after the runner had made
+    ARTIFACTS/index/<key>/ for its lease, and left it there, empty."""
+    path, _, _ = expdesign
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"artifacts: {tmp_path / 'artifacts'}\nstages:\n  - name: nsd-index\n    kind: index\n"
+                    f"    with: {{expdesign: {path}, subject: subj9}}\n")
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.nsd-index.with.subject: unknown subject 'subj9': use subj01 … subj08" in err
+    assert not (tmp_path / "artifacts" / "index").exists()

@@ -249,3 +249,12 @@ def test_a_runner_stopped_while_another_run_holds_a_stage_records_where_it_stopp
     assert run_state(second.data) == "stopped at nsd-index" and exit_code(second) == EXIT_PREEMPTED
     assert {s["status"] for name, s in second.data["stages"].items() if name != "nsd-index"} == {"skipped"}
     assert any("resume the run with --run-id second" in line for line in next_steps(second.data))
+
+
+def test_a_stage_that_failed_before_writing_anything_leaves_no_output_folder(tmp_path):
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    record = run_pipeline(spec, "r", stages_that({"nsd-index": 2})[0])
+    output = Path(record.data["stages"]["nsd-index"]["output"])
+    assert record.data["stages"]["nsd-index"]["status"] == "failed"
+    assert not output.exists() and not output.parent.exists()  # ARTIFACTS/index/ was made for it too
+    assert (tmp_path / "runs" / "r" / "run.json").is_file()

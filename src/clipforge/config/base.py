@@ -48,13 +48,19 @@ def check_out_apart(out: str, role: str, prefix: str | None, what: str) -> None:
         raise ValueError(f"out {out} is {where} {role} {prefix}: give {what} a prefix of its own")
 
 
-def validation_message(error: ValidationError, prefix: str = "") -> str:
-    """All problems of one validation, each naming its key, in one line."""
+def validation_message(error: ValidationError, prefix: str = "", origins: dict[str, str] | None = None) -> str:
+    """All problems of one validation, each naming its key, in one line. `origins`: where each top-level key's
+    value came from (`--batch-size`, a YAML file's name), said with its problems."""
     problems = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(config)"
         if prefix:
             key = f"{prefix}.{key}" if item["loc"] else prefix
+        origin = (origins or {}).get(str(item["loc"][0])) if item["loc"] else None
+        if origin and origin.startswith("--"):  # a flag names its key: `--batch-size`, `--generated.1`
+            key = origin + key[len(str(item["loc"][0])):]
+        elif origin:
+            key = f"{origin}: {key}"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -87,10 +93,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[C], values: dict[str, Any], *, source: str = "") -> C:
-    """Validate `values` into `cls`; every problem is reported at once, naming its key."""
+def load_config(cls: type[C], values: dict[str, Any], *, source: str = "", origins: dict[str, str] | None = None) -> C:
+    """Validate `values` into `cls`; every problem is reported at once, naming its key, and where its value came
+    from: `origins` per key (a flag, a file), else `source` for all."""
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        where = f"{source}: " if source else ""
-        raise UserError(f"{where}{validation_message(exc)}") from None
+        where = f"{source}: " if source and origins is None else ""
+        raise UserError(f"{where}{validation_message(exc, origins=origins)}") from None

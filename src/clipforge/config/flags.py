@@ -61,14 +61,20 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], sk
 
 
 def config_from_args(cls: type[StageConfig], args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    """The validated config: YAML from --config, then the flags given, then `extra`."""
+    """The validated config: YAML from --config, then the flags given, then `extra`. A bad value is reported
+    with where it came from: its flag, or the YAML file."""
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     config_path = getattr(args, "config", None)
     if config_path:
         values.update(read_yaml(config_path))
+        origins.update(dict.fromkeys(values, str(config_path)))
     for field_name, field in cls.model_fields.items():
         name = field.alias or field_name
         if name in vars(args):
             values[name] = getattr(args, name)
+            origins[name] = flag_name(name)
     values.update(extra or {})
-    return load_config(cls, values, source=str(config_path or ""))
+    for name in extra or {}:
+        origins.pop(name, None)
+    return load_config(cls, values, origins=origins)

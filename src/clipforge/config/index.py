@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+
+from pydantic import Field, field_validator
 
 from clipforge.config.base import StageConfig
+
+SUBJECT = re.compile(r"subj0?([1-8])")  # subj01 … subj08 (subj1 too)
 
 
 class IndexConfig(StageConfig):
@@ -15,3 +19,11 @@ class IndexConfig(StageConfig):
     no_sign_request: bool = Field(False, description="read expdesign anonymously (the public NSD bucket)")
     output: str = Field(description="a .parquet or .csv file, or a prefix that receives index.parquet and "
                         "_manifest.json")
+
+    @field_validator("subject")
+    @classmethod
+    def _an_nsd_subject(cls, value: str) -> str:
+        """Said when the config is read: a pipeline refuses its spec before any stage runs (or makes a folder)."""
+        if not SUBJECT.fullmatch(value):
+            raise ValueError(f"unknown subject {value!r}: use subj01 … subj08")
+        return value

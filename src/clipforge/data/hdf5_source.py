@@ -65,10 +65,21 @@ def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = No
 
 
 def image_dataset(handle: h5py.File, source: str, name: str) -> h5py.Dataset:
-    if name not in handle or not isinstance(handle[name], h5py.Dataset):
-        found = [k for k, v in handle.items() if isinstance(v, h5py.Dataset)]
-        raise UserError(f"source {source} has no dataset {name!r}; datasets found: {', '.join(found) or 'none'}")
-    return handle[name]
+    found = handle.get(name)
+    if isinstance(found, h5py.Dataset):
+        return found
+    if isinstance(found, h5py.Group):
+        inside = datasets_in(found, prefix=found.name.lstrip("/") + "/")
+        raise UserError(f"source {source}: {name!r} is a group, not a dataset; datasets in it: {inside} (give one "
+                        "as --dataset)")
+    raise UserError(f"source {source} has no dataset {name!r}; datasets found: {datasets_in(handle)}")
+
+
+def datasets_in(group: h5py.Group, prefix: str = "", shown: int = 5) -> str:
+    """The paths of the datasets under `group`, at any depth: the first `shown`, and how many there are."""
+    names = []
+    group.visititems(lambda path, item: names.append(prefix + path) if isinstance(item, h5py.Dataset) else None)
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") or "none"
 
 
 def describe_dataset(dset: h5py.Dataset, source: str) -> ImageDataset:

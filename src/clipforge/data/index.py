@@ -12,6 +12,10 @@ from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 
+# The splits the stages read: the adapter trains on `train` and scores `test` (NSD's shared images); a row of
+# any other split would be encoded, then left out with a warning.
+SPLITS = ("train", "test")
+
 
 @dataclass
 class RowIndex:
@@ -49,6 +53,11 @@ def read_index(path: str) -> RowIndex:
         raise UserError(f"index {path}: id {int(frame['id'][duplicated].iloc[0])} appears more than once")
     if "split" in frame.columns:
         splits = [None if pd.isna(s) else str(s) for s in frame["split"]]
+        unknown = pd.Series([s for s in splits if s is not None and s not in SPLITS], dtype=object).value_counts()
+        if len(unknown):
+            found = ", ".join(f"{value!r} in {n} row{'s' if n > 1 else ''}" for value, n in unknown.items())
+            raise UserError(f"index {path}: column 'split' holds {found}; a split is {' or '.join(SPLITS)} (or "
+                            "empty: no split)")
     else:
         splits = [None] * len(frame)
     order = np.argsort(ids, kind="stable")

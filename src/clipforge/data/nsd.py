@@ -7,18 +7,18 @@ and `sharedix` (the 1000 images every subject saw, 1-based): the test split.
 from __future__ import annotations
 
 import io
-import re
 
 import numpy as np
 import pandas as pd
 import scipy.io
 
+from clipforge.config.index import SUBJECT
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
 
 def subject_number(subject: str) -> int:
-    match = re.fullmatch(r"subj0?([1-8])", subject)
+    match = SUBJECT.fullmatch(subject)
     if not match:
         raise UserError(f"unknown subject {subject!r}: use subj01 … subj08")
     return int(match.group(1))

@@ -303,10 +303,14 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     for note in notes:
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
+    made = storage.missing_folders(resolved.output)
     lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process)
     try:
         with lease:
-            return _reuse_or_execute(stage, resolved, record, execute, notes)
+            status, output = _reuse_or_execute(stage, resolved, record, execute, notes)
+        if status in ("failed", "failed-continued"):
+            storage.remove_empty(made)  # a stage that failed before writing anything leaves no folder
+        return status, output
     except (Stopped, KeyboardInterrupt) as exc:
         if lease.token is not None:  # stopped while the stage ran: the executor's to handle
             raise

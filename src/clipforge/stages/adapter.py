@@ -42,11 +42,11 @@ COMMAND = "train-adapter"
 def train_adapter(config: AdapterConfig) -> TrainResult:
     """Make `config.out` hold the adapter for `config` and the two caches: train, resume, or confirm it.
 
-    Bad input raises `UserError` before anything is written under `out`; after a
+    Bad input raises `UserError` before anything is written under `out` (and leaves no folder it made); after a
     crash or SIGTERM, calling again resumes from the newest complete checkpoint. Another run into the
     same `out` is waited for (it holds the lease), then found done.
     """
-    with command_lease(config.out, COMMAND):
+    with storage.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
         return _train_adapter(config)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from clipforge.config.adapter import AdapterConfig
 from clipforge.data.embeddings import EmbeddingTable, cache_manifest, read_embeddings
 from clipforge.errors import UserError
+from clipforge.models.encoders import encoder_name, same_encoder
 from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.adapter")
@@ -75,6 +76,42 @@ def _check_cache(table: EmbeddingTable, role: str, prefix: str, expected_dim: in
         raise UserError(f"{where}: NaN or infinite embeddings for ids {_examples(table.ids[bad])}")
 
 
+def images_of(manifest: dict) -> dict | None:
+    """What identifies the images a cache encoded, as its manifest records them: the HDF5 dataset's name, the
+    file's size and, on S3, its ETag. Not how the file was named (a local copy and the S3 object, a relative and
+    an absolute path are one file), nor its mtime (a copy has another). None where the manifest does not say:
+    a folder or CSV (its ids are file names), a cache written by hand or by an older clipforge."""
+    source, config = manifest.get("inputs", {}).get("source"), manifest.get("config", {})
+    if not isinstance(source, dict) or "size" not in source or "files" in source or "images" in source:
+        return None
+    return {"uri": source.get("uri", config.get("source")), "dataset": config.get("dataset"), "size": source["size"],
+            "etag": source.get("etag")}
+
+
+def _images_text(images: dict) -> str:
+    etag = f", ETag {images['etag']}" if images["etag"] else ""
+    return f"{images['uri']}[{images['dataset']}], {images['size']} bytes{etag}"
+
+
+def _check_same_images(source: EmbeddingTable, target: EmbeddingTable, config: AdapterConfig) -> None:
+    """The two caches embed the same images with two encoders: joined on id, anything else pairs an image with
+    another image's embedding. A byte copy of one cache (one encoder on both sides) maps a space onto itself."""
+    caches = f"clip_cache {config.clip_cache} and target_cache {config.target_cache}"
+    if source.model and target.model and same_encoder(source.model, target.model):
+        raise UserError(f"{caches} hold embeddings of one encoder, {encoder_name(source.model)} (copies of one "
+                        "cache?): an adapter maps one space to another")
+    a, b = images_of(source.manifest), images_of(target.manifest)
+    if a is None or b is None:
+        return
+    differ = [key for key in ("dataset", "size", "etag") if a[key] != b[key] and (key != "etag" or a[key] and b[key])]
+    if differ:
+        raise UserError(f"{caches} were encoded from different images: {_images_text(a)} and {_images_text(b)} "
+                        f"(the {', '.join(differ)} differ); encode both caches from one source")
+    if a["uri"] != b["uri"]:
+        log.info("clip_cache read its images from %s, target_cache from %s: the same dataset and size, taken as one "
+                 "file", a["uri"], b["uri"])
+
+
 def _join(source: EmbeddingTable, target: EmbeddingTable, config: AdapterConfig):
     """Sorted common ids and their row numbers in each cache; a UserError when too few are common."""
     if source.ids.dtype.kind != target.ids.dtype.kind:
@@ -126,6 +163,7 @@ def read_pairs(config: AdapterConfig) -> PairedEmbeddings:
     target = read_embeddings(config.target_cache, "target_cache")
     _check_cache(source, "clip_cache", config.clip_cache, config.in_dim)
     _check_cache(target, "target_cache", config.target_cache, config.out_dim)
+    _check_same_images(source, target, config)
     ids, s_idx, t_idx = _join(source, target, config)
     splits = _splits(source, target, s_idx, t_idx, ids, config)
     train = np.flatnonzero(splits == TRAIN)

@@ -106,23 +106,26 @@ def stage_inputs(spec: EncoderSpec, found: dict) -> dict:
 
 def run_cache(cfg: CacheConfig) -> dict:
     """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest. Another run writing
-    the same output is waited for (it holds the lease), then found done."""
-    with command_lease(cfg.output, "cache"):
+    the same output is waited for (it holds the lease), then found done. A run that fails before it commits
+    anything leaves no folder it made behind."""
+    with storage.removed_if_left_empty(cfg.output), command_lease(cfg.output, "cache"):
         return _run_cache(cfg)
 
 
 def _run_cache(cfg: CacheConfig) -> dict:
+    manifest = read_manifest(cfg.output)
+    cfg = spelled_as_recorded(cfg, manifest)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = stage_inputs(spec, found)
     fingerprint, located = cfg.fingerprint(), cfg.located_fingerprint()
-    manifest = read_manifest(cfg.output)
     if is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs):
         log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
         return manifest
     if manifest is not None:
-        raise UserError(f"output {cfg.output} already holds a cache of another config or input; "
-                        "choose a new --output (pipelines do this for you)")
+        differ = what_differs(manifest, cfg, inputs)
+        raise UserError(f"output {cfg.output} already holds a cache of another config or input"
+                        f"{f' ({differ})' if differ else ''}; choose a new --output (pipelines do this for you)")
     check_model_known(spec.model, spec.model_config)
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index)
@@ -168,6 +171,56 @@ def _run_cache(cfg: CacheConfig) -> dict:
              len(index) - encoded, elapsed, f", {metrics['images_per_second']} img/s" if metrics["images_per_second"]
              else "", transfer, cfg.output)
     return manifest
+
+
+# Settings that name a file or folder: one spelled another way (relative or absolute, `./`) is the same input.
+PATH_SETTINGS = ("source", "index", "index_root", "model_config", "pretrained")
+
+
+def spelled_as_recorded(cfg: CacheConfig, manifest: dict | None) -> CacheConfig:
+    """`cfg` with each local path that names the file its output's manifest recorded under another spelling
+    (`data/nsd.hdf5` then, `/work/data/nsd.hdf5` now) spelled as recorded: the output stays this config's,
+    up to date or resumed, where respelling every path (absolute, always) would have re-keyed every cache."""
+    if manifest is None:
+        return cfg
+    fields = {field.alias or name: name for name, field in CacheConfig.model_fields.items()}
+    update = {}
+    for key in PATH_SETTINGS:
+        then, now = manifest["config"].get(key), getattr(cfg, fields[key])
+        if isinstance(then, str) and now and then != now and same_local_file(then, now):
+            log.info("%s: %s in the manifest of %s and %s now name one file: taken as recorded", key, then,
+                     cfg.output, now)
+            update[fields[key]] = then
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def same_local_file(a: str, b: str) -> bool:
+    if storage.is_s3(a) or storage.is_s3(b):
+        return False
+    try:
+        return os.path.samefile(storage.local_path(a), storage.local_path(b))
+    except OSError:  # either is not there (or is an open_clip tag such as `openai`)
+        return False
+
+
+def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3) -> str:
+    """The settings and inputs of `cfg` that are not those `manifest` records, as `key: X in the manifest, Y now`
+    (the first `shown` of them); empty when they cannot be told (a manifest of an older clipforge)."""
+    defaults = {field.alias or name: field.default for name, field in CacheConfig.model_fields.items()
+                if name not in cfg.volatile}
+    now, then = cfg.model_dump(mode="json", by_alias=True), manifest["config"]
+    differ = [(key, then.get(key, default), now[key]) for key, default in sorted(defaults.items())
+              if then.get(key, default) != now[key]]
+    recorded = manifest["inputs"]
+    for key in sorted(set(recorded) | set(inputs)):
+        a, b = recorded.get(key), inputs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # the path (`uri`) is a setting, said above
+            differ += [(f"inputs.{key}.{sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b))
+                       if sub != "uri" and a.get(sub) != b.get(sub)]
+        elif a != b:
+            differ.append((f"inputs.{key}", a, b))
+    said = "; ".join(f"{key}: {a} in the manifest, {b} now" for key, a, b in differ[:shown])
+    return said + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
 
 
 def choose_engine(cfg: CacheConfig) -> str:
