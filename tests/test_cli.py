@@ -51,6 +51,8 @@ def test_a_stop_swallowed_by_a_destructor_still_stops_the_command(signum, code, 
      "clipforge serve: stopped (SIGTERM)\n"),
     (["caption", "DATASET", "--no-browser"], "clipforge.web.captioning.serve_captioning",
      "clipforge caption: stopped (SIGTERM); every caption saved is in index.csv\n"),
+    (["runs", "ARTIFACTS", "latest", "--watch"], "clipforge.orchestrate.runs.watch_run",
+     "clipforge runs: stopped (SIGTERM)\n"),
 ])
 def test_a_server_stopped_by_sigterm_does_not_speak_of_going_on(argv, server, line, monkeypatch, capsys):
     def serve_until_sigterm(*args, **kwargs):

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                              "(exit 0) or failed (exit 1); a run of `clipforge run` that was stopped or whose "
                              "runner is gone exits 75 (rerun it to go on)")
     parser.add_argument("--every", type=seconds, default=10.0, help="seconds between reads with --watch (default: 10)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, on_stop="stopped (SIGTERM)")  # it only reads: nothing to go on from
 
 
 def _artifacts(value: str) -> str:
