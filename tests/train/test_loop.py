@@ -148,3 +148,24 @@ def test_tensorboard_logs_that_cannot_be_copied_are_said_and_training_goes_on(tm
     with caplog.at_level("WARNING"):
         upload_tensorboard(tmp_path, "s3://bucket/out/logs")
     assert "TensorBoard logs not copied to s3://bucket/out/logs this time (ConnectionError)" in caplog.text
+
+
+def test_tensorboard_shows_only_the_steps_of_the_run_that_continued(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def log(start: int, stop: int, value: float, resume_step: int) -> None:
+        writer = loop.open_tensorboard(tmp_path, resume_step)
+        for step in range(start, stop):
+            writer.add_scalar("loss", value, step)
+        writer.close()
+
+    def shown() -> dict[int, float]:
+        events = EventAccumulator(str(tmp_path))
+        events.Reload()
+        return {e.step: e.value for e in events.Scalars("loss")}
+
+    log(0, 8, 1.0, 0)
+    log(5, 10, 2.0, 5)  # killed after step 7, resumed from the checkpoint of step 5
+    assert shown() == {**dict.fromkeys(range(5), 1.0), **dict.fromkeys(range(5, 10), 2.0)}
+    log(0, 3, 3.0, 0)  # trained anew into the same folder (other settings): the old curve is gone
+    assert shown() == dict.fromkeys(range(3), 3.0)

@@ -423,10 +423,12 @@ class PreemptionWatch:
 
 
 def open_tensorboard(log_dir: str | Path, resume_step: int):
-    """A TensorBoard writer; a resumed run drops the events its predecessor logged past `resume_step`."""
+    """A TensorBoard writer that drops the events earlier attempts logged from `resume_step` on: a resumed run's
+    steps past its checkpoint, and all of them for a run that starts again at 0 (a retrain with other settings
+    into the same folder, or one killed before its first checkpoint). TensorBoard hides them; no file is deleted."""
     from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard: only rank 0 pays for it
 
-    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step if resume_step > 0 else None)
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
 
 
 def upload_tensorboard(local: Path, remote: str) -> None:
