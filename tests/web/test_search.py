@@ -282,3 +282,20 @@ def test_faiss_index_is_built_next_to_the_cache_and_reused(shapes_index):
     assert not rebuilt.faiss.reused and [h.id for h in rebuilt.text("a red circle", 12)] == \
         [h.id for h in exact.text("a red circle", 12)]
     assert Searcher(cache, faiss=True).faiss.reused
+
+
+def test_a_hit_whose_file_is_gone_since_indexing_is_marked(shapes_index, capsys):
+    assert main(["search", "--index", shapes_index["cache"], "a red circle", "-k", "3"]) == 0
+    listed = capsys.readouterr().out.splitlines()[1:]
+    first = Path(listed[0].split()[2])
+    assert first.is_file() and not any("gone" in line for line in listed)
+    moved = first.with_name("moved-away")
+    first.rename(moved)
+    try:
+        assert main(["search", "--index", shapes_index["cache"], "a red circle", "-k", "3"]) == 0
+        again = capsys.readouterr().out.splitlines()[1:]
+    finally:
+        moved.rename(first)
+    assert again[0].endswith(f"{first}  (gone since it was indexed)")
+    assert [line.split()[2] for line in again] == [line.split()[2] for line in listed]
+    assert not any("gone" in line for line in again[1:])

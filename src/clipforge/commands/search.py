@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -45,5 +46,11 @@ def run(args) -> int:
     width = max(len(hit.path) for hit in hits)
     sys.stdout.write(f"{'rank':>4}  {'score':>7}  path\n")
     for rank, hit in enumerate(hits, 1):
-        sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}\n")
+        gone = "  (gone since it was indexed)" if is_gone(hit.path) else ""
+        sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}{gone}\n")
     return 0
+
+
+def is_gone(path: str) -> bool:
+    """A local image deleted or moved since the index was built (S3 objects are not looked up per hit)."""
+    return not path.startswith("s3://") and not Path(path).exists()
