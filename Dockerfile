@@ -60,6 +60,11 @@ RUN pip install --no-cache-dir --no-deps . \
 # --- runtime: what runs in the pods ----------------------------------------------------------------------
 FROM python-base AS runtime
 ARG PYTHON
+# wget: KubeRay's readiness and liveness probes on Ray pods run `wget ... | grep success`
+# (ray-project/kuberay#2063); without it a Ray head never turns Ready and a RayJob never starts.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 clipforge \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/clipforge --shell /usr/sbin/nologin clipforge \
  && mkdir -p /cache \

@@ -112,7 +112,9 @@ def values_schema() -> dict:
             "rbac": obj({"create": {"type": "boolean"}}),
             "kueue": obj({"queueName": string("Kueue LocalQueue of stage Jobs and RayJobs")}),
             "networkPolicy": obj({"enabled": {"type": "boolean"}, "egress": {"type": "array", "items": free_map}}),
-            "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters")}),
+            "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters"),
+                            "operatorPodLabels": {"type": "object", "additionalProperties": {"type": "string"},
+                                                  "minProperties": 1}}),
             "tests": obj({"enabled": {"type": "boolean"}}),
             # Helm adds `global` for subcharts; allow it so the chart can be used as one.
             "global": free_map,

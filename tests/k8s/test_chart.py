@@ -217,6 +217,21 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     assert strict["spec"]["egress"] == dns
 
 
+def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_more():
+    """The KubeRay operator, in its own namespace, reads a RayJob's status from the head's dashboard (8265)."""
+    values = {"networkPolicy": {"enabled": True}, "kuberay": {"enabled": True}}
+    (policy,) = by_kind(chart_objects(values), "NetworkPolicy")
+    validate(policy)
+    releases, operator = policy["spec"]["ingress"]
+    assert releases["from"][0]["podSelector"]["matchLabels"] == policy["spec"]["podSelector"]["matchLabels"]
+    assert operator == {"from": [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}], "ports": [{"protocol": "TCP", "port": 8265}]}
+    mine = {"app.kubernetes.io/name": "my-kuberay"}  # Helm merges maps: the same key, another value
+    values["kuberay"]["operatorPodLabels"] = mine
+    (policy,) = by_kind(chart_objects(values), "NetworkPolicy")
+    assert policy["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"] == mine
+
+
 def test_rbac_and_service_account_switches():
     objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
                              "stageServiceAccount": {"create": False}})

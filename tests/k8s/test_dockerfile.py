@@ -157,3 +157,13 @@ def test_the_images_ray_is_the_version_of_the_charts_ray_clusters(dockerfile):
     assert values["kuberay"]["rayVersion"] == ray == StageJobSettings(image="x").ray_version
     for driver in (ROOT / "k8s").rglob("driver.yaml"):
         assert str(yaml.safe_load(driver.read_text()).get("ray_version", ray)) == ray, driver
+
+
+def test_the_final_stage_has_wget_for_kuberays_probes(dockerfile):
+    """KubeRay's readiness and liveness probes on Ray pods exec `wget ... | grep success`: an image without
+    wget never has a Ready head, so a RayJob (a multi-node cache stage) never starts."""
+    _, stages = dockerfile
+    layers = chain(stages, stages[-1])
+    installed = [run for stage in layers for run in stage.all("RUN") if "apt-get install" in run]
+    purged = " ".join(run for stage in layers for run in stage.all("RUN") if "apt-get purge" in run)
+    assert any(re.search(r"\bwget\b", run) for run in installed) and "wget" not in purged
