@@ -24,6 +24,9 @@ It also plays, crudely, the controllers and the node:
 - KubeRay: a RayJob runs its `entrypoint` as a subprocess with the head container's env (as `ray start`
   there has it) and ends SUCCEEDED or FAILED with Ray's "failed with exit code N" message.
 
+Authorization, as RBAC does it: given a Role's `rules` (the chart's own), a request whose verb (get, list,
+watch, create, patch, delete) on its resource (`pods/log` included) no rule grants is answered 403 Forbidden.
+
 Emptydirs, images, scheduling, resources and security contexts are not simulated: the tests check
 those on the manifests with kubernetes-validate.
 """
@@ -52,6 +55,13 @@ KINDS = {"jobs": ("Job", "batch/v1"), "pods": ("Pod", "v1"), "services": ("Servi
          "rayjobs": ("RayJob", "ray.io/v1"), "events": ("Event", "v1")}
 
 
+def rbac_verb(method: str, name: str | None, query: dict) -> str:
+    """The RBAC verb of a request, as the API server's authorizer names it."""
+    if method == "GET":
+        return "get" if name else "watch" if query.get("watch") in ("true", "True", "1") else "list"
+    return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}.get(method, method.lower())
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -72,8 +82,9 @@ class _Server(http.server.ThreadingHTTPServer):
 class KubernetesApiStandIn:
     """See the module docstring. `url` is the server; `kubeconfig(path)` writes a config pointing at it."""
 
-    def __init__(self, workdir: Path, namespace: str = "ml"):
+    def __init__(self, workdir: Path, namespace: str = "ml", rules: list[dict] | None = None):
         self.workdir, self.namespace = Path(workdir), namespace
+        self.rules = rules  # a Role's rules: what the driver may do (None: anything)
         self.lock = threading.Condition()
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.events: list[tuple[int, str, str, str, dict]] = []  # (rv, resource, namespace, type, object)
@@ -88,7 +99,6 @@ class KubernetesApiStandIn:
         self.disrupted: set[str] = set()
         self.refused: dict[str, str] = {}  # Job name -> why the API server refuses its pods
         self.queued: set[str] = set()  # Job names created suspended, as a Kueue webhook does, until admit()
-        self.patch_forbidden = False  # PATCH answers 403, as for a Role without `patch`
         self.processes: dict[str, subprocess.Popen] = {}
         self.pod_env: dict[str, dict[str, str]] = {}  # the container env each pod ran with (after DNS)
         self.logs = Path(tempfile.mkdtemp(prefix="k8s-standin-logs-"))
@@ -181,6 +191,12 @@ class KubernetesApiStandIn:
             return [copy.deepcopy(o) for (r, _, _), o in self.objects.items()
                     if r == resource and all(o["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
 
+    def allows(self, group: str, resource: str, verb: str) -> bool:
+        """Whether the Role's rules grant `verb` on `resource` of API `group` (no rules: all is granted)."""
+        return self.rules is None or any(
+            group in rule.get("apiGroups", []) and resource in rule.get("resources", []) and verb in rule["verbs"]
+            for rule in self.rules)
+
     def disrupt(self, pod: str) -> None:
         """What a preemption does: DisruptionTarget on the pod, then SIGTERM (or no start at all)."""
         with self.lock:
@@ -230,6 +246,12 @@ class KubernetesApiStandIn:
         resource, ns, name = route["resource"], route["ns"], route["name"]
         with self.lock:
             self.requests.append((req.command, resource, name or (body or {}).get("metadata", {}).get("name")))
+        verb = rbac_verb(req.command, name, query)
+        target = resource + ("/log" if route["log"] else "")
+        if not self.allows(route["group"] or "", target, verb):
+            return self._send(req, 403, status_body(403, "Forbidden", f'{target} is forbidden: cannot {verb} '
+                                                    f'resource "{target}" in API group "{route["group"] or ""}" '
+                                                    f'in the namespace "{ns}"'))
         if req.command == "GET" and name is None and query.get("watch") in ("true", "True", "1"):
             with self.lock:  # after the 410s and stalls asked for
                 unavailable = self.unavailable_next_watches > 0 and not self.gone_next_watches + self.stall_next_watches
@@ -379,8 +401,6 @@ class KubernetesApiStandIn:
 
     def _patch(self, resource: str, ns: str, name: str, content_type: str, body: dict) -> tuple[int, dict]:
         """A JSON merge patch (RFC 7386), the one kind every resource takes, CRDs included; others are 415."""
-        if self.patch_forbidden:
-            return 403, status_body(403, "Forbidden", f"{resource} {name!r} is forbidden: cannot patch")
         if content_type.split(";")[0] != "application/merge-patch+json":
             return 415, status_body(415, "UnsupportedMediaType", f"only merge patches are served, not {content_type}")
 

@@ -72,10 +72,10 @@ def test_rbac_is_namespaced_and_minimal(values_file):
     granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
                for group in rule["apiGroups"] for resource in rule["resources"]}
     expected = {("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
-                ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
-                ("", "services"): {"get", "list", "create", "delete", "patch"}, ("", "events"): {"list"}}
+                ("", "pods"): {"list"}, ("", "pods/log"): {"get"},
+                ("", "services"): {"get", "create", "delete", "patch"}, ("", "events"): {"list"}}
     if values.get("kuberay", {}).get("enabled"):
-        expected[("ray.io", "rayjobs")] = {"get", "list", "watch", "create", "delete", "patch"}
+        expected[("ray.io", "rayjobs")] = {"get", "create", "delete", "patch"}
     assert granted == expected
     (binding,) = by_kind(objects, "RoleBinding")
     (account,) = [a for a in by_kind(objects, "ServiceAccount") if a.get("automountServiceAccountToken") is not False]

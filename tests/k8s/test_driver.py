@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from api_standin import KubernetesApiStandIn
+from conftest import chart_objects
 
 from clipforge.config.pipeline import PipelineSpec
 from clipforge.data.synthetic import write_demo_data, write_expdesign
@@ -87,7 +88,9 @@ def driver_job(api: KubernetesApiStandIn, name: str) -> str:
 
 
 def start_cluster(root: Path) -> Cluster:
-    api = KubernetesApiStandIn(root, namespace="ml")
+    # The driver may do only what the chart's Role lets it (with KubeRay, whose RayJobs one test drives).
+    (role,) = [o for o in chart_objects({"kuberay": {"enabled": True}}) if o["kind"] == "Role"]
+    api = KubernetesApiStandIn(root, namespace="ml", rules=role["rules"])
     settings = root / "driver.yaml"
     settings.write_text(yaml.safe_dump({"image": "ghcr.io/clipforge/clipforge:test", "release": RELEASE,
                                         "rendezvous_port": free_port(), "ttl_seconds_after_finished": 600}))
@@ -348,13 +351,14 @@ def test_a_role_without_patch_leaves_the_object_ownerless_and_says_so(small_clus
     with cluster.api.lock:
         cluster.api._put("services", {"apiVersion": "v1", "kind": "Service", "spec": {}, "status": {},
                                       "metadata": {"name": "forbidden", "namespace": "ml"}}, "ADDED")
-    cluster.api.patch_forbidden = True
+    chart_rules = cluster.api.rules
+    cluster.api.rules = [{**rule, "verbs": [v for v in rule["verbs"] if v != "patch"]} for rule in chart_rules]
     try:
         with caplog.at_level(logging.WARNING, logger="clipforge"):
             executor.start_or_adopt_service("train", {"apiVersion": "v1", "kind": "Service",
                                                       "metadata": {"name": "forbidden"}, "spec": {}})
     finally:
-        cluster.api.patch_forbidden = False
+        cluster.api.rules = chart_rules
     assert "cannot make this driver an owner of forbidden (403" in caplog.text
     assert "ownerReferences" not in cluster.api.get("services", "forbidden")["metadata"]
 
@@ -519,3 +523,53 @@ def test_a_kubeconfig_that_cannot_be_used_or_an_api_server_that_does_not_answer_
         err = capsys.readouterr().err.strip()
         assert err.splitlines()[-1].startswith(f"clipforge drive: error: {said}"), err
         assert "Traceback" not in err
+
+
+def failed_group_pod(name: str, index: int, *, exit_code: int | None, finished_s: float | None = None,
+                     disrupted: bool = False):
+    """A failed pod of an Indexed Job as an API server describes it (kubernetes client models, no server)."""
+    from datetime import UTC, datetime
+
+    from kubernetes import client
+
+    if exit_code is None:  # on a node that was lost before the container ran: no terminated state
+        state = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="ContainerCreating"))
+    else:
+        state = client.V1ContainerState(terminated=client.V1ContainerStateTerminated(
+            exit_code=exit_code, finished_at=datetime.fromtimestamp(finished_s, UTC)))
+    conditions = [client.V1PodCondition(type="DisruptionTarget", status="True", reason="DeletionByPodGC")] \
+        if disrupted else []
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels={"batch.kubernetes.io/controller-uid": "uid"},
+                                     annotations={"batch.kubernetes.io/job-completion-index": str(index)}),
+        status=client.V1PodStatus(phase="Failed", conditions=conditions, container_statuses=[client.V1ContainerStatus(
+            name="stage", image="clipforge", image_id="", ready=False, restart_count=0, state=state)]))
+
+
+@pytest.mark.parametrize(("pods", "preempted", "told"), [
+    # rank 1's node was lost before its container finished; rank 0 was then killed by the Job controller
+    ([("g-0", 0, 143, 10.0, False), ("g-1", 1, None, None, True)], True, "g-1"),
+    # a rank that saved its checkpoint on SIGTERM (75) ended after another rank was killed
+    ([("g-0", 0, 137, 10.0, False), ("g-1", 1, 75, 20.0, False)], True, "g-0"),
+    # a rank that crashed: the first to end is the cause, and nothing was preempted
+    ([("g-0", 0, 137, 20.0, False), ("g-1", 1, 1, 10.0, False)], False, "g-1"),
+])
+def test_a_group_is_preempted_when_any_rank_was_disrupted_or_stopped(pods, preempted, told, caplog):
+    """`failure` over pods as a real API server lists them; the executor's API calls are replaced (no server here)."""
+    from kubernetes import client
+
+    executor = KubernetesExecutor.__new__(KubernetesExecutor)
+    executor.namespace, executor.log_lines = "ml", 5
+    executor.core = client.CoreV1Api(client.ApiClient())  # never called: `call` answers in its place
+    listed = client.V1PodList(items=[failed_group_pod(n, i, exit_code=c, finished_s=f, disrupted=d)
+                                     for n, i, c, f, d in pods])
+    executor.call = lambda method, *args, **kwargs: listed
+    executor.log_tail = lambda pod: ""
+    job = client.V1Job(metadata=client.V1ObjectMeta(name="g", uid="uid"),
+                       spec=client.V1JobSpec(completion_mode="Indexed", template=client.V1PodTemplateSpec()),
+                       status=client.V1JobStatus(conditions=[client.V1JobCondition(
+                           type="Failed", status="True", reason="BackoffLimitExceeded")]))
+    with caplog.at_level(logging.ERROR, logger="clipforge"):
+        outcome = executor.failure("stage", job)
+    assert outcome.preempted is preempted
+    assert f"pod {told} exited" in caplog.text

@@ -337,14 +337,18 @@ class KubernetesExecutor:
             return StageOutcome(1, condition.reason or "failed")
         # A group fails because of its first failure; a retried single pod is best told by its last.
         failed.sort(key=lambda item: item[0])
-        _, pod = failed[0] if job.spec.completion_mode == "Indexed" else failed[-1]
+        group = job.spec.completion_mode == "Indexed"
+        pods = [pod for _, pod in failed]
+        # A rank on a lost or drained node may never have finished a container (no finish time: it sorts
+        # last), while the ranks the Job controller then killed have: the disruption is the group's cause.
+        disrupted_pods = [pod for pod in pods if disrupted(pod)] if group else []
+        pod = disrupted_pods[0] if disrupted_pods else pods[0] if group else pods[-1]
         code = container_exit_code(pod)
-        disrupted = any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
         log.error("[%s] Job %s failed (%s): pod %s exited with code %s%s; last %d lines of its log:\n%s",
-                  stage, name, condition.reason, pod.metadata.name, code, " after a disruption" if disrupted else "",
-                  self.log_lines, self.log_tail(pod.metadata.name))
-        preempted = disrupted or code == EXIT_PREEMPTED
-        return StageOutcome(code if code else 1, condition.reason or "failed", preempted)
+                  stage, name, condition.reason, pod.metadata.name, code,
+                  " after a disruption" if disrupted(pod) else "", self.log_lines, self.log_tail(pod.metadata.name))
+        stopped = [p for p in (pods if group else [pod]) if disrupted(p) or container_exit_code(p) == EXIT_PREEMPTED]
+        return StageOutcome(code if code else 1, condition.reason or "failed", bool(stopped))
 
     def log_tail(self, pod: str) -> str:
         try:
@@ -354,8 +358,10 @@ class KubernetesExecutor:
             return f"(log unavailable: {exc})"
         return "\n".join(f"  | {line}" for line in text.rstrip("\n").splitlines())
 
-    def delete_job(self, name: str, timeout: float = 300) -> None:
-        """Delete a Job and its pods (Foreground), and wait until it is gone so its name is free again."""
+    def delete_job(self, name: str, timeout: float | None = None) -> None:
+        """Delete a Job and its pods (Foreground), and wait until it is gone so its name is free again: as long
+        as its pods may take to stop (their grace period), and two minutes more for the kubelet and the GC."""
+        timeout = self.settings.termination_grace_seconds + 120 if timeout is None else timeout
         self.delete(self.batch.delete_namespaced_job, name, propagation_policy="Foreground")
         deadline = time.monotonic() + timeout
         while self.read(self.batch.read_namespaced_job, name) is not None:
@@ -491,6 +497,11 @@ def finished_at(pod: client.V1Pod) -> float:
         if status.state and status.state.terminated and status.state.terminated.finished_at:
             return status.state.terminated.finished_at.timestamp()
     return float("inf")
+
+
+def disrupted(pod: client.V1Pod) -> bool:
+    """Whether Kubernetes took the pod away (preemption, a drained or lost node, eviction): DisruptionTarget."""
+    return any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def container_exit_code(pod: client.V1Pod) -> int | None:
