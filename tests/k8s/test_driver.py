@@ -29,7 +29,7 @@ from conftest import chart_objects
 from clipforge.config.pipeline import PipelineSpec
 from clipforge.data.synthetic import write_demo_data, write_expdesign
 from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
-from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name
+from clipforge.orchestrate.k8s_manifests import KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
 from clipforge.orchestrate.pipeline import resolve_stage
 from clipforge.storage.local_s3 import free_port
 from clipforge.storage.manifest import read_manifest
@@ -573,3 +573,43 @@ def test_a_group_is_preempted_when_any_rank_was_disrupted_or_stopped(pods, preem
         outcome = executor.failure("stage", job)
     assert outcome.preempted is preempted
     assert f"pod {told} exited" in caplog.text
+
+
+def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small_cluster, monkeypatch, caplog):
+    """A `helm upgrade` with a new run id stops the old driver, which lets go of the output's lease at once,
+    while its stage pods (deleted through their owners) may spend their grace period saving a checkpoint
+    into the same output: the new run's Job starts only once they are gone."""
+    cluster = small_cluster
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage("subj05")]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = "demo/artifacts/runs/after/configs/nsd-index.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id="after",
+                                             namespace="ml")
+    earlier = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
+               "status": {"phase": "Running"},
+               "metadata": {"name": "earlier-0", "namespace": "ml", "labels": {
+                   KEY_LABEL: stage.key, RUN_ID_LABEL: "before", "job-name": "demo-before-nsd-index"}}}
+    with cluster.api.lock:
+        cluster.api._put("pods", earlier, "ADDED")
+    name = job_name(RELEASE, "after", "nsd-index")
+    seen_before_gone = []
+
+    def stop_the_earlier_pod():
+        time.sleep(1.5)
+        seen_before_gone.extend(cluster.api.created("jobs", name))
+        with cluster.api.lock:
+            cluster.api._put("pods", cluster.api.objects[("pods", "ml", "earlier-0")], "DELETED")
+
+    helper = threading.Thread(target=stop_the_earlier_pod)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=2, poll_seconds=0.1)
+    with caplog.at_level(logging.WARNING, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 0 and seen_before_gone == [] and cluster.api.created("jobs", name) == [name]
+    assert "waiting for 1 pod(s) of an earlier run to stop before starting (earlier-0)" in caplog.text
+    (ours,) = [p for p in cluster.api.list("pods", **{"job-name": name})]
+    assert ours["metadata"]["labels"][KEY_LABEL] == stage.key  # what the next run would wait on

@@ -30,6 +30,8 @@ from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError, firs
 from clipforge.orchestrate.k8s_manifests import (
     CONTAINER,
     KEY_ANNOTATION,
+    KEY_LABEL,
+    RUN_ID_LABEL,
     StageJobSettings,
     owner_reference,
     placement,
@@ -255,10 +257,35 @@ class KubernetesExecutor:
             why = "it failed earlier; trying again" if key == resolved.key else "it ran another config"
             log.warning("[%s] deleting the existing Job %s: %s", stage, name, why)
             self.delete_job(name)
+        self.wait_for_earlier_pods(stage, resolved.key)
         if self.create(self.batch.create_namespaced_job, job):
             log.info("[%s] created Job %s", stage, name)
         else:  # another driver of the same run was faster
             log.info("[%s] re-attaching to Job %s, created concurrently", stage, name)
+
+    def wait_for_earlier_pods(self, stage: str, key: str) -> None:
+        """Wait until no pod of another run writes this stage's output: a driver stopped mid-stage (a `helm
+        upgrade` with a new run id deletes it and, through the owners, its stage Jobs) lets go of the output's
+        lease at once, while its pods may still be saving a checkpoint there for their grace period. Past that
+        period and two minutes more, a pod that still runs is said and left (a node that no longer answers)."""
+        deadline = time.monotonic() + self.settings.termination_grace_seconds + 120
+        said = False
+        while True:
+            pods = self.call(self.core.list_namespaced_pod, self.namespace, label_selector=f"{KEY_LABEL}={key}").items
+            earlier = sorted(p.metadata.name for p in pods if p.status.phase in ("Pending", "Running")
+                             and (p.metadata.labels or {}).get(RUN_ID_LABEL) != self.settings.run_id)
+            if not earlier:
+                return
+            if time.monotonic() > deadline:
+                log.warning("[%s] pods of an earlier run still run after %.0f s (%s); starting this run's anyway",
+                            stage, self.settings.termination_grace_seconds + 120, ", ".join(earlier))
+                return
+            if not said:
+                log.warning("[%s] waiting for %d pod(s) of an earlier run to stop before starting (%s): they may "
+                            "still be saving a checkpoint into this stage's output", stage, len(earlier),
+                            ", ".join(earlier))
+                said = True
+            time.sleep(self.poll_seconds)
 
     def wait_for_job(self, stage: str, name: str) -> StageOutcome:
         watcher = PendingPods(self, stage, name)
@@ -387,6 +414,7 @@ class KubernetesExecutor:
                 self.delete_ray_job(name)
                 existing = None
         if existing is None:
+            self.wait_for_earlier_pods(stage, resolved.key)
             self.create(lambda namespace, body, **kw: self.custom.create_namespaced_custom_object(
                 namespace=namespace, body=body, **RAY, **kw), body)
             log.info("[%s] created RayJob %s", stage, name)

@@ -32,7 +32,9 @@ CONTAINER = "stage"
 CACHE_MOUNT = "/cache"
 ARTIFACTS_MOUNT = "/artifacts"
 KEY_ANNOTATION = "clipforge.io/stage-key"
+KEY_LABEL = KEY_ANNOTATION  # the same key on stage pods, as a label (16 hex digits: a valid value)
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+RUN_ID_LABEL = "clipforge.io/run-id"
 
 # Pod security, the same for the driver (see the chart's _helpers.tpl) and every stage pod.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
@@ -141,7 +143,7 @@ def labels(settings: StageJobSettings, stage: str | None = None, component: str 
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "clipforge",
         "app.kubernetes.io/managed-by": "clipforge-driver",
-        "clipforge.io/run-id": settings.run_id,
+        RUN_ID_LABEL: settings.run_id,
         **settings.extra_labels,
     }
     if stage:
@@ -306,9 +308,10 @@ def pod_failure_policy(indexed: bool) -> dict:
     ]}
 
 
-def pod_metadata(settings: StageJobSettings, stage: str) -> dict:
-    """A stage pod template's labels (ours win over pod_labels: selectors depend on them) and annotations."""
-    meta: dict[str, Any] = {"labels": {**settings.pod_labels, **labels(settings, stage)}}
+def pod_metadata(settings: StageJobSettings, stage: str, key: str) -> dict:
+    """A stage pod template's labels (ours win over pod_labels: selectors depend on them) and annotations.
+    The stage key labels the pods: a driver finds the pods of an earlier run still writing that output."""
+    meta: dict[str, Any] = {"labels": {**settings.pod_labels, **labels(settings, stage), KEY_LABEL: key}}
     if settings.pod_annotations:
         meta["annotations"] = dict(settings.pod_annotations)
     return meta
@@ -330,7 +333,7 @@ def _job(name: str, resolved: ResolvedStage, settings: StageJobSettings, templat
         **extra_spec,
         # DESIGN: the TTL deletes pods and their logs; the driver reads both as soon as the Job finishes.
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-        "template": {"metadata": pod_metadata(settings, resolved.spec.name), "spec": template_spec},
+        "template": {"metadata": pod_metadata(settings, resolved.spec.name, resolved.key), "spec": template_spec},
     }
     if settings.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
@@ -403,7 +406,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         main = container(resolved, settings, gpus)
         main["name"] = container_name
         del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
-        return {"metadata": pod_metadata(settings, resolved.spec.name),
+        return {"metadata": pod_metadata(settings, resolved.spec.name, resolved.key),
                 "spec": {k: v for k, v in pod_spec(resolved, settings, main, gpus).items() if k != "restartPolicy"}}
 
     submitter = ray_pod("ray-job-submitter", 0)
