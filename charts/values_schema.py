@@ -73,6 +73,7 @@ def values_schema() -> dict:
                 # Long enough for the driver to read status and logs before the Job and its pods go.
                 "ttlSecondsAfterFinished": {"type": "integer", "minimum": 60},
                 "activeDeadlineSeconds": {"type": ["integer", "null"], "minimum": 1},
+                "unschedulableTimeoutSeconds": {"type": ["integer", "null"], "minimum": 1},
                 "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
                 "cacheSizeLimit": {"anyOf": [quantity, {"type": "null"}]},
                 "shmSizeLimit": {"anyOf": [quantity, {"type": "null"}]},

@@ -96,6 +96,7 @@ class KubernetesApiStandIn:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, resource, name or created name)
         self.held: set[str] = set()  # Job names whose pods stay Pending until release()
         self.waiting: dict[str, tuple[str, str]] = {}  # Job name -> (reason, message) of its pods' containers
+        self.unplaced: dict[str, tuple[str, str]] = {}  # Job name -> (reason, message) its pods are not scheduled
         self.disrupted: set[str] = set()
         self.refused: dict[str, str] = {}  # Job name -> why the API server refuses its pods
         self.queued: set[str] = set()  # Job names created suspended, as a Kueue webhook does, until admit()
@@ -146,6 +147,12 @@ class KubernetesApiStandIn:
         with self.lock:
             self.held.add(job)
             self.waiting[job] = (reason, message)
+
+    def unschedulable(self, job: str, reason: str, message: str) -> None:
+        """Pods of `job` stay Pending with PodScheduled False, as the scheduler leaves a pod no node can take."""
+        with self.lock:
+            self.held.add(job)
+            self.unplaced[job] = (reason, message)
 
     def refuse_pods(self, job: str, message: str) -> None:
         """The Job controller's pod creations for `job` are refused (a quota, Pod Security, a webhook): no
@@ -485,6 +492,10 @@ class KubernetesApiStandIn:
                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                                                      "uid": job["metadata"]["uid"], "controller": True}]},
                    "spec": spec, "status": {"phase": "Pending", "conditions": []}}
+            if job_name in self.unplaced:
+                reason, message = self.unplaced[job_name]
+                pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": reason,
+                                                "message": message, "lastTransitionTime": now()}]
             if job_name in self.waiting:
                 reason, message = self.waiting[job_name]
                 pod["status"]["containerStatuses"] = [self._container_status(

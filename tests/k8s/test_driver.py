@@ -215,6 +215,24 @@ def test_a_pod_that_cannot_start_fails_its_stage_naming_the_reason(small_cluster
     assert cluster.api.get("jobs", name) is None  # deleted: a rerun creates it afresh
 
 
+def test_a_pod_no_node_takes_fails_its_stage_after_the_unschedulable_timeout(small_cluster, monkeypatch, caplog):
+    """More GPUs than a node has, a node selector no node matches: the scheduler says so on the pod, and with
+    `unschedulable_timeout_seconds` the stage fails naming it instead of waiting for ever."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "unplaced", "subj06")
+    settings = dataclasses.replace(settings, unschedulable_timeout_seconds=2)
+    name = job_name(RELEASE, "unplaced", "nsd-index")
+    why = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    cluster.api.unschedulable(name, "Unschedulable", why)
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=1)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        assert executor(stage) == 1
+    assert f"waits for a node: Unschedulable: {why} (for over 2 s: stageDefaults.unschedulableTimeoutSeconds)" \
+        in caplog.text
+    assert cluster.api.get("jobs", name) is None
+
+
 def index_stage_for(cluster: Cluster, run_id: str, subject: str):
     """A resolved index stage of run `run_id` with its config saved, and the settings to run it with."""
     spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage(subject)]})

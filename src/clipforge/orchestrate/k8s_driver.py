@@ -118,8 +118,9 @@ class StageStuck(Exception):
 
 class PendingPods:
     """What a stage's pods wait for, looked at between watches: said when it changes, and a container that
-    cannot start fails the stage after `stuck_seconds`. A pod waiting for a node is only said: a cluster
-    autoscaler may be adding one. A Job with no pods at all after `stuck_seconds` is looked at too: a
+    cannot start fails the stage after `stuck_seconds`. A pod waiting for a node is said, and fails the stage
+    only after `unschedulable_timeout_seconds` when that is set: GPUs may be freed by other jobs or added by
+    an autoscaler. A Job with no pods at all after `stuck_seconds` is looked at too: a
     suspended one waits for admission (Kueue), one whose pods the API server refuses fails the stage."""
 
     def __init__(self, executor: KubernetesExecutor, stage: str, job: str):
@@ -127,6 +128,7 @@ class PendingPods:
         self.said: set[str] = set()
         self.stuck_since: float | None = None
         self.podless_since: float | None = None
+        self.unplaced_since: float | None = None
 
     def check(self) -> None:
         ex = self.executor
@@ -134,16 +136,21 @@ class PendingPods:
         self.podless_since = None if pods else (self.podless_since or time.monotonic())
         if not pods and time.monotonic() - self.podless_since >= ex.stuck_seconds:
             self.check_podless()
-        stuck = None
+        stuck, unplaced = None, None
         for pod in pods:
             for condition in pod.status.conditions or []:
                 if condition.type == "PodScheduled" and condition.status == "False":
-                    self._say(f"pod {pod.metadata.name} waits for a node: {condition.reason}: {condition.message}")
+                    unplaced = f"pod {pod.metadata.name} waits for a node: {condition.reason}: {condition.message}"
+                    self._say(unplaced)
             for status in pod.status.container_statuses or []:
                 waiting = status.state.waiting if status.state else None
                 if waiting is not None and waiting.reason in STUCK_REASONS:
                     stuck = f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".strip()
                     self._say(stuck)
+        self.unplaced_since = (self.unplaced_since or time.monotonic()) if unplaced else None
+        limit = ex.settings.unschedulable_timeout_seconds
+        if unplaced and limit and time.monotonic() - self.unplaced_since >= limit:
+            raise StageStuck(f"{unplaced} (for over {limit} s: stageDefaults.unschedulableTimeoutSeconds)")
         if stuck is None:
             self.stuck_since = None
             return

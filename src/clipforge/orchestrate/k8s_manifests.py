@@ -80,6 +80,8 @@ class StageJobSettings:
     ttl_seconds_after_finished: int = 86400
     backoff_limit: int = 3  # single-pod Jobs: retries counted; preemption and exit 75 are not counted
     active_deadline_seconds: int | None = None
+    # How long a stage pod may wait for a node (PodScheduled False) before the stage fails; None: for ever.
+    unschedulable_timeout_seconds: int | None = None
     # Seconds a stopped pod has, after SIGTERM, to save its checkpoint (to S3: large ones take a while) and exit.
     termination_grace_seconds: int = 300
     rendezvous_port: int = 29500
