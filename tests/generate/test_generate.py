@@ -236,8 +236,8 @@ def test_noise_level_is_bounded_by_the_noising_schedulers_steps(capsys):
     """Beyond 999 diffusers' unCLIP scheduler raises deep in the pipeline: refused with the config, named."""
     argv = ["generate", "--embeddings", "e", "--pipeline", "p", "--out", "o", "--noise-level"]
     code, err = run_cli([*argv, "100000"], capsys)
-    assert code == 2 and err == "clipforge generate: error: noise_level: Input should be less than or equal to 999 " \
-                                "(got '100000')"
+    assert code == 2 and err == "clipforge generate: error: --noise-level: Input should be less than or equal to " \
+                                "999 (got '100000')"
     assert GenerateConfig(embeddings="e", pipeline="p", out="o", noise_level=999).noise_level == 999
 
 
