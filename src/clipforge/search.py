@@ -91,11 +91,17 @@ class Searcher:
         if self.root and not storage.is_s3(self.root) and not Path(self.root).is_dir():
             # Results still come (the embeddings are in the index); their files cannot be shown or opened.
             where = "relative to the directory the index was built in; run from there" \
-                if not Path(self.root).is_absolute() else "moved or deleted since it was indexed"
+                if self.root_is_elsewhere() else "moved or deleted since it was indexed"
             log.warning("the indexed folder %s is not there (%s): results will name files that cannot be shown",
                         self.root, where)
         self.matrix = torch.from_numpy(self.table.embeddings).to(self.device)
         self.faiss = FaissIndex(index, self.table) if faiss else None
+
+    def root_is_elsewhere(self) -> bool:
+        """The indexed folder was given relative to the directory the index was built in, and does not
+        resolve from here: every hit names a file that is not here (which does not mean it is gone)."""
+        return bool(self.root) and not storage.is_s3(self.root) and not Path(self.root).is_absolute() \
+            and not Path(self.root).is_dir()
 
     @torch.inference_mode()
     def text(self, query: str, k: int = 10) -> list[Hit]:

@@ -197,3 +197,26 @@ def test_search_over_a_folder_moved_since_indexing_says_so(shapes, tiny_models, 
         hits = Searcher(str(tmp_path / "index")).text("a red circle", k=3)
     assert len(hits) == 3  # the embeddings are in the index: search still answers
     assert f"the indexed folder {folder} is not there (moved or deleted since it was indexed)" in caplog.text
+
+
+def test_an_index_of_a_relative_folder_used_from_elsewhere_says_where_to_run_from(shapes, tiny_models, tmp_path,
+                                                                                 monkeypatch, capsys, caplog):
+    """Every hit names a file that is not here: `serve` (whose tiles would all say "file not found") refuses
+    at the start; `search` still answers (its ids are right), warns where to run from, and does not call the
+    files gone."""
+    import shutil
+
+    shutil.copytree(shapes, tmp_path / "photos")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run_cache(config(tiny_models, "photos", tmp_path / "index", engine="local"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["serve", "--index", str(tmp_path / "index"), "--port", "0", "--no-browser"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"clipforge serve: error: index {tmp_path / 'index'} was built from the image folder photos, relative "
+        "to the directory it was built in; run `clipforge serve` from there")
+    with caplog.at_level("WARNING"):
+        assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "2"]) == 0
+    assert "gone since it was indexed" not in capsys.readouterr().out
+    assert "the indexed folder photos is not there (relative to the directory the index was built in; run from " \
+           "there)" in caplog.text

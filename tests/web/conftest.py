@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -12,7 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 CHROMIUM = os.environ.get("CLIPFORGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -96,3 +99,16 @@ def serve_in_thread():
 @pytest.fixture
 def port():
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def truncated_jpeg():
+    """`truncated_jpeg(path)` writes the first third of a valid JPEG: its headers read (Image.verify
+    passes, a browser draws half of it), its pixels do not decode."""
+    def write(path: Path) -> None:
+        noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(noise).save(out, "JPEG", quality=95)
+        path.write_bytes(out.getvalue()[: len(out.getvalue()) // 3])
+
+    return write

@@ -6,12 +6,17 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import multiprocessing
+import socket
+import time
 import urllib.parse
 
 import httpx
+import pandas as pd
 import pytest
 from PIL import Image
 
+from clipforge.data.image_folder import image_problem
 from clipforge.data.synthetic import write_captioned_dataset
 from clipforge.errors import UserError
 from clipforge.web.captioning import CaptionServer
@@ -151,6 +156,7 @@ def test_listening_beyond_loopback_warns(caplog):
         sock = open_socket("0.0.0.0", 0, exposes="see the images")
     sock.close()
     assert "anyone who can reach this port can see the images" in caplog.text
+    assert "answers only to localhost and this machine's own names and addresses" in caplog.text
 
 
 def test_bad_folders_are_one_clear_error(tmp_path):
@@ -159,3 +165,73 @@ def test_bad_folders_are_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no readable images"):
         CaptionServer(tmp_path / "empty")
+
+
+def test_an_image_whose_pixels_do_not_decode_is_refused_as_prepare_refuses_it(folder, tmp_path, serve_in_thread,
+                                                                             truncated_jpeg):
+    truncated_jpeg(folder / "circle" / "half.jpg")
+    caption_server = CaptionServer(folder, thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(caption_server):
+        url, token = caption_server.url, {"X-Clipforge-Token": caption_server.token}
+        assert "circle/half.jpg" in [i["path"] for i in httpx.get(url + "api/state").json()["images"]]  # headers only
+        why = image_problem(str(folder / "circle" / "half.jpg"))  # what `captions prepare` says
+        assert why == "cannot be decoded (OSError)"
+        body = {"path": "circle/half.jpg", "caption": "half a photo", "replaces": ""}
+        refused = httpx.post(url + "api/caption", json=body, headers=token)
+        assert refused.status_code == 400 and f"image circle/half.jpg {why}" in refused.json()["error"]
+        served = httpx.get(url + "image/circle/half.jpg")
+        assert served.status_code == 422 and why in served.json()["error"]
+        state = httpx.get(url + "api/state").json()
+        assert "circle/half.jpg" not in [i["path"] for i in state["images"]]
+        assert {"path": "circle/half.jpg", "reason": why} in state["unreadable"]
+    assert not (folder / "index.csv").exists()
+
+
+def test_an_image_deleted_after_the_start_is_a_404_that_says_so(server, folder):
+    (folder / "circle" / "0001.png").unlink()
+    answer = httpx.get(server.url + "image/circle/0001.png")
+    assert answer.status_code == 404 and "not in the folder any more" in answer.json()["error"]
+
+
+def test_state_follows_index_csv_edited_on_disk_and_spaces_are_no_caption(server, folder):
+    assert httpx.get(server.url + "api/state").json()["captioned"] == 0
+    (folder / "index.csv").write_text("filepath,caption\ncircle/0000.png,typed in an editor\ncircle/0001.png,   \n")
+    state = httpx.get(server.url + "api/state").json()
+    assert state["captioned"] == 1
+    captions = {i["path"]: i["caption"] for i in state["images"]}
+    assert captions["circle/0000.png"] == "typed in an editor" and captions["circle/0001.png"] == ""
+    assert state["start"] == 0  # big.png
+
+
+def test_two_processes_saving_at_once_lose_no_caption(tmp_path):
+    """Two `clipforge caption` servers on one folder, each captioning its half: every acknowledged caption
+    stays in index.csv."""
+    root = tmp_path / "many"
+    root.mkdir()
+    paths = [f"{i:03d}.png" for i in range(200)]
+    for path in paths:
+        Image.new("RGB", (8, 8), "red").save(root / path)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        start = time.time() + 5  # both processes are up by then: their saves overlap
+        saved = pool.starmap(save_each, [(str(root), paths[0::2], start), (str(root), paths[1::2], start)])
+    frame = pd.read_csv(root / "index.csv", dtype=str, keep_default_na=False)
+    assert dict(zip(frame["filepath"], frame["caption"], strict=True)) == {**saved[0], **saved[1]}
+
+
+def save_each(folder: str, paths: list[str], start: float) -> dict[str, str]:
+    from clipforge.web.caption_book import CaptionBook
+
+    book = CaptionBook(folder)
+    time.sleep(max(0.0, start - time.time()))
+    return {path: book.save(path, f"caption of {path}", replaces="") for path in paths}
+
+
+def test_beyond_loopback_only_this_machines_names_are_answered(folder, tmp_path, serve_in_thread):
+    caption_server = CaptionServer(folder, host="0.0.0.0", thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(caption_server):
+        url = caption_server.url
+        assert raw_get(url, "/api/state", host="attacker.example:80") == 400  # DNS rebinding
+        assert raw_get(url, "/api/state", host="10.255.255.254:80") == 400  # not an address of this machine
+        for own in ("localhost:1234", "127.0.0.1", f"{socket.gethostname()}:80", "[::1]:80"):
+            assert raw_get(url, "/api/state", host=own) == 200, own

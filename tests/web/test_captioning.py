@@ -3,6 +3,7 @@ edits, refusal of empty captions, and a kill -9 that loses nothing saved."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -11,6 +12,7 @@ import pytest
 from playwright.sync_api import expect
 
 from clipforge.data.synthetic import write_captioned_dataset
+from clipforge.web.captioning import CaptionServer
 
 IMAGES = [f"circle/000{i}.png" for i in range(4)] + [f"square/000{i}.png" for i in range(4, 8)]
 
@@ -168,3 +170,99 @@ def test_two_tabs_on_one_image_neither_overwrites_the_other_unseen(page, dataset
         other.keyboard.press("Enter")  # having seen it: replace it
         expect(other.locator("#path")).not_to_have_text("circle/0000.png")
         assert index(dataset)["circle/0000.png"] == "a crimson disc"
+
+
+@pytest.fixture
+def four(tmp_path, serve_in_thread):
+    """`with four(index_csv) as (root, url)`: 4 shape images (and index.csv as given) on a page server."""
+    root = write_captioned_dataset(tmp_path / "four", 4, size=48)
+
+    @contextlib.contextmanager
+    def serve(index_csv: str, prepare=lambda root: None):
+        (root / "index.csv").write_text(index_csv)
+        prepare(root)
+        with serve_in_thread(CaptionServer(root, thumbnail_cache=tmp_path / "thumbs")) as url:
+            yield root, url
+
+    return serve
+
+
+def test_a_truncated_jpeg_is_skipped_as_unreadable_and_never_captioned(page, four, truncated_jpeg):
+    with four("filepath,caption\n", lambda root: truncated_jpeg(root / "circle" / "0001b.jpg")) as (root, url):
+        page.goto(url)
+        expect(page.locator("#counter")).to_have_text("0 / 5 captioned")  # the start reads headers only
+        type_and_enter(page, "a red circle")
+        # circle/0001.png, then the half JPEG: the server decodes it, refuses it, the page moves on.
+        type_and_enter(page, "a green circle")
+        expect(page.locator("#path")).to_have_text("circle/0002.png")
+        expect(page.locator("#hint")).to_contain_text("circle/0001b.jpg cannot be decoded (OSError)")
+        expect(page.locator("#counter")).to_have_text("2 / 4 captioned")
+        expect(page.locator("#problems")).to_contain_text("1 unreadable image skipped")
+        type_and_enter(page, "a blue circle")
+    assert "circle/0001b.jpg" not in index(root)
+
+
+def test_an_image_deleted_after_the_start_says_so(page, four):
+    with four("filepath,caption\n") as (root, url):
+        (root / "circle" / "0001.png").unlink()  # after the start
+        page.goto(url)
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        type_and_enter(page, "a red circle")
+        expect(page.locator("#hint")).to_contain_text("not in the folder any more")
+
+
+def test_a_caption_of_spaces_is_no_caption(page, four):
+    with four("filepath,caption\ncircle/0001.png,a green circle\ncircle/0002.png,   \n"
+              "circle/0003.png,a yellow circle\n") as (root, url):
+        page.goto(url)
+        expect(page.locator("#counter")).to_have_text("2 / 4 captioned")
+        type_and_enter(page, "a red circle")
+        expect(page.locator("#path")).to_have_text("circle/0002.png")  # not "All 4 images are captioned"
+        expect(page.locator("#caption")).to_have_value("")
+        type_and_enter(page, "a blue circle")
+        expect(page.locator("#hint")).to_contain_text("All 4 images are captioned")
+        expect(page.locator("#counter")).to_have_text("4 / 4 captioned")
+
+
+def test_after_a_conflict_the_tab_reads_the_others_captions_again(page, four):
+    with four("filepath,caption\n") as (root, url):
+        page.goto(url)
+        other = page.context.new_page()  # a second tab, opened before the first one saves
+        other.goto(url)
+        expect(other.locator("#path")).to_have_text("circle/0000.png")
+        type_and_enter(page, "a red circle")
+        type_and_enter(page, "a green circle")
+        other.locator("#caption").press_sequentially("a crimson disc")
+        other.keyboard.press("Enter")
+        expect(other.locator("#hint")).to_contain_text('it is now "a red circle"')
+        expect(other.locator("#counter")).to_have_text("2 / 4 captioned")
+        other.keyboard.press("Enter")  # having seen it: replace it (the README's choice)
+        # The next image without a caption *on disk*: circle/0001.png has the first tab's.
+        expect(other.locator("#path")).to_have_text("circle/0002.png")
+        assert index(root) == {"circle/0000.png": "a crimson disc", "circle/0001.png": "a green circle"}
+        # An edit on disk shows on a reload.
+        (root / "index.csv").write_text("filepath,caption\ncircle/0000.png,a crimson disc\n")
+        page.reload()
+        expect(page.locator("#counter")).to_have_text("1 / 4 captioned")
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+
+
+def test_keys_aimed_at_the_list_of_unreadable_images_act_there(page, four):
+    with four("filepath,caption\n", lambda root: (root / "broken.jpg").write_bytes(b"not a jpeg")) as (root, url):
+        page.goto(url)
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        page.locator("#caption").press_sequentially("a red ci")  # half typed
+        page.keyboard.press("Tab")
+        expect(page.locator("#problems summary")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator("#problems details")).to_have_attribute("open", "")
+        expect(page.locator("#problems")).to_contain_text("broken.jpg: cannot be decoded")
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        assert not index(root)  # nothing saved
+        page.keyboard.press("Shift+Tab")
+        expect(page.locator("#caption")).to_be_focused()
+        page.keyboard.press("End")
+        page.keyboard.type("rcle")
+        page.keyboard.press("Enter")  # from the caption field, Enter saves
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+    assert index(root) == {"circle/0000.png": "a red circle"}

@@ -299,3 +299,34 @@ def test_a_hit_whose_file_is_gone_since_indexing_is_marked(shapes_index, capsys)
     assert again[0].endswith(f"{first}  (gone since it was indexed)")
     assert [line.split()[2] for line in again] == [line.split()[2] for line in listed]
     assert not any("gone" in line for line in again[1:])
+
+
+def test_the_last_more_results_moves_the_focus_to_the_first_new_result(page, search_server):
+    page.goto(search_server.url)
+    page.locator("#k").fill("40")
+    page.locator("#text").fill("a blue square")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(40)
+    page.locator("#more").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(48)
+    expect(page.locator("#more")).to_be_hidden()
+    expect(page.locator("#results li:nth-child(41) a")).to_be_focused()  # not BODY
+
+
+def test_a_missing_thumbnail_says_what_the_server_says(page, search_server, shapes_index):
+    """A file deleted since indexing is "file not found"; one that no longer decodes is not."""
+    hits = httpx.get(search_server.url + "api/search", params={"q": "a red circle", "k": "2"}).json()["hits"]
+    corrupt, gone = (shapes_index["dataset"] / hit["id"] for hit in hits)
+    kept = {corrupt: corrupt.read_bytes(), gone: gone.read_bytes()}
+    try:
+        corrupt.write_bytes(b"not an image any more")
+        gone.unlink()
+        page.goto(search_server.url)
+        page.locator("#text").fill("a red circle")
+        page.keyboard.press("Enter")
+        expect(page.locator("#results li").nth(0).locator(".missing")).to_have_text("cannot be decoded")
+        expect(page.locator("#results li").nth(1).locator(".missing")).to_have_text("file not found")
+    finally:
+        for path, data in kept.items():
+            path.write_bytes(data)

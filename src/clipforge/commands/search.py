@@ -45,8 +45,10 @@ def run(args) -> int:
         return 0
     width = max(len(hit.path) for hit in hits)
     sys.stdout.write(f"{'rank':>4}  {'score':>7}  path\n")
+    # A folder given relative to where the index was built is not "gone": the warning says where to run from.
+    elsewhere = searcher.root_is_elsewhere()
     for rank, hit in enumerate(hits, 1):
-        gone = "  (gone since it was indexed)" if is_gone(hit.path) else ""
+        gone = "  (gone since it was indexed)" if not elsewhere and is_gone(hit.path) else ""
         sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}{gone}\n")
     return 0
 

@@ -3,13 +3,19 @@
 The images (jpg, jpeg, png, webp, at any depth, sorted by relative path as the
 cache stage lists them) are found once at the start; linked folders are not
 entered and linked files that lead out of the folder are not served. Images
-Pillow cannot open are listed apart, with the reason, and skipped.
+Pillow cannot open are listed apart, with the reason, and skipped. The start
+checks headers only (a 10,000-photo folder opens in seconds); every pixel of
+an image is decoded, as `clipforge captions prepare` does, the first time it is
+served or captioned, and one that fails (a truncated JPEG) joins the unreadable
+ones then, so no caption is saved for an image prepare would refuse.
 
 `index.csv` (filepath,caption; paths relative to the folder) is taken as it
 is: rows keep their order and any extra columns; rows whose file is gone are
 kept and reported, never dropped; a row with an empty caption counts as not
-captioned. A new caption appends a row. Every save rewrites the whole file
-atomically (temp file + rename), so a crash, kill -9 included, loses at most
+captioned (so does one of spaces only). A new caption appends a row. Every
+save re-reads the file and rewrites it atomically (temp file + rename) under an
+flock on the folder, so two `clipforge caption` processes on one folder lose
+none of each other's captions, and a crash, kill -9 included, loses at most
 the caption being typed. A save names the caption it replaces: when that is no
 longer the caption on disk (a second tab, an editor), the save is refused with
 the caption that is there, so nobody's words are overwritten unseen.
@@ -17,11 +23,14 @@ the caption that is there, so nobody's words are overwritten unseen.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import posixpath
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +39,7 @@ from PIL import Image
 
 from clipforge.data.captions import COLUMNS, INDEX
 from clipforge.data.image_folder import IMAGE_SUFFIXES, is_listed_image
+from clipforge.data.image_folder import image_problem as decode_problem
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -69,7 +79,8 @@ class CaptionBook:
         if not os.access(self.root, os.W_OK) or (self.index.exists() and not os.access(self.index, os.W_OK)):
             raise UserError(f"cannot write {self.index}: the folder is read-only for this user; fix its "
                             "permissions, or caption a writable copy")
-        self._image_set = set(self.images)
+        self._image_set = set(self.images)  # what may be served: also those found unreadable later
+        self._decoded: dict[str, str | None] = {}  # image -> why its pixels do not decode, or None
         self._lock = threading.Lock()
         self._load()
 
@@ -86,7 +97,28 @@ class CaptionBook:
                 self._rows.setdefault(key, []).append(row)
             else:
                 self.missing.append(filepath)
-        self._captions = {key: str(self.frame.at[rows[0], "caption"]) for key, rows in self._rows.items()}
+        # Spaces only count as no caption, here and on the page.
+        self._captions = {key: str(self.frame.at[rows[0], "caption"]).strip() for key, rows in self._rows.items()}
+
+    def refresh(self) -> None:
+        """Read index.csv again when it changed on disk (another tab's process, an editor)."""
+        with self._lock:
+            if _stamp(self.index) != self._stamp:
+                self._load()
+
+    def problem(self, path: str) -> str | None:
+        """Why an image of the book cannot be captioned (its pixels do not all decode, it is gone), or None.
+
+        Decoded once per image; a failing one moves from `images` to `unreadable`."""
+        if path not in self._decoded:
+            why = decode_problem(str(self.root / path))
+            with self._lock:
+                self._decoded[path] = why
+                if why and path in self.images:
+                    log.warning("%s %s: skipped, as the unreadable images are", path, why)
+                    self.images = [image for image in self.images if image != path]
+                    self.unreadable = [*self.unreadable, Unreadable(path, why)]
+        return self._decoded[path]
 
     def relative(self, filepath: str) -> str | None:
         """The image a row names, as a path relative to the folder (None when outside it)."""
@@ -121,11 +153,13 @@ class CaptionBook:
             raise UserError("an empty caption is not saved: type what the image shows")
         if path not in self._image_set:
             raise UserError(f"{path} is not an image of {self.root}")
-        with self._lock:
-            if _stamp(self.index) != self._stamp:
-                # Written by someone else since (an editor, another `clipforge caption`): keep their rows.
-                log.info("%s changed on disk: reading it again before saving", self.index)
-                self._load()
+        why = self.problem(path)
+        if why:
+            raise UserError(f"image {path} {why}: it is skipped, as the unreadable images are")
+        with self._lock, folder_lock(self.root):
+            # Read again under the lock, whatever the stamp says: another `clipforge caption` may have
+            # written a file of the same size within the file system's clock tick. Their rows are kept.
+            self._load()
             current = self.caption(path)
             if replaces is not None and " ".join(current.split()) not in (" ".join(replaces.split()), text):
                 raise CaptionConflict(path, current)
@@ -147,13 +181,25 @@ class CaptionBook:
         return text
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """What tells that a file changed: its modification time and size (None while it does not exist)."""
+@contextmanager
+def folder_lock(root: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself, between processes: no lock file is left in the dataset."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells that a file changed: its inode (each save is a new file), modification time and size
+    (None while it does not exist)."""
     try:
         info = path.stat()
     except FileNotFoundError:
         return None
-    return info.st_mtime_ns, info.st_size
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def read_caption_index(path: Path) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """The captioning page: one image at a time, a caption field, Enter saves and moves on.
 
 Routes: `/` the page (it carries this session's token), `/api/state` the
-images and their captions, `/image/PATH` an image of the folder (only images
-the book lists: anything else, `..`, absolute paths and links out of the
-folder included, is a 404), `POST /api/caption` save one caption, `POST
+images and their captions as index.csv has them now, `/image/PATH` an image of
+the folder (only images the book lists: anything else, `..`, absolute paths and
+links out of the folder included, is a 404; one deleted since the start is a
+404 that says so, one whose pixels do not decode a 422 with the reason), `POST /api/caption` save one caption, `POST
 /api/finish` save the last one and stop the server. Both POSTs need the
 session token in `X-Clipforge-Token` (403 without): another site open in the
 same browser cannot read the page to learn it, and a custom header cannot be
@@ -77,6 +78,7 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         return render_page("caption.html", token=session.token, dataset=str(book.root))
 
     async def state(request: Request) -> Response:
+        await run_in_threadpool(book.refresh)
         return JSONResponse({
             "dataset": str(book.root), "index": str(book.index),
             "images": [{"path": path, "caption": book.caption(path)} for path in book.images],
@@ -87,9 +89,14 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
 
     async def image(request: Request) -> Response:
         relative = request.path_params["path"]
-        file = resolve_inside(book.root, relative) if book.has_image(relative) else None
-        if file is None:
+        if not book.has_image(relative):
             return error(404, "not an image of this folder")
+        file = resolve_inside(book.root, relative)
+        if file is None:
+            return error(404, f"image {relative} is not in the folder any more (deleted or moved since the start)")
+        why = await run_in_threadpool(book.problem, relative)
+        if why:
+            return error(422, f"image {relative} {why}: it is skipped, as the unreadable images are")
         try:
             return await run_in_threadpool(display, file, thumbnails)
         except UserError as exc:

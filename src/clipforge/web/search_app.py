@@ -45,6 +45,9 @@ class SearchServer:
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False,
                  host: str = "127.0.0.1", port: int = 0, thumbnail_cache: str | Path | None = None):
         self.searcher = Searcher(index, model, pretrained, model_config, device, faiss=faiss)
+        if self.searcher.root_is_elsewhere():  # every tile would say "file not found"
+            raise UserError(f"index {index} was built from the image folder {self.searcher.root}, relative to the "
+                            "directory it was built in; run `clipforge serve` from there")
         self.index = index
         self.ids = np.array(sorted(map(str, self.searcher.table.ids)), dtype=object)  # for uri_of
         app = search_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))

@@ -3,6 +3,7 @@ rendering, and paths that must stay inside a folder."""
 
 from __future__ import annotations
 
+import functools
 import html
 import ipaddress
 import logging
@@ -58,8 +59,10 @@ def open_socket(host: str, port: int, *, exposes: str) -> socket.socket:
     sock.listen(128)
     if not is_loopback(host):
         log.warning("listening on %s port %d: anyone who can reach this port can %s. On a shared network "
-                    "keep the default --host 127.0.0.1 and use `ssh -L` or `kubectl port-forward`.",
-                    host, sock.getsockname()[1], exposes)
+                    "keep the default --host 127.0.0.1 and use `ssh -L` or `kubectl port-forward`. The page "
+                    "answers only to localhost and this machine's own names and addresses (%s), not to "
+                    "other names that lead here (DNS rebinding): use one of those in the URL.",
+                    host, sock.getsockname()[1], exposes, ", ".join(sorted(own_names())))
     return sock
 
 
@@ -92,9 +95,37 @@ class PageServer:
         self.server.should_exit = True
 
 
+def answers_to(name: str, loopback_only: bool) -> bool:
+    """Whether a request's Host name is one of this server's: loopback names always and, on a server
+    listening beyond loopback, this machine's own host names and addresses. Any other name (one that a
+    DNS-rebinding page points here) is refused."""
+    if is_loopback(name):
+        return True
+    return not loopback_only and (name.lower() in own_names() or is_own_address(name))
+
+
+@functools.cache
+def own_names() -> frozenset[str]:
+    return frozenset(name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name)
+
+
+def is_own_address(name: str) -> bool:
+    """An IP address of this machine: one a socket can bind to."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
 class PageGuard:
-    """ASGI middleware: security headers on every response, and, on a loopback server, only loopback
-    Host names — a DNS-rebinding page would otherwise be same-origin with us and could read the token."""
+    """ASGI middleware: security headers on every response, and only this server's own Host names
+    (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token."""
 
     def __init__(self, app, loopback_only: bool):
         self.app, self.loopback_only = app, loopback_only
@@ -103,8 +134,9 @@ class PageGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.loopback_only and not is_loopback(host_name(Headers(scope=scope).get("host", ""))):
-            await PlainTextResponse("this server answers only to localhost", 400)(scope, receive, send)
+        if not answers_to(host_name(Headers(scope=scope).get("host", "")), self.loopback_only):
+            refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
+            await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
             return
 
         async def send_with_headers(message):

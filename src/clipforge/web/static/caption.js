@@ -43,13 +43,20 @@ async function post(path, body) {
 
 // A save names the caption it replaces. If another tab or an editor changed it meanwhile, the server
 // refuses (409) and says what is there now: that becomes what the next save replaces, so saving again
-// is a decision made after seeing it.
+// is a decision made after seeing it. The other captions are read again too, so the images offered
+// next are those that have none on disk.
 async function saveCaption(path, body) {
   const item = images[at];
   try {
     return await post(path, { ...body, replaces: item.caption });
   } catch (problem) {
-    if (problem.status === 409) item.caption = problem.answer.caption;
+    if (problem.status === 409) {
+      await load().catch(() => {});
+      const index = images.findIndex((image) => image.path === item.path);
+      if (index >= 0) at = index; // the typing stays in the field, on the same image
+      else images.splice(at, 0, item);
+      images[at].caption = problem.answer.caption;
+    }
     throw problem;
   }
 }
@@ -75,7 +82,7 @@ function show(index) {
 function nextUncaptioned(from) {
   for (let step = 1; step <= images.length; step += 1) {
     const index = (from + step) % images.length;
-    if (!images[index].caption) return index;
+    if (!images[index].caption.trim()) return index;
   }
   return -1;
 }
@@ -164,16 +171,35 @@ function onKey(event) {
 }
 
 field.addEventListener('keydown', onKey);
-// A click elsewhere (the header, the list of unreadable images) takes the focus from the field: the keys
-// still work, and typing goes back to the field.
+// A click elsewhere (the header, the image) takes the focus from the field: the keys still work, and
+// typing goes back to the field. Keys aimed at another control (the list of unreadable images, a link)
+// act there: Enter on it opens it, and never saves a caption half typed.
+const CONTROLS = 'summary, button, a[href], input, select, textarea, [tabindex]';
 document.addEventListener('keydown', (event) => {
   if (event.target === field || field.disabled || $('session').hidden) return;
+  if (event.target instanceof Element && event.target.closest(CONTROLS)) return;
   field.focus();
   onKey(event);
 });
 $('form').addEventListener('submit', (event) => event.preventDefault());
-$('image').addEventListener('error', () => {
-  if ($('image').getAttribute('src')) hint('This image cannot be shown: the server cannot decode it.', 'error');
+// The server says why it sends no image: gone since the start (404), or its pixels do not decode (422):
+// then it is skipped, as the unreadable images are, and the next image without a caption is shown.
+$('image').addEventListener('error', async () => {
+  const src = $('image').getAttribute('src');
+  if (!src) return;
+  const response = await fetch(src).catch(() => null);
+  if (!response) {
+    hint('This image cannot be shown: the server cannot be reached.', 'error');
+    return;
+  }
+  const reason = (await response.json().catch(() => ({}))).error || `the server answered ${response.status}`;
+  if ($('image').getAttribute('src') !== src) return; // another image is shown meanwhile
+  if (response.status === 422) {
+    await load();
+    const next = nextUncaptioned(Math.min(at, images.length) - 1);
+    if (next >= 0) show(next);
+  }
+  hint(`This image cannot be shown: ${reason}.`, 'error');
 });
 $('image').addEventListener('click', () => field.focus());
 
@@ -193,16 +219,26 @@ function listProblems(title, rows) {
   $('problems').append(details);
 }
 
-async function start() {
+// The images and their captions as index.csv has them now: at the start, and after another tab or an
+// editor is found to have changed it.
+async function load() {
   const response = await fetch('api/state');
   const state = await response.json();
   images = state.images;
   count(state.captioned, state.total);
-  field.disabled = false; // typing before the images are known would be lost
   const unreadable = state.unreadable.map((u) => `${u.path}: ${u.reason}`);
+  const open = [...$('problems').querySelectorAll('details')].map((details) => details.open);
+  $('problems').replaceChildren();
   listProblems(`${unreadable.length} unreadable image${unreadable.length === 1 ? '' : 's'} skipped`, unreadable);
   listProblems(state.missing.length === 1 ? '1 row of index.csv names a file that is not here (kept in the file)'
     : `${state.missing.length} rows of index.csv name files that are not here (kept in the file)`, state.missing);
+  $('problems').querySelectorAll('details').forEach((details, i) => { details.open = open[i] ?? false; });
+  return state;
+}
+
+async function start() {
+  const state = await load();
+  field.disabled = false; // typing before the images are known would be lost
   show(state.start ?? 0);
   if (state.start === null) allCaptioned();
 }

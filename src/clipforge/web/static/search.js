@@ -15,6 +15,7 @@ function status(text, kind = '') {
 function render(data, what, append) {
   const list = $('results');
   if (!append) list.replaceChildren();
+  const firstNew = list.children.length;
   for (const hit of data.hits) {
     const item = document.createElement('li');
     item.className = 'hit';
@@ -26,10 +27,15 @@ function render(data, what, append) {
     const thumb = Object.assign(document.createElement('img'), {
       src: `thumb?id=${encodeURIComponent(hit.id)}`, alt: hit.id, loading: 'lazy',
     });
-    // The file was moved or deleted since it was indexed: say so in place of a broken image.
-    thumb.addEventListener('error', () => {
+    // No thumbnail: the server says why (404: moved or deleted since it was indexed; 422: it does not
+    // decode), in place of a broken image; the full answer and the path are the tooltip.
+    thumb.addEventListener('error', async () => {
+      const response = await fetch(thumb.src).catch(() => null);
+      const answer = response ? await response.json().catch(() => ({})) : {};
+      const label = !response ? 'server not reached'
+        : { 404: 'file not found', 422: 'cannot be decoded' }[response.status] ?? `error ${response.status}`;
       link.replaceWith(Object.assign(document.createElement('div'), {
-        className: 'missing', textContent: 'file not found', title: hit.path,
+        className: 'missing', textContent: label, title: `${answer.error || label}\n${hit.path}`,
       }));
     });
     link.append(thumb);
@@ -46,9 +52,12 @@ function render(data, what, append) {
     item.append(link, meta, path);
     list.append(item);
   }
+  // The last page hides "More results": the focus it had goes to the first result it added, not to the page.
+  const focusMoves = append && !data.more && document.activeElement === $('more');
   $('more').hidden = !data.more;
   const shown = list.children.length;
   status(`${shown} results for ${what} in ${data.ms.toFixed(1)} ms`);
+  if (focusMoves) (list.children[firstNew]?.querySelector('a') ?? $('status')).focus();
 }
 
 // A new query (offset 0) replaces the results; a further page (offset > 0) is added below them.
