@@ -598,13 +598,7 @@ def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small
     while its stage pods (deleted through their owners) may spend their grace period saving a checkpoint
     into the same output: the new run's Job starts only once they are gone."""
     cluster = small_cluster
-    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [index_stage("subj05")]})
-    stage = resolve_stage(spec, spec.stages[0], {})
-    stage.config_uri = "demo/artifacts/runs/after/configs/nsd-index.yaml"
-    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
-    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
-    settings = StageJobSettings.from_mapping(yaml.safe_load(cluster.settings.read_text()), run_id="after",
-                                             namespace="ml")
+    stage, settings = index_stage_for(cluster, "after", "subj05")
     earlier = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
                "status": {"phase": "Running"},
                "metadata": {"name": "earlier-0", "namespace": "ml", "labels": {
