@@ -59,15 +59,13 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     new_run = config.timestamped and not config.resume
     config = resolve_run(config)
     try:
-        with command_lease(config.out, COMMAND):  # the run folder: two `--resume latest` do not train together
+        # A run that fails (or is stopped) before writing anything leaves no folder it made; the lease on the
+        # run folder keeps two `--resume latest` from training together.
+        with storage.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
             return _finetune_in(config)
     except UserError:
         if new_run and newest_manifest(config.out) is None:
             # Bad input found before the first checkpoint: leave no run folder that looks like an attempt.
-            storage.delete_tree(config.out)
-        raise
-    except BaseException:
-        if new_run and not storage.list_tree(config.out):  # failed (or stopped) before writing anything
             storage.delete_tree(config.out)
         raise
 
