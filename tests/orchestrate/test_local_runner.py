@@ -379,3 +379,33 @@ def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(
     assert {name: stage["status"] for name, stage in run_json["stages"].items()} == {
         "nsd-index": "done", "source-cache": "interrupted", "target-cache": "skipped"}
     assert run_state(run_json) == "stopped at source-cache"
+
+
+def test_a_missing_path_of_any_stage_stops_the_run_before_the_first_stage(demo_root, in_demo, tmp_path, capsys):
+    """Every stage of a local run runs here, so a misspelt path is found before any stage spends its time:
+    all of them at once, each naming its stage and key; a hub id, an open_clip tag, a needed stage's name and
+    a path the run pins as an output are not paths to look for."""
+    artifacts = tmp_path / "artifacts"
+    overrides = SMALL + [f"artifacts={artifacts}",
+                         "stages.target-cache.with.pretrained=demo/models/tiny-targt.pt",
+                         "stages.finetune.with.dataset=demo/captioned/indx.csv",
+                         "stages.generate-zero-pad.with.pipeline=./demo/unclp"]
+    assert main(["run", DEMO_SPEC, *[arg for item in overrides for arg in ("--set", item)]]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"clipforge run: error: {DEMO_SPEC}: ")
+    for part in ("stages.target-cache.with.pretrained: demo/models/tiny-targt.pt not found",
+                 "stages.finetune.with.dataset: demo/captioned/indx.csv not found",
+                 "stages.generate-zero-pad.with.pipeline: ./demo/unclp not found",
+                 f"relative paths are read from {in_demo}"):
+        assert part in error
+    assert error.count("not found") == 3  # generate-adapter's demo/unclip is there; folder-index reads finetune
+    assert not artifacts.exists()
+
+    fine = ["stages.generate-zero-pad.with.pipeline=stabilityai/stable-diffusion-2-1-unclip",  # a hub id
+            "stages.target-cache.with.pretrained=laion2b_s32b_b79k",  # an open_clip tag
+            f"stages.finetune.with.dataset={tmp_path}/pinned/index.csv",  # under a pinned output of the run
+            f"stages.nsd-index.output={tmp_path}/pinned"]
+    from clipforge.config.pipeline import load_pipeline
+    from clipforge.orchestrate.local import missing_local_paths
+
+    assert missing_local_paths(load_pipeline(DEMO_SPEC, SMALL + fine)) == []

@@ -143,7 +143,11 @@ def test_runs_lists_the_others_past_a_run_json_of_another_shape_and_names_it(tmp
     assert capsys.readouterr().err == f"clipforge runs: error: {tmp_path / 'runs' / 'other' / 'run.json'} is not a " \
                                       "run record (no run_id)\n"
     (tmp_path / "runs" / "good" / "run.json").write_text('{"run_id": "good", "spec": {"stages": 3}}')
-    assert main(["run", DEMO_SPEC, "--set", f"artifacts={tmp_path}", "--run-id", "good"]) == 2
+    (tmp_path / "expdesign.mat").write_bytes(b"")  # there, so the run reaches its record
+    one_stage = tmp_path / "one.yaml"
+    one_stage.write_text(f"artifacts: {tmp_path}\nstages: [{{name: i, kind: index, "
+                         f"with: {{expdesign: {tmp_path}/expdesign.mat, subject: subj01}}}}]\n")
+    assert main(["run", str(one_stage), "--run-id", "good"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"{tmp_path / 'runs' / 'good' / 'run.json'} is not a run record (no spec with a list of named stages)")
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from clipforge.config.base import StageConfig, check_out_apart
+
+# A pipeline value that is no local folder and looks like this is a hub id (`owner/name`), not a missing path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 
 
 class GenerateConfig(StageConfig):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from clipforge.errors import UserError
+from clipforge.models.pretrained import names_weights_file
 from clipforge.storage import uri as storage
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,6 @@ class EncoderSpec:
 
     def weights_fingerprint(self) -> dict | None:
         return weights_identity(self.pretrained)
-
-
-WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a file's name, never an open_clip tag
-
-
-def names_weights_file(pretrained: str | None) -> bool:
-    """Whether `pretrained` is a weights file (local or s3://) rather than an open_clip tag such as 'openai'.
-    The one rule every stage uses: what loads a file must also fingerprint it, or a changed file goes unseen.
-    A bare file name that is not there (a typo) is a file too, so it is "not found", not an unknown tag."""
-    return bool(pretrained) and (pretrained.startswith("s3://") or "/" in pretrained
-                                 or pretrained.endswith(WEIGHTS_SUFFIXES) or Path(pretrained).exists())
 
 
 def weights_identity(pretrained: str | None) -> dict | None:

@@ -14,9 +14,10 @@ from clipforge.config.base import StageConfig
 from clipforge.config.cache import CacheConfig
 from clipforge.config.evaluate import EvaluateConfig
 from clipforge.config.finetune import FinetuneConfig
-from clipforge.config.generate import GenerateConfig
+from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.config.index import IndexConfig
 from clipforge.data.image_folder import is_listed_image
+from clipforge.models.pretrained import names_weights_file
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,39 @@ class StageKind:
     # its files count (None: all): the stage key counts their listing, so a file added or changed there
     # makes a new output, not a reused one.
     folders: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
+    # `with` keys naming files or folders that must exist before the stage runs, each with what tells a path
+    # from another kind of value (None: always a path): `pretrained` may be an open_clip tag, `pipeline` a
+    # hub id. A value naming a needed stage is that stage's output, not a path.
+    paths: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
 
 
 KINDS: dict[str, StageKind] = {
-    "index": StageKind(("index", "nsd"), IndexConfig, "output", {}),
+    "index": StageKind(("index", "nsd"), IndexConfig, "output", {}, paths={"expdesign": None}),
     # A cache may index a folder with a fine-tuned model: `pretrained: <finetune stage>` is its model.pt.
     "cache": StageKind(("cache",), CacheConfig, "output",
                        {"index": ("index.parquet", ("index",)), "pretrained": ("model.pt", ("finetune",))},
-                       folders={"source": is_listed_image}),
+                       folders={"source": is_listed_image},
+                       paths={"source": None, "index": None, "index_root": None, "model_config": None,
+                              "pretrained": names_weights_file}),
     "adapter": StageKind(
         ("train-adapter",), AdapterConfig, "out",
         {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
+        paths={"clip_cache": None, "target_cache": None},
     ),
     "generate": StageKind(
         ("generate",), GenerateConfig, "out", {"embeddings": ("", ("cache",)), "adapter": ("", ("adapter",))},
         folders={"pipeline": None},
+        paths={"embeddings": None, "adapter": None, "pipeline": lambda value: not HUB_ID.match(value)},
     ),
     "evaluate": StageKind(
         ("evaluate",), EvaluateConfig, "out",
         {"adapter": ("", ("adapter",)), "clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",)),
          "generated": ("", ("generate",))},
+        paths={"adapter": None, "clip_cache": None, "target_cache": None, "generated": None},
     ),
     # A pipeline's output prefix is already the run's own folder: no timestamped sub-folder in it.
     "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True,
-                          folders={"dataset": None, "llm_model": None}),
+                          folders={"dataset": None, "llm_model": None},
+                          paths={"dataset": None, "train_data": None, "val_data": None, "synonyms": None,
+                                 "llm_model": None, "model_config": None, "pretrained": names_weights_file}),
 }

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipforge.config.generate import GenerateConfig
+from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import check_trained_on, load_adapter
@@ -58,9 +58,6 @@ def pipeline_folder(cfg: GenerateConfig) -> str:
                 storage.write_bytes(str(target), storage.read_bytes(storage.join(cfg.pipeline, name)))
         return str(root)
     return cfg.pipeline
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 
 
 def pipeline_identity(cfg: GenerateConfig) -> dict:
