@@ -239,12 +239,43 @@ def test_a_path_spelled_another_way_names_the_same_input(nsd, tiny_models, ray_s
     with caplog.at_level("INFO", logger="clipforge.cache"):
         assert run_cache(config(nsd, tiny_models, str(output), source=nsd["local"])) == first
     assert mtimes(output) == before
-    assert f"source: stimuli.hdf5 in the manifest of {output} and {nsd['local']} now name one file" in caplog.text
+    assert f"source: stimuli.hdf5 as recorded for {output} and {nsd['local']} now name one file" in caplog.text
     copy = tmp_path / "copy.hdf5"
     copy.write_bytes(Path(nsd["local"]).read_bytes())
     with pytest.raises(UserError, match=re.escape(f"(source: stimuli.hdf5 in the manifest, {copy} now; "
                                                   "inputs.source.mtime_ns: ")):
         run_cache(config(nsd, tiny_models, str(output), source=str(copy)))
+
+
+def test_an_interrupted_cache_resumes_with_a_path_spelled_another_way(nsd, tiny_models, ray_session, tmp_path,
+                                                                       monkeypatch, caplog):
+    """Stopped after two shards with `--source stimuli.hdf5` in its folder, then resumed with the absolute path:
+    one file, so the two committed shards are the resume's own (they were refused as "another config's")."""
+    import clipforge.stages.cache_local as cache_local
+
+    output = tmp_path / "cache"
+    monkeypatch.chdir(nsd["root"])
+    commit, committed = cache_local.commit_shard, []
+
+    def stop_after_two(*args, **kwargs):
+        if len(committed) == 2:
+            raise KeyboardInterrupt
+        commit(*args, **kwargs)
+        committed.append(args[1])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_local, "commit_shard", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_cache(config(nsd, tiny_models, str(output), source="stimuli.hdf5", engine="local"))
+    assert read_manifest(str(output)) is None and (output / "_planned_config.json").is_file()
+    before = mtimes(output)
+    with caplog.at_level("INFO", logger="clipforge.cache"):
+        resumed = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
+    assert f"source: stimuli.hdf5 as recorded for {output} and {nsd['local']} now name one file" in caplog.text
+    assert resumed["metrics"]["images_encoded"] == len(nsd["ids"]) - 2 * 8
+    assert all(mtimes(output)[name] == before[name] for name in committed)
+    assert not (output / "_planned_config.json").exists()  # the manifest records the config now
+    assert sorted(read_embeddings(str(output)).ids.tolist()) == nsd["ids"].tolist()
 
 
 def bad_input_cases(nsd, tiny_models, tmp_path):

@@ -114,7 +114,7 @@ def run_cache(cfg: CacheConfig) -> dict:
 
 def _run_cache(cfg: CacheConfig) -> dict:
     manifest = read_manifest(cfg.output)
-    cfg = spelled_as_recorded(cfg, manifest)
+    cfg = spelled_as_recorded(cfg, manifest or read_planned_config(cfg.output))
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = stage_inputs(spec, found)
@@ -135,6 +135,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
     shards, todo = pending_shards(cfg.output, [plan_shards(index, cfg.batch_size,
                                                            digest({"config": identity, "inputs": inputs}))
                                                for identity in (fingerprint, located)])
+    if todo:  # what an unfinished cache's shards were planned with, for a resume that spells a path otherwise
+        storage.write_json(storage.join(cfg.output, PLANNED_CONFIG), {"config": cfg.model_dump(mode="json",
+                                                                                             by_alias=True)})
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
     log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine (%.1f s after "
@@ -142,7 +145,12 @@ def _run_cache(cfg: CacheConfig) -> dict:
              process_age())
 
     started, startup = time.monotonic(), process_age()
-    stats, model, steady_rate = encode_shards(engine, cfg, spec, todo) if todo else (FetchStats(), None, None)
+    try:
+        stats, model, steady_rate = encode_shards(engine, cfg, spec, todo) if todo else (FetchStats(), None, None)
+    except BaseException:
+        if not any(name.startswith(SHARD_PREFIX) for name in storage.list_names(cfg.output)):
+            storage.delete(storage.join(cfg.output, PLANNED_CONFIG))  # nothing to resume: no folder is left
+        raise
     elapsed = time.monotonic() - started
     model = model or model_from_shard(cfg.output, shards[0].name)
     encoded = sum(len(s.ids) for s in todo)
@@ -165,6 +173,7 @@ def _run_cache(cfg: CacheConfig) -> dict:
         inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
         model=model, metrics=metrics,
     )
+    storage.delete(storage.join(cfg.output, PLANNED_CONFIG))  # the manifest records the config now
     transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \
         if stats.requests else f"read {stats.bytes / 1e6:.1f} MB"
     log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; %s; output %s", len(index), encoded,
@@ -177,10 +186,24 @@ def _run_cache(cfg: CacheConfig) -> dict:
 PATH_SETTINGS = ("source", "index", "index_root", "model_config", "pretrained")
 
 
+PLANNED_CONFIG = "_planned_config.json"  # beside an unfinished cache's shards; readers skip `_` files
+
+
+def read_planned_config(output: str) -> dict | None:
+    """The config an unfinished cache's shards were planned with (`{"config": …}`), if it left one that reads."""
+    uri = storage.join(output, PLANNED_CONFIG)
+    try:
+        planned = storage.read_json(uri) if storage.exists(uri) else None
+    except UserError:  # damaged: the shards' names still say whose they are
+        return None
+    return planned if isinstance(planned, dict) and isinstance(planned.get("config"), dict) else None
+
+
 def spelled_as_recorded(cfg: CacheConfig, manifest: dict | None) -> CacheConfig:
-    """`cfg` with each local path that names the file its output's manifest recorded under another spelling
-    (`data/nsd.hdf5` then, `/work/data/nsd.hdf5` now) spelled as recorded: the output stays this config's,
-    up to date or resumed, where respelling every path (absolute, always) would have re-keyed every cache."""
+    """`cfg` with each local path that names the file its output's manifest (or, for an unfinished output, its
+    planned config) recorded under another spelling (`data/nsd.hdf5` then, `/work/data/nsd.hdf5` now) spelled
+    as recorded: the output stays this config's, up to date or resumed, where respelling every path (absolute,
+    always) would have re-keyed every cache."""
     if manifest is None:
         return cfg
     fields = {field.alias or name: name for name, field in CacheConfig.model_fields.items()}
@@ -188,7 +211,7 @@ def spelled_as_recorded(cfg: CacheConfig, manifest: dict | None) -> CacheConfig:
     for key in PATH_SETTINGS:
         then, now = manifest["config"].get(key), getattr(cfg, fields[key])
         if isinstance(then, str) and now and then != now and same_local_file(then, now):
-            log.info("%s: %s in the manifest of %s and %s now name one file: taken as recorded", key, then,
+            log.info("%s: %s as recorded for %s and %s now name one file: taken as recorded", key, then,
                      cfg.output, now)
             update[fields[key]] = then
     return cfg.model_copy(update=update) if update else cfg
