@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     parser.set_defaults(func=run, on_stop="stopped (SIGTERM)")  # it only reads: nothing to go on from
 
 
-def _artifacts(value: str) -> str:
+def artifact_store(value: str) -> str:
+    """ARTIFACTS as given, or the `artifacts` of the pipeline spec given instead."""
     if value.endswith((".yaml", ".yml")) and Path(value).is_file():
         from clipforge.config.pipeline import load_pipeline
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     from clipforge.orchestrate.pipeline import next_steps, summary_table
     from clipforge.orchestrate.runs import list_runs, live_state, read_run, run_uri, watch_run
 
-    artifacts = _artifacts(args.artifacts)
+    artifacts = artifact_store(args.artifacts)
     if args.watch:
         if not args.run_id:
             raise UserError("--watch needs a RUN_ID (or latest)")

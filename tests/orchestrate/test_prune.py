@@ -1,0 +1,110 @@
+"""`clipforge prune`: the outputs only older runs used go, with those runs' records; what the kept runs
+recorded stays, so a rerun still reuses all of it. Stages here only commit a manifest (no subprocesses)."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from clipforge.cli import main
+from clipforge.config.pipeline import load_pipeline
+from clipforge.orchestrate.lease import StageLease
+from clipforge.orchestrate.pipeline import run_pipeline
+from clipforge.orchestrate.prune import plan_prune
+from clipforge.storage import uri as storage
+from clipforge.storage.manifest import read_manifest, write_manifest
+
+DEMO_SPEC = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
+
+
+def committing(ran: list[str], hold: dict[str, threading.Event] | None = None):
+    """An executor that commits a manifest for each stage, after waiting for `hold[name]` where given."""
+    def execute(resolved) -> int:
+        ran.append(resolved.spec.name)
+        if hold and resolved.spec.name in hold:
+            hold[resolved.spec.name].wait(60)
+        write_manifest(resolved.output, kind=resolved.spec.kind, config={}, config_fingerprint=resolved.key,
+                       inputs={})  # one identity per key, as a real stage's settings give
+        return 0
+
+    return execute
+
+
+def run(artifacts: Path, run_id: str, epochs: int, hold=None) -> list[str]:
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={artifacts}", f"stages.adapter.with.epochs={epochs}",
+                                     "stages.adapter.policy.min_input_coverage=null"])
+    ran: list[str] = []
+    run_pipeline(spec, run_id, committing(ran, hold))
+    return ran
+
+
+def outputs_of(artifacts, run_id: str) -> set[str]:
+    record = storage.read_json(storage.join(str(artifacts), "runs", run_id, "run.json"))
+    return {entry["output"] for entry in record["stages"].values() if entry.get("output")}
+
+
+def test_prune_keeps_the_newest_runs_outputs_and_deletes_the_rest(tmp_path, capsys):
+    run(tmp_path, "r1", epochs=5)
+    run(tmp_path, "r2", epochs=6)
+    old_only = outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r2")
+    assert {Path(uri).parent.name for uri in old_only} == {"adapter", "generate", "evaluate"}
+    not_outputs = [tmp_path / "cache" / "my-pinned" / "x.parquet", tmp_path / "notes" / "todo.txt"]
+    for path in not_outputs:
+        path.parent.mkdir(parents=True)
+        path.write_text("mine")
+
+    assert main(["prune", str(tmp_path), "--keep", "1"]) == 0  # a dry run: lists, deletes nothing
+    out = capsys.readouterr().out
+    assert f"would delete {len(old_only)} outputs and the records of 1 run" in out and "--yes" in out
+    assert all(uri in out for uri in old_only) and all(Path(uri).is_dir() for uri in old_only)
+    assert main(["prune", str(tmp_path), "--keep", "1", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {o["uri"] for o in listed["outputs"]} == old_only and listed["pruned_runs"] == ["r1"]
+    assert listed["kept_runs"] == ["r2"] and listed["deleted"] is False
+    assert all(o["bytes"] > 0 for o in listed["outputs"])
+
+    assert main(["prune", str(tmp_path), "--keep", "1", "--yes"]) == 0
+    assert "deleted 3 outputs and the records of 1 run" in capsys.readouterr().out
+    assert not any(Path(uri).exists() for uri in old_only) and not (tmp_path / "runs" / "r1").exists()
+    assert all(Path(uri).is_dir() for uri in outputs_of(tmp_path, "r2"))
+    assert all(path.read_text() == "mine" for path in not_outputs)  # no stage output's: left alone
+    assert main(["prune", str(tmp_path), "--keep", "1"]) == 0
+    assert "nothing to prune" in capsys.readouterr().out
+
+    assert run(tmp_path, "r3", epochs=6) == []  # the kept run's outputs are all still reused
+    assert sorted(run(tmp_path, "r4", epochs=5)) == ["adapter", "evaluate", "generate-adapter"]
+
+
+def test_a_run_still_running_and_an_output_being_written_are_kept(tmp_path):
+    run(tmp_path, "r1-old", epochs=5)
+    release = threading.Event()
+    live = threading.Thread(target=run, args=(tmp_path, "r2-live", 7, {"adapter": release}))
+    live.start()
+    try:
+        record = tmp_path / "runs" / "r2-live" / "run.json"
+        deadline = time.monotonic() + 30
+        while '"running"' not in (record.read_text() if record.exists() else ""):
+            assert time.monotonic() < deadline, "the live run never reached its adapter"
+            time.sleep(0.1)
+        run(tmp_path, "r3-new", epochs=6)
+        other = tmp_path / "cache" / "0123456789abcdef"  # no run recorded it; someone is writing it
+        with StageLease(str(other), "by-hand", "cache"):
+            plan = plan_prune(str(tmp_path), keep=1)
+        assert plan.kept_runs == ["r2-live", "r3-new"] and plan.pruned_runs == ["r1-old"]
+        assert plan.held == [str(other)]
+        live_outputs = outputs_of(tmp_path, "r2-live") | outputs_of(tmp_path, "r3-new")
+        assert set(plan.outputs) == outputs_of(tmp_path, "r1-old") - live_outputs and plan.outputs
+    finally:
+        release.set()
+        live.join(60)
+
+
+def test_prune_on_s3(s3_bucket, capsys):
+    store = f"s3://{s3_bucket}/store"
+    run(store, "r1", epochs=5)
+    run(store, "r2", epochs=6)
+    old_only = outputs_of(store, "r1") - outputs_of(store, "r2")
+    assert main(["prune", store, "--keep", "1", "--yes"]) == 0
+    assert f"deleted {len(old_only)} outputs and the records of 1 run" in capsys.readouterr().out
+    assert not any(storage.list_tree(uri) for uri in old_only) and not storage.list_tree(f"{store}/runs/r1")
+    assert all(read_manifest(uri) is not None for uri in outputs_of(store, "r2"))
