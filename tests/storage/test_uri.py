@@ -124,3 +124,22 @@ def test_a_failed_block_takes_away_only_the_empty_folders_it_made(tmp_path):
     with storage.removed_if_left_empty(str(tmp_path / "done")):
         (tmp_path / "done").mkdir()
     assert (tmp_path / "done").is_dir()
+
+
+def test_delete_tree_takes_every_object_under_the_prefix_and_nothing_beside_it(prefix):
+    """On S3 in requests of at most 1,000 keys: 1,003 objects are two of them."""
+    import boto3
+
+    names = [f"images/{n:04d}.png" for n in range(1003)] if prefix.startswith("s3://") else ["a/b.png", "c.json"]
+    if prefix.startswith("s3://"):
+        bucket, _, key = prefix.removeprefix("s3://").partition("/")
+        client = boto3.client("s3")
+        for name in names:  # by hand: the tree is the test's input, not what is under test
+            client.put_object(Bucket=bucket, Key=f"{key}/{name}", Body=b"x")
+    else:
+        for name in names:
+            storage.write_bytes(storage.join(prefix, name), b"x")
+    storage.write_bytes(prefix + "-beside/keep.txt", b"x")  # shares the prefix's leading characters
+    assert len(storage.list_tree(prefix)) == len(names)
+    storage.delete_tree(prefix)
+    assert storage.list_tree(prefix) == {} and storage.list_tree(prefix + "-beside") == {"keep.txt": 1}

@@ -278,8 +278,17 @@ def delete_tree(prefix: str) -> None:
         case "file":
             shutil.rmtree(local_path(prefix), ignore_errors=True)
         case "s3":
-            for name in list_tree(prefix):
-                delete(join(prefix, name))
+            keys = [s3.parse_s3(join(prefix, name)).key for name in list_tree(prefix)]
+            bucket = s3.parse_s3(prefix).bucket
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys a request
+                batch = keys[start : start + 1000]
+                answer = s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                                          "Quiet": True})
+                if answer.get("Errors"):
+                    first = answer["Errors"][0]
+                    raise UserError(f"could not delete s3://{bucket}/{first.get('Key')} "
+                                    f"({first.get('Code')}: {first.get('Message')}) and "
+                                    f"{len(answer['Errors']) - 1} more under {prefix}")
 
 
 @contextmanager
