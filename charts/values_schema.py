@@ -116,6 +116,10 @@ def values_schema() -> dict:
             "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters"),
                             "operatorPodLabels": {"type": "object", "additionalProperties": {"type": "string"},
                                                   "minProperties": 1}}),
+            "prune": obj({"enabled": {"type": "boolean"}, "schedule": string("cron schedule", minLength=1),
+                          "timeZone": string("IANA time zone; empty: the controller's"),
+                          "keepRuns": {"type": "integer", "minimum": 1},
+                          "resources": free_map}),
             "tests": obj({"enabled": {"type": "boolean"}}),
             # Helm adds `global` for subcharts; allow it so the chart can be used as one.
             "global": free_map,

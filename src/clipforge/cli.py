@@ -31,8 +31,8 @@ from clipforge.errors import (
 )
 
 # `clipforge --help` lists commands in the order a user meets them: pipelines, then each workload's stages.
-HELP_ORDER = ["run", "runs", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate", "caption",
-              "captions", "finetune", "models", "search", "serve"]
+HELP_ORDER = ["run", "runs", "prune", "drive", "demo_data", "index", "cache", "adapter", "generate", "evaluate",
+              "caption", "captions", "finetune", "models", "search", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,12 +60,14 @@ def kustomize(folder: Path) -> list[dict]:
 
 
 def pod_specs(obj: dict) -> list[dict]:
-    """Every pod spec an object holds: a Pod's, a Job's template, a RayJob's head/worker/submitter templates."""
+    """Every pod spec an object holds: a Pod's, a (Cron)Job's template, a RayJob's head/worker/submitter templates."""
     match obj["kind"]:
         case "Pod":
             return [obj["spec"]]
         case "Job":
             return [obj["spec"]["template"]["spec"]]
+        case "CronJob":
+            return [obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
         case "RayJob":
             cluster = obj["spec"]["rayClusterSpec"]
             return [cluster["headGroupSpec"]["template"]["spec"], obj["spec"]["submitterPodTemplate"]["spec"],

@@ -367,6 +367,34 @@ def test_helm_test_pod_checks_the_store():
     assert not by_kind(chart_objects({"tests": {"enabled": False}}), "Pod")
 
 
+def test_prune_cronjob_deletes_what_old_runs_left_in_the_store_with_the_stage_pods_identity():
+    """Off by default. On: a CronJob whose pod runs `clipforge prune STORE --keep N --yes` (arguments the CLI's
+    own parser takes) with the store's credentials and the stage pods' ServiceAccount, and no API token."""
+    from clipforge.cli import build_parser
+
+    assert not by_kind(chart_objects({}), "CronJob")
+    values = {"prune": {"enabled": True, "keepRuns": 5, "timeZone": "Europe/Berlin"},
+              "artifactStore": {"s3": {"bucket": "b", "existingSecret": "s3-keys"}}}
+    objects = chart_objects(values, name="a-very-long-release-name-for-a-team-that-names-things")
+    (cron,) = by_kind(objects, "CronJob")
+    validate(cron)
+    assert len(cron["metadata"]["name"]) <= 52 and cron["metadata"]["name"].endswith("-prune")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["timeZone"] == "Europe/Berlin"
+    (spec,) = pod_specs(cron)
+    assert_secure(spec)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] == stage_settings(objects).service_account
+    (container,) = spec["containers"]
+    assert container["args"] == ["prune", "s3://b/clipforge", "--keep", "5", "--yes"]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.artifacts, args.keep, args.yes) == ("prune", "s3://b/clipforge", 5, True)
+    (cron,) = by_kind(chart_objects({"prune": {"enabled": True}}), "CronJob")  # the pipeline's own `artifacts`
+    (container,) = pod_specs(cron)[0]["containers"]
+    assert container["args"][1] == "/etc/clipforge/pipeline.yaml"
+    assert {"name": "config", "mountPath": "/etc/clipforge", "readOnly": True} in container["volumeMounts"]
+
+
 def test_notes_say_how_to_follow_the_run():
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
