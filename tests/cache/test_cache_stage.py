@@ -269,6 +269,14 @@ def test_an_interrupted_cache_resumes_with_a_path_spelled_another_way(nsd, tiny_
             run_cache(config(nsd, tiny_models, str(output), source="stimuli.hdf5", engine="local"))
     assert read_manifest(str(output)) is None and (output / "_planned_config.json").is_file()
     before = mtimes(output)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # from here its relative path names nothing: refused, saying where to run it
+    with pytest.raises(UserError, match=re.escape(f"(source: stimuli.hdf5 then, {nsd['local']} now") + ".*"
+                       + re.escape(f"its relative paths were read from {nsd['root']}: run it from there")):
+        run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
+    assert mtimes(output) == before
+    monkeypatch.chdir(nsd["root"])
     with caplog.at_level("INFO", logger="clipforge.cache"):
         resumed = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
     assert f"source: stimuli.hdf5 as recorded for {output} and {nsd['local']} now name one file" in caplog.text

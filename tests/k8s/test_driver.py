@@ -515,6 +515,19 @@ def test_check_store_writes_reads_and_deletes_a_probe(s3_bucket, tmp_path):
     assert main(["drive", str(spec), "--check-store", "--set", "artifacts=s3://no-such-bucket-here/x"]) == 2
 
 
+def test_a_missing_s3_input_fails_the_driver_before_it_creates_anything(s3_bucket, tmp_path, capsys):
+    """Exit 2 (the chart's driver Job fails at once, no retries), before any call to the API server: none is
+    given here, and the demo's local paths are not looked for (they may be on a stage pod's volume)."""
+    from clipforge.cli import main
+
+    argv = ["drive", str(Path(__file__).parents[2] / "jobs" / "demo.yaml"), "--run-id", "x", "--image", "img:1",
+            "--kubeconfig", str(tmp_path / "never-read"), "--set", f"artifacts=s3://{s3_bucket}/store",
+            "--set", f"stages.finetune.with.dataset=s3://{s3_bucket}/photos/index.csv"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"stages.finetune.with.dataset: s3://{s3_bucket}/photos/index.csv not found")
+
+
 def test_a_kubeconfig_that_cannot_be_used_or_an_api_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch,
                                                                                               capsys):
     """No stand-in here: a missing or garbage kubeconfig (exit 2, the user's to fix) and an API server that

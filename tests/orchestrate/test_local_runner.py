@@ -403,9 +403,36 @@ def test_a_missing_path_of_any_stage_stops_the_run_before_the_first_stage(demo_r
 
     fine = ["stages.generate-zero-pad.with.pipeline=stabilityai/stable-diffusion-2-1-unclip",  # a hub id
             "stages.target-cache.with.pretrained=laion2b_s32b_b79k",  # an open_clip tag
-            f"stages.finetune.with.dataset={tmp_path}/pinned/index.csv",  # under a pinned output of the run
-            f"stages.nsd-index.output={tmp_path}/pinned"]
+            "stages.finetune.with.dataset=./pinned/index.csv",  # under a pinned output of the run, spelled
+            f"stages.nsd-index.output=file://{in_demo}/pinned/",  # otherwise there
+            "stages.finetune.with.llm_model=no/such/model"]  # read only with augment: llm
     from clipforge.config.pipeline import load_pipeline
-    from clipforge.orchestrate.local import missing_local_paths
+    from clipforge.orchestrate.preflight import missing_inputs
 
-    assert missing_local_paths(load_pipeline(DEMO_SPEC, SMALL + fine)) == []
+    assert missing_inputs(load_pipeline(DEMO_SPEC, SMALL + fine), local=True) == []
+    llm = ["stages.finetune.with.llm_model=no/such/model", "stages.finetune.with.augment=llm"]
+    assert missing_inputs(load_pipeline(DEMO_SPEC, SMALL + llm), local=True) == [
+        "stages.finetune.with.llm_model: no/such/model not found"]
+
+
+def test_a_missing_s3_input_stops_a_local_run_and_a_driver_alike(demo_root, in_demo, s3_bucket):
+    """S3 answers for both runners; only "nothing there" counts (a prefix with objects is a folder input)."""
+    import boto3
+
+    from clipforge.config.pipeline import load_pipeline
+    from clipforge.orchestrate.preflight import missing_inputs
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="models/tiny-target.pt",
+                      Body=(in_demo / "demo" / "models" / "tiny-target.pt").read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="unclip/model_index.json", Body=b"{}")
+    spec = load_pipeline(DEMO_SPEC, SMALL + [
+        f"stages.target-cache.with.pretrained=s3://{s3_bucket}/models/tiny-target.pt",
+        f"stages.generate-zero-pad.with.pipeline=s3://{s3_bucket}/unclip",  # a folder
+        f"stages.source-cache.with.pretrained=s3://{s3_bucket}/models/tiny-sorce.pt",
+        "stages.folder-index.with.source=s3://no-such-bucket-anywhere/photos/index.csv"])  # left to the stage
+    missing = [f"stages.source-cache.with.pretrained: s3://{s3_bucket}/models/tiny-sorce.pt not found"]
+    assert missing_inputs(spec, local=True) == missing
+    assert missing_inputs(spec, local=False) == missing
+    local_only = load_pipeline(DEMO_SPEC, SMALL + ["stages.finetune.with.dataset=demo/captioned/indx.csv"])
+    assert missing_inputs(local_only, local=False) == []  # a driver cannot see a stage pod's volumes

@@ -1,16 +1,19 @@
 """`clipforge prune`: the outputs only older runs used go, with those runs' records; what the kept runs
-recorded stays, so a rerun still reuses all of it. Stages here only commit a manifest (no subprocesses)."""
+name stays, so a rerun still reuses all of it. Stages here only commit a manifest (no subprocesses)."""
 
 import json
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from clipforge.cli import main
 from clipforge.config.pipeline import load_pipeline
+from clipforge.errors import UserError
 from clipforge.orchestrate.lease import StageLease
 from clipforge.orchestrate.pipeline import run_pipeline
-from clipforge.orchestrate.prune import plan_prune
+from clipforge.orchestrate.prune import apply_prune, plan_prune
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest, write_manifest
 
@@ -30,11 +33,15 @@ def committing(ran: list[str], hold: dict[str, threading.Event] | None = None):
     return execute
 
 
-def run(artifacts: Path, run_id: str, epochs: int, hold=None) -> list[str]:
+def run(artifacts, run_id: str, epochs: int, hold=None, created: str | None = None, extra=()) -> list[str]:
+    """Run the demo spec's stages (committing only manifests); `created` backdates the run's record."""
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={artifacts}", f"stages.adapter.with.epochs={epochs}",
-                                     "stages.adapter.policy.min_input_coverage=null"])
+                                     "stages.adapter.policy.min_input_coverage=null", *extra])
     ran: list[str] = []
-    run_pipeline(spec, run_id, committing(ran, hold))
+    record = run_pipeline(spec, run_id, committing(ran, hold))
+    if created:
+        record.data["created"] = created
+        storage.write_json(record.uri, record.data)
     return ran
 
 
@@ -43,40 +50,87 @@ def outputs_of(artifacts, run_id: str) -> set[str]:
     return {entry["output"] for entry in record["stages"].values() if entry.get("output")}
 
 
-def test_prune_keeps_the_newest_runs_outputs_and_deletes_the_rest(tmp_path, capsys):
-    run(tmp_path, "r1", epochs=5)
-    run(tmp_path, "r2", epochs=6)
-    old_only = outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r2")
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_prune_keeps_the_newest_runs_outputs_and_deletes_the_rest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # records name outputs as `store/...`; the prune below spells it absolute
+    run("store", "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run("store", "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    store = tmp_path / "store"
+    old_only = {str(tmp_path / uri) for uri in outputs_of(store, "r1") - outputs_of(store, "r2")}
     assert {Path(uri).parent.name for uri in old_only} == {"adapter", "generate", "evaluate"}
-    not_outputs = [tmp_path / "cache" / "my-pinned" / "x.parquet", tmp_path / "notes" / "todo.txt"]
+    not_outputs = [store / "cache" / "my-pinned" / "x.parquet", store / "notes" / "todo.txt"]
     for path in not_outputs:
         path.parent.mkdir(parents=True)
         path.write_text("mine")
+    before = tree(store)
 
-    assert main(["prune", str(tmp_path), "--keep", "1"]) == 0  # a dry run: lists, deletes nothing
+    assert main(["prune", str(store), "--keep", "1"]) == 0  # a dry run: lists, writes nothing
     out = capsys.readouterr().out
     assert f"would delete {len(old_only)} outputs and the records of 1 run" in out and "--yes" in out
-    assert all(uri in out for uri in old_only) and all(Path(uri).is_dir() for uri in old_only)
-    assert main(["prune", str(tmp_path), "--keep", "1", "--json"]) == 0
+    assert all(uri in out for uri in old_only) and tree(store) == before
+    assert main(["prune", str(store), "--keep", "1", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {o["uri"] for o in listed["outputs"]} == old_only and listed["pruned_runs"] == ["r1"]
-    assert listed["kept_runs"] == ["r2"] and listed["deleted"] is False
+    assert listed["kept_runs"] == ["r2"] and listed["deleted"] == [] and tree(store) == before
     assert all(o["bytes"] > 0 for o in listed["outputs"])
 
-    assert main(["prune", str(tmp_path), "--keep", "1", "--yes"]) == 0
-    assert "deleted 3 outputs and the records of 1 run" in capsys.readouterr().out
-    assert not any(Path(uri).exists() for uri in old_only) and not (tmp_path / "runs" / "r1").exists()
-    assert all(Path(uri).is_dir() for uri in outputs_of(tmp_path, "r2"))
+    assert main(["prune", str(store), "--keep", "1", "--yes"]) == 0
+    assert "deleted 3 outputs of 3 and the records of 1 run" in capsys.readouterr().out
+    assert not any(Path(uri).exists() for uri in old_only) and not (store / "runs" / "r1").exists()
+    assert all(Path(uri).is_dir() for uri in outputs_of(store, "r2"))
     assert all(path.read_text() == "mine" for path in not_outputs)  # no stage output's: left alone
-    assert main(["prune", str(tmp_path), "--keep", "1"]) == 0
+    assert main(["prune", "store", "--keep", "1"]) == 0
     assert "nothing to prune" in capsys.readouterr().out
 
-    assert run(tmp_path, "r3", epochs=6) == []  # the kept run's outputs are all still reused
-    assert sorted(run(tmp_path, "r4", epochs=5)) == ["adapter", "evaluate", "generate-adapter"]
+    assert run("store", "r3", epochs=6) == []  # the kept run's outputs are all still reused
+    assert sorted(run("store", "r4", epochs=5)) == ["adapter", "evaluate", "generate-adapter"]
+
+
+def test_an_output_a_kept_run_reads_by_its_path_stays(tmp_path):
+    """r2 evaluates r1's adapter, named by its path (with a trailing slash), not as a stage it needs."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    (adapter,) = [uri for uri in outputs_of(tmp_path, "r1") if "/adapter/" in uri]
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z",
+        extra=[f"stages.evaluate.with.adapter=/{adapter.lstrip('/')}/"])
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert adapter not in plan.outputs and plan.outputs  # r1's generation and evaluation go; its adapter stays
+
+
+def test_runs_of_one_second_are_all_kept_and_an_unreadable_record_stops_the_prune(tmp_path, capsys):
+    run(tmp_path, "zz-older", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "aa-newer", epochs=6, created="2026-01-01T00:00:00Z")
+    assert plan_prune(str(tmp_path), keep=1).kept_runs == ["aa-newer", "zz-older"]
+
+    (tmp_path / "runs" / "aa-newer" / "run.json").write_text('{"run_id": "aa-newer", "spec": {"stages": 3}}')
+    before = tree(tmp_path)
+    assert main(["prune", str(tmp_path), "--keep", "1", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs' / 'aa-newer' / 'run.json'} is not a run record that reads" in err
+    assert tree(tmp_path) == before
+
+    bare = tmp_path / "bare"
+    (bare / "cache" / "0123456789abcdef").mkdir(parents=True)
+    with pytest.raises(UserError, match="no runs recorded under .* nothing says which of the 1 outputs"):
+        plan_prune(str(bare), keep=1)
+
+
+def test_a_run_that_reuses_an_output_after_the_plan_keeps_it(tmp_path):
+    """Planned while only r1 and r2 were there; then r3 reuses r1's outputs; the prune must see r3."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert run(tmp_path, "r3", epochs=5) == []  # everything of r1's reused
+    deleted, kept, failed = apply_prune(str(tmp_path), plan)
+    assert deleted == [] and failed == [] and len(kept) == len(plan.outputs) == 3
+    assert all(read_manifest(uri) is not None for uri in outputs_of(tmp_path, "r3"))
+    assert not (tmp_path / "runs" / "r1").exists()
 
 
 def test_a_run_still_running_and_an_output_being_written_are_kept(tmp_path):
-    run(tmp_path, "r1-old", epochs=5)
+    run(tmp_path, "r1-old", epochs=5, created="2026-01-01T00:00:00Z")
     release = threading.Event()
     live = threading.Thread(target=run, args=(tmp_path, "r2-live", 7, {"adapter": release}))
     live.start()
@@ -90,8 +144,8 @@ def test_a_run_still_running_and_an_output_being_written_are_kept(tmp_path):
         other = tmp_path / "cache" / "0123456789abcdef"  # no run recorded it; someone is writing it
         with StageLease(str(other), "by-hand", "cache"):
             plan = plan_prune(str(tmp_path), keep=1)
-        assert plan.kept_runs == ["r2-live", "r3-new"] and plan.pruned_runs == ["r1-old"]
-        assert plan.held == [str(other)]
+        assert plan.kept_runs == ["r2-live", "r3-new"] and list(plan.pruned_runs) == ["r1-old"]
+        assert list(plan.held) == [str(other)] and "run by-hand (stage cache)" in plan.held[str(other)]
         live_outputs = outputs_of(tmp_path, "r2-live") | outputs_of(tmp_path, "r3-new")
         assert set(plan.outputs) == outputs_of(tmp_path, "r1-old") - live_outputs and plan.outputs
     finally:
@@ -101,10 +155,10 @@ def test_a_run_still_running_and_an_output_being_written_are_kept(tmp_path):
 
 def test_prune_on_s3(s3_bucket, capsys):
     store = f"s3://{s3_bucket}/store"
-    run(store, "r1", epochs=5)
-    run(store, "r2", epochs=6)
+    run(store, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(store, "r2", epochs=6, created="2026-01-02T00:00:00Z")
     old_only = outputs_of(store, "r1") - outputs_of(store, "r2")
     assert main(["prune", store, "--keep", "1", "--yes"]) == 0
-    assert f"deleted {len(old_only)} outputs and the records of 1 run" in capsys.readouterr().out
+    assert f"deleted {len(old_only)} outputs of {len(old_only)} and the records of 1 run" in capsys.readouterr().out
     assert not any(storage.list_tree(uri) for uri in old_only) and not storage.list_tree(f"{store}/runs/r1")
     assert all(read_manifest(uri) is not None for uri in outputs_of(store, "r2"))

@@ -1,3 +1,4 @@
+import re
 import stat
 
 import pytest
@@ -47,6 +48,14 @@ def test_missing_object_is_a_user_error(prefix):
         storage.read_bytes(storage.join(prefix, "nope"))
     with pytest.raises(UserError, match="not found"):
         storage.fingerprint(storage.join(prefix, "nope"))
+
+
+def test_json_that_is_not_even_utf8_is_a_user_error(prefix):
+    """A damaged manifest, run record or planned config is one line naming it, not a UnicodeDecodeError."""
+    uri = storage.join(prefix, "x.json")
+    storage.write_bytes(uri, b'{\x80"a": 1}')
+    with pytest.raises(UserError, match=f"{re.escape(uri)} is not valid JSON"):
+        storage.read_json(uri)
 
 
 def test_unknown_scheme_lists_the_accepted_ones():

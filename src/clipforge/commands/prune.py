@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from clipforge.commands import number_in
+from clipforge.errors import UserError
 from clipforge.tables import text_table
 
 
@@ -34,23 +35,28 @@ def run(args) -> int:
     work = bool(plan.outputs or plan.pruned_runs)
     what = (f"{counted(plan.outputs, 'output')} and the records of {counted(plan.pruned_runs, 'run')} "
             f"({human_bytes(sum(plan.bytes.values()))}); keeping {counted(plan.kept_runs, 'run')}")
-    if args.json:
-        print(json.dumps({**plan.as_json(), "deleted": args.yes and work}, indent=2))
-    else:
-        for uri in plan.held:
-            print(f"left alone: {uri} (no kept run recorded it, but a writer holds its lease)")
+    if not args.json:
+        for uri, holder in plan.held.items():
+            print(f"left alone: {uri} (no kept run names it, but its lease is held: {holder})")
         if plan.outputs:
             print(text_table([("output", "size")] + [(uri, human_bytes(plan.bytes[uri])) for uri in plan.outputs]))
         if not work:
             print(f"nothing to prune under {artifacts}; keeping {counted(plan.kept_runs, 'run')}")
         elif not args.yes:
             print(f"would delete {what}. Run again with --yes to delete them.")
-    if args.yes and work:
-        apply_prune(artifacts, plan)
-        if not args.json:
-            print(f"deleted {what}")
+    deleted, kept, failed = apply_prune(artifacts, plan) if args.yes and work else ([], [], [])
+    if args.json:
+        print(json.dumps({**plan.as_json(), "deleted": deleted, "kept_after_all": kept, "failed": failed},
+                         indent=2))
+    elif args.yes and work:
+        for line in kept:
+            print(f"kept after all: {line}")
+        print(f"deleted {counted(deleted, 'output')} of {len(plan.outputs)} and the records of "
+              f"{counted(plan.pruned_runs, 'run')}; keeping {counted(plan.kept_runs, 'run')}")
+    if failed:
+        raise UserError(f"could not delete {counted(failed, 'output')}: {'; '.join(failed)}")
     return 0
 
 
-def counted(items: list, noun: str) -> str:
+def counted(items, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"

@@ -38,6 +38,7 @@ from clipforge.orchestrate.k8s_manifests import (
     stage_manifests,
 )
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
+from clipforge.orchestrate.preflight import missing_inputs
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.drive")
@@ -568,6 +569,9 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
           namespace: str | None = None, watch_seconds: int = 60) -> RunRecord:
     """`clipforge drive`: run a spec's stages as Kubernetes Jobs in order, resuming the run `run_id`."""
     spec = load_pipeline(spec_path, overrides)
+    missing = missing_inputs(spec, local=False)  # S3 only: a local path may exist only on a stage pod's volume
+    if missing:
+        raise UserError(f"{spec_path}: {'; '.join(missing)}")
     # The client's own retry warnings would precede our one line on an API server that does not answer.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id

@@ -34,10 +34,15 @@ class StageKind:
     # its files count (None: all): the stage key counts their listing, so a file added or changed there
     # makes a new output, not a reused one.
     folders: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
-    # `with` keys naming files or folders that must exist before the stage runs, each with what tells a path
-    # from another kind of value (None: always a path): `pretrained` may be an open_clip tag, `pipeline` a
-    # hub id. A value naming a needed stage is that stage's output, not a path.
-    paths: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
+    # `with` keys naming files or folders that must exist before the stage runs, each with what tells, from
+    # the value and the stage's other settings, whether the stage reads it as a path (None: always): a
+    # `pretrained` may be an open_clip tag, a `pipeline` a hub id, and an `llm_model` is read only with
+    # `augment: llm`. A value naming a needed stage is that stage's output, not a path.
+    paths: dict[str, Callable[[str, dict], bool] | None] = field(default_factory=dict)
+
+
+def weights_file(value: str, settings: dict) -> bool:
+    return names_weights_file(value)
 
 
 KINDS: dict[str, StageKind] = {
@@ -47,7 +52,7 @@ KINDS: dict[str, StageKind] = {
                        {"index": ("index.parquet", ("index",)), "pretrained": ("model.pt", ("finetune",))},
                        folders={"source": is_listed_image},
                        paths={"source": None, "index": None, "index_root": None, "model_config": None,
-                              "pretrained": names_weights_file}),
+                              "pretrained": weights_file}),
     "adapter": StageKind(
         ("train-adapter",), AdapterConfig, "out",
         {"clip_cache": ("", ("cache",)), "target_cache": ("", ("cache",))}, distributed=True,
@@ -56,7 +61,7 @@ KINDS: dict[str, StageKind] = {
     "generate": StageKind(
         ("generate",), GenerateConfig, "out", {"embeddings": ("", ("cache",)), "adapter": ("", ("adapter",))},
         folders={"pipeline": None},
-        paths={"embeddings": None, "adapter": None, "pipeline": lambda value: not HUB_ID.match(value)},
+        paths={"embeddings": None, "adapter": None, "pipeline": lambda value, _: not HUB_ID.match(value)},
     ),
     "evaluate": StageKind(
         ("evaluate",), EvaluateConfig, "out",
@@ -68,5 +73,6 @@ KINDS: dict[str, StageKind] = {
     "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True,
                           folders={"dataset": None, "llm_model": None},
                           paths={"dataset": None, "train_data": None, "val_data": None, "synonyms": None,
-                                 "llm_model": None, "model_config": None, "pretrained": names_weights_file}),
+                                 "llm_model": lambda _, settings: settings.get("augment") == "llm",
+                                 "model_config": None, "pretrained": weights_file}),
 }

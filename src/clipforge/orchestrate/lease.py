@@ -64,7 +64,7 @@ class StageLease:
             if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
                 seen, since = current[1], time.monotonic()
             holder = lease_holder(current[0]) if current is not None else None
-            gone = holder is not None and _gone(holder)
+            gone = holder is not None and holder_gone(holder)
             stale = holder is not None and time.monotonic() - since > self.stale_after
             if current is None or gone or stale:
                 if gone and holder.get("run_id") != self.run_id:
@@ -75,7 +75,6 @@ class StageLease:
                                 self.stage, holder.get("run_id"), self.uri, time.monotonic() - since)
                 self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
                 if self.token is not None:
-                    HELD.add(self.holder)
                     break
                 continue  # another run took it between our read and our write: look again
             if not said:
@@ -83,9 +82,25 @@ class StageLease:
                             holder.get("host"), self.uri.rsplit("/", 1)[0])
                 said = True
             time.sleep(self.poll)
+        self._hold()
+        return self
+
+    def try_take(self) -> bool:
+        """One attempt, without waiting: take the lease when nobody holds it, or its holder was a process of this
+        machine that is gone; then hold it (renewed) until `__exit__`. False when someone else holds it."""
+        current = storage.read_versioned(self.uri)
+        if current is not None and not holder_gone(lease_holder(current[0])):
+            return False
+        self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
+        if self.token is None:
+            return False
+        self._hold()
+        return True
+
+    def _hold(self) -> None:
+        HELD.add(self.holder)
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.stage}", daemon=True)
         self._renewer.start()
-        return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
@@ -138,7 +153,7 @@ def command_lease(output: str, command: str) -> Iterator[None]:
         yield
 
 
-def _gone(holder: dict) -> bool:
+def holder_gone(holder: dict) -> bool:
     """Whether the lease's holder was a process of this machine that no longer runs (a pid that is not
     there), or this process without that lease any more. A holder elsewhere can only go stale."""
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():

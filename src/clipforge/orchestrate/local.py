@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 
-from clipforge.config.pipeline import PipelineSpec, check_run_id, load_pipeline
+from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.lifetime import die_with_parent
-from clipforge.orchestrate.kinds import KINDS
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, StopRequest, log_summary, new_run_id, run_pipeline
+from clipforge.orchestrate.preflight import missing_inputs
 
 log = logging.getLogger("clipforge.run")
 
@@ -79,7 +79,7 @@ def _relay(proc: subprocess.Popen, resolved: ResolvedStage) -> None:
 def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None) -> RunRecord:
     """`clipforge run`: validate the spec, run its stages in order, print the summary."""
     spec = load_pipeline(path, overrides)
-    missing = missing_local_paths(spec)
+    missing = missing_inputs(spec, local=True)
     if missing:
         raise UserError(f"{path}: {'; '.join(missing)} (relative paths are read from {os.getcwd()})")
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
@@ -89,27 +89,3 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     log_summary(record)
     return record
 
-
-def missing_local_paths(spec: PipelineSpec) -> list[str]:
-    """Local files and folders a spec names that are not there, each as `stages.NAME.with.KEY: PATH not found`.
-
-    Every stage of a local run runs on this machine, so a misspelt path of the last stage is found before the
-    first one spends hours. (A Kubernetes driver cannot tell: a path may exist only on a stage pod's volume.)
-    Stages pinned by `reuse_existing` do not run, paths under a pinned `output` may be written by the run
-    itself, and s3:// URIs are left to the stage, which names what its credentials cannot reach."""
-    pinned = [stage.output.rstrip("/") for stage in spec.stages if stage.output]
-    problems = []
-    for stage in spec.stages:
-        if stage.policy.reuse_existing:
-            continue
-        for key, is_path in KINDS[stage.kind].paths.items():
-            value = stage.with_.get(key)
-            for item in value if isinstance(value, list) else [value]:
-                if (not isinstance(item, str) or not item or item in stage.needs
-                        or ("://" in item and not item.startswith("file://"))
-                        or (is_path is not None and not is_path(item))
-                        or any(item == out or item.startswith(out + "/") for out in pinned)):
-                    continue
-                if not os.path.exists(item.removeprefix("file://")):
-                    problems.append(f"stages.{stage.name}.with.{key}: {item} not found")
-    return problems

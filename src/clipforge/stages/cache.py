@@ -114,7 +114,8 @@ def run_cache(cfg: CacheConfig) -> dict:
 
 def _run_cache(cfg: CacheConfig) -> dict:
     manifest = read_manifest(cfg.output)
-    cfg = spelled_as_recorded(cfg, manifest or read_planned_config(cfg.output))
+    planned = None if manifest else read_planned_config(cfg.output)
+    cfg = spelled_as_recorded(cfg, manifest or planned)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = stage_inputs(spec, found)
@@ -125,7 +126,8 @@ def _run_cache(cfg: CacheConfig) -> dict:
     if manifest is not None:
         differ = what_differs(manifest, cfg, inputs)
         raise UserError(f"output {cfg.output} already holds a cache of another config or input"
-                        f"{f' ({differ})' if differ else ''}; choose a new --output (pipelines do this for you)")
+                        f"{f' ({differ})' if differ else ''}{read_elsewhere(manifest)}; choose a new --output "
+                        "(pipelines do this for you)")
     check_model_known(spec.model, spec.model_config)
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index)
@@ -134,10 +136,12 @@ def _run_cache(cfg: CacheConfig) -> dict:
     # cache's: their names differ, so they are encoded again rather than mixed in.
     shards, todo = pending_shards(cfg.output, [plan_shards(index, cfg.batch_size,
                                                            digest({"config": identity, "inputs": inputs}))
-                                               for identity in (fingerprint, located)])
+                                               for identity in (fingerprint, located)],
+                                  unlike_planned(planned, cfg, inputs))
     if todo:  # what an unfinished cache's shards were planned with, for a resume that spells a path otherwise
-        storage.write_json(storage.join(cfg.output, PLANNED_CONFIG), {"config": cfg.model_dump(mode="json",
-                                                                                             by_alias=True)})
+        storage.write_json(storage.join(cfg.output, PLANNED_CONFIG),
+                           {"config": cfg.model_dump(mode="json", by_alias=True), "inputs": inputs,
+                            "directory": os.getcwd()})
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
     log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine (%.1f s after "
@@ -168,12 +172,13 @@ def _run_cache(cfg: CacheConfig) -> dict:
         "fetched_over_requested": round(stats.bytes / requested_bytes, 4)
         if requested_bytes and stats.requests else None,
     }
+    # The manifest records the config now. Gone first: a crash between the two leaves shards, no manifest.
+    storage.delete(storage.join(cfg.output, PLANNED_CONFIG))
     manifest = write_manifest(
         cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True), config_fingerprint=fingerprint,
         inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
-        model=model, metrics=metrics,
+        model=model, metrics=metrics, directory=os.getcwd(),  # where its relative paths were read from
     )
-    storage.delete(storage.join(cfg.output, PLANNED_CONFIG))  # the manifest records the config now
     transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \
         if stats.requests else f"read {stats.bytes / 1e6:.1f} MB"
     log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; %s; output %s", len(index), encoded,
@@ -190,13 +195,34 @@ PLANNED_CONFIG = "_planned_config.json"  # beside an unfinished cache's shards; 
 
 
 def read_planned_config(output: str) -> dict | None:
-    """The config an unfinished cache's shards were planned with (`{"config": …}`), if it left one that reads."""
+    """What an unfinished cache's shards were planned with (`{"config", "inputs", "directory"}`), if it left
+    one that reads."""
     uri = storage.join(output, PLANNED_CONFIG)
     try:
         planned = storage.read_json(uri) if storage.exists(uri) else None
     except UserError:  # damaged: the shards' names still say whose they are
         return None
     return planned if isinstance(planned, dict) and isinstance(planned.get("config"), dict) else None
+
+
+def unlike_planned(planned: dict | None, cfg: CacheConfig, inputs: dict) -> str:
+    """For a refusal of shards planned otherwise: what differs from their planned config (and where its
+    relative paths were read), as ` (…)`; empty when nothing says."""
+    if planned is None or not isinstance(planned.get("inputs"), dict):
+        return ""
+    differ = what_differs(planned, cfg, inputs).replace(" in the manifest,", " then,")
+    return f" ({differ}{read_elsewhere(planned)})" if differ else ""
+
+
+def read_elsewhere(recorded: dict) -> str:
+    """`; its relative paths were read from DIR` when `recorded` (a manifest or planned config) has relative
+    local paths and was written from another directory than this one; else empty."""
+    directory = recorded.get("directory")
+    relative = [value for key in PATH_SETTINGS if isinstance(value := recorded["config"].get(key), str)
+                and "://" not in value and not os.path.isabs(value)]
+    if not isinstance(directory, str) or not relative or os.path.abspath(directory) == os.getcwd():
+        return ""
+    return f"; its relative paths were read from {directory}: run it from there to go on with it"
 
 
 def spelled_as_recorded(cfg: CacheConfig, manifest: dict | None) -> CacheConfig:
@@ -279,10 +305,11 @@ def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDatase
     return dataset
 
 
-def pending_shards(output: str, plans: list[list[Shard]]) -> tuple[list[Shard], list[Shard]]:
+def pending_shards(output: str, plans: list[list[Shard]], unlike: str = "") -> tuple[list[Shard], list[Shard]]:
     """(the plan, its shards not yet committed). The plan is the first of `plans` that names every shard file
     already under `output` (an unfinished run's: caches begun while `output` counted in the fingerprint have
-    other shard names), else the first; shard files of no plan mean the output belongs to something else.
+    other shard names), else the first; shard files of no plan mean the output belongs to something else,
+    a refusal that `unlike` (how their planned config differs) explains.
 
     A shard file is committed whole (written under a temporary name, then renamed), so one that does not
     read back whole was damaged afterwards (a disk, a copy cut short): it is encoded again, not trusted."""
@@ -292,7 +319,7 @@ def pending_shards(output: str, plans: list[list[Shard]]) -> tuple[list[Shard], 
     foreign = sorted(present - planned)
     if foreign:
         raise UserError(f"output {output} holds {len(foreign)} shard files of another config, index, weights file "
-                        f"or image set (e.g. {foreign[0]}); choose a new --output or remove them")
+                        f"or image set (e.g. {foreign[0]}){unlike}; choose a new --output or remove them")
     committed = [s for s in shards if s.name in present]
     with ThreadPoolExecutor(8) as pool:
         problems = list(pool.map(lambda shard: shard_problem(output, shard), committed))

@@ -179,7 +179,7 @@ def read_json(uri: str, *, unsigned: bool = False) -> Any:
     raw = read_bytes(uri, unsigned=unsigned)
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes that are not even UTF-8: the latter
         raise UserError(f"{uri} is not valid JSON: {exc}") from None
 
 
@@ -278,9 +278,23 @@ def delete_tree(prefix: str) -> None:
         case "file":
             shutil.rmtree(local_path(prefix), ignore_errors=True)
         case "s3":
-            keys = [s3.parse_s3(join(prefix, name)).key for name in list_tree(prefix)]
+            delete_objects(prefix, list(list_tree(prefix)))
+
+
+def delete_objects(prefix: str, names: list[str]) -> None:
+    """The objects `names` (relative paths) under `prefix`; on S3 in DeleteObjects requests of up to 1,000 keys
+    (a generate output's images: one request, not one each). One that cannot be deleted is a UserError."""
+    match scheme(prefix):
+        case "file":
+            for name in names:
+                try:
+                    local_path(join(prefix, name)).unlink(missing_ok=True)
+                except OSError as exc:
+                    raise UserError(f"could not delete {join(prefix, name)}: {exc.strerror}") from None
+        case "s3":
+            keys = [s3.parse_s3(join(prefix, name)).key for name in names]
             bucket = s3.parse_s3(prefix).bucket
-            for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys a request
+            for start in range(0, len(keys), 1000):
                 batch = keys[start : start + 1000]
                 answer = s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
                                                                           "Quiet": True})
@@ -289,6 +303,20 @@ def delete_tree(prefix: str) -> None:
                     raise UserError(f"could not delete s3://{bucket}/{first.get('Key')} "
                                     f"({first.get('Code')}: {first.get('Message')}) and "
                                     f"{len(answer['Errors']) - 1} more under {prefix}")
+
+
+def remove_empty_folders(prefix: str) -> None:
+    """The folders under a local `prefix`, and it, while they are empty (deepest first); S3 has none. A folder
+    someone writes into meanwhile is not empty, and stays."""
+    if scheme(prefix) != "file" or not local_path(prefix).is_dir():
+        return
+    root = local_path(prefix)
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()),
+                         key=lambda p: len(p.parts), reverse=True) + [root]:
+        try:
+            folder.rmdir()
+        except OSError:
+            continue
 
 
 @contextmanager

@@ -1,0 +1,82 @@
+"""Before a run's first stage: the inputs its stages name that are not there.
+
+A misspelt path of the last stage would otherwise be found after the first
+ones spent hours. Each stage kind lists the settings that name an input
+(`StageKind.paths`). Local paths are looked for only where every stage runs on
+this machine (`clipforge run`); a Kubernetes driver cannot tell, since a path
+may exist only on a stage pod's volume. S3 URIs are looked for by both: only
+an answer of "nothing there" (404, as an object and as a prefix) counts, and
+anything else (access denied to this identity, no credentials, a network error)
+is left to the stage, whose pod may hold other credentials.
+"""
+
+from __future__ import annotations
+
+import os
+
+from clipforge.config.pipeline import PipelineSpec, StageSpec
+from clipforge.orchestrate.kinds import KINDS
+
+# Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
+UNSIGNED_SETTINGS = ("source", "expdesign")
+
+
+def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
+    """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`.
+    Stages pinned by `reuse_existing` do not run, and paths under a pinned `output` may be written by the run."""
+    pinned = [where(stage.output) for stage in spec.stages if stage.output]
+    problems = []
+    for stage in spec.stages:
+        if stage.policy.reuse_existing:
+            continue
+        for key, value in named_inputs(stage):
+            if any(where(value) == out or where(value).startswith(out.rstrip("/") + "/") for out in pinned):
+                continue
+            if value.startswith("s3://"):
+                unsigned = bool(stage.with_.get("no_sign_request")) and key in UNSIGNED_SETTINGS
+                gone = s3_nothing_at(value, unsigned)
+            elif "://" in value and not value.startswith("file://"):
+                continue  # a scheme the stage itself names as unsupported
+            else:
+                gone = local and not os.path.exists(value.removeprefix("file://"))
+            if gone:
+                problems.append(f"stages.{stage.name}.with.{key}: {value} not found")
+    return problems
+
+
+def where(value: str) -> str:
+    """One spelling per place: an absolute local path (`./x`, `file://x` and `/cwd/x` agree), or the URI."""
+    if "://" in value and not value.startswith("file://"):
+        return value.rstrip("/")
+    return os.path.abspath(value.removeprefix("file://"))
+
+
+def named_inputs(stage: StageSpec) -> list[tuple[str, str]]:
+    """(setting, value) of each input path or URI the stage names, stage references and non-paths left out."""
+    found = []
+    for key, is_path in KINDS[stage.kind].paths.items():
+        value = stage.with_.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item and item not in stage.needs and (is_path is None
+                                                                               or is_path(item, stage.with_)):
+                found.append((key, item))
+    return found
+
+
+def s3_nothing_at(uri: str, unsigned: bool) -> bool:
+    """Whether S3 says there is neither an object at `uri` nor anything under `uri/`."""
+    from clipforge.storage import s3
+
+    loc = s3.parse_s3(uri)
+    try:
+        client = s3.client(unsigned)
+        client.head_object(Bucket=loc.bucket, Key=loc.key)
+        return False
+    except Exception as exc:  # only "not found" is an answer here
+        if not s3.is_not_found(exc):
+            return False
+    try:
+        listed = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key.rstrip("/") + "/", MaxKeys=1)
+    except Exception:  # no bucket, no permission to list: the stage says which
+        return False
+    return not listed.get("KeyCount") and not listed.get("Contents")
