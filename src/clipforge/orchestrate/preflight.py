@@ -69,7 +69,7 @@ def s3_nothing_at(uri: str, unsigned: bool) -> bool:
 
     loc = s3.parse_s3(uri)
     try:
-        client = s3.client(unsigned)
+        client = s3.client(unsigned, quick=True)
         client.head_object(Bucket=loc.bucket, Key=loc.key)
         return False
     except Exception as exc:  # only "not found" is an answer here

@@ -33,15 +33,19 @@ def parse_s3(uri: str) -> S3Location:
     return S3Location(bucket, key)
 
 
-def client(unsigned: bool = False):
-    """A thread-safe client per process (clients must not cross a fork) and endpoint."""
-    token = (os.getpid(), unsigned, os.environ.get("AWS_ENDPOINT_URL"))
+def client(unsigned: bool = False, quick: bool = False):
+    """A thread-safe client per process (clients must not cross a fork) and endpoint. A `quick` one gives up
+    within seconds, for checks where no answer is an answer too (a run's look for its inputs), never for data:
+    with an endpoint that drops packets, the default one waits 60 s per attempt, five times."""
+    token = (os.getpid(), unsigned, quick, os.environ.get("AWS_ENDPOINT_URL"))
     with _lock:
         if token not in _clients:
+            patience = {"connect_timeout": 5, "read_timeout": 10} if quick else {}
             config = Config(
-                retries={"max_attempts": 5, "mode": "standard"},
+                retries={"max_attempts": 2 if quick else 5, "mode": "standard"},
                 max_pool_connections=32,
                 signature_version=botocore.UNSIGNED if unsigned else None,
+                **patience,
             )
             _clients[token] = boto3.session.Session().client("s3", config=config)
         return _clients[token]
