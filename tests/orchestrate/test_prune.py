@@ -33,12 +33,13 @@ def committing(ran: list[str], hold: dict[str, threading.Event] | None = None):
     return execute
 
 
-def run(artifacts, run_id: str, epochs: int, hold=None, created: str | None = None, extra=()) -> list[str]:
+def run(artifacts, run_id: str, epochs: int, hold=None, created: str | None = None, extra=(), execute=None,
+        runner="local") -> list[str]:
     """Run the demo spec's stages (committing only manifests); `created` backdates the run's record."""
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={artifacts}", f"stages.adapter.with.epochs={epochs}",
                                      "stages.adapter.policy.min_input_coverage=null", *extra])
     ran: list[str] = []
-    record = run_pipeline(spec, run_id, committing(ran, hold))
+    record = run_pipeline(spec, run_id, execute or committing(ran, hold), runner=runner)
     if created:
         record.data["created"] = created
         storage.write_json(record.uri, record.data)
@@ -108,7 +109,8 @@ def test_runs_of_one_second_are_all_kept_and_an_unreadable_record_stops_the_prun
     before = tree(tmp_path)
     assert main(["prune", str(tmp_path), "--keep", "1", "--yes"]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'runs' / 'aa-newer' / 'run.json'} is not a run record that reads" in err
+    assert f"{tmp_path / 'runs' / 'aa-newer' / 'run.json'} is not a run record (no spec with a list of named " \
+           "stages): prune cannot tell which outputs that run uses" in err
     assert tree(tmp_path) == before
 
     bare = tmp_path / "bare"
@@ -123,8 +125,8 @@ def test_a_run_that_reuses_an_output_after_the_plan_keeps_it(tmp_path):
     run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
     plan = plan_prune(str(tmp_path), keep=1)
     assert run(tmp_path, "r3", epochs=5) == []  # everything of r1's reused
-    deleted, kept, failed = apply_prune(str(tmp_path), plan)
-    assert deleted == [] and failed == [] and len(kept) == len(plan.outputs) == 3
+    deleted, kept, failed, records = apply_prune(str(tmp_path), plan)
+    assert deleted == [] and failed == [] and len(kept) == len(plan.outputs) == 3 and records == 1
     assert all(read_manifest(uri) is not None for uri in outputs_of(tmp_path, "r3"))
     assert not (tmp_path / "runs" / "r1").exists()
 
@@ -162,3 +164,97 @@ def test_prune_on_s3(s3_bucket, capsys):
     assert f"deleted {len(old_only)} outputs of {len(old_only)} and the records of 1 run" in capsys.readouterr().out
     assert not any(storage.list_tree(uri) for uri in old_only) and not storage.list_tree(f"{store}/runs/r1")
     assert all(read_manifest(uri) is not None for uri in outputs_of(store, "r2"))
+
+
+def test_a_run_started_after_the_plan_that_reads_an_output_by_path_keeps_it(tmp_path):
+    """Its record (with its spec) is written as it starts, so the prune's second reading sees it."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    (adapter,) = [uri for uri in outputs_of(tmp_path, "r1") if "/adapter/" in uri]
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert adapter in plan.outputs
+    release = threading.Event()
+    started = threading.Thread(target=run, args=(tmp_path, "r3", 8, {"adapter": release}),
+                               kwargs={"extra": [f"stages.evaluate.with.adapter={adapter}"]})
+    started.start()
+    try:
+        deadline = time.monotonic() + 30
+        while '"running"' not in ((tmp_path / "runs" / "r3" / "run.json").read_text()
+                                  if (tmp_path / "runs" / "r3" / "run.json").exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        deleted, kept, failed, _ = apply_prune(str(tmp_path), plan)
+        assert f"{adapter}: a run named it since the plan" in kept and adapter not in deleted
+        assert read_manifest(adapter) is not None
+    finally:
+        release.set()
+        started.join(60)
+
+
+def test_a_stage_reading_an_output_by_path_waits_while_prune_deletes_it(tmp_path):
+    from clipforge.orchestrate.lease import PRUNER
+
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    (adapter,) = [uri for uri in outputs_of(tmp_path, "r1") if "/adapter/" in uri]
+    lease = StageLease(adapter, PRUNER, "prune")
+    assert lease.try_take()
+    ran: list[str] = []
+    reader = threading.Thread(target=run, args=(tmp_path, "r2", 6), kwargs={
+        "extra": [f"stages.evaluate.with.adapter={adapter}"], "execute": committing(ran)})
+    reader.start()
+    time.sleep(3)
+    assert "evaluate" not in ran  # it waits for the prune
+    lease.__exit__(None, None, None)
+    reader.join(60)
+    assert "evaluate" in ran
+
+
+def test_symlinks_and_dots_in_a_path_name_the_output_they_lead_to(tmp_path, monkeypatch):
+    """r2 reads two outputs only r1 made: its adapter through a link, its adapter images with `./` inside."""
+    monkeypatch.chdir(tmp_path)
+    run("store", "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    only_r1 = outputs_of("store", "r1")
+    (adapter,) = [uri for uri in only_r1 if "/adapter/" in uri]
+    record = storage.read_json("store/runs/r1/run.json")
+    images = record["stages"]["generate-adapter"]["output"]
+    Path("adapter-latest").symlink_to(Path(adapter).resolve())
+    run("store", "r2", epochs=6, created="2026-01-02T00:00:00Z", extra=[
+        "stages.evaluate.with.adapter=adapter-latest",
+        f"stages.evaluate.with.generated=[generate-zero-pad, {images.replace('/generate/', '/generate/./')}]"])
+    assert adapter not in outputs_of("store", "r2") and images not in outputs_of("store", "r2")
+    plan = plan_prune("store", keep=1)
+    assert adapter not in plan.outputs and images not in plan.outputs and plan.outputs
+
+
+def test_a_kubernetes_run_stopped_at_a_stage_is_kept_for_its_driver_to_resume(tmp_path):
+    from clipforge.errors import EXIT_PREEMPTED
+
+    def preempted_adapter(resolved) -> int:
+        if resolved.spec.name == "adapter":
+            return EXIT_PREEMPTED
+        return committing([])(resolved)
+
+    run(tmp_path, "k1", epochs=5, created="2026-01-01T00:00:00Z", execute=preempted_adapter, runner="kubernetes")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert plan.kept_runs == ["k1", "r2"] and not plan.pruned_runs
+
+
+def test_an_output_that_cannot_be_deleted_is_reported_and_the_others_still_go(tmp_path, monkeypatch, capsys):
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    plan = plan_prune(str(tmp_path), keep=1)
+    stuck = plan.outputs[0]
+    delete_objects = storage.delete_objects
+
+    def refusing(prefix, names):
+        if prefix == stuck and names != ["_manifest.json"]:
+            raise UserError(f"could not delete {prefix}/x: Permission denied")
+        delete_objects(prefix, names)
+
+    monkeypatch.setattr(storage, "delete_objects", refusing)
+    assert main(["prune", str(tmp_path), "--keep", "1", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert f"could not delete 1 output: {stuck}: could not delete {stuck}/x: Permission denied" in err
+    assert read_manifest(stuck) is None  # its manifest went first: what is left is never "done"
+    assert not any(Path(uri).exists() for uri in plan.outputs[1:])

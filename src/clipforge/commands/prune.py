@@ -44,7 +44,7 @@ def run(args) -> int:
             print(f"nothing to prune under {artifacts}; keeping {counted(plan.kept_runs, 'run')}")
         elif not args.yes:
             print(f"would delete {what}. Run again with --yes to delete them.")
-    deleted, kept, failed = apply_prune(artifacts, plan) if args.yes and work else ([], [], [])
+    deleted, kept, failed, records = apply_prune(artifacts, plan) if args.yes and work else ([], [], [], 0)
     if args.json:
         print(json.dumps({**plan.as_json(), "deleted": deleted, "kept_after_all": kept, "failed": failed},
                          indent=2))
@@ -52,7 +52,7 @@ def run(args) -> int:
         for line in kept:
             print(f"kept after all: {line}")
         print(f"deleted {counted(deleted, 'output')} of {len(plan.outputs)} and the records of "
-              f"{counted(plan.pruned_runs, 'run')}; keeping {counted(plan.kept_runs, 'run')}")
+              f"{counted(range(records), 'run')}; keeping {counted(plan.kept_runs, 'run')}")
     if failed:
         raise UserError(f"could not delete {counted(failed, 'output')}: {'; '.join(failed)}")
     return 0

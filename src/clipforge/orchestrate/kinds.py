@@ -6,6 +6,7 @@ a subprocess, on Kubernetes as a Job — so a stage behaves the same everywhere.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,3 +77,14 @@ KINDS: dict[str, StageKind] = {
                                  "llm_model": lambda _, settings: settings.get("augment") == "llm",
                                  "model_config": None, "pretrained": weights_file}),
 }
+
+
+OUTPUT_KEY = r"[0-9a-f]{16}"  # a stage output's key (pipeline.resolve_stage)
+# A stage output named in a path, however its store is spelled: `.../<kind>/<key>` as whole segments.
+NAMED_OUTPUT = re.compile(rf"(?:^|/)({'|'.join(KINDS)})/({OUTPUT_KEY})(?:\.faiss)?(?=/|$)")
+
+
+def named_output_folders(value: str) -> list[str]:
+    """The stage output folders a path or URI lies in (`s3://b/a/adapter/<key>/adapter.safetensors` ->
+    `s3://b/a/adapter/<key>`), as spelled in it."""
+    return [value[: match.end()] for match in NAMED_OUTPUT.finditer(value)]

@@ -35,6 +35,7 @@ log = logging.getLogger("clipforge.run")
 LEASE_NAME = "_lease.json"
 RUN_ID_ENV = "CLIPFORGE_RUN_ID"  # set by the runner (local or Kubernetes) on the stages it runs: it holds their lease
 HELD: set[str] = set()  # the holder ids of the leases this process holds now
+PRUNER = "clipforge-prune"  # the run id `clipforge prune` holds an output's lease under while it deletes it
 
 
 class StageLease:
@@ -181,3 +182,19 @@ def lease_holder(raw: bytes) -> dict:
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def wait_while_pruned(output: str, stage: str, poll: float = 2.0) -> None:
+    """Wait while `clipforge prune` holds `output`'s lease (it is deleting it). A stage that reads an output
+    by its path, not as a stage it needs, takes no lease of its own; its run record is written before it looks
+    here, and a prune reads the runs again after taking its leases, so one of the two always sees the other."""
+    said = False
+    while True:
+        current = storage.read_versioned(storage.join(output, LEASE_NAME))
+        holder = lease_holder(current[0]) if current is not None else {}
+        if holder.get("run_id") != PRUNER or holder_gone(holder):
+            return
+        if not said:
+            log.warning("[%s] clipforge prune is deleting %s, which this stage reads: waiting for it", stage, output)
+            said = True
+        time.sleep(poll)

@@ -28,8 +28,8 @@ import yaml
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.data.image_folder import collection_root
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, SIGNALS_SEEN, Stopped, UserError
-from clipforge.orchestrate.kinds import KINDS, StageKind
-from clipforge.orchestrate.lease import StageLease, stop_this_process
+from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders
+from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, output_fingerprint, read_manifest
 from clipforge.tables import text_table
@@ -179,6 +179,7 @@ class RunRecord:
         # Who runs it now, so that `clipforge runs` can tell a run whose runner was killed from one in progress
         # (`local`: nobody resumes it but a rerun; `kubernetes`: the driver Job's retry does).
         self.data["runner"] = {"kind": runner, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+        self.data["directory"] = os.getcwd()  # what the spec's relative paths are relative to
         self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
@@ -186,6 +187,9 @@ class RunRecord:
 
     def record(self, name: str, **fields) -> None:
         self.data["stages"][name] = {**(self.data["stages"].get(name) or {}), **fields}
+        self.save()
+
+    def save(self) -> None:
         self.data["updated"] = _now()
         storage.write_json(self.uri, self.data)
 
@@ -241,6 +245,7 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     """Run every stage in order with `execute` (returns the stage command's exit code); once `stop` is set
     (the runner got SIGTERM), the stages left are skipped. `runner` names who runs it (run.json's `runner`)."""
     record = RunRecord(spec, run_id, runner)
+    record.save()  # at once: the outputs its spec names by path are in use from now on (`clipforge prune`)
     outputs: dict[str, str | None] = {}
     statuses: dict[str, str] = {}
     # Stages that produced nothing under `on_failure: continue`, and those skipped because of them:
@@ -281,6 +286,8 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     it needs that produced nothing under `on_failure: continue`, with their status."""
     name = stage.name
     pinned = stage.policy.reuse_existing
+    for folder in outputs_named_by_path(stage):
+        wait_while_pruned(folder, name)
     found = read_manifest(pinned) if pinned else None
     if found is not None and found.get("kind", stage.kind) != stage.kind:
         why = f"policy reuse_existing: {pinned} holds a {found['kind']} stage's output, not a {stage.kind} stage's"
@@ -322,6 +329,15 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         record.record(name, kind=stage.kind, status="interrupted", key=resolved.key, output=resolved.output,
                       finished=_now(), exit_code=code, message=why)
         return "interrupted", None
+
+
+def outputs_named_by_path(stage: StageSpec) -> list[str]:
+    """The stage outputs a stage reads by their path (a setting, `reuse_existing`) rather than as a needed stage:
+    no lease of the stage's own covers them."""
+    values = [stage.policy.reuse_existing, *stage.with_.values()]
+    texts = [v for value in values for v in (value if isinstance(value, list) else [value])
+             if isinstance(v, str) and v not in stage.needs]
+    return sorted({folder for text in texts for folder in named_output_folders(text)})
 
 
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,

@@ -16,6 +16,7 @@ import os
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.orchestrate.kinds import KINDS
+from clipforge.storage.manifest import read_manifest
 
 # Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
 UNSIGNED_SETTINGS = ("source", "expdesign")
@@ -23,12 +24,13 @@ UNSIGNED_SETTINGS = ("source", "expdesign")
 
 def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
     """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`.
-    Stages pinned by `reuse_existing` do not run, and paths under a pinned `output` may be written by the run."""
+    A stage whose `reuse_existing` output is finished does not run, and paths under a pinned `output` may be
+    written by the run."""
     pinned = [where(stage.output) for stage in spec.stages if stage.output]
     problems = []
     for stage in spec.stages:
-        if stage.policy.reuse_existing:
-            continue
+        if stage.policy.reuse_existing and read_manifest(stage.policy.reuse_existing) is not None:
+            continue  # it will not run
         for key, value in named_inputs(stage):
             if any(where(value) == out or where(value).startswith(out.rstrip("/") + "/") for out in pinned):
                 continue

@@ -18,25 +18,28 @@ while it goes waits for the lease, then finds no manifest and makes it again.
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from clipforge.errors import UserError
-from clipforge.orchestrate.kinds import KINDS
-from clipforge.orchestrate.lease import LEASE_NAME, StageLease, holder_gone, lease_holder
+from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY
+from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
 from clipforge.orchestrate.pipeline import read_run_record
-from clipforge.orchestrate.runs import list_runs
+from clipforge.orchestrate.runs import live_state
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import MANIFEST_NAME
 
 log = logging.getLogger("clipforge.prune")
 
-KEY = r"[0-9a-f]{16}"  # a stage output's key (pipeline.resolve_stage)
-OUTPUT_FOLDER = re.compile(rf"^({KEY})(\.faiss)?$")  # a key folder, or the faiss index `search --faiss` puts beside it
-# An output named anywhere in a run record, however the store was spelled: `.../<kind>/<key>` as a whole segment.
-NAMED_OUTPUT = re.compile(rf"(?:^|/)({'|'.join(KINDS)})/({KEY})(?:\.faiss)?(?=/|$)")
+OUTPUT_FOLDER = re.compile(rf"^({OUTPUT_KEY})(\.faiss)?$")  # a key folder, or the faiss index `search --faiss` adds
 LIVE = ("at ", "incomplete")  # states of a run that may still be running (`lost` ones are known not to be)
+# A Kubernetes run stopped or lost at a stage is resumed by the driver Job's next pod.
+LIVE_ON_KUBERNETES = (*LIVE, "stopped at ", "lost")
 CHUNK = 64  # outputs leased, checked and deleted at a time
 
 
@@ -71,7 +74,7 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
     plan = Plan(identities=candidates)
     kept_records = []
     for run in runs:
-        if run["run_id"] in newest or run["state"].startswith(LIVE):
+        if run["run_id"] in newest or may_still_run(run):
             plan.kept_runs.append(run["run_id"])
             kept_records.append(run["record"])
         else:
@@ -93,26 +96,43 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
 
 
 def readable_runs(artifacts: str) -> list[dict]:
-    """Every run under ARTIFACTS/runs/ with its record (oldest first). A folder without run.json is a run
-    that is just starting (its stage holds its output's lease meanwhile); one whose run.json does not read
-    is a UserError naming it."""
+    """Every run under ARTIFACTS/runs/ (oldest first): run_id, created, updated, state and its record. A folder
+    without run.json is a run that is just starting (its stage holds its output's lease meanwhile); a run.json
+    that does not read, twice a second apart, is a UserError naming it."""
+    if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
+        what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
+        raise UserError(f"artifact store {artifacts} {what}")
     root = storage.join(artifacts, "runs")
-    listed = {run["run_id"]: run for run in list_runs(artifacts)}
-    unreadable = []
-    for run_id in storage.list_folders(root):
-        uri = storage.join(root, run_id, "run.json")
-        if run_id not in listed and storage.exists(uri):
-            unreadable.append(uri)
-    if unreadable:
-        raise UserError(f"{unreadable[0]} is not a run record that reads"
-                        f"{f' (and {len(unreadable) - 1} more)' if len(unreadable) > 1 else ''}: prune cannot tell "
-                        "which outputs that run uses; mend or remove it first")
-    runs = list(listed.values())
     with ThreadPoolExecutor(16) as pool:
-        records = pool.map(lambda run: read_run_record(storage.join(root, run["run_id"], "run.json")), runs)
-        for run, record in zip(runs, records, strict=True):
-            run["record"] = record
-    return runs
+        found = list(pool.map(lambda run_id: (run_id, record_or_problem(storage.join(root, run_id, "run.json"))),
+                              storage.list_folders(root)))
+    unreadable = [problem for _, (record, problem) in found if problem]
+    if unreadable:
+        raise UserError(f"{unreadable[0]}{f' (and {len(unreadable) - 1} more)' if len(unreadable) > 1 else ''}: "
+                        "prune cannot tell which outputs that run uses; mend or remove it first")
+    runs = [{"run_id": run_id, "created": record.get("created"), "updated": record.get("updated"),
+             "runner": (record.get("runner") or {}).get("kind"),
+             "state": live_state(record, storage.join(root, run_id, "run.json")), "record": record}
+            for run_id, (record, _) in found if record is not None]
+    return sorted(runs, key=lambda run: (run["created"] or "", run["run_id"]))
+
+
+def record_or_problem(uri: str) -> tuple[dict | None, str | None]:
+    """(the run record, None), (None, None) when there is none yet, or (None, why it does not read)."""
+    for attempt in range(2):
+        if not storage.exists(uri):
+            return None, None
+        try:
+            return read_run_record(uri), None
+        except UserError as exc:  # a record being replaced as it was read, or a damaged one
+            if attempt:
+                return None, str(exc)
+            time.sleep(1.0)
+    return None, None
+
+
+def may_still_run(run: dict) -> bool:
+    return run["state"].startswith(LIVE_ON_KUBERNETES if run["runner"] == "kubernetes" else LIVE)
 
 
 def output_folders(artifacts: str) -> dict[str, tuple[str, str]]:
@@ -128,9 +148,17 @@ def output_folders(artifacts: str) -> dict[str, tuple[str, str]]:
 
 def named_outputs(records: list[dict]) -> set[tuple[str, str]]:
     """(kind, key) of every output the records name anywhere: a stage's output, a path a setting gives
-    (`pretrained: …/finetune/<key>/model.pt`), a pinned `output:` or `reuse_existing`."""
-    return {match.groups() for record in records for text in strings_in(record)
-            for match in NAMED_OUTPUT.finditer(text)}
+    (`pretrained: …/finetune/<key>/model.pt`), a pinned `output:` or `reuse_existing`; as written, with `.`
+    and `..` taken out, and, for a local path, through the symbolic links it passes (from the run's directory)."""
+    found = set()
+    for record in records:
+        directory = record.get("directory") if isinstance(record.get("directory"), str) else os.getcwd()
+        for text in strings_in(record):
+            spellings = {text}
+            if "://" not in text and len(text) < 4096 and "\n" not in text and "\0" not in text:
+                spellings |= {posixpath.normpath(text), os.path.realpath(os.path.join(directory, text))}
+            found |= {match.groups() for spelling in spellings for match in NAMED_OUTPUT.finditer(spelling)}
+    return found
 
 
 def strings_in(value) -> Iterator[str]:
@@ -157,50 +185,67 @@ def lease_of(output: str) -> str | None:
             f"renewed {holder.get('renewed', '?')}")
 
 
-def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[str]]:
-    """Delete what `plan` lists: (outputs deleted, outputs kept after all, outputs that could not be deleted),
-    the last two as `URI: why`.
+def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[str], int]:
+    """Delete what `plan` lists: (outputs deleted, outputs kept after all, outputs not deleted because of an
+    error, run records deleted); the middle two as `URI: why`.
 
     The run records go first, so a prune stopped half-way leaves outputs no run names (the next prune finds
     them) rather than runs naming outputs that are gone. A pruned run that changed since the plan (resumed)
     keeps its record, and so its outputs. Then, CHUNK outputs at a time: take their leases, read the runs
-    again, and delete what still no run names, its lease last."""
+    again, and delete what still no run names: its manifest first (what is left is never "done"), its lease
+    last. A stage that reads an output by path waits while prune holds that lease (`wait_while_pruned`)."""
+    records = 0
     for run_id, updated in plan.pruned_runs.items():
         uri = storage.join(artifacts, "runs", run_id, "run.json")
-        if storage.exists(uri) and read_run_record(uri).get("updated") != updated:
+        record, _ = record_or_problem(uri)
+        if record is not None and record.get("updated") != updated:
             log.warning("run %s changed since the plan (resumed?): its record and outputs are kept", run_id)
             continue
         storage.delete_tree(storage.join(artifacts, "runs", run_id))
+        records += 1
         log.info("deleted the record of run %s", run_id)
     deleted, kept, failed = [], [], []
     for start in range(0, len(plan.outputs), CHUNK):
-        leases = {}
+        chunk, leases = plan.outputs[start : start + CHUNK], {}
         try:
-            for uri in plan.outputs[start : start + CHUNK]:
-                lease = StageLease(uri, "prune", "prune")
+            for uri in chunk:
+                lease = StageLease(uri, PRUNER, "prune")
                 if lease.try_take():
                     leases[uri] = lease
                 else:
                     kept.append(f"{uri}: a writer took its lease since the plan")
-            used = named_outputs([run["record"] for run in readable_runs(artifacts)])
+            try:
+                used = named_outputs([run["record"] for run in readable_runs(artifacts)])
+            except UserError as exc:  # a record that stopped reading: nothing more can be told safely
+                kept += [f"{uri}: stopped, {exc}" for uri in leases] + [f"{uri}: stopped" for uri in
+                                                                        plan.outputs[start + CHUNK :]]
+                break
             for uri, lease in leases.items():
                 if plan.identities[uri] in used:
                     kept.append(f"{uri}: a run named it since the plan")
-                    lease.__exit__(None, None, None)
-                    continue
-                storage.delete_objects(uri, [name for name in storage.list_tree(uri) if name != LEASE_NAME])
-                left = [name for name in storage.list_tree(uri) if name != LEASE_NAME]
+                elif why := delete_output(uri):
+                    failed.append(f"{uri}: {why}")
+                else:
+                    deleted.append(uri)
                 lease.__exit__(None, None, None)  # a run waiting for it finds no manifest, and makes it again
-                if left:
-                    failed.append(f"{uri}: {len(left)} files are still there (e.g. {left[0]})")
-                    continue
-                storage.remove_empty_folders(uri)
-                deleted.append(uri)
-                log.info("deleted %s (%s)", uri, human_bytes(plan.bytes[uri]))
+                if uri in deleted:
+                    storage.remove_empty_folders(uri)
+                    log.info("deleted %s (%s)", uri, human_bytes(plan.bytes[uri]))
         finally:
             for lease in leases.values():  # released already, unless something above raised
                 lease.__exit__(None, None, None)
-    return deleted, kept, failed
+    return deleted, kept, failed, records
+
+
+def delete_output(uri: str) -> str | None:
+    """Delete an output but its lease, the manifest first; why it could not, or None."""
+    try:
+        storage.delete_objects(uri, [MANIFEST_NAME])
+        storage.delete_objects(uri, [name for name in storage.list_tree(uri) if name != LEASE_NAME])
+        left = [name for name in storage.list_tree(uri) if name != LEASE_NAME]
+    except (UserError, OSError) as exc:
+        return str(exc)
+    return f"{len(left)} files are still there (e.g. {left[0]})" if left else None
 
 
 def human_bytes(count: int) -> str:

@@ -172,13 +172,13 @@ def _run_cache(cfg: CacheConfig) -> dict:
         "fetched_over_requested": round(stats.bytes / requested_bytes, 4)
         if requested_bytes and stats.requests else None,
     }
-    # The manifest records the config now. Gone first: a crash between the two leaves shards, no manifest.
-    storage.delete(storage.join(cfg.output, PLANNED_CONFIG))
     manifest = write_manifest(
         cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True), config_fingerprint=fingerprint,
         inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
         model=model, metrics=metrics, directory=os.getcwd(),  # where its relative paths were read from
     )
+    # The manifest records the config now. (Left by a crash just before this, it is read only without one.)
+    storage.delete(storage.join(cfg.output, PLANNED_CONFIG))
     transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \
         if stats.requests else f"read {stats.bytes / 1e6:.1f} MB"
     log.info("done: %d images (%d encoded now, %d resumed) in %.1f s%s; %s; output %s", len(index), encoded,

@@ -152,17 +152,25 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
     match scheme(uri):
         case "file":
             path = local_path(uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                fcntl.flock(folder, fcntl.LOCK_EX)
-                current = read_versioned(uri)
-                if (current[1] if current else None) != expected:
-                    return None
-                write_bytes(uri, data)
-                return hashlib.sha256(data).hexdigest()
-            finally:
-                os.close(folder)  # releases the lock
+            for attempt in range(3):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    folder = os.open(path.parent, os.O_RDONLY)
+                except FileNotFoundError:  # removed between the two (a prune taking away an empty output)
+                    continue
+                try:
+                    fcntl.flock(folder, fcntl.LOCK_EX)
+                    current = read_versioned(uri)
+                    if (current[1] if current else None) != expected:
+                        return None
+                    write_bytes(uri, data)
+                    return hashlib.sha256(data).hexdigest()
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+                finally:
+                    os.close(folder)  # releases the lock
+            raise FileNotFoundError(f"{path.parent} keeps disappearing")
         case "s3":
             loc = s3.parse_s3(uri)
             condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
