@@ -6,6 +6,8 @@ a subprocess, on Kubernetes as a Job — so a stage behaves the same everywhere.
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,3 +90,11 @@ def named_output_folders(value: str) -> list[str]:
     """The stage output folders a path or URI lies in (`s3://b/a/adapter/<key>/adapter.safetensors` ->
     `s3://b/a/adapter/<key>`), as spelled in it."""
     return [value[: match.end()] for match in NAMED_OUTPUT.finditer(value)]
+
+
+def spellings(text: str, directory: str) -> set[str]:
+    """`text` as written and, for what may be a local path, with `.` and `..` taken out and through the
+    symbolic links it passes (relative to `directory`): the ways it may name a stage output's folder."""
+    if "://" in text or len(text) >= 4096 or "\n" in text or "\0" in text:
+        return {text}
+    return {text, posixpath.normpath(text), os.path.realpath(os.path.join(directory, text))}

@@ -28,7 +28,7 @@ import yaml
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.data.image_folder import collection_root
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, SIGNALS_SEEN, Stopped, UserError
-from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders
+from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, spellings
 from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, output_fingerprint, read_manifest
@@ -337,7 +337,8 @@ def outputs_named_by_path(stage: StageSpec) -> list[str]:
     values = [stage.policy.reuse_existing, *stage.with_.values()]
     texts = [v for value in values for v in (value if isinstance(value, list) else [value])
              if isinstance(v, str) and v not in stage.needs]
-    return sorted({folder for text in texts for folder in named_output_folders(text)})
+    return sorted({folder for text in texts for spelling in spellings(text, os.getcwd())
+                   for folder in named_output_folders(spelling)})
 
 
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,

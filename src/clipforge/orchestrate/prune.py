@@ -10,16 +10,17 @@ retrain still reuses them. It deletes the other key folders (and a cache's
 
 What it never deletes: a folder that is no stage output's (no 16-hex key, or not
 under a stage kind), and an output whose lease someone holds. Before deleting an
-output it takes that output's lease itself, then reads the runs again: a run
-that started meanwhile and reused the output keeps it, and one that wants it
-while it goes waits for the lease, then finds no manifest and makes it again.
+output it takes that output's lease itself, then reads the runs again. A run
+writes its record as it starts, and a stage takes the lease of an output it
+makes or reuses, or waits while prune holds that of one it reads by path; so
+either prune sees the run and keeps the output, or the run sees prune, waits,
+and finds the output gone (it makes it again, or says it is not there).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import re
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from clipforge.errors import UserError
-from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY
+from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellings
 from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
 from clipforge.orchestrate.pipeline import read_run_record
 from clipforge.orchestrate.runs import live_state
@@ -154,10 +155,8 @@ def named_outputs(records: list[dict]) -> set[tuple[str, str]]:
     for record in records:
         directory = record.get("directory") if isinstance(record.get("directory"), str) else os.getcwd()
         for text in strings_in(record):
-            spellings = {text}
-            if "://" not in text and len(text) < 4096 and "\n" not in text and "\0" not in text:
-                spellings |= {posixpath.normpath(text), os.path.realpath(os.path.join(directory, text))}
-            found |= {match.groups() for spelling in spellings for match in NAMED_OUTPUT.finditer(spelling)}
+            found |= {match.groups() for spelling in spellings(text, directory)
+                      for match in NAMED_OUTPUT.finditer(spelling)}
     return found
 
 
