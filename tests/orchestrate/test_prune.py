@@ -258,3 +258,15 @@ def test_an_output_that_cannot_be_deleted_is_reported_and_the_others_still_go(tm
     assert f"could not delete 1 output: {stuck}: could not delete {stuck}/x: Permission denied" in err
     assert read_manifest(stuck) is None  # its manifest went first: what is left is never "done"
     assert not any(Path(uri).exists() for uri in plan.outputs[1:])
+
+
+def test_a_prune_that_died_elsewhere_is_waited_for_only_until_its_lease_is_stale(tmp_path):
+    from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, wait_while_pruned
+
+    output = tmp_path / "adapter" / "0123456789abcdef"
+    output.mkdir(parents=True)
+    (output / LEASE_NAME).write_text(json.dumps({"run_id": PRUNER, "stage": "prune", "host": "another-host",
+                                                 "pid": 1, "holder": "x", "renewed": "2026-01-01T00:00:00Z"}))
+    started = time.monotonic()
+    wait_while_pruned(str(output), "evaluate", poll=0.05, stale_after=0.5)
+    assert 0.5 <= time.monotonic() - started < 5

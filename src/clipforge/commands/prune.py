@@ -13,10 +13,11 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "prune", help="delete the outputs in an artifact store that only older runs used",
         description="Keep the newest --keep runs under ARTIFACTS/runs/ and every run that may still be running, "
-                    "with every stage output they recorded (so the next run still reuses them); delete the other "
-                    "stage outputs (ARTIFACTS/<kind>/<key>/) and the older runs' records. Without --yes it only "
-                    "lists what it would delete. Folders that are no stage output, and outputs whose lease a "
-                    "writer holds, are left alone.")
+                    "with every stage output they name (made, reused, or read by path), so the next run still "
+                    "reuses them; delete the other stage outputs (ARTIFACTS/<kind>/<key>/) and the older runs' "
+                    "records. Without --yes it only lists what it would delete, and writes nothing. Folders that "
+                    "are no stage output, and outputs whose lease a writer holds, are left alone. Exit 2 when a "
+                    "run record does not read, or an output could not be deleted.")
     parser.add_argument("artifacts", metavar="ARTIFACTS",
                         help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
     parser.add_argument("--keep", type=number_in(int, 1, float("inf"), "keep at least 1 run"), default=10,

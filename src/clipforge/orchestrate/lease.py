@@ -184,15 +184,23 @@ def lease_holder(raw: bytes) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def wait_while_pruned(output: str, stage: str, poll: float = 2.0) -> None:
+def wait_while_pruned(output: str, stage: str, poll: float = 2.0, stale_after: float = 120.0) -> None:
     """Wait while `clipforge prune` holds `output`'s lease (it is deleting it). A stage that reads an output
     by its path, not as a stage it needs, takes no lease of its own; its run record is written before it looks
-    here, and a prune reads the runs again after taking its leases, so one of the two always sees the other."""
-    said = False
+    here, and a prune reads the runs again after taking its leases, so one of the two always sees the other.
+    A prune's lease that has not been renewed for `stale_after` seconds (its process died elsewhere) is
+    waited for no longer, as a stage would take it over."""
+    said, seen, since = False, None, time.monotonic()
     while True:
         current = storage.read_versioned(storage.join(output, LEASE_NAME))
         holder = lease_holder(current[0]) if current is not None else {}
         if holder.get("run_id") != PRUNER or holder_gone(holder):
+            return
+        if current[1] != seen:
+            seen, since = current[1], time.monotonic()
+        elif time.monotonic() - since > stale_after:
+            log.warning("[%s] a prune held %s but has not renewed it for %.0f s: going on", stage, output,
+                        time.monotonic() - since)
             return
         if not said:
             log.warning("[%s] clipforge prune is deleting %s, which this stage reads: waiting for it", stage, output)
