@@ -262,3 +262,27 @@ def test_a_stage_that_failed_before_writing_anything_leaves_no_output_folder(tmp
     assert record.data["stages"]["nsd-index"]["status"] == "failed"
     assert not output.exists() and not output.parent.exists()  # ARTIFACTS/index/ was made for it too
     assert (tmp_path / "runs" / "r" / "run.json").is_file()
+
+
+@pytest.mark.parametrize("error, state", [(RuntimeError("the store went away"), "failed"), (Stopped(), "stopped")])
+def test_a_runner_that_ends_between_stages_says_so_in_its_record(tmp_path, error, state):
+    """The record is written as the run starts; a crash or a stop outside any stage would leave it
+    `incomplete` for ever (a Kubernetes run is waited on, and prune keeps what it names)."""
+    from clipforge.orchestrate.runs import run_uri
+    from clipforge.storage import uri as storage
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    execute, _ = stages_that({})
+
+    def failing(resolved):
+        if resolved.spec.name == "adapter":
+            raise error
+        return execute(resolved)
+
+    with pytest.raises(type(error)):
+        run_pipeline(spec, "r", failing, runner="kubernetes")
+    record = storage.read_json(run_uri(str(tmp_path), "r"))
+    assert record["ended"] == ("failed: the store went away" if state == "failed" else "stopped")
+    assert run_state({**record, "stages": {k: v for k, v in record["stages"].items() if k != "adapter"}}) == state
+    run_pipeline(spec, "r", execute)  # resumed: the earlier end is forgotten
+    assert "ended" not in storage.read_json(run_uri(str(tmp_path), "r"))

@@ -270,3 +270,43 @@ def test_a_prune_that_died_elsewhere_is_waited_for_only_until_its_lease_is_stale
     started = time.monotonic()
     wait_while_pruned(str(output), "evaluate", poll=0.05, stale_after=0.5)
     assert 0.5 <= time.monotonic() - started < 5
+
+
+def test_sigterm_while_waiting_for_a_prune_is_recorded_and_an_unreadable_lease_is_no_wait(tmp_path, monkeypatch):
+    from clipforge.errors import Stopped
+    from clipforge.orchestrate import lease as lease_module
+    from clipforge.orchestrate.lease import PRUNER, wait_while_pruned
+    from clipforge.orchestrate.runs import run_state
+
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    (adapter,) = [uri for uri in outputs_of(tmp_path, "r1") if "/adapter/" in uri]
+    pruning = StageLease(adapter, PRUNER, "prune")
+    assert pruning.try_take()
+    try:
+        def signalled(seconds):
+            raise Stopped  # what the CLI's SIGTERM handler raises, arriving during the wait
+
+        monkeypatch.setattr(lease_module.time, "sleep", signalled)
+        run(tmp_path, "r2", epochs=6, extra=[f"stages.evaluate.with.adapter={adapter}"])
+    finally:
+        monkeypatch.undo()
+        pruning.__exit__(None, None, None)
+    record = storage.read_json(str(tmp_path / "runs" / "r2" / "run.json"))
+    assert record["stages"]["evaluate"]["status"] == "interrupted"
+    assert record["stages"]["evaluate"]["message"] == \
+        "stopped (SIGTERM) while waiting for a prune of an output it reads"
+    assert run_state(record) == "stopped at evaluate"
+
+    def denied(uri):
+        raise RuntimeError("AccessDenied")
+
+    monkeypatch.setattr(storage, "read_versioned", denied)
+    wait_while_pruned(adapter, "evaluate")  # cannot tell: goes on at once
+
+
+def test_spellings_of_what_is_no_path():
+    from clipforge.orchestrate.kinds import spellings
+
+    assert spellings("\ud800", "/") == {"\ud800"}
+    assert spellings("cpu", "/no/such/folder") == {"cpu"}
+    assert spellings("s3://b/x/./y", "/") == {"s3://b/x/./y"}

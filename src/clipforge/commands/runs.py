@@ -66,6 +66,8 @@ def run(args) -> int:
         else:
             print(f"run {record['run_id']}: {state} (created {record.get('created')}, "
                   f"updated {record.get('updated')})")
+            if record.get("ended") and state in ("failed", "stopped"):
+                print(f"its runner ended between stages: {record['ended']}")
             print(summary_table(record))
             steps = next_steps(record)
             if state.startswith("lost"):

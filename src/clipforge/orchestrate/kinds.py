@@ -97,4 +97,11 @@ def spellings(text: str, directory: str) -> set[str]:
     symbolic links it passes (relative to `directory`): the ways it may name a stage output's folder."""
     if "://" in text or len(text) >= 4096 or "\n" in text or "\0" in text:
         return {text}
-    return {text, posixpath.normpath(text), os.path.realpath(os.path.join(directory, text))}
+    found = {text, posixpath.normpath(text)}
+    try:
+        path = os.path.join(directory, text)
+        if os.path.lexists(path):  # only a path that is there can pass a link (`cpu`, a caption: none)
+            found.add(os.path.realpath(path))
+    except ValueError:  # text no file name can hold (a lone surrogate)
+        pass
+    return found

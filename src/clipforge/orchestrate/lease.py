@@ -192,15 +192,20 @@ def wait_while_pruned(output: str, stage: str, poll: float = 2.0, stale_after: f
     waited for no longer, as a stage would take it over."""
     said, seen, since = False, None, time.monotonic()
     while True:
-        current = storage.read_versioned(storage.join(output, LEASE_NAME))
+        try:
+            current = storage.read_versioned(storage.join(output, LEASE_NAME))
+        except Exception as exc:  # access denied to this identity, an S3 blip: the stage's own read tells
+            log.warning("[%s] cannot tell whether a prune is deleting %s (%s): going on", stage, output,
+                        type(exc).__name__)
+            return
         holder = lease_holder(current[0]) if current is not None else {}
         if holder.get("run_id") != PRUNER or holder_gone(holder):
             return
         if current[1] != seen:
             seen, since = current[1], time.monotonic()
         elif time.monotonic() - since > stale_after:
-            log.warning("[%s] a prune held %s but has not renewed it for %.0f s: going on", stage, output,
-                        time.monotonic() - since)
+            log.warning("[%s] a prune on %s held %s but has not renewed it for %.0f s: going on", stage,
+                        holder.get("host"), output, time.monotonic() - since)
             return
         if not said:
             log.warning("[%s] clipforge prune is deleting %s, which this stage reads: waiting for it", stage, output)

@@ -27,7 +27,15 @@ import yaml
 
 from clipforge.config.pipeline import PipelineSpec, StageSpec, order_stages
 from clipforge.data.image_folder import collection_root
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_FAILED, SIGNALS_SEEN, Stopped, UserError
+from clipforge.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RUN_FAILED,
+    SIGNALS_SEEN,
+    Stopped,
+    UserError,
+    first_line,
+)
 from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, spellings
 from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
 from clipforge.storage import uri as storage
@@ -180,6 +188,7 @@ class RunRecord:
         # (`local`: nobody resumes it but a rerun; `kubernetes`: the driver Job's retry does).
         self.data["runner"] = {"kind": runner, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
         self.data["directory"] = os.getcwd()  # what the spec's relative paths are relative to
+        self.data.pop("ended", None)  # an earlier attempt's end, when resumed
         self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
@@ -246,6 +255,19 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     (the runner got SIGTERM), the stages left are skipped. `runner` names who runs it (run.json's `runner`)."""
     record = RunRecord(spec, run_id, runner)
     record.save()  # at once: the outputs its spec names by path are in use from now on (`clipforge prune`)
+    try:
+        return _run_stages(spec, record, execute, stop)
+    except (Exception, Stopped, KeyboardInterrupt) as exc:  # the run ends here: say so, where no stage does
+        stopped = isinstance(exc, Stopped | KeyboardInterrupt)
+        record.data["ended"] = "stopped" if stopped else f"failed: {first_line(exc)}"
+        try:
+            record.save()
+        except Exception as also:  # the store itself is what failed: the original error is the one to see
+            log.warning("could not record how run %s ended: %s", run_id, first_line(also))
+        raise
+
+
+def _run_stages(spec: PipelineSpec, record: RunRecord, execute: Executor, stop: StopRequest | None) -> RunRecord:
     outputs: dict[str, str | None] = {}
     statuses: dict[str, str] = {}
     # Stages that produced nothing under `on_failure: continue`, and those skipped because of them:
@@ -286,8 +308,11 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     it needs that produced nothing under `on_failure: continue`, with their status."""
     name = stage.name
     pinned = stage.policy.reuse_existing
-    for folder in outputs_named_by_path(stage):
-        wait_while_pruned(folder, name)
+    try:
+        for folder in outputs_named_by_path(stage):
+            wait_while_pruned(folder, name)
+    except (Stopped, KeyboardInterrupt) as exc:
+        return stopped_while_waiting(record, stage, exc, "a prune of an output it reads", None, None)
     found = read_manifest(pinned) if pinned else None
     if found is not None and found.get("kind", stage.kind) != stage.kind:
         why = f"policy reuse_existing: {pinned} holds a {found['kind']} stage's output, not a {stage.kind} stage's"
@@ -321,14 +346,20 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     except (Stopped, KeyboardInterrupt) as exc:
         if lease.token is not None:  # stopped while the stage ran: the executor's to handle
             raise
-        # Stopped while another run held the output: nothing of this run's is lost, and the record says so.
-        code, how = (EXIT_PREEMPTED, "SIGTERM") if isinstance(exc, Stopped) else (EXIT_INTERRUPTED, "Ctrl-C")
-        SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
-        why = f"stopped ({how}) while waiting for another run writing {resolved.output}"
-        log.warning("[%s] %s; rerun with --run-id %s to go on", name, why, record.data["run_id"])
-        record.record(name, kind=stage.kind, status="interrupted", key=resolved.key, output=resolved.output,
-                      finished=_now(), exit_code=code, message=why)
-        return "interrupted", None
+        return stopped_while_waiting(record, stage, exc, f"another run writing {resolved.output}", resolved.key,
+                                     resolved.output)
+
+
+def stopped_while_waiting(record: RunRecord, stage: StageSpec, exc: BaseException, what: str, key, output):
+    """Stopped (SIGTERM, Ctrl-C) while waiting for `what`, before the stage ran: nothing of this run's is lost,
+    and the record says so (`interrupted`, with how to go on)."""
+    code, how = (EXIT_PREEMPTED, "SIGTERM") if isinstance(exc, Stopped) else (EXIT_INTERRUPTED, "Ctrl-C")
+    SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
+    why = f"stopped ({how}) while waiting for {what}"
+    log.warning("[%s] %s; rerun with --run-id %s to go on", stage.name, why, record.data["run_id"])
+    record.record(stage.name, kind=stage.kind, status="interrupted", key=key, output=output, finished=_now(),
+                  exit_code=code, message=why)
+    return "interrupted", None
 
 
 def outputs_named_by_path(stage: StageSpec) -> list[str]:

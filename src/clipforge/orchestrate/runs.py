@@ -41,7 +41,8 @@ def run_uri(artifacts: str, run_id: str) -> str:
 
 def run_state(run: dict) -> str:
     """`complete`, `failed at STAGE`, `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after
-    saving its progress: a rerun resumes) or `incomplete` (between stages), from the record alone."""
+    saving its progress: a rerun resumes), `failed` or `stopped` (its runner ended between stages), or
+    `incomplete` (between stages), from the record alone."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -54,7 +55,10 @@ def run_state(run: dict) -> str:
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
         return f"stopped at {stopped[0]}"
-    return "complete" if all(status[name] in ENDED for name in names) else "incomplete"
+    if all(status[name] in ENDED for name in names):
+        return "complete"
+    ended = run.get("ended")  # the runner ended between stages: stopped, or failed (a crash, an S3 error)
+    return ended.split(":", 1)[0] if isinstance(ended, str) and ended else "incomplete"
 
 
 def live_state(run: dict, uri: str) -> str:
@@ -90,22 +94,21 @@ def list_runs(artifacts: str) -> list[dict]:
         what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
         raise UserError(f"artifact store {artifacts} {what}")
     root = storage.join(artifacts, "runs")
-    # One GET per run, many at once: on S3 a store with hundreds of runs (one per CI commit) lists in a
-    # second or two, not a minute of serial requests.
-    with ThreadPoolExecutor(16) as pool:
-        records = list(pool.map(lambda run_id: (run_id, _read_or_none(storage.join(root, run_id, "run.json"))),
-                                storage.list_folders(root)))
-    runs = []
-    for run_id, run in records:
+
+    def summary(run_id: str) -> dict | None:
+        uri = storage.join(root, run_id, "run.json")
+        run = _read_or_none(uri)
         if run is None:
-            continue
-        stages = run.get("stages") or {}
-        total = len(run["spec"]["stages"])
+            return None
         # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
-        done = sum(1 for entry in stages.values() if entry.get("status") in FINISHED)
-        runs.append({"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
-                     "state": live_state(run, storage.join(root, run_id, "run.json")), "stages_done": done,
-                     "stages": total})
+        done = sum(1 for entry in (run.get("stages") or {}).values() if entry.get("status") in FINISHED)
+        return {"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
+                "state": live_state(run, uri), "stages_done": done, "stages": len(run["spec"]["stages"])}
+
+    # One GET per run (two for one whose runner is gone), many at once: on S3 a store with hundreds of runs
+    # (one per CI commit) lists in a second or two, not a minute of serial requests.
+    with ThreadPoolExecutor(16) as pool:
+        runs = [run for run in pool.map(summary, storage.list_folders(root)) if run is not None]
     return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
 
 
