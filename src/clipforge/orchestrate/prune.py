@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +29,7 @@ from dataclasses import dataclass, field
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellings
 from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
-from clipforge.orchestrate.pipeline import read_run_record
-from clipforge.orchestrate.runs import live_state
+from clipforge.orchestrate.runs import read_runs, record_or_problem
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME
 
@@ -97,39 +95,13 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
 
 
 def readable_runs(artifacts: str) -> list[dict]:
-    """Every run under ARTIFACTS/runs/ (oldest first): run_id, created, updated, state and its record. A folder
-    without run.json is a run that is just starting (its stage holds its output's lease meanwhile); a run.json
-    that does not read, twice a second apart, is a UserError naming it."""
-    if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
-        what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
-        raise UserError(f"artifact store {artifacts} {what}")
-    root = storage.join(artifacts, "runs")
-    with ThreadPoolExecutor(16) as pool:
-        found = list(pool.map(lambda run_id: (run_id, record_or_problem(storage.join(root, run_id, "run.json"))),
-                              storage.list_folders(root)))
-    unreadable = [problem for _, (record, problem) in found if problem]
+    """`runs.read_runs`, where a run.json that does not read is a UserError naming it: its outputs cannot be
+    told apart from the ones nobody uses."""
+    runs, unreadable = read_runs(artifacts)
     if unreadable:
         raise UserError(f"{unreadable[0]}{f' (and {len(unreadable) - 1} more)' if len(unreadable) > 1 else ''}: "
                         "prune cannot tell which outputs that run uses; mend or remove it first")
-    runs = [{"run_id": run_id, "created": record.get("created"), "updated": record.get("updated"),
-             "runner": (record.get("runner") or {}).get("kind"),
-             "state": live_state(record, storage.join(root, run_id, "run.json")), "record": record}
-            for run_id, (record, _) in found if record is not None]
-    return sorted(runs, key=lambda run: (run["created"] or "", run["run_id"]))
-
-
-def record_or_problem(uri: str) -> tuple[dict | None, str | None]:
-    """(the run record, None), (None, None) when there is none yet, or (None, why it does not read)."""
-    for attempt in range(2):
-        if not storage.exists(uri):
-            return None, None
-        try:
-            return read_run_record(uri), None
-        except UserError as exc:  # a record being replaced as it was read, or a damaged one
-            if attempt:
-                return None, str(exc)
-            time.sleep(1.0)
-    return None, None
+    return runs
 
 
 def may_still_run(run: dict) -> bool:

@@ -89,39 +89,57 @@ def runner_gone(run: dict) -> bool:
 
 
 def list_runs(artifacts: str) -> list[dict]:
-    """Every recorded run, oldest first: id, created, updated, state, stages done (with output) of stages."""
+    """Every recorded run, oldest first: id, created, updated, state, stages done (with output) of stages. A
+    run.json that does not read is said, not fatal: the other runs are still listed."""
+    runs, problems = read_runs(artifacts)
+    for problem in problems:
+        log.warning("%s: that run is left out", problem)
+    # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
+    return [{"run_id": run["run_id"], "created": run["created"], "updated": run["updated"], "state": run["state"],
+             "stages_done": sum(1 for entry in (run["record"].get("stages") or {}).values()
+                                if entry.get("status") in FINISHED),
+             "stages": len(run["record"]["spec"]["stages"])} for run in runs]
+
+
+def read_runs(artifacts: str) -> tuple[list[dict], list[str]]:
+    """Every run under ARTIFACTS/runs/, oldest first, as {run_id, created, updated, runner, state, record}; and
+    why each run.json that does not read does not. A folder without run.json is a run that has not written it
+    yet: neither."""
     if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
         what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
         raise UserError(f"artifact store {artifacts} {what}")
     root = storage.join(artifacts, "runs")
 
-    def summary(run_id: str) -> dict | None:
+    def one(run_id: str) -> tuple[dict | None, str | None]:
         uri = storage.join(root, run_id, "run.json")
-        run = _read_or_none(uri)
-        if run is None:
-            return None
-        # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
-        done = sum(1 for entry in (run.get("stages") or {}).values() if entry.get("status") in FINISHED)
-        return {"run_id": run_id, "created": run.get("created"), "updated": run.get("updated"),
-                "state": live_state(run, uri), "stages_done": done, "stages": len(run["spec"]["stages"])}
+        record, problem = record_or_problem(uri)
+        if record is None:
+            return None, problem
+        return {"run_id": run_id, "created": record.get("created"), "updated": record.get("updated"),
+                "runner": (record.get("runner") or {}).get("kind"), "state": live_state(record, uri),
+                "record": record}, None
 
     # One GET per run (two for one whose runner is gone), many at once: on S3 a store with hundreds of runs
     # (one per CI commit) lists in a second or two, not a minute of serial requests.
     with ThreadPoolExecutor(16) as pool:
-        runs = [run for run in pool.map(summary, storage.list_folders(root)) if run is not None]
-    return sorted(runs, key=lambda r: (r["created"] or "", r["run_id"]))
+        found = list(pool.map(one, storage.list_folders(root)))
+    runs = sorted((run for run, _ in found if run is not None), key=lambda r: (r["created"] or "", r["run_id"]))
+    return runs, [problem for _, problem in found if problem]
 
 
-def _read_or_none(uri: str) -> dict | None:
-    """A run's record, or None for a folder without one (a run that never wrote it) or with one that is not
-    JSON, or JSON of another shape (said, not fatal: the other runs are still listed)."""
-    if not storage.exists(uri):
-        return None
-    try:
-        return read_run_record(uri)
-    except UserError as exc:
-        log.warning("%s: that run is left out", exc)
-        return None
+def record_or_problem(uri: str) -> tuple[dict | None, str | None]:
+    """(the run record, None), (None, None) when there is none, or (None, why it does not read), read twice a
+    second apart (a record being replaced as it was read reads the second time)."""
+    for attempt in range(2):
+        if not storage.exists(uri):
+            return None, None
+        try:
+            return read_run_record(uri), None
+        except UserError as exc:
+            if attempt:
+                return None, str(exc)
+            time.sleep(1.0)
+    return None, None
 
 
 def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sleep=time.sleep) -> str:
