@@ -210,7 +210,7 @@ def unlike_planned(planned: dict | None, cfg: CacheConfig, inputs: dict) -> str:
     relative paths were read), as ` (…)`; empty when nothing says."""
     if planned is None or not isinstance(planned.get("inputs"), dict):
         return ""
-    differ = what_differs(planned, cfg, inputs).replace(" in the manifest,", " then,")
+    differ = what_differs(planned, cfg, inputs, recorded_as="then")
     return f" ({differ}{read_elsewhere(planned)})" if differ else ""
 
 
@@ -252,7 +252,8 @@ def same_local_file(a: str, b: str) -> bool:
         return False
 
 
-def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3) -> str:
+def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3,
+                 recorded_as: str = "in the manifest") -> str:
     """The settings and inputs of `cfg` that are not those `manifest` records, as `key: X in the manifest, Y now`
     (the first `shown` of them); empty when they cannot be told (a manifest of an older clipforge)."""
     defaults = {field.alias or name: field.default for name, field in CacheConfig.model_fields.items()
@@ -268,7 +269,7 @@ def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3)
                        if sub != "uri" and a.get(sub) != b.get(sub)]
         elif a != b:
             differ.append((f"inputs.{key}", a, b))
-    said = "; ".join(f"{key}: {a} in the manifest, {b} now" for key, a, b in differ[:shown])
+    said = "; ".join(f"{key}: {a} {recorded_as}, {b} now" for key, a, b in differ[:shown])
     return said + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
 
 
