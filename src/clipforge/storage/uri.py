@@ -155,22 +155,10 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
             for attempt in range(3):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    folder = os.open(path.parent, os.O_RDONLY)
-                except FileNotFoundError:  # removed between the two (a prune taking away an empty output)
-                    continue
-                try:
-                    fcntl.flock(folder, fcntl.LOCK_EX)
-                    current = read_versioned(uri)
-                    if (current[1] if current else None) != expected:
-                        return None
-                    write_bytes(uri, data)
-                    return hashlib.sha256(data).hexdigest()
-                except FileNotFoundError:
+                    return _write_if_locked(path, data, expected)
+                except FileNotFoundError:  # the folder was removed meanwhile (a prune taking an empty output)
                     if attempt == 2:
                         raise
-                finally:
-                    os.close(folder)  # releases the lock
-            raise FileNotFoundError(f"{path.parent} keeps disappearing")
         case "s3":
             loc = s3.parse_s3(uri)
             condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
@@ -181,6 +169,20 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or (expected and s3.is_not_found(exc)):
                     return None
                 raise
+
+
+def _write_if_locked(path: Path, data: bytes, expected: str | None) -> str | None:
+    """`write_if` on disk, under an flock on the folder around the read and the write."""
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        current = read_versioned(str(path))
+        if (current[1] if current else None) != expected:
+            return None
+        write_bytes(str(path), data)
+        return hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def read_json(uri: str, *, unsigned: bool = False) -> Any:
