@@ -260,6 +260,26 @@ def test_an_output_that_cannot_be_deleted_is_reported_and_the_others_still_go(tm
     assert not any(Path(uri).exists() for uri in plan.outputs[1:])
 
 
+def test_a_prune_stopped_while_deleting_a_run_record_leaves_a_run_the_next_prune_deletes(tmp_path, monkeypatch):
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    delete_objects = storage.delete_objects
+
+    def stopped_at_run_json(prefix, names):
+        if names == ["run.json"]:
+            raise KeyboardInterrupt
+        delete_objects(prefix, names)
+
+    monkeypatch.setattr(storage, "delete_objects", stopped_at_run_json)
+    with pytest.raises(KeyboardInterrupt):
+        apply_prune(str(tmp_path), plan_prune(str(tmp_path), keep=1))
+    monkeypatch.undo()
+    plan = plan_prune(str(tmp_path), keep=1)  # r1 still reads as a run (its configs gone), so it goes now
+    assert list(plan.pruned_runs) == ["r1"] and plan.outputs
+    apply_prune(str(tmp_path), plan)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r2"]
+
+
 def test_a_prune_that_died_elsewhere_is_waited_for_only_until_its_lease_is_stale(tmp_path):
     from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, wait_while_pruned
 

@@ -172,7 +172,7 @@ def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[
         if record is not None and record.get("updated") != updated:
             log.warning("run %s changed since the plan (resumed?): its record and outputs are kept", run_id)
             continue
-        storage.delete_tree(storage.join(artifacts, "runs", run_id))
+        delete_run_record(storage.join(artifacts, "runs", run_id))
         records += 1
         log.info("deleted the record of run %s", run_id)
     deleted, kept, failed = [], [], []
@@ -206,6 +206,14 @@ def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[
             for lease in leases.values():  # released already, unless something above raised
                 lease.__exit__(None, None, None)
     return deleted, kept, failed, records
+
+
+def delete_run_record(folder: str) -> None:
+    """A run's folder, its run.json last: a prune stopped part-way leaves a record the next one prunes, not a
+    folder of configs that no listing shows as a run."""
+    storage.delete_objects(folder, [name for name in storage.list_tree(folder) if name != "run.json"])
+    storage.delete_objects(folder, ["run.json"])
+    storage.remove_empty_folders(folder)
 
 
 def delete_output(uri: str) -> str | None:
