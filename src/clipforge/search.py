@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
-from clipforge.models.encoders import EncoderSpec, load_clip, names_weights_file, weights_identity
+from clipforge.models.encode import resolve_device
+from clipforge.models.encoders import EncoderSpec, load_clip, names_weights_file, weights_digest, weights_identity
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest
@@ -40,21 +42,26 @@ class Hit:
     path: str
 
 
-def _check_relative_paths(index: str, recorded: dict[str, str | None]) -> None:
+def _check_relative_paths(index: str, recorded: dict[str, str | None], built_in: str | None) -> None:
     """A cache records the files its model came from as they were given: relative ones resolve from the
-    directory it was built in (a pipeline's working directory), so say that rather than "not found"."""
+    directory it was built in (a pipeline's working directory), so say that rather than "not found"; and
+    where that directory is this one, that the file is gone."""
     for (what, flag), path in recorded.items():
         if path and not path.startswith("s3://") and "/" in path and not Path(path).is_absolute() \
                 and not Path(path).exists():
+            if built_in and os.path.abspath(built_in) == os.getcwd():
+                raise UserError(f"index {index} was built with {what} {path}, which is not there any more "
+                                f"(deleted, or pruned?); give {flag} with the file it was built with")
+            where = f" ({built_in})" if built_in else ""
             raise UserError(f"index {index} was built with {what} {path}, relative to the directory it was built "
-                            f"in; run this from there, or give {flag} with its path from here")
+                            f"in{where}; run this from there, or give {flag} with its path from here")
 
 
 def query_encoder(index: str, built: dict, model: str | None, pretrained: str | None,
                   model_config: str | None) -> EncoderSpec:
     """The encoder for queries: the one the index was built with, found where the user says (the same
-    weights file from another directory) or where the index recorded it. Another encoder is refused: its
-    embeddings live in another space."""
+    weights file from another directory) or where the index recorded it. Another model name or tag is
+    refused: its embeddings live in another space (`check_same_weights` compares weights files)."""
     name, recorded = built.get("name"), built.get("pretrained")
     same = (model or name) == name
     if same and pretrained and pretrained != recorded:
@@ -62,13 +69,32 @@ def query_encoder(index: str, built: dict, model: str | None, pretrained: str | 
             same = False  # another open_clip tag
         elif not storage.exists(pretrained):
             raise UserError(f"--pretrained {pretrained} not found")
-        else:  # a copy of the same file, or the same file by another path, has the same size
-            same = (built.get("weights") or {}).get("size") == weights_identity(pretrained).get("size")
     if not same:
         raise UserError(f"index {index} was built with model {name} ({recorded}); {model or name} "
                         f"({pretrained or recorded}) embeds into another space")
     return EncoderSpec(model=name, pretrained=pretrained or recorded,
                        model_config=model_config or built.get("model_config"))
+
+
+def check_same_weights(index: str, built: dict | None, pretrained: str | None) -> None:
+    """Refuse a weights file with other contents than the index was built with: two fine-tunes of one
+    architecture have the same size, and weights overwritten in place keep their name. The recorded file
+    unchanged (size and mtime, or ETag) is not read again; an index of before content digests compares sizes."""
+    if not built or not names_weights_file(pretrained):
+        return
+    found = weights_identity(pretrained)
+    unchanged = {k: v for k, v in found.items() if k != "uri"} == \
+        {k: v for k, v in built.items() if k in found and k != "uri"} and found["uri"] == built.get("uri")
+    if unchanged:
+        return
+    if built.get("sha256"):
+        same, how = weights_digest(pretrained) == built["sha256"], "contents (sha256)"
+    else:
+        same, how = found.get("size") == built.get("size"), "size"
+    if not same:
+        changed = "was changed since" if pretrained == built.get("uri") else "is not the file"
+        raise UserError(f"weights {pretrained} {changed} index {index} was built with (other {how}): its "
+                        "embeddings would live in another space; index the folder again with these weights")
 
 
 class Searcher:
@@ -79,10 +105,12 @@ class Searcher:
         self.table = read_embeddings(index, "index")
         self.spec = query_encoder(index, self.table.model, model, pretrained, model_config)
         _check_relative_paths(index, {("model config", "--model-config"): self.spec.model_config,
-                                      ("weights", "--pretrained"): self.spec.pretrained})
-        self.model, preprocess_cfg = load_clip(self.spec, device)
-        self.preprocess = BatchPreprocess(preprocess_cfg, device)
-        self.device = torch.device(device)
+                                      ("weights", "--pretrained"): self.spec.pretrained},
+                              self.table.manifest.get("directory"))
+        check_same_weights(index, self.table.model.get("weights"), self.spec.pretrained)
+        self.device = resolve_device(device)
+        self.model, preprocess_cfg = load_clip(self.spec, self.device)
+        self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
         import open_clip
 
         self.tokenizer = open_clip.get_tokenizer(self.spec.model)

@@ -24,8 +24,9 @@ def shapes(tmp_path_factory):
 
 def config(tiny_models, source, output, **overrides):
     cfg_path, weights = tiny_models["source"]
-    return CacheConfig(source=str(source), model="tiny-source", model_config=str(cfg_path),
-                       pretrained=str(weights), output=str(output), batch_size=10, device="cpu", **overrides)
+    overrides = {"pretrained": str(weights), **overrides}
+    return CacheConfig(source=str(source), model="tiny-source", model_config=str(cfg_path), output=str(output),
+                       batch_size=10, device="cpu", **overrides)
 
 
 def test_folder_cache_ids_are_relative_paths_and_match_open_clip(shapes, tiny_models, ray_session, tmp_path):
@@ -134,8 +135,32 @@ def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ra
     with pytest.raises(UserError, match="embeds into another space"):
         Searcher(str(tmp_path / "index"), model="ViT-B-32", pretrained="openai")
     capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):  # argparse's one line, before any model loads
+        main(["search", "--index", str(tmp_path / "index"), "a red circle", "--device", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "0"]) == 2
     assert capsys.readouterr().err.strip() == "clipforge search: error: k: 0 results asked for; it must be at least 1"
+
+
+def test_search_refuses_other_weights_of_the_same_size_and_weights_changed_in_place(shapes, tiny_models, tmp_path,
+                                                                                     capsys):
+    """Two fine-tunes of one architecture have the same size: the index's content digest tells them apart."""
+    cfg_path, weights = tiny_models["source"]
+    state = {k: v.clone() for k, v in torch.load(weights).items()}
+    other = {k: v.clone().add_(0.01) if v.is_floating_point() else v.clone() for k, v in state.items()}
+    torch.save(state, tmp_path / "mine.pt")  # torch.save names its archive after the file: names of one length
+    torch.save(other, tmp_path / "them.pt")
+    assert (tmp_path / "mine.pt").stat().st_size == (tmp_path / "them.pt").stat().st_size
+    run_cache(config(tiny_models, shapes, tmp_path / "index", engine="local", pretrained=str(tmp_path / "mine.pt")))
+    assert read_embeddings(str(tmp_path / "index")).model["weights"]["sha256"]
+    Searcher(str(tmp_path / "index"))  # its own weights
+    __import__("shutil").copy(tmp_path / "mine.pt", tmp_path / "copy.pt")
+    Searcher(str(tmp_path / "index"), pretrained=str(tmp_path / "copy.pt"))  # a copy of them
+    with pytest.raises(UserError, match=r"them.pt is not the file index .* was built with \(other contents"):
+        Searcher(str(tmp_path / "index"), pretrained=str(tmp_path / "them.pt"))
+    torch.save(other, tmp_path / "mine.pt")  # overwritten in place, as a pinned fine-tune output is
+    assert main(["search", "--index", str(tmp_path / "index"), "a red circle"]) == 2
+    assert "mine.pt was changed since index" in capsys.readouterr().err
 
 
 def test_hidden_files_and_folders_are_not_images(tmp_path):

@@ -187,8 +187,8 @@ def test_the_folder_index_is_searched_from_the_run_directory(first_run, in_demo,
     assert len(hits) == 3 and all(Path(hit["path"]).is_file() for hit in hits)
     monkeypatch.chdir(tmp_path)  # elsewhere, the model's recorded relative paths do not resolve: say so
     assert main(["search", "--index", str(in_demo / index), "a red circle"]) == 2
-    assert "relative to the directory it was built in; run this from there, or give --model-config" \
-        in capsys.readouterr().err
+    assert f"relative to the directory it was built in ({in_demo.resolve()}); run " \
+        "this from there, or give --model-config" in capsys.readouterr().err
     # ... or name the same files from here: the same model, so the same hits
     recorded = read_manifest(str(in_demo / index))["model"]
     files = ["--model-config", str(in_demo / recorded["model_config"]),

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--pretrained", help="weights; default: those the index was built with (give "
                         "their path when the index recorded it relative to another directory)")
     parser.add_argument("--model-config", help="JSON model config, for custom models")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                        help="where queries are encoded (default: cpu; auto prefers CUDA)")
     parser.add_argument("--faiss", action="store_true",
                         help="approximate search through a FAISS index built once next to the cache (large indexes)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")

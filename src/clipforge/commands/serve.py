@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--pretrained", help="weights; default: those the index was built with (give "
                         "their path when the index recorded it relative to another directory)")
     parser.add_argument("--model-config", help="JSON model config, for custom models")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                        help="where queries are encoded (default: cpu; auto prefers CUDA)")
     parser.add_argument("--faiss", action="store_true",
                         help="approximate search with a FAISS IVF index built once next to the cache "
                              "(CACHE.faiss/); for collections past ~1M images")

@@ -87,7 +87,7 @@ class ImageEncoder:
         self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
         self.preprocess_cfg = preprocess_cfg
         self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
-        self.description = {**describe(spec, self.model, preprocess_cfg), "precision": self.precision}
+        self.description = {**describe(spec, self.model, preprocess_cfg, cache_dir), "precision": self.precision}
 
     @property
     def dim(self) -> int:

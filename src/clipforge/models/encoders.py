@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +66,15 @@ class EncoderSpec:
 def weights_identity(pretrained: str | None) -> dict | None:
     """ETag/size or size/mtime of a weights file; None for a tag, which identifies itself."""
     return storage.fingerprint(pretrained) if names_weights_file(pretrained) else None
+
+
+def weights_digest(pretrained: str | None, cache_dir: str | None = None) -> str | None:
+    """sha256 of a weights file's bytes (an s3:// one's local copy, fetched once); None for a tag. What tells two
+    fine-tunes of one architecture apart, which have the same size, and a file overwritten in place."""
+    if not names_weights_file(pretrained):
+        return None
+    with open(storage.fetch_to_local(pretrained, cache_dir), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def register_model_config(path: str) -> str:
@@ -289,28 +299,34 @@ def is_weights_format(path: str | None) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
 
 
-def describe(spec: EncoderSpec, model, preprocess_cfg: dict) -> dict:
-    """The model description stored in cache metadata and manifests."""
+def describe(spec: EncoderSpec, model, preprocess_cfg: dict, cache_dir: str | None = None) -> dict:
+    """The model description stored in cache metadata and manifests; a weights file's by its content too."""
+    weights = spec.weights_fingerprint()
+    if weights is not None:
+        weights["sha256"] = weights_digest(spec.pretrained, cache_dir)
     return {
         "name": spec.model,
         "pretrained": spec.pretrained,
         "model_config": spec.model_config,
         "dim": int(model.visual.output_dim),
         "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()},
-        "weights": spec.weights_fingerprint(),
+        "weights": weights,
     }
 
 
 def same_encoder(a: dict, b: dict) -> bool:
     """Whether two model descriptions (cache metadata) can be one encoder: the same name, and the same
-    weights where both say it the same way (two tags that differ, or two weights files of different sizes,
-    are two encoders). Two encoders of one width embed into unrelated spaces."""
+    weights where both say it the same way (two tags that differ, or two weights files of other contents, or
+    of other sizes where a description predates content digests, are two encoders). Two encoders of one width
+    embed into unrelated spaces."""
     if a.get("name") != b.get("name"):
         return False
     weights_a, weights_b = a.get("weights"), b.get("weights")
     if weights_a is None and weights_b is None:
         return a.get("pretrained") == b.get("pretrained")
     if weights_a is not None and weights_b is not None:
+        if weights_a.get("sha256") and weights_b.get("sha256"):
+            return weights_a["sha256"] == weights_b["sha256"]
         return weights_a.get("size") == weights_b.get("size")
     return True
 
