@@ -100,6 +100,22 @@ def test_an_output_a_kept_run_reads_by_its_path_stays(tmp_path):
     assert adapter not in plan.outputs and plan.outputs  # r1's generation and evaluation go; its adapter stays
 
 
+def test_an_output_named_by_a_kept_outputs_manifest_stays(tmp_path):
+    """A folder index a kept run reused names, in its manifest, the fine-tuned weights it was built with (made
+    by an older run, under another pinned output since): without them the index cannot be searched."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+    (adapter,) = [uri for uri in outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r2") if "/adapter/" in uri]
+    (kept_cache, *_) = sorted(uri for uri in outputs_of(tmp_path, "r2") if "/cache/" in uri)
+    manifest = read_manifest(kept_cache)
+    write_manifest(kept_cache, kind="cache", config={"pretrained": f"{adapter}/adapter.safetensors"},
+                   config_fingerprint=manifest["config_fingerprint"], inputs={})
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert adapter not in plan.outputs and plan.outputs
+    apply_prune(str(tmp_path), plan)
+    assert read_manifest(adapter) is not None
+
+
 def test_runs_of_one_second_are_all_kept_and_an_unreadable_record_stops_the_prune(tmp_path, capsys):
     run(tmp_path, "zz-older", epochs=5, created="2026-01-01T00:00:00Z")
     run(tmp_path, "aa-newer", epochs=6, created="2026-01-01T00:00:00Z")

@@ -31,7 +31,7 @@ from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellin
 from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
 from clipforge.orchestrate.runs import read_runs, record_or_problem
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import MANIFEST_NAME
+from clipforge.storage.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger("clipforge.prune")
 
@@ -78,7 +78,7 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
             kept_records.append(run["record"])
         else:
             plan.pruned_runs[run["run_id"]] = run["updated"]
-    used = named_outputs(kept_records)
+    used = outputs_in_use(kept_records, candidates)
     unused = [uri for uri, identity in candidates.items() if identity not in used]
     with ThreadPoolExecutor(16) as pool:
         trees = dict(zip(unused, pool.map(storage.list_tree, unused), strict=True))
@@ -117,6 +117,21 @@ def output_folders(artifacts: str) -> dict[str, tuple[str, str]]:
             if match and not (storage.scheme(uri) == "file" and storage.local_path(uri).is_symlink()):
                 found[uri] = (kind, match.group(1))  # a link to elsewhere is someone's own arrangement
     return found
+
+
+def outputs_in_use(records: list[dict], candidates: dict[str, tuple[str, str]]) -> set[tuple[str, str]]:
+    """(kind, key) of the outputs the records name, and of those their manifests name, and so on: a cache a
+    kept run reused names the fine-tuned weights it was built with, which that run may name nowhere."""
+    where = {identity: uri for uri, identity in candidates.items()}
+    used = named_outputs(records)
+    todo = [where[identity] for identity in used if identity in where]
+    with ThreadPoolExecutor(16) as pool:
+        while todo:
+            manifests = [m for m in pool.map(read_manifest, todo) if m is not None]
+            found = named_outputs(manifests) - used
+            used |= found
+            todo = [where[identity] for identity in found if identity in where]
+    return used
 
 
 def named_outputs(records: list[dict]) -> set[tuple[str, str]]:
@@ -186,7 +201,7 @@ def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[
                 else:
                     kept.append(f"{uri}: a writer took its lease since the plan")
             try:
-                used = named_outputs([run["record"] for run in readable_runs(artifacts)])
+                used = outputs_in_use([run["record"] for run in readable_runs(artifacts)], plan.identities)
             except UserError as exc:  # a record that stopped reading: nothing more can be told safely
                 kept += [f"{uri}: stopped, {exc}" for uri in leases] + [f"{uri}: stopped" for uri in
                                                                         plan.outputs[start + CHUNK :]]
