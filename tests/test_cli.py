@@ -64,3 +64,26 @@ def test_a_server_stopped_by_sigterm_does_not_speak_of_going_on(argv, server, li
     assert main(argv) == EXIT_PREEMPTED
     assert capsys.readouterr().err == line
 
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGTERM, EXIT_PREEMPTED, "stopped (SIGTERM)"),
+                                                      (signal.SIGINT, EXIT_INTERRUPTED, "interrupted")])
+@pytest.mark.parametrize("raised", [ImportError("cannot load module more than once per process"),
+                                    RecursionError("maximum recursion depth exceeded"), OSError(5, "I/O error")])
+def test_an_error_a_stop_raised_inside_an_import_is_that_stop(signum, code, line, raised, monkeypatch, capsys,
+                                                               tmp_path):
+    """A signal in the first half second lands while torch is imported: the import turns the stop into an
+    error of its own, which must still be one line and the stop's exit code, not a traceback and exit 1."""
+    def command(args) -> int:
+        try:
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):
+                pass
+        except BaseException as stop:  # Stopped, KeyboardInterrupt
+            raise raised from stop
+        return 0
+
+    monkeypatch.setattr("clipforge.commands.models.run_list", command)
+    assert main(["models", "list", "--dir", str(tmp_path)]) == code
+    err = capsys.readouterr().err
+    assert line in err and len(err.strip().splitlines()) == 1, err

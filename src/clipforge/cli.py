@@ -108,6 +108,16 @@ def quiet_about_stops(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def stopped(args: argparse.Namespace) -> int:
+    """The one line and exit code of a command stopped by a signal. Whatever error a stop raised inside an
+    import or a library ("cannot load module more than once", a RecursionError) is that stop too."""
+    if "SIGTERM" in SIGNALS_SEEN:
+        print(f"clipforge {args.command}: {getattr(args, 'on_stop', STOPPED)}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"clipforge {args.command}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     setup_logging(args.quiet)
@@ -130,22 +140,26 @@ def main(argv: list[str] | None = None) -> int:
               "on from there", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
-        if not is_about_a_path(exc):
-            raise
-        print(f"clipforge {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        if is_about_a_path(exc):
+            print(f"clipforge {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if SIGNALS_SEEN:
+            return stopped(args)
+        raise
     except Exception as exc:
+        if SIGNALS_SEEN:
+            return stopped(args)
         message = s3_failure(exc)
         if message is None:
             raise
         print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"clipforge {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        SIGNALS_SEEN.add("SIGINT")
+        return stopped(args)
     except Stopped:
-        print(f"clipforge {args.command}: {getattr(args, 'on_stop', STOPPED)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        SIGNALS_SEEN.add("SIGTERM")
+        return stopped(args)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
