@@ -83,6 +83,15 @@ def test_disk_cache_serves_verified_ranges_and_refetches_torn_ones(blob, tmp_pat
     third.prefetch([(0, 5000), (10_000, 20_000)])
     assert third.stats.requests == 1 and third.stats.cache_hits == 1
     assert third.pread(10_000, 10_000) == data[10_000:20_000]
+    # Damage bytes in place, the length unchanged (a bad disk, a shared cache written into): refetched too.
+    damaged = next(p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith("000000000000000"))
+    stored = bytearray(damaged.read_bytes())
+    stored[100:104] = b"XXXX"
+    damaged.write_bytes(bytes(stored))
+    fourth = RangeReader(uri, cache_dir=tmp_path)
+    fourth.prefetch([(0, 5000), (10_000, 20_000)])
+    assert fourth.stats.requests == 1 and fourth.stats.cache_hits == 1
+    assert fourth.pread(0, 5000) == data[:5000]
 
 
 def test_new_etag_invalidates_the_cache(blob, tmp_path):

@@ -9,8 +9,8 @@ contiguous layout), `fill` writes ranges straight into its buffers: each byte
 crosses the network once and is copied once. Every body is checked against the range asked for: transient
 errors and short or truncated bodies are retried with backoff, never served.
 With `cache_dir`, ranges persist on disk keyed by bucket, key, ETag and range,
-each written atomically and its length verified on read, so a torn file is
-refetched and a changed object (new ETag) never hits old bytes.
+each written atomically with its CRC-32 and verified on read, so a torn or damaged
+file is refetched and a changed object (new ETag) never hits old bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import random
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ def coalesce(ranges: list[tuple[int, int]], max_gap: int = 0, max_size: int = 25
 
 
 class RangeCache:
-    """On-disk store of fetched ranges: one file per (object version, start, length)."""
+    """On-disk store of fetched ranges: one file per (object version, start, length), the range's bytes then
+    their CRC-32 (`CHECK_BYTES`). A file that is short, long or whose bytes no longer match (a bad disk, a
+    shared cache someone wrote into) is deleted and refetched, never served; so is one of an older layout."""
 
     def __init__(self, root: str | Path, bucket: str, key: str, etag: str):
         digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:20]
@@ -85,10 +88,13 @@ class RangeCache:
     def get(self, start: int, length: int) -> bytes | None:
         path = self._path(start, length)
         try:
-            data = path.read_bytes()
+            stored = path.read_bytes()
         except OSError:
             return None
-        if len(data) != length:  # torn or truncated: refetch, never serve
+        data, check = stored[:length], stored[length:]
+        if len(data) != length or check != crc(data):
+            log.warning("cached range %s does not verify (%s): fetching it again", path,
+                        "torn" if len(stored) < length + CHECK_BYTES else "its bytes changed")
             path.unlink(missing_ok=True)
             return None
         return data
@@ -100,10 +106,18 @@ class RangeCache:
             os.fchmod(fd, file_mode(path))  # a cache dir may be shared by several users
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.write(crc(data))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+CHECK_BYTES = 4
+
+
+def crc(data: bytes | memoryview) -> bytes:
+    return zlib.crc32(data).to_bytes(CHECK_BYTES, "big")
 
 
 def _stream_into(body, view: memoryview) -> int:
