@@ -159,6 +159,19 @@ def test_a_swapped_word_takes_the_article_it_needs():
                                 "An azure circle and an orange box"]
 
 
+def test_phrases_and_hyphenated_words_are_swapped_whole_and_only_whole():
+    import random
+
+    from clipforge.data.augment import SynonymMap, synonym_variants
+
+    words = SynonymMap.of({"Red  Circle": ["crimson disc"], "t-shirt": ["tee"], "red": ["scarlet"], "cat": ["kitten"]})
+    variants = synonym_variants("A red circle, a T-shirt and a red\ncircle; concatenate", words, 10, random.Random(0))
+    assert "A crimson disc, a T-shirt and a red\ncircle; concatenate" in variants
+    assert "A red circle, a Tee and a crimson disc; concatenate" in variants
+    assert not any("scarlet" in v or "kitten" in v for v in variants)  # "red circle" first; "cat" is no word here
+    assert synonym_variants("an apple", {"apple": ["pear"]}, 1, random.Random(0)) == ["a pear"]
+
+
 def test_manual_augmentation_is_deterministic_and_never_repeats(dataset):
     prepare(PrepareConfig(dataset=str(dataset)))
     augment(AugmentConfig(dataset=str(dataset), per_sample=3, seed=1))
@@ -239,3 +252,76 @@ def test_checking_the_images_shows_progress(dataset, caplog):
     with caplog.at_level("INFO", logger="clipforge.captions"):
         prepare(PrepareConfig(dataset=str(dataset)))
     assert re.search(r"30/30 images checked, [\d.]+ images checked/s, ETA 0:00:00", caplog.text), caplog.text
+
+
+def test_an_index_of_one_row_per_image_is_split_as_before_images_could_have_several(dataset):
+    """Existing users' splits must not move: the val images of seed 3 before several captions per image."""
+    prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=3))
+    assert list(csv(dataset / "val.csv").filepath) == [
+        "circle/0003.png", "circle/0012.png", "triangle/0020.png", "triangle/0023.png", "circle/0026.png",
+        "circle/0027.png"]
+
+
+def spell_each_image_twice(dataset):
+    """index.csv with a second row per image, its path spelled another way and another caption; the first
+    image's file named in NFD (as a Mac copy leaves it), its rows in NFC and NFD."""
+    import unicodedata
+
+    index = csv(dataset / "index.csv")
+    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9.png") for form in ("NFC", "NFD"))
+    (dataset / index.filepath[0]).rename(dataset / nfd)
+    spellings = [lambda p: f"./{p}", lambda p: str(dataset / p), lambda p: p.replace("/", "/./"),
+                 lambda p: f"{p.split('/')[0]}/../{p}"]
+    second = index.assign(filepath=[spellings[i % 4](p) for i, p in enumerate(index.filepath)],
+                          caption=index.caption + ", seen again")
+    index.loc[0, "filepath"], second.loc[0, "filepath"] = nfc, nfd
+    pd.concat([index, second]).to_csv(dataset / "index.csv", index=False)
+
+
+def test_one_image_spelled_two_ways_never_lands_on_both_sides(dataset):
+    """`2.png` and `./2.png`, an absolute and a relative path, NFC and NFD names are one image: it is on one side
+    of the split, which counts it once."""
+    from clipforge.data.image_folder import image_identity, image_uri
+
+    spell_each_image_twice(dataset)
+    for seed in range(4):
+        summary = prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=seed))
+        sides = [{image_identity(image_uri(str(dataset), p)) for p in csv(dataset / name).filepath}
+                 for name in ("train_original.csv", "val.csv")]
+        assert sides[0].isdisjoint(sides[1]) and len(sides[0]) == 24 and len(sides[1]) == 6
+        assert summary["images"] == 30 and summary["val_images"] == 6 and summary["rows"] == 60
+
+
+def coco_style(dataset, captions_per_image=3):
+    """index.csv with several rows per image, one per caption, the rows of an image scattered."""
+    index = csv(dataset / "index.csv")
+    rows = [(p, f"{c}, take {k}") for k in range(captions_per_image) for p, c in index.itertuples(index=False)]
+    pd.DataFrame(rows, columns=["filepath", "caption"]).to_csv(dataset / "index.csv", index=False)
+    return pd.DataFrame(rows, columns=["filepath", "caption"])
+
+
+def test_several_captions_per_image_are_split_by_image(dataset, caplog):
+    index = coco_style(dataset)
+    with caplog.at_level("INFO", logger="clipforge.captions"):
+        summary = prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=3))
+    train, val = csv(dataset / "train_original.csv"), csv(dataset / "val.csv")
+    assert set(train.filepath).isdisjoint(val.filepath)
+    assert val.filepath.nunique() == 6 and len(val) == 18 and len(train) == 72  # val_fraction: of the images
+    assert sorted(pd.concat([train, val]).itertuples(index=False)) == sorted(index.itertuples(index=False))
+    assert summary | {"rows": 90, "train": 72, "val": 18, "images": 30, "train_images": 24, "val_images": 6} == summary
+    assert "24 train images (72 rows) and 6 val images (18 rows)" in caplog.text
+    first = (dataset / "val.csv").read_bytes()
+    prepare(PrepareConfig(dataset=str(dataset), val_fraction=0.2, seed=3))
+    assert (dataset / "val.csv").read_bytes() == first
+
+
+def test_an_exact_repeat_is_dropped_with_a_warning_naming_it(dataset, caplog):
+    index = coco_style(dataset, 2)
+    with (dataset / "index.csv").open("a") as out:
+        out.write("./circle/0001.png,\"a green circle, take 1\"\n")
+    with caplog.at_level("WARNING", logger="clipforge.captions"):
+        summary = prepare(PrepareConfig(dataset=str(dataset)))
+    assert summary["rows"] == len(index) == 60 and summary["repeats_dropped"] == 1
+    assert "repeats 1 row(s)" in caplog.text and './circle/0001.png "a green circle, take 1"' in caplog.text
+    both = pd.concat([csv(dataset / "train_original.csv"), csv(dataset / "val.csv")])
+    assert sorted(both.itertuples(index=False)) == sorted(index.itertuples(index=False))

@@ -56,6 +56,30 @@ def test_validation_images_that_are_also_training_images_are_refused(capsys, tin
     assert line.startswith("clipforge finetune: error: 1 of the ") and "are training images" in line
 
 
+@pytest.mark.parametrize("spelling", ["dot", "relative", "nfd"])
+def test_a_validation_image_spelled_another_way_in_training_is_refused(capsys, tiny_clip, captioned, tmp_path,
+                                                                        spelling):
+    """`./a.png`, a relative path beside an absolute one, or the NFD form of an NFC name: the same image."""
+    import os
+    import unicodedata
+
+    val = Path(captioned[1])
+    header, first, *rest = val.read_text().splitlines()
+    name = first.split(",")[0]
+    seen = f"{val.parent}/./{name}" if spelling == "dot" else os.path.relpath(val.parent / name, tmp_path)
+    if spelling == "nfd":  # val.csv names café.png in NFC; on disk, and in train.csv, it is NFD (a Mac copy)
+        nfc, nfd = (unicodedata.normalize(form, "caf\u00e9.png") for form in ("NFC", "NFD"))
+        (tmp_path / "images").mkdir()
+        (tmp_path / "images" / nfd).write_bytes((val.parent / name).read_bytes())
+        val = tmp_path / "images" / "val.csv"
+        val.write_text("\n".join([header, f"{nfc},a red caf\u00e9", *(f"{captioned[1].rsplit('/', 1)[0]}/{row}"
+                                                                       for row in rest)]) + "\n")
+        seen = str(tmp_path / "images" / nfd)
+    train = csv_with(tmp_path, captioned, f"{seen},seen in training too")
+    line = fail(capsys, tiny_clip, captioned, tmp_path / "out", train_data=train, val_data=str(val))
+    assert line.startswith("clipforge finetune: error: 1 of the ") and "are training images" in line
+
+
 def test_unknown_model(capsys, tiny_clip, captioned, tmp_path):
     line = fail(capsys, tiny_clip, captioned, tmp_path / "out", model="ViT-Nope-1", model_config="")
     assert line.startswith("clipforge finetune: error: unknown model 'ViT-Nope-1': not an open_clip model")

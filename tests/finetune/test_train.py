@@ -213,3 +213,21 @@ def test_compiled_training_equals_eager_and_checkpoints_the_model_s_own_keys(tin
     again = finetune(compiled)
     assert again.status == "trained" and again.metrics["timing"]["resume_seconds"] is not None
     assert max_abs_diff(model_weights(tmp_path / "compiled" / "model.pt"), compiled_weights) <= 1e-6
+
+
+def test_validation_with_several_captions_per_image_groups_answers_by_image_and_caption(tiny_clip, captioned,
+                                                                                          tmp_path):
+    """Two captions per val image: the rows of one image are interchangeable answers (their one image embedding
+    would otherwise tie against itself), and the counts say what was scored."""
+    from pathlib import Path
+
+    val = Path(captioned[1])
+    header, *rows = val.read_text().splitlines()
+    twice = tmp_path / "val.csv"
+    twice.write_text("\n".join([header, *(f"{val.parent}/{row}" for row in rows),
+                                *(f"{val.parent}/{row.replace(',a ', ',a photo of a ')}" for row in rows)]) + "\n")
+    result = finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "out", epochs=1, timestamped=False,
+                                                val_data=str(twice))))
+    before = result.metrics["before"]
+    assert (before["pairs"], before["distinct_images"], before["distinct_captions"], before["answer_groups"]) == \
+        (24, 12, 24, 12)

@@ -69,3 +69,34 @@ def test_perfect_pairs():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         retrieval_metrics(torch.zeros(3, 4), torch.zeros(4, 4))
+
+
+def test_several_captions_per_image_score_a_perfect_model_perfectly():
+    """COCO style: three captions per image, and one caption shared by two images. A model perfect by construction
+    (every row near its image's direction, far from the others) scores R@1 = 1 both ways once rows sharing an image
+    or a caption are interchangeable; by caption alone, the rows of an image tie on its one embedding, ties counting
+    against, and text->image R@1 was (near) 0."""
+    from clipforge.train.metrics import answer_groups
+
+    image_of_row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
+    caption_of_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 2])  # image 3's one caption is also image 0's
+    topic = torch.tensor([0, 1, 2, 0])  # what each image shows: image 3 what its caption, image 0's third, says
+    g = torch.Generator().manual_seed(0)
+    directions = torch.eye(16)[:3] * 10
+    image = (directions[topic] + torch.randn(4, 16, generator=g))[image_of_row]  # one embedding per image
+    text = (directions[topic[image_of_row]] + torch.randn(10, 16, generator=g))
+    text[9] = text[2]  # one caption, one embedding
+    groups = answer_groups(torch.stack([image_of_row, caption_of_row], dim=1))
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0]
+    result = retrieval_metrics(image, text, groups=groups)
+    assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 1.0
+    by_caption = retrieval_metrics(image, text, groups=caption_of_row)  # the groups the trainer used to build
+    assert by_caption["text_to_image_R@1"] <= 0.2  # only the two rows of the shared caption may find an image
+
+
+def test_answer_groups_join_rows_through_either_key():
+    from clipforge.train.metrics import answer_groups
+
+    keys = torch.tensor([[0, 0], [1, 1], [1, 2], [2, 2], [3, 3]])  # rows 0..3 chain: 1-2 by image, 2-3 by caption
+    assert answer_groups(keys).tolist() == [0, 1, 1, 1, 2]
+    assert answer_groups(torch.stack([torch.arange(5)] * 2, dim=1)).tolist() == list(range(5))

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+from dataclasses import dataclass
 from importlib import resources
 
 import pandas as pd
@@ -23,11 +24,26 @@ from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
-TOKEN = re.compile(r"([A-Za-z][A-Za-z'-]*)")
 
 
-def load_synonyms(path: str | None) -> dict[str, list[str]]:
-    """The map from `path`, or the one shipped in the package; keys lower-cased."""
+@dataclass(frozen=True)
+class SynonymMap:
+    """word or phrase (lower case, single spaces) -> its synonyms, and the pattern that finds the keys in a
+    caption: whole words only, longest key first ("red circle" before "red"), any case, any spacing."""
+
+    words: dict[str, list[str]]
+    pattern: re.Pattern
+
+    @classmethod
+    def of(cls, words: dict[str, list[str]]) -> SynonymMap:
+        words = {" ".join(key.lower().split()): synonyms for key, synonyms in words.items() if synonyms}
+        keys = sorted((key for key in words if key), key=len, reverse=True)
+        body = "|".join(r"\s+".join(map(re.escape, key.split())) for key in keys) or r"(?!)"
+        return cls(words, re.compile(rf"(?<![\w'-])({body})(?![\w'-])", re.IGNORECASE))
+
+
+def load_synonyms(path: str | None) -> SynonymMap:
+    """The map from `path`, or the one shipped in the package."""
     if path:
         raw = storage.read_json(path)
     else:
@@ -37,23 +53,29 @@ def load_synonyms(path: str | None) -> dict[str, list[str]]:
     for word, synonyms in raw.items():
         if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
             raise UserError(f"synonym map {path}: {word!r} must map to a list of words (strings), not {synonyms!r}")
-    return {str(k).lower(): [str(s) for s in v if str(s).strip()] for k, v in raw.items()}
+    return SynonymMap.of({str(k): [str(s) for s in v if str(s).strip()] for k, v in raw.items()})
 
 
 def _match_case(word: str, replacement: str) -> str:
     return replacement[:1].upper() + replacement[1:] if word[:1].isupper() else replacement
 
 
+ARTICLE_BEFORE = re.compile(r"(?<![\w'-])(an?) $", re.IGNORECASE)
+
+
 def _agree_article(parts: list[str], i: int) -> None:
     """"a red" -> "a azure" reads wrong: the article before a swapped-in word follows its first letter."""
-    if i >= 2 and parts[i - 1] == " " and parts[i - 2].lower() in ("a", "an"):
-        parts[i - 2] = _match_case(parts[i - 2], "an" if parts[i][:1].lower() in "aeiou" else "a")
+    if i >= 1 and (article := ARTICLE_BEFORE.search(parts[i - 1])):
+        fitting = _match_case(article.group(1), "an" if parts[i][:1].lower() in "aeiou" else "a")
+        parts[i - 1] = parts[i - 1][: article.start(1)] + fitting + " "
 
 
-def synonym_variants(caption: str, synonyms: dict[str, list[str]], n: int, rng: random.Random) -> list[str]:
-    """Up to n distinct rewrites of `caption`, each swapping one or more words for synonyms."""
-    parts = TOKEN.split(caption)
-    slots = [i for i, part in enumerate(parts) if part.lower() in synonyms and synonyms[part.lower()]]
+def synonym_variants(caption: str, synonyms: SynonymMap | dict[str, list[str]], n: int,
+                     rng: random.Random) -> list[str]:
+    """Up to n distinct rewrites of `caption`, each swapping one or more words or phrases for synonyms."""
+    synonyms = synonyms if isinstance(synonyms, SynonymMap) else SynonymMap.of(synonyms)
+    parts = synonyms.pattern.split(caption)  # the text between keys, then a key found, and so on
+    slots = list(range(1, len(parts), 2))
     variants: list[str] = []
     seen = {caption}
     for _ in range(20 * max(n, 1)):
@@ -62,7 +84,7 @@ def synonym_variants(caption: str, synonyms: dict[str, list[str]], n: int, rng: 
         chosen = rng.sample(slots, rng.randint(1, len(slots)))
         new = list(parts)
         for i in chosen:
-            new[i] = _match_case(parts[i], rng.choice(synonyms[parts[i].lower()]))
+            new[i] = _match_case(parts[i], rng.choice(synonyms.words[" ".join(parts[i].lower().split())]))
             _agree_article(new, i)
         text = "".join(new)
         if text not in seen:

@@ -1,7 +1,9 @@
 """A captioned image folder: `index.csv` (filepath,caption) checked and split for fine-tuning.
 
-`prepare` checks every image exists and decodes, then writes a seeded split:
-`train_original.csv` and `val.csv`, disjoint, together exactly the index.
+`prepare` checks every image exists and decodes, then writes a seeded split by
+image: `train_original.csv` and `val.csv` share no image (however its path is
+spelled, `image_folder.image_identity`) and together are exactly the index, less
+exact repeats. An image may have several rows, one per caption (COCO style).
 Paths in the CSVs stay as the index wrote them (relative to the dataset,
 absolute, or s3://); `image_folder.image_uri` turns one into a URI.
 """
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from clipforge.config.captions import PrepareConfig
-from clipforge.data.image_folder import image_problem, image_uri
+from clipforge.data.image_folder import image_identity, image_problem, image_uri
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.progress import Progress
@@ -49,17 +51,22 @@ def index_path(dataset: str) -> str:
 def prepare(cfg: PrepareConfig) -> dict:
     """Check the images, then write the seeded train/val split next to index.csv.
 
-    A prepare that fails on the index (a bad image, a duplicate) changes nothing: the old split stays
-    as it was. One that succeeds replaces the split and removes the augmented train.csv made from the
-    old one, so no train.csv holds images of the new val.csv.
+    All rows of an image go to one side, and `val_fraction` is a fraction of the images. An index with
+    one row per image is split as it was before images could have several rows (same seed, same split).
+    A prepare that fails on the index (a bad image) changes nothing: the old split stays as it was. One
+    that succeeds replaces the split and removes the augmented train.csv made from the old one, so no
+    train.csv holds images of the new val.csv.
     """
     frame = read_captions(index_path(cfg.dataset))
     uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
-    progress, problems = Progress(log, len(uris), unit="images checked"), []
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        for why in pool.map(image_problem, uris):  # every image decoded: large photos take a while
-            problems.append(why)
+    frame["image"] = [image_identity(uri) for uri in uris]  # `a.png` and `./a.png` are one image
+    unique = dict(zip(frame["image"], uris, strict=True))  # each image decoded once, however many captions it has
+    progress, checked = Progress(log, len(unique), unit="images checked"), {}
+    with ThreadPoolExecutor(cfg.workers) as pool:  # every pixel decoded: large photos take a while
+        for image, why in zip(unique, pool.map(image_problem, unique.values()), strict=True):
+            checked[image] = why
             progress.update(1)
+    problems = [checked[image] for image in frame["image"]]
     bad = [(path, why) for path, why in zip(frame["filepath"], problems, strict=True) if why]
     if bad and not cfg.skip_bad:
         path, why = bad[0]
@@ -68,23 +75,31 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise UserError(f"image {path} in {cfg.dataset}/index.csv {why}{more}")
     if bad:
         log.warning("skipping %d bad images, e.g. %s (%s)", len(bad), *bad[0])
-        frame = frame[[why is None for why in problems]].reset_index(drop=True)
-    duplicated = frame["filepath"].duplicated()
-    if duplicated.any():
-        raise UserError(f"{cfg.dataset}/index.csv lists {frame['filepath'][duplicated].iloc[0]} more than once")
-    if len(frame) < 2:
-        raise UserError(f"{cfg.dataset}/index.csv has {len(frame)} usable row(s); a split needs at least 2")
-    order = np.random.default_rng(cfg.seed).permutation(len(frame))
-    n_val = min(len(frame) - 1, max(1, round(cfg.val_fraction * len(frame))))
-    val, train = frame.iloc[np.sort(order[:n_val])], frame.iloc[np.sort(order[n_val:])]
+        frame = frame[[why is None for why in problems]]
+    repeated = frame.assign(caption=frame["caption"].str.strip()).duplicated(["image", "caption"])
+    if repeated.any():
+        log.warning("%s/index.csv repeats %d row(s) with the image and caption of an earlier row, e.g. %s \"%s\": "
+                    "the repeats are dropped", cfg.dataset, int(repeated.sum()), *frame[repeated][COLUMNS].iloc[0])
+        frame = frame[~repeated]
+    image_of_row, distinct = pd.factorize(frame["image"])  # images numbered in the order of their first row
+    n_images = len(distinct)
+    if n_images < 2:
+        raise UserError(f"{cfg.dataset}/index.csv has {n_images} usable image(s); a split needs at least 2")
+    order = np.random.default_rng(cfg.seed).permutation(n_images)
+    n_val = min(n_images - 1, max(1, round(cfg.val_fraction * n_images)))
+    in_val = np.isin(image_of_row, order[:n_val])
+    val, train = frame[in_val], frame[~in_val]
     if storage.exists(storage.join(cfg.dataset, TRAIN)):
         log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
                  storage.join(cfg.dataset, TRAIN))
         storage.delete(storage.join(cfg.dataset, TRAIN))
     write_captions(storage.join(cfg.dataset, TRAIN_ORIGINAL), train)
     write_captions(storage.join(cfg.dataset, VAL), val)
-    summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad)}
-    log.info("%s: %d train and %d val rows (%d bad images skipped)", cfg.dataset, len(train), len(val), len(bad))
+    summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad),
+               "images": n_images, "train_images": n_images - n_val, "val_images": n_val,
+               "repeats_dropped": int(repeated.sum())}
+    log.info("%s: %d train images (%d rows) and %d val images (%d rows); %d bad images skipped", cfg.dataset,
+             n_images - n_val, len(train), n_val, len(val), len(bad))
     return summary
 
 

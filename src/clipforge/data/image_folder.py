@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,16 @@ def on_disk(uri: str) -> str:
         if other != uri and os.path.exists(other):
             return other
     return uri
+
+
+def image_identity(uri: str) -> str:
+    """One name per image, however a CSV spells it (`a.png`, `./a.png`, absolute, NFC or NFD): for a local file
+    the real path of the file `on_disk` finds, in NFC; for s3:// the normalised key. The split, the train/val
+    leak check and the contrastive loss's negatives compare these, never the spellings."""
+    if storage.is_s3(uri):
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return f"s3://{bucket}/{posixpath.normpath(key)}"
+    return unicodedata.normalize("NFC", os.path.realpath(on_disk(str(storage.local_path(uri)))))
 
 
 SKIP_BAD_HINT = "; --skip-bad (skip_bad: true in a spec) leaves out the images that do not read"

@@ -43,7 +43,7 @@ from clipforge.data.captions import (
     read_captions,
     write_captions,
 )
-from clipforge.data.image_folder import collection_root, image_uri, is_listed_image
+from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_listed_image
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -67,10 +67,16 @@ class CaptionRows:
         return len(self.uris)
 
     @functools.cached_property
+    def images(self) -> list[str]:
+        """Each row's image as one name however the CSV spells its path (`image_folder.image_identity`)."""
+        named = {uri: image_identity(uri) for uri in set(self.uris)}  # once per path, not once per caption variant
+        return [named[uri] for uri in self.uris]
+
+    @functools.cached_property
     def pair_keys(self) -> torch.Tensor:
         """(rows, 2): each row's image id and caption id; rows sharing either are no negatives of each other
         in the contrastive loss (`train.contrastive`)."""
-        _, image = np.unique(np.array(self.uris, dtype=object), return_inverse=True)
+        _, image = np.unique(np.array(self.images, dtype=object), return_inverse=True)
         _, caption = np.unique(np.array(self.captions, dtype=object), return_inverse=True)
         return torch.from_numpy(np.stack([image, caption], axis=1).astype(np.int64))
 
@@ -109,12 +115,12 @@ def read_rows(path: str, role: str) -> CaptionRows:
 def check_apart(train: CaptionRows, val: CaptionRows) -> None:
     """Validation images must not be training images: the model would be scored on what it was fit to, and
     its figures would look better than they are (a stale augmented train.csv beside a new val.csv)."""
-    seen = set(train.uris)
-    shared = [path for path, uri in zip(val.filepaths, val.uris, strict=True) if uri in seen]
+    seen = set(train.images)  # `./a.png` in one CSV and `a.png` in the other are one image
+    shared = {image: path for path, image in zip(val.filepaths, val.images, strict=True) if image in seen}
     if shared:
-        raise UserError(f"{len(shared)} of the {len(val.filepaths)} images of {val.source} are training images "
-                        f"in {train.source} too, e.g. {shared[0]}: split again (`clipforge captions prepare`, then "
-                        "augment) so that validation is on images the model has not seen")
+        raise UserError(f"{len(shared)} of the {len(set(val.images))} images of {val.source} are training images "
+                        f"in {train.source} too, e.g. {next(iter(shared.values()))}: split again (`clipforge captions "
+                        "prepare`, then augment) so that validation is on images the model has not seen")
 
 
 def dataset_index(dataset: str) -> str:

@@ -51,8 +51,9 @@ def retrieval_metrics(
     `names[0]` is the direction a -> b (each row of `a` looks for its row in `b`),
     `names[1]` the reverse. Inputs are L2-normalised here and compared in float32
     on their own device. `groups` (one int label per row) makes rows with equal
-    labels interchangeable answers, e.g. images sharing a caption: otherwise
-    identical captions tie and, ties counting against, no image could find its own.
+    labels interchangeable answers (`answer_groups`): otherwise identical captions,
+    or the identical image of several captions, tie and, ties counting against,
+    none of them could find its own.
     """
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise ValueError(f"need two non-empty (n, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -66,3 +67,20 @@ def retrieval_metrics(
         for k in ks:
             metrics[f"{name}_R@{k}"] = float(np.mean(ranks < k))
     return metrics
+
+
+def answer_groups(keys: torch.Tensor) -> torch.Tensor:
+    """One label per row of (rows, k) int keys (e.g. image id, caption id): rows sharing any key, directly or
+    through other rows, get the same label, so `retrieval_metrics` takes them as interchangeable answers. By
+    caption alone, the rows of an image with several captions would tie on its one embedding, ties counting
+    against, and text -> image R@1 would be 0."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keys = keys.cpu().numpy()
+    rows = np.arange(len(keys))
+    # An edge from each row to the first row holding the same key, for each key column.
+    first = [np.unique(column, return_index=True, return_inverse=True) for column in keys.T]
+    targets = np.concatenate([index[inverse] for _, index, inverse in first])
+    edges = coo_matrix((np.ones(len(targets)), (np.tile(rows, keys.shape[1]), targets)), shape=(len(keys),) * 2)
+    return torch.from_numpy(connected_components(edges, directed=False)[1].astype(np.int64))

@@ -18,7 +18,9 @@ flock on the folder, so two `clipforge caption` processes on one folder lose
 none of each other's captions, and a crash, kill -9 included, loses at most
 the caption being typed. A save names the caption it replaces: when that is no
 longer the caption on disk (a second tab, an editor), the save is refused with
-the caption that is there, so nobody's words are overwritten unseen.
+the caption that is there, so nobody's words are overwritten unseen. An image
+with several rows (one per caption) shows and edits its first; the others stay
+as they are.
 """
 
 from __future__ import annotations
@@ -164,8 +166,8 @@ class CaptionBook:
             if replaces is not None and " ".join(current.split()) not in (" ".join(replaces.split()), text):
                 raise CaptionConflict(path, current)
             rows = self._rows.get(path)
-            if rows:
-                self.frame.loc[rows, "caption"] = text
+            if rows:  # the row the page shows; an image's other rows are its other captions (COCO style)
+                self.frame.loc[rows[0], "caption"] = text
             else:
                 self._rows[path] = [len(self.frame)]
                 self.frame.loc[len(self.frame)] = {**dict.fromkeys(self.frame.columns, ""),
