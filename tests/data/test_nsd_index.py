@@ -39,6 +39,24 @@ def test_cli_writes_the_index(expdesign, tmp_path):
     assert list(index.ids) == sorted(subjectim[0] - 1)
 
 
+def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_split_is_said(expdesign, tmp_path,
+                                                                                                capsys, caplog):
+    path, subjectim, _ = expdesign
+    out = str(tmp_path / "idx")
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", out]) == 0
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", out]) == 0  # up to date
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj02", "--output", out]) == 2
+    assert f"output {out} already holds the index of another config or input (subject subj01 from {path})" \
+        in capsys.readouterr().err
+    assert list(read_index(f"{out}/index.parquet").ids) == sorted(subjectim[0] - 1)  # untouched
+    no_shared = tmp_path / "no_shared.mat"
+    scipy.io.savemat(no_shared, {"subjectim": subjectim.astype(np.float64), "sharedix": np.array([[73001.0]])})
+    with caplog.at_level("WARNING"):
+        assert main(["index", "nsd", "--expdesign", str(no_shared), "--subject", "subj01", "--output",
+                     str(tmp_path / "x.parquet")]) == 0
+    assert "none of subj01's images is a shared one (sharedix): the test split is empty" in caplog.text
+
+
 def test_a_csv_output_is_written_as_csv(expdesign, tmp_path):
     path, subjectim, _ = expdesign
     out = tmp_path / "w" / "subj01.csv"

@@ -178,6 +178,8 @@ def read_pairs(config: AdapterConfig) -> PairedEmbeddings:
         rng = np.random.default_rng([config.seed, 2])
         train = np.sort(rng.choice(train, size=config.limit, replace=False))
         log.info("limit: training on %d of the training rows", config.limit)
+    elif config.limit is not None:
+        log.warning("limit %d is not below the %d training rows: training on all of them", config.limit, len(train))
     log.info("%d training and %d test rows (%d-D -> %d-D)", len(train), len(test), source.dim, target.dim)
     return PairedEmbeddings(
         train_ids=ids[train], train_source=source.embeddings[s_idx[train]],

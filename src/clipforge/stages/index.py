@@ -7,6 +7,7 @@ import logging
 
 from clipforge.config.index import IndexConfig
 from clipforge.data.nsd import nsd_index
+from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 
@@ -23,9 +24,15 @@ def run_index(cfg: IndexConfig) -> dict:
     """Write the subject's index; under a prefix, commit it with a manifest (and skip when up to date)."""
     is_prefix = index_file(cfg.output) != cfg.output
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
-    if is_prefix and is_up_to_date(read_manifest(cfg.output), cfg.fingerprint(), inputs):
+    manifest = read_manifest(cfg.output) if is_prefix else None
+    if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
-        return read_manifest(cfg.output)
+        return manifest
+    if manifest is not None:  # as a cache would: the caches built from it name this output
+        was = manifest.get("config", {})
+        raise UserError(f"output {cfg.output} already holds the index of another config or input (subject "
+                        f"{was.get('subject')} from {was.get('expdesign')}); choose a new --output "
+                        "(pipelines do this for you)")
     frame = nsd_index(cfg.expdesign, cfg.subject, unsigned=cfg.no_sign_request)
     if cfg.output.endswith(".csv"):  # in the format its name says, as `read_index` reads it back
         data = frame.to_csv(index=False).encode()
@@ -38,6 +45,9 @@ def run_index(cfg: IndexConfig) -> dict:
     summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}
     log.info("%s: %d images (%d train, %d test) -> %s", cfg.subject, summary["rows"], summary["train"],
              summary["test"], index_file(cfg.output))
+    if not summary["test"]:
+        log.warning("none of %s's images is a shared one (sharedix): the test split is empty, and the adapter and "
+                    "its evaluation need one", cfg.subject)
     if not is_prefix:
         return summary
     return write_manifest(cfg.output, kind="index", config=cfg.model_dump(mode="json"),
