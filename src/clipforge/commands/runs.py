@@ -57,7 +57,7 @@ def run(args) -> int:
         if not args.run_id:
             raise UserError("--watch needs a RUN_ID (or latest)")
         state = watch_run(artifacts, args.run_id, args.every)
-        return 0 if state == "complete" else 1 if state.startswith("failed") else EXIT_PREEMPTED
+        return 0 if state.startswith("complete") else 1 if state.startswith("failed") else EXIT_PREEMPTED
     if args.run_id:
         record = read_run(artifacts, args.run_id)
         state = live_state(record, run_uri(artifacts, record["run_id"]))

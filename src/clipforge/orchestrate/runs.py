@@ -40,9 +40,10 @@ def run_uri(artifacts: str, run_id: str) -> str:
 
 
 def run_state(run: dict) -> str:
-    """`complete`, `failed at STAGE`, `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after
-    saving its progress: a rerun resumes), `failed` or `stopped` (its runner ended between stages), or
-    `incomplete` (between stages), from the record alone."""
+    """`complete` (or `complete without STAGE, …`: the stages a policy let it go on without), `failed at STAGE`,
+    `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after saving its progress: a rerun
+    resumes), `failed` or `stopped` (its runner ended between stages), or `incomplete` (between stages), from
+    the record alone."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -55,8 +56,9 @@ def run_state(run: dict) -> str:
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
         return f"stopped at {stopped[0]}"
-    if all(status[name] in ENDED for name in names):
-        return "complete"
+    if all(status[name] in ENDED for name in names):  # a policy let it go on without some: say which
+        without = [name for name in names if status[name] in ("skipped", "failed-continued")]
+        return f"complete without {', '.join(without)}" if without else "complete"
     ended = run.get("ended")  # the runner ended between stages: stopped, or failed (a crash, an S3 error)
     return ended.split(":", 1)[0] if isinstance(ended, str) and ended else "incomplete"
 
@@ -163,7 +165,7 @@ def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sl
                 detail = entry.get("output") if status in (*FINISHED, "running") else entry.get("message")
                 say(f"{time.strftime('%H:%M:%S')} [{name}] {status}" + (f": {detail}" if detail else ""))
         state = live_state(run, run_uri(artifacts, run_id))
-        if state == "complete" or state.startswith("failed"):
+        if state.startswith(("complete", "failed")):
             say(f"run {run_id}: {state}")
             return state
         if state.startswith(("stopped", "lost")):
