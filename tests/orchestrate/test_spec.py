@@ -90,6 +90,17 @@ def test_overrides(tmp_path):
             load_pipeline(write(tmp_path, base_spec()), [bad])
 
 
+def test_a_bad_value_from_set_is_blamed_on_set_and_adapter_policies_elsewhere_are_refused(tmp_path):
+    path = write(tmp_path, base_spec())
+    with pytest.raises(UserError) as info:
+        load_pipeline(path, ["stages.ad.with.epochs=abc", "stages.src.with.batch_size=7"])
+    assert str(info.value).startswith(f"{path}: --set stages.ad.with.epochs: ")
+    with pytest.raises(UserError) as info:
+        load_pipeline(path, ["stages.src.policy.min_input_coverage=0.5"])
+    assert str(info.value) == f"{path}: --set stages.src.policy.min_input_coverage: applies to adapter stages only " \
+        "(the coverage of its caches)"
+
+
 def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_refused(tmp_path):
     from clipforge.config.pipeline import check_run_id
 

@@ -127,6 +127,9 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
         for need in stage.needs:
             if need not in kinds_by_name:
                 problems.append(f"{where}.needs: no stage named {need!r}")
+        for key in ("min_input_coverage", "fallback_limit"):
+            if stage.kind != "adapter" and getattr(stage.policy, key) is not None:
+                problems.append(f"{where}.policy.{key}: applies to adapter stages only (the coverage of its caches)")
         values = dict(stage.with_)
         if kind.output_key in values:
             problems.append(f"{where}.with.{kind.output_key}: set by the pipeline; pin `output:` on the stage instead")
@@ -202,15 +205,26 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineSpec
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {_name_stages(validation_message(exc), raw)}") from None
+        raise UserError(f"{path}: {_name_overrides(_name_stages(validation_message(exc), raw), overrides)}") \
+            from None
     problems = check_stage_configs(spec)
     if problems:
-        raise UserError(f"{path}: {'; '.join(problems)}")
+        raise UserError(f"{path}: {_name_overrides('; '.join(problems), overrides)}")
     try:
         order_stages(spec)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     return spec
+
+
+def _name_overrides(message: str, overrides: list[str] | None) -> str:
+    """`stages.adapter.with.epochs: …` -> `--set stages.adapter.with.epochs: …` where a --set gave that value:
+    the mistake is on the command line, not in the file."""
+    keys = sorted({item.partition("=")[0] for item in overrides or []}, key=len, reverse=True)
+    if not keys:
+        return message
+    pattern = re.compile(rf"(^|; )({'|'.join(map(re.escape, keys))})(?=[:.])")
+    return pattern.sub(lambda match: f"{match.group(1)}--set {match.group(2)}", message)
 
 
 def _name_stages(message: str, raw: dict) -> str:
