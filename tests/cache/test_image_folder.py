@@ -245,3 +245,16 @@ def test_an_index_of_a_relative_folder_used_from_elsewhere_says_where_to_run_fro
     assert "gone since it was indexed" not in capsys.readouterr().out
     assert "the indexed folder photos is not there (relative to the directory the index was built in; run from " \
            "there)" in caplog.text
+
+
+def test_a_relative_model_file_gone_from_the_directory_the_index_was_built_in_is_said_gone(tmp_path, monkeypatch):
+    from clipforge.search import _check_relative_paths
+
+    monkeypatch.chdir(tmp_path)
+    recorded = {("weights", "--pretrained"): "store/finetune/0123456789abcdef/model.pt"}
+    with pytest.raises(UserError, match=r"model.pt, which is not there any more \(deleted, or pruned\?\); give "
+                                        "--pretrained"):
+        _check_relative_paths("idx", recorded, str(tmp_path))
+    with pytest.raises(UserError, match=r"relative to the directory it was built in \(/elsewhere\); run this from "
+                                        "there"):
+        _check_relative_paths("idx", recorded, "/elsewhere")
