@@ -134,6 +134,8 @@ def test_failed_adapter_continues_with_zero_padding(first_run, in_demo):
     metrics = read_manifest(record.data["stages"]["evaluate"]["output"])["metrics"]
     assert metrics["conditioning"] == "zero-pad" and metrics["adapter"] is None and metrics["zero_pad"]
     assert [row["configuration"] for row in metrics["images"]] == ["zero-pad"]
+    assert set(record.data["stages"]["evaluate"]["metrics"]) == {  # run.json's headline: what a user compares
+        "zero_pad.mean_cosine", "zero_pad.adapted_to_target_R@1", "images.zero-pad.clip_score", "images.zero-pad.R@1"}
     # A failure the policy let through ends the run complete, saying what it went on without.
     assert run_state(record.data) == "complete without adapter, generate-adapter"
 

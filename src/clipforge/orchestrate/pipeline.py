@@ -434,7 +434,11 @@ def exit_description(code: int) -> str:
 
 
 def headline(manifest: dict | None) -> dict:
-    """A few numbers worth a summary line, from the manifest's metrics."""
+    """A few numbers worth a summary line: the stage's own choice (an evaluation's: adapter against zero-padding,
+    CLIPScore per configuration), else the first of its metrics."""
+    chosen = (manifest or {}).get("headline")
+    if isinstance(chosen, dict):
+        return chosen
     metrics = (manifest or {}).get("metrics") or {}
     flat = {}
     for key, value in metrics.items():
@@ -488,7 +492,8 @@ def next_steps(run: dict) -> list[str]:
         if entry.get("status") not in FINISHED or not out:
             continue
         if stage.kind == "evaluate":
-            lines.append(f"[{stage.name}] contact sheet {out}/contact_sheet.png, metrics {out}/metrics.png")
+            sheet = f"contact sheet {out}/contact_sheet.png, " if stage.with_.get("generated") else ""
+            lines.append(f"[{stage.name}] {sheet}metrics {out}/metrics.png")
         elif stage.kind == "cache" and is_image_collection(str(stage.with_.get("source") or ".h5")):
             lines.append(f"[{stage.name}] search it: clipforge search --index {out} \"TEXT\"   "
                          f"(or in the browser: clipforge serve --index {out})")

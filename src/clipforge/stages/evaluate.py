@@ -5,7 +5,9 @@ Reads the two caches and (when there is one) the adapter; writes `metrics.json`,
 adapter — none given, or the adapter stage failed under `on_failure: continue` —
 it reports the zero-padding baseline alone and says so. With `generated` sets it
 also scores their images with the target cache's encoder (CLIPScore, R@1, R@5,
-on the ids every set shares) and writes `contact_sheet.png` and `images.png`.
+on the ids of the evaluated split every set shares) and writes `contact_sheet.png`
+and `images.png`; each set must be of the evaluated `clip_cache` and adapter.
+A rerun into `out` first removes the earlier result's manifest and files.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from clipforge.models.adapter import CARD_NAME, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
-from clipforge.stages.evaluate_images import contact_sheet, score_generated, table_text
+from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, manifest_uri, output_fingerprint, read_manifest, write_manifest
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.evaluate")
+# Every file a result may hold besides its manifest: one the new result does not write is an earlier one's.
+RESULT_FILES = ("metrics.json", "metrics.png", "contact_sheet.png", "images.png")
 
 
 def scored_rows(pairs: PairedEmbeddings, split: str) -> PairedEmbeddings:
@@ -51,9 +55,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
-    if is_up_to_date(read_manifest(cfg.out), cfg.fingerprint(), inputs):
+    earlier = read_manifest(cfg.out)
+    if earlier is not None and earlier.get("kind") != "evaluate":
+        raise UserError(f"out {cfg.out} holds a {earlier.get('kind')!r} output, not an evaluation: give the "
+                        "evaluation a prefix of its own")
+    if is_up_to_date(earlier, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
-        return read_manifest(cfg.out)
+        return earlier
+    for prefix in cfg.generated:
+        check_generated(prefix, cfg.clip_cache, inputs["clip_cache"], cfg.adapter, inputs["adapter"])
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None
     trained = (card or {}).get("config", {})
     # The adapter's own seed and test share, so a seeded split puts the same rows in the test split.
@@ -78,25 +88,51 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics["conditioning"] = "zero-pad"
         log.warning("no adapter: reporting the zero-padding baseline only")
     log.info("evaluation on %d %s rows:\n%s", len(pairs.test_ids), cfg.split, metrics_table(metrics))
-    files = ["metrics.json", "metrics.png"]
+    pictures = {"metrics.png": bar_chart(metrics)}
     if cfg.generated:
-        files += evaluate_generated(cfg, metrics)
+        pictures |= evaluate_generated(cfg, metrics, {str(i) for i in pairs.test_ids})
+    clear_earlier_result(cfg.out, keep=["metrics.json", *pictures])
     storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
-    storage.write_bytes(storage.join(cfg.out, "metrics.png"), bar_chart(metrics))
+    for name, data in pictures.items():
+        storage.write_bytes(storage.join(cfg.out, name), data)
     return write_manifest(cfg.out, kind="evaluate", config=cfg.model_dump(mode="json"),
-                          config_fingerprint=cfg.fingerprint(), inputs=inputs, files=files, metrics=metrics)
+                          config_fingerprint=cfg.fingerprint(), inputs=inputs, files=["metrics.json", *pictures],
+                          metrics=metrics, headline=headline(metrics))
 
 
-def evaluate_generated(cfg: EvaluateConfig, metrics: dict) -> list[str]:
-    """Image-level rows into `metrics["images"]`; writes the contact sheet and the table's chart."""
+def clear_earlier_result(out: str, keep: list[str]) -> None:
+    """An earlier result's files that this one does not rewrite would pass for part of it: its manifest goes
+    first (the folder is then unfinished, never the old result with new files), then those files."""
+    storage.delete(manifest_uri(out))
+    for name in RESULT_FILES:
+        if name not in keep:
+            storage.delete(storage.join(out, name))
+
+
+def headline(metrics: dict) -> dict:
+    """The figures a user compares, for a pipeline run's summary: adapter against zero-padding on embeddings
+    (cosine, R@1), then CLIPScore and R@1 of each configuration of generated images (the first four)."""
+    figures = {}
+    for method in ("zero_pad", "adapter"):
+        if metrics.get(method):
+            for key in ("mean_cosine", "adapted_to_target_R@1"):
+                figures[f"{method}.{key}"] = metrics[method][key]
+    for row in (metrics.get("images") or [])[:4]:
+        for key in ("clip_score", "R@1"):
+            figures[f"images.{row['configuration']}.{key}"] = row[key]
+    return figures
+
+
+def evaluate_generated(cfg: EvaluateConfig, metrics: dict, split_ids: set[str]) -> dict[str, bytes]:
+    """Image-level rows, on the evaluated split's ids, into `metrics["images"]`; the contact sheet and the
+    table's chart, to write."""
     target = read_embeddings(cfg.target_cache, "target_cache")
-    rows, embedded = score_generated(cfg.generated, target, str(resolve_device(cfg.device)))
+    rows, embedded = score_generated(cfg.generated, target, split_ids, cfg.split, str(resolve_device(cfg.device)))
     metrics["images"] = rows
-    log.info("generated images (the ids each generate output holds):\n%s", table_text(rows))
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
-                        contact_sheet(target, rows, embedded, cfg.sheet_rows, cfg.seed))
-    storage.write_bytes(storage.join(cfg.out, "images.png"), images_chart(rows))
-    return ["contact_sheet.png", "images.png"]
+    log.info("generated images (the ids of the %s split each generate output holds):\n%s", cfg.split,
+             table_text(rows))
+    return {"contact_sheet.png": contact_sheet(target, rows, embedded, cfg.sheet_rows, cfg.seed),
+            "images.png": images_chart(rows)}
 
 
 def images_chart(rows: list[dict]) -> bytes:

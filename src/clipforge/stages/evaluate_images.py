@@ -67,6 +67,30 @@ def first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def check_generated(prefix: str, clip_cache: str, embeddings: dict, adapter: str | None,
+                    adapter_id: str | None) -> None:
+    """A generate output is scored, and labelled, as the evaluated inputs conditioned by zero-padding or by the
+    evaluated adapter: images of other embeddings (the target cache, say) or of another adapter would pass for
+    them. Identity, not path spelling: the cache's manifest hash and the adapter's fingerprint it recorded."""
+    manifest = read_manifest(prefix)
+    if manifest is None:
+        raise UserError(f"generated images {prefix} are incomplete: no _manifest.json")
+    if manifest.get("kind") != "generate":
+        raise UserError(f"generated images {prefix}: the folder holds a {manifest.get('kind')!r} output, not a "
+                        "generate output")
+    made, config = manifest["inputs"], manifest["config"]
+    if (made.get("embeddings") or {}).get("manifest_sha256") != embeddings.get("manifest_sha256"):
+        raise UserError(f"generated images {prefix} were made from the embeddings of {config.get('embeddings')}, "
+                        f"not of the evaluated --clip-cache {clip_cache}")
+    if manifest.get("conditioning") == "adapter" or config.get("adapter"):
+        if adapter is None:
+            raise UserError(f"generated images {prefix} were conditioned by adapter {config.get('adapter')}, but no "
+                            "--adapter is evaluated")
+        if adapter_id is None or made.get("adapter") != adapter_id:
+            raise UserError(f"generated images {prefix} were conditioned by adapter {config.get('adapter')} as it "
+                            f"was then, not by the evaluated --adapter {adapter} (another adapter, or retrained)")
+
+
 def configuration_label(manifest: dict) -> str:
     """'zero-pad', 'adapter', or 'adapter (limit N)' for an adapter trained on a subset."""
     label = manifest.get("conditioning", "?")
@@ -78,15 +102,17 @@ def configuration_label(manifest: dict) -> str:
     return label
 
 
-def score_generated(generated: list[str], target: EmbeddingTable, device: str = "cpu") -> tuple[list[dict], dict]:
-    """One metrics row per generate output, and the generated images' embeddings by output and id."""
+def score_generated(generated: list[str], target: EmbeddingTable, split_ids: set[str], split: str,
+                    device: str = "cpu") -> tuple[list[dict], dict]:
+    """One metrics row per generate output, on the ids of the evaluated split only, and the generated images'
+    embeddings by output and id."""
     spec = EncoderSpec(model=target.model["name"], pretrained=target.model.get("pretrained"),
                        model_config=target.model.get("model_config") or target.manifest["config"].get("model_config"))
     model, preprocess_cfg = load_clip(spec, device)
     preprocess = BatchPreprocess(preprocess_cfg, device)
     rows_of = {str(i): n for n, i in enumerate(target.ids)}
     outputs = {prefix: read_generated(prefix) for prefix in generated}
-    common = shared_ids(outputs, set(rows_of))
+    common = shared_ids(outputs, set(rows_of) & split_ids, split)
     labels = [configuration_label(manifest) for _, manifest in outputs.values()]
     rows, embedded = [], {}
     for (prefix, (frame, manifest)), label in zip(outputs.items(), labels, strict=True):
@@ -106,18 +132,24 @@ def score_generated(generated: list[str], target: EmbeddingTable, device: str = 
     return rows, embedded
 
 
-def shared_ids(outputs: dict[str, tuple], target_ids: set[str]) -> set[str]:
-    """The ids every generate output has and the target cache holds: the configurations are compared on the
-    same images, and each has a ground truth. Any left out are said; none at all is a UserError."""
+def shared_ids(outputs: dict[str, tuple], scored_ids: set[str], split: str) -> set[str]:
+    """The ids every generate output has among those scored (the evaluated split's, in both caches): the
+    configurations are compared on the same images of that split, and each has a ground truth. Any left out
+    are said; an output with none of the split's ids, or none shared, is a UserError."""
     sets = {prefix: {str(i) for i in frame["id"]} for prefix, (frame, _) in outputs.items()}
-    common = set.intersection(*sets.values()) & target_ids
+    for prefix, ids in sets.items():
+        if not ids & scored_ids:
+            made_for = outputs[prefix][1]["config"].get("split")
+            raise UserError(f"generated images {prefix} hold no id of the evaluated {split} split (they were "
+                            f"generated for split {made_for!r}): generate them with --split {split}")
+    common = set.intersection(*sets.values()) & scored_ids
     if not common:
-        raise UserError(f"the generate outputs {', '.join(outputs)} share no ids with each other and the target "
-                        "cache: nothing to compare")
+        raise UserError(f"the generate outputs {', '.join(outputs)} share no ids of the {split} split: nothing to "
+                        "compare")
     for prefix, ids in sets.items():
         if len(ids) > len(common):
-            log.warning("%s: scoring %d of its %d images, the ids every generate output has and the target cache "
-                        "holds (like for like)", prefix, len(common), len(ids))
+            log.warning("%s: scoring %d of its %d images, the ids of the %s split every generate output has (like "
+                        "for like)", prefix, len(common), len(ids), split)
     return common
 
 
