@@ -36,6 +36,29 @@ def test_load_adapter_names_what_is_wrong(tmp_path):
         load_adapter(tmp_path / "other.safetensors")
 
 
+def test_load_adapter_refuses_an_output_whose_training_did_not_finish(tmp_path):
+    """An adapter folder without `_manifest.json` (its card or checkpoints say it is a stage's output) may
+    hold an older run's files: refused, naming the folder, also when the weights file is given."""
+    from clipforge.storage.manifest import write_manifest
+
+    spec = AdapterSpec("linear", 4, 8)
+    expected = (f"{tmp_path} is incomplete (no _manifest.json): its training did not finish; "
+                "run train-adapter again to resume it")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError) as refused:  # retraining: the old files are gone, checkpoints are being made
+        load_adapter(tmp_path)
+    assert str(refused.value) == expected
+    (tmp_path / "checkpoints").rmdir()
+    (tmp_path / "adapter.safetensors").write_bytes(adapter_bytes(build_adapter(spec), spec))
+    (tmp_path / "adapter.json").write_text("{}")
+    for where in (tmp_path, tmp_path / "adapter.safetensors", str(tmp_path)):
+        with pytest.raises(UserError) as refused:
+            load_adapter(where)
+        assert str(refused.value) == expected
+    write_manifest(str(tmp_path), kind="adapter", config={}, config_fingerprint="t", inputs={})
+    assert load_adapter(tmp_path).spec == spec
+
+
 def test_unknown_arch():
     with pytest.raises(UserError, match="linear, mlp"):
         build_adapter(AdapterSpec("transformer", 2, 2))

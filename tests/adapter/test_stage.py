@@ -154,6 +154,32 @@ def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):
                for p in (out / "checkpoints").iterdir())
 
 
+def test_an_interrupted_retrain_leaves_no_old_adapter_to_load(caches, tmp_path, monkeypatch):
+    """Training anew over another config's output removes its adapter, card and metrics with the manifest,
+    before the first step: killed there, OUT holds nothing generate or evaluate could take for a result."""
+    src, tgt = caches
+    out = tmp_path / "out"
+    train_adapter(config(src, tgt, out, epochs=2, arch="linear"))
+
+    def killed(*args, **kwargs):
+        assert not (out / "_manifest.json").exists()
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stage, "fit_and_commit", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_adapter(config(src, tgt, out, epochs=3, arch="linear"))
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"_manifest.json", "adapter.safetensors", "adapter.json", "metrics.json"}, names
+    for given in (out, out / "adapter.safetensors"):
+        with pytest.raises(UserError) as refused:
+            load_adapter(given)
+        assert str(refused.value) == (f"{out} is incomplete (no _manifest.json): its training did not finish; "
+                                      "run train-adapter again to resume it")
+    assert train_adapter(config(src, tgt, out, epochs=3, arch="linear")).status == "trained"
+    assert load_adapter(out).spec.arch == "linear"
+
+
 def test_compiled_training_gives_the_eager_weights_under_the_models_own_keys(caches, tmp_path, monkeypatch,
                                                                             caplog):
     """--compile changes how the step runs, not what it computes: the same config fingerprint, the weights of

@@ -1,6 +1,7 @@
 """The generate stage and image-level evaluation on a tiny Stable unCLIP (random weights, real classes)."""
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -262,3 +263,91 @@ def test_a_pipeline_that_is_a_file_or_an_unreachable_hub_id_is_one_line(generati
         code, err = run_cli([*base, "--pipeline", pipeline, "--out", str(tmp_path / "out")], capsys)
         assert code == 2 and err.splitlines()[-1] == f"clipforge generate: error: {message}", err
         assert "stacktrace" not in err and read_manifest(str(tmp_path / "out")) is None
+
+
+def test_a_smaller_limit_leaves_only_the_images_of_its_result(generation_inputs, unclip, tmp_path, monkeypatch):
+    """A rerun with other ids replaces the result: the old manifest and table go before anything is generated,
+    and images (and batch rows) of ids it does not list are removed; a larger limit again makes them anew."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    out = tmp_path / "g"
+
+    def result_files():
+        table = pd.read_parquet(out / "generated.parquet")
+        batches = pd.concat([pd.read_parquet(p) for p in (out / "batches").glob("*.parquet")])
+        assert sorted(batches["id"]) == sorted(table["id"])
+        assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in table["id"])
+        return table
+
+    generate(generation_inputs, unclip, out, limit=5, batch_size=2)
+    smaller = generate(generation_inputs, unclip, out, limit=2, batch_size=2)
+    assert smaller["rows"] == 2 and len(result_files()) == 2
+    grown = generate(generation_inputs, unclip, out, limit=5, batch_size=2)
+    assert grown["metrics"]["generated_now"] == 3 and len(result_files()) == 5
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(StableUnCLIPImg2ImgPipeline, "__call__", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        generate(generation_inputs, unclip, out, limit=6)
+    assert read_manifest(str(out)) is None and not (out / "generated.parquet").exists()
+
+
+def test_a_mistyped_local_pipeline_folder_is_one_line_without_asking_the_hub(generation_inputs, tmp_path, capsys,
+                                                                            monkeypatch):
+    """`demo/unclipx` (demo/ is here) is a missing folder, not a hub id; a hub id the hub cannot answer for is
+    one line too (diffusers' "Couldn't connect to the Hub" lines are held back)."""
+    import socket
+
+    from diffusers.pipelines import pipeline_utils
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    asked = []
+    real_model_info = pipeline_utils.model_info
+    monkeypatch.setattr(pipeline_utils, "model_info", lambda *a, **k: asked.append(a[0]) or real_model_info(*a, **k))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    base = ["generate", "--embeddings", generation_inputs["source"], "--steps", "1", "--device", "cpu"]
+    code, err = run_cli([*base, "--pipeline", "demo/unclipx", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err == ("clipforge generate: error: pipeline demo/unclipx not found: give a diffusers "
+                                 "pipeline folder (local or s3://) or a hub id such as "
+                                 "stabilityai/stable-diffusion-2-1-unclip"), err
+    assert asked == []
+    printed = []  # what diffusers' own handler would print (to the stderr it was made with, not capsys's)
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())
+    logging.getLogger(pipeline_utils.__name__).addHandler(handler)
+    try:
+        code, err = run_cli([*base, "--pipeline", "nope/dir", "--out", str(tmp_path / "out")], capsys)
+    finally:
+        logging.getLogger(pipeline_utils.__name__).removeHandler(handler)
+    assert code == 2 and asked == ["nope/dir"] and len(err.splitlines()) == 1, err
+    assert not [line for line in printed if "Couldn't connect to the Hub" in line], printed
+    assert err.startswith("clipforge generate: error: pipeline nope/dir is neither a diffusers pipeline folder")
+    assert read_manifest(str(tmp_path / "out")) is None
+
+
+def test_generate_and_evaluate_refuse_an_adapter_whose_training_did_not_finish(generation_inputs, tmp_path, capsys):
+    """An adapter folder without `_manifest.json` (a retrain killed before its commit) may hold an older run's
+    files: refused in one line, by generate before it loads the pipeline."""
+    import shutil
+
+    adapter = tmp_path / "ad"
+    shutil.copytree(generation_inputs["adapter"], adapter)
+    (adapter / "_manifest.json").unlink()
+    message = (f"{adapter} is incomplete (no _manifest.json): its training did not finish; run train-adapter "
+               "again to resume it")
+    for given in (adapter, adapter / "adapter.safetensors"):
+        code, err = run_cli(["generate", "--embeddings", generation_inputs["source"], "--adapter", str(given),
+                             "--pipeline", str(tmp_path / "not-loaded"), "--device", "cpu",
+                             "--out", str(tmp_path / "gen")], capsys)
+        assert code == 2 and err == f"clipforge generate: error: {message}", err
+        code, err = run_cli(["evaluate", "--clip-cache", generation_inputs["source"], "--target-cache",
+                             generation_inputs["target"], "--adapter", str(given), "--device", "cpu",
+                             "--out", str(tmp_path / "eval")], capsys)
+        assert code == 2 and err == f"clipforge evaluate: error: {message}", err
+    assert not (tmp_path / "gen").exists() and read_manifest(str(tmp_path / "eval")) is None

@@ -22,6 +22,8 @@ from clipforge.config.adapter import adapter_folder
 from clipforge.errors import UserError
 from clipforge.models.encoders import encoder_name, same_encoder
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import MANIFEST_NAME, manifest_uri
+from clipforge.train.checkpoint_names import CHECKPOINTS_DIR
 
 WEIGHTS_NAME = "adapter.safetensors"
 CARD_NAME = "adapter.json"
@@ -110,6 +112,17 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
 
 
+def check_finished(folder: str) -> None:
+    """An adapter stage's output without `_manifest.json` is one whose training did not finish: files there
+    may be an older run's, replaced by the next commit. A bare weights file (no card, no checkpoints beside
+    it) is no stage output and is taken as it is."""
+    if storage.exists(manifest_uri(folder)):
+        return
+    if storage.exists(storage.join(folder, CARD_NAME)) or CHECKPOINTS_DIR in storage.list_folders(folder):
+        raise UserError(f"{folder} is incomplete (no {MANIFEST_NAME}): its training did not finish; "
+                        "run train-adapter again to resume it")
+
+
 def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The trained adapter, in eval mode, from an adapter stage's OUT (local or s3://) or its safetensors file.
 
@@ -119,6 +132,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     uri = str(path)
     if not uri.endswith(".safetensors"):
         uri = storage.join(uri, WEIGHTS_NAME)
+    check_finished(adapter_folder(uri))
     if not storage.exists(uri):
         raise UserError(f"{uri} not found: is this an adapter stage output (with {WEIGHTS_NAME})?")
     data = storage.read_bytes(uri)

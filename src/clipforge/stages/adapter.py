@@ -37,6 +37,7 @@ from clipforge.train.state import plain_module
 log = logging.getLogger("clipforge.adapter")
 
 COMMAND = "train-adapter"
+FINAL_FILES = (WEIGHTS_NAME, CARD_NAME, "metrics.json")  # the result; `_manifest.json` lists them
 
 
 def train_adapter(config: AdapterConfig) -> TrainResult:
@@ -87,7 +88,7 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
     pairs = read_pairs(config)
     store = CheckpointStore(config.out, config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
                             inputs=inputs, keep=config.keep_checkpoints, work_dir=config.work_dir)
-    clear_stale_output(accelerator, store, config.out)
+    clear_stale_output(accelerator, store, config.out, FINAL_FILES)
     log_dir = store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
     trainer = None
     try:
@@ -153,7 +154,7 @@ def _commit(config: AdapterConfig, trainer: AdapterTrainer, metrics: dict, input
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     trainer.flush_logs()
     write_manifest(out, kind="adapter", config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
-                   inputs=inputs, files=[WEIGHTS_NAME, CARD_NAME, "metrics.json"],
+                   inputs=inputs, files=list(FINAL_FILES),
                    rows={"train": len(pairs.train_ids), "test": len(pairs.test_ids)}, metrics=metrics)
     log.info("test split, %d rows:\n%s", len(pairs.test_ids), metrics_table(metrics))
     log.info("committed %s", out)

@@ -18,11 +18,11 @@ import logging
 
 import torch
 
-from clipforge.config.adapter import AdapterConfig
+from clipforge.config.adapter import AdapterConfig, adapter_folder
 from clipforge.config.evaluate import EvaluateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
-from clipforge.models.adapter import CARD_NAME, check_trained_on, load_adapter
+from clipforge.models.adapter import CARD_NAME, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
@@ -49,6 +49,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     given) on images; returns the manifest, written last. Up to date when nothing it reads changed."""
     if cfg.generated:
         resolve_device(cfg.device)  # a device that is not there is said now, not after the embedding metrics
+    if cfg.adapter:
+        check_finished(adapter_folder(cfg.adapter))  # an interrupted retrain's folder holds no adapter to score
     inputs = {
         "clip_cache": cache_fingerprint(cfg.clip_cache, "clip_cache"),
         "target_cache": cache_fingerprint(cfg.target_cache, "target_cache"),

@@ -5,7 +5,9 @@ NaNs; each embedding is mapped into the pipeline's conditioning space by the
 adapter or by zero-padding. Compute: batches through the pipeline together,
 one generator per id seeded from (seed, id), so an id's image does not depend
 on its batch. Commit: a batch's PNGs, then its row file under `batches/`;
-`generated.parquet` and `_manifest.json` last. A rerun skips committed ids.
+`generated.parquet` and `_manifest.json` last. A rerun skips committed ids; one that
+chooses other ids (a smaller limit) first removes the old manifest and the images it
+will not list, so the folder never holds images of no result.
 """
 
 from __future__ import annotations
@@ -22,17 +24,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from clipforge.config.adapter import adapter_folder
 from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError, first_line
-from clipforge.models.adapter import check_trained_on, load_adapter
+from clipforge.models.adapter import check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, is_up_to_date, output_fingerprint, read_manifest, write_manifest
+from clipforge.storage.manifest import (
+    digest,
+    is_up_to_date,
+    manifest_uri,
+    output_fingerprint,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger("clipforge.generate")
 EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
@@ -60,16 +70,36 @@ def pipeline_folder(cfg: GenerateConfig) -> str:
     return cfg.pipeline
 
 
+def is_missing_local_path(value: str) -> bool:
+    """`owner/name` whose owner is a local folder (demo/unclipx): a mistyped path, refused at once rather than
+    asked of the hub (seconds offline, and the hub client's own lines)."""
+    head = value.split("/", 1)[0]
+    return not storage.local_path(value).exists() and storage.local_path(head).is_dir()
+
+
 def pipeline_identity(cfg: GenerateConfig) -> dict:
     index = storage.join(cfg.pipeline, "model_index.json")
     if storage.is_s3(cfg.pipeline) or storage.local_path(cfg.pipeline).is_dir():
         if not storage.exists(index):
             raise UserError(f"pipeline {cfg.pipeline} has no model_index.json: not a diffusers pipeline folder")
         return storage.fingerprint(index)
-    if not HUB_ID.match(cfg.pipeline):  # a path that is not there: hub ids are `owner/name`
+    if not HUB_ID.match(cfg.pipeline) or is_missing_local_path(cfg.pipeline):
         raise UserError(f"pipeline {cfg.pipeline} not found: give a diffusers pipeline folder (local or s3://) "
                         "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
     return {"hub_id": cfg.pipeline}
+
+
+class HubNotice(logging.Filter):
+    """Holds back diffusers' two lines "Couldn't connect to the Hub … Will try to load from local cache": a load
+    that then fails is one line of ours saying why, one that succeeds is told in one line."""
+
+    held = None  # its first line, when it came
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Couldn't connect to the Hub"):
+            self.held = record.getMessage().splitlines()[0]
+            return False
+        return True
 
 
 def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
@@ -90,6 +120,9 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
 
     diffusers_logging.disable_progress_bar()  # our own progress line counts images
     transformers_logging.disable_progress_bar()
+    hub_notice = HubNotice()
+    hub_log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    hub_log.addFilter(hub_notice)
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=DTYPES[precision])
     except OSError as exc:
@@ -102,6 +135,10 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
             why = f"it is not in the local Hugging Face cache, and {host} cannot be reached"
         raise UserError(f"pipeline {cfg.pipeline} is neither a diffusers pipeline folder nor loadable from the hub: "
                         f"{why}") from None
+    finally:
+        hub_log.removeFilter(hub_notice)
+    if hub_notice.held:
+        log.warning("pipeline %s loaded from the local Hugging Face cache (%s)", cfg.pipeline, hub_notice.held)
     if type(pipe).__name__ != EXPECTED_CLASS:
         raise UserError(f"pipeline {cfg.pipeline} is a {type(pipe).__name__}; expected a {EXPECTED_CLASS}")
     pipe.set_progress_bar_config(disable=True)
@@ -178,24 +215,57 @@ def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
     return digest({"settings": chosen, "inputs": inputs, "precision": precision})
 
 
-def committed_ids(out: str, settings: str) -> tuple[set, list[pd.DataFrame]]:
-    """The ids whose images a batch committed, and those batches' rows. Images made with other settings
-    (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these: they
-    would be scored as what the manifest then says."""
-    parts = [parquet.read_frame(storage.read_bytes(storage.join(out, "batches", name)))
-             for name in storage.list_names(storage.join(out, "batches")) if name.endswith(".parquet")]
-    for part in parts:
+def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]]:
+    """The ids whose images a batch committed, and those batches' rows by file name. Images made with other
+    settings (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these:
+    they would be scored as what the manifest then says."""
+    batches = storage.join(out, "batches")
+    parts = {name: parquet.read_frame(storage.read_bytes(storage.join(batches, name)))
+             for name in storage.list_names(batches) if name.endswith(".parquet")}
+    for part in parts.values():
         # Batches written before rows recorded their settings carry none; those came from this stage's own
         # earlier attempt (a pipeline's key names its output).
         if "settings" in part and (part["settings"] != settings).any():
             raise UserError(f"out {out} holds images made with other settings, adapter or embeddings (steps, "
                             "guidance, noise_level, embed_norm, seed or precision): choose a new --out or remove it")
-    return {str(i) for part in parts for i in part["id"]}, parts
+    return {str(i) for part in parts.values() for i in part["id"]}, parts
+
+
+def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFrame]:
+    """Make `out` hold only what the new result can list, before generating: the old manifest and table go
+    first, then the batch rows and images of ids outside this selection (a smaller limit, another split), so
+    no image left there looks like part of a result it is not. Returns the batches' remaining rows."""
+    storage.delete(manifest_uri(out))
+    storage.delete(storage.join(out, "generated.parquet"))
+    wanted, kept = {str(i) for i in ids}, []
+    for name, part in parts.items():
+        rows = part[part["id"].astype(str).isin(wanted)].reset_index(drop=True)
+        if len(rows) < len(part):
+            uri = storage.join(out, "batches", name)
+            if len(rows):
+                storage.write_bytes(uri, frame_bytes(rows))
+            else:
+                storage.delete(uri)
+        kept.append(rows)
+    paths = {path for rows in kept for path in rows["path"]}
+    images = storage.join(out, "images")
+    stray = [name for name in storage.list_names(images) if f"images/{name}" not in paths]
+    if stray:
+        storage.delete_objects(images, stray)
+    return kept
+
+
+def frame_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Images from the chosen rows' embeddings, one committed batch at a time, so a rerun generates only
     what is missing; returns the manifest, written last."""
+    if cfg.adapter:  # before the pipeline, which may take minutes to load
+        check_finished(adapter_folder(cfg.adapter))
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
               "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
@@ -213,7 +283,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
     conditioning = Conditioning(cfg, cache_dim, cache_model, pipeline_dim)
     settings = image_settings(cfg, inputs, precision)
-    done, parts = committed_ids(cfg.out, settings)
+    done, batches = committed_ids(cfg.out, settings)
+    parts = keep_only(cfg.out, ids, batches)
     todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
     log.info("%d ids of split %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
              len(ids), cfg.split, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
@@ -225,10 +296,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         progress.update(len(rows))
     seconds_now = time.monotonic() - started
     table = pd.concat(parts, ignore_index=True).sort_values("id", ignore_index=True)
-    table = table[table["id"].astype(str).isin({str(i) for i in ids})].reset_index(drop=True)  # a smaller limit
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), buffer.getvalue())
+    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), frame_bytes(table))
     # Every image's share of its batch's time, summed: the whole set's generation time, however many
     # attempts it took (an attempt's own wall time would leave out what earlier ones generated).
     seconds = float(table["seconds"].sum()) if "seconds" in table and table["seconds"].notna().all() else None
@@ -262,8 +330,6 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
     seconds = (time.monotonic() - started) / len(ids)
     frame = pd.DataFrame({"id": ids, "path": paths, "seed": seeds, "conditioning": conditioning.source,
                           "adapter": conditioning.fingerprint, "seconds": seconds, "settings": settings})
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
     first = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
-    storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), buffer.getvalue())
+    storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), frame_bytes(frame))
     return frame

@@ -39,12 +39,18 @@ def train_in_workers(command: str, config: dict, num_processes: int, out: str) -
     return TrainResult("trained", out, done.get("metrics"))
 
 
-def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: str) -> None:
-    """Before training: OUT must not look "done" while it is rewritten, nor keep checkpoints of another run."""
+def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: str,
+                       final_files: tuple[str, ...] = ()) -> None:
+    """Before training: OUT must not look "done" while it is rewritten, nor keep checkpoints of another run.
+    The old result's files go with its manifest (the manifest first), those it lists and the stage's
+    `final_files`: a weights file left beside a run being trained again would be taken for its result."""
     if accelerator.is_main_process:
-        if read_manifest(out) is not None:
+        manifest = read_manifest(out)
+        if manifest is not None:
             log.warning("%s holds an output of another config or other inputs: training anew", out)
             storage.delete(manifest_uri(out))
+        for name in {*final_files, *((manifest or {}).get("files") or [])}:
+            storage.delete(storage.join(out, name))
         removed = store.tidy()
         if removed:
             log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
