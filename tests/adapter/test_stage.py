@@ -213,6 +213,16 @@ def test_limit_trains_on_a_seeded_subset_and_keeps_the_test_split(caches, tmp_pa
     assert result.metrics["steps"] == 2 * (64 // 32)
 
 
+def test_a_limit_not_below_the_training_rows_says_it_trains_on_all(caches, tmp_path, caplog):
+    from clipforge.stages.adapter_data import read_pairs
+
+    src, tgt = caches
+    with caplog.at_level("WARNING"):
+        pairs = read_pairs(config(src, tgt, tmp_path / "a", limit=100_000))
+    assert f"limit 100000 is not below the {len(pairs.train_ids)} training rows: training on all of them" \
+        in caplog.text
+
+
 def test_caches_without_splits_get_a_seeded_split(tmp_path):
     src, tgt = write_pair(str(tmp_path / "c"), n=200, with_splits=False)
     result = train_adapter(config(src, tgt, tmp_path / "out", epochs=1, test_share=0.25))
