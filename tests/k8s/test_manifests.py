@@ -138,6 +138,8 @@ def test_multi_node_training_is_an_indexed_job_with_a_headless_service():
     rendezvous = env(container)
     assert rendezvous["MASTER_ADDR"] == f"{name}-0.{service['metadata']['name']}"
     assert rendezvous["MASTER_PORT"] == "29500" and rendezvous["NNODES"] == "12"
+    # Ranks wait for the last one's pod as long as the driver waits for a node (no unschedulable timeout here).
+    assert rendezvous["CLIPFORGE_RENDEZVOUS_TIMEOUT"] == str(6 * 3600)
     assert rendezvous["NODE_RANK"] == {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"

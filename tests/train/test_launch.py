@@ -57,6 +57,16 @@ def test_torchrun_command_reexecutes_the_cli_with_static_rendezvous():
     for part in ("--nnodes 2", "--node_rank 1", "--nproc_per_node 2", "--rdzv_backend static",
                  "--master_addr host", "--master_port 29400", "-m clipforge.cli train-adapter --config c.yaml"):
         assert part in line
+    # torch's static rendezvous gives up after 600 s: less than an autoscaler may take for the last rank's node
+    assert "--rdzv_conf timeout=1800" in line
+
+
+def test_the_rendezvous_timeout_comes_from_the_environment():
+    assert launch.rendezvous_timeout({}) == 1800
+    assert launch.rendezvous_timeout({"CLIPFORGE_RENDEZVOUS_TIMEOUT": "7200"}) == 7200
+    for bad in ("0", "soon"):
+        with pytest.raises(UserError, match="CLIPFORGE_RENDEZVOUS_TIMEOUT"):
+            launch.rendezvous_timeout({"CLIPFORGE_RENDEZVOUS_TIMEOUT": bad})
 
 
 def test_as_worker_is_transparent_outside_the_launcher(monkeypatch):

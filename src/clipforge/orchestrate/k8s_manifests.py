@@ -22,6 +22,7 @@ from typing import Any
 from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import ResolvedStage
+from clipforge.train.launch import RENDEZVOUS_TIMEOUT_ENV
 
 MAX_NAME = 63  # a DNS-1123 label, and the most a label value (`job-name`) may hold
 MAX_RAYJOB_NAME = 47  # KubeRay's MaxRayJobNameLength: longer ones end as jobDeploymentStatus ValidationFailed
@@ -367,6 +368,7 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
         {"name": "MASTER_ADDR", "value": f"{name}-0.{service}"},
         {"name": "MASTER_PORT", "value": str(settings.rendezvous_port)},
         {"name": "NNODES", "value": str(nodes)},
+        {"name": RENDEZVOUS_TIMEOUT_ENV, "value": str(group_start_timeout(settings))},
         # The Job controller sets JOB_COMPLETION_INDEX too; the launcher reads either.
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
@@ -385,6 +387,14 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
                             "targetPort": settings.rendezvous_port}]},
     }
     return [job, svc]
+
+
+def group_start_timeout(settings: StageJobSettings) -> int:
+    """How long a group's first ranks wait for the last one's pod: a rank waiting for a node is waited for (or
+    for `unschedulable_timeout_seconds`), so the rendezvous must outlast that, with time to pull the image."""
+    if settings.unschedulable_timeout_seconds is None:
+        return 6 * 3600
+    return settings.unschedulable_timeout_seconds + 900
 
 
 def own_resources(cpu: str, memory: str, settings: StageJobSettings) -> dict:

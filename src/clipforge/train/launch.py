@@ -49,6 +49,8 @@ from clipforge.lifetime import die_with_parent
 log = logging.getLogger(__name__)
 
 LAUNCH_DIR_ENV = "CLIPFORGE_LAUNCH_DIR"
+RENDEZVOUS_TIMEOUT_ENV = "CLIPFORGE_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT = 1800
 STATUS_NAME = "status.json"
 
 
@@ -122,13 +124,24 @@ def needs_launch(num_processes: int, env: dict[str, str] | None = None) -> bool:
     return not in_launched_worker(env) and world_size(num_processes, env) > 1
 
 
+def rendezvous_timeout(env: dict[str, str] | None = None) -> int:
+    """Seconds the machines wait for each other to start: torch's static rendezvous gives up after 600 s, less
+    than an autoscaler may take to add a GPU node for the last rank. A Kubernetes group sets it from the
+    stage's unschedulable timeout (`k8s_manifests.indexed_job`)."""
+    seconds, _ = _int_env(dict(os.environ if env is None else env), (RENDEZVOUS_TIMEOUT_ENV,),
+                          DEFAULT_RENDEZVOUS_TIMEOUT)
+    if seconds < 1:
+        raise UserError(f"{RENDEZVOUS_TIMEOUT_ENV}={seconds}: give a number of seconds, at least 1")
+    return seconds
+
+
 def torchrun_command(cli_args: list[str], num_processes: int, rdzv: Rendezvous) -> list[str]:
     """`python -m torch.distributed.run ... -m clipforge.cli CLI_ARGS` for this machine."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(rdzv.nnodes), "--node_rank", str(rdzv.node_rank), "--nproc_per_node", str(num_processes),
         "--rdzv_backend", "static", "--master_addr", rdzv.master_addr, "--master_port", str(rdzv.master_port),
-        "--max_restarts", "0",
+        "--rdzv_conf", f"timeout={rendezvous_timeout()}", "--max_restarts", "0",
         "-m", "clipforge.cli", *cli_args,
     ]
 
