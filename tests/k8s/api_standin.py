@@ -22,7 +22,10 @@ It also plays, crudely, the controllers and the node:
   the Service exists, has `clusterIP: None`, selects the pod, the pod's hostname and subdomain match,
   and the pod runs or the Service publishes not-ready addresses;
 - KubeRay: a RayJob runs its `entrypoint` as a subprocess with the head container's env (as `ray start`
-  there has it) and ends SUCCEEDED or FAILED with Ray's "failed with exit code N" message.
+  there has it) and ends SUCCEEDED or FAILED with Ray's "failed with exit code N" message; one whose pods
+  `cannot_start` gets a RayCluster name and a head pod whose container waits, and stays Initializing; with
+  `ray_finalizer_seconds`, a deleted RayJob stays that long (deletionTimestamp set), as KubeRay's
+  `ray.io/rayjob-finalizer` keeps it until the operator has stopped its job.
 
 Authorization, as RBAC does it: given a Role's `rules` (the chart's own), a request whose verb (get, list,
 watch, create, patch, delete) on its resource (`pods/log` included) no rule grants is answered 403 Forbidden.
@@ -100,6 +103,7 @@ class KubernetesApiStandIn:
         self.disrupted: set[str] = set()
         self.refused: dict[str, str] = {}  # Job name -> why the API server refuses its pods
         self.queued: set[str] = set()  # Job names created suspended, as a Kueue webhook does, until admit()
+        self.ray_finalizer_seconds = 0.0  # how long a deleted RayJob stays before its finalizer is removed
         self.processes: dict[str, subprocess.Popen] = {}
         self.pod_env: dict[str, dict[str, str]] = {}  # the container env each pod ran with (after DNS)
         self.logs = Path(tempfile.mkdtemp(prefix="k8s-standin-logs-"))
@@ -142,8 +146,8 @@ class KubernetesApiStandIn:
             self.held.add(job)
 
     def cannot_start(self, job: str, reason: str, message: str) -> None:
-        """Pods of `job` stay Pending with their container waiting for `reason` (what the kubelet reports
-        for a missing Secret or an image it cannot pull); the Job itself never fails of it."""
+        """Pods of `job` (a Job or a RayJob) stay Pending with their container waiting for `reason` (what the
+        kubelet reports for a missing Secret or an image it cannot pull); the Job itself never fails of it."""
         with self.lock:
             self.held.add(job)
             self.waiting[job] = (reason, message)
@@ -435,10 +439,17 @@ class KubernetesApiStandIn:
             obj = self.objects.get((resource, ns, name))
             if obj is None:
                 return 404, status_body(404, "NotFound", f"{resource} {name!r} not found")
-            self._put(resource, obj, "DELETED")
+            if resource == "rayjobs" and self.ray_finalizer_seconds:
+                obj["metadata"]["deletionTimestamp"] = now()
+                self._put(resource, obj, "MODIFIED")
+                threading.Timer(self.ray_finalizer_seconds, self._finalized, args=(resource, ns, name)).start()
+            else:
+                self._put(resource, obj, "DELETED")
+            cluster = (obj.get("status") or {}).get("rayClusterName")
             pods = [o["metadata"]["name"] for (r, n, _), o in self.objects.items()
-                    if r == "pods" and n == ns and o["metadata"].get("labels", {}).get(
-                        "batch.kubernetes.io/controller-uid") == obj["metadata"]["uid"]]
+                    if r == "pods" and n == ns and (o["metadata"].get("labels", {}).get(
+                        "batch.kubernetes.io/controller-uid") == obj["metadata"]["uid"]
+                        or (cluster and o["metadata"].get("labels", {}).get("ray.io/cluster") == cluster))]
             procs = [self.processes.get(p) for p in pods] + [self.processes.get(f"rayjob-{name}")]
         for proc in filter(None, procs):  # Foreground: the pods go before the Job is gone
             self._stop(proc)
@@ -449,6 +460,12 @@ class KubernetesApiStandIn:
                     self._put("pods", found, "DELETED")
         obj["metadata"]["deletionTimestamp"] = now()
         return 200, obj  # as the API server answers a delete: the object, now being deleted
+
+    def _finalized(self, resource: str, ns: str, name: str) -> None:
+        with self.lock:
+            obj = self.objects.get((resource, ns, name))
+            if obj is not None:
+                self._put(resource, obj, "DELETED")
 
     # --- Job controller and kubelet ------------------------------------------------------------------
 
@@ -657,6 +674,8 @@ class KubernetesApiStandIn:
     def _run_ray_job(self, ns: str, name: str) -> None:
         with self.lock:
             ray = self.objects[("rayjobs", ns, name)]
+            if name in self.waiting:
+                return self._ray_head_cannot_start(ns, ray, *self.waiting[name])
             ray["status"].update(jobDeploymentStatus="Running", jobStatus="RUNNING", startTime=now())
             self._put("rayjobs", ray, "MODIFIED")
             entrypoint = ray["spec"]["entrypoint"]
@@ -683,6 +702,21 @@ class KubernetesApiStandIn:
                                      message=f"Job entrypoint command failed with exit code {code}, last "
                                              f"available logs (truncated to 20,000 chars):\n{tail}")
             self._put("rayjobs", ray, "MODIFIED")
+
+    def _ray_head_cannot_start(self, ns: str, ray: dict, reason: str, message: str) -> None:
+        """What KubeRay leaves when the head's container cannot start: a RayCluster, a Pending head pod with
+        the template's labels and KubeRay's own, and the RayJob Initializing. The caller holds the lock."""
+        cluster = f"{ray['metadata']['name']}-{uuid.uuid4().hex[:5]}"
+        ray["status"]["rayClusterName"] = cluster
+        self._put("rayjobs", ray, "MODIFIED")
+        template = copy.deepcopy(ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])
+        labels = {**template["metadata"].get("labels", {}), "ray.io/cluster": cluster, "ray.io/node-type": "head"}
+        self._put("pods", {
+            "apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
+            "metadata": {"name": f"{cluster}-head-{uuid.uuid4().hex[:5]}", "namespace": ns, "labels": labels,
+                         "uid": str(uuid.uuid4()), "creationTimestamp": now()},
+            "status": {"phase": "Pending", "conditions": [], "containerStatuses": [self._container_status(
+                template["spec"]["containers"][0], {"waiting": {"reason": reason, "message": message}})]}}, "ADDED")
 
     # --- processes ----------------------------------------------------------------------------------
 

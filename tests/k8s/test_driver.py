@@ -4,7 +4,8 @@ each stage pod's command as a local subprocess, so the stages really run, on the
 
 Covered: the whole demo pipeline as Jobs; watches that get 410 Gone or go quiet; a driver killed and
 restarted mid-stage (re-attached, no second Job); a failed stage under `on_failure: continue`; a
-multi-node stage as an Indexed Job + headless Service whose rendezvous resolves; a RayJob stage.
+multi-node stage as an Indexed Job + headless Service whose rendezvous resolves; a RayJob stage, and one
+recreated after a failed one (KubeRay's finalizer), whose pods cannot start, or deleted mid-run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from conftest import chart_objects
 from clipforge.config.pipeline import PipelineSpec
 from clipforge.data.synthetic import write_demo_data, write_expdesign
 from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
-from clipforge.orchestrate.k8s_manifests import KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
+from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
 from clipforge.orchestrate.pipeline import resolve_stage
 from clipforge.storage.local_s3 import free_port
 from clipforge.storage.manifest import read_manifest
@@ -638,3 +639,146 @@ def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small
     assert "waiting for 1 pod(s) of an earlier run to stop before starting (earlier-0)" in caplog.text
     (ours,) = [p for p in cluster.api.list("pods", **{"job-name": name})]
     assert ours["metadata"]["labels"][KEY_LABEL] == stage.key  # what the next run would wait on
+
+
+def test_a_stage_waits_for_pods_of_its_own_run_a_deleted_job_left_writing_its_output(small_cluster, monkeypatch,
+                                                                                      caplog):
+    """The API server is the stand-in (mocked). `helm uninstall` + `install` with the same run id (or a plain
+    delete of the driver Job) has the GC delete the stage Job while its pods save a checkpoint: the new driver,
+    whose lease the old one released at once, finds no Job, and must still wait for those pods, of its own run
+    id but of another Job."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "same", "subj08")
+    name = job_name(RELEASE, "same", "nsd-index")
+    earlier = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
+               "status": {"phase": "Running"},
+               "metadata": {"name": "same-0", "namespace": "ml", "deletionTimestamp": "2030-01-01T00:00:00Z",
+                            "labels": {KEY_LABEL: stage.key, RUN_ID_LABEL: "same", "job-name": name,
+                                       "batch.kubernetes.io/controller-uid": "uid-of-the-deleted-job"}}}
+    with cluster.api.lock:
+        cluster.api._put("pods", earlier, "ADDED")
+    seen_before_gone = []
+
+    def stop_the_earlier_pod():
+        time.sleep(1.5)
+        seen_before_gone.extend(cluster.api.created("jobs", name))
+        with cluster.api.lock:
+            cluster.api._put("pods", cluster.api.objects[("pods", "ml", "same-0")], "DELETED")
+
+    helper = threading.Thread(target=stop_the_earlier_pod)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=2, poll_seconds=0.1)
+    with caplog.at_level(logging.WARNING, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 0 and seen_before_gone == [] and cluster.api.created("jobs", name) == [name]
+    assert "waiting for 1 pod(s) of an earlier run to stop before starting (same-0)" in caplog.text
+
+
+def ray_stage_for(cluster: Cluster, run_id: str):
+    """A resolved 2-node cache stage (a RayJob with KubeRay on; its input is missing, so it fails if it runs),
+    and the settings to run it with."""
+    cache = {"name": "cache", "kind": "cache", "resources": {"gpus": 1, "nodes": 2},
+             "with": {"source": "demo/missing.hdf5", "index": "demo/missing-index", "model": "ViT-B-32",
+                      "device": "cpu"}}
+    spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [cache]})
+    stage = resolve_stage(spec, spec.stages[0], {})
+    stage.config_uri = f"demo/artifacts/runs/{run_id}/configs/cache.yaml"
+    (cluster.root / stage.config_uri).parent.mkdir(parents=True, exist_ok=True)
+    (cluster.root / stage.config_uri).write_text(yaml.safe_dump(stage.values))
+    settings = StageJobSettings.from_mapping({**yaml.safe_load(cluster.settings.read_text()), "kuberay": True},
+                                             run_id=run_id, namespace="ml")
+    return stage, settings
+
+
+def test_a_rayjob_recreated_after_a_failed_one_reports_its_own_result(small_cluster, monkeypatch, caplog):
+    """The API server is the stand-in (mocked), with KubeRay's finalizer: a deleted RayJob stays a while. The
+    driver must wait until the old one is gone before creating the new one, not take the 409 for a new RayJob
+    and report the old one's exit code."""
+    cluster = small_cluster
+    stage, settings = ray_stage_for(cluster, "ray-again")
+    name = job_name(RELEASE, "ray-again", "cache")
+    old = {"apiVersion": "ray.io/v1", "kind": "RayJob", "spec": {},
+           "status": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed",
+                      "message": "Job entrypoint command failed with exit code 7"},
+           "metadata": {"name": name, "namespace": "ml", "uid": "uid-old", "finalizers": ["ray.io/rayjob-finalizer"],
+                        "annotations": {KEY_ANNOTATION: stage.key}}}
+    with cluster.api.lock:
+        cluster.api._put("rayjobs", old, "ADDED")
+    monkeypatch.setattr(cluster.api, "ray_finalizer_seconds", 1.5)
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), poll_seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    assert code == 2  # the new RayJob's: its input is missing (a user error)
+    assert f"deleting the existing RayJob {name}" in caplog.text and f"created RayJob {name}" in caplog.text
+    assert cluster.api.created("rayjobs", name) == [name]  # one create, after the old one was gone
+
+
+@pytest.mark.timeout(60)  # without the check, the driver polls the other RayJob for ever
+def test_a_rayjob_of_another_config_created_meanwhile_is_an_error_not_a_result(small_cluster, monkeypatch):
+    """The API server is the stand-in (mocked). A create answered 409 by a RayJob of another config (another
+    driver was faster) must not have the driver poll that one and report its result as this stage's."""
+    cluster = small_cluster
+    stage, settings = ray_stage_for(cluster, "ray-raced")
+    name = job_name(RELEASE, "ray-raced", "cache")
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), poll_seconds=0.5)
+
+    def another_driver_was_faster(*args):
+        with cluster.api.lock:
+            cluster.api._put("rayjobs", {"apiVersion": "ray.io/v1", "kind": "RayJob", "spec": {}, "status": {},
+                                         "metadata": {"name": name, "namespace": "ml",
+                                                      "annotations": {KEY_ANNOTATION: "0" * 16}}}, "ADDED")
+
+    monkeypatch.setattr(executor, "wait_for_earlier_pods", another_driver_was_faster)
+    monkeypatch.chdir(cluster.root)
+    with pytest.raises(RuntimeError, match=f"RayJob {name} cannot be created: one of that name for another config"):
+        executor(stage)
+
+
+@pytest.mark.timeout(60)  # without the looks at its pods, the driver waits for ever
+def test_a_rayjob_whose_pods_cannot_start_fails_its_stage_naming_the_reason(small_cluster, monkeypatch, caplog):
+    """The API server is the stand-in (mocked). KubeRay leaves a RayJob Initializing for ever when its head
+    cannot pull its image: the driver looks at the RayJob's pods (by the stage key and run id labels on their
+    templates) as at a Job's, fails the stage after stuck_seconds naming the reason, and deletes the RayJob."""
+    cluster = small_cluster
+    stage, settings = ray_stage_for(cluster, "ray-stuck")
+    name = job_name(RELEASE, "ray-stuck", "cache")
+    cluster.api.cannot_start(name, "ImagePullBackOff", 'Back-off pulling image "ghcr.io/clipforge/clipforge:test"')
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), poll_seconds=0.5, stuck_seconds=2)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    assert code == 1
+    assert f"RayJob {name} cannot start: pod {name}-" in caplog.text
+    assert 'ImagePullBackOff: Back-off pulling image "ghcr.io/clipforge/clipforge:test"' in caplog.text
+    assert cluster.api.get("rayjobs", name) is None  # deleted: a rerun creates it afresh
+    assert not cluster.api.list("pods", **{KEY_LABEL: stage.key, RUN_ID_LABEL: "ray-stuck"})
+
+
+@pytest.mark.timeout(60)
+def test_a_rayjob_deleted_while_polled_fails_its_stage_saying_so(small_cluster, monkeypatch, caplog):
+    """The API server is the stand-in (mocked). A RayJob deleted by someone else mid-run (its finalizer gone)
+    answers the poll 404: the stage fails saying so, and the driver does not crash."""
+    cluster = small_cluster
+    stage, settings = ray_stage_for(cluster, "ray-gone")
+    name = job_name(RELEASE, "ray-gone", "cache")
+    cluster.api.cannot_start(name, "ImagePullBackOff", "slow registry")  # it stays Initializing
+
+    def delete_it_once_polled():
+        deadline = time.monotonic() + 30
+        while len([r for r in cluster.api.requests if r == ("GET", "rayjobs", name)]) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.api._delete("rayjobs", "ml", name)
+
+    helper = threading.Thread(target=delete_it_once_polled)
+    helper.start()
+    monkeypatch.chdir(cluster.root)
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), poll_seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="clipforge"):
+        code = executor(stage)
+    helper.join()
+    assert code == 1
+    assert f"RayJob {name} was deleted before it finished" in caplog.text

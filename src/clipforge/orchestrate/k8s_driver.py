@@ -124,8 +124,9 @@ class PendingPods:
     an autoscaler. A Job with no pods at all after `stuck_seconds` is looked at too: a
     suspended one waits for admission (Kueue), one whose pods the API server refuses fails the stage."""
 
-    def __init__(self, executor: KubernetesExecutor, stage: str, job: str):
+    def __init__(self, executor: KubernetesExecutor, stage: str, job: str, selector: str | None = None):
         self.executor, self.stage, self.job = executor, stage, job
+        self.selector = selector or f"job-name={job}"
         self.said: set[str] = set()
         self.stuck_since: float | None = None
         self.podless_since: float | None = None
@@ -133,7 +134,7 @@ class PendingPods:
 
     def check(self) -> None:
         ex = self.executor
-        pods = ex.call(ex.core.list_namespaced_pod, ex.namespace, label_selector=f"job-name={self.job}").items
+        pods = ex.call(ex.core.list_namespaced_pod, ex.namespace, label_selector=self.selector).items
         self.podless_since = None if pods else (self.podless_since or time.monotonic())
         if not pods and time.monotonic() - self.podless_since >= ex.stuck_seconds:
             self.check_podless()
@@ -185,6 +186,20 @@ class PendingPods:
         if line not in self.said:
             self.said.add(line)
             log.warning("[%s] %s", self.stage, line)
+
+
+class PendingRayPods(PendingPods):
+    """The same looks at a RayJob's pods: KubeRay stays at jobDeploymentStatus Initializing while they cannot
+    start. Head, workers and submitter all carry the stage key and run id clipforge puts on their templates,
+    known before KubeRay names the RayCluster."""
+
+    def __init__(self, executor: KubernetesExecutor, stage: str, name: str, key: str):
+        super().__init__(executor, stage, name, f"{KEY_LABEL}={key},{RUN_ID_LABEL}={executor.settings.run_id}")
+
+    def check_podless(self) -> None:
+        # A RayJob's pods come through its RayCluster and submitter Job, not a Job of its name: no events to read.
+        self._say(f"RayJob {self.job} has no pods yet (suspended for admission, or see "
+                  f"`kubectl describe rayjob,raycluster {self.job}`)")
 
 
 class KubernetesExecutor:
@@ -265,23 +280,27 @@ class KubernetesExecutor:
             why = "it failed earlier; trying again" if key == resolved.key else "it ran another config"
             log.warning("[%s] deleting the existing Job %s: %s", stage, name, why)
             self.delete_job(name)
-        self.wait_for_earlier_pods(stage, resolved.key)
+        self.wait_for_earlier_pods(stage, resolved.key, name)
         if self.create(self.batch.create_namespaced_job, job):
             log.info("[%s] created Job %s", stage, name)
         else:  # another driver of the same run was faster
             log.info("[%s] re-attaching to Job %s, created concurrently", stage, name)
 
-    def wait_for_earlier_pods(self, stage: str, key: str) -> None:
-        """Wait until no pod of another run writes this stage's output: a driver stopped mid-stage (a `helm
-        upgrade` with a new run id deletes it and, through the owners, its stage Jobs) lets go of the output's
-        lease at once, while its pods may still be saving a checkpoint there for their grace period. Past that
-        period and two minutes more, a pod that still runs is said and left (a node that no longer answers)."""
+    def wait_for_earlier_pods(self, stage: str, key: str, job: str | None = None) -> None:
+        """Wait until no pod an earlier driver left writes this stage's output: a driver stopped mid-stage (a
+        `helm upgrade`, or `helm uninstall` and `install` with the same run id, deletes it and, through the
+        owners, its stage Jobs) lets go of the output's lease at once, while its pods may still be saving a
+        checkpoint there for their grace period, whatever their run id. Only the pods of Job `job` as it is
+        now (one another driver of this run just created, which this one attaches to) are not waited for.
+        Past that period and two minutes more, a pod that still runs is said and left (a lost node)."""
         deadline = time.monotonic() + self.settings.termination_grace_seconds + 120
         said = False
         while True:
             pods = self.call(self.core.list_namespaced_pod, self.namespace, label_selector=f"{KEY_LABEL}={key}").items
-            earlier = sorted(p.metadata.name for p in pods if p.status.phase in ("Pending", "Running")
-                             and (p.metadata.labels or {}).get(RUN_ID_LABEL) != self.settings.run_id)
+            pods = [p for p in pods if p.status.phase in ("Pending", "Running")]
+            current = self.read(self.batch.read_namespaced_job, job) if pods and job else None
+            earlier = sorted(p.metadata.name for p in pods
+                             if current is None or controller_uid(p) != current.metadata.uid)
             if not earlier:
                 return
             if time.monotonic() > deadline:
@@ -394,44 +413,52 @@ class KubernetesExecutor:
         return "\n".join(f"  | {line}" for line in text.rstrip("\n").splitlines())
 
     def delete_job(self, name: str, timeout: float | None = None) -> None:
-        """Delete a Job and its pods (Foreground), and wait until it is gone so its name is free again: as long
-        as its pods may take to stop (their grace period), and two minutes more for the kubelet and the GC."""
-        timeout = self.settings.termination_grace_seconds + 120 if timeout is None else timeout
+        """Delete a Job and its pods (Foreground), and wait until it is gone so its name is free again."""
         self.delete(self.batch.delete_namespaced_job, name, propagation_policy="Foreground")
-        deadline = time.monotonic() + timeout
-        while self.read(self.batch.read_namespaced_job, name) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Job {name} was not deleted within {timeout:.0f} s")
-            time.sleep(1)
+        self.wait_gone(f"Job {name}", lambda: self.read(self.batch.read_namespaced_job, name), timeout)
 
     # --- RayJobs -------------------------------------------------------------------------------------
 
     def run_ray_job(self, resolved: ResolvedStage, body: dict) -> int:
         """DESIGN (KubeRay RayJob): create through CustomObjectsApi, poll status.jobStatus and
-        status.jobDeploymentStatus, and delete the CR when done."""
+        status.jobDeploymentStatus, and delete the CR when done. Between polls its pods are looked at as a
+        Job's are: KubeRay never ends a RayJob whose pods cannot start."""
         name, stage = body["metadata"]["name"], resolved.spec.name
-        existing = self.read(self.custom.get_namespaced_custom_object, name=name, **RAY)
+        existing = self.read_ray_job(name)
         if existing is not None:
-            status = existing.get("status") or {}
-            same = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION) == resolved.key
-            if same and status.get("jobStatus") not in ("FAILED", "STOPPED"):
+            if ray_job_for(existing, resolved.key) and (existing.get("status") or {}).get("jobStatus") not in (
+                    "FAILED", "STOPPED"):
                 log.info("[%s] re-attaching to the existing RayJob %s", stage, name)
                 self.adopt(stage, name, existing["metadata"].get("ownerReferences"), self.patch_ray_job)
             else:
                 log.warning("[%s] deleting the existing RayJob %s", stage, name)
-                self.delete_ray_job(name)
+                self.delete_ray_job(name, wait=True)
                 existing = None
         if existing is None:
             self.wait_for_earlier_pods(stage, resolved.key)
-            self.create(lambda namespace, body, **kw: self.custom.create_namespaced_custom_object(
-                namespace=namespace, body=body, **RAY, **kw), body)
-            log.info("[%s] created RayJob %s", stage, name)
-        delay = 1.0
+            if self.create(lambda namespace, body, **kw: self.custom.create_namespaced_custom_object(
+                    namespace=namespace, body=body, **RAY, **kw), body):
+                log.info("[%s] created RayJob %s", stage, name)
+            elif ray_job_for(self.read_ray_job(name), resolved.key):
+                log.info("[%s] re-attaching to RayJob %s, created concurrently", stage, name)
+            else:  # polling it would report another job's result
+                raise RuntimeError(f"RayJob {name} cannot be created: one of that name for another config, or "
+                                   f"being deleted, is there (409 AlreadyExists)")
+        pending, delay = PendingRayPods(self, stage, name, resolved.key), 1.0
         while True:
-            status = (self.call(self.custom.get_namespaced_custom_object, name=name, namespace=self.namespace,
-                                **RAY).get("status") or {})
+            current = self.read_ray_job(name)
+            if current is None:  # deleted by someone else, its finalizer gone: nothing is left to read
+                log.error("[%s] RayJob %s was deleted before it finished", stage, name)
+                return 1
+            status = current.get("status") or {}
             if status.get("jobStatus") in RAY_TERMINAL or status.get("jobDeploymentStatus") in RAY_DEPLOYMENT_FAILED:
                 break
+            try:
+                pending.check()
+            except StageStuck as stuck:
+                log.error("[%s] RayJob %s cannot start: %s; deleting it", stage, name, stuck)
+                self.delete_ray_job(name)
+                return 1
             time.sleep(delay)
             delay = min(self.poll_seconds, delay * 2)
         self.delete_ray_job(name)
@@ -444,9 +471,26 @@ class KubernetesExecutor:
                   status.get("jobDeploymentStatus"), "\n".join(message.splitlines()[-self.log_lines:]))
         return int(found.group(1)) if found and found.group(1) != "0" else 1
 
-    def delete_ray_job(self, name: str) -> None:
+    def read_ray_job(self, name: str) -> dict | None:
+        return self.read(self.custom.get_namespaced_custom_object, name, **RAY)
+
+    def delete_ray_job(self, name: str, wait: bool = False) -> None:
+        """Delete a RayJob; with `wait`, until it is gone, so its name is free again: KubeRay's finalizer
+        (ray.io/rayjob-finalizer) keeps it until the operator has stopped its job through the dashboard."""
         self.delete(lambda n, namespace, **kw: self.custom.delete_namespaced_custom_object(
             name=n, namespace=namespace, **RAY, **kw), name)
+        if wait:
+            self.wait_gone(f"RayJob {name}", lambda: self.read_ray_job(name))
+
+    def wait_gone(self, what: str, read: Callable[[], object], timeout: float | None = None) -> None:
+        """As long as pods may take to stop (their grace period), and two minutes more for the kubelet, the
+        GC and finalizers."""
+        timeout = self.settings.termination_grace_seconds + 120 if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while read() is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} was not deleted within {timeout:.0f} s")
+            time.sleep(1)
 
     # --- API calls -----------------------------------------------------------------------------------
 
@@ -522,6 +566,12 @@ class KubernetesExecutor:
                 raise
 
 
+def ray_job_for(ray_job: dict | None, key: str) -> bool:
+    """Whether a RayJob runs this stage's config (the key annotation the driver sets) and is not going."""
+    meta = (ray_job or {}).get("metadata") or {}
+    return (meta.get("annotations") or {}).get(KEY_ANNOTATION) == key and not meta.get("deletionTimestamp")
+
+
 def event_time(event: client.CoreV1Event) -> float:
     """When an event last happened; 0 when it says nothing (the fields an API server fills vary)."""
     stamp = event.last_timestamp or event.event_time or event.first_timestamp or event.metadata.creation_timestamp
@@ -538,6 +588,12 @@ def finished_at(pod: client.V1Pod) -> float:
 def disrupted(pod: client.V1Pod) -> bool:
     """Whether Kubernetes took the pod away (preemption, a drained or lost node, eviction): DisruptionTarget."""
     return any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def controller_uid(pod: client.V1Pod) -> str | None:
+    """The uid of the Job that made a pod (`controller-uid` alone before Kubernetes 1.27)."""
+    labels = pod.metadata.labels or {}
+    return labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
 
 
 def container_exit_code(pod: client.V1Pod) -> int | None:
