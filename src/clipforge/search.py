@@ -69,6 +69,8 @@ def query_encoder(index: str, built: dict, model: str | None, pretrained: str | 
             same = False  # another open_clip tag
         elif not storage.exists(pretrained):
             raise UserError(f"--pretrained {pretrained} not found")
+        elif not built.get("weights"):
+            same = False  # a file for an index of a tag's weights: a fine-tune of them, another space
     if not same:
         raise UserError(f"index {index} was built with model {name} ({recorded}); {model or name} "
                         f"({pretrained or recorded}) embeds into another space")

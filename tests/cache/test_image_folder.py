@@ -134,6 +134,11 @@ def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ra
     assert [h.id for h in text_hits[:3]] == [row["id"] for row in __import__("json").loads(capsys.readouterr().out)]
     with pytest.raises(UserError, match="embeds into another space"):
         Searcher(str(tmp_path / "index"), model="ViT-B-32", pretrained="openai")
+    from clipforge.search import query_encoder
+
+    by_tag = {"name": "tiny-source", "pretrained": "openai", "weights": None}  # a fine-tune of a tag's weights
+    with pytest.raises(UserError, match="embeds into another space"):
+        query_encoder("idx", by_tag, None, str(tiny_models["source"][1]), None)
     capsys.readouterr()
     with pytest.raises(SystemExit, match="2"):  # argparse's one line, before any model loads
         main(["search", "--index", str(tmp_path / "index"), "a red circle", "--device", "tpu"])

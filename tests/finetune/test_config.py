@@ -116,10 +116,9 @@ def test_images_sharing_a_caption_are_interchangeable_answers():
     assert retrieval_metrics(image, text, groups=torch.arange(3)) == plain
 
 
-def test_one_image_spelled_two_ways_is_one_image_in_the_loss_and_the_answer_groups():
+def test_one_image_spelled_two_ways_is_one_image_in_the_loss_and_the_answers():
     """`./a.png` and `a.png` were each other's negatives in the contrastive loss, and different answers."""
     from clipforge.stages.finetune_data import CaptionRows
-    from clipforge.train.metrics import answer_groups
 
     uris = ["/d/a.png", "/d/./a.png", "/d/b.png", "s3://bk/x/../c.png", "s3://bk/c.png", "/d/e.png"]
     captions = ["a red circle", "a round red shape", "a blue square", "a cat", "a sitting cat", "a blue square"]
@@ -127,8 +126,6 @@ def test_one_image_spelled_two_ways_is_one_image_in_the_loss_and_the_answer_grou
     keys = rows.pair_keys.tolist()
     assert keys[0][0] == keys[1][0] != keys[2][0] and keys[3][0] == keys[4][0] != keys[5][0]
     assert rows.shared_pairs() == (4, 2)
-    # One image's captions, and one caption's images, are interchangeable answers.
-    assert answer_groups(rows.pair_keys).tolist() == [0, 0, 1, 2, 2, 1]
 
 
 def test_the_text_pass_runs_on_the_longest_caption_and_embeds_as_the_full_context(tiny_clip):

@@ -72,31 +72,30 @@ def test_rejects_mismatched_shapes():
 
 
 def test_several_captions_per_image_score_a_perfect_model_perfectly():
-    """COCO style: three captions per image, and one caption shared by two images. A model perfect by construction
-    (every row near its image's direction, far from the others) scores R@1 = 1 both ways once rows sharing an image
-    or a caption are interchangeable; by caption alone, the rows of an image tie on its one embedding, ties counting
-    against, and text->image R@1 was (near) 0."""
-    from clipforge.train.metrics import answer_groups
-
-    image_of_row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
-    caption_of_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 2])  # image 3's one caption is also image 0's
-    topic = torch.tensor([0, 1, 2, 0])  # what each image shows: image 3 what its caption, image 0's third, says
+    """COCO style: three captions per image, and two photos of one thing (images 3 and 4) sharing one caption. A
+    model perfect by construction (every row near its image's direction) scores R@1 = 1 both ways once an image's
+    captions and a caption's images are its answers; by caption alone, the rows of an image tie on its one
+    embedding, ties counting against, and text->image R@1 was (near) 0."""
+    image_of_row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 4])
+    caption_of_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9])
+    topic = torch.tensor([0, 1, 2, 3, 3])  # what each image shows
     g = torch.Generator().manual_seed(0)
-    directions = torch.eye(16)[:3] * 10
-    image = (directions[topic] + torch.randn(4, 16, generator=g))[image_of_row]  # one embedding per image
-    text = (directions[topic[image_of_row]] + torch.randn(10, 16, generator=g))
-    text[9] = text[2]  # one caption, one embedding
-    groups = answer_groups(torch.stack([image_of_row, caption_of_row], dim=1))
-    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0]
-    result = retrieval_metrics(image, text, groups=groups)
+    directions = torch.eye(16)[:4] * 10
+    image = (directions[topic] + torch.randn(5, 16, generator=g))[image_of_row]  # one embedding per image
+    text = (directions[topic[image_of_row]] + torch.randn(11, 16, generator=g))
+    text[10] = text[9]  # one caption, one embedding
+    result = retrieval_metrics(image, text, pairs=torch.stack([image_of_row, caption_of_row], dim=1))
     assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 1.0
     by_caption = retrieval_metrics(image, text, groups=caption_of_row)  # the groups the trainer used to build
-    assert by_caption["text_to_image_R@1"] <= 0.2  # only the two rows of the shared caption may find an image
+    assert by_caption["text_to_image_R@1"] <= 3 / 11  # far from 1: a three-caption image ties against itself
 
 
-def test_answer_groups_join_rows_through_either_key():
-    from clipforge.train.metrics import answer_groups
-
-    keys = torch.tensor([[0, 0], [1, 1], [1, 2], [2, 2], [3, 3]])  # rows 0..3 chain: 1-2 by image, 2-3 by caption
-    assert answer_groups(keys).tolist() == [0, 1, 1, 1, 2]
-    assert answer_groups(torch.stack([torch.arange(5)] * 2, dim=1)).tolist() == list(range(5))
+def test_captions_shared_along_a_chain_of_images_do_not_make_every_row_an_answer():
+    """Caption k is image k's and image k+1's: joined transitively, all 50 images would be one group and random
+    embeddings would score R@1 = 1. Only the pairs that occur answer each other."""
+    images = torch.arange(50).repeat_interleave(2)
+    captions = torch.stack([torch.arange(50), torch.arange(1, 51)], dim=1).reshape(-1) % 50
+    g = torch.Generator().manual_seed(0)
+    result = retrieval_metrics(torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g),
+                               pairs=torch.stack([images, captions], dim=1))
+    assert result["image_to_text_R@1"] < 0.2 and result["text_to_image_R@1"] < 0.2

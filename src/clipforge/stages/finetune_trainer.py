@@ -66,7 +66,7 @@ from clipforge.train.loop import (
     upload_tensorboard,
     warmup_cosine_lr,
 )
-from clipforge.train.metrics import answer_groups, retrieval_metrics
+from clipforge.train.metrics import retrieval_metrics
 from clipforge.train.state import extra_value, plain_module, resume_latest, state_files
 
 log = logging.getLogger("clipforge.finetune")
@@ -151,7 +151,7 @@ class FinetuneTrainer:
         val_workers, self.val_batch_rows = validation_plan(workers, len(val), self.world, self.micro)
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
                                       self.val_keys, val_workers, pin, self.trim_text)
-        self.val_groups = answer_groups(val.pair_keys)
+        self.val_pairs = val.pair_keys  # (image, caption) of each row: which keys answer which queries
         self.progress = TrainProgress()
         self.history: list[dict] = []  # validation before training and after each epoch
         self.checkpoints = CheckpointWriter(store)
@@ -213,9 +213,9 @@ class FinetuneTrainer:
     def evaluate(self) -> dict:
         """R@1/5/10 and median rank both ways, and the contrastive loss (over windows of `batch_size` rows).
 
-        Rows that share a caption or an image are interchangeable answers (`answer_groups`): identical
-        texts embed identically, so which image of "a red circle" is "right" is moot, and so is which
-        caption of an image with several.
+        An image's answers are all its captions, a caption's all its images (`metrics.answer_masks`):
+        identical texts embed identically, so which image of "a red circle" is "right" is moot, and so is
+        which caption of an image with several.
         """
         model = self.module
         model.eval()
@@ -239,10 +239,9 @@ class FinetuneTrainer:
         empty = torch.empty(0, dim, device=self.acc.device)
         image = gather_rows(self.acc, torch.cat(images) if images else empty)
         text = gather_rows(self.acc, torch.cat(texts) if texts else empty)
-        metrics = retrieval_metrics(image, text, groups=self.val_groups)
+        metrics = retrieval_metrics(image, text, pairs=self.val_pairs)
         metrics["distinct_captions"] = len(set(self.val_rows.captions))
         metrics["distinct_images"] = len(set(self.val_rows.images))
-        metrics["answer_groups"] = int(self.val_groups.max()) + 1  # the R@k's candidates, at most `pairs`
         metrics["val_loss"] = self._val_loss(image, text, model.logit_scale.exp().item())
         return metrics
 
@@ -260,7 +259,7 @@ class FinetuneTrainer:
         self.history.append({"epoch": epoch, "step": self.progress.step, **metrics})
         if self.writer:
             for key, value in metrics.items():
-                if key not in ("pairs", "distinct_captions", "distinct_images", "answer_groups"):
+                if key not in ("pairs", "distinct_captions", "distinct_images"):
                     self.writer.add_scalar(f"val/{key}", value, self.progress.step)
         log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank image->text %.0f, "
                  "text->image %.0f",

@@ -9,6 +9,8 @@ to one point scores chance, not a perfect R@1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,25 +19,39 @@ import torch.nn.functional as F
 CHUNK_ROWS = 4096
 
 
-def _ranks(queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+def _ranks(queries: torch.Tensor, keys: torch.Tensor,
+           right: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """0-based rank of keys[i] among all keys for queries[i], by cosine (ties count against).
 
-    With `groups`, every key of query i's group is a right answer: the rank is
-    that of the best-scoring one among the keys of other groups.
+    With `right(start, end)`, the (end - start, n) mask of the keys that answer queries start..end: the rank is
+    that of the best-scoring right key among the others.
     """
     ranks = []
     for start in range(0, len(queries), CHUNK_ROWS):
         sims = queries[start : start + CHUNK_ROWS] @ keys.T
         rows = torch.arange(len(sims), device=sims.device)
-        if groups is None:
-            right = sims[rows, rows + start].unsqueeze(1)
+        if right is None:
+            answer = sims[rows, rows + start].unsqueeze(1)
             # Everything scoring at least as high as the right key, minus the right key itself.
-            ranks.append((sims >= right).sum(dim=1) - 1)
+            ranks.append((sims >= answer).sum(dim=1) - 1)
         else:
-            same = groups[start : start + len(sims), None] == groups[None, :]
-            right = sims.masked_fill(~same, float("-inf")).max(dim=1, keepdim=True).values
-            ranks.append(((sims >= right) & ~same).sum(dim=1))
+            same = right(start, start + len(sims))
+            answer = sims.masked_fill(~same, float("-inf")).max(dim=1, keepdim=True).values
+            ranks.append(((sims >= answer) & ~same).sum(dim=1))
     return torch.cat(ranks)
+
+
+def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
+    """For rows that pair an a-side id with a b-side id (image, caption): which keys answer a query, each way.
+    An image's answers are its captions, a caption's its images, from any row: the rows of an image with
+    several captions share its one embedding, which would otherwise tie against itself. Only pairs that
+    occur count (no chains: two images sharing one generic caption do not make all their captions answers)."""
+    a_ids = torch.unique(pairs[:, 0], return_inverse=True)[1]
+    b_ids = torch.unique(pairs[:, 1], return_inverse=True)[1]
+    together = torch.zeros(int(a_ids.max()) + 1, int(b_ids.max()) + 1, dtype=torch.bool, device=pairs.device)
+    together[a_ids, b_ids] = True
+    return (lambda start, end: together[a_ids[start:end]][:, b_ids],  # query a_i, key b_m: does a_i go with b_m?
+            lambda start, end: together[a_ids][:, b_ids[start:end]].T)  # query b_i, key a_m
 
 
 def retrieval_metrics(
@@ -45,42 +61,29 @@ def retrieval_metrics(
     names: tuple[str, str] = ("image_to_text", "text_to_image"),
     ks: tuple[int, ...] = (1, 5, 10),
     groups: torch.Tensor | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean cosine of the pairs plus, both ways, R@k, mean rank and median rank (1-based, as open_clip).
 
     `names[0]` is the direction a -> b (each row of `a` looks for its row in `b`),
     `names[1]` the reverse. Inputs are L2-normalised here and compared in float32
     on their own device. `groups` (one int label per row) makes rows with equal
-    labels interchangeable answers (`answer_groups`): otherwise identical captions,
-    or the identical image of several captions, tie and, ties counting against,
-    none of them could find its own.
+    labels interchangeable answers: otherwise identical captions tie and, ties
+    counting against, none of them could find its own. `pairs` ((n, 2): each row's
+    a-side and b-side id, e.g. image and caption) does so each way (`answer_masks`).
     """
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise ValueError(f"need two non-empty (n, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     a = F.normalize(a.detach().float(), dim=-1)
     b = F.normalize(b.detach().float(), dim=-1)
     metrics = {"mean_cosine": float((a * b).sum(dim=1).mean()), "pairs": len(a)}
-    for name, (queries, keys) in zip(names, ((a, b), (b, a)), strict=True):
-        ranks = _ranks(queries, keys, None if groups is None else groups.to(a.device)).cpu().numpy()
+    if groups is not None:  # a label per row: rows of one label answer each other both ways
+        pairs = torch.stack([torch.arange(len(groups)), groups.cpu()], dim=1)
+    masks = answer_masks(pairs.to(a.device)) if pairs is not None else (None, None)
+    for name, (queries, keys), right in zip(names, ((a, b), (b, a)), masks, strict=True):
+        ranks = _ranks(queries, keys, right).cpu().numpy()
         metrics[f"{name}_mean_rank"] = float(ranks.mean() + 1)
         metrics[f"{name}_median_rank"] = float(np.floor(np.median(ranks)) + 1)
         for k in ks:
             metrics[f"{name}_R@{k}"] = float(np.mean(ranks < k))
     return metrics
-
-
-def answer_groups(keys: torch.Tensor) -> torch.Tensor:
-    """One label per row of (rows, k) int keys (e.g. image id, caption id): rows sharing any key, directly or
-    through other rows, get the same label, so `retrieval_metrics` takes them as interchangeable answers. By
-    caption alone, the rows of an image with several captions would tie on its one embedding, ties counting
-    against, and text -> image R@1 would be 0."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    keys = keys.cpu().numpy()
-    rows = np.arange(len(keys))
-    # An edge from each row to the first row holding the same key, for each key column.
-    first = [np.unique(column, return_index=True, return_inverse=True) for column in keys.T]
-    targets = np.concatenate([index[inverse] for _, index, inverse in first])
-    edges = coo_matrix((np.ones(len(targets)), (np.tile(rows, keys.shape[1]), targets)), shape=(len(keys),) * 2)
-    return torch.from_numpy(connected_components(edges, directed=False)[1].astype(np.int64))
