@@ -47,6 +47,24 @@ def test_evaluate_goes_on_without_a_cache_that_failed_under_continue_only_by_bei
     assert "evaluate" not in ran and exit_code(record) == 0
 
 
+def test_a_run_stopped_between_stages_reads_stopped_not_complete(tmp_path):
+    """SIGTERM while a stage finishes anyway: the stages left are skipped, and the run is `stopped` (a rerun goes
+    on, a Kubernetes driver's retry resumes it), not `complete without` them."""
+    from clipforge.orchestrate.pipeline import StopRequest
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    execute, ran = stages_that({})
+    stop = StopRequest()
+
+    def stopped_during_the_first(resolved):
+        stop.request(signal.SIGTERM)
+        return execute(resolved)
+
+    record = run_pipeline(spec, "r", stopped_during_the_first, stop)
+    assert len(ran) == 1 and exit_code(record) == EXIT_PREEMPTED
+    assert run_state(record.data) == "stopped"
+
+
 def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.on_failure=continue",
                                      "stages.adapter.policy.min_input_coverage=null"])

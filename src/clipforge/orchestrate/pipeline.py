@@ -278,6 +278,7 @@ def _run_stages(spec: PipelineSpec, record: RunRecord, execute: Executor, stop: 
         name = stage.name
         if stop is not None and stop.is_set() and not stopped:
             stopped, record.stopped = f"the run was stopped ({stop.why})", stop.code
+            record.data["ended"] = "stopped"  # its stages left are skipped: not `complete without` them
         lost = [n for n in stage.needs if n in continued]
         blocked = [n for n in stage.needs if statuses.get(n) in ("failed", "skipped") and n not in continued]
         # An evaluation goes on without an adapter or generated images (the zero-padding baseline), not

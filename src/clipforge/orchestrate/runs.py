@@ -56,11 +56,13 @@ def run_state(run: dict) -> str:
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
         return f"stopped at {stopped[0]}"
+    ended = run.get("ended")  # the runner ended between stages: stopped, or failed (a crash, an S3 error)
+    if isinstance(ended, str) and ended:
+        return ended.split(":", 1)[0]
     if all(status[name] in ENDED for name in names):  # a policy let it go on without some: say which
         without = [name for name in names if status[name] in ("skipped", "failed-continued")]
         return f"complete without {', '.join(without)}" if without else "complete"
-    ended = run.get("ended")  # the runner ended between stages: stopped, or failed (a crash, an S3 error)
-    return ended.split(":", 1)[0] if isinstance(ended, str) and ended else "incomplete"
+    return "incomplete"
 
 
 def live_state(run: dict, uri: str) -> str:
