@@ -37,8 +37,8 @@ def test_load_adapter_names_what_is_wrong(tmp_path):
 
 
 def test_load_adapter_refuses_an_output_whose_training_did_not_finish(tmp_path):
-    """An adapter folder without `_manifest.json` (its card or checkpoints say it is a stage's output) may
-    hold an older run's files: refused, naming the folder, also when the weights file is given."""
+    """An adapter folder being trained (checkpoints, no `_manifest.json`) may hold an older run's files:
+    refused, naming the folder, also when the weights file is given."""
     from clipforge.storage.manifest import write_manifest
 
     spec = AdapterSpec("linear", 4, 8)
@@ -51,6 +51,8 @@ def test_load_adapter_refuses_an_output_whose_training_did_not_finish(tmp_path):
     (tmp_path / "checkpoints").rmdir()
     (tmp_path / "adapter.safetensors").write_bytes(adapter_bytes(build_adapter(spec), spec))
     (tmp_path / "adapter.json").write_text("{}")
+    assert load_adapter(tmp_path).spec == spec  # weights and card without checkpoints: a finished adapter copied
+    (tmp_path / "checkpoints").mkdir()  # ... and with them: an older layout's retrain, killed, its old files left
     for where in (tmp_path, tmp_path / "adapter.safetensors", str(tmp_path)):
         with pytest.raises(UserError) as refused:
             load_adapter(where)

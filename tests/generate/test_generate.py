@@ -339,6 +339,7 @@ def test_generate_and_evaluate_refuse_an_adapter_whose_training_did_not_finish(g
     adapter = tmp_path / "ad"
     shutil.copytree(generation_inputs["adapter"], adapter)
     (adapter / "_manifest.json").unlink()
+    (adapter / "checkpoints").mkdir(exist_ok=True)
     message = (f"{adapter} is incomplete (no _manifest.json): its training did not finish; run train-adapter "
                "again to resume it")
     for given in (adapter, adapter / "adapter.safetensors"):

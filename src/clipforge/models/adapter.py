@@ -113,12 +113,12 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def check_finished(folder: str) -> None:
-    """An adapter stage's output without `_manifest.json` is one whose training did not finish: files there
-    may be an older run's, replaced by the next commit. A bare weights file (no card, no checkpoints beside
-    it) is no stage output and is taken as it is."""
+    """An adapter stage's output being trained (checkpoints, no `_manifest.json`) holds no result yet: files
+    there may be an older run's, replaced by the next commit. Weights and card without checkpoints (a
+    finished adapter copied elsewhere, or a bare weights file) are taken as they are."""
     if storage.exists(manifest_uri(folder)):
         return
-    if storage.exists(storage.join(folder, CARD_NAME)) or CHECKPOINTS_DIR in storage.list_folders(folder):
+    if CHECKPOINTS_DIR in storage.list_folders(folder):
         raise UserError(f"{folder} is incomplete (no {MANIFEST_NAME}): its training did not finish; "
                         "run train-adapter again to resume it")
 
