@@ -454,7 +454,8 @@ class KubernetesExecutor:
             if status.get("jobStatus") in RAY_TERMINAL or status.get("jobDeploymentStatus") in RAY_DEPLOYMENT_FAILED:
                 break
             try:
-                pending.check()
+                if status.get("jobDeploymentStatus") in (None, "", "New", "Initializing"):
+                    pending.check()  # starting; once it runs, a worker KubeRay replaces waits as Ray Data does
             except StageStuck as stuck:
                 log.error("[%s] RayJob %s cannot start: %s; deleting it", stage, name, stuck)
                 self.delete_ray_job(name)
