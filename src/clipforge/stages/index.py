@@ -28,11 +28,12 @@ def run_index(cfg: IndexConfig) -> dict:
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
-    if manifest is not None:  # as a cache would: the caches built from it name this output
-        was = manifest.get("config", {})
-        raise UserError(f"output {cfg.output} already holds the index of another config or input (subject "
-                        f"{was.get('subject')} from {was.get('expdesign')}); choose a new --output "
-                        "(pipelines do this for you)")
+    was = (manifest or {}).get("config", {})
+    if manifest is not None and was.get("subject") != cfg.subject:  # another subject's ids: caches name this one
+        raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "
+                        f"{was.get('expdesign')}); choose a new --output (pipelines do this for you)")
+    if manifest is not None:
+        log.info("%s: %s's index again (its expdesign file or settings changed)", cfg.output, cfg.subject)
     frame = nsd_index(cfg.expdesign, cfg.subject, unsigned=cfg.no_sign_request)
     if cfg.output.endswith(".csv"):  # in the format its name says, as `read_index` reads it back
         data = frame.to_csv(index=False).encode()
