@@ -404,3 +404,18 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_run_folder(tiny_clip
     with pytest.raises(RuntimeError):
         stage.finetune(FinetuneConfig(**settings(tiny_clip, captioned, out)))
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_base_weights_that_are_the_result_in_out_are_refused_not_deleted(capsys, tiny_clip, captioned, tmp_path):
+    """Training into OUT removes the result there first: `--pretrained OUT/model.pt` would be gone before it
+    is read."""
+    out = tmp_path / "out"
+    assert main(["finetune", *config_args(settings(tiny_clip, captioned, out, epochs=1, timestamped=False))]) == 0
+    before = (out / "model.pt").read_bytes()
+    capsys.readouterr()
+    again = settings(tiny_clip, captioned, out, epochs=1, timestamped=False, pretrained=str(out / "model.pt"))
+    assert main(["finetune", *config_args(again)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == (
+        f"clipforge finetune: error: --pretrained {out / 'model.pt'} is the result in --out {out}, which training "
+        "there replaces: copy it elsewhere first, or give another --out")
+    assert (out / "model.pt").read_bytes() == before and (out / "_manifest.json").exists()

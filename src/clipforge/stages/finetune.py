@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator,
 from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
 
 log = logging.getLogger("clipforge.finetune")
+FINAL_FILES = (WEIGHTS_NAME, CARD_NAME, METRICS_NAME)  # the result; `_manifest.json` lists them
 
 COMMAND = "finetune"
 
@@ -70,6 +72,18 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         raise
 
 
+def check_base_outside(config: FinetuneConfig) -> None:
+    """Training into OUT first removes the result there (`clear_stale_output`): base weights that are that
+    result (`--pretrained OUT/model.pt` with `--no-timestamped`) would be gone before they are read."""
+    base = config.pretrained
+    if not base or storage.is_s3(base) or storage.is_s3(config.out) or not os.path.isfile(base):
+        return
+    if os.path.realpath(os.path.dirname(os.path.abspath(base))) == os.path.realpath(config.out) and \
+            os.path.basename(base) in FINAL_FILES:
+        raise UserError(f"--pretrained {base} is the result in --out {config.out}, which training there replaces: "
+                        "copy it elsewhere first, or give another --out")
+
+
 def _finetune_in(config: FinetuneConfig) -> TrainResult:
     """`finetune` once `config.out` is the run folder itself."""
     inputs = stage_inputs(config)
@@ -81,6 +95,7 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
         return TrainResult("up to date", config.out, manifest.get("metrics"))
+    check_base_outside(config)
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -205,7 +220,7 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
                                 config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
                                 work_dir=config.work_dir)
-        clear_stale_output(accelerator, store, config.out)
+        clear_stale_output(accelerator, store, config.out, FINAL_FILES)
         log.info("run folder %s: %d training and %d validation pairs", config.out, len(train), len(val))
         same_image, same_caption = train.shared_pairs()
         if same_image or same_caption:
@@ -274,7 +289,7 @@ def _commit(config: FinetuneConfig, trainer: FinetuneTrainer, metrics: dict, inp
     storage.write_json(storage.join(out, METRICS_NAME), metrics)
     trainer.flush_logs()
     write_manifest(out, kind="finetune", config=config.model_dump(mode="json", by_alias=True),
-                   config_fingerprint=fingerprint, inputs=inputs, files=[WEIGHTS_NAME, CARD_NAME, METRICS_NAME],
+                   config_fingerprint=fingerprint, inputs=inputs, files=list(FINAL_FILES),
                    rows={"train": metrics["train_rows"], "val": metrics["val_rows"]}, metrics=metrics)
     final = metrics["final"]
     log.info("committed %s: val R@1 image->text %.3f, text->image %.3f, val loss %.4f (before training: %s)", out,
