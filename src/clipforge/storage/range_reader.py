@@ -75,11 +75,14 @@ def coalesce(ranges: list[tuple[int, int]], max_gap: int = 0, max_size: int = 25
 class RangeCache:
     """On-disk store of fetched ranges: one file per (object version, start, length), the range's bytes then
     their CRC-32 (`CHECK_BYTES`). A file that is short, long or whose bytes no longer match (a bad disk, a
-    shared cache someone wrote into) is deleted and refetched, never served; so is one of an older layout."""
+    shared cache someone wrote into) is deleted and refetched, never served."""
+
+    LAYOUT = "v2"  # files with their CRC-32: apart from the length-only files of before, which an older
+    # clipforge sharing the cache (a rollout not yet done) would otherwise take for torn and delete, and back
 
     def __init__(self, root: str | Path, bucket: str, key: str, etag: str):
         digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:20]
-        self.dir = Path(root) / bucket / digest / etag.replace("/", "_")
+        self.dir = Path(root) / self.LAYOUT / bucket / digest / etag.replace("/", "_")
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, start: int, length: int) -> Path:
