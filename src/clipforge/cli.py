@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             return stopped(args)
         raise
     except Exception as exc:
-        if SIGNALS_SEEN:
-            return stopped(args)
         message = s3_failure(exc)
+        if message is None and SIGNALS_SEEN:
+            logging.getLogger("clipforge").debug("after the stop: %r", exc)
+            return stopped(args)
         if message is None:
             raise
         print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
