@@ -45,13 +45,20 @@ def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
     """For rows that pair an a-side id with a b-side id (image, caption): which keys answer a query, each way.
     An image's answers are its captions, a caption's its images, from any row: the rows of an image with
     several captions share its one embedding, which would otherwise tie against itself. Only pairs that
-    occur count (no chains: two images sharing one generic caption do not make all their captions answers)."""
-    a_ids = torch.unique(pairs[:, 0], return_inverse=True)[1]
-    b_ids = torch.unique(pairs[:, 1], return_inverse=True)[1]
-    together = torch.zeros(int(a_ids.max()) + 1, int(b_ids.max()) + 1, dtype=torch.bool, device=pairs.device)
-    together[a_ids, b_ids] = True
-    return (lambda start, end: together[a_ids[start:end]][:, b_ids],  # query a_i, key b_m: does a_i go with b_m?
-            lambda start, end: together[a_ids][:, b_ids[start:end]].T)  # query b_i, key a_m
+    occur count (no chains: two images sharing one generic caption do not make all their captions answers).
+    The pairs are a sparse matrix; each chunk's mask is as large as its similarities."""
+    from scipy.sparse import csr_matrix
+
+    a_ids = np.unique(pairs[:, 0].cpu().numpy(), return_inverse=True)[1]
+    b_ids = np.unique(pairs[:, 1].cpu().numpy(), return_inverse=True)[1]
+    together = csr_matrix((np.ones(len(a_ids), dtype=np.int32), (a_ids, b_ids)))
+    by_b = together.T.tocsr()
+
+    def mask(matrix, queries, keys, start: int, end: int) -> torch.Tensor:
+        return torch.from_numpy(matrix[queries[start:end]][:, keys].toarray() != 0).to(pairs.device)
+
+    return (lambda start, end: mask(together, a_ids, b_ids, start, end),  # query a_i, key b_m
+            lambda start, end: mask(by_b, b_ids, a_ids, start, end))  # query b_i, key a_m
 
 
 def retrieval_metrics(
