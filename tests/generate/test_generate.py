@@ -169,6 +169,7 @@ def test_a_rerun_into_one_out_reuses_only_images_of_the_same_settings(generation
     assert all((out / "images" / name).stat().st_mtime_ns == ns for name, ns in first.items())
     smaller = generate(generation_inputs, unclip, out, limit=3)
     assert smaller["rows"] == 3 and len(pd.read_parquet(out / "generated.parquet")) == 3
+    assert smaller["metrics"]["generated_now"] == 0  # a smaller limit's ids are a larger one's: nothing new
     base = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--device", "cpu",
             "--batch-size", "3"]
     for extra in (["--steps", "3", "--limit", "4"], ["--steps", "2", "--adapter", generation_inputs["adapter"]]):

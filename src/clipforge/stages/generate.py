@@ -167,7 +167,8 @@ def select_rows(cfg: GenerateConfig):
     order = np.argsort(ids, kind="stable")
     ids, embeddings = ids[order], embeddings[order]
     if cfg.limit and cfg.limit < len(ids):
-        chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), cfg.limit, replace=False))
+        # A prefix of one seeded permutation: a larger limit keeps every id of a smaller one (its images too).
+        chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(ids))[: cfg.limit])
         ids, embeddings = ids[chosen], embeddings[chosen]
     return ids, embeddings, table.dim, table.model
 
