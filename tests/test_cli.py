@@ -87,3 +87,22 @@ def test_an_error_a_stop_raised_inside_an_import_is_that_stop(signum, code, line
     assert main(["models", "list", "--dir", str(tmp_path)]) == code
     err = capsys.readouterr().err
     assert line in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_s3_failure_after_sigterm_is_said_and_exits_as_the_stop(monkeypatch, capsys, tmp_path):
+    """A drained pod whose S3 goes away meanwhile: exit 75, which a Job retries, not 2, which it does not."""
+    from botocore.exceptions import EndpointConnectionError
+
+    def command(args) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        except BaseException as stop:  # noqa: BLE001 (the stop, turned into what a library would raise)
+            raise EndpointConnectionError(endpoint_url="http://s3.example") from stop
+        return 0
+
+    monkeypatch.setattr("clipforge.commands.models.run_list", command)
+    assert main(["models", "list", "--dir", str(tmp_path)]) == EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "s3.example" in err and "stopped (SIGTERM)" in err

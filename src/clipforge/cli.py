@@ -148,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except Exception as exc:
         message = s3_failure(exc)
-        if message is None and SIGNALS_SEEN:
+        if message is not None:
+            print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
+        if SIGNALS_SEEN:  # the exit code a retry reads is the stop's (75 is retried, 2 is not)
             logging.getLogger("clipforge").debug("after the stop: %r", exc)
             return stopped(args)
         if message is None:
             raise
-        print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         SIGNALS_SEEN.add("SIGINT")
