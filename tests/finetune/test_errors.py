@@ -419,3 +419,7 @@ def test_base_weights_that_are_the_result_in_out_are_refused_not_deleted(capsys,
         f"clipforge finetune: error: --pretrained {out / 'model.pt'} is the result in --out {out}, which training "
         "there replaces: copy it elsewhere first, or give another --out")
     assert (out / "model.pt").read_bytes() == before and (out / "_manifest.json").exists()
+    (tmp_path / "base.pt").symlink_to(out / "model.pt")  # the same file by a link
+    linked = settings(tiny_clip, captioned, out, epochs=1, timestamped=False, pretrained=str(tmp_path / "base.pt"))
+    assert main(["finetune", *config_args(linked)]) == EXIT_USER_ERROR
+    assert "is the result in --out" in capsys.readouterr().err and (out / "model.pt").read_bytes() == before

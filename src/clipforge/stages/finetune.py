@@ -76,12 +76,16 @@ def check_base_outside(config: FinetuneConfig) -> None:
     """Training into OUT first removes the result there (`clear_stale_output`): base weights that are that
     result (`--pretrained OUT/model.pt` with `--no-timestamped`) would be gone before they are read."""
     base = config.pretrained
-    if not base or storage.is_s3(base) or storage.is_s3(config.out) or not os.path.isfile(base):
+    if not base or storage.is_s3(base) != storage.is_s3(config.out):
         return
-    if os.path.realpath(os.path.dirname(os.path.abspath(base))) == os.path.realpath(config.out) and \
-            os.path.basename(base) in FINAL_FILES:
-        raise UserError(f"--pretrained {base} is the result in --out {config.out}, which training there replaces: "
-                        "copy it elsewhere first, or give another --out")
+    if storage.is_s3(base):
+        results = {storage.join(config.out, name) for name in FINAL_FILES}
+    else:  # through links and other spellings
+        results = {os.path.realpath(storage.join(config.out, name)) for name in FINAL_FILES}
+        base = os.path.realpath(base)
+    if base in results:
+        raise UserError(f"--pretrained {config.pretrained} is the result in --out {config.out}, which training there "
+                        "replaces: copy it elsewhere first, or give another --out")
 
 
 def _finetune_in(config: FinetuneConfig) -> TrainResult:
