@@ -55,7 +55,8 @@ def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
     by_b = together.T.tocsr()
 
     def mask(matrix, queries, keys, start: int, end: int) -> torch.Tensor:
-        return torch.from_numpy(matrix[queries[start:end]][:, keys].toarray() != 0).to(pairs.device)
+        rows = matrix[queries[start:end]].astype(bool).toarray()  # (chunk, distinct keys): small
+        return torch.from_numpy(np.take(rows, keys, axis=1)).to(pairs.device)
 
     return (lambda start, end: mask(together, a_ids, b_ids, start, end),  # query a_i, key b_m
             lambda start, end: mask(by_b, b_ids, a_ids, start, end))  # query b_i, key a_m
