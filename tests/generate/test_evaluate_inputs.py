@@ -72,6 +72,12 @@ def test_generated_images_of_other_embeddings_adapter_or_split_are_refused(gener
     rows = evaluate(generation_inputs, tmp_path / "ok-adapter", clip_cache=str(copy),
                     adapter=generation_inputs["adapter"], generated=[adapted])["metrics"]["images"]
     assert [(r["configuration"], r["images"]) for r in rows] == [("adapter", 2)]
+    # The adapter named by its weights file when generating, by its folder when evaluating: one adapter.
+    by_file = generate(generation_inputs, unclip, tmp_path / "by-file", limit=2,
+                       adapter=f"{generation_inputs['adapter']}/adapter.safetensors")
+    rows = evaluate(generation_inputs, tmp_path / "ok-file", adapter=generation_inputs["adapter"],
+                    generated=[by_file])["metrics"]["images"]
+    assert [(r["configuration"], r["images"]) for r in rows] == [("adapter", 2)]
 
 
 def test_only_the_evaluated_splits_ids_are_scored(generation_inputs, unclip, tmp_path, caplog):

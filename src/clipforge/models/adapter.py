@@ -8,6 +8,7 @@ imitates.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from clipforge.config.adapter import adapter_folder
 from clipforge.errors import UserError
 from clipforge.models.encoders import encoder_name, same_encoder
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import MANIFEST_NAME, manifest_uri
+from clipforge.storage.manifest import MANIFEST_NAME, manifest_uri, output_fingerprint
 from clipforge.train.checkpoint_names import CHECKPOINTS_DIR
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -110,6 +111,17 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("too short for a safetensors file")
     (size,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
+
+
+def adapter_identity(path: str) -> str | None:
+    """What outputs made with an adapter record of it: its output's fingerprint (a folder, or the weights file
+    in one), or for weights without a manifest (copied elsewhere) a hash of their bytes; None if none is there."""
+    folder = adapter_folder(path)
+    found = output_fingerprint(folder)
+    if found is not None:
+        return found
+    weights = path if path.endswith(".safetensors") else storage.join(folder, WEIGHTS_NAME)
+    return f"sha256:{hashlib.sha256(storage.read_bytes(weights)).hexdigest()}" if storage.exists(weights) else None
 
 
 def check_finished(folder: str) -> None:

@@ -22,7 +22,7 @@ from clipforge.config.adapter import AdapterConfig, adapter_folder
 from clipforge.config.evaluate import EvaluateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
-from clipforge.models.adapter import CARD_NAME, check_finished, check_trained_on, load_adapter
+from clipforge.models.adapter import CARD_NAME, adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device
 from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
@@ -54,7 +54,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     inputs = {
         "clip_cache": cache_fingerprint(cfg.clip_cache, "clip_cache"),
         "target_cache": cache_fingerprint(cfg.target_cache, "target_cache"),
-        "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
+        "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
     earlier = read_manifest(cfg.out)

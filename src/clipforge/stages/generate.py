@@ -28,7 +28,7 @@ from clipforge.config.adapter import adapter_folder
 from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError, first_line
-from clipforge.models.adapter import check_finished, check_trained_on, load_adapter
+from clipforge.models.adapter import adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
 from clipforge.progress import Progress
@@ -39,7 +39,6 @@ from clipforge.storage.manifest import (
     digest,
     is_up_to_date,
     manifest_uri,
-    output_fingerprint,
     read_manifest,
     write_manifest,
 )
@@ -189,7 +188,7 @@ class Conditioning:
             if spec.out_dim != pipeline_dim:
                 raise UserError(f"adapter {cfg.adapter} gives {spec.out_dim}-D embeddings, but pipeline "
                                 f"{cfg.pipeline} takes {pipeline_dim}-D ones")
-            self.source, self.fingerprint = "adapter", output_fingerprint(cfg.adapter)
+            self.source, self.fingerprint = "adapter", adapter_identity(cfg.adapter)
         else:
             self.width = cfg.zero_pad or pipeline_dim
             if self.width != pipeline_dim or cache_dim > pipeline_dim:
@@ -268,7 +267,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if cfg.adapter:  # before the pipeline, which may take minutes to load
         check_finished(adapter_folder(cfg.adapter))
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
-              "adapter": output_fingerprint(cfg.adapter) if cfg.adapter else None,
+              "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
     manifest = read_manifest(cfg.out)
     if manifest is not None and manifest.get("kind") != "generate":
