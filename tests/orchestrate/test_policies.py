@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from clipforge.cli import main
 from clipforge.config.pipeline import load_pipeline
-from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED, Stopped
+from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED, Stopped, UserError
 from clipforge.orchestrate import lease
 from clipforge.orchestrate.pipeline import exit_code, exit_description, next_steps, run_pipeline
 from clipforge.orchestrate.runs import live_state, run_state, watch_run
@@ -282,10 +283,12 @@ def test_a_stage_that_failed_before_writing_anything_leaves_no_output_folder(tmp
     assert (tmp_path / "runs" / "r" / "run.json").is_file()
 
 
-@pytest.mark.parametrize("error, state", [(RuntimeError("the store went away"), "failed"), (Stopped(), "stopped")])
+@pytest.mark.parametrize("error, state", [(RuntimeError("the store went away"), "crashed"),
+                                          (UserError("bad input"), "failed"), (Stopped(), "stopped")])
 def test_a_runner_that_ends_between_stages_says_so_in_its_record(tmp_path, error, state):
     """The record is written as the run starts; a crash or a stop outside any stage would leave it
     `incomplete` for ever (a Kubernetes run is waited on, and prune keeps what it names)."""
+    from clipforge.orchestrate.prune import may_still_run
     from clipforge.orchestrate.runs import run_uri
     from clipforge.storage import uri as storage
 
@@ -300,7 +303,15 @@ def test_a_runner_that_ends_between_stages_says_so_in_its_record(tmp_path, error
     with pytest.raises(type(error)):
         run_pipeline(spec, "r", failing, runner="kubernetes")
     record = storage.read_json(run_uri(str(tmp_path), "r"))
-    assert record["ended"] == ("failed: the store went away" if state == "failed" else "stopped")
+    assert record["ended"] == {"crashed": "crashed: the store went away", "failed": "failed: bad input",
+                               "stopped": "stopped"}[state]
+    # A crash, which a Kubernetes driver Job retries, keeps the run's outputs from prune; a user error does not.
+    assert may_still_run({"state": state, "runner": "kubernetes"}) == (state != "failed")
     assert run_state({**record, "stages": {k: v for k, v in record["stages"].items() if k != "adapter"}}) == state
+    if state == "crashed":  # a local runner that crashed: nothing retries it, and --watch says so at once
+        between = {k: v for k, v in record["stages"].items() if k != "adapter"}  # ended between two stages
+        storage.write_json(run_uri(str(tmp_path), "r"),
+                           {**record, "stages": between, "runner": {**record["runner"], "kind": "local"}})
+        assert main(["runs", str(tmp_path), "r", "--watch", "--every", "0.1"]) == 1
     run_pipeline(spec, "r", execute)  # resumed: the earlier end is forgotten
     assert "ended" not in storage.read_json(run_uri(str(tmp_path), "r"))

@@ -57,7 +57,7 @@ def run(args) -> int:
         if not args.run_id:
             raise UserError("--watch needs a RUN_ID (or latest)")
         state = watch_run(artifacts, args.run_id, args.every)
-        return 0 if state.startswith("complete") else 1 if state.startswith("failed") else EXIT_PREEMPTED
+        return 0 if state.startswith("complete") else 1 if state.startswith(("failed", "crashed")) else EXIT_PREEMPTED
     if args.run_id:
         record = read_run(artifacts, args.run_id)
         state = live_state(record, run_uri(artifacts, record["run_id"]))
@@ -66,7 +66,7 @@ def run(args) -> int:
         else:
             print(f"run {record['run_id']}: {state} (created {record.get('created')}, "
                   f"updated {record.get('updated')})")
-            if record.get("ended") and state in ("failed", "stopped"):
+            if record.get("ended") and state in ("failed", "crashed", "stopped"):
                 print(f"its runner ended between stages: {record['ended']}")
             print(summary_table(record))
             steps = next_steps(record)

@@ -258,8 +258,11 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     try:
         return _run_stages(spec, record, execute, stop)
     except (Exception, Stopped, KeyboardInterrupt) as exc:  # the run ends here: say so, where no stage does
-        stopped = isinstance(exc, Stopped | KeyboardInterrupt)
-        record.data["ended"] = "stopped" if stopped else f"failed: {first_line(exc)}"
+        # A user error fails the run for good; anything else (the API server or the store went away, a bug) is
+        # a crash, which a Kubernetes driver Job retries, resuming the run.
+        how = "stopped" if isinstance(exc, Stopped | KeyboardInterrupt) else \
+            f"failed: {first_line(exc)}" if isinstance(exc, UserError) else f"crashed: {first_line(exc)}"
+        record.data["ended"] = how
         try:
             record.save()
         except Exception as also:  # the store itself is what failed: the original error is the one to see

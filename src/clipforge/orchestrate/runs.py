@@ -42,8 +42,8 @@ def run_uri(artifacts: str, run_id: str) -> str:
 def run_state(run: dict) -> str:
     """`complete` (or `complete without STAGE, …`: the stages a policy let it go on without), `failed at STAGE`,
     `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after saving its progress: a rerun
-    resumes), `failed` or `stopped` (its runner ended between stages), or `incomplete` (between stages), from
-    the record alone."""
+    resumes), `failed`, `crashed` or `stopped` (its runner ended between stages: a user error, anything else,
+    a signal), or `incomplete` (between stages), from the record alone."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -170,7 +170,7 @@ def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sl
         if state.startswith(("complete", "failed")):
             say(f"run {run_id}: {state}")
             return state
-        if state.startswith(("stopped", "lost")):
+        if state.startswith(("stopped", "lost", "crashed")):
             if (run.get("runner") or {}).get("kind") != "kubernetes":
                 say(f"run {run_id}: {state}; nothing runs it now: rerun it with --run-id {run_id} to go on")
                 return state
