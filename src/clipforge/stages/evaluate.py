@@ -28,7 +28,7 @@ from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metri
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
 from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, manifest_uri, output_fingerprint, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, withdraw, write_manifest
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.evaluate")
@@ -93,22 +93,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     pictures = {"metrics.png": bar_chart(metrics)}
     if cfg.generated:
         pictures |= evaluate_generated(cfg, metrics, {str(i) for i in pairs.test_ids})
-    clear_earlier_result(cfg.out, keep=["metrics.json", *pictures])
+    withdraw(cfg.out, [name for name in RESULT_FILES if name not in ("metrics.json", *pictures)])
     storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
     for name, data in pictures.items():
         storage.write_bytes(storage.join(cfg.out, name), data)
     return write_manifest(cfg.out, kind="evaluate", config=cfg.model_dump(mode="json"),
                           config_fingerprint=cfg.fingerprint(), inputs=inputs, files=["metrics.json", *pictures],
                           metrics=metrics, headline=headline(metrics))
-
-
-def clear_earlier_result(out: str, keep: list[str]) -> None:
-    """An earlier result's files that this one does not rewrite would pass for part of it: its manifest goes
-    first (the folder is then unfinished, never the old result with new files), then those files."""
-    storage.delete(manifest_uri(out))
-    for name in RESULT_FILES:
-        if name not in keep:
-            storage.delete(storage.join(out, name))
 
 
 def headline(metrics: dict) -> dict:

@@ -38,8 +38,8 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
     is_up_to_date,
-    manifest_uri,
     read_manifest,
+    withdraw,
     write_manifest,
 )
 
@@ -235,8 +235,7 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFram
     """Make `out` hold only what the new result can list, before generating: the old manifest and table go
     first, then the batch rows and images of ids outside this selection (a smaller limit, another split), so
     no image left there looks like part of a result it is not. Returns the batches' remaining rows."""
-    storage.delete(manifest_uri(out))
-    storage.delete(storage.join(out, "generated.parquet"))
+    withdraw(out, ["generated.parquet"])
     wanted, kept = {str(i) for i in ids}, []
     for name, part in parts.items():
         rows = part[part["id"].astype(str).isin(wanted)].reset_index(drop=True)

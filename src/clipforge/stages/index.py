@@ -9,7 +9,7 @@ from clipforge.config.index import IndexConfig
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, manifest_uri, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, withdraw, write_manifest
 
 log = logging.getLogger("clipforge.index")
 INDEX_FILE = "index.parquet"
@@ -34,7 +34,7 @@ def run_index(cfg: IndexConfig) -> dict:
                         f"{was.get('expdesign')}); choose a new --output (pipelines do this for you)")
     if manifest is not None:  # its manifest first: a rewrite killed half-way is never the old index's "done"
         log.info("%s: %s's index again (its expdesign file or settings changed)", cfg.output, cfg.subject)
-        storage.delete(manifest_uri(cfg.output))
+        withdraw(cfg.output)
     frame = nsd_index(cfg.expdesign, cfg.subject, unsigned=cfg.no_sign_request)
     if cfg.output.endswith(".csv"):  # in the format its name says, as `read_index` reads it back
         data = frame.to_csv(index=False).encode()

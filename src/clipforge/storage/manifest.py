@@ -67,6 +67,14 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
     return manifest
 
 
+def withdraw(prefix: str, files=()) -> None:
+    """Undo a commit before the prefix is written again: the manifest first (the prefix is then unfinished,
+    never "done" with new files beside old ones), then the old result's `files` that would pass for new."""
+    storage.delete(manifest_uri(prefix))
+    for name in files:
+        storage.delete(storage.join(prefix, name))
+
+
 def digest(value: Any) -> str:
     """A short stable hash of JSON-like data: how a manifest, or part of one, stands for an output."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -16,8 +16,7 @@ from accelerate import Accelerator
 
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
-from clipforge.storage import uri as storage
-from clipforge.storage.manifest import manifest_uri, read_manifest
+from clipforge.storage.manifest import read_manifest, withdraw
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult
@@ -48,9 +47,7 @@ def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: st
         manifest = read_manifest(out)
         if manifest is not None:
             log.warning("%s holds an output of another config or other inputs: training anew", out)
-            storage.delete(manifest_uri(out))
-        for name in {*final_files, *((manifest or {}).get("files") or [])}:
-            storage.delete(storage.join(out, name))
+        withdraw(out, {*final_files, *((manifest or {}).get("files") or [])})
         removed = store.tidy()
         if removed:
             log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
