@@ -110,10 +110,10 @@ def test_images_sharing_a_caption_are_interchangeable_answers():
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     plain = retrieval_metrics(image, text)
     assert plain["image_to_text_R@1"] == pytest.approx(1 / 3)  # identical captions tie, and ties count against
-    grouped = retrieval_metrics(image, text, groups=torch.tensor([0, 0, 1]))
+    grouped = retrieval_metrics(image, text, pairs=torch.tensor([[0, 0], [1, 0], [2, 1]]))  # (image, caption)
     assert grouped["image_to_text_R@1"] == grouped["text_to_image_R@1"] == 1.0
-    # Distinct labels everywhere are the plain metric.
-    assert retrieval_metrics(image, text, groups=torch.arange(3)) == plain
+    # Distinct images and captions everywhere are the plain metric.
+    assert retrieval_metrics(image, text, pairs=torch.stack([torch.arange(3)] * 2, dim=1)) == plain
 
 
 def test_one_image_spelled_two_ways_is_one_image_in_the_loss_and_the_answers():

@@ -55,7 +55,7 @@ def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
     by_b = together.T.tocsr()
 
     def mask(matrix, queries, keys, start: int, end: int) -> torch.Tensor:
-        rows = matrix[queries[start:end]].astype(bool).toarray()  # (chunk, distinct keys): small
+        rows = matrix[queries[start:end]].astype(bool).toarray()  # (chunk, distinct key ids)
         return torch.from_numpy(np.take(rows, keys, axis=1)).to(pairs.device)
 
     return (lambda start, end: mask(together, a_ids, b_ids, start, end),  # query a_i, key b_m
@@ -68,25 +68,22 @@ def retrieval_metrics(
     *,
     names: tuple[str, str] = ("image_to_text", "text_to_image"),
     ks: tuple[int, ...] = (1, 5, 10),
-    groups: torch.Tensor | None = None,
     pairs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean cosine of the pairs plus, both ways, R@k, mean rank and median rank (1-based, as open_clip).
 
     `names[0]` is the direction a -> b (each row of `a` looks for its row in `b`),
     `names[1]` the reverse. Inputs are L2-normalised here and compared in float32
-    on their own device. `groups` (one int label per row) makes rows with equal
-    labels interchangeable answers: otherwise identical captions tie and, ties
-    counting against, none of them could find its own. `pairs` ((n, 2): each row's
-    a-side and b-side id, e.g. image and caption) does so each way (`answer_masks`).
+    on their own device. `pairs` ((n, 2): each row's a-side and b-side id, e.g. image
+    and caption) makes every key paired with a query's id a right answer (`answer_masks`):
+    otherwise identical captions, or an image's one embedding for several captions, tie
+    and, ties counting against, none of them could find its own.
     """
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise ValueError(f"need two non-empty (n, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     a = F.normalize(a.detach().float(), dim=-1)
     b = F.normalize(b.detach().float(), dim=-1)
     metrics = {"mean_cosine": float((a * b).sum(dim=1).mean()), "pairs": len(a)}
-    if groups is not None:  # a label per row: rows of one label answer each other both ways
-        pairs = torch.stack([torch.arange(len(groups)), groups.cpu()], dim=1)
     masks = answer_masks(pairs.to(a.device)) if pairs is not None else (None, None)
     for name, (queries, keys), right in zip(names, ((a, b), (b, a)), masks, strict=True):
         ranks = _ranks(queries, keys, right).cpu().numpy()
