@@ -85,9 +85,7 @@ def check_same_weights(index: str, built: dict | None, pretrained: str | None) -
     if not built or not names_weights_file(pretrained):
         return
     found = weights_identity(pretrained)
-    unchanged = {k: v for k, v in found.items() if k != "uri"} == \
-        {k: v for k, v in built.items() if k in found and k != "uri"} and found["uri"] == built.get("uri")
-    if unchanged:
+    if all(built.get(key) == value for key, value in found.items()):  # the recorded file, unchanged
         return
     if built.get("sha256"):
         same, how = weights_digest(pretrained) == built["sha256"], "contents (sha256)"

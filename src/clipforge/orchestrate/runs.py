@@ -56,7 +56,7 @@ def run_state(run: dict) -> str:
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
         return f"stopped at {stopped[0]}"
-    ended = run.get("ended")  # the runner ended between stages: stopped, or failed (a crash, an S3 error)
+    ended = run.get("ended")  # the runner ended between stages: `stopped`, `failed: …` (user error), `crashed: …`
     if isinstance(ended, str) and ended:
         return ended.split(":", 1)[0]
     if all(status[name] in ENDED for name in names):  # a policy let it go on without some: say which
