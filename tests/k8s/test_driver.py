@@ -607,26 +607,25 @@ def test_a_group_is_preempted_when_any_rank_was_disrupted_or_stopped(pods, preem
     assert f"pod {told} exited" in caplog.text
 
 
-def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small_cluster, monkeypatch, caplog):
-    """A `helm upgrade` with a new run id stops the old driver, which lets go of the output's lease at once,
-    while its stage pods (deleted through their owners) may spend their grace period saving a checkpoint
-    into the same output: the new run's Job starts only once they are gone."""
-    cluster = small_cluster
-    stage, settings = index_stage_for(cluster, "after", "subj05")
-    earlier = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
-               "status": {"phase": "Running"},
-               "metadata": {"name": "earlier-0", "namespace": "ml", "labels": {
-                   KEY_LABEL: stage.key, RUN_ID_LABEL: "before", "job-name": "demo-before-nsd-index"}}}
+def left_writing(name: str, labels: dict, **metadata) -> dict:
+    """A stage pod an earlier driver left running, saving a checkpoint into its stage's output."""
+    return {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
+            "status": {"phase": "Running"}, "metadata": {"name": name, "namespace": "ml", "labels": labels, **metadata}}
+
+
+def run_while_a_pod_is_left_writing(cluster: Cluster, stage, settings, pod: dict, job: str, monkeypatch,
+                                    caplog) -> int:
+    """Run the stage while `pod` writes its output, the pod going 1.5 s in; the stage's Job `job` must not be
+    created before then. Returns the stage's exit code."""
     with cluster.api.lock:
-        cluster.api._put("pods", earlier, "ADDED")
-    name = job_name(RELEASE, "after", "nsd-index")
+        cluster.api._put("pods", pod, "ADDED")
     seen_before_gone = []
 
     def stop_the_earlier_pod():
         time.sleep(1.5)
-        seen_before_gone.extend(cluster.api.created("jobs", name))
+        seen_before_gone.extend(cluster.api.created("jobs", job))
         with cluster.api.lock:
-            cluster.api._put("pods", cluster.api.objects[("pods", "ml", "earlier-0")], "DELETED")
+            cluster.api._put("pods", cluster.api.objects[("pods", "ml", pod["metadata"]["name"])], "DELETED")
 
     helper = threading.Thread(target=stop_the_earlier_pod)
     helper.start()
@@ -635,7 +634,21 @@ def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small
     with caplog.at_level(logging.WARNING, logger="clipforge"):
         code = executor(stage)
     helper.join()
-    assert code == 0 and seen_before_gone == [] and cluster.api.created("jobs", name) == [name]
+    assert seen_before_gone == []
+    return code
+
+
+def test_a_stage_waits_for_the_pods_an_earlier_run_left_writing_its_output(small_cluster, monkeypatch, caplog):
+    """A `helm upgrade` with a new run id stops the old driver, which lets go of the output's lease at once,
+    while its stage pods (deleted through their owners) may spend their grace period saving a checkpoint
+    into the same output: the new run's Job starts only once they are gone."""
+    cluster = small_cluster
+    stage, settings = index_stage_for(cluster, "after", "subj05")
+    earlier = left_writing("earlier-0", {KEY_LABEL: stage.key, RUN_ID_LABEL: "before",
+                                         "job-name": "demo-before-nsd-index"})
+    name = job_name(RELEASE, "after", "nsd-index")
+    code = run_while_a_pod_is_left_writing(cluster, stage, settings, earlier, name, monkeypatch, caplog)
+    assert code == 0 and cluster.api.created("jobs", name) == [name]
     assert "waiting for 1 pod(s) of an earlier run to stop before starting (earlier-0)" in caplog.text
     (ours,) = [p for p in cluster.api.list("pods", **{"job-name": name})]
     assert ours["metadata"]["labels"][KEY_LABEL] == stage.key  # what the next run would wait on
@@ -650,29 +663,11 @@ def test_a_stage_waits_for_pods_of_its_own_run_a_deleted_job_left_writing_its_ou
     cluster = small_cluster
     stage, settings = index_stage_for(cluster, "same", "subj08")
     name = job_name(RELEASE, "same", "nsd-index")
-    earlier = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "stage", "image": "clipforge"}]},
-               "status": {"phase": "Running"},
-               "metadata": {"name": "same-0", "namespace": "ml", "deletionTimestamp": "2030-01-01T00:00:00Z",
-                            "labels": {KEY_LABEL: stage.key, RUN_ID_LABEL: "same", "job-name": name,
-                                       "batch.kubernetes.io/controller-uid": "uid-of-the-deleted-job"}}}
-    with cluster.api.lock:
-        cluster.api._put("pods", earlier, "ADDED")
-    seen_before_gone = []
-
-    def stop_the_earlier_pod():
-        time.sleep(1.5)
-        seen_before_gone.extend(cluster.api.created("jobs", name))
-        with cluster.api.lock:
-            cluster.api._put("pods", cluster.api.objects[("pods", "ml", "same-0")], "DELETED")
-
-    helper = threading.Thread(target=stop_the_earlier_pod)
-    helper.start()
-    monkeypatch.chdir(cluster.root)
-    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)), watch_seconds=2, poll_seconds=0.1)
-    with caplog.at_level(logging.WARNING, logger="clipforge"):
-        code = executor(stage)
-    helper.join()
-    assert code == 0 and seen_before_gone == [] and cluster.api.created("jobs", name) == [name]
+    earlier = left_writing("same-0", {KEY_LABEL: stage.key, RUN_ID_LABEL: "same", "job-name": name,
+                                      "batch.kubernetes.io/controller-uid": "uid-of-the-deleted-job"},
+                           deletionTimestamp="2030-01-01T00:00:00Z")
+    code = run_while_a_pod_is_left_writing(cluster, stage, settings, earlier, name, monkeypatch, caplog)
+    assert code == 0 and cluster.api.created("jobs", name) == [name]
     assert "waiting for 1 pod(s) of an earlier run to stop before starting (same-0)" in caplog.text
 
 
