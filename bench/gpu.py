@@ -10,11 +10,11 @@ contiguous HDF5 `imgBrick`, the parts (`--parts`, in this order):
   cache      `clipforge cache` as a subprocess on the local file, default engine: whole wall time, start-up
              included (goal <= 20 s for ViT-H-14); steady img/s from its manifest; ratio = steady /
              min(encoder-only img/s at the run's precision, raw read img/s)  (goal >= 0.9)
-  precision  min cosine of bf16 (and pure_bf16) embeddings to fp32 ones of the same --precision-images
-             images  (goal >= 0.999)
   s3static   the same file behind a loopback S3 endpoint that answers range GETs with just those bytes,
              as S3 does (bench/device/range_server.py): raw read = parallel range GETs, then the stage
   ray        `--engine ray` for --ray-models on the local file: the plain Ray Data shape, for comparison
+  precision  min cosine of bf16 (and pure_bf16) embeddings to fp32 ones of the same --precision-images
+             images  (goal >= 0.999)
   s3         a smaller file (--s3-images) uploaded to moto's server (clipforge.storage.local_s3, what the
              tests use). moto copies the whole object for every range GET, so these rates are moto's
   unet       Stable unCLIP 2.1's UNet at full size (bench/device/unclip_unet.py), random weights, bf16, 96x96
@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "device"))
 
-PARTS = ["encoder", "read", "cache", "precision", "s3static", "ray", "s3", "unet"]
+PARTS = ["encoder", "read", "cache", "s3static", "ray", "precision", "s3", "unet"]
 DEFAULT_PARTS = [p for p in PARTS if p != "unet"]
 REPO = Path(__file__).resolve().parents[1]
 ROW_BYTES = 425 * 425 * 3
