@@ -222,14 +222,15 @@ def encoder_rate(model, device: torch.device, precision: str, batch: int, second
 
 
 @torch.inference_mode()
-def preprocess_rate(model, device: torch.device, batch: int, seconds: float) -> float:
+def preprocess_rate(model, device: torch.device, batch: int, seconds: float, resize: str = "auto") -> float:
     """img/s of the stage's GPU preprocessing alone: NSD-sized uint8 images already on the device -> the model's
-    normalised input (resize, crop, scale), as `ImageEncoder.encode` runs it before the encoder."""
+    normalised input (resize, crop, scale), as `ImageEncoder.encode` runs it before the encoder; `resize`
+    picks the stage's way (auto: matrix products on a GPU) or torchvision's kernel, the baseline."""
     import open_clip
 
     from clipforge.models.preprocess import BatchPreprocess
 
-    preprocess = BatchPreprocess(open_clip.get_model_preprocess_cfg(model), device)
+    preprocess = BatchPreprocess(open_clip.get_model_preprocess_cfg(model), device, resize=resize)
     images = torch.randint(0, 256, (batch, 425, 425, 3), dtype=torch.uint8, device=device)
 
     def run(n: int) -> float:
@@ -434,9 +435,11 @@ def part_setup(ctx: Context, encoder: bool) -> None:
         if encoder:
             # The stage preprocesses each shard on the device, in series with encoding it: with the encoder-only
             # rate this bounds what the stage can reach (1 / (1/encoder + 1/preprocess)).
+            name = f"{model.name} preprocessing only on {ctx.device.type}, uint8 425px, batch {args.batch}"
+            baseline = preprocess_rate(module, ctx.device, args.batch, args.seconds, resize="torchvision")
             rate = preprocess_rate(module, ctx.device, args.batch, args.seconds)
-            ctx.report.add(f"{model.name} preprocessing only on {ctx.device.type}, uint8 425px, batch {args.batch}",
-                           rate, "img/s")
+            ctx.report.add(f"{name}, torchvision's resize", baseline, "img/s")
+            ctx.report.add(f"{name}, the stage's", rate, "img/s", note=f"{rate / baseline:.2f}x torchvision's")
             for precision in precisions:  # pure_bf16 last: it casts the module
                 if precision == "pure_bf16":
                     module = module.to(torch.bfloat16)

@@ -1,0 +1,97 @@
+"""The batched preprocessing's resize as matrix products (what a GPU runs) against open_clip's own PIL path."""
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.models.encode import encode_images
+from clipforge.models.preprocess import BatchPreprocess, axis_weights
+
+SHAPES = [(425, 425), (300, 500), (500, 300), (100, 150), (37, 61), (224, 224), (425, 424)]
+
+
+def photos(shape: tuple[int, int], count: int = 3, seed: int = 0) -> np.ndarray:
+    """uint8 images with smooth structure and pixel noise: bicubic overshoot clips, as in real photos."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.integers(0, 256, (count, 3, shape[0] // 8 + 2, shape[1] // 8 + 2))).float()
+    smooth = torch.nn.functional.interpolate(coarse, size=shape, mode="bilinear")
+    noisy = smooth + torch.from_numpy(rng.normal(0, 24, smooth.shape)).float()
+    return noisy.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def levels(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Normalised pixels back to uint8 levels (0-255), to compare in the units images have."""
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return pixels * std * 255 + mean * 255
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(("size", "new_size"), [(425, 224), (37, 224), (500, 281), (224, 224), (4000, 224),
+                                               (225, 224), (7, 3), (3, 7), (1, 224), (224, 1)])
+def test_axis_weights_resize_as_torch_interpolation_does(mode, size, new_size):
+    x = torch.rand(1, 1, size, 5, generator=torch.Generator().manual_seed(size + new_size))
+    expected = torch.nn.functional.interpolate(x, size=(new_size, 5), mode=mode, antialias=True,
+                                               align_corners=False)[0, 0]
+    torch.testing.assert_close(axis_weights(size, new_size, mode) @ x[0, 0], expected, atol=1e-4, rtol=0)
+
+
+def within_levels(ours: torch.Tensor, reference: torch.Tensor, cfg: dict) -> None:
+    assert ours.shape == reference.shape
+    off = (levels(ours, cfg) - levels(reference, cfg)).abs()
+    # fp16 products round a level the other way in some pixels; never by more than two, rarely by more than one.
+    assert off.max() < 2.01, float(off.max())
+    assert (off > 1.01).float().mean() < 1e-3
+    assert (off > 0.51).float().mean() < 0.15
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("size", "resize_mode"), [(224, "shortest"), (224, "squash"), ([256, 224], "squash")])
+def test_matrix_resize_is_within_a_level_of_torchvisions_cpu_kernel(shape, size, resize_mode):
+    cfg = {"size": size, "resize_mode": resize_mode, "mean": open_clip.OPENAI_DATASET_MEAN,
+           "std": open_clip.OPENAI_DATASET_STD}
+    images = photos(shape)
+    within_levels(BatchPreprocess(cfg, "cpu", resize="matmul")(images),
+                  BatchPreprocess(cfg, "cpu", resize="torchvision")(images), cfg)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matrix_resize_is_within_a_level_of_open_clips_pil_path(shape):
+    cfg = {"size": 224, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
+    transform = open_clip.image_transform(224, is_train=False)
+    images = photos(shape)
+    pil = torch.stack([transform(Image.fromarray(image)) for image in images])
+    within_levels(BatchPreprocess(cfg, "cpu", resize="matmul")(images), pil, cfg)
+
+
+def test_the_matrices_give_open_clips_embeddings(tiny_models):
+    cfg_path, weights = tiny_models["source"]
+    open_clip.add_model_config(cfg_path)
+    model, _, transform = open_clip.create_model_and_transforms("tiny-source", pretrained=str(weights))
+    model.eval()
+    images = photos((425, 425), count=16, seed=1)
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.fromarray(image)) for image in images])
+        expected = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+    preprocess = BatchPreprocess(open_clip.get_model_preprocess_cfg(model), "cpu", resize="matmul")
+    ours = encode_images(model, preprocess, images, batch_size=8)
+    assert (ours * expected).sum(axis=1).min() >= 0.999
+
+
+def test_the_cpu_takes_torchvisions_kernel_and_a_gpu_the_matrices():
+    assert BatchPreprocess({"size": 32}, "cpu").matrices is None
+    assert BatchPreprocess({"size": 32}, "meta").matrices is None
+    assert BatchPreprocess({"size": 32}, "cpu", resize="matmul").matrices is not None
+
+
+def test_an_unknown_resize_is_refused():
+    with pytest.raises(ValueError, match="resize 'fast'"):
+        BatchPreprocess({"size": 32}, "cpu", resize="fast")
+
+
+def test_a_non_square_input_in_shortest_mode_is_refused():
+    # open_clip keeps the aspect ratio there (ResizeKeepRatio), which has no batched implementation here.
+    with pytest.raises(ValueError, match=r"non-square input \[224, 256\]"):
+        BatchPreprocess({"size": [224, 256], "resize_mode": "shortest"}, "cpu")
