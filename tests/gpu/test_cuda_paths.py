@@ -86,6 +86,24 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
     assert read_manifest(str(out)) is not None
 
 
+def test_a_snapshot_of_cuda_tensors_is_the_file_of_their_cpu_copies():
+    """pack_state copies CUDA tensors straight into the file (no `.cpu()` first): the same bytes as their CPU
+    copies give, every byte copied by the time it returns (changing the tensors after leaves the file as it is)."""
+    from clipforge.train.checkpoint import SAFETENSORS_DTYPES, pack_state
+
+    grid = torch.arange(-6, 6, device="cuda").reshape(3, 4)
+    state = {}
+    for dtype, name in SAFETENSORS_DTYPES.items():
+        values = grid > 0 if dtype == torch.bool else grid.to(dtype)
+        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3]}
+    on_cpu = {name: {part: t.cpu() for part, t in parts.items()} for name, parts in state.items()}
+    data = pack_state(state)
+    for parts in state.values():
+        for t in parts.values():
+            t.zero_()  # training going on
+    assert bytes(data) == bytes(pack_state(on_cpu))
+
+
 @pytest.fixture(scope="module")
 def tiny_finetune(tmp_path_factory):
     """(tiny CLIP, (train.csv, val.csv)) as the fine-tuning tests make them."""

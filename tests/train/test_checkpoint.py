@@ -5,6 +5,7 @@ import safetensors.torch
 import torch
 
 from clipforge.errors import UserError
+from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME
 from clipforge.train import checkpoint as ckpt
@@ -44,6 +45,31 @@ def test_every_dtype_round_trips_and_is_a_safetensors_file(dtype):
         assert back[key].dtype == dtype and back[key].shape == state[key].shape
         assert torch.equal(back[key].reshape(-1).view(torch.uint8), state[key].reshape(-1).view(torch.uint8))
     assert sorted(safetensors.torch.load(bytes(data))) == [".empty", ".scalar", ".shared", ".x"]
+
+
+def test_a_mixed_state_is_the_format_byte_for_byte():
+    """Every dtype of the fast writer in one file (3-element slices leave later tensors unaligned), 0-dim, empty
+    and non-contiguous tensors: exactly the bytes the format spells, so old and new checkpoints are one format."""
+    grid = torch.arange(-6, 6).reshape(3, 4)
+    state = {}
+    for dtype, name in ckpt.SAFETENSORS_DTYPES.items():
+        values = grid > 0 if dtype == torch.bool else grid.to(dtype)
+        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3]}
+    data = pack_state(state)
+
+    tensors = {f".{name}.{part}": t.contiguous() for name, parts in state.items() for part, t in parts.items()}
+    header, body = {"__metadata__": safetensors_metadata(data)}, b""
+    for key, t in tensors.items():
+        header[key] = {"dtype": ckpt.SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [len(body), len(body) + t.numel() * t.element_size()]}
+        body += t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    assert bytes(data) == len(head).to_bytes(8, "little") + head + body
+    back = unpack_state(data)
+    for name, parts in state.items():
+        for part, t in parts.items():
+            assert back[name][part].dtype == t.dtype and torch.equal(back[name][part], t)
 
 
 def test_optimizer_state_round_trip_continues_identically():
