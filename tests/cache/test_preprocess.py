@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipforge.errors import UserError
 from clipforge.models.encode import encode_images
 from clipforge.models.preprocess import BatchPreprocess, axis_weights
 
@@ -91,7 +92,11 @@ def test_an_unknown_resize_is_refused():
         BatchPreprocess({"size": 32}, "cpu", resize="fast")
 
 
-def test_a_non_square_input_in_shortest_mode_is_refused():
-    # open_clip keeps the aspect ratio there (ResizeKeepRatio), which has no batched implementation here.
-    with pytest.raises(ValueError, match=r"non-square input \[224, 256\]"):
-        BatchPreprocess({"size": [224, 256], "resize_mode": "shortest"}, "cpu")
+@pytest.mark.parametrize(("cfg", "says"), [
+    ({"size": [224, 256], "resize_mode": "shortest"}, r"non-square input \[224, 256\]"),
+    ({"size": 224, "resize_mode": "longest"}, "resize_mode 'longest'"),
+])
+def test_a_preprocessing_with_no_batched_implementation_is_one_line_for_the_user(cfg, says):
+    # open_clip keeps the aspect ratio for a non-square 'shortest' (ResizeKeepRatio), which is not batched here.
+    with pytest.raises(UserError, match=says):
+        BatchPreprocess(cfg, "cpu")

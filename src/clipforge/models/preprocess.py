@@ -24,6 +24,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from clipforge.errors import UserError
+
 SUPPORTED_RESIZE_MODES = ("shortest", "squash")
 RESIZE_HOW = ("auto", "matmul", "torchvision")
 
@@ -121,12 +123,14 @@ class BatchPreprocess:
         size = preprocess_cfg.get("size", 224)
         self.size = list(size) if isinstance(size, (list, tuple)) else [size, size]
         self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+        # A model's own preprocessing that clipforge cannot batch is the user's choice of model: one line.
         if self.resize_mode not in SUPPORTED_RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r} has no batched implementation")
+            raise UserError(f"the model's preprocessing (resize_mode {self.resize_mode!r}) has no batched "
+                            f"implementation here; supported: {', '.join(SUPPORTED_RESIZE_MODES)}")
         if self.resize_mode == "shortest" and self.size[0] != self.size[1]:
             # open_clip keeps the aspect ratio for these (ResizeKeepRatio), which is not torchvision's Resize.
-            raise ValueError(f"resize_mode 'shortest' with a non-square input {self.size} has no batched "
-                             "implementation")
+            raise UserError(f"the model's preprocessing (resize_mode 'shortest' with a non-square input "
+                            f"{self.size}) has no batched implementation here")
         bilinear = preprocess_cfg.get("interpolation", "bicubic") == "bilinear"
         self.interpolation = InterpolationMode.BILINEAR if bilinear else InterpolationMode.BICUBIC
         self.device = torch.device(device)
