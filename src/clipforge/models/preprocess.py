@@ -101,6 +101,8 @@ class ResizeMatrices:
             cols = torch.nn.functional.pad(cols, (0, -width % 8))
             self.by_shape[(height, width)] = (rows.to(self.device, torch.float16),
                                               cols.T.contiguous().to(self.device, torch.float16))
+            if self.device.type == "cuda":  # once per shape: every stream may use them from now on
+                torch.cuda.synchronize(self.device)
         return self.by_shape[(height, width)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
