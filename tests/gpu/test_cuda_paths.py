@@ -95,8 +95,10 @@ def test_a_snapshot_of_cuda_tensors_is_the_file_of_their_cpu_copies():
     state = {}
     for dtype, name in SAFETENSORS_DTYPES.items():
         values = grid > 0 if dtype == torch.bool else grid.to(dtype)
-        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3]}
+        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3],
+                       "stepped": values.reshape(-1)[::12]}
     on_cpu = {name: {part: t.cpu() for part, t in parts.items()} for name, parts in state.items()}
+    torch.cuda._sleep(200_000_000)  # a long kernel first: a copy that did not wait for the stream reads too early
     data = pack_state(state)
     for parts in state.values():
         for t in parts.values():

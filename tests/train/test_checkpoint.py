@@ -54,10 +54,12 @@ def test_a_mixed_state_is_the_format_byte_for_byte():
     state = {}
     for dtype, name in ckpt.SAFETENSORS_DTYPES.items():
         values = grid > 0 if dtype == torch.bool else grid.to(dtype)
-        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3]}
+        state[name] = {"t": values.T, "scalar": values[1, 2].clone(), "empty": values[:0], "odd": values[0, :3],
+                       "stepped": values.reshape(-1)[::12]}  # one element, stride 12
     data = pack_state(state)
 
-    tensors = {f".{name}.{part}": t.contiguous() for name, parts in state.items() for part, t in parts.items()}
+    tensors = {f".{name}.{part}": t.clone(memory_format=torch.contiguous_format)
+               for name, parts in state.items() for part, t in parts.items()}
     header, body = {"__metadata__": safetensors_metadata(data)}, b""
     for key, t in tensors.items():
         header[key] = {"dtype": ckpt.SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),

@@ -131,7 +131,10 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     for name, tensor in tensors.items():
         start, end = header[name]["data_offsets"]
         if end > start:  # reshape first: a 0-dim tensor has no last dimension for view() to reinterpret
-            body[base + start : base + end].copy_(tensor.reshape(-1).view(torch.uint8))
+            flat = tensor.reshape(-1)
+            if flat.stride(-1) != 1:  # one element taken with a step counts as contiguous, yet keeps its stride
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            body[base + start : base + end].copy_(flat.view(torch.uint8))
     return out
 
 
