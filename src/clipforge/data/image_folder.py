@@ -23,6 +23,7 @@ from clipforge.data.pixels import upright_rgb
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
+from clipforge.storage.s3 import parse_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -90,8 +91,8 @@ def image_identity(uri: str) -> str:
     the real path of the file `on_disk` finds, in NFC; for s3:// the normalised key. The split, the train/val
     leak check and the contrastive loss's negatives compare these, never the spellings."""
     if storage.is_s3(uri):
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return f"s3://{bucket}/{posixpath.normpath(key)}"
+        location = parse_s3(uri)
+        return f"s3://{location.bucket}/{posixpath.normpath(location.key)}"
     return unicodedata.normalize("NFC", os.path.realpath(on_disk(str(storage.local_path(uri)))))
 
 
