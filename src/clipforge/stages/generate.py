@@ -242,7 +242,7 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFram
         if len(rows) < len(part):
             uri = storage.join(out, "batches", name)
             if len(rows):
-                storage.write_bytes(uri, frame_bytes(rows))
+                storage.write_bytes(uri, parquet.frame_bytes(rows))
             else:
                 storage.delete(uri)
         kept.append(rows)
@@ -252,12 +252,6 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFram
     if stray:
         storage.delete_objects(images, stray)
     return kept
-
-
-def frame_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
@@ -295,7 +289,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         progress.update(len(rows))
     seconds_now = time.monotonic() - started
     table = pd.concat(parts, ignore_index=True).sort_values("id", ignore_index=True)
-    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), frame_bytes(table))
+    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), parquet.frame_bytes(table))
     # Every image's share of its batch's time, summed: the whole set's generation time, however many
     # attempts it took (an attempt's own wall time would leave out what earlier ones generated).
     seconds = float(table["seconds"].sum()) if "seconds" in table and table["seconds"].notna().all() else None
@@ -330,5 +324,5 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
     frame = pd.DataFrame({"id": ids, "path": paths, "seed": seeds, "conditioning": conditioning.source,
                           "adapter": conditioning.fingerprint, "seconds": seconds, "settings": settings})
     first = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
-    storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), frame_bytes(frame))
+    storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), parquet.frame_bytes(frame))
     return frame

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 from clipforge.config.index import IndexConfig
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
+from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, withdraw, write_manifest
 
@@ -39,9 +39,7 @@ def run_index(cfg: IndexConfig) -> dict:
     if cfg.output.endswith(".csv"):  # in the format its name says, as `read_index` reads it back
         data = frame.to_csv(index=False).encode()
     else:
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        data = buffer.getvalue()
+        data = parquet.frame_bytes(frame)
     storage.write_bytes(index_file(cfg.output), data)
     counts = frame["split"].value_counts().to_dict()
     summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}

@@ -1,4 +1,5 @@
-"""Parquet files held in memory as bytes (what `storage.read_bytes` returns, local or S3), read to a table.
+"""Parquet files held in memory as bytes (what `storage.read_bytes` returns, local or S3), read to a table;
+and a DataFrame made parquet bytes, to write in one piece.
 
 `pq.read_table(io.BytesIO(data))` scans through Arrow's dataset machinery, whose
 background threads can still hold the Python file object when the call returns.
@@ -14,6 +15,8 @@ embedding column) decodes as fast that way.
 """
 
 from __future__ import annotations
+
+import io
 
 import pandas as pd
 import pyarrow as pa
@@ -36,3 +39,10 @@ def read_schema(data: bytes) -> pa.Schema:
     """The Arrow schema of parquet `data`, with its key-value metadata."""
     with pq.ParquetFile(pa.BufferReader(data)) as parquet:
         return parquet.schema_arrow
+
+
+def frame_bytes(frame: pd.DataFrame) -> bytes:
+    """A DataFrame as parquet bytes (no index column), to write in one piece."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
