@@ -8,9 +8,11 @@ from PIL import Image
 
 from clipforge.errors import UserError
 from clipforge.models.encode import encode_images
-from clipforge.models.preprocess import BatchPreprocess, axis_weights, crop_start
+from clipforge.models.preprocess import BatchPreprocess, axis_weights, columns_first, crop_start
 
-SHAPES = [(425, 425), (300, 500), (500, 300), (100, 150), (37, 61), (224, 224), (425, 424)]
+# (height, width). 700 x 300 and 277 x 250 are resized down their columns first by Pillow 13 (the first
+# whichever the mode, the second when squashed to 224 x 224).
+SHAPES = [(425, 425), (300, 500), (500, 300), (100, 150), (37, 61), (224, 224), (425, 424), (700, 300), (277, 250)]
 
 
 def photos(shape: tuple[int, int], count: int = 3, seed: int = 0) -> np.ndarray:
@@ -74,12 +76,37 @@ def test_matrix_resize_is_within_two_levels_of_torchvisions_cpu_kernel(shape, si
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matrix_resize_is_within_two_levels_of_open_clips_pil_path(shape):
-    cfg = {"size": 224, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
-    transform = open_clip.image_transform(224, is_train=False)
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+@pytest.mark.parametrize("resize", ["matmul", "torchvision"])
+def test_both_resizes_are_within_two_levels_of_open_clips_pil_path(shape, resize_mode, resize):
+    cfg = {"size": 224, "resize_mode": resize_mode, "mean": open_clip.OPENAI_DATASET_MEAN,
+           "std": open_clip.OPENAI_DATASET_STD}
+    transform = open_clip.image_transform(224, is_train=False, resize_mode=resize_mode)
     images = photos(shape)
     pil = torch.stack([transform(Image.fromarray(image)) for image in images])
-    within_levels(BatchPreprocess(cfg, "cpu", resize="matmul")(images), pil, cfg)
+    within_levels(BatchPreprocess(cfg, "cpu", resize=resize)(images), pil, cfg)
+
+
+def pil_order(height: int, width: int, new_height: int, new_width: int) -> str:
+    """Which axis the installed PIL resizes first, found by comparing its resize with each order's two
+    single-axis resizes (one pass each) on a noisy image, where the orders' roundings differ."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    whole = np.asarray(image.resize((new_width, new_height), Image.BICUBIC))
+    across = np.asarray(image.resize((new_width, height), Image.BICUBIC).resize((new_width, new_height),
+                                                                                Image.BICUBIC))
+    down = np.asarray(image.resize((width, new_height), Image.BICUBIC).resize((new_width, new_height),
+                                                                              Image.BICUBIC))
+    assert (across != down).any()
+    return "columns" if (whole == down).all() else "rows" if (whole == across).all() else "neither"
+
+
+@pytest.mark.parametrize(("height", "width", "new_height", "new_width"), [
+    (425, 425, 224, 224), (500, 300, 224, 224), (300, 500, 224, 224), (277, 250, 224, 224), (276, 250, 224, 224),
+    (301, 100, 200, 50), (300, 100, 200, 50), (300, 30, 224, 224), (30, 300, 224, 224), (700, 300, 522, 224),
+    (136, 39, 285, 248), (498, 582, 16, 33), (61, 37, 224, 224)])
+def test_the_resize_order_is_the_installed_pils(height, width, new_height, new_width):
+    expected = "columns" if columns_first(height, width, new_height, new_width) else "rows"
+    assert pil_order(height, width, new_height, new_width) == expected
 
 
 def test_the_matrices_give_open_clips_embeddings(tiny_models):

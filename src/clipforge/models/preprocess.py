@@ -20,6 +20,7 @@ import functools
 import warnings
 
 import numpy as np
+import PIL
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -28,6 +29,8 @@ from clipforge.errors import UserError
 
 SUPPORTED_RESIZE_MODES = ("shortest", "squash")
 RESIZE_HOW = ("auto", "matmul", "torchvision")
+# Pillow 13 resizes down the columns first when that is the cheaper order (python-pillow/Pillow#9549).
+PILLOW_CHOOSES_ORDER = int(PIL.__version__.split(".")[0]) >= 13
 
 
 def _cubic(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +82,16 @@ def resized_size(height: int, width: int, size: list[int], resize_mode: str) -> 
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def columns_first(height: int, width: int, new_height: int, new_width: int) -> bool:
+    """Whether PIL (open_clip's own preprocessing) resizes this image down its columns before across its rows.
+
+    Each pass is rounded to uint8 levels, so the order shows: up to 20 levels on noisy images. Pillow 13
+    goes down the columns first when the height shrinks by more than twice as many pixels as the width (a
+    tall image, or a squash to a wide size); earlier Pillow always goes across the rows first. A test holds
+    this rule to the installed Pillow."""
+    return PILLOW_CHOOSES_ORDER and height - new_height > max(2 * (width - new_width), 0)
+
+
 class ResizeMatrices:
     """Resize and center crop of uint8 (N, 3, H, W) as `rows @ x @ columns`, in fp16 on the device.
 
@@ -90,10 +103,10 @@ class ResizeMatrices:
 
     def __init__(self, size: list[int], resize_mode: str, mode: str, device: torch.device):
         self.size, self.resize_mode, self.mode, self.device = size, resize_mode, mode, device
-        self.by_shape: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # a few shapes in practice
+        self.by_shape: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] = {}  # a few in practice
 
-    def matrices(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows (S_h, H8), columns (W8, S_w)) for an image of this size, on the device, cached."""
+    def matrices(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(rows (S_h, H8), columns (W8, S_w), columns first?) for an image of this size, on the device, cached."""
         if (height, width) not in self.by_shape:
             if len(self.by_shape) >= 32:  # images of many sizes (queries): keep the device memory bounded
                 self.by_shape.clear()
@@ -103,7 +116,8 @@ class ResizeMatrices:
             rows = torch.nn.functional.pad(rows, (0, -height % 8))
             cols = torch.nn.functional.pad(cols, (0, -width % 8))
             self.by_shape[(height, width)] = (rows.to(self.device, torch.float16),
-                                              cols.T.contiguous().to(self.device, torch.float16))
+                                              cols.T.contiguous().to(self.device, torch.float16),
+                                              columns_first(height, width, new_h, new_w))
             if self.device.type == "cuda":  # once per shape: every stream may use them from now on
                 torch.cuda.synchronize(self.device)
         return self.by_shape[(height, width)]
@@ -111,12 +125,15 @@ class ResizeMatrices:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 (N, 3, S_h, S_w) holding whole uint8 levels."""
         n, c, height, width = x.shape
-        rows, cols = self.matrices(height, width)
+        rows, cols, down_first = self.matrices(height, width)
         padded = x.new_zeros((n, c, height + (-height % 8), width + (-width % 8)), dtype=torch.float16)
         padded[:, :, :height, :width] = x
-        # Across each row first, then down the columns, each pass clipped and rounded to uint8 levels, as PIL
-        # (open_clip's own preprocessing) and torchvision's CPU kernel resize: bicubic overshoot is clipped in
-        # between, which a float resize in one go (torchvision's on a GPU) does not do.
+        # One axis, then the other, in PIL's order (`columns_first`), each pass clipped and rounded to uint8
+        # levels as PIL (open_clip's own preprocessing) and torchvision's CPU kernel do: bicubic overshoot is
+        # clipped in between, which a float resize in one go (torchvision's on a GPU) does not do.
+        if down_first:
+            down = torch.matmul(rows, padded).clamp_(0, 255).round_()
+            return torch.matmul(down, cols).float().clamp_(0, 255).round_()
         across = torch.matmul(padded, cols).clamp_(0, 255).round_()
         return torch.matmul(rows, across).float().clamp_(0, 255).round_()
 
@@ -163,11 +180,15 @@ class BatchPreprocess:
 
     def resize_crop(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> uint8 (..., 3, S, S), as open_clip's Resize and CenterCrop."""
-        if self.resize_mode == "shortest":
-            # torchvision's Resize(int): the shorter side becomes size, then a center crop.
-            x = F.resize(x, [min(self.size)], interpolation=self.interpolation, antialias=True)
-            return F.center_crop(x, self.size)
-        return F.resize(x, self.size, interpolation=self.interpolation, antialias=True)
+        height, width = x.shape[-2:]
+        new_h, new_w = resized_size(height, width, self.size, self.resize_mode)
+        if columns_first(height, width, new_h, new_w):
+            # torchvision's kernel goes across the rows first, which on the transposed image is down the columns.
+            x = F.resize(x.transpose(-1, -2), [new_w, new_h], interpolation=self.interpolation, antialias=True)
+            x = x.transpose(-1, -2)
+        else:
+            x = F.resize(x, [new_h, new_w], interpolation=self.interpolation, antialias=True)
+        return F.center_crop(x, self.size)
 
     def each(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images of different sizes (an image folder), one at a time, stacked."""
