@@ -37,6 +37,10 @@ slows a run down):
   validation and checkpoints and are left out (for open_clip_train that drops
   an epoch's first step, for clipforge its steps up to its first read, a
   fraction of a second);
+- clipforge's steady samples/s again, leaving out also the windows that
+  overlap one of its checkpoint commits (they run beside training, from
+  `timing.checkpoint_commit_spans` in its metrics.json): the two figures
+  apart say what the commits cost the steps;
 - peak memory of the process tree (the trainer and its loader workers:
   proportional set size, sampled every 0.2 s on CPU, 1 s on a GPU);
 - the final validation figures side by side.
@@ -209,17 +213,18 @@ def synced_points(events_dir: Path, tag: str, step_offset: int) -> list[tuple[in
     return sorted(set(points))
 
 
-def steady_rate(points: list[tuple[int, float]], steps_per_epoch: int, skip: int,
-                step_rows: int) -> tuple[float | None, int]:
+def steady_rate(points: list[tuple[int, float]], steps_per_epoch: int, skip: int, step_rows: int,
+                avoid: list[list[float]] = ()) -> tuple[float | None, int]:
     """(samples/s, steps counted) over the windows between consecutive points that lie in one epoch and start at
-    step >= `skip`.
+    step >= `skip`, and overlap none of the wall-clock spans in `avoid`.
 
     A window that starts on an epoch's boundary (steps done a multiple of
     `steps_per_epoch`) holds that boundary's validation and checkpoint: left out.
     """
     steps = seconds = 0.0
     for (a, ta), (b, tb) in zip(points, points[1:], strict=False):
-        if a >= skip and a % steps_per_epoch and b > a and b <= (a // steps_per_epoch + 1) * steps_per_epoch:
+        if a >= skip and a % steps_per_epoch and b > a and b <= (a // steps_per_epoch + 1) * steps_per_epoch \
+                and not any(start < tb and ta < end for start, end in avoid):
             steps, seconds = steps + (b - a), seconds + (tb - ta)
     return (steps * step_rows / seconds if seconds > 0 else None), int(steps)
 
@@ -322,6 +327,10 @@ def main() -> None:
                 run = fn(args, train, val, weights, work, envs[name])
                 run["steady"], counted = steady_rate(run["points"], steps_per_epoch, args.skip_steps,
                                                      args.batch_size)
+                if name == "clipforge":
+                    run["steady_apart"], run["counted_apart"] = steady_rate(
+                        run["points"], steps_per_epoch, args.skip_steps, args.batch_size,
+                        avoid=run["timing"].get("checkpoint_commit_spans", []))
                 runs[name].append(run)
                 shutil.rmtree(work)  # checkpoints of ViT-B are GBs: keep the disk for the next run
                 steady = f"{run['steady']:.1f}" if run["steady"] else "-"
@@ -362,6 +371,11 @@ def main() -> None:
     timing = best["clipforge"]["timing"]
     print(f"clipforge's checkpoints: training stopped {timing['checkpoint_seconds']:.2f} s for them (snapshots); "
           f"their commits took {timing['checkpoint_commit_seconds']:.2f} s beside training")
+    apart = max(runs["clipforge"], key=lambda r: r["steady_apart"] or 0)
+    if apart["steady_apart"] and steady["open_clip_train"]:
+        print(f"clipforge steady without the windows beside a commit: {apart['steady_apart']:.2f} samples/s over "
+              f"{apart['counted_apart']} steps (ratio {apart['steady_apart'] / steady['open_clip_train']:.2f}); "
+              f"with them {steady['clipforge']:.2f}: the difference is what commits cost the steps")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path
     assert len(timing["epoch_seconds"]) == FAST["epochs"] and all(s > 0 for s in timing["epoch_seconds"])
     assert timing["seconds_per_epoch"] == pytest.approx(np.mean(timing["epoch_seconds"]), abs=1e-3)
     assert timing["seconds_per_epoch"] * FAST["epochs"] < timing["train_seconds"]  # evaluation, checkpoints left out
+    # When each checkpoint's commit ran beside training: one after another, each waiting for the one before.
+    spans = timing["checkpoint_commit_spans"]
+    assert len(spans) >= 2 and all(start <= end for start, end in spans)
+    assert all(earlier[1] <= later[0] + 1e-3 for earlier, later in zip(spans, spans[1:], strict=False))
 
     # The outputs, committed with the manifest last.
     names = set(storage.list_names(str(out)))

@@ -5,6 +5,7 @@ how a slow disk or S3 upload looks to the training thread.
 """
 
 import threading
+import time
 
 import pytest
 
@@ -37,6 +38,8 @@ def test_submit_returns_before_the_commit_and_wait_returns_after_it(tmp_path):
     uri = writer.wait()
     assert checkpoints.latest().step == 5 and uri == checkpoints.latest().uri == writer.last_saved
     assert writer.commit_seconds > 0
+    (start, end), = writer.commit_spans  # when it ran, to set against training's own progress
+    assert start < end <= time.time() and end - start == pytest.approx(writer.commit_seconds, abs=1e-4)
 
 
 def test_a_commit_waits_for_the_one_before_so_they_land_in_step_order(tmp_path):

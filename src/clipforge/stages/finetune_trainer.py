@@ -345,6 +345,8 @@ class FinetuneTrainer:
             self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
             self.timing["checkpoint_seconds"] = round(self.saving_seconds, 3)
             self.timing["checkpoint_commit_seconds"] = round(self.checkpoints.commit_seconds, 3)
+            self.timing["checkpoint_commit_spans"] = [[round(t, 3) for t in span]
+                                                      for span in self.checkpoints.commit_spans]
 
     def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress

@@ -33,6 +33,7 @@ class CheckpointWriter:
         self.saved_step: int | None = None
         self.last_saved: str | None = None
         self.commit_seconds = 0.0  # spent committing beside training
+        self.commit_spans: list[tuple[float, float]] = []  # their wall-clock (start, end): what they overlapped
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -51,7 +52,7 @@ class CheckpointWriter:
             self._thread.start()
 
     def _commit(self, step: int, files: dict[str, bytes]) -> None:
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         try:
             uri = self.store.save(step, files).uri
         except BaseException as exc:  # handed to the training thread by `wait`
@@ -59,6 +60,7 @@ class CheckpointWriter:
             return
         seconds = time.monotonic() - started
         self.commit_seconds += seconds
+        self.commit_spans.append((wall, wall + seconds))
         self.last_saved = uri
         log.info("checkpoint %s (committed in %.2f s beside training)", uri, seconds)
 
