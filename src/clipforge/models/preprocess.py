@@ -29,7 +29,7 @@ from clipforge.errors import UserError
 
 SUPPORTED_RESIZE_MODES = ("shortest", "squash")
 RESIZE_HOW = ("auto", "matmul", "torchvision")
-# Pillow 13 resizes down the columns first when that is the cheaper order (python-pillow/Pillow#9549).
+# Pillow 13 resizes some images down their columns first (python-pillow/Pillow#9549): `columns_first`.
 PILLOW_CHOOSES_ORDER = int(PIL.__version__.split(".")[0]) >= 13
 
 
@@ -86,9 +86,9 @@ def columns_first(height: int, width: int, new_height: int, new_width: int) -> b
     """Whether PIL (open_clip's own preprocessing) resizes this image down its columns before across its rows.
 
     Each pass is rounded to uint8 levels, so the order shows: up to 20 levels on noisy images. Pillow 13
-    goes down the columns first when the height shrinks by more than twice as many pixels as the width (a
-    tall image, or a squash to a wide size); earlier Pillow always goes across the rows first. A test holds
-    this rule to the installed Pillow."""
+    goes down the columns first when the height shrinks by more than twice as many pixels as the width (an
+    image over twice as tall as wide, or a portrait one squashed to a square); earlier Pillow always goes
+    across the rows first. A test holds this rule to the installed Pillow."""
     return PILLOW_CHOOSES_ORDER and height - new_height > max(2 * (width - new_width), 0)
 
 
