@@ -4,6 +4,8 @@ import gc
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +108,29 @@ def test_an_s3_failure_after_sigterm_is_said_and_exits_as_the_stop(monkeypatch, 
     assert main(["models", "list", "--dir", str(tmp_path)]) == EXIT_PREEMPTED
     err = capsys.readouterr().err
     assert "s3.example" in err and "stopped (SIGTERM)" in err
+
+
+EXITING = """
+import atexit, concurrent.futures, sys, threading, time
+from pathlib import Path
+from clipforge.cli import exit_without_teardown
+folder = Path(sys.argv[1])
+def late(name):
+    time.sleep(0.5)
+    (folder / name).write_text("done")
+threading.Thread(target=late, args=("thread",)).start()
+concurrent.futures.ThreadPoolExecutor(1).submit(late, "pool")
+atexit.register(lambda: (folder / "atexit").write_text("ran"))
+print("printed", end="")
+print("said", end="", file=sys.stderr)
+exit_without_teardown(3)
+"""
+
+
+def test_the_console_script_exits_as_python_would_without_its_teardown(tmp_path):
+    """What exit does that matters still happens: threads finish their work, atexit handlers run, both streams
+    are flushed (into pipes, where they are buffered), and the exit code is the command's."""
+    proc = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "printed" and proc.stderr == "said"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "pool", "thread"]
