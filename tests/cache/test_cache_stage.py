@@ -300,6 +300,10 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
     not_weights.write_text("not a checkpoint\n")
     empty_weights = tmp_path / "empty.pt"
     torch.save({}, empty_weights)
+    nan_weights = tmp_path / "nan.pt"
+    state = torch.load(src_weights)
+    state["visual.proj"] = torch.full_like(state["visual.proj"], float("nan"))
+    torch.save(state, nan_weights)
     base = {"--source": nsd["local"], "--index": nsd["index"], "--model": "tiny-source",
             "--model-config": str(src_cfg), "--pretrained": str(src_weights)}
     return {
@@ -318,6 +322,10 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
         "a weights file name that is not there": ({"--pretrained": "tiny-source.pt"}, "tiny-source.pt not found"),
         "weights do not fit, in a Ray actor": ({"--pretrained": str(tgt_weights), "--engine": "ray"},
                                                "do not fit model tiny-source"),
+        "weights that give NaN": ({"--pretrained": str(nan_weights)},
+                                  "encoder tiny-source gave NaN or infinite embeddings for"),
+        "weights that give NaN, in a Ray actor": ({"--pretrained": str(nan_weights), "--engine": "ray"},
+                                                  "encoder tiny-source gave NaN or infinite embeddings for"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
                               "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
     }, base
@@ -328,6 +336,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                   "weights holding no parameters",
                                   "a weights file name that is not there",
                                   "weights do not fit, in a Ray actor",
+                                  "weights that give NaN", "weights that give NaN, in a Ray actor",
                                   "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)

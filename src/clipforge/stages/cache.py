@@ -350,7 +350,14 @@ def model_from_shard(output: str, name: str) -> dict:
 
 
 def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarray, description: dict) -> None:
-    """Write one shard's parquet file atomically under its final name: committed, or absent."""
+    """Write one shard's parquet file atomically under its final name: committed, or absent. Embeddings that
+    are not all finite (weights holding NaN, activations overflowing fp16) are refused, not cached."""
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        raise UserError(f"encoder {description.get('name')} gave NaN or infinite embeddings for "
+                        f"{int((~finite).sum())} of shard {shard_name}'s {len(finite)} images (id "
+                        f"{int(np.asarray(ids)[~finite][0])} the first): its weights hold them, or its precision "
+                        "overflows (pure_fp16, fp16: try bf16 or fp32); nothing of the shard is written")
     splits = [None if s == "" or s is None else str(s) for s in splits]
     table = embeddings_to_table(ids, splits, embeddings, description)
     storage.write_bytes(storage.join(output, shard_name), table_to_parquet_bytes(table))

@@ -181,12 +181,11 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
                 release(item)
             return item
 
-        def commit(item: ReadShard, host: torch.Tensor, landed: torch.cuda.Event | None) -> tuple[float, int]:
+        def commit(shard, host: torch.Tensor, landed: torch.cuda.Event | None) -> tuple[float, int]:
             if landed is not None:
                 landed.synchronize()
-            commit_shard(cfg.output, item.shard.name, item.shard.ids, item.shard.splits, host.numpy(),
-                         encoder.description)
-            return time.time(), len(item.shard.ids)
+            commit_shard(cfg.output, shard.name, shard.ids, shard.splits, host.numpy(), encoder.description)
+            return time.time(), len(shard.ids)
 
         progress = Progress(log, sum(len(s.ids) for s in todo))
         stats, commits, writes = FetchStats(), [], deque()
@@ -213,7 +212,8 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
                 host.copy_(embeddings, non_blocking=True)
                 landed = torch.cuda.Event()
                 landed.record()
-            writes.append(writing.submit(commit, current, host, landed))
+            # The shard alone: its preprocessed images (301 MB of a 500-image shard on the device) go now.
+            writes.append(writing.submit(commit, current.shard, host, landed))
             collect(block=len(writes) > COMMITS_IN_FLIGHT)
         collect(block=True)
         return stats, encoder.description, steady_rate(commits)
