@@ -83,7 +83,19 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "clipforge.cli", "train-adapter", *flags, "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr, done.stderr[-2000:]  # went on from the CUDA checkpoint, not from 0
     assert read_manifest(str(out)) is not None
+
+
+def test_rng_states_of_more_gpus_than_this_machine_has_restore():
+    """A run on a node with more GPUs saved one CUDA state per GPU; resuming where fewer are visible works."""
+    from clipforge.train.loop import rng_state, set_rng_state
+
+    state = rng_state()
+    expected = torch.rand(3, device="cuda")
+    state["cuda"] = state["cuda"] + [state["cuda"][0].clone() for _ in range(8)]
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
 
 
 def test_a_snapshot_of_cuda_tensors_is_the_file_of_their_cpu_copies():

@@ -49,6 +49,18 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
+def test_rng_states_of_more_gpus_than_are_visible_restore_those_there_are(monkeypatch):
+    """A checkpoint from an 8-GPU node, resumed on a 1-GPU one. A stand-in for torch.cuda, as this machine has no
+    GPU (tests/gpu has the same case on a real one)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    state = loop.rng_state() | {"cuda": [torch.tensor([gpu], dtype=torch.uint8) for gpu in range(8)]}
+    loop.set_rng_state(state)
+    assert restored == [(0, 0)]
+
+
 def test_rng_state_survives_pack_state():
     from clipforge.train.checkpoint import pack_state, unpack_state
 
