@@ -32,7 +32,7 @@ class CacheConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where encoders run")
     precision: Literal["auto", "fp32", "bf16", "fp16", "pure_bf16", "pure_fp16"] = Field(
         "auto", description="encoder precision: bf16/fp16 autocast, or pure_* with the weights cast too (faster, "
-                            "slightly further from fp32); auto is bf16 on GPU, fp32 on CPU"
+                            "slightly further from fp32); auto is bf16 on a GPU that has it (Ampere on), else fp32"
     )
     engine: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: one process on one device, reads overlapping encoding (fastest start-up); "

@@ -23,10 +23,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def has_bf16() -> bool:
+    """Whether this process's GPU computes in bf16 (Ampere and later). torch's default check also says yes
+    for older GPUs that only emulate it, slower than fp32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 on a GPU and fp32 on a CPU (CPU autocast is slower than fp32 here)."""
+    """`auto` is bf16 on a GPU that has it and fp32 elsewhere (CPU autocast is slower than fp32 here)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" and has_bf16() else "fp32"
     return precision
 
 
