@@ -56,3 +56,28 @@ def test_cuda_folder_cache_equals_the_cpu_run(engine, tiny_models, tmp_path):
     a, b = read_embeddings(str(tmp_path / "cpu")), read_embeddings(str(tmp_path / "gpu"))
     assert a.ids.tolist() == b.ids.tolist() and len(a.ids) == 20
     assert (a.embeddings * b.embeddings).sum(1).min() >= 0.999
+
+
+def test_a_slow_gpu_changes_no_embedding(stimuli, tiny_models, tmp_path, monkeypatch):
+    """Each preprocessing and each encoder call first queues a long kernel on its stream, so the host runs far
+    ahead of the GPU: a pinned slot refilled, or a result read, before its copy landed would show as embeddings
+    unlike the CPU's."""
+    import torch
+
+    from clipforge.models.encode import ImageEncoder
+    from clipforge.models.preprocess import BatchPreprocess
+
+    def slowed(method):
+        def call(self, *args, **kwargs):
+            torch.cuda._sleep(20_000_000)  # ~10 ms on the current stream
+            return method(self, *args, **kwargs)
+        return call
+
+    cpu = tmp_path / "cpu"
+    cache(stimuli, tiny_models, cpu, device="cpu", engine="local")
+    monkeypatch.setattr(BatchPreprocess, "__call__", slowed(BatchPreprocess.__call__))
+    monkeypatch.setattr(ImageEncoder, "encode", slowed(ImageEncoder.encode))
+    cache(stimuli, tiny_models, tmp_path / "gpu", device="cuda", engine="local", read_workers=2, batch_size=4)
+    a, b = read_embeddings(str(cpu)), read_embeddings(str(tmp_path / "gpu"))
+    assert a.ids.tolist() == b.ids.tolist()
+    assert (a.embeddings * b.embeddings).sum(1).min() >= 0.999

@@ -202,9 +202,10 @@ class BatchPreprocess:
         if x.is_floating_point():  # already preprocessed (see `each`)
             return x.to(self.device)
         if x.device.type != self.device.type:
-            if self.device.type == "cuda":
-                x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
-            else:
+            if self.device.type == "cuda" and not x.is_pinned():
+                # A pinned temporary, which the allocator keeps until the copy has landed.
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:  # on a GPU, a caller's pinned buffer, which it may refill once this returns: the copy lands first
                 x = x.to(self.device)
         x = x.permute(0, 3, 1, 2)
         if self.matrices is not None:
