@@ -11,7 +11,10 @@ best of --repeat, so the figures add up the way a user's command pays them:
                its whole wall time
 
 The ratio is clipforge's time to a ready encoder over the baseline's: 1.0 means the pipeline adds nothing
-to start-up. `-X importtime` then lists the modules that cost most to import, for the next cut.
+to start-up. Then the other end: the seconds from the command's last line ("done: ...") to the process's
+exit, for the console script (which skips Python's teardown of every module) against the same command run
+through `main()` with a plain `sys.exit` (the teardown a Python program pays), best of --repeat each.
+`-X importtime` then lists the modules that cost most to import, for the next cut.
 
     .venv/bin/python bench/startup.py [--device cuda] [--model ViT-B-32] [--repeat 3]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,28 @@ def timed(args: list[str], repeat: int) -> tuple[float, str]:
     return best, out
 
 
+PLAIN_EXIT = "import sys; from clipforge.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def exit_tail(args: list[str], repeat: int, output: Path) -> float:
+    """Best seconds from the line `done: ...` on stderr to the process's exit, for `python ARGS` writing a
+    fresh `output` each time."""
+    best = float("inf")
+    for _ in range(repeat):
+        shutil.rmtree(output, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env=env())
+        done, lines = None, []
+        for line in proc.stderr:
+            lines.append(line)
+            if " done: " in line:
+                done = time.perf_counter()
+        if proc.wait() != 0 or done is None:
+            raise SystemExit(f"{' '.join(args)[:80]} failed or logged no 'done:' line:\n{''.join(lines)[-2000:]}")
+        best = min(best, time.perf_counter() - done)
+    return best
+
+
 def logged_age(log: str, pattern: str) -> float | None:
     """The `N s after the process started` figure of the first log line matching `pattern`."""
     match = re.search(pattern + r".*?([\d.]+) s after the process started", log)
@@ -113,6 +139,11 @@ def main() -> None:
         run = (wall, logged_age(log, r"plan:"), logged_age(log, r"encoder \S+ ready"))
         best = run if best is None or wall < best[0] else best
     wall, plan, ready = best
+    cache_args = cmd[2:-6] + ["--output", str(root / "out-exit"), "--device", device, "--batch-size", "32"]
+    tails = {}
+    for label, prefix in (("python -m clipforge.cli (no teardown)", ["-m", "clipforge.cli"]),
+                          ("main() + sys.exit (the teardown)", ["-c", PLAIN_EXIT])):
+        tails[label] = exit_tail([*prefix, *cache_args], args.repeat, root / "out-exit")
     rows += [("clipforge cache: plan logged", plan), ("clipforge cache: encoder ready", ready),
              (f"clipforge cache: whole command, {args.images} images", wall)]
 
@@ -123,6 +154,11 @@ def main() -> None:
     if ready:
         print(f"ratio: clipforge's encoder ready ÷ the plain script's: {ready / baseline_ready:.2f} "
               f"({ready:.2f} s vs {baseline_ready:.2f} s; 1.0 adds nothing)")
+    print("from the last line ('done: ...') to the exit, a fresh cache each time:")
+    for label, seconds in tails.items():
+        print(f"  {label:<72} {seconds:7.2f} s")
+    fast, slow = tails.values()
+    print(f"ratio: the console script's exit ÷ a plain sys.exit's: {fast / slow:.2f} ({fast:.2f} s vs {slow:.2f} s)")
 
     imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import clipforge.cli, open_clip"],
                              capture_output=True, text=True, env=env()).stderr
