@@ -418,6 +418,28 @@ def test_a_missing_path_of_any_stage_stops_the_run_before_the_first_stage(demo_r
         "stages.finetune.with.llm_model: no/such/model not found"]
 
 
+def test_a_reuse_existing_output_of_another_kind_stops_the_run_before_the_first_stage(demo_root, in_demo, tmp_path,
+                                                                                     capsys):
+    """A cache's output given to the adapter to reuse is refused before the caches spend their hours, by a local
+    run and a driver alike; one not there yet is no mistake (an earlier stage may write it: the stage runs)."""
+    from clipforge.config.pipeline import load_pipeline
+    from clipforge.orchestrate.preflight import missing_inputs
+    from clipforge.storage.manifest import write_manifest
+
+    cache, artifacts = tmp_path / "a-cache", tmp_path / "artifacts"
+    write_manifest(str(cache), kind="cache", config={}, config_fingerprint="x", inputs={})
+    overrides = SMALL + [f"artifacts={artifacts}", f"stages.adapter.policy.reuse_existing={cache}"]
+    assert main(["run", DEMO_SPEC, *[arg for item in overrides for arg in ("--set", item)]]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    why = f"stages.adapter.policy.reuse_existing: {cache} holds a cache stage's output, not an adapter stage's"
+    assert error == f"clipforge run: error: {DEMO_SPEC}: {why} (relative paths are read from {in_demo})"
+    assert not artifacts.exists()  # no stage ran, no run was recorded
+    assert missing_inputs(load_pipeline(DEMO_SPEC, overrides), local=False) == [why]
+
+    later = SMALL + [f"stages.adapter.policy.reuse_existing={tmp_path / 'not-yet'}"]
+    assert missing_inputs(load_pipeline(DEMO_SPEC, later), local=True) == []
+
+
 def test_a_missing_s3_input_stops_a_local_run_and_a_driver_alike(demo_root, in_demo, s3_bucket):
     """S3 answers for both runners; only "nothing there" counts (a prefix with objects is a folder input)."""
     import boto3

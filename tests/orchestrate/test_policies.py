@@ -189,6 +189,8 @@ def test_a_stage_killed_by_a_signal_says_which(tmp_path):
 
 
 def test_reuse_existing_of_another_kind_of_output_fails_the_stage_naming_both(tmp_path):
+    """What is there when the run starts is refused before its first stage (preflight); this is what a stage
+    finds once it is its turn (an earlier stage wrote it)."""
     cache = tmp_path / "some-cache"
     write_manifest(str(cache), kind="cache", config={}, config_fingerprint="x", inputs={})
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", f"stages.adapter.policy.reuse_existing={cache}",
@@ -197,7 +199,7 @@ def test_reuse_existing_of_another_kind_of_output_fails_the_stage_naming_both(tm
     record = run_pipeline(spec, "r", execute)
     assert record.data["stages"]["adapter"]["status"] == "failed" and "adapter" not in ran
     assert record.data["stages"]["adapter"]["message"] == (
-        f"policy reuse_existing: {cache} holds a cache stage's output, not a adapter stage's")
+        f"policy reuse_existing: {cache} holds a cache stage's output, not an adapter stage's")
     assert exit_code(record) == EXIT_RUN_FAILED
 
 
@@ -315,3 +317,24 @@ def test_a_runner_that_ends_between_stages_says_so_in_its_record(tmp_path, error
         assert main(["runs", str(tmp_path), "r", "--watch", "--every", "0.1"]) == 1
     run_pipeline(spec, "r", execute)  # resumed: the earlier end is forgotten
     assert "ended" not in storage.read_json(run_uri(str(tmp_path), "r"))
+
+
+@pytest.mark.parametrize("credentials", [False, True])
+def test_a_run_stopped_by_s3_credentials_or_endpoint_failed_naming_the_stage(tmp_path, monkeypatch, capsys,
+                                                                            unreachable_s3, credentials):
+    """No credentials, or an endpoint nobody answers on, is the user's to fix: the run is `failed` (not `crashed`,
+    which a driver Job retries), with the line the CLI prints, which names the stage."""
+    if not credentials:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.chdir(tmp_path)
+    Path("one.yaml").write_text("artifacts: store\nstages: [{name: i, kind: index, "
+                                "with: {expdesign: s3://some-bucket/nsd_expdesign.mat, subject: subj01}}]\n")
+    assert main(["run", "one.yaml", "--run-id", "r"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    said = "no AWS credentials found" if not credentials else f"cannot reach the S3 endpoint {unreachable_s3}"
+    assert error.startswith(f"clipforge run: error: stages.i: {said}")
+    record = json.loads((tmp_path / "store" / "runs" / "r" / "run.json").read_text())
+    assert record["ended"] == "failed: " + error.removeprefix("clipforge run: error: ")
+    assert main(["runs", "store"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["0/1", "failed"]

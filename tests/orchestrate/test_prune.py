@@ -242,6 +242,33 @@ def test_symlinks_and_dots_in_a_path_name_the_output_they_lead_to(tmp_path, monk
     assert adapter not in plan.outputs and images not in plan.outputs and plan.outputs
 
 
+def test_runs_that_made_no_output_take_no_place_among_those_kept(tmp_path, unreachable_s3, capsys):
+    """A good run, then three attempts that made nothing (two failed at their first stages, one before any: an
+    S3 endpoint nobody answers on): `--keep 2` keeps the good run and the one before it, with their outputs."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z")
+
+    def failing_first(resolved) -> int:
+        return 2 if resolved.spec.name in ("nsd-index", "finetune") else committing([])(resolved)
+
+    changed = ["stages.nsd-index.with.subject=subj02", "stages.finetune.with.epochs=3"]  # nothing to reuse
+    run(tmp_path, "f1", epochs=6, created="2026-01-03T00:00:00Z", extra=changed, execute=failing_first)
+    run(tmp_path, "f2", epochs=6, created="2026-01-04T00:00:00Z", extra=changed, execute=failing_first)
+    with pytest.raises(UserError, match="stages.nsd-index: cannot reach the S3 endpoint"):
+        run(tmp_path, "f3", epochs=6, extra=["stages.nsd-index.with.expdesign=s3://some-bucket/nsd_expdesign.mat"])
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    assert [(r["run_id"], r["stages_done"], r["state"]) for r in json.loads(capsys.readouterr().out)] == [
+        ("r1", 9, "complete"), ("r2", 9, "complete"), ("f1", 0, "failed at nsd-index"),
+        ("f2", 0, "failed at nsd-index"), ("f3", 0, "failed")]
+
+    plan = plan_prune(str(tmp_path), keep=2)
+    assert plan.kept_runs == ["r1", "r2", "f1", "f2", "f3"] and not plan.outputs
+    plan = plan_prune(str(tmp_path), keep=1)  # the runs since the one kept are kept too
+    assert plan.kept_runs == ["r2", "f1", "f2", "f3"] and list(plan.pruned_runs) == ["r1"]
+    assert set(plan.outputs) == outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r2") and plan.outputs
+    assert plan_prune(str(tmp_path), keep=3).kept_runs == plan_prune(str(tmp_path), keep=2).kept_runs  # all
+
+
 def test_a_kubernetes_run_stopped_at_a_stage_is_kept_for_its_driver_to_resume(tmp_path):
     from clipforge.errors import EXIT_PREEMPTED
 

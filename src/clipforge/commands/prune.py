@@ -12,7 +12,8 @@ from clipforge.tables import text_table
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "prune", help="delete the outputs in an artifact store that only older runs used",
-        description="Keep the newest --keep runs under ARTIFACTS/runs/ and every run that may still be running, "
+        description="Keep the newest --keep runs under ARTIFACTS/runs/ that have an output (one that failed before "
+                    "its first stage takes no place), the runs since, and every run that may still be running, "
                     "with every stage output they name (made, reused, or read by path), so the next run still "
                     "reuses them; delete the other stage outputs (ARTIFACTS/<kind>/<key>/) and the older runs' "
                     "records. Without --yes it only lists what it would delete, and writes nothing. Folders that "
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     parser.add_argument("artifacts", metavar="ARTIFACTS",
                         help="the artifact store (local or s3://), or a pipeline spec YAML naming it")
     parser.add_argument("--keep", type=number_in(int, 1, float("inf"), "keep at least 1 run"), default=10,
-                        help="newest runs to keep, by creation (default: 10)")
+                        help="newest runs with an output to keep, by creation (default: 10)")
     parser.add_argument("--yes", action="store_true", help="delete; without it, only list what would go")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)

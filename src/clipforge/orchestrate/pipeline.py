@@ -38,6 +38,7 @@ from clipforge.errors import (
 )
 from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, spellings
 from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
+from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, output_fingerprint, read_manifest
 from clipforge.tables import text_table
@@ -296,8 +297,14 @@ def _run_stages(spec: PipelineSpec, record: RunRecord, execute: Executor, stop: 
             record.record(name, kind=stage.kind, status="skipped", message=why)
             log.warning("[%s] skipped: %s", name, why)
             continue
-        statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute,
-                                                {n: statuses[n] for n in lost})
+        try:
+            statuses[name], outputs[name] = run_one(spec, stage, outputs, record, execute,
+                                                    {n: statuses[n] for n in lost})
+        except Exception as exc:
+            mistake = s3_mistake(exc)
+            if mistake is None:
+                raise
+            raise UserError(f"stages.{name}: {mistake}") from exc
         if statuses[name] == "failed-continued":
             continued.add(name)
         if statuses[name] == "failed":
@@ -305,6 +312,17 @@ def _run_stages(spec: PipelineSpec, record: RunRecord, execute: Executor, stop: 
         elif statuses[name] == "interrupted":
             stopped = f"the run was stopped at {name}"
     return record
+
+
+def s3_mistake(exc: BaseException) -> str | None:
+    """The CLI's one line for an S3 failure the user can fix (no credentials, an endpoint that does not answer,
+    no such bucket), or None: a run stopped by one failed (exit 2, not retried), it did not crash. Only
+    botocore's errors are asked about, so that no other failure imports boto3."""
+    if not type(exc).__module__.startswith("botocore"):
+        return None
+    from clipforge.storage.s3 import describe_failure
+
+    return describe_failure(exc)
 
 
 def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executor, lost: dict[str, str]):
@@ -318,8 +336,9 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     except (Stopped, KeyboardInterrupt) as exc:
         return stopped_while_waiting(record, stage, exc, "a prune of an output it reads", None, None)
     found = read_manifest(pinned) if pinned else None
-    if found is not None and found.get("kind", stage.kind) != stage.kind:
-        why = f"policy reuse_existing: {pinned} holds a {found['kind']} stage's output, not a {stage.kind} stage's"
+    wrong = wrong_kind(stage, found) if found is not None else None
+    if wrong:  # preflight refuses what is there at the start; this is one an earlier stage made
+        why = f"policy {wrong}"
         log.error("[%s] FAILED (%s); stopping the pipeline", name, why)
         record.record(name, kind=stage.kind, status="failed", finished=_now(), message=why)
         return "failed", None

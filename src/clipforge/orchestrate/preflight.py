@@ -1,13 +1,15 @@
-"""Before a run's first stage: the inputs its stages name that are not there.
+"""Before a run's first stage: the inputs its stages name that are not there, and a `reuse_existing` output
+of another kind of stage.
 
-A misspelt path of the last stage would otherwise be found after the first
-ones spent hours. Each stage kind lists the settings that name an input
-(`StageKind.paths`). Local paths are looked for only where every stage runs on
-this machine (`clipforge run`); a Kubernetes driver cannot tell, since a path
-may exist only on a stage pod's volume. S3 URIs are looked for by both: only
-an answer of "nothing there" (404, as an object and as a prefix) counts, and
-anything else (access denied to this identity, no credentials, a network error)
-is left to the stage, whose pod may hold other credentials.
+A misspelt path of the last stage, or the wrong output for it to reuse, would
+otherwise be found after the first ones spent hours. Each stage kind lists the
+settings that name an input (`StageKind.paths`). Local paths are looked for
+only where every stage runs on this machine (`clipforge run`); a Kubernetes
+driver cannot tell, since a path may exist only on a stage pod's volume. S3
+URIs are looked for by both: only an answer of "nothing there" (404, as an
+object and as a prefix) counts, and anything else (access denied to this
+identity, no credentials, a network error) is left to the stage, whose pod may
+hold other credentials.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ UNSIGNED_SETTINGS = ("source", "expdesign")
 
 
 def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
-    """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`.
-    A stage whose `reuse_existing` output is finished does not run, and paths under a pinned `output` may be
-    written by the run."""
+    """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`; and
+    `stages.NAME.policy.reuse_existing: …` for a finished output there of another kind of stage. A stage whose
+    `reuse_existing` output is finished (and its own kind's) does not run; one with no output there yet runs
+    (an earlier stage may make it); paths under a pinned `output` may be written by the run."""
     pinned = [where(stage.output) for stage in spec.stages if stage.output]
     problems = []
     for stage in spec.stages:
-        if stage.policy.reuse_existing and read_manifest(stage.policy.reuse_existing) is not None:
+        reused = read_manifest(stage.policy.reuse_existing) if stage.policy.reuse_existing else None
+        if reused is not None and (wrong := wrong_kind(stage, reused)):
+            problems.append(f"stages.{stage.name}.policy.{wrong}")
+        elif reused is not None:
             continue  # it will not run
         for key, value in named_inputs(stage):
             if any(where(value) == out or where(value).startswith(out.rstrip("/") + "/") for out in pinned):
@@ -44,6 +50,20 @@ def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
             if gone:
                 problems.append(f"stages.{stage.name}.with.{key}: {value} not found")
     return problems
+
+
+def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:
+    """`reuse_existing: PATH holds a cache stage's output, not an adapter stage's`, or None when the finished
+    output at `reuse_existing` is the stage's own kind (or names none)."""
+    kind = manifest.get("kind", stage.kind)
+    if kind == stage.kind:
+        return None
+    return (f"reuse_existing: {stage.policy.reuse_existing} holds {article(kind)} {kind} stage's output, "
+            f"not {article(stage.kind)} {stage.kind} stage's")
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def where(value: str) -> str:

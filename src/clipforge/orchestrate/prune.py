@@ -2,8 +2,9 @@
 
 Outputs are content-addressed (`ARTIFACTS/<kind>/<key>/`), so a store that CI
 retrains into on every commit only grows: each changed setting leaves the old
-adapter, generations and evaluation behind. A prune keeps the newest runs, every
-run that may still be running, and every output any of them names (made, found
+adapter, generations and evaluation behind. A prune keeps the newest runs that
+have an output (runs that failed before making one take no place), every run
+that may still be running, and every output any of them names (made, found
 up to date, reused, or read by its path under whatever spelling), so the next
 retrain still reuses them. It deletes the other key folders (and a cache's
 `.faiss` index beside it) and the older runs' records.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellings
 from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
-from clipforge.orchestrate.runs import read_runs, record_or_problem
+from clipforge.orchestrate.runs import read_runs, record_or_problem, stages_done
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest
 
@@ -60,15 +61,18 @@ class Plan:
 
 
 def plan_prune(artifacts: str, keep: int) -> Plan:
-    """Keep the newest `keep` runs (by creation; runs created in the same second as the last of them too) and
-    every run that may still be running. Every other stage output under ARTIFACTS, and the other runs'
-    records, are to go. A run record that does not read stops the prune: its outputs cannot be told."""
+    """Keep the newest `keep` runs that have an output (a stage done, up to date or reused), every run created
+    since the oldest of them (in the same second too), and every run that may still be running; with fewer such
+    runs, all of them. A run with none (one that failed before its first stage, or at it) takes no place: three
+    failed attempts do not cost the last good run its outputs. Every other stage output under ARTIFACTS, and the
+    other runs' records, are to go. A run record that does not read stops the prune: its outputs cannot be told."""
     runs = readable_runs(artifacts)
     candidates = output_folders(artifacts)
     if not runs and candidates:
         raise UserError(f"no runs recorded under {storage.join(artifacts, 'runs')}, so nothing says which of the "
                         f"{len(candidates)} outputs there are in use: prune keeps what runs name")
-    last_kept = (runs[-min(keep, len(runs))]["created"] or "") if runs else ""
+    counted = [run for run in runs if stages_done(run["record"])]
+    last_kept = (counted[-keep]["created"] or "") if len(counted) >= keep else ""
     newest = {run["run_id"] for run in runs if (run["created"] or "") >= last_kept}
     plan = Plan(identities=candidates)
     kept_records = []

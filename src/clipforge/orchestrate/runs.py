@@ -98,11 +98,15 @@ def list_runs(artifacts: str) -> list[dict]:
     runs, problems = read_runs(artifacts)
     for problem in problems:
         log.warning("%s: that run is left out", problem)
-    # Stages with an output: a run that failed at its first stage is 0/N, though the rest were skipped.
     return [{"run_id": run["run_id"], "created": run["created"], "updated": run["updated"], "state": run["state"],
-             "stages_done": sum(1 for entry in (run["record"].get("stages") or {}).values()
-                                if entry.get("status") in FINISHED),
-             "stages": len(run["record"]["spec"]["stages"])} for run in runs]
+             "stages_done": stages_done(run["record"]), "stages": len(run["record"]["spec"]["stages"])}
+            for run in runs]
+
+
+def stages_done(record: dict) -> int:
+    """Stages with an output (done, up to date or reused): a run that failed at its first stage, or before any,
+    has 0, though the rest were skipped."""
+    return sum(1 for entry in (record.get("stages") or {}).values() if entry.get("status") in FINISHED)
 
 
 def read_runs(artifacts: str) -> tuple[list[dict], list[str]]:

@@ -79,7 +79,7 @@ def describe_failure(exc: BaseException) -> str | None:
                "AWS_ENDPOINT_URL right?"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or read a " \
-               "public bucket with --no-sign-request"
+               "public bucket with --no-sign-request (no_sign_request: true in a pipeline spec)"
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         template = USER_FIXABLE_CODES.get(str(error.get("Code", "")))
