@@ -330,3 +330,26 @@ def test_a_missing_thumbnail_says_what_the_server_says(page, search_server, shap
     finally:
         for path, data in kept.items():
             path.write_bytes(data)
+
+
+def test_a_cache_of_hdf5_rows_lists_its_row_ids_and_has_no_page(tiny_models, tmp_path, capsys):
+    """Rows of an HDF5 file are ids, not files: the CLI lists them as they are (none "gone"), and the page, which
+    shows images, is refused in one line."""
+    from clipforge.data.synthetic import write_nsd_hdf5
+
+    write_nsd_hdf5(tmp_path / "stimuli.hdf5", 12, seed=3)
+    pd.DataFrame({"id": range(12)}).to_parquet(tmp_path / "index.parquet")
+    cfg_path, weights = tiny_models["source"]
+    cache = str(tmp_path / "cache")
+    run_cache(CacheConfig(source=str(tmp_path / "stimuli.hdf5"), index=str(tmp_path / "index.parquet"),
+                          model="tiny-source", model_config=str(cfg_path), pretrained=str(weights), output=cache,
+                          batch_size=6, device="cpu", engine="local"))
+    capsys.readouterr()
+    assert main(["search", "--index", cache, "a red circle", "-k", "3"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["rank", "score", "id"] and len(rows) == 3
+    assert all(row.split()[2] in {str(i) for i in range(12)} and "gone" not in row for row in rows)
+    assert main(["serve", "--index", cache, "--no-browser", "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"index {cache} holds embeddings of HDF5 rows, not of an image "
+                                                    "folder or CSV: the page shows images; search it with "
+                                                    "`clipforge search`")

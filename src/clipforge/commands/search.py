@@ -45,11 +45,12 @@ def run(args) -> int:
         sys.stdout.write("no results\n")
         return 0
     width = max(len(hit.path) for hit in hits)
-    sys.stdout.write(f"{'rank':>4}  {'score':>7}  path\n")
-    # A folder given relative to where the index was built is not "gone": the warning says where to run from.
-    elsewhere = searcher.root_is_elsewhere()
+    # A cache of HDF5 rows lists row ids, which are no files; a folder given relative to where the index was
+    # built is not "gone" either: the warning says where to run from.
+    files = searcher.root is not None and not searcher.root_is_elsewhere()
+    sys.stdout.write(f"{'rank':>4}  {'score':>7}  {'path' if searcher.root is not None else 'id'}\n")
     for rank, hit in enumerate(hits, 1):
-        gone = "  (gone since it was indexed)" if not elsewhere and is_gone(hit.path) else ""
+        gone = "  (gone since it was indexed)" if files and is_gone(hit.path) else ""
         sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}{gone}\n")
     return 0
 

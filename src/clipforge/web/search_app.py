@@ -45,6 +45,9 @@ class SearchServer:
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False,
                  host: str = "127.0.0.1", port: int = 0, thumbnail_cache: str | Path | None = None):
         self.searcher = Searcher(index, model, pretrained, model_config, device, faiss=faiss)
+        if self.searcher.root is None:  # the page shows images; an HDF5 row has no file to show
+            raise UserError(f"index {index} holds embeddings of HDF5 rows, not of an image folder or CSV: the page "
+                            "shows images; search it with `clipforge search`")
         if self.searcher.root_is_elsewhere():  # every tile would say "file not found"
             raise UserError(f"index {index} was built from the image folder {self.searcher.root}, relative to the "
                             "directory it was built in; run `clipforge serve` from there")
