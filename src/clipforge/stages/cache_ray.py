@@ -9,6 +9,7 @@ in-process engine (`cache_local`), so either resumes the other's run.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -142,8 +143,9 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     progress = Progress(log, total)
     stats, model = FetchStats(), None
     shards_done, commits = 0, []
+    rows, failure = iter(ds.iter_rows()), None
     try:
-        for result in ds.iter_rows():
+        for result in rows:
             shards_done += 1
             commits.append((float(result["finished"]), int(result["rows"])))
             stats.add(FetchStats(int(result["requests"]), int(result["fetched_bytes"]), int(result["retries"])))
@@ -151,10 +153,17 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
             progress.update(int(result["rows"]), f"shard {shards_done}/{len(todo)}, "
                                                  f"{stats.bytes / 1e6:.1f} MB read")
     except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is not None:
-            raise user_error from None
-        raise
+        failure = find_user_error(exc)
+        if failure is None:
+            raise
+    finally:
+        rows.close()
+    if failure is not None:
+        # Ray's error and the dataset hold the failed run's encoder actors, and their CPUs and GPUs, in reference
+        # cycles until a garbage collection: the next run in this process (a test, a notebook) would wait for them.
+        del ds, rows
+        gc.collect()
+        raise failure
     return stats, model, steady_rate(commits)
 
 
