@@ -134,3 +134,28 @@ def test_the_console_script_exits_as_python_would_without_its_teardown(tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "printed" and proc.stderr == "said"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "pool", "thread"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["cache", "--source", "x.hdf5", "--index", "i.parquet", "--model", "ViT-B-32", "--pretrained", "openai",
+     "--output"],
+    ["index", "nsd", "--expdesign", "e.mat", "--subject", "subj01", "--output"],
+    ["train-adapter", "--clip-cache", "a", "--target-cache", "b", "--out"],
+    ["evaluate", "--clip-cache", "a", "--target-cache", "b", "--adapter", "c", "--out"],
+    ["generate", "--embeddings", "a", "--pipeline", "p", "--out"],
+    ["finetune", "--train-data", "t.csv", "--val-data", "v.csv", "--out"],
+], ids=lambda argv: argv[0])
+def test_an_output_that_is_a_file_is_said_before_any_work(argv, tmp_path, capsys):
+    """Not once the work is done and its first write fails (evaluate scored everything first)."""
+    output = tmp_path / "afile"
+    output.write_text("mine")
+    assert main([*argv, str(output)]) == 2
+    flag = argv[-1]
+    assert capsys.readouterr().err.strip().endswith(f"error: {flag} {output} is a file, not a folder")
+    assert output.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_setting_not_given_is_named_by_its_flag(capsys):
+    assert main(["train-adapter", "--clip-cache", "a"]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == "clipforge train-adapter: error: --target-cache: required; --out: required"

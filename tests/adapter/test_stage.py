@@ -448,3 +448,17 @@ def test_a_byte_copy_of_the_source_cache_is_not_a_target(caches, tmp_path, capsy
     copy = shutil.copytree(src, tmp_path / "copy")
     line = run_cli(capsys, src, str(copy), tmp_path / "out")
     assert f"clip_cache {src} and target_cache {copy} hold embeddings of one encoder, ViT-B-32-tiny" in line
+
+
+def test_random_weights_are_no_weights_files_encoder():
+    """A cache of random weights (no pretrained) and one of a weights file are two spaces; a tag and a file may be
+    one (the file may hold the tag's weights), and so are two descriptions of one file."""
+    from clipforge.models.encoders import same_encoder
+
+    file = {"name": "ViT-B-32", "pretrained": "w.pt", "weights": {"size": 10, "sha256": "ab"}}
+    tag = {"name": "ViT-B-32", "pretrained": "openai", "weights": None}
+    for random_weights in ({"name": "ViT-B-32", "pretrained": None, "weights": None},
+                           {"name": "ViT-B-32", "pretrained": "", "weights": None}):
+        assert not same_encoder(random_weights, file) and not same_encoder(file, random_weights)
+    assert same_encoder(tag, file) and same_encoder(file, dict(file))
+    assert not same_encoder(file, {**file, "weights": {"size": 10, "sha256": "cd"}})

@@ -324,8 +324,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                                "do not fit model tiny-source"),
         "weights that give NaN": ({"--pretrained": str(nan_weights)},
                                   "encoder tiny-source gave NaN or infinite embeddings for"),
-        "weights that give NaN, in a Ray actor": ({"--pretrained": str(nan_weights), "--engine": "ray"},
-                                                  "encoder tiny-source gave NaN or infinite embeddings for"),
+        "no weights": ({"--pretrained": None}, "give pretrained with model"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
                               "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
     }, base
@@ -336,8 +335,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                   "weights holding no parameters",
                                   "a weights file name that is not there",
                                   "weights do not fit, in a Ray actor",
-                                  "weights that give NaN", "weights that give NaN, in a Ray actor",
-                                  "unknown model id"])
+                                  "weights that give NaN",
+                                  "no weights", "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)
     changes, message = cases[case]

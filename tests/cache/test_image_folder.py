@@ -263,3 +263,42 @@ def test_a_relative_model_file_gone_from_the_directory_the_index_was_built_in_is
     with pytest.raises(UserError, match=r"relative to the directory it was built in \(/elsewhere\); run this from "
                                         "there"):
         _check_relative_paths("idx", recorded, "/elsewhere")
+
+
+def test_one_image_spelled_two_ways_in_a_csv_is_one_id_and_one_hit(tiny_models, tmp_path, monkeypatch, capsys):
+    """ids are paths relative to the CSV's folder: `./im0.png` and an absolute path inside it are not new images."""
+    folder = tmp_path / "ds5"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (16, 16), colour).save(folder / f"im{i}.png")
+    (folder / "index.csv").write_text(f"filepath\nim0.png\n./im0.png\n{folder}/im1.png\nim1.png\nim2.png\n")
+    monkeypatch.chdir(tmp_path)
+    run_cache(config(tiny_models, "ds5/index.csv", tmp_path / "index", engine="local"))
+    assert read_embeddings(str(tmp_path / "index")).ids.tolist() == ["im0.png", "im1.png", "im2.png"]
+    assert main(["search", "--index", str(tmp_path / "index"), "a red square", "-k", "10", "--json"]) == 0
+    hits = __import__("json").loads(capsys.readouterr().out)
+    assert sorted(hit["path"] for hit in hits) == ["ds5/im0.png", "ds5/im1.png", "ds5/im2.png"]
+
+
+@pytest.mark.parametrize("name", ["photo.png", "shards.parquet", "run.json"])
+def test_a_file_that_is_no_kind_of_source_is_said_so(name, tiny_models, tmp_path, capsys):
+    source = tmp_path / name
+    Image.new("RGB", (8, 8)).save(source, format="PNG")  # the bytes do not matter: the name says what it is not
+    cfg_path, weights = tiny_models["source"]
+    code = main(["cache", "--source", str(source), "--model", "tiny-source", "--model-config", str(cfg_path),
+                 "--pretrained", str(weights), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"clipforge cache: error: source {source} is not an HDF5 file (.hdf5, .h5), "
+                                       "an image folder or a CSV of images (.csv)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_s3_object_that_is_no_kind_of_source_is_said_so_and_a_missing_one_not_found(s3_bucket):
+    from clipforge.data.image_folder import list_collection
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="set/photo.png", Body=b"png")
+    with pytest.raises(UserError, match=r"^source s3://.*/set/photo.png is not an HDF5 file \(.hdf5, .h5\), an image "
+                                        r"folder or a CSV of images \(.csv\)$"):
+        list_collection(f"s3://{s3_bucket}/set/photo.png")
+    with pytest.raises(UserError, match=r"^source s3://.*/set/gone.png not found$"):
+        list_collection(f"s3://{s3_bucket}/set/gone.png")

@@ -69,7 +69,33 @@ def test_uneven_shards_and_one_reader_match_the_defaults(stimuli, tiny_models, t
 def test_several_encoders_need_the_ray_engine(capsys):
     from clipforge.cli import main
 
-    argv = ["cache", "--source", "x.hdf5", "--index", "i.csv", "--model", "ViT-B-32", "--output", "o"]
+    argv = ["cache", "--source", "x.hdf5", "--index", "i.csv", "--model", "ViT-B-32", "--pretrained", "openai",
+            "--output", "o"]
     assert main([*argv, "--engine", "local", "--num-encoders", "2"]) == 2
     assert "num_encoders > 1 needs engine ray" in capsys.readouterr().err
-    assert CacheConfig(source="x.hdf5", index="i.csv", model="ViT-B-32", output="o", num_encoders=2).engine == "auto"
+    assert CacheConfig(source="x.hdf5", index="i.csv", model="ViT-B-32", pretrained="openai", output="o",
+                       num_encoders=2).engine == "auto"
+
+
+def test_weights_that_cannot_be_fetched_are_one_line_even_from_open_clip(tmp_path):
+    """open_clip logs its own "Failed to download ..." on the root logger; the error says it once. A real process
+    (pytest takes over the root logger's records), with the Hugging Face Hub offline and its cache empty."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from clipforge.data.synthetic import write_nsd_hdf5
+
+    write_nsd_hdf5(tmp_path / "stimuli.hdf5", 4, seed=1)
+    pd.DataFrame({"id": range(4)}).to_parquet(tmp_path / "index.parquet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipforge.cli", "-q", "cache", "--source", str(tmp_path / "stimuli.hdf5"), "--index",
+         str(tmp_path / "index.parquet"), "--model", "ViT-B-32", "--pretrained", "openai", "--output",
+         str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf-cache")})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clipforge cache: error: cannot load model ViT-B-32"), lines

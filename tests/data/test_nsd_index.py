@@ -133,3 +133,21 @@ def test_an_unknown_subject_in_a_pipeline_is_a_spec_error_and_makes_no_folder(ex
     err = capsys.readouterr().err
     assert "stages.nsd-index.with.subject: unknown subject 'subj9': use subj01 … subj08" in err
     assert not (tmp_path / "artifacts" / "index").exists()
+
+
+def test_a_prefix_holding_another_stages_output_is_neither_indexed_over_nor_cached_into(expdesign, tmp_path, capsys):
+    """An index or a cache written over another stage's output would replace its manifest: that output is lost."""
+    from clipforge.storage.manifest import read_manifest, write_manifest
+
+    path, _, _ = expdesign
+    cache, index = tmp_path / "cache", tmp_path / "idx"
+    write_manifest(str(cache), kind="cache", config={}, config_fingerprint="x", inputs={})
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(cache)]) == 2
+    assert f"output {cache} holds a 'cache' output, not an index" in capsys.readouterr().err
+    assert read_manifest(str(cache))["kind"] == "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["_manifest.json"]
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(index)]) == 0
+    assert main(["cache", "--source", "x.hdf5", "--index", str(index / "index.parquet"), "--model", "ViT-B-32",
+                 "--pretrained", "openai", "--output", str(index)]) == 2
+    assert f"output {index} holds a 'index' output, not a cache" in capsys.readouterr().err
+    assert read_manifest(str(index))["kind"] == "index"

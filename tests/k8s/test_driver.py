@@ -387,7 +387,8 @@ def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):
     back through Ray's status message, and the driver deletes the RayJob."""
     cluster = small_cluster
     cache = {"name": "cache", "kind": "cache", "needs": ["nsd-index"], "resources": {"gpus": 1, "nodes": 2},
-             "with": {"source": "demo/missing.hdf5", "index": "nsd-index", "model": "ViT-B-32", "device": "cpu"}}
+             "with": {"source": "demo/missing.hdf5", "index": "nsd-index", "model": "ViT-B-32", "pretrained": "openai",
+                      "device": "cpu"}}
     spec = one_stage_spec(cluster, "rayjob", [index_stage("subj03"), cache])
     settings = cluster.root / "kuberay.yaml"
     settings.write_text(yaml.safe_dump({**yaml.safe_load(cluster.settings.read_text()), "kuberay": True}))
@@ -676,7 +677,7 @@ def ray_stage_for(cluster: Cluster, run_id: str):
     and the settings to run it with."""
     cache = {"name": "cache", "kind": "cache", "resources": {"gpus": 1, "nodes": 2},
              "with": {"source": "demo/missing.hdf5", "index": "demo/missing-index", "model": "ViT-B-32",
-                      "device": "cpu"}}
+                      "pretrained": "openai", "device": "cpu"}}
     spec = PipelineSpec.model_validate({"artifacts": "demo/artifacts", "stages": [cache]})
     stage = resolve_stage(spec, spec.stages[0], {})
     stage.config_uri = f"demo/artifacts/runs/{run_id}/configs/cache.yaml"

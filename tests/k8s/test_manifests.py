@@ -19,10 +19,10 @@ SPEC = PipelineSpec.model_validate({
     "stages": [
         {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}},
         {"name": "src", "kind": "cache", "needs": ["idx"], "with": {"source": "s.hdf5", "index": "idx",
-                                                                     "model": "ViT-B-32"},
+                                                                     "model": "ViT-B-32", "pretrained": "openai"},
          "resources": {"gpus": 2, "nodes": 3, "cpu": "8", "memory": "32Gi"}},
         {"name": "tgt", "kind": "cache", "needs": ["idx"], "with": {"source": "s.hdf5", "index": "idx",
-                                                                     "model": "ViT-B-32"},
+                                                                     "model": "ViT-B-32", "pretrained": "openai"},
          "resources": {"gpus": 1}},
         {"name": "adapter-with-a-rather-long-stage-name-40", "kind": "adapter", "needs": ["src", "tgt"],
          "with": {"clip_cache": "src", "target_cache": "tgt", "num_processes": 4},

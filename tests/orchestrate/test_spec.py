@@ -32,7 +32,7 @@ def base_spec() -> dict:
         "stages": [
             {"name": "idx", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}},
             {"name": "src", "kind": "cache", "needs": ["idx"],
-             "with": {"source": "s.hdf5", "index": "idx", "model": "ViT-B-32"}},
+             "with": {"source": "s.hdf5", "index": "idx", "model": "ViT-B-32", "pretrained": "openai"}},
             {"name": "tgt", "kind": "cache", "needs": ["idx"],
              "with": {"source": "s.hdf5", "index": "idx", "model_id": "stabilityai/stable-diffusion-2-1"}},
             {"name": "ad", "kind": "adapter", "needs": ["src", "tgt"],
@@ -157,7 +157,7 @@ def test_a_stage_key_lists_folders_but_never_a_file_as_one(tmp_path, monkeypatch
     monkeypatch.setattr(storage, "tree_fingerprint", lambda uri, keep=None: listed.append(uri) or real(uri, keep))
     def key(**settings) -> str:
         spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "a"), "stages": [
-            {"name": "c", "kind": "cache", "with": {**settings, "model": "m"}}]})
+            {"name": "c", "kind": "cache", "with": {**settings, "model": "m", "pretrained": "w.pt"}}]})
         return resolve_stage(spec, spec.stages[0], {}).key
 
     key(source=str(tmp_path / "stimuli.hdf5"), index="i.parquet")

@@ -64,6 +64,8 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required"
         elif item["type"] not in ("missing", "value_error", "assertion_error") and "input" in item:
             message = f"{message} (got {item['input']!r})"
         if item["type"] == "value_error":

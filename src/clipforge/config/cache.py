@@ -16,13 +16,15 @@ class CacheConfig(StageConfig):
                                     "local or s3://")
     dataset: str = Field("imgBrick", description="dataset inside the HDF5 file, shaped (N, H, W, 3) uint8")
     index: str | None = Field(None, description="parquet/CSV file with an `id` column (and optional `split`)")
-    subject: str | None = Field(None, description="NSD subject (subj01…subj08); finds INDEX_ROOT/SUBJECT.parquet")
+    subject: str | None = Field(None, description="NSD subject (subj01…subj08); finds INDEX_ROOT/SUBJECT.parquet, "
+                                                "SUBJECT.csv or SUBJECT/index.parquet")
     index_root: str | None = Field(None, description="folder of per-subject index files, with --subject")
     model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32")
     model_config_file: str | None = Field(
         None, alias="model_config", description="JSON open_clip model config, registered under the file's stem"
     )
-    pretrained: str | None = Field(None, description="open_clip pretrained tag, or weights as a local path or s3://")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, or weights as a local path or s3://; "
+                                                  "needed with model ('' for random weights)")
     model_id: str | None = Field(None, description="Stable Diffusion id; resolves to the CLIP encoder it conditions on")
     output: str = Field(description="output prefix for the parquet shards and _manifest.json (local or s3://)")
     batch_size: int = Field(500, gt=0, description="rows per shard: the unit of commit and resume")
@@ -75,6 +77,9 @@ class CacheConfig(StageConfig):
             raise ValueError("give model (with pretrained) or model_id")
         if self.model and self.model_id:
             raise ValueError("give model or model_id, not both")
+        if self.model and self.pretrained is None:  # a cache of random weights is hours of GPU time for nothing
+            raise ValueError("give pretrained with model: an open_clip tag (openai, laion2b_…) or a weights file, "
+                             "local or s3://; '' encodes with random weights (benchmarks, tests)")
         if self.engine == "local" and (self.num_encoders or 1) > 1:
             raise ValueError("num_encoders > 1 needs engine ray (the local engine drives one device)")
         return self

@@ -77,4 +77,8 @@ def config_from_args(cls: type[StageConfig], args: argparse.Namespace, extra: di
     values.update(extra or {})
     for name in extra or {}:
         origins.pop(name, None)
+    for field_name, field in cls.model_fields.items():  # a setting nobody gave is named by the flag that gives it
+        name = field.alias or field_name
+        if field.is_required() and name not in values:
+            origins[name] = flag_name(name)
     return load_config(cls, values, origins=origins)

@@ -1,9 +1,11 @@
 """Images in a folder (local or s3://) or listed in a CSV, as a cache source.
 
 A row's id is the image's path relative to the dataset folder (for a CSV, the
-`filepath` column as written), so an index of the folder maps straight back to
-files. Images of any size are decoded to RGB uint8 arrays; preprocessing to the
-encoder's size happens on the encoder's device.
+`filepath` column made relative to the CSV's folder: `./a.png`, `x/../a.png` and
+an absolute path to it are all `a.png`), so an index of the folder maps straight
+back to files, and one image is one row however the CSV spells it. Images of
+any size are decoded to RGB uint8 arrays; preprocessing to the encoder's size
+happens on the encoder's device.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from clipforge.data.index import RowIndex
+from clipforge.data.index import RowIndex, is_file
 from clipforge.data.pixels import upright_rgb
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
@@ -50,6 +52,9 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
     """The ids (relative paths, sorted) and splits of a folder or CSV, and a fingerprint of the listing."""
     if source.lower().endswith(".csv"):
         frame = read_text_csv(source, ["filepath"])
+        root = collection_root(source)
+        frame["filepath"] = collection_ids(root, list(frame["filepath"]))
+        # The first row of an image spelled twice wins, as for a row repeated exactly.
         frame = frame.drop_duplicates("filepath").sort_values("filepath")
         splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
         ids = frame["filepath"].to_numpy(dtype=object)
@@ -59,6 +64,9 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
         found = storage.listed_tree(source, is_listed_image)
+        if found is None and is_file(source):  # a photo, a parquet file: not listed as a folder of none
+            raise UserError(f"source {source} is not an HDF5 file (.hdf5, .h5), an image folder or a CSV of images "
+                            "(.csv)")
         if found is None and not storage.exists(source):
             raise UserError(f"source {source} not found")
         paths, listing = found or ([], {})
@@ -68,6 +76,46 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
     if len(ids) == 0:
         raise UserError(f"source {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return RowIndex(ids=ids, splits=splits), fingerprint
+
+
+def collection_ids(root: str, paths: list[str]) -> list[str]:
+    """The ids of the images CSV rows name under `root`: relative to it, `/`-separated, `.` and `..` collapsed
+    (an absolute path or s3:// URI inside it too), so two spellings of one image are one id. A path outside the
+    root is kept as written: it is read from there."""
+    if storage.is_s3(root):
+        prefix = parse_s3(root.rstrip("/") + "/")
+
+        def s3_id(path: str) -> str:
+            if not path or path.startswith("/"):
+                return path
+            location = parse_s3(path) if path.startswith("s3://") else None
+            if location is not None and location.bucket != prefix.bucket:
+                return path
+            key = posixpath.normpath(location.key if location else prefix.key + path.replace("\\", "/"))
+            return (_inside(key[len(prefix.key):]) if key.startswith(prefix.key) else "") or path
+
+        return [s3_id(path) for path in paths]
+    base = os.path.abspath(storage.local_path(root))
+    real_base, real_folders = os.path.realpath(base), {}
+
+    def local_id(path: str) -> str:
+        if not path or path.startswith("s3://"):
+            return path
+        full = os.path.normpath(os.path.join(base, path.replace("\\", "/")))
+        inside = _inside(os.path.relpath(full, base))
+        if not inside:  # the root, or the folder holding the image, may be named through a symbolic link
+            folder, name = os.path.split(full)
+            if folder not in real_folders:
+                real_folders[folder] = os.path.realpath(folder)
+            inside = _inside(os.path.relpath(os.path.join(real_folders[folder], name), real_base))
+        return inside or path
+
+    return [local_id(path) for path in paths]
+
+
+def _inside(relative: str) -> str:
+    """`relative` when it names something under the root; '' for the root itself or a path leaving it."""
+    return "" if relative in ("", ".", "..") or relative.startswith("../") else relative
 
 
 def image_uri(root: str, path: str) -> str:

@@ -230,16 +230,42 @@ def loading_weights(spec: EncoderSpec, local_weights: str | None = None):
     host = unresolvable_hub_host() if is_tag else None
     if host:
         constants.HF_HUB_OFFLINE = True
+    held = HeldLogRecords(Path(open_clip.__file__).parent)
+    logging.getLogger().addFilter(held)
     try:
         yield
+        held.release()
     except WEIGHTS_ERRORS as exc:
         if host and ("download" in str(exc).lower() or isinstance(exc, OSError)):  # open_clip: "Failed to download"
             raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
                             f"local Hugging Face cache, and {host} cannot be reached") from None
         raise UserError(weights_problem(spec, exc, local_weights)) from None
     finally:
+        logging.getLogger().removeFilter(held)
         if host:
             constants.HF_HUB_OFFLINE = False
+
+
+class HeldLogRecords(logging.Filter):
+    """Holds back what open_clip logs on the root logger while weights load: when they fail to load, the
+    UserError says it in one line (open_clip's own "Failed to download ..." is that line's raw twin); when
+    they load, `release` logs what was held."""
+
+    def __init__(self, package: Path):
+        super().__init__()
+        self.package, self.records = str(package), []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(self.package):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        logging.getLogger().removeFilter(self)
+        for record in self.records:
+            logging.getLogger().handle(record)
+        self.records.clear()
 
 
 def unresolvable_hub_host() -> str | None:
@@ -317,8 +343,9 @@ def describe(spec: EncoderSpec, model, preprocess_cfg: dict, cache_dir: str | No
 def same_encoder(a: dict, b: dict) -> bool:
     """Whether two model descriptions (cache metadata) can be one encoder: the same name, and the same
     weights where both say it the same way (two tags that differ, or two weights files of other contents, or
-    of other sizes where a description predates content digests, are two encoders). Two encoders of one width
-    embed into unrelated spaces."""
+    of other sizes where a description predates content digests, are two encoders). A tag may name a weights
+    file's weights; random weights (no pretrained) are no file's. Two encoders of one width embed into
+    unrelated spaces."""
     if a.get("name") != b.get("name"):
         return False
     weights_a, weights_b = a.get("weights"), b.get("weights")
@@ -328,7 +355,7 @@ def same_encoder(a: dict, b: dict) -> bool:
         if weights_a.get("sha256") and weights_b.get("sha256"):
             return weights_a["sha256"] == weights_b["sha256"]
         return weights_a.get("size") == weights_b.get("size")
-    return True
+    return bool(a.get("pretrained")) and bool(b.get("pretrained"))
 
 
 def encoder_name(model: dict) -> str:

@@ -47,6 +47,7 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
     crash or SIGTERM, calling again resumes from the newest complete checkpoint. Another run into the
     same `out` is waited for (it holds the lease), then found done.
     """
+    storage.check_output_folder(config.out, "--out")
     with storage.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
         return _train_adapter(config)
 

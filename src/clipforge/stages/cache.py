@@ -29,7 +29,7 @@ from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_to_parquet_bytes
 from clipforge.data.image_folder import collection_root, image_problem, image_uri, is_image_collection, list_collection
-from clipforge.data.index import RowIndex, index_for_subject, read_index
+from clipforge.data.index import RowIndex, index_at, index_for_subject, read_index
 from clipforge.errors import UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.orchestrate.lease import command_lease
@@ -70,7 +70,7 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
     if is_image_collection(cfg.source):
         index, listing = list_collection(cfg.source)
         return index, {"source": listing}
-    path = cfg.index or index_for_subject(cfg.index_root, cfg.subject)
+    path = index_at(cfg.index) if cfg.index else index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
     return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
                    "index": storage.fingerprint(path)}
@@ -108,12 +108,16 @@ def run_cache(cfg: CacheConfig) -> dict:
     """Build (or finish, or confirm) the cache at `cfg.output`; returns its manifest. Another run writing
     the same output is waited for (it holds the lease), then found done. A run that fails before it commits
     anything leaves no folder it made behind."""
+    storage.check_output_folder(cfg.output, "--output")
     with storage.removed_if_left_empty(cfg.output), command_lease(cfg.output, "cache"):
         return _run_cache(cfg)
 
 
 def _run_cache(cfg: CacheConfig) -> dict:
     manifest = read_manifest(cfg.output)
+    if manifest is not None and manifest.get("kind") != "cache":
+        raise UserError(f"output {cfg.output} holds a {manifest.get('kind')!r} output, not a cache: give the cache "
+                        "an output of its own")
     planned = None if manifest else read_planned_config(cfg.output)
     cfg = spelled_as_recorded(cfg, manifest or planned)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)

@@ -47,6 +47,7 @@ def scored_rows(pairs: PairedEmbeddings, split: str) -> PairedEmbeddings:
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Score the adapter (when given) and zero-padding on the test split, and the generated sets (when
     given) on images; returns the manifest, written last. Up to date when nothing it reads changed."""
+    storage.check_output_folder(cfg.out, "--out")
     if cfg.generated:
         resolve_device(cfg.device)  # a device that is not there is said now, not after the embedding metrics
     if cfg.adapter:

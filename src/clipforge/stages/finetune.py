@@ -124,8 +124,7 @@ def _new_run_folder(root: str) -> str:
 
 def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     """The config with `out` the run's own folder: new, resumed (`resume`), or OUT itself (not timestamped)."""
-    if not storage.is_s3(config.out) and storage.local_path(config.out).is_file():
-        raise UserError(f"--out {config.out} is a file, not a folder")
+    storage.check_output_folder(config.out, "--out")
     if not config.timestamped:
         return config
     if launch.rendezvous_from_env().nnodes > 1 and not config.resume:

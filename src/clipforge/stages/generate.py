@@ -257,6 +257,7 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFram
 def run_generate(cfg: GenerateConfig) -> dict:
     """Images from the chosen rows' embeddings, one committed batch at a time, so a rerun generates only
     what is missing; returns the manifest, written last."""
+    storage.check_output_folder(cfg.out, "--out")
     if cfg.adapter:  # before the pipeline, which may take minutes to load
         check_finished(adapter_folder(cfg.adapter))
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),

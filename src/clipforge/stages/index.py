@@ -23,8 +23,13 @@ def index_file(output: str) -> str:
 def run_index(cfg: IndexConfig) -> dict:
     """Write the subject's index; under a prefix, commit it with a manifest (and skip when up to date)."""
     is_prefix = index_file(cfg.output) != cfg.output
+    if is_prefix:
+        storage.check_output_folder(cfg.output, "--output")
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
     manifest = read_manifest(cfg.output) if is_prefix else None
+    if manifest is not None and manifest.get("kind") != "index":  # rewriting it would lose that stage's output
+        raise UserError(f"output {cfg.output} holds a {manifest.get('kind')!r} output, not an index: give the index "
+                        "an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest

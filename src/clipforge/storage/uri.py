@@ -57,6 +57,12 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def check_output_folder(uri: str, flag: str) -> None:
+    """An output prefix that is a local file, said before any work: not when the first write fails after it."""
+    if not is_s3(uri) and local_path(uri).is_file():
+        raise UserError(f"{flag} {uri} is a file, not a folder")
+
+
 def exists(uri: str, *, unsigned: bool = False) -> bool:
     match scheme(uri):
         case "file":
