@@ -27,8 +27,9 @@ class SignalsWhileCollected:
             pass
 
 
-@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGTERM, EXIT_PREEMPTED, "stopped (SIGTERM)"),
-                                                      (signal.SIGINT, EXIT_INTERRUPTED, "interrupted")])
+@pytest.mark.parametrize(("signum", "code", "line"), [
+    (signal.SIGTERM, EXIT_PREEMPTED, "stopped (SIGTERM); what it committed is kept: run the same command again"),
+    (signal.SIGINT, EXIT_INTERRUPTED, "interrupted; what it committed is kept: run the same command again")])
 def test_a_stop_swallowed_by_a_destructor_still_stops_the_command(signum, code, line, monkeypatch, capsys, tmp_path):
     ran_on = []
 

@@ -112,10 +112,12 @@ def quiet_about_stops(unraisable) -> None:
 def stopped(args: argparse.Namespace) -> int:
     """The one line and exit code of a command stopped by a signal. Whatever error a stop raised inside an
     import or a library ("cannot load module more than once", a RecursionError) is that stop too."""
+    on_stop = getattr(args, "on_stop", STOPPED)
     if "SIGTERM" in SIGNALS_SEEN:
-        print(f"clipforge {args.command}: {getattr(args, 'on_stop', STOPPED)}", file=sys.stderr)
+        print(f"clipforge {args.command}: {on_stop}", file=sys.stderr)
         return EXIT_PREEMPTED
-    print(f"clipforge {args.command}: interrupted", file=sys.stderr)
+    kept = on_stop.partition("; ")[2]  # what a stop keeps, and how to go on, whichever signal stopped it
+    print(f"clipforge {args.command}: interrupted{f'; {kept}' if kept else ''}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
