@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from clipforge.data.index import RowIndex, is_file
+from clipforge.data.index import RowIndex
 from clipforge.data.pixels import upright_rgb
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
@@ -64,7 +64,7 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
         found = storage.listed_tree(source, is_listed_image)
-        if found is None and is_file(source):  # a photo, a parquet file: not listed as a folder of none
+        if found is None and storage.is_file(source):  # a photo, a parquet file: not listed as a folder of none
             raise UserError(f"source {source} is not an HDF5 file (.hdf5, .h5), an image folder or a CSV of images "
                             "(.csv)")
         if found is None and not storage.exists(source):

@@ -64,17 +64,13 @@ def read_index(path: str) -> RowIndex:
     return RowIndex(ids=ids[order], splits=[splits[i] for i in order])
 
 
-def is_file(uri: str) -> bool:
-    """A file (an S3 object), not a folder or nothing."""
-    return storage.exists(uri) if storage.is_s3(uri) else storage.local_path(uri).is_file()
+INDEX_FILE = "index.parquet"
 
 
 def index_file(output: str) -> str:
-    """Where `clipforge index --output OUTPUT` wrote its index, asked of the index stage itself (imported here,
-    not above: it brings scipy, which reading an index does not need)."""
-    from clipforge.stages.index import index_file as written
-
-    return written(output)
+    """The file an index output names: itself (.parquet or .csv), or `index.parquet` under a prefix (what
+    `clipforge index --output` writes)."""
+    return output if output.endswith((".parquet", ".csv")) else storage.join(output, INDEX_FILE)
 
 
 def index_for_subject(index_root: str, subject: str) -> str:
@@ -82,7 +78,7 @@ def index_for_subject(index_root: str, subject: str) -> str:
     (first, as before CSV was found too), SUBJECT.csv, or the prefix SUBJECT/ holding its index file."""
     names = [f"{subject}.parquet", f"{subject}.csv", index_file(subject)]
     for name in names:
-        if is_file(storage.join(index_root, name)):
+        if storage.is_file(storage.join(index_root, name)):
             return storage.join(index_root, name)
     raise UserError(f"no index of {subject} in {index_root}: looked for {', '.join(names[:-1])} and {names[-1]} "
                     "(what `clipforge index --output` writes)")
@@ -90,11 +86,11 @@ def index_for_subject(index_root: str, subject: str) -> str:
 
 def index_at(path: str) -> str:
     """The index file `--index` names: the file itself, or what `clipforge index --output PREFIX` wrote there."""
-    if index_file(path) == path or is_file(path):
+    if index_file(path) == path or storage.is_file(path):
         return path
-    if is_file(index_file(path)):
+    if storage.is_file(index_file(path)):
         return index_file(path)
     if not storage.is_s3(path) and storage.local_path(path).is_dir():
-        raise UserError(f"index {path} is a folder without {index_file(path).rsplit('/', 1)[-1]}; give the index "
+        raise UserError(f"index {path} is a folder without {INDEX_FILE}; give the index "
                         "file (.parquet or .csv) itself")
     return path

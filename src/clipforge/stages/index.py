@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from clipforge.config.index import IndexConfig
+from clipforge.data.index import index_file
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
 from clipforge.storage import parquet
@@ -12,12 +13,6 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, withdraw, write_manifest
 
 log = logging.getLogger("clipforge.index")
-INDEX_FILE = "index.parquet"
-
-
-def index_file(output: str) -> str:
-    """The file an index output names: itself (.parquet or .csv), or `index.parquet` under a prefix."""
-    return output if output.endswith((".parquet", ".csv")) else storage.join(output, INDEX_FILE)
 
 
 def run_index(cfg: IndexConfig) -> dict:

@@ -57,6 +57,11 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def is_file(uri: str) -> bool:
+    """A file (an S3 object), not a folder or nothing."""
+    return exists(uri) if is_s3(uri) else local_path(uri).is_file()
+
+
 def check_output_folder(uri: str, flag: str) -> None:
     """An output prefix that is a local file, said before any work: not when the first write fails after it."""
     if not is_s3(uri) and local_path(uri).is_file():
