@@ -32,10 +32,14 @@ class CheckpointWriter:
         self.store = store
         self.saved_step: int | None = None
         self.last_saved: str | None = None
-        self.commit_seconds = 0.0  # spent committing beside training
-        self.commit_spans: list[tuple[float, float]] = []  # their wall-clock (start, end): what they overlapped
+        self.commit_spans: list[tuple[float, float]] = []  # each commit's wall-clock (start, end) beside training
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+
+    @property
+    def commit_seconds(self) -> float:
+        """Spent committing beside training."""
+        return sum(end - start for start, end in self.commit_spans)
 
     def resumed(self, step: int, uri: str) -> None:
         self.saved_step, self.last_saved = step, uri
@@ -59,7 +63,6 @@ class CheckpointWriter:
             self._error = exc
             return
         seconds = time.monotonic() - started
-        self.commit_seconds += seconds
         self.commit_spans.append((wall, wall + seconds))
         self.last_saved = uri
         log.info("checkpoint %s (committed in %.2f s beside training)", uri, seconds)
