@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from clipforge.config.adapter import AdapterConfig
-from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
 from clipforge.stages.adapter_trainer import METRIC_NAMES, AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, refuse_other_kind, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
@@ -78,9 +77,7 @@ def _check_before_launch(config: AdapterConfig) -> None:
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
     """OUT must be an adapter's own prefix: retraining replaces what is there (the config keeps it out of the
     caches)."""
-    if manifest is not None and manifest.get("kind") != "adapter":
-        raise UserError(f"out {config.out} holds a {manifest.get('kind')!r} output, not an adapter: "
-                        "give the adapter a prefix of its own")
+    refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", "give the adapter a prefix of its own")
 
 
 def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:

@@ -36,7 +36,7 @@ from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress, process_age
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, refuse_other_kind, write_manifest
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
@@ -115,9 +115,7 @@ def run_cache(cfg: CacheConfig) -> dict:
 
 def _run_cache(cfg: CacheConfig) -> dict:
     manifest = read_manifest(cfg.output)
-    if manifest is not None and manifest.get("kind") != "cache":
-        raise UserError(f"output {cfg.output} holds a {manifest.get('kind')!r} output, not a cache: give the cache "
-                        "an output of its own")
+    refuse_other_kind(manifest, "cache", f"output {cfg.output}", "a cache", "give the cache an output of its own")
     planned = None if manifest else read_planned_config(cfg.output)
     cfg = spelled_as_recorded(cfg, manifest or planned)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)

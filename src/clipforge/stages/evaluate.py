@@ -28,7 +28,14 @@ from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metri
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
 from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, output_fingerprint, read_manifest, withdraw, write_manifest
+from clipforge.storage.manifest import (
+    is_up_to_date,
+    output_fingerprint,
+    read_manifest,
+    refuse_other_kind,
+    withdraw,
+    write_manifest,
+)
 from clipforge.train.metrics import retrieval_metrics
 
 log = logging.getLogger("clipforge.evaluate")
@@ -59,9 +66,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
     earlier = read_manifest(cfg.out)
-    if earlier is not None and earlier.get("kind") != "evaluate":
-        raise UserError(f"out {cfg.out} holds a {earlier.get('kind')!r} output, not an evaluation: give the "
-                        "evaluation a prefix of its own")
+    refuse_other_kind(earlier, "evaluate", f"out {cfg.out}", "an evaluation",
+                      "give the evaluation a prefix of its own")
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return earlier

@@ -39,7 +39,7 @@ from clipforge.stages.finetune_runs import (
 )
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, refuse_other_kind, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
@@ -93,9 +93,8 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
     manifest = read_manifest(config.out)
-    if manifest is not None and manifest.get("kind") != "finetune":
-        raise UserError(f"out {config.out} holds a {manifest.get('kind')!r} output, not a fine-tuned model: "
-                        "give the run a folder of its own")
+    refuse_other_kind(manifest, "finetune", f"out {config.out}", "a fine-tuned model",
+                      "give the run a folder of its own")
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
         return TrainResult("up to date", config.out, manifest.get("metrics"))

@@ -39,6 +39,7 @@ from clipforge.storage.manifest import (
     digest,
     is_up_to_date,
     read_manifest,
+    refuse_other_kind,
     withdraw,
     write_manifest,
 )
@@ -264,9 +265,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
               "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
     manifest = read_manifest(cfg.out)
-    if manifest is not None and manifest.get("kind") != "generate":
-        raise UserError(f"out {cfg.out} holds a {manifest.get('kind')!r} output, not generated images: give the "
-                        "images a prefix of their own")
+    refuse_other_kind(manifest, "generate", f"out {cfg.out}", "generated images",
+                      "give the images a prefix of their own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return read_manifest(cfg.out)

@@ -10,7 +10,7 @@ from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, withdraw, write_manifest
+from clipforge.storage.manifest import is_up_to_date, read_manifest, refuse_other_kind, withdraw, write_manifest
 
 log = logging.getLogger("clipforge.index")
 
@@ -22,9 +22,7 @@ def run_index(cfg: IndexConfig) -> dict:
         storage.check_output_folder(cfg.output, "--output")
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
     manifest = read_manifest(cfg.output) if is_prefix else None
-    if manifest is not None and manifest.get("kind") != "index":  # rewriting it would lose that stage's output
-        raise UserError(f"output {cfg.output} holds a {manifest.get('kind')!r} output, not an index: give the index "
-                        "an output of its own")
+    refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest

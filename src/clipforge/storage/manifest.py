@@ -67,6 +67,13 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
     return manifest
 
 
+def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, give: str) -> None:
+    """A stage writes only over its own kind's output: over another stage's, that output would be lost. `out`
+    names the prefix as the user gave it (`--out X`), `what` this stage's output in words, `give` the way out."""
+    if manifest is not None and manifest.get("kind") != kind:
+        raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
+
+
 def withdraw(prefix: str, files=()) -> None:
     """Undo a commit before the prefix is written again: the manifest first (the prefix is then unfinished,
     never "done" with new files beside old ones), then the old result's `files` that would pass for new."""
