@@ -66,7 +66,7 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required"
-        elif item["type"] not in ("missing", "value_error", "assertion_error") and "input" in item:
+        elif item["type"] not in ("value_error", "assertion_error") and "input" in item:
             message = f"{message} (got {item['input']!r})"
         if item["type"] == "value_error":
             message = message.removeprefix("Value error, ")
