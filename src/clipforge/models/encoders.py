@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from clipforge.errors import UserError
+from clipforge.models.open_clip_import import import_open_clip
 from clipforge.models.pretrained import names_weights_file
 from clipforge.storage import uri as storage
 
@@ -142,9 +143,9 @@ def fits(value, annotation) -> bool:
 
 
 def check_model_known(model: str, model_config: str | None) -> None:
-    """Register `model_config`, if any; a name open_clip does not know is a UserError before any work."""
-    import open_clip
-
+    """Register `model_config`, if any; a name open_clip does not know is a UserError before any work. The
+    first of a process's calls imports open_clip, with only the optional packages the model uses."""
+    open_clip = import_open_clip(model, model_config)
     if model_config:
         registered = register_model_config(model_config)
         if registered != model:

@@ -43,9 +43,9 @@ class BuiltModel:
 
 def build_model(config: FinetuneConfig, cache_dir: str | None = None) -> BuiltModel:
     """The model to fine-tune on the CPU in fp32 (Accelerate moves it and autocasts), or a UserError."""
+    check_model_known(config.model, config.model_config_file)  # imports open_clip with what the model needs
     import open_clip
 
-    check_model_known(config.model, config.model_config_file)
     pretrained = config.pretrained or None
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
