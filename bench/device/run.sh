@@ -21,7 +21,9 @@
 #
 # STEPS="gpu unet" runs only the named steps (a rerun on a warm machine with the minutes left; BUDGET=200
 # shortens the whole). Steps only run when named: unet, finetune_compile (fine-tuning with clipforge's
-# --compile against open_clip_train, ~200 s), imports (where `import open_clip` spends its time, ~50 s).
+# --compile against open_clip_train, ~200 s), imports (where `import open_clip` spends its time, ~50 s),
+# snapshot (a checkpoint's snapshot of GPU tensors, pageable against pinned buffers, ~20 s). GPU_MODELS
+# narrows bench/gpu.py's models (--models).
 #
 # DEVICE=cpu runs the same steps with tiny settings (bench/device/simulate.sh does that on a CPU machine,
 # PYTHON naming a venv that looks like the device's).
@@ -45,7 +47,9 @@ if [ "$DEVICE" = cpu ]; then
   FINETUNE_ARGS=(--device cpu --precision fp32 --images 40 --epochs 1 --repeat 1 --batch-size 8 --workers 1)
   STARTUP_ARGS=(--device cpu --model tiny --repeat 1)
   IMPORTS_ARGS=(--repeat 1 --top 10)
-  LIMITS=(300 120 120 400 120 120 900 120)  # gpu pytest adapter finetune unet startup finetune_compile imports
+  SNAPSHOT_ARGS=(--device cpu --repeat 1)
+  LIMITS=(300 120 120 400 120 120 900 120 120)  # gpu pytest adapter finetune unet startup finetune_compile imports
+                                                # snapshot
 else
   GPU_ARGS=()
   UNET_ARGS=()
@@ -53,13 +57,15 @@ else
   FINETUNE_ARGS=(--device cuda --precision bf16 --repeat 1)
   STARTUP_ARGS=(--device cuda --model ViT-H-14 --repeat 1)
   IMPORTS_ARGS=(--repeat 1)
-  # gpu pytest adapter finetune unet startup finetune_compile imports. H200 2026-11-27: 288 (without moto),
-  # 92, 49, 124, -, 86 s.
-  LIMITS=(340 100 95 190 50 100 260 70)
+  SNAPSHOT_ARGS=(--repeat 3)
+  # gpu pytest adapter finetune unet startup finetune_compile imports snapshot. H200 2026-11-27: 288 (without
+  # moto), 92, 49, 124, -, 86, -, 55 s.
+  LIMITS=(340 100 95 190 50 100 260 70 60)
 fi
 # GPU_PARTS="encoder read cache s3static ray" narrows the cache figures (bench/gpu.py --parts); GPU_SECONDS
 # shortens their step, so that the other steps keep their time in a smaller BUDGET.
 [ -n "${GPU_PARTS:-}" ] && GPU_ARGS+=(--parts $GPU_PARTS)
+[ -n "${GPU_MODELS:-}" ] && GPU_ARGS+=(--models $GPU_MODELS)
 LIMITS[0]=${GPU_SECONDS:-${LIMITS[0]}}
 
 started=$SECONDS
@@ -119,12 +125,13 @@ EOF
   step unet "${LIMITS[4]}" "$PYTHON" bench/gpu.py --parts unet --json "$OUT/gpu.json" "${UNET_ARGS[@]}"
   step startup "${LIMITS[5]}" "$PYTHON" bench/startup.py "${STARTUP_ARGS[@]}"
   step imports "${LIMITS[7]}" "$PYTHON" bench/device/import_profile.py "${IMPORTS_ARGS[@]}"
+  step snapshot "${LIMITS[8]}" "$PYTHON" bench/device/snapshot.py "${SNAPSHOT_ARGS[@]}"
 
   (IFS=,; echo "[${steps[*]}]") >"$OUT/steps.json"
   echo
   echo "================ summary after $((SECONDS - started))s ================"
   cat "$OUT/steps.json"
-  for name in pytest adapter finetune finetune_compile startup imports; do
+  for name in pytest adapter finetune finetune_compile startup imports snapshot; do
     echo "---- $name (last lines)"
     tail -n 12 "$OUT/$name.log" 2>/dev/null
   done
