@@ -119,13 +119,13 @@ EOF
   step gpu "${LIMITS[0]}" "$PYTHON" bench/gpu.py --json "$OUT/gpu.json" --budget $((LIMITS[0] - 15)) "${GPU_ARGS[@]}"
   step pytest "${LIMITS[1]}" "$PYTHON" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
   step adapter "${LIMITS[2]}" "$PYTHON" bench/adapter.py "${ADAPTER_ARGS[@]}"
+  step snapshot "${LIMITS[8]}" "$PYTHON" bench/device/snapshot.py "${SNAPSHOT_ARGS[@]}"
   step finetune "${LIMITS[3]}" "$PYTHON" bench/finetune.py "${FINETUNE_ARGS[@]}"
   # Only when asked: clipforge with --compile (inductor's code generation comes on top of both runs).
   step finetune_compile "${LIMITS[6]}" "$PYTHON" bench/finetune.py "${FINETUNE_ARGS[@]}" --compile clipforge
   step unet "${LIMITS[4]}" "$PYTHON" bench/gpu.py --parts unet --json "$OUT/gpu.json" "${UNET_ARGS[@]}"
   step startup "${LIMITS[5]}" "$PYTHON" bench/startup.py "${STARTUP_ARGS[@]}"
   step imports "${LIMITS[7]}" "$PYTHON" bench/device/import_profile.py "${IMPORTS_ARGS[@]}"
-  step snapshot "${LIMITS[8]}" "$PYTHON" bench/device/snapshot.py "${SNAPSHOT_ARGS[@]}"
 
   (IFS=,; echo "[${steps[*]}]") >"$OUT/steps.json"
   echo
