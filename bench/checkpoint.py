@@ -46,10 +46,9 @@ def best_of(repeat: int, fn) -> tuple[float, object]:
     return best, result
 
 
-def training_stall(state: dict, steps: int, repeat: int, nice: int) -> tuple[float, float, float, float]:
+def training_stall(state: dict, steps: int, repeat: int) -> tuple[float, float, float, float]:
     """(the loop's seconds without a checkpoint, training's stall with a commit on its thread, with one beside
-    it at niceness `nice` (0, or 19 as beside a GPU's training), the commit's own seconds beside it), each the
-    best of `repeat`."""
+    it, the commit's own seconds beside it), each the best of `repeat`."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 
     def loop(checkpoint) -> None:
@@ -60,7 +59,7 @@ def training_stall(state: dict, steps: int, repeat: int, nice: int) -> tuple[flo
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         store = CheckpointStore(tmp, config={}, config_fingerprint="bench", inputs={}, keep=1)
-        writer = CheckpointWriter(store, yield_cpu=nice > 0)
+        writer = CheckpointWriter(store)
 
         def beside() -> None:
             loop(lambda step: writer.submit(step, {"state.safetensors": pack_state(state)}))
@@ -108,12 +107,11 @@ def main() -> None:
     print(f"  then sha256 / atomic write + fsync  {hashing:6.2f} s / {writing:.2f} s (the same for both)")
 
     old_bytes = new_bytes = None  # 3.6 GB the loop below does not need
-    for nice in (0, 19):
-        plain, inline, background, commit = training_stall(state, args.steps, args.repeat, nice)
-        print(f"\ntraining's stall for one checkpoint, in a loop of {args.steps} steps ({plain:.2f} s without one)")
-        print(f"  committed on the training thread (baseline)      {inline:6.2f} s  1.00")
-        print(f"  committed beside it (CheckpointWriter), nice {nice:2d}  {background:6.2f} s  "
-              f"{background / inline:.2f}  (the commit itself took {commit:.2f} s)")
+    plain, inline, background, commit = training_stall(state, args.steps, args.repeat)
+    print(f"\ntraining's stall for one checkpoint, in a loop of {args.steps} steps ({plain:.2f} s without one)")
+    print(f"  committed on the training thread (baseline)  {inline:6.2f} s  1.00")
+    print(f"  committed beside it (CheckpointWriter)        {background:6.2f} s  {background / inline:.2f}"
+          f"  (the commit itself took {commit:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ The store is real (a folder under tmp_path); `GatedStore` only holds a commit un
 how a slow disk or S3 upload looks to the training thread.
 """
 
-import os
-import sys
 import threading
 import time
 
@@ -85,21 +83,3 @@ def test_settling_after_a_failure_finishes_the_commit_and_logs_its_error(tmp_pat
     failing.submit(1, files(1))
     failing.settle()  # does not raise: the training error that led here is the one to report
     assert "the checkpoint being committed was lost" in caplog.text
-
-
-class PriorityRecordingStore(CheckpointStore):
-    def save(self, step, files):
-        self.niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        return super().save(step, files)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="threads have a priority of their own on Linux only")
-@pytest.mark.parametrize("yield_cpu", [True, False])
-def test_beside_a_gpus_training_the_commit_yields_the_cpu_and_training_keeps_its_priority(tmp_path, yield_cpu):
-    checkpoints = store(tmp_path, cls=PriorityRecordingStore)
-    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    writer = CheckpointWriter(checkpoints, yield_cpu=yield_cpu)
-    writer.submit(5, files(5))
-    assert writer.wait() == checkpoints.latest().uri
-    assert checkpoints.niceness == (19 if yield_cpu else training)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training  # the training thread's own

@@ -135,7 +135,7 @@ class AdapterTrainer:
         if config.compile:
             self.model = compile_adapter(self.model, device, self.world)
         self.progress = TrainProgress()
-        self.checkpoints = CheckpointWriter(store, yield_cpu=accelerator.device.type == "cuda")
+        self.checkpoints = CheckpointWriter(store)
         self.writer = None
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
                        "epoch_seconds": [], "seconds_per_epoch": None}

@@ -154,7 +154,7 @@ class FinetuneTrainer:
         self.val_pairs = val.pair_keys  # (image, caption) of each row: which keys answer which queries
         self.progress = TrainProgress()
         self.history: list[dict] = []  # validation before training and after each epoch
-        self.checkpoints = CheckpointWriter(store, yield_cpu=accelerator.device.type == "cuda")
+        self.checkpoints = CheckpointWriter(store)
         self.writer = None
         self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
         self.losses = DeferredLosses(config.log_every)

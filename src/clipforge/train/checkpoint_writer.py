@@ -7,21 +7,11 @@ pruning (`CheckpointStore.save`) run on a background thread: for ViT-B-32's
 waiting for a disk. A commit waits for the one before it, so host memory holds
 one snapshot at a time and checkpoints land in step order. A crash mid-commit
 leaves an incomplete folder, which resume ignores, as before.
-
-When training feeds a GPU, the commit runs at the lowest priority (nice 19,
-Linux): the host's cores are then the data loader's, and the steps a
-ViT-B-32 fine-tune ran beside a commit at normal priority went at 0.64 of the
-others' rate (an H200, bench/finetune.py). On a CPU the steps are the cores'
-work themselves, and a commit at nice 19 waited for training's end instead:
-it stopped training longer than one at normal priority (6.4 s against 3.9 s,
-bench/checkpoint.py), so there it keeps its priority.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 
@@ -38,9 +28,8 @@ class CheckpointWriter:
     `last_saved` is the URI of the newest one committed.
     """
 
-    def __init__(self, store: CheckpointStore, yield_cpu: bool = False):
+    def __init__(self, store: CheckpointStore):
         self.store = store
-        self.nice = 19 if yield_cpu else 0  # yield_cpu: training feeds a GPU (see the module's docstring)
         self.saved_step: int | None = None
         self.last_saved: str | None = None
         self.commit_spans: list[tuple[float, float]] = []  # each commit's wall-clock (start, end) beside training
@@ -67,7 +56,6 @@ class CheckpointWriter:
             self._thread.start()
 
     def _commit(self, step: int, files: dict[str, bytes]) -> None:
-        lower_this_threads_priority(self.nice)
         started, wall = time.monotonic(), time.time()
         try:
             uri = self.store.save(step, files).uri
@@ -96,10 +84,3 @@ class CheckpointWriter:
             self.wait()
         except Exception as exc:
             log.warning("the checkpoint being committed was lost: %s", exc)
-
-
-def lower_this_threads_priority(nice: int) -> None:
-    """Give the calling thread, not its process, the niceness `nice` (Linux schedules each thread on its own;
-    elsewhere a thread id is no process id, so nothing is done)."""
-    if nice and sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
