@@ -1,20 +1,21 @@
-"""How long a checkpoint's snapshot of GPU tensors stops training: `pack_state` against pinned host buffers.
+"""How long a checkpoint's snapshot stops training: `pack_state`'s one buffer against a pageable `bytearray`.
 
 A ViT-B-32 fine-tune on an H200 stopped 1.25 s per checkpoint for its snapshot (1.8 GB of weights and AdamW
-moments copied to the host; bench/finetune.py). `pack_state` copies each CUDA tensor into one pageable
-`bytearray`: the driver stages those copies through its own pinned buffer. This times, in one run, on the
-same state (ViT-B-32's shapes, random values):
+moments copied to the host; bench/finetune.py) when `pack_state` copied each CUDA tensor into one pageable
+`bytearray`. It now copies into a torch buffer, page-locked when the tensors are on a GPU. This times, in
+one run, on the same state (ViT-B-32's shapes, random values):
 
-  pack_state                      what the trainers do (baseline)
-  bytearray only                  allocating the pageable buffer alone
-  pinned, allocated each time     torch.empty(pin_memory=pin), non-blocking copies, one synchronize
-  pinned allocation only          cudaHostAlloc of the same size alone
-  pinned, reused                  the copies alone, into a buffer pinned beforehand
+  bytearray (baseline)            what pack_state did: a zero-filled bytearray, each tensor copied into it
+  bytearray only                  allocating the zero-filled buffer alone
+  pack_state                      what the trainers do now (torch's page-locked memory kept for its next use)
+  page-locked allocation only     torch.empty(pin_memory=True) of the same size alone
+  page-locked, reused             the copies alone, into a buffer locked beforehand
 
-and checks that the pinned bytes equal pack_state's.
+and checks that each gives pack_state's bytes. On the CPU nothing is page-locked: the same rows then time
+an unfilled torch buffer against the bytearray.
 
     PYTHONPATH=src python3 bench/device/snapshot.py [--repeat 3]
-    .venv/bin/python bench/device/snapshot.py --device cpu --repeat 1   # a dry run (nothing is pinned)
+    .venv/bin/python bench/device/snapshot.py --device cpu [--repeat 3]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def vit_b32_state(device: torch.device) -> dict:
     return {"model": weights, "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4}]}}
 
 
-def pinned_copy(tensors: list[torch.Tensor], out: torch.Tensor, base: int) -> None:
+def copy_into(tensors: list[torch.Tensor], out: torch.Tensor, base: int) -> None:
     """Each tensor's bytes into `out` from `base` on, back to back, as pack_state lays them out."""
     offset = base
     for tensor in tensors:
@@ -76,18 +77,23 @@ def main() -> None:
     _encode(state, "", tensors)
     body = sum(t.numel() * t.element_size() for t in tensors.values())
     base = len(packed) - body  # pack_state's header, then the tensors back to back
-    reused = torch.empty(len(packed), dtype=torch.uint8, pin_memory=pin)
+    locked = torch.empty(len(packed), dtype=torch.uint8, pin_memory=pin)
+    pageable = bytearray(len(packed))
 
-    def pinned_fresh() -> None:
-        pinned_copy(list(tensors.values()), torch.empty(len(packed), dtype=torch.uint8, pin_memory=pin), base)
+    def into_bytearray() -> bytearray:
+        out = bytearray(len(packed))
+        copy_into(list(tensors.values()), torch.frombuffer(out, dtype=torch.uint8), base)
+        return out
 
-    rows = [("pack_state (baseline)", best(args.repeat, lambda: pack_state(state))),
+    rows = [("bytearray (baseline)", best(args.repeat, into_bytearray)),
             ("bytearray only", best(args.repeat, lambda: bytearray(len(packed)))),
-            ("pinned, allocated each time", best(args.repeat, pinned_fresh)),
-            ("pinned allocation only", best(args.repeat, lambda: torch.empty(len(packed), dtype=torch.uint8,
-                                                                             pin_memory=pin))),
-            ("pinned, reused", best(args.repeat, lambda: pinned_copy(list(tensors.values()), reused, base)))]
-    assert bytes(reused.numpy()[base:]) == bytes(packed[base:]), "the pinned copy differs from pack_state's bytes"
+            ("pack_state", best(args.repeat, lambda: pack_state(state))),
+            ("page-locked allocation only", best(args.repeat, lambda: torch.empty(len(packed), dtype=torch.uint8,
+                                                                                  pin_memory=pin))),
+            ("page-locked, reused", best(args.repeat, lambda: copy_into(list(tensors.values()), locked, base)))]
+    copy_into(list(tensors.values()), torch.frombuffer(pageable, dtype=torch.uint8), base)
+    for name, out in (("the bytearray", pageable), ("the reused buffer", locked.numpy())):
+        assert bytes(out[base:]) == bytes(packed[base:]), f"{name} holds other bytes than pack_state's"
     where = torch.cuda.get_device_name() if pin else "CPU"
     print(f"snapshot of {len(tensors)} tensors, {len(packed) / 1e9:.2f} GB, on {where}, best of {args.repeat}:")
     for label, seconds in rows:

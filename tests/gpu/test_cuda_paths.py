@@ -99,8 +99,9 @@ def test_rng_states_of_more_gpus_than_this_machine_has_restore():
 
 
 def test_a_snapshot_of_cuda_tensors_is_the_file_of_their_cpu_copies():
-    """pack_state copies CUDA tensors straight into the file (no `.cpu()` first): the same bytes as their CPU
-    copies give, every byte copied by the time it returns (changing the tensors after leaves the file as it is)."""
+    """pack_state copies CUDA tensors straight into the file (no `.cpu()` first), in page-locked memory: the same
+    bytes as their CPU copies give, every byte copied by the time it returns (changing the tensors after leaves
+    the file as it is)."""
     from clipforge.train.checkpoint import SAFETENSORS_DTYPES, pack_state
 
     grid = torch.arange(-6, 6, device="cuda").reshape(3, 4)
@@ -116,6 +117,7 @@ def test_a_snapshot_of_cuda_tensors_is_the_file_of_their_cpu_copies():
         for t in parts.values():
             t.zero_()  # training going on
     assert bytes(data) == bytes(pack_state(on_cpu))
+    assert torch.frombuffer(data, dtype=torch.uint8).is_pinned()
 
 
 @pytest.fixture(scope="module")

@@ -105,12 +105,12 @@ def adapter_bytes(model: nn.Module, spec: AdapterSpec) -> bytes:
     return safetensors.torch.save(state, metadata={SPEC_KEY: spec.to_json()})
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes | bytearray | memoryview) -> dict[str, str]:
     """The `__metadata__` of a safetensors file: an 8-byte little-endian header size, then a JSON header."""
     if len(data) < 8:
         raise ValueError("too short for a safetensors file")
     (size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
+    return json.loads(bytes(data[8 : 8 + size])).get("__metadata__", {}) or {}
 
 
 def adapter_identity(path: str) -> str | None:

@@ -112,7 +112,7 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
     """Atomic: the object appears whole under its name or not at all."""
     match scheme(uri):
         case "file":
@@ -131,7 +131,8 @@ def write_bytes(uri: str, data: bytes) -> None:
                 raise
         case "s3":
             loc = s3.parse_s3(uri)
-            s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+            body = data if isinstance(data, bytes | bytearray) else bytes(data)  # botocore takes no memoryview
+            s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
 
 
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
