@@ -23,7 +23,7 @@
 # shortens the whole). Steps only run when named: unet, finetune_compile (fine-tuning with clipforge's
 # --compile against open_clip_train, ~200 s), imports (where `import open_clip` spends its time, ~50 s),
 # snapshot (a checkpoint's snapshot of GPU tensors, pageable against pinned buffers, ~20 s). GPU_MODELS
-# narrows bench/gpu.py's models (--models).
+# narrows bench/gpu.py's models (--models); GPU_CACHE_ARGS adds flags to its cache runs (--cache-args).
 #
 # DEVICE=cpu runs the same steps with tiny settings (bench/device/simulate.sh does that on a CPU machine,
 # PYTHON naming a venv that looks like the device's).
@@ -66,6 +66,7 @@ fi
 # shortens their step, so that the other steps keep their time in a smaller BUDGET.
 [ -n "${GPU_PARTS:-}" ] && GPU_ARGS+=(--parts $GPU_PARTS)
 [ -n "${GPU_MODELS:-}" ] && GPU_ARGS+=(--models $GPU_MODELS)
+[ -n "${GPU_CACHE_ARGS:-}" ] && GPU_ARGS+=(--cache-args "$GPU_CACHE_ARGS")
 LIMITS[0]=${GPU_SECONDS:-${LIMITS[0]}}
 
 started=$SECONDS
