@@ -325,3 +325,17 @@ def test_an_exact_repeat_is_dropped_with_a_warning_naming_it(dataset, caplog):
     assert "repeats 1 row(s)" in caplog.text and './circle/0001.png "a green circle, take 1"' in caplog.text
     both = pd.concat([csv(dataset / "train_original.csv"), csv(dataset / "val.csv")])
     assert sorted(both.itertuples(index=False)) == sorted(index.itertuples(index=False))
+
+
+def test_a_prepare_that_splits_as_before_keeps_the_augmented_train_csv(dataset, caplog):
+    """Preparing again with the same index, seed and fraction makes the same split: the augmented train.csv
+    made from it stays (a language model may have taken hours over it); another split removes it."""
+    prepare(PrepareConfig(dataset=str(dataset), seed=3))
+    augment(AugmentConfig(dataset=str(dataset), per_sample=2))
+    augmented = (dataset / "train.csv").read_bytes()
+    with caplog.at_level("INFO"):
+        prepare(PrepareConfig(dataset=str(dataset), seed=3))
+    assert (dataset / "train.csv").read_bytes() == augmented
+    assert "train.csv, augmented from it, is kept" in caplog.text
+    prepare(PrepareConfig(dataset=str(dataset), seed=3, val_fraction=0.3))
+    assert not (dataset / "train.csv").exists()

@@ -55,7 +55,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     one row per image is split as it was before images could have several rows (same seed, same split).
     A prepare that fails on the index (a bad image) changes nothing: the old split stays as it was. One
     that succeeds replaces the split and removes the augmented train.csv made from the old one, so no
-    train.csv holds images of the new val.csv.
+    train.csv holds images of the new val.csv; when the split comes out as it was (the same index, seed and
+    fraction), train.csv stays: augmenting with a language model can take hours.
     """
     frame = read_captions(index_path(cfg.dataset))
     uris = [image_uri(cfg.dataset, p) for p in frame["filepath"]]
@@ -89,12 +90,18 @@ def prepare(cfg: PrepareConfig) -> dict:
     n_val = min(n_images - 1, max(1, round(cfg.val_fraction * n_images)))
     in_val = np.isin(image_of_row, order[:n_val])
     val, train = frame[in_val], frame[~in_val]
-    if storage.exists(storage.join(cfg.dataset, TRAIN)):
-        log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
-                 storage.join(cfg.dataset, TRAIN))
-        storage.delete(storage.join(cfg.dataset, TRAIN))
-    write_captions(storage.join(cfg.dataset, TRAIN_ORIGINAL), train)
-    write_captions(storage.join(cfg.dataset, VAL), val)
+    split = {storage.join(cfg.dataset, TRAIN_ORIGINAL): captions_csv(train), storage.join(cfg.dataset, VAL):
+             captions_csv(val)}
+    augmented = storage.join(cfg.dataset, TRAIN)
+    if storage.exists(augmented):
+        if all(storage.exists(path) and storage.read_bytes(path) == data for path, data in split.items()):
+            log.info("the split is the one there was: %s, augmented from it, is kept", augmented)
+        else:
+            log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
+                     augmented)
+            storage.delete(augmented)
+    for path, data in split.items():  # written even when unchanged: augment compares their age with index.csv's
+        storage.write_bytes(path, data)
     summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad),
                "images": n_images, "train_images": n_images - n_val, "val_images": n_val,
                "repeats_dropped": int(repeated.sum())}
@@ -103,5 +110,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     return summary
 
 
+def captions_csv(frame: pd.DataFrame) -> bytes:
+    return frame[COLUMNS].to_csv(index=False).encode()
+
+
 def write_captions(path: str, frame: pd.DataFrame) -> None:
-    storage.write_bytes(path, frame[COLUMNS].to_csv(index=False).encode())
+    storage.write_bytes(path, captions_csv(frame))
