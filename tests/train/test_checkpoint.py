@@ -177,3 +177,13 @@ def test_s3_checkpoints_upload_committed_folders_and_resume_downloads(s3_bucket,
     assert (tmp_path / "elsewhere" / "checkpoints" / "step-000003" / MANIFEST_NAME).is_file()
     assert fresh.tidy() == ["step-000007"]
     assert storage.list_names(f"{remote}/step-000007") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here CUDA would page-lock the memory")
+def test_a_snapshot_falls_back_to_pageable_memory_when_none_can_be_page_locked(caplog):
+    """Without CUDA (as where a host refuses to lock more memory) page-locking fails: the snapshot is still
+    taken, in pageable memory, with a warning."""
+    with caplog.at_level("WARNING"):
+        buffer = ckpt._host_buffer(1 << 20, pinned=True)
+    assert buffer.numel() == 1 << 20 and not buffer.is_pinned()
+    assert "cannot page-lock 1 MB" in caplog.text

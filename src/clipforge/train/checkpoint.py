@@ -124,7 +124,7 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     gpus = {t.device for t in tensors.values() if t.device.type == "cuda"}
-    buffer = torch.empty(8 + len(head) + offset, dtype=torch.uint8, pin_memory=bool(gpus))
+    buffer = _host_buffer(8 + len(head) + offset, pinned=bool(gpus))
     out = buffer.numpy()
     out[:8] = np.frombuffer(len(head).to_bytes(8, "little"), dtype=np.uint8)
     out[8 : 8 + len(head)] = np.frombuffer(head, dtype=np.uint8)
@@ -139,6 +139,18 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     for gpu in gpus:  # the copies from a GPU were queued on its stream: in place once it gets there
         torch.cuda.synchronize(gpu)
     return memoryview(out)
+
+
+def _host_buffer(size: int, pinned: bool) -> torch.Tensor:
+    """`size` bytes of host memory, page-locked if asked and the system grants it (a host that cannot lock
+    that much still checkpoints, at the pageable copy's speed)."""
+    if pinned:
+        try:
+            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:  # cudaHostAlloc refused: out of lockable memory
+            log.warning("cannot page-lock %.0f MB for a checkpoint's snapshot (%s); copying to pageable memory",
+                        size / 1e6, str(exc).splitlines()[0])
+    return torch.empty(size, dtype=torch.uint8)
 
 
 def unpack_state(data: bytes | bytearray) -> Any:
