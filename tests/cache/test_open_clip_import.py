@@ -1,6 +1,6 @@
 """open_clip imported for a model leaves out the optional packages the model does not use, and only then.
 
-Each case runs in a fresh interpreter: what a process has imported is the thing under test.
+The subprocess cases run in a fresh interpreter: what a process has imported is the thing under test.
 """
 
 import json
@@ -18,30 +18,36 @@ open_clip = import_open_clip("ViT-B-32")
 assert "transformers" not in sys.modules and "timm" not in sys.modules, "left out, yet imported"
 model = open_clip.create_model("ViT-B-32")  # builds and encodes as usual without them
 assert model.encode_image(torch.zeros(1, 3, 224, 224)).shape == (1, 512)
-import transformers, timm  # not blocked for anything imported later
-assert import_open_clip("ViT-B-32") is open_clip, "imported again though nothing was missing"
-again = import_open_clip(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-assert again is not open_clip, "a model that needs transformers kept the lean import"
-assert again.hf_model.transformers is not None
+open_clip.add_model_config(sys.argv[1])  # registered before a model that needs timm comes
+
+assert import_open_clip("tiny-timm", sys.argv[1]) is open_clip, "not the module handed out before"
+assert "timm" in sys.modules and "transformers" not in sys.modules
+assert "tiny-timm" in open_clip.list_models(), "a registration was lost"
+timm_tower = open_clip.create_model("tiny-timm")
+assert timm_tower.encode_image(torch.zeros(1, 3, 224, 224)).shape == (1, 32)
+assert type(model) is open_clip.CLIP, "a model built before no longer is open_clip's CLIP"
+
+assert import_open_clip("coca_ViT-B-32") is open_clip
+assert open_clip.hf_model.transformers is not None, "Hugging Face text towers cannot be built"
+left = [f"{name}.{package}" for name, module in list(sys.modules.items()) if name.startswith("open_clip")
+        for package in ("transformers", "timm") if package in vars(module) and vars(module)[package] is None]
+assert not left, f"still without them: {left}"
 print("ok")
 """
 
+TINY_TIMM = {"embed_dim": 32,
+             "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                            "timm_proj": "linear", "image_size": 224},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
-def run(code: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+def test_a_plain_model_imports_open_clip_without_transformers_or_timm_and_later_models_get_them(tmp_path):
+    config = tmp_path / "tiny-timm.json"
+    config.write_text(json.dumps(TINY_TIMM))
+    proc = subprocess.run([sys.executable, "-c", LEAN_THEN_OTHERS, str(config)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def test_a_plain_model_imports_open_clip_without_transformers_or_timm_and_a_later_hf_model_reimports_it():
-    assert run(LEAN_THEN_OTHERS, "coca_ViT-B-32").strip() == "ok"
-
-
-def test_a_config_file_naming_an_hf_text_tower_imports_open_clip_with_transformers(tmp_path):
-    config = read_model_config("ViT-B-32", None)
-    path = tmp_path / "hf-text.json"
-    path.write_text(json.dumps({**config, "text_cfg": {"hf_model_name": "roberta-base", "proj_type": "mlp"}}))
-    assert run(LEAN_THEN_OTHERS, "hf-text", str(path)).strip() == "ok"
+    assert proc.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize("model, needed", [
@@ -55,3 +61,17 @@ def test_a_config_file_naming_an_hf_text_tower_imports_open_clip_with_transforme
 ])
 def test_what_each_model_needs_is_read_from_its_config(model, needed):
     assert optional_packages_needed(model) == needed
+
+
+@pytest.mark.parametrize("text_cfg, vision_cfg, needed", [
+    ({"hf_model_name": "roberta-base", "proj_type": "mlp"}, None, {"transformers"}),
+    ({"hf_tokenizer_name": "bert-base-uncased"}, None, {"transformers"}),
+    (None, {"timm_model_name": "vit_tiny_patch16_224"}, {"timm"}),
+    (None, 5, {"transformers", "timm"}),  # malformed: open_clip (or clipforge's check) says how
+])
+def test_a_config_file_is_read_the_same_way(tmp_path, text_cfg, vision_cfg, needed):
+    config = read_model_config("ViT-B-32", None)
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({**config, **({"text_cfg": text_cfg} if text_cfg else {}),
+                                **({"vision_cfg": vision_cfg} if vision_cfg is not None else {})}))
+    assert optional_packages_needed("custom", str(path)) == needed

@@ -165,9 +165,9 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
     milliseconds instead of seconds on the CPU. `pure_bf16`/`pure_fp16` cast
     the weights (open_clip's own precisions); other precisions keep fp32 weights.
     """
+    check_model_known(spec.model, spec.model_config)  # imports open_clip with what the model needs
     import open_clip
 
-    check_model_known(spec.model, spec.model_config)
     pretrained = spec.pretrained
     if names_weights_file(pretrained):
         pretrained = str(storage.fetch_to_local(pretrained, cache_dir))
@@ -183,10 +183,10 @@ def preprocess_config(spec: EncoderSpec) -> dict:
     """The preprocessing `load_clip` will find on the model, worked out without building it, as open_clip's
     factory does for a built-in or registered name: its defaults, a pretrained tag's own values over them,
     and the vision tower's image size. What Ray's read tasks shrink images with before the encoder exists."""
+    check_model_known(spec.model, spec.model_config)  # imports open_clip with what the model needs
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    check_model_known(spec.model, spec.model_config)
     cfg = dataclasses.asdict(PreprocessCfg())
     if spec.pretrained and not names_weights_file(spec.pretrained):
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {})

@@ -5,7 +5,9 @@ timm (timm image towers) when it is imported, each inside a `try` that does with
 On the GPU machine they were 3.5 s of `import open_clip`'s 11.4 s (bench/device/import_profile.py),
 paid before a stage's first image. So the first import in a process, made for a model that uses neither,
 makes both unimportable for that moment only: anything imported later (diffusers, the caption
-augmenter) loads them as usual. A model that needs one of them after that gets open_clip imported anew.
+augmenter) loads them as usual. A model that needs one of them after that gets it imported, and the
+open_clip modules that looked for it run again in place (`importlib.reload`): the classes open_clip
+already handed out see it too, and the model configs registered so far stay registered.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-OPTIONAL = ("transformers", "timm")
+# Each optional package, and the open_clip modules that import it at their own import, in a `try`.
+OPTIONAL = {"transformers": ("open_clip.hf_model", "open_clip.coca_model"), "timm": ("open_clip.timm_model",)}
+
+_left_out: set[str] = set()  # what this process's open_clip was imported without, and has not been given since
 
 
 def import_open_clip(model: str | None = None, model_config: str | None = None) -> ModuleType:
@@ -28,13 +33,14 @@ def import_open_clip(model: str | None = None, model_config: str | None = None) 
     needed = optional_packages_needed(model, model_config)
     loaded = sys.modules.get("open_clip")
     if loaded is not None:
-        missing = [name for name in needed if getattr(loaded, "_clipforge_left_out", {}).get(name)]
-        if not missing:
-            return loaded
-        log.debug("importing open_clip again, with %s, for model %s", ", ".join(missing), model)
-        for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
-            del sys.modules[name]
-    left_out = [name for name in OPTIONAL if name not in needed and name not in sys.modules]
+        for name in sorted(needed & _left_out):
+            log.debug("giving open_clip %s, for model %s", name, model)
+            importlib.import_module(name)
+            for module in OPTIONAL[name]:
+                importlib.reload(sys.modules[module])
+            _left_out.discard(name)
+        return loaded
+    left_out = {name for name in OPTIONAL if name not in needed and name not in sys.modules}
     for name in left_out:
         sys.modules[name] = None  # `import name` raises ImportError, which open_clip catches
     try:
@@ -43,7 +49,7 @@ def import_open_clip(model: str | None = None, model_config: str | None = None) 
         for name in left_out:
             if sys.modules.get(name, False) is None:
                 del sys.modules[name]
-    module._clipforge_left_out = {name: True for name in left_out}
+    _left_out.update(left_out)
     return module
 
 
@@ -52,9 +58,9 @@ def optional_packages_needed(model: str | None, model_config: str | None = None)
     open_clip; all of them for a model whose config cannot be read here (a hub name, a typo: open_clip
     then says what it is)."""
     config = read_model_config(model, model_config)
-    if config is None:
+    text, vision = (config or {}).get("text_cfg"), (config or {}).get("vision_cfg")
+    if not isinstance(text, dict) or not isinstance(vision, dict):  # open_clip says what is wrong with it
         return set(OPTIONAL)
-    text, vision = config.get("text_cfg") or {}, config.get("vision_cfg") or {}
     needed = set()
     if text.get("hf_model_name") or text.get("hf_tokenizer_name") or "multimodal_cfg" in config:
         needed.add("transformers")
