@@ -135,6 +135,13 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
             s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
 
 
+def upload_file(path: Path, uri: str) -> None:
+    """A local file to an s3:// URI, streamed from disk (in parts when large): never whole in memory, and
+    whole or absent under its name, as `write_bytes` writes."""
+    loc = s3.parse_s3(uri)
+    s3.client().upload_file(str(path), loc.bucket, loc.key)
+
+
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """The object's bytes and a token naming this version of it (S3: its ETag; disk: a hash); None if absent."""
     match scheme(uri):

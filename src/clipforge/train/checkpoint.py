@@ -281,8 +281,8 @@ class CheckpointStore:
             remote_manifest = storage.join(uri, MANIFEST_NAME)
             if storage.exists(remote_manifest):
                 storage.delete(remote_manifest)
-            for file_name, data in files.items():
-                storage.write_bytes(storage.join(uri, file_name), data)
+            for file_name in files:  # from the local copy just committed: a second copy in memory costs GBs
+                storage.upload_file(self.local_root / name / file_name, storage.join(uri, file_name))
             storage.write_bytes(remote_manifest, (self.local_root / name / MANIFEST_NAME).read_bytes())
         self.prune()
         return Checkpoint(step, uri, manifest)
