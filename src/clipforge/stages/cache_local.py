@@ -10,7 +10,8 @@ start, and its actor builds the model only once the reads have begun. Here:
   a side stream, so the next shard's copy and preprocessing overlap this one's
   encoding, then encodes it and starts copying the embeddings back without
   waiting;
-- a writer thread commits each shard's parquet file once its copy has landed.
+- writer threads commit each shard's parquet file once its copy has landed
+  (several at once: each waits for an fsync).
 
 Every stage is bounded (`read_workers` + 1 host buffers, a few shards of
 embeddings in flight), so memory stays at a few shards whatever the job's
@@ -45,7 +46,11 @@ from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
 
-COMMITS_IN_FLIGHT = 4  # shards of embeddings waiting for the writer before the encoder waits
+COMMITS_IN_FLIGHT = 4  # shards of embeddings waiting for the writers before the encoder waits
+# Shards committed at once. Each commit is a parquet file written and fsynced: one thread committed ~50
+# shards/s on the CPU machine (25,000 img/s of 500-row shards), near ViT-B-32's rate on an H200; four
+# committed 71-92 a second. Each shard is a file of its own, so their order does not matter.
+COMMIT_WORKERS = 4
 DECODERS = min(16, os.cpu_count() or 1)  # image files decoded at once, over all shards being read
 
 
@@ -130,7 +135,7 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
     depth = min(len(todo), cfg.read_workers + 1)
     loading = ThreadPoolExecutor(1, thread_name_prefix="cache-model")
     reading = ThreadPoolExecutor(cfg.read_workers, thread_name_prefix="cache-read")
-    writing = ThreadPoolExecutor(1, thread_name_prefix="cache-commit")
+    writing = ThreadPoolExecutor(COMMIT_WORKERS, thread_name_prefix="cache-commit")
     reader = None
     try:
         # The model loads while the first shards are read: neither waits for the other to start.
