@@ -47,9 +47,9 @@ from clipforge.storage.range_reader import FetchStats
 log = logging.getLogger("clipforge.cache")
 
 COMMITS_IN_FLIGHT = 4  # shards of embeddings waiting for the writers before the encoder waits
-# Shards committed at once. Each commit is a parquet file written and fsynced: one thread committed ~50
-# shards/s on the CPU machine (25,000 img/s of 500-row shards), near ViT-B-32's rate on an H200; four
-# committed 71-92 a second. Each shard is a file of its own, so their order does not matter.
+# Shards committed at once. Each commit is a parquet file written and fsynced: one thread commits 53-58
+# shards/s on the CPU machine (~28,000 img/s of 500-row shards), near ViT-B-32's rate on an H200; four
+# commit 92-99 (bench/cache_commit.py). Each shard is a file of its own, so their order does not matter.
 COMMIT_WORKERS = 4
 DECODERS = min(16, os.cpu_count() or 1)  # image files decoded at once, over all shards being read
 
