@@ -154,7 +154,7 @@ def _host_buffer(size: int, pinned: bool) -> torch.Tensor:
     return torch.empty(size, dtype=torch.uint8)
 
 
-def unpack_state(data: bytes | bytearray) -> Any:
+def unpack_state(data: bytes | bytearray | memoryview) -> Any:
     """The exact inverse of `pack_state` (tensors on the CPU)."""
     skeleton = json.loads(safetensors_metadata(data)[SKELETON_KEY])
     return _decode(skeleton, safetensors.torch.load(data if isinstance(data, bytes) else bytes(data)))
