@@ -41,6 +41,10 @@ slows a run down):
   overlap one of its checkpoint commits (they run beside training, from
   `timing.checkpoint_commit_spans` in its metrics.json): the two figures
   apart say what the commits cost the steps;
+- each tool's steady samples/s in the windows that start in the first third
+  of an epoch (from the second epoch on: where clipforge's commits run)
+  against those in the rest: a drop for both tools is the epoch's start, a
+  drop for clipforge alone its commits;
 - peak memory of the process tree (the trainer and its loader workers:
   proportional set size, sampled every 0.2 s on CPU, 1 s on a GPU);
 - the final validation figures side by side.
@@ -214,9 +218,10 @@ def synced_points(events_dir: Path, tag: str, step_offset: int) -> list[tuple[in
 
 
 def steady_rate(points: list[tuple[int, float]], steps_per_epoch: int, skip: int, step_rows: int,
-                avoid: list[list[float]] = ()) -> tuple[float | None, int]:
+                avoid: list[list[float]] = (), starts=None) -> tuple[float | None, int]:
     """(samples/s, steps counted) over the windows between consecutive points that lie in one epoch and start at
-    step >= `skip`, and overlap none of the wall-clock spans in `avoid`.
+    step >= `skip`, overlap none of the wall-clock spans in `avoid`, and (when given) start at a step count
+    `starts` says yes to.
 
     A window that starts on an epoch's boundary (steps done a multiple of
     `steps_per_epoch`) holds that boundary's validation and checkpoint: left out.
@@ -224,7 +229,7 @@ def steady_rate(points: list[tuple[int, float]], steps_per_epoch: int, skip: int
     steps = seconds = 0.0
     for (a, ta), (b, tb) in zip(points, points[1:], strict=False):
         if a >= skip and a % steps_per_epoch and b > a and b <= (a // steps_per_epoch + 1) * steps_per_epoch \
-                and not any(start < tb and ta < end for start, end in avoid):
+                and not any(start < tb and ta < end for start, end in avoid) and (starts is None or starts(a)):
             steps, seconds = steps + (b - a), seconds + (tb - ta)
     return (steps * step_rows / seconds if seconds > 0 else None), int(steps)
 
@@ -320,6 +325,9 @@ def main() -> None:
         samples = args.epochs * steps_per_epoch * args.batch_size
         envs = {"open_clip_train": open_clip_env(root, env), "clipforge": env}
         runs: dict[str, list[dict]] = {"open_clip_train": [], "clipforge": []}
+        third = steps_per_epoch // 3  # windows by where they start: each epoch's first third (from the 2nd), the rest
+        epoch_parts = {"early": lambda a: a >= steps_per_epoch and a % steps_per_epoch < third,
+                       "late": lambda a: a % steps_per_epoch >= third}
         for i in range(args.repeat):
             for name, fn in (("open_clip_train", run_open_clip), ("clipforge", run_clipforge)):
                 work = root / f"{name}-{i}"
@@ -327,6 +335,9 @@ def main() -> None:
                 run = fn(args, train, val, weights, work, envs[name])
                 run["steady"], counted = steady_rate(run["points"], steps_per_epoch, args.skip_steps,
                                                      args.batch_size)
+                for part, starts in epoch_parts.items():
+                    run[part] = steady_rate(run["points"], steps_per_epoch, args.skip_steps, args.batch_size,
+                                            starts=starts)[0]
                 if name == "clipforge":
                     run["steady_apart"], run["counted_apart"] = steady_rate(
                         run["points"], steps_per_epoch, args.skip_steps, args.batch_size,
@@ -376,6 +387,11 @@ def main() -> None:
         print(f"clipforge steady without the windows beside a commit: {apart['steady_apart']:.2f} samples/s over "
               f"{apart['counted_apart']} steps (ratio {apart['steady_apart'] / steady['open_clip_train']:.2f}); "
               f"with them {steady['clipforge']:.2f}: the difference is what commits cost the steps")
+    parts = {name: max(results, key=lambda r: r["steady"] or 0) for name, results in runs.items()}
+    if all(r["early"] and r["late"] for r in parts.values()):
+        print("steady in each epoch's first third (epochs 2 on) / in the rest of each epoch: " + ", ".join(
+            f"{name} {r['early']:.2f} / {r['late']:.2f} ({r['early'] / r['late']:.2f})" for name, r in parts.items())
+            + ": both low is each epoch's start; clipforge's alone, what its commits (which run then) cost")
 
 
 if __name__ == "__main__":
