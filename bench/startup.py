@@ -5,6 +5,8 @@ command took 30.4 s on an H200, 12.6 s of it the stage). Each phase below runs i
 best of --repeat, so the figures add up the way a user's command pays them:
 
     python -c pass | import torch | + the device's first tensor (CUDA's start) | import open_clip |
+    open_clip imported as clipforge imports it for the model (without transformers and timm when the
+    model uses neither; `clipforge.models.open_clip_import`) | import clipforge.cli |
     baseline: a plain script that imports open_clip, loads the weights file onto the device and encodes one
               batch (the least any tool must do)
     clipforge: `clipforge cache` on a few images: when its plan was logged, when its encoder was ready,
@@ -124,7 +126,11 @@ def main() -> None:
     rows: list[tuple[str, float]] = []
     for label, code in (("python -c pass", "pass"), ("import torch", "import torch"),
                         ("import torch + first tensor on the device", f"import torch; {first}"),
-                        ("import open_clip", "import open_clip"), ("import clipforge.cli", "import clipforge.cli")):
+                        ("import open_clip", "import open_clip"),
+                        ("open_clip as clipforge imports it for this model",
+                         "from clipforge.models.open_clip_import import import_open_clip; "
+                         f"import_open_clip({model.name!r}, {model.config!r})"),
+                        ("import clipforge.cli", "import clipforge.cli")):
         rows.append((label, timed(["-c", code], args.repeat)[0]))
     baseline_wall, out = timed(["-c", BASELINE, model.name, model.weights, device, *config], args.repeat)
     baseline_ready = float(re.search(r"ready ([\d.]+)", out).group(1)) + rows[0][1]  # plus the interpreter's start
