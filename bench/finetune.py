@@ -386,7 +386,8 @@ def main() -> None:
     if apart["steady_apart"] and steady["open_clip_train"]:
         print(f"clipforge steady without the windows beside a commit: {apart['steady_apart']:.2f} samples/s over "
               f"{apart['counted_apart']} steps (ratio {apart['steady_apart'] / steady['open_clip_train']:.2f}); "
-              f"with them {steady['clipforge']:.2f}: the difference is what commits cost the steps")
+              f"with them {steady['clipforge']:.2f}: what those windows cost (the commits, or each epoch's start: "
+              "see the next line)")
     parts = {name: max(results, key=lambda r: r["steady"] or 0) for name, results in runs.items()}
     if all(r["early"] and r["late"] for r in parts.values()):
         print("steady in each epoch's first third (epochs 2 on) / in the rest of each epoch: " + ", ".join(
