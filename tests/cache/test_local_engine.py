@@ -99,3 +99,29 @@ def test_weights_that_cannot_be_fetched_are_one_line_even_from_open_clip(tmp_pat
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clipforge cache: error: cannot load model ViT-B-32"), lines
+
+
+def test_the_encoder_is_ready_before_its_weights_are_hashed_and_its_description_waits_for_the_hash(
+        tiny_models, monkeypatch):
+    """The weights file's sha256 (the cache's metadata) is computed beside the model's load: the encoder does not
+    wait for it, and its description, asked for at the first commit, does. The hash is held by a gate here,
+    as a large file's hash holds it."""
+    import hashlib
+    import threading
+
+    from clipforge.models import encoders
+    from clipforge.models.encode import ImageEncoder
+    from clipforge.models.encoders import EncoderSpec
+
+    gate, hashing = threading.Event(), encoders.weights_digest
+
+    def held(*args, **kwargs):
+        assert gate.wait(30), "the test never let the hash go"
+        return hashing(*args, **kwargs)
+
+    monkeypatch.setattr(encoders, "weights_digest", held)
+    config, weights = tiny_models["source"]
+    encoder = ImageEncoder(EncoderSpec("tiny-source", str(weights), str(config)), "cpu")
+    assert not encoder._digest.done()  # ready, and its hash still to come
+    gate.set()
+    assert encoder.description["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

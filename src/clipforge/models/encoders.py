@@ -326,11 +326,13 @@ def is_weights_format(path: str | None) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
 
 
-def describe(spec: EncoderSpec, model, preprocess_cfg: dict, cache_dir: str | None = None) -> dict:
-    """The model description stored in cache metadata and manifests; a weights file's by its content too."""
+def describe(spec: EncoderSpec, model, preprocess_cfg: dict, cache_dir: str | None = None, *,
+             digest: str | None = None) -> dict:
+    """The model description stored in cache metadata and manifests; a weights file's by its content too
+    (`digest`, when its sha256 is already known)."""
     weights = spec.weights_fingerprint()
     if weights is not None:
-        weights["sha256"] = weights_digest(spec.pretrained, cache_dir)
+        weights["sha256"] = digest or weights_digest(spec.pretrained, cache_dir)
     return {
         "name": spec.model,
         "pretrained": spec.pretrained,
