@@ -75,3 +75,18 @@ def test_a_config_file_is_read_the_same_way(tmp_path, text_cfg, vision_cfg, need
     path.write_text(json.dumps({**config, **({"text_cfg": text_cfg} if text_cfg else {}),
                                 **({"vision_cfg": vision_cfg} if vision_cfg is not None else {})}))
     assert optional_packages_needed("custom", str(path)) == needed
+
+
+def test_loading_an_encoder_first_imports_open_clip_lean_too():
+    """`load_clip` (search, evaluate, Ray's encoder actors) is often a process's first use of open_clip: it checks
+    the model before it imports open_clip, so the lean import applies there too."""
+    code = """
+import sys
+from clipforge.models.encoders import EncoderSpec, load_clip
+load_clip(EncoderSpec("ViT-B-32", ""), "cpu")
+assert "transformers" not in sys.modules and "timm" not in sys.modules, sorted(
+    m for m in ("transformers", "timm") if m in sys.modules)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
