@@ -12,6 +12,7 @@ import torch
 
 from clipforge.errors import UserError
 from clipforge.models.preprocess import BatchPreprocess
+from clipforge.storage import uri as storage
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
               "pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}
@@ -97,10 +98,9 @@ class ImageEncoder:
         # The weights file's sha256, which the cache's metadata records, is computed beside the model's load and
         # waited for at the first commit: ViT-H-14's 3.9 GB took ~2.3 s to hash before the encoder was ready.
         # A file on S3 is hashed once its local copy is there, after the load fetched it.
-        on_s3 = str(spec.pretrained or "").startswith("s3://")
-        self._digest = None if on_s3 else self._hash_weights()
+        hashing = None if storage.is_s3(spec.pretrained or "") else self._hash_weights()
         self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
-        self._digest = self._digest or self._hash_weights()
+        self._digest = hashing or self._hash_weights()
         self.preprocess_cfg = preprocess_cfg
         self.preprocess = BatchPreprocess(preprocess_cfg, self.device)
 
