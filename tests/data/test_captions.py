@@ -339,3 +339,45 @@ def test_a_prepare_that_splits_as_before_keeps_the_augmented_train_csv(dataset, 
     assert "train.csv, augmented from it, is kept" in caplog.text
     prepare(PrepareConfig(dataset=str(dataset), seed=3, val_fraction=0.3))
     assert not (dataset / "train.csv").exists()
+
+
+def test_augmenting_again_with_nothing_changed_is_up_to_date_and_any_change_redoes_it(dataset, tmp_path, caplog):
+    """A language model can take hours over a folder: a rerun with the same settings and inputs does nothing.
+    Another setting, another synonym map, new training captions or a hand-edited train.csv make it again."""
+    prepare(PrepareConfig(dataset=str(dataset)))
+    first = augment(AugmentConfig(dataset=str(dataset), per_sample=2))
+    made = (dataset / "train.csv").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="clipforge.captions"):
+        again = augment(AugmentConfig(dataset=str(dataset / "index.csv"), per_sample=2))  # named another way
+    assert again == first and (dataset / "train.csv").stat().st_mtime_ns == made
+    assert "train.csv is up to date" in caplog.text
+
+    def redone(**settings) -> bool:
+        before = (dataset / "train.csv").stat().st_mtime_ns
+        augment(AugmentConfig(dataset=str(dataset), **{"per_sample": 2, **settings}))
+        return (dataset / "train.csv").stat().st_mtime_ns != before
+
+    assert redone(per_sample=3) and redone() and not redone()
+    (tmp_path / "map.json").write_text('{"circle": ["ring"]}')
+    assert redone(synonyms=str(tmp_path / "map.json")) and not redone(synonyms=str(tmp_path / "map.json"))
+    (tmp_path / "map.json").write_text('{"circle": ["hoop"]}')
+    assert redone(synonyms=str(tmp_path / "map.json"))
+    with open(dataset / "train.csv", "a") as edited:
+        edited.write("x.png,a hand-made row\n")
+    assert redone(synonyms=str(tmp_path / "map.json"))
+    assert "hand-made" not in (dataset / "train.csv").read_text()
+    originals = dataset / "train_original.csv"
+    originals.write_text(originals.read_text().replace("circle", "disc"))
+    assert redone(synonyms=str(tmp_path / "map.json"))
+    assert "disc" in (dataset / "train.csv").read_text()
+
+
+def test_a_model_that_failed_is_tried_again_on_the_next_run(dataset, tmp_path, caplog):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    config = AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tmp_path / "broken"))
+    augment(config)
+    caplog.clear()
+    assert augment(config)["llm_fallbacks"] == 24
+    assert "falls back to the synonym map" in caplog.text and "up to date" not in caplog.text

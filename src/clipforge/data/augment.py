@@ -4,10 +4,17 @@
 local causal language model (a transformers folder, no hub) for paraphrases and
 falls back to the map, with a warning and a count, wherever it fails. Variants
 never repeat the original or each other, and the same seed gives the same file.
+
+`_augment.json` beside `train.csv` records what it was made from (the settings,
+`train_original.csv`, the synonym map, the language model's folder): a rerun
+with nothing changed is "up to date" and does nothing, since a language model
+can take hours over a large folder. A run where the model failed is not
+recorded, so the next one tries it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -18,12 +25,14 @@ from importlib import resources
 import pandas as pd
 
 from clipforge.config.captions import AugmentConfig
-from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, read_captions, write_captions
+from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, captions_csv, read_captions
 from clipforge.errors import UserError
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
+
+RECORD = "_augment.json"  # what train.csv was made from, written after it
 
 
 @dataclass(frozen=True)
@@ -42,12 +51,13 @@ class SynonymMap:
         return cls(words, re.compile(rf"(?<![\w'-])({body})(?![\w'-])", re.IGNORECASE))
 
 
+def shipped_synonyms() -> str:
+    return resources.files("clipforge.data").joinpath("synonyms.json").read_text()
+
+
 def load_synonyms(path: str | None) -> SynonymMap:
     """The map from `path`, or the one shipped in the package."""
-    if path:
-        raw = storage.read_json(path)
-    else:
-        raw = json.loads(resources.files("clipforge.data").joinpath("synonyms.json").read_text())
+    raw = storage.read_json(path) if path else json.loads(shipped_synonyms())
     if not isinstance(raw, dict):
         raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")
     for word, synonyms in raw.items():
@@ -139,12 +149,45 @@ def warn_if_index_is_newer(dataset: str, split: str) -> None:
                     "train on the changes", index, dataset)
 
 
+def made_from(cfg: AugmentConfig, source: str) -> dict:
+    """What train.csv is a function of: the settings and the content of everything they name."""
+    def content(uri: str) -> dict:  # not where it is: the dataset may be named another way next time
+        return {key: value for key, value in storage.content_fingerprint(uri).items() if key != "uri"}
+
+    synonyms = content(cfg.synonyms) if cfg.synonyms else \
+        {"shipped_sha256": hashlib.sha256(shipped_synonyms().encode()).hexdigest()}
+    model = storage.tree_fingerprint(cfg.llm_model) if cfg.method == "llm" else None
+    return {"settings": cfg.model_dump(mode="json", exclude={"dataset"}), "train_original": content(source),
+            "synonyms": synonyms, "llm_model": model}
+
+
+def recorded_summary(dataset: str, inputs: dict) -> dict | None:
+    """The summary of the augmentation that made DATASET/train.csv from `inputs`, if that file is still its."""
+    record, train = storage.join(dataset, RECORD), storage.join(dataset, TRAIN)
+    if not (storage.exists(record) and storage.exists(train)):
+        return None
+    try:
+        made = storage.read_json(record)
+    except (ValueError, UserError):  # a record cut short or edited: augment again
+        return None
+    if not isinstance(made, dict) or made.get("made_from") != inputs or \
+            made.get("train_sha256") != hashlib.sha256(storage.read_bytes(train)).hexdigest():
+        return None
+    return made.get("summary")
+
+
 def augment(cfg: AugmentConfig) -> dict:
-    """Write DATASET/train.csv from DATASET/train_original.csv."""
+    """Write DATASET/train.csv from DATASET/train_original.csv, unless it is already made from them as asked."""
     source = storage.join(cfg.dataset, TRAIN_ORIGINAL)
     if not storage.exists(source):
         raise UserError(f"{source} not found: run `clipforge captions prepare {cfg.dataset}` first")
     warn_if_index_is_newer(cfg.dataset, source)
+    inputs = made_from(cfg, source)
+    summary = recorded_summary(cfg.dataset, inputs)
+    if summary is not None:
+        log.info("%s is up to date (%d captions + %d variants); nothing to do", storage.join(cfg.dataset, TRAIN),
+                 summary["originals"], summary["variants"])
+        return summary
     frame = read_captions(source)
     synonyms = load_synonyms(cfg.synonyms)
     rng = random.Random(cfg.seed)
@@ -180,7 +223,12 @@ def augment(cfg: AugmentConfig) -> dict:
         log.warning("the language model gave too few paraphrases for %d of %d captions; the synonym map "
                     "filled in", fallbacks, len(frame))
     out = pd.DataFrame(rows, columns=["filepath", "caption"])
-    write_captions(storage.join(cfg.dataset, TRAIN), out)
+    train, record = captions_csv(out), storage.join(cfg.dataset, RECORD)
+    storage.delete(record)  # the record says "made from these" only once the file it vouches for is in
+    storage.write_bytes(storage.join(cfg.dataset, TRAIN), train)
     summary = {"originals": len(frame), "rows": len(out), "variants": len(out) - len(frame), "llm_fallbacks": fallbacks}
+    if cfg.method == "manual" or (paraphrase is not None and not fallbacks):  # a failing model: try it again
+        storage.write_json(record, {"made_from": inputs, "train_sha256": hashlib.sha256(train).hexdigest(),
+                                    "summary": summary})
     log.info("%s: %d captions + %d variants -> train.csv", cfg.dataset, len(frame), len(out) - len(frame))
     return summary
