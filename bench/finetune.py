@@ -41,6 +41,9 @@ slows a run down):
   overlap one of its checkpoint commits (they run beside training, from
   `timing.checkpoint_commit_spans` in its metrics.json): the two figures
   apart say what the commits cost the steps;
+- how long clipforge's first step of each epoch waited for its batch (its
+  loader starts on an epoch before the validation and checkpoint in front of
+  it);
 - each tool's steady samples/s in the windows that start in the first third
   of an epoch (from the second epoch on: where clipforge's commits run)
   against those in the rest: a drop for both tools is the epoch's start, a
@@ -382,6 +385,9 @@ def main() -> None:
     timing = best["clipforge"]["timing"]
     print(f"clipforge's checkpoints: training stopped {timing['checkpoint_seconds']:.2f} s for them (snapshots); "
           f"their commits took {timing['checkpoint_commit_seconds']:.2f} s beside training")
+    waits = timing.get("first_batch_waits")
+    if waits:  # its loader starts on an epoch before the validation and checkpoint in front of it
+        print(f"clipforge's first step of each epoch waited for its batch: {', '.join(f'{w:.3f}' for w in waits)} s")
     apart = max(runs["clipforge"], key=lambda r: r["steady_apart"] or 0)
     if apart["steady_apart"] and steady["open_clip_train"]:
         print(f"clipforge steady without the windows beside a commit: {apart['steady_apart']:.2f} samples/s over "

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -230,3 +231,37 @@ def test_validation_with_several_captions_per_image_groups_answers_by_image_and_
                                                 val_data=str(twice))))
     before = result.metrics["before"]
     assert (before["pairs"], before["distinct_images"], before["distinct_captions"]) == (24, 12, 24)
+
+
+def test_the_loader_decodes_an_epoch_s_first_batches_during_the_validation_before_it(tiny_clip, captioned, tmp_path,
+                                                                                      monkeypatch):
+    """The workers start on an epoch when the one before has ended, not after its validation and checkpoint:
+    each validation finds the next epoch's first images being decoded (seen through files its worker touches)."""
+    from clipforge.stages.finetune_data import CaptionedImages
+    from clipforge.stages.finetune_trainer import FinetuneTrainer
+
+    seen, getitem, evaluate = tmp_path / "seen", CaptionedImages.__getitem__, FinetuneTrainer.evaluate
+    seen.mkdir()
+
+    def touched(self, key):  # runs in the (forked) loader worker
+        if self.rows.source.endswith("train.csv"):
+            (seen / f"{key[0]}-{key[1]}").touch()
+        return getitem(self, key)
+
+    found = []
+
+    def waiting_for_the_next_epoch(self):
+        epoch = self.progress.epoch  # the epoch that comes after this validation
+        if epoch == self.config.epochs:
+            return evaluate(self)
+        deadline = time.monotonic() + 30
+        while not list(seen.glob(f"{epoch}-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found.append((epoch, bool(list(seen.glob(f"{epoch}-*")))))
+        return evaluate(self)
+
+    monkeypatch.setattr(CaptionedImages, "__getitem__", touched)
+    monkeypatch.setattr(FinetuneTrainer, "evaluate", waiting_for_the_next_epoch)
+    finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "out", epochs=2, workers=1,
+                                       timestamped=False)))
+    assert found == [(0, True), (1, True)]

@@ -16,6 +16,8 @@ a step: batches are copied on a side stream one step ahead
 (`train.loop.to_device_ahead`), captions are cut to length on the host, and
 the losses stay on the GPU until `DeferredLosses` reads them every
 `log_every` seconds (and before a checkpoint, at a stop, at an epoch's end).
+The loader's workers start on an epoch's batches before the validation and the
+checkpoint that come before it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -161,7 +164,8 @@ class FinetuneTrainer:
         self.meter: Progress | None = None
         self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
         self.saving_seconds = 0.0  # training stopped for checkpoints (the snapshot; the commit runs beside)
-        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None}
+        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
+                       "first_batch_waits": []}  # seconds each epoch's first step waited for its batch
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -348,15 +352,25 @@ class FinetuneTrainer:
             self.timing["checkpoint_commit_spans"] = [[round(t, 3) for t in span]
                                                       for span in self.checkpoints.commit_spans]
 
+    def _start_epoch(self, epoch: int, start: int) -> Iterator:
+        """The batches of `epoch` from step `start` on. The loader's workers start on them now: called before
+        validation and the checkpoint, they decode the epoch's first batches meanwhile, where the first steps
+        would otherwise wait for them (12 workers each decoding a batch of 256 photos)."""
+        self.train_keys.batches = self._keys(epoch, start)
+        return to_device_ahead(iter(self.train_loader), self.acc.device)
+
     def _fit(self, watch: PreemptionWatch) -> bool:
         config, p = self.config, self.progress
+        upcoming = self._start_epoch(p.epoch, p.step_in_epoch) if p.epoch < config.epochs else None
         if p.step == 0 and not self.history:
             self._record(self.evaluate(), 0)
         for epoch in range(p.epoch, config.epochs):
-            self.train_keys.batches = self._keys(epoch, p.step_in_epoch)
-            batches = to_device_ahead(self.train_loader, self.acc.device)
+            batches, upcoming, first = upcoming, None, p.step_in_epoch
             for i in range(p.step_in_epoch, self.steps_per_epoch):
+                asked = time.monotonic()
                 passes = [next(batches) for _ in range(config.grad_accum)]
+                if i == first:
+                    self.timing["first_batch_waits"].append(round(time.monotonic() - asked, 4))
                 bad = next((b for b in passes if isinstance(b, BadImage)), None)
                 any_bad, stop, due = any_across(self.acc, bad is not None, watch.requested, self.losses.due())
                 if any_bad:
@@ -379,6 +393,8 @@ class FinetuneTrainer:
             del batches
             self.read_losses()
             p.epoch, p.step_in_epoch = epoch + 1, 0
+            if p.epoch < config.epochs:
+                upcoming = self._start_epoch(p.epoch, 0)
             self._record(self.evaluate(), epoch + 1)
             self.save()
         self.checkpoints.wait()
