@@ -8,7 +8,8 @@ best of --repeat, so the figures add up the way a user's command pays them:
     open_clip imported as clipforge imports it for the model (without transformers and timm when the
     model uses neither; `clipforge.models.open_clip_import`) | import clipforge.cli |
     baseline: a plain script that imports open_clip, loads the weights file onto the device and encodes one
-              batch (the least any tool must do)
+              batch (the least any tool must do); then its load phase by phase (build, read the file, copy it
+              onto the model; and the file read straight onto the device), in one more interpreter
     clipforge: `clipforge cache` on a few images: when its plan was logged, when its encoder was ready,
                its whole wall time
 
@@ -57,6 +58,41 @@ with torch.inference_mode(), torch.autocast(device_type=torch.device(device).typ
 if device != "cpu":
     torch.cuda.synchronize()
 print(f"ready {time.perf_counter() - t0:.3f}")
+"""
+
+
+# The plain script's load, phase by phase (it reads as one call there): open_clip's factory builds the model on the
+# device, then its `load_checkpoint` reads the safetensors file into CPU tensors and copies each onto the model.
+# The last line reads the file straight onto the device instead (one way to take a phase out of the copy).
+PHASES = """
+import sys, time
+import torch
+sync = torch.cuda.synchronize if sys.argv[3] != "cpu" else (lambda: None)
+t = time.perf_counter()
+def lap(label):
+    global t
+    sync()
+    now = time.perf_counter()
+    print(f"phase {now - t:.3f} {label}")
+    t = now
+import open_clip
+from safetensors.torch import load_file
+lap("import open_clip, safetensors")
+name, weights, device = sys.argv[1:4]
+if len(sys.argv) > 4:
+    open_clip.add_model_config(sys.argv[4])
+with torch.device(device):
+    model = open_clip.create_model(name, device=device).eval()
+lap("build the model on the device, random weights (open_clip.create_model without pretrained)")
+state = load_file(weights, device="cpu")
+lap("read the weights file into CPU tensors (safetensors load_file, what open_clip does)")
+model.load_state_dict(state)
+lap("copy them onto the model (load_state_dict)")
+del state
+state = load_file(weights, device=device)
+lap("read the weights file straight onto the device (load_file(device=...)), page cache warm")
+model.load_state_dict(state)
+lap("... then load_state_dict on the device")
 """
 
 
@@ -114,9 +150,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="modules listed from -X importtime")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="clipforge-startup-") as root:  # a ViT-H-14 file is 3.9 GB
+        report(args, Path(root))
+
+
+def report(args: argparse.Namespace, root: Path) -> None:
     device = args.device
     spec = args.model or ("ViT-B-32" if device == "cuda" else "tiny")
-    root = Path(tempfile.mkdtemp(prefix="clipforge-startup-"))
     write_images(root / "images.hdf5", args.images)
     index = write_index(root / "index.parquet", np.arange(args.images))
     model, _ = build_model(spec, root, torch.device(device))
@@ -135,6 +175,9 @@ def main() -> None:
     baseline_wall, out = timed(["-c", BASELINE, model.name, model.weights, device, *config], args.repeat)
     baseline_ready = float(re.search(r"ready ([\d.]+)", out).group(1)) + rows[0][1]  # plus the interpreter's start
     rows.append((f"baseline: plain script, {model.name} loaded and one batch encoded (wall)", baseline_wall))
+    phases = timed(["-c", PHASES, model.name, model.weights, device, *config], 1)[1]
+    rows += [(f"  its load, phase by phase: {label}", float(seconds))
+             for seconds, label in re.findall(r"^phase ([\d.]+) (.*)$", phases, re.M)]
 
     best = None
     for attempt in range(args.repeat):
