@@ -381,3 +381,18 @@ def test_a_model_that_failed_is_tried_again_on_the_next_run(dataset, tmp_path, c
     caplog.clear()
     assert augment(config)["llm_fallbacks"] == 24
     assert "falls back to the synonym map" in caplog.text and "up to date" not in caplog.text
+
+
+def test_a_prepare_that_splits_as_before_leaves_the_split_files_as_they_were(dataset):
+    """Pipelines key a fine-tune on its CSVs' mtimes too: a rerun of `captions prepare` that makes the same split
+    leaves them untouched. Once index.csv is newer, they are written again (augment compares their ages)."""
+    LATER = 19 * 10**17  # 2030: after index.csv was written
+    prepare(PrepareConfig(dataset=str(dataset)))
+    split = [dataset / "train_original.csv", dataset / "val.csv"]
+    for path in split:
+        os.utime(path, ns=(LATER, LATER))
+    prepare(PrepareConfig(dataset=str(dataset)))
+    assert [path.stat().st_mtime_ns for path in split] == [LATER, LATER]
+    os.utime(dataset / "index.csv", ns=(LATER + 1, LATER + 1))
+    prepare(PrepareConfig(dataset=str(dataset)))
+    assert all(path.stat().st_mtime_ns != LATER for path in split)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,6 +39,21 @@ def test_cli_writes_the_index(expdesign, tmp_path):
     assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]) == 0
     index = read_index(str(out))
     assert list(index.ids) == sorted(subjectim[0] - 1)
+
+
+def test_an_index_written_again_as_it_was_keeps_its_file(expdesign, tmp_path, caplog):
+    """The README's recipe (`index nsd`, then `cache`) run twice: the same index is not written again, so the
+    file keeps its mtime."""
+    path, _, _ = expdesign
+    out = tmp_path / "subj01.parquet"
+    args = ["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]
+    assert main(args) == 0
+    os.utime(out, ns=(1, 1))
+    with caplog.at_level("INFO", logger="clipforge.index"):
+        assert main(args) == 0
+    assert out.stat().st_mtime_ns == 1 and "(up to date: the file is left as it was)" in caplog.text
+    assert main([*args[:-3], "subj02", *args[-2:]]) == 0
+    assert out.stat().st_mtime_ns != 1
 
 
 def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_split_is_said(expdesign, tmp_path,

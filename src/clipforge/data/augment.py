@@ -25,7 +25,7 @@ from importlib import resources
 import pandas as pd
 
 from clipforge.config.captions import AugmentConfig
-from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, captions_csv, read_captions
+from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, captions_csv, is_older, read_captions
 from clipforge.errors import UserError
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
@@ -142,9 +142,7 @@ class LanguageModelParaphraser:
 def warn_if_index_is_newer(dataset: str, split: str) -> None:
     """Captions edited after `prepare` made the split are not in it (local folders; S3 keeps no mtime here)."""
     index = storage.join(dataset, INDEX)
-    if storage.is_s3(index) or not storage.exists(index):
-        return
-    if storage.local_path(index).stat().st_mtime > storage.local_path(split).stat().st_mtime:
+    if is_older(split, index):
         log.warning("%s changed after the split was made: run `clipforge captions prepare %s` again to "
                     "train on the changes", index, dataset)
 

@@ -100,14 +100,25 @@ def prepare(cfg: PrepareConfig) -> dict:
             log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
                      augmented)
             storage.delete(augmented)
-    for path, data in split.items():  # written even when unchanged: augment compares their age with index.csv's
-        storage.write_bytes(path, data)
+    index = storage.join(cfg.dataset, INDEX)
+    for path, data in split.items():
+        # Unchanged, a file keeps its mtime (the fingerprints of what was made from it count it), unless index.csv
+        # is newer: `augment` takes that for captions edited after the split.
+        if not storage.write_bytes_if_changed(path, data) and is_older(path, index):
+            storage.write_bytes(path, data)
     summary = {"rows": len(frame), "train": len(train), "val": len(val), "skipped_bad": len(bad),
                "images": n_images, "train_images": n_images - n_val, "val_images": n_val,
                "repeats_dropped": int(repeated.sum())}
     log.info("%s: %d train images (%d rows) and %d val images (%d rows); %d bad images skipped", cfg.dataset,
              n_images - n_val, len(train), n_val, len(val), len(bad))
     return summary
+
+
+def is_older(path: str, than: str) -> bool:
+    """Whether local file `path` was modified before `than` (S3 keeps no mtime here: never)."""
+    if storage.is_s3(path) or storage.is_s3(than) or not storage.exists(than):
+        return False
+    return storage.local_path(path).stat().st_mtime_ns < storage.local_path(than).stat().st_mtime_ns
 
 
 def captions_csv(frame: pd.DataFrame) -> bytes:

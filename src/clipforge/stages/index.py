@@ -38,11 +38,12 @@ def run_index(cfg: IndexConfig) -> dict:
         data = frame.to_csv(index=False).encode()
     else:
         data = parquet.frame_bytes(frame)
-    storage.write_bytes(index_file(cfg.output), data)
+    # An index written again as it was keeps its mtime: the caches made from it stay up to date.
+    written = storage.write_bytes_if_changed(index_file(cfg.output), data)
     counts = frame["split"].value_counts().to_dict()
     summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}
-    log.info("%s: %d images (%d train, %d test) -> %s", cfg.subject, summary["rows"], summary["train"],
-             summary["test"], index_file(cfg.output))
+    log.info("%s: %d images (%d train, %d test) -> %s%s", cfg.subject, summary["rows"], summary["train"],
+             summary["test"], index_file(cfg.output), "" if written else " (up to date: the file is left as it was)")
     if not summary["test"]:
         log.warning("none of %s's images is a shared one (sharedix): the test split is empty, and the adapter and "
                     "its evaluation need one", cfg.subject)

@@ -135,6 +135,18 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
             s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
 
 
+def write_bytes_if_changed(uri: str, data: bytes) -> bool:
+    """`write_bytes`, unless the object already holds exactly `data` (small files: it is read to compare).
+    An unchanged file keeps its mtime, which the fingerprints of what was made from it count. True: written."""
+    try:
+        if exists(uri) and read_bytes(uri) == data:
+            return False
+    except UserError:  # a folder, or unreadable: the write says what is wrong
+        pass
+    write_bytes(uri, data)
+    return True
+
+
 def upload_file(path: Path, uri: str) -> None:
     """A local file to an s3:// URI, streamed from disk (in parts when large): never whole in memory, and
     whole or absent under its name, as `write_bytes` writes."""
