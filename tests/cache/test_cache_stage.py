@@ -121,6 +121,57 @@ def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, t
     assert mtimes(output) == before
 
 
+def test_an_index_written_again_or_touched_leaves_the_cache_up_to_date(nsd, tiny_models, ray_session, tmp_path):
+    """`clipforge index nsd` run again rewrote the same index, and the cache refused its own output ("inputs.index.
+    mtime_ns: ..."): the index counts by content. Other rows are another input, said in words."""
+    index = tmp_path / "index.parquet"
+    index.write_bytes(Path(nsd["index"]).read_bytes())
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"], index=str(index))
+    run_cache(cfg)
+    before = mtimes(output)
+    index.write_bytes(index.read_bytes())
+    os.utime(index, ns=(1, 1))
+    run_cache(cfg)
+    assert mtimes(output) == before
+    pd.read_parquet(index).iloc[1:].to_parquet(index)
+    with pytest.raises(UserError, match=re.escape(f"(index {index} changed (size, content)); choose a new")):
+        run_cache(cfg)
+
+
+def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_index_is_as_it_was(
+        nsd, tiny_models, ray_session, tmp_path, monkeypatch):
+    """Caches made before the index counted by content recorded its size and mtime (and named their shards with
+    them): they stay up to date, and resume, while the file still has that size and mtime."""
+    from clipforge.stages import cache as stage
+    from clipforge.stages import cache_local
+
+    index = tmp_path / "index.parquet"
+    index.write_bytes(Path(nsd["index"]).read_bytes())
+    done, unfinished = tmp_path / "done", tmp_path / "unfinished"
+    commit, commits = cache_local.commit_shard, []
+
+    def stopping(*args):  # the run stops after two shards
+        if len(commits) >= 2:
+            raise RuntimeError("stopped")
+        commits.append(commit(*args))
+
+    with monkeypatch.context() as old:
+        old.setattr(stage.storage, "content_fingerprint", stage.storage.fingerprint)
+        first = run_cache(config(nsd, tiny_models, str(done), source=nsd["local"], index=str(index)))
+        old.setattr(cache_local, "commit_shard", stopping)
+        with pytest.raises(RuntimeError, match="stopped"):
+            run_cache(config(nsd, tiny_models, str(unfinished), source=nsd["local"], index=str(index)))
+    assert "mtime_ns" in first["inputs"]["index"]
+    before = mtimes(done)
+    assert run_cache(config(nsd, tiny_models, str(done), source=nsd["local"], index=str(index))) == first
+    assert mtimes(done) == before
+    shards = {name: t for name, t in mtimes(unfinished).items() if name.startswith("shard-")}
+    resumed = run_cache(config(nsd, tiny_models, str(unfinished), source=nsd["local"], index=str(index)))
+    assert len(shards) == 2 and resumed["metrics"]["images_encoded"] == 30 - 2 * 8
+    assert all(mtimes(unfinished)[name] == t for name, t in shards.items())
+
+
 def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, ray_session, tmp_path,
                                                                monkeypatch):
     """`--pretrained model.pt` in the working directory loads the file; changing that file must not leave
@@ -132,7 +183,7 @@ def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, r
     manifest = run_cache(cfg)
     assert manifest["model"]["weights"]["size"] == Path("model.pt").stat().st_size
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, "model.pt")
-    with pytest.raises(UserError, match=r"another config or input \(inputs.weights.mtime_ns: \d+ in the manifest"):
+    with pytest.raises(UserError, match=r"another config or input \(weights model.pt changed \((size, )?mtime\)\)"):
         run_cache(cfg)
 
 
@@ -243,7 +294,7 @@ def test_a_path_spelled_another_way_names_the_same_input(nsd, tiny_models, ray_s
     copy = tmp_path / "copy.hdf5"
     copy.write_bytes(Path(nsd["local"]).read_bytes())
     with pytest.raises(UserError, match=re.escape(f"(source: stimuli.hdf5 in the manifest, {copy} now; "
-                                                  "inputs.source.mtime_ns: ")):
+                                                  f"source {copy} changed (mtime))")):
         run_cache(config(nsd, tiny_models, str(output), source=str(copy)))
 
 

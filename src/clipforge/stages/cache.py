@@ -36,7 +36,14 @@ from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress, process_age
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, is_up_to_date, read_manifest, refuse_other_kind, write_manifest
+from clipforge.storage.manifest import (
+    digest,
+    input_changes,
+    is_up_to_date,
+    read_manifest,
+    refuse_other_kind,
+    write_manifest,
+)
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
@@ -72,8 +79,19 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
         return index, {"source": listing}
     path = index_at(cfg.index) if cfg.index else index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
+    # The index by its content: written again as it was (`clipforge index nsd` rerun) or touched, it is the same.
     return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
-                   "index": storage.fingerprint(path)}
+                   "index": storage.content_fingerprint(path)}
+
+
+def index_as_recorded(inputs: dict, recorded: dict | None) -> dict:
+    """`inputs` with the index counted as `recorded` (a manifest or planned config) counted it, by size and mtime
+    (before it counted by content), while the file still has that size and mtime: caches made then stay up to
+    date and resumable (their shards' names hold the inputs)."""
+    was, now = ((recorded or {}).get("inputs") or {}).get("index"), inputs.get("index")
+    if not (isinstance(was, dict) and "mtime_ns" in was and isinstance(now, dict) and was.get("uri") == now["uri"]):
+        return inputs
+    return {**inputs, "index": was} if storage.fingerprint(now["uri"]) == was else inputs
 
 
 def readable_only(source: str, index: RowIndex) -> RowIndex:
@@ -120,7 +138,7 @@ def _run_cache(cfg: CacheConfig) -> dict:
     cfg = spelled_as_recorded(cfg, manifest or planned)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
-    inputs = stage_inputs(spec, found)
+    inputs = index_as_recorded(stage_inputs(spec, found), manifest or planned)
     fingerprint, located = cfg.fingerprint(), cfg.located_fingerprint()
     if is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs):
         log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
@@ -261,18 +279,11 @@ def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3,
     defaults = {field.alias or name: field.default for name, field in CacheConfig.model_fields.items()
                 if name not in cfg.volatile}
     now, then = cfg.model_dump(mode="json", by_alias=True), manifest["config"]
-    differ = [(key, then.get(key, default), now[key]) for key, default in sorted(defaults.items())
-              if then.get(key, default) != now[key]]
-    recorded = manifest["inputs"]
-    for key in sorted(set(recorded) | set(inputs)):
-        a, b = recorded.get(key), inputs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):  # the path (`uri`) is a setting, said above
-            differ += [(f"inputs.{key}.{sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b))
-                       if sub != "uri" and a.get(sub) != b.get(sub)]
-        elif a != b:
-            differ.append((f"inputs.{key}", a, b))
-    said = "; ".join(f"{key}: {a} {recorded_as}, {b} now" for key, a, b in differ[:shown])
-    return said + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
+    differ = [f"{key}: {then.get(key, default)} {recorded_as}, {now[key]} now"
+              for key, default in sorted(defaults.items()) if then.get(key, default) != now[key]]
+    # Inputs in words (`index idx/subj01.parquet changed (content)`); a path that differs is a setting, said above.
+    differ += input_changes(manifest["inputs"], inputs, paths=False)
+    return "; ".join(differ[:shown]) + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
 
 
 def choose_engine(cfg: CacheConfig) -> str:

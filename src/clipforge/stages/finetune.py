@@ -39,7 +39,7 @@ from clipforge.stages.finetune_runs import (
 )
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, refuse_other_kind, write_manifest
+from clipforge.storage.manifest import input_changes, is_up_to_date, read_manifest, refuse_other_kind, write_manifest
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
@@ -161,27 +161,6 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> None:
     if changed:
         raise UserError(f"resume {folder}: {'; '.join(changed)} since that run began; start a new run without "
                         "--resume")
-
-
-# The fields of an input's fingerprint (`storage.fingerprint`, `content_fingerprint`, `tree_fingerprint`), as a
-# user would name what changed.
-FINGERPRINT_FIELDS = {"uri": "path", "size": "size", "mtime_ns": "mtime", "sha256": "content", "etag": "content",
-                      "files": "number of files", "listing_sha256": "files listed"}
-
-
-def input_changes(recorded: dict, current: dict) -> list[str]:
-    """Each input whose fingerprint differs from the one recorded, named with its file and what changed."""
-    changes = []
-    for role in sorted(recorded.keys() | current.keys()):
-        was, now = recorded.get(role), current.get(role)
-        if was == now:
-            continue
-        if not isinstance(was, dict) or not isinstance(now, dict):
-            changes.append(f"{role} {'is no longer a file' if now is None else 'is a file now'}")
-            continue
-        what = list(dict.fromkeys(name for key, name in FINGERPRINT_FIELDS.items() if was.get(key) != now.get(key)))
-        changes.append(f"{role} {now.get('uri', '')}".rstrip() + f" changed ({', '.join(what) or 'fingerprint'})")
-    return changes
 
 
 def stage_inputs(config: FinetuneConfig) -> dict:

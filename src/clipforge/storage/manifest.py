@@ -101,3 +101,30 @@ def is_up_to_date(manifest: dict | None, config_fingerprint: str, inputs: dict) 
         and manifest.get("config_fingerprint") == config_fingerprint
         and manifest.get("inputs") == inputs
     )
+
+
+# The fields of an input's fingerprint (`storage.fingerprint`, `content_fingerprint`, `tree_fingerprint`), as a
+# user would name what changed.
+FINGERPRINT_FIELDS = {"uri": "path", "size": "size", "mtime_ns": "mtime", "sha256": "content", "etag": "content",
+                      "files": "number of files", "listing_sha256": "files listed"}
+
+
+def input_changes(recorded: dict, current: dict, *, paths: bool = True) -> list[str]:
+    """Each input whose fingerprint differs from the one recorded, named with its file and what changed;
+    `paths=False`: a path spelled otherwise is no change (the caller says it with the settings)."""
+    changes = []
+    for role in sorted(recorded.keys() | current.keys()):
+        was, now = recorded.get(role), current.get(role)
+        if not paths and isinstance(was, dict) and isinstance(now, dict):
+            was = {**was, "uri": now.get("uri")}
+        if was == now:
+            continue
+        if was is None or now is None:
+            changes.append(f"{role} {'is no longer a file' if now is None else 'is a file now'}")
+            continue
+        if not isinstance(was, dict) or not isinstance(now, dict):  # a digest of its own (a model config's)
+            changes.append(f"{role} changed (content)")
+            continue
+        what = list(dict.fromkeys(name for key, name in FINGERPRINT_FIELDS.items() if was.get(key) != now.get(key)))
+        changes.append(f"{role} {now.get('uri', '')}".rstrip() + f" changed ({', '.join(what) or 'fingerprint'})")
+    return changes
