@@ -149,6 +149,10 @@ def test_resume_latest_of_a_finished_run_is_up_to_date(trained, monkeypatch):
         finetune(config.model_copy(update={"resume": "latest", "lr": 1e-3}))
     with pytest.raises(UserError, match="no run to resume there"):
         finetune(config.model_copy(update={"resume": str(root)}))
+    # OUT made with --no-timestamped is a run itself: `--resume latest` there resumes it, not a new run inside it.
+    again = finetune(config.model_copy(update={"out": str(folder), "resume": "latest", "workers": 2}))
+    assert again.status == "up to date" and again.out == result.out
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
 def test_grad_accum_equals_one_pass_over_the_whole_batch(tiny_clip, captioned, tmp_path):

@@ -131,6 +131,8 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
                         "(OUT is the run folder) or --resume FOLDER")
     if config.resume == "latest":
         folder = latest_resumable(config.out)
+        if folder is None and newest_manifest(config.out) is not None:  # OUT is a run itself (--no-timestamped)
+            folder = config.out.rstrip("/")
         if folder:
             _check_resumable(config, folder)
         else:
