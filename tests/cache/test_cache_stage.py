@@ -172,6 +172,19 @@ def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_ind
     assert all(mtimes(unfinished)[name] == t for name, t in shards.items())
 
 
+def test_an_output_holding_other_files_is_refused_before_any_work(nsd, tiny_models, ray_session, tmp_path):
+    """Shards written among other files (a folder of notes, the source's own images) make the cache unreadable
+    as one table (`pyarrow.dataset(OUT)` reads every file): refused, naming one, and nothing is written."""
+    output = tmp_path / "notes"
+    output.mkdir()
+    (output / "readme.md").write_text("mine\n")
+    (output / "photos").mkdir()
+    with pytest.raises(UserError, match=re.escape(f"output {output} holds readme.md (and 1 more), which is not a "
+                                                  "cache's: pyarrow.dataset(")):
+        run_cache(config(nsd, tiny_models, str(output), source=nsd["local"]))
+    assert sorted(p.name for p in output.iterdir()) == ["photos", "readme.md"]
+
+
 def test_weights_named_by_a_bare_file_name_are_fingerprinted(nsd, tiny_models, ray_session, tmp_path,
                                                                monkeypatch):
     """`--pretrained model.pt` in the working directory loads the file; changing that file must not leave

@@ -327,7 +327,14 @@ def pending_shards(output: str, plans: list[list[Shard]], unlike: str = "") -> t
 
     A shard file is committed whole (written under a temporary name, then renamed), so one that does not
     read back whole was damaged afterwards (a disk, a copy cut short): it is encoded again, not trusted."""
-    present = {name for name in storage.list_names(output) if name.startswith(SHARD_PREFIX)}
+    names = storage.list_names(output)
+    others = [name for name in names + [f"{folder}/" for folder in storage.list_folders(output)]
+              if not name.startswith((".", "_", SHARD_PREFIX))]  # what pyarrow.dataset skips, and shards
+    if others:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise UserError(f"output {output} holds {others[0]}{more}, which is not a cache's: pyarrow.dataset({output}) "
+                        "would read it with the shards; give the cache a folder of its own")
+    present = {name for name in names if name.startswith(SHARD_PREFIX)}
     shards = next((plan for plan in plans if present and present <= {s.name for s in plan}), plans[0])
     planned = {s.name for s in shards}
     foreign = sorted(present - planned)
