@@ -351,6 +351,41 @@ stages:
     assert fifth.data["stages"]["listed"]["output"] != third.data["stages"]["listed"]["output"]
 
 
+def test_a_named_file_touched_or_copied_again_is_the_same_input(demo_root, in_demo, tmp_path, monkeypatch):
+    """A stage's key counts the small files it names by content: touched (a checkout, a copy, a rerun of the tool
+    that wrote it) the stage is reused. Outputs made when they counted by mtime are reused while that holds."""
+    from clipforge.orchestrate import pipeline
+
+    expdesign = tmp_path / "nsd_expdesign.mat"
+    shutil.copy(demo_root / "demo" / "nsd_expdesign.mat", expdesign)
+    spec = tmp_path / "index.yaml"
+    spec.write_text(f"""
+artifacts: {tmp_path}/artifacts
+stages:
+  - name: index
+    kind: index
+    with: {{expdesign: {expdesign}, subject: subj01}}
+""")
+    with monkeypatch.context() as before:
+        before.setattr(pipeline, "CONTENT_LIMIT", -1)  # every file by its mtime, as runs made them then
+        first = run_spec(str(spec), [], run_id="one")
+    second = run_spec(str(spec), [], run_id="two")
+    assert statuses(second) == {"index": "reused"}
+    assert second.data["stages"]["index"]["output"] == first.data["stages"]["index"]["output"]
+    os.utime(expdesign, ns=(10**18, 10**18))  # an mtime-keyed output no longer matches: made under today's key
+    third = run_spec(str(spec), [], run_id="three")
+    assert statuses(third) == {"index": "done"}
+    os.utime(expdesign, ns=(2 * 10**18, 2 * 10**18))
+    fourth = run_spec(str(spec), [], run_id="four")
+    assert statuses(fourth) == {"index": "reused"}
+    assert fourth.data["stages"]["index"]["output"] == third.data["stages"]["index"]["output"]
+    import scipy.io
+
+    scipy.io.savemat(expdesign, {**{k: v for k, v in scipy.io.loadmat(expdesign).items() if not k.startswith("__")},
+                                 "note": 1})  # other bytes: another input
+    assert statuses(run_spec(str(spec), [], run_id="five")) == {"index": "done"}
+
+
 def test_a_pinned_output_is_checked_by_the_stage_not_taken_as_done(demo_root, in_demo, tmp_path):
     """`output:` pins a stage's output outside the content-addressed keys, so a manifest there says nothing
     about this config: the stage runs and finds it up to date, or refuses another config's output."""

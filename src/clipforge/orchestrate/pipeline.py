@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ class ResolvedStage:
     notes: list[str] = field(default_factory=list)
     config_uri: str = ""  # where the resolved config is saved; the stage command reads it from there
     error: str = ""  # the stage command's own one-line error, when the executor saw one
+    key_by_mtime: str | None = None  # the key when files counted by size and mtime, where it differs
 
     @property
     def argv(self) -> list[str]:
@@ -70,13 +71,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def file_identity(value: Any) -> dict | None:
-    """Size and ETag or mtime of a value that names an existing file (local or s3://); else None."""
+# Local files up to this size count by their content (CSVs, indexes, expdesign, model configs, small weights): one
+# touched, checked out or copied again is the same input. Larger ones (a 39 GB HDF5) count by size and mtime.
+CONTENT_LIMIT = 64 * 2**20
+
+
+def file_identity(value: Any, by_content: bool = True) -> dict | None:
+    """Size and ETag, content hash (`by_content`, small local files) or mtime of a value that names an existing
+    file (local or s3://); else None."""
     if not isinstance(value, str) or not value or "\n" in value:
         return None
     try:
         if storage.is_s3(value) or storage.local_path(value).is_file():
             found = storage.fingerprint(value)
+            if by_content and "mtime_ns" in found and found["size"] <= CONTENT_LIMIT:
+                found = storage.content_fingerprint(value)
             return {k: v for k, v in found.items() if k != "uri"}
     except UserError:
         return None
@@ -122,8 +131,11 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
                 values[key] = uri
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
-    files = {key: file_identity(value) for key, value in sorted(values.items()) if key not in kind.inputs}
-    identity["files"] = {key: found for key, found in files.items() if found is not None}
+    def named_files(by_content: bool) -> dict:
+        found = {key: file_identity(value, by_content) for key, value in values.items() if key not in kind.inputs}
+        return {key: ident for key, ident in sorted(found.items()) if ident is not None}
+
+    identity["files"] = named_files(by_content=True)
     folders = {}
     for key, keep in kind.folders.items():
         folder = listed_folder(values[key], key in identity["files"]) if isinstance(values.get(key), str) else None
@@ -138,9 +150,32 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     settings = config.model_dump(mode="json", by_alias=True,
                                  exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key}))
     payload = {"kind": stage.kind, "settings": settings, "inputs": identity}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
-    return ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
+    resolved = ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
+    by_mtime = named_files(by_content=False)
+    if not stage.output and by_mtime != identity["files"]:
+        resolved.key_by_mtime = payload_key({**payload, "inputs": {**identity, "files": by_mtime}})
+    return resolved
+
+
+def payload_key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def as_made_by_mtime(resolved: ResolvedStage, artifacts: str) -> ResolvedStage:
+    """The output this stage made when every file it names counted by size and mtime, if there is one and
+    none of its output under today's key: those files still have them, so it is this stage's, reused as it
+    is rather than made again (a cache of hours) under the key that counts their content."""
+    if resolved.key_by_mtime is None or read_manifest(resolved.output) is not None:
+        return resolved
+    earlier = storage.join(artifacts, resolved.spec.kind, resolved.key_by_mtime)
+    if read_manifest(earlier) is None:
+        return resolved
+    log.info("[%s] %s, made when the files it names counted by their mtime, which they still have: taken as "
+             "this stage's output", resolved.spec.name, earlier)
+    return replace(resolved, key=resolved.key_by_mtime, output=earlier, key_by_mtime=None,
+                               values={**resolved.values, resolved.kind.output_key: earlier})
 
 
 def input_coverage(source_cache: str, target_cache: str) -> float:
@@ -350,9 +385,9 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     if pinned:
         log.warning("[%s] policy reuse_existing: no finished output at %s (no _manifest.json); running the stage",
                     name, pinned)
-    resolved = resolve_stage(spec, stage, outputs)
+    resolved = as_made_by_mtime(resolve_stage(spec, stage, outputs), spec.artifacts)
     if read_manifest(resolved.output) is None:
-        resolved = apply_coverage_policy(resolved, spec, outputs)
+        resolved = as_made_by_mtime(apply_coverage_policy(resolved, spec, outputs), spec.artifacts)
     notes = resolved.notes + [f"{n} {'was skipped' if status == 'skipped' else 'failed'}; going on without it "
                               "(zero-padding baseline)" for n, status in lost.items()]
     for note in notes:
