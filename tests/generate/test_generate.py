@@ -172,9 +172,11 @@ def test_a_rerun_into_one_out_reuses_only_images_of_the_same_settings(generation
     assert smaller["metrics"]["generated_now"] == 0  # a smaller limit's ids are a larger one's: nothing new
     base = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--device", "cpu",
             "--batch-size", "3"]
-    for extra in (["--steps", "3", "--limit", "4"], ["--steps", "2", "--adapter", generation_inputs["adapter"]]):
+    for extra, differs in ((["--steps", "3", "--limit", "4"], "(steps: 2 then, 3 now)"),
+                           (["--steps", "2", "--adapter", generation_inputs["adapter"]], "(adapter: none then)")):
         code, err = run_cli([*base, *extra, "--out", str(out)], capsys)
-        assert code == 2 and "holds images made with other settings" in err and len(err.splitlines()) == 1, err
+        assert code == 2 and f"holds images made with other settings or inputs {differs}" in err, err
+        assert len(err.splitlines()) == 1, err
     assert read_manifest(str(out))["rows"] == 3
     code, err = run_cli([*base, "--steps", "1", "--out", generation_inputs["source"]], capsys)
     assert code == 2 and "is the embeddings" in err and len(err.splitlines()) == 1, err

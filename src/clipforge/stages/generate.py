@@ -37,6 +37,7 @@ from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
+    input_changes,
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
@@ -216,6 +217,22 @@ def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
     return digest({"settings": chosen, "inputs": inputs, "precision": precision})
 
 
+IMAGE_SETTINGS = ("steps", "guidance", "noise_level", "embed_norm", "seed", "precision")
+
+
+def refuse_other_images(cfg: GenerateConfig, manifest: dict | None, inputs: dict) -> None:
+    """Before the pipeline loads (minutes): a finished `out` whose images other settings or inputs made is
+    refused, naming what differs (`committed_ids` refuses the batches of an unfinished one)."""
+    if manifest is None:
+        return
+    was, now = manifest["config"], cfg.model_dump(mode="json")
+    changed = [f"{key}: {was.get(key)} then, {now[key]} now" for key in IMAGE_SETTINGS if was.get(key) != now[key]]
+    changed += input_changes(manifest["inputs"], inputs)
+    if changed:
+        raise UserError(f"out {cfg.out} holds images made with other settings or inputs ({'; '.join(changed)}): "
+                        "choose a new --out or remove it")
+
+
 def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]]:
     """The ids whose images a batch committed, and those batches' rows by file name. Images made with other
     settings (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these:
@@ -270,6 +287,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return read_manifest(cfg.out)
+    refuse_other_images(cfg, manifest, inputs)
     ids, embeddings, cache_dim, cache_model = select_rows(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

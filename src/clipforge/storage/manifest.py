@@ -120,7 +120,7 @@ def input_changes(recorded: dict, current: dict, *, paths: bool = True) -> list[
         if was == now:
             continue
         if was is None or now is None:
-            changes.append(f"{role} {'is no longer a file' if now is None else 'is a file now'}")
+            changes.append(f"{role}: {'none now' if now is None else 'none then'}")
             continue
         if not isinstance(was, dict) or not isinstance(now, dict):  # a digest of its own (a model config's)
             changes.append(f"{role} changed (content)")
