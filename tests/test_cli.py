@@ -156,6 +156,35 @@ def test_an_output_that_is_a_file_is_said_before_any_work(argv, tmp_path, capsys
     assert output.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("argv", [
+    ["cache", "--source", "x.hdf5", "--index", "i.parquet", "--model", "ViT-B-32", "--pretrained", "openai",
+     "--output"],
+    ["evaluate", "--clip-cache", "a", "--target-cache", "b", "--adapter", "c", "--out"],
+    ["finetune", "--train-data", "t.csv", "--val-data", "v.csv", "--out"],
+], ids=lambda argv: argv[0])
+def test_an_output_inside_a_file_is_said_before_any_work(argv, tmp_path, capsys):
+    output = tmp_path / "afile"
+    output.write_text("mine")
+    assert main([*argv, str(output / "run")]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.endswith(f"error: {argv[-1]} {output / 'run'}: {output} is a file, not a folder"), said
+
+
+def test_the_os_s_words_about_a_path_become_a_sentence(tmp_path):
+    """`x: File exists` (a folder wanted where a file is) and `ds: Is a directory` said as what is wrong."""
+    from clipforge.cli import path_problem
+
+    (tmp_path / "x").write_text("mine")
+    (tmp_path / "ds").mkdir()
+    assert path_problem(FileExistsError(17, "File exists", str(tmp_path / "x"))) == \
+        f"{tmp_path / 'x'} is a file, where a folder is needed"
+    assert path_problem(NotADirectoryError(20, "Not a directory", str(tmp_path / "x" / "y" / "z.csv"))) == \
+        f"{tmp_path / 'x'} is a file, where a folder is needed (for {tmp_path / 'x' / 'y' / 'z.csv'})"
+    assert path_problem(IsADirectoryError(21, "Is a directory", str(tmp_path / "ds"))) == \
+        f"{tmp_path / 'ds'} is a folder, where a file is needed"
+    assert path_problem(PermissionError(13, "Permission denied", "/root/x")) == "/root/x: Permission denied"
+
+
 def test_a_setting_not_given_is_named_by_its_flag(capsys):
     assert main(["train-adapter", "--clip-cache", "a"]) == 2
     said = capsys.readouterr().err.strip()

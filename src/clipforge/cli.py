@@ -17,6 +17,7 @@ import pkgutil
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from clipforge import commands
 from clipforge.errors import (
@@ -76,6 +77,18 @@ PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENO
 
 def is_about_a_path(exc: OSError) -> bool:
     return exc.errno in PATH_ERRNOS and exc.filename is not None
+
+
+def path_problem(exc: OSError) -> str:
+    """The OS's error about a path, as a sentence where its own words mislead (`x: File exists` for x/out.csv)."""
+    if exc.errno == errno.EISDIR:
+        return f"{exc.filename} is a folder, where a file is needed"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        path = Path(os.fsdecode(exc.filename))
+        blocking = next((part for part in (path, *path.parents) if part.is_file()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, where a folder is needed" + ("" if blocking == path else f" (for {path})")
+    return f"{exc.filename}: {exc.strerror}"
 
 
 def s3_failure(exc: Exception) -> str | None:
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except OSError as exc:
         if is_about_a_path(exc):
-            print(f"clipforge {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            print(f"clipforge {args.command}: error: {path_problem(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         if SIGNALS_SEEN:
             return stopped(args)

@@ -63,9 +63,15 @@ def is_file(uri: str) -> bool:
 
 
 def check_output_folder(uri: str, flag: str) -> None:
-    """An output prefix that is a local file, said before any work: not when the first write fails after it."""
-    if not is_s3(uri) and local_path(uri).is_file():
-        raise UserError(f"{flag} {uri} is a file, not a folder")
+    """An output prefix that is a local file, or inside one, said before any work: not when the first write
+    fails after it."""
+    if is_s3(uri):
+        return
+    path = local_path(uri)
+    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+    if blocking is not None and blocking.is_file():
+        raise UserError(f"{flag} {uri} is a file, not a folder" if blocking == path else
+                        f"{flag} {uri}: {blocking} is a file, not a folder")
 
 
 def exists(uri: str, *, unsigned: bool = False) -> bool:
