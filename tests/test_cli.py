@@ -185,6 +185,18 @@ def test_the_os_s_words_about_a_path_become_a_sentence(tmp_path):
     assert path_problem(PermissionError(13, "Permission denied", "/root/x")) == "/root/x: Permission denied"
 
 
+def test_a_problem_of_the_whole_config_names_flags_when_only_flags_were_given(tmp_path, capsys):
+    """Not `(config): give either index, or subject with index_root`, when --index and --subject were given."""
+    argv = ["cache", "--source", "x.hdf5", "--index", "i.parquet", "--subject", "subj01", "--index-root", "idx",
+            "--model", "ViT-B-32", "--pretrained", "openai", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("clipforge cache: error: give --index, or --subject with --index-root, "
+                                               "not both")
+    (tmp_path / "cache.yaml").write_text("index: i.parquet\nsubject: subj01\nindex_root: idx\n")
+    assert main([argv[0], "--config", str(tmp_path / "cache.yaml"), *argv[1:3], *argv[9:]]) == 2
+    assert capsys.readouterr().err.strip().endswith("(config): give index, or subject with index_root, not both")
+
+
 def test_a_setting_not_given_is_named_by_its_flag(capsys):
     assert main(["train-adapter", "--clip-cache", "a"]) == 2
     said = capsys.readouterr().err.strip()

@@ -47,7 +47,7 @@ def test_evaluate_refuses_the_same_mistakes_in_one_line(capsys):
     from clipforge.cli import main
 
     for args, expected in ((["--target-cache", "c", "--out", "o"], "the same cache"),
-                           (["--target-cache", "t", "--out", "c/eval"], "out c/eval is inside the clip_cache c")):
+                           (["--target-cache", "t", "--out", "c/eval"], "--out c/eval is inside the --clip-cache c")):
         assert main(["evaluate", "--clip-cache", "c", *args]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -258,8 +258,8 @@ def test_s3_caches_and_output(s3_bucket, tmp_path):
 
 def test_out_must_be_a_prefix_of_its_own(caches, tmp_path, capsys):
     src, tgt = caches
-    assert "is the clip_cache" in run_cli_keeping_manifest(capsys, src, tgt, src + "/")
-    assert "is the target_cache" in run_cli_keeping_manifest(capsys, src, tgt, tgt)
+    assert "is the --clip-cache" in run_cli_keeping_manifest(capsys, src, tgt, src + "/")
+    assert "is the --target-cache" in run_cli_keeping_manifest(capsys, src, tgt, tgt)
     ids, splits, source, _ = planted_map(20, 5)
     other = write_cache(str(tmp_path / "another-cache"), list(ids), list(splits), source, {"name": "a"})
     manifest_before = Path(other, "_manifest.json").read_bytes()

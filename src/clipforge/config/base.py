@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -48,11 +49,16 @@ def check_out_apart(out: str, role: str, prefix: str | None, what: str) -> None:
         raise ValueError(f"out {out} is {where} {role} {prefix}: give {what} a prefix of its own")
 
 
-def validation_message(error: ValidationError, prefix: str = "", origins: dict[str, str] | None = None) -> str:
+def validation_message(error: ValidationError, prefix: str = "", origins: dict[str, str] | None = None,
+                       keys: list[str] | None = None, values: list[str] = ()) -> str:
     """All problems of one validation, each naming its key, in one line. `origins`: where each top-level key's
-    value came from (`--batch-size`, a YAML file's name), said with its problems."""
+    value came from (`--batch-size`, a YAML file's name), said with its problems. `keys`: when every setting
+    came from a flag, the config's keys, which a problem of the whole config names by their flags."""
     problems = []
     for item in error.errors():
+        if keys and not item["loc"]:  # `give either --index, or --subject with --index-root`, not `(config): ...`
+            problems.append(as_flags(item["msg"].removeprefix("Value error, "), keys, values))
+            continue
         key = ".".join(str(part) for part in item["loc"]) or "(config)"
         if prefix:
             key = f"{prefix}.{key}" if item["loc"] else prefix
@@ -72,6 +78,18 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
             message = message.removeprefix("Value error, ")
         problems.append(f"{key}: {message}")
     return "; ".join(problems)
+
+
+def as_flags(message: str, keys: list[str], values: list[str] = ()) -> str:
+    """`message` with each of `keys` it names (a whole word, not part of a path) spelled as a flag: `index_root`
+    -> `--index-root`. The `values` given (paths: an output folder called `out`) are left as they are."""
+    kept = sorted({value for value in values if value}, key=len, reverse=True)
+    parts = re.split(r"((?<![\w./-])(?:" + "|".join(map(re.escape, kept)) + r")(?![\w./-]))", message) if kept \
+        else [message]
+    words = "|".join(re.escape(key) for key in sorted(keys, key=len, reverse=True))
+    return "".join(part if i % 2 else re.sub(rf"(?<![\w./-])({words})(?![\w./-])",
+                                             lambda m: "--" + m[1].replace("_", "-"), part)
+                   for i, part in enumerate(parts))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -102,4 +120,7 @@ def load_config(cls: type[C], values: dict[str, Any], *, source: str = "", origi
         return cls.model_validate(values)
     except ValidationError as exc:
         where = f"{source}: " if source and origins is None else ""
-        raise UserError(f"{where}{validation_message(exc, origins=origins)}") from None
+        flags_only = origins is not None and all(origin.startswith("--") for origin in origins.values())
+        keys = [field.alias or name for name, field in cls.model_fields.items()] if flags_only else None
+        given = [value for value in values.values() if isinstance(value, str)]
+        raise UserError(f"{where}{validation_message(exc, origins=origins, keys=keys, values=given)}") from None

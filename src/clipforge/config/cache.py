@@ -69,8 +69,10 @@ class CacheConfig(StageConfig):
                                  "lists its own images")
         elif self.skip_bad:
             raise ValueError("skip_bad applies to image folders and CSVs, not to HDF5 sources")
-        elif bool(self.index) == bool(self.subject or self.index_root):
-            raise ValueError("give either index, or subject with index_root")
+        elif self.index and (self.subject or self.index_root):
+            raise ValueError("give index, or subject with index_root, not both")
+        elif not self.index and not (self.subject or self.index_root):
+            raise ValueError("give index, or subject with index_root")
         if self.subject and not self.index_root or self.index_root and not self.subject:
             raise ValueError("subject and index_root go together")
         if not self.model and not self.model_id:

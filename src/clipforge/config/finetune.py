@@ -116,7 +116,8 @@ class FinetuneConfig(StageConfig):
             problems.append("lock_image_unlocked_groups applies with lock_image (it leaves the last groups of "
                             "the locked image tower trainable): add lock_image, or leave it out")
         if self.augment == "llm" and not self.llm_model:
-            problems.append("augment llm needs llm_model: a local model folder (no hub downloads)")
+            problems.append("augment llm needs llm_model: a local folder of a transformers language model "
+                            "(no hub downloads)")
         if self.resume and not self.timestamped:
             problems.append("resume applies to timestamped runs; without them OUT itself is resumed")
         if problems:
