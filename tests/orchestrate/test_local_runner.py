@@ -154,6 +154,33 @@ def test_runs_lists_recorded_runs_and_shows_one(first_run, in_demo, capsys):
     assert "run 'no-such-run': no demo/artifacts/runs/no-such-run/run.json (runs there:" in capsys.readouterr().err
 
 
+def test_runs_of_a_spec_are_its_own_in_a_store_that_several_specs_share(demo_root, tmp_path, capsys):
+    """`clipforge runs SPEC latest` shows that spec's newest run, not another spec's that wrote to the same
+    store later; a stage's output given as the store is said to be one."""
+    specs = {}
+    for name, subject in (("one", "subj01"), ("two", "subj02")):
+        specs[name] = tmp_path / f"{name}.yaml"
+        specs[name].write_text(f"""
+artifacts: {tmp_path}/artifacts
+stages:
+  - name: index-{name}
+    kind: index
+    with: {{expdesign: {demo_root / "demo" / "nsd_expdesign.mat"}, subject: {subject}}}
+""")
+    first = run_spec(str(specs["one"]), [], run_id="run-one")
+    run_spec(str(specs["two"]), [], run_id="run-two")
+    assert main(["runs", str(specs["one"]), "latest"]) == 0
+    assert capsys.readouterr().out.startswith("run run-one: complete")
+    assert main(["runs", str(specs["two"])]) == 0
+    listed = capsys.readouterr().out
+    assert "run-two" in listed and "run-one" not in listed
+    output = first.data["stages"]["index-one"]["output"]
+    assert main(["runs", output]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {output} holds a stage's output (index), not an "
+                                                    "artifact store (the folder a spec's `artifacts:` names, holding "
+                                                    "runs/)")
+
+
 def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
     argv = [sys.executable, "-m", "clipforge.cli", "run", DEMO_SPEC, "--run-id", "killed",

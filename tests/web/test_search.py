@@ -260,7 +260,7 @@ def test_an_output_that_is_not_a_cache_is_refused(tmp_path, capsys):
     write_manifest(model_folder, kind="finetune", config={}, config_fingerprint="x", inputs={})
     assert main(["search", "--index", model_folder, "a red circle"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"index {model_folder} holds the output of a finetune stage, not an embedding cache")
+        f"index {model_folder} holds a stage's output (finetune), not an embedding cache")
 
 
 def test_faiss_index_is_built_next_to_the_cache_and_reused(shapes_index):

@@ -29,11 +29,17 @@ def add_parser(sub) -> None:
 
 def artifact_store(value: str) -> str:
     """ARTIFACTS as given, or the `artifacts` of the pipeline spec given instead."""
+    return spec_store(value)[0]
+
+
+def spec_store(value: str) -> tuple[str, list[str] | None]:
+    """(ARTIFACTS, None) as given; for a pipeline spec, (its `artifacts`, its stages' names): its own runs."""
     if value.endswith((".yaml", ".yml")) and Path(value).is_file():
         from clipforge.config.pipeline import load_pipeline
 
-        return load_pipeline(value).artifacts
-    return value
+        spec = load_pipeline(value)
+        return spec.artifacts, [stage.name for stage in spec.stages]
+    return value, None
 
 
 # A polling period: 0 would read the store in a busy loop.
@@ -52,14 +58,14 @@ def run(args) -> int:
     from clipforge.orchestrate.pipeline import next_steps, summary_table
     from clipforge.orchestrate.runs import list_runs, live_state, read_run, run_uri, watch_run
 
-    artifacts = artifact_store(args.artifacts)
+    artifacts, stages = spec_store(args.artifacts)
     if args.watch:
         if not args.run_id:
             raise UserError("--watch needs a RUN_ID (or latest)")
-        state = watch_run(artifacts, args.run_id, args.every)
+        state = watch_run(artifacts, args.run_id, args.every, of_stages=stages)
         return 0 if state.startswith("complete") else 1 if state.startswith(("failed", "crashed")) else EXIT_PREEMPTED
     if args.run_id:
-        record = read_run(artifacts, args.run_id)
+        record = read_run(artifacts, args.run_id, stages)
         state = live_state(record, run_uri(artifacts, record["run_id"]))
         if args.json:
             print(json.dumps({**record, "state": state}, indent=2))
@@ -76,5 +82,7 @@ def run(args) -> int:
             if steps:
                 print("next:\n" + "\n".join(steps))
         return 0
-    print_listing(list_runs(artifacts), as_json=args.json, table=table, empty=f"no runs recorded under {artifacts}")
+    of = f" of {args.artifacts}" if stages else ""
+    print_listing(list_runs(artifacts, stages), as_json=args.json, table=table,
+                  empty=f"no runs{of} recorded under {artifacts}")
     return 0

@@ -75,7 +75,7 @@ def cache_manifest(prefix: str, role: str = "cache") -> dict:
     if manifest is None:
         raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
     if manifest.get("kind") != "cache":
-        raise UserError(f"{role} {prefix} holds the output of a {manifest.get('kind')} stage, not an embedding cache")
+        raise UserError(f"{role} {prefix} holds a stage's output ({manifest.get('kind')}), not an embedding cache")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards):
         raise UserError(f"{role} {prefix}: its _manifest.json lists no shards (a list of {{path, rows}}); delete it "

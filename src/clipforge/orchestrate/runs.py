@@ -15,18 +15,20 @@ from clipforge.errors import UserError
 from clipforge.orchestrate.lease import LEASE_NAME, lease_holder, process_gone
 from clipforge.orchestrate.pipeline import FINISHED, read_run_record
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import read_manifest
 
 log = logging.getLogger("clipforge.run")
 
 ENDED = (*FINISHED, "skipped", "failed-continued")
 
 
-def read_run(artifacts: str, run_id: str) -> dict:
-    """One run's record; `latest` is the newest by creation time."""
+def read_run(artifacts: str, run_id: str, stages: list[str] | None = None) -> dict:
+    """One run's record; `latest` is the newest by creation time (of the runs of a spec with these `stages`)."""
     if run_id == "latest":
-        runs = list_runs(artifacts)
+        runs = list_runs(artifacts, stages)
         if not runs:
-            raise UserError(f"no runs recorded under {storage.join(artifacts, 'runs')}")
+            of = f" of a spec with stages {', '.join(stages)}" if stages else ""
+            raise UserError(f"no runs{of} recorded under {storage.join(artifacts, 'runs')}")
         run_id = runs[-1]["run_id"]
     uri = run_uri(artifacts, run_id)
     if not storage.exists(uri):
@@ -92,12 +94,15 @@ def runner_gone(run: dict) -> bool:
     return False
 
 
-def list_runs(artifacts: str) -> list[dict]:
+def list_runs(artifacts: str, stages: list[str] | None = None) -> list[dict]:
     """Every recorded run, oldest first: id, created, updated, state, stages done (with output) of stages. A
-    run.json that does not read is said, not fatal: the other runs are still listed."""
+    run.json that does not read is said, not fatal: the other runs are still listed. `stages`: only the runs of
+    a spec with these stages (one store may hold the runs of several specs)."""
     runs, problems = read_runs(artifacts)
     for problem in problems:
         log.warning("%s: that run is left out", problem)
+    if stages is not None:
+        runs = [run for run in runs if [s["name"] for s in run["record"]["spec"]["stages"]] == stages]
     return [{"run_id": run["run_id"], "created": run["created"], "updated": run["updated"], "state": run["state"],
              "stages_done": stages_done(run["record"]), "stages": len(run["record"]["spec"]["stages"])}
             for run in runs]
@@ -116,6 +121,10 @@ def read_runs(artifacts: str) -> tuple[list[dict], list[str]]:
     if not storage.is_s3(artifacts) and not storage.local_path(artifacts).is_dir():
         what = "is not a folder" if storage.local_path(artifacts).exists() else "not found"
         raise UserError(f"artifact store {artifacts} {what}")
+    output = read_manifest(artifacts)
+    if output is not None:  # `clipforge runs demo/artifacts/cache/KEY`: a stage's output, which records no runs
+        raise UserError(f"{artifacts} holds a stage's output ({output.get('kind')}), not an artifact store (the folder "
+                        "a spec's `artifacts:` names, holding runs/)")
     root = storage.join(artifacts, "runs")
 
     def one(run_id: str) -> tuple[dict | None, str | None]:
@@ -150,14 +159,15 @@ def record_or_problem(uri: str) -> tuple[dict | None, str | None]:
     return None, None
 
 
-def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sleep=time.sleep) -> str:
+def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sleep=time.sleep,
+              of_stages: list[str] | None = None) -> str:
     """Say each stage's status as it changes until the run ends; return its state then.
 
     It ends `complete`, `failed at STAGE`, or, for a run of `clipforge run` (nothing but a rerun resumes it),
     `stopped at STAGE` or `lost…` (its runner killed). A Kubernetes run that stops or loses its driver is waited
     on: the driver Job's retry resumes it.
     """
-    run_id = read_run(artifacts, run_id)["run_id"] if run_id == "latest" else run_id
+    run_id = read_run(artifacts, run_id, of_stages)["run_id"] if run_id == "latest" else run_id
     seen: dict[str, str] = {}
     said_waiting = ""
     while True:
