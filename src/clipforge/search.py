@@ -15,7 +15,7 @@ import io
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,15 @@ def _check_relative_paths(index: str, recorded: dict[str, str | None], built_in:
             where = f" ({built_in})" if built_in else ""
             raise UserError(f"index {index} was built with {what} {path}, relative to the directory it was built "
                             f"in{where}; run this from there, or give {flag} with its path from here")
+
+
+def from_build_dir(path: str | None, built_in: str | None) -> str | None:
+    """A relative local path an index recorded, as seen from here: itself where it resolves here, else the same
+    path under the directory the index was built in, where it is there (searching from another directory)."""
+    if not path or not built_in or storage.is_s3(path) or Path(path).is_absolute() or Path(path).exists():
+        return path
+    there = os.path.join(built_in, path)
+    return there if os.path.exists(there) else path
 
 
 def query_encoder(index: str, built: dict, model: str | None, pretrained: str | None,
@@ -103,10 +112,16 @@ class Searcher:
     def __init__(self, index: str, model: str | None = None, pretrained: str | None = None,
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False):
         self.table = read_embeddings(index, "index")
-        self.spec = query_encoder(index, self.table.model, model, pretrained, model_config)
+        built_in = self.table.manifest.get("directory")
+        spec = query_encoder(index, self.table.model, model, pretrained, model_config)
+        # The files the index recorded (not those given here) are found from the directory it was built in too;
+        # `check_same_weights` then checks the weights are the ones it recorded.
+        self.spec = replace(spec, model_config=from_build_dir(spec.model_config, built_in) if not model_config
+                            else spec.model_config,
+                            pretrained=from_build_dir(spec.pretrained, built_in)
+                            if not pretrained and names_weights_file(spec.pretrained) else spec.pretrained)
         _check_relative_paths(index, {("model config", "--model-config"): self.spec.model_config,
-                                      ("weights", "--pretrained"): self.spec.pretrained},
-                              self.table.manifest.get("directory"))
+                                      ("weights", "--pretrained"): self.spec.pretrained}, built_in)
         check_same_weights(index, self.table.model.get("weights"), self.spec.pretrained)
         self.device = resolve_device(device)
         self.model, preprocess_cfg = load_clip(self.spec, self.device)
@@ -115,7 +130,8 @@ class Searcher:
 
         self.tokenizer = open_clip.get_tokenizer(self.spec.model)
         source = self.table.manifest.get("config", {}).get("source", "")
-        self.root = collection_root(source) if source and is_image_collection(source) else None
+        self.root = from_build_dir(collection_root(source), built_in) if source and is_image_collection(source) \
+            else None
         if self.root and not storage.is_s3(self.root) and not Path(self.root).is_dir():
             # Results still come (the embeddings are in the index); their files cannot be shown or opened.
             where = "relative to the directory the index was built in; run from there" \

@@ -231,23 +231,27 @@ def test_search_over_a_folder_moved_since_indexing_says_so(shapes, tiny_models, 
 
 def test_an_index_of_a_relative_folder_used_from_elsewhere_says_where_to_run_from(shapes, tiny_models, tmp_path,
                                                                                  monkeypatch, capsys, caplog):
-    """Every hit names a file that is not here: `serve` (whose tiles would all say "file not found") refuses
-    at the start; `search` still answers (its ids are right), warns where to run from, and does not call the
-    files gone."""
+    """A relative folder is found from the directory the index was built in. Gone from there too, every hit names
+    a file that is not here: `serve` (whose tiles would all say "file not found") refuses at the start; `search`
+    still answers (its ids are right), warns where to run from, and does not call the files gone."""
     import shutil
 
     shutil.copytree(shapes, tmp_path / "photos")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path)
     run_cache(config(tiny_models, "photos", tmp_path / "index", engine="local"))
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # found from the directory the index was built in
+    with caplog.at_level("WARNING"):
+        assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "2"]) == 0
+    assert "gone since it was indexed" not in capsys.readouterr().out and "not there" not in caplog.text
+    assert Searcher(str(tmp_path / "index")).root == str(tmp_path / "photos")
+    shutil.move(tmp_path / "photos", tmp_path / "moved")  # gone from there too: search warns, serve refuses
     assert main(["serve", "--index", str(tmp_path / "index"), "--port", "0", "--no-browser"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"clipforge serve: error: index {tmp_path / 'index'} was built from the image folder photos, relative "
         "to the directory it was built in; run `clipforge serve` from there")
     with caplog.at_level("WARNING"):
         assert main(["search", "--index", str(tmp_path / "index"), "a red circle", "-k", "2"]) == 0
-    assert "gone since it was indexed" not in capsys.readouterr().out
     assert "the indexed folder photos is not there (relative to the directory the index was built in; run from " \
            "there)" in caplog.text
 
