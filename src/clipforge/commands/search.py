@@ -14,8 +14,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--image", help="search by this image instead of a text")
     parser.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
     parser.add_argument("--model", help="model name; default: the one the index was built with")
-    parser.add_argument("--pretrained", help="weights; default: those the index was built with (give "
-                        "their path when the index recorded it relative to another directory)")
+    parser.add_argument("--pretrained", help="weights; default: those the index was built with (a relative path "
+                        "is found from here, else from the directory it was built in)")
     parser.add_argument("--model-config", help="JSON model config, for custom models")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                         help="where queries are encoded (default: cpu; auto prefers CUDA)")
