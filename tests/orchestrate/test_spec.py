@@ -110,6 +110,9 @@ def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_ref
         with pytest.raises(UserError, match="--run-id"):
             check_run_id(bad)
     assert check_run_id("nightly-2026-11-26") == "nightly-2026-11-26"
+    with pytest.raises(UserError, match=r"run_id: 'My_Run': use lowercase letters, digits and '-'"):
+        load_pipeline(write(tmp_path, {**base_spec(), "run_id": "My_Run"}))
+    assert load_pipeline(write(tmp_path, {**base_spec(), "run_id": "my-run"})).run_id == "my-run"
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback():

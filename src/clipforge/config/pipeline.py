@@ -65,8 +65,17 @@ class StageSpec(_Strict):
 
 class PipelineSpec(_Strict):
     artifacts: str = Field(description="artifact store root: a local path or s3://bucket/prefix")
-    run_id: str | None = Field(None, pattern=NAME_PATTERN, max_length=40, description="default: generated")
+    # The rule is said in words by the validator; the schema keeps it for Helm's check of a release's values.
+    run_id: str | None = Field(None, description="default: generated",
+                               json_schema_extra={"pattern": NAME_PATTERN, "maxLength": 40})
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_names_folders(cls, value: str | None) -> str | None:
+        if value is not None and run_id_problem(value):
+            raise ValueError(run_id_problem(value))
+        return value
 
     @field_validator("artifacts")
     @classmethod
@@ -79,11 +88,19 @@ class PipelineSpec(_Strict):
         return next(s for s in self.stages if s.name == name)
 
 
-def check_run_id(run_id: str) -> str:
-    """A run id from the command line, held to the spec's rule: it names folders and Kubernetes Jobs."""
+def run_id_problem(run_id: str) -> str | None:
+    """What keeps `run_id` from naming a run: it names folders and Kubernetes Jobs."""
     if not re.match(NAME_PATTERN, run_id) or len(run_id) > 40:
-        raise UserError(f"--run-id {run_id!r}: use lowercase letters, digits and '-', at most 40 characters, "
-                        "starting and ending with a letter or digit (it names folders and Kubernetes Jobs)")
+        return (f"{run_id!r}: use lowercase letters, digits and '-', at most 40 characters, starting and ending "
+                "with a letter or digit (it names folders and Kubernetes Jobs)")
+    return None
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id from the command line, held to the spec's rule."""
+    problem = run_id_problem(run_id)
+    if problem:
+        raise UserError(f"--run-id {problem}")
     return run_id
 
 
