@@ -197,6 +197,15 @@ def test_a_problem_of_the_whole_config_names_flags_when_only_flags_were_given(tm
     assert capsys.readouterr().err.strip().endswith("(config): give index, or subject with index_root, not both")
 
 
+def test_a_key_spelled_with_dashes_in_a_config_file_gets_a_suggestion(tmp_path, capsys):
+    (tmp_path / "adapter.yaml").write_text("batch-size: 64\nepocks: 2\n")
+    assert main(["train-adapter", "--config", str(tmp_path / "adapter.yaml"), "--clip-cache", "a", "--target-cache",
+                 "b", "--out", "c"]) == 2
+    config = tmp_path / "adapter.yaml"
+    assert capsys.readouterr().err.strip().endswith(f"{config}: batch-size: unknown key; did you mean batch_size?; "
+                                                    f"{config}: epocks: unknown key; did you mean epochs?")
+
+
 def test_a_setting_not_given_is_named_by_its_flag(capsys):
     assert main(["train-adapter", "--clip-cache", "a"]) == 2
     said = capsys.readouterr().err.strip()

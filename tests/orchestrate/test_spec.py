@@ -60,6 +60,8 @@ def mutate(change):
          "stage 'idx' is a index; expected cache"),
         (lambda s: s["stages"][1]["with"].update(output="x"), "stages.src.with.output: set by the pipeline"),
         (lambda s: s.update(extra=1), "extra: unknown key"),
+        (lambda s: s["stages"][3]["with"].update({"batch-size": 64}),
+         "stages.ad.with.batch-size: unknown key; did you mean batch_size?"),
         (lambda s: s["stages"][2].update(name="src"), "stages.src: the name is used more than once"),
         (lambda s: s["stages"][3].update(policy={"on_failure": "retry"}), "stages.ad.policy.on_failure"),
         (lambda s: s.update(artifacts=" "), "artifacts: must name a folder or s3://bucket/prefix"),

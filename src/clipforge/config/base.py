@@ -6,6 +6,7 @@ each naming its key (STYLE.md §2).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -50,10 +51,11 @@ def check_out_apart(out: str, role: str, prefix: str | None, what: str) -> None:
 
 
 def validation_message(error: ValidationError, prefix: str = "", origins: dict[str, str] | None = None,
-                       keys: list[str] | None = None, values: list[str] = ()) -> str:
+                       keys: list[str] | None = None, values: list[str] = (), known: list[str] = ()) -> str:
     """All problems of one validation, each naming its key, in one line. `origins`: where each top-level key's
     value came from (`--batch-size`, a YAML file's name), said with its problems. `keys`: when every setting
-    came from a flag, the config's keys, which a problem of the whole config names by their flags."""
+    came from a flag, the config's keys, which a problem of the whole config names by their flags. `known`: the
+    top-level keys there are, for a suggestion after an unknown one (`batch-size`: did you mean batch_size?)."""
     problems = []
     for item in error.errors():
         if keys and not item["loc"]:  # `give either --index, or --subject with --index-root`, not `(config): ...`
@@ -69,7 +71,7 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
             key = f"{origin}: {key}"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(str(item["loc"][-1]), known if len(item["loc"]) == 1 else ())
         elif item["type"] == "missing":
             message = "required"
         elif item["type"] not in ("value_error", "assertion_error") and "input" in item:
@@ -78,6 +80,13 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
             message = message.removeprefix("Value error, ")
         problems.append(f"{key}: {message}")
     return "; ".join(problems)
+
+
+def did_you_mean(key: str, known) -> str:
+    """`; did you mean batch_size?` for `batch-size` or `batch_sise`; empty when no key is close."""
+    spelled = key.replace("-", "_")
+    near = [spelled] if spelled in known else difflib.get_close_matches(spelled, list(known), n=1, cutoff=0.75)
+    return f"; did you mean {near[0]}?" if near else ""
 
 
 def as_flags(message: str, keys: list[str], values: list[str] = ()) -> str:
@@ -121,6 +130,8 @@ def load_config(cls: type[C], values: dict[str, Any], *, source: str = "", origi
     except ValidationError as exc:
         where = f"{source}: " if source and origins is None else ""
         flags_only = origins is not None and all(origin.startswith("--") for origin in origins.values())
-        keys = [field.alias or name for name, field in cls.model_fields.items()] if flags_only else None
+        known = [field.alias or name for name, field in cls.model_fields.items()]
         given = [value for value in values.values() if isinstance(value, str)]
-        raise UserError(f"{where}{validation_message(exc, origins=origins, keys=keys, values=given)}") from None
+        message = validation_message(exc, origins=origins, keys=known if flags_only else None, values=given,
+                                     known=known)
+        raise UserError(f"{where}{message}") from None

@@ -172,7 +172,8 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
         try:
             kind.config.model_validate(values)
         except ValidationError as exc:
-            problems.append(validation_message(exc, prefix=f"{where}.with"))
+            known = [field.alias or name for name, field in kind.config.model_fields.items()]
+            problems.append(validation_message(exc, prefix=f"{where}.with", known=known))
     return problems
 
 
