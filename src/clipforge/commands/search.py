@@ -6,13 +6,16 @@ import json
 import sys
 from pathlib import Path
 
+from clipforge.commands import number_in
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("search", help="search an indexed image collection by text or by an image")
     parser.add_argument("query", nargs="?", default="", help="text to search for")
     parser.add_argument("--index", required=True, help="cache of the collection (from `clipforge cache`)")
     parser.add_argument("--image", help="search by this image instead of a text")
-    parser.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    parser.add_argument("-k", type=number_in(int, 1, float("inf"), "give at least 1"), default=10,
+                        help="results to show (default: 10)")
     parser.add_argument("--model", help="model name; default: the one the index was built with")
     parser.add_argument("--pretrained", help="weights; default: those the index was built with (a relative path "
                         "is found from here, else from the directory it was built in)")
