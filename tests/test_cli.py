@@ -210,3 +210,19 @@ def test_a_setting_not_given_is_named_by_its_flag(capsys):
     assert main(["train-adapter", "--clip-cache", "a"]) == 2
     said = capsys.readouterr().err.strip()
     assert said == "clipforge train-adapter: error: --target-cache: required; --out: required"
+
+
+def test_the_first_progress_line_waits_a_period_rather_than_guess_an_eta_from_one_item(caplog, monkeypatch):
+    """240 images checked in a second logged `1/240 ..., ETA 0:00:53` first: a rate over a pool's first item."""
+    from clipforge import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    meter = Progress(logging.getLogger("clipforge.test"), 240, unit="images")
+    with caplog.at_level("INFO", logger="clipforge.test"):
+        clock[0] += 0.2
+        meter.update(1)
+        assert not caplog.records
+        clock[0] += 2.0
+        meter.update(200)
+    assert [r.getMessage() for r in caplog.records] == ["201/240 images, 91.4 images/s, ETA 0:00:00"]

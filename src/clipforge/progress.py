@@ -37,7 +37,9 @@ class Progress:
         self.log, self.total, self.unit, self.every = log, total, unit, every
         self.done = 0
         self.start = time.monotonic()
-        self._last = 0.0
+        # The first line waits one period too: a rate over the first item (a pool starting up) gave ETAs a
+        # minute long for work done a second later.
+        self._last = self.start
 
     @property
     def elapsed(self) -> float:
