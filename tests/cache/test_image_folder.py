@@ -186,6 +186,20 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     assert readable == ["a.png", "sub/c.png"] and unreadable == []
 
 
+def test_image_files_of_formats_a_folder_leaves_out_are_said(tmp_path, caplog):
+    """A TIFF in a folder is not indexed: the plan counting one image fewer said nothing of it."""
+    from clipforge.data.image_folder import list_collection
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.tif")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="clipforge.cache"):
+        index, _ = list_collection(str(tmp_path))
+    assert list(index.ids) == ["a.png"]
+    assert f"source {tmp_path}: 1 image files left out, of formats a folder's listing does not take (.jpg, .jpeg, " \
+        ".png, .webp; e.g. b.tif)" in caplog.text and "notes.txt" not in caplog.text
+
+
 def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_models, ray_session, tmp_path, caplog):
     import shutil
 

@@ -11,6 +11,7 @@ happens on the encoder's device.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import unicodedata
@@ -27,6 +28,8 @@ from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.s3 import parse_s3
 
+log = logging.getLogger("clipforge.cache")
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -34,6 +37,15 @@ def is_listed_image(relative: str) -> bool:
     """An image file a folder listing includes: by suffix, and not hidden. Hidden files and folders are
     other tools' (macOS `._photo.jpg` resource forks, `.thumbnails/`, `.ipynb_checkpoints/`), not images."""
     return relative.lower().endswith(IMAGE_SUFFIXES) and not any(part.startswith(".") for part in relative.split("/"))
+
+
+# Image files Pillow reads that a folder's listing leaves out (the caption page's and the caches' formats are the
+# ones above): said when a local folder holds some, since its plan would count fewer images than are there.
+OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif", ".jfif")
+
+
+def is_left_out_image(relative: str) -> bool:
+    return relative.lower().endswith(OTHER_IMAGE_SUFFIXES) and not any(p.startswith(".") for p in relative.split("/"))
 
 
 def is_image_collection(source: str) -> bool:
@@ -70,6 +82,12 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
         if found is None and not storage.exists(source):
             raise UserError(f"source {source} not found")
         paths, listing = found or ([], {})
+        if found is not None and not storage.is_s3(source):
+            others = storage.listed_tree(source, is_left_out_image)
+            if others and others[0]:
+                log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
+                            "e.g. %s); convert them, or list them in a CSV source", source, len(others[0]),
+                            ", ".join(IMAGE_SUFFIXES), others[0][0])
         ids = np.array(paths, dtype=object)
         splits = [None] * len(ids)
         fingerprint = {"uri": source, **listing}
