@@ -388,7 +388,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                                "do not fit model tiny-source"),
         "weights that give NaN": ({"--pretrained": str(nan_weights)},
                                   "encoder tiny-source gave NaN or infinite embeddings for"),
-        "no weights": ({"--pretrained": None}, "give pretrained with model"),
+        "no weights": ({"--pretrained": None}, "give --pretrained with --model"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
                               "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
     }, base

@@ -218,7 +218,7 @@ def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_model
     with caplog.at_level("INFO"):  # up to date: said from the listing, without decoding every image again
         run_cache(config(tiny_models, folder, tmp_path / "index", engine="local", skip_bad=True))
     assert "is up to date" in caplog.text and "leaving out" not in caplog.text
-    with pytest.raises(ValidationError, match="skip_bad applies to image folders"):
+    with pytest.raises(ValidationError, match="`skip_bad` applies to image folders"):
         CacheConfig(source="x.hdf5", index="i.parquet", model="m", output="o", skip_bad=True)
 
 

@@ -72,7 +72,7 @@ def test_several_encoders_need_the_ray_engine(capsys):
     argv = ["cache", "--source", "x.hdf5", "--index", "i.csv", "--model", "ViT-B-32", "--pretrained", "openai",
             "--output", "o"]
     assert main([*argv, "--engine", "local", "--num-encoders", "2"]) == 2
-    assert "num_encoders > 1 needs engine ray" in capsys.readouterr().err
+    assert "--num-encoders > 1 needs --engine ray (the local engine drives one device)" in capsys.readouterr().err
     assert CacheConfig(source="x.hdf5", index="i.csv", model="ViT-B-32", pretrained="openai", output="o",
                        num_encoders=2).engine == "auto"
 

@@ -179,7 +179,7 @@ def test_a_rerun_into_one_out_reuses_only_images_of_the_same_settings(generation
         assert len(err.splitlines()) == 1, err
     assert read_manifest(str(out))["rows"] == 3
     code, err = run_cli([*base, "--steps", "1", "--out", generation_inputs["source"]], capsys)
-    assert code == 2 and "is the embeddings" in err and len(err.splitlines()) == 1, err
+    assert code == 2 and "is the --embeddings" in err and len(err.splitlines()) == 1, err
     assert read_manifest(generation_inputs["source"])["kind"] == "cache"
 
 

@@ -61,7 +61,7 @@ class AdapterConfig(StageConfig):
     @model_validator(mode="after")
     def _some_loss(self):
         if self.cosine_weight == self.mse_weight == self.contrastive_weight == 0:
-            raise ValueError("cosine_weight, mse_weight and contrastive_weight are all 0: nothing to train")
+            raise ValueError("`cosine_weight`, `mse_weight` and `contrastive_weight` are all 0: nothing to train")
         return self
 
     @model_validator(mode="after")
@@ -84,4 +84,4 @@ def check_two_caches(config, what: str) -> None:
     for role in ("clip_cache", "target_cache"):
         check_out_apart(config.out, role, getattr(config, role), what)
     if config.clip_cache.rstrip("/") == config.target_cache.rstrip("/"):
-        raise ValueError("clip_cache and target_cache are the same cache: an adapter maps one space to another")
+        raise ValueError("`clip_cache` and `target_cache` are the same cache: an adapter maps one space to another")

@@ -47,20 +47,24 @@ def check_out_apart(out: str, role: str, prefix: str | None, what: str) -> None:
     out, prefix = out.rstrip("/"), prefix.rstrip("/")
     if f"{out}/".startswith(f"{prefix}/"):
         where = "the" if out == prefix else "inside the"
-        raise ValueError(f"out {out} is {where} {role} {prefix}: give {what} a prefix of its own")
+        raise ValueError(f"`out` {out} is {where} `{role}` {prefix}: give {what} a prefix of its own")
 
 
 def validation_message(error: ValidationError, prefix: str = "", origins: dict[str, str] | None = None,
-                       keys: list[str] | None = None, values: list[str] = (), known: list[str] = ()) -> str:
+                       as_flags: bool = False, known: list[str] = ()) -> str:
     """All problems of one validation, each naming its key, in one line. `origins`: where each top-level key's
-    value came from (`--batch-size`, a YAML file's name), said with its problems. `keys`: when every setting
-    came from a flag, the config's keys, which a problem of the whole config names by their flags. `known`: the
-    top-level keys there are, for a suggestion after an unknown one (`batch-size`: did you mean batch_size?)."""
+    value came from (`--batch-size`, a YAML file's name), said with its problems. A problem of the whole config
+    marks the keys it names in backticks: as flags when every setting came from one (`as_flags`: `give
+    --index, or --subject with --index-root`, not `(config): ...`), else bare. `known`: the top-level keys there
+    are, for a suggestion after an unknown one (`batch-size`: did you mean batch_size?)."""
     problems = []
     for item in error.errors():
-        if keys and not item["loc"]:  # `give either --index, or --subject with --index-root`, not `(config): ...`
-            problems.append(as_flags(item["msg"].removeprefix("Value error, "), keys, values))
-            continue
+        if not item["loc"]:
+            message = spell_keys(item["msg"].removeprefix("Value error, "), known, as_flags)
+            if as_flags:
+                problems.append(message)
+                continue
+            item = {**item, "msg": message}
         key = ".".join(str(part) for part in item["loc"]) or "(config)"
         if prefix:
             key = f"{prefix}.{key}" if item["loc"] else prefix
@@ -82,23 +86,25 @@ def validation_message(error: ValidationError, prefix: str = "", origins: dict[s
     return "; ".join(problems)
 
 
+KEY_MARK = re.compile(r"`([a-z][a-z0-9_]*)`")  # a key, as a validator's message names one: `index_root`
+
+
+def spell_keys(message: str, known, as_flags: bool) -> str:
+    """The `known` keys a validator's message marks (`index_root`) as flags (--index-root) or as they are
+    (index_root); other backticked text (a command) stays."""
+    def spelled(match: re.Match) -> str:
+        if match[1] not in known:
+            return match[0]
+        return "--" + match[1].replace("_", "-") if as_flags else match[1]
+
+    return KEY_MARK.sub(spelled, message)
+
+
 def did_you_mean(key: str, known) -> str:
     """`; did you mean batch_size?` for `batch-size` or `batch_sise`; empty when no key is close."""
     spelled = key.replace("-", "_")
     near = [spelled] if spelled in known else difflib.get_close_matches(spelled, list(known), n=1, cutoff=0.75)
     return f"; did you mean {near[0]}?" if near else ""
-
-
-def as_flags(message: str, keys: list[str], values: list[str] = ()) -> str:
-    """`message` with each of `keys` it names (a whole word, not part of a path) spelled as a flag: `index_root`
-    -> `--index-root`. The `values` given (paths: an output folder called `out`) are left as they are."""
-    kept = sorted({value for value in values if value}, key=len, reverse=True)
-    parts = re.split(r"((?<![\w./-])(?:" + "|".join(map(re.escape, kept)) + r")(?![\w./-]))", message) if kept \
-        else [message]
-    words = "|".join(re.escape(key) for key in sorted(keys, key=len, reverse=True))
-    return "".join(part if i % 2 else re.sub(rf"(?<![\w./-])({words})(?![\w./-])",
-                                             lambda m: "--" + m[1].replace("_", "-"), part)
-                   for i, part in enumerate(parts))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -131,7 +137,5 @@ def load_config(cls: type[C], values: dict[str, Any], *, source: str = "", origi
         where = f"{source}: " if source and origins is None else ""
         flags_only = origins is not None and all(origin.startswith("--") for origin in origins.values())
         known = [field.alias or name for name, field in cls.model_fields.items()]
-        given = [value for value in values.values() if isinstance(value, str)]
-        message = validation_message(exc, origins=origins, keys=known if flags_only else None, values=given,
-                                     known=known)
+        message = validation_message(exc, origins=origins, as_flags=flags_only, known=known)
         raise UserError(f"{where}{message}") from None

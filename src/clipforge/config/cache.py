@@ -65,23 +65,23 @@ class CacheConfig(StageConfig):
 
         if is_image_collection(self.source):
             if self.index or self.subject or self.index_root:
-                raise ValueError("index, subject and index_root apply to HDF5 sources; an image folder or CSV "
+                raise ValueError("`index`, `subject` and `index_root` apply to HDF5 sources; an image folder or CSV "
                                  "lists its own images")
         elif self.skip_bad:
-            raise ValueError("skip_bad applies to image folders and CSVs, not to HDF5 sources")
+            raise ValueError("`skip_bad` applies to image folders and CSVs, not to HDF5 sources")
         elif self.index and (self.subject or self.index_root):
-            raise ValueError("give index, or subject with index_root, not both")
+            raise ValueError("give `index`, or `subject` with `index_root`, not both")
         elif not self.index and not (self.subject or self.index_root):
-            raise ValueError("give index, or subject with index_root")
+            raise ValueError("give `index`, or `subject` with `index_root`")
         if self.subject and not self.index_root or self.index_root and not self.subject:
-            raise ValueError("subject and index_root go together")
+            raise ValueError("`subject` and `index_root` go together")
         if not self.model and not self.model_id:
-            raise ValueError("give model (with pretrained) or model_id")
+            raise ValueError("give `model` (with `pretrained`) or `model_id`")
         if self.model and self.model_id:
-            raise ValueError("give model or model_id, not both")
+            raise ValueError("give `model` or `model_id`, not both")
         if self.model and self.pretrained is None:  # a cache of random weights is hours of GPU time for nothing
-            raise ValueError("give pretrained with model: an open_clip tag (openai, laion2b_…) or a weights file, "
+            raise ValueError("give `pretrained` with `model`: an open_clip tag (openai, laion2b_…) or a weights file, "
                              "local or s3://; '' encodes with random weights (benchmarks, tests)")
         if self.engine == "local" and (self.num_encoders or 1) > 1:
-            raise ValueError("num_encoders > 1 needs engine ray (the local engine drives one device)")
+            raise ValueError("`num_encoders` > 1 needs `engine` ray (the local engine drives one device)")
         return self

@@ -44,6 +44,6 @@ class AugmentConfig(StageConfig):
     @model_validator(mode="after")
     def _llm_needs_a_model(self):
         if self.method == "llm" and not self.llm_model:
-            raise ValueError("method llm needs llm_model: a local folder of a transformers language model "
+            raise ValueError("`method` llm needs `llm_model`: a local folder of a transformers language model "
                              "(no hub downloads)")
         return self

@@ -101,25 +101,26 @@ class FinetuneConfig(StageConfig):
     def _consistent(self):
         problems = []
         if self.dataset and (self.train_data or self.val_data):
-            problems.append("give dataset, or train_data with val_data, not both")
+            problems.append("give `dataset`, or `train_data` with `val_data`, not both")
         elif not self.dataset and not (self.train_data and self.val_data):
-            problems.append("give train_data and val_data (CSV files), or dataset (a captioned folder's index.csv)")
+            problems.append("give `train_data` and `val_data` (CSV files), or `dataset` (a captioned folder's "
+                            "index.csv)")
         if self.skip_bad and not self.dataset:
-            problems.append("skip_bad applies to dataset, which this run prepares; CSVs given as train_data are "
+            problems.append("`skip_bad` applies to `dataset`, which this run prepares; CSVs given as `train_data` are "
                             "used as they are (`clipforge captions prepare --skip-bad` drops bad images from a split)")
         if self.val_fraction != type(self).model_fields["val_fraction"].default and not self.dataset:
-            problems.append("val_fraction applies to dataset, which this run splits; train_data and val_data are "
-                            "used as they are")
+            problems.append("`val_fraction` applies to `dataset`, which this run splits; `train_data` and "
+                            "`val_data` are used as they are")
         if self.synonyms and self.augment != "manual":
-            problems.append(f"synonyms applies to augment manual, not {self.augment}: leave out one of them")
+            problems.append(f"`synonyms` applies to `augment` manual, not {self.augment}: leave out one of them")
         if self.lock_image_unlocked_groups and not self.lock_image:
-            problems.append("lock_image_unlocked_groups applies with lock_image (it leaves the last groups of "
-                            "the locked image tower trainable): add lock_image, or leave it out")
+            problems.append("`lock_image_unlocked_groups` applies with `lock_image` (it leaves the last groups of "
+                            "the locked image tower trainable): add `lock_image`, or leave it out")
         if self.augment == "llm" and not self.llm_model:
-            problems.append("augment llm needs llm_model: a local folder of a transformers language model "
+            problems.append("`augment` llm needs `llm_model`: a local folder of a transformers language model "
                             "(no hub downloads)")
         if self.resume and not self.timestamped:
-            problems.append("resume applies to timestamped runs; without them OUT itself is resumed")
+            problems.append("`resume` applies to `timestamped` runs; without them OUT itself is resumed")
         if problems:
             raise ValueError("; ".join(problems))
         return self

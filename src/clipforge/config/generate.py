@@ -45,7 +45,7 @@ class GenerateConfig(StageConfig):
     @model_validator(mode="after")
     def _one_conditioning(self):
         if self.adapter and self.zero_pad:
-            raise ValueError("give adapter or zero_pad, not both")
+            raise ValueError("give `adapter` or `zero_pad`, not both")
         return self
 
     @model_validator(mode="after")
