@@ -123,19 +123,20 @@ def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, t
 
 def test_an_index_written_again_or_touched_leaves_the_cache_up_to_date(nsd, tiny_models, ray_session, tmp_path):
     """`clipforge index nsd` run again rewrote the same index, and the cache refused its own output ("inputs.index.
-    mtime_ns: ..."): the index counts by content. Other rows are another input, said in words."""
+    mtime_ns: ..."): the index counts by the rows it holds. Other rows are another input, said in words."""
     index = tmp_path / "index.parquet"
     index.write_bytes(Path(nsd["index"]).read_bytes())
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"], index=str(index))
     run_cache(cfg)
     before = mtimes(output)
-    index.write_bytes(index.read_bytes())
+    # Written again by another writer (rows shuffled, other compression: other bytes, the same rows), and touched.
+    pd.read_parquet(index).sample(frac=1, random_state=0).to_parquet(index, compression="gzip")
     os.utime(index, ns=(1, 1))
     run_cache(cfg)
     assert mtimes(output) == before
     pd.read_parquet(index).iloc[1:].to_parquet(index)
-    with pytest.raises(UserError, match=re.escape(f"(index {index} changed (size, content)); choose a new")):
+    with pytest.raises(UserError, match=re.escape(f"(index {index} changed (rows)); choose a new")):
         run_cache(cfg)
 
 
@@ -157,7 +158,7 @@ def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_ind
         commits.append(commit(*args))
 
     with monkeypatch.context() as old:
-        old.setattr(stage.storage, "content_fingerprint", stage.storage.fingerprint)
+        old.setattr(stage, "rows_fingerprint", lambda uri, index: stage.storage.fingerprint(uri))
         first = run_cache(config(nsd, tiny_models, str(done), source=nsd["local"], index=str(index)))
         old.setattr(cache_local, "commit_shard", stopping)
         with pytest.raises(RuntimeError, match="stopped"):
@@ -170,6 +171,10 @@ def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_ind
     resumed = run_cache(config(nsd, tiny_models, str(unfinished), source=nsd["local"], index=str(index)))
     assert len(shards) == 2 and resumed["metrics"]["images_encoded"] == 30 - 2 * 8
     assert all(mtimes(unfinished)[name] == t for name, t in shards.items())
+    os.utime(index, ns=(1, 1))  # what its record holds no longer tells: said so, not called another content
+    with pytest.raises(UserError, match=re.escape(f"(index {index} changed (mtime, and its record has no content "
+                                                  "digest to compare))")):
+        run_cache(config(nsd, tiny_models, str(done), source=nsd["local"], index=str(index)))
 
 
 def test_an_output_holding_other_files_is_refused_before_any_work(nsd, tiny_models, ray_session, tmp_path):

@@ -79,9 +79,16 @@ def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
         return index, {"source": listing}
     path = index_at(cfg.index) if cfg.index else index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
-    # The index by its content: written again as it was (`clipforge index nsd` rerun) or touched, it is the same.
     return index, {"source": storage.fingerprint(cfg.source, unsigned=cfg.no_sign_request),
-                   "index": storage.content_fingerprint(path)}
+                   "index": rows_fingerprint(path, index)}
+
+
+def rows_fingerprint(uri: str, index: RowIndex) -> dict:
+    """An index by the rows it holds (sorted ids and their splits): written again (`clipforge index nsd` rerun,
+    by another pandas whose parquet bytes differ) or touched, it is the same input."""
+    rows = hashlib.sha256(np.asarray(index.ids, dtype=np.int64).tobytes())
+    rows.update(json.dumps(list(index.splits)).encode())
+    return {"uri": uri, "rows": len(index), "rows_sha256": rows.hexdigest()}
 
 
 def index_as_recorded(inputs: dict, recorded: dict | None) -> dict:

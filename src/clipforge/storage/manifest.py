@@ -106,7 +106,8 @@ def is_up_to_date(manifest: dict | None, config_fingerprint: str, inputs: dict) 
 # The fields of an input's fingerprint (`storage.fingerprint`, `content_fingerprint`, `tree_fingerprint`), as a
 # user would name what changed.
 FINGERPRINT_FIELDS = {"uri": "path", "size": "size", "mtime_ns": "mtime", "sha256": "content", "etag": "content",
-                      "files": "number of files", "listing_sha256": "files listed"}
+                      "files": "number of files", "listing_sha256": "files listed", "rows": "rows",
+                      "rows_sha256": "rows"}
 
 
 def input_changes(recorded: dict, current: dict, *, paths: bool = True) -> list[str]:
@@ -126,5 +127,7 @@ def input_changes(recorded: dict, current: dict, *, paths: bool = True) -> list[
             changes.append(f"{role} changed (content)")
             continue
         what = list(dict.fromkeys(name for key, name in FINGERPRINT_FIELDS.items() if was.get(key) != now.get(key)))
+        if "mtime_ns" in was and "mtime_ns" not in now:  # recorded by its mtime, counted by its content now
+            what = ["mtime, and its record has no content digest to compare"]
         changes.append(f"{role} {now.get('uri', '')}".rstrip() + f" changed ({', '.join(what) or 'fingerprint'})")
     return changes
