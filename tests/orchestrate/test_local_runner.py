@@ -414,6 +414,45 @@ stages:
     assert statuses(run_spec(str(spec), [], run_id="five")) == {"index": "done"}
 
 
+def test_a_literal_input_file_replaced_under_its_name_is_another_input(demo_root, in_demo, tmp_path, monkeypatch):
+    """A cache stage's `index:` (and `pretrained:`) may name a file rather than a stage: one replaced under its
+    name made no new key, and the old cache was reused for the new rows. Keys made before literal files counted
+    are reused, or resumed, while those files are older than what was written; not once one is newer."""
+    from clipforge.orchestrate import pipeline
+
+    index = tmp_path / "ids.csv"
+    index.write_text("id\n" + "\n".join(map(str, range(0, 40, 2))) + "\n")
+    spec = tmp_path / "cache.yaml"
+    spec.write_text(f"""
+artifacts: {tmp_path}/artifacts
+stages:
+  - name: ids
+    kind: cache
+    with: {{source: demo/nsd_stimuli.hdf5, index: {index}, model: tiny-source,
+            model_config: demo/models/tiny-source.json, pretrained: demo/models/tiny-source.pt, batch_size: 8,
+            device: cpu}}
+""")
+    resolve_input = pipeline.resolve_input
+    with monkeypatch.context() as before:  # keys as they were made: files by mtime, literal inputs not at all
+        before.setattr(pipeline, "CONTENT_LIMIT", -1)
+        before.setattr(pipeline, "resolve_input", lambda *a, **k: resolve_input(*a, **{**k, "by_content": False}))
+        first = run_spec(str(spec), [], run_id="one")
+    made = Path(first.data["stages"]["ids"]["output"])
+    (made / "_manifest.json").unlink()  # as if stopped before its commit: resumed where it is, nothing encoded
+    second = run_spec(str(spec), [], run_id="two")
+    assert statuses(second) == {"ids": "done"} and second.data["stages"]["ids"]["output"] == str(made)
+    assert read_manifest(str(made))["metrics"]["images_encoded"] == 0
+    assert statuses(run_spec(str(spec), [], run_id="three")) == {"ids": "reused"}
+    index.write_text("id\n" + "\n".join(map(str, range(1, 40, 2))) + "\n")  # other ids under the same name
+    fourth = run_spec(str(spec), [], run_id="four")
+    assert statuses(fourth) == {"ids": "done"} and fourth.data["stages"]["ids"]["output"] != str(made)
+    assert read_manifest(fourth.data["stages"]["ids"]["output"])["rows"] == 20
+    index.write_text("id\n" + "\n".join(map(str, range(1, 30, 2))) + "\n")
+    fifth = run_spec(str(spec), [], run_id="five")
+    assert statuses(fifth) == {"ids": "done"}
+    assert fifth.data["stages"]["ids"]["output"] != fourth.data["stages"]["ids"]["output"]
+
+
 def test_a_pinned_output_is_checked_by_the_stage_not_taken_as_done(demo_root, in_demo, tmp_path):
     """`output:` pins a stage's output outside the content-addressed keys, so a manifest there says nothing
     about this config: the stage runs and finds it up to date, or refuses another config's output."""

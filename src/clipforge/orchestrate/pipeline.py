@@ -61,6 +61,7 @@ class ResolvedStage:
     config_uri: str = ""  # where the resolved config is saved; the stage command reads it from there
     error: str = ""  # the stage command's own one-line error, when the executor saw one
     key_by_mtime: str | None = None  # the key when files counted by size and mtime, where it differs
+    files_uncounted: list[str] = field(default_factory=list)  # literal input files that key did not count
 
     @property
     def argv(self) -> list[str]:
@@ -85,7 +86,10 @@ def file_identity(value: Any, by_content: bool = True) -> dict | None:
         if storage.is_s3(value) or storage.local_path(value).is_file():
             found = storage.fingerprint(value)
             if by_content and "mtime_ns" in found and found["size"] <= CONTENT_LIMIT:
-                found = storage.content_fingerprint(value)
+                try:
+                    found = storage.content_fingerprint(value)
+                except OSError:  # there but not readable here: its size and mtime say what they can
+                    pass
             return {k: v for k, v in found.items() if k != "uri"}
     except UserError:
         return None
@@ -102,14 +106,18 @@ def listed_folder(value: str, names_file: bool) -> str | None:
     return collection_root(value) if value.lower().endswith(".csv") else None
 
 
-def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None]):
-    """(URI, identity) of one input: a needed stage's output (None if it produced nothing), or a literal URI."""
+def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None], by_content: bool = True):
+    """(URI, identity) of one input: a needed stage's output (None if it produced nothing), or a literal URI:
+    an output's by its manifest, a file's (weights, an index) by its content too, so one replaced under its
+    name is another input (`by_content=False`: as keys were made before they counted)."""
     if value in stage.needs:
         upstream = outputs.get(value)
         if upstream is None:
             return None, None
         return (storage.join(upstream, file) if file else upstream), output_fingerprint(upstream)
-    return value, {"uri": value, "fingerprint": output_fingerprint(value)}
+    identity = {"uri": value, "fingerprint": output_fingerprint(value)}
+    found = file_identity(value) if by_content else None
+    return value, {**identity, "file": found} if found is not None else identity
 
 
 def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str | None]) -> ResolvedStage:
@@ -117,14 +125,17 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     kind = KINDS[stage.kind]
     values = dict(stage.with_)
     identity: dict[str, Any] = {}
+    earlier: dict[str, Any] = {}  # the identity as keys were made before files counted by content
     for key, (file, _) in kind.inputs.items():
         value = values.get(key)
         if isinstance(value, list):  # several stages, e.g. evaluate's `generated`
             resolved = [resolve_input(v, file, stage, outputs) for v in value]
             values[key] = [uri for uri, _ in resolved if uri is not None]
             identity[key] = [ident for _, ident in resolved]
+            earlier[key] = [resolve_input(v, file, stage, outputs, by_content=False)[1] for v in value]
         elif isinstance(value, str):
             uri, identity[key] = resolve_input(value, file, stage, outputs)
+            earlier[key] = resolve_input(value, file, stage, outputs, by_content=False)[1]
             if uri is None:
                 values.pop(key)
             else:
@@ -153,9 +164,15 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
     resolved = ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
-    by_mtime = named_files(by_content=False)
-    if not stage.output and by_mtime != identity["files"]:
-        resolved.key_by_mtime = payload_key({**payload, "inputs": {**identity, "files": by_mtime}})
+    earlier = {**identity, **earlier, "files": named_files(by_content=False)}
+    if not stage.output and earlier != identity:
+        resolved.key_by_mtime = payload_key({**payload, "inputs": earlier})
+        # Literal files those keys did not count (weights, an index): an output made before one changed is not
+        # this stage's (`as_made_by_mtime`).
+        resolved.files_uncounted = [value for key in kind.inputs for value in
+                                    (values.get(key) if isinstance(values.get(key), list) else [values.get(key)])
+                                    if isinstance(value, str) and value not in stage.needs
+                                    and file_identity(value, by_content=False) is not None]
     return resolved
 
 
@@ -164,18 +181,36 @@ def payload_key(payload: dict) -> str:
 
 
 def as_made_by_mtime(resolved: ResolvedStage, artifacts: str) -> ResolvedStage:
-    """The output this stage made when every file it names counted by size and mtime, if there is one and
-    none of its output under today's key: those files still have them, so it is this stage's, reused as it
-    is rather than made again (a cache of hours) under the key that counts their content."""
-    if resolved.key_by_mtime is None or read_manifest(resolved.output) is not None:
+    """The output this stage made (or began: shards, checkpoints) when the files it names counted by size and
+    mtime, and literal input files not at all, if there is one and nothing under today's key: those files still
+    have them, so it is this stage's, reused or resumed rather than made again (a cache of hours) under the key
+    that counts their content. Not if a literal input file (weights, an index) changed after it was written."""
+    if resolved.key_by_mtime is None or storage.list_names(resolved.output) or storage.list_folders(resolved.output):
         return resolved
     earlier = storage.join(artifacts, resolved.spec.kind, resolved.key_by_mtime)
-    if read_manifest(earlier) is None:
+    written = newest_write(earlier)
+    if written is None:
+        return resolved
+    changed = [path for path in resolved.files_uncounted
+               if not storage.is_s3(path) and storage.local_path(path).stat().st_mtime_ns > written]
+    if changed:
+        log.info("[%s] not taking %s as this stage's: %s changed after it was written", resolved.spec.name,
+                 earlier, changed[0])
         return resolved
     log.info("[%s] %s, made when the files it names counted by their mtime, which they still have: taken as "
              "this stage's output", resolved.spec.name, earlier)
     return replace(resolved, key=resolved.key_by_mtime, output=earlier, key_by_mtime=None,
-                               values={**resolved.values, resolved.kind.output_key: earlier})
+                   values={**resolved.values, resolved.kind.output_key: earlier})
+
+
+def newest_write(folder: str) -> int | None:
+    """When a local output folder was last written to (ns; its manifest, else its newest entry); 0 for one on S3
+    (no mtime here: its literal files are not compared); None when there is no such folder or it is empty."""
+    if storage.is_s3(folder):
+        return 0 if storage.list_names(folder) or storage.list_folders(folder) else None
+    path = storage.local_path(folder)
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return max(entry.stat().st_mtime_ns for entry in entries) if entries else None
 
 
 def input_coverage(source_cache: str, target_cache: str) -> float:
