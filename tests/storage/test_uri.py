@@ -26,6 +26,16 @@ def test_write_read_list_delete(prefix):
     assert not storage.exists(storage.join(prefix, "b.bin"))
 
 
+def test_an_s3_folder_marker_is_not_a_name_in_the_folder(s3_bucket):
+    """The AWS console's "Create folder" makes an empty `out/` object: listed as a name `""`, a cache refused
+    its own new output as holding "a file that is not a cache's"."""
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="marked/", Body=b"")
+    storage.write_bytes(f"s3://{s3_bucket}/marked/a.bin", b"1")
+    assert storage.list_names(f"s3://{s3_bucket}/marked") == ["a.bin"]
+
+
 def test_local_write_leaves_no_temp_files(tmp_path):
     storage.write_bytes(str(tmp_path / "x"), b"1")
     assert [p.name for p in tmp_path.iterdir()] == ["x"]

@@ -251,7 +251,8 @@ def _one_level(prefix: str, unsigned: bool, *, folders: bool) -> list[str]:
                     names.extend(p["Prefix"][len(loc.key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
                 else:
                     names.extend(obj["Key"][len(loc.key) :] for obj in page.get("Contents", []))
-            return sorted(names)
+            # Not the prefix's own "folder" marker (an empty `prefix/` object, which consoles create).
+            return sorted(name for name in names if name)
 
 
 def list_names(prefix: str, *, unsigned: bool = False) -> list[str]:
