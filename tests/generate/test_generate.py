@@ -178,6 +178,8 @@ def test_a_rerun_into_one_out_reuses_only_images_of_the_same_settings(generation
         assert code == 2 and f"holds images made with other settings or inputs {differs}" in err, err
         assert len(err.splitlines()) == 1, err
     assert read_manifest(str(out))["rows"] == 3
+    same = generate(generation_inputs, unclip, out, limit=3, precision="fp32")  # what `auto` was on this CPU
+    assert same["metrics"]["generated_now"] == 0
     code, err = run_cli([*base, "--steps", "1", "--out", generation_inputs["source"]], capsys)
     assert code == 2 and "is the --embeddings" in err and len(err.splitlines()) == 1, err
     assert read_manifest(generation_inputs["source"])["kind"] == "cache"

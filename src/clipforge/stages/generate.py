@@ -217,16 +217,20 @@ def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
     return digest({"settings": chosen, "inputs": inputs, "precision": precision})
 
 
-IMAGE_SETTINGS = ("steps", "guidance", "noise_level", "embed_norm", "seed", "precision")
+IMAGE_SETTINGS = ("steps", "guidance", "noise_level", "embed_norm", "seed")
 
 
 def refuse_other_images(cfg: GenerateConfig, manifest: dict | None, inputs: dict) -> None:
     """Before the pipeline loads (minutes): a finished `out` whose images other settings or inputs made is
-    refused, naming what differs (`committed_ids` refuses the batches of an unfinished one)."""
+    refused, naming what differs (`committed_ids` refuses the batches of an unfinished one). The precision is
+    compared as it resolved (`auto` then and `bf16` now may be one)."""
     if manifest is None:
         return
     was, now = manifest["config"], cfg.model_dump(mode="json")
-    changed = [f"{key}: {was.get(key)} then, {now[key]} now" for key in IMAGE_SETTINGS if was.get(key) != now[key]]
+    was = {**was, "precision": (manifest.get("metrics") or {}).get("precision", was.get("precision"))}
+    now = {**now, "precision": resolve_precision(cfg.precision, resolve_device(cfg.device))}
+    changed = [f"{key}: {was.get(key)} then, {now[key]} now" for key in (*IMAGE_SETTINGS, "precision")
+               if was.get(key) != now[key]]
     changed += input_changes(manifest["inputs"], inputs)
     if changed:
         raise UserError(f"out {cfg.out} holds images made with other settings or inputs ({'; '.join(changed)}): "
