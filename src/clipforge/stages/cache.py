@@ -161,9 +161,13 @@ def _run_cache(cfg: CacheConfig) -> dict:
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     # Shards of other weights or images (a run that failed, the file replaced, then resumed) are not this
     # cache's: their names differ, so they are encoded again rather than mixed in.
+    # An unfinished cache that left no planned config (older clipforge) named its shards with the index's size
+    # and mtime: while those hold, its shards are still this cache's.
+    counted = [inputs] + ([{**inputs, "index": storage.fingerprint(inputs["index"]["uri"])}]
+                          if planned is None and "rows_sha256" in inputs.get("index", {}) else [])
     shards, todo = pending_shards(cfg.output, [plan_shards(index, cfg.batch_size,
-                                                           digest({"config": identity, "inputs": inputs}))
-                                               for identity in (fingerprint, located)],
+                                                           digest({"config": identity, "inputs": these}))
+                                               for these in counted for identity in (fingerprint, located)],
                                   unlike_planned(planned, cfg, inputs))
     if todo:  # what an unfinished cache's shards were planned with, for a resume that spells a path otherwise
         storage.write_json(storage.join(cfg.output, PLANNED_CONFIG),
