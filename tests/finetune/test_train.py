@@ -269,3 +269,27 @@ def test_the_loader_decodes_an_epoch_s_first_batches_during_the_validation_befor
     finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "out", epochs=2, workers=1,
                                        timestamped=False)))
     assert found == [(0, True), (1, True)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_starting_a_pass_leaves_the_process_rng_alone(workers):
+    """The trainer starts an epoch's pass before the checkpoint in front of it: a draw from the process's RNG
+    there (torch's base seed for the workers) would put a resumed run's dropout one draw off."""
+    from clipforge.stages.finetune_data import KeyBatches, make_loader
+
+    class Rows(torch.utils.data.Dataset):
+        seed = 0
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):  # (image, caption tokens, pair key), as `collate` takes them
+            return torch.zeros(1), torch.tensor([1, 2]), torch.tensor(key[1])
+
+    batches = KeyBatches()
+    batches.batches = [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    loader = make_loader(Rows(), batches, workers, pin_memory=False)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        assert [keys.tolist() for _, _, keys in loader] == [[0, 1], [2, 3]]
+    assert torch.equal(torch.get_rng_state(), before)

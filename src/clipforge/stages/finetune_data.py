@@ -319,10 +319,16 @@ def validation_plan(workers: int, val_rows: int, world: int, micro: int) -> tupl
 
 def make_loader(dataset: CaptionedImages, batches: KeyBatches, workers: int, pin_memory: bool,
                 trim_text: bool = False):
-    """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation)."""
+    """A DataLoader over `batches`; its workers persist across passes (each epoch, each validation).
+
+    Starting a pass draws the workers' base seed from the loader's own generator, not the process's RNG: the
+    trainer starts an epoch's pass before the checkpoint in front of it, and a draw from the process's RNG
+    there would leave a resumed run's dropout one draw off an uninterrupted one's. (The images' random
+    draws come from RNGs seeded by (seed, epoch, row), whatever the workers' seeds.)"""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=functools.partial(collate, trim_text=trim_text),
         pin_memory=pin_memory, worker_init_fn=leave_signals_to_the_trainer,
+        generator=torch.Generator().manual_seed(dataset.seed),
         # Two batches ahead per worker, torch's default and open_clip_train's: with 12 workers, 24 batches of 256
         # images (3.7 GB at 224 px) wait in shared memory; four ahead held twice that.
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
