@@ -162,3 +162,17 @@ def test_delete_tree_takes_every_object_under_the_prefix_and_nothing_beside_it(p
     assert len(storage.list_tree(prefix)) == len(names)
     storage.delete_tree(prefix)
     assert storage.list_tree(prefix) == {} and storage.list_tree(prefix + "-beside") == {"keep.txt": 1}
+
+
+def test_a_write_that_may_keep_the_file_still_writes_when_it_cannot_read_it(tmp_path, monkeypatch):
+    """Credentials that may write an object but not read it (S3): the pre-read fails, the write goes on."""
+    target = str(tmp_path / "x.csv")
+    storage.write_bytes(target, b"old")
+
+    def refused(uri, **kwargs):
+        raise PermissionError(13, "Access Denied", uri)
+
+    monkeypatch.setattr(storage, "read_bytes", refused)
+    assert storage.write_bytes_if_changed(target, b"new")
+    monkeypatch.undo()
+    assert storage.read_bytes(target) == b"new" and not storage.write_bytes_if_changed(target, b"new")
