@@ -75,19 +75,17 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
                        "images": storage.tree_fingerprint(collection_root(source), is_listed_image)}
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
-        found = storage.listed_tree(source, is_listed_image)
+        found = storage.listed_tree(source, is_listed_image, also=is_left_out_image)
         if found is None and storage.is_file(source):  # a photo, a parquet file: not listed as a folder of none
             raise UserError(f"source {source} is not an HDF5 file (.hdf5, .h5), an image folder or a CSV of images "
                             "(.csv)")
         if found is None and not storage.exists(source):
             raise UserError(f"source {source} not found")
-        paths, listing = found or ([], {})
-        if found is not None and not storage.is_s3(source):
-            others = storage.listed_tree(source, is_left_out_image)
-            if others and others[0]:
-                log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
-                            "e.g. %s); convert them, or list them in a CSV source", source, len(others[0]),
-                            ", ".join(IMAGE_SUFFIXES), others[0][0])
+        paths, listing, others = found or ([], {}, [])
+        if others:
+            log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
+                        "e.g. %s); convert them, or list them in a CSV source", source, len(others),
+                        ", ".join(IMAGE_SUFFIXES), others[0])
         ids = np.array(paths, dtype=object)
         splits = [None] * len(ids)
         fingerprint = {"uri": source, **listing}

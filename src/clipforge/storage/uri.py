@@ -299,17 +299,20 @@ def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
     return found[1] if found is not None else None
 
 
-def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *,
-                unsigned: bool = False) -> tuple[list[str], dict[str, Any]] | None:
-    """The relative paths `tree_fingerprint` counts, sorted, and that fingerprint, from one listing (one
-    walk of a folder, one paged LIST on S3). None: no such folder."""
+def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *, unsigned: bool = False,
+                also: Callable[[str], bool] | None = None) -> tuple[list[str], dict[str, Any], list[str]] | None:
+    """The relative paths `tree_fingerprint` counts, sorted, that fingerprint, and the other files `also`
+    accepts (files left out that the caller would name), from one listing (one walk of a folder, one paged
+    LIST on S3). None: no such folder."""
     entries = _walk(prefix, unsigned)
     if entries is None:
         return None
-    entries = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/"))
-                     and (keep is None or keep(e[0])))
-    listing = json.dumps(entries).encode()
-    return [e[0] for e in entries], {"files": len(entries), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
+    visible = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/")))
+    kept = [e for e in visible if keep is None or keep(e[0])]
+    others = [e[0] for e in visible if also is not None and also(e[0]) and not (keep is None or keep(e[0]))]
+    listing = json.dumps(kept).encode()
+    fingerprint = {"files": len(kept), "listing_sha256": hashlib.sha256(listing).hexdigest()[:16]}
+    return [e[0] for e in kept], fingerprint, others
 
 
 def delete(uri: str) -> None:
