@@ -435,7 +435,9 @@ stages:
     resolve_input = pipeline.resolve_input
     with monkeypatch.context() as before:  # keys as they were made: files by mtime, literal inputs not at all
         before.setattr(pipeline, "CONTENT_LIMIT", -1)
-        before.setattr(pipeline, "resolve_input", lambda *a, **k: resolve_input(*a, **{**k, "by_content": False}))
+        before.setattr(pipeline, "resolve_input",
+                       lambda *args: (lambda uri, ident: (uri, pipeline.without_file_identity(ident)))(
+                           *resolve_input(*args)))
         first = run_spec(str(spec), [], run_id="one")
     made = Path(first.data["stages"]["ids"]["output"])
     (made / "_manifest.json").unlink()  # as if stopped before its commit: resumed where it is, nothing encoded

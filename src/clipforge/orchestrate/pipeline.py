@@ -77,23 +77,33 @@ def new_run_id() -> str:
 CONTENT_LIMIT = 64 * 2**20
 
 
-def file_identity(value: Any, by_content: bool = True) -> dict | None:
-    """Size and ETag, content hash (`by_content`, small local files) or mtime of a value that names an existing
-    file (local or s3://); else None."""
+def file_identities(value: Any) -> tuple[dict | None, dict | None]:
+    """(by content, by size and mtime) of a value that names an existing file (local or s3://), from one stat or
+    HEAD: size and ETag on S3; on disk a content hash up to CONTENT_LIMIT, else size and mtime. (None, None) for
+    a value that names no file."""
     if not isinstance(value, str) or not value or "\n" in value:
-        return None
+        return None, None
     try:
-        if storage.is_s3(value) or storage.local_path(value).is_file():
-            found = storage.fingerprint(value)
-            if by_content and "mtime_ns" in found and found["size"] <= CONTENT_LIMIT:
-                try:
-                    found = storage.content_fingerprint(value)
-                except OSError:  # there but not readable here: its size and mtime say what they can
-                    pass
-            return {k: v for k, v in found.items() if k != "uri"}
+        if not (storage.is_s3(value) or storage.local_path(value).is_file()):
+            return None, None
+        found = storage.fingerprint(value)
     except UserError:
-        return None
-    return None
+        return None, None
+    by_mtime = {k: v for k, v in found.items() if k != "uri"}
+    if "mtime_ns" not in found or found["size"] > CONTENT_LIMIT:
+        return by_mtime, by_mtime
+    try:
+        return {k: v for k, v in storage.content_fingerprint(value).items() if k != "uri"}, by_mtime
+    except (OSError, UserError):  # there but not readable here: its size and mtime say what they can
+        return by_mtime, by_mtime
+
+
+def without_file_identity(identity: Any) -> Any:
+    """An input's identity (or a list of them) as keys were made before a literal file's content counted
+    (`resolve_input`)."""
+    if isinstance(identity, list):
+        return [without_file_identity(one) for one in identity]
+    return {k: v for k, v in identity.items() if k != "file"} if isinstance(identity, dict) else identity
 
 
 def listed_folder(value: str, names_file: bool) -> str | None:
@@ -106,17 +116,17 @@ def listed_folder(value: str, names_file: bool) -> str | None:
     return collection_root(value) if value.lower().endswith(".csv") else None
 
 
-def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None], by_content: bool = True):
+def resolve_input(value: str, file: str, stage: StageSpec, outputs: dict[str, str | None]):
     """(URI, identity) of one input: a needed stage's output (None if it produced nothing), or a literal URI:
     an output's by its manifest, a file's (weights, an index) by its content too, so one replaced under its
-    name is another input (`by_content=False`: as keys were made before they counted)."""
+    name is another input."""
     if value in stage.needs:
         upstream = outputs.get(value)
         if upstream is None:
             return None, None
         return (storage.join(upstream, file) if file else upstream), output_fingerprint(upstream)
     identity = {"uri": value, "fingerprint": output_fingerprint(value)}
-    found = file_identity(value) if by_content else None
+    found = file_identities(value)[0]
     return value, {**identity, "file": found} if found is not None else identity
 
 
@@ -125,28 +135,22 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     kind = KINDS[stage.kind]
     values = dict(stage.with_)
     identity: dict[str, Any] = {}
-    earlier: dict[str, Any] = {}  # the identity as keys were made before files counted by content
     for key, (file, _) in kind.inputs.items():
         value = values.get(key)
         if isinstance(value, list):  # several stages, e.g. evaluate's `generated`
             resolved = [resolve_input(v, file, stage, outputs) for v in value]
             values[key] = [uri for uri, _ in resolved if uri is not None]
             identity[key] = [ident for _, ident in resolved]
-            earlier[key] = [resolve_input(v, file, stage, outputs, by_content=False)[1] for v in value]
         elif isinstance(value, str):
             uri, identity[key] = resolve_input(value, file, stage, outputs)
-            earlier[key] = resolve_input(value, file, stage, outputs, by_content=False)[1]
             if uri is None:
                 values.pop(key)
             else:
                 values[key] = uri
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
-    def named_files(by_content: bool) -> dict:
-        found = {key: file_identity(value, by_content) for key, value in values.items() if key not in kind.inputs}
-        return {key: ident for key, ident in sorted(found.items()) if ident is not None}
-
-    identity["files"] = named_files(by_content=True)
+    files = {key: file_identities(value) for key, value in sorted(values.items()) if key not in kind.inputs}
+    identity["files"] = {key: by_content for key, (by_content, _) in files.items() if by_content is not None}
     folders = {}
     for key, keep in kind.folders.items():
         folder = listed_folder(values[key], key in identity["files"]) if isinstance(values.get(key), str) else None
@@ -164,15 +168,16 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
     resolved = ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
-    earlier = {**identity, **earlier, "files": named_files(by_content=False)}
+    # The identity as keys were made before files counted by content, and literal input files at all.
+    earlier = {**identity, "files": {key: by_mtime for key, (_, by_mtime) in files.items() if by_mtime is not None},
+               **{key: without_file_identity(identity[key]) for key in kind.inputs if key in identity}}
     if not stage.output and earlier != identity:
         resolved.key_by_mtime = payload_key({**payload, "inputs": earlier})
         # Literal files those keys did not count (weights, an index): an output made before one changed is not
         # this stage's (`as_made_by_mtime`).
-        resolved.files_uncounted = [value for key in kind.inputs for value in
-                                    (values.get(key) if isinstance(values.get(key), list) else [values.get(key)])
-                                    if isinstance(value, str) and value not in stage.needs
-                                    and file_identity(value, by_content=False) is not None]
+        inputs = [one for key in kind.inputs if key in identity
+                  for one in (identity[key] if isinstance(identity[key], list) else [identity[key]])]
+        resolved.files_uncounted = [one["uri"] for one in inputs if isinstance(one, dict) and "file" in one]
     return resolved
 
 
