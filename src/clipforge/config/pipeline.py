@@ -73,8 +73,9 @@ class PipelineSpec(_Strict):
     @field_validator("run_id")
     @classmethod
     def _run_id_names_folders(cls, value: str | None) -> str | None:
-        if value is not None and run_id_problem(value):
-            raise ValueError(run_id_problem(value))
+        problem = run_id_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("artifacts")
