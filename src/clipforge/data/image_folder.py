@@ -40,12 +40,13 @@ def is_listed_image(relative: str) -> bool:
 
 
 # Image files Pillow reads that a folder's listing leaves out (the caption page's and the caches' formats are the
-# ones above): said when a local folder holds some, since its plan would count fewer images than are there.
+# ones above): said when a folder holds some, since its plan would count fewer images than are there.
 OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif", ".jfif")
 
 
 def is_left_out_image(relative: str) -> bool:
-    return relative.lower().endswith(OTHER_IMAGE_SUFFIXES) and not any(p.startswith(".") for p in relative.split("/"))
+    """Among a listing's visible files (`storage.listed_tree` leaves hidden ones out): one of those formats."""
+    return relative.lower().endswith(OTHER_IMAGE_SUFFIXES)
 
 
 def is_image_collection(source: str) -> bool:
