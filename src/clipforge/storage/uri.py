@@ -144,9 +144,9 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
 def write_bytes_if_changed(uri: str, data: bytes) -> bool:
     """`write_bytes`, unless the object already holds exactly `data` (small files: it is read to compare).
     An unchanged file keeps its mtime, which the fingerprints of what was made from it count. True: written."""
-    # A folder, or an object these credentials may write but not read (S3): the write says what is wrong.
+    # Not there, a folder, or an object these credentials may write but not read (S3): the write says what is wrong.
     try:
-        if exists(uri) and read_bytes(uri) == data:
+        if read_bytes(uri) == data:
             return False
     except Exception:
         pass
