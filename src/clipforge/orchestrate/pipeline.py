@@ -190,7 +190,7 @@ def as_made_by_mtime(resolved: ResolvedStage, artifacts: str) -> ResolvedStage:
     mtime, and literal input files not at all, if there is one and nothing under today's key: those files still
     have them, so it is this stage's, reused or resumed rather than made again (a cache of hours) under the key
     that counts their content. Not if a literal input file (weights, an index) changed after it was written."""
-    if resolved.key_by_mtime is None or storage.list_names(resolved.output) or storage.list_folders(resolved.output):
+    if resolved.key_by_mtime is None or newest_write(resolved.output) is not None:  # today's key holds something
         return resolved
     earlier = storage.join(artifacts, resolved.spec.kind, resolved.key_by_mtime)
     written = newest_write(earlier)
