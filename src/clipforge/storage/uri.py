@@ -165,10 +165,10 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """The object's bytes and a token naming this version of it (S3: its ETag; disk: a hash); None if absent."""
     match scheme(uri):
         case "file":
-            path = local_path(uri)
-            if not path.is_file():
+            try:  # no is_file() first: the holder may delete it between that look and the read
+                data = local_path(uri).read_bytes()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
-            data = path.read_bytes()
             return data, hashlib.sha256(data).hexdigest()
         case "s3":
             loc = s3.parse_s3(uri)
