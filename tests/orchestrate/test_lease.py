@@ -43,17 +43,17 @@ def test_a_second_run_waits_until_the_first_is_done(output, caplog):
     spans = {}
 
     def run(run_id: str, hold: float) -> None:
-        with StageLease(output, run_id, "adapter", **{**FAST, "stale_after": 0.2}):
+        with StageLease(output, run_id, "adapter", **{**FAST, "stale_after": 0.5}):
             spans[run_id] = [time.monotonic()]
             time.sleep(hold)
             spans[run_id].append(time.monotonic())
 
-    first = threading.Thread(target=run, args=("ci-1", 0.6))
+    first = threading.Thread(target=run, args=("ci-1", 1.0))
     first.start()
     while "ci-1" not in spans:
         time.sleep(0.01)
     with caplog.at_level(logging.WARNING, logger="clipforge.run"):
-        run("ci-2", 0.0)  # renewed every 0.05 s, never unchanged for 0.2 s: it waits for the release
+        run("ci-2", 0.0)  # renewed every 0.05 s, never unchanged for 0.5 s: it waits for the release
     first.join()
     assert spans["ci-2"][0] >= spans["ci-1"][1]
     assert "run ci-1 (on " in caplog.text and "is writing" in caplog.text
