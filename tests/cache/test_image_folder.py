@@ -222,6 +222,28 @@ def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_model
         CacheConfig(source="x.hdf5", index="i.parquet", model="m", output="o", skip_bad=True)
 
 
+def test_a_run_stopped_by_a_bad_image_goes_on_with_skip_bad_as_its_error_advises(shapes, tiny_models, tmp_path,
+                                                                                  caplog):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(shapes, folder)
+    last = sorted(folder.rglob("*.png"))[-1]
+    last.write_bytes(b"\x89PNG truncated")  # in the last shard: the shards before it are committed first
+    output = tmp_path / "index"
+    with pytest.raises(UserError, match="cannot be decoded"):
+        run_cache(config(tiny_models, folder, output, engine="local", read_workers=1))
+    assert list(output.glob("shard-*")) and not (output / "_manifest.json").exists()
+    with caplog.at_level("WARNING"):
+        run_cache(config(tiny_models, folder, output, engine="local", read_workers=1, skip_bad=True))
+    assert "shards of a run without skip_bad" in caplog.text
+    ids = list(read_embeddings(str(output)).ids)
+    assert len(ids) == len(set(ids)) == 23 and last.relative_to(folder).as_posix() not in ids
+    (output / "_manifest.json").unlink()  # unfinished again, and planned with skip_bad: a run without it is refused
+    with pytest.raises(UserError, match="shard files of another config"):
+        run_cache(config(tiny_models, folder, output, engine="local", read_workers=1))
+
+
 def test_a_setting_added_later_keeps_the_fingerprints_of_outputs_made_without_it(tiny_models, shapes, tmp_path):
     """skip_bad came after caches existed: left at its default it must not change their keys."""
     base = config(tiny_models, shapes, tmp_path / "x")

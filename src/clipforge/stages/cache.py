@@ -158,6 +158,7 @@ def _run_cache(cfg: CacheConfig) -> dict:
     check_model_known(spec.model, spec.model_config)
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index)
+        drop_shards_planned_without_skip_bad(cfg, planned, inputs)
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     # Shards of other weights or images (a run that failed, the file replaced, then resumed) are not this
     # cache's: their names differ, so they are encoded again rather than mixed in.
@@ -243,6 +244,21 @@ def unlike_planned(planned: dict | None, cfg: CacheConfig, inputs: dict) -> str:
         return ""
     differ = what_differs(planned, cfg, inputs, recorded_as="then")
     return f" ({differ}{read_elsewhere(planned)})" if differ else ""
+
+
+def drop_shards_planned_without_skip_bad(cfg: CacheConfig, planned: dict | None, inputs: dict) -> None:
+    """A run stopped by an image that does not read, run again with `skip_bad` as its error advised: the shards
+    it committed were planned over every image (other shard names), so they are removed and their images
+    encoded again, where they would otherwise be refused as another config's."""
+    if planned is None or planned["config"].get("skip_bad") or not isinstance(planned.get("inputs"), dict):
+        return
+    if what_differs(planned, cfg.model_copy(update={"skip_bad": False}), inputs, recorded_as="then"):
+        return
+    shards = [name for name in storage.list_names(cfg.output) if name.startswith(SHARD_PREFIX)]
+    log.warning("%s holds %d shards of a run without skip_bad (it stopped at an image that does not read): "
+                "removing them, and encoding their images again with skip_bad", cfg.output, len(shards))
+    for name in shards:
+        storage.delete(storage.join(cfg.output, name))
 
 
 def read_elsewhere(recorded: dict) -> str:
