@@ -472,7 +472,9 @@ stages:
     assert statuses(run_spec(str(spec), [], run_id="two")) == {"photos": "up-to-date"}
     changed = run_spec(str(spec), ["stages.photos.with.batch_size=8"], run_id="three")
     assert statuses(changed) == {"photos": "failed"}
-    assert "already holds a cache of another config" in changed.stage("photos")["message"]
+    message = changed.stage("photos")["message"]
+    assert "already holds a cache of another config or input (batch_size: 64 in the manifest, 8 now)" in message
+    assert f"stages.photos.output pins {tmp_path}/pinned, which holds another output already" in message
 
 
 def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(demo_root, tmp_path):

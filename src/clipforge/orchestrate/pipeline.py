@@ -31,6 +31,7 @@ from clipforge.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     EXIT_RUN_FAILED,
+    EXIT_USER_ERROR,
     SIGNALS_SEEN,
     Stopped,
     UserError,
@@ -511,6 +512,9 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     why = exit_description(code) if code else "exited 0 without committing _manifest.json"
     if resolved.error:
         why += f": {resolved.error}"
+    if code == EXIT_USER_ERROR and stage.output and before is not None:  # the refusal's --output is this key
+        why += (f"; stages.{name}.output pins {stage.output}, which holds another output already: pin a new "
+                "one, or leave `output:` out and the pipeline keys the stage's output by its config")
     if stage.policy.on_failure == "continue":
         log.error("[%s] FAILED (%s); on_failure: continue, later stages go on without it", name, why)
         record.record(name, status="failed-continued", finished=_now(), seconds=seconds, message=why)

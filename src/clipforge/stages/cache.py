@@ -153,8 +153,7 @@ def _run_cache(cfg: CacheConfig) -> dict:
     if manifest is not None:
         differ = what_differs(manifest, cfg, inputs)
         raise UserError(f"output {cfg.output} already holds a cache of another config or input"
-                        f"{f' ({differ})' if differ else ''}{read_elsewhere(manifest)}; choose a new --output "
-                        "(pipelines do this for you)")
+                        f"{f' ({differ})' if differ else ''}{read_elsewhere(manifest)}; choose a new --output")
     check_model_known(spec.model, spec.model_config)
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index)

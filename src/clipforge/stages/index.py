@@ -29,7 +29,7 @@ def run_index(cfg: IndexConfig) -> dict:
     was = (manifest or {}).get("config", {})
     if manifest is not None and was.get("subject") != cfg.subject:  # another subject's ids: caches name this one
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "
-                        f"{was.get('expdesign')}); choose a new --output (pipelines do this for you)")
+                        f"{was.get('expdesign')}); choose a new --output")
     if manifest is not None:  # its manifest first: a rewrite killed half-way is never the old index's "done"
         log.info("%s: %s's index again (its expdesign file or settings changed)", cfg.output, cfg.subject)
         withdraw(cfg.output)
