@@ -9,6 +9,7 @@ from clipforge.cli import main
 from clipforge.data.index import read_index
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
+from clipforge.storage.manifest import read_manifest
 
 
 @pytest.fixture
@@ -67,6 +68,8 @@ def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_sp
     assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj02", "--output", out]) == 2
     assert f"output {out} already holds the index of subject subj01 (from {path})" in capsys.readouterr().err
     assert list(read_index(f"{out}/index.parquet").ids) == sorted(subjectim[0] - 1)  # untouched
+    assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj1", "--output", out]) == 0  # subj01
+    assert read_manifest(out)["config"]["subject"] == "subj01" and "already holds" not in capsys.readouterr().err
     no_shared = tmp_path / "no_shared.mat"
     scipy.io.savemat(no_shared, {"subjectim": subjectim.astype(np.float64), "sharedix": np.array([[73001.0]])})
     with caplog.at_level("WARNING"):

@@ -11,6 +11,12 @@ from clipforge.config.base import StageConfig
 SUBJECT = re.compile(r"subj0?([1-8])")  # subj01 … subj08 (subj1 too)
 
 
+def subject_name(value: str) -> str | None:
+    """The one name of an NSD subject (`subj1` is `subj01`, as NSD's files name it); None for no subject."""
+    match = SUBJECT.fullmatch(value)
+    return f"subj{int(match.group(1)):02d}" if match else None
+
+
 class IndexConfig(StageConfig):
     """One NSD subject's images (0-based ids of imgBrick); the shared 1000 are the test split."""
 
@@ -24,6 +30,6 @@ class IndexConfig(StageConfig):
     @classmethod
     def _an_nsd_subject(cls, value: str) -> str:
         """Said when the config is read: a pipeline refuses its spec before any stage runs (or makes a folder)."""
-        if not SUBJECT.fullmatch(value):
+        if (name := subject_name(value)) is None:
             raise ValueError(f"unknown subject {value!r}: use subj01 … subj08")
-        return value
+        return name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from clipforge.config.index import IndexConfig
+from clipforge.config.index import IndexConfig, subject_name
 from clipforge.data.index import index_file
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
@@ -27,7 +27,7 @@ def run_index(cfg: IndexConfig) -> dict:
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
     was = (manifest or {}).get("config", {})
-    if manifest is not None and was.get("subject") != cfg.subject:  # another subject's ids: caches name this one
+    if manifest is not None and subject_name(str(was.get("subject"))) != cfg.subject:  # another subject
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "
                         f"{was.get('expdesign')}); choose a new --output")
     if manifest is not None:  # its manifest first: a rewrite killed half-way is never the old index's "done"
