@@ -193,3 +193,30 @@ def test_a_file_deleted_while_it_is_read_versioned_is_absent_not_an_error(tmp_pa
     assert storage.read_versioned(str(target)) is None
     monkeypatch.undo()
     assert storage.read_versioned(str(tmp_path)) is None  # a folder where the file would be holds no version
+
+
+def test_files_gone_between_a_listing_and_their_reads_are_absent_not_errors(tmp_path, monkeypatch):
+    """Another run commits (renames away) its temporary files, or withdraws a manifest, while a listing or a read
+    of the same folder runs: what is gone is not there, and says so as one line, never a FileNotFoundError."""
+    (tmp_path / "shard-0.parquet").write_bytes(b"x")
+    (tmp_path / ".shard-1.parquet.tmp").write_bytes(b"y")
+    (tmp_path / "_manifest.json").write_bytes(b"{}")
+    path_type = type(tmp_path)
+    stat, read = path_type.stat, path_type.read_bytes
+
+    def renamed_away(self, **kwargs):
+        if self.name.endswith(".tmp"):
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return stat(self, **kwargs)
+
+    def withdrawn_first(self):
+        self.unlink(missing_ok=True)
+        return read(self)
+
+    monkeypatch.setattr(path_type, "stat", renamed_away)
+    monkeypatch.setattr(path_type, "is_file", lambda self: True)  # a look before the stat saw it still there
+    assert set(storage.list_tree(str(tmp_path))) == {"shard-0.parquet", "_manifest.json"}
+    monkeypatch.setattr(path_type, "read_bytes", withdrawn_first)
+    assert read_manifest(str(tmp_path)) is None
+    with pytest.raises(UserError, match="shard-0.parquet not found$"):
+        storage.read_bytes(str(tmp_path / "shard-0.parquet"))

@@ -31,9 +31,10 @@ def read_manifest(prefix: str) -> dict[str, Any] | None:
     """The prefix's manifest, or None without one. A file there that is not one clipforge wrote (valid JSON of
     another shape, a hand-edited copy) is a UserError naming it, not a KeyError in whichever stage reads it."""
     target = manifest_uri(prefix)
-    if not storage.exists(target):
+    found = storage.read_versioned(target)  # one read: a manifest withdrawn after a look would be an error
+    if found is None:
         return None
-    manifest = storage.read_json(target)
+    manifest = storage.parse_json(found[0], target)
     problem = manifest_problem(manifest)
     if problem:
         raise UserError(f"{target} is not a clipforge manifest ({problem}); delete it and run the stage that writes "

@@ -93,9 +93,12 @@ def read_bytes(uri: str, *, unsigned: bool = False) -> bytes:
     match scheme(uri):
         case "file":
             path = local_path(uri)
-            if not path.is_file():
-                raise UserError(f"{uri} is a folder, not a file" if path.is_dir() else f"{uri} not found")
-            return path.read_bytes()
+            try:  # no look first: a file deleted between the look and the read would be an OSError
+                return path.read_bytes()
+            except IsADirectoryError:
+                raise UserError(f"{uri} is a folder, not a file") from None
+            except (FileNotFoundError, NotADirectoryError):
+                raise UserError(f"{uri} not found") from None
         case "s3":
             loc = s3.parse_s3(uri)
             try:
@@ -224,7 +227,11 @@ def _write_if_locked(path: Path, data: bytes, expected: str | None) -> str | Non
 
 
 def read_json(uri: str, *, unsigned: bool = False) -> Any:
-    raw = read_bytes(uri, unsigned=unsigned)
+    return parse_json(read_bytes(uri, unsigned=unsigned), uri)
+
+
+def parse_json(raw: bytes, uri: str) -> Any:
+    """`raw` as JSON; bytes that are not are a UserError naming `uri`, where they were read."""
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes that are not even UTF-8: the latter
@@ -271,6 +278,16 @@ def list_tree(prefix: str, *, unsigned: bool = False) -> dict[str, int]:
     return {path: size for path, size, _ in sorted(_walk(prefix, unsigned) or [])}
 
 
+def _stat_file(path: Path) -> os.stat_result | None:
+    """A listed file's stat; None for a folder, or for a file renamed or deleted since the listing (another
+    run's temporary file, committed meanwhile)."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
 def _walk(prefix: str, unsigned: bool) -> list[tuple[str, int, int | str]] | None:
     """(relative path, size, mtime_ns on disk or ETag on S3) of every object under `prefix`; None when there
     is nothing there."""
@@ -280,7 +297,7 @@ def _walk(prefix: str, unsigned: bool) -> list[tuple[str, int, int | str]] | Non
             if not root.is_dir():
                 return None
             return [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns)
-                    for path in root.rglob("*") if path.is_file() for info in [path.stat()]]
+                    for path in root.rglob("*") if (info := _stat_file(path)) is not None]
         case "s3":
             loc = s3.parse_s3(prefix.rstrip("/") + "/")
             paginator = s3.client(unsigned).get_paginator("list_objects_v2")
