@@ -214,9 +214,17 @@ def newest_write(folder: str) -> int | None:
     (no mtime here: its literal files are not compared); None when there is no such folder or it is empty."""
     if storage.is_s3(folder):
         return 0 if storage.list_names(folder) or storage.list_folders(folder) else None
-    path = storage.local_path(folder)
-    entries = list(path.iterdir()) if path.is_dir() else []
-    return max(entry.stat().st_mtime_ns for entry in entries) if entries else None
+    try:
+        entries = list(storage.local_path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    times = []
+    for entry in entries:
+        try:
+            times.append(entry.stat().st_mtime_ns)
+        except FileNotFoundError:  # a run writing the folder renamed its temporary file since the listing
+            continue
+    return max(times) if times else None
 
 
 def input_coverage(source_cache: str, target_cache: str) -> float:
