@@ -1,12 +1,13 @@
 """Stage leases: one run at a time per output, on disk and on S3 (moto's server), with real threads."""
 
+import json
 import logging
 import threading
 import time
 
 import pytest
 
-from clipforge.orchestrate.lease import HELD, LEASE_NAME, StageLease
+from clipforge.orchestrate.lease import HELD, LEASE_NAME, StageLease, holder_gone, lease_holder
 from clipforge.storage import uri as storage
 
 FAST = {"poll": 0.02, "renew_every": 0.05, "stale_after": 5.0}
@@ -43,7 +44,7 @@ def test_a_second_run_waits_until_the_first_is_done(output, caplog):
     spans = {}
 
     def run(run_id: str, hold: float) -> None:
-        with StageLease(output, run_id, "adapter", **{**FAST, "stale_after": 0.5}):
+        with StageLease(output, run_id, "adapter", **FAST):
             spans[run_id] = [time.monotonic()]
             time.sleep(hold)
             spans[run_id].append(time.monotonic())
@@ -53,11 +54,39 @@ def test_a_second_run_waits_until_the_first_is_done(output, caplog):
     while "ci-1" not in spans:
         time.sleep(0.01)
     with caplog.at_level(logging.WARNING, logger="clipforge.run"):
-        run("ci-2", 0.0)  # renewed every 0.05 s, never unchanged for 0.5 s: it waits for the release
+        run("ci-2", 0.0)  # the holder is alive and not stale: it waits for the release
     first.join()
     assert spans["ci-2"][0] >= spans["ci-1"][1]
     assert "run ci-1 (on " in caplog.text and "is writing" in caplog.text
     assert not storage.exists(storage.join(output, LEASE_NAME))  # released
+
+
+def test_a_held_lease_is_renewed_so_it_never_looks_stale(output):
+    """What keeps a long stage's lease from a waiter's stale_after: a new version every renew_every."""
+    uri = storage.join(output, LEASE_NAME)
+    with StageLease(output, "long-run", "adapter", **FAST) as lease:
+        first = lease.token
+        deadline = time.monotonic() + 30
+        while storage.read_versioned(uri)[1] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.02)
+        assert storage.read_json(uri)["run_id"] == "long-run"
+
+
+def test_a_released_lease_is_gone_before_its_holder_is_forgotten(output, monkeypatch):
+    """A waiter of the same process takes a lease whose holder this process no longer holds: until the file is
+    deleted, the holder must still count as alive, or the release would delete the waiter's new lease."""
+    seen = []
+    delete = storage.delete
+
+    def look_then_delete(uri: str) -> None:
+        seen.append(holder_gone(lease_holder(storage.read_bytes(uri))))
+        delete(uri)
+
+    monkeypatch.setattr(storage, "delete", look_then_delete)
+    with StageLease(output, "run-1", "adapter", **FAST):
+        pass
+    assert seen == [False]
 
 
 def test_a_lease_of_a_gone_process_is_taken_back_at_once(output):
@@ -65,7 +94,7 @@ def test_a_lease_of_a_gone_process_is_taken_back_at_once(output):
     abandon(held)
     started = time.monotonic()
     with StageLease(output, "run-7", "adapter", **FAST):  # a restarted driver, a rerun after kill -9
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < FAST["stale_after"] / 2  # not waited out as a stale one
 
 
 def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog):
@@ -98,7 +127,9 @@ def test_a_holder_whose_lease_was_taken_is_told_to_stop(output, caplog):
     lease = StageLease(output, "slow-run", "adapter", **FAST, on_lost=lost.set)
     with caplog.at_level(logging.ERROR, logger="clipforge.run"), lease:
         uri = storage.join(output, LEASE_NAME)  # another run took it over while this one could not renew
-        storage.write_json(uri, {"run_id": "other", "host": "another-node", "pid": 1})
+        taken = json.dumps({"run_id": "other", "host": "another-node", "pid": 1}).encode()
+        while storage.write_if(uri, taken, storage.read_versioned(uri)[1]) is None:  # as a run takes it:
+            pass  # by compare-and-swap, never between a renewal's read and its write
         assert lost.wait(2.0)
     assert "lost the lease" in caplog.text and "stopping the stage" in caplog.text
     assert storage.read_json(storage.join(output, LEASE_NAME))["run_id"] == "other"  # not released: not ours

@@ -119,7 +119,6 @@ class StageLease:
             self.token = token
 
     def __exit__(self, *exc) -> None:
-        HELD.discard(self.holder)
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
@@ -130,6 +129,8 @@ class StageLease:
         except Exception as exc:  # the store is down: the lease goes stale, and another run takes it then
             log.warning("[%s] could not release %s (%s): another run may take it over once it is stale",
                         self.stage, self.uri, type(exc).__name__)
+        finally:  # only now: a waiter of this process would take a lease still there as its gone holder's
+            HELD.discard(self.holder)
 
 
 def stop_this_process() -> None:
