@@ -184,7 +184,7 @@ stages:
 def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     shutil.copytree(demo_root / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("artifacts"))
     argv = [sys.executable, "-m", "clipforge.cli", "run", DEMO_SPEC, "--run-id", "killed",
-            *[part for item in SMALL for part in ("--set", item)], "--set", "stages.source-cache.with.batch_size=5"]
+            *[part for item in SMALL for part in ("--set", item)], "--set", "stages.source-cache.with.batch_size=1"]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     cache_root = tmp_path / "demo" / "artifacts" / "cache"
@@ -481,7 +481,7 @@ def test_sigterm_to_the_runner_during_a_cache_stops_the_run_even_under_continue(
     """A stage that does not train stops on SIGTERM too (exit 75, its shards kept): the run is stopped there,
     not continued past a stage marked `on_failure: continue` as if it had failed."""
     stages = [stage for stage in demo_stages() if stage["name"] in ("nsd-index", "source-cache", "target-cache")]
-    stages[1]["with"]["batch_size"] = 4
+    stages[1]["with"]["batch_size"] = 1  # 60 shards: the signal comes long before the last
     stages[1]["policy"] = {"on_failure": "continue"}
     _, log, run_json = sigterm_a_run(demo_root, tmp_path, stages, "cache/*/shard-*.parquet")
     assert "stopped (SIGTERM)" in log
