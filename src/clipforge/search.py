@@ -172,13 +172,25 @@ class Searcher:
         if self.faiss is not None:
             scores, rows = self.faiss.search(query.cpu().numpy(), k)
         else:
-            best = torch.topk(self.matrix @ query, min(k, len(self.matrix)))
-            scores, rows = best.values.tolist(), best.indices.tolist()
+            scores, rows = top_rows(self.matrix @ query, k)
         hits = []
         for score, row in zip(scores, rows, strict=True):
             row_id = str(self.table.ids[row])
             hits.append(Hit(row_id, round(float(score), 6), image_uri(self.root, row_id) if self.root else row_id))
         return hits
+
+
+def top_rows(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    """The k best (score, row), ties in row order: pages of a ranking (the top offset+k, less the first offset)
+    then agree at their edges, where torch.topk orders equal scores (duplicate images) differently for each k
+    and a page would show one twice and lose the other."""
+    k = min(k, len(scores))
+    kth = torch.topk(scores, k).values[-1]
+    rows = torch.nonzero(scores >= kth).squeeze(1)  # every row tied with the k-th too
+    values = scores[rows].float().cpu().numpy()
+    rows = rows.cpu().numpy()
+    order = np.lexsort((rows, -values))[:k]
+    return values[order].tolist(), rows[order].tolist()
 
 
 class FaissIndex:

@@ -353,3 +353,18 @@ def test_a_cache_of_hdf5_rows_lists_its_row_ids_and_has_no_page(tiny_models, tmp
     assert capsys.readouterr().err.strip().endswith(f"index {cache} holds embeddings of HDF5 rows, not of an image "
                                                     "folder or CSV: the page shows images; search it with "
                                                     "`clipforge search`")
+
+
+def test_pages_of_a_ranking_with_tied_scores_show_each_row_once():
+    """Duplicate images score alike: pages (the top offset+k, less the first offset) of any size must agree at
+    their edges. torch.topk alone ordered ties differently per depth, and a page showed one twice."""
+    from clipforge.search import top_rows
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (300,), generator=generator).float() / 8  # 300 rows, 6 scores: ties everywhere
+    expected = sorted(range(300), key=lambda row: (-float(scores[row]), row))
+    for k in (1, 7, 10, 50, 128):
+        pages = [top_rows(scores, offset + k)[1][offset:] for offset in range(0, 300, k)]
+        assert [row for page in pages for row in page] == expected
+    values, rows = top_rows(scores, 1000)  # more than there are
+    assert rows == expected and values == sorted(values, reverse=True)
