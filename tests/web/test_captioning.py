@@ -202,6 +202,36 @@ def test_a_truncated_jpeg_is_skipped_as_unreadable_and_never_captioned(page, fou
     assert "circle/0001b.jpg" not in index(root)
 
 
+def test_a_caption_typed_after_a_skipped_image_goes_to_the_image_shown(page, four, truncated_jpeg):
+    """The only uncaptioned image does not decode: the page moves to a real image, and a save goes to that one.
+    It used to keep showing the broken image while saving over the next image's caption."""
+    captions = "filepath,caption\n" + "".join(f"circle/000{i}.png,caption {i}\n" for i in range(4))
+    with four(captions, lambda root: truncated_jpeg(root / "circle" / "0001b.jpg")) as (root, url):
+        page.goto(url)
+        expect(page.locator("#hint")).to_contain_text("circle/0001b.jpg cannot be decoded (OSError)")
+        expect(page.locator("#hint")).to_contain_text("All 4 images are captioned")
+        shown = page.locator("#path").inner_text()
+        assert shown in index(root)
+        expect(page.locator("#caption")).to_have_value(index(root)[shown])
+        expect(page.locator("#image")).to_have_attribute("alt", shown)
+        page.locator("#caption").fill("edited on the image shown")
+        page.keyboard.press("Enter")
+        expect(page.locator("#hint")).to_contain_text("All 4 images are captioned", timeout=15_000)
+        expect(page.locator("#hint")).not_to_contain_text("cannot be decoded")  # the save's answer came
+    expected = {f"circle/000{i}.png": f"caption {i}" for i in range(4)} | {shown: "edited on the image shown"}
+    assert index(root) == expected
+
+
+def test_an_index_csv_an_editor_broke_is_said_on_the_page(page, four):
+    with four("filepath,caption\n") as (root, url):
+        (root / "index.csv").write_text('filepath,caption\ncircle/0000.png,"unclosed quote\n')
+        page.goto(url)
+        expect(page.locator("#hint")).to_contain_text("Cannot load the images: ")
+        expect(page.locator("#hint")).to_contain_text("index.csv")
+        expect(page.locator("#hint")).to_contain_text("mend it, then reload the page")
+        expect(page.locator("#caption")).to_be_disabled()
+
+
 def test_an_image_deleted_after_the_start_says_so(page, four):
     with four("filepath,caption\n") as (root, url):
         (root / "circle" / "0001.png").unlink()  # after the start

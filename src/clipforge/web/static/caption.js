@@ -194,12 +194,26 @@ $('image').addEventListener('error', async () => {
   }
   const reason = (await response.json().catch(() => ({}))).error || `the server answered ${response.status}`;
   if ($('image').getAttribute('src') !== src) return; // another image is shown meanwhile
-  if (response.status === 422) {
-    await load();
-    const next = nextUncaptioned(Math.min(at, images.length) - 1);
-    if (next >= 0) show(next);
+  if (response.status !== 422) {
+    hint(`This image cannot be shown: ${reason}.`, 'error');
+    return;
   }
-  hint(`This image cannot be shown: ${reason}.`, 'error');
+  // Skipped: the list read again has it no more, so `at` now names another image. That image is shown
+  // (the next without a caption, else the one now in its place): a save goes to the image on screen only.
+  try {
+    await load();
+  } catch (problem) {
+    hint(`${reason}. ${problem.message}`, 'error');
+    return;
+  }
+  if (!images.length) {
+    field.disabled = true;
+    hint(`${reason}. No readable image is left.`, 'error');
+    return;
+  }
+  const next = nextUncaptioned(Math.min(at, images.length) - 1);
+  show(next >= 0 ? next : Math.min(at, images.length - 1));
+  hint(`${reason}.${next >= 0 ? '' : ` All ${total} images are captioned.`}`, 'error');
 });
 $('image').addEventListener('click', () => field.focus());
 
@@ -223,7 +237,8 @@ function listProblems(title, rows) {
 // editor is found to have changed it.
 async function load() {
   const response = await fetch('api/state');
-  const state = await response.json();
+  const state = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(state.error || `the server answered ${response.status}`);
   images = state.images;
   count(state.captioned, state.total);
   const unreadable = state.unreadable.map((u) => `${u.path}: ${u.reason}`);
