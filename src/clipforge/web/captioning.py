@@ -78,7 +78,10 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         return render_page("caption.html", token=session.token, dataset=str(book.root))
 
     async def state(request: Request) -> Response:
-        await run_in_threadpool(book.refresh)
+        try:
+            await run_in_threadpool(book.refresh)
+        except UserError as exc:  # index.csv left unreadable by an editor: said on the page, as a save says it
+            return error(409, f"{exc}; mend it, then reload the page")
         return JSONResponse({
             "dataset": str(book.root), "index": str(book.index),
             "images": [{"path": path, "caption": book.caption(path)} for path in book.images],
