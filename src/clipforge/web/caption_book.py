@@ -232,6 +232,10 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
 
 def image_problem(root: Path, relative: str) -> str | None:
     """Why the page cannot show this image, or None. Checks headers and structure, not every pixel."""
+    if "\\" in relative:  # index.csv's readers take it for a folder separator (a Windows path)
+        return "its name holds a backslash, which index.csv would read as a folder separator"
+    if any(ord(char) < 32 for char in relative):
+        return "its name holds a line break or another control character, which the page cannot load"
     real = (root / relative).resolve()
     if not real.is_relative_to(root):
         return "a link to a file outside the folder"
