@@ -368,3 +368,19 @@ def test_pages_of_a_ranking_with_tied_scores_show_each_row_once():
         assert [row for page in pages for row in page] == expected
     values, rows = top_rows(scores, 1000)  # more than there are
     assert rows == expected and values == sorted(values, reverse=True)
+
+
+def test_the_page_size_field_reads_as_the_browser_does_and_is_named_as_shown(page, search_server):
+    page.goto(search_server.url)
+    field = page.get_by_label("top", exact=True)  # its accessible name is its visible label
+    expect(field).to_have_id("k")
+    field.fill("1e2")  # a number the field takes: 100, more than the 48 images
+    page.locator("#text").fill("a red circle")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(48)
+    field.fill("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("1 result for")
+    page.locator("#results a").first.focus()  # the keyboard's focus on a tile shows on the tile
+    ring = page.evaluate("getComputedStyle(document.querySelector('.hit')).outlineStyle")
+    assert ring == "solid"

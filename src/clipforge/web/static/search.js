@@ -56,7 +56,7 @@ function render(data, what, append) {
   const focusMoves = append && !data.more && document.activeElement === $('more');
   $('more').hidden = !data.more;
   const shown = list.children.length;
-  status(`${shown} results for ${what} in ${data.ms.toFixed(1)} ms`);
+  status(`${shown} result${shown === 1 ? '' : 's'} for ${what} in ${data.ms.toFixed(1)} ms`);
   if (focusMoves) (list.children[firstNew]?.querySelector('a') ?? $('status')).focus();
 }
 
@@ -83,6 +83,13 @@ async function ask(query, offset = 0) {
   }
 }
 
+// The number the field holds as the browser reads it (`1e2` is 100); what it cannot read goes as typed, and the
+// server says why it is refused.
+function pageSize() {
+  const k = $('k').valueAsNumber;
+  return Number.isFinite(k) ? String(k) : $('k').value;
+}
+
 function byText() {
   const text = $('text').value.trim();
   if (!text) {
@@ -92,7 +99,7 @@ function byText() {
   $('query-image').hidden = true;
   ask({
     what: `“${text}”`,
-    k: $('k').value,
+    k: pageSize(),
     request: (offset, k) => fetch(`api/search?${new URLSearchParams({ q: text, k, offset })}`),
   });
 }
@@ -106,7 +113,7 @@ function byImage(file) {
   $('query-image').hidden = false;
   ask({
     what: file.name,
-    k: $('k').value,
+    k: pageSize(),
     request: (offset, k) => {
       const form = new FormData();
       form.append('image', file);
