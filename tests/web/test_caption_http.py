@@ -167,6 +167,26 @@ def test_bad_folders_are_one_clear_error(tmp_path):
         CaptionServer(tmp_path / "empty")
 
 
+def test_a_busy_port_is_said_before_the_slow_start(folder, monkeypatch):
+    """Checking every image of a big folder (or loading a model) takes minutes: a port in use is said first."""
+    import clipforge.web.caption_book as caption_book
+    import clipforge.web.search_app as search_app
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the slow start ran before the port was taken")
+
+    monkeypatch.setattr(caption_book, "scan_images", too_late)
+    monkeypatch.setattr(search_app, "Searcher", too_late)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            CaptionServer(folder, port=port)
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            search_app.SearchServer("no-index-needed", port=port)
+
+
 def test_an_image_whose_pixels_do_not_decode_is_refused_as_prepare_refuses_it(folder, tmp_path, serve_in_thread,
                                                                              truncated_jpeg):
     truncated_jpeg(folder / "circle" / "half.jpg")

@@ -41,12 +41,17 @@ class CaptionServer:
 
     def __init__(self, dataset: str | Path, host: str = "127.0.0.1", port: int = 0,
                  thumbnail_cache: str | Path | None = None):
-        self.book = CaptionBook(dataset)
+        # The port first: a busy one is said before the images are checked, which takes minutes in a big folder.
+        sock = open_socket(host, port, exposes=f"see the images in {Path(dataset).resolve()} and, from the page, "
+                                               "write their captions")
+        try:
+            self.book = CaptionBook(dataset)
+        except BaseException:
+            sock.close()
+            raise
         self.token = secrets.token_urlsafe(24)
         self.finished = False
         app = caption_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
-        sock = open_socket(host, port, exposes=f"see the images in {self.book.root} and, from the page, "
-                                               "write their captions")
         self.server = PageServer(app, sock)
         self.url = self.server.url
         if self.book.missing:

@@ -44,22 +44,33 @@ class SearchServer:
     def __init__(self, index: str, *, model: str | None = None, pretrained: str | None = None,
                  model_config: str | None = None, device: str = "cpu", faiss: bool = False,
                  host: str = "127.0.0.1", port: int = 0, thumbnail_cache: str | Path | None = None):
-        self.searcher = Searcher(index, model, pretrained, model_config, device, faiss=faiss)
-        if self.searcher.root is None:  # the page shows images; an HDF5 row has no file to show
-            raise UserError(f"index {index} holds embeddings of HDF5 rows, not of an image folder or CSV: the page "
-                            "shows images; search it with `clipforge search`")
-        if self.searcher.root_is_elsewhere():  # every tile would say "file not found"
-            raise UserError(f"index {index} was built from the image folder {self.searcher.root}, relative to the "
-                            "directory it was built in; run `clipforge serve` from there")
+        # The port first: a busy one is said before the model loads (a minute for a big one).
+        sock = open_socket(host, port, exposes=f"search and see the images indexed in {index}")
+        try:
+            self.searcher = self._searcher(index, model, pretrained, model_config, device, faiss)
+        except BaseException:
+            sock.close()
+            raise
         self.index = index
         self.ids = np.array(sorted(map(str, self.searcher.table.ids)), dtype=object)  # for uri_of
         app = search_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
-        sock = open_socket(host, port, exposes=f"search and see the images indexed in {index}")
         self.server = PageServer(app, sock)
         self.url = self.server.url
         # Queries run one at a time on one thread: each uses every core already, and torch's OpenMP
         # team is made once, for that thread, instead of once per thread of a pool.
         self.queries = ThreadPoolExecutor(1, thread_name_prefix="clipforge-search")
+
+    @staticmethod
+    def _searcher(index: str, model, pretrained, model_config, device: str, faiss: bool) -> Searcher:
+        """The index's searcher, if the page can show its images."""
+        searcher = Searcher(index, model, pretrained, model_config, device, faiss=faiss)
+        if searcher.root is None:  # the page shows images; an HDF5 row has no file to show
+            raise UserError(f"index {index} holds embeddings of HDF5 rows, not of an image folder or CSV: the page "
+                            "shows images; search it with `clipforge search`")
+        if searcher.root_is_elsewhere():  # every tile would say "file not found"
+            raise UserError(f"index {index} was built from the image folder {searcher.root}, relative to the "
+                            "directory it was built in; run `clipforge serve` from there")
+        return searcher
 
     def run(self) -> None:
         try:
