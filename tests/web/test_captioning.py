@@ -232,6 +232,34 @@ def test_an_index_csv_an_editor_broke_is_said_on_the_page(page, four):
         expect(page.locator("#caption")).to_be_disabled()
 
 
+def test_the_keys_actions_are_buttons_too_and_leaving_with_typing_unsaved_asks_first(page, four):
+    """A touch screen has no Alt+arrows or Esc: the page has buttons for them. A reload or a closed tab would
+    drop a caption typed and not saved: the browser asks first (and not when nothing is typed)."""
+    with four("filepath,caption\n") as (root, url):
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.goto(url)
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        page.locator("#caption").press_sequentially("a red circle")
+        page.get_by_role("button", name="Save, next uncaptioned").click()
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+        expect(page.locator("#caption")).to_be_focused()
+        page.get_by_role("button", name="← Previous").click()
+        expect(page.locator("#path")).to_have_text("circle/0000.png")
+        expect(page.locator("#caption")).to_have_value("a red circle")
+        page.get_by_role("button", name="Next →").click()
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+        page.locator("#caption").press_sequentially("a green ci")  # typed, not saved
+        asked = []
+        page.once("dialog", lambda dialog: (asked.append(dialog.type), dialog.accept()))
+        page.reload()
+        expect(page.locator("#path")).to_have_text("circle/0001.png")
+        assert asked == ["beforeunload"]
+        page.locator("#caption").press_sequentially("a green circle")
+        page.get_by_role("button", name="Finish").click()
+        expect(page.locator("#done")).to_be_visible()
+    assert index(root) == {"circle/0000.png": "a red circle", "circle/0001.png": "a green circle"}
+
+
 def test_an_image_deleted_after_the_start_says_so(page, four):
     with four("filepath,caption\n") as (root, url):
         (root / "circle" / "0001.png").unlink()  # after the start
@@ -282,14 +310,16 @@ def test_keys_aimed_at_the_list_of_unreadable_images_act_there(page, four):
         page.goto(url)
         expect(page.locator("#path")).to_have_text("circle/0000.png")
         page.locator("#caption").press_sequentially("a red ci")  # half typed
-        page.keyboard.press("Tab")
+        for _ in range(5):  # past the four buttons
+            page.keyboard.press("Tab")
         expect(page.locator("#problems summary")).to_be_focused()
         page.keyboard.press("Enter")
         expect(page.locator("#problems details")).to_have_attribute("open", "")
         expect(page.locator("#problems")).to_contain_text("broken.jpg: cannot be decoded")
         expect(page.locator("#path")).to_have_text("circle/0000.png")
         assert not index(root)  # nothing saved
-        page.keyboard.press("Shift+Tab")
+        for _ in range(5):
+            page.keyboard.press("Shift+Tab")
         expect(page.locator("#caption")).to_be_focused()
         page.keyboard.press("End")
         page.keyboard.type("rcle")

@@ -208,6 +208,7 @@ $('image').addEventListener('error', async () => {
   }
   if (!images.length) {
     field.disabled = true;
+    for (const id of ['previous', 'next', 'save']) $(id).disabled = true;
     hint(`${reason}. No readable image is left.`, 'error');
     return;
   }
@@ -216,6 +217,23 @@ $('image').addEventListener('error', async () => {
   hint(`${reason}.${next >= 0 ? '' : ` All ${total} images are captioned.`}`, 'error');
 });
 $('image').addEventListener('click', () => field.focus());
+// The keys' actions as buttons, for a touch screen or a mouse; the field keeps the focus for typing on.
+const BUTTONS = {
+  previous: () => move(-1), next: () => move(1), save: enter, finish,
+};
+for (const [id, action] of Object.entries(BUTTONS)) {
+  $(id).addEventListener('click', async () => {
+    await exclusive(action);
+    if (!$('session').hidden && !field.disabled) field.focus();
+  });
+}
+// Leaving (a reload, a closed tab) drops what is typed and not saved: the browser asks first.
+window.addEventListener('beforeunload', (event) => {
+  const typed = field.value.trim();
+  if ($('session').hidden || field.disabled || !typed || typed === images[at]?.caption) return;
+  event.preventDefault();
+  event.returnValue = '';
+});
 
 function listProblems(title, rows) {
   if (!rows.length) return;
@@ -254,6 +272,7 @@ async function load() {
 async function start() {
   const state = await load();
   field.disabled = false; // typing before the images are known would be lost
+  for (const id of Object.keys(BUTTONS)) $(id).disabled = false;
   show(state.start ?? 0);
   if (state.start === null) allCaptioned();
 }
