@@ -384,3 +384,21 @@ def test_the_page_size_field_reads_as_the_browser_does_and_is_named_as_shown(pag
     page.locator("#results a").first.focus()  # the keyboard's focus on a tile shows on the tile
     ring = page.evaluate("getComputedStyle(document.querySelector('.hit')).outlineStyle")
     assert ring == "solid"
+
+
+def test_an_index_rebuilt_while_served_is_said_not_searched_as_it_was(shapes_index, serve_in_thread, tmp_path):
+    import shutil
+
+    copy = tmp_path / "index"
+    shutil.copytree(shapes_index["cache"], copy)
+    server = SearchServer(str(copy), thumbnail_cache=tmp_path / "thumbs")
+    server.recheck_every = 0
+    with serve_in_thread(server):
+        search = server.url + "api/search"
+        assert httpx.get(search, params={"q": "a red circle"}).status_code == 200  # unchanged: searched
+        manifest = json.loads((copy / "_manifest.json").read_text())
+        (copy / "_manifest.json").write_text(json.dumps({**manifest, "rows": manifest["rows"] - 1}))  # rebuilt
+        answer = httpx.get(search, params={"q": "a red circle"})
+        assert answer.status_code == 409
+        assert answer.json()["error"] == (f"index {copy} was rebuilt or removed since `clipforge serve` started: "
+                                          "restart it to search what is there now")

@@ -29,12 +29,14 @@ from starlette.routing import Route
 from clipforge.data.image_folder import image_uri
 from clipforge.errors import UserError
 from clipforge.search import Searcher
+from clipforge.storage.manifest import read_manifest
 from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page
 from clipforge.web.thumbnails import DISPLAY_BOX, THUMBNAIL_BOX, Thumbnails
 
 log = logging.getLogger("clipforge.serve")
 
 MAX_K = 200  # hits in one answer
+RECHECK_SECONDS = 2.0  # how often a query looks whether the index was rebuilt meanwhile
 MAX_DEPTH = 10_000  # how far down the ranking pages go: offset + k
 
 
@@ -53,6 +55,7 @@ class SearchServer:
             raise
         self.index = index
         self.ids = np.array(sorted(map(str, self.searcher.table.ids)), dtype=object)  # for uri_of
+        self.recheck_every, self._checked, self._changed = RECHECK_SECONDS, time.monotonic(), False
         app = search_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
         self.server = PageServer(app, sock)
         self.url = self.server.url
@@ -87,6 +90,17 @@ class SearchServer:
         how = f"FAISS IVF, {self.searcher.faiss.nlist} lists" if self.searcher.faiss else "exact search"
         where = f" in {self.searcher.root}" if self.searcher.root else ""
         return f"{len(self.ids)} images{where} · {spec.model}{weights} · {how}"
+
+    def index_changed(self) -> bool:
+        """Whether the index was rebuilt or removed since it was loaded (its manifest is another, or none):
+        asked at most every `recheck_every` seconds (a GET on S3), and once changed, changed for good."""
+        if not self._changed and time.monotonic() - self._checked >= self.recheck_every:
+            self._checked = time.monotonic()
+            try:
+                self._changed = read_manifest(self.index) != self.searcher.table.manifest
+            except UserError:  # a manifest that no longer reads is another one
+                self._changed = True
+        return self._changed
 
     def uri_of(self, row_id: str) -> str | None:
         """The image file of an indexed id; None for ids the index does not hold or without image files."""
@@ -133,6 +147,9 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
             return error(400, f"k must be a whole number from 1 to {MAX_K}")
         if offset is None or offset + k > MAX_DEPTH:
             return error(400, f"offset must be a whole number from 0, with offset + k at most {MAX_DEPTH}")
+        if await run_in_threadpool(session.index_changed):  # its results would be the old index's, unsaid
+            return error(409, f"index {session.index} was rebuilt or removed since `clipforge serve` started: "
+                              "restart it to search what is there now")
         try:
             result = await session.query(search, k, offset)
         except UserError as exc:
