@@ -154,6 +154,14 @@ class Searcher:
         features = self.model.encode_text(self.tokenizer([query]).to(self.device))
         return self._top(features, k)
 
+    def cut_note(self, query: str) -> str | None:
+        """What to tell of a text query longer than the text encoder's context (CLIP's 77 tokens): its words
+        past that count for nothing, which nothing else would say. None when it fits."""
+        tokens = self.tokenizer([query])
+        if tokens.shape[-1] == 0 or int(tokens[0, -1]) == 0:  # padding at the end: it fits
+            return None
+        return f"only the first {tokens.shape[-1]} tokens of the query count: the model reads no further"
+
     @torch.inference_mode()
     def image(self, data: bytes, k: int = 10, name: str | None = None) -> list[Hit]:
         """The k nearest rows to an image's bytes; `name` (its file) is what an error names."""

@@ -402,3 +402,13 @@ def test_an_index_rebuilt_while_served_is_said_not_searched_as_it_was(shapes_ind
         assert answer.status_code == 409
         assert answer.json()["error"] == (f"index {copy} was rebuilt or removed since `clipforge serve` started: "
                                           "restart it to search what is there now")
+
+
+def test_a_query_longer_than_the_models_context_says_its_tail_does_not_count(search_server, shapes_index, caplog):
+    search = search_server.url + "api/search"
+    assert httpx.get(search, params={"q": "a red circle"}).json()["note"] is None
+    long = httpx.get(search, params={"q": "a red circle " * 20}).json()  # the tiny model reads 16 tokens
+    assert long["note"] == "only the first 16 tokens of the query count: the model reads no further"
+    with caplog.at_level("WARNING", logger="clipforge.search"):
+        assert main(["search", "--index", shapes_index["cache"], "a red circle " * 20]) == 0
+    assert "only the first 16 tokens of the query count" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def run(args) -> int:
         hits = searcher.image(storage.read_bytes(args.image), args.k, name=args.image)
     else:
         hits = searcher.text(args.query, args.k)
+        if note := searcher.cut_note(args.query):
+            logging.getLogger("clipforge.search").warning("%s", note)
     if args.json:
         json.dump([hit.__dict__ for hit in hits], sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -2,8 +2,9 @@
 
 Routes: `/` the page, `/api/search?q=TEXT&k=K&offset=N` and `POST
 /api/search-image` (multipart fields `image`, optional `k` and `offset`) ->
-`{"hits": [{rank, id, score, path}], "ms", "more"}`: hits ranked offset+1 to
-offset+k, and whether more follow (pages reach MAX_DEPTH), `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
+`{"hits": [{rank, id, score, path}], "ms", "more", "note"}`: hits ranked offset+1 to
+offset+k, whether more follow (pages reach MAX_DEPTH), and what to tell of a text too long for the model
+(else null), `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
 index does not hold are a 404, so nothing else on disk is reachable). Queries
 go through the same `Searcher` as `clipforge search`: same results, same order.
 Searching changes nothing, so it needs no token.
@@ -130,7 +131,8 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
 
     async def by_text(request: Request) -> Response:
         text = request.query_params.get("q", "")
-        return await answer(lambda depth: searcher.text(text, depth), request.query_params)
+        return await answer(lambda depth: searcher.text(text, depth), request.query_params,
+                            note=searcher.cut_note(text) if text.strip() else None)
 
     async def by_image(request: Request) -> Response:
         async with request.form(max_files=1, max_fields=3) as form:
@@ -141,7 +143,7 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
             fields = {key: form.get(key) for key in ("k", "offset")}
         return await answer(lambda depth: searcher.image(data, depth), fields)
 
-    async def answer(search: Callable[[int], list], fields) -> Response:
+    async def answer(search: Callable[[int], list], fields, note: str | None = None) -> Response:
         k, offset = parse_k(fields.get("k")), parse_offset(fields.get("offset"))
         if k is None:
             return error(400, f"k must be a whole number from 1 to {MAX_K}")
@@ -154,7 +156,7 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
             result = await session.query(search, k, offset)
         except UserError as exc:
             return error(400, str(exc))
-        return JSONResponse(result, headers={"cache-control": "no-store"})
+        return JSONResponse({**result, "note": note}, headers={"cache-control": "no-store"})
 
     async def picture(request: Request, box: int) -> Response:
         uri = session.uri_of(request.query_params.get("id", ""))

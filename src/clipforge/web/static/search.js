@@ -56,7 +56,8 @@ function render(data, what, append) {
   const focusMoves = append && !data.more && document.activeElement === $('more');
   $('more').hidden = !data.more;
   const shown = list.children.length;
-  status(`${shown} result${shown === 1 ? '' : 's'} for ${what} in ${data.ms.toFixed(1)} ms`);
+  const note = data.note ? ` (${data.note})` : '';
+  status(`${shown} result${shown === 1 ? '' : 's'} for ${what} in ${data.ms.toFixed(1)} ms${note}`);
   if (focusMoves) (list.children[firstNew]?.querySelector('a') ?? $('status')).focus();
 }
 
