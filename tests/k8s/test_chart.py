@@ -198,7 +198,7 @@ def test_security_contexts_can_be_replaced_for_every_pod():
 
 def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     """For namespaces that deny by default: training ranks and Ray pods of the release reach each other, every
-    pod reaches the API server and S3; off by default."""
+    pod reaches the API server and S3, or what `networkPolicy.egress` allows; off by default."""
     assert not by_kind(chart_objects({}), "NetworkPolicy")
     objects = chart_objects({"networkPolicy": {"enabled": True}}, name="rel")
     (policy,) = by_kind(objects, "NetworkPolicy")
@@ -211,10 +211,12 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     settings = dataclasses.replace(stage_settings(objects), run_id="r")
     job = index_stage_job(settings)
     assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()  # stage pods are selected
+    # Narrowed egress narrows the outside only: a rank must still reach rank 0, a Ray worker its head.
     dns = [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]}]
-    (strict,) = by_kind(chart_objects({"networkPolicy": {"enabled": True, "egress": dns}}), "NetworkPolicy")
+    (strict,) = by_kind(chart_objects({"networkPolicy": {"enabled": True, "egress": dns}}, name="rel"),
+                        "NetworkPolicy")
     validate(strict)
-    assert strict["spec"]["egress"] == dns
+    assert strict["spec"]["egress"] == [{"to": [{"podSelector": {"matchLabels": selector}}]}, *dns]
 
 
 def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_more():
