@@ -66,6 +66,9 @@ def mutate(change):
         (lambda s: s["stages"][3].update(policy={"on_failure": "retry"}), "stages.ad.policy.on_failure"),
         (lambda s: s.update(artifacts=" "), "artifacts: must name a folder or s3://bucket/prefix"),
         (lambda s: s.update(stages=3), "stages: Input should be a valid list"),
+        (lambda s: s["stages"][1].update(resources={"memory": "32GB"}),
+         "stages.src.resources.memory: '32GB' is not a Kubernetes quantity"),
+        (lambda s: s["stages"][1].update(resources={"cpu": "1.5 cores"}), "stages.src.resources.cpu: '1.5 cores'"),
         (lambda s: s["stages"][3]["with"].update(clip_cache="sr"),
          "stages.ad.with.clip_cache: 'sr' is neither a stage of this spec nor an existing path; did you mean 'src'?"),
     ],
@@ -73,6 +76,12 @@ def mutate(change):
 def test_spec_errors_name_stage_and_key(tmp_path, change, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_pipeline(write(tmp_path, mutate(change)))
+
+
+def test_cpu_and_memory_are_written_as_in_any_kubernetes_manifest(tmp_path):
+    spec = mutate(lambda s: s["stages"][1].update(resources={"cpu": 8, "memory": "32Gi", "gpus": 1}))
+    resources = load_pipeline(write(tmp_path, spec)).stages[1].resources
+    assert (resources.cpu, resources.memory) == ("8", "32Gi")
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

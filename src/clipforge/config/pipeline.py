@@ -12,10 +12,10 @@ import copy
 import difflib
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from clipforge.config.base import read_yaml, validation_message
 from clipforge.errors import UserError
@@ -27,13 +27,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
 
+# A Kubernetes resource quantity (`8`, `500m`, `32Gi`), as the API server checks it; the chart's values use it too.
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Written `cpu: 8` or `cpu: "8"`, as in any Kubernetes manifest; held as text.
+Quantity = Annotated[str | None, WithJsonSchema(
+    {"anyOf": [{"type": "string", "pattern": QUANTITY}, {"type": "number", "minimum": 0}, {"type": "null"}]})]
+
+
 class Resources(_Strict):
     """What a stage asks of a cluster; ignored by the local runner."""
 
     gpus: int = Field(0, ge=0, description="GPUs per node (one training process or encoder actor per GPU)")
     nodes: int = Field(1, ge=1, description="nodes; > 1 runs training as an Indexed Job, a cache as a RayJob")
-    cpu: str | None = Field(None, description="CPU request per node, e.g. '8'")
-    memory: str | None = Field(None, description="memory request per node, e.g. '32Gi'")
+    cpu: Quantity = Field(None, description="CPU request per node, e.g. 8 or 500m")
+    memory: Quantity = Field(None, description="memory request per node, e.g. 32Gi")
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _a_quantity(cls, value: Any) -> str | None:
+        """Said when the spec is read: the API server would refuse the stage's Job only when it is its turn."""
+        if value is None:
+            return None
+        text = str(value).strip() if isinstance(value, int | float | str) and not isinstance(value, bool) else None
+        if text is None or not re.fullmatch(QUANTITY, text) or text.startswith("-"):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (such as 8, 500m or 32Gi)")
+        return text
 
 
 class Policy(_Strict):
