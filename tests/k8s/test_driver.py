@@ -29,6 +29,7 @@ from conftest import chart_objects
 
 from clipforge.config.pipeline import PipelineSpec
 from clipforge.data.synthetic import write_demo_data, write_expdesign
+from clipforge.errors import UserError
 from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
 from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
 from clipforge.orchestrate.pipeline import resolve_stage
@@ -380,6 +381,26 @@ def test_a_role_without_patch_leaves_the_object_ownerless_and_says_so(small_clus
         cluster.api.rules = chart_rules
     assert "cannot make this driver an owner of forbidden (403" in caplog.text
     assert "ownerReferences" not in cluster.api.get("services", "forbidden")["metadata"]
+
+
+def test_an_object_the_api_server_refuses_is_a_user_error_not_a_crash_retried(small_cluster):
+    """A Role without `create` on Jobs (or an object the API refuses as such): no retry of the driver mends it,
+    so it exits 2, which fails its Job at once, with the API server's own words, where a crash (exit 1) was
+    retried backoffLimit times to the same refusal."""
+    cluster = small_cluster
+    settings = StageJobSettings(image="img", run_id="refused", namespace="ml", owner_name="d", owner_uid="uid-d")
+    executor = KubernetesExecutor(settings, api_client(str(cluster.kubeconfig)))
+    chart_rules = cluster.api.rules
+    cluster.api.rules = [{**rule, "verbs": [v for v in rule["verbs"] if v != "create"]} for rule in chart_rules]
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "refused-index"}, "spec": {"template": {
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "stage", "image": "img"}]}}}}
+    try:
+        with pytest.raises(UserError) as refused:
+            executor.create(executor.batch.create_namespaced_job, job)
+    finally:
+        cluster.api.rules = chart_rules
+    assert str(refused.value) == ('the Kubernetes API refused to create Job refused-index (403): jobs is forbidden: '
+                                  'cannot create resource "jobs" in API group "batch" in the namespace "ml"')
 
 
 def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):

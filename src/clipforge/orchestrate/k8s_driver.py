@@ -11,6 +11,7 @@ The pitfalls cited as "DESIGN" are in /shared/DESIGN.md, "Kubernetes notes".
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -549,13 +550,18 @@ class KubernetesExecutor:
             raise
 
     def create(self, method, body: dict) -> bool:
-        """True if created, False if it already exists (409)."""
+        """True if created, False if it already exists (409). An object the API server refuses as such (400, 422:
+        a spec's `memory: 32GB`) or this driver may not create (403: its Role) is a UserError: the driver exits 2,
+        which fails its Job at once, where a crash would be retried to the same refusal."""
         try:
             self.call(method, self.namespace, body)
             return True
         except ApiException as exc:
             if exc.status == 409:
                 return False
+            if exc.status in (400, 403, 422):
+                raise UserError(f"the Kubernetes API refused to create {body.get('kind', 'object')} "
+                                f"{body.get('metadata', {}).get('name')} ({exc.status}): {api_message(exc)}") from None
             raise
 
     def delete(self, method, name: str, **kwargs) -> None:
@@ -565,6 +571,15 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own words for a refusal (its Status `message`), else the HTTP reason."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return " ".join(str(message).split()) if message else str(exc.reason)
 
 
 def ray_job_for(ray_job: dict | None, key: str) -> bool:
