@@ -179,3 +179,21 @@ def test_a_stage_key_lists_folders_but_never_a_file_as_one(tmp_path, monkeypatch
     assert listed == [str(tmp_path / "photos")]
     (tmp_path / "photos" / "b.png").write_bytes(b"png")
     assert key(source=str(tmp_path / "photos")) != before
+
+
+def test_check_says_a_specs_mistakes_without_running_it(tmp_path, capsys):
+    """What a spec given to the chart by --set-file gets before `helm install`: the chart takes it as a string."""
+    from clipforge.cli import main
+
+    good = write(tmp_path, base_spec())
+    assert main(["check", good]) == 0
+    assert capsys.readouterr().out == f"{good}: 4 stages, in order: idx, src, tgt, ad\n"
+    assert not (tmp_path / "artifacts").exists()  # nothing ran
+    bad = mutate(lambda s: s["stages"][1].update(resources={"gpus": "two"}, need=["idx"]))
+    (tmp_path / "bad").mkdir()
+    path = write(tmp_path / "bad", bad)
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stages.src.resources.gpus" in err and "stages.src.need: unknown key" in err
+    assert main(["check", good, "--set", "stages.ad.with.epochs=-1"]) == 2  # a stage's own settings too
+    assert "stages.ad.with.epochs" in capsys.readouterr().err

@@ -15,6 +15,14 @@ def add_parser(sub) -> None:
                         help="override a spec value, e.g. stages.adapter.with.epochs=5 (repeatable)")
     parser.add_argument("--run-id", help="run id (default: the spec's, else generated); reuse one to resume")
     parser.set_defaults(func=run)
+    check = sub.add_parser(
+        "check", help="check a pipeline spec without running it (before `helm install --set-file pipeline=`)",
+        description="Check a pipeline spec as `run`, `drive` and the chart's driver read it: every stage's "
+        "settings, needs and resources; all mistakes at once, exit code 2. Nothing runs.")
+    check.add_argument("spec", help="pipeline spec YAML")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value, as `run --set` does (repeatable)")
+    check.set_defaults(func=check_spec)
     schema = sub.add_parser("schema", help="print the JSON Schema of pipeline specs")
     schema.set_defaults(func=print_schema)
 
@@ -24,6 +32,17 @@ def run(args) -> int:
     from clipforge.orchestrate.pipeline import exit_code
 
     return exit_code(run_spec(args.spec, args.overrides, args.run_id))
+
+
+def check_spec(args) -> int:
+    import sys
+
+    from clipforge.config.pipeline import load_pipeline, order_stages
+
+    stages = order_stages(load_pipeline(args.spec, args.overrides))
+    sys.stdout.write(f"{args.spec}: {len(stages)} stage{'s' if len(stages) != 1 else ''}, in order: "
+                     f"{', '.join(stage.name for stage in stages)}\n")
+    return 0
 
 
 def print_schema(args) -> int:
