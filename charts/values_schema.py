@@ -99,6 +99,9 @@ def values_schema() -> dict:
                 "watchSeconds": {"type": "integer", "minimum": 1},
                 "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
                 "tolerations": {"type": "array", "items": free_map},
+                "affinity": free_map,
+                "podLabels": labels,
+                "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
             }),
             "serviceAccount": obj({
                 "create": {"type": "boolean"},

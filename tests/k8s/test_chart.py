@@ -196,6 +196,49 @@ def test_security_contexts_can_be_replaced_for_every_pod():
     assert default.pod_security_context is default.container_security_context is None
 
 
+def pod_metadata(obj: dict) -> dict:
+    match obj["kind"]:
+        case "Pod":
+            return obj["metadata"]
+        case "Job":
+            return obj["spec"]["template"]["metadata"]
+        case "CronJob":
+            return obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+
+
+def test_driver_prune_and_test_pods_take_the_driver_pod_settings():
+    """A sidecar keeps a Job's pod running: in an Istio namespace the driver, prune and helm test pods must be
+    able to opt out. driver.podAnnotations, podLabels and affinity reach all three; the chart's own labels and
+    Helm's hook annotations win."""
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
+    values = {"prune": {"enabled": True}, "driver": {
+        "podAnnotations": {"sidecar.istio.io/inject": "false", "helm.sh/hook": "pre-install"},
+        "podLabels": {"team": "a", "app.kubernetes.io/name": "other"}, "affinity": affinity}}
+    objects = {o["kind"]: o for o in chart_objects(values, name="rel") if pod_specs(o)}
+    assert objects.keys() == {"Job", "CronJob", "Pod"}
+    for obj in objects.values():
+        validate(obj)
+        meta, (spec,) = pod_metadata(obj), pod_specs(obj)
+        assert meta["annotations"]["sidecar.istio.io/inject"] == "false"
+        assert meta["labels"]["team"] == "a" and meta["labels"]["app.kubernetes.io/name"] == "clipforge"
+        assert spec["affinity"] == affinity
+    assert objects["Job"]["spec"]["template"]["metadata"]["labels"]["clipforge.io/run-id"] == "first"
+    assert objects["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+def test_driver_prune_and_test_pods_see_no_gpus():
+    """The CUDA base image says NVIDIA_VISIBLE_DEVICES=all: on a GPU node whose default runtime is nvidia,
+    these CPU pods would otherwise see every GPU (and be refused by an old driver)."""
+    objects = chart_objects({"prune": {"enabled": True}, "artifactStore": {"s3": {"region": "eu-west-1"}}})
+    specs = [spec for obj in objects for spec in pod_specs(obj)]
+    assert len(specs) == 3
+    for spec in specs:
+        (container,) = spec["containers"]
+        assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in container["env"]
+        assert {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"} in container["env"]
+
+
 def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     """For namespaces that deny by default: training ranks and Ray pods of the release reach each other, every
     pod reaches the API server and S3, or what `networkPolicy.egress` allows; off by default."""

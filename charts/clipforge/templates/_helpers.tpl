@@ -166,6 +166,45 @@ envFrom:
 {{- end }}
 {{- end }}
 
+{{/*
+The driver's, prune's and helm test's CPU pods: they share driver.* placement and pod metadata.
+cpuPodMetadata takes (dict "root" $ "labels" <the chart's labels> "annotations" <the chart's, or nil>); the
+chart's win over driver.podLabels / podAnnotations (selectors, the run id and Helm's hooks depend on them).
+*/}}
+{{- define "clipforge.cpuPodMetadata" -}}
+labels:
+  {{- toYaml (merge .labels .root.Values.driver.podLabels) | nindent 2 }}
+{{- with merge (.annotations | default dict) .root.Values.driver.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "clipforge.cpuPodPlacement" -}}
+{{- with .Values.driver.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.driver.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.driver.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+No GPUs: the CUDA base image says NVIDIA_VISIBLE_DEVICES=all, so where nvidia is a GPU node's default runtime
+a CPU pod would see (and could take) every GPU of the node. Then the artifact store's endpoint and region.
+*/}}
+{{- define "clipforge.cpuPodEnv" -}}
+- name: NVIDIA_VISIBLE_DEVICES
+  value: void
+{{- include "clipforge.storeEnv" . }}
+{{- end }}
+
 {{/* emptyDirs for a read-only root filesystem: /tmp and the caches under /cache. */}}
 {{- define "clipforge.volumeMounts" -}}
 - name: config
