@@ -12,10 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from clipforge.config.pipeline import NAME_PATTERN, pipeline_json_schema
+from clipforge.config.pipeline import NAME_PATTERN, QUANTITY, pipeline_json_schema
 
 SCHEMA_PATH = Path(__file__).parent / "clipforge" / "values.schema.json"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
 def obj(properties: dict, **extra) -> dict:
