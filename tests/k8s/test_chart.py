@@ -354,6 +354,30 @@ def test_a_pipeline_file_that_is_no_spec_fails_the_install(tmp_path):
             render_chart(helm_python.parse_set_file(f"pipeline={tmp_path / 'spec.yaml'}"))
 
 
+def test_a_pipeline_file_with_a_misspelt_key_fails_the_install(tmp_path):
+    for text, said in (("artifacts: x\nstage: []\nstages: [{name: a, kind: index}]\n", 'unknown key "stage"'),
+                       ("artifacts: x\nstages: [{name: idx, kind: index, need: [a]}]\n",
+                        'pipeline: stages[0] (idx): unknown key "need"')):
+        (tmp_path / "spec.yaml").write_text(text)
+        with pytest.raises(Exception, match=re.escape(said)):
+            render_chart(helm_python.parse_set_file(f"pipeline={tmp_path / 'spec.yaml'}"))
+
+
+def test_the_keys_the_chart_knows_in_a_pipeline_file_are_the_specs():
+    """The template's lists of a spec's and a stage's keys, read from it, against the spec's own models."""
+    from clipforge.config.pipeline import PipelineSpec, StageSpec
+
+    template = (CHART / "templates" / "configmap.yaml").read_text()
+
+    def listed(name: str) -> set[str]:
+        return set(re.findall(r'"([a-z_]+)"', re.search(rf"\${name} := list ([^}}]*)", template)[1]))
+
+    def keys(model) -> set[str]:
+        return {field.alias or name for name, field in model.model_fields.items()}
+
+    assert listed("specKeys") == keys(PipelineSpec) and listed("stageKeys") == keys(StageSpec)
+
+
 def test_default_pipeline_is_the_shipped_nsd_job():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["pipeline"] == yaml.safe_load((ROOT / "jobs" / "nsd-subj01.yaml").read_text())
