@@ -475,6 +475,11 @@ def test_notes_say_how_to_follow_the_run():
         notes = chart.render(values={"runId": "r7", "artifactStore": {"s3": {"bucket": "b", "prefix": "p"}}},
                              name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "clipforge runs s3://b/p r7" in notes
+    assert "is starting" in notes
+    with helm_python.Chart.load(CHART) as chart:  # an upgrade with the same runId starts nothing: said
+        notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns", is_install=False,
+                             is_upgrade=True)["clipforge/templates/NOTES.txt"]
+    assert "is starting" not in notes and "If that run's driver Job already ran,\nnothing new starts" in notes
 
 
 def test_both_artifact_stores_at_once_is_an_error():
