@@ -36,6 +36,14 @@ RUN apt-get update \
  && apt-get autoremove -y \
  && rm -rf /var/lib/apt/lists/*
 
+# --- requirements: pyproject's dependency list alone ----------------------------------------------------
+FROM python-base AS requirements
+ARG PYTHON
+WORKDIR /src
+COPY pyproject.toml ./
+RUN ${PYTHON} -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > requirements.txt
+
 # --- builder: the package and its dependencies in a venv ------------------------------------------------
 FROM python-base AS builder
 ARG PYTHON
@@ -43,13 +51,13 @@ ARG RAY_VERSION
 RUN ${PYTHON} -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-# The dependencies in a layer of their own: a code change (every CI retrain) then reinstalls only the
-# package, not torch and its CUDA wheels.
+# The dependencies in a layer keyed on their list alone: a code change (every CI retrain), a README edit or
+# another pyproject setting (the version, ruff's) then reinstalls only the package, not torch and its CUDA
+# wheels.
+COPY --from=requirements /src/requirements.txt ./
 RUN pip install --no-cache-dir --upgrade pip \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > requirements.txt \
  && pip install --no-cache-dir -r requirements.txt "ray[data,default]==${RAY_VERSION}"
+COPY pyproject.toml README.md ./
 COPY src ./src
 # Bytecode compiled here: the root filesystem is read-only in the pods, and without .pyc files every
 # process (each torchrun rank, Ray worker and retry) spends seconds more importing torch, ray and the rest.

@@ -102,6 +102,17 @@ def test_package_installed_in_a_builder_and_copied(dockerfile):
     assert "/opt/venv/bin" in env_of(chain(stages, stages[-1]))["PATH"]
 
 
+def test_the_dependency_layer_is_keyed_on_the_dependency_list_alone(dockerfile):
+    """Before the layer that installs torch and its CUDA wheels (gigabytes), the builder copies in only the
+    dependency list: a README edit or another pyproject setting must not reinstall them."""
+    _, stages = dockerfile
+    builder = next(s for s in stages if s.name == "builder")
+    steps = [(keyword, args) for keyword, args in builder.instructions if keyword in ("COPY", "RUN")]
+    install = next(i for i, (kind, args) in enumerate(steps) if kind == "RUN" and "-r requirements.txt" in args)
+    copied = [args for kind, args in steps[:install] if kind == "COPY"]
+    assert copied == ["--from=requirements /src/requirements.txt ./"], copied
+
+
 def test_no_dev_tools_in_the_final_stage(dockerfile):
     _, stages = dockerfile
     final_runs = " ".join(run for stage in chain(stages, stages[-1]) for run in stage.all("RUN"))
