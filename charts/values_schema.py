@@ -44,6 +44,7 @@ def values_schema() -> dict:
             "image": obj({
                 "repository": string("the clipforge image", minLength=1),
                 "tag": string("a pinned tag", minLength=1, **{"not": {"const": "latest"}}),
+                "digest": string("sha256:<64 hex digits>, or empty", pattern=r"^(sha256:[a-f0-9]{64})?$"),
                 "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
             }, required=["repository", "tag"]),
             "imagePullSecrets": {"type": "array", "items": obj({"name": string("a Secret name")}, required=["name"])},

@@ -426,6 +426,18 @@ def test_image_tag_is_pinned():
     assert re.fullmatch(r"\d+\.\d+\.\d+", values["image"]["tag"])
 
 
+def test_an_image_digest_pins_every_pod_to_one_image():
+    digest = "sha256:" + "ab" * 32
+    objects = chart_objects({"image": {"digest": digest}, "prune": {"enabled": True}})
+    containers = [c for o in objects if o["kind"] in ("Job", "CronJob", "Pod") for spec in pod_specs(o)
+                  for c in spec["containers"]]
+    assert len(containers) == 3 and {c["image"] for c in containers} == {f"ghcr.io/clipforge/clipforge@{digest}"}
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and "driver.yaml" in o["data"]]
+    assert yaml.safe_load(config["data"]["driver.yaml"])["image"] == f"ghcr.io/clipforge/clipforge@{digest}"
+    with pytest.raises(Exception, match="digest"):
+        render_chart({"image": {"digest": "latest"}})
+
+
 def test_helm_test_pod_checks_the_store():
     objects = chart_objects({"artifactStore": {"s3": {"bucket": "b", "existingSecret": "s3-keys"}}})
     (pod,) = by_kind(objects, "Pod")

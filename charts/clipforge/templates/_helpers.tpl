@@ -95,7 +95,11 @@ names; empty: the namespace's default.
 {{- end }}
 
 {{- define "clipforge.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
 {{- end }}
 
 {{/* The artifact store root the driver uses instead of the pipeline's `artifacts`; empty: keep it. */}}
