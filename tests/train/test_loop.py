@@ -177,7 +177,9 @@ def test_tensorboard_shows_only_the_steps_of_the_run_that_continued(tmp_path):
         return {e.step: e.value for e in events.Scalars("loss")}
 
     log(0, 8, 1.0, 0)
-    log(5, 10, 2.0, 5)  # killed after step 7, resumed from the checkpoint of step 5
-    assert shown() == {**dict.fromkeys(range(5), 1.0), **dict.fromkeys(range(5, 10), 2.0)}
+    # Killed after step 7, resumed from the checkpoint of step 5: its first step is 6. What step 5 logged
+    # (an epoch's validation, at the checkpoint it closes) is logged by no later attempt, and stays.
+    log(6, 10, 2.0, 5)
+    assert shown() == {**dict.fromkeys(range(6), 1.0), **dict.fromkeys(range(6, 10), 2.0)}
     log(0, 3, 3.0, 0)  # trained anew into the same folder (other settings): the old curve is gone
     assert shown() == dict.fromkeys(range(3), 3.0)
