@@ -236,13 +236,17 @@ def test_llm_paraphrases_through_transformers(dataset, tiny_llm):
         assert group.caption.is_unique
 
 
-def test_broken_llm_falls_back_to_the_map(dataset, tmp_path, caplog):
+def test_a_language_model_that_cannot_be_loaded_is_an_error_not_a_synonym_map_run(dataset, tmp_path):
+    """The model was named: training on the map's captions instead, with exit 0 and `augment: llm` on the
+    model's card, would hide that it never ran. Nothing is written, so the next run tries again."""
     prepare(PrepareConfig(dataset=str(dataset)))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    summary = augment(AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tmp_path / "broken")))
-    assert summary["llm_fallbacks"] == 24 and summary["variants"] > 0
-    assert "falls back to the synonym map" in caplog.text
+    config = AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tmp_path / "broken"))
+    for _ in range(2):
+        with pytest.raises(UserError, match=f"^llm_model {tmp_path / 'broken'} cannot be loaded \\("):
+            augment(config)
+        assert not (dataset / "train.csv").exists() and not (dataset / "_augment.json").exists()
 
 
 def test_checking_the_images_shows_progress(dataset, caplog):
@@ -370,17 +374,6 @@ def test_augmenting_again_with_nothing_changed_is_up_to_date_and_any_change_redo
     originals.write_text(originals.read_text().replace("circle", "disc"))
     assert redone(synonyms=str(tmp_path / "map.json"))
     assert "disc" in (dataset / "train.csv").read_text()
-
-
-def test_a_model_that_failed_is_tried_again_on_the_next_run(dataset, tmp_path, caplog):
-    prepare(PrepareConfig(dataset=str(dataset)))
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text("{}")
-    config = AugmentConfig(dataset=str(dataset), method="llm", llm_model=str(tmp_path / "broken"))
-    augment(config)
-    caplog.clear()
-    assert augment(config)["llm_fallbacks"] == 24
-    assert "falls back to the synonym map" in caplog.text and "up to date" not in caplog.text
 
 
 def test_a_prepare_that_splits_as_before_leaves_the_split_files_as_they_were(dataset):

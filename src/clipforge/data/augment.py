@@ -26,7 +26,7 @@ import pandas as pd
 
 from clipforge.config.captions import AugmentConfig
 from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, captions_csv, is_older, read_captions
-from clipforge.errors import UserError
+from clipforge.errors import UserError, first_line
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
@@ -195,9 +195,10 @@ def augment(cfg: AugmentConfig) -> dict:
             paraphrase = LanguageModelParaphraser(cfg.llm_model, cfg.seed)
         except UserError:
             raise
-        except Exception as exc:  # any load failure: the map still works
-            log.warning("cannot load llm_model %s (%s); every caption falls back to the synonym map",
-                        cfg.llm_model, exc)
+        except Exception as exc:  # a model named and not loadable at all: said, not trained on without it
+            raise UserError(f"llm_model {cfg.llm_model} cannot be loaded ({type(exc).__name__}: {first_line(exc)}); "
+                            "give a transformers folder with a tokenizer and a causal language model, or use the "
+                            "synonym map (method manual)") from None
     rows = []
     progress = Progress(log, len(frame), unit="captions") if paraphrase is not None else None
     for filepath, caption in zip(frame["filepath"], frame["caption"], strict=True):
