@@ -290,6 +290,7 @@ def test_hub_warnings_are_printed_once():
 
 def test_models_list_lists_the_others_past_a_damaged_run_and_names_it(tmp_path, capsys, caplog):
     import json
+    import shutil
 
     from clipforge.storage.manifest import write_manifest
 
@@ -301,13 +302,16 @@ def test_models_list_lists_the_others_past_a_damaged_run_and_names_it(tmp_path, 
     for name, model_json in {"20260101-000000": card, "20260102-000000": {}, "20260103-000000": []}.items():
         write_manifest(str(root / name), kind="finetune", config={}, config_fingerprint="x", inputs={})
         (root / name / "model.json").write_text(json.dumps(model_json))
+    (root / "20260101-000000" / "model.pt").write_bytes(b"weights")
     (root / "20260104-000000").mkdir()
     (root / "20260104-000000" / "_manifest.json").write_text('{"kind": "finetune"}')
+    shutil.copytree(root / "20260101-000000", root / "20260105-000000", ignore=shutil.ignore_patterns("model.pt"))
     with caplog.at_level("WARNING"):
         assert main(["models", "list", "--dir", str(root), "--json"]) == 0
     listed = {m["name"]: m["status"] for m in json.loads(capsys.readouterr().out)}
     assert listed == {"20260101-000000": "complete", "20260102-000000": "unreadable",
-                      "20260103-000000": "unreadable", "20260104-000000": "unreadable"}
+                      "20260103-000000": "unreadable", "20260104-000000": "unreadable",
+                      "20260105-000000": "model.pt missing"}  # a copy without the weights the listing names
     card_line = f"{root / '20260102-000000' / 'model.json'} is not a model card clipforge wrote (no 'metrics')"
     assert card_line in caplog.text
     assert f"{root / '20260104-000000' / '_manifest.json'} is not a clipforge manifest (no config_fingerprint, " \

@@ -97,8 +97,10 @@ def model_row(folder: str) -> dict | None:
         card = storage.read_json(uri)
         try:
             final, best = card["metrics"]["final"], card["metrics"]["best"]
+            # What the listing tells users to load: a run copied without it is not one they can use.
+            status = "complete" if storage.exists(storage.join(folder, "model.pt")) else "model.pt missing"
             return {
-                "status": "complete", "model": card["model"],
+                "status": status, "model": card["model"],
                 "pretrained": card["pretrained"], "created": card["created"],
                 "train_rows": card["data"]["train_rows"], "val_rows": card["data"]["val_rows"],
                 "epochs": card["config"]["epochs"],
