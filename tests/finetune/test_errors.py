@@ -427,3 +427,24 @@ def test_base_weights_that_are_the_result_in_out_are_refused_not_deleted(capsys,
     linked = settings(tiny_clip, captioned, out, epochs=1, timestamped=False, pretrained=str(tmp_path / "base.pt"))
     assert main(["finetune", *config_args(linked)]) == EXIT_USER_ERROR
     assert "is the result in --out" in capsys.readouterr().err and (out / "model.pt").read_bytes() == before
+
+
+def test_csvs_of_a_split_older_than_their_folders_index_are_said_to_be(tiny_clip, captioned, tmp_path, caplog):
+    """`captions augment` warned that index.csv changed after the split; a fine-tune of the same CSVs did not."""
+    import os
+    import shutil
+
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages.finetune_data import prepared_csvs
+
+    folder = tmp_path / "captioned"
+    shutil.copytree(Path(captioned[0]).parent, folder)
+    config = FinetuneConfig(**settings(tiny_clip, (str(folder / "train.csv"), str(folder / "val.csv")), tmp_path))
+    with caplog.at_level("WARNING"):
+        prepared_csvs(config, str(tmp_path / "out"))
+    assert "changed after the split" not in caplog.text
+    later = (folder / "train.csv").stat().st_mtime + 60  # captions edited in index.csv since
+    os.utime(folder / "index.csv", (later, later))
+    with caplog.at_level("WARNING"):
+        assert prepared_csvs(config, str(tmp_path / "out")) == (config.train_data, config.val_data)
+    assert f"{folder / 'index.csv'} changed after the split was made" in caplog.text

@@ -33,7 +33,7 @@ from torch.utils.data import default_collate
 
 from clipforge.config.captions import AugmentConfig, PrepareConfig
 from clipforge.config.finetune import FinetuneConfig
-from clipforge.data.augment import augment
+from clipforge.data.augment import augment, warn_if_index_is_newer
 from clipforge.data.captions import (
     INDEX,
     TRAIN,
@@ -163,6 +163,8 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     Call it on one process at a time; an up-to-date OUT/data is reused as is.
     """
     if not config.dataset:
+        # CSVs `captions prepare` made in a captioned folder: captions edited there since are not in them.
+        warn_if_index_is_newer(_folder_of(config.train_data), config.train_data)
         return config.train_data, config.val_data
     data = storage.join(out, DATA_DIR)
     train, val = storage.join(data, TRAIN), storage.join(data, VAL)
