@@ -29,7 +29,14 @@ from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
 from clipforge.models.encoders import check_model_known, weights_identity
 from clipforge.orchestrate.lease import command_lease
-from clipforge.stages.finetune_data import check_apart, data_inputs, dataset_index, prepared_csvs, read_rows
+from clipforge.stages.finetune_data import (
+    check_apart,
+    check_has_negatives,
+    data_inputs,
+    dataset_index,
+    prepared_csvs,
+    read_rows,
+)
 from clipforge.stages.finetune_runs import (
     CARD_NAME,
     METRICS_NAME,
@@ -200,6 +207,7 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
             train_csv, val_csv = prepared_csvs(config, config.out)
         train, val = read_rows(train_csv, "train_data"), read_rows(val_csv, "val_data")
         check_apart(train, val)
+        check_has_negatives(train)
         store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
                                 config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
                                 work_dir=config.work_dir)

@@ -86,6 +86,17 @@ class CaptionRows:
         return tuple(int((np.bincount(keys[:, k])[keys[:, k]] > 1).sum()) for k in range(2))
 
 
+def check_has_negatives(train: CaptionRows) -> None:
+    """Rows that share an image or a caption are no negatives of each other: with one image (or one caption)
+    in all, the contrastive loss is 0 from the first step and the run learns nothing while it says it trained."""
+    images, captions = (len(np.unique(keys)) for keys in train.pair_keys.numpy().T)
+    if min(images, captions) < 2:
+        what = "image" if images < 2 else "caption"
+        raise UserError(f"train_data {train.source} has one {what} in all ({len(train)} rows), so no row is a "
+                        "negative of another and the contrastive loss has nothing to learn; give at least two images "
+                        "with their own captions")
+
+
 def _folder_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else "."
 
