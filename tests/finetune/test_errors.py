@@ -463,3 +463,19 @@ def test_a_training_set_of_one_image_is_refused_before_it_trains_on_nothing(tiny
     assert f"train_data {one} has one image in all (3 rows), so no row is a negative of another" in \
         capsys.readouterr().err
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_a_finetune_stopped_before_its_trainer_says_to_resume_with_resume_latest(monkeypatch, tiny_clip, captioned,
+                                                                                tmp_path, capsys):
+    """Stopped while its data is prepared (before the trainer's own handler, which names the run): the same
+    command alone would start a new timestamped run, so the line says --resume latest."""
+    import clipforge.stages.finetune as stage
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "finetune", interrupted)
+    assert main(["finetune", *config_args(settings(tiny_clip, captioned, tmp_path / "models"))]) == 130
+    assert capsys.readouterr().err == "clipforge finetune: interrupted; run the same command with --resume latest to " \
+                                      "go on from its newest checkpoint (a run stopped before its first one starts " \
+                                      "again)\n"

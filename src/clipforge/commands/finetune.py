@@ -19,7 +19,10 @@ def add_parser(sub) -> None:
         "(SIGTERM) or 130 (Ctrl-C): stopped after a checkpoint; rerun with --resume latest to continue.",
     )
     add_config_flags(parser, FinetuneConfig)
-    parser.set_defaults(func=run)
+    # Stopped before the trainer's own handler (which names the run to resume): the same command alone
+    # would start a new timestamped run.
+    parser.set_defaults(func=run, on_stop="stopped (SIGTERM); run the same command with --resume latest to go on "
+                        "from its newest checkpoint (a run stopped before its first one starts again)")
 
 
 def run(args) -> int:
