@@ -575,3 +575,19 @@ def test_a_missing_s3_input_stops_a_local_run_and_a_driver_alike(demo_root, in_d
         started = time.monotonic()
         assert missing_inputs(spec, local=False) == []
         assert time.monotonic() - started < 30
+
+
+def test_quiet_reaches_the_stages(tmp_path, monkeypatch, capsys):
+    """`clipforge -q run`: warnings and errors only, from the stages' processes too."""
+    from clipforge.data.synthetic import write_expdesign
+
+    monkeypatch.chdir(tmp_path)
+    write_expdesign(tmp_path / "e.mat", 60, per_subject=60, shared=40)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("artifacts: art\nstages:\n"
+                    "  - {name: idx, kind: index, with: {expdesign: e.mat, subject: subj01}}\n")
+    assert main(["run", str(spec), "--run-id", "loud"]) == 0
+    assert "[idx] " in capsys.readouterr().err  # its config and what it wrote, at INFO
+    shutil.rmtree(tmp_path / "art")
+    assert main(["-q", "run", str(spec), "--run-id", "quiet"]) == 0
+    assert "[idx] " not in capsys.readouterr().err

@@ -28,7 +28,8 @@ def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, ru
     SIGTERM or Ctrl-C to the runner is passed to the stage and sets `stop`; a stage that then ends other
     than done counts as stopped (75, 130), whatever it exited with. The stage runs in a session of its own,
     so a terminal's Ctrl-C reaches it once, through the runner, as does `kill -INT RUNNER`."""
-    argv = [sys.executable, "-m", "clipforge.cli", *resolved.argv, "--config", resolved.config_uri]
+    quiet = ["-q"] if not logging.getLogger("clipforge").isEnabledFor(logging.INFO) else []  # `clipforge -q run`
+    argv = [sys.executable, "-m", "clipforge.cli", *quiet, *resolved.argv, "--config", resolved.config_uri]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id or "local", "CLIPFORGE_STAGE": resolved.spec.name}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                             start_new_session=True,
