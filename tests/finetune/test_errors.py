@@ -479,3 +479,23 @@ def test_a_finetune_stopped_before_its_trainer_says_to_resume_with_resume_latest
     assert capsys.readouterr().err == "clipforge finetune: interrupted; run the same command with --resume latest to " \
                                       "go on from its newest checkpoint (a run stopped before its first one starts " \
                                       "again)\n"
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda s, tmp: s.update(model_config=str(tmp / "nope.json")), "nope.json not found"),
+    (lambda s, tmp: (tmp / "w.pt").write_text("not weights") and s.update(pretrained=str(tmp / "w.pt")),
+     "is not a PyTorch or safetensors weights file"),
+    (lambda s, tmp: (tmp / "afile").write_text("x") and s.update(logdir=str(tmp / "afile")), "--logdir"),
+])
+def test_the_model_is_checked_before_the_dataset_is_prepared(tiny_clip, captioned, tmp_path, capsys, caplog, change,
+                                                             said):
+    """Preparing a dataset (images checked, split, captions augmented: hours with a language model) is lost
+    with the run folder when the model then fails to load."""
+    values = settings(tiny_clip, captioned, tmp_path / "models")
+    del values["train_data"], values["val_data"]
+    values["dataset"] = str(Path(captioned[0]).parent)
+    change(values, tmp_path)
+    with caplog.at_level("INFO"):
+        assert main(["finetune", *config_args(values)]) == EXIT_USER_ERROR
+    assert said in capsys.readouterr().err
+    assert "images checked" not in caplog.text and "train images" not in caplog.text

@@ -27,7 +27,8 @@ import torch
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import check_model_known, weights_identity
+from clipforge.models.encoders import check_model_known, is_weights_format, weights_identity
+from clipforge.models.pretrained import names_weights_file
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.finetune_data import (
     check_apart,
@@ -106,6 +107,7 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
         log.info("%s is up to date; nothing to train", config.out)
         return TrainResult("up to date", config.out, manifest.get("metrics"))
     check_base_outside(config)
+    check_model_inputs(config)
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -186,7 +188,18 @@ def _check_before_launch(config: FinetuneConfig) -> None:
         check_apart(train, read_rows(config.val_data, "val_data"))
         micro_batch(config, len(train), launch.world_size(config.num_processes))
     resolve_device(config.device, config.num_processes)
+
+
+def check_model_inputs(config: FinetuneConfig) -> None:
+    """The model's name and config, its weights file's format, and the TensorBoard folder, before any data work:
+    preparing a dataset (an augmentation by a language model can take hours) is lost with a run that fails."""
     check_model_known(config.model, config.model_config_file)
+    weights = config.pretrained
+    if names_weights_file(weights) and not storage.is_s3(weights) and not is_weights_format(weights):
+        raise UserError(f"--pretrained {weights} is not a PyTorch or safetensors weights file (a state dict saved "
+                        "by torch.save, or .safetensors)")
+    if config.logdir:
+        storage.check_output_folder(config.logdir, "--logdir")
 
 
 # -- train --------------------------------------------------------------------------------------
