@@ -484,7 +484,7 @@ def test_a_finetune_stopped_before_its_trainer_says_to_resume_with_resume_latest
 @pytest.mark.parametrize("change, said", [
     (lambda s, tmp: s.update(model_config=str(tmp / "nope.json")), "nope.json not found"),
     (lambda s, tmp: (tmp / "w.pt").write_text("not weights") and s.update(pretrained=str(tmp / "w.pt")),
-     "is not a PyTorch or safetensors weights file"),
+     "are not a PyTorch or safetensors weights file"),
     (lambda s, tmp: (tmp / "afile").write_text("x") and s.update(logdir=str(tmp / "afile")), "--logdir"),
 ])
 def test_the_model_is_checked_before_the_dataset_is_prepared(tiny_clip, captioned, tmp_path, capsys, caplog, change,

@@ -196,8 +196,8 @@ def check_model_inputs(config: FinetuneConfig) -> None:
     check_model_known(config.model, config.model_config_file)
     weights = config.pretrained
     if names_weights_file(weights) and not storage.is_s3(weights) and not is_weights_format(weights):
-        raise UserError(f"--pretrained {weights} is not a PyTorch or safetensors weights file (a state dict saved "
-                        "by torch.save, or .safetensors)")
+        raise UserError(f"weights {weights} are not a PyTorch or safetensors weights file (a state dict saved by "
+                        "torch.save, or .safetensors)")  # as loading them would say, after the data work
     if config.logdir:
         storage.check_output_folder(config.logdir, "--logdir")
 
