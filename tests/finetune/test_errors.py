@@ -499,3 +499,21 @@ def test_the_model_is_checked_before_the_dataset_is_prepared(tiny_clip, captione
         assert main(["finetune", *config_args(values)]) == EXIT_USER_ERROR
     assert said in capsys.readouterr().err
     assert "images checked" not in caplog.text and "train images" not in caplog.text
+
+
+def test_a_run_resumes_with_its_files_named_another_way(tiny_clip, captioned, tmp_path, monkeypatch, capsys, caplog):
+    """`./d/train.csv` or an absolute path for the `d/train.csv` a run began with is the same file: resumed (here,
+    found up to date), where "changed (path)" offered only a new run, and the checkpoints' loss."""
+    import shutil
+
+    shutil.copytree(Path(captioned[0]).parent, tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    values = settings(tiny_clip, ("d/train.csv", "d/val.csv"), "models", epochs=1)
+    assert main(["finetune", *config_args(values)]) == 0
+    (run,) = (tmp_path / "models").iterdir()
+    respelled = {**values, "train_data": "./d/train.csv", "val_data": str(tmp_path / "d" / "val.csv")}
+    capsys.readouterr()
+    with caplog.at_level("INFO"):
+        assert main(["finetune", *config_args(respelled), "--resume", f"models/{run.name}"]) == 0
+    assert "is up to date; nothing to train" in caplog.text and "error" not in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [run.name]

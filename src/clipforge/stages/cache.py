@@ -42,6 +42,7 @@ from clipforge.storage.manifest import (
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
+    spelled_as_recorded,
     write_manifest,
 )
 from clipforge.storage.range_reader import FetchStats
@@ -142,7 +143,8 @@ def _run_cache(cfg: CacheConfig) -> dict:
     manifest = read_manifest(cfg.output)
     refuse_other_kind(manifest, "cache", f"output {cfg.output}", "a cache", "give the cache an output of its own")
     planned = None if manifest else read_planned_config(cfg.output)
-    cfg = spelled_as_recorded(cfg, manifest or planned)
+    # The same file named another way (relative then, absolute now): as recorded, so the cache stays this one's.
+    cfg = spelled_as_recorded(cfg, (manifest or planned or {}).get("config"), PATH_SETTINGS, cfg.output)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = index_as_recorded(stage_inputs(spec, found), manifest or planned)
@@ -269,33 +271,6 @@ def read_elsewhere(recorded: dict) -> str:
     if not isinstance(directory, str) or not relative or os.path.abspath(directory) == os.getcwd():
         return ""
     return f"; its relative paths were read from {directory}: run it from there to go on with it"
-
-
-def spelled_as_recorded(cfg: CacheConfig, manifest: dict | None) -> CacheConfig:
-    """`cfg` with each local path that names the file its output's manifest (or, for an unfinished output, its
-    planned config) recorded under another spelling (`data/nsd.hdf5` then, `/work/data/nsd.hdf5` now) spelled
-    as recorded: the output stays this config's, up to date or resumed, where respelling every path (absolute,
-    always) would have re-keyed every cache."""
-    if manifest is None:
-        return cfg
-    fields = {field.alias or name: name for name, field in CacheConfig.model_fields.items()}
-    update = {}
-    for key in PATH_SETTINGS:
-        then, now = manifest["config"].get(key), getattr(cfg, fields[key])
-        if isinstance(then, str) and now and then != now and same_local_file(then, now):
-            log.info("%s: %s as recorded for %s and %s now name one file: taken as recorded", key, then,
-                     cfg.output, now)
-            update[fields[key]] = then
-    return cfg.model_copy(update=update) if update else cfg
-
-
-def same_local_file(a: str, b: str) -> bool:
-    if storage.is_s3(a) or storage.is_s3(b):
-        return False
-    try:
-        return os.path.samefile(storage.local_path(a), storage.local_path(b))
-    except OSError:  # either is not there (or is an open_clip tag such as `openai`)
-        return False
 
 
 def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3,

@@ -47,7 +47,14 @@ from clipforge.stages.finetune_runs import (
 )
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import input_changes, is_up_to_date, read_manifest, refuse_other_kind, write_manifest
+from clipforge.storage.manifest import (
+    input_changes,
+    is_up_to_date,
+    read_manifest,
+    refuse_other_kind,
+    spelled_as_recorded,
+    write_manifest,
+)
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
@@ -143,23 +150,29 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
         if folder is None and newest_manifest(config.out) is not None:  # OUT is a run itself (--no-timestamped)
             folder = config.out.rstrip("/")
         if folder:
-            _check_resumable(config, folder)
+            config = _check_resumable(config, folder)
         else:
             log.info("no run under %s to resume: starting a new one", config.out)
             folder = _new_run_folder(config.out)
     elif config.resume:
         folder = config.resume.rstrip("/")
-        _check_resumable(config, folder)
+        config = _check_resumable(config, folder)
     else:
         folder = _new_run_folder(config.out)
     return config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
 
 
-def _check_resumable(config: FinetuneConfig, folder: str) -> None:
-    """Resuming a run with other settings or data would start it over and delete its checkpoints: refuse."""
+# Settings that name files: the same file spelled otherwise (`./d/train.csv`, an absolute path) is no change.
+PATH_SETTINGS = ("train_data", "val_data", "dataset", "synonyms", "llm_model", "pretrained", "model_config")
+
+
+def _check_resumable(config: FinetuneConfig, folder: str) -> FinetuneConfig:
+    """`config` as the run in `folder` recorded it (its paths spelled as then). Resuming a run with other
+    settings or data would start it over and delete its checkpoints: refused."""
     recorded = newest_manifest(folder)
     if recorded is None:
         raise UserError(f"resume {folder}: no run to resume there (no _manifest.json and no complete checkpoint)")
+    config = spelled_as_recorded(config, recorded.get("config"), PATH_SETTINGS, folder)
     mine = config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
     if recorded.get("config_fingerprint") != mine.fingerprint():
         theirs = recorded.get("config") or {}
@@ -172,6 +185,7 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> None:
     if changed:
         raise UserError(f"resume {folder}: {'; '.join(changed)} since that run began; start a new run without "
                         "--resume")
+    return config
 
 
 def stage_inputs(config: FinetuneConfig) -> dict:

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 import clipforge
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.manifest")
+Config = TypeVar("Config", bound=BaseModel)
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -132,3 +138,20 @@ def input_changes(recorded: dict, current: dict, *, paths: bool = True) -> list[
             what = ["mtime, and its record has no content digest to compare"]
         changes.append(f"{role} {now.get('uri', '')}".rstrip() + f" changed ({', '.join(what) or 'fingerprint'})")
     return changes
+
+
+def spelled_as_recorded(config: Config, recorded: dict | None, keys: tuple[str, ...], what: str) -> Config:
+    """`config` with each local path of `keys` that names the file `recorded` (the config a manifest, planned
+    config or checkpoint recorded) names under another spelling (`data/x.csv` then, `./data/x.csv` or
+    `/work/data/x.csv` now) spelled as recorded: `what` (an output, a run) stays this config's, up to date or
+    resumed, rather than another's over a path's spelling."""
+    if not recorded:
+        return config
+    fields = {field.alias or name: name for name, field in type(config).model_fields.items()}
+    update = {}
+    for key in keys:
+        then, now = recorded.get(key), getattr(config, fields[key])
+        if isinstance(then, str) and isinstance(now, str) and then != now and storage.same_local_file(then, now):
+            log.info("%s: %s as recorded for %s and %s now name one file: taken as recorded", key, then, what, now)
+            update[fields[key]] = then
+    return config.model_copy(update=update) if update else config

@@ -164,6 +164,16 @@ def upload_file(path: Path, uri: str) -> None:
     s3.client().upload_file(str(path), loc.bucket, loc.key)
 
 
+def same_local_file(a: str, b: str) -> bool:
+    """Whether two local paths (relative ones from here) name one existing file, however spelled."""
+    if is_s3(a) or is_s3(b):
+        return False
+    try:
+        return os.path.samefile(local_path(a), local_path(b))
+    except OSError:  # either is not there (or is an open_clip tag such as `openai`)
+        return False
+
+
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """The object's bytes and a token naming this version of it (S3: its ETag; disk: a hash); None if absent."""
     match scheme(uri):
