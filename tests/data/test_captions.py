@@ -389,3 +389,9 @@ def test_a_prepare_that_splits_as_before_leaves_the_split_files_as_they_were(dat
     os.utime(dataset / "index.csv", ns=(LATER + 1, LATER + 1))
     prepare(PrepareConfig(dataset=str(dataset)))
     assert all(path.stat().st_mtime_ns != LATER for path in split)
+
+
+def test_a_synonym_map_that_is_not_there_is_named_as_the_setting(dataset, tmp_path):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    with pytest.raises(UserError, match=f"^synonyms {tmp_path / 'nope.json'} not found: give a JSON map"):
+        augment(AugmentConfig(dataset=str(dataset), synonyms=str(tmp_path / "nope.json")))

@@ -21,7 +21,8 @@ class PrepareConfig(StageConfig):
     """Check a captioned image folder and split its index.csv into train_original.csv and val.csv."""
 
     dataset: str = Field(description="folder (local or s3://) holding index.csv with columns filepath,caption")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in val.csv")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of images held out in val.csv (all rows of "
+                                "an image on one side)")
     seed: int = Field(0, ge=0, description="seed of the split")
     skip_bad: bool = Field(False, description="drop (and count) missing or undecodable images instead of failing")
     workers: int = Field(8, ge=1, description="threads that check images")

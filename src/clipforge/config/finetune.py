@@ -22,7 +22,8 @@ class FinetuneConfig(StageConfig):
         None, description="instead of train_data/val_data: a captioned folder's index.csv (or the folder); it is "
                           "split and augmented inside this stage, under OUT/data"
     )
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="with dataset: share of rows held out for validation")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="with dataset: share of images held out for "
+                                "validation (all rows of an image on one side)")
     augment: Literal["none", "manual", "llm"] = Field(
         "manual", description="with dataset: caption variants from a synonym map (manual), a local language model "
                               "(llm), or none"

@@ -57,6 +57,9 @@ def shipped_synonyms() -> str:
 
 def load_synonyms(path: str | None) -> SynonymMap:
     """The map from `path`, or the one shipped in the package."""
+    if path and not storage.exists(path):  # named as the setting it is, not as a bare file
+        raise UserError(f"synonyms {path} not found: give a JSON map of word -> synonyms, or leave it out for the "
+                        "map shipped with clipforge")
     raw = storage.read_json(path) if path else json.loads(shipped_synonyms())
     if not isinstance(raw, dict):
         raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")

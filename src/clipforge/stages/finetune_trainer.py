@@ -83,8 +83,8 @@ def clamp_warmup(warmup: int, total_steps: int) -> int:
     if warmup < total_steps:
         return warmup
     clamped = max(1, total_steps // 10)
-    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d, a tenth of the run",
-                warmup, total_steps, clamped)
+    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d, a tenth of the run%s",
+                warmup, total_steps, clamped, " (at least one step)" if total_steps < 10 else "")
     return clamped
 
 
