@@ -55,11 +55,16 @@ def shipped_synonyms() -> str:
     return resources.files("clipforge.data").joinpath("synonyms.json").read_text()
 
 
-def load_synonyms(path: str | None) -> SynonymMap:
-    """The map from `path`, or the one shipped in the package."""
-    if path and not storage.exists(path):  # named as the setting it is, not as a bare file
+def require_synonyms(path: str | None) -> None:
+    """A synonym map named and not there, said as the setting it is rather than as a bare file."""
+    if path and not storage.exists(path):
         raise UserError(f"synonyms {path} not found: give a JSON map of word -> synonyms, or leave it out for the "
                         "map shipped with clipforge")
+
+
+def load_synonyms(path: str | None) -> SynonymMap:
+    """The map from `path`, or the one shipped in the package."""
+    require_synonyms(path)
     raw = storage.read_json(path) if path else json.loads(shipped_synonyms())
     if not isinstance(raw, dict):
         raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")
@@ -183,6 +188,7 @@ def augment(cfg: AugmentConfig) -> dict:
     if not storage.exists(source):
         raise UserError(f"{source} not found: run `clipforge captions prepare {cfg.dataset}` first")
     warn_if_index_is_newer(cfg.dataset, source)
+    require_synonyms(cfg.synonyms)
     inputs = made_from(cfg, source)
     summary = recorded_summary(cfg.dataset, inputs)
     if summary is not None:
