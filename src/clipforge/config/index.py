@@ -30,6 +30,6 @@ class IndexConfig(StageConfig):
     @classmethod
     def _an_nsd_subject(cls, value: str) -> str:
         """Said when the config is read: a pipeline refuses its spec before any stage runs (or makes a folder)."""
-        if (name := subject_name(value)) is None:
+        if subject_name(value) is None:
             raise ValueError(f"unknown subject {value!r}: use subj01 … subj08")
-        return name
+        return value  # as written: another spelling would re-key the outputs of specs that wrote subj1

@@ -27,7 +27,7 @@ def run_index(cfg: IndexConfig) -> dict:
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
     was = (manifest or {}).get("config", {})
-    if manifest is not None and subject_name(str(was.get("subject"))) != cfg.subject:  # another subject
+    if manifest is not None and subject_name(str(was.get("subject"))) != subject_name(cfg.subject):  # another subject
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "
                         f"{was.get('expdesign')}); choose a new --output")
     if manifest is not None:  # its manifest first: a rewrite killed half-way is never the old index's "done"
