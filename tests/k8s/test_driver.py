@@ -403,6 +403,24 @@ def test_an_object_the_api_server_refuses_is_a_user_error_not_a_crash_retried(sm
                                   'cannot create resource "jobs" in API group "batch" in the namespace "ml"')
 
 
+def test_a_403_of_a_quota_or_a_namespace_going_is_left_to_the_drivers_retries():
+    """A full ResourceQuota, or a namespace being deleted, is a 403 too; it may pass, so it is not a user error."""
+    from kubernetes.client.exceptions import ApiException
+
+    from clipforge.orchestrate.k8s_driver import is_rbac_refusal
+
+    def refusal(message: str) -> ApiException:
+        exc = ApiException(status=403, reason="Forbidden")
+        exc.body = json.dumps({"kind": "Status", "message": message})
+        return exc
+
+    assert is_rbac_refusal(refusal('jobs is forbidden: User "system:serviceaccount:ml:d" cannot create resource '
+                                   '"jobs" in API group "batch" in the namespace "ml"'))
+    assert not is_rbac_refusal(refusal('jobs "x" is forbidden: exceeded quota: q, requested: nvidia.com/gpu=8'))
+    assert not is_rbac_refusal(refusal('jobs "x" is forbidden: unable to create new content in namespace ml '
+                                       'because it is being terminated'))
+
+
 def test_multi_node_cache_runs_as_a_rayjob(small_cluster, monkeypatch, caplog):
     """KubeRay on: the stand-in runs the RayJob's entrypoint; its failure (a missing source, exit 2) comes
     back through Ray's status message, and the driver deletes the RayJob."""

@@ -66,6 +66,25 @@ def test_a_run_stopped_between_stages_reads_stopped_not_complete(tmp_path):
     assert run_state(record.data) == "stopped"
 
 
+def test_a_stage_its_executor_refuses_is_recorded_failed_with_the_reason(tmp_path):
+    """The Kubernetes API refused a stage's Job (a UserError of the driver): run.json says that stage failed,
+    and why, where it said "running" and `clipforge runs` read a stopped run to resume."""
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    execute, _ = stages_that({})
+
+    def refused_at_the_cache(resolved):
+        if resolved.spec.name == "source-cache":
+            raise UserError("the Kubernetes API refused to create Job x (422): spec.template: Invalid value")
+        return execute(resolved)
+
+    with pytest.raises(UserError):
+        run_pipeline(spec, "r", refused_at_the_cache)
+    saved = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert saved["stages"]["source-cache"]["status"] == "failed"
+    assert saved["stages"]["source-cache"]["message"].startswith("the Kubernetes API refused to create Job x (422)")
+    assert run_state(saved) != "stopped" and saved["ended"].startswith("failed: ")
+
+
 def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.on_failure=continue",
                                      "stages.adapter.policy.min_input_coverage=null"])

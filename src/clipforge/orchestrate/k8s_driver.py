@@ -559,10 +559,10 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status == 409:
                 return False
-            if exc.status in (400, 403, 422):
+            if exc.status in (400, 422) or exc.status == 403 and is_rbac_refusal(exc):
                 raise UserError(f"the Kubernetes API refused to create {body.get('kind', 'object')} "
                                 f"{body.get('metadata', {}).get('name')} ({exc.status}): {api_message(exc)}") from None
-            raise
+            raise  # a full ResourceQuota or a namespace being deleted (403 too) may pass: the driver is retried
 
     def delete(self, method, name: str, **kwargs) -> None:
         """Delete, ignoring 404. The body is not parsed: servers answer a delete with the object or a Status."""
@@ -571,6 +571,11 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def is_rbac_refusal(exc: ApiException) -> bool:
+    """A 403 of the Role (`... cannot create resource "jobs" ...`), not of a quota or a terminating namespace."""
+    return " cannot " in api_message(exc)
 
 
 def api_message(exc: ApiException) -> str:

@@ -501,7 +501,12 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
                   output=resolved.output, started=_now(), notes=notes)
     log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
-    code = execute(resolved)
+    try:
+        code = execute(resolved)
+    except UserError as exc:  # the executor's own refusal (the API server's): this stage failed, for good
+        record.record(name, status="failed", finished=_now(), seconds=round(time.monotonic() - started, 1),
+                      message=first_line(exc))
+        raise
     seconds = round(time.monotonic() - started, 1)
     before, manifest = manifest, read_manifest(resolved.output)
     if code == 0 and manifest is not None:
@@ -520,7 +525,7 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     why = exit_description(code) if code else "exited 0 without committing _manifest.json"
     if resolved.error:
         why += f": {resolved.error}"
-    if code == EXIT_USER_ERROR and stage.output and before is not None:  # the refusal's --output is this key
+    if code == EXIT_USER_ERROR and stage.output and before is not None and "already holds" in (resolved.error or ""):
         why += (f"; stages.{name}.output pins {stage.output}, which holds another output already: pin a new "
                 "one, or leave `output:` out and the pipeline keys the stage's output by its config")
     if stage.policy.on_failure == "continue":
