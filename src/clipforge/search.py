@@ -156,11 +156,14 @@ class Searcher:
 
     def cut_note(self, query: str) -> str | None:
         """What to tell of a text query longer than the text encoder's context (CLIP's 77 tokens): its words
-        past that count for nothing, which nothing else would say. None when it fits."""
-        tokens = self.tokenizer([query])
-        if tokens.shape[-1] == 0 or int(tokens[0, -1]) == 0:  # padding at the end: it fits
+        past that count for nothing, which nothing else would say. None when it fits. Call it where the queries
+        run (one thread): a Hugging Face tokenizer must not be used by two threads at once."""
+        context = self.tokenizer.context_length
+        wide = self.tokenizer([query], context_length=4 * context)  # room to count what the model's cuts
+        pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None) or 0  # HF's, else 0
+        if int((wide[0] != pad).sum()) <= context:
             return None
-        return f"only the first {tokens.shape[-1]} tokens of the query count: the model reads no further"
+        return f"only the first {context} tokens of the query count: the model reads no further"
 
     @torch.inference_mode()
     def image(self, data: bytes, k: int = 10, name: str | None = None) -> list[Hit]:
@@ -193,6 +196,7 @@ def top_rows(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
     then agree at their edges, where torch.topk orders equal scores (duplicate images) differently for each k
     and a page would show one twice and lose the other."""
     k = min(k, len(scores))
+    scores = torch.nan_to_num(scores, nan=-math.inf)  # a NaN row (a damaged embedding) ranks last, not first
     kth = torch.topk(scores, k).values[-1]
     rows = torch.nonzero(scores >= kth).squeeze(1)  # every row tied with the k-th too
     values = scores[rows].float().cpu().numpy()

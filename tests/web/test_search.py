@@ -368,6 +368,9 @@ def test_pages_of_a_ranking_with_tied_scores_show_each_row_once():
         assert [row for page in pages for row in page] == expected
     values, rows = top_rows(scores, 1000)  # more than there are
     assert rows == expected and values == sorted(values, reverse=True)
+    damaged = scores.clone()
+    damaged[[3, 4]] = float("nan")  # rows of damaged embeddings: last, not first (topk's NaN is the largest)
+    assert top_rows(damaged, 300)[1][-2:] == [3, 4] and top_rows(damaged, 5)[1] == expected[:5]
 
 
 def test_the_page_size_field_reads_as_the_browser_does_and_is_named_as_shown(page, search_server):
@@ -412,3 +415,19 @@ def test_a_query_longer_than_the_models_context_says_its_tail_does_not_count(sea
     with caplog.at_level("WARNING", logger="clipforge.search"):
         assert main(["search", "--index", shapes_index["cache"], "a red circle " * 20]) == 0
     assert "only the first 16 tokens of the query count" in caplog.text
+    searcher = search_server.searcher
+    assert searcher.cut_note("a " * 14) is None and searcher.cut_note("a " * 15) is not None  # 14 + start + end
+
+
+def test_a_store_that_does_not_answer_whether_the_index_changed_leaves_it_searched(search_server, monkeypatch,
+                                                                                   caplog):
+    import clipforge.web.search_app as search_app
+
+    def unreachable(index):
+        raise ConnectionError("the store does not answer")
+
+    monkeypatch.setattr(search_app, "read_manifest", unreachable)
+    monkeypatch.setattr(search_server, "recheck_every", 0)
+    with caplog.at_level("WARNING", logger="clipforge.serve"):
+        assert httpx.get(search_server.url + "api/search", params={"q": "a red circle"}).status_code == 200
+    assert "could not look whether index" in caplog.text and not search_server.index_changed()

@@ -101,6 +101,9 @@ class SearchServer:
                 self._changed = read_manifest(self.index) != self.searcher.table.manifest
             except UserError:  # a manifest that no longer reads is another one
                 self._changed = True
+            except Exception as exc:  # the store did not answer: the index in memory still answers
+                log.warning("could not look whether index %s was rebuilt (%s); searching it as loaded", self.index,
+                            type(exc).__name__)
         return self._changed
 
     def uri_of(self, row_id: str) -> str | None:
@@ -131,8 +134,10 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
 
     async def by_text(request: Request) -> Response:
         text = request.query_params.get("q", "")
-        return await answer(lambda depth: searcher.text(text, depth), request.query_params,
-                            note=searcher.cut_note(text) if text.strip() else None)
+        # On the queries' own thread: the tokenizer is not used by two threads at once.
+        note = await asyncio.get_running_loop().run_in_executor(session.queries, searcher.cut_note, text) \
+            if text.strip() else None
+        return await answer(lambda depth: searcher.text(text, depth), request.query_params, note=note)
 
     async def by_image(request: Request) -> Response:
         async with request.form(max_files=1, max_fields=3) as form:
