@@ -146,7 +146,7 @@ async function move(step) {
 async function finish() {
   const item = images[at];
   const text = field.value.trim();
-  const data = text && text !== item.caption
+  const data = item && text && text !== item.caption // no item: no readable image is left to save to
     ? await saveCaption('api/finish', { path: item.path, caption: text }) : await post('api/finish', {});
   $('session').hidden = true;
   $('done').hidden = false;
@@ -206,6 +206,7 @@ $('image').addEventListener('error', async () => {
     hint(`${reason}. ${problem.message}`, 'error');
     return;
   }
+  if ($('image').getAttribute('src') !== src) return; // moved on meanwhile: what is shown now stays
   if (!images.length) {
     field.disabled = true;
     for (const id of ['previous', 'next', 'save']) $(id).disabled = true;
