@@ -222,7 +222,7 @@ def newest_write(folder: str) -> int | None:
     for entry in entries:
         try:
             times.append(entry.stat().st_mtime_ns)
-        except FileNotFoundError:  # a run writing the folder renamed its temporary file since the listing
+        except OSError:  # a run writing the folder renamed its temporary file since the listing; a dead link
             continue
     return max(times) if times else None
 

@@ -293,7 +293,7 @@ def _stat_file(path: Path) -> os.stat_result | None:
     run's temporary file, committed meanwhile)."""
     try:
         info = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone since the listing, or a link that leads nowhere (a loop, a missing target)
         return None
     return info if stat.S_ISREG(info.st_mode) else None
 
