@@ -31,7 +31,7 @@ def run(args) -> int:
     from clipforge.orchestrate.local import run_spec
     from clipforge.orchestrate.pipeline import exit_code
 
-    return exit_code(run_spec(args.spec, args.overrides, args.run_id))
+    return exit_code(run_spec(args.spec, args.overrides, args.run_id, quiet=args.quiet))
 
 
 def check_spec(args) -> int:

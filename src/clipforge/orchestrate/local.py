@@ -20,7 +20,8 @@ from clipforge.orchestrate.preflight import missing_inputs
 log = logging.getLogger("clipforge.run")
 
 
-def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, run_id: str = "") -> int:
+def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, run_id: str = "",
+                    quiet: bool = False) -> int:
     """Run `clipforge <command> --config <saved config>`; stream its output with a stage prefix.
 
     The stage learns its run id as on Kubernetes, and so that this runner holds its output's lease.
@@ -28,8 +29,8 @@ def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, ru
     SIGTERM or Ctrl-C to the runner is passed to the stage and sets `stop`; a stage that then ends other
     than done counts as stopped (75, 130), whatever it exited with. The stage runs in a session of its own,
     so a terminal's Ctrl-C reaches it once, through the runner, as does `kill -INT RUNNER`."""
-    quiet = ["-q"] if not logging.getLogger("clipforge").isEnabledFor(logging.INFO) else []  # `clipforge -q run`
-    argv = [sys.executable, "-m", "clipforge.cli", *quiet, *resolved.argv, "--config", resolved.config_uri]
+    argv = [sys.executable, "-m", "clipforge.cli", *(["-q"] if quiet else []), *resolved.argv,
+            "--config", resolved.config_uri]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id or "local", "CLIPFORGE_STAGE": resolved.spec.name}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                             start_new_session=True,
@@ -77,7 +78,8 @@ def _relay(proc: subprocess.Popen, resolved: ResolvedStage) -> None:
     proc.wait()
 
 
-def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None) -> RunRecord:
+def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None,
+             quiet: bool = False) -> RunRecord:
     """`clipforge run`: validate the spec, run its stages in order, print the summary."""
     spec = load_pipeline(path, overrides)
     missing = missing_inputs(spec, local=True)
@@ -86,7 +88,8 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     stop = StopRequest()
-    record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop, run_id=run_id), stop)
+    record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop, run_id=run_id, quiet=quiet),
+                          stop)  # `clipforge -q run`: the stages' processes are quiet too
     log_summary(record)
     return record
 
