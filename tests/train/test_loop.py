@@ -165,8 +165,8 @@ def test_tensorboard_logs_that_cannot_be_copied_are_said_and_training_goes_on(tm
 def test_tensorboard_shows_only_the_steps_of_the_run_that_continued(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def log(start: int, stop: int, value: float, resume_step: int) -> None:
-        writer = loop.open_tensorboard(tmp_path, resume_step)
+    def log(start: int, stop: int, value: float, resumed_step: int | None) -> None:
+        writer = loop.open_tensorboard(tmp_path, resumed_step)
         for step in range(start, stop):
             writer.add_scalar("loss", value, step)
         writer.close()
@@ -176,10 +176,12 @@ def test_tensorboard_shows_only_the_steps_of_the_run_that_continued(tmp_path):
         events.Reload()
         return {e.step: e.value for e in events.Scalars("loss")}
 
-    log(0, 8, 1.0, 0)
+    log(0, 8, 1.0, None)
     # Killed after step 7, resumed from the checkpoint of step 5: its first step is 6. What step 5 logged
     # (an epoch's validation, at the checkpoint it closes) is logged by no later attempt, and stays.
     log(6, 10, 2.0, 5)
     assert shown() == {**dict.fromkeys(range(6), 1.0), **dict.fromkeys(range(6, 10), 2.0)}
-    log(0, 3, 3.0, 0)  # trained anew into the same folder (other settings): the old curve is gone
+    log(0, 3, 3.0, None)  # trained anew into the same folder (other settings): the old curve is gone
     assert shown() == dict.fromkeys(range(3), 3.0)
+    log(1, 4, 4.0, 0)  # resumed from a checkpoint of step 0 (stopped before its first step): step 0's stays
+    assert shown() == {0: 3.0, **dict.fromkeys(range(1, 4), 4.0)}

@@ -137,6 +137,7 @@ class AdapterTrainer:
         self.progress = TrainProgress()
         self.checkpoints = CheckpointWriter(store)
         self.writer = None
+        self.resumed_from: int | None = None  # the step of the checkpoint resumed, if any
         self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
                        "epoch_seconds": [], "seconds_per_epoch": None}
         self.losses = DeferredLosses(config.log_every)
@@ -151,6 +152,7 @@ class AdapterTrainer:
         if resumed is None:
             return
         latest, _, self.progress = resumed
+        self.resumed_from = self.progress.step
         self.checkpoints.resumed(latest.step, latest.uri)
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
         log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
@@ -196,7 +198,7 @@ class AdapterTrainer:
     def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
         """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
         if self.acc.is_main_process and log_dir is not None:
-            self.writer = open_tensorboard(log_dir, self.progress.step)
+            self.writer = open_tensorboard(log_dir, self.resumed_from)
         config, p = self.config, self.progress
         remaining = (self.total_steps - p.step) * self.batch
         self.seconds_before = self.progress.seconds

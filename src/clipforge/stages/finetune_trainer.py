@@ -159,6 +159,7 @@ class FinetuneTrainer:
         self.history: list[dict] = []  # validation before training and after each epoch
         self.checkpoints = CheckpointWriter(store)
         self.writer = None
+        self.resumed_from: int | None = None  # the step of the checkpoint resumed, if any
         self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
         self.losses = DeferredLosses(config.log_every)
         self.meter: Progress | None = None
@@ -176,6 +177,7 @@ class FinetuneTrainer:
         if resumed is None:
             return
         latest, files, self.progress = resumed
+        self.resumed_from = self.progress.step
         self.history = extra_value(files, HISTORY, [])
         self.checkpoints.resumed(latest.step, latest.uri)
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
@@ -335,7 +337,7 @@ class FinetuneTrainer:
     def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
         """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
         if self.acc.is_main_process and log_dir is not None:
-            self.writer = open_tensorboard(log_dir, self.progress.step)
+            self.writer = open_tensorboard(log_dir, self.resumed_from)
         remaining = (self.total_steps - self.progress.step) * self.step_rows
         self.seconds_before = self.progress.seconds
         self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)

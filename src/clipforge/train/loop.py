@@ -435,14 +435,14 @@ class PreemptionWatch:
             signal.signal(signum, previous)
 
 
-def open_tensorboard(log_dir: str | Path, resume_step: int):
-    """A TensorBoard writer that drops the events earlier attempts logged past `resume_step`, the checkpoint's
-    step (what that step logged, an epoch's validation, no later attempt logs again), and all of them for a run
-    that starts again at 0 (a retrain with other settings into the same folder, or one killed before its first
-    checkpoint). TensorBoard hides them; no file is deleted."""
+def open_tensorboard(log_dir: str | Path, resumed_step: int | None):
+    """A TensorBoard writer that drops the events earlier attempts logged past `resumed_step`, the step of the
+    checkpoint resumed (what that step logged, an epoch's validation, no later attempt logs again), and all of
+    them for a run that starts anew (None: a retrain with other settings into the same folder, or one killed
+    before its first checkpoint). TensorBoard hides them; no file is deleted."""
     from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard: only rank 0 pays for it
 
-    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else 0)
+    return SummaryWriter(log_dir=str(log_dir), purge_step=0 if resumed_step is None else resumed_step + 1)
 
 
 def upload_tensorboard(local: Path, remote: str) -> None:
