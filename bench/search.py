@@ -106,7 +106,10 @@ def main() -> None:
         started = time.perf_counter()
         exact = Searcher(cache)
         notes = [f"cache load {time.perf_counter() - started:.2f} s"]
-        vector_calls = {"exact search, ms (baseline)": lambda q: exact._top(q, args.k)}
+        vector_calls = {"exact search, ms (baseline)": lambda q: exact._top(q, args.k),
+                        # What exact search did before ties were ranked in row order (`search.top_rows`).
+                        "exact search, torch.topk alone, ms": lambda q: torch.topk(
+                            exact.matrix @ torch.nn.functional.normalize(q.float(), dim=-1)[0], args.k)}
         text_calls = {"text query end to end (tiny text encoder), exact, ms": lambda t: exact.text(t, args.k)}
         # A page's queries run on its server's thread; they are timed in rounds of their own, after
         # this thread's calls.

@@ -159,6 +159,8 @@ class Searcher:
         past that count for nothing, which nothing else would say. None when it fits. Call it where the queries
         run (one thread): a Hugging Face tokenizer must not be used by two threads at once."""
         context = self.tokenizer.context_length
+        if len(query) + 2 <= context:  # a token covers a character at least: it fits, and nothing is counted
+            return None
         wide = self.tokenizer([query], context_length=4 * context)  # room to count what the model's cuts
         pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None) or 0  # HF's, else 0
         if int((wide[0] != pad).sum()) <= context:

@@ -92,10 +92,17 @@ class SearchServer:
         where = f" in {self.searcher.root}" if self.searcher.root else ""
         return f"{len(self.ids)} images{where} · {spec.model}{weights} · {how}"
 
+    @property
+    def changed(self) -> bool:
+        return self._changed
+
+    def recheck_due(self) -> bool:
+        return not self._changed and time.monotonic() - self._checked >= self.recheck_every
+
     def index_changed(self) -> bool:
         """Whether the index was rebuilt or removed since it was loaded (its manifest is another, or none):
         asked at most every `recheck_every` seconds (a GET on S3), and once changed, changed for good."""
-        if not self._changed and time.monotonic() - self._checked >= self.recheck_every:
+        if self.recheck_due():
             self._checked = time.monotonic()
             try:
                 self._changed = read_manifest(self.index) != self.searcher.table.manifest
@@ -113,15 +120,17 @@ class SearchServer:
             return None
         return image_uri(self.searcher.root, row_id)
 
-    async def query(self, search: Callable[[int], list], k: int, offset: int) -> dict:
-        """Hits ranked offset+1 .. offset+k: the top offset+k, less the first offset."""
+    async def query(self, search: Callable[[int], list], k: int, offset: int,
+                    note: Callable[[], str | None] | None = None) -> dict:
+        """Hits ranked offset+1 .. offset+k: the top offset+k, less the first offset; and `note()`, on the same
+        thread (the tokenizer is not used by two threads at once) in the same hop."""
         def timed() -> dict:
             started = time.perf_counter()
             hits = search(offset + k)[offset:]
             ms = (time.perf_counter() - started) * 1000
             more = len(hits) == k and offset + k < min(MAX_DEPTH, len(self.ids))
             return {"hits": [{"rank": rank, **hit.__dict__} for rank, hit in enumerate(hits, offset + 1)],
-                    "ms": round(ms, 2), "more": more}
+                    "ms": round(ms, 2), "more": more, "note": note() if note else None}
 
         return await asyncio.get_running_loop().run_in_executor(self.queries, timed)
 
@@ -134,10 +143,8 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
 
     async def by_text(request: Request) -> Response:
         text = request.query_params.get("q", "")
-        # On the queries' own thread: the tokenizer is not used by two threads at once.
-        note = await asyncio.get_running_loop().run_in_executor(session.queries, searcher.cut_note, text) \
-            if text.strip() else None
-        return await answer(lambda depth: searcher.text(text, depth), request.query_params, note=note)
+        return await answer(lambda depth: searcher.text(text, depth), request.query_params,
+                            note=(lambda: searcher.cut_note(text)) if text.strip() else None)
 
     async def by_image(request: Request) -> Response:
         async with request.form(max_files=1, max_fields=3) as form:
@@ -148,20 +155,21 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
             fields = {key: form.get(key) for key in ("k", "offset")}
         return await answer(lambda depth: searcher.image(data, depth), fields)
 
-    async def answer(search: Callable[[int], list], fields, note: str | None = None) -> Response:
+    async def answer(search: Callable[[int], list], fields, note: Callable[[], str | None] | None = None) -> Response:
         k, offset = parse_k(fields.get("k")), parse_offset(fields.get("offset"))
         if k is None:
             return error(400, f"k must be a whole number from 1 to {MAX_K}")
         if offset is None or offset + k > MAX_DEPTH:
             return error(400, f"offset must be a whole number from 0, with offset + k at most {MAX_DEPTH}")
-        if await run_in_threadpool(session.index_changed):  # its results would be the old index's, unsaid
+        # Its results would be the old index's, unsaid. A look is due every few seconds: between them no thread hop.
+        if await run_in_threadpool(session.index_changed) if session.recheck_due() else session.changed:
             return error(409, f"index {session.index} was rebuilt or removed since `clipforge serve` started: "
                               "restart it to search what is there now")
         try:
-            result = await session.query(search, k, offset)
+            result = await session.query(search, k, offset, note)
         except UserError as exc:
             return error(400, str(exc))
-        return JSONResponse({**result, "note": note}, headers={"cache-control": "no-store"})
+        return JSONResponse(result, headers={"cache-control": "no-store"})
 
     async def picture(request: Request, box: int) -> Response:
         uri = session.uri_of(request.query_params.get("id", ""))
