@@ -450,7 +450,8 @@ def test_csvs_of_a_split_older_than_their_folders_index_are_said_to_be(tiny_clip
     assert f"{folder / 'index.csv'} changed after the split was made" in caplog.text
 
 
-def test_a_training_set_of_one_image_is_refused_before_it_trains_on_nothing(tiny_clip, captioned, tmp_path, capsys):
+def test_a_training_set_of_one_image_is_refused_before_it_trains_on_nothing(tiny_clip, captioned, tmp_path, capsys,
+                                                                            caplog):
     """Its rows are no negatives of each other: the loss was 0 from the first step and the run "succeeded"."""
     folder = Path(captioned[0]).parent
     header, first, *_ = (folder / "train.csv").read_text().splitlines()
@@ -458,11 +459,16 @@ def test_a_training_set_of_one_image_is_refused_before_it_trains_on_nothing(tiny
     one = tmp_path / "one.csv"
     one.write_text("\n".join([header, f"{path},a red circle", f"{path},a caption of the same image",
                               f"{path},and a third"]) + "\n")
-    args = config_args(settings(tiny_clip, (str(one), captioned[1]), tmp_path / "models"))
-    assert main(["finetune", *args]) == EXIT_USER_ERROR
-    assert f"train_data {one} has one image in all (3 rows), so no row is a negative of another" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    for processes in (1, 2):  # two: said once, before any worker starts
+        args = config_args(settings(tiny_clip, (str(one), captioned[1]), tmp_path / "models",
+                                    num_processes=processes))
+        with caplog.at_level("INFO"):
+            assert main(["finetune", *args]) == EXIT_USER_ERROR
+        assert "starting 2 processes" not in caplog.text
+        err = capsys.readouterr().err
+        assert f"train_data {one} has one image in all (3 rows), so no row is a negative of another" in err
+        assert err.count("\n") == 1
+        assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
 def test_a_finetune_stopped_before_its_trainer_says_to_resume_with_resume_latest(monkeypatch, tiny_clip, captioned,
