@@ -56,7 +56,8 @@ class SearchServer:
             raise
         self.index = index
         self.ids = np.array(sorted(map(str, self.searcher.table.ids)), dtype=object)  # for uri_of
-        self.recheck_every, self._checked, self._changed = RECHECK_SECONDS, time.monotonic(), False
+        # Whether the index was found rebuilt or removed since (for good once found), and when last looked.
+        self.recheck_every, self._checked, self.changed = RECHECK_SECONDS, time.monotonic(), False
         app = search_app(self, Thumbnails(thumbnail_cache), loopback_only=is_loopback(host))
         self.server = PageServer(app, sock)
         self.url = self.server.url
@@ -92,12 +93,8 @@ class SearchServer:
         where = f" in {self.searcher.root}" if self.searcher.root else ""
         return f"{len(self.ids)} images{where} · {spec.model}{weights} · {how}"
 
-    @property
-    def changed(self) -> bool:
-        return self._changed
-
     def recheck_due(self) -> bool:
-        return not self._changed and time.monotonic() - self._checked >= self.recheck_every
+        return not self.changed and time.monotonic() - self._checked >= self.recheck_every
 
     def index_changed(self) -> bool:
         """Whether the index was rebuilt or removed since it was loaded (its manifest is another, or none):
@@ -105,13 +102,13 @@ class SearchServer:
         if self.recheck_due():
             self._checked = time.monotonic()
             try:
-                self._changed = read_manifest(self.index) != self.searcher.table.manifest
+                self.changed = read_manifest(self.index) != self.searcher.table.manifest
             except UserError:  # a manifest that no longer reads is another one
-                self._changed = True
+                self.changed = True
             except Exception as exc:  # the store did not answer: the index in memory still answers
                 log.warning("could not look whether index %s was rebuilt (%s); searching it as loaded", self.index,
                             type(exc).__name__)
-        return self._changed
+        return self.changed
 
     def uri_of(self, row_id: str) -> str | None:
         """The image file of an indexed id; None for ids the index does not hold or without image files."""
