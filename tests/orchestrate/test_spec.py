@@ -197,3 +197,41 @@ def test_check_says_a_specs_mistakes_without_running_it(tmp_path, capsys):
     assert err.count("\n") == 1 and "stages.src.resources.gpus" in err and "stages.src.need: unknown key" in err
     assert main(["check", good, "--set", "stages.ad.with.epochs=-1"]) == 2  # a stage's own settings too
     assert "stages.ad.with.epochs" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently: a pasted line would run with the other value."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("artifacts: x\nstages:\n  - name: a\n    kind: index\n    with:\n      subject: subj01\n"
+                    "      subject: subj02\n")
+    with pytest.raises(UserError, match=r"is not valid YAML \(line 7, column 7\): key 'subject' is given twice "
+                                        r"\(first on line 6\)"):
+        load_pipeline(str(path))
+    # A merge's keys are overridden by the mapping's own, as YAML defines.
+    path.write_text("artifacts: x\nstages:\n  - &a {name: a, kind: index, with: {subject: subj01, expdesign: e.mat}}\n"
+                    "  - {<<: *a, name: b}\n")
+    assert [s.name for s in load_pipeline(str(path)).stages] == ["a", "b"]
+
+
+@pytest.mark.parametrize("where, value", [("artifacts", "s3://"), ("artifacts", "s4://bucket/x"),
+                                          ("stages.src.output", "s3://"), ("stages.ad.policy.reuse_existing", "s3:///x")])
+def test_a_uri_of_no_scheme_clipforge_writes_is_refused_when_the_spec_is_read(tmp_path, where, value):
+    """`s3://` alone was joined into a local folder named `s3:`, and `s4://` failed on a path never written."""
+    with pytest.raises(UserError, match=rf"{re.escape(where)}: .*unsupported URI {re.escape(repr(value))}"):
+        load_pipeline(write(tmp_path, base_spec()), [f"{where}={value}"])
+
+
+def test_stages_that_pin_one_folder_or_the_store_are_refused(tmp_path):
+    """Two training stages pinned to one folder: the second replaced the first's model, silently."""
+    spec = mutate(lambda s: (s["stages"][1].update(output="pinned"), s["stages"][2].update(output="./pinned/")))
+    with pytest.raises(UserError, match=r"stages.tgt.output: ./pinned/ is also stages.src.output: each stage needs a "
+                                        "folder of its own"):
+        load_pipeline(write(tmp_path, spec))
+    spec = mutate(lambda s: (s["stages"][1].update(output="pinned"), s["stages"][2].update(output="pinned/tgt")))
+    with pytest.raises(UserError, match=r"stages.tgt.output: pinned/tgt and stages.src.output \(pinned\) are one "
+                                        "inside the other"):
+        load_pipeline(write(tmp_path, spec))
+    with pytest.raises(UserError, match=r"stages.ad.output: . holds the artifact store \(artifacts\)"):
+        load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][3].update(output="."))))
+    spec = mutate(lambda s: (s["stages"][1].update(output="s3://b/src"), s["stages"][2].update(output="s3://b/srcs")))
+    assert load_pipeline(write(tmp_path, spec)).stages[2].output == "s3://b/srcs"

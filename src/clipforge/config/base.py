@@ -107,6 +107,28 @@ def did_you_mean(key: str, known) -> str:
     return f"; did you mean {near[0]}?" if near else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one silently, so a
+    setting written twice (a pasted line) would run with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        # A mapping with `<<` merges is left as YAML defines it: its own keys override the merged ones.
+        mapping = isinstance(node, yaml.MappingNode)
+        if mapping and not any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: YAML itself refuses it below
+                    continue
+                if seen:
+                    problem = f"key {key!r} is given twice (first on line {first_line[key]})"
+                    raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file (local or s3://), or a UserError naming the file."""
     from clipforge.storage import uri as storage
@@ -117,7 +139,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not storage.exists(path):
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(storage.read_bytes(path)) or {}
+        data = yaml.load(storage.read_bytes(path), Loader=_UniqueKeyLoader) or {}  # noqa: S506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

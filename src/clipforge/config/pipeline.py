@@ -15,12 +15,27 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from clipforge.config.base import read_yaml, validation_message
 from clipforge.errors import UserError
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def a_uri(value: str) -> str:
+    """A local path or s3://bucket/...: said when the spec is read, not by a stage that writes to a path the
+    user never wrote (`s3://` alone would become a local folder named `s3:`)."""
+    from clipforge.storage.uri import scheme
+
+    try:
+        scheme(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+Uri = Annotated[str, AfterValidator(a_uri)]
 
 
 class _Strict(BaseModel):
@@ -57,7 +72,7 @@ class Resources(_Strict):
 class Policy(_Strict):
     """What the pipeline does around a stage: reuse, fall back, go on after failure."""
 
-    reuse_existing: str | None = Field(
+    reuse_existing: Uri | None = Field(
         None, description="a finished output (with _manifest.json) at this URI is used as is; the stage does not run"
     )
     min_input_coverage: float | None = Field(
@@ -78,7 +93,7 @@ class StageSpec(_Strict):
     needs: list[str] = Field(default_factory=list, description="stages whose outputs this one reads")
     resources: Resources = Field(default_factory=Resources)
     policy: Policy = Field(default_factory=Policy)
-    output: str | None = Field(None, description="pin the output URI instead of ARTIFACTS/<kind>/<key>")
+    output: Uri | None = Field(None, description="pin the output URI instead of ARTIFACTS/<kind>/<key>")
 
 
 class PipelineSpec(_Strict):
@@ -101,7 +116,7 @@ class PipelineSpec(_Strict):
     def _artifacts_named(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a folder or s3://bucket/prefix (an empty one would write under /)")
-        return value
+        return a_uri(value)
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
@@ -154,6 +169,7 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"stages.{name}: the name is used more than once")
     kinds_by_name = {s.name: s.kind for s in spec.stages}
+    problems += shared_outputs(spec)
     for stage in spec.stages:
         where = f"stages.{stage.name}"
         if stage.kind not in KINDS:
@@ -193,6 +209,30 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
         except ValidationError as exc:
             known = [field.alias or name for name, field in kind.config.model_fields.items()]
             problems.append(validation_message(exc, prefix=f"{where}.with", known=known))
+    return problems
+
+
+def shared_outputs(spec: PipelineSpec) -> list[str]:
+    """Pinned outputs that overlap: two stages writing one folder replace each other's output (a fine-tune's
+    model), and a stage writing over the artifact store replaces what every stage keeps there."""
+
+    def folder(uri: str) -> str:
+        return uri.rstrip("/") if "://" in uri else os.path.abspath(uri.removeprefix("file://"))
+
+    def holds(outer: str, inner: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+    problems, pinned = [], [(s.name, s.output, folder(s.output)) for s in spec.stages if s.output]
+    for i, (name, output, path) in enumerate(pinned):
+        where = f"stages.{name}.output: {output}"
+        if holds(path, folder(spec.artifacts)):
+            problems.append(f"{where} holds the artifact store ({spec.artifacts}): pin a folder of its own")
+        for other, theirs, their_path in pinned[:i]:
+            if path == their_path:
+                problems.append(f"{where} is also stages.{other}.output: each stage needs a folder of its own")
+            elif holds(path, their_path) or holds(their_path, path):
+                problems.append(f"{where} and stages.{other}.output ({theirs}) are one inside the other: each "
+                                "stage needs a folder of its own")
     return problems
 
 
