@@ -357,3 +357,55 @@ def test_a_run_stopped_by_s3_credentials_or_endpoint_failed_naming_the_stage(tmp
     assert record["ended"] == "failed: " + error.removeprefix("clipforge run: error: ")
     assert main(["runs", "store"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["0/1", "failed"]
+
+
+@pytest.mark.parametrize("signal_as", [Stopped, KeyboardInterrupt])
+def test_a_signal_as_a_local_stage_starts_is_recorded_stopped_there_and_a_drivers_stage_runs_on(tmp_path, signal_as):
+    """The runner's own handler raises until the stage's process is there to pass the signal to: the stage was
+    recorded `running`, and `clipforge runs` said its runner was lost, with no summary. A stage Job on
+    Kubernetes runs on without its driver: the next driver takes it up, so there it stays running."""
+    execute, ran = stages_that({})
+
+    def signalled_at_the_cache(resolved):
+        if resolved.spec.name == "source-cache":
+            raise signal_as()
+        return execute(resolved)
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path / 'local'}"])
+    record = run_pipeline(spec, "local", signalled_at_the_cache)
+    assert ran == ["nsd-index"] and record.data["stages"]["source-cache"]["status"] == "interrupted"
+    assert all(stage["status"] == "skipped" for stage in list(record.data["stages"].values())[2:])
+    assert run_state(record.data) == "stopped at source-cache"
+    assert exit_code(record) == (EXIT_PREEMPTED if signal_as is Stopped else 130)
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path / 'driven'}"])
+    with pytest.raises(signal_as):
+        run_pipeline(spec, "driven", signalled_at_the_cache, runner="kubernetes")
+    saved = json.loads((tmp_path / "driven" / "runs" / "driven" / "run.json").read_text())
+    assert saved["stages"]["source-cache"]["status"] == "running" and saved["ended"] == "stopped"
+
+
+def test_a_signal_before_a_local_stage_starts_keeps_it_from_starting(tmp_path, monkeypatch):
+    """The runner's handler is in place before the stage's process starts: a signal then is not raised in the
+    runner's bookkeeping, and no stage starts that the run then leaves behind."""
+    import os
+
+    from clipforge.orchestrate import local
+    from clipforge.orchestrate.pipeline import StopRequest
+
+    spawned = []
+    monkeypatch.setattr(local.subprocess, "Popen", lambda *a, **k: spawned.append(a) or pytest.fail("started"))
+    resolved = SimpleNamespace(spec=SimpleNamespace(name="cache"), argv=["cache"], config_uri="c.yaml", error=None)
+    real_signal = local.signal.signal
+
+    def installed_then_signalled(signum, handler):
+        previous = real_signal(signum, handler)
+        if signum == signal.SIGINT and handler is not previous and callable(handler) and \
+                handler.__name__ == "pass_on":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(local.signal, "signal", installed_then_signalled)
+    stop = StopRequest()
+    assert local.execute_locally(resolved, stop=stop) == EXIT_PREEMPTED
+    assert stop.is_set() and spawned == []
+    assert getattr(signal.getsignal(signal.SIGTERM), "__name__", None) != "pass_on"  # the runner's own again

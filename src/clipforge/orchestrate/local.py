@@ -32,25 +32,37 @@ def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, ru
     argv = [sys.executable, "-m", "clipforge.cli", *(["-q"] if quiet else []), *resolved.argv,
             "--config", resolved.config_uri]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id or "local", "CLIPFORGE_STAGE": resolved.spec.name}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
-                            start_new_session=True,
-                            preexec_fn=die_with_parent)  # a stage checkpoints and stops when the runner dies
-    assert proc.stdout is not None
     # SIGTERM (a CI job cancelled, systemd) or Ctrl-C to the runner goes to the stage, which saves its
     # progress and exits 75 or 130; the run then stops, recorded, and a rerun resumes it. A second Ctrl-C
-    # reaches the stage too, which then stops at once.
+    # reaches the stage too, which then stops at once. The handler is in place before the stage starts: a
+    # signal before it starts stops it from starting, one while it starts is passed on once it has.
     forward = threading.current_thread() is threading.main_thread()
+    started: list[subprocess.Popen] = []
+    seen: list[int] = []
+    passed: list[int] = []
 
     def pass_on(signum, frame) -> None:
         if stop is not None:
             stop.request(signum)
         if signum == signal.SIGINT:
-            log.warning("[%s] Ctrl-C: waiting for the stage to save its progress and stop (Ctrl-C again to stop "
-                        "at once)", resolved.spec.name)
-        proc.send_signal(signum)
+            log.warning("[%s] Ctrl-C: %s", resolved.spec.name, "stopping the stage at once" if signum in seen else
+                        "waiting for the stage to save its progress and stop (Ctrl-C again to stop at once)")
+        seen.append(signum)
+        if started:
+            started[0].send_signal(signum)
+            passed.append(signum)
 
     previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)} if forward else {}
     try:
+        if seen:
+            return EXIT_INTERRUPTED if seen[0] == signal.SIGINT else EXIT_PREEMPTED
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)  # a stage checkpoints and stops when the runner dies
+        started.append(proc)
+        for signum in seen[: len(seen) - len(passed)]:  # those that came while it started: the first ones
+            proc.send_signal(signum)
+        assert proc.stdout is not None
         _relay(proc, resolved)
     finally:
         for signum, handler in previous.items():

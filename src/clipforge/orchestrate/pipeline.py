@@ -507,6 +507,13 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
         record.record(name, status="failed", finished=_now(), seconds=round(time.monotonic() - started, 1),
                       message=first_line(exc))
         raise
+    except (Stopped, KeyboardInterrupt) as exc:
+        # A stage Job runs on without its driver, and the next driver takes it up: still running. A local
+        # runner's stage was not started yet, or had ended, or ends with the runner (saving its progress).
+        if record.data["runner"]["kind"] != "local":
+            raise
+        SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
+        code = EXIT_PREEMPTED if isinstance(exc, Stopped) else EXIT_INTERRUPTED
     seconds = round(time.monotonic() - started, 1)
     before, manifest = manifest, read_manifest(resolved.output)
     if code == 0 and manifest is not None:
