@@ -187,7 +187,7 @@ def test_check_says_a_specs_mistakes_without_running_it(tmp_path, capsys):
 
     good = write(tmp_path, base_spec())
     assert main(["check", good]) == 0
-    assert capsys.readouterr().out == f"{good}: 4 stages, in order: idx, src, tgt, ad\n"
+    assert capsys.readouterr().out.startswith(f"{good}: 4 stages, in order: idx, src, tgt, ad\ninputs not looked for")
     assert not (tmp_path / "artifacts").exists()  # nothing ran
     bad = mutate(lambda s: s["stages"][1].update(resources={"gpus": "two"}, need=["idx"]))
     (tmp_path / "bad").mkdir()
@@ -235,3 +235,19 @@ def test_stages_that_pin_one_folder_or_the_store_are_refused(tmp_path):
         load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][3].update(output="."))))
     spec = mutate(lambda s: (s["stages"][1].update(output="s3://b/src"), s["stages"][2].update(output="s3://b/srcs")))
     assert load_pipeline(write(tmp_path, spec)).stages[2].output == "s3://b/srcs"
+
+
+def test_check_looks_for_inputs_as_run_does_or_as_the_driver_does(tmp_path, capsys, monkeypatch):
+    """`check` passed a spec whose missing input `run` refused before its first stage."""
+    from clipforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, base_spec())  # e.mat and s.hdf5 are not there
+    assert main(["check", path, "--inputs", "cluster"]) == 0  # local paths are the pods'
+    assert "inputs not looked for" not in capsys.readouterr().out
+    assert main(["check", path, "--inputs", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stages.idx.with.expdesign: e.mat not found" in err and str(tmp_path) in err
+    (tmp_path / "e.mat").write_bytes(b"x")
+    (tmp_path / "s.hdf5").write_bytes(b"x")
+    assert main(["check", path, "--inputs", "local"]) == 0

@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     check.add_argument("spec", help="pipeline spec YAML")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec value, as `run --set` does (repeatable)")
+    check.add_argument("--inputs", choices=("local", "cluster"),
+                       help="also look for the files and folders the stages read: `local` as `clipforge run` does "
+                       "here (paths and S3), `cluster` as the driver does (S3 only: local paths are the pods')")
     check.set_defaults(func=check_spec)
     schema = sub.add_parser("schema", help="print the JSON Schema of pipeline specs")
     schema.set_defaults(func=print_schema)
@@ -35,13 +38,24 @@ def run(args) -> int:
 
 
 def check_spec(args) -> int:
+    import os
     import sys
 
     from clipforge.config.pipeline import load_pipeline, order_stages
+    from clipforge.errors import UserError
+    from clipforge.orchestrate.preflight import missing_inputs
 
-    stages = order_stages(load_pipeline(args.spec, args.overrides))
+    spec = load_pipeline(args.spec, args.overrides)
+    stages = order_stages(spec)
+    missing = missing_inputs(spec, local=args.inputs == "local") if args.inputs else []
+    if missing:
+        raise UserError(f"{args.spec}: {'; '.join(missing)}"
+                        + (f" (relative paths are read from {os.getcwd()})" if args.inputs == "local" else ""))
     sys.stdout.write(f"{args.spec}: {len(stages)} stage{'s' if len(stages) != 1 else ''}, in order: "
                      f"{', '.join(stage.name for stage in stages)}\n")
+    if not args.inputs:
+        sys.stdout.write("inputs not looked for: --inputs local looks for them as `clipforge run` does here, "
+                         "--inputs cluster as the driver does\n")
     return 0
 
 
