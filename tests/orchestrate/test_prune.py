@@ -269,6 +269,30 @@ def test_runs_that_made_no_output_take_no_place_among_those_kept(tmp_path, unrea
     assert plan_prune(str(tmp_path), keep=3).kept_runs == plan_prune(str(tmp_path), keep=2).kept_runs  # all
 
 
+def test_the_newest_complete_run_of_a_spec_keeps_what_a_newer_run_has_not_reached_yet(tmp_path):
+    """r2 changed the adapter only and failed at it (or is still training it): `--keep 1` kept r2 alone, and
+    deleted the generations, evaluation and fine-tune of r1 that r2 was to reuse after the adapter."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+
+    def failing_adapter(resolved) -> int:
+        return 2 if resolved.spec.name == "adapter" else committing([])(resolved)
+
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z", execute=failing_adapter,
+        extra=["stages.adapter.policy.on_failure=stop"])
+    other = tmp_path / "other.yaml"  # another spec in the same store: its newest complete run is its own
+    other.write_text(f"artifacts: {tmp_path}\nstages:\n  - {{name: idx, kind: index, with: {{expdesign: e.mat, "
+                     "subject: subj03}}\n")
+    record = run_pipeline(load_pipeline(str(other)), "o1", committing([]))
+    record.data["created"] = "2026-01-01T12:00:00Z"
+    storage.write_json(record.uri, record.data)
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert plan.kept_runs == ["r1", "o1", "r2"] and not plan.outputs
+    assert sorted(run(tmp_path, "r3", epochs=7)) == ["adapter", "evaluate", "generate-adapter"]
+    plan = plan_prune(str(tmp_path), keep=1)  # r3 is complete: r1 and r2 go, and what only r1 used
+    assert plan.kept_runs == ["o1", "r3"] and sorted(plan.pruned_runs) == ["r1", "r2"]
+    assert set(plan.outputs) == outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r3") and plan.outputs
+
+
 def test_a_kubernetes_run_stopped_at_a_stage_is_kept_for_its_driver_to_resume(tmp_path):
     from clipforge.errors import EXIT_PREEMPTED
 

@@ -4,7 +4,9 @@ Outputs are content-addressed (`ARTIFACTS/<kind>/<key>/`), so a store that CI
 retrains into on every commit only grows: each changed setting leaves the old
 adapter, generations and evaluation behind. A prune keeps the newest runs that
 have an output (runs that failed before making one take no place), every run
-that may still be running, and every output any of them names (made, found
+that may still be running, the newest complete run of each spec (whose outputs
+a run still going, or one that failed half-way, reuses for the stages it has not
+reached), and every output any of them names (made, found
 up to date, reused, or read by its path under whatever spelling), so the next
 retrain still reuses them. It deletes the other key folders (and a cache's
 `.faiss` index beside it) and the older runs' records.
@@ -62,10 +64,11 @@ class Plan:
 
 def plan_prune(artifacts: str, keep: int) -> Plan:
     """Keep the newest `keep` runs that have an output (a stage done, up to date or reused), every run created
-    since the oldest of them (in the same second too), and every run that may still be running; with fewer such
-    runs, all of them. A run with none (one that failed before its first stage, or at it) takes no place: three
-    failed attempts do not cost the last good run its outputs. Every other stage output under ARTIFACTS, and the
-    other runs' records, are to go. A run record that does not read stops the prune: its outputs cannot be told."""
+    since the oldest of them (in the same second too), every run that may still be running, and the newest
+    complete run of each spec; with fewer such runs, all of them. A run with none (one that failed before its
+    first stage, or at it) takes no place: three failed attempts do not cost the last good run its outputs.
+    Every other stage output under ARTIFACTS, and the other runs' records, are to go. A run record that does
+    not read stops the prune: its outputs cannot be told."""
     runs = readable_runs(artifacts)
     candidates = output_folders(artifacts)
     if not runs and candidates:
@@ -74,6 +77,7 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
     counted = [run for run in runs if stages_done(run["record"])]
     last_kept = (counted[-keep]["created"] or "") if len(counted) >= keep else ""
     newest = {run["run_id"] for run in runs if (run["created"] or "") >= last_kept}
+    newest |= set(newest_complete(runs).values())
     plan = Plan(identities=candidates)
     kept_records = []
     for run in runs:
@@ -96,6 +100,17 @@ def plan_prune(artifacts: str, keep: int) -> Plan:
         for folder, tree in zip(folders, pool.map(storage.list_tree, folders), strict=True):
             plan.bytes[folder] = sum(tree.values())
     return plan
+
+
+def newest_complete(runs: list[dict]) -> dict[tuple[str, ...], str]:
+    """The newest complete run of each spec (its stages' names), oldest first in `runs`: what a run of that spec
+    that is still going, or one that failed half-way, will reuse for the stages it has not reached."""
+    found = {}
+    for run in runs:
+        if run["state"] == "complete":  # not `complete without` a stage: that one it names no output of
+            stages = (run["record"].get("spec") or {}).get("stages") or []
+            found[tuple(stage.get("name") for stage in stages if isinstance(stage, dict))] = run["run_id"]
+    return found
 
 
 def readable_runs(artifacts: str) -> list[dict]:
