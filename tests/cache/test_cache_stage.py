@@ -269,6 +269,25 @@ def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_model
     assert sorted(table.ids.tolist()) == nsd["ids"].tolist()
 
 
+def test_a_finished_cache_missing_a_shard_is_not_up_to_date_and_encodes_only_that_one(nsd, tiny_models,
+                                                                                    ray_session, tmp_path, caplog):
+    """A shard deleted from a finished cache: the rerun said "up to date", and the adapter failed on it later."""
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
+    first = run_cache(cfg)
+    lost = first["shards"][2]["path"]
+    (output / lost).unlink()
+    before = mtimes(output)
+    with caplog.at_level("WARNING", logger="clipforge.cache"):
+        second = run_cache(cfg)
+    assert f"is not finished: 1 of the files its manifest lists is gone ({lost})" in caplog.text
+    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"] and second["shards"] == first["shards"]
+    after = mtimes(output)
+    assert {name: after[name] for name in before if name != "_manifest.json"} == \
+        {name: t for name, t in before.items() if name != "_manifest.json"}
+    assert sorted(read_embeddings(str(output)).ids.tolist()) == nsd["ids"].tolist()
+
+
 def test_s3_output_and_chunked_source_agree_with_local(nsd, tiny_models, ray_session, tmp_path):
     from clipforge.stages.adapter_data import images_of
 

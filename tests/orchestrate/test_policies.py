@@ -409,3 +409,32 @@ def test_a_signal_before_a_local_stage_starts_keeps_it_from_starting(tmp_path, m
     assert local.execute_locally(resolved, stop=stop) == EXIT_PREEMPTED
     assert stop.is_set() and spawned == []
     assert getattr(signal.getsignal(signal.SIGTERM), "__name__", None) != "pass_on"  # the runner's own again
+
+
+def test_an_output_missing_a_file_its_manifest_lists_is_made_again_not_reused(tmp_path, caplog):
+    """A shard deleted from a finished cache was "reused", and the run failed one stage later, past the
+    adapter's `on_failure: continue`; the way out was to delete the manifest by hand."""
+    from clipforge.storage import uri as storage
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"artifacts: {tmp_path}\nstages:\n" + "".join(
+        f"  - {{name: {name}, kind: index, with: {{expdesign: e.mat, subject: {subject}}}}}\n"
+        for name, subject in (("one", "subj01"), ("two", "subj02"))))
+    spec = load_pipeline(str(path))
+    ran = []
+
+    def with_a_file(resolved) -> int:
+        ran.append(resolved.spec.name)
+        storage.write_bytes(storage.join(resolved.output, "part.bin"), b"x")
+        write_manifest(resolved.output, kind=resolved.spec.kind, config={}, config_fingerprint="x", inputs={},
+                       files=["part.bin"])
+        return 0
+
+    first = run_pipeline(spec, "first", with_a_file)
+    (Path(first.data["stages"]["two"]["output"]) / "part.bin").unlink()
+    ran.clear()
+    with caplog.at_level("WARNING", logger="clipforge.run"):
+        second = run_pipeline(spec, "second", with_a_file)
+    assert ran == ["two"] and second.data["stages"]["two"]["status"] == "done"
+    assert "[two] " in caplog.text and "1 of the files its manifest lists is gone (part.bin)" in caplog.text
+    assert run_state(second.data) == "complete"

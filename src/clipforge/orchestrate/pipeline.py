@@ -41,7 +41,7 @@ from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, 
 from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
 from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, output_fingerprint, read_manifest
+from clipforge.storage.manifest import digest, files_gone, gone_note, output_fingerprint, read_manifest, withdraw
 from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
@@ -483,6 +483,11 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       notes: list[str]):
     name = stage.name
     manifest = read_manifest(resolved.output)
+    gone = files_gone(resolved.output, manifest) if manifest is not None else []
+    if gone:  # deleted by hand, a copy cut short: the stage makes them again (a cache, only its missing shards)
+        log.warning("[%s] %s is not finished: %s; running the stage again", name, resolved.output, gone_note(gone))
+        withdraw(resolved.output)
+        manifest = None
     # A pinned `output:` is not named by the key: only the stage itself can tell whether what is there was
     # made with these settings (it reports up to date in seconds, or retrains, or refuses another config).
     if manifest is not None and stage.output:

@@ -38,11 +38,14 @@ from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
+    files_gone,
+    gone_note,
     input_changes,
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
     spelled_as_recorded,
+    withdraw,
     write_manifest,
 )
 from clipforge.storage.range_reader import FetchStats
@@ -149,6 +152,11 @@ def _run_cache(cfg: CacheConfig) -> dict:
     index, found = resolve_index(cfg)
     inputs = index_as_recorded(stage_inputs(spec, found), manifest or planned)
     fingerprint, located = cfg.fingerprint(), cfg.located_fingerprint()
+    gone = files_gone(cfg.output, manifest) if manifest is not None else []
+    if gone and (is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs)):
+        log.warning("%s is not finished: %s; encoding them again", cfg.output, gone_note(gone))
+        withdraw(cfg.output)
+        planned, manifest = manifest, None  # what its shards were planned with, as a resume's planned config
     if is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs):
         log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
         return manifest
