@@ -288,6 +288,13 @@ def test_a_finished_cache_missing_a_shard_is_not_up_to_date_and_encodes_only_tha
     assert sorted(read_embeddings(str(output)).ids.tolist()) == nsd["ids"].tolist()
 
 
+def test_random_weights_are_encoded_as_documented(nsd, tiny_models, ray_session, tmp_path):
+    """`--pretrained ''` (random weights, for benchmarks and tests) failed with "unsupported URI ''"."""
+    manifest = run_cache(config(nsd, tiny_models, str(tmp_path / "cache"), source=nsd["local"], pretrained=""))
+    assert manifest["rows"] == 30 and manifest["model"]["weights"] is None
+    assert sorted(read_embeddings(str(tmp_path / "cache")).ids.tolist()) == nsd["ids"].tolist()
+
+
 def test_s3_output_and_chunked_source_agree_with_local(nsd, tiny_models, ray_session, tmp_path):
     from clipforge.stages.adapter_data import images_of
 

@@ -98,7 +98,7 @@ class ImageEncoder:
         # The weights file's sha256, which the cache's metadata records, is computed beside the model's load and
         # waited for at the first commit: ViT-H-14's 3.9 GB took ~2.3 s to hash before the encoder was ready.
         # A file on S3 is hashed once its local copy is there, after the load fetched it.
-        hashing = None if storage.is_s3(spec.pretrained or "") else self._hash_weights()
+        hashing = None if spec.pretrained and storage.is_s3(spec.pretrained) else self._hash_weights()
         self.model, preprocess_cfg = load_clip(spec, self.device, cache_dir, precision=self.precision)
         self._digest = hashing or self._hash_weights()
         self.preprocess_cfg = preprocess_cfg
