@@ -66,6 +66,28 @@ def test_uneven_shards_and_one_reader_match_the_defaults(stimuli, tiny_models, t
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
 
 
+def test_a_batch_size_larger_than_the_job_reads_into_buffers_of_the_job(stimuli, tiny_models, tmp_path, caplog,
+                                                                       monkeypatch):
+    """`--batch-size 10000000` for 40 images asked for 5.4 TB of host buffers (a traceback), and pinned 2.7 GB
+    on a GPU for `--batch-size 5000` on a subject of 200 images."""
+    from clipforge.stages import cache_local
+
+    sizes = []
+    real = cache_local.BufferPool.__init__
+    monkeypatch.setattr(cache_local.BufferPool, "__init__",
+                        lambda pool, count, shape, pinned: sizes.append(shape) or real(pool, count, shape, pinned))
+    root, _ = stimuli
+    index = tmp_path / "index.csv"
+    pd.DataFrame({"id": np.arange(40)}).to_csv(index, index=False)
+    cfg = CacheConfig(source=str(root / "contiguous.hdf5"), index=str(index), model="tiny-source",
+                      model_config=str(tiny_models["source"][0]), pretrained=str(tiny_models["source"][1]),
+                      batch_size=10_000_000, device="cpu", engine="local", output=str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="clipforge.cache"):
+        manifest = run_cache(cfg)
+    assert sizes == [(40, 32, 32, 3)] and [s["rows"] for s in manifest["shards"]] == [40]
+    assert "in 1 shard of 40;" in caplog.text
+
+
 def test_several_encoders_need_the_ray_engine(capsys):
     from clipforge.cli import main
 

@@ -185,9 +185,9 @@ def _run_cache(cfg: CacheConfig) -> dict:
                             "directory": os.getcwd()})
     what = f"{cfg.source}[{cfg.dataset}] ({dataset.layout} layout)" if dataset else f"image files from {cfg.source}"
     engine = choose_engine(cfg)
-    log.info("plan: %d images, %s, in %d shards of %d; %d already committed, skipped; %s engine (%.1f s after "
-             "the process started)", len(index), what, len(shards), cfg.batch_size, len(shards) - len(todo), engine,
-             process_age())
+    log.info("plan: %d images, %s, in %d shard%s of %d; %d already committed, skipped; %s engine (%.1f s after "
+             "the process started)", len(index), what, len(shards), "" if len(shards) == 1 else "s",
+             max((len(s.ids) for s in shards), default=0), len(shards) - len(todo), engine, process_age())
 
     started, startup = time.monotonic(), process_age()
     try:

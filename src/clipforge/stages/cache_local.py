@@ -98,13 +98,14 @@ class ReadShard:
 class ShardReader:
     """Reads one shard's images, for any source the cache stage takes; safe to call from many threads."""
 
-    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future):
+    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future, rows: int):
+        """`rows`: the most images of any shard to read (`batch_size`, or fewer for a job smaller than one)."""
         self.cfg = cfg
         self.encoder = encoder  # an ImageEncoder to come: its preprocessing shrinks folder images
         self.rows = self.pool = self.decoding = None
         if not is_image_collection(cfg.source):
             self.rows = RowReader(cfg.source, cfg.dataset, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir)
-            self.pool = BufferPool(slots, (cfg.batch_size, *self.rows.image_shape), pinned)
+            self.pool = BufferPool(slots, (rows, *self.rows.image_shape), pinned)
         else:  # one pool of decoders for every shard being read: a bound on full-size photos in memory
             self.decoding = ThreadPoolExecutor(DECODERS, thread_name_prefix="cache-decode")
 
@@ -141,7 +142,7 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
         # The model loads while the first shards are read: neither waits for the other to start.
         model = loading.submit(ImageEncoder, spec, str(device), cfg.precision, cfg.inference_batch_size,
                                cfg.cache_dir)
-        reader = ShardReader(cfg, pinned=cuda, slots=depth, encoder=model)
+        reader = ShardReader(cfg, pinned=cuda, slots=depth, encoder=model, rows=max(len(s.ids) for s in todo))
         shards = iter(todo)
         reads: deque[Future] = deque()
 
