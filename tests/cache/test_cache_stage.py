@@ -269,22 +269,24 @@ def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_model
     assert sorted(table.ids.tolist()) == nsd["ids"].tolist()
 
 
-def test_a_finished_cache_missing_a_shard_is_not_up_to_date_and_encodes_only_that_one(nsd, tiny_models,
-                                                                                    ray_session, tmp_path, caplog):
-    """A shard deleted from a finished cache: the rerun said "up to date", and the adapter failed on it later."""
+def test_a_finished_cache_missing_a_shard_or_with_one_cut_short_is_not_up_to_date(nsd, tiny_models, ray_session,
+                                                                                  tmp_path, caplog):
+    """A shard deleted from a finished cache, or cut short (a copy interrupted: `_manifest.json` sorts first): the
+    rerun said "up to date", and the adapter failed on it later. Only those shards are encoded again."""
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
     first = run_cache(cfg)
-    lost = first["shards"][2]["path"]
+    lost, cut = first["shards"][2]["path"], first["shards"][0]["path"]
     (output / lost).unlink()
-    before = mtimes(output)
+    (output / cut).write_bytes((output / cut).read_bytes()[:1000])
+    before = {name: t for name, t in mtimes(output).items() if name not in ("_manifest.json", cut)}
     with caplog.at_level("WARNING", logger="clipforge.cache"):
         second = run_cache(cfg)
-    assert f"is not finished: 1 of the files its manifest lists is gone ({lost})" in caplog.text
-    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"] and second["shards"] == first["shards"]
+    assert f"is not finished: 2 of the files its manifest lists are gone or cut short ({cut}, {lost})" in caplog.text
+    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"] + first["shards"][0]["rows"]
+    assert second["shards"] == first["shards"]
     after = mtimes(output)
-    assert {name: after[name] for name in before if name != "_manifest.json"} == \
-        {name: t for name, t in before.items() if name != "_manifest.json"}
+    assert {name: after[name] for name in before} == before
     assert sorted(read_embeddings(str(output)).ids.tolist()) == nsd["ids"].tolist()
 
 

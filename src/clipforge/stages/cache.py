@@ -213,9 +213,11 @@ def _run_cache(cfg: CacheConfig) -> dict:
         "fetched_over_requested": round(stats.bytes / requested_bytes, 4)
         if requested_bytes and stats.requests else None,
     }
+    sizes = storage.list_tree(cfg.output)  # recorded, so that a shard cut short later is told from a whole one
     manifest = write_manifest(
         cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True), config_fingerprint=fingerprint,
-        inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids)} for s in shards], rows=len(index),
+        inputs=inputs, shards=[{"path": s.name, "rows": len(s.ids), "bytes": sizes.get(s.name)} for s in shards],
+        rows=len(index),
         model=model, metrics=metrics, directory=os.getcwd(),  # where its relative paths were read from
     )
     # The manifest records the config now. (Left by a crash just before this, it is read only without one.)

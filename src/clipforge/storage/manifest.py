@@ -48,26 +48,30 @@ def read_manifest(prefix: str) -> dict[str, Any] | None:
     return manifest
 
 
-def listed_files(manifest: dict) -> list[str]:
-    """The files a manifest says its prefix holds: a cache's shards, another stage's `files`."""
+def listed_files(manifest: dict) -> dict[str, int | None]:
+    """The files a manifest says its prefix holds, with their sizes where it records them: a cache's shards
+    (`bytes`), another stage's `files`."""
     shards = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
     files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-    names = [shard.get("path") for shard in shards if isinstance(shard, dict)] + files
-    return [name for name in names if isinstance(name, str)]
+    listed = {shard.get("path"): shard.get("bytes") for shard in shards if isinstance(shard, dict)}
+    listed |= {name: None for name in files}
+    return {name: size if isinstance(size, int) else None for name, size in listed.items() if isinstance(name, str)}
 
 
 def files_gone(prefix: str, manifest: dict) -> list[str]:
-    """The files `manifest` lists that its prefix no longer holds (deleted by hand, a copy cut short): the
-    output is not finished, whatever the manifest says. One listing of the prefix."""
-    names = listed_files(manifest)
-    there = storage.list_tree(prefix) if names else {}
-    return [name for name in names if name not in there]
+    """The files `manifest` lists that its prefix no longer holds, or holds at another size than it recorded
+    (deleted by hand, a copy cut short): the output is not finished, whatever the manifest says. One listing
+    of the prefix."""
+    listed = listed_files(manifest)
+    there = storage.list_tree(prefix) if listed else {}
+    return [name for name, size in listed.items() if name not in there or size not in (None, there[name])]
 
 
 def gone_note(gone: list[str]) -> str:
-    """`2 of the files its manifest lists are gone (a, b)`, naming at most three."""
+    """`2 of the files its manifest lists are gone or cut short (a, b)`, naming at most three."""
     named = ", ".join(gone[:3]) + (", …" if len(gone) > 3 else "")
-    return f"{len(gone)} of the files its manifest lists {'is' if len(gone) == 1 else 'are'} gone ({named})"
+    return f"{len(gone)} of the files its manifest lists {'is' if len(gone) == 1 else 'are'} gone or cut short " \
+        f"({named})"
 
 
 def manifest_problem(manifest: Any) -> str | None:
