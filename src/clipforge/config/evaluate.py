@@ -25,8 +25,10 @@ class EvaluateConfig(StageConfig):
         "auto", description="where the target encoder scores generated images; auto prefers CUDA")
     split: Literal["test", "train"] = Field("test", description="which split's rows to score: the held-out test "
                                             "rows, or the training rows (how well the adapter fits them)")
-    seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column")
-    test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split")
+    seed: int = Field(0, ge=0, description="seed of the 90/10 split used when the caches have no split column "
+                      "(an adapter's own, when one is evaluated)")
+    test_share: float = Field(0.1, gt=0, lt=1, description="test share of that seeded split (an adapter's own, "
+                              "when one is evaluated)")
 
     volatile = frozenset({"clip_cache", "target_cache", "adapter", "generated", "out", "device"})
 

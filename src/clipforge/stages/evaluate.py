@@ -16,7 +16,9 @@ import dataclasses
 import io
 import logging
 
+import numpy as np
 import torch
+from pydantic import ValidationError
 
 from clipforge.config.adapter import AdapterConfig, adapter_folder
 from clipforge.config.evaluate import EvaluateConfig
@@ -51,6 +53,29 @@ def scored_rows(pairs: PairedEmbeddings, split: str) -> PairedEmbeddings:
                                test_target=pairs.train_target)
 
 
+def check_not_trained_on(adapter: str, trained: dict, inputs: dict, pairs: PairedEmbeddings) -> None:
+    """Caches other than the adapter's own split their rows otherwise: rows it trained on would be scored as
+    held out, and its scores count what it learned. Its training rows are read again from the caches it
+    recorded (while they are as they were) and must not be among the test rows."""
+    recorded = (read_manifest(adapter) or {}).get("inputs") or {}
+    roles = ("clip_cache", "target_cache")
+    if all(recorded.get(role) == inputs[role] for role in roles):
+        return  # its own caches: their test split is the one it held out
+    try:
+        if [cache_fingerprint(trained[role], role) for role in roles] != [recorded.get(role) for role in roles]:
+            raise UserError("changed since")
+        seen = read_pairs(AdapterConfig.model_validate({**trained, "min_overlap": 0.0})).train_ids
+    except (UserError, KeyError, ValidationError):
+        log.warning("adapter %s was trained on other caches (%s), which no longer read as they were: whether it "
+                    "trained on rows scored here cannot be told", adapter, trained.get("clip_cache"))
+        return
+    overlap = np.intersect1d(seen.astype(str), pairs.test_ids.astype(str))
+    if len(overlap):
+        raise UserError(f"{len(overlap)} of the {len(pairs.test_ids)} test rows here were training rows of adapter "
+                        f"{adapter} (trained on {trained.get('clip_cache')}), e.g. id {overlap[0]}: its scores "
+                        "would count rows it learned; evaluate it on caches whose test rows it did not train on")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Score the adapter (when given) and zero-padding on the test split, and the generated sets (when
     given) on images; returns the manifest, written last. Up to date when nothing it reads changed."""
@@ -76,10 +101,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None
     trained = (card or {}).get("config", {})
     # The adapter's own seed and test share, so a seeded split puts the same rows in the test split.
+    split = {key: trained.get(key, getattr(cfg, key)) for key in ("seed", "test_share")}
+    overridden = [f"--{key.replace('_', '-')} {getattr(cfg, key)}" for key in ("seed", "test_share")
+                  if key in cfg.model_fields_set and getattr(cfg, key) != split[key]]
+    if overridden:
+        log.warning("the adapter's own split is used (seed %s, test share %s), not %s: its test rows are the ones "
+                    "it did not train on", split["seed"], split["test_share"], " ".join(overridden))
     pairs = read_pairs(AdapterConfig(clip_cache=cfg.clip_cache, target_cache=cfg.target_cache, out=cfg.out,
-                                     seed=trained.get("seed", cfg.seed),
-                                     test_share=trained.get("test_share", cfg.test_share), min_overlap=0.0))
+                                     **split, min_overlap=0.0))
     pairs = scored_rows(pairs, cfg.split)
+    if cfg.adapter and cfg.split == "test":
+        check_not_trained_on(cfg.adapter, trained, inputs, pairs)
     metrics = {"split": cfg.split, "test_rows": len(pairs.test_ids), "zero_pad": zero_pad_metrics(pairs)}
     if cfg.adapter:
         model = load_adapter(cfg.adapter)

@@ -1,0 +1,62 @@
+"""Evaluate scores an adapter only on rows it did not train on, whatever caches it is given."""
+
+import shutil
+
+import pytest
+from adapter_caches import FAST, write_pair
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.config.evaluate import EvaluateConfig
+from clipforge.errors import UserError
+from clipforge.stages.adapter import train_adapter
+from clipforge.stages.evaluate import run_evaluate
+
+
+@pytest.fixture(scope="module")
+def seeded_adapter(tmp_path_factory):
+    """An adapter trained on caches with no split column: a seeded 80/20 split of their 600 rows."""
+    root = tmp_path_factory.mktemp("evaluate-split")
+    src, tgt = write_pair(str(root / "plain"), with_splits=False)
+    out = str(root / "adapter")
+    train_adapter(AdapterConfig(clip_cache=src, target_cache=tgt, out=out, **{**FAST, "epochs": 2}, seed=7,
+                                test_share=0.2))
+    return root, src, tgt, out
+
+
+def evaluate(src, tgt, adapter, out, **settings) -> dict:
+    return run_evaluate(EvaluateConfig(clip_cache=src, target_cache=tgt, adapter=adapter, out=str(out),
+                                       device="cpu", **settings))
+
+
+def test_caches_whose_test_rows_the_adapter_trained_on_are_refused(seeded_adapter, tmp_path):
+    """The same images cached with NSD's split: 80 of its 100 test rows were the adapter's training rows, and
+    they were scored as held out, with no word."""
+    root, src, tgt, adapter = seeded_adapter
+    assert evaluate(src, tgt, adapter, tmp_path / "own")["metrics"]["test_rows"] == 120  # its own held-out rows
+    split_src, split_tgt = write_pair(str(tmp_path / "split"), with_splits=True)
+    said = rf"^\d+ of the 100 test rows here were training rows of adapter {adapter} \(trained on {src}\), "
+    with pytest.raises(UserError, match=said + r"e\.g\. id \d+: its scores would count rows it learned"):
+        evaluate(split_src, split_tgt, adapter, tmp_path / "leak")
+    # Scoring the training rows on purpose is what --split train is for.
+    assert evaluate(split_src, split_tgt, adapter, tmp_path / "train", split="train")["metrics"]["split"] == "train"
+
+
+def test_an_adapter_whose_caches_are_gone_is_scored_with_a_warning_and_its_split_wins_over_flags(
+        seeded_adapter, tmp_path, caplog):
+    root, src, tgt, adapter = seeded_adapter
+    copied = tmp_path / "copied"
+    shutil.copytree(root / "plain", copied)
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(adapter, moved)
+    with caplog.at_level("WARNING", logger="clipforge.evaluate"):
+        evaluate(src, tgt, str(moved), tmp_path / "flags", seed=3, test_share=0.5)
+    assert "the adapter's own split is used (seed 7, test share 0.2), not --seed 3 --test-share 0.5" in caplog.text
+    split_src, split_tgt = write_pair(str(tmp_path / "split"), with_splits=True)
+    shutil.rmtree(root / "plain")
+    try:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipforge.evaluate"):
+            evaluate(split_src, split_tgt, str(moved), tmp_path / "unknown")
+        assert f"was trained on other caches ({src}), which no longer read as they were" in caplog.text
+    finally:
+        shutil.copytree(copied, root / "plain")
