@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import errno
 import importlib
 import logging
@@ -37,8 +38,16 @@ HELP_ORDER = ["run", "runs", "prune", "drive", "demo_data", "index", "cache", "a
               "caption", "captions", "finetune", "models", "search", "serve"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line, as every other mistake is: the usage of a command with thirty flags put
+    a dozen lines before the error. `--help` is named instead."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (`{self.prog} --help` lists what it takes)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clipforge", description="Resumable CLIP embedding caches, adapters, image generation and fine-tuning.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,10 +72,17 @@ def setup_logging(quiet: bool = False) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parse_args`, except that a flag the subcommand does not know is reported with that subcommand's usage."""
+    """`parse_args`, except that `-q` is taken after the subcommand too (`clipforge run -q SPEC`), and a flag
+    the subcommand does not know is reported as that subcommand's, with the flag it is closest to."""
     args, extra = parser.parse_known_args(argv)
+    if any(arg in ("-q", "--quiet") for arg in extra):
+        args.quiet, extra = True, [arg for arg in extra if arg not in ("-q", "--quiet")]
     if extra:
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        command = parser.commands[args.command]
+        flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+        typo = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("--")), None)
+        near = difflib.get_close_matches(typo.replace("_", "-"), flags, n=1) if typo else []
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {near[0]}?" if near else ""))
     return args
 
 

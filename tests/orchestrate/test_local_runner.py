@@ -591,3 +591,6 @@ def test_quiet_reaches_the_stages(tmp_path, monkeypatch, capsys):
     shutil.rmtree(tmp_path / "art")
     assert main(["-q", "run", str(spec), "--run-id", "quiet"]) == 0
     assert "[idx] " not in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "art")
+    assert main(["run", "-q", str(spec), "--run-id", "quiet-after"]) == 0  # after the command too
+    assert "[idx] " not in capsys.readouterr().err
