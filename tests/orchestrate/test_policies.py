@@ -439,3 +439,35 @@ def test_an_output_missing_a_file_its_manifest_lists_is_made_again_not_reused(tm
     assert "[two] " in caplog.text
     assert "1 of the files its manifest lists is gone or cut short (part.bin)" in caplog.text
     assert run_state(second.data) == "complete"
+
+
+def test_a_second_runner_of_a_run_id_is_refused_while_the_first_is_alive(tmp_path):
+    """Two `clipforge run --run-id SAME` at once each rewrote run.json whole: it ended saying the stages one of
+    them trained were up to date."""
+    import os
+    import socket
+
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
+    execute, _ = stages_that({})
+    record = run_pipeline(spec, "same", execute)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "clipforge run"])
+    try:
+        record.data.update(runner={"kind": "local", "host": socket.gethostname(), "pid": alive.pid,
+                                   "started": "2026-11-28T00:00:00Z"})
+        record.data.pop("ended", None)
+        record.data["stages"]["adapter"]["status"] = "running"
+        storage_write(record)
+        with pytest.raises(UserError, match=rf"^run same is being run now \(pid {alive.pid} on this machine, since "
+                                            r"2026-11-28T00:00:00Z\): wait for it to end"):
+            run_pipeline(spec, "same", execute)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert exit_code(run_pipeline(spec, "same", execute)) == 0  # its runner gone: resumed
+    assert os.getpid() != alive.pid
+
+
+def storage_write(record) -> None:
+    from clipforge.storage import uri as storage
+
+    storage.write_json(record.uri, record.data)

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from clipforge.errors import (
     first_line,
 )
 from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, spellings
-from clipforge.orchestrate.lease import StageLease, stop_this_process, wait_while_pruned
+from clipforge.orchestrate.lease import StageLease, process_gone, stop_this_process, wait_while_pruned
 from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, files_gone, gone_note, output_fingerprint, read_manifest, withdraw
@@ -267,6 +268,7 @@ class RunRecord:
         self.folder = storage.join(spec.artifacts, "runs", run_id)
         self.uri = storage.join(self.folder, "run.json")
         existing = read_run_record(self.uri) if storage.exists(self.uri) else None
+        refuse_a_second_runner(existing, run_id)
         self.data = existing or {"run_id": run_id, "created": _now(), "stages": {}}
         self.data["spec"] = spec.model_dump(mode="json", by_alias=True)
         # Who runs it now, so that `clipforge runs` can tell a run whose runner was killed from one in progress
@@ -286,6 +288,27 @@ class RunRecord:
     def save(self) -> None:
         self.data["updated"] = _now()
         storage.write_json(self.uri, self.data)
+
+
+def refuse_a_second_runner(existing: dict | None, run_id: str) -> None:
+    """One runner per run id: two would each rewrite run.json whole, and it would end saying the stages one of
+    them trained were found up to date. Only a runner of this machine can be seen to be alive."""
+    runner = (existing or {}).get("runner") or {}
+    pid, host = runner.get("pid"), runner.get("host")
+    if existing is None or existing.get("ended") or pid == os.getpid() or process_gone(host, pid) or \
+            host != socket.gethostname() or not is_clipforge(pid):
+        return
+    raise UserError(f"run {run_id} is being run now (pid {pid} on this machine, since {runner.get('started')}): "
+                    "wait for it to end (clipforge runs ARTIFACTS --watch), or give another --run-id")
+
+
+def is_clipforge(pid: int) -> bool:
+    """Whether `pid` runs clipforge (not another process given the pid of one that ended); yes where the
+    system does not say."""
+    try:
+        return b"clipforge" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc/self").exists()
 
 
 def read_run_record(uri: str) -> dict:
