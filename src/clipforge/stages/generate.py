@@ -7,7 +7,8 @@ one generator per id seeded from (seed, id), so an id's image does not depend
 on its batch. Commit: a batch's PNGs, then its row file under `batches/`;
 `generated.parquet` and `_manifest.json` last. A rerun skips committed ids; one that
 chooses other ids (a smaller limit) first removes the old manifest and the images it
-will not list, so the folder never holds images of no result.
+will not list, so the folder never holds images of no result. It removes only what
+generate wrote (`own_images`): an `out` holding anything else is refused before any work.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ import torch
 
 from clipforge.config.adapter import adapter_folder
 from clipforge.config.generate import HUB_ID, GenerateConfig
-from clipforge.data.embeddings import read_embeddings
+from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
+from clipforge.orchestrate.lease import LEASE_NAME
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    MANIFEST_NAME,
     digest,
     input_changes,
     is_up_to_date,
@@ -48,6 +51,8 @@ from clipforge.storage.manifest import (
 log = logging.getLogger("clipforge.generate")
 EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BATCH_PATH = re.compile(r"batches/batch-[0-9a-f]{12}\.parquet")  # the name generate_batch gives a batch's rows
+OWN_FILES = frozenset({"generated.parquet", MANIFEST_NAME, LEASE_NAME})  # the lease: a runner's, around this stage
 
 
 def id_seed(seed: int, row_id) -> int:
@@ -152,12 +157,14 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     return pipe
 
 
-def select_rows(cfg: GenerateConfig):
-    """(ids, embeddings, their width, the cache's model) to generate for, sorted by id; NaN or inf rows are named."""
-    table = read_embeddings(cfg.embeddings, "embeddings")
+def select_rows(cfg: GenerateConfig, table: EmbeddingTable) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids, embeddings, the rows they were chosen from in words) to generate for, sorted by id; NaN or inf rows
+    are named. A cache without a split column has no test rows to keep apart: all its rows are chosen from,
+    and the log says so rather than calling them the split asked for."""
     keep = np.ones(len(table.ids), dtype=bool)
+    scope = f"all {len(table.ids)} rows"
     if cfg.split and table.has_splits():
-        keep = table.splits == cfg.split
+        keep, scope = table.splits == cfg.split, f"split {cfg.split}"
     ids, embeddings = table.ids[keep], table.embeddings[keep]
     if len(ids) == 0:
         raise UserError(f"{cfg.embeddings} has no rows in split {cfg.split!r}")
@@ -171,7 +178,9 @@ def select_rows(cfg: GenerateConfig):
         # A prefix of one seeded permutation: a larger limit keeps every id of a smaller one (its images too).
         chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(ids))[: cfg.limit])
         ids, embeddings = ids[chosen], embeddings[chosen]
-    return ids, embeddings, table.dim, table.model
+    if cfg.split and not table.has_splits():
+        log.info("%s has no split column: choosing %d of all %d rows", cfg.embeddings, len(ids), len(table.ids))
+    return ids, embeddings, scope
 
 
 class Conditioning:
@@ -243,7 +252,7 @@ def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]
     they would be scored as what the manifest then says."""
     batches = storage.join(out, "batches")
     parts = {name: parquet.read_frame(storage.read_bytes(storage.join(batches, name)))
-             for name in storage.list_names(batches) if name.endswith(".parquet")}
+             for name in storage.list_names(batches) if BATCH_PATH.fullmatch(f"batches/{name}")}
     for part in parts.values():
         # Batches written before rows recorded their settings carry none; those came from this stage's own
         # earlier attempt (a pipeline's key names its output).
@@ -253,10 +262,43 @@ def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]
     return {str(i) for part in parts.values() for i in part["id"]}, parts
 
 
-def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFrame]:
+def image_path(row_id) -> str:
+    """Where an id's image goes under `out`: the only name generate gives an image."""
+    return f"images/{row_id}.png"
+
+
+def own_images(cache_ids, parts: dict[str, pd.DataFrame]) -> set[str]:
+    """The paths under `out` that are generate's images: those a batch's rows list, and `images/<id>.png` for
+    every id of the embeddings cache. The second rule owns an image whose run was killed before its batch's rows
+    committed (they list nothing yet); generate gives images no other name, and a file so named is one it
+    overwrites anyway when it generates that id. Any other file under `images/` is not generate's."""
+    return {image_path(i) for i in cache_ids} | {path for part in parts.values() for path in part["path"]}
+
+
+def is_hidden(path: str) -> bool:
+    """A hidden file, or an S3 folder marker (the empty `x/` object a console makes): nobody's data."""
+    return path.endswith("/") or any(part.startswith(".") for part in path.split("/"))
+
+
+def refuse_foreign_files(out: str, images: set[str]) -> None:
+    """Before any work: an `out` holding a file generate did not write is refused, naming it, since a rerun
+    removes the images its result does not list and must never remove a user's file. Generate's own are
+    `images` (`own_images`), `batches/batch-<hash>.parquet`, `generated.parquet`, `_manifest.json` and a
+    runner's `_lease.json`. Hidden files (an interrupted write's temporary file, a `.DS_Store`) are neither
+    refused nor removed."""
+    foreign = [path for path in storage.list_tree(out)
+               if not (is_hidden(path) or path in OWN_FILES or path in images or BATCH_PATH.fullmatch(path))]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(f"out {out} holds {foreign[0]}{more}, which generate did not write: a rerun removes the "
+                        "images it no longer lists; give the images a folder of their own")
+
+
+def keep_only(out: str, ids, parts: dict[str, pd.DataFrame], images: set[str]) -> list[pd.DataFrame]:
     """Make `out` hold only what the new result can list, before generating: the old manifest and table go
     first, then the batch rows and images of ids outside this selection (a smaller limit, another split), so
-    no image left there looks like part of a result it is not. Returns the batches' remaining rows."""
+    no image left there looks like part of a result it is not. Only generate's own `images` are removed (a file
+    put there since `refuse_foreign_files` stays). Returns the batches' remaining rows."""
     withdraw(out, ["generated.parquet"])
     wanted, kept = {str(i) for i in ids}, []
     for name, part in parts.items():
@@ -268,11 +310,12 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame]) -> list[pd.DataFram
             else:
                 storage.delete(uri)
         kept.append(rows)
-    paths = {path for rows in kept for path in rows["path"]}
-    images = storage.join(out, "images")
-    stray = [name for name in storage.list_names(images) if f"images/{name}" not in paths]
+    unlisted = images - {path for rows in kept for path in rows["path"]}
+    folder = storage.join(out, "images")
+    stray = [name for name in storage.list_tree(folder) if f"images/{name}" in unlisted]
     if stray:
-        storage.delete_objects(images, stray)
+        storage.delete_objects(folder, stray)
+        log.info("removed %d images of an earlier run that this selection does not include", len(stray))
     return kept
 
 
@@ -292,18 +335,23 @@ def run_generate(cfg: GenerateConfig) -> dict:
         log.info("%s is up to date; nothing to do", cfg.out)
         return read_manifest(cfg.out)
     refuse_other_images(cfg, manifest, inputs)
-    ids, embeddings, cache_dim, cache_model = select_rows(cfg)
+    table = read_embeddings(cfg.embeddings, "embeddings")
+    ids, embeddings, scope = select_rows(cfg, table)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    settings = image_settings(cfg, inputs, precision)
+    done, batches = committed_ids(cfg.out, settings)
+    images = own_images(table.ids, batches)
+    refuse_foreign_files(cfg.out, images)  # before the pipeline loads (minutes), and before anything is removed
+    cache_dim, cache_model = table.dim, table.model
+    del table  # the chosen rows are copies: the whole cache need not stay in memory while generating
     pipe = load_unclip(cfg, device, precision)
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
     conditioning = Conditioning(cfg, cache_dim, cache_model, pipeline_dim)
-    settings = image_settings(cfg, inputs, precision)
-    done, batches = committed_ids(cfg.out, settings)
-    parts = keep_only(cfg.out, ids, batches)
+    parts = keep_only(cfg.out, ids, batches, images)
     todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
-    log.info("%d ids of split %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
-             len(ids), cfg.split, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
+    log.info("%d ids of %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
+             len(ids), scope, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
     progress = Progress(log, len(todo))
     started = time.monotonic()
     for start in range(0, len(todo), cfg.batch_size):
@@ -338,7 +386,7 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
                   output_type="pil")
     paths = []
     for row_id, image in zip(ids, result.images, strict=True):
-        path = f"images/{row_id}.png"
+        path = image_path(row_id)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         storage.write_bytes(storage.join(cfg.out, path), buffer.getvalue())

@@ -1,0 +1,83 @@
+"""What generate may remove from its --out (only images it wrote itself), and what it says it chose from."""
+
+import logging
+
+import pandas as pd
+
+from clipforge.cli import main
+from clipforge.config.generate import GenerateConfig
+from clipforge.data.embeddings import read_embeddings
+from clipforge.stages import generate as generate_stage
+from clipforge.storage.manifest import read_manifest
+
+from .conftest import write_cache
+
+
+def generate(inputs, unclip, out, **overrides):
+    values = {"embeddings": inputs["source"], "pipeline": unclip, "out": str(out), "steps": 2, "batch_size": 3,
+              "device": "cpu", **overrides}
+    return generate_stage.run_generate(GenerateConfig(**values))
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_an_out_holding_files_generate_did_not_write_is_refused_and_left_as_it_is(generation_inputs, unclip,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """A user's file under images/, beside them, or under batches/ is refused by name before the pipeline
+    loads, and stays; so does one put beside a finished result before a rerun that would remove images."""
+    argv = ["generate", "--embeddings", generation_inputs["source"], "--pipeline", unclip, "--steps", "2",
+            "--device", "cpu", "--limit", "2"]
+    finished = tmp_path / "finished"
+    generate(generation_inputs, unclip, finished, limit=4)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline loaded before the refusal")
+
+    monkeypatch.setattr(generate_stage, "load_unclip", no_load)
+    cases = [(tmp_path / "a", ["images/README.txt"]), (tmp_path / "b", ["notes.txt", "images/cover.png"]),
+             (tmp_path / "c", ["batches/mine.parquet"]), (finished, ["images/README.txt"])]
+    for out, names in cases:
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("do not delete")
+        code, err = run_cli([*argv, "--out", str(out)], capsys)
+        first, more = sorted(names)[0], f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err == (f"clipforge generate: error: out {out} holds {first}{more}, which generate did not write: a "
+                       "rerun removes the images it no longer lists; give the images a folder of their own"), err
+        assert all((out / name).read_text() == "do not delete" for name in names)
+    assert len(list((finished / "images").glob("*.png"))) == 4 and read_manifest(str(finished))["rows"] == 4
+
+
+def test_a_smaller_limit_logs_the_images_it_removes_and_keeps_hidden_files(generation_inputs, unclip, tmp_path,
+                                                                           caplog):
+    """The images of ids a rerun no longer selects are generate's own (listed by a batch, or named for an id
+    of the cache: an image whose batch a kill kept from committing); they go, counted in the log. Hidden
+    files are no image of generate's and stay."""
+    out = tmp_path / "g"
+    generate(generation_inputs, unclip, out, limit=5, batch_size=2)
+    listed = sorted(pd.read_parquet(out / "generated.parquet")["id"])
+    orphan = next(i for i in read_embeddings(generation_inputs["source"]).ids if i not in listed)
+    (out / "images" / f"{orphan}.png").write_bytes((out / "images" / f"{listed[0]}.png").read_bytes())
+    (out / "images" / ".DS_Store").write_bytes(b"finder")
+    with caplog.at_level(logging.INFO, logger="clipforge.generate"):
+        smaller = generate(generation_inputs, unclip, out, limit=2, batch_size=2)
+    assert smaller["rows"] == 2 and smaller["metrics"]["generated_now"] == 0
+    assert "removed 4 images of an earlier run that this selection does not include" in caplog.text
+    kept = sorted(f"{i}.png" for i in pd.read_parquet(out / "generated.parquet")["id"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted([".DS_Store", *kept])
+
+
+def test_a_cache_without_a_split_column_is_said_to_be_chosen_from_all_rows(generation_inputs, unclip, tmp_path,
+                                                                          caplog):
+    table = read_embeddings(generation_inputs["source"])
+    cache = write_cache(tmp_path / "no-split", table.ids, [None] * len(table.ids), table.embeddings, table.model)
+    with caplog.at_level(logging.INFO, logger="clipforge.generate"):
+        manifest = generate(generation_inputs, unclip, tmp_path / "g", embeddings=cache, limit=2)
+    assert manifest["rows"] == 2
+    assert f"{cache} has no split column: choosing 2 of all {len(table.ids)} rows" in caplog.text
+    assert f"2 ids of all {len(table.ids)} rows (zero-pad conditioning" in caplog.text
+    assert "split test" not in caplog.text
