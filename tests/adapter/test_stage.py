@@ -158,6 +158,26 @@ def test_changed_config_retrains_and_replaces_the_manifest(caches, tmp_path):
                for p in (out / "checkpoints").iterdir())
 
 
+def test_training_anew_says_which_settings_changed(caches, tmp_path, caplog):
+    """A finished adapter, or an interrupted run's checkpoints, thrown away for another config: the warnings
+    name the setting that made it another (and not the operational ones, which never do)."""
+    src, tgt = caches
+    out = tmp_path / "out"
+    train_adapter(config(src, tgt, out, epochs=2, arch="linear"))
+    with caplog.at_level(logging.WARNING, logger="clipforge.train"):
+        train_adapter(config(src, tgt, out, epochs=3, arch="linear", log_every=30.0, keep_checkpoints=3))
+    assert f"{out} holds an output of another config or other inputs (epochs: 2 then, 3 now): training anew" \
+        in caplog.text
+    assert "removed checkpoints of another run (epochs: 2 then, 3 now): step-000015, step-000030" in caplog.text
+    assert "log_every" not in caplog.text and "keep_checkpoints" not in caplog.text
+    caplog.clear()
+    (out / "_manifest.json").unlink()  # checkpoints and no manifest: as a run stopped by Ctrl-C leaves OUT
+    with caplog.at_level(logging.WARNING, logger="clipforge.train"):
+        train_adapter(config(src, tgt, out, epochs=3, arch="linear", lr=0.01))
+    assert "removed checkpoints of another run (lr: 0.003 then, 0.01 now): step-000015, step-000030, step-000045" \
+        in caplog.text
+
+
 def test_an_interrupted_retrain_leaves_no_old_adapter_to_load(caches, tmp_path, monkeypatch):
     """Training anew over another config's output removes its adapter, card and metrics with the manifest,
     before the first step: killed there, OUT holds nothing generate or evaluate could take for a result."""
@@ -284,6 +304,17 @@ def run_cli(capsys, src, tgt, out, **overrides) -> str:
     line = run_cli_keeping_manifest(capsys, src, tgt, out, **overrides)
     assert not Path(out, "_manifest.json").exists()
     return line
+
+
+def test_a_folder_of_the_users_under_checkpoints_is_refused_and_kept(caches, tmp_path, capsys):
+    """OUT/checkpoints/my_run/ is not clipforge's to delete: the run is refused, naming it, before anything goes."""
+    out = tmp_path / "proj"
+    (out / "checkpoints" / "my_run").mkdir(parents=True)
+    (out / "checkpoints" / "my_run" / "model.pt").write_bytes(b"x")
+    line = run_cli(capsys, *caches, out)
+    assert line.endswith(f"{out}/checkpoints holds my_run/, which is not a clipforge checkpoint: give the run an "
+                         "--out of its own"), line
+    assert (out / "checkpoints" / "my_run" / "model.pt").read_bytes() == b"x"
 
 
 def test_dimension_mismatch(caches, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from clipforge.errors import UserError
 from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import MANIFEST_NAME
+from clipforge.storage.manifest import MANIFEST_NAME, write_manifest
 from clipforge.train import checkpoint as ckpt
 from clipforge.train.checkpoint import CheckpointStore, pack_state, unpack_state
 
@@ -116,6 +116,31 @@ def test_incomplete_and_foreign_folders_are_ignored_then_tidied(tmp_path):
     assert s.latest().step == 2
     assert sorted(s.tidy()) == [".tmp-step-000010-77", "step-000009", "step-000050"]
     assert [p.name for p in root.iterdir()] == ["step-000002"]
+
+
+def test_folders_clipforge_did_not_write_are_never_tidied_nor_resumed(tmp_path):
+    """Only clipforge's own folders go: named as it names them and holding only checkpoint files. A user's
+    folder (`my_run/`), a `step-N` one holding other files or a manifest clipforge did not write, or another
+    stage's output, stays, is listed as foreign, and is never resumed from."""
+    s = store(tmp_path)
+    s.save(2, files(2))
+    root = tmp_path / "checkpoints"
+    for name, file, data in [("my_run", "model.pt", b"x"), ("step-000003", "model.pt", b"x"),
+                             ("step-000004", MANIFEST_NAME, b'{"step": 4}'), ("step-000009", "notes", b"mine")]:
+        (root / name).mkdir()
+        (root / name / file).write_bytes(data)
+    (root / "step-000004" / "model.safetensors").write_bytes(b"weights")
+    (root / "step-000005").mkdir()
+    write_manifest(str(root / "step-000005"), kind="adapter", config={}, config_fingerprint="abc", inputs={})
+    (root / "step-000006").mkdir()  # a checkpoint cut short while a file of it was being written: clipforge's
+    (root / "step-000006" / "model.safetensors").write_bytes(b"partial")
+    (root / "step-000006" / ".rng.safetensors.k2j4x9.tmp").write_bytes(b"partial")
+    foreign = ["my_run", "step-000003", "step-000004", "step-000005", "step-000009"]
+    assert s.latest().step == 2
+    assert s.listing().foreign == foreign
+    assert s.tidy() == ["step-000006"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([*foreign, "step-000002"])
+    assert (root / "my_run" / "model.pt").read_bytes() == b"x"
 
 
 def test_crash_before_the_manifest_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch):

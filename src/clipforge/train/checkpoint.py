@@ -10,6 +10,10 @@ uploaded file by file with the manifest last; resume downloads the newest
 complete one. Pruning deletes a manifest before the files it lists, so a
 half-deleted folder is incomplete, never corrupt.
 
+Only clipforge's own folders are ever removed: `step-N/` or `.tmp-step-N-PID/` holding
+nothing but checkpoint files. Anything else under `checkpoints/` (a user's `my_run/`) is
+`foreign`, never read and never deleted.
+
 Everything is safetensors + JSON: `pack_state` turns any nested state (model,
 optimizer, RNG, progress) into one safetensors file and `unpack_state` back,
 without pickle.
@@ -21,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ from clipforge.errors import UserError
 from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN, checkpoint_name
+from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN, TEMP_PATTERN, checkpoint_name, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +181,20 @@ class Checkpoint:
         return checkpoint_name(self.step)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What `OUT/checkpoints/` holds, folder by folder (each list by name order, `ours` oldest first)."""
+
+    ours: list[Checkpoint]  # this run's complete checkpoints
+    others: list[Checkpoint]  # complete checkpoints of another config or other inputs
+    incomplete: list[str]  # clipforge's folders cut short: `.tmp-*`, a checkpoint without its manifest
+    foreign: list[str]  # folders clipforge did not write there: left alone
+
+
+# A checkpoint holds safetensors and JSON only; killed mid-write, also `write_bytes`'s `.NAME.XXXX.tmp` of one.
+CHECKPOINT_FILE = re.compile(r"^[^/.][^/]*\.(safetensors|json)$|^\.[^/]+\.(safetensors|json)\.[^/.]+\.tmp$")
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -184,6 +203,12 @@ def _remove_folder(uri: str) -> None:
     """Manifest first, so that an interrupted removal leaves an incomplete folder, not a broken 'complete' one."""
     storage.delete(storage.join(uri, MANIFEST_NAME))
     storage.delete_tree(uri)
+
+
+def _holds_checkpoint_files_only(uri: str) -> bool:
+    """Whether a folder without a manifest holds nothing a checkpoint would not (a user's `model.pt`, a
+    subfolder): only then is it a checkpoint cut short, which may go."""
+    return all(CHECKPOINT_FILE.match(path) for path in storage.list_tree(uri))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -198,7 +223,8 @@ class CheckpointStore:
     """The checkpoints of one training run under `OUT/checkpoints/`, local or on S3.
 
     Only checkpoints whose manifest matches `config_fingerprint` and `inputs` are
-    this run's; `tidy()` removes the rest. Writes happen on one process (rank 0);
+    this run's; `tidy()` removes other runs' and incomplete ones, never a folder
+    clipforge did not write. Writes happen on one process (rank 0);
     every process may read. `work_dir` is the local staging area when OUT is on
     S3 (default: a folder under the system temp dir named after OUT).
     """
@@ -220,44 +246,57 @@ class CheckpointStore:
     def _matches(self, manifest: dict) -> bool:
         return manifest.get("config_fingerprint") == self.config_fingerprint and manifest.get("inputs") == self.inputs
 
-    def _scan(self) -> tuple[list[Checkpoint], list[str]]:
-        """(this run's complete checkpoints oldest first, names of every other folder under the root)."""
-        ours, others = [], []
+    def listing(self) -> Listing:
+        """Every folder under the root, sorted into this run's checkpoints, other runs', clipforge's incomplete
+        ones and foreign ones."""
+        ours, others, incomplete, foreign = [], [], [], []
         for name in storage.list_folders(self.root):
+            uri = storage.join(self.root, name)
             match = NAME_PATTERN.match(name)
-            manifest = read_manifest(storage.join(self.root, name)) if match else None
-            if match and manifest is not None and manifest.get("kind") == "checkpoint" and self._matches(manifest):
-                ours.append(Checkpoint(int(match.group(1)), storage.join(self.root, name), manifest))
+            try:
+                manifest = read_manifest(uri) if match else None
+            except UserError:  # a `_manifest.json` clipforge did not write: not its checkpoint
+                foreign.append(name)
+                continue
+            if manifest is None:
+                mine = (match or TEMP_PATTERN.match(name)) and _holds_checkpoint_files_only(uri)
+                (incomplete if mine else foreign).append(name)
+            elif manifest.get("kind") != "checkpoint":
+                foreign.append(name)
             else:
-                others.append(name)
-        return sorted(ours, key=lambda c: c.step), others
+                found = Checkpoint(int(match.group(1)), uri, manifest)
+                (ours if self._matches(manifest) else others).append(found)
+        return Listing(sorted(ours, key=lambda c: c.step), others, incomplete, foreign)
 
     def all(self) -> list[Checkpoint]:
         """This run's complete checkpoints, oldest first."""
-        return self._scan()[0]
+        return self.listing().ours
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint of this run, or None: what a rerun resumes from."""
         ours = self.all()
         return ours[-1] if ours else None
 
-    def tidy(self) -> list[str]:
-        """Remove incomplete folders and checkpoints of another config or other inputs; returns their names.
+    def tidy(self, listing: Listing | None = None) -> list[str]:
+        """Remove clipforge's incomplete folders and checkpoints of another config or other inputs (as `listing`
+        found them, by default as they are now); returns their names. Foreign folders stay.
 
         Call on one process before training starts, never while another process saves.
         """
-        _, others = self._scan()
-        for name in others:
+        listing = listing or self.listing()
+        stale = sorted([*listing.incomplete, *(c.name for c in listing.others)])
+        for name in stale:
             _remove_folder(storage.join(self.root, name))
         if self.remote and self.local_root.is_dir():
             for path in self.local_root.iterdir():
-                if path.is_dir() and (path.name.startswith(".tmp-") or not (path / MANIFEST_NAME).is_file()):
+                ours = NAME_PATTERN.match(path.name) or TEMP_PATTERN.match(path.name)
+                if ours and path.is_dir() and (path.name.startswith(".tmp-") or not (path / MANIFEST_NAME).is_file()):
                     shutil.rmtree(path, ignore_errors=True)
-        return others
+        return stale
 
     def _commit_local(self, folder: Path, files: dict[str, bytes], step: int) -> dict:
         """Write `files` then the manifest into a temp folder, then rename it to `folder`."""
-        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+        tmp = folder.parent / temp_name(folder.name, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, data in files.items():

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from accelerate import Accelerator
 
+from clipforge.config.adapter import AdapterConfig
+from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
-from clipforge.storage.manifest import read_manifest, withdraw
+from clipforge.storage.manifest import input_changes, read_manifest, withdraw
 from clipforge.train import launch
-from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.checkpoint import CheckpointStore, Listing
 from clipforge.train.loop import PreemptionWatch, TrainResult
 
 log = logging.getLogger("clipforge.train")
@@ -42,16 +45,81 @@ def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: st
                        final_files: tuple[str, ...] = ()) -> None:
     """Before training: OUT must not look "done" while it is rewritten, nor keep checkpoints of another run.
     The old result's files go with its manifest (the manifest first), those it lists and the stage's
-    `final_files`: a weights file left beside a run being trained again would be taken for its result."""
+    `final_files`: a weights file left beside a run being trained again would be taken for its result. What
+    is thrown away is said with what differs, so that a changed setting is seen before hours are retrained.
+
+    A folder under OUT/checkpoints that clipforge did not write is refused, on every process, before anything
+    is removed: OUT is then someone's own folder, not this run's prefix."""
+    listing = store.listing()
+    refuse_foreign_folders(store, listing)
     if accelerator.is_main_process:
         manifest = read_manifest(out)
         if manifest is not None:
-            log.warning("%s holds an output of another config or other inputs: training anew", out)
+            log.warning("%s holds an output of another config or other inputs%s: training anew", out,
+                        in_parens(what_differs(manifest, store)))
         withdraw(out, {*final_files, *((manifest or {}).get("files") or [])})
-        removed = store.tidy()
-        if removed:
-            log.warning("removed checkpoints that are incomplete or of another run: %s", ", ".join(removed))
+        tidy_saying_why(store, listing)
     accelerator.wait_for_everyone()
+
+
+def refuse_foreign_folders(store: CheckpointStore, listing: Listing) -> None:
+    """A user's folder under OUT/checkpoints (`my_run/`) is neither removed nor trained beside: OUT was not
+    given to this run alone, so its result files there could be someone's too."""
+    if listing.foreign:
+        named = ", ".join(f"{name}/" for name in listing.foreign)
+        which = "which is not a clipforge checkpoint" if len(listing.foreign) == 1 else \
+            "which are not clipforge checkpoints"
+        raise UserError(f"{store.root} holds {named}, {which}: give the run an --out of its own")
+
+
+def tidy_saying_why(store: CheckpointStore, listing: Listing) -> None:
+    """Remove the checkpoints `listing` found incomplete or of another run, naming each and, for another run's,
+    the settings or inputs that made it another."""
+    store.tidy(listing)
+    if listing.incomplete:
+        log.warning("removed incomplete checkpoints: %s", ", ".join(listing.incomplete))
+    by_change: dict[str, list[str]] = {}
+    for checkpoint in listing.others:
+        by_change.setdefault(what_differs(checkpoint.manifest, store), []).append(checkpoint.name)
+    for differ, names in by_change.items():
+        log.warning("removed checkpoints of another run%s: %s", in_parens(differ), ", ".join(names))
+
+
+def in_parens(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+# The stages whose runs keep checkpoints: a store holds its config dumped, and its keys tell which it was.
+TRAINING_CONFIGS = (AdapterConfig, FinetuneConfig)
+
+
+def what_differs(recorded: dict, store: CheckpointStore, shown: int = 3) -> str:
+    """The settings and inputs of the run `store` is for that are not those `recorded` (an output's or a
+    checkpoint's manifest) records, as `epochs: 30 then, 31 now` (the first `shown`); empty when none can be
+    told."""
+    differ = settings_changes(recorded.get("config") or {}, store.config)
+    # With their paths: where an input lives is a volatile setting, yet it counts through the fingerprint.
+    differ += input_changes(recorded.get("inputs") or {}, store.inputs)
+    return "; ".join(differ[:shown]) + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
+
+
+def settings_changes(then: dict, now: dict) -> list[str]:
+    """Each setting of `now` (a dumped config) that can change the output and is not what `then` recorded, as
+    `key: X then, Y now`; one `then` predates counts as its default. Volatile settings (how often to log or
+    checkpoint, where to write) are not named: they never make another run."""
+    return [f"{key}: {then.get(key, default)} then, {now[key]} now"
+            for key, default in sorted(counted_settings(now).items()) if then.get(key, default) != now[key]]
+
+
+def counted_settings(config: dict) -> dict[str, Any]:
+    """{key: default} of the settings of `config` that count for the output, by the stage config it was dumped
+    from (the one whose keys it has); empty for a config of no training stage."""
+    for cls in TRAINING_CONFIGS:
+        fields = {field.alias or name: (name, None if field.is_required() else field.get_default(
+            call_default_factory=True)) for name, field in cls.model_fields.items()}
+        if fields.keys() == config.keys():
+            return {key: default for key, (name, default) in fields.items() if name not in cls.volatile}
+    return {}
 
 
 def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,

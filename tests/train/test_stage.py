@@ -1,0 +1,77 @@
+"""What both trainers do before training anew (`clear_stale_output`): what goes, what is refused, what is said."""
+
+import logging
+
+import pytest
+
+from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import UserError
+from clipforge.storage.manifest import write_manifest
+from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.stage import clear_stale_output
+
+
+class OneProcess:
+    """The part of an Accelerator `clear_stale_output` uses, for a single process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def adapter_store(out, rows=500, **settings) -> CheckpointStore:
+    """The store an adapter run of `settings` opens on `out` (its config dumped as the stage dumps it)."""
+    config = AdapterConfig(clip_cache="caches/src", target_cache="caches/tgt", out=str(out), **settings)
+    return CheckpointStore(str(out), config=config.model_dump(mode="json"), config_fingerprint=config.fingerprint(),
+                           inputs={"clip_cache": {"manifest_sha256": "a1", "rows": rows}}, keep=2)
+
+
+def finished(store: CheckpointStore, *steps: int) -> None:
+    """`steps` checkpointed, then the adapter committed, as a finished run leaves OUT."""
+    for step in steps:
+        store.save(step, {"progress.json": b"{}"})
+    out = store.root.rsplit("/", 1)[0]
+    (store.local_root.parent / "adapter.safetensors").write_bytes(b"weights")
+    write_manifest(out, kind="adapter", config=store.config, config_fingerprint=store.config_fingerprint,
+                   inputs=store.inputs, files=["adapter.safetensors"])
+
+
+def clear(store: CheckpointStore, caplog) -> str:
+    with caplog.at_level(logging.WARNING, logger="clipforge.train"):
+        clear_stale_output(OneProcess(), store, store.root.rsplit("/", 1)[0], ("adapter.safetensors",))
+    return caplog.text
+
+
+def test_training_anew_names_the_settings_that_changed_and_no_volatile_one(tmp_path, caplog):
+    out = tmp_path / "out"
+    finished(adapter_store(out, epochs=30, log_every=5.0), 145, 150)
+    said = clear(adapter_store(out, epochs=31, log_every=60.0, keep_checkpoints=3, checkpoint_every=7), caplog)
+    assert f"{out} holds an output of another config or other inputs (epochs: 30 then, 31 now): training anew" in said
+    assert "removed checkpoints of another run (epochs: 30 then, 31 now): step-000145, step-000150" in said
+    assert "log_every" not in said and "keep_checkpoints" not in said and "checkpoint_every" not in said
+    assert not (out / "_manifest.json").exists() and not list((out / "checkpoints").iterdir())
+
+
+def test_the_checkpoints_of_an_interrupted_run_name_its_other_settings_and_inputs(tmp_path, caplog):
+    out = tmp_path / "out"
+    interrupted = adapter_store(out, lr=0.001)
+    interrupted.save(40, {"progress.json": b"{}"})
+    said = clear(adapter_store(out, lr=0.002, rows=600), caplog)
+    assert "holds an output" not in said
+    assert "removed checkpoints of another run (lr: 0.001 then, 0.002 now; clip_cache changed (rows)): step-000040" \
+        in said
+
+
+def test_a_folder_clipforge_did_not_write_is_refused_before_anything_is_removed(tmp_path, caplog):
+    out = tmp_path / "out"
+    finished(adapter_store(out, epochs=30), 150)
+    (out / "checkpoints" / "my_run").mkdir()
+    (out / "checkpoints" / "my_run" / "model.pt").write_bytes(b"x")
+    with pytest.raises(UserError) as refused:
+        clear(adapter_store(out, epochs=31), caplog)
+    assert str(refused.value) == (f"{out}/checkpoints holds my_run/, which is not a clipforge checkpoint: give the "
+                                  "run an --out of its own")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["my_run", "step-000150"]
+    assert (out / "_manifest.json").exists() and (out / "adapter.safetensors").exists()
+    assert (out / "checkpoints" / "my_run" / "model.pt").read_bytes() == b"x"
