@@ -60,3 +60,12 @@ def test_an_adapter_whose_caches_are_gone_is_scored_with_a_warning_and_its_split
         assert f"was trained on other caches ({src}), which no longer read as they were" in caplog.text
     finally:
         shutil.copytree(copied, root / "plain")
+
+
+def test_the_chart_reaches_below_zero_for_a_negative_value():
+    """Zero-padding's cosine of -0.03 showed as no bar and no label: the axis began at 0."""
+    from clipforge.stages.evaluate import y_limits
+
+    assert y_limits([0.5, 0.9, 1.0]) == (0.0, 1.1)
+    low, high = y_limits([-0.03, 0.4])
+    assert low < -0.03 and high == 1.1

@@ -72,6 +72,8 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 def cache_manifest(prefix: str, role: str = "cache") -> dict:
     """A committed cache's manifest; a prefix without one, or with another stage's, is a UserError naming `role`."""
     manifest = read_manifest(prefix)
+    if manifest is None and storage.is_file(prefix):
+        raise UserError(f"{role} {prefix} is a file: give the folder the cache stage wrote (its --output)")
     if manifest is None:
         raise UserError(f"{role} {prefix} is incomplete or missing: no _manifest.json (has the cache stage finished?)")
     if manifest.get("kind") != "cache":

@@ -161,8 +161,9 @@ def evaluate_generated(cfg: EvaluateConfig, metrics: dict, split_ids: set[str]) 
     target = read_embeddings(cfg.target_cache, "target_cache")
     rows, embedded = score_generated(cfg.generated, target, split_ids, cfg.split, str(resolve_device(cfg.device)))
     metrics["images"] = rows
-    log.info("generated images (the ids of the %s split each generate output holds):\n%s", cfg.split,
-             table_text(rows))
+    scored = max((row["images"] for row in rows), default=0)
+    log.info("generated images (the ids of the %s split each generate output holds; R@k ranks each image's truth "
+             "among the %d scored, chance R@1 %.3f):\n%s", cfg.split, scored, 1 / max(scored, 1), table_text(rows))
     return {"contact_sheet.png": contact_sheet(target, rows, embedded, cfg.sheet_rows, cfg.seed),
             "images.png": images_chart(rows)}
 
@@ -189,6 +190,13 @@ def images_chart(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def y_limits(values: list[float]) -> tuple[float, float]:
+    """0 to 1.1, reaching below 0 for a negative value (zero-padding's cosine can be): cut off at 0, its bar and
+    label did not show at all."""
+    low = min([0.0, *values])
+    return (low - 0.1 if low < 0 else 0.0), 1.1
+
+
 def bar_chart(metrics: dict) -> bytes:
     """PNG: cosine, R@1 and R@5 of zero-padding beside the adapter."""
     import matplotlib
@@ -206,7 +214,8 @@ def bar_chart(metrics: dict) -> bytes:
         bars = ax.bar(xs, [values[key] for _, key in figures], width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(figures))], [t for t, _ in figures])
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(*y_limits([values[key] for _, values in methods for _, key in figures]))
+    ax.axhline(0, color="black", linewidth=0.5)
     ax.set_title(f"{metrics['split']} split, {metrics['test_rows']} rows")
     ax.legend()
     fig.tight_layout()
