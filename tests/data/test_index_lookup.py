@@ -45,14 +45,17 @@ def test_each_form_the_index_command_writes_is_found(nsd):
     assert sorted(read_embeddings(str(tmp_path / "by-prefix")).ids.tolist()) == [0, 2, 4]
 
 
-def test_parquet_is_preferred_and_a_missing_index_names_what_was_looked_for(nsd, capsys):
+def test_parquet_is_preferred_and_a_missing_index_names_what_was_looked_for(nsd, capsys, caplog):
     tmp_path, flags = nsd
     root = tmp_path / "idx"
     root.mkdir()
     pd.DataFrame({"id": [1]}).to_csv(root / "subj03.csv", index=False)
-    assert index_for_subject(str(root), "subj03") == f"{root}/subj03.csv"
+    assert index_for_subject(str(root), "subj03") == f"{root}/subj03.csv" and not caplog.text
     pd.DataFrame({"id": [2]}).to_parquet(root / "subj03.parquet")
     assert index_for_subject(str(root), "subj03") == f"{root}/subj03.parquet"
+    # Two indexes of one subject: one is stale, and which was used is said.
+    assert f"holds 2 indexes of subj03 ({root}/subj03.parquet, {root}/subj03.csv): using {root}/subj03.parquet" \
+        in caplog.text
     assert main(["cache", *flags, "--subject", "subj04", "--index-root", str(root),
                  "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (f"clipforge cache: error: no index of subj04 in {root}: looked for "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,8 @@ import pandas as pd
 from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
+
+log = logging.getLogger("clipforge.index")
 
 # The splits the stages read: the adapter trains on `train` and scores `test` (NSD's shared images); a row of
 # any other split would be encoded, then left out with a warning.
@@ -77,9 +80,12 @@ def index_for_subject(index_root: str, subject: str) -> str:
     """The subject's index under `index_root`, in any form `clipforge index --output` writes there: SUBJECT.parquet
     (first, as before CSV was found too), SUBJECT.csv, or the prefix SUBJECT/ holding its index file."""
     names = [f"{subject}.parquet", f"{subject}.csv", index_file(subject)]
-    for name in names:
-        if storage.is_file(storage.join(index_root, name)):
-            return storage.join(index_root, name)
+    found = [storage.join(index_root, name) for name in names if storage.is_file(storage.join(index_root, name))]
+    if len(found) > 1:  # one of them is stale, and which the user means is not for clipforge to guess quietly
+        log.warning("%s holds %d indexes of %s (%s): using %s", index_root, len(found), subject, ", ".join(found),
+                    found[0])
+    if found:
+        return found[0]
     raise UserError(f"no index of {subject} in {index_root}: looked for {', '.join(names[:-1])} and {names[-1]} "
                     "(what `clipforge index --output` writes)")
 
