@@ -127,7 +127,10 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
         case "file":
             path = local_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:  # said of the file the user named, not of a temporary name they never gave
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             try:
                 os.fchmod(fd, file_mode(path))
                 with os.fdopen(fd, "wb") as f:
