@@ -75,3 +75,12 @@ def test_a_folder_clipforge_did_not_write_is_refused_before_anything_is_removed(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["my_run", "step-000150"]
     assert (out / "_manifest.json").exists() and (out / "adapter.safetensors").exists()
     assert (out / "checkpoints" / "my_run" / "model.pt").read_bytes() == b"x"
+
+
+def test_a_resume_says_where_it_starts_counting_epochs_as_the_progress_lines_do():
+    """"resuming from … (epoch 3, step 19)" was followed by "epoch 4/60" lines: 0-based, then 1-based."""
+    from clipforge.train.loop import TrainProgress
+
+    assert TrainProgress(epoch=3, step_in_epoch=2, step=19).where(60) == \
+        "epoch 4/60, 2 steps into it; step 19 in all"
+    assert TrainProgress(epoch=60, step=600).where(60) == "all 60 epochs done, step 600"

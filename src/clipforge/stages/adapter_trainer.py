@@ -155,8 +155,8 @@ class AdapterTrainer:
         self.resumed_from = self.progress.step
         self.checkpoints.resumed(latest.step, latest.uri)
         self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
-        log.info("resuming from %s (epoch %d, step %d), loaded in %.2f s", latest.uri, self.progress.epoch,
-                 self.progress.step, self.timing["resume_seconds"])
+        log.info("resuming from %s (%s), loaded in %.2f s", latest.uri, self.progress.where(self.config.epochs),
+                 self.timing["resume_seconds"])
 
     def save(self) -> None:
         """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""

@@ -93,6 +93,12 @@ class TrainProgress:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def where(self, epochs: int) -> str:
+        """Where a resume starts, counting epochs from 1 as the progress lines do."""
+        if self.epoch >= epochs:
+            return f"all {epochs} epochs done, step {self.step}"
+        return f"epoch {self.epoch + 1}/{epochs}, {self.step_in_epoch} steps into it; step {self.step} in all"
+
     @classmethod
     def from_dict(cls, values: dict) -> TrainProgress:
         return cls(**values)
