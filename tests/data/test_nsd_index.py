@@ -53,8 +53,10 @@ def test_an_index_written_again_as_it_was_keeps_its_file(expdesign, tmp_path, ca
     with caplog.at_level("INFO", logger="clipforge.index"):
         assert main(args) == 0
     assert out.stat().st_mtime_ns == 1 and "(up to date: the file is left as it was)" in caplog.text
+    assert "now replaced" not in caplog.text
     assert main([*args[:-3], "subj02", *args[-2:]]) == 0
     assert out.stat().st_mtime_ns != 1
+    assert f"{out} held another index, now replaced: caches made from it no longer match it" in caplog.text
 
 
 def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_split_is_said(expdesign, tmp_path,

@@ -39,7 +39,11 @@ def run_index(cfg: IndexConfig) -> dict:
     else:
         data = parquet.frame_bytes(frame)
     # An index written again as it was keeps its mtime: the caches made from it stay up to date.
+    existed = storage.exists(index_file(cfg.output))
     written = storage.write_bytes_if_changed(index_file(cfg.output), data)
+    if written and existed:
+        log.warning("%s held another index, now replaced: caches made from it no longer match it",
+                    index_file(cfg.output))
     counts = frame["split"].value_counts().to_dict()
     summary = {"rows": len(frame), "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0))}
     log.info("%s: %d images (%d train, %d test) -> %s%s", cfg.subject, summary["rows"], summary["train"],
