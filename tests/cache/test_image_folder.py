@@ -116,7 +116,8 @@ def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, caps
     assert code == 2
     err = capsys.readouterr().err
     assert f"image {bad}/broken.jpg cannot be decoded" in err and "--skip-bad (skip_bad: true in a spec)" in err
-    with pytest.raises(ValidationError, match="apply to HDF5 sources"):
+    with pytest.raises(ValidationError, match=rf"apply to HDF5 sources \(\.hdf5, \.h5\); source '{bad}' is taken "
+                                              "as an image folder or CSV"):  # a typo'd HDF5 URI is told why
         config(tiny_models, bad, tmp_path / "x", index="ids.csv")
 
 

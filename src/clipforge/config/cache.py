@@ -65,8 +65,8 @@ class CacheConfig(StageConfig):
 
         if is_image_collection(self.source):
             if self.index or self.subject or self.index_root:
-                raise ValueError("`index`, `subject` and `index_root` apply to HDF5 sources; an image folder or CSV "
-                                 "lists its own images")
+                raise ValueError(f"`index`, `subject` and `index_root` apply to HDF5 sources (.hdf5, .h5); source "
+                                 f"{self.source!r} is taken as an image folder or CSV, which lists its own images")
         elif self.skip_bad:
             raise ValueError("`skip_bad` applies to image folders and CSVs, not to HDF5 sources")
         elif self.index and (self.subject or self.index_root):
