@@ -443,31 +443,54 @@ def test_an_output_missing_a_file_its_manifest_lists_is_made_again_not_reused(tm
 
 def test_a_second_runner_of_a_run_id_is_refused_while_the_first_is_alive(tmp_path):
     """Two `clipforge run --run-id SAME` at once each rewrote run.json whole: it ended saying the stages one of
-    them trained were up to date."""
-    import os
+    them trained were up to date. A run whose runner is gone, or that ended, is taken up."""
     import socket
 
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
     execute, _ = stages_that({})
     record = run_pipeline(spec, "same", execute)
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "clipforge run"])
-    try:
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "clipforge.cli"])
+
+    def recorded(status: str) -> None:
         record.data.update(runner={"kind": "local", "host": socket.gethostname(), "pid": alive.pid,
                                    "started": "2026-11-28T00:00:00Z"})
-        record.data.pop("ended", None)
-        record.data["stages"]["adapter"]["status"] = "running"
+        record.data["stages"]["adapter"]["status"] = status
         storage_write(record)
+
+    try:
+        recorded("running")
         with pytest.raises(UserError, match=rf"^run same is being run now \(pid {alive.pid} on this machine, since "
                                             r"2026-11-28T00:00:00Z\): wait for it to end"):
             run_pipeline(spec, "same", execute)
+        recorded("done")  # complete, its runner still alive (a notebook that ran it): a rerun is no second runner
+        assert exit_code(run_pipeline(spec, "same", execute)) == 0
+        recorded("running")
     finally:
         alive.kill()
         alive.wait()
-    assert exit_code(run_pipeline(spec, "same", execute)) == 0  # its runner gone: resumed
-    assert os.getpid() != alive.pid
+    assert exit_code(run_pipeline(spec, "same", execute)) == 0  # its runner gone: taken up
 
 
 def storage_write(record) -> None:
     from clipforge.storage import uri as storage
 
     storage.write_json(record.uri, record.data)
+
+
+def test_a_signal_just_after_a_local_stage_finished_records_it_done_and_stops_the_run(tmp_path):
+    """The stage committed and exited 0; SIGTERM reached the runner before it had read the exit code: the stage
+    was recorded interrupted "after saving its progress". It is done, and the run stops there as told."""
+    spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}"])
+    execute, ran = stages_that({})
+
+    def finished_then_signalled(resolved):
+        code = execute(resolved)
+        if resolved.spec.name == "nsd-index":
+            raise Stopped
+        return code
+
+    with pytest.raises(Stopped):
+        run_pipeline(spec, "r", finished_then_signalled)
+    saved = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert saved["stages"]["nsd-index"]["status"] == "done" and ran == ["nsd-index"]
+    assert run_state(saved) == "stopped"

@@ -293,6 +293,23 @@ def test_the_newest_complete_run_of_a_spec_keeps_what_a_newer_run_has_not_reache
     assert set(plan.outputs) == outputs_of(tmp_path, "r1") - outputs_of(tmp_path, "r3") and plan.outputs
 
 
+def test_a_run_complete_without_a_stage_a_policy_let_it_skip_counts_as_complete(tmp_path):
+    """The adapter failed under `on_failure: continue` (a normal outcome): r2 is `complete without` it, and its
+    new fine-tune is what a newer run reuses, not r1's."""
+    run(tmp_path, "r1", epochs=5, created="2026-01-01T00:00:00Z")
+
+    def failing(names):
+        return lambda resolved: 2 if resolved.spec.name in names else committing([])(resolved)
+
+    run(tmp_path, "r2", epochs=6, created="2026-01-02T00:00:00Z", execute=failing({"adapter"}),
+        extra=["stages.finetune.with.epochs=3"])
+    run(tmp_path, "r3", epochs=6, created="2026-01-03T00:00:00Z", execute=failing({"adapter", "finetune"}),
+        extra=["stages.finetune.with.epochs=4"])
+    plan = plan_prune(str(tmp_path), keep=1)
+    assert plan.kept_runs == ["r2", "r3"] and list(plan.pruned_runs) == ["r1"]
+    assert not any("/finetune/" in uri and uri in outputs_of(tmp_path, "r2") for uri in plan.outputs)
+
+
 def test_a_kubernetes_run_stopped_at_a_stage_is_kept_for_its_driver_to_resume(tmp_path):
     from clipforge.errors import EXIT_PREEMPTED
 

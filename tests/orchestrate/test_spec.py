@@ -211,6 +211,10 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
     path.write_text("artifacts: x\nstages:\n  - &a {name: a, kind: index, with: {subject: subj01, expdesign: e.mat}}\n"
                     "  - {<<: *a, name: b}\n")
     assert [s.name for s in load_pipeline(str(path)).stages] == ["a", "b"]
+    path.write_text("artifacts: x\nstages:\n  - &a {name: a, kind: index, with: {subject: subj01, expdesign: e.mat}}\n"
+                    "  - {<<: *a, name: b, name: c}\n")
+    with pytest.raises(UserError, match="key 'name' is given twice"):  # beside a merge too
+        load_pipeline(str(path))
 
 
 @pytest.mark.parametrize("where, value", [("artifacts", "s3://"), ("artifacts", "s4://bucket/x"),

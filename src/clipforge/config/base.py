@@ -111,22 +111,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one silently, so a
     setting written twice (a pasted line) would run with whichever came last."""
 
-    def construct_mapping(self, node, deep=False):
-        # A mapping with `<<` merges is left as YAML defines it: its own keys override the merged ones.
-        mapping = isinstance(node, yaml.MappingNode)
-        if mapping and not any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+    def flatten_mapping(self, node):
+        # Every mapping passes here first, before `<<` merges join their keys to its own (overriding those is
+        # YAML's rule); a mapping merged into another passes here then, once, before it is changed.
+        seen = self.__dict__.setdefault("_checked", set())
+        if id(node) not in seen:
+            seen.add(id(node))
             first_line: dict = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    seen = key in first_line
-                except TypeError:  # an unhashable key: YAML itself refuses it below
+                    twice = key in first_line
+                except TypeError:  # an unhashable key: YAML itself refuses it
                     continue
-                if seen:
+                if twice:
                     problem = f"key {key!r} is given twice (first on line {first_line[key]})"
                     raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
                 first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        super().flatten_mapping(node)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -64,10 +64,11 @@ def execute_locally(resolved: ResolvedStage, stop: StopRequest | None = None, ru
             proc.send_signal(signum)
         assert proc.stdout is not None
         _relay(proc, resolved)
+        code = stopped_code(proc.wait(), stop.code if stop is not None and stop.is_set() else 0)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return stopped_code(proc.wait(), stop.code if stop is not None and stop.is_set() else 0)
+    return code
 
 
 def stopped_code(code: int, told_to_stop: int) -> int:

@@ -291,24 +291,33 @@ class RunRecord:
 
 
 def refuse_a_second_runner(existing: dict | None, run_id: str) -> None:
-    """One runner per run id: two would each rewrite run.json whole, and it would end saying the stages one of
-    them trained were found up to date. Only a runner of this machine can be seen to be alive."""
+    """One runner per run id, as far as can be seen: two would each rewrite run.json whole, and it would end
+    saying the stages one of them trained were found up to date. Only a runner of this machine that is still
+    inside the run (at a stage, or between two) is seen; two starting in the same instant are not."""
+    from clipforge.orchestrate.runs import run_state
+
     runner = (existing or {}).get("runner") or {}
     pid, host = runner.get("pid"), runner.get("host")
-    if existing is None or existing.get("ended") or pid == os.getpid() or process_gone(host, pid) or \
-            host != socket.gethostname() or not is_clipforge(pid):
+    if existing is None or pid == os.getpid() or process_gone(host, pid) or host != socket.gethostname():
         return
-    raise UserError(f"run {run_id} is being run now (pid {pid} on this machine, since {runner.get('started')}): "
-                    "wait for it to end (clipforge runs ARTIFACTS --watch), or give another --run-id")
+    state = run_state(existing)
+    if (state.startswith("at ") or state == "incomplete") and runs_clipforge(pid):
+        raise UserError(f"run {run_id} is being run now (pid {pid} on this machine, since {runner.get('started')}):"
+                        " wait for it to end (clipforge runs ARTIFACTS --watch), or give another --run-id")
 
 
-def is_clipforge(pid: int) -> bool:
-    """Whether `pid` runs clipforge (not another process given the pid of one that ended); yes where the
-    system does not say."""
+def runs_clipforge(pid: int) -> bool:
+    """Whether process `pid` is a clipforge command (`clipforge …`, `python -m clipforge.cli …`), not another
+    process given the pid of one that ended; yes where the system does not say (no /proc, or a process still
+    starting, whose command line is not there yet), no for one that has ended and not been reaped."""
+    proc = Path(f"/proc/{pid}")
     try:
-        return b"clipforge" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
         return not Path("/proc/self").exists()
+    return argv == [b""] or any(arg == b"clipforge.cli" or os.path.basename(arg) == b"clipforge" for arg in argv)
 
 
 def read_run_record(uri: str) -> dict:
@@ -524,24 +533,30 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       metrics=headline(manifest), notes=notes, seconds=None)
         return status, resolved.output
     resolved.config_uri = storage.join(record.folder, "configs", f"{name}.yaml")
-    storage.write_bytes(resolved.config_uri, yaml.safe_dump(resolved.values, sort_keys=False).encode())
     started = time.monotonic()
-    record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
-                  output=resolved.output, started=_now(), notes=notes)
-    log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
     try:
+        storage.write_bytes(resolved.config_uri, yaml.safe_dump(resolved.values, sort_keys=False).encode())
+        record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
+                      output=resolved.output, started=_now(), notes=notes)
+        log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
         code = execute(resolved)
     except UserError as exc:  # the executor's own refusal (the API server's): this stage failed, for good
-        record.record(name, status="failed", finished=_now(), seconds=round(time.monotonic() - started, 1),
-                      message=first_line(exc))
+        record.record(name, kind=stage.kind, status="failed", finished=_now(),
+                      seconds=round(time.monotonic() - started, 1), message=first_line(exc))
         raise
     except (Stopped, KeyboardInterrupt) as exc:
         # A stage Job runs on without its driver, and the next driver takes it up: still running. A local
         # runner's stage was not started yet, or had ended, or ends with the runner (saving its progress).
         if record.data["runner"]["kind"] != "local":
             raise
+        after = read_manifest(resolved.output)
+        if after is not None and (manifest is None or digest(after) != digest(manifest)):  # it finished first
+            record.record(name, kind=stage.kind, status="done", finished=_now(),
+                          seconds=round(time.monotonic() - started, 1), metrics=headline(after))
+            raise  # the run stops, as it was told to, after the stage that finished
         SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
         code = EXIT_PREEMPTED if isinstance(exc, Stopped) else EXIT_INTERRUPTED
+        record.record(name, kind=stage.kind, key=resolved.key, output=resolved.output)
     seconds = round(time.monotonic() - started, 1)
     before, manifest = manifest, read_manifest(resolved.output)
     if code == 0 and manifest is not None:

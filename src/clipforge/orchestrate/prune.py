@@ -107,7 +107,7 @@ def newest_complete(runs: list[dict]) -> dict[tuple[str, ...], str]:
     that is still going, or one that failed half-way, will reuse for the stages it has not reached."""
     found = {}
     for run in runs:
-        if run["state"] == "complete":  # not `complete without` a stage: that one it names no output of
+        if run["state"].startswith("complete"):  # `complete without` a stage a policy let it go on without too
             stages = (run["record"].get("spec") or {}).get("stages") or []
             found[tuple(stage.get("name") for stage in stages if isinstance(stage, dict))] = run["run_id"]
     return found
