@@ -78,12 +78,20 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     if any(arg in ("-q", "--quiet") for arg in extra):
         args.quiet, extra = True, [arg for arg in extra if arg not in ("-q", "--quiet")]
     if extra:
-        command = parser.commands[args.command]
+        command = chosen_parser(parser.commands[args.command], args)
         flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
         typo = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("--")), None)
         near = difflib.get_close_matches(typo.replace("_", "-"), flags, n=1) if typo else []
         command.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {near[0]}?" if near else ""))
     return args
+
+
+def chosen_parser(command: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command as chosen, down through nested ones (`index nsd`, `models list`)."""
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return command
 
 
 # A path the user gave that cannot be written or read this way: where to put the output is theirs to fix.

@@ -184,6 +184,10 @@ def test_unknown_flag_names_the_subcommand_and_the_flag_it_is_closest_to_in_one_
     with pytest.raises(SystemExit) as stop:
         main(["finetune", "--precision", "fp64"])
     assert capsys.readouterr().err.count("\n") == 1 and stop.value.code == 2
+    with pytest.raises(SystemExit):  # a nested command's own flags, and its own --help
+        main(["models", "list", "--dirr", "x"])
+    assert capsys.readouterr().err.startswith("clipforge models list: error: unrecognized arguments: --dirr x; did "
+                                              "you mean --dir? (`clipforge models list --help`")
 
 
 def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch, caplog):
