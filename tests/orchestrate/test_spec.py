@@ -237,6 +237,13 @@ def test_stages_that_pin_one_folder_or_the_store_are_refused(tmp_path):
         load_pipeline(write(tmp_path, spec))
     with pytest.raises(UserError, match=r"stages.ad.output: . holds the artifact store \(artifacts\)"):
         load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][3].update(output="."))))
+    with pytest.raises(UserError, match=r"stages.ad.output: artifacts/cache/ holds the artifact store \(artifacts\) "
+                                        "or one of its folders"):  # where keyed caches go
+        load_pipeline(write(tmp_path, mutate(lambda s: s["stages"][3].update(output="artifacts/cache/"))))
+    spec = mutate(lambda s: (s["stages"][1].update(output=f"file://{tmp_path}/p"), s["stages"][2].update(
+        output=f"{tmp_path}/p")))
+    with pytest.raises(UserError, match="is also stages.src.output"):  # file:// and a path to one folder
+        load_pipeline(write(tmp_path, spec))
     spec = mutate(lambda s: (s["stages"][1].update(output="s3://b/src"), s["stages"][2].update(output="s3://b/srcs")))
     assert load_pipeline(write(tmp_path, spec)).stages[2].output == "s3://b/srcs"
 

@@ -214,19 +214,21 @@ def check_stage_configs(spec: PipelineSpec) -> list[str]:
 
 def shared_outputs(spec: PipelineSpec) -> list[str]:
     """Pinned outputs that overlap: two stages writing one folder replace each other's output (a fine-tune's
-    model), and a stage writing over the artifact store replaces what every stage keeps there."""
-
-    def folder(uri: str) -> str:
-        return uri.rstrip("/") if "://" in uri else os.path.abspath(uri.removeprefix("file://"))
+    model), and a stage writing over the artifact store, or over one of its kind folders, replaces what the
+    stages keep there."""
+    from clipforge.orchestrate.kinds import KINDS
+    from clipforge.storage.uri import join, one_spelling
 
     def holds(outer: str, inner: str) -> bool:
         return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
-    problems, pinned = [], [(s.name, s.output, folder(s.output)) for s in spec.stages if s.output]
+    problems, pinned = [], [(s.name, s.output, one_spelling(s.output)) for s in spec.stages if s.output]
+    kept = {one_spelling(join(spec.artifacts, folder)) for folder in [*KINDS, "runs"]}
     for i, (name, output, path) in enumerate(pinned):
         where = f"stages.{name}.output: {output}"
-        if holds(path, folder(spec.artifacts)):
-            problems.append(f"{where} holds the artifact store ({spec.artifacts}): pin a folder of its own")
+        if holds(path, one_spelling(spec.artifacts)) or path in kept:
+            problems.append(f"{where} holds the artifact store ({spec.artifacts}) or one of its folders: pin a "
+                            "folder of its own")
         for other, theirs, their_path in pinned[:i]:
             if path == their_path:
                 problems.append(f"{where} is also stages.{other}.output: each stage needs a folder of its own")

@@ -19,6 +19,7 @@ import os
 from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.orchestrate.kinds import KINDS
 from clipforge.storage.manifest import read_manifest
+from clipforge.storage.uri import one_spelling
 
 # Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
 UNSIGNED_SETTINGS = ("source", "expdesign")
@@ -29,7 +30,7 @@ def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
     `stages.NAME.policy.reuse_existing: …` for a finished output there of another kind of stage. A stage whose
     `reuse_existing` output is finished (and its own kind's) does not run; one with no output there yet runs
     (an earlier stage may make it); paths under a pinned `output` may be written by the run."""
-    pinned = [where(stage.output) for stage in spec.stages if stage.output]
+    pinned = [one_spelling(stage.output) for stage in spec.stages if stage.output]
     problems = []
     for stage in spec.stages:
         reused = read_manifest(stage.policy.reuse_existing) if stage.policy.reuse_existing else None
@@ -38,7 +39,8 @@ def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
         elif reused is not None:
             continue  # it will not run
         for key, value in named_inputs(stage):
-            if any(where(value) == out or where(value).startswith(out.rstrip("/") + "/") for out in pinned):
+            place = one_spelling(value)
+            if any(place == out or place.startswith(out.rstrip("/") + "/") for out in pinned):
                 continue
             if value.startswith("s3://"):
                 unsigned = bool(stage.with_.get("no_sign_request")) and key in UNSIGNED_SETTINGS
@@ -64,13 +66,6 @@ def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:
 
 def article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
-
-
-def where(value: str) -> str:
-    """One spelling per place: an absolute local path (`./x`, `file://x` and `/cwd/x` agree), or the URI."""
-    if "://" in value and not value.startswith("file://"):
-        return value.rstrip("/")
-    return os.path.abspath(value.removeprefix("file://"))
 
 
 def named_inputs(stage: StageSpec) -> list[tuple[str, str]]:

@@ -57,6 +57,14 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def one_spelling(uri: str) -> str:
+    """One spelling per place, to compare two: an absolute local path (`./x`, `file://x` and `/cwd/x` agree), or
+    the URI without a trailing slash."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
 def is_file(uri: str) -> bool:
     """A file (an S3 object), not a folder or nothing."""
     return exists(uri) if is_s3(uri) else local_path(uri).is_file()
