@@ -39,7 +39,7 @@ def finished(store: CheckpointStore, *steps: int) -> None:
 
 def clear(store: CheckpointStore, caplog) -> str:
     with caplog.at_level(logging.WARNING, logger="clipforge.train"):
-        clear_stale_output(OneProcess(), store, store.root.rsplit("/", 1)[0], ("adapter.safetensors",))
+        clear_stale_output(OneProcess(), store, store.root.rsplit("/", 1)[0], ("adapter.safetensors",), AdapterConfig)
     return caplog.text
 
 

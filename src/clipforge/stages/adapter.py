@@ -86,7 +86,7 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
     pairs = read_pairs(config)
     store = CheckpointStore(config.out, config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
                             inputs=inputs, keep=config.keep_checkpoints, work_dir=config.work_dir)
-    clear_stale_output(accelerator, store, config.out, FINAL_FILES)
+    clear_stale_output(accelerator, store, config.out, FINAL_FILES, AdapterConfig)
     log_dir = store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
     trainer = None
     try:

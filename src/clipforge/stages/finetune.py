@@ -239,7 +239,7 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
         store = CheckpointStore(config.out, config=config.model_dump(mode="json", by_alias=True),
                                 config_fingerprint=fingerprint, inputs=inputs, keep=config.keep_checkpoints,
                                 work_dir=config.work_dir)
-        clear_stale_output(accelerator, store, config.out, FINAL_FILES)
+        clear_stale_output(accelerator, store, config.out, FINAL_FILES, FinetuneConfig)
         log.info("run folder %s: %d training and %d validation pairs", config.out, len(train), len(val))
         same_image, same_caption = train.shared_pairs()
         if same_image or same_caption:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 from accelerate import Accelerator
 
-from clipforge.config.adapter import AdapterConfig
-from clipforge.config.finetune import FinetuneConfig
+from clipforge.config.base import StageConfig
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.storage.manifest import input_changes, read_manifest, withdraw
@@ -42,23 +40,25 @@ def train_in_workers(command: str, config: dict, num_processes: int, out: str) -
 
 
 def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: str,
-                       final_files: tuple[str, ...] = ()) -> None:
+                       final_files: tuple[str, ...] = (), config_class: type[StageConfig] | None = None) -> None:
     """Before training: OUT must not look "done" while it is rewritten, nor keep checkpoints of another run.
     The old result's files go with its manifest (the manifest first), those it lists and the stage's
     `final_files`: a weights file left beside a run being trained again would be taken for its result. What
-    is thrown away is said with what differs, so that a changed setting is seen before hours are retrained.
+    is thrown away is said with what differs (the settings of `config_class` that count), so that a changed
+    setting is seen before hours are retrained.
 
     A folder under OUT/checkpoints that clipforge did not write is refused, on every process, before anything
     is removed: OUT is then someone's own folder, not this run's prefix."""
     listing = store.listing()
     refuse_foreign_folders(store, listing)
+    accelerator.wait_for_everyone()  # every process has listed before the main one removes anything
     if accelerator.is_main_process:
         manifest = read_manifest(out)
         if manifest is not None:
             log.warning("%s holds an output of another config or other inputs%s: training anew", out,
-                        in_parens(what_differs(manifest, store)))
+                        in_parens(what_differs(manifest, store, config_class)))
         withdraw(out, {*final_files, *((manifest or {}).get("files") or [])})
-        tidy_saying_why(store, listing)
+        tidy_saying_why(store, listing, config_class)
     accelerator.wait_for_everyone()
 
 
@@ -72,7 +72,7 @@ def refuse_foreign_folders(store: CheckpointStore, listing: Listing) -> None:
         raise UserError(f"{store.root} holds {named}, {which}: give the run an --out of its own")
 
 
-def tidy_saying_why(store: CheckpointStore, listing: Listing) -> None:
+def tidy_saying_why(store: CheckpointStore, listing: Listing, config_class: type[StageConfig] | None) -> None:
     """Remove the checkpoints `listing` found incomplete or of another run, naming each and, for another run's,
     the settings or inputs that made it another."""
     store.tidy(listing)
@@ -80,7 +80,7 @@ def tidy_saying_why(store: CheckpointStore, listing: Listing) -> None:
         log.warning("removed incomplete checkpoints: %s", ", ".join(listing.incomplete))
     by_change: dict[str, list[str]] = {}
     for checkpoint in listing.others:
-        by_change.setdefault(what_differs(checkpoint.manifest, store), []).append(checkpoint.name)
+        by_change.setdefault(what_differs(checkpoint.manifest, store, config_class), []).append(checkpoint.name)
     for differ, names in by_change.items():
         log.warning("removed checkpoints of another run%s: %s", in_parens(differ), ", ".join(names))
 
@@ -89,37 +89,30 @@ def in_parens(text: str) -> str:
     return f" ({text})" if text else ""
 
 
-# The stages whose runs keep checkpoints: a store holds its config dumped, and its keys tell which it was.
-TRAINING_CONFIGS = (AdapterConfig, FinetuneConfig)
-
-
-def what_differs(recorded: dict, store: CheckpointStore, shown: int = 3) -> str:
+def what_differs(recorded: dict, store: CheckpointStore, config_class: type[StageConfig] | None,
+                 shown: int = 3) -> str:
     """The settings and inputs of the run `store` is for that are not those `recorded` (an output's or a
     checkpoint's manifest) records, as `epochs: 30 then, 31 now` (the first `shown`); empty when none can be
     told."""
-    differ = settings_changes(recorded.get("config") or {}, store.config)
+    differ = settings_changes(recorded.get("config") or {}, store.config, config_class) if config_class else []
     # With their paths: where an input lives is a volatile setting, yet it counts through the fingerprint.
     differ += input_changes(recorded.get("inputs") or {}, store.inputs)
     return "; ".join(differ[:shown]) + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
 
 
-def settings_changes(then: dict, now: dict) -> list[str]:
-    """Each setting of `now` (a dumped config) that can change the output and is not what `then` recorded, as
-    `key: X then, Y now`; one `then` predates counts as its default. Volatile settings (how often to log or
-    checkpoint, where to write) are not named: they never make another run."""
-    return [f"{key}: {then.get(key, default)} then, {now[key]} now"
-            for key, default in sorted(counted_settings(now).items()) if then.get(key, default) != now[key]]
-
-
-def counted_settings(config: dict) -> dict[str, Any]:
-    """{key: default} of the settings of `config` that count for the output, by the stage config it was dumped
-    from (the one whose keys it has); empty for a config of no training stage."""
-    for cls in TRAINING_CONFIGS:
-        fields = {field.alias or name: (name, None if field.is_required() else field.get_default(
-            call_default_factory=True)) for name, field in cls.model_fields.items()}
-        if fields.keys() == config.keys():
-            return {key: default for key, (name, default) in fields.items() if name not in cls.volatile}
-    return {}
+def settings_changes(then: dict, now: dict, config_class: type[StageConfig]) -> list[str]:
+    """Each setting of `now` (a dumped `config_class`) that can change the output and is not what `then`
+    recorded, as `key: X then, Y now`; one `then` predates counts as its default. Volatile settings (how often
+    to log or checkpoint, where to write) are not named: they never make another run."""
+    changes = []
+    for name, field in sorted(config_class.model_fields.items()):
+        key = field.alias or name
+        if name in config_class.volatile or key not in now:
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if then.get(key, default) != now[key]:
+            changes.append(f"{key}: {then.get(key, default)} then, {now[key]} now")
+    return changes
 
 
 def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,
