@@ -494,3 +494,20 @@ def test_a_signal_just_after_a_local_stage_finished_records_it_done_and_stops_th
     saved = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert saved["stages"]["nsd-index"]["status"] == "done" and ran == ["nsd-index"]
     assert run_state(saved) == "stopped"
+
+
+def test_a_reuse_existing_output_missing_a_file_is_not_reused_and_is_left_as_it_is(tmp_path, caplog):
+    """The same gap reached through `policy.reuse_existing`: that output is someone else's, so it is not
+    withdrawn; the stage runs instead of reusing it."""
+    elsewhere = tmp_path / "elsewhere"
+    write_manifest(str(elsewhere), kind="index", config={}, config_fingerprint="x", inputs={}, files=["gone.bin"])
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"artifacts: {tmp_path / 'art'}\nstages:\n  - {{name: one, kind: index, with: {{expdesign: e.mat, "
+                    f"subject: subj01}}, policy: {{reuse_existing: {elsewhere}}}}}\n")
+    execute, ran = stages_that({})
+    with caplog.at_level("WARNING", logger="clipforge.run"):
+        record = run_pipeline(load_pipeline(str(path)), "r", execute)
+    assert ran == ["one"] and record.data["stages"]["one"]["status"] == "done"
+    assert f"policy reuse_existing: {elsewhere} is not finished: 1 of the files its manifest lists is gone" \
+        in caplog.text
+    assert (elsewhere / "_manifest.json").is_file()

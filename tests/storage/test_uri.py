@@ -224,8 +224,6 @@ def test_files_gone_between_a_listing_and_their_reads_are_absent_not_errors(tmp_
 
 def test_a_file_that_cannot_be_created_is_named_not_its_temporary_name():
     """`index --output /proc/x.parquet` said `/proc/.x.parquet.ic_c8ln1.tmp: No such file or directory`."""
-    import errno
-
     with pytest.raises(OSError) as info:
         storage.write_bytes("/proc/clipforge-x.parquet", b"x")  # a folder that takes no new files, even for root
-    assert info.value.filename == "/proc/clipforge-x.parquet" and info.value.errno in (errno.ENOENT, errno.EACCES)
+    assert info.value.filename == "/proc/clipforge-x.parquet"

@@ -452,6 +452,10 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     except (Stopped, KeyboardInterrupt) as exc:
         return stopped_while_waiting(record, stage, exc, "a prune of an output it reads", None, None)
     found = read_manifest(pinned) if pinned else None
+    gone = files_gone(pinned, found) if found is not None else []
+    if gone:  # not finished, whatever its manifest says; not this run's to undo either
+        log.warning("[%s] policy reuse_existing: %s is not finished: %s", name, pinned, gone_note(gone))
+        found = None
     wrong = wrong_kind(stage, found) if found is not None else None
     if wrong:  # preflight refuses what is there at the start; this is one an earlier stage made
         why = f"policy {wrong}"
@@ -515,7 +519,8 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       notes: list[str]):
     name = stage.name
     manifest = read_manifest(resolved.output)
-    gone = files_gone(resolved.output, manifest) if manifest is not None else []
+    # Only this kind's output: another stage's, at a pinned output, is the stage's to refuse, not this to undo.
+    gone = files_gone(resolved.output, manifest) if manifest and manifest.get("kind") == stage.kind else []
     if gone:  # deleted by hand, a copy cut short: the stage makes them again (a cache, only its missing shards)
         log.warning("[%s] %s is not finished: %s; running the stage again", name, resolved.output, gone_note(gone))
         withdraw(resolved.output)

@@ -310,7 +310,8 @@ def keep_only(out: str, ids, parts: dict[str, pd.DataFrame], images: set[str]) -
             else:
                 storage.delete(uri)
         kept.append(rows)
-    unlisted = images - {path for rows in kept for path in rows["path"]}
+    # Not the images of ids it is about to generate (a killed attempt's, which no batch lists): overwritten anyway.
+    unlisted = images - {path for rows in kept for path in rows["path"]} - {image_path(i) for i in ids}
     folder = storage.join(out, "images")
     stray = [name for name in storage.list_tree(folder) if f"images/{name}" in unlisted]
     if stray:

@@ -49,13 +49,13 @@ def read_manifest(prefix: str) -> dict[str, Any] | None:
 
 
 def listed_files(manifest: dict) -> dict[str, int | None]:
-    """The files a manifest says its prefix holds, with their sizes where it records them: a cache's shards
-    (`bytes`), another stage's `files`."""
+    """The files a manifest says its prefix holds, with their sizes where it records them: a cache's `shards`,
+    another stage's `files` (names, or {path, bytes} as a checkpoint's)."""
     shards = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
     files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-    listed = {shard.get("path"): shard.get("bytes") for shard in shards if isinstance(shard, dict)}
-    listed |= {name: None for name in files}
-    return {name: size if isinstance(size, int) else None for name, size in listed.items() if isinstance(name, str)}
+    entries = [entry if isinstance(entry, dict) else {"path": entry} for entry in [*shards, *files]]
+    return {entry["path"]: entry["bytes"] if isinstance(entry.get("bytes"), int) else None
+            for entry in entries if isinstance(entry.get("path"), str)}
 
 
 def files_gone(prefix: str, manifest: dict) -> list[str]:
