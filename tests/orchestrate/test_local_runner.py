@@ -205,6 +205,8 @@ def test_runner_killed_mid_cache_resumes(demo_root, tmp_path):
     # Ray's workers may commit a shard they were writing as the runner died: at least those seen are kept.
     resumed = [int(n) for n in re.findall(r"(\d+) already committed, skipped", proc.stderr)]
     assert resumed and max(resumed) >= committed >= 1
+    assert re.search(r"\[source-cache\] running cache .* \(\d+ files already there, of an earlier attempt\)",
+                     proc.stderr)  # the run's own line says there is work to go on from
     run_json = json.loads((tmp_path / "demo/artifacts/runs/killed/run.json").read_text())
     assert {s["status"] for s in run_json["stages"].values()} == {"up-to-date", "done"}
     assert run_json["stages"]["nsd-index"]["status"] == "up-to-date"

@@ -39,7 +39,7 @@ from clipforge.errors import (
     first_line,
 )
 from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, spellings
-from clipforge.orchestrate.lease import StageLease, process_gone, stop_this_process, wait_while_pruned
+from clipforge.orchestrate.lease import LEASE_NAME, StageLease, process_gone, stop_this_process, wait_while_pruned
 from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, files_gone, gone_note, output_fingerprint, read_manifest, withdraw
@@ -543,7 +543,7 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
         storage.write_bytes(resolved.config_uri, yaml.safe_dump(resolved.values, sort_keys=False).encode())
         record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
                       output=resolved.output, started=_now(), notes=notes)
-        log.info("[%s] running %s -> %s", name, " ".join(resolved.argv), resolved.output)
+        log.info("[%s] running %s -> %s%s", name, " ".join(resolved.argv), resolved.output, earlier_work(resolved))
         code = execute(resolved)
     except UserError as exc:  # the executor's own refusal (the API server's): this stage failed, for good
         record.record(name, kind=stage.kind, status="failed", finished=_now(),
@@ -590,6 +590,13 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     log.error("[%s] FAILED (%s); stopping the pipeline", name, why)
     record.record(name, status="failed", finished=_now(), seconds=seconds, message=why)
     return "failed", None
+
+
+def earlier_work(resolved: ResolvedStage) -> str:
+    """` (N files already there, of an earlier attempt)` when its output holds some: the stage says what it
+    goes on from (shards, a checkpoint); this says at a glance, in the run's own lines, that there is some."""
+    files = [path for path in storage.list_tree(resolved.output) if path.rsplit("/", 1)[-1] != LEASE_NAME]
+    return f" ({len(files)} files already there, of an earlier attempt)" if files else ""
 
 
 def exit_description(code: int) -> str:
