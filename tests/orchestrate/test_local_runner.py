@@ -282,6 +282,29 @@ def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
     assert statuses(second)["adapter"] == "reused"  # it waited, then found the adapter committed
     assert second.data["stages"]["adapter"]["output"] == records["a"].data["stages"]["adapter"]["output"]
     assert "[adapter] run race-a (on " in caplog.text and "waiting for it" in caplog.text
+    assert second.data["stages"]["adapter"]["waited_for"].startswith("run race-a (on ")
+
+
+def test_a_run_waiting_for_another_reads_waiting_at_its_stage_and_lost_once_its_runner_is_gone():
+    """`clipforge runs` showed a run waiting on another run's lease as `incomplete`."""
+    import os
+    import socket
+
+    from clipforge.orchestrate.runs import live_state, run_state
+
+    run = {"run_id": "b", "spec": {"stages": [{"name": "idx"}, {"name": "adapter"}]},
+           "runner": {"kind": "local", "host": socket.gethostname(), "pid": os.getpid()},
+           "stages": {"idx": {"status": "done"}, "adapter": {"status": "waiting", "waited_for": "run a (on vm)"}}}
+    assert run_state(run) == "waiting at adapter" and live_state(run, "unused") == "waiting at adapter"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run["runner"]["pid"] = gone.pid
+    uri = Path(f"/tmp/clipforge-test-{os.getpid()}-run.json")
+    uri.write_text(json.dumps(run))
+    try:
+        assert live_state(run, str(uri)) == "lost at adapter"
+    finally:
+        uri.unlink()
 
 
 def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str,

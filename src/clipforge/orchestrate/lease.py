@@ -42,9 +42,11 @@ class StageLease:
     """Context manager: hold `output`'s lease for `run_id` for the duration of the block."""
 
     def __init__(self, output: str, run_id: str, stage: str, *, renew_every: float = 30.0,
-                 stale_after: float = 120.0, poll: float = 5.0, on_lost: Callable[[], None] | None = None):
+                 stale_after: float = 120.0, poll: float = 5.0, on_lost: Callable[[], None] | None = None,
+                 on_wait: Callable[[dict], None] | None = None):
+        """`on_wait(holder)`: called once, when another holder makes this one wait (a run records it)."""
         self.uri = storage.join(output, LEASE_NAME)
-        self.run_id, self.stage, self.on_lost = run_id, stage, on_lost
+        self.run_id, self.stage, self.on_lost, self.on_wait = run_id, stage, on_lost, on_wait
         self.renew_every, self.stale_after, self.poll = renew_every, stale_after, poll
         self.token: str | None = None
         self.holder = secrets.token_hex(8)
@@ -82,6 +84,8 @@ class StageLease:
                 log.warning("[%s] run %s (on %s) is writing %s: waiting for it", self.stage, holder.get("run_id"),
                             holder.get("host"), self.uri.rsplit("/", 1)[0])
                 said = True
+                if self.on_wait is not None:
+                    self.on_wait(holder)
             time.sleep(self.poll)
         self._hold()
         return self

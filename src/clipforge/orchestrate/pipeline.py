@@ -301,7 +301,7 @@ def refuse_a_second_runner(existing: dict | None, run_id: str) -> None:
     if existing is None or pid == os.getpid() or process_gone(host, pid) or host != socket.gethostname():
         return
     state = run_state(existing)
-    if (state.startswith("at ") or state == "incomplete") and runs_clipforge(pid):
+    if (state.startswith(("at ", "waiting at ")) or state == "incomplete") and runs_clipforge(pid):
         raise UserError(f"run {run_id} is being run now (pid {pid} on this machine, since {runner.get('started')}):"
                         " wait for it to end (clipforge runs ARTIFACTS --watch), or give another --run-id")
 
@@ -479,7 +479,11 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
     made = storage.missing_folders(resolved.output)
-    lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process)
+    def waiting(holder: dict) -> None:  # `clipforge runs` says what the run waits for, not `incomplete`
+        record.record(name, kind=stage.kind, status="waiting", output=resolved.output,  # no key: not its own yet
+                      waited_for=f"run {holder.get('run_id')} (on {holder.get('host')})")
+
+    lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process, on_wait=waiting)
     try:
         with lease:
             status, output = _reuse_or_execute(stage, resolved, record, execute, notes)

@@ -39,7 +39,8 @@ from clipforge.storage.manifest import MANIFEST_NAME, read_manifest
 log = logging.getLogger("clipforge.prune")
 
 OUTPUT_FOLDER = re.compile(rf"^({OUTPUT_KEY})(\.faiss)?$")  # a key folder, or the faiss index `search --faiss` adds
-LIVE = ("at ", "incomplete")  # states of a run that may still be running (`lost` ones are known not to be)
+# States of a run that may still be running (`lost` ones are known not to be).
+LIVE = ("at ", "waiting at ", "incomplete")
 # A Kubernetes run stopped, lost or crashed (at a stage, or between two) is resumed by the driver Job's next pod.
 LIVE_ON_KUBERNETES = (*LIVE, "stopped", "lost", "crashed")
 CHUNK = 64  # outputs leased, checked and deleted at a time

@@ -43,9 +43,10 @@ def run_uri(artifacts: str, run_id: str) -> str:
 
 def run_state(run: dict) -> str:
     """`complete` (or `complete without STAGE, …`: the stages a policy let it go on without), `failed at STAGE`,
-    `at STAGE` (running), `stopped at STAGE` (interrupted or preempted after saving its progress: a rerun
-    resumes), `failed`, `crashed` or `stopped` (its runner ended between stages: a user error, anything else,
-    a signal), or `incomplete` (between stages), from the record alone."""
+    `at STAGE` (running), `waiting at STAGE` (for another run writing its output), `stopped at STAGE`
+    (interrupted or preempted after saving its progress: a rerun resumes), `failed`, `crashed` or `stopped`
+    (its runner ended between stages: a user error, anything else, a signal), or `incomplete` (between
+    stages), from the record alone."""
     names = [stage["name"] for stage in run["spec"]["stages"]]  # as recorded: no validation against today's schema
     stages = run.get("stages") or {}
     status = {name: (stages.get(name) or {}).get("status") for name in names}
@@ -55,6 +56,9 @@ def run_state(run: dict) -> str:
     running = [name for name in names if status[name] == "running"]
     if running:
         return f"at {running[0]}"
+    waiting = [name for name in names if status[name] == "waiting"]
+    if waiting:  # for another run writing the same output
+        return f"waiting at {waiting[0]}"
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
         return f"stopped at {stopped[0]}"
@@ -71,12 +75,12 @@ def live_state(run: dict, uri: str) -> str:
     """`run_state`, except that a run nothing runs any more (`runner_gone`) is `lost at STAGE` (or `lost`)
     where its record still says `at STAGE` (or `incomplete`): a runner killed with kill -9 writes nothing."""
     state = run_state(run)
-    if not (state.startswith("at ") or state == "incomplete") or not runner_gone(run):
+    if not (state.startswith(("at ", "waiting at ")) or state == "incomplete") or not runner_gone(run):
         return state
     again = read_run_record(uri)  # the runner may have finished the stage (and let go of its lease) meanwhile
     if again.get("updated") != run.get("updated") or again.get("runner") != run.get("runner"):
         return live_state(again, uri)
-    return "lost" if state == "incomplete" else f"lost {state}"
+    return "lost" if state == "incomplete" else f"lost {state.removeprefix('waiting ')}"
 
 
 def runner_gone(run: dict) -> bool:
