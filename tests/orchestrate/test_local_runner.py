@@ -285,7 +285,7 @@ def test_two_runs_at_once_train_a_stage_once(first_run, in_demo, caplog):
     assert second.data["stages"]["adapter"]["waited_for"].startswith("run race-a (on ")
 
 
-def test_a_run_waiting_for_another_reads_waiting_at_its_stage_and_lost_once_its_runner_is_gone():
+def test_a_run_waiting_for_another_reads_waiting_at_its_stage_and_lost_once_its_runner_is_gone(tmp_path):
     """`clipforge runs` showed a run waiting on another run's lease as `incomplete`."""
     import os
     import socket
@@ -299,12 +299,11 @@ def test_a_run_waiting_for_another_reads_waiting_at_its_stage_and_lost_once_its_
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     run["runner"]["pid"] = gone.pid
-    uri = Path(f"/tmp/clipforge-test-{os.getpid()}-run.json")
+    uri = tmp_path / "run.json"
     uri.write_text(json.dumps(run))
-    try:
-        assert live_state(run, str(uri)) == "lost at adapter"
-    finally:
-        uri.unlink()
+    assert live_state(run, str(uri)) == "lost at adapter"
+    run["ended"] = "crashed: the store went away"  # an end while waiting is said, with its reason
+    assert run_state(run) == "crashed"
 
 
 def sigterm_a_run(demo_root, tmp_path, stages: list[dict], started: str,

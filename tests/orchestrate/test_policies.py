@@ -449,11 +449,16 @@ def test_a_second_runner_of_a_run_id_is_refused_while_the_first_is_alive(tmp_pat
     spec = load_pipeline(DEMO_SPEC, [f"artifacts={tmp_path}", "stages.adapter.policy.min_input_coverage=null"])
     execute, _ = stages_that({})
     record = run_pipeline(spec, "same", execute)
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "clipforge.cli"])
+    # A process whose command line reads as clipforge's (argv[0], as a console script's interpreter shows it).
+    alive = subprocess.Popen(["clipforge", "-c", "import time; time.sleep(60)"], executable=sys.executable)
 
-    def recorded(status: str) -> None:
+    def recorded(status: str, finished: bool = False) -> None:
+        """The record as a runner `alive` left it: at the adapter, or past the end of the run (`finished`)."""
         record.data.update(runner={"kind": "local", "host": socket.gethostname(), "pid": alive.pid,
                                    "started": "2026-11-28T00:00:00Z"})
+        record.data.pop("finished", None)
+        if finished:
+            record.data["finished"] = "2026-11-28T00:01:00Z"
         record.data["stages"]["adapter"]["status"] = status
         storage_write(record)
 
@@ -462,7 +467,12 @@ def test_a_second_runner_of_a_run_id_is_refused_while_the_first_is_alive(tmp_pat
         with pytest.raises(UserError, match=rf"^run same is being run now \(pid {alive.pid} on this machine, since "
                                             r"2026-11-28T00:00:00Z\): wait for it to end"):
             run_pipeline(spec, "same", execute)
-        recorded("done")  # complete, its runner still alive (a notebook that ran it): a rerun is no second runner
+        record.data["stages"]["evaluate"]["status"] = "failed"  # an earlier attempt's, under a resumed one
+        with pytest.raises(UserError, match="is being run now"):
+            recorded("running")
+            run_pipeline(spec, "same", execute)
+        record.data["stages"]["evaluate"]["status"] = "done"
+        recorded("done", finished=True)  # its runner out of the run, and still alive (a notebook that ran it)
         assert exit_code(run_pipeline(spec, "same", execute)) == 0
         recorded("running")
     finally:

@@ -276,6 +276,7 @@ class RunRecord:
         self.data["runner"] = {"kind": runner, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
         self.data["directory"] = os.getcwd()  # what the spec's relative paths are relative to
         self.data.pop("ended", None)  # an earlier attempt's end, when resumed
+        self.data.pop("finished", None)  # ... or its normal end
         self.stopped = 0  # the exit code, when stopped (SIGTERM, Ctrl-C) after a stage that finished anyway
 
     def stage(self, name: str) -> dict | None:
@@ -292,32 +293,42 @@ class RunRecord:
 
 def refuse_a_second_runner(existing: dict | None, run_id: str) -> None:
     """One runner per run id, as far as can be seen: two would each rewrite run.json whole, and it would end
-    saying the stages one of them trained were found up to date. Only a runner of this machine that is still
-    inside the run (at a stage, or between two) is seen; two starting in the same instant are not."""
+    saying the stages one of them trained were found up to date. Seen: a runner of this machine, run as a
+    clipforge command (not through the library from a notebook), whose run has neither ended nor finished;
+    two starting in the same instant are not."""
     from clipforge.orchestrate.runs import run_state
 
     runner = (existing or {}).get("runner") or {}
     pid, host = runner.get("pid"), runner.get("host")
-    if existing is None or pid == os.getpid() or process_gone(host, pid) or host != socket.gethostname():
+    if existing is None or existing.get("ended") or existing.get("finished") or pid == os.getpid() or \
+            host != socket.gethostname() or process_gone(host, pid):
         return
-    state = run_state(existing)
-    if (state.startswith(("at ", "waiting at ")) or state == "incomplete") and runs_clipforge(pid):
+    if run_state(existing).startswith("complete"):  # recorded before runs marked their finish
+        return
+    if runs_clipforge(pid):
         raise UserError(f"run {run_id} is being run now (pid {pid} on this machine, since {runner.get('started')}):"
                         " wait for it to end (clipforge runs ARTIFACTS --watch), or give another --run-id")
+
+
+PF_KTHREAD = 0x00200000  # /proc/PID/stat's flags: a kernel thread, whose command line is empty too
 
 
 def runs_clipforge(pid: int) -> bool:
     """Whether process `pid` is a clipforge command (`clipforge …`, `python -m clipforge.cli …`), not another
     process given the pid of one that ended; yes where the system does not say (no /proc, or a process still
-    starting, whose command line is not there yet), no for one that has ended and not been reaped."""
+    starting, whose command line is not there yet), no for a kernel thread or one that ended unreaped."""
     proc = Path(f"/proc/{pid}")
     try:
-        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        fields = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:
             return False
         argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return not Path("/proc/self").exists()
-    return argv == [b""] or any(arg == b"clipforge.cli" or os.path.basename(arg) == b"clipforge" for arg in argv)
+    if argv == [b""]:
+        return True
+    command = [os.path.basename(arg) for arg in argv[:2]]  # the program, or the script its interpreter runs
+    return b"clipforge" in command or argv[1:3] == [b"-m", b"clipforge.cli"]
 
 
 def read_run_record(uri: str) -> dict:
@@ -373,7 +384,10 @@ def run_pipeline(spec: PipelineSpec, run_id: str, execute: Executor,
     record = RunRecord(spec, run_id, runner)
     record.save()  # at once: the outputs its spec names by path are in use from now on (`clipforge prune`)
     try:
-        return _run_stages(spec, record, execute, stop)
+        _run_stages(spec, record, execute, stop)
+        record.data["finished"] = _now()  # its runner is out of the run (whatever its stages' outcome)
+        record.save()
+        return record
     except (Exception, Stopped, KeyboardInterrupt) as exc:  # the run ends here: say so, where no stage does
         # A user error fails the run for good; anything else (the API server or the store went away, a bug) is
         # a crash, which a Kubernetes driver Job retries, resuming the run.
@@ -454,7 +468,8 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     found = read_manifest(pinned) if pinned else None
     gone = files_gone(pinned, found) if found is not None else []
     if gone:  # not finished, whatever its manifest says; not this run's to undo either
-        log.warning("[%s] policy reuse_existing: %s is not finished: %s", name, pinned, gone_note(gone))
+        log.warning("[%s] policy reuse_existing: %s is not finished: %s; running the stage", name, pinned,
+                    gone_note(gone))
         found = None
     wrong = wrong_kind(stage, found) if found is not None else None
     if wrong:  # preflight refuses what is there at the start; this is one an earlier stage made
@@ -467,7 +482,7 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         record.record(name, kind=stage.kind, status="reused", output=pinned, key=None,
                       metrics=headline(found), message="policy reuse_existing")
         return "reused", pinned
-    if pinned:
+    if pinned and not gone:
         log.warning("[%s] policy reuse_existing: no finished output at %s (no _manifest.json); running the stage",
                     name, pinned)
     resolved = as_made_by_mtime(resolve_stage(spec, stage, outputs), spec.artifacts)
@@ -480,8 +495,9 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     # One run at a time writes this output: another run's stage waits here, then finds it done.
     made = storage.missing_folders(resolved.output)
     def waiting(holder: dict) -> None:  # `clipforge runs` says what the run waits for, not `incomplete`
-        record.record(name, kind=stage.kind, status="waiting", output=resolved.output,  # no key: not its own yet
-                      waited_for=f"run {holder.get('run_id')} (on {holder.get('host')})")
+        if holder.get("run_id") != record.data["run_id"]:  # not its own lease, left by a driver pod replaced
+            record.record(name, kind=stage.kind, status="waiting", output=resolved.output,  # no key: not its own
+                          waited_for=f"run {holder.get('run_id')} (on {holder.get('host')})")
 
     lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process, on_wait=waiting)
     try:
@@ -547,7 +563,8 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
         storage.write_bytes(resolved.config_uri, yaml.safe_dump(resolved.values, sort_keys=False).encode())
         record.record(name, kind=stage.kind, status="running", config=resolved.config_uri, key=resolved.key,
                       output=resolved.output, started=_now(), notes=notes)
-        log.info("[%s] running %s -> %s%s", name, " ".join(resolved.argv), resolved.output, earlier_work(resolved))
+        log.info("[%s] running %s -> %s%s", name, " ".join(resolved.argv), resolved.output,
+                 earlier_work(resolved, manifest))
         code = execute(resolved)
     except UserError as exc:  # the executor's own refusal (the API server's): this stage failed, for good
         record.record(name, kind=stage.kind, status="failed", finished=_now(),
@@ -596,10 +613,16 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
     return "failed", None
 
 
-def earlier_work(resolved: ResolvedStage) -> str:
-    """` (N files already there, of an earlier attempt)` when its output holds some: the stage says what it
-    goes on from (shards, a checkpoint); this says at a glance, in the run's own lines, that there is some."""
-    files = [path for path in storage.list_tree(resolved.output) if path.rsplit("/", 1)[-1] != LEASE_NAME]
+def earlier_work(resolved: ResolvedStage, manifest: dict | None) -> str:
+    """` (N files already there, of an earlier attempt)` when its unfinished output holds some: the stage says
+    what it goes on from (shards, a checkpoint); this says at a glance, in the run's own lines, that there is
+    some. Only a log line: a listing that fails says nothing."""
+    if manifest is not None:  # a finished output at a pinned folder: the stage says what it makes of it
+        return ""
+    try:
+        files = [path for path in storage.list_tree(resolved.output) if path.rsplit("/", 1)[-1] != LEASE_NAME]
+    except Exception:  # noqa: BLE001 (the stage itself meets the store next, and says what is wrong)
+        return ""
     return f" ({len(files)} files already there, of an earlier attempt)" if files else ""
 
 

@@ -57,7 +57,7 @@ def run_state(run: dict) -> str:
     if running:
         return f"at {running[0]}"
     waiting = [name for name in names if status[name] == "waiting"]
-    if waiting:  # for another run writing the same output
+    if waiting and not run.get("ended"):  # for another run writing the same output (an end says why it ended)
         return f"waiting at {waiting[0]}"
     stopped = [name for name in names if status[name] == "interrupted"]
     if stopped:
@@ -73,7 +73,8 @@ def run_state(run: dict) -> str:
 
 def live_state(run: dict, uri: str) -> str:
     """`run_state`, except that a run nothing runs any more (`runner_gone`) is `lost at STAGE` (or `lost`)
-    where its record still says `at STAGE` (or `incomplete`): a runner killed with kill -9 writes nothing."""
+    where its record still says `at STAGE` or `waiting at STAGE` (or `incomplete`): a runner killed with
+    kill -9 writes nothing."""
     state = run_state(run)
     if not (state.startswith(("at ", "waiting at ")) or state == "incomplete") or not runner_gone(run):
         return state
@@ -182,7 +183,8 @@ def watch_run(artifacts: str, run_id: str, every: float = 10.0, *, say=print, sl
             status = entry.get("status")
             if status and status != seen.get(name):
                 seen[name] = status
-                detail = entry.get("output") if status in (*FINISHED, "running") else entry.get("message")
+                detail = entry.get("output") if status in (*FINISHED, "running") else \
+                    f"for {entry.get('waited_for')}" if status == "waiting" else entry.get("message")
                 say(f"{time.strftime('%H:%M:%S')} [{name}] {status}" + (f": {detail}" if detail else ""))
         state = live_state(run, run_uri(artifacts, run_id))
         if state.startswith(("complete", "failed")):
