@@ -10,6 +10,7 @@ from clipforge.config.evaluate import EvaluateConfig
 from clipforge.errors import UserError
 from clipforge.stages.adapter import train_adapter
 from clipforge.stages.evaluate import run_evaluate
+from clipforge.storage.manifest import read_manifest, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,19 @@ def seeded_adapter(tmp_path_factory):
     return root, src, tgt, out
 
 
+def split_caches(root) -> tuple[str, str]:
+    """The same images and embeddings cached with NSD's split (its first 100 rows the test split). Their
+    manifests say so, as a real cache's index fingerprint does: `write_pair`'s alone would be the plain ones',
+    byte for byte, when written in the same second."""
+    caches = write_pair(str(root), with_splits=True)
+    for prefix in caches:
+        m = read_manifest(prefix)
+        write_manifest(prefix, kind="cache", config={**m["config"], "index": "nsd-split.parquet"},
+                       config_fingerprint=m["config_fingerprint"], inputs=m["inputs"], shards=m["shards"],
+                       rows=m["rows"], model=m["model"])
+    return caches
+
+
 def evaluate(src, tgt, adapter, out, **settings) -> dict:
     return run_evaluate(EvaluateConfig(clip_cache=src, target_cache=tgt, adapter=adapter, out=str(out),
                                        device="cpu", **settings))
@@ -33,7 +47,7 @@ def test_caches_whose_test_rows_the_adapter_trained_on_are_refused(seeded_adapte
     they were scored as held out, with no word."""
     root, src, tgt, adapter = seeded_adapter
     assert evaluate(src, tgt, adapter, tmp_path / "own")["metrics"]["test_rows"] == 120  # its own held-out rows
-    split_src, split_tgt = write_pair(str(tmp_path / "split"), with_splits=True)
+    split_src, split_tgt = split_caches(tmp_path / "split")
     said = rf"^\d+ of the 100 test rows here were training rows of adapter {adapter} \(trained on {src}\), "
     with pytest.raises(UserError, match=said + r"e\.g\. id \d+: its scores would count rows it learned"):
         evaluate(split_src, split_tgt, adapter, tmp_path / "leak")
@@ -51,7 +65,7 @@ def test_an_adapter_whose_caches_are_gone_is_scored_with_a_warning_and_its_split
     with caplog.at_level("WARNING", logger="clipforge.evaluate"):
         evaluate(src, tgt, str(moved), tmp_path / "flags", seed=3, test_share=0.5)
     assert "the adapter's own split is used (seed 7, test share 0.2), not --seed 3 --test-share 0.5" in caplog.text
-    split_src, split_tgt = write_pair(str(tmp_path / "split"), with_splits=True)
+    split_src, split_tgt = split_caches(tmp_path / "split")
     shutil.rmtree(root / "plain")
     try:
         caplog.clear()
