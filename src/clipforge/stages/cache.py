@@ -39,11 +39,13 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
     files_gone,
+    first_few,
     gone_note,
     input_changes,
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
+    settings_changes,
     spelled_as_recorded,
     withdraw,
     write_manifest,
@@ -287,14 +289,11 @@ def what_differs(manifest: dict, cfg: CacheConfig, inputs: dict, shown: int = 3,
                  recorded_as: str = "in the manifest") -> str:
     """The settings and inputs of `cfg` that are not those `manifest` records, as `key: X in the manifest, Y now`
     (the first `shown` of them); empty when they cannot be told (a manifest of an older clipforge)."""
-    defaults = {field.alias or name: field.default for name, field in CacheConfig.model_fields.items()
-                if name not in cfg.volatile}
-    now, then = cfg.model_dump(mode="json", by_alias=True), manifest["config"]
-    differ = [f"{key}: {then.get(key, default)} {recorded_as}, {now[key]} now"
-              for key, default in sorted(defaults.items()) if then.get(key, default) != now[key]]
+    differ = settings_changes(manifest["config"], cfg.model_dump(mode="json", by_alias=True), CacheConfig,
+                              recorded_as)
     # Inputs in words (`index idx/subj01.parquet changed (content)`); a path that differs is a setting, said above.
     differ += input_changes(manifest["inputs"], inputs, paths=False)
-    return "; ".join(differ[:shown]) + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
+    return first_few(differ, shown)
 
 
 def choose_engine(cfg: CacheConfig) -> str:

@@ -181,3 +181,24 @@ def spelled_as_recorded(config: Config, recorded: dict | None, keys: tuple[str, 
             log.info("%s: %s as recorded for %s and %s now name one file: taken as recorded", key, then, what, now)
             update[fields[key]] = then
     return config.model_copy(update=update) if update else config
+
+
+def settings_changes(then: dict, now: dict, config_class: type[BaseModel], recorded_as: str = "then") -> list[str]:
+    """Each setting of `now` (a dumped `config_class`) that can change the output and is not what `then`
+    recorded, as `key: X then, Y now`; one `then` predates counts as its default. Volatile settings (how often
+    to log or checkpoint, where to write) are not named: they never make another output."""
+    volatile = getattr(config_class, "volatile", frozenset())
+    changes = []
+    fields = {field.alias or name: (name, field) for name, field in config_class.model_fields.items()}
+    for key, (name, field) in sorted(fields.items()):
+        if name in volatile or key not in now:
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if then.get(key, default) != now[key]:
+            changes.append(f"{key}: {then.get(key, default)} {recorded_as}, {now[key]} now")
+    return changes
+
+
+def first_few(changes: list[str], shown: int = 3) -> str:
+    """The first `shown` of `changes`, and how many there are in all when more."""
+    return "; ".join(changes[:shown]) + (f"; … ({len(changes)} in all)" if len(changes) > shown else "")

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from clipforge.config.base import StageConfig
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
-from clipforge.storage.manifest import input_changes, read_manifest, withdraw
+from clipforge.storage.manifest import first_few, input_changes, read_manifest, settings_changes, withdraw
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore, Listing
 from clipforge.train.loop import PreemptionWatch, TrainResult
@@ -89,30 +89,13 @@ def in_parens(text: str) -> str:
     return f" ({text})" if text else ""
 
 
-def what_differs(recorded: dict, store: CheckpointStore, config_class: type[StageConfig] | None,
-                 shown: int = 3) -> str:
+def what_differs(recorded: dict, store: CheckpointStore, config_class: type[StageConfig] | None) -> str:
     """The settings and inputs of the run `store` is for that are not those `recorded` (an output's or a
-    checkpoint's manifest) records, as `epochs: 30 then, 31 now` (the first `shown`); empty when none can be
-    told."""
+    checkpoint's manifest) records, as `epochs: 30 then, 31 now` (the first few); empty when none can be told."""
     differ = settings_changes(recorded.get("config") or {}, store.config, config_class) if config_class else []
     # With their paths: where an input lives is a volatile setting, yet it counts through the fingerprint.
     differ += input_changes(recorded.get("inputs") or {}, store.inputs)
-    return "; ".join(differ[:shown]) + (f"; … ({len(differ)} in all)" if len(differ) > shown else "")
-
-
-def settings_changes(then: dict, now: dict, config_class: type[StageConfig]) -> list[str]:
-    """Each setting of `now` (a dumped `config_class`) that can change the output and is not what `then`
-    recorded, as `key: X then, Y now`; one `then` predates counts as its default. Volatile settings (how often
-    to log or checkpoint, where to write) are not named: they never make another run."""
-    changes = []
-    for name, field in sorted(config_class.model_fields.items()):
-        key = field.alias or name
-        if name in config_class.volatile or key not in now:
-            continue
-        default = None if field.is_required() else field.get_default(call_default_factory=True)
-        if then.get(key, default) != now[key]:
-            changes.append(f"{key}: {then.get(key, default)} then, {now[key]} now")
-    return changes
+    return first_few(differ)
 
 
 def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,
