@@ -217,10 +217,7 @@ def shared_outputs(spec: PipelineSpec) -> list[str]:
     model), and a stage writing over the artifact store, or over one of its kind folders, replaces what the
     stages keep there."""
     from clipforge.orchestrate.kinds import KINDS
-    from clipforge.storage.uri import join, one_spelling
-
-    def holds(outer: str, inner: str) -> bool:
-        return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+    from clipforge.storage.uri import holds, join, one_spelling
 
     problems, pinned = [], [(s.name, s.output, one_spelling(s.output)) for s in spec.stages if s.output]
     kept = {one_spelling(join(spec.artifacts, folder)) for folder in [*KINDS, "runs"]}

@@ -19,7 +19,7 @@ import os
 from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.orchestrate.kinds import KINDS
 from clipforge.storage.manifest import read_manifest
-from clipforge.storage.uri import one_spelling
+from clipforge.storage.uri import holds, one_spelling
 
 # Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
 UNSIGNED_SETTINGS = ("source", "expdesign")
@@ -39,8 +39,7 @@ def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
         elif reused is not None:
             continue  # it will not run
         for key, value in named_inputs(stage):
-            place = one_spelling(value)
-            if any(place == out or place.startswith(out.rstrip("/") + "/") for out in pinned):
+            if any(holds(out, one_spelling(value)) for out in pinned):
                 continue
             if value.startswith("s3://"):
                 unsigned = bool(stage.with_.get("no_sign_request")) and key in UNSIGNED_SETTINGS

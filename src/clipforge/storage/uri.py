@@ -65,6 +65,11 @@ def one_spelling(uri: str) -> str:
     return os.path.abspath(uri.removeprefix("file://"))
 
 
+def holds(outer: str, inner: str) -> bool:
+    """Whether `inner` is `outer` or lies under it (both spelled by `one_spelling`)."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
 def is_file(uri: str) -> bool:
     """A file (an S3 object), not a folder or nothing."""
     return exists(uri) if is_s3(uri) else local_path(uri).is_file()
