@@ -142,7 +142,7 @@ def test_text_query_finds_red_circles_as_the_cli_does(page, search_server, shape
     expect(first.locator(".path")).to_have_text(hits[0]["id"])
     expect(first.locator(".path")).to_have_attribute("title", str(shapes_index["dataset"] / hits[0]["id"]))
     expect(first.locator(".score")).to_have_text(f"{hits[0]['score']:.4f}")
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
+    wait_until(page, "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
     page.screenshot(path=tmp_path / "search.png", full_page=True)
     assert refused == []
 
@@ -217,7 +217,7 @@ def test_a_failed_query_clears_old_results_and_the_image_button_is_keyboard_reac
     page.keyboard.press("Tab")
     expect(page.locator("#pick")).to_be_focused()
     page.keyboard.press("Enter")
-    page.wait_for_function("window.picked === true")
+    wait_until(page, "window.picked === true")
     page.locator("#file").set_input_files(corrupt)
     expect(page.locator("#status")).to_contain_text("the query image cannot be decoded")
     expect(page.locator("#results li")).to_have_count(0)  # the red circles are not this query's answer
@@ -431,3 +431,14 @@ def test_a_store_that_does_not_answer_whether_the_index_changed_leaves_it_search
     with caplog.at_level("WARNING", logger="clipforge.serve"):
         assert httpx.get(search_server.url + "api/search", params={"q": "a red circle"}).status_code == 200
     assert "could not look whether index" in caplog.text and not search_server.index_changed()
+
+
+def wait_until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll `expression` through DevTools' own evaluation: `page.wait_for_function` re-evaluates a string with
+    eval() inside the page, which the page's Content-Security-Policy (rightly) refuses once it has to poll."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true within {timeout} s: {expression}"
+        page.wait_for_timeout(50)
