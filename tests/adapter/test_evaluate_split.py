@@ -83,3 +83,15 @@ def test_the_chart_reaches_below_zero_for_a_negative_value():
     assert y_limits([0.5, 0.9, 1.0]) == (0.0, 1.1)
     low, high = y_limits([-0.03, 0.4])
     assert low < -0.03 and high == 1.1
+
+
+def test_a_report_file_deleted_by_hand_is_made_again(seeded_adapter, tmp_path, caplog):
+    """`evaluate` run alone trusted its manifest: with metrics.json deleted it said "up to date"."""
+    root, src, tgt, adapter = seeded_adapter
+    out = tmp_path / "report"
+    first = evaluate(src, tgt, adapter, out)["metrics"]
+    (out / "metrics.json").unlink()
+    with caplog.at_level("INFO"):
+        again = evaluate(src, tgt, adapter, out)["metrics"]
+    assert "1 of the files its manifest lists is gone or cut short (metrics.json)" in caplog.text
+    assert (out / "metrics.json").is_file() and again == first

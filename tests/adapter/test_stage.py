@@ -178,6 +178,22 @@ def test_training_anew_says_which_settings_changed(caches, tmp_path, caplog):
         in caplog.text
 
 
+def test_a_result_file_deleted_by_hand_is_made_again_from_the_last_checkpoint(caches, tmp_path, caplog):
+    """`train-adapter` run alone trusted its manifest: with the adapter's weights deleted it said "up to date",
+    and generate then failed on the missing file. The final checkpoint is still there: nothing is retrained."""
+    src, tgt = caches
+    out = tmp_path / "out"
+    train_adapter(config(src, tgt, out, epochs=2, arch="linear"))
+    trained = weights(str(out))
+    (out / "adapter.safetensors").unlink()
+    with caplog.at_level(logging.INFO):
+        result = train_adapter(config(src, tgt, out, epochs=2, arch="linear"))
+    assert result.status == "trained" and max_abs_diff(weights(str(out)), trained) == 0
+    assert "1 of the files its manifest lists is gone or cut short (adapter.safetensors)" in caplog.text
+    assert "another config" not in caplog.text and "removed checkpoints" not in caplog.text
+    assert "(all 2 epochs done, step 30)" in caplog.text
+
+
 def test_an_interrupted_retrain_leaves_no_old_adapter_to_load(caches, tmp_path, monkeypatch):
     """Training anew over another config's output removes its adapter, card and metrics with the manifest,
     before the first step: killed there, OUT holds nothing generate or evaluate could take for a result."""

@@ -59,6 +59,20 @@ def test_an_index_written_again_as_it_was_keeps_its_file(expdesign, tmp_path, ca
     assert f"{out} held another index, now replaced: caches made from it no longer match it" in caplog.text
 
 
+def test_an_index_file_deleted_from_its_prefix_is_written_again(expdesign, tmp_path, caplog):
+    """An index prefix's manifest said "up to date" with its index.parquet gone; the cache then failed on it."""
+    path, subjectim, _ = expdesign
+    out = tmp_path / "subj01"
+    args = ["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output", str(out)]
+    assert main(args) == 0
+    (out / "index.parquet").unlink()
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert "1 of the files its manifest lists is gone or cut short (index.parquet)" in caplog.text
+    assert list(read_index(str(out / "index.parquet")).ids) == sorted(subjectim[0] - 1)
+    assert read_manifest(str(out))["files"] == [{"path": "index.parquet", "bytes": (out / "index.parquet").stat().st_size}]
+
+
 def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_split_is_said(expdesign, tmp_path,
                                                                                                 capsys, caplog):
     path, subjectim, _ = expdesign

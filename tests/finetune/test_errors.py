@@ -523,3 +523,23 @@ def test_a_run_resumes_with_its_files_named_another_way(tiny_clip, captioned, tm
         assert main(["finetune", *config_args(respelled), "--resume", f"models/{run.name}"]) == 0
     assert "is up to date; nothing to train" in caplog.text and "error" not in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "models").iterdir()] == [run.name]
+
+
+def test_a_prepared_csv_deleted_by_hand_is_prepared_again(tiny_clip, captioned, tmp_path, caplog):
+    """OUT/data's manifest was trusted: with train.csv deleted, the run was "prepared" and failed on the file."""
+    import shutil
+
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages.finetune_data import prepared_csvs
+
+    folder = tmp_path / "captioned"
+    shutil.copytree(Path(captioned[0]).parent, folder)
+    config = FinetuneConfig(**settings(tiny_clip, captioned, tmp_path, train_data="", val_data="",
+                                       dataset=str(folder)))
+    train, val = prepared_csvs(config, str(tmp_path / "out"))
+    before = Path(train).read_bytes()
+    Path(train).unlink()
+    with caplog.at_level("WARNING"):
+        assert prepared_csvs(config, str(tmp_path / "out")) == (train, val)
+    assert "1 of the files its manifest lists is gone or cut short (train.csv)" in caplog.text
+    assert Path(train).read_bytes() == before

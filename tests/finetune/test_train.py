@@ -155,6 +155,21 @@ def test_resume_latest_of_a_finished_run_is_up_to_date(trained, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
+def test_a_model_deleted_by_hand_is_made_again_from_the_last_checkpoint(tiny_clip, captioned, tmp_path, caplog):
+    """`finetune --resume latest` trusted its run's manifest: with model.pt deleted it said "up to date", leaving
+    nothing open_clip could load. The final checkpoint is there: the model is written again, not retrained."""
+    config = FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "models", epochs=2))
+    first = finetune(config)
+    trained = model_weights(f"{first.out}/model.pt")
+    (run_folder(tmp_path / "models") / "model.pt").unlink()
+    with caplog.at_level(logging.INFO):
+        again = finetune(config.model_copy(update={"resume": "latest"}))
+    assert again.status == "trained" and again.out == first.out
+    assert max_abs_diff(model_weights(f"{first.out}/model.pt"), trained) == 0
+    assert "1 of the files its manifest lists is gone or cut short (model.pt)" in caplog.text
+    assert "another config" not in caplog.text and "removed checkpoints" not in caplog.text
+
+
 def test_grad_accum_equals_one_pass_over_the_whole_batch(tiny_clip, captioned, tmp_path):
     """Two passes of 8 with cached features as negatives give one pass of 16's weights (open_clip's accum-freq)."""
     common = dict(epochs=2, timestamped=False, checkpoint_every=0)

@@ -81,3 +81,26 @@ def test_a_cache_without_a_split_column_is_said_to_be_chosen_from_all_rows(gener
     assert f"{cache} has no split column: choosing 2 of all {len(table.ids)} rows" in caplog.text
     assert f"2 ids of all {len(table.ids)} rows (zero-pad conditioning" in caplog.text
     assert "split test" not in caplog.text
+
+
+def test_images_deleted_or_cut_short_are_generated_again_and_only_they(generation_inputs, unclip, tmp_path, caplog):
+    """`generate` run alone trusted its manifest: with images deleted it said "up to date" and evaluate then
+    failed on them. Now those ids, and only they, are generated again (each from its own seed: the same
+    image), and no id is listed twice."""
+    out = tmp_path / "g"
+    generate(generation_inputs, unclip, out, limit=4, batch_size=2)
+    ids = sorted(pd.read_parquet(out / "generated.parquet")["id"])
+    before = {i: (out / "images" / f"{i}.png").read_bytes() for i in ids}
+    (out / "images" / f"{ids[0]}.png").unlink()
+    (out / "images" / f"{ids[3]}.png").write_bytes(before[ids[3]][:100])
+    with caplog.at_level(logging.INFO):
+        again = generate(generation_inputs, unclip, out, limit=4, batch_size=2)
+    assert "2 of the files its manifest lists are gone or cut short" in caplog.text
+    assert again["metrics"]["generated_now"] == 2 and again["rows"] == 4
+    assert {i: (out / "images" / f"{i}.png").read_bytes() for i in ids} == before
+    batches = pd.concat([pd.read_parquet(p) for p in (out / "batches").glob("*.parquet")])
+    assert sorted(batches["id"]) == ids and sorted(pd.read_parquet(out / "generated.parquet")["id"]) == ids
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert generate(generation_inputs, unclip, out, limit=4, batch_size=2)["metrics"]["generated_now"] == 2
+    assert "up to date" in caplog.text

@@ -42,7 +42,14 @@ from clipforge.orchestrate.kinds import KINDS, StageKind, named_output_folders, 
 from clipforge.orchestrate.lease import LEASE_NAME, StageLease, process_gone, stop_this_process, wait_while_pruned
 from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, files_gone, gone_note, output_fingerprint, read_manifest, withdraw
+from clipforge.storage.manifest import (
+    digest,
+    files_gone,
+    gone_note,
+    output_fingerprint,
+    read_manifest,
+    unless_unfinished,
+)
 from clipforge.tables import text_table
 
 log = logging.getLogger("clipforge.run")
@@ -538,13 +545,8 @@ def outputs_named_by_path(stage: StageSpec) -> list[str]:
 def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, execute: Executor,
                       notes: list[str]):
     name = stage.name
-    manifest = read_manifest(resolved.output)
-    # Only this kind's output: another stage's, at a pinned output, is the stage's to refuse, not this to undo.
-    gone = files_gone(resolved.output, manifest) if manifest and manifest.get("kind") == stage.kind else []
-    if gone:  # deleted by hand, a copy cut short: the stage makes them again (a cache, only its missing shards)
-        log.warning("[%s] %s is not finished: %s; running the stage again", name, resolved.output, gone_note(gone))
-        withdraw(resolved.output)
-        manifest = None
+    # Files deleted by hand or a copy cut short: the stage makes them again (a cache, only its missing shards).
+    manifest = unless_unfinished(resolved.output, read_manifest(resolved.output), stage.kind, f"[{name}] ")
     # A pinned `output:` is not named by the key: only the stage itself can tell whether what is there was
     # made with these settings (it reports up to date in seconds, or retrains, or refuses another config).
     if manifest is not None and stage.output:

@@ -35,6 +35,7 @@ from clipforge.storage.manifest import (
     output_fingerprint,
     read_manifest,
     refuse_other_kind,
+    unless_unfinished,
     withdraw,
     write_manifest,
 )
@@ -90,7 +91,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
-    earlier = read_manifest(cfg.out)
+    earlier = unless_unfinished(cfg.out, read_manifest(cfg.out), "evaluate")
     refuse_other_kind(earlier, "evaluate", f"out {cfg.out}", "an evaluation",
                       "give the evaluation a prefix of its own")
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):

@@ -53,6 +53,7 @@ from clipforge.storage.manifest import (
     read_manifest,
     refuse_other_kind,
     spelled_as_recorded,
+    unless_unfinished,
     write_manifest,
 )
 from clipforge.train import launch
@@ -107,7 +108,7 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
     """`finetune` once `config.out` is the run folder itself."""
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
-    manifest = read_manifest(config.out)
+    manifest = unless_unfinished(config.out, read_manifest(config.out), "finetune")
     refuse_other_kind(manifest, "finetune", f"out {config.out}", "a fine-tuned model",
                       "give the run a folder of its own")
     if is_up_to_date(manifest, fingerprint, inputs):

@@ -44,6 +44,7 @@ from clipforge.storage.manifest import (
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
+    unless_unfinished,
     withdraw,
     write_manifest,
 )
@@ -247,9 +248,10 @@ def refuse_other_images(cfg: GenerateConfig, manifest: dict | None, inputs: dict
 
 
 def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]]:
-    """The ids whose images a batch committed, and those batches' rows by file name. Images made with other
-    settings (a rerun into the same `out` with other steps, seed or adapter) are refused, not taken as these:
-    they would be scored as what the manifest then says."""
+    """The ids whose images a batch committed and `out` still holds, and those batches' rows by file name. An
+    image deleted since (by hand, a copy cut short) is not done: its id is generated again, with its own seed.
+    Images made with other settings (a rerun into the same `out` with other steps, seed or adapter) are
+    refused, not taken as these: they would be scored as what the manifest then says."""
     batches = storage.join(out, "batches")
     parts = {name: parquet.read_frame(storage.read_bytes(storage.join(batches, name)))
              for name in storage.list_names(batches) if BATCH_PATH.fullmatch(f"batches/{name}")}
@@ -259,7 +261,19 @@ def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]
         if "settings" in part and (part["settings"] != settings).any():
             raise UserError(f"out {out} holds images made with other settings, adapter or embeddings (steps, "
                             "guidance, noise_level, embed_norm, seed or precision): choose a new --out or remove it")
-    return {str(i) for part in parts.values() for i in part["id"]}, parts
+    there = storage.list_tree(out) if parts else {}
+    return {str(row.id) for part in parts.values() for row in part.itertuples() if is_there(row, there)}, parts
+
+
+def is_there(row, there: dict[str, int]) -> bool:
+    """Whether a batch row's image is in `out` (its listing, `there`) as written: at its recorded size."""
+    return row.path in there and recorded_size(row) in (None, there[row.path])
+
+
+def recorded_size(row) -> int | None:
+    """The size a batch row records for its image; None in rows written before rows recorded it."""
+    size = getattr(row, "bytes", None)
+    return None if size is None or pd.isna(size) else int(size)
 
 
 def image_path(row_id) -> str:
@@ -294,13 +308,14 @@ def refuse_foreign_files(out: str, images: set[str]) -> None:
                         "images it no longer lists; give the images a folder of their own")
 
 
-def keep_only(out: str, ids, parts: dict[str, pd.DataFrame], images: set[str]) -> list[pd.DataFrame]:
+def keep_only(out: str, ids, done: set, parts: dict[str, pd.DataFrame], images: set[str]) -> list[pd.DataFrame]:
     """Make `out` hold only what the new result can list, before generating: the old manifest and table go
     first, then the batch rows and images of ids outside this selection (a smaller limit, another split), so
-    no image left there looks like part of a result it is not. Only generate's own `images` are removed (a file
-    put there since `refuse_foreign_files` stays). Returns the batches' remaining rows."""
+    no image left there looks like part of a result it is not, and the rows of ids whose image is gone (not
+    `done`), which are generated again. Only generate's own `images` are removed (a file put there since
+    `refuse_foreign_files` stays). Returns the batches' remaining rows."""
     withdraw(out, ["generated.parquet"])
-    wanted, kept = {str(i) for i in ids}, []
+    wanted, kept = {str(i) for i in ids} & done, []
     for name, part in parts.items():
         rows = part[part["id"].astype(str).isin(wanted)].reset_index(drop=True)
         if len(rows) < len(part):
@@ -329,7 +344,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
               "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
-    manifest = read_manifest(cfg.out)
+    manifest = unless_unfinished(cfg.out, read_manifest(cfg.out), "generate")
     refuse_other_kind(manifest, "generate", f"out {cfg.out}", "generated images",
                       "give the images a prefix of their own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
@@ -349,7 +364,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     pipe = load_unclip(cfg, device, precision)
     pipeline_dim = int(pipe.image_normalizer.mean.shape[-1])
     conditioning = Conditioning(cfg, cache_dim, cache_model, pipeline_dim)
-    parts = keep_only(cfg.out, ids, batches, images)
+    parts = keep_only(cfg.out, ids, done, batches, images)
     todo = [i for i, row_id in enumerate(ids) if str(row_id) not in done]
     log.info("%d ids of %s (%s conditioning, %d-D -> %d-D); %d already generated, skipped",
              len(ids), scope, conditioning.source, cache_dim, pipeline_dim, len(ids) - len(todo))
@@ -361,7 +376,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
         progress.update(len(rows))
     seconds_now = time.monotonic() - started
     table = pd.concat(parts, ignore_index=True).sort_values("id", ignore_index=True)
-    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), parquet.frame_bytes(table))
+    data = parquet.frame_bytes(table)
+    storage.write_bytes(storage.join(cfg.out, "generated.parquet"), data)
     # Every image's share of its batch's time, summed: the whole set's generation time, however many
     # attempts it took (an attempt's own wall time would leave out what earlier ones generated).
     seconds = float(table["seconds"].sum()) if "seconds" in table and table["seconds"].notna().all() else None
@@ -370,9 +386,12 @@ def run_generate(cfg: GenerateConfig) -> dict:
                "seconds_per_image": round(seconds / len(table), 4) if seconds is not None else None,
                "conditioning": conditioning.source, "precision": precision, "device": device.type}
     log.info("done: %d images (%d generated now, in %.1f s) -> %s", len(table), len(todo), seconds_now, cfg.out)
+    # What the output holds, with sizes: a file deleted or cut short since makes it unfinished (`files_gone`).
+    files = [{"path": "generated.parquet", "bytes": len(data)},
+             *({"path": row.path, "bytes": recorded_size(row)} for row in table.itertuples())]
     return write_manifest(cfg.out, kind="generate", config=cfg.model_dump(mode="json"),
                           config_fingerprint=cfg.fingerprint(), inputs=inputs, rows=len(table),
-                          conditioning=conditioning.source, metrics=metrics)
+                          conditioning=conditioning.source, metrics=metrics, files=files)
 
 
 def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, device, settings: str) -> pd.DataFrame:
@@ -385,15 +404,16 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
     result = pipe(prompt=[""] * len(ids), image_embeds=image_embeds, generator=generators,
                   num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, noise_level=cfg.noise_level,
                   output_type="pil")
-    paths = []
+    paths, sizes = [], []
     for row_id, image in zip(ids, result.images, strict=True):
         path = image_path(row_id)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         storage.write_bytes(storage.join(cfg.out, path), buffer.getvalue())
         paths.append(path)
+        sizes.append(len(buffer.getvalue()))
     seconds = (time.monotonic() - started) / len(ids)
-    frame = pd.DataFrame({"id": ids, "path": paths, "seed": seeds, "conditioning": conditioning.source,
+    frame = pd.DataFrame({"id": ids, "path": paths, "bytes": sizes, "seed": seeds, "conditioning": conditioning.source,
                           "adapter": conditioning.fingerprint, "seconds": seconds, "settings": settings})
     first = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
     storage.write_bytes(storage.join(cfg.out, "batches", f"batch-{first}.parquet"), parquet.frame_bytes(frame))

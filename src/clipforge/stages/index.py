@@ -5,12 +5,19 @@ from __future__ import annotations
 import logging
 
 from clipforge.config.index import IndexConfig, subject_name
-from clipforge.data.index import index_file
+from clipforge.data.index import INDEX_FILE, index_file
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, refuse_other_kind, withdraw, write_manifest
+from clipforge.storage.manifest import (
+    is_up_to_date,
+    read_manifest,
+    refuse_other_kind,
+    unless_unfinished,
+    withdraw,
+    write_manifest,
+)
 
 log = logging.getLogger("clipforge.index")
 
@@ -21,7 +28,7 @@ def run_index(cfg: IndexConfig) -> dict:
     if is_prefix:
         storage.check_output_folder(cfg.output, "--output")
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
-    manifest = read_manifest(cfg.output) if is_prefix else None
+    manifest = unless_unfinished(cfg.output, read_manifest(cfg.output), "index") if is_prefix else None
     refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
@@ -54,4 +61,5 @@ def run_index(cfg: IndexConfig) -> dict:
     if not is_prefix:
         return summary
     return write_manifest(cfg.output, kind="index", config=cfg.model_dump(mode="json"),
-                          config_fingerprint=cfg.fingerprint(), inputs=inputs, rows=summary["rows"], metrics=summary)
+                          config_fingerprint=cfg.fingerprint(), inputs=inputs, rows=summary["rows"], metrics=summary,
+                          files=[{"path": INDEX_FILE, "bytes": len(data)}])

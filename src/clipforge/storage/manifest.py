@@ -74,6 +74,19 @@ def gone_note(gone: list[str]) -> str:
         f"({named})"
 
 
+def unless_unfinished(prefix: str, manifest: dict | None, kind: str, who: str = "") -> dict | None:
+    """`manifest`, or None once it is withdrawn because files it lists are gone or cut short (deleted by hand, a
+    copy cut short): the output is not "done" whatever the manifest says, and the stage makes it again (a trainer
+    resumes from its checkpoints, generate makes only the images that are missing). Another kind's manifest is
+    returned as it is, for the stage to refuse, never undone. `who` prefixes the log line (`[stage] `)."""
+    gone = files_gone(prefix, manifest) if manifest is not None and manifest.get("kind") == kind else []
+    if not gone:
+        return manifest
+    log.warning("%s%s is not finished: %s; running the stage again", who, prefix, gone_note(gone))
+    withdraw(prefix)
+    return None
+
+
 def manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return f"expected a JSON object, got {type(manifest).__name__}"
