@@ -262,3 +262,24 @@ def test_check_looks_for_inputs_as_run_does_or_as_the_driver_does(tmp_path, caps
     (tmp_path / "e.mat").write_bytes(b"x")
     (tmp_path / "s.hdf5").write_bytes(b"x")
     assert main(["check", path, "--inputs", "local"]) == 0
+
+
+def test_a_revision_gives_a_stage_a_new_key_and_none_keeps_the_keys_outputs_already_have(tmp_path):
+    """An output's key counts settings and inputs, not code: after a fix, `with: {revision: …}` makes the stage
+    (and, through its config fingerprint, those reading it) run again. Without one, keys are those of outputs
+    made before revisions existed (pinned: a changed key would make every user's store miss)."""
+    from clipforge.config.adapter import AdapterConfig
+    from clipforge.config.pipeline import PipelineSpec
+    from clipforge.orchestrate.pipeline import resolve_stage
+
+    def key(**extra) -> str:
+        spec = PipelineSpec.model_validate({"artifacts": str(tmp_path), "stages": [
+            {"name": "a", "kind": "adapter",
+             "with": {"clip_cache": "/nonexistent/a", "target_cache": "/nonexistent/t", **extra}}]})
+        return resolve_stage(spec, spec.stages[0], {}).key
+
+    assert key() == "ef05d8e612e992fb"
+    assert key(revision="fix-1") != key() and key(revision=2) == key(revision="2") != key(revision="fix-1")
+    plain = AdapterConfig(clip_cache="a", target_cache="b", out="c")
+    assert plain.fingerprint() == "1adac67f1249c1be"
+    assert plain.model_copy(update={"revision": "fix-1"}).fingerprint() != plain.fingerprint()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clipforge.errors import UserError
 
@@ -31,10 +31,24 @@ class StageConfig(BaseModel):
     # their default, so those outputs keep their fingerprints (a retrain does not redo a 3-hour cache).
     additive: ClassVar[frozenset[str]] = frozenset()
 
+    # An output counts its settings and inputs, not clipforge's code: after a fix that changes what a stage
+    # makes, a new revision makes its output anew, and the outputs that read it (their keys count its config).
+    revision: str | None = Field(
+        None, description="any label (fix-2026-11): a new one makes a new output, so a pipeline runs this stage and "
+        "those that read it again (an output counts settings and inputs, not the code that made it)",
+    )
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision_as_text(cls, value: Any) -> Any:
+        """`revision: 2` in YAML is a number; as text it is the same revision as `revision: "2"`."""
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     def fingerprint(self, counting: frozenset[str] = frozenset()) -> str:
         """A short hash of every setting that can change the stage's output (and of the volatile ones named in
         `counting`: how a field counted before it became volatile, for outputs made then)."""
-        unset = {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
+        unset = {name for name in self.additive | {"revision"}
+                 if getattr(self, name) == type(self).model_fields[name].default}
         payload = self.model_dump(mode="json", by_alias=True, exclude=(set(self.volatile) - counting) | unset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

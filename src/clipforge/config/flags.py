@@ -38,7 +38,10 @@ def _is_list(annotation: Any) -> bool:
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: set[str] = frozenset()) -> None:
     """One flag per field, help from the field's description. Only flags given count."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with these settings; flags override it")
-    for field_name, field in cls.model_fields.items():
+    # The command's own settings first, then those every stage shares (`revision`).
+    shared = [name for name in cls.model_fields if name in StageConfig.model_fields]
+    for field_name in [name for name in cls.model_fields if name not in shared] + shared:
+        field = cls.model_fields[field_name]
         name = field.alias or field_name
         if name in skip:
             continue

@@ -171,8 +171,10 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
         values["num_processes"] = stage.resources.gpus  # one training process per GPU of a node
     config = kind.config.model_validate({**values, kind.output_key: "unresolved"})
+    # No revision counts as none was there: the keys of outputs made before revisions existed stay theirs.
+    unset = {"revision"} if config.revision is None else set()
     settings = config.model_dump(mode="json", by_alias=True,
-                                 exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key}))
+                                 exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key} | unset))
     payload = {"kind": stage.kind, "settings": settings, "inputs": identity}
     key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
