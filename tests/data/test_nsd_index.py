@@ -70,7 +70,8 @@ def test_an_index_file_deleted_from_its_prefix_is_written_again(expdesign, tmp_p
         assert main(args) == 0
     assert "1 of the files its manifest lists is gone or cut short (index.parquet)" in caplog.text
     assert list(read_index(str(out / "index.parquet")).ids) == sorted(subjectim[0] - 1)
-    assert read_manifest(str(out))["files"] == [{"path": "index.parquet", "bytes": (out / "index.parquet").stat().st_size}]
+    size = (out / "index.parquet").stat().st_size
+    assert read_manifest(str(out))["files"] == [{"path": "index.parquet", "bytes": size}]
 
 
 def test_a_prefix_holding_another_subjects_index_is_refused_and_an_empty_test_split_is_said(expdesign, tmp_path,

@@ -16,7 +16,7 @@ It also plays, crudely, the controllers and the node:
   `backoffLimit`, `podFailurePolicy` (FailJob / Ignore / Count on exit codes and pod conditions),
   Complete / Failed conditions; deleting a Job stops and deletes its pods;
 - kubelet: a pod "runs" its container's command as a local subprocess (the image's `clipforge` is this
-  venv's), with the container env resolved (values, downward API field refs, JOB_COMPLETION_INDEX),
+  venv's), with the container env resolved (values, downward API field and CPU resource refs, JOB_COMPLETION_INDEX),
   its output kept as the pod log, and its exit code as the container's;
 - cluster DNS: `<host>.<subdomain>` resolves (to 127.0.0.1) only as a headless Service would make it:
   the Service exists, has `clusterIP: None`, selects the pod, the pod's hostname and subdomain match,
@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import http.server
 import json
+import math
 import os
 import re
 import shlex
@@ -568,6 +569,12 @@ class KubernetesApiStandIn:
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = item["value"]
+                continue
+            if "resourceFieldRef" in item["valueFrom"]:  # CPU in whole cores, rounded up (divisor 1)
+                kind, _, resource = item["valueFrom"]["resourceFieldRef"]["resource"].partition(".")
+                given = container.get("resources", {}).get(kind, {}).get(resource)
+                env[item["name"]] = str(math.ceil(float(given[:-1]) / 1000 if given.endswith("m") else float(given))
+                                        if given else os.cpu_count())
                 continue
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
             found = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)

@@ -4,12 +4,14 @@ kubernetes-validate has no CRD schemas, DESIGN: validation quirk)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 from conftest import assert_secure, pod_specs, validate
 
 from clipforge.config.pipeline import PipelineSpec
+from clipforge.cpus import usable_cpus, whole_cores
 from clipforge.errors import UserError
 from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, StageJobSettings, job_name, labels, stage_manifests
 from clipforge.orchestrate.pipeline import resolve_stage
@@ -159,12 +161,37 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
     worker = workers["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "2" and "command" not in worker
-    assert workers["rayStartParams"] == {"num-gpus": "2"}  # said outright: MIG resource names are not inferred
+    # Said outright: KubeRay infers GPUs from `nvidia.com/gpu` only (not MIG names), and CPUs from a CPU limit only
+    # (without one, Ray counts the node's cores and starts that many read tasks within the pod's memory).
+    assert workers["rayStartParams"] == {"num-gpus": "2", "num-cpus": "8"}
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert head["resources"]["requests"]["memory"] == "8Gi"  # the Ray driver only, not the stage's memory
     assert spec["ttlSecondsAfterFinished"] <= 300  # no idle GPU cluster for a day
     assert "activeDeadlineSeconds" not in spec
+
+
+def test_every_stage_container_is_told_its_cpu_request_in_whole_cores():
+    """Ray's task slots and the trainers' threads were sized by os.cpu_count(): the node's 96 cores in a pod
+    that asked for 8."""
+    for name in ("idx", "src", "tgt", "adapter-with-a-rather-long-stage-name-40"):
+        for manifest in stage_manifests(resolved(name), settings(kuberay=True)):
+            for spec in pod_specs(manifest):
+                for container in spec["containers"]:
+                    assert env(container)["CLIPFORGE_CPUS"] == {
+                        "resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}
+
+
+@pytest.mark.parametrize(("quantity", "cores"), [("8", 8), ("500m", 1), ("1.5", 2), ("2500m", 3), ("2k", None)])
+def test_cpu_quantities_in_whole_cores_round_up(quantity, cores):
+    assert whole_cores(quantity) == cores
+
+
+def test_usable_cpus_are_the_pods_request_where_it_is_given(monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_CPUS", "3")
+    assert usable_cpus() == 3
+    monkeypatch.setenv("CLIPFORGE_CPUS", "")
+    assert usable_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_cpu_limits_only_where_asked_and_on_every_pod():
@@ -263,12 +290,25 @@ def test_scheduling_knobs_queue_priority_runtime_and_pod_metadata():
     assert "annotations" not in plain["spec"]["template"]["metadata"]
 
 
-def test_multi_node_cache_without_kuberay_is_one_pod_with_all_gpus():
-    (job,) = stage_manifests(resolved("src"), settings(kuberay=False))
+def test_multi_node_cache_without_kuberay_runs_on_one_node_with_its_gpus_and_says_so(caplog):
+    """It asked for every node's GPUs (2 x 3) in one pod, which no node has: it waited for ever."""
+    with caplog.at_level("WARNING", logger="clipforge.k8s"):
+        (job,) = stage_manifests(resolved("src"), settings(kuberay=False))
     validate(job)
     assert "completionMode" not in job["spec"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "6"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "[src] resources.nodes 3: a cache spreads over nodes as a KubeRay RayJob (kuberay.enabled=true); " \
+        "without it, it runs on one node with its 2 GPUs" in caplog.text
+
+
+def test_labels_of_the_users_never_replace_the_ones_the_driver_selects_by():
+    """`stageDefaults.labels` with `app.kubernetes.io/instance` replaced the release's: the NetworkPolicy and the
+    driver's own pod lookups then missed the stage pods."""
+    mine = labels(settings(extra_labels={"app.kubernetes.io/instance": "shared", "clipforge.io/run-id": "x",
+                                         "cost-center": "ml"}), "src")
+    assert mine["app.kubernetes.io/instance"] == "team-a-clipforge-release" and mine["clipforge.io/run-id"] == RUN
+    assert mine["cost-center"] == "ml"
 
 
 def test_settings_reject_unknown_keys_all_at_once():

@@ -15,14 +15,18 @@ The pitfalls cited as "DESIGN" are in /shared/DESIGN.md, "Kubernetes notes".
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from clipforge.cpus import CPUS_ENV, whole_cores
 from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import ResolvedStage
 from clipforge.train.launch import RENDEZVOUS_TIMEOUT_ENV
+
+log = logging.getLogger("clipforge.k8s")
 
 MAX_NAME = 63  # a DNS-1123 label, and the most a label value (`job-name`) may hold
 MAX_RAYJOB_NAME = 47  # KubeRay's MaxRayJobNameLength: longer ones end as jobDeploymentStatus ValidationFailed
@@ -38,8 +42,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_ID_LABEL = "clipforge.io/run-id"
 
 # Pod security, the same for the driver (see the chart's _helpers.tpl) and every stage pod.
+# OnRootMismatch: a large artifacts volume is not chowned file by file at every pod start.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                "seccompProfile": {"type": "RuntimeDefault"}}
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -139,15 +144,17 @@ def job_name(prefix: str, run_id: str, stage: str = "", max_length: int = MAX_NA
 
 
 def labels(settings: StageJobSettings, stage: str | None = None, component: str = "stage") -> dict[str, str]:
-    """The chart's labels plus run id and stage; `app.kubernetes.io/name` + `instance` select a release."""
+    """The chart's labels plus run id and stage; `app.kubernetes.io/name` + `instance` select a release. The
+    user's `extra_labels` come first: ours win, since the NetworkPolicy, the driver's pod lookups and the chart's
+    NOTES select by them."""
     out = {
+        **settings.extra_labels,
         "app.kubernetes.io/name": settings.app_name,
         "app.kubernetes.io/instance": settings.release,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "clipforge",
         "app.kubernetes.io/managed-by": "clipforge-driver",
         RUN_ID_LABEL: settings.run_id,
-        **settings.extra_labels,
     }
     if stage:
         out["clipforge.io/stage"] = stage
@@ -228,6 +235,9 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
     base_env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
                 {"name": RUN_ID_ENV, "value": settings.run_id},  # the driver holds the output's lease
                 {"name": "CLIPFORGE_STAGE", "value": resolved.spec.name},
+                # The pod's CPU request in whole cores: Ray's task slots and the trainers' threads are sized by
+                # it, not by the node's cores (`clipforge.cpus`).
+                {"name": CPUS_ENV, "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}},
                 *({"name": k, "value": str(v)} for k, v in sorted(settings.artifact_env.items()))]
     if gpus == 0:
         # The CUDA base image says NVIDIA_VISIBLE_DEVICES=all: where nvidia is the node's default runtime,
@@ -344,9 +354,13 @@ def _job(name: str, resolved: ResolvedStage, settings: StageJobSettings, templat
 
 
 def single_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
-    """One pod with the stage's GPUs (a cache stage over several nodes without KubeRay: all of them)."""
+    """One pod with the stage's GPUs. A cache stage over several nodes without KubeRay runs on one node with its
+    `gpus` (per node), and says so: one pod asking for every node's GPUs would wait for a node that has them all."""
     res = resolved.spec.resources
-    gpus = res.gpus * res.nodes if resolved.spec.kind == "cache" else res.gpus
+    if res.nodes > 1 and resolved.spec.kind == "cache":
+        log.warning("[%s] resources.nodes %d: a cache spreads over nodes as a KubeRay RayJob (kuberay.enabled=true); "
+                    "without it, it runs on one node with its %d GPUs", resolved.spec.name, res.nodes, res.gpus)
+    gpus = res.gpus
     name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
     main = container(resolved, settings, gpus)
     return _job(name, resolved, settings, pod_spec(resolved, settings, main, gpus),
@@ -428,6 +442,13 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     # The head runs the stage's Ray driver (planning, progress, the manifest), not the encoders: it needs
     # neither the stage's CPUs and memory nor a GPU node's worth of them.
     head["spec"]["containers"][0]["resources"] = own_resources("2", RAY_HEAD_MEMORY, settings)
+    worker = ray_pod("ray-worker", res.gpus)
+    worker_params = {"num-gpus": str(res.gpus)}
+    # KubeRay infers num-cpus from a CPU limit only: without one, Ray would count the node's cores.
+    cpu = worker["spec"]["containers"][0]["resources"]["requests"].get("cpu")
+    cores = whole_cores(cpu) if cpu else None
+    if cores:
+        worker_params["num-cpus"] = str(cores)
     body = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": queued(metadata(name, settings, resolved.spec.name,
@@ -444,8 +465,8 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
                 "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"}, "template": head},
                 # num-gpus said outright: KubeRay infers it from `nvidia.com/gpu` only, not from MIG names.
                 "workerGroupSpecs": [{"groupName": "gpu", "replicas": res.nodes, "minReplicas": res.nodes,
-                                      "maxReplicas": res.nodes, "rayStartParams": {"num-gpus": str(res.gpus)},
-                                      "template": ray_pod("ray-worker", res.gpus)}],
+                                      "maxReplicas": res.nodes, "rayStartParams": worker_params,
+                                      "template": worker}],
             },
         },
     }

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from clipforge.config.cache import CacheConfig
+from clipforge.cpus import usable_cpus
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
 from clipforge.errors import StorageUnreachable, UserError
@@ -43,7 +44,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        ray.init(num_cpus=usable_cpus(), **kwargs)  # a pod's request, not its node's cores
     # Our own progress line replaces Ray Data's bars and per-dataset logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -33,6 +33,7 @@ from torch.utils.data import default_collate
 
 from clipforge.config.captions import AugmentConfig, PrepareConfig
 from clipforge.config.finetune import FinetuneConfig
+from clipforge.cpus import usable_cpus
 from clipforge.data.augment import augment, warn_if_index_is_newer
 from clipforge.data.captions import (
     INDEX,
@@ -305,7 +306,7 @@ class KeyBatches:
 def loader_workers(asked: int) -> int:
     """`asked`, at most one per CPU this process may use: more only contend (a laptop, a small pod).
     The batches do not depend on the number of workers, so neither do the weights."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    available = usable_cpus()
     if asked > available:
         log.info("--workers %d, but %d CPUs here: %d loader workers", asked, available, available)
         return available

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from clipforge.cpus import usable_cpus
 from clipforge.errors import EXIT_USER_ERROR, UserError
 from clipforge.lifetime import die_with_parent
 
@@ -174,7 +175,7 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
         log.info("starting %d processes on machine %d of %d (rank 0 at %s:%d)", num_processes, rdzv.node_rank,
                  rdzv.nnodes, rdzv.master_addr, rdzv.master_port)
         # Share this machine's cores among the workers (torchrun would otherwise give each one thread and say so).
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // num_processes))
         # torchrun runs in a session of its own, out of reach of signals to this process group: this
         # process passes SIGTERM and Ctrl-C to the workers itself (torchrun, signalled too, would end in a
         # traceback of its own), and torchrun dies with it.
