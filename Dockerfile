@@ -4,7 +4,8 @@
 #   docker build -t ghcr.io/clipforge/clipforge:0.1.0 .
 #
 # Two stages: `builder` installs the package into /opt/venv; `runtime` is the CUDA runtime base with
-# Python 3.11 and that venv only (no compiler, no pip, no -dev packages). Runs as uid 10001.
+# Python 3.11 and that venv only (no pip; of a toolchain, only the C compiler and headers torch.compile's
+# Triton needs at run time). Runs as uid 10001.
 # Writable state lives under /cache (model hubs, torch, open_clip, range cache), meant for a volume:
 # Kubernetes pods run with readOnlyRootFilesystem and mount an emptyDir (or a PVC) there.
 
@@ -70,8 +71,11 @@ FROM python-base AS runtime
 ARG PYTHON
 # wget: KubeRay's readiness and liveness probes on Ray pods run `wget ... | grep success`
 # (ray-project/kuberay#2063); without it a Ray head never turns Ready and a RayJob never starts.
+# gcc, libc6-dev and the Python headers: `compile: true` (torch.compile's inductor) has Triton build a small C
+# launcher against Python.h at the first step (triton/runtime/build.py); without them that step fails. No make,
+# no g++, no other -dev package.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends wget \
+ && apt-get install -y --no-install-recommends wget gcc libc6-dev ${PYTHON}-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 clipforge \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/clipforge --shell /usr/sbin/nologin clipforge \
