@@ -26,11 +26,18 @@ from conftest import (
 
 from clipforge.config.pipeline import PipelineSpec, load_pipeline
 from clipforge.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
-from clipforge.orchestrate.k8s_manifests import StageJobSettings, job_name, stage_manifests
+from clipforge.orchestrate.k8s_manifests import POD_SECURITY, StageJobSettings, job_name, stage_manifests
 from clipforge.orchestrate.pipeline import resolve_stage
 
 VALUES = [None, *CI_VALUES]
 IDS = ["default", *(p.name for p in CI_VALUES)]
+# The chart refuses its default pipeline's placeholder bucket without an artifact store: "default" adds one.
+STORE = {"artifactStore": {"s3": {"bucket": "b"}}}
+
+
+def values_of(values_file: Path | None) -> dict:
+    """A values file under ci/, or (None) the default values with an artifact store."""
+    return load_values(values_file) if values_file else {**STORE}
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -39,14 +46,14 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_lint_is_clean(values_file):
-    report = helm_python.lint(CHART, load_values(values_file), strict=True, kube_version=f"v{kube_version()}.0")
+    report = helm_python.lint(CHART, values_of(values_file), strict=True, kube_version=f"v{kube_version()}.0")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_every_object_validates(values_file):
-    objects = chart_objects(load_values(values_file), namespace="ml-team")
+    objects = chart_objects(values_of(values_file), namespace="ml-team")
     assert {"ConfigMap", "Job", "ServiceAccount", "Role", "RoleBinding", "Pod"} <= {o["kind"] for o in objects}
     for obj in objects:
         validate(obj)
@@ -56,7 +63,7 @@ def test_every_object_validates(values_file):
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_pods_are_secure(values_file):
-    objects = chart_objects(load_values(values_file))
+    objects = chart_objects(values_of(values_file))
     specs = [spec for obj in objects for spec in pod_specs(obj)]
     assert len(specs) == 2  # the driver Job and the helm test Pod
     for spec in specs:
@@ -65,7 +72,7 @@ def test_pods_are_secure(values_file):
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_rbac_is_namespaced_and_minimal(values_file):
-    values = load_values(values_file)
+    values = values_of(values_file)
     objects = chart_objects(values, namespace="ml-team")
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     (role,) = by_kind(objects, "Role")
@@ -107,7 +114,7 @@ def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity(
     """Workload identity (IRSA) must reach the stage pods, which read and write S3, not only the driver; and
     `helm test` checks the store as the stage pods will reach it."""
     arn = {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/stages"}
-    objects = chart_objects({"stageServiceAccount": {"annotations": arn}}, name="rel", namespace="ml-team")
+    objects = chart_objects({**STORE, "stageServiceAccount": {"annotations": arn}}, name="rel", namespace="ml-team")
     accounts = {a["metadata"]["name"]: a for a in by_kind(objects, "ServiceAccount")}
     stage = accounts["rel-clipforge-stage"]
     assert stage["metadata"]["annotations"] == arn
@@ -125,7 +132,7 @@ def test_stage_pods_run_as_their_own_service_account_with_its_workload_identity(
 
 def test_stage_service_account_choices():
     def accounts(values: dict) -> tuple[list[str], str | None, str]:
-        objects = chart_objects(values)
+        objects = chart_objects({**STORE, **values})
         (pod,) = by_kind(objects, "Pod")
         return ([a["metadata"]["name"] for a in by_kind(objects, "ServiceAccount")],
                 stage_settings(objects).service_account, pod["spec"]["serviceAccountName"])
@@ -140,7 +147,7 @@ def test_stage_service_account_choices():
 
 def test_objects_the_driver_creates_carry_the_charts_name_labels():
     """With nameOverride, the chart's selectors (name + instance) must still find the stage Jobs and pods."""
-    objects = chart_objects({"nameOverride": "embedder"}, name="rel")
+    objects = chart_objects({**STORE, "nameOverride": "embedder"}, name="rel")
     (driver,) = by_kind(objects, "Job")
     selector = {k: v for k, v in driver["spec"]["template"]["metadata"]["labels"].items()
                 if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
@@ -153,26 +160,44 @@ def test_objects_the_driver_creates_carry_the_charts_name_labels():
 
 def test_scheduling_values_reach_the_driver_settings():
     settings = stage_settings(chart_objects({
-        "kueue": {"queueName": "team-a"},
+        **STORE, "kueue": {"queueName": "team-a"},
         "stageDefaults": {"priorityClassName": "high", "runtimeClassName": "nvidia", "podLabels": {"team": "a"},
                           "podAnnotations": {"sidecar.istio.io/inject": "false"}, "labels": {"cost": "ml"}}}))
     assert (settings.queue_name, settings.priority_class_name, settings.runtime_class_name) == (
         "team-a", "high", "nvidia")
     assert settings.pod_labels == {"team": "a"} and settings.extra_labels == {"cost": "ml"}
     assert settings.pod_annotations == {"sidecar.istio.io/inject": "false"}
-    default = stage_settings(chart_objects({}))
+    default = stage_settings(chart_objects(STORE))
     assert default.queue_name is default.priority_class_name is default.runtime_class_name is None
 
 
 def test_a_cpu_limit_for_quota_namespaces_reaches_the_stage_pods():
     """A ResourceQuota on limits.cpu refuses pods without a CPU limit: `stageDefaults.resources.limitCpu`."""
-    settings = dataclasses.replace(stage_settings(chart_objects({"stageDefaults": {"resources": {"limitCpu": True}}})),
-                                   run_id="r")
+    objects = chart_objects({**STORE, "stageDefaults": {"resources": {"limitCpu": True}}})
+    settings = dataclasses.replace(stage_settings(objects), run_id="r")
     job = index_stage_job(settings)
     validate(job)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"] == "1"
-    assert stage_settings(chart_objects({})).limit_cpu is False
+    assert stage_settings(chart_objects(STORE)).limit_cpu is False
+
+
+def test_a_cpu_limit_for_quota_namespaces_reaches_the_driver_prune_and_test_pods():
+    """A ResourceQuota on limits.cpu refuses the driver pod itself too (nothing then runs): with `limitCpu`, the
+    chart's own pods get a CPU limit equal to their request, unless their resources give one."""
+    values = {**STORE, "prune": {"enabled": True}, "stageDefaults": {"resources": {"limitCpu": True}}}
+    specs = [spec for obj in chart_objects(values) for spec in pod_specs(obj)]
+    assert len(specs) == 3
+    for spec in specs:
+        (container,) = spec["containers"]
+        assert container["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                          "limits": {"cpu": "100m", "memory": "512Mi"}}
+    values["driver"] = {"resources": {"requests": {"cpu": "200m"}, "limits": {"cpu": "1"}}}
+    (driver,) = by_kind(chart_objects(values), "Job")
+    assert pod_specs(driver)[0]["containers"][0]["resources"] == {"requests": {"cpu": "200m", "memory": "256Mi"},
+                                                                   "limits": {"cpu": "1", "memory": "512Mi"}}
+    for spec in (s for obj in chart_objects({**STORE, "prune": {"enabled": True}}) for s in pod_specs(obj)):
+        assert "cpu" not in spec["containers"][0]["resources"]["limits"]
 
 
 def test_security_contexts_can_be_replaced_for_every_pod():
@@ -181,7 +206,7 @@ def test_security_contexts_can_be_replaced_for_every_pod():
     pod = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     container = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                  "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}, "privileged": False}
-    objects = chart_objects({"podSecurityContext": pod, "containerSecurityContext": container})
+    objects = chart_objects({**STORE, "podSecurityContext": pod, "containerSecurityContext": container})
     specs = [spec for obj in objects for spec in pod_specs(obj)]
     assert len(specs) == 2
     for spec in specs:
@@ -192,7 +217,7 @@ def test_security_contexts_can_be_replaced_for_every_pod():
     validate(job)
     template = job["spec"]["template"]["spec"]
     assert template["securityContext"] == pod and template["containers"][0]["securityContext"] == container
-    default = stage_settings(chart_objects({}))
+    default = stage_settings(chart_objects(STORE))
     assert default.pod_security_context is default.container_security_context is None
 
 
@@ -208,13 +233,13 @@ def pod_metadata(obj: dict) -> dict:
 
 def test_driver_prune_and_test_pods_take_the_driver_pod_settings():
     """A sidecar keeps a Job's pod running: in an Istio namespace the driver, prune and helm test pods must be
-    able to opt out. driver.podAnnotations, podLabels and affinity reach all three; the chart's own labels and
-    Helm's hook annotations win."""
+    able to opt out. driver.podAnnotations, podLabels and affinity reach all three; the chart's own labels (its
+    keys are refused in podLabels) and Helm's hook annotations win."""
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
-    values = {"prune": {"enabled": True}, "driver": {
+    values = {**STORE, "prune": {"enabled": True}, "driver": {
         "podAnnotations": {"sidecar.istio.io/inject": "false", "helm.sh/hook": "pre-install"},
-        "podLabels": {"team": "a", "app.kubernetes.io/name": "other"}, "affinity": affinity}}
+        "podLabels": {"team": "a"}, "affinity": affinity}}
     objects = {o["kind"]: o for o in chart_objects(values, name="rel") if pod_specs(o)}
     assert objects.keys() == {"Job", "CronJob", "Pod"}
     for obj in objects.values():
@@ -227,10 +252,22 @@ def test_driver_prune_and_test_pods_take_the_driver_pod_settings():
     assert objects["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"
 
 
+def test_the_charts_pods_have_the_stage_pods_security_context():
+    """The built-in pod security context is the stage pods' (k8s_manifests.POD_SECURITY), fsGroupChangePolicy
+    included: without OnRootMismatch, fsGroup chowns the whole artifacts PVC at every pod start."""
+    values = {"prune": {"enabled": True}, "artifactStore": {"persistentVolumeClaim": {"claimName": "shared"}}}
+    specs = [spec for obj in chart_objects(values) for spec in pod_specs(obj)]
+    assert len(specs) == 3
+    for spec in specs:
+        assert spec["securityContext"] == POD_SECURITY
+        assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
 def test_driver_prune_and_test_pods_see_no_gpus():
     """The CUDA base image says NVIDIA_VISIBLE_DEVICES=all: on a GPU node whose default runtime is nvidia,
     these CPU pods would otherwise see every GPU (and be refused by an old driver)."""
-    objects = chart_objects({"prune": {"enabled": True}, "artifactStore": {"s3": {"region": "eu-west-1"}}})
+    store = {"s3": {"bucket": "b", "region": "eu-west-1"}}
+    objects = chart_objects({"prune": {"enabled": True}, "artifactStore": store})
     specs = [spec for obj in objects for spec in pod_specs(obj)]
     assert len(specs) == 3
     for spec in specs:
@@ -242,8 +279,8 @@ def test_driver_prune_and_test_pods_see_no_gpus():
 def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     """For namespaces that deny by default: training ranks and Ray pods of the release reach each other, every
     pod reaches the API server and S3, or what `networkPolicy.egress` allows; off by default."""
-    assert not by_kind(chart_objects({}), "NetworkPolicy")
-    objects = chart_objects({"networkPolicy": {"enabled": True}}, name="rel")
+    assert not by_kind(chart_objects(STORE), "NetworkPolicy")
+    objects = chart_objects({**STORE, "networkPolicy": {"enabled": True}}, name="rel")
     (policy,) = by_kind(objects, "NetworkPolicy")
     validate(policy)
     selector = policy["spec"]["podSelector"]["matchLabels"]
@@ -256,7 +293,7 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()  # stage pods are selected
     # Narrowed egress narrows the outside only: a rank must still reach rank 0, a Ray worker its head.
     dns = [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]}]
-    (strict,) = by_kind(chart_objects({"networkPolicy": {"enabled": True, "egress": dns}}, name="rel"),
+    (strict,) = by_kind(chart_objects({**STORE, "networkPolicy": {"enabled": True, "egress": dns}}, name="rel"),
                         "NetworkPolicy")
     validate(strict)
     assert strict["spec"]["egress"] == [{"to": [{"podSelector": {"matchLabels": selector}}]}, *dns]
@@ -264,7 +301,7 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
 
 def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_more():
     """The KubeRay operator, in its own namespace, reads a RayJob's status from the head's dashboard (8265)."""
-    values = {"networkPolicy": {"enabled": True}, "kuberay": {"enabled": True}}
+    values = {**STORE, "networkPolicy": {"enabled": True}, "kuberay": {"enabled": True}}
     (policy,) = by_kind(chart_objects(values), "NetworkPolicy")
     validate(policy)
     releases, operator = policy["spec"]["ingress"]
@@ -278,19 +315,20 @@ def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_mo
 
 
 def test_rbac_and_service_account_switches():
-    objects = chart_objects({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
+    objects = chart_objects({**STORE, "rbac": {"create": False},
+                             "serviceAccount": {"create": False, "name": "existing"},
                              "stageServiceAccount": {"create": False}})
     assert not {"Role", "RoleBinding", "ServiceAccount"} & {o["kind"] for o in objects}
     (driver,) = by_kind(objects, "Job")
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
     # No ServiceAccount of its own and none named: the Role must not go to the namespace's default one.
     with pytest.raises(Exception, match="serviceAccount.name: with serviceAccount.create=false and rbac.create"):
-        chart_objects({"serviceAccount": {"create": False}})
+        chart_objects({**STORE, "serviceAccount": {"create": False}})
 
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_driver_job_and_its_settings(values_file, tmp_path):
-    values = load_values(values_file)
+    values = values_of(values_file)
     rendered = render_chart(values, name="clipforge", namespace="ml-team")
     (driver,) = rendered["clipforge/templates/driver-job.yaml"]
     (config,) = rendered["clipforge/templates/configmap.yaml"]
@@ -333,7 +371,7 @@ def test_driver_job_and_its_settings(values_file, tmp_path):
 def test_long_names_are_hash_shortened_like_the_driver_does():
     run_id = "f" * 40
     for release in ("a-rather-long-release-name-for-a-team", "r"):
-        (driver,) = render_chart({"runId": run_id}, name=release)["clipforge/templates/driver-job.yaml"]
+        (driver,) = render_chart({**STORE, "runId": run_id}, name=release)["clipforge/templates/driver-job.yaml"]
         fullname = release if "clipforge" in release else f"{release}-clipforge"
         assert driver["metadata"]["name"] == job_name(fullname, run_id, "driver")
         assert len(driver["metadata"]["name"]) <= 63
@@ -388,7 +426,7 @@ def test_values_schema_rejects_a_bad_pipeline():
         chart.validate_schema({"runId": "ok"})
         bad_stage = {"artifacts": "a", "stages": [{"name": "i", "kind": "index", "with": {"subjct": "subj01"}}]}
         for bad in ({"runId": "Not_A_Label"}, {"pipeline": {"artifacts": "a", "stages": []}},
-                    {"pipeline": bad_stage}, {"image": {"tag": "latest"}}, {"kuberay": {"enabled": "yes"}}):
+                    {"pipeline": bad_stage}, {"kuberay": {"enabled": "yes"}}):
             with pytest.raises(helm_python.HelmValuesError):
                 chart.validate_schema(bad)
 
@@ -428,14 +466,14 @@ def test_image_tag_is_pinned():
 
 def test_an_image_digest_pins_every_pod_to_one_image():
     digest = "sha256:" + "ab" * 32
-    objects = chart_objects({"image": {"digest": digest}, "prune": {"enabled": True}})
+    objects = chart_objects({**STORE, "image": {"digest": digest}, "prune": {"enabled": True}})
     containers = [c for o in objects if o["kind"] in ("Job", "CronJob", "Pod") for spec in pod_specs(o)
                   for c in spec["containers"]]
     assert len(containers) == 3 and {c["image"] for c in containers} == {f"ghcr.io/clipforge/clipforge@{digest}"}
     (config,) = [o for o in objects if o["kind"] == "ConfigMap" and "driver.yaml" in o["data"]]
     assert yaml.safe_load(config["data"]["driver.yaml"])["image"] == f"ghcr.io/clipforge/clipforge@{digest}"
     with pytest.raises(Exception, match="digest"):
-        render_chart({"image": {"digest": "latest"}})
+        render_chart({**STORE, "image": {"digest": "latest"}})
 
 
 def test_helm_test_pod_checks_the_store():
@@ -445,7 +483,7 @@ def test_helm_test_pod_checks_the_store():
     (container,) = pod["spec"]["containers"]
     assert "--check-store" in container["args"] and "artifacts=s3://b/clipforge" in container["args"]
     assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
-    assert not by_kind(chart_objects({"tests": {"enabled": False}}), "Pod")
+    assert not by_kind(chart_objects({**STORE, "tests": {"enabled": False}}), "Pod")
 
 
 def test_prune_cronjob_deletes_what_old_runs_left_in_the_store_with_the_stage_pods_identity():
@@ -453,7 +491,7 @@ def test_prune_cronjob_deletes_what_old_runs_left_in_the_store_with_the_stage_po
     own parser takes) with the store's credentials and the stage pods' ServiceAccount, and no API token."""
     from clipforge.cli import build_parser
 
-    assert not by_kind(chart_objects({}), "CronJob")
+    assert not by_kind(chart_objects(STORE), "CronJob")
     values = {"prune": {"enabled": True, "keepRuns": 5, "timeZone": "Europe/Berlin"},
               "artifactStore": {"s3": {"bucket": "b", "existingSecret": "s3-keys"}}}
     objects = chart_objects(values, name="a-very-long-release-name-for-a-team-that-names-things")
@@ -470,7 +508,8 @@ def test_prune_cronjob_deletes_what_old_runs_left_in_the_store_with_the_stage_po
     assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
     args = build_parser().parse_args(container["args"])
     assert (args.command, args.artifacts, args.keep, args.yes) == ("prune", "s3://b/clipforge", 5, True)
-    (cron,) = by_kind(chart_objects({"prune": {"enabled": True}}), "CronJob")  # the pipeline's own `artifacts`
+    own = {"prune": {"enabled": True}, "pipeline": {"artifacts": "s3://team/clipforge"}}
+    (cron,) = by_kind(chart_objects(own), "CronJob")  # the pipeline's own `artifacts`
     (container,) = pod_specs(cron)[0]["containers"]
     assert container["args"][1] == "/etc/clipforge/pipeline.yaml"
     assert {"name": "config", "mountPath": "/etc/clipforge", "readOnly": True} in container["volumeMounts"]
@@ -478,20 +517,94 @@ def test_prune_cronjob_deletes_what_old_runs_left_in_the_store_with_the_stage_po
 
 def test_notes_say_how_to_follow_the_run():
     with helm_python.Chart.load(CHART) as chart:
-        notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
+        notes = chart.render(values={**STORE, "runId": "r7"}, name="rel",
+                             namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "kubectl -n ns logs -f job/rel-clipforge-r7-driver" in notes
     # Stage Jobs are owned by the driver Job: a plain delete cascades to a stage that still runs.
     assert "kubectl -n ns delete job rel-clipforge-r7-driver --cascade=orphan" in notes
     assert "clipforge.io/run-id=r7" in notes
+    # Events carry no labels: `get events -l` finds none; describe shows each object's own.
+    assert "events -l" not in notes
+    assert "describe jobs,pods -l app.kubernetes.io/instance=rel,clipforge.io/run-id=r7" in notes
+    # --cascade=orphan leaves the old driver's pods, ownerless.
+    assert "kubectl -n ns delete pods -l job-name=rel-clipforge-r7-driver" in notes
     with helm_python.Chart.load(CHART) as chart:
         notes = chart.render(values={"runId": "r7", "artifactStore": {"s3": {"bucket": "b", "prefix": "p"}}},
                              name="rel", namespace="ns")["clipforge/templates/NOTES.txt"]
     assert "clipforge runs s3://b/p r7" in notes
     assert "is starting" in notes
     with helm_python.Chart.load(CHART) as chart:  # an upgrade with the same runId starts nothing: said
-        notes = chart.render(values={"runId": "r7"}, name="rel", namespace="ns", is_install=False,
+        notes = chart.render(values={**STORE, "runId": "r7"}, name="rel", namespace="ns", is_install=False,
                              is_upgrade=True)["clipforge/templates/NOTES.txt"]
     assert "is starting" not in notes and "If that run's driver Job already ran,\nnothing new starts" in notes
+
+
+def test_a_run_id_in_the_spec_must_be_the_run_id(tmp_path):
+    """The driver runs as runId: a spec's own run_id (README: reuse one to resume) that differs would be
+    silently replaced, so that a second deploy of another run_id starts nothing. Inline or from a file."""
+    index = [{"name": "i", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"artifacts": "s3://t/p", "run_id": "fromspec",
+                                                        "stages": index}))
+    from_file = helm_python.parse_set_file(f"pipeline={tmp_path / 'spec.yaml'}")
+    inline = {"pipeline": {"artifacts": "s3://t/p", "run_id": "fromspec", "stages": index}}
+    for values in (from_file, inline):
+        with pytest.raises(helm_python.HelmRenderError, match='its run_id "fromspec" is not runId "first"'):
+            render_chart(values)
+        (driver,) = render_chart({**values, "runId": "fromspec"})["clipforge/templates/driver-job.yaml"]
+        assert driver["metadata"]["name"] == "clipforge-fromspec-driver"
+        assert driver["spec"]["template"]["spec"]["containers"][0]["args"][2:4] == ["--run-id", "fromspec"]
+
+
+def test_a_pipeline_never_gets_the_placeholder_bucket(tmp_path):
+    """Helm merges an inline pipeline into the default one: without `artifacts` it would inherit the example's
+    s3://my-bucket/clipforge, somebody else's bucket. So would the default values and jobs/nsd-subj01.yaml."""
+    index = [{"name": "i", "kind": "index", "with": {"expdesign": "e.mat", "subject": "subj01"}}]
+    nsd = helm_python.parse_set_file(f"pipeline={ROOT / 'jobs' / 'nsd-subj01.yaml'}")
+    for values in ({}, {"pipeline": {"stages": index}}, nsd):
+        with pytest.raises(helm_python.HelmRenderError, match="s3://my-bucket/clipforge is the examples' placeholder"):
+            render_chart(values)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"stages": index}))
+    with pytest.raises(helm_python.HelmRenderError, match="pipeline: no artifacts: set artifactStore.s3.bucket"):
+        render_chart(helm_python.parse_set_file(f"pipeline={tmp_path / 'spec.yaml'}"))
+    # A store, or the spec's own artifacts: fine.
+    pvc = {"artifactStore": {"persistentVolumeClaim": {"claimName": "c"}}}
+    for values, artifacts in (({**STORE, "pipeline": {"stages": index}}, "artifacts=s3://b/clipforge"),
+                              ({**nsd, **STORE}, "artifacts=s3://b/clipforge"),
+                              (pvc, "artifacts=/artifacts/clipforge"),
+                              ({"pipeline": {"artifacts": "s3://team/x", "stages": index}}, None)):
+        (driver,) = render_chart(values)["clipforge/templates/driver-job.yaml"]
+        args = driver["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert (args[-1] if "--set" in args else None) == artifacts
+
+
+def test_the_charts_own_labels_are_refused_in_label_values():
+    """Selectors (NetworkPolicy, the driver's pod lookups, NOTES) use these keys: a value must not take them."""
+    for where in ("stageDefaults.labels", "stageDefaults.podLabels", "driver.podLabels"):
+        group, name = where.split(".")
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "clipforge.io/run-id",
+                    "clipforge.io/stage"):
+            with pytest.raises(helm_python.HelmRenderError, match=re.escape(f'{where}: "{key}" is one of the chart')):
+                render_chart({**STORE, group: {name: {key: "x"}}})
+        render_chart({**STORE, group: {name: {"team": "a", "app.kubernetes.io/part-of-team": "ml"}}})
+
+
+def test_an_unpinned_image_tag_is_refused_with_a_sentence():
+    """A schema `not` says only "at '/image/tag': 'not' failed"."""
+    for tag in ("latest", "Latest"):
+        with pytest.raises(helm_python.HelmRenderError, match='image.tag: "latest" moves with every push'):
+            render_chart({**STORE, "image": {"tag": tag}})
+    render_chart({**STORE, "image": {"tag": "latest", "digest": "sha256:" + "ab" * 32}})  # the digest is what runs
+
+
+def test_stage_pods_never_run_as_the_drivers_service_account():
+    """Two ServiceAccounts of one name fail the install, or the stage pods run with the driver's Role."""
+    said = r'stageServiceAccount.name \(or stageDefaults.serviceAccountName\): "(x|clipforge)" is also the driver'
+    for values in ({"serviceAccount": {"name": "x"}, "stageServiceAccount": {"name": "x"}},
+                   {"stageDefaults": {"serviceAccountName": "clipforge"}},
+                   {"serviceAccount": {"create": False, "name": "x"},
+                    "stageServiceAccount": {"create": False, "name": "x"}}):
+        with pytest.raises(helm_python.HelmRenderError, match=said):
+            render_chart({**STORE, **values})
 
 
 def test_both_artifact_stores_at_once_is_an_error():

@@ -91,7 +91,8 @@ def driver_job(api: KubernetesApiStandIn, name: str) -> str:
 
 def start_cluster(root: Path) -> Cluster:
     # The driver may do only what the chart's Role lets it (with KubeRay, whose RayJobs one test drives).
-    (role,) = [o for o in chart_objects({"kuberay": {"enabled": True}}) if o["kind"] == "Role"]
+    values = {"kuberay": {"enabled": True}, "artifactStore": {"s3": {"bucket": "b"}}}
+    (role,) = [o for o in chart_objects(values) if o["kind"] == "Role"]
     api = KubernetesApiStandIn(root, namespace="ml", rules=role["rules"])
     settings = root / "driver.yaml"
     settings.write_text(yaml.safe_dump({"image": "ghcr.io/clipforge/clipforge:test", "release": RELEASE,

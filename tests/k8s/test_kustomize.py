@@ -14,7 +14,7 @@ from clipforge.orchestrate.k8s_manifests import job_name
 
 # Each kustomize folder and the chart values that render the same objects (release and namespace "clipforge").
 EQUIVALENT = {
-    "base": {},
+    "base": {"artifactStore": {"s3": {"bucket": "my-bucket"}}},  # the chart refuses the placeholder without it
     "single-gpu": yaml.safe_load((ROOT / "k8s/overlays/single-gpu/chart-values.yaml").read_text()),
     "multi-node": yaml.safe_load((CHART / "ci/multi-node-values.yaml").read_text()),
 }

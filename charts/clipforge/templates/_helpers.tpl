@@ -23,11 +23,50 @@ Names, labels and the pieces every pod shares. Selectors use name + instance onl
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The run id: values.runId, else the pipeline's own run_id (inline pipelines only). */}}
+{{/* The run id (a pipeline's own run_id must be the same: clipforge.checks). */}}
 {{- define "clipforge.runId" -}}
-{{- $fromSpec := "" }}
-{{- if kindIs "map" .Values.pipeline }}{{ $fromSpec = .Values.pipeline.run_id | default "" }}{{ end }}
-{{- required "set runId (a DNS label of at most 40 characters, e.g. the git SHA)" (.Values.runId | default $fromSpec) }}
+{{- required "set runId (a DNS label of at most 40 characters, e.g. the git SHA)" .Values.runId }}
+{{- end }}
+
+{{/* The pipeline spec as JSON: the inline mapping, or the parsed --set-file text ({"Error": …} if no YAML map). */}}
+{{- define "clipforge.spec" -}}
+{{- if kindIs "string" .Values.pipeline }}{{ .Values.pipeline | fromYaml | toJson }}{{ else }}{{ .Values.pipeline | toJson }}{{ end }}
+{{- end }}
+
+{{/*
+What the values schema cannot say, each failing the install with one sentence rather than a pod later.
+Included once, by configmap.yaml.
+*/}}
+{{- define "clipforge.checks" -}}
+{{- $spec := include "clipforge.spec" . | fromJson }}
+{{- $runId := include "clipforge.runId" . }}
+{{- if and (not .Values.image.digest) (eq (lower (toString .Values.image.tag)) "latest") }}
+{{- fail "image.tag: \"latest\" moves with every push, so a retried pod could run other code than the first: pin a tag (e.g. the git SHA) or set image.digest" }}
+{{- end }}
+{{- if not (hasKey $spec "Error") }}{{/* configmap.yaml says what is wrong with a file that is no spec */}}
+{{- if and $spec.run_id (ne (toString $spec.run_id) $runId) }}
+{{- fail (printf "pipeline: its run_id %q is not runId %q, the id the driver runs it as: set runId=%s, or drop run_id from the spec" (toString $spec.run_id) $runId (toString $spec.run_id)) }}
+{{- end }}
+{{- if not (include "clipforge.artifacts" .) }}
+{{- if not $spec.artifacts }}
+{{- fail "pipeline: no artifacts: set artifactStore.s3.bucket (or artifactStore.persistentVolumeClaim.claimName), or the spec's artifacts" }}
+{{- else if regexMatch "^s3://my-bucket(/|$)" (toString $spec.artifacts) }}
+{{- /* The example bucket of values.yaml and jobs/*.yaml, which an inline pipeline without artifacts inherits. */}}
+{{- fail (printf "pipeline: artifacts %s is the examples' placeholder bucket (the chart's default, which an inline pipeline without artifacts inherits): set artifactStore.s3.bucket (or artifactStore.persistentVolumeClaim.claimName), or the spec's artifacts" (toString $spec.artifacts)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $driverAccount := include "clipforge.serviceAccountName" . }}
+{{- if eq $driverAccount (include "clipforge.stageServiceAccountName" .) }}
+{{- fail (printf "stageServiceAccount.name (or stageDefaults.serviceAccountName): %q is also the driver's ServiceAccount, whose Role creates Jobs: give the stage pods another one" $driverAccount) }}
+{{- end }}
+{{- range $where, $labels := dict "stageDefaults.labels" .Values.stageDefaults.labels "stageDefaults.podLabels" .Values.stageDefaults.podLabels "driver.podLabels" .Values.driver.podLabels }}
+{{- range $key, $_ := $labels }}
+{{- if regexMatch "^(app\\.kubernetes\\.io/(name|instance)|clipforge\\.io/.*)$" $key }}
+{{- fail (printf "%s: %q is one of the chart's own labels, which select the release's pods and a run's Jobs: use another key" $where $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -135,6 +174,7 @@ runAsNonRoot: true
 runAsUser: 10001
 runAsGroup: 10001
 fsGroup: 10001
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
@@ -182,6 +222,20 @@ labels:
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+Resources of the driver's, prune's and helm test's pod from (dict "root" $ "resources" <driver or prune resources>):
+with stageDefaults.resources.limitCpu (a ResourceQuota that counts limits.cpu refuses a pod without one), a CPU
+limit equal to the CPU request unless the values give one.
+*/}}
+{{- define "clipforge.cpuPodResources" -}}
+{{- $resources := deepCopy (.resources | default dict) }}
+{{- $cpu := dig "requests" "cpu" "" $resources }}
+{{- if and .root.Values.stageDefaults.resources.limitCpu $cpu (not (dig "limits" "cpu" "" $resources)) }}
+{{- $_ := set $resources "limits" (merge (dict "cpu" $cpu) ($resources.limits | default dict)) }}
+{{- end }}
+{{- toYaml $resources }}
 {{- end }}
 
 {{- define "clipforge.cpuPodPlacement" -}}
