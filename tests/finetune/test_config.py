@@ -241,6 +241,11 @@ def test_settings_that_would_be_ignored_are_refused_each_named_at_once():
         load_config(FinetuneConfig, {**BASE, "val_fraction": 0.3, "lock_image_unlocked_groups": 2})
     assert "val_fraction applies to dataset" in str(err.value)
     assert "lock_image_unlocked_groups applies with lock_image" in str(err.value)
+    # Augmentation settings with CSVs were taken silently, a synonym map that is not there too, and recorded as
+    # if they had been used.
+    with pytest.raises(UserError) as err:
+        load_config(FinetuneConfig, {**BASE, "synonyms": "nope.json", "per_sample": 9})
+    assert "per_sample, synonyms apply to dataset, which this run splits and augments" in str(err.value)
     with pytest.raises(UserError, match="synonyms applies to augment manual, not none"):
         load_config(FinetuneConfig, {"dataset": "d", "augment": "none", "synonyms": "s.json"})
     # Where they apply they load, and so does a config's own dump (what workers and a resume read).

@@ -109,9 +109,13 @@ class FinetuneConfig(StageConfig):
         if self.skip_bad and not self.dataset:
             problems.append("`skip_bad` applies to `dataset`, which this run prepares; CSVs given as `train_data` are "
                             "used as they are (`clipforge captions prepare --skip-bad` drops bad images from a split)")
-        if self.val_fraction != type(self).model_fields["val_fraction"].default and not self.dataset:
-            problems.append("`val_fraction` applies to `dataset`, which this run splits; `train_data` and "
-                            "`val_data` are used as they are")
+        given = [name for name in ("val_fraction", "augment", "per_sample", "synonyms", "llm_model")
+                 if getattr(self, name) != type(self).model_fields[name].default]
+        if given and not self.dataset:
+            named = ", ".join(f"`{name}`" for name in given)
+            problems.append(f"{named} {'applies' if len(given) == 1 else 'apply'} to `dataset`, which this run "
+                            "splits and augments; `train_data` and `val_data` are used as they are (clipforge captions "
+                            "augment adds caption variants to a split's train.csv)")
         if self.synonyms and self.augment != "manual":
             problems.append(f"`synonyms` applies to `augment` manual, not {self.augment}: leave out one of them")
         if self.lock_image_unlocked_groups and not self.lock_image:
