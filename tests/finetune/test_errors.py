@@ -543,3 +543,23 @@ def test_a_prepared_csv_deleted_by_hand_is_prepared_again(tiny_clip, captioned, 
         assert prepared_csvs(config, str(tmp_path / "out")) == (train, val)
     assert "1 of the files its manifest lists is gone or cut short (train.csv)" in caplog.text
     assert Path(train).read_bytes() == before
+
+
+def test_weights_of_another_model_are_refused_before_the_dataset_is_prepared(tiny_clip, captioned, tmp_path, capsys,
+                                                                             caplog):
+    """They were found only when the model loaded, after the split and augmentation (hours with a language
+    model), which the failed run then threw away."""
+    import torch
+
+    name, _, weights = tiny_clip
+    state = torch.load(weights, weights_only=True)
+    state["text_projection"] = torch.zeros(state["text_projection"].shape[0], 7)
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        line = fail(capsys, tiny_clip, captioned, out, train_data="", val_data="",
+                    dataset=str(Path(captioned[0]).parent), pretrained=str(other))
+    assert line.startswith(f"clipforge finetune: error: weights {other} do not fit model {name}: size mismatch for "
+                           "text_projection"), line
+    assert "captions" not in caplog.text and not list(out.rglob("data"))

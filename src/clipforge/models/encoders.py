@@ -18,6 +18,7 @@ import os
 import pickle
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,22 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
         model = open_clip.create_model(spec.model, pretrained=pretrained, device=device, precision=weights_precision)
     model.eval()
     return model, open_clip.get_model_preprocess_cfg(model)
+
+
+def check_weights_fit(model: str, weights: str) -> None:
+    """A local weights file loaded into `model` built on the meta device (no memory, no arithmetic): weights of
+    another model are refused in a second, before work that a failed load later would throw away (a dataset's
+    split and augmentation). The real load reads them again."""
+    import open_clip
+
+    spec = EncoderSpec(model=model, pretrained=weights)
+    logging.disable(logging.WARNING)  # open_clip's loading lines are the real load's to say
+    try:
+        with warnings.catch_warnings(), loading_weights(spec, weights), torch.device("meta"):
+            warnings.simplefilter("ignore")  # copying into a meta parameter is a no-op, as meant here
+            open_clip.create_model(model, pretrained=weights, device="meta")
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def preprocess_config(spec: EncoderSpec) -> dict:

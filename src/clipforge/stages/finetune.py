@@ -27,7 +27,7 @@ import torch
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import check_model_known, is_weights_format, weights_identity
+from clipforge.models.encoders import check_model_known, check_weights_fit, is_weights_format, weights_identity
 from clipforge.models.pretrained import names_weights_file
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.finetune_data import (
@@ -214,6 +214,8 @@ def check_model_inputs(config: FinetuneConfig) -> None:
     if names_weights_file(weights) and not storage.is_s3(weights) and not is_weights_format(weights):
         raise UserError(f"weights {weights} are not a PyTorch or safetensors weights file (a state dict saved by "
                         "torch.save, or .safetensors)")  # as loading them would say, after the data work
+    if config.dataset and names_weights_file(weights) and not storage.is_s3(weights):
+        check_weights_fit(config.model, weights)  # another model's weights: said before the split and augmentation
     if config.logdir:
         storage.check_output_folder(config.logdir, "--logdir")
 
