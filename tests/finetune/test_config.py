@@ -253,3 +253,12 @@ def test_settings_that_would_be_ignored_are_refused_each_named_at_once():
                                           "lock_image": True, "lock_image_unlocked_groups": 2})
     assert load_config(FinetuneConfig, config.model_dump(mode="json", by_alias=True)) == config
     assert load_config(FinetuneConfig, FinetuneConfig(**BASE).model_dump(mode="json", by_alias=True))
+
+
+def test_a_run_whose_card_does_not_read_has_no_base_said_not_random():
+    from clipforge.commands.models import table
+
+    listed = table([{"name": "runB", "status": "incomplete"},
+                    {"name": "runC", "status": "complete", "model": "ViT-B-32", "pretrained": None}])
+    runb, runc = (line for line in listed.splitlines() if line.startswith(("runB", "runC")))
+    assert "random" not in runb and "None" not in runb and "ViT-B-32 (random)" in runc

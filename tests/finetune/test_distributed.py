@@ -49,8 +49,9 @@ def test_a_bad_image_met_by_one_worker_ends_the_launcher_with_its_name(tiny_clip
     bad_train = tmp_path / "train.csv"  # image paths made absolute: the CSV is elsewhere now
     absolute = [f"{Path(train).parent / row}" for row in rows]
     bad_train.write_text("\n".join([header, f"{broken},a red circle", *absolute]) + "\n")
-    code, log = run(tiny_clip, (str(bad_train), val), tmp_path / "out", epochs=1)
+    code, log = run(tiny_clip, (str(bad_train), val), tmp_path / "out", epochs=1, warmup=1000)
     assert code == EXIT_USER_ERROR, log
+    assert log.count("warmup of 1000 steps is not shorter than the run") == 1, log  # said once, not per rank
     last = log.strip().splitlines()[-1]
     assert last.startswith("clipforge finetune: error: image ") and "broken.png" in last
     assert "cannot be decoded" in last and "Traceback" not in log

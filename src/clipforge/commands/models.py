@@ -28,7 +28,8 @@ def table(models: list[dict]) -> str:
     rows = [header]
     for m in models:
         final, best = m.get("final") or {}, m.get("best") or {}
-        base = f"{m.get('model')} ({m.get('pretrained') or 'random'})"
+        # A run whose card does not read says nothing of its base: not "random", which would be a claim.
+        base = f"{m['model']} ({m.get('pretrained') or 'random'})" if m.get("model") else "-"
         rows.append((m["name"], m["status"], base, (m.get("created") or "-")[:16].replace("T", " "),
                      _figure(m.get("train_rows"), "{}"), _figure(m.get("val_rows"), "{}"),
                      _figure(m.get("epochs"), "{}"), _figure(final.get("image_to_text_R@1"), "{:.3f}"),

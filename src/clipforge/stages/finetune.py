@@ -202,7 +202,7 @@ def _check_before_launch(config: FinetuneConfig) -> None:
         train = read_rows(config.train_data, "train_data")
         check_apart(train, read_rows(config.val_data, "val_data"))
         check_has_negatives(train)
-        micro_batch(config, len(train), launch.world_size(config.num_processes))
+        micro_batch(config, len(train), launch.world_size(config.num_processes), say=False)  # rank 0 says it
     resolve_device(config.device, config.num_processes)
 
 

@@ -78,18 +78,21 @@ HISTORY = "history.json"
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature here, as the CLIP paper does
 
 
-def clamp_warmup(warmup: int, total_steps: int) -> int:
-    """The warmup steps to use: as asked, or a tenth of the run when the asked warmup would not end before it."""
+def clamp_warmup(warmup: int, total_steps: int, say: bool = True) -> int:
+    """The warmup steps to use: as asked, or a tenth of the run when the asked warmup would not end before it.
+    `say`: log the clamp (one process of a group says it for all)."""
     if warmup < total_steps:
         return warmup
     clamped = max(1, total_steps // 10)
-    log.warning("warmup of %d steps is not shorter than the run (%d steps): clamped to %d, a tenth of the run%s",
-                warmup, total_steps, clamped, " (at least one step)" if total_steps < 10 else "")
+    (log.warning if say else log.debug)(
+        "warmup of %d steps is not shorter than the run (%d steps): clamped to %d, a tenth of the run%s",
+        warmup, total_steps, clamped, " (at least one step)" if total_steps < 10 else "")
     return clamped
 
 
-def micro_batch(config: FinetuneConfig, train_rows: int, world: int) -> int:
-    """Rows of one forward pass over all processes: `batch_size`, or fewer when the data is too small for a step."""
+def micro_batch(config: FinetuneConfig, train_rows: int, world: int, say: bool = True) -> int:
+    """Rows of one forward pass over all processes: `batch_size`, or fewer when the data is too small for a step.
+    `say`: log the lowering (one process of a group says it for all)."""
     if config.batch_size % world:
         raise UserError(f"batch_size: {config.batch_size} does not split evenly over {world} processes")
     if train_rows >= config.batch_size * config.grad_accum:
@@ -98,7 +101,8 @@ def micro_batch(config: FinetuneConfig, train_rows: int, world: int) -> int:
     if batch < 2:
         raise UserError(f"only {train_rows} training rows: a step needs at least 2 per forward pass on each of "
                         f"{world} process(es), times grad_accum {config.grad_accum}")
-    log.warning("only %d training rows: batch_size lowered from %d to %d", train_rows, config.batch_size, batch)
+    (log.warning if say else log.debug)("only %d training rows: batch_size lowered from %d to %d", train_rows,
+                                        config.batch_size, batch)
     return batch
 
 
@@ -110,16 +114,17 @@ class FinetuneTrainer:
 
         self.config, self.train_rows, self.val_rows, self.store, self.acc = config, train, val, store, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.micro = micro_batch(config, len(train), self.world)
+        say = accelerator.is_main_process  # what every process would say alike, said once
+        self.micro = micro_batch(config, len(train), self.world, say)
         self.step_rows = self.micro * config.grad_accum
         self.steps_per_epoch = len(train) // self.step_rows
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.warmup_steps = clamp_warmup(config.warmup, self.total_steps)
+        self.warmup_steps = clamp_warmup(config.warmup, self.total_steps, say)
         used = self.steps_per_epoch * self.step_rows
-        if used < len(train):
+        if used < len(train) and say:
             log.info("each epoch trains on %d of the %d training rows, in whole steps of %d (the rows left out "
                      "differ from epoch to epoch)", used, len(train), self.step_rows)
-        if len(val) < 10:
+        if len(val) < 10 and say:
             log.warning("only %d validation pairs: the R@k figures and the choice of the best epoch mean little "
                         "(more images, or a larger val_fraction, help)", len(val))
         # Same seed on every process: identical initial weights (random ones too), as DDP expects.
