@@ -5,11 +5,12 @@ local causal language model (a transformers folder, no hub) for paraphrases and
 falls back to the map, with a warning and a count, wherever it fails. Variants
 never repeat the original or each other, and the same seed gives the same file.
 
-`_augment.json` beside `train.csv` records what it was made from (the settings,
-`train_original.csv`, the synonym map, the language model's folder): a rerun
-with nothing changed is "up to date" and does nothing, since a language model
-can take hours over a large folder. A run where the model failed is not
-recorded, so the next one tries it again.
+`_augment.json` beside `train.csv` records its sha256 and what it was made from
+(the settings, `train_original.csv`, the synonym map, the language model's
+folder): a rerun with nothing changed is "up to date" and does nothing, since a
+language model can take hours over a large folder. A run where the model failed
+records no inputs, so the next one tries it again. A train.csv the record does
+not vouch for (edited by hand since) is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -25,14 +26,27 @@ from importlib import resources
 import pandas as pd
 
 from clipforge.config.captions import AugmentConfig
-from clipforge.data.captions import INDEX, TRAIN, TRAIN_ORIGINAL, captions_csv, is_older, read_captions
+from clipforge.data.captions import (
+    AUGMENTED,
+    INDEX,
+    TRAIN,
+    TRAIN_ORIGINAL,
+    augmented_problem,
+    captions_csv,
+    is_older,
+    read_captions,
+    read_record,
+    sha256,
+    vouched,
+    write_vouched,
+)
 from clipforge.errors import UserError, first_line
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
 
-RECORD = "_augment.json"  # what train.csv was made from, written after it
+RECORD = AUGMENTED  # what train.csv was made from, written after it
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,8 @@ def load_synonyms(path: str | None) -> SynonymMap:
         raise UserError(f"synonym map {path} must be a JSON object of word -> list of synonyms")
     for word, synonyms in raw.items():
         if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
-            raise UserError(f"synonym map {path}: {word!r} must map to a list of words (strings), not {synonyms!r}")
+            raise UserError(f"synonym map {path}: {json.dumps(word)} must map to a list of words (strings), not "
+                            f"{json.dumps(synonyms)}")
     return SynonymMap.of({str(k): [str(s) for s in v if str(s).strip()] for k, v in raw.items()})
 
 
@@ -169,15 +184,9 @@ def made_from(cfg: AugmentConfig, source: str) -> dict:
 
 def recorded_summary(dataset: str, inputs: dict) -> dict | None:
     """The summary of the augmentation that made DATASET/train.csv from `inputs`, if that file is still its."""
-    record, train = storage.join(dataset, RECORD), storage.join(dataset, TRAIN)
-    if not (storage.exists(record) and storage.exists(train)):
-        return None
-    try:
-        made = storage.read_json(record)
-    except (ValueError, UserError):  # a record cut short or edited: augment again
-        return None
-    if not isinstance(made, dict) or made.get("made_from") != inputs or \
-            made.get("train_sha256") != hashlib.sha256(storage.read_bytes(train)).hexdigest():
+    made, train = read_record(storage.join(dataset, RECORD)), storage.join(dataset, TRAIN)
+    if made.get("made_from") != inputs or not storage.exists(train) or \
+            vouched(made).get(TRAIN, [None])[0] != sha256(storage.read_bytes(train)):
         return None
     return made.get("summary")
 
@@ -190,6 +199,9 @@ def augment(cfg: AugmentConfig) -> dict:
     warn_if_index_is_newer(cfg.dataset, source)
     require_synonyms(cfg.synonyms)
     inputs = made_from(cfg, source)
+    if storage.exists(storage.join(cfg.dataset, TRAIN)) and \
+            (why := augmented_problem(cfg.dataset, storage.read_bytes(source))):
+        raise UserError(f"{why}: move it aside or delete it to augment again")
     summary = recorded_summary(cfg.dataset, inputs)
     if summary is not None:
         log.info("%s is up to date (%d captions + %d variants); nothing to do", storage.join(cfg.dataset, TRAIN),
@@ -231,12 +243,13 @@ def augment(cfg: AugmentConfig) -> dict:
         log.warning("the language model gave too few paraphrases for %d of %d captions; the synonym map "
                     "filled in", fallbacks, len(frame))
     out = pd.DataFrame(rows, columns=["filepath", "caption"])
-    train, record = captions_csv(out), storage.join(cfg.dataset, RECORD)
-    storage.delete(record)  # the record says "made from these" only once the file it vouches for is in
-    storage.write_bytes(storage.join(cfg.dataset, TRAIN), train)
     summary = {"originals": len(frame), "rows": len(out), "variants": len(out) - len(frame), "llm_fallbacks": fallbacks}
-    if cfg.method == "manual" or (paraphrase is not None and not fallbacks):  # a failing model: try it again
-        storage.write_json(record, {"made_from": inputs, "train_sha256": hashlib.sha256(train).hexdigest(),
-                                    "summary": summary})
+    if cfg.method == "manual" and cfg.per_sample and not summary["variants"]:
+        log.warning("%s: no variants: %s", cfg.dataset, "the synonym map has no word with a synonym" if not
+                    synonyms.words else "no training caption holds a word of the synonym map")
+    complete = cfg.method == "manual" or (paraphrase is not None and not fallbacks)  # a failing model: try again
+    # The record says "made from these" only once the file it vouches for is in.
+    write_vouched(cfg.dataset, RECORD, {TRAIN: captions_csv(out)},
+                  {"made_from": inputs if complete else None, "summary": summary})
     log.info("%s: %d captions + %d variants -> train.csv", cfg.dataset, len(frame), len(out) - len(frame))
     return summary

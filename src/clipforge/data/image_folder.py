@@ -23,7 +23,7 @@ from PIL import Image
 
 from clipforge.data.index import RowIndex
 from clipforge.data.pixels import upright_rgb
-from clipforge.data.text_csv import read_text_csv
+from clipforge.data.text_csv import read_text_csv, shown
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.s3 import parse_s3
@@ -118,7 +118,9 @@ def collection_ids(root: str, paths: list[str]) -> list[str]:
     def local_id(path: str) -> str:
         if not path or path.startswith("s3://"):
             return path
-        full = os.path.normpath(os.path.join(base, path.replace("\\", "/")))
+        full = os.path.normpath(os.path.join(base, path))
+        if "\\" in path and not os.path.exists(full):  # as `image_uri` reads it: `sub\a.png` is sub/a.png
+            full = os.path.normpath(os.path.join(base, path.replace("\\", "/")))
         inside = _inside(os.path.relpath(full, base))
         if not inside:  # the root, or the folder holding the image, may be named through a symbolic link
             folder, name = os.path.split(full)
@@ -136,7 +138,18 @@ def _inside(relative: str) -> str:
 
 
 def image_uri(root: str, path: str) -> str:
-    return on_disk(path if path.startswith(("s3://", "/")) else storage.join(root, path))
+    """The image a CSV row names: relative to `root`, absolute, or s3://. An index written on Windows
+    (`sub\\a.png`) names sub/a.png, unless a file of that very name is there (Linux names may hold a backslash)."""
+    uri = on_disk(_joined(root, path))
+    if "\\" in path and not storage.is_s3(uri) and not os.path.exists(uri):
+        slashed = on_disk(_joined(root, path.replace("\\", "/")))
+        if os.path.exists(slashed):
+            return slashed
+    return uri
+
+
+def _joined(root: str, path: str) -> str:
+    return path if path.startswith(("s3://", "/")) else storage.join(root, path)
 
 
 def on_disk(uri: str) -> str:
@@ -170,12 +183,12 @@ def decode(root: str, path: str) -> tuple[np.ndarray, int]:
     try:
         data = storage.read_bytes(uri)
     except UserError:
-        raise UserError(f"image {uri} not found{SKIP_BAD_HINT}") from None
+        raise UserError(f"image {shown(uri)} not found{SKIP_BAD_HINT}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(upright_rgb(image)), len(data)
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise UserError(f"image {uri} cannot be decoded ({type(exc).__name__}){SKIP_BAD_HINT}") from None
+        raise UserError(f"image {shown(uri)} cannot be decoded ({type(exc).__name__}){SKIP_BAD_HINT}") from None
 
 
 def image_problem(uri: str) -> str | None:

@@ -57,3 +57,9 @@ def describe_parser_error(message: str) -> str:
         return (f"line {line} has {saw} fields, the header {expected}; "
                 'put double quotes around a value that contains a comma ("a dark, gloomy square")')
     return message.strip().splitlines()[0]
+
+
+def shown(value: str) -> str:
+    """A value from a hand-written CSV as a message shows it: quoted when spaces around it (or nothing at all)
+    would be invisible, as in `image "a.png " not found`."""
+    return f'"{value}"' if not value or value != value.strip() else value

@@ -40,6 +40,7 @@ from clipforge.data.captions import (
     TRAIN,
     TRAIN_ORIGINAL,
     VAL,
+    index_path,
     prepare,
     read_captions,
     write_captions,
@@ -141,10 +142,7 @@ def dataset_index(dataset: str) -> str:
         if not storage.exists(dataset):
             raise UserError(f"dataset {dataset} not found")
         return dataset
-    index = storage.join(dataset, INDEX)
-    if not storage.exists(index):
-        raise UserError(f"No index.csv found in {dataset}: it needs one row per image, columns filepath,caption")
-    return index
+    return index_path(dataset)  # a folder that is not there said as such, not as one without an index.csv
 
 
 def data_inputs(config: FinetuneConfig) -> dict:
