@@ -1,7 +1,12 @@
 """The captioning page's book of captions, without a browser."""
 
+import logging
+import unicodedata
+
 from PIL import Image
 
+from clipforge.config.captions import PrepareConfig
+from clipforge.data.captions import prepare
 from clipforge.web.caption_book import CaptionBook
 
 
@@ -14,10 +19,61 @@ def test_an_image_with_several_caption_rows_keeps_them_all_when_one_is_edited(tm
                                         "./a.png,a square in red\n")
     book = CaptionBook(tmp_path)
     assert book.caption("a.png") == "a red square" and book.captioned() == 2
+    assert book.other_captions("a.png") == ["a square in red"] and book.other_captions("b.png") == []
     book.save("a.png", "a crimson square", replaces="a red square")
     assert (tmp_path / "index.csv").read_text() == ("filepath,caption\na.png,a crimson square\nb.png,a red tile\n"
                                                     "./a.png,a square in red\n")
     assert CaptionBook(tmp_path).caption("a.png") == "a crimson square"
+    assert CaptionBook(tmp_path).other_captions("a.png") == ["a square in red"]
+
+
+def test_rows_name_the_images_captions_prepare_takes_them_for_and_a_save_keeps_their_spelling(tmp_path):
+    """A folder copied from a Mac names `café` in NFD, a hand-typed index.csv in NFC; `./`, `x/../` and absolute
+    rows name an image too. None is "a file not in the folder", and a save replaces the row it has, spelled as it
+    was, rather than adding a second caption that prepare would train on as well."""
+    names = [unicodedata.normalize("NFD", "café.png"), "b.png", "c.png", "d.png", "e.png"]
+    for name in names:
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    rows = ["café.png,a red café", "./b.png,a red b", "sub/../c.png,a red c", f"{tmp_path}/d.png,a red d"]
+    (tmp_path / "index.csv").write_text("filepath,caption\n" + "\n".join(rows) + "\n")
+    book = CaptionBook(tmp_path)
+    assert book.missing == [] and book.captioned() == 4 and book.first_uncaptioned() == names.index("e.png")
+    assert book.caption(names[0]) == "a red café"
+    for name in names[:4]:
+        book.save(name, f"{book.caption(name)} again", replaces=book.caption(name))
+    assert (tmp_path / "index.csv").read_text() == "filepath,caption\n" + "".join(f"{row} again\n" for row in rows)
+    assert prepare(PrepareConfig(dataset=str(tmp_path), val_fraction=0.25))["rows"] == 4  # one row per image
+    (tmp_path / "index.csv").write_text("filepath,caption\ngone/../e.png,a red e\n")  # prepare: not found
+    assert CaptionBook(tmp_path).missing == ["gone/../e.png"]
+
+
+def test_image_files_of_formats_the_page_leaves_out_are_said_as_the_cache_says_them(tmp_path, caplog):
+    """A .bmp or .tiff is not offered: the log says so in the cache's words, and a row naming one (written by
+    hand, for a CSV source) is no "file that is not in the folder"."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    for name in ("b.bmp", "c.gif", "sub/d.tiff", ".hidden.bmp"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "index.csv").write_text("filepath,caption\nb.bmp,a red bitmap\n")
+    with caplog.at_level(logging.WARNING, "clipforge.caption"):
+        book = CaptionBook(tmp_path)
+    assert book.images == ["a.png"] and book.left_out == ["b.bmp", "c.gif", "sub/d.tiff"] and book.missing == []
+    assert "3 image files left out, of formats a folder's listing does not take (.jpg, .jpeg, .png, .webp; " \
+           "e.g. b.bmp)" in caplog.text
+
+
+def test_a_save_keeps_the_files_bom_and_line_endings(tmp_path):
+    """Excel on Windows writes a BOM and CRLF: a rewrite in LF without the BOM changes every line of a diff."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "index.csv").write_bytes(b'\xef\xbb\xbffilepath,caption,source\r\na.png,"red, square",me\r\n')
+    CaptionBook(tmp_path).save("b.png", "a red tile")
+    assert (tmp_path / "index.csv").read_bytes() == (b'\xef\xbb\xbffilepath,caption,source\r\n'
+                                                     b'a.png,"red, square",me\r\nb.png,a red tile,\r\n')
+    (tmp_path / "index.csv").write_bytes(b"filepath,caption\na.png,a red square\n")
+    CaptionBook(tmp_path).save("b.png", "a red tile")
+    assert (tmp_path / "index.csv").read_bytes() == b"filepath,caption\na.png,a red square\nb.png,a red tile\n"
 
 
 def test_names_index_csv_cannot_name_are_unreadable_not_captioned_again_and_again(tmp_path):

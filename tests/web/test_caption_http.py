@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import socket
 import time
+import unicodedata
 import urllib.parse
 
 import httpx
@@ -255,3 +256,26 @@ def test_beyond_loopback_only_this_machines_names_are_answered(folder, tmp_path,
         assert raw_get(url, "/api/state", host="10.255.255.254:80") == 400  # not an address of this machine
         for own in ("localhost:1234", "127.0.0.1", f"{socket.gethostname()}:80", "[::1]:80"):
             assert raw_get(url, "/api/state", host=own) == 200, own
+
+
+def test_state_has_an_images_other_captions_and_the_files_left_out(tmp_path, serve_in_thread):
+    """The page shows a COCO-style image's other captions under the field and lists the .bmp/.tiff files it
+    leaves out; a save through it to an image whose row is spelled in NFC (the file in NFD) replaces that row."""
+    nfd = unicodedata.normalize("NFD", "café.png")
+    for name in (nfd, "b.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "c.bmp")
+    (tmp_path / "index.csv").write_text("filepath,caption\ncafé.png,a red café\n./café.png,a café in red\n"
+                                        "b.png,a red b\n")
+    server = CaptionServer(tmp_path, thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(server):
+        state = httpx.get(server.url + "api/state").json()
+        assert state["images"] == [{"path": "b.png", "caption": "a red b", "others": []},
+                                   {"path": nfd, "caption": "a red café", "others": ["a café in red"]}]
+        assert state["missing"] == [] and state["left_out"] == ["c.bmp"]
+        assert state["formats"] == ["jpg", "jpeg", "png", "webp"]
+        body = {"path": nfd, "caption": "a crimson café", "replaces": "a red café"}
+        assert httpx.post(server.url + "api/caption", json=body,
+                          headers={"X-Clipforge-Token": server.token}).status_code == 200
+    assert (tmp_path / "index.csv").read_text() == ("filepath,caption\ncafé.png,a crimson café\n"
+                                                    "./café.png,a café in red\nb.png,a red b\n")

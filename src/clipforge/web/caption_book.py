@@ -3,34 +3,38 @@
 The images (jpg, jpeg, png, webp, at any depth, sorted by relative path as the
 cache stage lists them) are found once at the start; linked folders are not
 entered and linked files that lead out of the folder are not served. Images
-Pillow cannot open are listed apart, with the reason, and skipped. The start
-checks headers only (a 10,000-photo folder opens in seconds); every pixel of
-an image is decoded, as `clipforge captions prepare` does, the first time it is
-served or captioned, and one that fails (a truncated JPEG) joins the unreadable
-ones then, so no caption is saved for an image prepare would refuse.
+Pillow cannot open are listed apart, with the reason, and skipped; image files
+of other formats (bmp, gif, tiff...) are said, as the cache says them. The
+start checks headers only (a 10,000-photo folder opens in seconds); every pixel
+of an image is decoded, as `clipforge captions prepare` does, the first time it
+is served or captioned, and one that fails (a truncated JPEG) joins the
+unreadable ones then, so no caption is saved for an image prepare would refuse.
 
 `index.csv` (filepath,caption; paths relative to the folder) is taken as it
-is: rows keep their order and any extra columns; rows whose file is gone are
-kept and reported, never dropped; a row with an empty caption counts as not
-captioned (so does one of spaces only). A new caption appends a row. Every
-save re-reads the file and rewrites it atomically (temp file + rename) under an
-flock on the folder, so two `clipforge caption` processes on one folder lose
-none of each other's captions, and a crash, kill -9 included, loses at most
-the caption being typed. A save names the caption it replaces: when that is no
-longer the caption on disk (a second tab, an editor), the save is refused with
-the caption that is there, so nobody's words are overwritten unseen. An image
-with several rows (one per caption) shows and edits its first; the others stay
-as they are.
+is: rows keep their order, spelling and extra columns, and the file keeps its
+UTF-8 BOM and line endings. A row captions the image `captions prepare` takes
+it for (`./a.png`, `x/../a.png`, an absolute path, NFC or NFD: one image), so
+a save replaces that row's caption, however it is spelled. Rows whose file is
+gone are kept and reported, never dropped; a row with an empty caption counts
+as not captioned (so does one of spaces only). A new caption appends a row.
+Every save re-reads the file and rewrites it atomically (temp file + rename)
+under an flock on the folder, so two `clipforge caption` processes on one
+folder lose none of each other's captions, and a crash, kill -9 included,
+loses at most the caption being typed. A save names the caption it replaces:
+when that is no longer the caption on disk (a second tab, an editor), the save
+is refused with the caption that is there, so nobody's words are overwritten
+unseen. An image with several rows (one per caption, COCO style) edits its
+first; the others are shown, read-only, and stay as they are.
 """
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import logging
 import os
-import posixpath
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +44,13 @@ import pandas as pd
 from PIL import Image
 
 from clipforge.data.captions import COLUMNS, INDEX
-from clipforge.data.image_folder import IMAGE_SUFFIXES, is_listed_image
+from clipforge.data.image_folder import (
+    IMAGE_SUFFIXES,
+    image_identity,
+    image_uri,
+    is_left_out_image,
+    is_listed_image,
+)
 from clipforge.data.image_folder import image_problem as decode_problem
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
@@ -74,6 +84,7 @@ class CaptionBook:
         self.root = Path(dataset).resolve()
         self.index = self.root / INDEX
         self.images, self.unreadable = scan_images(self.root)
+        self.left_out = left_out_images(self.root)
         if not self.images:
             why = f"; {len(self.unreadable)} cannot be read, e.g. {self.unreadable[0].path} " \
                   f"({self.unreadable[0].reason})" if self.unreadable else ""
@@ -82,25 +93,33 @@ class CaptionBook:
             raise UserError(f"cannot write {self.index}: the folder is read-only for this user; fix its "
                             "permissions, or caption a writable copy")
         self._image_set = set(self.images)  # what may be served: also those found unreadable later
+        self._files = self._image_set | {u.path for u in self.unreadable} | set(self.left_out)  # a row may name
+        self._identities: dict[str, str] = {}  # image_identity -> file, made when a row first needs it
+        self._spellings: dict[str, str | None] = {}  # a row's filepath spelled otherwise -> the file it names
         self._decoded: dict[str, str | None] = {}  # image -> why its pixels do not decode, or None
         self._lock = threading.Lock()
         self._load()
 
     def _load(self) -> None:
         """Read index.csv (again): its rows, which images they caption, and which name files that are gone."""
-        self.frame = read_caption_index(self.index)
+        raw = self.index.read_bytes() if self.index.is_file() else b""
+        self.frame = read_caption_index(self.index, raw)
+        self._bom, self._newline = csv_form(raw)
         self._stamp = _stamp(self.index)
         found = self._image_set | {u.path for u in self.unreadable}
         self._rows: dict[str, list[int]] = {}
         self.missing: list[str] = []
         for row, filepath in enumerate(self.frame["filepath"]):
-            key = self.relative(filepath)
-            if key in found:
-                self._rows.setdefault(key, []).append(row)
-            else:
+            key = self.named(filepath)
+            if key is None:
                 self.missing.append(filepath)
+            elif key in found:  # else a file left out (a .bmp): it is there, and no image of the page
+                self._rows.setdefault(key, []).append(row)
         # Spaces only count as no caption, here and on the page.
-        self._captions = {key: str(self.frame.at[rows[0], "caption"]).strip() for key, rows in self._rows.items()}
+        captions = {key: [str(self.frame.at[row, "caption"]).strip() for row in rows]
+                    for key, rows in self._rows.items()}
+        self._captions = {key: texts[0] for key, texts in captions.items()}
+        self._others = {key: [text for text in texts[1:] if text] for key, texts in captions.items()}
 
     def refresh(self) -> None:
         """Read index.csv again when it changed on disk (another tab's process, an editor)."""
@@ -122,22 +141,29 @@ class CaptionBook:
                     self.unreadable = [*self.unreadable, Unreadable(path, why)]
         return self._decoded[path]
 
-    def relative(self, filepath: str) -> str | None:
-        """The image a row names, as a path relative to the folder (None when outside it)."""
-        if filepath.startswith("s3://"):
-            return None
-        if os.path.isabs(filepath):
-            try:
-                return Path(os.path.normpath(filepath)).relative_to(self.root).as_posix()
-            except ValueError:
-                return None
-        return posixpath.normpath(filepath.replace("\\", "/"))
+    def named(self, filepath: str) -> str | None:
+        """The file of the folder a row names (a path relative to it), or None: by the rule of `captions prepare`
+        (`image_identity`), so the page and the training data agree on which rows caption an image."""
+        if filepath in self._files:
+            return filepath  # the usual spelling: no look at the disk
+        if filepath not in self._spellings:  # each save reads every row again: the disk is asked once per spelling
+            if not self._identities:
+                for path in sorted(self._files):  # a link inside the folder is its target's image: the first wins
+                    self._identities.setdefault(image_identity(str(self.root / path)), path)
+            file = image_uri(str(self.root), filepath)  # the name on disk, NFC or NFD
+            # As prepare, which reads the file: `gone/../a.png` is not found when there is no folder `gone`.
+            self._spellings[filepath] = self._identities.get(image_identity(file)) if os.path.isfile(file) else None
+        return self._spellings[filepath]
 
     def has_image(self, path: str) -> bool:
         return path in self._image_set
 
     def caption(self, path: str) -> str:
         return self._captions.get(path, "")
+
+    def other_captions(self, path: str) -> list[str]:
+        """The captions of an image's rows after its first (COCO style): shown, never edited by the page."""
+        return self._others.get(path, [])
 
     def captioned(self) -> int:
         return sum(1 for path in self.images if self.caption(path).strip())
@@ -174,7 +200,8 @@ class CaptionBook:
                                                    "filepath": path, "caption": text}
             # write_captions would keep only filepath,caption; a user's extra columns are theirs.
             try:
-                storage.write_bytes(str(self.index), self.frame.to_csv(index=False).encode())
+                data = self._bom + self.frame.to_csv(index=False, lineterminator=self._newline).encode()
+                storage.write_bytes(str(self.index), data)
             except OSError as exc:
                 self._load()  # what is on disk, not the caption that could not be written
                 raise UserError(f"cannot write {self.index}: {exc.strerror}") from None
@@ -204,20 +231,23 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return info.st_ino, info.st_mtime_ns, info.st_size
 
 
-def read_caption_index(path: Path) -> pd.DataFrame:
-    """index.csv as strings, every column kept; empty when there is none yet."""
-    if not path.is_file() or path.stat().st_size == 0:
+def read_caption_index(path: Path, raw: bytes) -> pd.DataFrame:
+    """index.csv (its bytes, `raw`) as strings, every column kept; empty when there is none yet."""
+    if not raw:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in COLUMNS})
-    return read_text_csv(str(path), COLUMNS).astype(object)
+    return read_text_csv(str(path), COLUMNS, data=raw).astype(object)
+
+
+def csv_form(raw: bytes) -> tuple[bytes, str]:
+    """The UTF-8 BOM (b"" when none) and line ending of a CSV file as found, for a rewrite to keep: Excel on
+    Windows writes both, and a file whose every line changes is a diff of every line."""
+    bom = codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
+    return bom, "\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else "\n"
 
 
 def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     """(readable images, unreadable ones with the reason), as sorted paths relative to `root`."""
-    found = []
-    for folder, dirs, files in os.walk(root):  # followlinks=False: linked folders are not entered
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found.extend(Path(folder, name) for name in files if is_listed_image(name))
-    relative = sorted(p.relative_to(root).as_posix() for p in found)
+    relative = folder_files(root, is_listed_image)
     if len(relative) > 2000:
         log.info("checking %d images in %s", len(relative), root)
     with ThreadPoolExecutor(8) as pool:
@@ -225,9 +255,31 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
     unreadable = [Unreadable(path, why) for path, why in zip(relative, problems, strict=True) if why]
     if unreadable:
-        log.warning("%d of %d images in %s cannot be read and are skipped, e.g. %s (%s)",
-                    len(unreadable), len(relative), root, unreadable[0].path, unreadable[0].reason)
+        log.warning("%d of %d images in %s cannot be read and %s skipped, e.g. %s (%s)", len(unreadable),
+                    len(relative), root, "is" if len(unreadable) == 1 else "are", unreadable[0].path,
+                    unreadable[0].reason)
     return readable, unreadable
+
+
+def left_out_images(root: Path) -> list[str]:
+    """Image files of formats the page, like a cache of the folder, does not take (bmp, gif, tiff...): said, so
+    a folder does not look captioned when some of its images were never offered."""
+    others = folder_files(root, lambda name: is_left_out_image(name) and not name.startswith("."))
+    if others:
+        log.warning("%s: %d image file%s left out, of formats a folder's listing does not take (%s; e.g. %s); "
+                    "convert them to caption them here", root, len(others), "" if len(others) == 1 else "s",
+                    ", ".join(IMAGE_SUFFIXES), others[0])
+    return others
+
+
+def folder_files(root: Path, keep: Callable[[str], bool]) -> list[str]:
+    """The files whose names `keep` takes, as sorted paths relative to `root`; hidden and linked folders are
+    not entered."""
+    found = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False: linked folders are not entered
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found.extend(Path(folder, name) for name in files if keep(name))
+    return sorted(p.relative_to(root).as_posix() for p in found)
 
 
 def image_problem(root: Path, relative: str) -> str | None:

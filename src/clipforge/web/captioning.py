@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from clipforge.data.image_folder import IMAGE_SUFFIXES
 from clipforge.errors import UserError
 from clipforge.web.caption_book import CaptionBook, CaptionConflict
 from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page, resolve_inside
@@ -69,7 +70,7 @@ class CaptionServer:
     def summary(self) -> dict:
         book = self.book
         return {"captioned": book.captioned(), "total": len(book.images), "index": str(book.index),
-                "missing": len(book.missing), "unreadable": len(book.unreadable)}
+                "missing": len(book.missing), "unreadable": len(book.unreadable), "left_out": len(book.left_out)}
 
 
 def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only: bool):
@@ -89,10 +90,12 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
             return error(409, f"{exc}; mend it, then reload the page")
         return JSONResponse({
             "dataset": str(book.root), "index": str(book.index),
-            "images": [{"path": path, "caption": book.caption(path)} for path in book.images],
+            "images": [{"path": path, "caption": book.caption(path), "others": book.other_captions(path)}
+                       for path in book.images],
             "start": book.first_uncaptioned(), "captioned": book.captioned(), "total": len(book.images),
             "missing": book.missing,
             "unreadable": [{"path": u.path, "reason": u.reason} for u in book.unreadable],
+            "left_out": book.left_out, "formats": [suffix.lstrip(".") for suffix in IMAGE_SUFFIXES],
         }, headers={"cache-control": "no-store"})
 
     async def image(request: Request) -> Response:

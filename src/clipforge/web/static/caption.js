@@ -73,10 +73,20 @@ function show(index) {
   $('path').textContent = item.path;
   $('position').textContent = `image ${at + 1} of ${images.length}`;
   field.value = item.caption;
+  showOthers(item.others ?? []);
   field.focus();
   hint('');
   const next = images[at + 1];
   if (next) new Image().src = imageUrl(next.path); // the next image is usually the one shown next
+}
+
+// An image with several rows in index.csv (COCO style): the field edits the first, the others are shown
+// as they are, so a save is never taken to change or drop them.
+function showOthers(others) {
+  const quoted = others.map((text) => `“${text}”`).join(' · ');
+  $('others').hidden = !others.length;
+  $('others').textContent = others.length ? `${others.length} more caption${others.length === 1 ? '' : 's'} `
+    + `in index.csv, kept as they are (the field edits the first): ${quoted}` : '';
 }
 
 function nextUncaptioned(from) {
@@ -264,6 +274,9 @@ async function load() {
   const open = [...$('problems').querySelectorAll('details')].map((details) => details.open);
   $('problems').replaceChildren();
   listProblems(`${unreadable.length} unreadable image${unreadable.length === 1 ? '' : 's'} skipped`, unreadable);
+  const n = state.left_out.length;
+  listProblems(`${n} image file${n === 1 ? '' : 's'} left out, of formats a folder's listing does not take `
+    + `(${state.formats.join(', ')}); convert them to caption them here`, state.left_out);
   listProblems(state.missing.length === 1 ? '1 row of index.csv names a file that is not here (kept in the file)'
     : `${state.missing.length} rows of index.csv name files that are not here (kept in the file)`, state.missing);
   $('problems').querySelectorAll('details').forEach((details, i) => { details.open = open[i] ?? false; });
