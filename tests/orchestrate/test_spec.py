@@ -283,3 +283,21 @@ def test_a_revision_gives_a_stage_a_new_key_and_none_keeps_the_keys_outputs_alre
     plain = AdapterConfig(clip_cache="a", target_cache="b", out="c")
     assert plain.fingerprint() == "1adac67f1249c1be"
     assert plain.model_copy(update={"revision": "fix-1"}).fingerprint() != plain.fingerprint()
+
+
+def test_check_says_which_s3_inputs_it_could_not_look_up(tmp_path, capsys, monkeypatch):
+    """With no S3 endpoint answering, `check --inputs cluster` passed in silence, which reads as "all there"."""
+    from clipforge.cli import main
+    from clipforge.storage import s3
+
+    spec = base_spec()
+    spec["stages"][1]["with"]["source"] = "s3://bucket/nsd.hdf5"
+    path = write(tmp_path, spec)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setattr(s3, "_clients", {})
+    assert main(["check", path, "--inputs", "cluster"]) == 0
+    out = capsys.readouterr().out
+    assert "1 s3:// input not looked up here, S3 gave no answer: stages.src.with.source: s3://bucket/nsd.hdf5 (" \
+        in out, out

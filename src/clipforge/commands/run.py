@@ -47,7 +47,8 @@ def check_spec(args) -> int:
 
     spec = load_pipeline(args.spec, args.overrides)
     stages = order_stages(spec)
-    missing = missing_inputs(spec, local=args.inputs == "local") if args.inputs else []
+    unanswered: list[str] = []
+    missing = missing_inputs(spec, local=args.inputs == "local", unanswered=unanswered) if args.inputs else []
     if missing:
         raise UserError(f"{args.spec}: {'; '.join(missing)}"
                         + (f" (relative paths are read from {os.getcwd()})" if args.inputs == "local" else ""))
@@ -56,6 +57,10 @@ def check_spec(args) -> int:
     if not args.inputs:
         sys.stdout.write("inputs not looked for: --inputs local looks for them as `clipforge run` does here, "
                          "--inputs cluster as the driver does\n")
+    elif unanswered:  # not missing, not found either: the stages meet them with their own credentials
+        more = f" (and {len(unanswered) - 1} more)" if len(unanswered) > 1 else ""
+        sys.stdout.write(f"{len(unanswered)} s3:// input{'s' if len(unanswered) > 1 else ''} not looked up here, "
+                         f"S3 gave no answer: {unanswered[0]}{more}\n")
     return 0
 
 

@@ -25,11 +25,13 @@ from clipforge.storage.uri import holds, one_spelling
 UNSIGNED_SETTINGS = ("source", "expdesign")
 
 
-def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
+def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | None = None) -> list[str]:
     """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`; and
     `stages.NAME.policy.reuse_existing: …` for a finished output there of another kind of stage. A stage whose
     `reuse_existing` output is finished (and its own kind's) does not run; one with no output there yet runs
-    (an earlier stage may make it); paths under a pinned `output` may be written by the run."""
+    (an earlier stage may make it); paths under a pinned `output` may be written by the run. `unanswered`
+    collects the s3:// inputs S3 gave no answer for, with why (`check` says them: silence would pass for "all
+    there")."""
     pinned = [one_spelling(stage.output) for stage in spec.stages if stage.output]
     problems = []
     for stage in spec.stages:
@@ -43,7 +45,10 @@ def missing_inputs(spec: PipelineSpec, *, local: bool) -> list[str]:
                 continue
             if value.startswith("s3://"):
                 unsigned = bool(stage.with_.get("no_sign_request")) and key in UNSIGNED_SETTINGS
-                gone = s3_nothing_at(value, unsigned)
+                found, why = s3_found(value, unsigned)
+                gone = found is False
+                if found is None and unanswered is not None:
+                    unanswered.append(f"stages.{stage.name}.with.{key}: {value} ({why})")
             elif "://" in value and not value.startswith("file://"):
                 continue  # a scheme the stage itself names as unsupported
             else:
@@ -79,20 +84,23 @@ def named_inputs(stage: StageSpec) -> list[tuple[str, str]]:
     return found
 
 
-def s3_nothing_at(uri: str, unsigned: bool) -> bool:
-    """Whether S3 says there is neither an object at `uri` nor anything under `uri/`."""
+def s3_found(uri: str, unsigned: bool) -> tuple[bool | None, str]:
+    """(True, "") when S3 says there is an object at `uri` or something under `uri/`; (False, "") when it says
+    there is neither; (None, why) when it gives no such answer (no credentials, an endpoint that does not
+    answer, access denied), which is the stage's to meet with its own credentials."""
+    from clipforge.errors import first_line
     from clipforge.storage import s3
 
     loc = s3.parse_s3(uri)
     try:
         client = s3.client(unsigned, quick=True)
         client.head_object(Bucket=loc.bucket, Key=loc.key)
-        return False
+        return True, ""
     except Exception as exc:  # only "not found" is an answer here
         if not s3.is_not_found(exc):
-            return False
+            return None, first_line(exc)
     try:
         listed = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key.rstrip("/") + "/", MaxKeys=1)
-    except Exception:  # no bucket, no permission to list: the stage says which
-        return False
-    return not listed.get("KeyCount") and not listed.get("Contents")
+    except Exception as exc:  # no bucket, no permission to list: the stage says which
+        return None, first_line(exc)
+    return bool(listed.get("KeyCount") or listed.get("Contents")), ""
