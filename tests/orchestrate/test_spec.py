@@ -301,3 +301,69 @@ def test_check_says_which_s3_inputs_it_could_not_look_up(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert "1 s3:// input not looked up here, S3 gave no answer: stages.src.with.source: s3://bucket/nsd.hdf5 (" \
         in out, out
+
+
+def finetune_dataset(root) -> Path:
+    """A captioned folder with fixed sizes and mtimes: a stage key over it is the same on every machine."""
+    import os
+
+    folder = root / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "sub/b.png", "c.png"]):
+        (folder / name).write_bytes(b"x" * (10 + i))  # only names, sizes and mtimes count in a key
+    (folder / "index.csv").write_text("filepath,caption\na.png,a red square\nsub/b.png,a dark square\nc.png,a square\n")
+    (folder / "README.txt").write_text("my notes\n")
+    for path in folder.rglob("*"):
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    return folder
+
+
+def finetune_keys(root, dataset: str) -> tuple[str, list[str]]:
+    from clipforge.config.pipeline import PipelineSpec
+    from clipforge.orchestrate.pipeline import resolve_stage
+
+    spec = PipelineSpec.model_validate({"artifacts": str(root / "arts"), "stages": [
+        {"name": "ft", "kind": "finetune", "with": {"dataset": dataset, "pretrained": "", "device": "cpu"}}]})
+    resolved = resolve_stage(spec, spec.stages[0], {})
+    return resolved.key, resolved.earlier_keys
+
+
+@pytest.mark.parametrize("named", ["index.csv", "folder"])
+def test_a_finetune_dataset_counts_its_images_and_captions_not_a_touch_or_its_other_files(tmp_path, named):
+    """Its key counted every file of the folder by mtime: a touched index.csv, `captions prepare` run there or a
+    README.txt added retrained from scratch. The keys earlier versions gave (pinned) are still found."""
+    import os
+
+    folder = finetune_dataset(tmp_path)
+    value = str(folder / "index.csv") if named == "index.csv" else str(folder)
+    key, earlier = finetune_keys(tmp_path, value)
+    then = {"index.csv": ["09c2c8d2c69b69d0", "cb67b94344a16ec4"], "folder": ["3126db1f5de1a013"]}[named]
+    assert earlier == then
+    os.utime(folder / "index.csv")  # touched: the same captions
+    (folder / "README.txt").write_text("other notes\n")
+    (folder / "train_original.csv").write_text("filepath,caption\na.png,a red square\n")
+    assert finetune_keys(tmp_path, value)[0] == key
+    (folder / "index.csv").write_text("filepath,caption\na.png,a crimson square\nsub/b.png,a dark square\n"
+                                      "c.png,a square\n")
+    edited = finetune_keys(tmp_path, value)[0]
+    assert edited != key
+    (folder / "c.png").write_bytes(b"y" * 99)  # a photo replaced under its name
+    assert finetune_keys(tmp_path, value)[0] not in (key, edited)
+
+
+def test_a_finetune_output_made_under_an_earlier_key_is_reused_not_trained_again(tmp_path):
+    """After the upgrade that stopped counting a dataset's other files, a run over the same folder found no output
+    under its new key and would have fine-tuned again."""
+    from clipforge.config.pipeline import load_pipeline
+    from clipforge.orchestrate.pipeline import run_pipeline
+    from clipforge.storage.manifest import write_manifest
+
+    folder = finetune_dataset(tmp_path)
+    path = write(tmp_path, {"artifacts": str(tmp_path / "arts"), "stages": [
+        {"name": "ft", "kind": "finetune", "with": {"dataset": str(folder), "pretrained": "", "device": "cpu"}}]})
+    made = tmp_path / "arts" / "finetune" / "3126db1f5de1a013"  # the key clipforge gave this folder before
+    write_manifest(str(made), kind="finetune", config={}, config_fingerprint="x", inputs={})
+    ran = []
+    record = run_pipeline(load_pipeline(path), "after-upgrade", lambda resolved: ran.append(resolved) or 0)
+    assert ran == [] and record.data["stages"]["ft"]["status"] == "reused"
+    assert record.data["stages"]["ft"]["output"] == str(made)

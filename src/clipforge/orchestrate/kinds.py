@@ -37,6 +37,12 @@ class StageKind:
     # its files count (None: all): the stage key counts their listing, so a file added or changed there
     # makes a new output, not a reused one.
     folders: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
+    # `with` keys that may name a folder holding a file that counts by content, as one named directly does (a
+    # dataset folder's index.csv: a caption edit is a new input, a touch is none).
+    folder_files: dict[str, str] = field(default_factory=dict)
+    # How `folders` counted before they counted fewer files: keys of outputs made then are still found
+    # (`ResolvedStage.earlier_keys`).
+    folders_then: dict[str, Callable[[str], bool] | None] = field(default_factory=dict)
     # `with` keys naming files or folders that must exist before the stage runs, each with what tells, from
     # the value and the stage's other settings, whether the stage reads it as a path (None: always): a
     # `pretrained` may be an open_clip tag, a `pipeline` a hub id, and an `llm_model` is read only with
@@ -72,9 +78,12 @@ KINDS: dict[str, StageKind] = {
          "generated": ("", ("generate",))},
         paths={"adapter": None, "clip_cache": None, "target_cache": None, "generated": None},
     ),
-    # A pipeline's output prefix is already the run's own folder: no timestamped sub-folder in it.
+    # A pipeline's output prefix is already the run's own folder: no timestamped sub-folder in it. A dataset
+    # folder counts by its images and its index.csv's content, not by the other files there (its split and
+    # augmentation, which `captions prepare` rewrites, a README).
     "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True,
-                          folders={"dataset": None, "llm_model": None},
+                          folders={"dataset": is_listed_image, "llm_model": None},
+                          folder_files={"dataset": "index.csv"}, folders_then={"dataset": None},
                           paths={"dataset": None, "train_data": None, "val_data": None, "synonyms": None,
                                  "llm_model": lambda _, settings: settings.get("augment") == "llm",
                                  "model_config": None, "pretrained": weights_file}),

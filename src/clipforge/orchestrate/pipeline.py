@@ -69,7 +69,7 @@ class ResolvedStage:
     notes: list[str] = field(default_factory=list)
     config_uri: str = ""  # where the resolved config is saved; the stage command reads it from there
     error: str = ""  # the stage command's own one-line error, when the executor saw one
-    key_by_mtime: str | None = None  # the key when files counted by size and mtime, where it differs
+    earlier_keys: list[str] = field(default_factory=list)  # keys its inputs had when counted as before
     files_uncounted: list[str] = field(default_factory=list)  # literal input files that key did not count
 
     @property
@@ -159,13 +159,22 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
     files = {key: file_identities(value) for key, value in sorted(values.items()) if key not in kind.inputs}
+    inner = {f"{key}/{name}": storage.join(values[key], name) for key, name in kind.folder_files.items()
+             if isinstance(values.get(key), str) and files.get(key, (None, None))[0] is None}  # a folder, not a file
+    files.update({key: file_identities(uri) for key, uri in inner.items()})
     identity["files"] = {key: by_content for key, (by_content, _) in files.items() if by_content is not None}
-    folders = {}
-    for key, keep in kind.folders.items():
-        folder = listed_folder(values[key], key in identity["files"]) if isinstance(values.get(key), str) else None
-        found = storage.tree_fingerprint(folder, keep) if folder else None
-        if found is not None:
-            folders[key] = found
+
+    def listings(keeps: dict) -> dict:
+        found = {}
+        for key, keep in keeps.items():
+            named_file = key in identity["files"]
+            folder = listed_folder(values[key], named_file) if isinstance(values.get(key), str) else None
+            listing = storage.tree_fingerprint(folder, keep) if folder else None
+            if listing is not None:
+                found[key] = listing
+        return found
+
+    folders = listings(kind.folders)
     if folders:  # only then: the keys of stages that read no folder stay what they were
         identity["folders"] = folders
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
@@ -179,11 +188,17 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
     resolved = ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
-    # The identity as keys were made before files counted by content, and literal input files at all.
-    earlier = {**identity, "files": {key: by_mtime for key, (_, by_mtime) in files.items() if by_mtime is not None},
-               **{key: without_file_identity(identity[key]) for key in kind.inputs if key in identity}}
-    if not stage.output and earlier != identity:
-        resolved.key_by_mtime = payload_key({**payload, "inputs": earlier})
+    # The identities keys were made with before: folders listed whole, without a file inside them by content
+    # (`folders_then`, `folder_files`); before that, files by size and mtime and literal input files not at all.
+    then = {**identity, "files": {key: one for key, one in identity["files"].items() if key not in inner}}
+    if kind.folders_then:
+        then["folders"] = {**folders, **listings(kind.folders_then)}
+    by_mtime = {**then, "files": {key: by_mtime for key, (_, by_mtime) in files.items()
+                                  if by_mtime is not None and key not in inner},
+                **{key: without_file_identity(identity[key]) for key in kind.inputs if key in identity}}
+    earlier = [payload_key({**payload, "inputs": one}) for one in (then, by_mtime) if one != identity]
+    if not stage.output and earlier:
+        resolved.earlier_keys = list(dict.fromkeys(key for key in earlier if key != resolved.key))
         # Literal files those keys did not count (weights, an index): an output made before one changed is not
         # this stage's (`as_made_by_mtime`).
         inputs = [one for key in kind.inputs if key in identity
@@ -197,26 +212,29 @@ def payload_key(payload: dict) -> str:
 
 
 def as_made_by_mtime(resolved: ResolvedStage, artifacts: str) -> ResolvedStage:
-    """The output this stage made (or began: shards, checkpoints) when the files it names counted by size and
-    mtime, and literal input files not at all, if there is one and nothing under today's key: those files still
-    have them, so it is this stage's, reused or resumed rather than made again (a cache of hours) under the key
-    that counts their content. Not if a literal input file (weights, an index) changed after it was written."""
-    if resolved.key_by_mtime is None or newest_write(resolved.output) is not None:  # today's key holds something
+    """The output this stage made (or began: shards, checkpoints) under an earlier clipforge's key for these
+    inputs (`earlier_keys`: files counted by size and mtime, literal input files not at all, a dataset folder
+    listed whole), if there is one and nothing under today's key: its inputs are as they were then, so it is
+    this stage's, reused or resumed rather than made again (a cache of hours). Not if a literal input file
+    (weights, an index) changed after it was written."""
+    if not resolved.earlier_keys or newest_write(resolved.output) is not None:  # today's key holds something
         return resolved
-    earlier = storage.join(artifacts, resolved.spec.kind, resolved.key_by_mtime)
-    written = newest_write(earlier)
-    if written is None:
-        return resolved
-    changed = [path for path in resolved.files_uncounted
-               if not storage.is_s3(path) and storage.local_path(path).stat().st_mtime_ns > written]
-    if changed:
-        log.info("[%s] not taking %s as this stage's: %s changed after it was written", resolved.spec.name,
-                 earlier, changed[0])
-        return resolved
-    log.info("[%s] %s, made when the files it names counted by their mtime, which they still have: taken as "
-             "this stage's output", resolved.spec.name, earlier)
-    return replace(resolved, key=resolved.key_by_mtime, output=earlier, key_by_mtime=None,
-                   values={**resolved.values, resolved.kind.output_key: earlier})
+    for key in resolved.earlier_keys:
+        earlier = storage.join(artifacts, resolved.spec.kind, key)
+        written = newest_write(earlier)
+        if written is None:
+            continue
+        changed = [path for path in resolved.files_uncounted
+                   if not storage.is_s3(path) and storage.local_path(path).stat().st_mtime_ns > written]
+        if changed:
+            log.info("[%s] not taking %s as this stage's: %s changed after it was written", resolved.spec.name,
+                     earlier, changed[0])
+            continue
+        log.info("[%s] %s, made when an earlier clipforge counted these inputs otherwise (they are as they were "
+                 "then): taken as this stage's output", resolved.spec.name, earlier)
+        return replace(resolved, key=key, output=earlier, earlier_keys=[],
+                       values={**resolved.values, resolved.kind.output_key: earlier})
+    return resolved
 
 
 def newest_write(folder: str) -> int | None:
