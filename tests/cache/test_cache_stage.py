@@ -140,6 +140,26 @@ def test_an_index_written_again_or_touched_leaves_the_cache_up_to_date(nsd, tiny
         run_cache(cfg)
 
 
+def test_weights_copied_again_with_a_new_mtime_leave_the_cache_up_to_date(nsd, tiny_models, ray_session, tmp_path):
+    """A weights file copied without its mtime (another machine, `cp` without -p) made the cache refuse its own
+    output ("weights changed (mtime); choose a new --output"). Its bytes are the ones the cache hashed; other
+    bytes of the same size are another encoder."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(Path(tiny_models["source"][1]).read_bytes())
+    output = tmp_path / "cache"
+    cfg = config(nsd, tiny_models, str(output), source=nsd["local"], pretrained=str(weights))
+    run_cache(cfg)
+    before = mtimes(output)
+    os.utime(weights, ns=(1, 1))
+    run_cache(cfg)
+    assert mtimes(output) == before
+    state = torch.load(weights, weights_only=True)
+    state["logit_scale"] = state["logit_scale"] + 1  # the same size, other bytes
+    torch.save(state, weights)
+    with pytest.raises(UserError, match=re.escape(f"(weights {weights} changed")):
+        run_cache(cfg)
+
+
 def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_index_is_as_it_was(
         nsd, tiny_models, ray_session, tmp_path, monkeypatch):
     """Caches made before the index counted by content recorded its size and mtime (and named their shards with

@@ -31,7 +31,7 @@ from clipforge.data.embeddings import METADATA_KEY, embeddings_to_table, table_t
 from clipforge.data.image_folder import collection_root, image_problem, image_uri, is_image_collection, list_collection
 from clipforge.data.index import RowIndex, index_at, index_for_subject, read_index
 from clipforge.errors import UserError
-from clipforge.models.encoders import EncoderSpec, check_model_known
+from clipforge.models.encoders import EncoderSpec, check_model_known, weights_digest
 from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress, process_age
 from clipforge.storage import parquet
@@ -107,6 +107,19 @@ def index_as_recorded(inputs: dict, recorded: dict | None) -> dict:
     return {**inputs, "index": was} if storage.fingerprint(now["uri"]) == was else inputs
 
 
+def weights_as_recorded(inputs: dict, recorded: dict | None, cache_dir: str | None) -> dict:
+    """`inputs` with the weights file counted as a finished cache's manifest (`recorded`) counted it, when only
+    its mtime differs and its bytes are those the cache's model description hashed: weights copied or checked
+    out again (a new mtime) are the same encoder, not another config to refuse. Hashed only then."""
+    was, now = ((recorded or {}).get("inputs") or {}).get("weights"), inputs.get("weights")
+    hashed = (((recorded or {}).get("model") or {}).get("weights") or {}).get("sha256")
+    if not (hashed and isinstance(was, dict) and isinstance(now, dict) and "mtime_ns" in was and "mtime_ns" in now):
+        return inputs
+    if was == now or {**was, "mtime_ns": 0} != {**now, "mtime_ns": 0}:
+        return inputs
+    return {**inputs, "weights": was} if weights_digest(now["uri"], cache_dir) == hashed else inputs
+
+
 def readable_only(source: str, index: RowIndex) -> RowIndex:
     """The images of a folder or CSV that decode; those that do not are named in the log and left out."""
     root = collection_root(source)
@@ -152,7 +165,8 @@ def _run_cache(cfg: CacheConfig) -> dict:
     cfg = spelled_as_recorded(cfg, (manifest or planned or {}).get("config"), PATH_SETTINGS, cfg.output)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
-    inputs = index_as_recorded(stage_inputs(spec, found), manifest or planned)
+    inputs = weights_as_recorded(index_as_recorded(stage_inputs(spec, found), manifest or planned), manifest,
+                                 cfg.cache_dir)
     fingerprint, located = cfg.fingerprint(), cfg.located_fingerprint()
     gone = files_gone(cfg.output, manifest) if manifest is not None else []
     if gone and (is_up_to_date(manifest, fingerprint, inputs) or is_up_to_date(manifest, located, inputs)):
