@@ -3,10 +3,12 @@
 import logging
 
 import pandas as pd
+import pytest
 
 from clipforge.cli import main
 from clipforge.config.generate import GenerateConfig
 from clipforge.data.embeddings import read_embeddings
+from clipforge.errors import UserError
 from clipforge.stages import generate as generate_stage
 from clipforge.storage.manifest import read_manifest
 
@@ -104,3 +106,11 @@ def test_images_deleted_or_cut_short_are_generated_again_and_only_they(generatio
     with caplog.at_level(logging.INFO):
         assert generate(generation_inputs, unclip, out, limit=4, batch_size=2)["metrics"]["generated_now"] == 2
     assert "up to date" in caplog.text
+
+
+def test_a_new_revision_does_not_take_the_images_an_earlier_one_made(generation_inputs, unclip, tmp_path):
+    """A revision (after a fix in the code) made a manifest saying so over the images the old code had made."""
+    out = tmp_path / "g"
+    generate(generation_inputs, unclip, out, limit=2)
+    with pytest.raises(UserError, match=r"holds images made with other settings.*precision or revision\)"):
+        generate(generation_inputs, unclip, out, limit=2, revision="fix-1")

@@ -1,5 +1,6 @@
 """Pipeline specs: every shipped one validates; every mistake is named by stage and key."""
 
+import datetime
 import re
 from pathlib import Path
 
@@ -283,6 +284,12 @@ def test_a_revision_gives_a_stage_a_new_key_and_none_keeps_the_keys_outputs_alre
     plain = AdapterConfig(clip_cache="a", target_cache="b", out="c")
     assert plain.fingerprint() == "1adac67f1249c1be"
     assert plain.model_copy(update={"revision": "fix-1"}).fingerprint() != plain.fingerprint()
+    # Unset, in no dump: `_augment.json`'s record of its settings (and any other) stays as earlier versions wrote
+    # it, or every augmentation, hours with a language model, was made again after the upgrade.
+    from clipforge.config.captions import AugmentConfig
+
+    assert "revision" not in AugmentConfig(dataset="d").model_dump() and "revision" not in plain.model_dump()
+    assert AugmentConfig(dataset="d", revision=datetime.date(2026, 11, 28)).revision == "2026-11-28"
 
 
 def test_check_says_which_s3_inputs_it_could_not_look_up(tmp_path, capsys, monkeypatch):
@@ -348,7 +355,10 @@ def test_a_finetune_dataset_counts_its_images_and_captions_not_a_touch_or_its_ot
     edited = finetune_keys(tmp_path, value)[0]
     assert edited != key
     (folder / "c.png").write_bytes(b"y" * 99)  # a photo replaced under its name
-    assert finetune_keys(tmp_path, value)[0] not in (key, edited)
+    replaced = finetune_keys(tmp_path, value)[0]
+    assert replaced not in (key, edited)
+    (folder / "d.bmp").write_bytes(b"z" * 7)  # a format the caption page leaves out, which prepare takes
+    assert finetune_keys(tmp_path, value)[0] != replaced
 
 
 def test_a_finetune_output_made_under_an_earlier_key_is_reused_not_trained_again(tmp_path):

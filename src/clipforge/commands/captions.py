@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     for name, cls, func in (("prepare", PrepareConfig, run_prepare), ("augment", AugmentConfig, run_augment)):
         step = steps.add_parser(name, help=short_help(cls.__doc__), description=cls.__doc__)
         step.add_argument("dataset", help="the dataset folder (local or s3://)")
-        add_config_flags(step, cls, skip={"dataset"})
+        add_config_flags(step, cls, skip={"dataset", "revision"})  # no pipeline stage: nothing reads a revision
         step.set_defaults(func=func)
 
 

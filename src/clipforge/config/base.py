@@ -6,6 +6,7 @@ each naming its key (STYLE.md §2).
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -33,22 +34,25 @@ class StageConfig(BaseModel):
 
     # An output counts its settings and inputs, not clipforge's code: after a fix that changes what a stage
     # makes, a new revision makes its output anew, and the outputs that read it (their keys count its config).
+    # Unset, it is in no dump: every fingerprint, key and record made before revisions existed stays as it was.
     revision: str | None = Field(
-        None, description="any label (fix-2026-11): a new one makes a new output, so a pipeline runs this stage and "
+        None, exclude_if=lambda value: value is None,
+        description="any label (fix-2026-11): a new one makes a new output, so a pipeline runs this stage and "
         "those that read it again (an output counts settings and inputs, not the code that made it)",
     )
 
     @field_validator("revision", mode="before")
     @classmethod
     def _revision_as_text(cls, value: Any) -> Any:
-        """`revision: 2` in YAML is a number; as text it is the same revision as `revision: "2"`."""
+        """`revision: 2` (a number) or `revision: 2026-11-28` (a date) in YAML: as text, as if quoted."""
+        if isinstance(value, datetime.date):
+            return value.isoformat()
         return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
     def fingerprint(self, counting: frozenset[str] = frozenset()) -> str:
         """A short hash of every setting that can change the stage's output (and of the volatile ones named in
         `counting`: how a field counted before it became volatile, for outputs made then)."""
-        unset = {name for name in self.additive | {"revision"}
-                 if getattr(self, name) == type(self).model_fields[name].default}
+        unset = {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
         payload = self.model_dump(mode="json", by_alias=True, exclude=(set(self.volatile) - counting) | unset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

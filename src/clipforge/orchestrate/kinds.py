@@ -19,7 +19,7 @@ from clipforge.config.evaluate import EvaluateConfig
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.config.index import IndexConfig
-from clipforge.data.image_folder import is_listed_image
+from clipforge.data.image_folder import is_left_out_image, is_listed_image
 from clipforge.models.pretrained import names_weights_file
 
 
@@ -54,6 +54,12 @@ def weights_file(value: str, settings: dict) -> bool:
     return names_weights_file(value)
 
 
+def is_image_file(relative: str) -> bool:
+    """An image of a captioned folder, in any format Pillow reads that `captions prepare` takes (a .bmp named in
+    index.csv too), not only those a folder's listing offers the caption page and a cache."""
+    return is_listed_image(relative) or is_left_out_image(relative)
+
+
 KINDS: dict[str, StageKind] = {
     "index": StageKind(("index", "nsd"), IndexConfig, "output", {}, paths={"expdesign": None}),
     # A cache may index a folder with a fine-tuned model: `pretrained: <finetune stage>` is its model.pt.
@@ -82,7 +88,7 @@ KINDS: dict[str, StageKind] = {
     # folder counts by its images and its index.csv's content, not by the other files there (its split and
     # augmentation, which `captions prepare` rewrites, a README).
     "finetune": StageKind(("finetune", "--no-timestamped"), FinetuneConfig, "out", {}, distributed=True,
-                          folders={"dataset": is_listed_image, "llm_model": None},
+                          folders={"dataset": is_image_file, "llm_model": None},
                           folder_files={"dataset": "index.csv"}, folders_then={"dataset": None},
                           paths={"dataset": None, "train_data": None, "val_data": None, "synonyms": None,
                                  "llm_model": lambda _, settings: settings.get("augment") == "llm",

@@ -180,25 +180,23 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     if kind.distributed and stage.resources.gpus > 1 and "num_processes" not in values:
         values["num_processes"] = stage.resources.gpus  # one training process per GPU of a node
     config = kind.config.model_validate({**values, kind.output_key: "unresolved"})
-    # No revision counts as none was there: the keys of outputs made before revisions existed stay theirs.
-    unset = {"revision"} if config.revision is None else set()
     settings = config.model_dump(mode="json", by_alias=True,
-                                 exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key} | unset))
+                                 exclude=(set(config.volatile) | set(kind.inputs) | {kind.output_key}))
     payload = {"kind": stage.kind, "settings": settings, "inputs": identity}
     key = payload_key(payload)
     output = stage.output or storage.join(spec.artifacts, stage.kind, key)
     resolved = ResolvedStage(stage, kind, {**values, kind.output_key: output}, key, output)
     # The identities keys were made with before: folders listed whole, without a file inside them by content
     # (`folders_then`, `folder_files`); before that, files by size and mtime and literal input files not at all.
-    then = {**identity, "files": {key: one for key, one in identity["files"].items() if key not in inner}}
+    then = {**identity, "files": {name: one for name, one in identity["files"].items() if name not in inner}}
     if kind.folders_then:
         then["folders"] = {**folders, **listings(kind.folders_then)}
-    by_mtime = {**then, "files": {key: by_mtime for key, (_, by_mtime) in files.items()
-                                  if by_mtime is not None and key not in inner},
-                **{key: without_file_identity(identity[key]) for key in kind.inputs if key in identity}}
-    earlier = [payload_key({**payload, "inputs": one}) for one in (then, by_mtime) if one != identity]
+    mtimes = {name: stat for name, (_, stat) in files.items() if stat is not None and name not in inner}
+    then_by_mtime = {**then, "files": mtimes,
+                     **{name: without_file_identity(identity[name]) for name in kind.inputs if name in identity}}
+    earlier = [payload_key({**payload, "inputs": one}) for one in (then, then_by_mtime) if one != identity]
     if not stage.output and earlier:
-        resolved.earlier_keys = list(dict.fromkeys(key for key in earlier if key != resolved.key))
+        resolved.earlier_keys = list(dict.fromkeys(one for one in earlier if one != key))
         # Literal files those keys did not count (weights, an index): an output made before one changed is not
         # this stage's (`as_made_by_mtime`).
         inputs = [one for key in kind.inputs if key in identity

@@ -221,9 +221,11 @@ class Conditioning:
 
 
 def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
-    """What decides an id's image besides the id: the settings, inputs and precision. Not the split, limit
-    or batch size, which only choose and group the ids: a larger `limit` reuses the images there are."""
-    chosen = cfg.model_dump(mode="json", include={"steps", "guidance", "noise_level", "embed_norm", "seed"})
+    """What decides an id's image besides the id: the settings, inputs and precision, and a `revision` (the code
+    that made it: images of an earlier revision are not these). Not the split, limit or batch size, which only
+    choose and group the ids: a larger `limit` reuses the images there are."""
+    chosen = cfg.model_dump(mode="json", include={"steps", "guidance", "noise_level", "embed_norm", "seed",
+                                                  "revision"})  # no revision: not in the dump, digests as before
     return digest({"settings": chosen, "inputs": inputs, "precision": precision})
 
 
@@ -260,7 +262,8 @@ def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]
         # earlier attempt (a pipeline's key names its output).
         if "settings" in part and (part["settings"] != settings).any():
             raise UserError(f"out {out} holds images made with other settings, adapter or embeddings (steps, "
-                            "guidance, noise_level, embed_norm, seed or precision): choose a new --out or remove it")
+                            "guidance, noise_level, embed_norm, seed, precision or revision): choose a new --out or "
+                            "remove it")
     there = storage.list_tree(out) if parts else {}
     return {str(row.id) for part in parts.values() for row in part.itertuples() if is_there(row, there)}, parts
 
