@@ -194,6 +194,25 @@ def test_usable_cpus_are_the_pods_request_where_it_is_given(monkeypatch):
     assert usable_cpus() == len(os.sched_getaffinity(0))
 
 
+def test_ray_has_a_cpu_slot_for_every_encoder_and_a_read_however_few_cores_a_pod_asked_for(monkeypatch):
+    """Sized by a pod's request of 1 CPU, the encoder actors took every Ray CPU slot and no read task was ever
+    scheduled: the cache stage hung."""
+    from clipforge.stages.cache_ray import ray_cpus
+
+    monkeypatch.setenv("CLIPFORGE_CPUS", "1")
+    assert ray_cpus(1) == 2 and ray_cpus(8) == 9
+    monkeypatch.setenv("CLIPFORGE_CPUS", "32")
+    assert ray_cpus(8) == 32
+    spec = PipelineSpec.model_validate({**SPEC.model_dump(by_alias=True), "stages": [
+        {**SPEC.stage("src").model_dump(by_alias=True), "needs": [],
+         "resources": {"gpus": 4, "nodes": 2, "cpu": "1"}}]})
+    stage = resolve_stage(spec, spec.stages[0], OUTPUTS)
+    stage.config_uri = "s3://bucket/c.yaml"
+    (ray,) = stage_manifests(stage, settings(kuberay=True))
+    (workers,) = ray["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["rayStartParams"] == {"num-gpus": "4", "num-cpus": "5"}
+
+
 def test_cpu_limits_only_where_asked_and_on_every_pod():
     """`limit_cpu` (for a quota on limits.cpu): every container of every stage pod, the Ray head and submitter
     included, is limited to the CPU it requests; without it none is (a limit throttles on idle nodes)."""

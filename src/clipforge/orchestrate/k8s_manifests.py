@@ -444,11 +444,12 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     head["spec"]["containers"][0]["resources"] = own_resources("2", RAY_HEAD_MEMORY, settings)
     worker = ray_pod("ray-worker", res.gpus)
     worker_params = {"num-gpus": str(res.gpus)}
-    # KubeRay infers num-cpus from a CPU limit only: without one, Ray would count the node's cores.
+    # KubeRay infers num-cpus from a CPU limit only: without one, Ray would count the node's cores. Never fewer
+    # slots than the worker's encoder actors (one per GPU) and a read task need, or no read is ever scheduled.
     cpu = worker["spec"]["containers"][0]["resources"]["requests"].get("cpu")
     cores = whole_cores(cpu) if cpu else None
     if cores:
-        worker_params["num-cpus"] = str(cores)
+        worker_params["num-cpus"] = str(max(cores, res.gpus + 1))
     body = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": queued(metadata(name, settings, resolved.spec.name,

@@ -25,7 +25,6 @@ behave the same with either.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import time
 from collections import deque
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from clipforge.config.cache import CacheConfig
+from clipforge.cpus import usable_cpus
 from clipforge.data.hdf5_source import RowReader
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
 from clipforge.models.encode import ImageEncoder, resolve_device
@@ -51,7 +51,7 @@ COMMITS_IN_FLIGHT = 4  # shards of embeddings waiting for the writers before the
 # shards/s on the CPU machine (~28,000 img/s of 500-row shards), near ViT-B-32's rate on an H200; four
 # commit 92-99 (bench/cache_commit.py). Each shard is a file of its own, so their order does not matter.
 COMMIT_WORKERS = 4
-DECODERS = min(16, os.cpu_count() or 1)  # image files decoded at once, over all shards being read
+DECODERS = min(16, usable_cpus())  # image files decoded at once, over all shards being read
 
 
 class BufferPool:

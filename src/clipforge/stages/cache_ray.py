@@ -32,8 +32,10 @@ from clipforge.storage.range_reader import FetchStats
 log = logging.getLogger("clipforge.cache")
 
 
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (KubeRay), else start or reuse a local instance."""
+def ensure_ray(encoders: int = 1) -> None:
+    """Join the cluster in RAY_ADDRESS (KubeRay), else start or reuse a local instance with CPU slots for the
+    process's cores (`usable_cpus`: a pod's request) and at least one per encoder actor plus one for reads. Ray's
+    CPUs are scheduling slots: with fewer than the actors take, no read task would ever be scheduled."""
     import ray
 
     if ray.is_initialized():
@@ -44,10 +46,23 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=usable_cpus(), **kwargs)  # a pod's request, not its node's cores
+        ray.init(num_cpus=ray_cpus(encoders), **kwargs)
     # Our own progress line replaces Ray Data's bars and per-dataset logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def local_gpus(device: str) -> int:
+    """The encoder actors a local instance will run: one per GPU of this machine, one on the CPU without."""
+    import torch
+
+    return 1 if device == "cpu" else max(1, torch.cuda.device_count())
+
+
+def ray_cpus(encoders: int) -> int:
+    """The CPU slots of a local Ray instance: the cores this process may use (a pod's request, not its node's
+    96), and never fewer than the encoder actors (one each) and a read task need."""
+    return max(usable_cpus(), encoders + 1)
 
 
 def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None,
@@ -83,7 +98,7 @@ class ShardEncoder:
         from clipforge.models.encode import ImageEncoder
 
         if device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)  # reads are I/O-bound; the encoder takes the cores
+            torch.set_num_threads(usable_cpus())  # reads are I/O-bound; the encoder takes the cores
         self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
         self.output = output
         if shrunk_with is not None and not same_preprocess(shrunk_with, self.encoder.preprocess_cfg):
@@ -117,7 +132,7 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     """
     import ray
 
-    ensure_ray()
+    ensure_ray(cfg.num_encoders or local_gpus(cfg.device))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
     if cfg.device == "cuda" and gpus == 0:
         raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
