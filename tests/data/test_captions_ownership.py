@@ -139,7 +139,8 @@ def test_a_train_csv_of_an_older_augment_or_a_plain_copy_is_augmented_again(data
     (dataset / "_augment.json").unlink()  # as an older clipforge, or a run whose language model fell short, left it
     assert augment(AugmentConfig(dataset=str(dataset), per_sample=2))["rows"] > 12
     (dataset / "train.csv").write_bytes((dataset / "train_original.csv").read_bytes())  # finetune --augment none
-    augment(AugmentConfig(dataset=str(dataset), per_sample=1))
+    assert augment(AugmentConfig(dataset=str(dataset), per_sample=1))["variants"] > 0
+    assert "_augment.json" in {p.name for p in dataset.iterdir()}
 
 
 def test_a_crash_between_the_writes_leaves_files_the_records_still_vouch_for(dataset, monkeypatch):

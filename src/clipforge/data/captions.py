@@ -120,8 +120,8 @@ def prepare(cfg: PrepareConfig) -> dict:
                                 "move it aside or delete it, then prepare again")
             log.info("removing %s: it was augmented from the old split; run `clipforge captions augment` again",
                      augmented)
+            storage.delete(augmented)  # first: a train.csv never outlives the record that vouches for it
             storage.delete(storage.join(cfg.dataset, AUGMENTED))
-            storage.delete(augmented)
 
     def write(path: str, data: bytes) -> None:
         # Unchanged, a file keeps its mtime (the fingerprints of what was made from it count it), unless index.csv
@@ -227,20 +227,19 @@ def _our_form(uri: str, data: bytes) -> pd.DataFrame | None:
 
 
 def _an_older_split(dataset: str, index: pd.DataFrame, there: dict[str, bytes]) -> bool:
-    """A split made before `_prepare.json`: both files, as prepare writes them, no image on both sides, every
-    image one of the index's, and every row one of its rows, or the index edited since (captions changed on
-    the caption page, then prepared again)."""
+    """A split made before `_prepare.json`: both files, as prepare writes them, no image on both sides, and
+    every row one of the index's, or the index edited since (captions changed on the caption page, a bad image's
+    row dropped, then prepared again)."""
     sides = [_our_form(storage.join(dataset, name), there[name]) for name in (TRAIN_ORIGINAL, VAL) if name in there]
     if len(sides) != 2 or any(side is None for side in sides):
         return False
     rows = [{(image_identity(image_uri(dataset, p)), c) for p, c in zip(side["filepath"], side["caption"], strict=True)}
             for side in sides]
     images = [{image for image, _ in side} for side in rows]
-    if images[0] & images[1] or not images[0] | images[1] <= set(index["image"]):
+    if images[0] & images[1]:
         return False
-    index_rows = set(zip(index["image"], index["caption"], strict=True))
     edited_since = all(is_older(storage.join(dataset, name), storage.join(dataset, INDEX)) for name in there)
-    return rows[0] | rows[1] <= index_rows or edited_since
+    return edited_since or rows[0] | rows[1] <= set(zip(index["image"], index["caption"], strict=True))
 
 
 def augmented_problem(dataset: str, train_original: bytes | None) -> str | None:

@@ -181,19 +181,15 @@ def load_clip(spec: EncoderSpec, device: str | torch.device = "cpu", cache_dir: 
 
 
 def check_weights_fit(model: str, weights: str) -> None:
-    """A local weights file loaded into `model` built on the meta device (no memory, no arithmetic): weights of
-    another model are refused in a second, before work that a failed load later would throw away (a dataset's
-    split and augmentation). The real load reads them again."""
+    """A local weights file loaded into `model` built on the meta device (no parameter memory, no arithmetic; the
+    file is read once): weights of another model are refused before work that a failed load later would throw
+    away (a dataset's split and augmentation). The real load reads them again, and says what open_clip says."""
     import open_clip
 
     spec = EncoderSpec(model=model, pretrained=weights)
-    logging.disable(logging.WARNING)  # open_clip's loading lines are the real load's to say
-    try:
-        with warnings.catch_warnings(), loading_weights(spec, weights), torch.device("meta"):
-            warnings.simplefilter("ignore")  # copying into a meta parameter is a no-op, as meant here
-            open_clip.create_model(model, pretrained=weights, device="meta")
-    finally:
-        logging.disable(logging.NOTSET)
+    with warnings.catch_warnings(), loading_weights(spec, weights, say=False), torch.device("meta"):
+        warnings.simplefilter("ignore")  # copying into a meta parameter is a no-op, as meant here
+        open_clip.create_model(model, pretrained=weights, device="meta")
 
 
 def preprocess_config(spec: EncoderSpec) -> dict:
@@ -228,9 +224,10 @@ WEIGHTS_ERRORS = (RuntimeError, ValueError, OSError, KeyError, AssertionError, E
 
 
 @contextlib.contextmanager
-def loading_weights(spec: EncoderSpec, local_weights: str | None = None):
+def loading_weights(spec: EncoderSpec, local_weights: str | None = None, say: bool = True):
     """Around open_clip's factory: what a weights file or tag that does not load raises becomes one UserError.
     `local_weights`: the local copy of a weights file (of an s3:// one), looked at only when it does not load.
+    `say`: let open_clip's own log lines through once it loaded (a check's are dropped).
 
     A tag that is not one of the model's is refused before the factory runs (which would log a line of its
     own before failing). A tag is fetched from the Hugging Face Hub, whose client retries each file five
@@ -252,7 +249,10 @@ def loading_weights(spec: EncoderSpec, local_weights: str | None = None):
     logging.getLogger().addFilter(held)
     try:
         yield
-        held.release()
+        if say:
+            held.release()
+        else:
+            held.records.clear()
     except WEIGHTS_ERRORS as exc:
         if host and ("download" in str(exc).lower() or isinstance(exc, OSError)):  # open_clip: "Failed to download"
             raise UserError(f"cannot load model {spec.model} with weights {spec.pretrained}: they are not in the "
