@@ -45,10 +45,10 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
     files_gone,
+    finished_manifest,
     gone_note,
     output_fingerprint,
     read_manifest,
-    unless_unfinished,
 )
 from clipforge.tables import text_table
 
@@ -564,7 +564,7 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
                       notes: list[str]):
     name = stage.name
     # Files deleted by hand or a copy cut short: the stage makes them again (a cache, only its missing shards).
-    manifest = unless_unfinished(resolved.output, read_manifest(resolved.output), stage.kind, f"[{name}] ")
+    manifest = finished_manifest(resolved.output, stage.kind, f"[{name}] ")
     # A pinned `output:` is not named by the key: only the stage itself can tell whether what is there was
     # made with these settings (it reports up to date in seconds, or retrains, or refuses another config).
     if manifest is not None and stage.output:

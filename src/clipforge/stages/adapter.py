@@ -26,10 +26,9 @@ from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_in
 from clipforge.stages.adapter_trainer import METRIC_NAMES, AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    finished_manifest,
     is_up_to_date,
-    read_manifest,
     refuse_other_kind,
-    unless_unfinished,
     write_manifest,
 )
 from clipforge.train import launch
@@ -60,7 +59,7 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
 def _train_adapter(config: AdapterConfig) -> TrainResult:
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
-    manifest = unless_unfinished(config.out, read_manifest(config.out), "adapter")
+    manifest = finished_manifest(config.out, "adapter")
     _check_out(config, manifest)
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)

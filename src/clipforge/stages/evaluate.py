@@ -31,11 +31,11 @@ from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, r
 from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    finished_manifest,
     is_up_to_date,
     output_fingerprint,
     read_manifest,
     refuse_other_kind,
-    unless_unfinished,
     withdraw,
     write_manifest,
 )
@@ -91,7 +91,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
-    earlier = unless_unfinished(cfg.out, read_manifest(cfg.out), "evaluate")
+    earlier = finished_manifest(cfg.out, "evaluate")
     refuse_other_kind(earlier, "evaluate", f"out {cfg.out}", "an evaluation",
                       "give the evaluation a prefix of its own")
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):

@@ -48,12 +48,11 @@ from clipforge.stages.finetune_runs import (
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    finished_manifest,
     input_changes,
     is_up_to_date,
-    read_manifest,
     refuse_other_kind,
     spelled_as_recorded,
-    unless_unfinished,
     write_manifest,
 )
 from clipforge.train import launch
@@ -108,7 +107,7 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
     """`finetune` once `config.out` is the run folder itself."""
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
-    manifest = unless_unfinished(config.out, read_manifest(config.out), "finetune")
+    manifest = finished_manifest(config.out, "finetune")
     refuse_other_kind(manifest, "finetune", f"out {config.out}", "a fine-tuned model",
                       "give the run a folder of its own")
     if is_up_to_date(manifest, fingerprint, inputs):

@@ -49,7 +49,7 @@ from clipforge.data.image_folder import collection_root, image_identity, image_u
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import is_up_to_date, read_manifest, unless_unfinished, write_manifest
+from clipforge.storage.manifest import finished_manifest, is_up_to_date, write_manifest
 
 log = logging.getLogger("clipforge.finetune")
 
@@ -182,7 +182,7 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     index = dataset_index(config.dataset)
     inputs = {"dataset": storage.content_fingerprint(index)}
-    if is_up_to_date(unless_unfinished(data, read_manifest(data), "captions"), fingerprint, inputs):
+    if is_up_to_date(finished_manifest(data, "captions"), fingerprint, inputs):
         return train, val
     frame = read_captions(index)
     folder = _folder_of(index)

@@ -40,11 +40,11 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     MANIFEST_NAME,
     digest,
+    finished_manifest,
     input_changes,
     is_up_to_date,
     read_manifest,
     refuse_other_kind,
-    unless_unfinished,
     withdraw,
     write_manifest,
 )
@@ -347,7 +347,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
               "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
               "pipeline": pipeline_identity(cfg)}
-    manifest = unless_unfinished(cfg.out, read_manifest(cfg.out), "generate")
+    manifest = finished_manifest(cfg.out, "generate")
     refuse_other_kind(manifest, "generate", f"out {cfg.out}", "generated images",
                       "give the images a prefix of their own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):

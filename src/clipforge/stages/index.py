@@ -11,10 +11,9 @@ from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    finished_manifest,
     is_up_to_date,
-    read_manifest,
     refuse_other_kind,
-    unless_unfinished,
     withdraw,
     write_manifest,
 )
@@ -28,7 +27,7 @@ def run_index(cfg: IndexConfig) -> dict:
     if is_prefix:
         storage.check_output_folder(cfg.output, "--output")
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
-    manifest = unless_unfinished(cfg.output, read_manifest(cfg.output), "index") if is_prefix else None
+    manifest = finished_manifest(cfg.output, "index") if is_prefix else None
     refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)

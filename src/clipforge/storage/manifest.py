@@ -74,11 +74,12 @@ def gone_note(gone: list[str]) -> str:
         f"({named})"
 
 
-def unless_unfinished(prefix: str, manifest: dict | None, kind: str, who: str = "") -> dict | None:
-    """`manifest`, or None once it is withdrawn because files it lists are gone or cut short (deleted by hand, a
-    copy cut short): the output is not "done" whatever the manifest says, and the stage makes it again (a trainer
-    resumes from its checkpoints, generate makes only the images that are missing). Another kind's manifest is
-    returned as it is, for the stage to refuse, never undone. `who` prefixes the log line (`[stage] `)."""
+def finished_manifest(prefix: str, kind: str, who: str = "") -> dict | None:
+    """The prefix's manifest, or None once it is withdrawn because files it lists are gone or cut short (deleted
+    by hand, a copy cut short): the output is not "done" whatever the manifest says, and the stage makes it again
+    (a trainer resumes from its checkpoints, generate makes only the images that are missing). Another kind's
+    manifest is returned as it is, for the stage to refuse, never undone. `who` prefixes the log line."""
+    manifest = read_manifest(prefix)
     gone = files_gone(prefix, manifest) if manifest is not None and manifest.get("kind") == kind else []
     if not gone:
         return manifest
