@@ -118,9 +118,7 @@ def collection_ids(root: str, paths: list[str]) -> list[str]:
     def local_id(path: str) -> str:
         if not path or path.startswith("s3://"):
             return path
-        full = os.path.normpath(os.path.join(base, path))
-        if "\\" in path and not os.path.exists(full):  # as `image_uri` reads it: `sub\a.png` is sub/a.png
-            full = os.path.normpath(os.path.join(base, path.replace("\\", "/")))
+        full = os.path.normpath(os.path.join(base, separated(base, path)))
         inside = _inside(os.path.relpath(full, base))
         if not inside:  # the root, or the folder holding the image, may be named through a symbolic link
             folder, name = os.path.split(full)
@@ -138,14 +136,17 @@ def _inside(relative: str) -> str:
 
 
 def image_uri(root: str, path: str) -> str:
-    """The image a CSV row names: relative to `root`, absolute, or s3://. An index written on Windows
-    (`sub\\a.png`) names sub/a.png, unless a file of that very name is there (Linux names may hold a backslash)."""
-    uri = on_disk(_joined(root, path))
-    if "\\" in path and not storage.is_s3(uri) and not os.path.exists(uri):
-        slashed = on_disk(_joined(root, path.replace("\\", "/")))
-        if os.path.exists(slashed):
-            return slashed
-    return uri
+    """The image a CSV row names: relative to `root`, absolute, or s3://."""
+    return on_disk(_joined(root, separated(root, path)))
+
+
+def separated(root: str, path: str) -> str:
+    """`path` as a local CSV row means it: one written on Windows (`sub\\a.png`) names sub/a.png, unless a file
+    of that very name is there (a Linux file name may hold a backslash). The one rule of the ids, the split and
+    the caption page."""
+    if "\\" not in path or storage.is_s3(_joined(root, path)) or os.path.exists(on_disk(_joined(root, path))):
+        return path
+    return path.replace("\\", "/")
 
 
 def _joined(root: str, path: str) -> str:
