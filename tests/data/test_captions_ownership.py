@@ -143,34 +143,31 @@ def test_a_train_csv_of_an_older_augment_or_a_plain_copy_is_augmented_again(data
     assert "_augment.json" in {p.name for p in dataset.iterdir()}
 
 
-def test_a_crash_between_the_writes_leaves_files_the_records_still_vouch_for(dataset, monkeypatch):
-    prepare(PrepareConfig(dataset=str(dataset)))
-    augment(AugmentConfig(dataset=str(dataset)))
-    real, calls = storage.write_bytes_if_changed, []
+def killed_at(monkeypatch, writer: str, when, run) -> None:
+    """`run()` killed (KeyboardInterrupt) at the call of `storage.<writer>` that `when(uri, calls)` picks."""
+    real, calls = getattr(storage, writer), []
 
-    def crash_on_the_second(uri, data):
+    def write(uri, data):
         calls.append(uri)
-        if len(calls) == 2:
+        if when(uri, calls):
             raise KeyboardInterrupt
         return real(uri, data)
 
-    monkeypatch.setattr(storage, "write_bytes_if_changed", crash_on_the_second)
+    monkeypatch.setattr(storage, writer, write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(dataset=str(dataset), seed=5))
+        run()
     monkeypatch.undo()
+
+
+def test_a_crash_between_the_writes_leaves_files_the_records_still_vouch_for(dataset, monkeypatch):
+    prepare(PrepareConfig(dataset=str(dataset)))
+    augment(AugmentConfig(dataset=str(dataset)))
+    killed_at(monkeypatch, "write_bytes_if_changed", lambda uri, calls: len(calls) == 2,
+              lambda: prepare(PrepareConfig(dataset=str(dataset), seed=5)))
     prepare(PrepareConfig(dataset=str(dataset), seed=5))
     augment(AugmentConfig(dataset=str(dataset)))
-    real_write = storage.write_bytes
-
-    def crash_on_the_csv(uri, data):
-        if uri.endswith("train.csv"):
-            raise KeyboardInterrupt
-        return real_write(uri, data)
-
-    monkeypatch.setattr(storage, "write_bytes", crash_on_the_csv)
-    with pytest.raises(KeyboardInterrupt):
-        augment(AugmentConfig(dataset=str(dataset), per_sample=1))
-    monkeypatch.undo()
+    killed_at(monkeypatch, "write_bytes", lambda uri, calls: uri.endswith("train.csv"),
+              lambda: augment(AugmentConfig(dataset=str(dataset), per_sample=1)))
     assert augment(AugmentConfig(dataset=str(dataset), per_sample=1))["variants"] > 0
 
 
