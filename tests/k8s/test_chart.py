@@ -27,7 +27,7 @@ from conftest import (
 from clipforge.config.pipeline import PipelineSpec, load_pipeline
 from clipforge.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
 from clipforge.orchestrate.k8s_manifests import POD_SECURITY, StageJobSettings, job_name, stage_manifests
-from clipforge.orchestrate.pipeline import resolve_stage
+from clipforge.orchestrate.resolve import resolve_stage
 
 VALUES = [None, *CI_VALUES]
 IDS = ["default", *(p.name for p in CI_VALUES)]

@@ -32,7 +32,7 @@ from clipforge.data.synthetic import write_demo_data, write_expdesign
 from clipforge.errors import UserError
 from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
 from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
-from clipforge.orchestrate.pipeline import resolve_stage
+from clipforge.orchestrate.resolve import resolve_stage
 from clipforge.storage.local_s3 import free_port
 from clipforge.storage.manifest import read_manifest
 

@@ -14,7 +14,7 @@ from clipforge.config.pipeline import PipelineSpec
 from clipforge.cpus import usable_cpus, whole_cores
 from clipforge.errors import UserError
 from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, StageJobSettings, job_name, labels, stage_manifests
-from clipforge.orchestrate.pipeline import resolve_stage
+from clipforge.orchestrate.resolve import resolve_stage
 
 SPEC = PipelineSpec.model_validate({
     "artifacts": "/artifacts/clipforge",

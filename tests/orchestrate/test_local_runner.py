@@ -19,7 +19,7 @@ import pytest
 from clipforge.cli import main
 from clipforge.data.synthetic import write_demo_data
 from clipforge.orchestrate.local import run_spec
-from clipforge.orchestrate.pipeline import next_steps
+from clipforge.orchestrate.run_summary import next_steps
 from clipforge.orchestrate.runs import live_state, run_state, watch_run
 from clipforge.storage.manifest import read_manifest
 
@@ -406,7 +406,7 @@ stages:
 def test_a_named_file_touched_or_copied_again_is_the_same_input(demo_root, in_demo, tmp_path, monkeypatch):
     """A stage's key counts the small files it names by content: touched (a checkout, a copy, a rerun of the tool
     that wrote it) the stage is reused. Outputs made when they counted by mtime are reused while that holds."""
-    from clipforge.orchestrate import pipeline
+    from clipforge.orchestrate import resolve
 
     expdesign = tmp_path / "nsd_expdesign.mat"
     shutil.copy(demo_root / "demo" / "nsd_expdesign.mat", expdesign)
@@ -419,7 +419,7 @@ stages:
     with: {{expdesign: {expdesign}, subject: subj01}}
 """)
     with monkeypatch.context() as before:
-        before.setattr(pipeline, "CONTENT_LIMIT", -1)  # every file by its mtime, as runs made them then
+        before.setattr(resolve, "CONTENT_LIMIT", -1)  # every file by its mtime, as runs made them then
         first = run_spec(str(spec), [], run_id="one")
     second = run_spec(str(spec), [], run_id="two")
     assert statuses(second) == {"index": "reused"}
@@ -442,7 +442,7 @@ def test_a_literal_input_file_replaced_under_its_name_is_another_input(demo_root
     """A cache stage's `index:` (and `pretrained:`) may name a file rather than a stage: one replaced under its
     name made no new key, and the old cache was reused for the new rows. Keys made before literal files counted
     are reused, or resumed, while those files are older than what was written; not once one is newer."""
-    from clipforge.orchestrate import pipeline
+    from clipforge.orchestrate import resolve
 
     index = tmp_path / "ids.csv"
     index.write_text("id\n" + "\n".join(map(str, range(0, 40, 2))) + "\n")
@@ -456,11 +456,11 @@ stages:
             model_config: demo/models/tiny-source.json, pretrained: demo/models/tiny-source.pt, batch_size: 8,
             device: cpu}}
 """)
-    resolve_input = pipeline.resolve_input
+    resolve_input = resolve.resolve_input
     with monkeypatch.context() as before:  # keys as they were made: files by mtime, literal inputs not at all
-        before.setattr(pipeline, "CONTENT_LIMIT", -1)
-        before.setattr(pipeline, "resolve_input",
-                       lambda *args: (lambda uri, ident: (uri, pipeline.without_file_identity(ident)))(
+        before.setattr(resolve, "CONTENT_LIMIT", -1)
+        before.setattr(resolve, "resolve_input",
+                       lambda *args: (lambda uri, ident: (uri, resolve.without_file_identity(ident)))(
                            *resolve_input(*args)))
         first = run_spec(str(spec), [], run_id="one")
     made = Path(first.data["stages"]["ids"]["output"])

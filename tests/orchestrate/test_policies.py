@@ -15,7 +15,8 @@ from clipforge.cli import main
 from clipforge.config.pipeline import load_pipeline
 from clipforge.errors import EXIT_PREEMPTED, EXIT_RUN_FAILED, Stopped, UserError
 from clipforge.orchestrate import lease
-from clipforge.orchestrate.pipeline import exit_code, exit_description, next_steps, run_pipeline
+from clipforge.orchestrate.pipeline import run_pipeline
+from clipforge.orchestrate.run_summary import exit_code, exit_description, next_steps
 from clipforge.orchestrate.runs import live_state, run_state, watch_run
 from clipforge.storage.manifest import write_manifest
 

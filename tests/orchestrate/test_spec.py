@@ -161,7 +161,7 @@ def test_a_stage_key_lists_folders_but_never_a_file_as_one(tmp_path, monkeypatch
     """A cache's source may be a folder (its listing counts) or an HDF5 file: a file is fingerprinted as a
     file, with no listing asked for (a bucket may grant reads but not LIST)."""
     from clipforge.config.pipeline import PipelineSpec
-    from clipforge.orchestrate.pipeline import resolve_stage
+    from clipforge.orchestrate.resolve import resolve_stage
     from clipforge.storage import uri as storage
 
     (tmp_path / "stimuli.hdf5").write_bytes(b"not read here")
@@ -271,7 +271,7 @@ def test_a_revision_gives_a_stage_a_new_key_and_none_keeps_the_keys_outputs_alre
     made before revisions existed (pinned: a changed key would make every user's store miss)."""
     from clipforge.config.adapter import AdapterConfig
     from clipforge.config.pipeline import PipelineSpec
-    from clipforge.orchestrate.pipeline import resolve_stage
+    from clipforge.orchestrate.resolve import resolve_stage
 
     def key(**extra) -> str:
         spec = PipelineSpec.model_validate({"artifacts": str(tmp_path), "stages": [
@@ -327,7 +327,7 @@ def finetune_dataset(root) -> Path:
 
 def finetune_keys(root, dataset: str) -> tuple[str, list[str]]:
     from clipforge.config.pipeline import PipelineSpec
-    from clipforge.orchestrate.pipeline import resolve_stage
+    from clipforge.orchestrate.resolve import resolve_stage
 
     spec = PipelineSpec.model_validate({"artifacts": str(root / "arts"), "stages": [
         {"name": "ft", "kind": "finetune", "with": {"dataset": dataset, "pretrained": "", "device": "cpu"}}]})

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from clipforge.config.pipeline import load_pipeline
     from clipforge.orchestrate.k8s_driver import check_store, drive
-    from clipforge.orchestrate.pipeline import exit_code
+    from clipforge.orchestrate.run_summary import exit_code
 
     if args.check_store:
         check_store(load_pipeline(args.spec, args.overrides).artifacts)

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from clipforge.orchestrate.local import run_spec
-    from clipforge.orchestrate.pipeline import exit_code
+    from clipforge.orchestrate.run_summary import exit_code
 
     return exit_code(run_spec(args.spec, args.overrides, args.run_id, quiet=args.quiet))
 

@@ -55,7 +55,7 @@ def table(runs: list[dict]) -> str:
 
 
 def run(args) -> int:
-    from clipforge.orchestrate.pipeline import next_steps, summary_table
+    from clipforge.orchestrate.run_summary import next_steps, summary_table
     from clipforge.orchestrate.runs import list_runs, live_state, read_run, run_uri, watch_run
 
     artifacts, stages = spec_store(args.artifacts)

@@ -38,8 +38,11 @@ from clipforge.orchestrate.k8s_manifests import (
     placement,
     stage_manifests,
 )
-from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, log_summary, run_pipeline
+from clipforge.orchestrate.pipeline import run_pipeline
 from clipforge.orchestrate.preflight import missing_inputs
+from clipforge.orchestrate.resolve import ResolvedStage
+from clipforge.orchestrate.run_record import RunRecord
+from clipforge.orchestrate.run_summary import log_summary
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.drive")

@@ -23,7 +23,7 @@ from typing import Any
 from clipforge.cpus import CPUS_ENV, whole_cores
 from clipforge.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
-from clipforge.orchestrate.pipeline import ResolvedStage
+from clipforge.orchestrate.resolve import ResolvedStage
 from clipforge.train.launch import RENDEZVOUS_TIMEOUT_ENV
 
 log = logging.getLogger("clipforge.k8s")

@@ -96,7 +96,7 @@ KINDS: dict[str, StageKind] = {
 }
 
 
-OUTPUT_KEY = r"[0-9a-f]{16}"  # a stage output's key (pipeline.resolve_stage)
+OUTPUT_KEY = r"[0-9a-f]{16}"  # a stage output's key (resolve.resolve_stage)
 # A stage output named in a path, however its store is spelled: `.../<kind>/<key>` as whole segments.
 NAMED_OUTPUT = re.compile(rf"(?:^|/)({'|'.join(KINDS)})/({OUTPUT_KEY})(?:\.faiss)?(?=/|$)")
 

@@ -14,8 +14,11 @@ from clipforge.config.pipeline import check_run_id, load_pipeline
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.lifetime import die_with_parent
 from clipforge.orchestrate.lease import RUN_ID_ENV
-from clipforge.orchestrate.pipeline import ResolvedStage, RunRecord, StopRequest, log_summary, new_run_id, run_pipeline
+from clipforge.orchestrate.pipeline import StopRequest, run_pipeline
 from clipforge.orchestrate.preflight import missing_inputs
+from clipforge.orchestrate.resolve import ResolvedStage
+from clipforge.orchestrate.run_record import RunRecord, new_run_id
+from clipforge.orchestrate.run_summary import log_summary
 
 log = logging.getLogger("clipforge.run")
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from clipforge.errors import UserError
 from clipforge.orchestrate.lease import LEASE_NAME, lease_holder, process_gone
-from clipforge.orchestrate.pipeline import FINISHED, read_run_record
+from clipforge.orchestrate.run_record import FINISHED, read_run_record
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 
