@@ -30,7 +30,8 @@ from conftest import chart_objects
 from clipforge.config.pipeline import PipelineSpec
 from clipforge.data.synthetic import write_demo_data, write_expdesign
 from clipforge.errors import UserError
-from clipforge.orchestrate.k8s_driver import KubernetesExecutor, api_client, drive
+from clipforge.orchestrate.k8s_api import api_client
+from clipforge.orchestrate.k8s_driver import KubernetesExecutor, drive
 from clipforge.orchestrate.k8s_manifests import KEY_ANNOTATION, KEY_LABEL, RUN_ID_LABEL, StageJobSettings, job_name
 from clipforge.orchestrate.resolve import resolve_stage
 from clipforge.storage.local_s3 import free_port
@@ -408,7 +409,7 @@ def test_a_403_of_a_quota_or_a_namespace_going_is_left_to_the_drivers_retries():
     """A full ResourceQuota, or a namespace being deleted, is a 403 too; it may pass, so it is not a user error."""
     from kubernetes.client.exceptions import ApiException
 
-    from clipforge.orchestrate.k8s_driver import is_rbac_refusal
+    from clipforge.orchestrate.k8s_api import is_rbac_refusal
 
     def refusal(message: str) -> ApiException:
         exc = ApiException(status=403, reason="Forbidden")
