@@ -68,7 +68,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Check the images, then write the seeded train/val split next to index.csv.
 
     All rows of an image go to one side, and `val_fraction` is a fraction of the images. An index with
-    one row per image is split as it was before images could have several rows (same seed, same split).
+    one row per image splits row by row (the same seed gives the same split as it always has).
     A prepare that fails on the index (a bad image) or on a file it did not write changes nothing: the old
     split stays as it was. One that succeeds replaces the split and removes the augmented train.csv made
     from the old one, so no train.csv holds images of the new val.csv; when the split comes out as it was

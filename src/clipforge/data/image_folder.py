@@ -4,7 +4,9 @@ A row's id is the image's path relative to the dataset folder (for a CSV, the
 `filepath` column made relative to the CSV's folder: `./a.png`, `x/../a.png` and
 an absolute path to it are all `a.png`), so an index of the folder maps straight
 back to files, and one image is one row however the CSV spells it. Images of
-any size are decoded to RGB uint8 arrays; preprocessing to the encoder's size
+any size are decoded to RGB uint8 arrays, each resized and cropped to the
+encoder's input on the CPU as soon as it is decoded (`read_images(shrink=...)`),
+so a shard holds 224 px images rather than full-size photos; normalising
 happens on the encoder's device.
 """
 
@@ -36,7 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 def is_listed_image(relative: str) -> bool:
     """An image file a folder listing includes: by suffix, and not hidden. Hidden files and folders are
     other tools' (macOS `._photo.jpg` resource forks, `.thumbnails/`, `.ipynb_checkpoints/`), not images."""
-    return relative.lower().endswith(IMAGE_SUFFIXES) and not any(part.startswith(".") for part in relative.split("/"))
+    return relative.lower().endswith(IMAGE_SUFFIXES) and not storage.is_hidden(relative)
 
 
 # Image files Pillow reads that a folder's listing leaves out (the caption page's and the caches' formats are the

@@ -77,8 +77,9 @@ def index_file(output: str) -> str:
 
 
 def index_for_subject(index_root: str, subject: str) -> str:
-    """The subject's index under `index_root`, in any form `clipforge index --output` writes there: SUBJECT.parquet
-    (first, as before CSV was found too), SUBJECT.csv, or the prefix SUBJECT/ holding its index file."""
+    """The subject's index under `index_root`, in any form `clipforge index --output` writes there:
+    SUBJECT.parquet (preferred, so that the index earlier runs used keeps its rows), SUBJECT.csv, or the prefix
+    SUBJECT/ holding its index file."""
     names = [f"{subject}.parquet", f"{subject}.csv", index_file(subject)]
     found = [storage.join(index_root, name) for name in names if storage.is_file(storage.join(index_root, name))]
     if len(found) > 1:  # one of them is stale, and which the user means is not for clipforge to guess quietly

@@ -220,16 +220,17 @@ class Conditioning:
         return x
 
 
-def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
-    """What decides an id's image besides the id: the settings, inputs and precision, and a `revision` (the code
-    that made it: images of an earlier revision are not these). Not the split, limit or batch size, which only
-    choose and group the ids: a larger `limit` reuses the images there are."""
-    chosen = cfg.model_dump(mode="json", include={"steps", "guidance", "noise_level", "embed_norm", "seed",
-                                                  "revision"})  # no revision: not in the dump, digests as before
-    return digest({"settings": chosen, "inputs": inputs, "precision": precision})
-
-
+# The settings that decide an id's image besides the id (not split, limit or batch size, which only choose and
+# group the ids: a larger `limit` reuses the images there are).
 IMAGE_SETTINGS = ("steps", "guidance", "noise_level", "embed_norm", "seed")
+
+
+def image_settings(cfg: GenerateConfig, inputs: dict, precision: str) -> str:
+    """The digest of what decides an id's image: IMAGE_SETTINGS, the inputs and precision, and a `revision` (the
+    code that made it: images of an earlier revision are not these). An unset revision is in no dump, so images
+    made before the field existed keep their digest."""
+    chosen = cfg.model_dump(mode="json", include={*IMAGE_SETTINGS, "revision"})
+    return digest({"settings": chosen, "inputs": inputs, "precision": precision})
 
 
 def refuse_other_images(cfg: GenerateConfig, manifest: dict | None, inputs: dict) -> None:
@@ -261,9 +262,8 @@ def committed_ids(out: str, settings: str) -> tuple[set, dict[str, pd.DataFrame]
         # Batches written before rows recorded their settings carry none; those came from this stage's own
         # earlier attempt (a pipeline's key names its output).
         if "settings" in part and (part["settings"] != settings).any():
-            raise UserError(f"out {out} holds images made with other settings, adapter or embeddings (steps, "
-                            "guidance, noise_level, embed_norm, seed, precision or revision): choose a new --out or "
-                            "remove it")
+            raise UserError(f"out {out} holds images made with other settings, adapter or embeddings "
+                            f"({', '.join(IMAGE_SETTINGS)}, precision or revision): choose a new --out or remove it")
     there = storage.list_tree(out) if parts else {}
     return {str(row.id) for part in parts.values() for row in part.itertuples() if is_there(row, there)}, parts
 
@@ -294,7 +294,7 @@ def own_images(cache_ids, parts: dict[str, pd.DataFrame]) -> set[str]:
 
 def is_hidden(path: str) -> bool:
     """A hidden file, or an S3 folder marker (the empty `x/` object a console makes): nobody's data."""
-    return path.endswith("/") or any(part.startswith(".") for part in path.split("/"))
+    return path.endswith("/") or storage.is_hidden(path)
 
 
 def refuse_foreign_files(out: str, images: set[str]) -> None:

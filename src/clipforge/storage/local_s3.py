@@ -1,4 +1,4 @@
-"""A real S3 HTTP server on loopback (moto's server mode) for tests, benchmarks and offline demos.
+"""A real S3 HTTP server on loopback (moto's server mode) for tests and benchmarks.
 
 It runs as its own process, so every client — this process, CLI subprocesses,
 Ray workers — reaches it exactly as it would reach AWS: through `AWS_ENDPOINT_URL`.

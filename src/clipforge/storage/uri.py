@@ -342,6 +342,12 @@ def tree_fingerprint(prefix: str, keep: Callable[[str], bool] | None = None, *,
     return found[1] if found is not None else None
 
 
+def is_hidden(relative: str) -> bool:
+    """A path under a folder that is hidden, or inside a hidden folder: other tools' files (`.DS_Store`, macOS
+    `._photo.jpg` resource forks, `.thumbnails/`, an interrupted write's temporary file), nobody's data."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *, unsigned: bool = False,
                 also: Callable[[str], bool] | None = None) -> tuple[list[str], dict[str, Any], list[str]] | None:
     """The relative paths `tree_fingerprint` counts, sorted, that fingerprint, and the other files `also`
@@ -350,7 +356,7 @@ def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *, unsig
     entries = _walk(prefix, unsigned)
     if entries is None:
         return None
-    visible = sorted(e for e in entries if not any(part.startswith(".") for part in e[0].split("/")))
+    visible = sorted(e for e in entries if not is_hidden(e[0]))
     kept = [e for e in visible if keep is None or keep(e[0])]
     others = [e[0] for e in visible if also is not None and also(e[0]) and not (keep is None or keep(e[0]))]
     listing = json.dumps(kept).encode()
