@@ -276,7 +276,7 @@ def placement_fields(settings: StageJobSettings, gpus: int) -> dict:
     return out
 
 
-def pod_spec(resolved: ResolvedStage, settings: StageJobSettings, main: dict, gpus: int) -> dict:
+def pod_spec(settings: StageJobSettings, main: dict, gpus: int) -> dict:
     vols, _ = volumes(settings)
     spec: dict[str, Any] = {
         # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
@@ -363,7 +363,7 @@ def single_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
     gpus = res.gpus
     name = job_name(settings.prefix, settings.run_id, resolved.spec.name)
     main = container(resolved, settings, gpus)
-    return _job(name, resolved, settings, pod_spec(resolved, settings, main, gpus),
+    return _job(name, resolved, settings, pod_spec(settings, main, gpus),
                 {"backoffLimit": settings.backoff_limit, "podFailurePolicy": pod_failure_policy(indexed=False)})
 
 
@@ -389,7 +389,7 @@ def indexed_job(resolved: ResolvedStage, settings: StageJobSettings) -> list[dic
     ]
     main = container(resolved, settings, resolved.spec.resources.gpus, rendezvous)
     main["ports"] = [{"name": "rendezvous", "containerPort": settings.rendezvous_port}]
-    template = {**pod_spec(resolved, settings, main, resolved.spec.resources.gpus), "subdomain": service}
+    template = {**pod_spec(settings, main, resolved.spec.resources.gpus), "subdomain": service}
     job = _job(name, resolved, settings, template, {
         "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
         "backoffLimit": 0, "podFailurePolicy": pod_failure_policy(indexed=True)})
@@ -433,7 +433,7 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         main["name"] = container_name
         del main["command"]  # KubeRay supplies `ray start ...` (and `ray job submit` in the submitter)
         return {"metadata": pod_metadata(settings, resolved.spec.name, resolved.key),
-                "spec": {k: v for k, v in pod_spec(resolved, settings, main, gpus).items() if k != "restartPolicy"}}
+                "spec": {k: v for k, v in pod_spec(settings, main, gpus).items() if k != "restartPolicy"}}
 
     submitter = ray_pod("ray-job-submitter", 0)
     submitter["spec"]["restartPolicy"] = "Never"

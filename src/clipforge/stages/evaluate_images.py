@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from clipforge.data import hdf5_source
 from clipforge.data.embeddings import EmbeddingTable
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
-from clipforge.errors import UserError
+from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import CARD_NAME
 from clipforge.models.encode import encode_images
 from clipforge.models.encoders import EncoderSpec, load_clip
@@ -60,11 +60,6 @@ def load_png(prefix: str, path: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a damaged file
         raise UserError(f"generated image {uri} cannot be decoded ({first_line(exc)})") from None
-
-
-def first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def check_generated(prefix: str, clip_cache: str, embeddings: dict, adapter: str | None,

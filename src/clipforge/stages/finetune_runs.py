@@ -98,7 +98,7 @@ def model_row(folder: str) -> dict | None:
         try:
             final, best = card["metrics"]["final"], card["metrics"]["best"]
             # What the listing tells users to load: a run copied without it is not one they can use.
-            status = "complete" if storage.exists(storage.join(folder, "model.pt")) else "model.pt missing"
+            status = "complete" if storage.exists(storage.join(folder, WEIGHTS_NAME)) else f"{WEIGHTS_NAME} missing"
             return {
                 "status": status, "model": card["model"],
                 "pretrained": card["pretrained"], "created": card["created"],
