@@ -114,3 +114,41 @@ def test_a_new_revision_does_not_take_the_images_an_earlier_one_made(generation_
     generate(generation_inputs, unclip, out, limit=2)
     with pytest.raises(UserError, match=r"holds images made with other settings.*precision or revision\)"):
         generate(generation_inputs, unclip, out, limit=2, revision="fix-1")
+
+
+def test_a_second_generate_into_one_out_waits_for_the_first_then_finds_it_done(generation_inputs, unclip, tmp_path,
+                                                                               monkeypatch, caplog):
+    """Two `clipforge generate` by hand into one --out do not write its images and batches together: the second
+    waits on the lease, then finds the images done and generates none."""
+    import functools
+    import threading
+    import time
+
+    from clipforge.orchestrate import lease
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(lease, "StageLease", functools.partial(lease.StageLease, poll=0.05))
+    monkeypatch.delenv(lease.RUN_ID_ENV, raising=False)
+    results = {}
+
+    def second() -> None:
+        results["second"] = generate(generation_inputs, unclip, out, limit=3)
+
+    first = lease.StageLease(str(out), "generate-elsewhere", "generate")  # a live holder
+    caplog.set_level(logging.INFO)
+    with first:
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "is writing" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "run generate-elsewhere (on " in caplog.text
+        monkeypatch.setenv(lease.RUN_ID_ENV, "elsewhere")  # the holder's own stage: its runner holds the lease
+        results["first"] = generate(generation_inputs, unclip, out, limit=3)
+        monkeypatch.delenv(lease.RUN_ID_ENV)
+        assert waiter.is_alive() and "second" not in results
+    waiter.join(timeout=60)
+    assert results["first"]["metrics"]["generated_now"] == 3
+    assert results["second"] == read_manifest(str(out))
+    assert f"{out} is up to date; nothing to do" in caplog.text
+    assert not (out / lease.LEASE_NAME).exists()

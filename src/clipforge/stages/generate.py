@@ -32,7 +32,7 @@ from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.models.encoders import one_line, unresolvable_hub_host
-from clipforge.orchestrate.lease import LEASE_NAME
+from clipforge.orchestrate.lease import LEASE_NAME, command_lease
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.storage import parquet
@@ -53,7 +53,7 @@ log = logging.getLogger("clipforge.generate")
 EXPECTED_CLASS = "StableUnCLIPImg2ImgPipeline"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCH_PATH = re.compile(r"batches/batch-[0-9a-f]{12}\.parquet")  # the name generate_batch gives a batch's rows
-OWN_FILES = frozenset({"generated.parquet", MANIFEST_NAME, LEASE_NAME})  # the lease: a runner's, around this stage
+OWN_FILES = frozenset({"generated.parquet", MANIFEST_NAME, LEASE_NAME})  # the lease: its own, or its runner's
 
 
 def id_seed(seed: int, row_id) -> int:
@@ -340,8 +340,14 @@ def keep_only(out: str, ids, done: set, parts: dict[str, pd.DataFrame], images: 
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Images from the chosen rows' embeddings, one committed batch at a time, so a rerun generates only
-    what is missing; returns the manifest, written last."""
+    what is missing; returns the manifest, written last. Another run generating into the same `out` is waited
+    for (it holds the lease), then found done; a run that fails before writing leaves no folder it made."""
     storage.check_output_folder(cfg.out, "--out")
+    with storage.removed_if_left_empty(cfg.out), command_lease(cfg.out, "generate"):
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> dict:
     if cfg.adapter:  # before the pipeline, which may take minutes to load
         check_finished(adapter_folder(cfg.adapter))
     inputs = {"embeddings": cache_fingerprint(cfg.embeddings, "embeddings"),
