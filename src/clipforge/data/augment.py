@@ -46,8 +46,6 @@ from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.captions")
 
-RECORD = AUGMENTED  # what train.csv was made from, written after it
-
 
 @dataclass(frozen=True)
 class SynonymMap:
@@ -184,7 +182,7 @@ def made_from(cfg: AugmentConfig, source: str) -> dict:
 
 def recorded_summary(dataset: str, inputs: dict) -> dict | None:
     """The summary of the augmentation that made DATASET/train.csv from `inputs`, if that file is still its."""
-    made, train = read_record(storage.join(dataset, RECORD)), storage.join(dataset, TRAIN)
+    made, train = read_record(storage.join(dataset, AUGMENTED)), storage.join(dataset, TRAIN)
     if made.get("made_from") != inputs or not storage.exists(train) or \
             vouched(made).get(TRAIN, [None])[0] != sha256(storage.read_bytes(train)):
         return None
@@ -220,22 +218,28 @@ def augment(cfg: AugmentConfig) -> dict:
             raise UserError(f"llm_model {cfg.llm_model} cannot be loaded ({type(exc).__name__}: {first_line(exc)}); "
                             "give a transformers folder with a tokenizer and a causal language model, or use the "
                             "synonym map (method manual)") from None
-    rows = []
-    progress = Progress(log, len(frame), unit="captions") if paraphrase is not None else None
-    for filepath, caption in zip(frame["filepath"], frame["caption"], strict=True):
-        rows.append((filepath, caption))
+
+    def variants_of(caption: str) -> tuple[list[str], bool]:
+        """Up to `per_sample` variants of a caption, and whether the synonym map filled in for the model."""
+        if paraphrase is None:
+            return synonym_variants(caption, synonyms, cfg.per_sample, rng), False
         variants: list[str] = []
-        if cfg.method == "llm" and paraphrase is not None and cfg.per_sample:
+        if cfg.per_sample:
             try:
                 variants = paraphrase(caption, cfg.per_sample)
             except Exception as exc:  # generation errors fall back per caption
                 log.debug("llm failed on %r: %s", caption, exc)
-        if len(variants) < cfg.per_sample and cfg.method == "llm":
-            fallbacks += 1
-            extra = synonym_variants(caption, synonyms, cfg.per_sample, rng)
-            variants += [v for v in extra if v not in variants][: cfg.per_sample - len(variants)]
-        elif cfg.method == "manual":
-            variants = synonym_variants(caption, synonyms, cfg.per_sample, rng)
+        if len(variants) >= cfg.per_sample:
+            return variants, False
+        extra = synonym_variants(caption, synonyms, cfg.per_sample, rng)
+        return variants + [v for v in extra if v not in variants][: cfg.per_sample - len(variants)], True
+
+    rows = []
+    progress = Progress(log, len(frame), unit="captions") if paraphrase is not None else None
+    for filepath, caption in zip(frame["filepath"], frame["caption"], strict=True):
+        variants, fell_back = variants_of(caption)
+        fallbacks += fell_back
+        rows.append((filepath, caption))
         rows.extend((filepath, v) for v in variants if v != caption)
         if progress is not None:  # a language model takes seconds a caption on a CPU
             progress.update(1)
@@ -249,7 +253,7 @@ def augment(cfg: AugmentConfig) -> dict:
                     synonyms.words else "no training caption holds a word of the synonym map")
     complete = cfg.method == "manual" or (paraphrase is not None and not fallbacks)  # a failing model: try again
     # The record says "made from these" only once the file it vouches for is in.
-    write_vouched(cfg.dataset, RECORD, {TRAIN: captions_csv(out)},
+    write_vouched(cfg.dataset, AUGMENTED, {TRAIN: captions_csv(out)},
                   {"made_from": inputs if complete else None, "summary": summary})
     log.info("%s: %d captions + %d variants -> train.csv", cfg.dataset, len(frame), len(out) - len(frame))
     return summary
