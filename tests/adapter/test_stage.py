@@ -19,6 +19,7 @@ from clipforge.models.adapter import load_adapter
 from clipforge.orchestrate import lease
 from clipforge.stages import adapter as stage
 from clipforge.stages.adapter import train_adapter
+from clipforge.stages.adapter_metrics import METRIC_NAMES
 from clipforge.storage import uri as storage
 from clipforge.train.metrics import retrieval_metrics
 
@@ -68,7 +69,7 @@ def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path
     model = load_adapter(out)
     with torch.no_grad():
         adapted = model(torch.from_numpy(source[test]))
-    again = retrieval_metrics(adapted, torch.from_numpy(target[test]), names=stage.METRIC_NAMES)
+    again = retrieval_metrics(adapted, torch.from_numpy(target[test]), names=METRIC_NAMES)
     assert again["adapted_to_target_R@1"] == adapter["adapted_to_target_R@1"]
     assert again["mean_cosine"] == pytest.approx(adapter["mean_cosine"], abs=1e-5)
 

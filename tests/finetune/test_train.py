@@ -270,7 +270,7 @@ def test_the_loader_decodes_an_epoch_s_first_batches_during_the_validation_befor
     found = []
 
     def waiting_for_the_next_epoch(self):
-        epoch = self.progress.epoch  # the epoch that comes after this validation
+        epoch = self.run.progress.epoch  # the epoch that comes after this validation
         if epoch == self.config.epochs:
             return evaluate(self)
         deadline = time.monotonic() + 30

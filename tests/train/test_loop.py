@@ -97,7 +97,7 @@ def test_only_the_main_process_says_where_it_stopped(caplog):
 
     from clipforge.train.stage import fit_and_commit
 
-    trainer = SimpleNamespace(fit=lambda watch, log_dir: False, progress=SimpleNamespace(step=7))
+    trainer = SimpleNamespace(fit=lambda watch, logs: False, run=SimpleNamespace(progress=SimpleNamespace(step=7)))
     for main, said in ((False, False), (True, True)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="clipforge.train"):

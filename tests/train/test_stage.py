@@ -84,3 +84,18 @@ def test_a_resume_says_where_it_starts_counting_epochs_as_the_progress_lines_do(
     assert TrainProgress(epoch=3, step_in_epoch=2, step=19).where(60) == \
         "epoch 4/60, 2 steps into it; step 19 in all"
     assert TrainProgress(epoch=60, step=600).where(60) == "all 60 epochs done, step 600"
+
+
+def test_tensorboard_events_go_to_out_s_logs_or_to_a_logdir_and_are_copied_only_to_s3(tmp_path):
+    """OUT/logs in place; on S3 written beside the local checkpoint copies and copied up; a `logdir` gets a folder
+    named as the run's and no copy."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from clipforge.train.stage import tensorboard_dirs
+
+    assert tensorboard_dirs(SimpleNamespace(remote=False), str(tmp_path / "out")) == (tmp_path / "out" / "logs", None)
+    on_s3 = SimpleNamespace(remote=True, local_root=tmp_path / "work" / "checkpoints")
+    assert tensorboard_dirs(on_s3, "s3://bucket/run/") == (tmp_path / "work" / "logs", "s3://bucket/run/logs")
+    assert tensorboard_dirs(on_s3, "s3://bucket/runs/20260102-000000", "tb") == \
+        (Path("tb") / "20260102-000000", None)

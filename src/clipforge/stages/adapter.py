@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-import torch
-
 from clipforge.config.adapter import AdapterConfig
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
-from clipforge.stages.adapter_trainer import METRIC_NAMES, AdapterTrainer, global_batch_size
+from clipforge.stages.adapter_metrics import metrics_table, zero_pad_metrics
+from clipforge.stages.adapter_trainer import AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     finished_manifest,
@@ -34,8 +32,7 @@ from clipforge.storage.manifest import (
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
-from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
+from clipforge.train.stage import clear_stale_output, fit_and_commit, tensorboard_dirs, train_in_workers
 from clipforge.train.state import plain_module
 
 log = logging.getLogger("clipforge.adapter")
@@ -92,17 +89,16 @@ def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: Pr
     store = CheckpointStore(config.out, config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
                             inputs=inputs, keep=config.keep_checkpoints, work_dir=config.work_dir)
     clear_stale_output(accelerator, store, config.out, FINAL_FILES, AdapterConfig)
-    log_dir = store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
     trainer = None
     try:
         trainer = AdapterTrainer(config, pairs, store, accelerator)
         trainer.resume()
-        return fit_and_commit(trainer, accelerator, watch, log_dir, config.out,
+        return fit_and_commit(trainer, accelerator, watch, tensorboard_dirs(store, config.out), config.out,
                               summarise=lambda: _metrics(trainer, pairs),
                               commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint))
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.run.close()
         accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
 
 
@@ -113,31 +109,9 @@ def _metrics(trainer: AdapterTrainer, pairs: PairedEmbeddings) -> dict:
         "zero_pad": zero_pad_metrics(pairs),
         "train_rows": len(pairs.train_ids),
         "test_rows": len(pairs.test_ids),
-        "steps": trainer.progress.step,
-        "timing": trainer.timing,
+        "steps": trainer.run.progress.step,
+        "timing": trainer.run.timing,
     }
-
-
-def zero_pad_metrics(pairs: PairedEmbeddings) -> dict | None:
-    """The baseline without an adapter: source embeddings padded with zeros up to the target dimension."""
-    if pairs.out_dim < pairs.in_dim:
-        return None
-    padded = np.zeros((len(pairs.test_source), pairs.out_dim), dtype=np.float32)
-    padded[:, : pairs.in_dim] = pairs.test_source
-    return retrieval_metrics(torch.from_numpy(padded), torch.from_numpy(pairs.test_target), names=METRIC_NAMES)
-
-
-def metrics_table(metrics: dict) -> str:
-    """The evaluation as a small text table, one line per method."""
-    columns = [("cosine", "mean_cosine", "{:.4f}"), ("R@1", "adapted_to_target_R@1", "{:.3f}"),
-               ("R@5", "adapted_to_target_R@5", "{:.3f}"), ("R@1 back", "target_to_adapted_R@1", "{:.3f}"),
-               ("median rank", "adapted_to_target_median_rank", "{:.0f}")]
-    lines = ["method        " + "  ".join(f"{title:>11}" for title, _, _ in columns)]
-    for method, label in (("adapter", "adapter"), ("zero_pad", "zero-padding")):
-        if metrics.get(method):
-            lines.append(f"{label:<14}" + "  ".join(f"{fmt.format(metrics[method][key]):>11}"
-                                                     for _, key, fmt in columns))
-    return "\n".join(lines)
 
 
 def _commit(config: AdapterConfig, trainer: AdapterTrainer, metrics: dict, inputs: dict, fingerprint: str) -> None:
@@ -155,7 +129,7 @@ def _commit(config: AdapterConfig, trainer: AdapterTrainer, metrics: dict, input
     }
     storage.write_json(storage.join(out, CARD_NAME), card)
     storage.write_json(storage.join(out, "metrics.json"), metrics)
-    trainer.flush_logs()
+    trainer.run.flush_logs()
     write_manifest(out, kind="adapter", config=config.model_dump(mode="json"), config_fingerprint=fingerprint,
                    inputs=inputs, files=list(FINAL_FILES),
                    rows={"train": len(pairs.train_ids), "test": len(pairs.test_ids)}, metrics=metrics)

@@ -27,39 +27,30 @@ import torch.nn.functional as F
 from clipforge.config.adapter import AdapterConfig
 from clipforge.errors import UserError
 from clipforge.models.adapter import AdapterSpec, build_adapter
-from clipforge.progress import Progress
 from clipforge.stages.adapter_data import PairedEmbeddings
-from clipforge.storage import uri as storage
+from clipforge.stages.adapter_metrics import METRIC_NAMES
 from clipforge.train.checkpoint import CheckpointStore
-from clipforge.train.checkpoint_writer import CheckpointWriter
+from clipforge.train.checkpointed_run import CheckpointedRun
 from clipforge.train.loop import (
     COMPILE_BACKEND,
-    DeferredLosses,
     PreemptionWatch,
     StepLoss,
-    TrainProgress,
     any_across,
-    diverged,
     epoch_batches,
     gather_rows,
     gather_with_grad,
     local_rows,
-    open_tensorboard,
-    read_losses,
     seed_everything,
+    set_lr,
     shard_slice,
-    upload_tensorboard,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.state import plain_module, resume_latest, state_files
+from clipforge.train.state import plain_module
 
 log = logging.getLogger("clipforge.adapter")
 
 EPOCH_EVAL_ROWS = 2048  # test rows scored after each epoch; the final metrics use every one
-
-# Names of the two retrieval directions in every metrics dict of this stage.
-METRIC_NAMES = ("adapted_to_target", "target_to_adapted")
 
 
 def global_batch_size(config: AdapterConfig, train_rows: int, world: int) -> int:
@@ -104,17 +95,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def compile_adapter(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
     """torch.compile (inductor): fused kernels and, on a single GPU, CUDA graphs ("reduce-overhead"), which
     replay a step's forward and backward in one launch. An epoch of 9,000 rows in steps of 128 is ~5 ms of
-    host work per step around microseconds of GPU work (issue 10). DDP's gradient hooks do not go into CUDA
+    host work per step around microseconds of GPU work. DDP's gradient hooks do not go into CUDA
     graphs, so several processes get the fused kernels only."""
     mode = "reduce-overhead" if device.type == "cuda" and world == 1 and COMPILE_BACKEND == "inductor" else None
     return torch.compile(model, backend=COMPILE_BACKEND, mode=mode)
 
 
 class AdapterTrainer:
-    """One process's share of training: setup, resume, fit, save; rank 0 alone writes."""
+    """One process's share of training: setup, resume, fit, save; rank 0 alone writes. Progress, checkpoints,
+    logs and timing are `run`'s (`train.checkpointed_run`)."""
 
     def __init__(self, config: AdapterConfig, pairs: PairedEmbeddings, store: CheckpointStore, accelerator):
-        self.config, self.pairs, self.store, self.acc = config, pairs, store, accelerator
+        self.config, self.pairs, self.acc = config, pairs, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.batch = global_batch_size(config, len(pairs.train_ids), self.world)
         self.steps_per_epoch = len(pairs.train_ids) // self.batch
@@ -134,50 +126,18 @@ class AdapterTrainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if config.compile:
             self.model = compile_adapter(self.model, device, self.world)
-        self.progress = TrainProgress()
-        self.checkpoints = CheckpointWriter(store)
-        self.writer = None
-        self.resumed_from: int | None = None  # the step of the checkpoint resumed, if any
-        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
-                       "epoch_seconds": [], "seconds_per_epoch": None}
-        self.losses = DeferredLosses(config.log_every)
-        self.meter: Progress | None = None
-        self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
-        self.saving_seconds = 0.0  # spent in save() (the snapshot; the commit runs beside), left out of epochs' seconds
+        self.run = CheckpointedRun(store, accelerator, log, epochs=config.epochs, rows_per_step=self.batch,
+                                   log_every=config.log_every, rate_digits=1,
+                                   timing={"epoch_seconds": [], "seconds_per_epoch": None})
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any; otherwise give each process its own dropout stream."""
-        started = time.monotonic()
-        resumed = resume_latest(self.store, self.acc, self.model, self.optimizer, self.config.seed)
-        if resumed is None:
-            return
-        latest, _, self.progress = resumed
-        self.resumed_from = self.progress.step
-        self.checkpoints.resumed(latest.step, latest.uri)
-        self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
-        log.info("resuming from %s (%s), loaded in %.2f s", latest.uri, self.progress.where(self.config.epochs),
-                 self.timing["resume_seconds"])
+        self.run.resume(self.model, self.optimizer, self.config.seed)
 
     def save(self) -> None:
         """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""
-        self.read_losses()
-        started = time.monotonic()
-        weights = plain_module(self.acc, self.model).state_dict()
-        if not bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
-            raise diverged(self.progress.step, self.progress.epoch, self.checkpoints.wait())
-        self.checkpoints.wait()  # the one before is in: one snapshot in host memory at a time
-        if self.meter is not None:
-            self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
-        files = state_files(self.acc, self.model, self.optimizer, self.progress, self.config.model_dump(mode="json"))
-        if files is not None:  # rank 0
-            self.flush_logs()
-        self.checkpoints.submit(self.progress.step, files)  # committed beside the next steps
-        self.saving_seconds += time.monotonic() - started
-
-    def read_losses(self, due: bool = False) -> None:
-        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
-        read_losses(self.losses, self.acc, rows_per_step=self.batch, epochs=self.config.epochs, meter=self.meter,
-                           writer=self.writer, last_saved=self.checkpoints.wait, due=due)
+        self.run.save(self.model, self.optimizer, self.config.model_dump(mode="json"),
+                      plain_module(self.acc, self.model).state_dict().values())
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to all rows of `x`, each process doing a share, gathered in order."""
@@ -195,41 +155,23 @@ class AdapterTrainer:
         x, y = (self.test_x, self.test_y) if rows is None else (self.test_x[:rows], self.test_y[:rows])
         return retrieval_metrics(self.embed(x), y, names=METRIC_NAMES, ks=(1, 5, 10))
 
-    def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
-        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
-        if self.acc.is_main_process and log_dir is not None:
-            self.writer = open_tensorboard(log_dir, self.resumed_from)
-        config, p = self.config, self.progress
-        remaining = (self.total_steps - p.step) * self.batch
-        self.seconds_before = self.progress.seconds
-        self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=config.log_every)
-        try:
+    def fit(self, watch: PreemptionWatch, logs: tuple[Path, str | None] | None) -> bool:
+        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint). `logs`: TensorBoard's
+        folders (`train.stage.tensorboard_dirs`), None for none."""
+        with self.run.fitting(logs, (self.total_steps - self.run.progress.step) * self.batch):
             return self._fit(watch)
-        finally:
-            self.checkpoints.settle()  # _fit waited unless it failed
-            # Throughput of this process's share of the run, checkpoints and per-epoch evaluation included.
-            self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
-            self.timing["train_seconds_now"] = round(meter.elapsed, 3)
-            self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 1) if meter.done else None
-            whole = self.timing["epoch_seconds"]
-            self.timing["seconds_per_epoch"] = round(sum(whole) / len(whole), 4) if whole else None
-            self.timing["checkpoint_seconds"] = round(self.saving_seconds, 3)
-            self.timing["checkpoint_commit_seconds"] = round(self.checkpoints.commit_seconds, 3)
-            self.timing["checkpoint_commit_spans"] = [[round(t, 3) for t in span]
-                                                      for span in self.checkpoints.commit_spans]
 
     def _fit(self, watch: PreemptionWatch) -> bool:
-        config, p = self.config, self.progress
+        config, run, p = self.config, self.run, self.run.progress
         for epoch in range(p.epoch, config.epochs):
-            started, first, saving = time.monotonic(), p.step_in_epoch, self.saving_seconds
+            started, first, saving = time.monotonic(), p.step_in_epoch, run.saving_seconds
             # A profiler run (bench/adapter.py --device cuda) finds each epoch's steps under this name.
             with torch.profiler.record_function("clipforge.adapter.train_epoch"):
                 batches = epoch_batches(len(self.x), self.batch, config.seed, epoch).to(self.acc.device)
                 for i in range(p.step_in_epoch, self.steps_per_epoch):
                     rows = local_rows(batches[i], self.rank, self.world)
                     lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                    set_lr(self.optimizer, lr)
                     self.model.train()
                     loss = adapter_loss(self.model(self.x[rows]), self.y[rows], config, self.acc)
                     self.acc.backward(loss)
@@ -237,43 +179,33 @@ class AdapterTrainer:
                         self.acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.losses.add(loss, StepLoss(p.step, epoch, lr, time.time()))
+                    run.losses.add(loss, StepLoss(p.step, epoch, lr, time.time()))
                     p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.batch
-                    stop, due = any_across(self.acc, watch.requested, self.losses.due())
+                    stop, due = any_across(self.acc, watch.requested, run.losses.due())
                     if due:
-                        self.read_losses(due=True)
+                        run.read_losses(due=True)
                     if stop:
                         self.save()
-                        self.checkpoints.wait()
+                        run.checkpoints.wait()
                         return False
                     if config.checkpoint_every and p.step % config.checkpoint_every == 0 and \
                             i + 1 < self.steps_per_epoch:
                         self.save()
-                self.read_losses()
-            if first == 0:  # a whole epoch (not the rest of a resumed one): its training seconds
-                seconds = time.monotonic() - started - (self.saving_seconds - saving)
-                self.timing["epoch_seconds"].append(round(seconds, 4))
+                run.read_losses()
+            if first == 0:  # a whole epoch (not the rest of a resumed one): its training seconds, checkpoints aside
+                whole = run.timing["epoch_seconds"]
+                whole.append(round(time.monotonic() - started - (run.saving_seconds - saving), 4))
+                run.timing["seconds_per_epoch"] = round(sum(whole) / len(whole), 4)
             p.epoch, p.step_in_epoch = epoch + 1, 0
             metrics = self.evaluate(EPOCH_EVAL_ROWS)
-            if self.writer:
+            if run.writer:
                 for key in ("mean_cosine", "adapted_to_target_R@1", "adapted_to_target_R@5"):
-                    self.writer.add_scalar(f"test/{key}", metrics[key], p.step)
+                    run.writer.add_scalar(f"test/{key}", metrics[key], p.step)
             sample = f" (first {EPOCH_EVAL_ROWS} rows)" if len(self.test_x) > EPOCH_EVAL_ROWS else ""
             log.info("epoch %d/%d: test cosine %.4f, R@1 %.3f%s", epoch + 1, config.epochs, metrics["mean_cosine"],
                      metrics["adapted_to_target_R@1"], sample)
             self.save()
-        self.checkpoints.wait()
+        run.checkpoints.wait()
         # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
         # every process must take the same path.
         return True
-
-    def flush_logs(self) -> None:
-        if self.writer:
-            self.writer.flush()
-        if self.acc.is_main_process and self.store.remote:
-            upload_tensorboard(self.store.local_root.parent / "logs", storage.join(self.config.out, "logs"))
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-            self.writer = None

@@ -26,8 +26,8 @@ from clipforge.data.embeddings import read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device
-from clipforge.stages.adapter import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_data import PairedEmbeddings, cache_fingerprint, read_pairs
+from clipforge.stages.adapter_metrics import METRIC_NAMES, metrics_table, zero_pad_metrics
 from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (

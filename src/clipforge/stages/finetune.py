@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -58,7 +57,7 @@ from clipforge.storage.manifest import (
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
-from clipforge.train.stage import clear_stale_output, fit_and_commit, train_in_workers
+from clipforge.train.stage import clear_stale_output, fit_and_commit, tensorboard_dirs, train_in_workers
 
 log = logging.getLogger("clipforge.finetune")
 FINAL_FILES = (WEIGHTS_NAME, CARD_NAME, METRICS_NAME)  # the result; `_manifest.json` lists them
@@ -222,12 +221,6 @@ def check_model_inputs(config: FinetuneConfig) -> None:
 # -- train --------------------------------------------------------------------------------------
 
 
-def _log_dir(config: FinetuneConfig, store: CheckpointStore) -> Path:
-    if config.logdir:
-        return Path(config.logdir) / config.out.rstrip("/").rsplit("/", 1)[-1]
-    return store.local_root.parent / "logs" if store.remote else storage.local_path(config.out) / "logs"
-
-
 def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:
     """This process's part of a run (the only process, or one of a launched group)."""
     accelerator = make_accelerator(config.device, config.mixed_precision)
@@ -249,16 +242,14 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
                      "repeated captions): such rows are no negatives of each other", same_image, same_caption)
         trainer = FinetuneTrainer(config, train, val, store, accelerator)
         trainer.resume()
-        log_dir = _log_dir(config, store)
-        trainer.upload_logs = (log_dir, storage.join(config.out, "logs")) if store.remote and not config.logdir \
-            else None
-        return fit_and_commit(trainer, accelerator, watch, log_dir, config.out, summarise=lambda: summarise(trainer),
+        return fit_and_commit(trainer, accelerator, watch, tensorboard_dirs(store, config.out, config.logdir),
+                              config.out, summarise=lambda: summarise(trainer),
                               commit=lambda metrics: _commit(config, trainer, metrics, inputs, fingerprint),
                               how_to_resume=f"the same command with --resume {config.out} resumes (or as it "
                               "is, if it ran with --no-timestamped)")
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.run.close()
         accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
 
 
@@ -274,10 +265,10 @@ def summarise(trainer: FinetuneTrainer) -> dict:
         "epochs": epochs,
         "train_rows": len(trainer.train_rows),
         "val_rows": len(trainer.val_rows),
-        "steps": trainer.progress.step,
-        "samples": trainer.progress.samples,
+        "steps": trainer.run.progress.step,
+        "samples": trainer.run.progress.samples,
         "warmup_steps": trainer.warmup_steps,
-        "timing": trainer.timing,
+        "timing": trainer.run.timing,
     }
 
 
@@ -308,7 +299,7 @@ def _commit(config: FinetuneConfig, trainer: FinetuneTrainer, metrics: dict, inp
     }
     storage.write_json(storage.join(out, CARD_NAME), card)
     storage.write_json(storage.join(out, METRICS_NAME), metrics)
-    trainer.flush_logs()
+    trainer.run.flush_logs()
     write_manifest(out, kind="finetune", config=config.model_dump(mode="json", by_alias=True),
                    config_fingerprint=fingerprint, inputs=inputs, files=list(FINAL_FILES),
                    rows={"train": metrics["train_rows"], "val": metrics["val_rows"]}, metrics=metrics)

@@ -35,7 +35,6 @@ from accelerate.utils import gather_object
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.progress import Progress
 from clipforge.stages.finetune_data import (
     BadImage,
     CaptionedImages,
@@ -47,30 +46,25 @@ from clipforge.stages.finetune_data import (
 )
 from clipforge.stages.finetune_model import build_model, lock_image_tower, param_groups, trim_text_context
 from clipforge.train.checkpoint import CheckpointStore
-from clipforge.train.checkpoint_writer import CheckpointWriter
+from clipforge.train.checkpointed_run import CheckpointedRun
 from clipforge.train.contrastive import clip_loss
 from clipforge.train.loop import (
     COMPILE_BACKEND,
-    DeferredLosses,
     PreemptionWatch,
     StepLoss,
-    TrainProgress,
     any_across,
-    diverged,
     epoch_batches,
     gather_rows,
     gather_with_grad,
     local_rows,
-    open_tensorboard,
-    read_losses,
     seed_everything,
+    set_lr,
     shard_slice,
     to_device_ahead,
-    upload_tensorboard,
     warmup_cosine_lr,
 )
 from clipforge.train.metrics import retrieval_metrics
-from clipforge.train.state import extra_value, plain_module, resume_latest, state_files
+from clipforge.train.state import extra_value, plain_module
 
 log = logging.getLogger("clipforge.finetune")
 
@@ -107,12 +101,13 @@ def micro_batch(config: FinetuneConfig, train_rows: int, world: int, say: bool =
 
 
 class FinetuneTrainer:
-    """One process's share of training: setup, resume, fit, validate, save; rank 0 alone writes."""
+    """One process's share of training: setup, resume, fit, validate, save; rank 0 alone writes. Progress,
+    checkpoints, logs and timing are `run`'s (`train.checkpointed_run`)."""
 
     def __init__(self, config: FinetuneConfig, train: CaptionRows, val: CaptionRows, store: CheckpointStore,
                  accelerator):
 
-        self.config, self.train_rows, self.val_rows, self.store, self.acc = config, train, val, store, accelerator
+        self.config, self.train_rows, self.val_rows, self.acc = config, train, val, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         say = accelerator.is_main_process  # what every process would say alike, said once
         self.micro = micro_batch(config, len(train), self.world, say)
@@ -160,59 +155,23 @@ class FinetuneTrainer:
         self.val_loader = make_loader(CaptionedImages(val, built.val_transform, built.tokenizer, config.seed),
                                       self.val_keys, val_workers, pin, self.trim_text)
         self.val_pairs = val.pair_keys  # (image, caption) of each row: which keys answer which queries
-        self.progress = TrainProgress()
         self.history: list[dict] = []  # validation before training and after each epoch
-        self.checkpoints = CheckpointWriter(store)
-        self.writer = None
-        self.resumed_from: int | None = None  # the step of the checkpoint resumed, if any
-        self.upload_logs: tuple[Path, str] | None = None  # (local events folder, its URI) when OUT is on S3
-        self.losses = DeferredLosses(config.log_every)
-        self.meter: Progress | None = None
-        self.seconds_before = 0.0  # training seconds of earlier attempts, from the checkpoint resumed
-        self.saving_seconds = 0.0  # training stopped for checkpoints (the snapshot; the commit runs beside)
-        self.timing = {"processes": self.world, "resume_seconds": None, "train_seconds": 0.0, "samples_per_s": None,
-                       "first_batch_waits": []}  # seconds each epoch's first step waited for its batch
+        self.run = CheckpointedRun(store, accelerator, log, epochs=config.epochs, rows_per_step=self.step_rows,
+                                   log_every=config.log_every, rate_digits=2, rate_scalar=True,
+                                   timing={"first_batch_waits": []})  # seconds each epoch's first step waited
 
     # -- checkpoints --------------------------------------------------------------------------------
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any; otherwise give each process its own random stream."""
-        started = time.monotonic()
-        resumed = resume_latest(self.store, self.acc, self.model, self.optimizer, self.config.seed)
-        if resumed is None:
-            return
-        latest, files, self.progress = resumed
-        self.resumed_from = self.progress.step
-        self.history = extra_value(files, HISTORY, [])
-        self.checkpoints.resumed(latest.step, latest.uri)
-        self.timing["resume_seconds"] = round(time.monotonic() - started, 3)
-        log.info("resuming from %s (%s), loaded in %.2f s", latest.uri, self.progress.where(self.config.epochs),
-                 self.timing["resume_seconds"])
+        files = self.run.resume(self.model, self.optimizer, self.config.seed)
+        if files is not None:
+            self.history = extra_value(files, HISTORY, [])
 
     def save(self) -> None:
         """Checkpoint now (every process takes part: each contributes its RNG state); never of diverged weights."""
-        self.read_losses()
-        # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
-        if not bool(torch.stack([torch.isfinite(w).all() for w in self.module.parameters()]).all()):
-            raise diverged(self.progress.step, self.progress.epoch, self.checkpoints.wait())
-        started = time.monotonic()
-        self.checkpoints.wait()  # the one before is in: one snapshot in host memory at a time
-        if self.meter is not None:
-            self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)
-        files = state_files(self.acc, self.model, self.optimizer, self.progress,
-                            self.config.model_dump(mode="json", by_alias=True), {HISTORY: self.history})
-        if files is not None:
-            self.flush_logs()
-        self.checkpoints.submit(self.progress.step, files)  # committed beside the next steps
-        self.saving_seconds += time.monotonic() - started
-
-    def read_losses(self, due: bool = False) -> None:
-        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`)."""
-        last = read_losses(self.losses, self.acc, rows_per_step=self.step_rows, epochs=self.config.epochs,
-                           meter=self.meter, writer=self.writer, last_saved=self.checkpoints.wait, due=due)
-        if last is not None and self.writer and self.meter is not None:
-            # The GPU has just finished every step so far: samples of this call / seconds since it began.
-            self.writer.add_scalar("train/samples_per_s", self.meter.rate, last.step + 1)
+        self.run.save(self.model, self.optimizer, self.config.model_dump(mode="json", by_alias=True),
+                      self.module.parameters(), {HISTORY: self.history})
 
     def _bad_input(self, bad: BadImage | None) -> None:
         """Every process raises the same message (the launcher reports rank 0's)."""
@@ -267,11 +226,12 @@ class FinetuneTrainer:
         return total / len(image)
 
     def _record(self, metrics: dict, epoch: int) -> None:
-        self.history.append({"epoch": epoch, "step": self.progress.step, **metrics})
-        if self.writer:
+        step, writer = self.run.progress.step, self.run.writer
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        if writer:
             for key, value in metrics.items():
                 if key not in ("pairs", "distinct_captions", "distinct_images"):
-                    self.writer.add_scalar(f"val/{key}", value, self.progress.step)
+                    writer.add_scalar(f"val/{key}", value, step)
         log.info("%s: val loss %.4f, R@1 image->text %.3f, text->image %.3f, median rank image->text %.0f, "
                  "text->image %.0f",
                  f"epoch {epoch}/{self.config.epochs}" if epoch else "before training", metrics["val_loss"],
@@ -339,25 +299,11 @@ class FinetuneTrainer:
             self.module.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return torch.stack(losses).detach()
 
-    def fit(self, watch: PreemptionWatch, log_dir: Path | None) -> bool:
-        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint)."""
-        if self.acc.is_main_process and log_dir is not None:
-            self.writer = open_tensorboard(log_dir, self.resumed_from)
-        remaining = (self.total_steps - self.progress.step) * self.step_rows
-        self.seconds_before = self.progress.seconds
-        self.meter = meter = Progress(log, max(remaining, 1), unit="samples", every=self.config.log_every)
-        try:
+    def fit(self, watch: PreemptionWatch, logs: tuple[Path, str | None] | None) -> bool:
+        """Train to the last epoch; False when SIGTERM stopped it (after a checkpoint). `logs`: TensorBoard's
+        folders (`train.stage.tensorboard_dirs`), None for none."""
+        with self.run.fitting(logs, (self.total_steps - self.run.progress.step) * self.step_rows):
             return self._fit(watch)
-        finally:
-            self.checkpoints.settle()  # _fit waited unless it failed
-            # Throughput of this process's share of the run, checkpoints and validation included.
-            self.timing["train_seconds"] = round(self.seconds_before + meter.elapsed, 3)  # over every attempt
-            self.timing["train_seconds_now"] = round(meter.elapsed, 3)
-            self.timing["samples_per_s"] = round(meter.done / meter.elapsed, 2) if meter.done else None
-            self.timing["checkpoint_seconds"] = round(self.saving_seconds, 3)
-            self.timing["checkpoint_commit_seconds"] = round(self.checkpoints.commit_seconds, 3)
-            self.timing["checkpoint_commit_spans"] = [[round(t, 3) for t in span]
-                                                      for span in self.checkpoints.commit_spans]
 
     def _start_epoch(self, epoch: int, start: int) -> Iterator:
         """The batches of `epoch` from step `start` on. The loader's workers start on them now: called before
@@ -367,7 +313,7 @@ class FinetuneTrainer:
         return to_device_ahead(iter(self.train_loader), self.acc.device)
 
     def _fit(self, watch: PreemptionWatch) -> bool:
-        config, p = self.config, self.progress
+        config, run, p = self.config, self.run, self.run.progress
         upcoming = self._start_epoch(p.epoch, p.step_in_epoch) if p.epoch < config.epochs else None
         if p.step == 0 and not self.history:
             self._record(self.evaluate(), 0)
@@ -377,46 +323,34 @@ class FinetuneTrainer:
                 asked = time.monotonic()
                 passes = [next(batches) for _ in range(config.grad_accum)]
                 if i == first:
-                    self.timing["first_batch_waits"].append(round(time.monotonic() - asked, 4))
+                    run.timing["first_batch_waits"].append(round(time.monotonic() - asked, 4))
                 bad = next((b for b in passes if isinstance(b, BadImage)), None)
-                any_bad, stop, due = any_across(self.acc, bad is not None, watch.requested, self.losses.due())
+                any_bad, stop, due = any_across(self.acc, bad is not None, watch.requested, run.losses.due())
                 if any_bad:
                     self._bad_input(bad)
                 if stop:
-                    self.read_losses()
-                    if self.checkpoints.saved_step != p.step:
+                    run.read_losses()
+                    if run.checkpoints.saved_step != p.step:
                         self.save()
-                    self.checkpoints.wait()
+                    run.checkpoints.wait()
                     return False
                 if due:
-                    self.read_losses(due=True)
+                    run.read_losses(due=True)
                 lr = warmup_cosine_lr(p.step, self.total_steps, self.warmup_steps, config.lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.losses.add(self._step(passes), StepLoss(p.step, epoch, lr, time.time()))
+                set_lr(self.optimizer, lr)
+                run.losses.add(self._step(passes), StepLoss(p.step, epoch, lr, time.time()))
                 p.step, p.step_in_epoch, p.samples = p.step + 1, i + 1, p.samples + self.step_rows
                 if config.checkpoint_every and p.step % config.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
                     self.save()
             del batches
-            self.read_losses()
+            run.read_losses()
             p.epoch, p.step_in_epoch = epoch + 1, 0
             if p.epoch < config.epochs:
                 upcoming = self._start_epoch(p.epoch, 0)
             self._record(self.evaluate(), epoch + 1)
             self.save()
-        self.checkpoints.wait()
+        run.checkpoints.wait()
         # A SIGTERM that arrives after the last checkpoint is left alone: committing takes seconds, and
         # every process must take the same path.
         return True
-
-    def flush_logs(self) -> None:
-        if self.writer:
-            self.writer.flush()
-        if self.acc.is_main_process and self.upload_logs:
-            upload_tensorboard(*self.upload_logs)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-            self.writer = None
 

@@ -135,6 +135,12 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: fl
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group steps with `lr` from now on (their weight decays stay their own)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 # -- RNG ----------------------------------------------------------------------------------------
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from accelerate import Accelerator
 
 from clipforge.config.base import StageConfig
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.lease import RUN_ID_ENV
+from clipforge.storage import uri as storage
 from clipforge.storage.manifest import first_few, input_changes, read_manifest, settings_changes, withdraw
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore, Listing
@@ -98,22 +100,33 @@ def what_differs(recorded: dict, store: CheckpointStore, config_class: type[Stag
     return first_few(differ)
 
 
-def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, log_dir, out: str,
-                   summarise: Callable[[], dict], commit: Callable[[dict], None],
+def tensorboard_dirs(store: CheckpointStore, out: str, logdir: str | None = None) -> tuple[Path, str | None]:
+    """Where rank 0 writes the run's TensorBoard events, and the URI they are copied to at each checkpoint (None:
+    they are written where they stay). OUT/logs, through the store's local folder when OUT is on S3; with
+    `logdir`, a folder of its own there named as the run's folder, and no copy."""
+    if logdir:
+        return Path(logdir) / out.rstrip("/").rsplit("/", 1)[-1], None
+    if store.remote:
+        return store.local_root.parent / "logs", storage.join(out, "logs")
+    return storage.local_path(out) / "logs", None
+
+
+def fit_and_commit(trainer, accelerator: Accelerator, watch: PreemptionWatch, logs: tuple[Path, str | None] | None,
+                   out: str, summarise: Callable[[], dict], commit: Callable[[dict], None],
                    how_to_resume: str = "the same command resumes") -> TrainResult:
     """Train to the end (or to SIGTERM or Ctrl-C: checkpoint kept, `watch.exit_code`), then rank 0 commits
-    the outputs."""
+    the outputs. `trainer`: `fit(watch, logs)` and its `CheckpointedRun` as `run`; `logs` as `tensorboard_dirs`."""
     if os.environ.get(RUN_ID_ENV):  # a pipeline's stage: the run resumes it, by its id
         how_to_resume = f"the run resumes it (clipforge run SPEC --run-id {os.environ[RUN_ID_ENV]})"
-    if not trainer.fit(watch, log_dir):  # returns once the checkpoint is committed
+    if not trainer.fit(watch, logs):  # returns once the checkpoint is committed
         if accelerator.is_main_process:
             log.warning("stopped at step %d; checkpoint kept, %s (exit code %d)",
-                        trainer.progress.step, how_to_resume, watch.exit_code)
+                        trainer.run.progress.step, how_to_resume, watch.exit_code)
         return TrainResult("preempted", out, exit_code=watch.exit_code)
     metrics = summarise()
     if accelerator.is_main_process:
-        trainer.close()
+        trainer.run.close()
         commit(metrics)
     accelerator.wait_for_everyone()
-    trainer.store.drop_local_copies()  # every machine its own
+    trainer.run.store.drop_local_copies()  # every machine its own
     return TrainResult("trained", out, metrics)
