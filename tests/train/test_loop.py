@@ -106,12 +106,12 @@ def test_only_the_main_process_says_where_it_stopped(caplog):
         assert result.status == "preempted" and ("stopped at step 7; checkpoint kept" in caplog.text) == said
 
 
-def test_resolve_device_without_a_gpu():
+def test_training_device_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert loop.resolve_device("auto") == "cpu"
-    with pytest.raises(Exception, match="no CUDA GPU"):
-        loop.resolve_device("cuda")
+    assert loop.training_device("auto") == "cpu"
+    with pytest.raises(Exception, match="--device cuda asked for, but torch sees no CUDA GPU"):
+        loop.training_device("cuda")
 
 
 def test_deferred_losses_are_read_in_one_transfer_when_due(monkeypatch):

@@ -31,7 +31,7 @@ from clipforge.storage.manifest import (
 )
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
-from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
+from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, training_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, tensorboard_dirs, train_in_workers
 from clipforge.train.state import plain_module
 
@@ -72,7 +72,7 @@ def _check_before_launch(config: AdapterConfig) -> None:
     """Bad input fails here, once, with one clear line, before any worker starts. The caches read for that
     are let go on return: the launcher waits with nothing but each worker holds its own copy."""
     pairs = read_pairs(config)
-    resolve_device(config.device, config.num_processes)
+    training_device(config.device, config.num_processes)
     global_batch_size(config, len(pairs.train_ids), launch.world_size(config.num_processes))
 
 

@@ -56,7 +56,7 @@ from clipforge.storage.manifest import (
 )
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
-from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, resolve_device
+from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, training_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, tensorboard_dirs, train_in_workers
 
 log = logging.getLogger("clipforge.finetune")
@@ -201,7 +201,7 @@ def _check_before_launch(config: FinetuneConfig) -> None:
         check_apart(train, read_rows(config.val_data, "val_data"))
         check_has_negatives(train)
         micro_batch(config, len(train), launch.world_size(config.num_processes), say=False)  # rank 0 says it
-    resolve_device(config.device, config.num_processes)
+    training_device(config.device, config.num_processes)
 
 
 def check_model_inputs(config: FinetuneConfig) -> None:

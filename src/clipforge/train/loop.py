@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
-from clipforge.models.encode import has_bf16
+from clipforge.models.encode import resolve_device, resolve_precision
 from clipforge.storage import uri as storage
 
 # torch.compile's backend for the trainers' `compile`: inductor generates fused kernels (Triton on GPUs, C++ on
@@ -40,12 +40,10 @@ log = logging.getLogger(__name__)
 # -- devices and processes ----------------------------------------------------------------------
 
 
-def resolve_device(device: str, num_processes: int = 1) -> str:
-    """'cpu' or 'cuda' for `auto|cpu|cuda`; a UserError when the GPUs asked for are not there."""
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise UserError("device: cuda was asked for but no CUDA GPU is visible")
-    resolved = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+def training_device(device: str, num_processes: int = 1) -> str:
+    """'cpu' or 'cuda' for `auto|cpu|cuda`, as every stage resolves it (`models.encode.resolve_device`); a UserError
+    when the GPUs asked for are not there, before any work starts."""
+    resolved = resolve_device(device).type
     if resolved == "cuda" and num_processes > torch.cuda.device_count():
         raise UserError(f"num_processes: {num_processes} processes need as many GPUs, "
                         f"this machine has {torch.cuda.device_count()}")
@@ -55,17 +53,14 @@ def resolve_device(device: str, num_processes: int = 1) -> str:
 def make_accelerator(device: str, mixed_precision: str = "auto") -> Accelerator:
     """The Accelerator for this process (gloo on CPU, NCCL and one GPU per process on CUDA).
 
-    Mixed precision is for GPUs only: `auto` is bf16 where supported, else fp32.
+    Mixed precision is for GPUs only: `auto` is bf16 where supported, else fp32 (`resolve_precision`).
     Processes other than rank 0 log warnings only (rank-zero discipline).
     """
     resolved = resolve_device(device)
-    if resolved == "cpu":
+    precision = resolve_precision(mixed_precision, resolved) if mixed_precision == "auto" else mixed_precision
+    if resolved.type == "cpu" or precision == "fp32":
         precision = "no"
-    elif mixed_precision == "auto":
-        precision = "bf16" if has_bf16() else "no"
-    else:
-        precision = mixed_precision
-    accelerator = Accelerator(cpu=resolved == "cpu", mixed_precision=precision)
+    accelerator = Accelerator(cpu=resolved.type == "cpu", mixed_precision=precision)
     if not accelerator.is_main_process:
         logging.getLogger("clipforge").setLevel(logging.WARNING)
     return accelerator
