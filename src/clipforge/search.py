@@ -26,7 +26,7 @@ from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
 from clipforge.data.pixels import upright_rgb
 from clipforge.errors import UserError
-from clipforge.models.encode import resolve_device
+from clipforge.models.encode import encode_batch, resolve_device
 from clipforge.models.encoders import EncoderSpec, load_clip, names_weights_file, weights_digest, weights_identity
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.storage import uri as storage
@@ -176,7 +176,7 @@ class Searcher:
         except Exception as exc:  # PIL raises many types for corrupt files
             what = f"the query image {name}" if name else "the query image"
             raise UserError(f"{what} cannot be decoded ({type(exc).__name__})") from None
-        return self._top(self.model.encode_image(self.preprocess(pixels[None])), k)
+        return self._top(encode_batch(self.model, self.preprocess(pixels[None]), "fp32"), k)
 
     def _top(self, features: torch.Tensor, k: int) -> list[Hit]:
         if k < 1:

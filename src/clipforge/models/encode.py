@@ -1,4 +1,5 @@
-"""Encode uint8 image batches with a CLIP model: the one place embeddings are computed."""
+"""Encode uint8 image batches with a CLIP model: the one place image embeddings are computed (caches, the
+scoring of generated images, search by image)."""
 
 from __future__ import annotations
 
@@ -62,20 +63,21 @@ def encode_batch(model, pixels: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_images(
-    model,
-    preprocess: BatchPreprocess,
-    images: np.ndarray,
-    *,
-    batch_size: int,
-    precision: str = "fp32",
-) -> np.ndarray:
-    """L2-normalised float32 embeddings (N, dim) for uint8 images (N, H, W, 3)."""
-    out = [encode_batch(model, preprocess(images[start : start + batch_size]), precision).cpu()
-           for start in range(0, len(images), batch_size)]
-    if not out:
-        return np.zeros((0, model.visual.output_dim), dtype=np.float32)
-    return torch.cat(out).numpy()
+def encode_on_device(model, preprocess: BatchPreprocess, images: np.ndarray | torch.Tensor, *, batch_size: int,
+                     precision: str) -> torch.Tensor:
+    """(N, dim) float32 L2-normalised embeddings on the model's device, of uint8 images (N, H, W, 3) or of pixels
+    already preprocessed, `batch_size` images per encoder call."""
+    parts = [encode_batch(model, preprocess(images[start : start + batch_size]), precision)
+             for start in range(0, len(images), batch_size)]
+    if not parts:
+        return torch.zeros((0, model.visual.output_dim), device=next(model.parameters()).device)
+    return torch.cat(parts)
+
+
+def encode_images(model, preprocess: BatchPreprocess, images: np.ndarray, *, batch_size: int,
+                  precision: str = "fp32") -> np.ndarray:
+    """`encode_on_device`, as a NumPy array on the host."""
+    return encode_on_device(model, preprocess, images, batch_size=batch_size, precision=precision).cpu().numpy()
 
 
 class ImageEncoder:
@@ -132,12 +134,8 @@ class ImageEncoder:
     def dim(self) -> int:
         return int(self.model.visual.output_dim)
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, dim) float32 L2-normalised embeddings on the encoder's device, of uint8 images (N, H, W, 3)
         (image files arrive already shrunk to the model's input) or of pixels already preprocessed."""
-        parts = [encode_batch(self.model, self.preprocess(images[i : i + self.batch_size]), self.precision)
-                 for i in range(0, len(images), self.batch_size)]
-        if not parts:
-            return torch.zeros((0, self.dim), device=self.device)
-        return torch.cat(parts)
+        return encode_on_device(self.model, self.preprocess, images, batch_size=self.batch_size,
+                                precision=self.precision)
