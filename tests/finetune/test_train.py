@@ -145,7 +145,7 @@ def test_resume_latest_of_a_finished_run_is_up_to_date(trained, monkeypatch):
     again = finetune(config.model_copy(update={"resume": "latest", "workers": 2, "num_processes": 1}))
     assert again.status == "up to date" and again.out == result.out
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
-    with pytest.raises(UserError, match=r"other settings \(lr: 0.003 -> 0.001\)"):
+    with pytest.raises(UserError, match=r"other settings \(lr: 0.003 then, 0.001 now\)"):
         finetune(config.model_copy(update={"resume": "latest", "lr": 1e-3}))
     with pytest.raises(UserError, match="no run to resume there"):
         finetune(config.model_copy(update={"resume": str(root)}))

@@ -48,9 +48,11 @@ from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     finished_manifest,
+    first_few,
     input_changes,
     is_up_to_date,
     refuse_other_kind,
+    settings_changes,
     spelled_as_recorded,
     write_manifest,
 )
@@ -174,11 +176,9 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> FinetuneConfig:
     config = spelled_as_recorded(config, recorded.get("config"), PATH_SETTINGS, folder)
     mine = config.model_copy(update={"out": folder, "timestamped": False, "resume": None})
     if recorded.get("config_fingerprint") != mine.fingerprint():
-        theirs = recorded.get("config") or {}
-        ours = mine.model_dump(mode="json", by_alias=True)
-        changed = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in ours.items()
-                   if k not in FinetuneConfig.volatile and theirs.get(k) != v]
-        raise UserError(f"resume {folder}: that run has other settings ({'; '.join(changed) or 'see its config'}); "
+        changed = settings_changes(recorded.get("config") or {}, mine.model_dump(mode="json", by_alias=True),
+                                   FinetuneConfig)
+        raise UserError(f"resume {folder}: that run has other settings ({first_few(changed) or 'see its config'}); "
                         "resume it with its own settings, or start a new run without --resume")
     changed = input_changes(recorded.get("inputs") or {}, stage_inputs(mine))
     if changed:
