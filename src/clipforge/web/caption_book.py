@@ -47,11 +47,11 @@ from clipforge.data.captions import COLUMNS, INDEX
 from clipforge.data.image_folder import (
     IMAGE_SUFFIXES,
     image_identity,
+    image_problem,
     image_uri,
     is_left_out_image,
     is_listed_image,
 )
-from clipforge.data.image_folder import image_problem as decode_problem
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -132,7 +132,7 @@ class CaptionBook:
 
         Decoded once per image; a failing one moves from `images` to `unreadable`."""
         if path not in self._decoded:
-            why = decode_problem(str(self.root / path))
+            why = image_problem(str(self.root / path))
             with self._lock:
                 self._decoded[path] = why
                 if why and path in self.images:
@@ -251,7 +251,7 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     if len(relative) > 2000:
         log.info("checking %d images in %s", len(relative), root)
     with ThreadPoolExecutor(8) as pool:
-        problems = list(pool.map(lambda path: image_problem(root, path), relative))
+        problems = list(pool.map(lambda path: display_problem(root, path), relative))
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
     unreadable = [Unreadable(path, why) for path, why in zip(relative, problems, strict=True) if why]
     if unreadable:
@@ -282,7 +282,7 @@ def folder_files(root: Path, keep: Callable[[str], bool]) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in found)
 
 
-def image_problem(root: Path, relative: str) -> str | None:
+def display_problem(root: Path, relative: str) -> str | None:
     """Why the page cannot show this image, or None. Checks headers and structure, not every pixel."""
     if "\\" in relative:  # index.csv's readers take it for a folder separator (a Windows path)
         return "its name holds a backslash, which index.csv would read as a folder separator"
