@@ -264,7 +264,8 @@ def test_a_tag_with_the_hub_unreachable_fails_at_once_in_one_line(capsys, tiny_c
 
 
 def test_a_long_load_error_ends_at_a_sentence_or_a_word():
-    from clipforge.models.encoders import EncoderSpec, weights_problem
+    from clipforge.models.encoders import EncoderSpec
+    from clipforge.models.weights_loading import weights_problem
 
     spec = EncoderSpec("ViT-B-32", "openai")
     sentences = RuntimeError("Failed to download file (open_clip_model.bin). " + "Please check your connection. " * 20)

@@ -26,8 +26,9 @@ import torch
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import check_model_known, check_weights_fit, is_weights_format, weights_identity
+from clipforge.models.encoders import check_model_known, check_weights_fit, weights_identity
 from clipforge.models.pretrained import names_weights_file
+from clipforge.models.weights_loading import is_weights_format
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.finetune_data import (
     check_apart,

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.errors import UserError
-from clipforge.models.encoders import EncoderSpec, check_model_known, loading_weights, names_weights_file
+from clipforge.models.encoders import EncoderSpec, check_model_known, names_weights_file
+from clipforge.models.weights_loading import loading_weights
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.finetune")

@@ -31,7 +31,7 @@ from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.errors import UserError, first_line
 from clipforge.models.adapter import adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
-from clipforge.models.encoders import one_line, unresolvable_hub_host
+from clipforge.models.weights_loading import one_line, unresolvable_hub_host
 from clipforge.orchestrate.lease import LEASE_NAME, command_lease
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
