@@ -195,7 +195,7 @@ def test_lock_image_trains_the_text_tower_only(tiny_clip, captioned, tmp_path):
 
 def test_losses_are_read_once_an_epoch_when_progress_lines_are_rare(tiny_clip, captioned, tmp_path, monkeypatch):
     """No host sync a step: with a 60 s progress period the losses are read in one transfer at each epoch's end."""
-    from clipforge.train.loop import DeferredLosses
+    from clipforge.train.losses import DeferredLosses
 
     reads, read = [], DeferredLosses.read
 

@@ -2,12 +2,14 @@ import math
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from clipforge.train import loop
+from clipforge.train.losses import DeferredLosses, StepLoss, first_nonfinite
 
 
 def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
@@ -116,11 +118,11 @@ def test_training_device_without_a_gpu():
 
 def test_deferred_losses_are_read_in_one_transfer_when_due(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
-    losses = loop.DeferredLosses(every=10.0)
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])  # the clock DeferredLosses reads
+    losses = DeferredLosses(every=10.0)
     assert not losses.due() and losses.read() == []
     for step in range(3):
-        losses.add(torch.tensor([1.0 + step, 2.0 + step]), loop.StepLoss(step, 0, 0.1, 0.0))  # two passes a step
+        losses.add(torch.tensor([1.0 + step, 2.0 + step]), StepLoss(step, 0, 0.1, 0.0))  # two passes a step
     assert not losses.due()  # a clock check only
     now[0] += 10.0
     assert losses.due()
@@ -129,7 +131,7 @@ def test_deferred_losses_are_read_in_one_transfer_when_due(monkeypatch):
     assert losses.pending == [] and not losses.due() and losses.read() == []
     # One 0-d loss a step; the tensor is kept detached from its graph.
     w = torch.ones(1, requires_grad=True)
-    losses.add((w * 3).sum(), loop.StepLoss(3, 1, 0.1, 0.0))
+    losses.add((w * 3).sum(), StepLoss(3, 1, 0.1, 0.0))
     assert losses.read()[0].values == [3.0]
 
 
@@ -137,10 +139,10 @@ def test_first_nonfinite_names_the_earliest_bad_step():
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    records = [loop.StepLoss(s, s // 4, 0.1, 0.0, [v]) for s, v in enumerate([1.0, 2.0, 1.5, 1.0, 1.0, 2.0])]
-    assert loop.first_nonfinite(accelerator, records) is None
+    records = [StepLoss(s, s // 4, 0.1, 0.0, [v]) for s, v in enumerate([1.0, 2.0, 1.5, 1.0, 1.0, 2.0])]
+    assert first_nonfinite(accelerator, records) is None
     records[5].values, records[4].values = [math.nan], [1.0, math.inf]
-    assert loop.first_nonfinite(accelerator, records) == (4, 1)
+    assert first_nonfinite(accelerator, records) == (4, 1)
 
 
 def test_to_device_ahead_moves_tensors_and_passes_the_rest_through():

@@ -31,20 +31,18 @@ from clipforge.stages.adapter_data import PairedEmbeddings
 from clipforge.stages.adapter_metrics import METRIC_NAMES
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.checkpointed_run import CheckpointedRun
+from clipforge.train.distributed import any_across, gather_rows, gather_with_grad
 from clipforge.train.loop import (
     COMPILE_BACKEND,
     PreemptionWatch,
-    StepLoss,
-    any_across,
     epoch_batches,
-    gather_rows,
-    gather_with_grad,
     local_rows,
     seed_everything,
     set_lr,
     shard_slice,
     warmup_cosine_lr,
 )
+from clipforge.train.losses import StepLoss
 from clipforge.train.metrics import retrieval_metrics
 from clipforge.train.state import plain_module
 

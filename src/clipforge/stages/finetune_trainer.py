@@ -48,14 +48,11 @@ from clipforge.stages.finetune_model import build_model, lock_image_tower, param
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.checkpointed_run import CheckpointedRun
 from clipforge.train.contrastive import clip_loss
+from clipforge.train.distributed import any_across, gather_rows, gather_with_grad
 from clipforge.train.loop import (
     COMPILE_BACKEND,
     PreemptionWatch,
-    StepLoss,
-    any_across,
     epoch_batches,
-    gather_rows,
-    gather_with_grad,
     local_rows,
     seed_everything,
     set_lr,
@@ -63,6 +60,7 @@ from clipforge.train.loop import (
     to_device_ahead,
     warmup_cosine_lr,
 )
+from clipforge.train.losses import StepLoss
 from clipforge.train.metrics import retrieval_metrics
 from clipforge.train.state import extra_value, plain_module
 

@@ -23,15 +23,8 @@ from accelerate import Accelerator
 from clipforge.progress import Progress
 from clipforge.train.checkpoint import CheckpointStore
 from clipforge.train.checkpoint_writer import CheckpointWriter
-from clipforge.train.loop import (
-    DeferredLosses,
-    StepLoss,
-    TrainProgress,
-    diverged,
-    open_tensorboard,
-    read_losses,
-    upload_tensorboard,
-)
+from clipforge.train.loop import TrainProgress, open_tensorboard, upload_tensorboard
+from clipforge.train.losses import DeferredLosses, StepLoss, diverged, read_losses
 from clipforge.train.state import resume_latest, state_files
 
 
