@@ -1,6 +1,6 @@
 """How fast the cache stage can commit shards: one writer thread against the local engine's COMMIT_WORKERS.
 
-Each shard's commit is `clipforge.stages.cache.commit_shard`: its embeddings checked, a parquet file
+Each shard's commit is `clipforge.stages.cache_shards.commit_shard`: its embeddings checked, a parquet file
 written and fsynced. With a fast encoder (ViT-B-32 on an H200 encodes 500-row shards ~40 times a second)
 the committing threads must keep up, or the encoder waits for them. One run: `--shards` shards of
 `--rows` x `--dim` float32 embeddings into a fresh folder each time, on 1 and on COMMIT_WORKERS threads,
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from clipforge.stages.cache import commit_shard
 from clipforge.stages.cache_local import COMMIT_WORKERS
+from clipforge.stages.cache_shards import commit_shard
 
 
 def commit_rate(workers: int, shards: int, embeddings: np.ndarray) -> float:

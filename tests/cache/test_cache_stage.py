@@ -1,5 +1,6 @@
 """The cache stage end to end on a real local Ray instance and a real loopback S3 server."""
 
+import itertools
 import os
 import re
 import signal
@@ -170,12 +171,12 @@ def test_a_cache_whose_index_counted_by_its_mtime_stays_up_to_date_while_the_ind
     index = tmp_path / "index.parquet"
     index.write_bytes(Path(nsd["index"]).read_bytes())
     done, unfinished = tmp_path / "done", tmp_path / "unfinished"
-    commit, commits = cache_local.commit_shard, []
+    commit, calls = cache_local.commit_shard, itertools.count()
 
-    def stopping(*args):  # the run stops after two shards
-        if len(commits) >= 2:
+    def stopping(*args):  # the run stops after two shards (counted as called: the writers commit several at once)
+        if next(calls) >= 2:
             raise RuntimeError("stopped")
-        commits.append(commit(*args))
+        commit(*args)
 
     with monkeypatch.context() as old:
         old.setattr(stage, "rows_fingerprint", lambda uri, index: stage.storage.fingerprint(uri))
@@ -373,10 +374,10 @@ def test_an_interrupted_cache_resumes_with_a_path_spelled_another_way(nsd, tiny_
 
     output = tmp_path / "cache"
     monkeypatch.chdir(nsd["root"])
-    commit, committed = cache_local.commit_shard, []
+    commit, calls, committed = cache_local.commit_shard, itertools.count(), []
 
-    def stop_after_two(*args, **kwargs):
-        if len(committed) == 2:
+    def stop_after_two(*args, **kwargs):  # counted as called: the writers commit several shards at once
+        if next(calls) >= 2:
             raise KeyboardInterrupt
         commit(*args, **kwargs)
         committed.append(args[1])

@@ -41,7 +41,7 @@ from clipforge.data.image_folder import collection_root, is_image_collection, re
 from clipforge.models.encode import ImageEncoder, resolve_device
 from clipforge.models.encoders import EncoderSpec
 from clipforge.progress import Progress, process_age
-from clipforge.stages.cache import commit_shard, steady_rate
+from clipforge.stages.cache_shards import commit_shard, steady_rate
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")

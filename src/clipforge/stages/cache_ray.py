@@ -26,7 +26,7 @@ from clipforge.errors import StorageUnreachable, UserError
 from clipforge.models.encoders import EncoderSpec, preprocess_config, same_preprocess
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.progress import Progress
-from clipforge.stages.cache import Shard, commit_shard, steady_rate
+from clipforge.stages.cache_shards import Shard, commit_shard, steady_rate
 from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
