@@ -355,7 +355,7 @@ def test_a_path_spelled_another_way_names_the_same_input(nsd, tiny_models, ray_s
     monkeypatch.chdir(nsd["root"])
     first = run_cache(config(nsd, tiny_models, str(output), source="stimuli.hdf5"))
     before = mtimes(output)
-    with caplog.at_level("INFO", logger="clipforge.cache"):
+    with caplog.at_level("INFO", logger="clipforge"):  # the "as recorded" line is clipforge.manifest's
         assert run_cache(config(nsd, tiny_models, str(output), source=nsd["local"])) == first
     assert mtimes(output) == before
     assert f"source: stimuli.hdf5 as recorded for {output} and {nsd['local']} now name one file" in caplog.text
@@ -396,7 +396,7 @@ def test_an_interrupted_cache_resumes_with_a_path_spelled_another_way(nsd, tiny_
         run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
     assert mtimes(output) == before
     monkeypatch.chdir(nsd["root"])
-    with caplog.at_level("INFO", logger="clipforge.cache"):
+    with caplog.at_level("INFO", logger="clipforge"):  # the "as recorded" line is clipforge.manifest's
         resumed = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
     assert f"source: stimuli.hdf5 as recorded for {output} and {nsd['local']} now name one file" in caplog.text
     assert resumed["metrics"]["images_encoded"] == len(nsd["ids"]) - 2 * 8
