@@ -490,10 +490,11 @@ def kill_9_job(engine, nsd, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "stop"), [("local", signal.SIGKILL), ("ray", signal.SIGKILL),
-                                              ("local", signal.SIGTERM)])
+                                              ("local", signal.SIGTERM), ("ray", signal.SIGTERM)])
 def test_kill_9_then_resume_completes_without_rewriting(engine, stop, nsd, tiny_models, tmp_path):
     """kill -9 of the whole group (a lost pod), or SIGTERM to the command (a drained node): committed shards
-    stay, and a rerun encodes only the rest."""
+    stay, and a rerun encodes only the rest. SIGTERM is the command's one line and exit 75 with Ray too (Ray's
+    own handler aborted the process: exit 134, which a driver reads as a crash, not a stop)."""
     cfg_path, weights = tiny_models["source"]
     source, index, ids, rows = kill_9_job(engine, nsd, tmp_path)
     output = tmp_path / "cache"

@@ -9,11 +9,14 @@ in-process engine (`cache_local`), so either resumes the other's run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 
 import numpy as np
@@ -43,13 +46,29 @@ def ensure_ray(encoders: int = 1) -> None:
     # Worker output stays in Ray's session logs: failures reach the driver as exceptions, and
     # progress is the driver's own line.
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
-    else:
-        ray.init(num_cpus=ray_cpus(encoders), **kwargs)
+    with stop_handlers_kept():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**kwargs)
+        else:
+            ray.init(num_cpus=ray_cpus(encoders), **kwargs)
     # Our own progress line replaces Ray Data's bars and per-dataset logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def stop_handlers_kept():
+    """Around `ray.init`, which puts Ray's own SIGTERM handler over the command's: on SIGTERM it aborted the
+    process (exit 134, a stack dump) where the command stops with its one line and exit 75, which a runner or
+    a Kubernetes driver reads as "resume", keeping the committed shards. The command's handlers go back after."""
+    main = threading.current_thread() is threading.main_thread()
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def local_gpus(device: str) -> int:
