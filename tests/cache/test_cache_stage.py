@@ -25,6 +25,7 @@ from clipforge.config.cache import CacheConfig
 from clipforge.data.embeddings import read_embeddings
 from clipforge.data.synthetic import write_nsd_hdf5
 from clipforge.errors import UserError
+from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.stages.cache import run_cache
 from clipforge.storage.manifest import read_manifest
 
@@ -293,19 +294,24 @@ def test_a_damaged_shard_is_encoded_again_not_taken_as_committed(nsd, tiny_model
 def test_a_finished_cache_missing_a_shard_or_with_one_cut_short_is_not_up_to_date(nsd, tiny_models, ray_session,
                                                                                   tmp_path, caplog):
     """A shard deleted from a finished cache, or cut short (a copy interrupted: `_manifest.json` sorts first): the
-    rerun said "up to date", and the adapter failed on it later. Only those shards are encoded again."""
+    rerun said "up to date", and the adapter failed on it later. Only those shards are encoded again, and the
+    cache is the one it was: its manifest comes back unchanged, so what was made from it (an adapter, generated
+    images recording its digest) is still its own (evaluate refused them as "of another cache")."""
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
     first = run_cache(cfg)
+    cache_fingerprint_before = cache_fingerprint(str(output), "cache")
     lost, cut = first["shards"][2]["path"], first["shards"][0]["path"]
     (output / lost).unlink()
     (output / cut).write_bytes((output / cut).read_bytes()[:1000])
     before = {name: t for name, t in mtimes(output).items() if name not in ("_manifest.json", cut)}
-    with caplog.at_level("WARNING", logger="clipforge.cache"):
+    with caplog.at_level("INFO", logger="clipforge"):
         second = run_cache(cfg)
     assert f"is not finished: 2 of the files its manifest lists are gone or cut short ({cut}, {lost})" in caplog.text
-    assert second["metrics"]["images_encoded"] == first["shards"][2]["rows"] + first["shards"][0]["rows"]
-    assert second["shards"] == first["shards"]
+    encoded = first["shards"][2]["rows"] + first["shards"][0]["rows"]
+    assert f"done: {first['rows']} images ({encoded} encoded now, {first['rows'] - encoded} resumed)" in caplog.text
+    assert second == first and cache_fingerprint(str(output), "cache") == cache_fingerprint_before
+    assert not (output / ".withdrawn_manifest.json").exists()
     after = mtimes(output)
     assert {name: after[name] for name in before} == before
     assert sorted(read_embeddings(str(output)).ids.tolist()) == nsd["ids"].tolist()

@@ -46,8 +46,9 @@ def test_generated_images_of_other_embeddings_adapter_or_split_are_refused(gener
     with_adapter = [*base, "--adapter", generation_inputs["adapter"]]
     cases = [
         (with_adapter, oracle, f"generated images {oracle} were made from the embeddings of "
-                               f"{generation_inputs['target']}, not of the evaluated --clip-cache "
-                               f"{generation_inputs['source']}"),
+                               f"{generation_inputs['target']} as they were then, not from the evaluated --clip-cache "
+                               f"{generation_inputs['source']} as it is (another cache, or encoded again since): "
+                               "generate them again into a new --out"),
         (with_adapter, by_other, f"generated images {by_other} were conditioned by adapter {other} as it was then, "
                                  f"not by the evaluated --adapter {generation_inputs['adapter']} (another adapter, or "
                                  "retrained)"),

@@ -57,7 +57,7 @@ from clipforge.storage.manifest import (
     read_manifest,
     refuse_other_kind,
     spelled_as_recorded,
-    withdraw,
+    withdraw_unfinished,
     write_manifest,
 )
 from clipforge.storage.range_reader import FetchStats
@@ -128,7 +128,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
             log.info("%s is up to date (%d rows); nothing to do", cfg.output, manifest["rows"])
             return manifest
         log.warning("%s is not finished: %s; encoding them again", cfg.output, gone_note(gone))
-        withdraw(cfg.output)
+        withdraw_unfinished(cfg.output)
         planned = manifest  # what its shards were planned with, as a resume's planned config
 
     check_model_known(spec.model, spec.model_config)
@@ -200,6 +200,7 @@ def commit_cache(plan: CachePlan, stats: FetchStats, model: dict | None, steady:
         shards=[{"path": s.name, "rows": len(s.ids), "bytes": sizes.get(s.name)} for s in plan.shards],
         rows=plan.rows,
         model=model, metrics=metrics, directory=os.getcwd(),  # where its relative paths were read from
+        restore=True,  # a repair that encoded the shards it lost as they were: the same cache
     )
     delete_planned_config(cfg.output)
     transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \

@@ -75,8 +75,9 @@ def check_generated(prefix: str, clip_cache: str, embeddings: dict, adapter: str
                         "generate output")
     made, config = manifest["inputs"], manifest["config"]
     if (made.get("embeddings") or {}).get("manifest_sha256") != embeddings.get("manifest_sha256"):
-        raise UserError(f"generated images {prefix} were made from the embeddings of {config.get('embeddings')}, "
-                        f"not of the evaluated --clip-cache {clip_cache}")
+        raise UserError(f"generated images {prefix} were made from the embeddings of {config.get('embeddings')} as "
+                        f"they were then, not from the evaluated --clip-cache {clip_cache} as it is (another cache, "
+                        f"or encoded again since): generate them again into a new --out")
     if manifest.get("conditioning") == "adapter" or config.get("adapter"):
         if adapter is None:
             raise UserError(f"generated images {prefix} were conditioned by adapter {config.get('adapter')}, but no "

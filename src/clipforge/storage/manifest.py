@@ -84,8 +84,40 @@ def finished_manifest(prefix: str, kind: str, who: str = "") -> dict | None:
     if not gone:
         return manifest
     log.warning("%s%s is not finished: %s; running the stage again", who, prefix, gone_note(gone))
-    withdraw(prefix)
+    withdraw_unfinished(prefix)
     return None
+
+
+# A withdrawn manifest's copy, hidden: no reader or listing takes it for a file of the output.
+WITHDRAWN_NAME = ".withdrawn_manifest.json"
+
+
+def withdraw_unfinished(prefix: str) -> None:
+    """Withdraw a manifest whose files are gone or cut short, keeping a copy: a stage that makes those files
+    again exactly as they were restores it (`write_manifest`), so the output keeps its identity (a cache's
+    `digest`) and what was made from it (an adapter, generated images) is still its own."""
+    found = storage.read_versioned(manifest_uri(prefix))
+    if found is not None:
+        storage.write_bytes(storage.join(prefix, WITHDRAWN_NAME), found[0])
+    withdraw(prefix)
+
+
+def as_withdrawn(prefix: str, manifest: dict) -> dict | None:
+    """The manifest `withdraw_unfinished` kept at `prefix` when `manifest` commits the same output: the same kind,
+    config and inputs, and the same files at the same recorded sizes (a size for every one: names alone do not
+    tell a file made again from another). None otherwise, or when none was kept."""
+    uri = storage.join(prefix, WITHDRAWN_NAME)
+    try:
+        kept = storage.parse_json(storage.read_bytes(uri), uri)
+    except (UserError, FileNotFoundError):  # not JSON, or gone: none to restore
+        return None
+    if not isinstance(kept, dict) or manifest_problem(kept):
+        return None
+    same = all(kept.get(key) == manifest.get(key) for key in ("kind", "config_fingerprint", "inputs"))
+    files = listed_files(manifest)
+    if not same or not files or None in files.values() or listed_files(kept) != files:
+        return None
+    return kept
 
 
 def manifest_problem(manifest: Any) -> str | None:
@@ -99,8 +131,13 @@ def manifest_problem(manifest: Any) -> str | None:
     return "; ".join(wrong) or None
 
 
-def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: str, inputs: dict, **fields) -> dict:
-    """Commit the prefix. Call only after every file it names is written."""
+def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: str, inputs: dict,
+                   restore: bool = False, **fields) -> dict:
+    """Commit the prefix. Call only after every file it names is written. Returns the manifest written.
+
+    `restore`: an output made again as it was before its manifest was withdrawn (`as_withdrawn`) gets that
+    manifest back, unchanged, so its identity holds for what was made from it (a cache's, whose `digest` the
+    adapter and generate record). The stage's log says what this run did."""
     manifest = {
         "kind": kind,
         "config_fingerprint": config_fingerprint,
@@ -110,7 +147,14 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
         "clipforge_version": clipforge.__version__,
         **fields,
     }
+    withdrawn = storage.join(prefix, WITHDRAWN_NAME)
+    kept = as_withdrawn(prefix, manifest) if restore and storage.exists(withdrawn) else None
+    if kept is not None:
+        log.info("%s: its files are as its withdrawn manifest listed them: that manifest is restored", prefix)
+        manifest = kept
     storage.write_json(manifest_uri(prefix), manifest)
+    if storage.exists(withdrawn):
+        storage.delete(withdrawn)
     return manifest
 
 
