@@ -340,7 +340,7 @@ def test_sigterm_to_the_runner_stops_the_stage_at_a_checkpoint_and_a_rerun_resum
     finetune["with"].update(epochs=40, workers=2)
     finetune["policy"] = {"on_failure": "continue"}
     argv, log, run_json = sigterm_a_run(demo_root, tmp_path, [finetune], "finetune/*/checkpoints/step-*/_manifest.json")
-    assert "rerun with --run-id cancelled to resume" in log
+    assert "rerun with --run-id cancelled to resume from the progress it saved" in log
     checkpoints = tmp_path / "demo" / "artifacts" / "finetune"
     assert run_json["stages"]["finetune"]["status"] == "interrupted"
     assert run_state(run_json) == "stopped at finetune"

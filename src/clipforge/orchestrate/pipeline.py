@@ -269,8 +269,8 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
         # Stopped, not failed: the stage kept its progress (shards, a checkpoint), and going on without it
         # (on_failure: continue) would throw that away.
         how = "preempted (SIGTERM)" if code == EXIT_PREEMPTED else "interrupted (Ctrl-C)"
-        log.warning("[%s] %s after saving its progress; rerun with --run-id %s to resume", name, how,
-                    record.data["run_id"])
+        log.warning("[%s] %s; rerun with --run-id %s to resume from the progress it saved (its own lines say "
+                    "which)", name, how, record.data["run_id"])
         record.record(name, status="interrupted", finished=utc_now(), seconds=seconds, exit_code=code,
                       message=f"{how}, exit code {code}")
         return "interrupted", None

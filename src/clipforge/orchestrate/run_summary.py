@@ -74,8 +74,8 @@ def next_steps(run: dict) -> list[str]:
     for stage in recorded_spec(run).stages:
         entry = (run.get("stages") or {}).get(stage.name) or {}
         if entry.get("status") == "interrupted":
-            lines.append(f"[{stage.name}] stopped after saving its progress: resume the run with --run-id "
-                         f"{run['run_id']}")
+            lines.append(f"[{stage.name}] stopped: resume the run with --run-id {run['run_id']} (it goes on from "
+                         "the progress the stage saved)")
         elif entry.get("status") == "failed":
             lines.append(f"[{stage.name}] failed: fix what it says, then rerun with --run-id {run['run_id']} (the "
                          "stages that finished are reused)")
