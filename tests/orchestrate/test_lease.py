@@ -148,3 +148,25 @@ def test_a_store_that_fails_on_release_is_said_not_raised(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING), StageLease(output, "run-a", "cache"):
         monkeypatch.setattr(storage, "read_versioned", lambda uri: (_ for _ in ()).throw(ConnectionError("down")))
     assert "[cache] could not release" in caplog.text and "ConnectionError" in caplog.text
+
+
+def test_taking_a_lease_removes_the_temporary_files_killed_writes_left(tmp_path, caplog):
+    """A process killed between a file's write and its rename leaves `.NAME.XXXXXXXX.tmp` (hidden, as large as
+    the file): once the output's lease is taken nobody else writes there, so they go. Nothing else does."""
+    import os
+    import tempfile
+
+    output = tmp_path / "cache" / "key"
+    (output / "images").mkdir(parents=True)
+    left = []
+    for folder, name in ((output, "shard-00001-abc.parquet"), (output / "images", "7.png")):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as storage.write_bytes names it
+        os.write(fd, b"x" * 1000)
+        os.close(fd)
+        left.append(tmp)
+    kept = [output / "shard-00000-abc.parquet", output / ".DS_Store", output / "images" / ".notes.tmp"]
+    for path in kept:
+        path.write_bytes(b"mine")
+    with caplog.at_level(logging.INFO), StageLease(str(output), "run-1", "cache", **FAST):
+        assert not any(os.path.exists(tmp) for tmp in left) and all(path.exists() for path in kept)
+    assert "removed 2 temporary files that interrupted writes left in" in caplog.text

@@ -87,6 +87,11 @@ class StageLease:
                 if self.on_wait is not None:
                     self.on_wait(holder)
             time.sleep(self.poll)
+        output = self.uri.rsplit("/", 1)[0]
+        removed = storage.remove_interrupted_writes(output)  # nobody else writes there now
+        if removed:
+            log.info("[%s] removed %d temporary file%s that interrupted writes left in %s", self.stage, removed,
+                     "" if removed == 1 else "s", output)
         self._hold()
         return self
 

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -132,6 +133,25 @@ def file_mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         return 0o666 & ~_UMASK
+
+
+# What `write_bytes` names its temporary file on disk: `.NAME.` + mkstemp's 8 random characters + `.tmp`.
+INTERRUPTED_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_interrupted_writes(prefix: str) -> int:
+    """Delete the temporary files that writes killed before their rename left under a local `prefix` (hidden, so
+    no reader takes them for data, but as large as what was being written); how many. Call only while nothing
+    writes there (its lease held). S3 writes are single PUTs and leave none."""
+    if scheme(prefix) != "file" or not local_path(prefix).is_dir():
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(local_path(prefix)):
+        for name in files:
+            if INTERRUPTED_WRITE.fullmatch(name):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
