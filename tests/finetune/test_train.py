@@ -308,3 +308,23 @@ def test_starting_a_pass_leaves_the_process_rng_alone(workers):
     for _ in range(2):
         assert [keys.tolist() for _, _, keys in loader] == [[0, 1], [2, 3]]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_that_fails_leaves_no_loader_worker_behind(tiny_clip, captioned, tmp_path, monkeypatch):
+    """The loaders' workers ignore SIGTERM and persist across epochs: a run that failed at its commit (a full disk,
+    a store refusing the write) kept them alive through the error's traceback, and the interpreter's exit then
+    waited for them forever, so the stage never ended and its runner waited with it."""
+    import multiprocessing
+
+    def failing(*args, **kwargs):
+        raise OSError("the disk is full")
+
+    monkeypatch.setattr(stage, "_commit", failing)
+    with pytest.raises(OSError, match="the disk is full") as failed:
+        finetune(FinetuneConfig(**settings(tiny_clip, captioned, tmp_path / "out", epochs=1, workers=2,
+                                           timestamped=False)))
+    assert failed.traceback  # the traceback, and the trainer its frames hold, are alive here
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()

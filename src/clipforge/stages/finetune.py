@@ -250,6 +250,7 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
                               "is, if it ran with --no-timestamped)")
     finally:
         if trainer is not None:
+            trainer.stop_loaders()
             trainer.run.close()
         accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
 

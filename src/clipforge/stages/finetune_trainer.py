@@ -303,6 +303,16 @@ class FinetuneTrainer:
         with self.run.fitting(logs, (self.total_steps - self.run.progress.step) * self.step_rows):
             return self._fit(watch)
 
+    def stop_loaders(self) -> None:
+        """Stop the loaders' workers now, however the run ended. They ignore SIGTERM (`leave_signals_to_the_trainer`)
+        and persist across epochs: after an error, whose traceback keeps their loader alive, the interpreter's exit
+        would signal them in vain and wait for them forever, and the stage with it."""
+        for loader in (self.train_loader, self.val_loader):
+            workers = getattr(loader, "_iterator", None)  # a persistent_workers loader's one iterator
+            if workers is not None and hasattr(workers, "_shutdown_workers"):
+                workers._shutdown_workers()
+            loader._iterator = None
+
     def _start_epoch(self, epoch: int, start: int) -> Iterator:
         """The batches of `epoch` from step `start` on. The loader's workers start on them now: called before
         validation and the checkpoint, they decode the epoch's first batches meanwhile, where the first steps
