@@ -344,3 +344,33 @@ def test_an_s3_object_that_is_no_kind_of_source_is_said_so_and_a_missing_one_not
         list_collection(f"s3://{s3_bucket}/set/photo.png")
     with pytest.raises(UserError, match=r"^source s3://.*/set/gone.png not found$"):
         list_collection(f"s3://{s3_bucket}/set/gone.png")
+
+
+def test_a_public_bucket_s_image_folder_reads_without_credentials(shapes, tiny_models, s3_bucket, tmp_path,
+                                                                  monkeypatch):
+    """`no_sign_request` read only an HDF5 source anonymously: an image folder or CSV on a public bucket was listed
+    and read signed, which fails where there are no credentials (and `clipforge check` had said it was there)."""
+    from clipforge.config.pipeline import PipelineSpec
+    from clipforge.orchestrate.resolve import resolve_stage
+    from clipforge.storage import s3
+
+    client = boto3.client("s3")
+    for path in shapes.rglob("*.png"):
+        client.upload_file(str(path), s3_bucket, f"public/{path.relative_to(shapes).as_posix()}",
+                           ExtraArgs={"ACL": "public-read"})  # anonymous reads of others are refused (403)
+    client.put_object(Bucket=s3_bucket, Key="public/list.csv", Body=b"filepath\ncircle/0000.png\nsquare/0004.png\n",
+                      ACL="public-read")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setattr(s3, "_clients", {})  # no client made with the credentials there were
+    folder = run_cache(config(tiny_models, f"s3://{s3_bucket}/public", tmp_path / "folder", no_sign_request=True,
+                              engine="local"))
+    listed = run_cache(config(tiny_models, f"s3://{s3_bucket}/public/list.csv", tmp_path / "csv",
+                              no_sign_request=True, engine="local"))
+    assert folder["rows"] == 24 and listed["rows"] == 2
+    stage = {"name": "photos", "kind": "cache", "with": {**config(tiny_models, f"s3://{s3_bucket}/public", "x")
+             .model_dump(exclude={"output"}), "no_sign_request": True}}
+    spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "artifacts"), "stages": [stage]})
+    assert resolve_stage(spec, spec.stages[0], {}).key  # the pipeline keys it by its listing, read as the stage does

@@ -169,7 +169,8 @@ def test_a_stage_key_lists_folders_but_never_a_file_as_one(tmp_path, monkeypatch
     (tmp_path / "photos" / "a.png").write_bytes(b"png")
     listed = []
     real = storage.tree_fingerprint
-    monkeypatch.setattr(storage, "tree_fingerprint", lambda uri, keep=None: listed.append(uri) or real(uri, keep))
+    monkeypatch.setattr(storage, "tree_fingerprint",
+                        lambda uri, keep=None, **kw: listed.append(uri) or real(uri, keep, **kw))
     def key(**settings) -> str:
         spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "a"), "stages": [
             {"name": "c", "kind": "cache", "with": {**settings, "model": "m", "pretrained": "w.pt"}}]})

@@ -63,10 +63,11 @@ def collection_root(source: str) -> str:
     return source.rsplit("/", 1)[0] if "/" in source else "."
 
 
-def list_collection(source: str) -> tuple[RowIndex, dict]:
-    """The ids (relative paths, sorted) and splits of a folder or CSV, and a fingerprint of the listing."""
+def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, dict]:
+    """The ids (relative paths, sorted) and splits of a folder or CSV, and a fingerprint of the listing;
+    `unsigned`: read a public bucket anonymously (`no_sign_request`)."""
     if source.lower().endswith(".csv"):
-        frame = read_text_csv(source, ["filepath"])
+        frame = read_text_csv(source, ["filepath"], unsigned=unsigned)
         root = collection_root(source)
         frame["filepath"] = collection_ids(root, list(frame["filepath"]))
         # The first row of an image spelled twice wins, as for a row repeated exactly.
@@ -74,15 +75,16 @@ def list_collection(source: str) -> tuple[RowIndex, dict]:
         splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
         ids = frame["filepath"].to_numpy(dtype=object)
         # The CSV names the images; their folder's listing says whether one was replaced since.
-        fingerprint = {**storage.fingerprint(source),
-                       "images": storage.tree_fingerprint(collection_root(source), is_listed_image)}
+        fingerprint = {**storage.fingerprint(source, unsigned=unsigned),
+                       "images": storage.tree_fingerprint(collection_root(source), is_listed_image, unsigned=unsigned)}
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
-        found = storage.listed_tree(source, is_listed_image, also=is_left_out_image)
-        if found is None and storage.is_file(source):  # a photo, a parquet file: not listed as a folder of none
+        found = storage.listed_tree(source, is_listed_image, unsigned=unsigned, also=is_left_out_image)
+        # A photo, a parquet file: not listed as a folder of none.
+        if found is None and storage.is_file(source, unsigned=unsigned):
             raise UserError(f"source {source} is not an HDF5 file (.hdf5, .h5), an image folder or a CSV of images "
                             "(.csv)")
-        if found is None and not storage.exists(source):
+        if found is None and not storage.exists(source, unsigned=unsigned):
             raise UserError(f"source {source} not found")
         paths, listing, others = found or ([], {}, [])
         if others:
@@ -180,11 +182,11 @@ def image_identity(uri: str) -> str:
 SKIP_BAD_HINT = "; --skip-bad (skip_bad: true in a spec) leaves out the images that do not read"
 
 
-def decode(root: str, path: str) -> tuple[np.ndarray, int]:
+def decode(root: str, path: str, *, unsigned: bool = False) -> tuple[np.ndarray, int]:
     """(RGB uint8 array, encoded size in bytes) of one image."""
     uri = image_uri(root, path)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, unsigned=unsigned)
     except UserError:
         raise UserError(f"image {shown(uri)} not found{SKIP_BAD_HINT}") from None
     try:
@@ -194,10 +196,10 @@ def decode(root: str, path: str) -> tuple[np.ndarray, int]:
         raise UserError(f"image {shown(uri)} cannot be decoded ({type(exc).__name__}){SKIP_BAD_HINT}") from None
 
 
-def image_problem(uri: str) -> str | None:
+def image_problem(uri: str, *, unsigned: bool = False) -> str | None:
     """Why this image cannot be used, or None."""
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, unsigned=unsigned)
     except UserError:
         return "not found"
     try:
@@ -210,13 +212,13 @@ def image_problem(uri: str) -> str | None:
 
 def read_images(root: str, paths: list[str], threads: int = 8,
                 shrink: Callable[[np.ndarray], np.ndarray] | None = None,
-                pool: ThreadPoolExecutor | None = None) -> tuple[list[np.ndarray], int]:
+                pool: ThreadPoolExecutor | None = None, unsigned: bool = False) -> tuple[list[np.ndarray], int]:
     """RGB uint8 arrays of these images, and the encoded bytes read for them.
 
     `shrink`, applied to each image as soon as it is decoded, keeps one full-size photo per thread in
     memory rather than a shard's; a shared `pool` bounds those threads across shards read at once."""
     def read(path: str) -> tuple[np.ndarray, int]:
-        image, size = decode(root, path)
+        image, size = decode(root, path, unsigned=unsigned)
         return (shrink(image) if shrink else image), size
 
     if pool is not None:

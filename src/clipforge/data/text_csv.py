@@ -15,10 +15,10 @@ from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
 
-def read_text_csv(uri: str, required: list[str], data: bytes | None = None) -> pd.DataFrame:
+def read_text_csv(uri: str, required: list[str], data: bytes | None = None, *, unsigned: bool = False) -> pd.DataFrame:
     """Every column as str ('' for empty cells). Header names are matched ignoring case and spaces
     around them; a missing required column, bad quoting or non-UTF-8 text is a UserError."""
-    raw = storage.read_bytes(uri) if data is None else data
+    raw = storage.read_bytes(uri, unsigned=unsigned) if data is None else data
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

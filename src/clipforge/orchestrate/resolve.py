@@ -18,6 +18,7 @@ from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.data.image_folder import collection_root
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
+from clipforge.orchestrate.preflight import UNSIGNED_SETTINGS
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import output_fingerprint
 
@@ -48,16 +49,16 @@ class ResolvedStage:
 CONTENT_LIMIT = 64 * 2**20
 
 
-def file_identities(value: Any) -> tuple[dict | None, dict | None]:
+def file_identities(value: Any, unsigned: bool = False) -> tuple[dict | None, dict | None]:
     """(by content, by size and mtime) of a value that names an existing file (local or s3://), from one stat or
-    HEAD: size and ETag on S3; on disk a content hash up to CONTENT_LIMIT, else size and mtime. (None, None) for
-    a value that names no file."""
+    HEAD (`unsigned`: anonymous, for a public bucket): size and ETag on S3; on disk a content hash up to
+    CONTENT_LIMIT, else size and mtime. (None, None) for a value that names no file."""
     if not isinstance(value, str) or not value or "\n" in value:
         return None, None
     try:
         if not (storage.is_s3(value) or storage.local_path(value).is_file()):
             return None, None
-        found = storage.fingerprint(value)
+        found = storage.fingerprint(value, unsigned=unsigned)
     except UserError:
         return None, None
     by_mtime = {k: v for k, v in found.items() if k != "uri"}
@@ -120,7 +121,10 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
                 values[key] = uri
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
-    files = {key: file_identities(value) for key, value in sorted(values.items()) if key not in kind.inputs}
+    # A public bucket's source is read anonymously when the stage says so (`no_sign_request`), as the stage reads it.
+    unsigned = {key: bool(values.get("no_sign_request")) and key in UNSIGNED_SETTINGS for key in values}
+    files = {key: file_identities(value, unsigned[key]) for key, value in sorted(values.items())
+             if key not in kind.inputs}
     inner = {f"{key}/{name}": storage.join(values[key], name) for key, name in kind.folder_files.items()
              if isinstance(values.get(key), str) and files.get(key, (None, None))[0] is None}  # a folder, not a file
     files.update({key: file_identities(uri) for key, uri in inner.items()})
@@ -131,7 +135,7 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
         for key, keep in keeps.items():
             named_file = key in identity["files"]
             folder = listed_folder(values[key], named_file) if isinstance(values.get(key), str) else None
-            listing = storage.tree_fingerprint(folder, keep) if folder else None
+            listing = storage.tree_fingerprint(folder, keep, unsigned=unsigned[key]) if folder else None
             if listing is not None:
                 found[key] = listing
         return found

@@ -133,7 +133,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
 
     check_model_known(spec.model, spec.model_config)
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
-        index = readable_only(cfg.source, index)
+        index = readable_only(cfg.source, index, unsigned=cfg.no_sign_request)
         drop_shards_planned_without_skip_bad(cfg, planned, inputs)
     dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
     plans = [plan_shards(index, cfg.batch_size, identity) for identity in shard_identities(cfg, inputs, planned)]
@@ -214,7 +214,7 @@ def commit_cache(plan: CachePlan, stats: FetchStats, model: dict | None, steady:
 def resolve_index(cfg: CacheConfig) -> tuple[RowIndex, dict]:
     """The rows to encode, and fingerprints of the source and index they come from."""
     if is_image_collection(cfg.source):
-        index, listing = list_collection(cfg.source)
+        index, listing = list_collection(cfg.source, unsigned=cfg.no_sign_request)
         return index, {"source": listing}
     path = index_at(cfg.index) if cfg.index else index_for_subject(cfg.index_root, cfg.subject)
     index = read_index(path)
@@ -238,12 +238,12 @@ def stage_inputs(spec: EncoderSpec, found: dict) -> dict:
     return inputs
 
 
-def readable_only(source: str, index: RowIndex) -> RowIndex:
+def readable_only(source: str, index: RowIndex, *, unsigned: bool = False) -> RowIndex:
     """The images of a folder or CSV that decode; those that do not are named in the log and left out."""
     root = collection_root(source)
     progress, problems = Progress(log, len(index), unit="images checked"), []
     with ThreadPoolExecutor(8) as pool:
-        for why in pool.map(lambda row_id: image_problem(image_uri(root, str(row_id))), index.ids):
+        for why in pool.map(lambda row_id: image_problem(image_uri(root, str(row_id)), unsigned=unsigned), index.ids):
             problems.append(why)
             progress.update(1)
     bad = [(str(i), why) for i, why in zip(index.ids, problems, strict=True) if why]

@@ -112,7 +112,8 @@ class ShardReader:
     def __call__(self, shard) -> ReadShard:
         if self.rows is None:
             images, size = read_images(collection_root(self.cfg.source), [str(i) for i in shard.ids],
-                                       shrink=self.encoder.result().preprocess.shrink, pool=self.decoding)
+                                       shrink=self.encoder.result().preprocess.shrink, pool=self.decoding,
+                                       unsigned=self.cfg.no_sign_request)
             return ReadShard(shard, np.stack(images), FetchStats(requests=len(images), bytes=size))
         slot, buffer = self.pool.acquire()
         try:

@@ -91,7 +91,8 @@ def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_
     a shard of 12 MP photos would otherwise cross the object store at 36 MB an image."""
     if is_image_collection(source):
         shrink = BatchPreprocess(preprocess).shrink
-        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]], shrink=shrink)
+        images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]], shrink=shrink,
+                                   unsigned=unsigned)
         stats = FetchStats(requests=len(images), bytes=size)
         column = np.stack(images)[None]
     else:

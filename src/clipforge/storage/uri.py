@@ -71,9 +71,9 @@ def holds(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def is_file(uri: str) -> bool:
+def is_file(uri: str, *, unsigned: bool = False) -> bool:
     """A file (an S3 object), not a folder or nothing."""
-    return exists(uri) if is_s3(uri) else local_path(uri).is_file()
+    return exists(uri, unsigned=unsigned) if is_s3(uri) else local_path(uri).is_file()
 
 
 def check_output_folder(uri: str, flag: str) -> None:
