@@ -550,3 +550,30 @@ def test_faulty_network_gives_identical_embeddings(nsd, tiny_models, faulty_prox
     assert a.ids.tolist() == b.ids.tolist()
     assert np.array_equal(a.embeddings, b.embeddings)
     assert read_manifest(str(tmp_path / "flaky"))["metrics"]["retries"] > 0
+
+
+def test_a_cache_in_a_copied_store_repairs_a_lost_shard_with_the_index_copied_beside_it(nsd, tiny_models, ray_session,
+                                                                                        tmp_path):
+    """An artifact store copied elsewhere holds the index at another path: the index's path is in the cache's
+    config and its shards' names, so a lost shard made the stage refuse the others as "another config's", after
+    the manifest was withdrawn. The same rows at another path are the same index: only the lost shard is encoded,
+    by hand and under a runner (which withdraws the manifest first), and the cache is the one it was."""
+    import shutil
+
+    from clipforge.storage.manifest import finished_manifest
+
+    first_store, copied = tmp_path / "store", tmp_path / "copied"
+    (first_store / "index").mkdir(parents=True)
+    shutil.copy(nsd["index"], first_store / "index" / "index.parquet")
+    first = run_cache(config(nsd, tiny_models, str(first_store / "cache"), source=nsd["local"],
+                             index=str(first_store / "index" / "index.parquet")))
+    shutil.copytree(first_store, copied)
+    cfg = config(nsd, tiny_models, str(copied / "cache"), source=nsd["local"],
+                 index=str(copied / "index" / "index.parquet"))
+    for lost, runner in ((first["shards"][1], False), (first["shards"][2], True)):
+        (copied / "cache" / lost["path"]).unlink()
+        if runner:
+            assert finished_manifest(str(copied / "cache"), "cache") is None  # what a runner does before the stage
+        again = run_cache(cfg)
+        assert again == first and (copied / "cache" / lost["path"]).is_file()
+    assert sorted(read_embeddings(str(copied / "cache")).ids.tolist()) == nsd["ids"].tolist()

@@ -40,6 +40,7 @@ from clipforge.stages.cache_recorded import (
     delete_planned_config,
     delete_planned_config_unless_resumable,
     drop_shards_planned_without_skip_bad,
+    index_moved_as_recorded,
     inputs_as_recorded,
     read_elsewhere,
     read_planned_config,
@@ -118,6 +119,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
     inputs = inputs_as_recorded(stage_inputs(spec, found), manifest, planned, cfg.cache_dir)
+    cfg, inputs = index_moved_as_recorded(cfg, inputs, manifest or planned)
     if manifest is not None:
         if not records_this_cache(manifest, cfg, inputs):
             differ = what_differs(manifest, cfg, inputs)

@@ -18,7 +18,14 @@ from clipforge.errors import UserError
 from clipforge.models.encoders import weights_digest
 from clipforge.stages.cache_shards import SHARD_PREFIX
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import digest, first_few, input_changes, is_up_to_date, settings_changes
+from clipforge.storage.manifest import (
+    WITHDRAWN_NAME,
+    digest,
+    first_few,
+    input_changes,
+    is_up_to_date,
+    settings_changes,
+)
 
 log = logging.getLogger("clipforge.cache")
 
@@ -30,8 +37,10 @@ PLANNED_CONFIG = "_planned_config.json"  # beside an unfinished cache's shards; 
 
 def read_planned_config(output: str) -> dict | None:
     """What an unfinished cache's shards were planned with (`{"config", "inputs", "directory"}`), if it left
-    one that reads."""
+    one that reads: its planned config, else the manifest withdrawn from it (`withdraw_unfinished`)."""
     uri = storage.join(output, PLANNED_CONFIG)
+    if not storage.exists(uri):  # a finished cache's manifest a runner withdrew: its files were gone or cut short
+        uri = storage.join(output, WITHDRAWN_NAME)
     try:
         planned = storage.read_json(uri) if storage.exists(uri) else None
     except UserError:  # damaged: the shards' names still say whose they are
@@ -58,6 +67,23 @@ def delete_planned_config_unless_resumable(output: str) -> None:
     resume and the folder can go as it came."""
     if not any(name.startswith(SHARD_PREFIX) for name in storage.list_names(output)):
         delete_planned_config(output)
+
+
+def index_moved_as_recorded(cfg: CacheConfig, inputs: dict, recorded: dict | None) -> tuple[CacheConfig, dict]:
+    """`cfg` and `inputs` with the index as `recorded` (a manifest or planned config) names and counts it, when the
+    index now at another path holds the same rows: an index inside an artifact store copied or moved elsewhere
+    (its path is in the config and the shards' names) is the same input, so the cache there is up to date, or
+    resumes, rather than holding "shards of another config". The rows are read already: the recorded path
+    need not be there."""
+    was_path = ((recorded or {}).get("config") or {}).get("index")
+    was, now = ((recorded or {}).get("inputs") or {}).get("index"), inputs.get("index")
+    if not (cfg.index and isinstance(was_path, str) and was_path != cfg.index and isinstance(was, dict)
+            and isinstance(now, dict) and "rows_sha256" in now):
+        return cfg, inputs
+    if {k: v for k, v in was.items() if k != "uri"} != {k: v for k, v in now.items() if k != "uri"}:
+        return cfg, inputs
+    log.info("index %s holds the rows the cache recorded of %s: taken as that index", cfg.index, was_path)
+    return cfg.model_copy(update={"index": was_path}), {**inputs, "index": was}
 
 
 def inputs_as_recorded(inputs: dict, manifest: dict | None, planned: dict | None, cache_dir: str | None) -> dict:
