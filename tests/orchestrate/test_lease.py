@@ -160,13 +160,24 @@ def test_taking_a_lease_removes_the_temporary_files_killed_writes_left(tmp_path,
     (output / "images").mkdir(parents=True)
     left = []
     for folder, name in ((output, "shard-00001-abc.parquet"), (output / "images", "7.png")):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as storage.write_bytes names it
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=storage.TEMPORARY_SUFFIX, dir=folder)  # as written
         os.write(fd, b"x" * 1000)
         os.close(fd)
         left.append(tmp)
-    kept = [output / "shard-00000-abc.parquet", output / ".DS_Store", output / "images" / ".notes.tmp"]
+    (output / ".git").mkdir()
+    kept = [output / "shard-00000-abc.parquet", output / ".DS_Store", output / "images" / ".notes.tmp",
+            output / "images" / ".report.20240131.tmp", output / ".git" / f".x.abcdefgh{storage.TEMPORARY_SUFFIX}"]
     for path in kept:
         path.write_bytes(b"mine")
     with caplog.at_level(logging.INFO), StageLease(str(output), "run-1", "cache", **FAST):
         assert not any(os.path.exists(tmp) for tmp in left) and all(path.exists() for path in kept)
     assert "removed 2 temporary files that interrupted writes left in" in caplog.text
+
+    # Taken over from a holder elsewhere that stopped renewing (a restarted driver's stage Job may still be
+    # writing): its temporary files stay.
+    fd, live = tempfile.mkstemp(prefix=".shard-00002-abc.parquet.", suffix=storage.TEMPORARY_SUFFIX, dir=output)
+    os.close(fd)
+    elsewhere = {"run_id": "run-0", "stage": "cache", "host": "another-node", "pid": 1, "holder": "x"}
+    assert storage.write_if(str(output / LEASE_NAME), json.dumps(elsewhere).encode(), None) is not None
+    with StageLease(str(output), "run-1", "cache", **{**FAST, "stale_after": 0.2}):
+        assert os.path.exists(live)

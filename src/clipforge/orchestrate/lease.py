@@ -78,6 +78,7 @@ class StageLease:
                                 self.stage, holder.get("run_id"), self.uri, time.monotonic() - since)
                 self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
                 if self.token is not None:
+                    free = current is None or gone  # not taken over from a holder elsewhere that may still write
                     break
                 continue  # another run took it between our read and our write: look again
             if not said:
@@ -88,7 +89,9 @@ class StageLease:
                     self.on_wait(holder)
             time.sleep(self.poll)
         output = self.uri.rsplit("/", 1)[0]
-        removed = storage.remove_interrupted_writes(output)  # nobody else writes there now
+        # The writers killed before their rename are gone; a stale holder elsewhere (a restarted driver's stage
+        # Job) may still be writing, so its files stay.
+        removed = storage.remove_interrupted_writes(output) if free else 0
         if removed:
             log.info("[%s] removed %d temporary file%s that interrupted writes left in %s", self.stage, removed,
                      "" if removed == 1 else "s", output)

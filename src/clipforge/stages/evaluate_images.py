@@ -163,7 +163,7 @@ def ground_truth_images(target: EmbeddingTable, ids: list[str]) -> list[np.ndarr
     config = target.manifest.get("config", {})
     source = config.get("source")
     if source and is_image_collection(source):
-        return read_images(collection_root(source), ids)[0]
+        return read_images(collection_root(source), ids, unsigned=config.get("no_sign_request", False))[0]
     rows = np.array(sorted(int(i) for i in ids))
     images, _ = hdf5_source.read_rows(source, config.get("dataset", "imgBrick"), rows,
                                       unsigned=config.get("no_sign_request", False))

@@ -249,10 +249,12 @@ def _train_here(config: FinetuneConfig, inputs: dict, fingerprint: str, watch: P
                               how_to_resume=f"the same command with --resume {config.out} resumes (or as it "
                               "is, if it ran with --no-timestamped)")
     finally:
-        if trainer is not None:
-            trainer.stop_loaders()
-            trainer.run.close()
-        accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
+        try:
+            if trainer is not None:
+                trainer.stop_loaders()
+                trainer.run.close()
+        finally:
+            accelerator.end_training()  # tears the process group down: a gloo group left alive aborts at exit
 
 
 def summarise(trainer: FinetuneTrainer) -> dict:

@@ -201,8 +201,8 @@ def refuse_foreign_files(out: str, images: set[str]) -> None:
     """Before any work: an `out` holding a file generate did not write is refused, naming it, since a rerun
     removes the images its result does not list and must never remove a user's file. Generate's own are
     `images` (`own_images`), `batches/batch-<hash>.parquet`, `generated.parquet`, `_manifest.json` and a
-    runner's `_lease.json`. Hidden files (an interrupted write's temporary file, a `.DS_Store`) are neither
-    refused nor removed."""
+    runner's `_lease.json`. Hidden files (a `.DS_Store`, a write's temporary file) are neither refused nor
+    removed here (the temporary files of writes killed before their rename go when the lease is taken)."""
     foreign = [path for path in storage.list_tree(out)
                if not (is_hidden(path) or path in OWN_FILES or path in images or BATCH_PATH.fullmatch(path))]
     if foreign:

@@ -84,12 +84,18 @@ def finished_manifest(prefix: str, kind: str, who: str = "") -> dict | None:
     if not gone:
         return manifest
     log.warning("%s%s is not finished: %s; running the stage again", who, prefix, gone_note(gone))
-    withdraw_unfinished(prefix)
+    if kind in RESTORED_KINDS:
+        withdraw_unfinished(prefix)
+    else:
+        withdraw(prefix)
     return None
 
 
 # A withdrawn manifest's copy, hidden: no reader or listing takes it for a file of the output.
 WITHDRAWN_NAME = ".withdrawn_manifest.json"
+# The kinds whose manifest, hashed whole, is their output's identity to what was made from it (`cache_fingerprint`),
+# and which restore it when made again as it was (`write_manifest(restore=True)`).
+RESTORED_KINDS = frozenset({"cache"})
 
 
 def withdraw_unfinished(prefix: str) -> None:
@@ -114,8 +120,12 @@ def as_withdrawn(prefix: str, manifest: dict) -> dict | None:
     if not isinstance(kept, dict) or manifest_problem(kept):
         return None
     same = all(kept.get(key) == manifest.get(key) for key in ("kind", "config_fingerprint", "inputs"))
-    files = listed_files(manifest)
-    if not same or not files or None in files.values() or listed_files(kept) != files:
+    files, then = listed_files(manifest), listed_files(kept)
+    if not same or not files or None in files.values():
+        return None
+    if then != files:  # made on another device or by other software: other bytes, another cache to what used it
+        other = next((name for name in files if then.get(name) != files[name]), None) or "the files listed"
+        log.info("%s: %s is not as the withdrawn manifest listed it: a new manifest", prefix, other)
         return None
     return kept
 
@@ -148,12 +158,13 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
         **fields,
     }
     withdrawn = storage.join(prefix, WITHDRAWN_NAME)
-    kept = as_withdrawn(prefix, manifest) if restore and storage.exists(withdrawn) else None
-    if kept is not None:
+    kept = restore and storage.exists(withdrawn)
+    restored = as_withdrawn(prefix, manifest) if kept else None
+    if restored is not None:
         log.info("%s: its files are as its withdrawn manifest listed them: that manifest is restored", prefix)
-        manifest = kept
+        manifest = restored
     storage.write_json(manifest_uri(prefix), manifest)
-    if storage.exists(withdrawn):
+    if kept:
         storage.delete(withdrawn)
     return manifest
 

@@ -135,8 +135,10 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
-# What `write_bytes` names its temporary file on disk: `.NAME.` + mkstemp's 8 random characters + `.tmp`.
-INTERRUPTED_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# What `write_bytes` names its temporary file on disk: `.NAME.` + mkstemp's 8 random characters + this suffix,
+# which no other tool's temporary file ends with.
+TEMPORARY_SUFFIX = ".clipforge-tmp"
+INTERRUPTED_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
 def remove_interrupted_writes(prefix: str) -> int:
@@ -146,7 +148,8 @@ def remove_interrupted_writes(prefix: str) -> int:
     if scheme(prefix) != "file" or not local_path(prefix).is_dir():
         return 0
     removed = 0
-    for folder, _, files in os.walk(local_path(prefix)):
+    for folder, folders, files in os.walk(local_path(prefix)):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # checkpoints' `.tmp-*`, a `.git`
         for name in files:
             if INTERRUPTED_WRITE.fullmatch(name):
                 Path(folder, name).unlink(missing_ok=True)
@@ -161,7 +164,7 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
             path = local_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
             except OSError as exc:  # said of the file the user named, not of a temporary name they never gave
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
             try:

@@ -95,7 +95,7 @@ class CheckpointedRun:
         self.saving_seconds += time.monotonic() - started
 
     def read_losses(self, due: bool = False) -> StepLoss | None:
-        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.loop`); the
+        """Read the pending steps' losses off the device (one sync), stop on a NaN, log them (`train.losses`); the
         last step read."""
         last = read_losses(self.losses, self.acc, rows_per_step=self.rows_per_step, epochs=self.epochs,
                            meter=self.meter, writer=self.writer, last_saved=self.checkpoints.wait, due=due)
