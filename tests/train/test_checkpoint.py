@@ -134,7 +134,8 @@ def test_folders_clipforge_did_not_write_are_never_tidied_nor_resumed(tmp_path):
     write_manifest(str(root / "step-000005"), kind="adapter", config={}, config_fingerprint="abc", inputs={})
     (root / "step-000006").mkdir()  # a checkpoint cut short while a file of it was being written: clipforge's
     (root / "step-000006" / "model.safetensors").write_bytes(b"partial")
-    (root / "step-000006" / ".rng.safetensors.k2j4x9.tmp").write_bytes(b"partial")
+    (root / "step-000006" / ".rng.safetensors.k2j4x9.tmp").write_bytes(b"partial")  # as earlier versions named it
+    (root / "step-000006" / f".config.json.k2j4x9ab{storage.TEMPORARY_SUFFIX}").write_bytes(b"partial")
     foreign = ["my_run", "step-000003", "step-000004", "step-000005", "step-000009"]
     assert s.latest().step == 2
     assert s.listing().foreign == foreign

@@ -191,8 +191,10 @@ class Listing:
     foreign: list[str]  # folders clipforge did not write there: left alone
 
 
-# A checkpoint holds safetensors and JSON only; killed mid-write, also `write_bytes`'s `.NAME.XXXX.tmp` of one.
-CHECKPOINT_FILE = re.compile(r"^[^/.][^/]*\.(safetensors|json)$|^\.[^/]+\.(safetensors|json)\.[^/.]+\.tmp$")
+# A checkpoint holds safetensors and JSON only; killed mid-write, also `write_bytes`'s temporary file of one
+# (`.NAME.XXXXXXXX.clipforge-tmp`; `.tmp` as earlier versions named it).
+CHECKPOINT_FILE = re.compile(r"^[^/.][^/]*\.(safetensors|json)$"
+                             r"|^\.[^/]+\.(safetensors|json)\.[^/.]+\.(clipforge-)?tmp$")
 
 
 def _sha256(data: bytes) -> str:
