@@ -202,7 +202,6 @@ def commit_cache(plan: CachePlan, stats: FetchStats, model: dict | None, steady:
         shards=[{"path": s.name, "rows": len(s.ids), "bytes": sizes.get(s.name)} for s in plan.shards],
         rows=plan.rows,
         model=model, metrics=metrics, directory=os.getcwd(),  # where its relative paths were read from
-        restore=True,  # a repair that encoded the shards it lost as they were: the same cache
     )
     delete_planned_config(cfg.output)
     transfer = f"fetched {stats.bytes / 1e6:.1f} MB in {stats.requests} requests ({stats.retries} retries)" \

@@ -94,7 +94,7 @@ def finished_manifest(prefix: str, kind: str, who: str = "") -> dict | None:
 # A withdrawn manifest's copy, hidden: no reader or listing takes it for a file of the output.
 WITHDRAWN_NAME = ".withdrawn_manifest.json"
 # The kinds whose manifest, hashed whole, is their output's identity to what was made from it (`cache_fingerprint`),
-# and which restore it when made again as it was (`write_manifest(restore=True)`).
+# and which restore it when made again as it was (`write_manifest`).
 RESTORED_KINDS = frozenset({"cache"})
 
 
@@ -141,11 +141,10 @@ def manifest_problem(manifest: Any) -> str | None:
     return "; ".join(wrong) or None
 
 
-def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: str, inputs: dict,
-                   restore: bool = False, **fields) -> dict:
+def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: str, inputs: dict, **fields) -> dict:
     """Commit the prefix. Call only after every file it names is written. Returns the manifest written.
 
-    `restore`: an output made again as it was before its manifest was withdrawn (`as_withdrawn`) gets that
+    An output of RESTORED_KINDS made again as it was before its manifest was withdrawn (`as_withdrawn`) gets that
     manifest back, unchanged, so its identity holds for what was made from it (a cache's, whose `digest` the
     adapter and generate record). The stage's log says what this run did."""
     manifest = {
@@ -157,15 +156,13 @@ def write_manifest(prefix: str, *, kind: str, config: dict, config_fingerprint: 
         "clipforge_version": clipforge.__version__,
         **fields,
     }
-    withdrawn = storage.join(prefix, WITHDRAWN_NAME)
-    kept = restore and storage.exists(withdrawn)
-    restored = as_withdrawn(prefix, manifest) if kept else None
+    restored = as_withdrawn(prefix, manifest) if kind in RESTORED_KINDS else None
     if restored is not None:
         log.info("%s: its files are as its withdrawn manifest listed them: that manifest is restored", prefix)
         manifest = restored
     storage.write_json(manifest_uri(prefix), manifest)
-    if kept:
-        storage.delete(withdrawn)
+    if kind in RESTORED_KINDS:
+        storage.delete(storage.join(prefix, WITHDRAWN_NAME))  # used or not: the output has its manifest now
     return manifest
 
 
