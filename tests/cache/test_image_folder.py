@@ -187,6 +187,18 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     assert readable == ["a.png", "sub/c.png"] and unreadable == []
 
 
+def test_an_image_name_that_is_not_utf8_is_one_line_naming_it_not_a_crash(tmp_path, capsys):
+    """A Latin-1 name from an old zip cannot be an id (UTF-8 text in parquet): said with its bytes escaped, and
+    how to rename it, before anything is written."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / b"caf\xe9.png".decode("utf-8", "surrogateescape"))
+    out = tmp_path.parent / "out"
+    code = main(["cache", "--source", str(tmp_path), "--model", "ViT-B-32", "--pretrained", "", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "caf\\xe9.png is not UTF-8" in err[-1] and "convmv" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not out.exists()
+
+
 def test_image_files_of_formats_a_folder_leaves_out_are_said(tmp_path, caplog):
     """A TIFF in a folder is not indexed: the plan counting one image fewer said nothing of it."""
     from clipforge.data.image_folder import list_collection

@@ -51,6 +51,17 @@ def is_left_out_image(relative: str) -> bool:
     return relative.lower().endswith(OTHER_IMAGE_SUFFIXES)
 
 
+def name_shown(relative: str) -> str:
+    """A file name as text: one whose bytes are not UTF-8 (a Latin-1 name from an old zip, which the file system
+    gives Python as surrogate escapes) with those bytes escaped, `caf\\xe9.png`."""
+    return os.fsencode(relative).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(relative: str) -> bool:
+    """Whether a name can be an id: ids are UTF-8 text in the cache's parquet, index.csv and the pages."""
+    return name_shown(relative) == relative
+
+
 def is_image_collection(source: str) -> bool:
     """A CSV or a folder; HDF5 files are the other kind of source."""
     return not source.lower().endswith((".hdf5", ".h5"))
@@ -87,6 +98,12 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
         if found is None and not storage.exists(source, unsigned=unsigned):
             raise UserError(f"source {source} not found")
         paths, listing, others = found or ([], {}, [])
+        undecodable = [path for path in paths if not is_utf8_name(path)]
+        if undecodable:
+            more = f", nor are {len(undecodable) - 1} more" if len(undecodable) > 1 else ""
+            raise UserError(f"source {source}: the file name {name_shown(undecodable[0])} is not UTF-8 (another "
+                            f"system's encoding){more}; rename, e.g. `convmv -f latin1 -t utf8 -r --notest "
+                            f"{source}`")
         if others:
             log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
                         "e.g. %s); convert them, or list them in a CSV source", source, len(others),
