@@ -3,10 +3,12 @@
 import logging
 import unicodedata
 
+import pytest
 from PIL import Image
 
 from clipforge.config.captions import PrepareConfig
 from clipforge.data.captions import prepare
+from clipforge.errors import UserError
 from clipforge.web.caption_book import CaptionBook
 
 
@@ -86,3 +88,40 @@ def test_names_index_csv_cannot_name_are_unreadable_not_captioned_again_and_agai
     assert book.images == ["a.png"]
     reasons = {u.path: u.reason for u in book.unreadable}
     assert "backslash" in reasons["back\\slash.png"] and "line break" in reasons["line\nbreak.png"]
+
+
+def test_a_name_that_is_not_utf8_is_unreadable_and_said_with_its_bytes_escaped(tmp_path):
+    """A Latin-1 name from an old zip (`caf\\xe9.png`): index.csv, the page's JSON and a cache's ids are UTF-8
+    text, so it cannot be captioned; listing it must not break the rest of the folder."""
+    for name in (b"a.png", b"caf\xe9.png", b"old\xe9.bmp"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path.joinpath(name.decode("utf-8", "surrogateescape")))
+    book = CaptionBook(tmp_path)
+    assert book.images == ["a.png"]
+    assert [(u.path, "not UTF-8" in u.reason) for u in book.unreadable] == [("caf\\xe9.png", True)]
+    assert book.left_out == ["old\\xe9.bmp"]
+    book.save("a.png", "a red square")
+    assert (tmp_path / "index.csv").read_text() == "filepath,caption\na.png,a red square\n"
+
+
+def test_a_save_keeps_the_headers_spelling_and_writes_through_a_linked_index_csv(tmp_path):
+    """`Filepath,Caption` and a column named twice are written back as they were, not as pandas names them; an
+    index.csv that links to a file kept elsewhere updates that file and stays a link."""
+    dataset, kept = tmp_path / "set", tmp_path / "repo" / "captions.csv"
+    dataset.mkdir()
+    kept.parent.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(dataset / name)
+    kept.write_text("Filepath,Caption,note,note\na.png,a red square,1,2\n")
+    (dataset / "index.csv").symlink_to(kept)
+    CaptionBook(dataset).save("b.png", "a red tile")
+    assert (dataset / "index.csv").is_symlink()
+    assert kept.read_text() == "Filepath,Caption,note,note\na.png,a red square,1,2\nb.png,a red tile,,\n"
+
+
+def test_a_caption_longer_than_any_description_is_refused_and_nothing_is_written(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    book = CaptionBook(tmp_path)
+    with pytest.raises(UserError, match="characters is not saved"):
+        book.save("a.png", "word " * 2000)
+    assert not (tmp_path / "index.csv").exists()
+    assert book.save("a.png", "word " * 900) == " ".join(["word"] * 900)

@@ -90,6 +90,21 @@ def test_writes_need_the_session_token(server, folder):
     assert token["X-Clipforge-Token"] in httpx.get(server.url).text  # the page carries it, for same-origin JS
 
 
+def test_other_sites_cannot_embed_images_and_oversized_or_unencodable_requests_get_a_clear_answer(server, folder):
+    """Another origin's `<img src=...>` would learn which files a folder holds; a pasted book is refused before
+    it is read; a path with a lone surrogate (valid JSON, not UTF-8) is a 400 that says so, not a 500."""
+    answer = httpx.get(server.url + "image/circle/0000.png")
+    assert answer.status_code == 200 and answer.headers["cross-origin-resource-policy"] == "same-origin"
+    token = {"X-Clipforge-Token": server.token, "content-type": "application/json"}
+    huge = b'{"path": "circle/0000.png", "caption": "' + b"word " * 300_000 + b'"}'
+    answer = httpx.post(server.url + "api/caption", content=huge, headers=token)
+    assert answer.status_code == 413 and "larger than this page takes" in answer.json()["error"]
+    lone = b'{"path": "caf\\udce9.png", "caption": "a cafe"}'
+    answer = httpx.post(server.url + "api/caption", content=lone, headers=token)
+    assert answer.status_code == 400 and "not an image of" in answer.json()["error"]
+    assert not (folder / "index.csv").exists()
+
+
 def test_a_caption_that_is_not_text_is_refused_and_other_writers_rows_are_kept(server, folder):
     token = {"X-Clipforge-Token": server.token}
     for caption in (None, 5):

@@ -305,6 +305,36 @@ def test_after_a_conflict_the_tab_reads_the_others_captions_again(page, four):
         expect(page.locator("#path")).to_have_text("circle/0001.png")
 
 
+def test_after_a_refused_save_moving_on_or_esc_never_replaces_the_other_caption_unasked(page, four):
+    """Only Enter, having seen the other caption, replaces it: Alt+→ or Esc first says yours is not saved, and
+    pressed again leaves the caption on disk as it is."""
+    with four("filepath,caption\n") as (root, url):
+        page.goto(url)
+        other = page.context.new_page()  # a second tab, opened before the first one saves
+        other.goto(url)
+        type_and_enter(page, "a red circle")
+        other.locator("#caption").press_sequentially("a crimson disc")
+        other.keyboard.press("Enter")
+        expect(other.locator("#hint")).to_contain_text('it is now "a red circle"')
+        other.keyboard.press("Alt+ArrowRight")
+        expect(other.locator("#hint")).to_contain_text("Not saved: circle/0000.png has “a red circle”")
+        expect(other.locator("#path")).to_have_text("circle/0000.png")
+        other.keyboard.press("Escape")  # a second key, but another one: it asks too
+        expect(other.locator("#hint")).to_contain_text("Esc again leaves it as it is")
+        other.keyboard.press("Alt+ArrowRight")
+        expect(other.locator("#hint")).to_contain_text("moving again leaves it as it is")
+        expect(other.locator("#path")).to_have_text("circle/0000.png")
+        other.keyboard.press("Alt+ArrowRight")  # the same key again: leave it
+        expect(other.locator("#path")).to_have_text("circle/0001.png")
+        assert index(root) == {"circle/0000.png": "a red circle"}
+        other.keyboard.press("Alt+ArrowLeft")
+        expect(other.locator("#caption")).to_have_value("a red circle")
+        other.locator("#caption").fill("a crimson disc")
+        other.keyboard.press("Alt+ArrowRight")  # no conflict left: moving keeps what is typed, as before
+        expect(other.locator("#path")).to_have_text("circle/0001.png")
+        assert index(root) == {"circle/0000.png": "a crimson disc"}
+
+
 def test_keys_aimed_at_the_list_of_unreadable_images_act_there(page, four):
     with four("filepath,caption\n", lambda root: (root / "broken.jpg").write_bytes(b"not a jpeg")) as (root, url):
         page.goto(url)

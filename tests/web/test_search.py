@@ -24,7 +24,7 @@ from clipforge.errors import UserError
 from clipforge.search import Searcher
 from clipforge.stages.cache import run_cache
 from clipforge.storage.manifest import write_manifest
-from clipforge.web.search_app import SearchServer
+from clipforge.web.search_app import MAX_UPLOAD, SearchServer
 
 SHAPES_MODEL = {
     "embed_dim": 64,
@@ -238,6 +238,8 @@ def test_http_thumbnails_only_for_indexed_ids(search_server, shapes_index):
     for offset in ("-1", "x", "9995"):  # 9995 + 10 is past the deepest page
         assert httpx.get(url + "api/search", params={"q": "a red circle", "offset": offset}).status_code == 400
     assert httpx.post(url + "api/search-image", files={"image": ("x.png", b"not an image")}).status_code == 400
+    huge = httpx.post(url + "api/search-image", files={"image": ("x.png", bytes(MAX_UPLOAD + 1))})
+    assert huge.status_code == 413 and "MiB" in huge.json()["error"]
 
 
 def test_other_model_is_refused(shapes_index, capsys):

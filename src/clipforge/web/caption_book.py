@@ -11,8 +11,9 @@ is served or captioned, and one that fails (a truncated JPEG) joins the
 unreadable ones then, so no caption is saved for an image prepare would refuse.
 
 `index.csv` (filepath,caption; paths relative to the folder) is taken as it
-is: rows keep their order, spelling and extra columns, and the file keeps its
-UTF-8 BOM and line endings. A row captions the image `captions prepare` takes
+is: rows keep their order, spelling and extra columns, the header its spelling,
+and the file its UTF-8 BOM and line endings; an `index.csv` that is a link is
+written through (the file it names is updated, the link stays). A row captions the image `captions prepare` takes
 it for (`./a.png`, `x/../a.png`, an absolute path, NFC or NFD: one image), so
 a save replaces that row's caption, however it is spelled. Rows whose file is
 gone are kept and reported, never dropped; a row with an empty caption counts
@@ -30,7 +31,9 @@ first; the others are shown, read-only, and stay as they are.
 from __future__ import annotations
 
 import codecs
+import csv
 import fcntl
+import io
 import logging
 import os
 import threading
@@ -51,12 +54,16 @@ from clipforge.data.image_folder import (
     image_uri,
     is_left_out_image,
     is_listed_image,
+    is_utf8_name,
+    name_shown,
 )
 from clipforge.data.text_csv import read_text_csv
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.caption")
+
+MAX_CAPTION = 5000  # characters: a long description fits; a pasted document, sent back on every load, does not
 
 
 class CaptionConflict(UserError):
@@ -83,6 +90,9 @@ class CaptionBook:
             raise UserError(f"dataset {dataset} is not a folder")
         self.root = Path(dataset).resolve()
         self.index = self.root / INDEX
+        if self.index.is_symlink():  # a file kept elsewhere (a repository, a shared drive): saves go there
+            self.index = self.index.resolve()
+            log.info("%s links to %s: captions are saved there", self.root / INDEX, self.index)
         self.images, self.unreadable = scan_images(self.root)
         self.left_out = left_out_images(self.root)
         if not self.images:
@@ -105,6 +115,7 @@ class CaptionBook:
         raw = self.index.read_bytes() if self.index.is_file() else b""
         self.frame = read_caption_index(self.index, raw)
         self._bom, self._newline = csv_form(raw)
+        self._header = header_row(raw)
         self._stamp = _stamp(self.index)
         found = self._image_set | {u.path for u in self.unreadable}
         self._rows: dict[str, list[int]] = {}
@@ -179,6 +190,9 @@ class CaptionBook:
         text = " ".join(caption.split())
         if not text:
             raise UserError("an empty caption is not saved: type what the image shows")
+        if len(text) > MAX_CAPTION:
+            raise UserError(f"a caption of {len(text):,} characters is not saved: at most {MAX_CAPTION:,} (CLIP "
+                            "reads the first 77 tokens, about 300 characters)")
         if path not in self._image_set:
             raise UserError(f"{path} is not an image of {self.root}")
         why = self.problem(path)
@@ -200,7 +214,10 @@ class CaptionBook:
                                                    "filepath": path, "caption": text}
             # write_captions would keep only filepath,caption; a user's extra columns are theirs.
             try:
-                data = self._bom + self.frame.to_csv(index=False, lineterminator=self._newline).encode()
+                # The header as written (`Filepath`, a column named twice), not as pandas names the columns.
+                header = self._header if len(self._header) == len(self.frame.columns) else True
+                data = self._bom + self.frame.to_csv(index=False, header=header,
+                                                     lineterminator=self._newline).encode()
                 storage.write_bytes(str(self.index), data)
             except OSError as exc:
                 self._load()  # what is on disk, not the caption that could not be written
@@ -245,6 +262,12 @@ def csv_form(raw: bytes) -> tuple[bytes, str]:
     return bom, "\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else "\n"
 
 
+def header_row(raw: bytes) -> list[str]:
+    """The header row of a CSV file as written ([] for none)."""
+    text = raw.decode("utf-8-sig", errors="replace")
+    return next(csv.reader(io.StringIO(text)), []) if text.strip() else []
+
+
 def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     """(readable images, unreadable ones with the reason), as sorted paths relative to `root`."""
     relative = folder_files(root, is_listed_image)
@@ -253,7 +276,7 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     with ThreadPoolExecutor(8) as pool:
         problems = list(pool.map(lambda path: display_problem(root, path), relative))
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
-    unreadable = [Unreadable(path, why) for path, why in zip(relative, problems, strict=True) if why]
+    unreadable = [Unreadable(name_shown(path), why) for path, why in zip(relative, problems, strict=True) if why]
     if unreadable:
         log.warning("%d of %d images in %s cannot be read and %s skipped, e.g. %s (%s)", len(unreadable),
                     len(relative), root, "is" if len(unreadable) == 1 else "are", unreadable[0].path,
@@ -264,7 +287,8 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
 def left_out_images(root: Path) -> list[str]:
     """Image files of formats the page, like a cache of the folder, does not take (bmp, gif, tiff...): said, so
     a folder does not look captioned when some of its images were never offered."""
-    others = folder_files(root, lambda name: is_left_out_image(name) and not name.startswith("."))
+    others = [name_shown(path) for path in
+              folder_files(root, lambda name: is_left_out_image(name) and not name.startswith("."))]
     if others:
         log.warning("%s: %d image file%s left out, of formats a folder's listing does not take (%s; e.g. %s); "
                     "convert them to caption them here", root, len(others), "" if len(others) == 1 else "s",
@@ -284,6 +308,8 @@ def folder_files(root: Path, keep: Callable[[str], bool]) -> list[str]:
 
 def display_problem(root: Path, relative: str) -> str | None:
     """Why the page cannot show this image, or None. Checks headers and structure, not every pixel."""
+    if not is_utf8_name(relative):  # index.csv, the page and a cache of the folder hold names as UTF-8 text
+        return "its name is not UTF-8 (another system's encoding), which index.csv cannot hold; rename it"
     if "\\" in relative:  # index.csv's readers take it for a folder separator (a Windows path)
         return "its name holds a backslash, which index.csv would read as a folder separator"
     if any(ord(char) < 32 for char in relative):

@@ -159,7 +159,7 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
         Route("/image/{path:path}", image),
         Route("/api/caption", save, methods=["POST"]),
         Route("/api/finish", finish, methods=["POST"]),
-    ], loopback_only=loopback_only)
+    ], loopback_only=loopback_only, max_body=2**20)  # a caption is at most MAX_CAPTION characters
 
 
 async def json_body(request: Request) -> dict | None:

@@ -39,6 +39,7 @@ log = logging.getLogger("clipforge.serve")
 MAX_K = 200  # hits in one answer
 RECHECK_SECONDS = 2.0  # how often a query looks whether the index was rebuilt meanwhile
 MAX_DEPTH = 10_000  # how far down the ranking pages go: offset + k
+MAX_UPLOAD = 64 * 2**20  # a query image's bytes: a large phone photo or PNG fits, a mistaken video does not
 
 
 class SearchServer:
@@ -184,7 +185,7 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
         Route("/api/search-image", by_image, methods=["POST"]),
         Route("/thumb", partial(picture, box=THUMBNAIL_BOX)),
         Route("/image", partial(picture, box=DISPLAY_BOX)),
-    ], loopback_only=loopback_only)
+    ], loopback_only=loopback_only, max_body=MAX_UPLOAD)
 
 
 def parse_k(value) -> int | None:

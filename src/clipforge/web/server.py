@@ -30,6 +30,8 @@ SECURITY_HEADERS = {
                                "base-uri 'none'; form-action 'self'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
+    # Another site's page may not embed the images either (it would learn which files a folder holds).
+    "cross-origin-resource-policy": "same-origin",
 }
 
 
@@ -124,11 +126,12 @@ def is_own_address(name: str) -> bool:
 
 
 class PageGuard:
-    """ASGI middleware: security headers on every response, and only this server's own Host names
-    (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token."""
+    """ASGI middleware: security headers on every response, only this server's own Host names
+    (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token —
+    and no request body over `max_body` bytes (413 before it is read: a pasted book, a huge upload)."""
 
-    def __init__(self, app, loopback_only: bool):
-        self.app, self.loopback_only = app, loopback_only
+    def __init__(self, app, loopback_only: bool, max_body: int):
+        self.app, self.loopback_only, self.max_body = app, loopback_only, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,6 +140,11 @@ class PageGuard:
         if not answers_to(host_name(Headers(scope=scope).get("host", "")), self.loopback_only):
             refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
             await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
+            await too_large(scope, receive, send)
             return
 
         async def send_with_headers(message):
@@ -156,10 +164,10 @@ def host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-def page_app(routes: list[BaseRoute], *, loopback_only: bool) -> Starlette:
+def page_app(routes: list[BaseRoute], *, loopback_only: bool, max_body: int) -> Starlette:
     """The app: the page's routes plus the shipped static files, behind `PageGuard`."""
     app = Starlette(routes=[*routes, Mount("/static", StaticFiles(directory=STATIC), name="static")])
-    return PageGuard(app, loopback_only)
+    return PageGuard(app, loopback_only, max_body)
 
 
 def render_page(name: str, **values: str) -> HTMLResponse:
@@ -171,7 +179,10 @@ def render_page(name: str, **values: str) -> HTMLResponse:
 
 
 def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers={"cache-control": "no-store"})
+    """A JSON error answer. The message may quote a request's text with a lone surrogate (JSON allows `\\udce9`;
+    UTF-8 does not), escaped here rather than failing the answer with a 500."""
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": text}, status_code=status, headers={"cache-control": "no-store"})
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:

@@ -56,6 +56,7 @@ async function saveCaption(path, body) {
       if (index >= 0) at = index; // the typing stays in the field, on the same image
       else images.splice(at, 0, item);
       images[at].caption = problem.answer.caption;
+      images[at].conflict = 'refused';
     }
     throw problem;
   }
@@ -102,7 +103,25 @@ async function save(text) {
   if (text === item.caption) return;
   const data = await saveCaption('api/caption', { path: item.path, caption: text });
   item.caption = data.caption;
+  item.conflict = null;
   count(data.captioned, data.total);
+}
+
+// After a refused save the field still holds this person's caption, and the other one is on disk. Only
+// Enter (or Save) puts this one over it: leaving the image (moving on, Esc) says so first, and the same
+// key again leaves the image with the caption on disk. Returns 'save', 'wait' (said why) or 'leave'.
+function afterConflict(text, again) {
+  const item = images[at];
+  if (!item?.conflict || !text || text === item.caption) return 'save';
+  if (item.conflict !== again) { // refused, or said for another key
+    item.conflict = again;
+    const onDisk = item.caption ? `“${item.caption}”` : 'no caption';
+    hint(`Not saved: ${item.path} has ${onDisk} from elsewhere. Enter replaces it with yours; ${again} `
+      + 'leaves it as it is.', 'warn');
+    return 'wait';
+  }
+  item.conflict = null;
+  return 'leave';
 }
 
 // One action at a time: a held-down Enter must not save twice or skip images.
@@ -149,14 +168,18 @@ async function move(step) {
     return;
   }
   const text = field.value.trim();
-  if (text) await save(text); // what is typed is kept, as Enter would
+  const choice = afterConflict(text, 'moving again');
+  if (choice === 'wait') return;
+  if (text && choice === 'save') await save(text); // what is typed is kept, as Enter would
   show(target);
 }
 
 async function finish() {
   const item = images[at];
   const text = field.value.trim();
-  const data = item && text && text !== item.caption // no item: no readable image is left to save to
+  const choice = afterConflict(text, 'Esc again');
+  if (choice === 'wait') return;
+  const data = item && text && text !== item.caption && choice === 'save' // no item: no image left to save to
     ? await saveCaption('api/finish', { path: item.path, caption: text }) : await post('api/finish', {});
   $('session').hidden = true;
   $('done').hidden = false;
