@@ -409,6 +409,15 @@ def test_an_index_rebuilt_while_served_is_said_not_searched_as_it_was(shapes_ind
                                           "restart it to search what is there now")
 
 
+def test_a_pasted_page_of_text_is_searched_by_its_start_not_refused_by_the_http_server(page, search_server):
+    """A URL over ~64 KB is refused by uvicorn itself with a bare 400; the model reads only the first tokens."""
+    page.goto(search_server.url)
+    page.locator("#text").fill("a red circle " * 20_000)
+    page.keyboard.press("Enter")
+    expect(page.locator("#results li")).to_have_count(10)
+    expect(page.locator("#status")).to_contain_text("only the first 16 tokens")
+
+
 def test_a_query_longer_than_the_models_context_says_its_tail_does_not_count(search_server, shapes_index, caplog):
     search = search_server.url + "api/search"
     assert httpx.get(search, params={"q": "a red circle"}).json()["note"] is None

@@ -3,6 +3,7 @@
 // "More results" asks for the next page of the same query and adds it below.
 
 const $ = (id) => document.getElementById(id);
+const MAX_QUERY = 4000; // characters of a text query sent: about 50 times what a CLIP text model reads
 let latest = 0; // only the newest query's answer is shown
 let preview = null;
 let current = null; // the query shown: { request(offset, k), what, k, shown }
@@ -101,7 +102,9 @@ function byText() {
   ask({
     what: `“${text}”`,
     k: pageSize(),
-    request: (offset, k) => fetch(`api/search?${new URLSearchParams({ q: text, k, offset })}`),
+    // The text model reads its first tokens only (the answer says so), and a URL much longer than this is
+    // refused by the HTTP server before the page's own server sees it: a pasted page is cut here.
+    request: (offset, k) => fetch(`api/search?${new URLSearchParams({ q: text.slice(0, MAX_QUERY), k, offset })}`),
   });
 }
 
