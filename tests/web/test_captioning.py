@@ -335,7 +335,7 @@ def test_after_a_refused_save_moving_on_or_esc_never_replaces_the_other_caption_
         assert index(root) == {"circle/0000.png": "a crimson disc"}
 
 
-def test_keys_aimed_at_the_list_of_unreadable_images_act_there(page, four):
+def test_keys_aimed_at_the_list_of_unreadable_images_act_there_and_page_keys_work_from_any_control(page, four):
     with four("filepath,caption\n", lambda root: (root / "broken.jpg").write_bytes(b"not a jpeg")) as (root, url):
         page.goto(url)
         expect(page.locator("#path")).to_have_text("circle/0000.png")
@@ -355,4 +355,14 @@ def test_keys_aimed_at_the_list_of_unreadable_images_act_there(page, four):
         page.keyboard.type("rcle")
         page.keyboard.press("Enter")  # from the caption field, Enter saves
         expect(page.locator("#path")).to_have_text("circle/0001.png")
-    assert index(root) == {"circle/0000.png": "a red circle"}
+        assert index(root) == {"circle/0000.png": "a red circle"}
+        # Keys no control uses keep their meaning on one: moving on, and Esc, from a button.
+        page.locator("#caption").press_sequentially("a green circle")
+        page.keyboard.press("Tab")
+        expect(page.locator("#caption")).not_to_be_focused()
+        page.keyboard.press("PageDown")
+        expect(page.locator("#path")).to_have_text("circle/0002.png")
+        page.keyboard.press("Tab")
+        page.keyboard.press("Escape")
+        expect(page.locator("#done")).to_be_visible()
+    assert index(root) == {"circle/0000.png": "a red circle", "circle/0001.png": "a green circle"}

@@ -187,10 +187,14 @@ async function finish() {
   count(data.captioned, data.total);
 }
 
+function isMoveKey(event) {
+  return (event.altKey && (event.key === 'ArrowLeft' || event.key === 'ArrowRight'))
+    || event.key === 'PageUp' || event.key === 'PageDown';
+}
+
 function onKey(event) {
   if (event.isComposing) return; // an input method is still composing the text
-  const moveKey = (event.altKey && (event.key === 'ArrowLeft' || event.key === 'ArrowRight'))
-    || event.key === 'PageUp' || event.key === 'PageDown';
+  const moveKey = isMoveKey(event);
   if (event.key === 'Enter') {
     event.preventDefault();
     exclusive(enter);
@@ -206,11 +210,13 @@ function onKey(event) {
 field.addEventListener('keydown', onKey);
 // A click elsewhere (the header, the image) takes the focus from the field: the keys still work, and
 // typing goes back to the field. Keys aimed at another control (the list of unreadable images, a link)
-// act there: Enter on it opens it, and never saves a caption half typed.
+// act there: Enter on it opens it, and never saves a caption half typed. Esc and the moving keys, which no
+// control uses, keep their meaning there.
 const CONTROLS = 'summary, button, a[href], input, select, textarea, [tabindex]';
 document.addEventListener('keydown', (event) => {
   if (event.target === field || field.disabled || $('session').hidden) return;
-  if (event.target instanceof Element && event.target.closest(CONTROLS)) return;
+  const onControl = event.target instanceof Element && event.target.closest(CONTROLS);
+  if (onControl && event.key !== 'Escape' && !isMoveKey(event)) return;
   field.focus();
   onKey(event);
 });
