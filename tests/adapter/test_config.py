@@ -72,3 +72,11 @@ def test_a_problem_names_where_its_value_came_from_a_flag_or_the_file(tmp_path, 
     assert err == (f"clipforge train-adapter: error: --epochs: Input should be greater than or equal to 1 (got '0'); "
                    f"--batch-size: Input should be greater than or equal to 1 (got '0'); {bad}: lr: Input should be "
                    f"greater than 0 (got -1); {bad}: colour: unknown key\n")
+
+
+def test_inf_and_nan_are_refused_by_name_not_trained_into_nan():
+    """`--lr inf` parsed as a float, was logged as null, and trained to NaN; `weight_decay: .inf` in YAML too."""
+    with pytest.raises(UserError) as err:
+        load_config(AdapterConfig, {**REQUIRED, "lr": "inf", "weight_decay": float("inf"), "mse_weight": "nan"})
+    for key in ("lr", "weight_decay", "mse_weight"):
+        assert f"{key}: Input should be a finite number" in str(err.value)

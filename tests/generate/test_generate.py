@@ -207,6 +207,8 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
          f"embeddings, but {foreign} holds another-512 (None) ones, another space"),
         (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
         (["--pipeline", str(tmp_path / "no-such-folder")], f"pipeline {tmp_path / 'no-such-folder'} not found"),
+        (["--embed-norm", "1e30"], "came out NaN or infinite (embed_norm 1e+30"),  # were saved as black PNGs
+        (["--guidance", "inf"], "--guidance: Input should be a finite number"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda asked for, but torch sees no CUDA GPU"))

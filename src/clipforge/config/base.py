@@ -25,7 +25,8 @@ C = TypeVar("C", bound="StageConfig")
 class StageConfig(BaseModel):
     """A stage's settings. Subclasses list in `volatile` the fields that cannot change the output."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    # `inf` parses as a float: a learning rate or guidance of inf trains to NaN, or generates black images.
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
 
     volatile: ClassVar[frozenset[str]] = frozenset()
     # Settings added after outputs were made without them: they count only when set to something other than

@@ -312,9 +312,15 @@ def generate_batch(cfg, pipe, conditioning: Conditioning, ids, embeddings, devic
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     result = pipe(prompt=[""] * len(ids), image_embeds=image_embeds, generator=generators,
                   num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, noise_level=cfg.noise_level,
-                  output_type="pil")
+                  output_type="np")
+    # NaN pixels (an embed_norm so large the latents overflow) would be saved as black PNGs, and committed.
+    finite = np.isfinite(result.images).reshape(len(ids), -1).all(axis=1)
+    if not finite.all():
+        raise UserError(f"the images of {int((~finite).sum())} id(s), e.g. {ids[int(np.argmin(finite))]}, came out "
+                        f"NaN or infinite (embed_norm {cfg.embed_norm}, guidance {cfg.guidance}); nothing of this "
+                        "batch is kept: use settings nearer the defaults")
     paths, sizes = [], []
-    for row_id, image in zip(ids, result.images, strict=True):
+    for row_id, image in zip(ids, pipe.numpy_to_pil(result.images), strict=True):
         path = image_path(row_id)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
