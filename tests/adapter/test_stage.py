@@ -323,6 +323,22 @@ def run_cli(capsys, src, tgt, out, **overrides) -> str:
     return line
 
 
+def test_an_out_holding_the_users_files_is_refused_and_left_as_it_is(caches, tmp_path, capsys):
+    """`--out .` or a report folder: a file the adapter does not write, or a `metrics.json` with no trace of
+    training beside it (no manifest, no checkpoints), is someone's; training replaced it and said nothing."""
+    notes, report = tmp_path / "notes", tmp_path / "report"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert run_cli(capsys, *caches, notes).endswith(f"out {notes} holds todo.txt, which train-adapter did not "
+                                                    "write: training replaces the adapter there; give the adapter "
+                                                    "a prefix of its own")
+    report.mkdir()
+    (report / "metrics.json").write_text('{"mine": 1}')
+    assert "holds metrics.json but no trace of training" in run_cli(capsys, *caches, report)
+    assert (notes / "todo.txt").read_text() == "mine" and (report / "metrics.json").read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in report.iterdir()) == ["metrics.json"]
+
+
 def test_a_folder_of_the_users_under_checkpoints_is_refused_and_kept(caches, tmp_path, capsys):
     """OUT/checkpoints/my_run/ is not clipforge's to delete: the run is refused, naming it, before anything goes."""
     out = tmp_path / "proj"

@@ -104,6 +104,27 @@ def test_a_csv_output_is_written_as_csv(expdesign, tmp_path):
     assert list(read_index(str(out)).ids) == sorted(subjectim[0] - 1)
 
 
+def test_an_output_that_is_the_users_file_or_folder_is_not_replaced(expdesign, tmp_path, capsys):
+    """A captions CSV named as --output was replaced ("held another index") and a dataset folder got an index
+    beside its images: both are refused, naming what is there, and left as they were."""
+    path, _, _ = expdesign
+    captions = tmp_path / "captions.csv"
+    captions.write_text("filepath,caption\na.png,a cat\n")
+    args = ["index", "nsd", "--expdesign", str(path), "--subject", "subj01", "--output"]
+    assert main([*args, str(captions)]) == 2
+    assert f"--output {captions} is there and is not an index (index {captions} has no 'id' column" in \
+        capsys.readouterr().err
+    assert captions.read_text() == "filepath,caption\na.png,a cat\n"
+    dataset = tmp_path / "photos"
+    dataset.mkdir()
+    (dataset / "a.png").write_bytes(b"png")
+    assert main([*args, str(dataset)]) == 2
+    assert f"--output {dataset} holds a.png, which index did not write" in capsys.readouterr().err
+    assert [p.name for p in dataset.iterdir()] == ["a.png"]
+    index = tmp_path / "subj01.csv"  # an index there is rewritten for other settings, as before
+    assert main([*args, str(index)]) == 0 and main([*args[:-2], "subj02", "--output", str(index)]) == 0
+
+
 def test_bad_subject_and_file(expdesign, tmp_path, capsys):
     path, _, _ = expdesign
     assert main(["index", "nsd", "--expdesign", str(path), "--subject", "subj9", "--output", "x.parquet"]) == 2

@@ -110,6 +110,18 @@ def test_a_pipeline_output_of_another_kind_is_refused(capsys, tiny_clip, caption
     assert "holds a 'adapter' output, not a fine-tuned model" in capsys.readouterr().err
 
 
+def test_timestamped_runs_are_not_nested_inside_another_stages_output(capsys, tiny_clip, captioned, tmp_path):
+    """`--out CACHE` made `CACHE/<timestamp>/`: pyarrow.dataset(CACHE) then failed on the run's files."""
+    from clipforge.storage.manifest import write_manifest
+
+    out = tmp_path / "cache"
+    write_manifest(str(out), kind="cache", config={}, config_fingerprint="x", inputs={})
+    code = main(["finetune", *config_args(settings(tiny_clip, captioned, out))])
+    assert code == EXIT_USER_ERROR
+    assert "holds a 'cache' output, not a folder of fine-tuned models" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["_manifest.json"]
+
+
 def test_a_loss_that_becomes_nan_names_its_step_and_keeps_the_last_good_checkpoint(capsys, tiny_clip, captioned,
                                                                                     tmp_path):
     """The losses are read off the device now and then (here: before each checkpoint, or at the epoch's end); the

@@ -110,6 +110,13 @@ def test_a_rerun_into_one_out_leaves_no_file_of_the_earlier_result(generation_in
     assert err == f"clipforge evaluate: error: out {zero} holds a 'generate' output, not an evaluation: give the " \
                   "evaluation a prefix of its own", err
     assert read_manifest(zero)["kind"] == "generate"
+    # A folder of the user's (`--out .`, a report folder): its files are not replaced or removed.
+    (out / "notes.md").write_text("mine")
+    assert main([*argv[:-1], str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"out {out} holds notes.md, which evaluate did not write: a "
+                                                    "rerun replaces the evaluation there; give the evaluation a "
+                                                    "folder of its own")
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "metrics.json", "metrics.png", "notes.md"]
 
 
 def test_the_headline_is_the_figures_a_user_compares(generation_inputs, unclip, tmp_path):

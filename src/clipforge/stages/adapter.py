@@ -17,6 +17,7 @@ import json
 import logging
 
 from clipforge.config.adapter import AdapterConfig
+from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
@@ -26,11 +27,13 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     finished_manifest,
     is_up_to_date,
+    refuse_foreign_files,
     refuse_other_kind,
     write_manifest,
 )
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore
+from clipforge.train.checkpoint_names import CHECKPOINTS_DIR
 from clipforge.train.loop import PreemptionWatch, TrainResult, make_accelerator, training_device
 from clipforge.train.stage import clear_stale_output, fit_and_commit, tensorboard_dirs, train_in_workers
 from clipforge.train.state import plain_module
@@ -78,8 +81,18 @@ def _check_before_launch(config: AdapterConfig) -> None:
 
 def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
     """OUT must be an adapter's own prefix: retraining replaces what is there (the config keeps it out of the
-    caches)."""
-    refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", "give the adapter a prefix of its own")
+    caches). Its result's names without a manifest or checkpoints beside them are no run's: a user's
+    `metrics.json`, or an adapter copied there by hand, is not replaced."""
+    give = "give the adapter a prefix of its own"
+    refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", give)
+    own_folders = ("logs/", f"{CHECKPOINTS_DIR}/")
+    refuse_foreign_files(config.out, lambda path: path in FINAL_FILES or path.startswith(own_folders),
+                         "train-adapter", f"training replaces the adapter there; {give}")
+    if manifest is None and not storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)):
+        result = next((name for name in FINAL_FILES if storage.exists(storage.join(config.out, name))), None)
+        if result:
+            raise UserError(f"out {config.out} holds {result} but no trace of training (no _manifest.json, no "
+                            f"{CHECKPOINTS_DIR}/): training would replace it; {give}")
 
 
 def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:

@@ -35,6 +35,7 @@ from clipforge.storage.manifest import (
     is_up_to_date,
     output_fingerprint,
     read_manifest,
+    refuse_foreign_files,
     refuse_other_kind,
     withdraw,
     write_manifest,
@@ -97,6 +98,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return earlier
+    refuse_foreign_files(cfg.out, lambda path: path in RESULT_FILES, "evaluate",
+                         "a rerun replaces the evaluation there; give the evaluation a folder of its own")
     for prefix in cfg.generated:
         check_generated(prefix, cfg.clip_cache, inputs["clip_cache"], cfg.adapter, inputs["adapter"])
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None

@@ -52,6 +52,7 @@ from clipforge.storage.manifest import (
     first_few,
     input_changes,
     is_up_to_date,
+    read_manifest,
     refuse_other_kind,
     settings_changes,
     spelled_as_recorded,
@@ -144,6 +145,9 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     storage.check_output_folder(config.out, "--out")
     if not config.timestamped:
         return config
+    # The run folders go under OUT: inside a cache, `pyarrow.dataset(CACHE)` would read their files too.
+    refuse_other_kind(read_manifest(config.out), "finetune", f"out {config.out}", "a folder of fine-tuned models",
+                      "give the models a folder of their own")
     if launch.rendezvous_from_env().nnodes > 1 and not config.resume:
         raise UserError("a run over several machines needs one folder they all agree on: pass --no-timestamped "
                         "(OUT is the run folder) or --resume FOLDER")

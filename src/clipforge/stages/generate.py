@@ -30,19 +30,19 @@ from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.errors import UserError
 from clipforge.models.adapter import adapter_identity, check_finished, check_trained_on, load_adapter
 from clipforge.models.encode import resolve_device, resolve_precision
-from clipforge.orchestrate.lease import LEASE_NAME, command_lease
+from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.stages.generate_pipeline import load_unclip, pipeline_identity
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
-    MANIFEST_NAME,
     digest,
     finished_manifest,
     input_changes,
     is_up_to_date,
     read_manifest,
+    refuse_foreign_files,
     refuse_other_kind,
     withdraw,
     write_manifest,
@@ -50,7 +50,6 @@ from clipforge.storage.manifest import (
 
 log = logging.getLogger("clipforge.generate")
 BATCH_PATH = re.compile(r"batches/batch-[0-9a-f]{12}\.parquet")  # the name generate_batch gives a batch's rows
-OWN_FILES = frozenset({"generated.parquet", MANIFEST_NAME, LEASE_NAME})  # the lease: its own, or its runner's
 
 
 def id_seed(seed: int, row_id) -> int:
@@ -192,23 +191,17 @@ def own_images(cache_ids, parts: dict[str, pd.DataFrame]) -> set[str]:
     return {image_path(i) for i in cache_ids} | {path for part in parts.values() for path in part["path"]}
 
 
-def is_hidden(path: str) -> bool:
-    """A hidden file, or an S3 folder marker (the empty `x/` object a console makes): nobody's data."""
-    return path.endswith("/") or storage.is_hidden(path)
-
-
-def refuse_foreign_files(out: str, images: set[str]) -> None:
+def refuse_files_not_generated(out: str, images: set[str]) -> None:
     """Before any work: an `out` holding a file generate did not write is refused, naming it, since a rerun
     removes the images its result does not list and must never remove a user's file. Generate's own are
-    `images` (`own_images`), `batches/batch-<hash>.parquet`, `generated.parquet`, `_manifest.json` and a
-    runner's `_lease.json`. Hidden files (a `.DS_Store`, a write's temporary file) are neither refused nor
-    removed here (the temporary files of writes killed before their rename go when the lease is taken)."""
-    foreign = [path for path in storage.list_tree(out)
-               if not (is_hidden(path) or path in OWN_FILES or path in images or BATCH_PATH.fullmatch(path))]
-    if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UserError(f"out {out} holds {foreign[0]}{more}, which generate did not write: a rerun removes the "
-                        "images it no longer lists; give the images a folder of their own")
+    `images` (`own_images`), `batches/batch-<hash>.parquet` and `generated.parquet`. Hidden files (a `.DS_Store`,
+    a write's temporary file) are neither refused nor removed here (the temporary files of writes killed before
+    their rename go when the lease is taken)."""
+    def own(path: str) -> bool:
+        return path == "generated.parquet" or path in images or bool(BATCH_PATH.fullmatch(path))
+
+    refuse_foreign_files(out, own, "generate",
+                         "a rerun removes the images it no longer lists; give the images a folder of their own")
 
 
 def keep_only(out: str, ids, done: set, parts: dict[str, pd.DataFrame], images: set[str]) -> list[pd.DataFrame]:
@@ -216,7 +209,7 @@ def keep_only(out: str, ids, done: set, parts: dict[str, pd.DataFrame], images: 
     first, then the batch rows and images of ids outside this selection (a smaller limit, another split), so
     no image left there looks like part of a result it is not, and the rows of ids whose image is gone (not
     `done`), which are generated again. Only generate's own `images` are removed (a file put there since
-    `refuse_foreign_files` stays). Returns the batches' remaining rows."""
+    `refuse_files_not_generated` stays). Returns the batches' remaining rows."""
     withdraw(out, ["generated.parquet"])
     wanted, kept = {str(i) for i in ids} & done, []
     for name, part in parts.items():
@@ -267,7 +260,7 @@ def _generate(cfg: GenerateConfig) -> dict:
     settings = image_settings(cfg, inputs, precision)
     done, batches = committed_ids(cfg.out, settings)
     images = own_images(table.ids, batches)
-    refuse_foreign_files(cfg.out, images)  # before the pipeline loads (minutes), and before anything is removed
+    refuse_files_not_generated(cfg.out, images)  # before the pipeline loads (minutes), and before anything is removed
     cache_dim, cache_model = table.dim, table.model
     del table  # the chosen rows are copies: the whole cache need not stay in memory while generating
     pipe = load_unclip(cfg, device, precision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from clipforge.config.index import IndexConfig, subject_name
-from clipforge.data.index import INDEX_FILE, index_file
+from clipforge.data.index import INDEX_FILE, index_file, read_index
 from clipforge.data.nsd import nsd_index
 from clipforge.errors import UserError
 from clipforge.storage import parquet
@@ -13,6 +13,7 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     finished_manifest,
     is_up_to_date,
+    refuse_foreign_files,
     refuse_other_kind,
     withdraw,
     write_manifest,
@@ -21,11 +22,25 @@ from clipforge.storage.manifest import (
 log = logging.getLogger("clipforge.index")
 
 
+def refuse_other_file(output: str) -> None:
+    """An --output file already there is replaced only when it is an index (a rerun for other settings): a
+    captions CSV or another table of the same name is the user's."""
+    try:
+        read_index(output)
+    except UserError as exc:
+        raise UserError(f"--output {output} is there and is not an index ({exc}); it is not replaced: give the "
+                        "index a file name of its own") from None
+
+
 def run_index(cfg: IndexConfig) -> dict:
     """Write the subject's index; under a prefix, commit it with a manifest (and skip when up to date)."""
     is_prefix = index_file(cfg.output) != cfg.output
     if is_prefix:
         storage.check_output_folder(cfg.output, "--output")
+        refuse_foreign_files(cfg.output, lambda path: path == INDEX_FILE, "index",
+                             "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
+    elif storage.exists(cfg.output):
+        refuse_other_file(cfg.output)
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
     manifest = finished_manifest(cfg.output, "index") if is_prefix else None
     refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -171,6 +172,20 @@ def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, giv
     names the prefix as the user gave it (`--out X`), `what` this stage's output in words, `give` the way out."""
     if manifest is not None and manifest.get("kind") != kind:
         raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
+
+
+def refuse_foreign_files(out: str, own: Callable[[str], bool], stage: str, why: str, flag: str = "out") -> None:
+    """Before any work: an output folder holding a file `stage` does not write (a user's notes, a photo, the
+    folder an `--out .` names) is refused, naming it, since a rerun replaces or removes the stage's own files
+    there. `own(path)` tells the stage's files (paths relative to `out`); hidden files, folder markers and
+    clipforge's bookkeeping at the top (`_manifest.json`, a runner's `_lease.json`) are nobody's to refuse.
+    `flag` names the setting as the stage calls it."""
+    foreign = [path for path in storage.list_tree(out)
+               if not (path.endswith("/") or storage.is_hidden(path) or (path.startswith("_") and "/" not in path)
+                       or own(path))]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(f"{flag} {out} holds {foreign[0]}{more}, which {stage} did not write: {why}")
 
 
 def withdraw(prefix: str, files=()) -> None:
