@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from clipforge.cli import main
+from clipforge.cli import build_parser, chosen_parser, main, parse
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from clipforge.progress import Progress
 
@@ -226,3 +226,17 @@ def test_the_first_progress_line_waits_a_period_rather_than_guess_an_eta_from_on
         clock[0] += 2.0
         meter.update(200)
     assert [r.getMessage() for r in caplog.records] == ["201/240 images, 91.4 images/s, ETA 0:00:00"]
+
+
+def test_the_no_credentials_hint_offers_the_public_bucket_flag_only_to_commands_that_have_it():
+    """`search` has no --no-sign-request: advising it sent the user to an "unrecognized arguments" error."""
+    import botocore.exceptions
+
+    from clipforge.cli import s3_failure
+
+    missing = botocore.exceptions.NoCredentialsError()
+    for argv, hint in ((["search", "--index", "s3://b/c", "x"], False),
+                       (["cache", "--source", "s3://b/n.hdf5", "--output", "o"], True)):
+        parser = build_parser()
+        said = s3_failure(missing, chosen_parser(parser.commands[argv[0]], parse(parser, argv)))
+        assert said.startswith("no AWS credentials found") and ("--no-sign-request" in said) == hint, said

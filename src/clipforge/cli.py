@@ -115,13 +115,15 @@ def path_problem(exc: OSError) -> str:
     return f"{exc.filename}: {exc.strerror}"
 
 
-def s3_failure(exc: Exception) -> str | None:
-    """The one line for an S3 failure the user can fix; botocore is imported only if S3 was used at all."""
+def s3_failure(exc: Exception, command: argparse.ArgumentParser) -> str | None:
+    """The one line for an S3 failure the user can fix; botocore is imported only if S3 was used at all. Public
+    buckets are offered `--no-sign-request` only by a `command` that has it."""
     if "botocore" not in sys.modules:
         return None
     from clipforge.storage.s3 import describe_failure
 
-    return describe_failure(exc)
+    flags = {flag for action in command._actions for flag in action.option_strings}
+    return describe_failure(exc, "--no-sign-request" if "--no-sign-request" in flags else "")
 
 
 # What a command says when SIGTERM stops it; a command with nothing to go on from (a server) sets its own
@@ -159,7 +161,8 @@ def stopped(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
+    parser = build_parser()
+    args = parse(parser, argv)
     setup_logging(args.quiet)
     # SIGTERM (a cancelled CI job, a drained node, `kill`) ends any command with the one line and code a
     # rerun expects, not a bare death by signal; trainers and the runner put their own handler over this.
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             return stopped(args)
         raise
     except Exception as exc:
-        message = s3_failure(exc)
+        message = s3_failure(exc, chosen_parser(parser.commands[args.command], args))
         if message is not None:
             print(f"clipforge {args.command}: error: {message}", file=sys.stderr)
         if SIGNALS_SEEN:  # the exit code a retry reads is the stop's (75 is retried, 2 is not)

@@ -133,7 +133,7 @@ def s3_mistake(exc: BaseException) -> str | None:
         return None
     from clipforge.storage.s3 import describe_failure
 
-    return describe_failure(exc)
+    return describe_failure(exc, "no_sign_request: true in the `with` of a cache or index stage")
 
 
 def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executor, lost: dict[str, str]):

@@ -70,16 +70,17 @@ USER_FIXABLE_CODES = {
 }
 
 
-def describe_failure(exc: BaseException) -> str | None:
+def describe_failure(exc: BaseException, anonymous: str = "") -> str | None:
     """One line for an S3 failure the user can fix (a missing bucket, credentials, an unreachable endpoint);
-    None for anything else, which stays a bug with its traceback."""
+    None for anything else, which stays a bug with its traceback. `anonymous`: how the caller reads a public
+    bucket without credentials (`--no-sign-request`), when it can."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return f"cannot reach the S3 endpoint {exc.kwargs.get('endpoint_url', endpoint)}: is it up, and is " \
                "AWS_ENDPOINT_URL right?"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or read a " \
-               "public bucket with --no-sign-request (no_sign_request: true in a pipeline spec)"
+        return "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE" + \
+            (f", or read a public bucket with {anonymous}" if anonymous else "")
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         template = USER_FIXABLE_CODES.get(str(error.get("Code", "")))
