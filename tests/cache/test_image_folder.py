@@ -119,6 +119,9 @@ def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, caps
     with pytest.raises(ValidationError, match=rf"apply to HDF5 sources \(\.hdf5, \.h5\); source '{bad}' is taken "
                                               "as an image folder or CSV"):  # a typo'd HDF5 URI is told why
         config(tiny_models, bad, tmp_path / "x", index="ids.csv")
+    typo = tmp_path / "nsd_stimuli.hdf"  # for .hdf5: the missing file is said first
+    with pytest.raises(ValidationError, match=rf"source '{typo}' not found, and its name is not an HDF5 file's"):
+        config(tiny_models, typo, tmp_path / "x", index="ids.csv")
 
 
 def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ray_session, tmp_path, capsys):

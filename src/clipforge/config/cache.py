@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -65,7 +66,11 @@ class CacheConfig(StageConfig):
 
         if is_image_collection(self.source):
             if self.index or self.subject or self.index_root:
-                raise ValueError(f"`index`, `subject` and `index_root` apply to HDF5 sources (.hdf5, .h5); source "
+                # `nsd_stimuli.hdf` for `.hdf5`: the likelier mistake is the name, said first.
+                typo = not self.source.startswith("s3://") and not os.path.exists(self.source)
+                raise ValueError(f"source {self.source!r} not found, and its name is not an HDF5 file's (.hdf5, .h5), "
+                                 "to which `index`, `subject` and `index_root` apply" if typo else
+                                 f"`index`, `subject` and `index_root` apply to HDF5 sources (.hdf5, .h5); source "
                                  f"{self.source!r} is taken as an image folder or CSV, which lists its own images")
         elif self.skip_bad:
             raise ValueError("`skip_bad` applies to image folders and CSVs, not to HDF5 sources")
