@@ -72,6 +72,9 @@ def test_planted_map_is_learned_and_zero_padding_is_near_chance(caches, tmp_path
     again = retrieval_metrics(adapted, torch.from_numpy(target[test]), names=METRIC_NAMES)
     assert again["adapted_to_target_R@1"] == adapter["adapted_to_target_R@1"]
     assert again["mean_cosine"] == pytest.approx(adapter["mean_cosine"], abs=1e-5)
+    by_card = load_adapter(Path(out, "adapter.json"))  # the card names its adapter too (was: .../adapter.json/...)
+    assert all(torch.equal(a, b) for a, b in zip(by_card.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
 
     # A rerun is up to date and trains nothing.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}

@@ -261,10 +261,15 @@ def test_a_pipeline_that_is_a_file_or_an_unreachable_hub_id_is_one_line(generati
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "unclip.json").write_text("{}")
+    (tmp_path / "models" / "clip").mkdir()
+    (tmp_path / "models" / "clip" / "weights.pt").write_bytes(b"x")  # was "not found": no hub id has two slashes
     base = ["generate", "--embeddings", generation_inputs["source"], "--steps", "1", "--device", "cpu"]
     for pipeline, message in (
             ("models/unclip.json", "pipeline models/unclip.json is a file: give a diffusers pipeline folder (with "
                                    "model_index.json) or a hub id such as stabilityai/stable-diffusion-2-1-unclip"),
+            ("models/clip/weights.pt", "pipeline models/clip/weights.pt is a file: give a diffusers pipeline folder "
+                                       "(with model_index.json) or a hub id such as "
+                                       "stabilityai/stable-diffusion-2-1-unclip"),
             ("nope/dir", "pipeline nope/dir is neither a diffusers pipeline folder nor loadable from the hub: it is "
                          "not in the local Hugging Face cache, and huggingface.co cannot be reached")):
         code, err = run_cli([*base, "--pipeline", pipeline, "--out", str(tmp_path / "out")], capsys)

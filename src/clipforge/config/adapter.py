@@ -71,8 +71,9 @@ class AdapterConfig(StageConfig):
 
 
 def adapter_folder(path: str) -> str:
-    """An adapter stage's output, also when given by its weights file (the card and manifest are beside it)."""
-    if not path.endswith(".safetensors"):
+    """An adapter stage's output, also when given by its weights file or its card (`adapter.json`): the other
+    files and the manifest are beside them."""
+    if not path.endswith(".safetensors") and path.rsplit("/", 1)[-1] != "adapter.json":
         return path
     return path.rsplit("/", 1)[0] if "/" in path else "."
 

@@ -143,7 +143,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     """
     uri = str(path)
     if not uri.endswith(".safetensors"):
-        uri = storage.join(uri, WEIGHTS_NAME)
+        uri = storage.join(adapter_folder(uri), WEIGHTS_NAME)
     check_finished(adapter_folder(uri))
     if not storage.exists(uri):
         raise UserError(f"{uri} not found: is this an adapter stage output (with {WEIGHTS_NAME})?")

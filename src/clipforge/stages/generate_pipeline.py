@@ -50,6 +50,9 @@ def pipeline_identity(cfg: GenerateConfig) -> dict:
         if not storage.exists(index):
             raise UserError(f"pipeline {cfg.pipeline} has no model_index.json: not a diffusers pipeline folder")
         return storage.fingerprint(index)
+    if storage.local_path(cfg.pipeline).is_file():  # a weights file, a model_index.json named itself
+        raise UserError(f"pipeline {cfg.pipeline} is a file: give a diffusers pipeline folder (with model_index.json) "
+                        "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
     if not HUB_ID.match(cfg.pipeline) or is_missing_local_path(cfg.pipeline):
         raise UserError(f"pipeline {cfg.pipeline} not found: give a diffusers pipeline folder (local or s3://) "
                         "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
@@ -73,10 +76,7 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     """The pipeline, checked to be Stable unCLIP image variation; a hub id needs the hub."""
     from diffusers import DiffusionPipeline
 
-    folder = pipeline_folder(cfg)
-    if storage.local_path(folder).is_file():
-        raise UserError(f"pipeline {cfg.pipeline} is a file: give a diffusers pipeline folder (with model_index.json) "
-                        "or a hub id such as stabilityai/stable-diffusion-2-1-unclip")
+    folder = pipeline_folder(cfg)  # a file was refused by `pipeline_identity`, which runs first
     if storage.local_path(folder).is_dir():
         found = storage.read_json(storage.join(folder, "model_index.json")).get("_class_name")
         if found != EXPECTED_CLASS:
