@@ -3,6 +3,7 @@
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,8 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     small = write_cache(tmp_path / "small", [1], ["test"], np.ones((1, 16), np.float32), {"name": "y", "dim": 16})
+    cut = shutil.copytree(unclip, tmp_path / "cut-short")  # a copy that did not end: diffusers named a .bin
+    (cut / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     foreign = write_cache(tmp_path / "other-encoder", [1], ["test"], np.ones((1, 512), np.float32),
                         {"name": "another-512", "dim": 512})
     cases = [
@@ -207,6 +210,7 @@ def test_bad_inputs_are_one_line_without_manifest(generation_inputs, unclip, tmp
          f"embeddings, but {foreign} holds another-512 (None) ones, another space"),
         (["--zero-pad", "768"], "zero-padding 512-D embeddings to 768-D does not fit pipeline"),
         (["--pipeline", str(tmp_path / "no-such-folder")], f"pipeline {tmp_path / 'no-such-folder'} not found"),
+        (["--pipeline", str(cut)], f"pipeline {cut}: unet/ has a config.json but no weights (*.safetensors)"),
         (["--embed-norm", "1e30"], "came out NaN or infinite (embed_norm 1e+30"),  # were saved as black PNGs
         (["--guidance", "inf"], "--guidance: Input should be a finite number"),
     ]

@@ -72,6 +72,16 @@ class HubNotice(logging.Filter):
         return True
 
 
+def refuse_models_without_weights(pipeline: str, folder: Path) -> None:
+    """A component folder with a model's `config.json` and no weights file (a copy cut short): said by name.
+    diffusers would log two lines, fall back to looking for pickled weights, and name the `.bin` it did not
+    find rather than the `.safetensors` that is missing."""
+    for config in sorted(folder.glob("*/config.json")):
+        if not any(config.parent.glob("*.safetensors")) and not any(config.parent.glob("*.bin")):
+            raise UserError(f"pipeline {pipeline}: {config.parent.name}/ has a config.json but no weights "
+                            "(*.safetensors): copy the whole pipeline folder again")
+
+
 def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
     """The pipeline, checked to be Stable unCLIP image variation; a hub id needs the hub."""
     from diffusers import DiffusionPipeline
@@ -82,6 +92,7 @@ def load_unclip(cfg: GenerateConfig, device: torch.device, precision: str):
         if found != EXPECTED_CLASS:
             raise UserError(f"pipeline {cfg.pipeline} is a {found}; expected a {EXPECTED_CLASS} "
                             "(an image-variation pipeline such as stabilityai/stable-diffusion-2-1-unclip)")
+        refuse_models_without_weights(cfg.pipeline, Path(storage.local_path(folder)))
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
