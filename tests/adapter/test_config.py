@@ -80,3 +80,10 @@ def test_inf_and_nan_are_refused_by_name_not_trained_into_nan():
         load_config(AdapterConfig, {**REQUIRED, "lr": "inf", "weight_decay": float("inf"), "mse_weight": "nan"})
     for key in ("lr", "weight_decay", "mse_weight"):
         assert f"{key}: Input should be a finite number" in str(err.value)
+
+
+def test_true_or_false_is_not_taken_for_a_number():
+    """`epochs: true` in YAML was trained as 1 epoch; true/false stays right for the switches."""
+    with pytest.raises(UserError, match="epochs: expected a number, got true"):
+        load_config(AdapterConfig, {**REQUIRED, "epochs": True})
+    assert load_config(AdapterConfig, {**REQUIRED, "compile": True}).compile is True

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
+from clipforge.cli import main
 from clipforge.config.pipeline import load_pipeline, order_stages, pipeline_json_schema
 from clipforge.errors import UserError
 
@@ -113,7 +114,7 @@ def test_a_bad_value_from_set_is_blamed_on_set_and_adapter_policies_elsewhere_ar
         "(the coverage of its caches)"
 
 
-def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_refused(tmp_path):
+def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_refused(tmp_path, capsys):
     from clipforge.config.pipeline import check_run_id
 
     with pytest.raises(UserError, match=r"--set 'stages.ad.with.epochs=\[1': the value is not valid YAML"):
@@ -122,6 +123,11 @@ def test_override_values_that_are_not_yaml_and_run_ids_that_are_no_names_are_ref
         with pytest.raises(UserError, match="--run-id"):
             check_run_id(bad)
     assert check_run_id("nightly-2026-11-26") == "nightly-2026-11-26"
+    # `--run-id "$RUN_ID"` with the variable unset: refused, not a new run that resumes nothing.
+    spec = write(tmp_path, {**base_spec(), "artifacts": str(tmp_path / "artifacts")})
+    assert main(["run", spec, "--run-id", ""]) == 2
+    assert "error: --run-id '': use lowercase letters" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()
     with pytest.raises(UserError, match=r"run_id: 'My_Run': use lowercase letters, digits and '-'"):
         load_pipeline(write(tmp_path, {**base_spec(), "run_id": "My_Run"}))
     assert load_pipeline(write(tmp_path, {**base_spec(), "run_id": "my-run"})).run_id == "my-run"

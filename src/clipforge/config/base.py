@@ -12,10 +12,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from clipforge.errors import UserError
 
@@ -41,6 +41,16 @@ class StageConfig(BaseModel):
         description="any label (fix-2026-11): a new one makes a new output, so a pipeline runs this stage and "
         "those that read it again (an output counts settings and inputs, not the code that made it)",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`epochs: true` in YAML is a mistake, not 1 epoch (pydantic takes a bool for a number)."""
+        if isinstance(value, bool):
+            types = {(annotation := cls.model_fields[info.field_name].annotation), *get_args(annotation)}
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
     @field_validator("revision", mode="before")
     @classmethod

@@ -479,7 +479,7 @@ def drive(spec_path: str, *, run_id: str | None = None, overrides: list[str] | N
         raise UserError(f"{spec_path}: {'; '.join(missing)}")
     # The client's own retry warnings would precede our one line on an API server that does not answer.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    run_id = (check_run_id(run_id) if run_id else None) or spec.run_id
+    run_id = (check_run_id(run_id) if run_id is not None else None) or spec.run_id
     if not run_id:
         raise UserError("drive needs --run-id (or run_id in the spec): a restarted driver must find its run")
     values = read_yaml(settings_path) if settings_path else {}

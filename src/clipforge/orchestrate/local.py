@@ -97,11 +97,12 @@ def _relay(proc: subprocess.Popen, resolved: ResolvedStage) -> None:
 def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None = None,
              quiet: bool = False) -> RunRecord:
     """`clipforge run`: validate the spec, run its stages in order, print the summary."""
+    given = check_run_id(run_id) if run_id is not None else None  # `--run-id ""`: an unset variable, refused
     spec = load_pipeline(path, overrides)
     missing = missing_inputs(spec, local=True)
     if missing:
         raise UserError(f"{path}: {'; '.join(missing)} (relative paths are read from {os.getcwd()})")
-    run_id = (check_run_id(run_id) if run_id else None) or spec.run_id or new_run_id()
+    run_id = given or spec.run_id or new_run_id()
     log.info("run %s of %s: %d stages, artifacts in %s", run_id, path, len(spec.stages), spec.artifacts)
     stop = StopRequest()
     record = run_pipeline(spec, run_id, functools.partial(execute_locally, stop=stop, run_id=run_id, quiet=quiet),
