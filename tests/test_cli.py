@@ -240,3 +240,11 @@ def test_the_no_credentials_hint_offers_the_public_bucket_flag_only_to_commands_
         parser = build_parser()
         said = s3_failure(missing, chosen_parser(parser.commands[argv[0]], parse(parser, argv)))
         assert said.startswith("no AWS credentials found") and ("--no-sign-request" in said) == hint, said
+
+
+def test_a_list_flag_given_no_values_is_an_error_not_an_empty_list(capsys):
+    """`--generated` followed by nothing (an unset variable) evaluated as if no images had been generated."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--clip-cache", "a", "--target-cache", "b", "--generated", "--out", "o"])
+    assert exit_.value.code == 2
+    assert "argument --generated: expected at least one argument" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig], sk
         elif typing.get_origin(field.annotation) is typing.Literal:
             kwargs["choices"] = typing.get_args(field.annotation)
         elif _is_list(field.annotation):
-            kwargs["nargs"] = "*"
+            kwargs["nargs"] = "+"  # `--generated` with nothing after it is a mistake, not "none"
             kwargs["metavar"] = name.upper()
         else:
             kwargs["metavar"] = name.upper()
