@@ -384,3 +384,10 @@ def test_a_finetune_output_made_under_an_earlier_key_is_reused_not_trained_again
     record = run_pipeline(load_pipeline(path), "after-upgrade", lambda resolved: ran.append(resolved) or 0)
     assert ran == [] and record.data["stages"]["ft"]["status"] == "reused"
     assert record.data["stages"]["ft"]["output"] == str(made)
+
+
+def test_a_stage_needing_one_stage_twice_is_a_spec_error(tmp_path):
+    spec = base_spec()
+    spec["stages"][1]["needs"] = ["idx", "idx"]
+    with pytest.raises(UserError, match=r"stages\.src\.needs: names idx more than once"):
+        load_pipeline(write(tmp_path, spec))

@@ -95,6 +95,14 @@ class StageSpec(_Strict):
     policy: Policy = Field(default_factory=Policy)
     output: Uri | None = Field(None, description="pin the output URI instead of ARTIFACTS/<kind>/<key>")
 
+    @field_validator("needs")
+    @classmethod
+    def _each_once(cls, needs: list[str]) -> list[str]:
+        twice = sorted({name for name in needs if needs.count(name) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once")
+        return needs
+
 
 class PipelineSpec(_Strict):
     artifacts: str = Field(description="artifact store root: a local path or s3://bucket/prefix")
