@@ -125,3 +125,13 @@ def test_a_caption_longer_than_any_description_is_refused_and_nothing_is_written
         book.save("a.png", "word " * 2000)
     assert not (tmp_path / "index.csv").exists()
     assert book.save("a.png", "word " * 900) == " ".join(["word"] * 900)
+
+
+def test_a_link_to_another_image_of_the_folder_is_offered_once_under_the_images_name(tmp_path):
+    """`captions prepare` takes a link for its target: captioning both named one image twice."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "same.png").symlink_to(tmp_path / "a.png")
+    book = CaptionBook(tmp_path)
+    assert book.images == ["a.png"]
+    assert [(u.path, u.reason) for u in book.unreadable] == [("same.png", "a link to a.png, which is captioned as "
+                                                              "itself")]

@@ -276,12 +276,23 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
     with ThreadPoolExecutor(8) as pool:
         problems = list(pool.map(lambda path: display_problem(root, path), relative))
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
+    # A link to another image of the folder is that image to `captions prepare`: offered once, under its own name.
+    problems = [why or linked_image(root, path, set(readable)) for path, why in zip(relative, problems, strict=True)]
+    readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
     unreadable = [Unreadable(name_shown(path), why) for path, why in zip(relative, problems, strict=True) if why]
     if unreadable:
         log.warning("%d of %d images in %s cannot be read and %s skipped, e.g. %s (%s)", len(unreadable),
                     len(relative), root, "is" if len(unreadable) == 1 else "are", unreadable[0].path,
                     unreadable[0].reason)
     return readable, unreadable
+
+
+def linked_image(root: Path, relative: str, images: set[str]) -> str | None:
+    """`a link to b.png, which is captioned as itself` for a link to another image of the folder, else None."""
+    if not (root / relative).is_symlink():
+        return None
+    target = (root / relative).resolve().relative_to(root).as_posix()  # inside: `display_problem` checked
+    return f"a link to {target}, which is captioned as itself" if target != relative and target in images else None
 
 
 def left_out_images(root: Path) -> list[str]:
