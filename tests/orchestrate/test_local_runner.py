@@ -569,6 +569,26 @@ def test_a_reuse_existing_output_of_another_kind_stops_the_run_before_the_first_
     later = SMALL + [f"stages.adapter.policy.reuse_existing={tmp_path / 'not-yet'}"]
     assert missing_inputs(load_pipeline(DEMO_SPEC, later), local=True) == []
 
+    # An input that is another stage's output of the wrong kind: found before the caches run, not at evaluate.
+    adapter = tmp_path / "an-adapter"
+    write_manifest(str(adapter), kind="adapter", config={}, config_fingerprint="x", inputs={})
+    given = SMALL + [f"stages.evaluate.with.clip_cache={adapter}", f"stages.evaluate.with.adapter={adapter}"]
+    assert missing_inputs(load_pipeline(DEMO_SPEC, given), local=True) == [
+        f"stages.evaluate.with.clip_cache: {adapter} holds an adapter stage's output, not a cache stage's"]
+
+    # What this machine cannot do is said up front too: an artifacts path that is a file, CUDA where there is none.
+    import torch
+
+    from clipforge.orchestrate.preflight import machine_problems
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    on_gpu = SMALL + [f"artifacts={a_file}", "stages.adapter.with.device=cuda"]
+    assert machine_problems(load_pipeline(DEMO_SPEC, on_gpu)) == [
+        f"artifacts: {a_file} is a file, where a folder is needed",
+        *(["stages.adapter.with.device: cuda asked for, but torch sees no CUDA GPU here"]
+          if not torch.cuda.is_available() else [])]
+
 
 def test_a_missing_s3_input_stops_a_local_run_and_a_driver_alike(demo_root, in_demo, s3_bucket):
     """S3 answers for both runners; only "nothing there" counts (a prefix with objects is a folder input)."""

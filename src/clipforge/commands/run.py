@@ -43,12 +43,13 @@ def check_spec(args) -> int:
 
     from clipforge.config.pipeline import load_pipeline, order_stages
     from clipforge.errors import UserError
-    from clipforge.orchestrate.preflight import missing_inputs
+    from clipforge.orchestrate.preflight import machine_problems, missing_inputs
 
     spec = load_pipeline(args.spec, args.overrides)
     stages = order_stages(spec)
     unanswered: list[str] = []
     missing = missing_inputs(spec, local=args.inputs == "local", unanswered=unanswered) if args.inputs else []
+    missing += machine_problems(spec) if args.inputs == "local" else []
     if missing:
         raise UserError(f"{args.spec}: {'; '.join(missing)}"
                         + (f" (relative paths are read from {os.getcwd()})" if args.inputs == "local" else ""))

@@ -15,7 +15,7 @@ from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from clipforge.lifetime import die_with_parent
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.orchestrate.pipeline import StopRequest, run_pipeline
-from clipforge.orchestrate.preflight import missing_inputs
+from clipforge.orchestrate.preflight import machine_problems, missing_inputs
 from clipforge.orchestrate.resolve import ResolvedStage
 from clipforge.orchestrate.run_record import RunRecord, new_run_id
 from clipforge.orchestrate.run_summary import log_summary
@@ -99,7 +99,7 @@ def run_spec(path: str, overrides: list[str] | None = None, run_id: str | None =
     """`clipforge run`: validate the spec, run its stages in order, print the summary."""
     given = check_run_id(run_id) if run_id is not None else None  # `--run-id ""`: an unset variable, refused
     spec = load_pipeline(path, overrides)
-    missing = missing_inputs(spec, local=True)
+    missing = missing_inputs(spec, local=True) + machine_problems(spec)
     if missing:
         raise UserError(f"{path}: {'; '.join(missing)} (relative paths are read from {os.getcwd()})")
     run_id = given or spec.run_id or new_run_id()

@@ -1,5 +1,5 @@
 """Before a run's first stage: the inputs its stages name that are not there, and a `reuse_existing` output
-of another kind of stage.
+or an input output (`clip_cache: PATH`) of another kind of stage.
 
 A misspelt path of the last stage, or the wrong output for it to reuse, would
 otherwise be found after the first ones spent hours. Each stage kind lists the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from clipforge.config.adapter import adapter_folder
 from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.orchestrate.kinds import KINDS
 from clipforge.storage.manifest import read_manifest
@@ -23,6 +24,9 @@ from clipforge.storage.uri import holds, one_spelling
 
 # Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
 UNSIGNED_SETTINGS = ("source", "expdesign")
+# Settings that name another stage's finished output, by the kind of stage that makes it.
+OUTPUT_SETTINGS = {"clip_cache": "cache", "target_cache": "cache", "embeddings": "cache", "adapter": "adapter",
+                   "generated": "generate"}
 
 
 def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | None = None) -> list[str]:
@@ -55,7 +59,40 @@ def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | N
                 gone = local and not os.path.exists(value.removeprefix("file://"))
             if gone:
                 problems.append(f"stages.{stage.name}.with.{key}: {value} not found")
+            elif key in OUTPUT_SETTINGS and (local or value.startswith("s3://")):
+                wrong = other_kind(value, OUTPUT_SETTINGS[key])
+                if wrong:
+                    problems.append(f"stages.{stage.name}.with.{key}: {value} {wrong}")
     return problems
+
+
+def machine_problems(spec: PipelineSpec) -> list[str]:
+    """What keeps this machine from running the spec's stages itself (`clipforge run`, `check --inputs local`): an
+    `artifacts` that is a file, a stage asking for CUDA where torch sees none."""
+    problems = []
+    if not spec.artifacts.startswith("s3://") and os.path.isfile(spec.artifacts):
+        problems.append(f"artifacts: {spec.artifacts} is a file, where a folder is needed")
+    cuda = [stage.name for stage in spec.stages if str(stage.with_.get("device", "")).startswith("cuda")]
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems += [f"stages.{name}.with.device: cuda asked for, but torch sees no CUDA GPU here" for name in cuda]
+    return problems
+
+
+def other_kind(uri: str, kind: str) -> str | None:
+    """`holds an adapter stage's output, not a cache stage's` for a finished output of another kind at `uri`;
+    None when it is of `kind`, has no manifest (a weights file, an output still being made) or cannot be read
+    from here (the stage says why)."""
+    try:
+        manifest = read_manifest(adapter_folder(uri))  # an adapter may be named by its weights file or card
+    except Exception:  # a damaged manifest, credentials this machine lacks: the stage's to say
+        return None
+    found = (manifest or {}).get("kind", kind)
+    if found == kind:
+        return None
+    return f"holds {article(found)} {found} stage's output, not {article(kind)} {kind} stage's"
 
 
 def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:
