@@ -30,6 +30,7 @@ from clipforge.errors import (
     ServiceUnreachable,
     Stopped,
     UserError,
+    WorkersFailed,
     stop_if_signalled,
 )
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except ServiceUnreachable as exc:
+    except (ServiceUnreachable, WorkersFailed) as exc:
         print(f"clipforge {args.command}: error: {exc}; what it committed is kept: run the same command again to go "
               "on from there", file=sys.stderr)
         return EXIT_FAILURE

@@ -18,6 +18,13 @@ class ServiceUnreachable(OSError):
     again goes on from there."""
 
 
+class WorkersFailed(Exception):
+    """A launched training worker died or failed (the kernel's out-of-memory killer, a crash with its traceback
+    above): no mistake of the user's, and nothing the launcher's own traceback would explain. The CLI prints the
+    message (which worker, how) as one line, exit code 1; the same command run again resumes from the newest
+    checkpoint."""
+
+
 class StorageUnreachable(ServiceUnreachable):
     """Storage (an S3 endpoint) stopped answering mid-run: the object and the last error."""
 

@@ -120,6 +120,24 @@ def processes_marked(mark: str) -> list[int]:
     return found
 
 
+def test_a_worker_killed_alone_is_named_in_one_line(caches, tmp_path):
+    """The out-of-memory killer takes one rank: the survivor's lost-peer error, torchrun's report and the
+    launcher's own traceback buried what happened. Now: one line naming the worker and its signal, exit 1."""
+    out = tmp_path / "out"
+    proc = run(*caches, str(out), 2, wait=False, env={"TMPDIR": str(tmp_path)}, epochs=500)  # minutes
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("step-*/_manifest.json")) or not list(tmp_path.glob("*/pid-1")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    worker = int(next(tmp_path.glob("*/pid-1")).read_text())
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"clipforge train-adapter: error: training worker rank 1 (pid "
+                                                   f"{worker}) was killed (SIGKILL: the kernel's out-of-memory "
+                                                   "killer sends it"), err
+
+
 def test_kill_9_of_the_group_leaves_no_worker_training(caches, tmp_path):
     """torchrun starts its workers in sessions of their own, so `kill -9` of the group does not reach them: they
     must die with their launcher, not go on writing the output a rerun is about to write."""

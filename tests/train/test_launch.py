@@ -52,7 +52,7 @@ def test_who_launches():
 
 def test_torchrun_command_reexecutes_the_cli_with_static_rendezvous():
     cmd = torchrun_command(["train-adapter", "--config", "c.yaml"], 2, Rendezvous(2, 1, "host", 29400))
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "clipforge.train.torchrun"]
     line = " ".join(cmd)
     for part in ("--nnodes 2", "--node_rank 1", "--nproc_per_node 2", "--rdzv_backend static",
                  "--master_addr host", "--master_port 29400", "-m clipforge.cli train-adapter --config c.yaml"):

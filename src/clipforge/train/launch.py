@@ -3,7 +3,8 @@
 `clipforge train-adapter --num-processes N` (or any trainer) calls
 `relaunch(...)` when it is not itself a launched worker: the resolved config is
 written to a temporary YAML file and the same CLI command is re-executed through
-`python -m torch.distributed.run` with N processes on this machine (gloo on CPU,
+torchrun (`python -m clipforge.train.torchrun`: `torch.distributed.run` reporting
+its failures as data) with N processes on this machine (gloo on CPU,
 one process per GPU). Several machines join through the standard rendezvous
 environment, which the Kubernetes stage sets:
 
@@ -22,8 +23,11 @@ report their outcome (exit code and, for a user error, its message) in a folder
 named by `CLIPFORGE_LAUNCH_DIR` and exit 0, so torchrun stays quiet instead of
 printing a failure report for a preemption or a bad input; the launcher then
 prints the one message and exits with the real code. A worker that crashes
-(a bug) exits non-zero with its traceback as usual. SIGTERM to the launcher
-(Kubernetes signals only PID 1) is passed to the workers, which checkpoint.
+(a bug) exits non-zero with its traceback as usual; one that loses its peers (a
+worker killed, by the out-of-memory killer say) says so in one line, and the
+launcher names the worker that died and how (`clipforge.train.torchrun` writes
+torchrun's report for it). SIGTERM to the launcher (Kubernetes signals only
+PID 1) is passed to the workers, which checkpoint.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from pathlib import Path
 import yaml
 
 from clipforge.cpus import usable_cpus
-from clipforge.errors import EXIT_USER_ERROR, UserError
+from clipforge.errors import EXIT_USER_ERROR, UserError, first_line
 from clipforge.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,9 @@ LAUNCH_DIR_ENV = "CLIPFORGE_LAUNCH_DIR"
 RENDEZVOUS_TIMEOUT_ENV = "CLIPFORGE_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT = 1800
 STATUS_NAME = "status.json"
+FAILURES_NAME = "failures.json"  # torchrun's report of the workers that failed (`clipforge.train.torchrun`)
+# What a collective says when another worker is gone (gloo; NCCL): that worker's death is the story, not this.
+PEER_LOST = ("by peer", "Broken pipe", "remote process exited", "communicator was aborted")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class LaunchOutcome:
 
     exit_code: int
     message: str | None = None
+    failure: str | None = None  # which worker failed and how, when one did without reporting
 
 
 def in_launched_worker(env: dict[str, str] | None = None) -> bool:
@@ -137,9 +145,9 @@ def rendezvous_timeout(env: dict[str, str] | None = None) -> int:
 
 
 def torchrun_command(cli_args: list[str], num_processes: int, rdzv: Rendezvous) -> list[str]:
-    """`python -m torch.distributed.run ... -m clipforge.cli CLI_ARGS` for this machine."""
+    """`python -m clipforge.train.torchrun ... -m clipforge.cli CLI_ARGS` (torchrun) for this machine."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "clipforge.train.torchrun",
         "--nnodes", str(rdzv.nnodes), "--node_rank", str(rdzv.node_rank), "--nproc_per_node", str(num_processes),
         "--rdzv_backend", "static", "--master_addr", rdzv.master_addr, "--master_port", str(rdzv.master_port),
         "--rdzv_conf", f"timeout={rendezvous_timeout()}", "--max_restarts", "0",
@@ -199,7 +207,25 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
             # Rank 0 may have finished well while another worker crashed afterwards: trust torchrun then.
             if status["exit_code"] != 0 or returncode == 0:
                 return LaunchOutcome(int(status["exit_code"]), status.get("message"))
-        return LaunchOutcome(130 if interrupted else returncode or 1)
+        return LaunchOutcome(130 if interrupted else returncode or 1, failure=failed_workers(launch_dir))
+
+
+def failed_workers(launch_dir: Path) -> str | None:
+    """`worker rank 1 (pid 4976) was killed by SIGKILL ...` from torchrun's report, or None without one."""
+    path = launch_dir / FAILURES_NAME
+    if not path.is_file():
+        return None
+    # The one a signal ended, if any, is the cause: the others then lost contact with it, or torchrun stopped them.
+    failures = sorted(json.loads(path.read_text()), key=lambda f: f["signal"] in (None, "SIGTERM"))
+    first = failures[0]
+    if first["signal"] == "SIGKILL":
+        how = "was killed (SIGKILL: the kernel's out-of-memory killer sends it, as does kill -9)"
+    elif first["signal"]:
+        how = f"was ended by {first['signal']}"
+    else:
+        how = f"failed with exit code {first['exitcode']} (its output is above)"
+    more = f"; {len(failures) - 1} more failed with it" if len(failures) > 1 else ""
+    return f"training worker rank {first['rank']} (pid {first['pid']}) {how}{more}"
 
 
 def as_worker(body: Callable[[], int]) -> int:
@@ -220,6 +246,13 @@ def as_worker(body: Callable[[], int]) -> int:
         code, message = body(), None
     except UserError as exc:
         code, message = EXIT_USER_ERROR, str(exc)
+    except RuntimeError as exc:  # torch.distributed's errors are RuntimeErrors
+        if not any(sign in str(exc) for sign in PEER_LOST):
+            raise
+        # Another worker is gone: the launcher names it and how. This one's traceback would bury that.
+        log.error("worker rank %s: lost contact with the other workers (%s); stopping", os.environ.get("RANK"),
+                  first_line(exc))
+        _exit_now(1)
     if local_rank == "0":
         tmp = Path(launch_dir, f"{STATUS_NAME}.tmp")
         tmp.write_text(json.dumps({"exit_code": code, "message": message}))
@@ -227,7 +260,7 @@ def as_worker(body: Callable[[], int]) -> int:
     _exit_now()
 
 
-def _exit_now() -> None:
+def _exit_now(code: int = 0) -> None:
     """End a worker whose work is committed and reported, without the interpreter's finalisation.
 
     Gloo's C++ threads can outlive `destroy_process_group` and abort the process
@@ -241,4 +274,4 @@ def _exit_now() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -16,7 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from clipforge.config.base import StageConfig
-from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, WorkersFailed
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import first_few, input_changes, read_manifest, settings_changes, withdraw
@@ -36,7 +36,8 @@ def train_in_workers(command: str, config: dict, num_processes: int, out: str) -
     if outcome.exit_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # stopped after a checkpoint
         return TrainResult("preempted", out, exit_code=outcome.exit_code)
     if outcome.exit_code != 0:
-        raise RuntimeError(f"training processes failed with exit code {outcome.exit_code}; see their output above")
+        raise WorkersFailed(outcome.failure or f"training workers failed with exit code {outcome.exit_code} (their "
+                                               "output is above)")
     done = read_manifest(out) or {}
     return TrainResult("trained", out, done.get("metrics"))
 
