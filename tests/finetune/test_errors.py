@@ -286,6 +286,9 @@ def test_a_long_load_error_ends_at_a_sentence_or_a_word():
     assert line.endswith(". Please check your connection.") and len(line) < 400
     words = weights_problem(spec, RuntimeError("x" + " connection" * 60))
     assert words.endswith(" connection ...") and len(words) < 400
+    # A tiny model's weights given for ViT-B-32 (`--model-id` with another `--pretrained`): open_clip's own check.
+    assert weights_problem(spec, AssertionError("text pos_embed width changed!")) == \
+        "weights openai do not fit model ViT-B-32: text pos_embed width changed!"
 
 
 def test_hub_warnings_are_printed_once():

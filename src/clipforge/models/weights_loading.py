@@ -126,7 +126,8 @@ def weights_problem(spec: EncoderSpec, exc: Exception, local_weights: str | None
         return f"weights {spec.pretrained} are not a PyTorch or safetensors weights file (a state dict saved by " \
                "torch.save, or .safetensors)"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for marker in ("size mismatch", "Missing key", "Unexpected key"):
+    # open_clip's own check of a position embedding's width ("text pos_embed width changed!") is a misfit too.
+    for marker in ("size mismatch", "Missing key", "Unexpected key", "width changed"):
         hit = next((line for line in lines if marker in line), None)
         if hit:
             return f"weights {spec.pretrained} do not fit model {spec.model}: {one_line(hit)}"
