@@ -248,3 +248,14 @@ def test_a_list_flag_given_no_values_is_an_error_not_an_empty_list(capsys):
         main(["evaluate", "--clip-cache", "a", "--target-cache", "b", "--generated", "--out", "o"])
     assert exit_.value.code == 2
     assert "argument --generated: expected at least one argument" in capsys.readouterr().err
+
+
+def test_demo_data_does_not_replace_a_folder_of_real_data(tmp_path, capsys):
+    """`clipforge demo-data data` where data/ holds the real nsd_expdesign.mat wrote a synthetic one over it."""
+    (tmp_path / "nsd_expdesign.mat").write_bytes(b"the real one")
+    assert main(["demo-data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"clipforge demo-data: error: {tmp_path} holds nsd_expdesign.mat, " \
+                                              "which demo-data did not write and would replace: give demo-data a " \
+                                              "folder of its own"
+    assert (tmp_path / "nsd_expdesign.mat").read_bytes() == b"the real one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsd_expdesign.mat"]

@@ -14,6 +14,8 @@ import h5py
 import numpy as np
 import scipy.io
 
+from clipforge.errors import UserError
+
 NSD_SIZE = 425
 
 
@@ -111,6 +113,12 @@ def write_demo_data(root: str | Path, n_images: int = 240, captioned_images: int
     settings = json.dumps({"images": n_images, "captioned": captioned_images, "version": 3})
     if marker.is_file() and marker.read_text() == settings and all(p.is_file() for p in paths.values()):
         return paths
+    theirs = [path for path in paths.values() if path.exists()] if not marker.is_file() else []
+    if theirs:  # a folder of real data (an nsd_expdesign.mat), not one this command wrote
+        raise UserError(f"{root} holds {theirs[0].relative_to(root)}, which demo-data did not write and would "
+                        "replace: give demo-data a folder of its own")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"writing": True}))  # ours from the first file on: a rerun after a kill goes on
     write_nsd_hdf5(root / "nsd_stimuli.hdf5", n_images)
     write_expdesign(root / "nsd_expdesign.mat", n_images, per_subject=min(200, n_images),
                      shared=min(40, n_images // 4))
