@@ -227,3 +227,18 @@ def test_a_file_that_cannot_be_created_is_named_not_its_temporary_name():
     with pytest.raises(OSError) as info:
         storage.write_bytes("/proc/clipforge-x.parquet", b"x")  # a folder that takes no new files, even for root
     assert info.value.filename == "/proc/clipforge-x.parquet"
+
+
+def test_an_object_this_identity_may_not_read_is_one_line_naming_it(s3_bucket, capsys):
+    """A HEAD's 403 carries no AccessDenied code: it fell through as a botocore traceback, exit 1 (a crash that a
+    driver Job retries) rather than the user's to fix."""
+    import boto3
+
+    from clipforge.cli import main
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="private/e.mat", Body=b"x")
+    uri = f"s3://{s3_bucket}/private/e.mat"
+    with pytest.raises(UserError, match=rf"^access denied to {uri}, read anonymously \(no_sign_request\)"):
+        storage.fingerprint(uri, unsigned=True)
+    code = main(["index", "nsd", "--expdesign", uri, "--no-sign-request", "--subject", "subj01", "--output", "o.csv"])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err

@@ -492,6 +492,10 @@ def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
             except Exception as exc:
                 if s3.is_not_found(exc):
                     raise UserError(f"{uri} not found") from None
+                if s3.is_denied(exc):
+                    how = "read anonymously (no_sign_request)" if unsigned else "with these credentials"
+                    raise UserError(f"access denied to {uri}, {how}: check the credentials and the bucket's "
+                                    "policy") from None
                 raise
             return {"uri": uri, "size": head["ContentLength"], "etag": head["ETag"].strip('"')}
 
