@@ -3,6 +3,7 @@
 import functools
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -337,9 +338,26 @@ def test_an_out_holding_the_users_files_is_refused_and_left_as_it_is(caches, tmp
                                                     "a prefix of its own")
     report.mkdir()
     (report / "metrics.json").write_text('{"mine": 1}')
-    assert "holds metrics.json but no trace of training" in run_cli(capsys, *caches, report)
+    assert "holds metrics.json, which train-adapter did not write" in run_cli(capsys, *caches, report)
     assert (notes / "todo.txt").read_text() == "mine" and (report / "metrics.json").read_text() == '{"mine": 1}'
     assert sorted(p.name for p in report.iterdir()) == ["metrics.json"]
+
+
+def test_a_finished_adapter_with_a_note_beside_it_or_a_result_file_lost_without_checkpoints_is_still_its_own(
+        caches, tmp_path, capsys):
+    """A README added to a finished OUT is no reason to refuse an up-to-date rerun; an adapter whose checkpoints
+    were deleted (most of its size) and whose metrics.json is lost is made again, not refused as a stranger's."""
+    out = tmp_path / "out"
+    args = ["-q", "train-adapter", *config_args({"clip_cache": caches[0], "target_cache": caches[1], "out": str(out),
+                                                 **FAST})]
+    assert main(args) == 0
+    (out / "README.md").write_text("the adapter for the paper")
+    assert main(args) == 0
+    shutil.rmtree(out / "checkpoints")
+    (out / "metrics.json").unlink()
+    (out / "README.md").unlink()
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "metrics.json").is_file() and (out / "_manifest.json").is_file()
 
 
 def test_a_folder_of_the_users_under_checkpoints_is_refused_and_kept(caches, tmp_path, capsys):

@@ -120,6 +120,11 @@ def test_timestamped_runs_are_not_nested_inside_another_stages_output(capsys, ti
     assert code == EXIT_USER_ERROR
     assert "holds a 'cache' output, not a folder of fine-tuned models" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["_manifest.json"]
+    run = tmp_path / "run"  # a --no-timestamped run folder: a new timestamped run does not go inside it
+    write_manifest(str(run), kind="finetune", config={}, config_fingerprint="x", inputs={})
+    assert main(["finetune", *config_args(settings(tiny_clip, captioned, run))]) == EXIT_USER_ERROR
+    assert "holds a 'finetune' output, not a folder of fine-tuned models: give the models a folder of their own " \
+           "(or --resume latest" in capsys.readouterr().err
 
 
 def test_a_loss_that_becomes_nan_names_its_step_and_keeps_the_last_good_checkpoint(capsys, tiny_clip, captioned,

@@ -101,7 +101,8 @@ def test_a_rerun_into_one_out_leaves_no_file_of_the_earlier_result(generation_in
     assert first["files"] == ["metrics.json", "metrics.png", "contact_sheet.png", "images.png"]
     second = evaluate(generation_inputs, out)
     assert second["files"] == ["metrics.json", "metrics.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "metrics.json", "metrics.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["_manifest.json", "metrics.json",
+                                                                                 "metrics.png"]
     assert "images" not in json.loads((out / "metrics.json").read_text())
     argv = ["-q", "evaluate", "--clip-cache", generation_inputs["source"], "--target-cache",
             generation_inputs["target"], "--out", zero]
@@ -116,7 +117,17 @@ def test_a_rerun_into_one_out_leaves_no_file_of_the_earlier_result(generation_in
     assert capsys.readouterr().err.strip().endswith(f"out {out} holds notes.md, which evaluate did not write: a "
                                                     "rerun replaces the evaluation there; give the evaluation a "
                                                     "folder of its own")
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "metrics.json", "metrics.png", "notes.md"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "_manifest.json", "metrics.json", "metrics.png", "notes.md"]
+    # A report folder of the user's holding files of evaluate's own names: not evaluate's, so not replaced.
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "metrics.json").write_text('{"mine": 1}')
+    (report / "images.png").write_bytes(b"my picture")
+    assert main([*argv[:-1], str(report)]) == 2
+    assert "holds images.png (and 1 more), which evaluate did not write" in capsys.readouterr().err
+    assert (report / "metrics.json").read_text() == '{"mine": 1}' and (report / "images.png").read_bytes() == \
+        b"my picture"
 
 
 def test_the_headline_is_the_figures_a_user_compares(generation_inputs, unclip, tmp_path):

@@ -391,3 +391,11 @@ def test_a_stage_needing_one_stage_twice_is_a_spec_error(tmp_path):
     spec["stages"][1]["needs"] = ["idx", "idx"]
     with pytest.raises(UserError, match=r"stages\.src\.needs: names idx more than once"):
         load_pipeline(write(tmp_path, spec))
+
+
+def test_true_for_a_number_is_refused_in_the_specs_own_settings_too(tmp_path):
+    """`fallback_limit: true` trained the adapter on one row; `gpus: true` asked for one GPU."""
+    spec = base_spec()
+    spec["stages"][1]["resources"] = {"gpus": True}
+    with pytest.raises(UserError, match=r"stages\.src\.resources\.gpus: expected a number, got true"):
+        load_pipeline(write(tmp_path, spec))

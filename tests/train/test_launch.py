@@ -107,3 +107,29 @@ def test_under_the_launcher_workers_report_and_exit_quietly(tmp_path, monkeypatc
         launch.as_worker(lambda: 75)
     assert json.loads(status.read_text()) == {"exit_code": 75, "message": None}
     assert sorted(p.name for p in tmp_path.glob("pid-*")) == ["pid-0", "pid-1"]
+
+
+def test_the_failed_worker_named_is_the_cause_not_a_bystander(tmp_path):
+    """torchrun lists every failed worker by rank; the one that died or failed on its own is named, not one that
+    torchrun stopped after it (SIGTERM) or that lost contact with it (its lost-RANK mark)."""
+    import json
+
+    from clipforge.train.launch import FAILURES_NAME, failed_workers
+
+    def named(failures, lost=()):
+        (tmp_path / FAILURES_NAME).write_text(json.dumps(failures))
+        for mark in tmp_path.glob("lost-*"):
+            mark.unlink()
+        for rank in lost:
+            (tmp_path / f"lost-{rank}").touch()
+        return failed_workers(tmp_path)
+
+    stopped = {"rank": 0, "pid": 10, "exitcode": -15, "signal": "SIGTERM"}
+    crashed = {"rank": 1, "pid": 11, "exitcode": 1, "signal": None}
+    killed = {"rank": 2, "pid": 12, "exitcode": -9, "signal": "SIGKILL"}
+    assert named([stopped, crashed]).startswith("training worker rank 1 (pid 11) failed with exit code 1")
+    assert named([{**stopped, "exitcode": 1, "signal": None}, killed], lost=[0]).startswith(
+        "training worker rank 2 (pid 12) was killed (SIGKILL")
+    assert "lost contact with the other workers (one on another machine" in \
+        named([{**stopped, "exitcode": 1, "signal": None}], lost=[0])
+    assert failed_workers(tmp_path / "none") is None

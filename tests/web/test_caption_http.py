@@ -99,6 +99,9 @@ def test_other_sites_cannot_embed_images_and_oversized_or_unencodable_requests_g
     huge = b'{"path": "circle/0000.png", "caption": "' + b"word " * 300_000 + b'"}'
     answer = httpx.post(server.url + "api/caption", content=huge, headers=token)
     assert answer.status_code == 413 and "larger than this page takes" in answer.json()["error"]
+    chunks = (b"word " * 20_000 for _ in range(20))  # sent in chunks: no length to refuse it by up front
+    answer = httpx.post(server.url + "api/caption", content=chunks, headers=token)
+    assert answer.status_code == 413 and "larger than this page takes" in answer.json()["error"]
     lone = b'{"path": "caf\\udce9.png", "caption": "a cafe"}'
     answer = httpx.post(server.url + "api/caption", content=lone, headers=token)
     assert answer.status_code == 400 and "not an image of" in answer.json()["error"]

@@ -22,11 +22,27 @@ from clipforge.errors import UserError
 C = TypeVar("C", bound="StageConfig")
 
 
-class StageConfig(BaseModel):
+class Numbers(BaseModel):
+    """Settings whose numbers are numbers: not `inf` or `nan` (they parse as floats: a learning rate or guidance of
+    inf trains to NaN, or generates black images), and not `true`/`false` (pydantic takes a bool for 1 or 0)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`epochs: true` in YAML is a mistake, not 1 epoch (pydantic takes a bool for a number)."""
+        if isinstance(value, bool):
+            types = {(annotation := cls.model_fields[info.field_name].annotation), *get_args(annotation)}
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+class StageConfig(Numbers):
     """A stage's settings. Subclasses list in `volatile` the fields that cannot change the output."""
 
-    # `inf` parses as a float: a learning rate or guidance of inf trains to NaN, or generates black images.
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     volatile: ClassVar[frozenset[str]] = frozenset()
     # Settings added after outputs were made without them: they count only when set to something other than
@@ -41,16 +57,6 @@ class StageConfig(BaseModel):
         description="any label (fix-2026-11): a new one makes a new output, so a pipeline runs this stage and "
         "those that read it again (an output counts settings and inputs, not the code that made it)",
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """`epochs: true` in YAML is a mistake, not 1 epoch (pydantic takes a bool for a number)."""
-        if isinstance(value, bool):
-            types = {(annotation := cls.model_fields[info.field_name].annotation), *get_args(annotation)}
-            if bool not in types and types & {int, float}:
-                raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
 
     @field_validator("revision", mode="before")
     @classmethod

@@ -15,9 +15,9 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
-from clipforge.config.base import read_yaml, validation_message
+from clipforge.config.base import Numbers, read_yaml, validation_message
 from clipforge.errors import UserError
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -38,7 +38,7 @@ def a_uri(value: str) -> str:
 Uri = Annotated[str, AfterValidator(a_uri)]
 
 
-class _Strict(BaseModel):
+class _Strict(Numbers):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
 

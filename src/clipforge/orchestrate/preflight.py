@@ -14,6 +14,7 @@ hold other credentials.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from clipforge.config.adapter import adapter_folder
@@ -22,11 +23,10 @@ from clipforge.orchestrate.kinds import KINDS
 from clipforge.storage.manifest import read_manifest
 from clipforge.storage.uri import holds, one_spelling
 
+log = logging.getLogger("clipforge.run")
+
 # Settings a stage reads without signing when `no_sign_request` is set (public buckets such as NSD's).
 UNSIGNED_SETTINGS = ("source", "expdesign")
-# Settings that name another stage's finished output, by the kind of stage that makes it.
-OUTPUT_SETTINGS = {"clip_cache": "cache", "target_cache": "cache", "embeddings": "cache", "adapter": "adapter",
-                   "generated": "generate"}
 
 
 def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | None = None) -> list[str]:
@@ -59,40 +59,49 @@ def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | N
                 gone = local and not os.path.exists(value.removeprefix("file://"))
             if gone:
                 problems.append(f"stages.{stage.name}.with.{key}: {value} not found")
-            elif key in OUTPUT_SETTINGS and (local or value.startswith("s3://")):
-                wrong = other_kind(value, OUTPUT_SETTINGS[key])
+            elif (kinds := output_kinds(stage, key)) and (local or value.startswith("s3://")):
+                wrong = other_kind(value, kinds)
                 if wrong:
                     problems.append(f"stages.{stage.name}.with.{key}: {value} {wrong}")
     return problems
 
 
 def machine_problems(spec: PipelineSpec) -> list[str]:
-    """What keeps this machine from running the spec's stages itself (`clipforge run`, `check --inputs local`): an
-    `artifacts` that is a file, a stage asking for CUDA where torch sees none."""
-    problems = []
-    if not spec.artifacts.startswith("s3://") and os.path.isfile(spec.artifacts):
-        problems.append(f"artifacts: {spec.artifacts} is a file, where a folder is needed")
+    """What keeps this machine from running the spec (`clipforge run`, `check --inputs local`): an `artifacts`
+    that is a file. Stages asking for CUDA where torch sees none are warned of, not refused: their outputs may be
+    made already (a finished GPU run looked at again from a CPU machine)."""
     cuda = [stage.name for stage in spec.stages if str(stage.with_.get("device", "")).startswith("cuda")]
     if cuda:
         import torch
 
         if not torch.cuda.is_available():
-            problems += [f"stages.{name}.with.device: cuda asked for, but torch sees no CUDA GPU here" for name in cuda]
-    return problems
+            log.warning("stage%s %s ask%s for device cuda, and torch sees no CUDA GPU here: %s fail unless %s "
+                        "outputs are made already", "s" if len(cuda) > 1 else "", ", ".join(cuda),
+                        "" if len(cuda) > 1 else "s", "they" if len(cuda) > 1 else "it",
+                        "their" if len(cuda) > 1 else "its")
+    if not spec.artifacts.startswith("s3://") and os.path.isfile(spec.artifacts):
+        return [f"artifacts: {spec.artifacts} is a file, where a folder is needed"]
+    return []
 
 
-def other_kind(uri: str, kind: str) -> str | None:
+def output_kinds(stage: StageSpec, key: str) -> tuple[str, ...]:
+    """The kinds of stage whose output a setting may name as a whole (`clip_cache`: a cache's); () for others."""
+    file, kinds = KINDS[stage.kind].inputs.get(key, ("-", ()))
+    return kinds if file == "" else ()
+
+
+def other_kind(uri: str, kinds: tuple[str, ...]) -> str | None:
     """`holds an adapter stage's output, not a cache stage's` for a finished output of another kind at `uri`;
-    None when it is of `kind`, has no manifest (a weights file, an output still being made) or cannot be read
-    from here (the stage says why)."""
+    None when it is of one of `kinds`, has no manifest (a weights file, an output still being made) or cannot be
+    read from here (the stage says why)."""
     try:
         manifest = read_manifest(adapter_folder(uri))  # an adapter may be named by its weights file or card
     except Exception:  # a damaged manifest, credentials this machine lacks: the stage's to say
         return None
-    found = (manifest or {}).get("kind", kind)
-    if found == kind:
+    found = (manifest or {}).get("kind", kinds[0])
+    if found in kinds:
         return None
-    return f"holds {article(found)} {found} stage's output, not {article(kind)} {kind} stage's"
+    return f"holds {article(found)} {found} stage's output, not {article(kinds[0])} {kinds[0]} stage's"
 
 
 def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:

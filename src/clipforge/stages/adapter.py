@@ -17,7 +17,6 @@ import json
 import logging
 
 from clipforge.config.adapter import AdapterConfig
-from clipforge.errors import UserError
 from clipforge.models.adapter import CARD_NAME, WEIGHTS_NAME, adapter_bytes
 from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
@@ -25,7 +24,9 @@ from clipforge.stages.adapter_metrics import metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_trainer import AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    claim,
     finished_manifest,
+    is_claimed,
     is_up_to_date,
     refuse_foreign_files,
     refuse_other_kind,
@@ -59,11 +60,14 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
 def _train_adapter(config: AdapterConfig) -> TrainResult:
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
+    # Before a damaged manifest is withdrawn: a result there without one (its checkpoints deleted) stays ours.
+    ours = is_claimed(config.out) or bool(storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)))
     manifest = finished_manifest(config.out, "adapter")
-    _check_out(config, manifest)
+    refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", "give the adapter a prefix of its own")
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
         return TrainResult("up to date", config.out, manifest.get("metrics"))
+    _check_out(config, ours)
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -79,20 +83,14 @@ def _check_before_launch(config: AdapterConfig) -> None:
     global_batch_size(config, len(pairs.train_ids), launch.world_size(config.num_processes))
 
 
-def _check_out(config: AdapterConfig, manifest: dict | None) -> None:
+def _check_out(config: AdapterConfig, ours: bool) -> None:
     """OUT must be an adapter's own prefix: retraining replaces what is there (the config keeps it out of the
-    caches). Its result's names without a manifest or checkpoints beside them are no run's: a user's
+    caches). The result's names count as the adapter's only in an output a run claimed (`ours`): a user's
     `metrics.json`, or an adapter copied there by hand, is not replaced."""
-    give = "give the adapter a prefix of its own"
-    refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", give)
     own_folders = ("logs/", f"{CHECKPOINTS_DIR}/")
-    refuse_foreign_files(config.out, lambda path: path in FINAL_FILES or path.startswith(own_folders),
-                         "train-adapter", f"training replaces the adapter there; {give}")
-    if manifest is None and not storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)):
-        result = next((name for name in FINAL_FILES if storage.exists(storage.join(config.out, name))), None)
-        if result:
-            raise UserError(f"out {config.out} holds {result} but no trace of training (no _manifest.json, no "
-                            f"{CHECKPOINTS_DIR}/): training would replace it; {give}")
+    refuse_foreign_files(config.out, lambda path: path.startswith(own_folders) or ours and path in FINAL_FILES,
+                         "train-adapter", "training replaces the adapter there; give the adapter a prefix of its own")
+    claim(config.out)
 
 
 def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:

@@ -31,7 +31,9 @@ from clipforge.stages.adapter_metrics import METRIC_NAMES, metrics_table, zero_p
 from clipforge.stages.evaluate_images import check_generated, contact_sheet, score_generated, table_text
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    claim,
     finished_manifest,
+    is_claimed,
     is_up_to_date,
     output_fingerprint,
     read_manifest,
@@ -92,14 +94,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
+    ours = is_claimed(cfg.out)  # before a damaged manifest is withdrawn: its files stay evaluate's own
     earlier = finished_manifest(cfg.out, "evaluate")
     refuse_other_kind(earlier, "evaluate", f"out {cfg.out}", "an evaluation",
                       "give the evaluation a prefix of its own")
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return earlier
-    refuse_foreign_files(cfg.out, lambda path: path in RESULT_FILES, "evaluate",
+    # A user's `metrics.json` in a report folder is not evaluate's: only in an output evaluate claimed.
+    refuse_foreign_files(cfg.out, lambda path: ours and path in RESULT_FILES, "evaluate",
                          "a rerun replaces the evaluation there; give the evaluation a folder of its own")
+    claim(cfg.out)
     for prefix in cfg.generated:
         check_generated(prefix, cfg.clip_cache, inputs["clip_cache"], cfg.adapter, inputs["adapter"])
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None

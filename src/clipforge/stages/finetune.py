@@ -145,9 +145,14 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
     storage.check_output_folder(config.out, "--out")
     if not config.timestamped:
         return config
-    # The run folders go under OUT: inside a cache, `pyarrow.dataset(CACHE)` would read their files too.
-    refuse_other_kind(read_manifest(config.out), "finetune", f"out {config.out}", "a folder of fine-tuned models",
-                      "give the models a folder of their own")
+    # The run folders go under OUT: inside a cache, `pyarrow.dataset(CACHE)` would read their files too, and
+    # inside a run folder (--no-timestamped) a new run is no run of that folder's. `--resume latest` may name one.
+    found = read_manifest(config.out)
+    kind = (found or {}).get("kind")
+    if found is not None and not (config.resume and kind == "finetune"):
+        resume = " (or --resume latest to go on with that run)" if kind == "finetune" else ""
+        raise UserError(f"out {config.out} holds a {kind!r} output, not a folder of fine-tuned models: give the "
+                        f"models a folder of their own{resume}")
     if launch.rendezvous_from_env().nnodes > 1 and not config.resume:
         raise UserError("a run over several machines needs one folder they all agree on: pass --no-timestamped "
                         "(OUT is the run folder) or --resume FOLDER")

@@ -11,7 +11,9 @@ from clipforge.errors import UserError
 from clipforge.storage import parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    claim,
     finished_manifest,
+    is_claimed,
     is_up_to_date,
     refuse_foreign_files,
     refuse_other_kind,
@@ -37,16 +39,19 @@ def run_index(cfg: IndexConfig) -> dict:
     is_prefix = index_file(cfg.output) != cfg.output
     if is_prefix:
         storage.check_output_folder(cfg.output, "--output")
-        refuse_foreign_files(cfg.output, lambda path: path == INDEX_FILE, "index",
-                             "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
     elif storage.exists(cfg.output):
         refuse_other_file(cfg.output)
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
+    ours = is_prefix and is_claimed(cfg.output)  # before a damaged manifest is withdrawn
     manifest = finished_manifest(cfg.output, "index") if is_prefix else None
     refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
+    if is_prefix:
+        refuse_foreign_files(cfg.output, lambda path: ours and path == INDEX_FILE, "index",
+                             "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
+        claim(cfg.output)
     was = (manifest or {}).get("config", {})
     if manifest is not None and subject_name(str(was.get("subject"))) != subject_name(cfg.subject):  # another subject
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "

@@ -85,6 +85,7 @@ def finished_manifest(prefix: str, kind: str, who: str = "") -> dict | None:
     if not gone:
         return manifest
     log.warning("%s%s is not finished: %s; running the stage again", who, prefix, gone_note(gone))
+    claim(prefix)  # its files stay the stage's own without the manifest
     if kind in RESTORED_KINDS:
         withdraw_unfinished(prefix)
     else:
@@ -174,15 +175,31 @@ def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, giv
         raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
 
 
+# Hidden, in an output a stage has begun to write: files of the stage's own names there are its own even
+# without a manifest (a run killed before its commit, a manifest withdrawn), and a user's without either.
+CLAIM_NAME = ".clipforge-output"
+
+
+def claim(prefix: str) -> None:
+    """Mark `prefix` as a stage's output before its first write (see CLAIM_NAME)."""
+    storage.write_bytes(storage.join(prefix, CLAIM_NAME), b"")
+
+
+def is_claimed(prefix: str) -> bool:
+    """A stage's output: it has a manifest (any kind; read as it is, before `finished_manifest` withdraws a
+    damaged one) or a stage claimed it."""
+    return storage.exists(manifest_uri(prefix)) or storage.exists(storage.join(prefix, CLAIM_NAME))
+
+
 def refuse_foreign_files(out: str, own: Callable[[str], bool], stage: str, why: str, flag: str = "out") -> None:
     """Before any work: an output folder holding a file `stage` does not write (a user's notes, a photo, the
     folder an `--out .` names) is refused, naming it, since a rerun replaces or removes the stage's own files
-    there. `own(path)` tells the stage's files (paths relative to `out`); hidden files, folder markers and
-    clipforge's bookkeeping at the top (`_manifest.json`, a runner's `_lease.json`) are nobody's to refuse.
-    `flag` names the setting as the stage calls it."""
+    there. `own(path)` tells the stage's files (paths relative to `out`); hidden files, folder markers (the
+    prefix's own, listed as ""), `_manifest.json`, a runner's `_lease.json` and other `_`-named bookkeeping at
+    the top are nobody's to refuse. `flag` names the setting as the stage calls it."""
     foreign = [path for path in storage.list_tree(out)
-               if not (path.endswith("/") or storage.is_hidden(path) or (path.startswith("_") and "/" not in path)
-                       or own(path))]
+               if not (path.endswith("/") or not path or storage.is_hidden(path)
+                       or (path.startswith("_") and "/" not in path) or own(path))]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UserError(f"{flag} {out} holds {foreign[0]}{more}, which {stage} did not write: {why}")

@@ -215,9 +215,16 @@ def failed_workers(launch_dir: Path) -> str | None:
     path = launch_dir / FAILURES_NAME
     if not path.is_file():
         return None
-    # The one a signal ended, if any, is the cause: the others then lost contact with it, or torchrun stopped them.
-    failures = sorted(json.loads(path.read_text()), key=lambda f: f["signal"] in (None, "SIGTERM"))
+    # The cause first: a worker a signal ended (not torchrun's SIGTERM to the rest), then one that failed on its
+    # own, then those that lost contact with it (they left a mark) or were stopped.
+    lost = {int(mark.name.removeprefix("lost-")) for mark in launch_dir.glob("lost-*")}
+    failures = sorted(json.loads(path.read_text()),
+                      key=lambda f: 0 if f["signal"] not in (None, "SIGTERM") else
+                      1 if not f["signal"] and f["rank"] not in lost else 2)
     first = failures[0]
+    if first["rank"] in lost:  # every failure here lost its peers: the worker that died was on another machine
+        return f"training worker rank {first['rank']} (pid {first['pid']}) lost contact with the other workers (one " \
+               "on another machine died or was stopped: its own log says why)"
     if first["signal"] == "SIGKILL":
         how = "was killed (SIGKILL: the kernel's out-of-memory killer sends it, as does kill -9)"
     elif first["signal"]:
@@ -252,6 +259,7 @@ def as_worker(body: Callable[[], int]) -> int:
         # Another worker is gone: the launcher names it and how. This one's traceback would bury that.
         log.error("worker rank %s: lost contact with the other workers (%s); stopping", os.environ.get("RANK"),
                   first_line(exc))
+        Path(launch_dir, f"lost-{os.environ.get('RANK', local_rank)}").touch()
         _exit_now(1)
     if local_rank == "0":
         tmp = Path(launch_dir, f"{STATUS_NAME}.tmp")

@@ -277,7 +277,8 @@ def scan_images(root: Path) -> tuple[list[str], list[Unreadable]]:
         problems = list(pool.map(lambda path: display_problem(root, path), relative))
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
     # A link to another image of the folder is that image to `captions prepare`: offered once, under its own name.
-    problems = [why or linked_image(root, path, set(readable)) for path, why in zip(relative, problems, strict=True)]
+    images = set(readable)
+    problems = [why or linked_image(root, path, images) for path, why in zip(relative, problems, strict=True)]
     readable = [path for path, why in zip(relative, problems, strict=True) if why is None]
     unreadable = [Unreadable(name_shown(path), why) for path, why in zip(relative, problems, strict=True) if why]
     if unreadable:

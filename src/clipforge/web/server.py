@@ -125,6 +125,10 @@ def is_own_address(name: str) -> bool:
     return True
 
 
+class BodyTooLarge(BaseException):  # noqa: N818 (past Starlette's handlers, which catch Exception)
+    """A request body passed the page's limit while it was being read."""
+
+
 class PageGuard:
     """ASGI middleware: security headers on every response, only this server's own Host names
     (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token —
@@ -141,11 +145,20 @@ class PageGuard:
             refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
             await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
             return
+        too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
         length = Headers(scope=scope).get("content-length", "0")
-        if not length.isdigit() or int(length) > self.max_body:
-            too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
+        if length.isascii() and length.isdigit() and int(length) > self.max_body:
             await too_large(scope, receive, send)
             return
+        received = 0
+
+        async def receive_at_most():  # a body sent in chunks says no length: counted as it comes
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise BodyTooLarge
+            return message
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -154,7 +167,10 @@ class PageGuard:
                     headers.setdefault(key, value)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive_at_most, send_with_headers)
+        except BodyTooLarge:
+            await too_large(scope, receive, send)
 
 
 def host_name(host_header: str) -> str:

@@ -67,6 +67,7 @@ function imageUrl(path) {
 }
 
 function show(index) {
+  if (images[at]) images[at].conflict = null; // a refused save holds only while its image is shown
   at = index;
   const item = images[at];
   $('image').src = imageUrl(item.path);
