@@ -24,7 +24,6 @@ from clipforge.stages.adapter_metrics import metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_trainer import AdapterTrainer, global_batch_size
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
-    claim,
     finished_manifest,
     is_claimed,
     is_up_to_date,
@@ -90,7 +89,6 @@ def _check_out(config: AdapterConfig, ours: bool) -> None:
     own_folders = ("logs/", f"{CHECKPOINTS_DIR}/")
     refuse_foreign_files(config.out, lambda path: path.startswith(own_folders) or ours and path in FINAL_FILES,
                          "train-adapter", "training replaces the adapter there; give the adapter a prefix of its own")
-    claim(config.out)
 
 
 def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:

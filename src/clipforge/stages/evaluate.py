@@ -104,7 +104,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     # A user's `metrics.json` in a report folder is not evaluate's: only in an output evaluate claimed.
     refuse_foreign_files(cfg.out, lambda path: ours and path in RESULT_FILES, "evaluate",
                          "a rerun replaces the evaluation there; give the evaluation a folder of its own")
-    claim(cfg.out)
     for prefix in cfg.generated:
         check_generated(prefix, cfg.clip_cache, inputs["clip_cache"], cfg.adapter, inputs["adapter"])
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None
@@ -141,6 +140,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     pictures = {"metrics.png": bar_chart(metrics)}
     if cfg.generated:
         pictures |= evaluate_generated(cfg, metrics, {str(i) for i in pairs.test_ids})
+    claim(cfg.out)  # before the first write: its files there are evaluate's (`refuse_foreign_files`)
     withdraw(cfg.out, [name for name in RESULT_FILES if name not in ("metrics.json", *pictures)])
     storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
     for name, data in pictures.items():

@@ -51,7 +51,6 @@ def run_index(cfg: IndexConfig) -> dict:
     if is_prefix:
         refuse_foreign_files(cfg.output, lambda path: ours and path == INDEX_FILE, "index",
                              "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
-        claim(cfg.output)
     was = (manifest or {}).get("config", {})
     if manifest is not None and subject_name(str(was.get("subject"))) != subject_name(cfg.subject):  # another subject
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "
@@ -65,6 +64,8 @@ def run_index(cfg: IndexConfig) -> dict:
     else:
         data = parquet.frame_bytes(frame)
     # An index written again as it was keeps its mtime: the caches made from it stay up to date.
+    if is_prefix:
+        claim(cfg.output)  # before the first write: its index there is this stage's (`refuse_foreign_files`)
     existed = storage.exists(index_file(cfg.output))
     written = storage.write_bytes_if_changed(index_file(cfg.output), data)
     if written and existed:

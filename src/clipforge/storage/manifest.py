@@ -175,9 +175,9 @@ def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, giv
         raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
 
 
-# Hidden, in an output a stage has begun to write: files of the stage's own names there are its own even
-# without a manifest (a run killed before its commit, a manifest withdrawn), and a user's without either.
-CLAIM_NAME = ".clipforge-output"
+# `storage.CLAIM_NAME`, hidden, in an output a stage has begun to write: files of the stage's own names there are
+# its own even without a manifest (a run killed before its commit, a manifest withdrawn), a user's without either.
+CLAIM_NAME = storage.CLAIM_NAME
 
 
 def claim(prefix: str) -> None:

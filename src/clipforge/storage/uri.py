@@ -464,11 +464,17 @@ def missing_folders(prefix: str) -> list[Path]:
     return [folder for folder in (path, *path.parents) if not folder.exists()]
 
 
+# Hidden, in an output a stage has begun to write (`manifest.claim`): a folder holding only it is empty.
+CLAIM_NAME = ".clipforge-output"
+
+
 def remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first, from `missing_folders`) while they are empty: a folder that holds
-    anything stays, and so do those above it."""
+    """Remove `folders` (deepest first, from `missing_folders`) while they are empty, or hold only a stage's
+    claim: a folder that holds anything else stays, and so do those above it."""
     for folder in folders:
         try:
+            if [entry.name for entry in folder.iterdir()] == [CLAIM_NAME]:
+                (folder / CLAIM_NAME).unlink()
             folder.rmdir()
         except FileNotFoundError:
             continue

@@ -19,7 +19,7 @@ from clipforge.config.base import StageConfig
 from clipforge.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, WorkersFailed
 from clipforge.orchestrate.lease import RUN_ID_ENV
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import first_few, input_changes, read_manifest, settings_changes, withdraw
+from clipforge.storage.manifest import claim, first_few, input_changes, read_manifest, settings_changes, withdraw
 from clipforge.train import launch
 from clipforge.train.checkpoint import CheckpointStore, Listing
 from clipforge.train.loop import PreemptionWatch, TrainResult
@@ -56,6 +56,7 @@ def clear_stale_output(accelerator: Accelerator, store: CheckpointStore, out: st
     refuse_foreign_folders(store, listing)
     accelerator.wait_for_everyone()  # every process has listed before the main one removes anything
     if accelerator.is_main_process:
+        claim(out)  # before the first write: the result's files there are this stage's (`refuse_foreign_files`)
         manifest = read_manifest(out)
         if manifest is not None:
             log.warning("%s holds an output of another config or other inputs%s: training anew", out,
