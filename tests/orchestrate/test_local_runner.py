@@ -588,7 +588,7 @@ def test_a_reuse_existing_output_of_another_kind_stops_the_run_before_the_first_
         assert machine_problems(load_pipeline(DEMO_SPEC, on_gpu)) == [
             f"artifacts: {a_file} is a file, where a folder is needed"]
     # Warned, not refused: a finished GPU run may be looked at again from a CPU machine.
-    assert ("stage adapter asks for device cuda, and torch sees no CUDA GPU here" in caplog.text) == \
+    assert ("device cuda asked for by adapter, and torch sees no CUDA GPU here" in caplog.text) == \
         (not torch.cuda.is_available())
 
 

@@ -1,5 +1,5 @@
 """Before a run's first stage: the inputs its stages name that are not there, and a `reuse_existing` output
-or an input output (`clip_cache: PATH`) of another kind of stage.
+or an input (`clip_cache: PATH`) that is another kind of stage's output.
 
 A misspelt path of the last stage, or the wrong output for it to reuse, would
 otherwise be found after the first ones spent hours. Each stage kind lists the
@@ -75,10 +75,8 @@ def machine_problems(spec: PipelineSpec) -> list[str]:
         import torch
 
         if not torch.cuda.is_available():
-            log.warning("stage%s %s ask%s for device cuda, and torch sees no CUDA GPU here: %s fail unless %s "
-                        "outputs are made already", "s" if len(cuda) > 1 else "", ", ".join(cuda),
-                        "" if len(cuda) > 1 else "s", "they" if len(cuda) > 1 else "it",
-                        "their" if len(cuda) > 1 else "its")
+            log.warning("device cuda asked for by %s, and torch sees no CUDA GPU here: such a stage fails unless "
+                        "its output is made already", ", ".join(cuda))
     if not spec.artifacts.startswith("s3://") and os.path.isfile(spec.artifacts):
         return [f"artifacts: {spec.artifacts} is a file, where a folder is needed"]
     return []

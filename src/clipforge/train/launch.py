@@ -211,7 +211,7 @@ def relaunch(command: str, config: dict, num_processes: int, *, quiet: bool = Fa
 
 
 def failed_workers(launch_dir: Path) -> str | None:
-    """`worker rank 1 (pid 4976) was killed by SIGKILL ...` from torchrun's report, or None without one."""
+    """`training worker rank 1 (pid 4976) was killed (SIGKILL ...)` from torchrun's report; None without one."""
     path = launch_dir / FAILURES_NAME
     if not path.is_file():
         return None
