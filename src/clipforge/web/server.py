@@ -132,7 +132,8 @@ class BodyTooLarge(BaseException):  # noqa: N818 (past Starlette's handlers, whi
 class PageGuard:
     """ASGI middleware: security headers on every response, only this server's own Host names
     (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token —
-    and no request body over `max_body` bytes (413 before it is read: a pasted book, a huge upload)."""
+    and no request body over `max_body` bytes (a pasted book, a huge upload: 413, before it is read when it says
+    its length, else once the chunks read pass the limit)."""
 
     def __init__(self, app, loopback_only: bool, max_body: int):
         self.app, self.loopback_only, self.max_body = app, loopback_only, max_body
