@@ -59,14 +59,12 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
 def _train_adapter(config: AdapterConfig) -> TrainResult:
     inputs = stage_inputs(config)
     fingerprint = config.fingerprint()
-    # Before a damaged manifest is withdrawn: a result there without one (its checkpoints deleted) stays ours.
-    ours = is_claimed(config.out) or bool(storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)))
     manifest = finished_manifest(config.out, "adapter")
     refuse_other_kind(manifest, "adapter", f"out {config.out}", "an adapter", "give the adapter a prefix of its own")
     if is_up_to_date(manifest, fingerprint, inputs):
         log.info("%s is up to date; nothing to train", config.out)
         return TrainResult("up to date", config.out, manifest.get("metrics"))
-    _check_out(config, ours)
+    _check_out(config)
     if not launch.needs_launch(config.num_processes):
         with PreemptionWatch() as watch:
             return _train_here(config, inputs, fingerprint, watch)
@@ -82,10 +80,12 @@ def _check_before_launch(config: AdapterConfig) -> None:
     global_batch_size(config, len(pairs.train_ids), launch.world_size(config.num_processes))
 
 
-def _check_out(config: AdapterConfig, ours: bool) -> None:
+def _check_out(config: AdapterConfig) -> None:
     """OUT must be an adapter's own prefix: retraining replaces what is there (the config keeps it out of the
-    caches). The result's names count as the adapter's only in an output a run claimed (`ours`): a user's
+    caches). The result's names count as the adapter's only in an output a run claimed (a damaged one's manifest
+    withdrawn left its claim: `finished_manifest`), or one with checkpoints (made before claims were): a user's
     `metrics.json`, or an adapter copied there by hand, is not replaced."""
+    ours = is_claimed(config.out) or bool(storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)))
     own_folders = ("logs/", f"{CHECKPOINTS_DIR}/")
     refuse_foreign_files(config.out, lambda path: path.startswith(own_folders) or ours and path in FINAL_FILES,
                          "train-adapter", "training replaces the adapter there; give the adapter a prefix of its own")

@@ -94,14 +94,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "adapter": adapter_identity(cfg.adapter) if cfg.adapter else None,
         "generated": [output_fingerprint(prefix) for prefix in cfg.generated],
     }
-    ours = is_claimed(cfg.out)  # before a damaged manifest is withdrawn: its files stay evaluate's own
     earlier = finished_manifest(cfg.out, "evaluate")
     refuse_other_kind(earlier, "evaluate", f"out {cfg.out}", "an evaluation",
                       "give the evaluation a prefix of its own")
     if is_up_to_date(earlier, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.out)
         return earlier
-    # A user's `metrics.json` in a report folder is not evaluate's: only in an output evaluate claimed.
+    # A user's `metrics.json` in a report folder is not evaluate's: only in an output evaluate claimed (a damaged
+    # one's manifest withdrawn just now left its claim: `finished_manifest`).
+    ours = is_claimed(cfg.out)
     refuse_foreign_files(cfg.out, lambda path: ours and path in RESULT_FILES, "evaluate",
                          "a rerun replaces the evaluation there; give the evaluation a folder of its own")
     for prefix in cfg.generated:

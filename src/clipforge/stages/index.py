@@ -42,13 +42,13 @@ def run_index(cfg: IndexConfig) -> dict:
     elif storage.exists(cfg.output):
         refuse_other_file(cfg.output)
     inputs = {"expdesign": storage.fingerprint(cfg.expdesign, unsigned=cfg.no_sign_request)}
-    ours = is_prefix and is_claimed(cfg.output)  # before a damaged manifest is withdrawn
     manifest = finished_manifest(cfg.output, "index") if is_prefix else None
     refuse_other_kind(manifest, "index", f"output {cfg.output}", "an index", "give the index an output of its own")
     if is_up_to_date(manifest, cfg.fingerprint(), inputs):
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
-    if is_prefix:
+    if is_prefix:  # its index counts as its own only in an output an index stage claimed (`finished_manifest`)
+        ours = is_claimed(cfg.output)
         refuse_foreign_files(cfg.output, lambda path: ours and path == INDEX_FILE, "index",
                              "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
     was = (manifest or {}).get("config", {})
