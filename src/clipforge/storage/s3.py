@@ -58,22 +58,20 @@ def is_not_found(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
+# What S3 answers this identity for an object it may not read (a HEAD's 403 has no code but its status).
+DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
+
+
 def is_denied(exc: Exception) -> bool:
-    """S3 refused this identity the object (a HEAD's 403 has no code but its status)."""
     if not isinstance(exc, botocore.exceptions.ClientError):
         return False
-    return str(exc.response.get("Error", {}).get("Code", "")) in ("403", "AccessDenied", "Forbidden",
-                                                                  "AllAccessDisabled")
+    return str(exc.response.get("Error", {}).get("Code", "")) in DENIED_CODES
 
 
 # S3 answers that are the user's to fix (a bucket name, credentials, an endpoint), not clipforge bugs.
 USER_FIXABLE_CODES = {
     "NoSuchBucket": "bucket {bucket} does not exist",
-    "AccessDenied": "access denied to {target}: check the credentials and the bucket's policy",
-    # A HEAD request's answer has no body: its 403 comes without the AccessDenied code.
-    "403": "access denied to {target}: check the credentials and the bucket's policy",
-    "Forbidden": "access denied to {target}: check the credentials and the bucket's policy",
-    "AllAccessDisabled": "access denied to {target}",
+    **dict.fromkeys(DENIED_CODES, "access denied to {target}: check the credentials and the bucket's policy"),
     "InvalidAccessKeyId": "the AWS access key is not known to {endpoint}",
     "SignatureDoesNotMatch": "the AWS secret key does not match the access key",
     "ExpiredToken": "the AWS session token has expired",
