@@ -3,6 +3,7 @@
 import functools
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -101,14 +102,14 @@ def test_a_second_run_into_one_out_waits_for_the_first_then_finds_it_done(caches
     def second() -> None:
         results["second"] = train_adapter(config(src, tgt, out))
 
-    first = lease.StageLease(str(out), "train-adapter-elsewhere", "train-adapter")  # a live holder
+    first = lease.StageLease(str(out), "train-adapter-elsewhere", "train-adapter", by_hand=True)  # a live holder
     with caplog.at_level(logging.WARNING, logger="clipforge.run"), first:
         waiter = threading.Thread(target=second)
         waiter.start()
         deadline = time.monotonic() + 30
         while "is writing" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "run train-adapter-elsewhere (on " in caplog.text
+        assert f"`clipforge train-adapter` (pid {os.getpid()} on " in caplog.text  # a command, not a run
         monkeypatch.setenv(lease.RUN_ID_ENV, "elsewhere")  # the holder's own stage: its runner holds the lease
         results["first"] = train_adapter(config(src, tgt, out))
         monkeypatch.delenv(lease.RUN_ID_ENV)

@@ -108,7 +108,7 @@ def test_a_lease_nobody_renews_is_taken_over_after_it_goes_stale(output, caplog)
             assert time.monotonic() - started >= 0.4
             holder = storage.read_json(storage.join(output, LEASE_NAME))
             assert holder["run_id"] == "next-run" and lease.token is not None
-    assert "run dead-run held" in caplog.text and "taking it over" in caplog.text
+    assert "run dead-run (on another-node) held" in caplog.text and "taking it over" in caplog.text
 
 
 def test_two_live_runners_with_one_run_id_do_not_write_together(output):

@@ -43,10 +43,12 @@ class StageLease:
 
     def __init__(self, output: str, run_id: str, stage: str, *, renew_every: float = 30.0,
                  stale_after: float = 120.0, poll: float = 5.0, on_lost: Callable[[], None] | None = None,
-                 on_wait: Callable[[dict], None] | None = None):
-        """`on_wait(holder)`: called once, when another holder makes this one wait (a run records it)."""
+                 on_wait: Callable[[dict], None] | None = None, by_hand: bool = False):
+        """`on_wait(holder)`: called once, when another holder makes this one wait (a run records it).
+        `by_hand`: the holder is a command a user ran, not a pipeline's run; a waiter says so."""
         self.uri = storage.join(output, LEASE_NAME)
         self.run_id, self.stage, self.on_lost, self.on_wait = run_id, stage, on_lost, on_wait
+        self.by_hand = by_hand
         self.renew_every, self.stale_after, self.poll = renew_every, stale_after, poll
         self.token: str | None = None
         self.holder = secrets.token_hex(8)
@@ -56,7 +58,7 @@ class StageLease:
     def _body(self) -> bytes:
         # The nonce makes every renewal a new version even within one second.
         return json.dumps({"run_id": self.run_id, "stage": self.stage, "host": socket.gethostname(),
-                           "pid": os.getpid(), "holder": self.holder,
+                           "pid": os.getpid(), "holder": self.holder, "by_hand": self.by_hand,
                            "renewed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "nonce": secrets.token_hex(4)}).encode()
 
@@ -71,19 +73,19 @@ class StageLease:
             stale = holder is not None and time.monotonic() - since > self.stale_after
             if current is None or gone or stale:
                 if gone and holder.get("run_id") != self.run_id:
-                    log.warning("[%s] run %s held %s, but its process on this machine is gone: taking it over",
-                                self.stage, holder.get("run_id"), self.uri)
+                    log.warning("[%s] %s held %s, but its process on this machine is gone: taking it over",
+                                self.stage, holder_words(holder), self.uri)
                 elif stale:
-                    log.warning("[%s] run %s held %s but has not renewed it for %.0f s: taking it over",
-                                self.stage, holder.get("run_id"), self.uri, time.monotonic() - since)
+                    log.warning("[%s] %s held %s but has not renewed it for %.0f s: taking it over",
+                                self.stage, holder_words(holder), self.uri, time.monotonic() - since)
                 self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
                 if self.token is not None:
                     free = current is None or gone  # not taken over from a holder elsewhere that may still write
                     break
                 continue  # another run took it between our read and our write: look again
             if not said:
-                log.warning("[%s] run %s (on %s) is writing %s: waiting for it", self.stage, holder.get("run_id"),
-                            holder.get("host"), self.uri.rsplit("/", 1)[0])
+                log.warning("[%s] %s is writing %s: waiting for it", self.stage, holder_words(holder),
+                            self.uri.rsplit("/", 1)[0])
                 said = True
                 if self.on_wait is not None:
                     self.on_wait(holder)
@@ -163,8 +165,18 @@ def command_lease(output: str, command: str) -> Iterator[None]:
     if os.environ.get(RUN_ID_ENV) or launch.in_launched_worker() or launch.rendezvous_from_env().node_rank != 0:
         yield
         return
-    with StageLease(output, f"{command}-pid{os.getpid()}", command, on_lost=stop_this_process):
+    with StageLease(output, f"{command}-pid{os.getpid()}", command, on_lost=stop_this_process, by_hand=True):
         yield
+
+
+def holder_words(holder: dict) -> str:
+    """Who holds a lease, in a user's words: a pipeline's run, a command run by hand, or a prune."""
+    host, pid = holder.get("host", "?"), holder.get("pid", "?")
+    if holder.get("run_id") == PRUNER:
+        return f"clipforge prune (pid {pid} on {host})"
+    if holder.get("by_hand"):
+        return f"`clipforge {holder.get('stage', '?')}` (pid {pid} on {host})"
+    return f"run {holder.get('run_id', '?')} (on {host})"
 
 
 def holder_gone(holder: dict) -> bool:

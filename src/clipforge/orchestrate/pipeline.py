@@ -31,7 +31,7 @@ from clipforge.errors import (
     first_line,
 )
 from clipforge.orchestrate.kinds import named_output_folders, spellings
-from clipforge.orchestrate.lease import LEASE_NAME, StageLease, stop_this_process, wait_while_pruned
+from clipforge.orchestrate.lease import LEASE_NAME, StageLease, holder_words, stop_this_process, wait_while_pruned
 from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.orchestrate.resolve import ResolvedStage, as_made_by_mtime, resolve_stage
 from clipforge.orchestrate.run_record import RunRecord, utc_now
@@ -178,7 +178,7 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     def waiting(holder: dict) -> None:  # `clipforge runs` says what the run waits for, not `incomplete`
         if holder.get("run_id") != record.data["run_id"]:  # not its own lease, left by a driver pod replaced
             record.record(name, kind=stage.kind, status="waiting", output=resolved.output,  # no key: not its own
-                          waited_for=f"run {holder.get('run_id')} (on {holder.get('host')})")
+                          waited_for=holder_words(holder))
 
     lease = StageLease(resolved.output, record.data["run_id"], name, on_lost=stop_this_process, on_wait=waiting)
     try:

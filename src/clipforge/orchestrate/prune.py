@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellings
-from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, lease_holder
+from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, holder_words, lease_holder
 from clipforge.orchestrate.runs import read_runs, record_or_problem, stages_done
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest
@@ -179,7 +179,7 @@ def strings_in(value) -> Iterator[str]:
 
 
 def lease_of(output: str) -> str | None:
-    """Who holds the output's lease (`run R (stage S) on HOST, renewed T`), or None when nobody does or its
+    """Who holds the output's lease (`run R (on HOST), stage S, renewed T`), or None when nobody does or its
     holder was a process of this machine that is gone. Reads only: a dry run writes nothing."""
     current = storage.read_versioned(storage.join(output, LEASE_NAME))
     if current is None:
@@ -187,8 +187,7 @@ def lease_of(output: str) -> str | None:
     holder = lease_holder(current[0])
     if holder_gone(holder):
         return None
-    return (f"run {holder.get('run_id', '?')} (stage {holder.get('stage', '?')}) on {holder.get('host', '?')}, "
-            f"renewed {holder.get('renewed', '?')}")
+    return f"{holder_words(holder)}, stage {holder.get('stage', '?')}, renewed {holder.get('renewed', '?')}"
 
 
 def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[str], int]:
