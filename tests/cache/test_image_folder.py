@@ -116,9 +116,13 @@ def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, caps
     assert code == 2
     err = capsys.readouterr().err
     assert f"image {bad}/broken.jpg cannot be decoded" in err and "--skip-bad (skip_bad: true in a spec)" in err
-    with pytest.raises(ValidationError, match=rf"apply to HDF5 sources \(\.hdf5, \.h5\); source '{bad}' is taken "
-                                              "as an image folder or CSV"):  # a typo'd HDF5 URI is told why
+    with pytest.raises(ValidationError, match=rf"`index` applies to HDF5 sources \(\.hdf5, \.h5\); source '{bad}' is "
+                                              "taken as an image folder or CSV"):  # a typo'd HDF5 URI is told why
         config(tiny_models, bad, tmp_path / "x", index="ids.csv")
+    code = main(["cache", "--source", str(bad), "--dataset", "imgBrick", "--model", "tiny-source", "--model-config",
+                 str(cfg_path), "--pretrained", str(weights), "--output", str(tmp_path / "y"), "--device", "cpu"])
+    assert code == 2 and "--dataset applies to HDF5 sources" in capsys.readouterr().err  # it was ignored
+    assert not (tmp_path / "y").exists()
     typo = tmp_path / "nsd_stimuli.hdf"  # for .hdf5: the missing file is said first
     with pytest.raises(ValidationError, match=rf"source '{typo}' not found, and its name is not an HDF5 file's"):
         config(tiny_models, typo, tmp_path / "x", index="ids.csv")
@@ -386,6 +390,6 @@ def test_a_public_bucket_s_image_folder_reads_without_credentials(shapes, tiny_m
                               no_sign_request=True, engine="local"))
     assert folder["rows"] == 24 and listed["rows"] == 2
     stage = {"name": "photos", "kind": "cache", "with": {**config(tiny_models, f"s3://{s3_bucket}/public", "x")
-             .model_dump(exclude={"output"}), "no_sign_request": True}}
+             .model_dump(exclude={"output"}, exclude_unset=True), "no_sign_request": True}}
     spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "artifacts"), "stages": [stage]})
     assert resolve_stage(spec, spec.stages[0], {}).key  # the pipeline keys it by its listing, read as the stage does

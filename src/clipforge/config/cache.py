@@ -65,12 +65,16 @@ class CacheConfig(StageConfig):
         from clipforge.data.image_folder import is_image_collection
 
         if is_image_collection(self.source):
-            if self.index or self.subject or self.index_root:
+            # `dataset` has a default, so only one given counts: it was ignored, and a cache of the wrong images made.
+            hdf5_only = [key for key in ("index", "subject", "index_root") if getattr(self, key)]
+            hdf5_only += ["dataset"] if "dataset" in self.model_fields_set else []
+            if hdf5_only:
+                named = ", ".join(f"`{key}`" for key in hdf5_only) + (" applies" if len(hdf5_only) == 1 else " apply")
                 # `nsd_stimuli.hdf` for `.hdf5`: the likelier mistake is the name, said first.
                 typo = not self.source.startswith("s3://") and not os.path.exists(self.source)
                 raise ValueError(f"source {self.source!r} not found, and its name is not an HDF5 file's (.hdf5, .h5), "
-                                 "to which `index`, `subject` and `index_root` apply" if typo else
-                                 f"`index`, `subject` and `index_root` apply to HDF5 sources (.hdf5, .h5); source "
+                                 f"to which {named}" if typo else
+                                 f"{named} to HDF5 sources (.hdf5, .h5); source "
                                  f"{self.source!r} is taken as an image folder or CSV, which lists its own images")
         elif self.skip_bad:
             raise ValueError("`skip_bad` applies to image folders and CSVs, not to HDF5 sources")
