@@ -429,6 +429,10 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
     state = torch.load(src_weights)
     state["visual.proj"] = torch.full_like(state["visual.proj"], float("nan"))
     torch.save(state, nan_weights)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (8, 8), "red").save(folder / name)
     base = {"--source": nsd["local"], "--index": nsd["index"], "--model": "tiny-source",
             "--model-config": str(src_cfg), "--pretrained": str(src_weights)}
     return {
@@ -449,6 +453,8 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                                "do not fit model tiny-source"),
         "weights that give NaN": ({"--pretrained": str(nan_weights)},
                                   "encoder tiny-source gave NaN or infinite embeddings for"),
+        "weights that give NaN, on an image folder": ({"--pretrained": str(nan_weights), "--source": str(folder),
+                                                       "--index": None}, "images (id a.png the first)"),
         "no weights": ({"--pretrained": None}, "give --pretrained with --model"),
         "unknown model id": ({"--model": None, "--model-config": None, "--pretrained": None,
                               "--model-id": "acme/diffusion"}, "unknown model id 'acme/diffusion'"),
@@ -460,7 +466,7 @@ def bad_input_cases(nsd, tiny_models, tmp_path):
                                   "weights holding no parameters",
                                   "a weights file name that is not there",
                                   "weights do not fit, in a Ray actor",
-                                  "weights that give NaN",
+                                  "weights that give NaN", "weights that give NaN, on an image folder",
                                   "no weights", "unknown model id"])
 def test_bad_input_is_one_line_and_no_manifest(case, nsd, tiny_models, ray_session, tmp_path, capsys):
     cases, base = bad_input_cases(nsd, tiny_models, tmp_path)

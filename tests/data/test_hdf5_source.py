@@ -100,3 +100,24 @@ def test_a_group_named_as_the_dataset_lists_the_datasets_inside(tmp_path):
     with pytest.raises(UserError, match=r"no dataset 'images'; datasets found: imgBrick/more/y0, "):
         read_rows(str(path), "images", np.array([0]))
     assert read_rows(str(path), "imgBrick/x", np.array([1]))[0].shape == (1, 4, 4, 3)
+
+
+def test_a_read_the_kernel_returns_short_is_continued(stimuli, monkeypatch):
+    """Linux returns at most ~2 GiB from one read, less than a shard of 4,000 NSD images: the rest is read on,
+    not taken for a truncated file. Here every read returns at most a third of an image."""
+    import os
+
+    from clipforge.data import hdf5_source
+
+    files, images = stimuli
+    real = os.preadv
+    cap = images[0].nbytes // 3
+
+    def short_preadv(fd, buffers, offset):
+        return real(fd, [memoryview(buffers[0])[:cap]], offset)
+
+    monkeypatch.setattr(hdf5_source.os, "preadv", short_preadv)
+    rows = np.array([2, 3, 4, 30])
+    got, _ = read_rows(str(files["contiguous"]), "imgBrick", rows)
+    assert np.array_equal(got, images[rows])
+

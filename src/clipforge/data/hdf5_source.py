@@ -197,11 +197,19 @@ class RowReader:
                     raise self._cut_short(int(beyond[0]))
                 return self._remote.fill(runs)
             for at, part in runs:
-                if os.preadv(self._fd, [part], at) != len(part):
-                    raise self._cut_short((at - self._offset) // self.row_bytes)
+                self._read_fully(at, part)
             return FetchStats(requests=0, bytes=int(target.nbytes))
         return read_through_h5py(self.source, self.dataset, rows, target, unsigned=self.unsigned,
                                  cache_dir=self.cache_dir)
+
+    def _read_fully(self, at: int, part: memoryview) -> None:
+        """Fill `part` from byte `at` of the file. One read returns at most ~2 GiB on Linux (a shard of 4,000 NSD
+        images is more), so a short read is continued; only a read of nothing means the file ends early."""
+        while len(part):
+            got = os.preadv(self._fd, [part], at)
+            if not got:
+                raise self._cut_short((at - self._offset) // self.row_bytes)
+            at, part = at + got, part[got:]
 
     def _cut_short(self, row: int) -> UserError:
         return UserError(f"source {self.source} ended early: rows from {row} are cut short (truncated file?)")

@@ -103,7 +103,7 @@ def commit_shard(output: str, shard_name: str, ids, splits, embeddings: np.ndarr
     if not finite.all():
         raise UserError(f"encoder {description.get('name')} gave NaN or infinite embeddings for "
                         f"{int((~finite).sum())} of shard {shard_name}'s {len(finite)} images (id "
-                        f"{int(np.asarray(ids)[~finite][0])} the first): its weights hold them, or its precision "
+                        f"{np.asarray(ids)[~finite][0]} the first): its weights hold them, or its precision "
                         "overflows (pure_fp16, fp16: try bf16 or fp32); nothing of the shard is written")
     splits = [None if s == "" or s is None else str(s) for s in splits]
     table = embeddings_to_table(ids, splits, embeddings, description)
