@@ -431,6 +431,27 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_run_folder(tiny_clip
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tiny_clip, captioned, tmp_path,
+                                                                         monkeypatch):
+    """A sweep started in a loop: both runs named the same timestamped folder (nothing reserved it), so the
+    second waited on the first's lease, then took its model for its own or deleted it to train anew."""
+    import time as clock
+
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.stages import finetune as stage
+
+    strftime = clock.strftime
+    monkeypatch.setattr(stage.time, "strftime", lambda fmt, *args: strftime(fmt, clock.gmtime(0)))
+    out = tmp_path / "models"
+    first = stage.resolve_run(FinetuneConfig(**settings(tiny_clip, captioned, out)))
+    second = stage.resolve_run(FinetuneConfig(**settings(tiny_clip, captioned, out, lr=1e-4)))
+    assert first.out != second.out and second.out == f"{first.out}-2"
+    monkeypatch.setattr(stage, "_finetune_in", lambda config: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):  # a third, failing before it writes: its reserved folder goes again
+        stage.finetune(FinetuneConfig(**settings(tiny_clip, captioned, out)))
+    assert sorted(p.name for p in out.iterdir()) == ["19700101-000000", "19700101-000000-2"]
+
+
 def test_base_weights_that_are_the_result_in_out_are_refused_not_deleted(capsys, tiny_clip, captioned, tmp_path):
     """Training into OUT removes the result there first: `--pretrained OUT/model.pt` would be gone before it
     is read."""

@@ -17,6 +17,7 @@ pretrained="model.pt")` loads it), `model.json`, `metrics.json`, logs, then
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from clipforge.stages.finetune_runs import (
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    CLAIM_NAME,
     finished_manifest,
     first_few,
     input_changes,
@@ -77,11 +79,15 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     newest complete checkpoint.
     """
     new_run = config.timestamped and not config.resume
+    made = storage.missing_folders(config.out)  # OUT and the parents it lacks, before a run folder is made in it
+    timestamped = config.timestamped
     config = resolve_run(config)
+    if timestamped and storage.scheme(config.out) == "file":
+        made = [storage.local_path(config.out).absolute(), *made]  # a run folder reserved now, or resumed
     try:
         # A run that fails (or is stopped) before writing anything leaves no folder it made; the lease on the
         # run folder keeps two `--resume latest` from training together.
-        with storage.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
+        with storage.removed_if_left_empty(config.out, made), command_lease(config.out, COMMAND):
             return _finetune_in(config)
     except UserError:
         if new_run and newest_manifest(config.out) is None:
@@ -131,13 +137,15 @@ def _finetune_in(config: FinetuneConfig) -> TrainResult:
 
 
 def _new_run_folder(root: str) -> str:
+    """A run folder of its own under `root`, named by the time. It is reserved by writing its claim where there
+    is none, so runs started in the same second (a sweep started in a loop) each get their own."""
     name = time.strftime("%Y%m%d-%H%M%S")
     taken = set(storage.list_folders(root))
-    unique, n = name, 1
-    while unique in taken:
-        n += 1
-        unique = f"{name}-{n}"
-    return storage.join(root, unique)
+    for n in itertools.count(1):
+        unique = name if n == 1 else f"{name}-{n}"
+        folder = storage.join(root, unique)
+        if unique not in taken and storage.write_if(storage.join(folder, CLAIM_NAME), b"", None) is not None:
+            return folder
 
 
 def resolve_run(config: FinetuneConfig) -> FinetuneConfig:

@@ -444,10 +444,10 @@ def remove_empty_folders(prefix: str) -> None:
 
 
 @contextmanager
-def removed_if_left_empty(prefix: str) -> Iterator[None]:
+def removed_if_left_empty(prefix: str, made: list[Path] | None = None) -> Iterator[None]:
     """Run the block; when it fails, remove the folders it made for `prefix` that are still empty, so a failed
-    command leaves no empty output behind."""
-    made = missing_folders(prefix)
+    command leaves no empty output behind. `made`: those folders, when some were made before the block."""
+    made = missing_folders(prefix) if made is None else made
     try:
         yield
     except BaseException:
