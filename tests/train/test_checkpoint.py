@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import safetensors.torch
@@ -173,6 +174,11 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     s.save(5, files(5))
     s.save(5, files(6))
     assert unpack_state(s.load(s.latest())["model.safetensors"])["w"][0] == 6.0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000005"]
+    # A kill between moving the old one aside and the rename leaves it as clipforge's, incomplete: tidied.
+    aside = tmp_path / "checkpoints" / ".tmp-step-000005-123-old"
+    shutil.copytree(tmp_path / "checkpoints" / "step-000005", aside)
+    assert s.listing().incomplete == [aside.name] and s.tidy() == [aside.name] and not aside.exists()
 
 
 def test_corrupted_file_is_named(tmp_path):

@@ -40,7 +40,14 @@ from clipforge.errors import UserError
 from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from clipforge.train.checkpoint_names import CHECKPOINTS_DIR, NAME_PATTERN, TEMP_PATTERN, checkpoint_name, temp_name
+from clipforge.train.checkpoint_names import (
+    CHECKPOINTS_DIR,
+    NAME_PATTERN,
+    TEMP_PATTERN,
+    aside_name,
+    checkpoint_name,
+    temp_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +314,18 @@ class CheckpointStore:
         manifest = write_manifest(str(tmp), kind="checkpoint", config=self.config,
                                   config_fingerprint=self.config_fingerprint, inputs=self.inputs, step=step,
                                   files=listing)
-        if folder.exists():  # the same step saved again (e.g. the final checkpoint of a resumed run)
-            _remove_folder(str(folder))
+        if not folder.exists():
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+            return manifest
+        # The same step saved again (the final checkpoint of a resumed run): the old one goes aside by a rename,
+        # not removed first, so that no checkpoint of this step is there for two renames, not for a removal of GBs.
+        aside = folder.parent / aside_name(folder.name, os.getpid())
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(folder, aside)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
+        shutil.rmtree(aside, ignore_errors=True)
         return manifest
 
     def save(self, step: int, files: dict[str, bytes]) -> Checkpoint:

@@ -9,7 +9,7 @@ import re
 
 CHECKPOINTS_DIR = "checkpoints"
 NAME_PATTERN = re.compile(r"^step-(\d+)$")
-TEMP_PATTERN = re.compile(r"^\.tmp-step-\d+-\d+$")
+TEMP_PATTERN = re.compile(r"^\.tmp-step-\d+-\d+(-old)?$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -19,3 +19,8 @@ def checkpoint_name(step: int) -> str:
 def temp_name(name: str, pid: int) -> str:
     """The folder a checkpoint `name` is assembled in by process `pid`, renamed to `name` once committed."""
     return f".tmp-{name}-{pid}"
+
+
+def aside_name(name: str, pid: int) -> str:
+    """Where process `pid` moves committed checkpoint `name` while it commits the same step again."""
+    return f".tmp-{name}-{pid}-old"
