@@ -242,3 +242,24 @@ def test_an_object_this_identity_may_not_read_is_one_line_naming_it(s3_bucket, c
         storage.fingerprint(uri, unsigned=True)
     code = main(["index", "nsd", "--expdesign", uri, "--no-sign-request", "--subject", "subj01", "--output", "o.csv"])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_s3_weights_are_fetched_to_disk_by_parts_once_per_version(s3_bucket, tmp_path, monkeypatch):
+    """ViT-H-14's weights are 3.9 GB: fetched to the cache folder in parts, not read whole into memory first;
+    the copy is reused while the object is unchanged, and a new version is fetched anew."""
+    import os
+
+    import boto3
+
+    client = boto3.client("s3")
+    data = os.urandom(9 << 20)  # over boto3's multipart threshold (8 MiB): ranged GETs of one version
+    client.put_object(Bucket=s3_bucket, Key="w/model.pt", Body=data)
+    uri = f"s3://{s3_bucket}/w/model.pt"
+    monkeypatch.setattr(storage, "read_bytes", lambda *a, **k: pytest.fail("read whole into memory"))
+    path = storage.fetch_to_local(uri, tmp_path / "cache")
+    assert path.read_bytes() == data and path.name == "model.pt"
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
+    assert storage.fetch_to_local(uri, tmp_path / "cache") == path
+    client.put_object(Bucket=s3_bucket, Key="w/model.pt", Body=b"new")
+    again = storage.fetch_to_local(uri, tmp_path / "cache")
+    assert again != path and again.read_bytes() == b"new"
