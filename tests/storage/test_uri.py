@@ -263,3 +263,45 @@ def test_s3_weights_are_fetched_to_disk_by_parts_once_per_version(s3_bucket, tmp
     client.put_object(Bucket=s3_bucket, Key="w/model.pt", Body=b"new")
     again = storage.fetch_to_local(uri, tmp_path / "cache")
     assert again != path and again.read_bytes() == b"new"
+
+
+def test_where_a_folder_cannot_be_flocked_nfs_a_lock_file_keeps_writers_apart(tmp_path, monkeypatch):
+    """On NFS (an artifacts PVC shared by pods) flock on a folder fails with EBADF: every lease failed. A hidden
+    lock file is locked instead, and still only one of many racing writers, threads and processes, wins."""
+    import errno
+    import fcntl
+    import multiprocessing
+    import os
+    import threading
+
+    real = fcntl.flock
+
+    def nfs_flock(fd, op):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    monkeypatch.setattr(storage.fcntl, "flock", nfs_flock)
+    lease = str(tmp_path / "out" / "_lease.json")
+    wins = []
+
+    def race(name: str) -> None:
+        if storage.write_if(lease, name.encode(), None) is not None:
+            wins.append(name)
+
+    threads = [threading.Thread(target=race, args=(f"thread-{n}",)) for n in range(8)]
+    forked = multiprocessing.get_context("fork")
+    processes = [forked.Process(target=race, args=(f"process-{n}",)) for n in range(3)]
+    for worker in processes + threads:  # forked before any thread holds a lock a child would inherit
+        worker.start()
+    for worker in threads + processes:
+        worker.join()
+    winner = (tmp_path / "out" / "_lease.json").read_text()
+    assert winner in wins or winner.startswith("process-")  # a process's win is recorded in its own memory
+    assert len(wins) == (1 if winner.startswith("thread-") else 0)
+    token = storage.read_versioned(lease)[1]
+    assert storage.write_if(lease, b"renewed", "stale") is None and storage.write_if(lease, b"renewed", token)
+    assert (tmp_path / "out" / storage.LOCK_NAME).exists()
+    storage.delete(lease)  # a failed command's folder holding only the lock file is empty
+    storage.remove_empty([tmp_path / "out"])
+    assert not (tmp_path / "out").exists()

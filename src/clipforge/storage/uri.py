@@ -6,6 +6,7 @@ never sees half a file under its final name.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -14,6 +15,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,17 +264,47 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
 
 
 def _write_if_locked(path: Path, data: bytes, expected: str | None) -> str | None:
-    """`write_if` on disk, under an flock on the folder around the read and the write."""
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+    """`write_if` on disk, with the folder locked around the read and the write."""
+    with _folder_locked(path.parent):
         current = read_versioned(str(path))
         if (current[1] if current else None) != expected:
             return None
         write_bytes(str(path), data)
         return hashlib.sha256(data).hexdigest()
+
+
+# Hidden, beside a lease where the folder itself cannot be locked (NFS): a folder holding only it is empty.
+LOCK_NAME = ".clipforge-lock"
+# NFS clients lock by POSIX byte-range locks, and an exclusive one needs a file open for writing, which a folder
+# never is: flock on a folder there fails with EBADF (flock(2), "NFS details"), or ENOLCK without a lock daemon.
+NO_FOLDER_LOCK = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP}
+_threads_of_this_process = threading.Lock()  # POSIX locks (lockf) do not keep out a process's own threads
+
+
+@contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` among processes and threads: flock on the folder itself, or where the file
+    system cannot (a shared volume over NFS: the artifacts PVC), lockf on a hidden file in it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in NO_FOLDER_LOCK:
+            raise
+    else:
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        with _threads_of_this_process:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            yield
     finally:
-        os.close(folder)  # releases the lock
+        os.close(lock)  # releases the lock
 
 
 def read_json(uri: str, *, unsigned: bool = False) -> Any:
@@ -470,11 +502,13 @@ CLAIM_NAME = ".clipforge-output"
 
 def remove_empty(folders: list[Path]) -> None:
     """Remove `folders` (deepest first, from `missing_folders`) while they are empty, or hold only a stage's
-    claim: a folder that holds anything else stays, and so do those above it."""
+    claim and a lock file: a folder that holds anything else stays, and so do those above it."""
     for folder in folders:
         try:
-            if [entry.name for entry in folder.iterdir()] == [CLAIM_NAME]:
-                (folder / CLAIM_NAME).unlink()
+            left = {entry.name for entry in folder.iterdir()}
+            if left and left <= {CLAIM_NAME, LOCK_NAME}:
+                for name in left:
+                    (folder / name).unlink()
             folder.rmdir()
         except FileNotFoundError:
             continue
