@@ -1,5 +1,6 @@
 """Bad input: one line naming the file, row or name; exit code 2; no manifest anywhere."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -547,6 +548,26 @@ def test_the_model_is_checked_before_the_dataset_is_prepared(tiny_clip, captione
         assert main(["finetune", *config_args(values)]) == EXIT_USER_ERROR
     assert said in capsys.readouterr().err
     assert "images checked" not in caplog.text and "train images" not in caplog.text
+
+
+def test_an_edited_synonym_map_trains_a_new_model(tiny_clip, captioned, tmp_path, caplog):
+    """The run's inputs counted its dataset but not the synonym map its captions are augmented from: an edited
+    map left a pinned run "up to date" with the old captions, and a pipeline's stages after it reused too."""
+    synonyms = tmp_path / "synonyms.json"
+    synonyms.write_text(json.dumps({"red": ["crimson"]}))
+    values = settings(tiny_clip, captioned, tmp_path / "run", epochs=1, timestamped=False, augment="manual",
+                      synonyms=str(synonyms), per_sample=1)
+    del values["train_data"], values["val_data"]
+    values["dataset"] = str(Path(captioned[0]).parent)
+    assert main(["finetune", *config_args(values)]) == 0
+    first = json.loads((tmp_path / "run" / "_manifest.json").read_text())["inputs"]
+    synonyms.write_text(json.dumps({"red": ["scarlet"]}))
+    with caplog.at_level("INFO"):
+        assert main(["finetune", *config_args(values)]) == 0
+    assert "up to date" not in caplog.text
+    train = (tmp_path / "run" / "data" / "train.csv").read_text()
+    assert "scarlet" in train and "crimson" not in train
+    assert json.loads((tmp_path / "run" / "_manifest.json").read_text())["inputs"] != first
 
 
 def test_a_run_resumes_with_its_files_named_another_way(tiny_clip, captioned, tmp_path, monkeypatch, capsys, caplog):

@@ -153,10 +153,21 @@ def data_inputs(config: FinetuneConfig) -> dict:
         # The CSV names the images; their folder's listing says whether one was replaced since, which
         # makes another model (and a new fingerprint for the stages that use it).
         return {"dataset": storage.content_fingerprint(index),
-                "images": storage.tree_fingerprint(collection_root(index), is_listed_image)}
+                "images": storage.tree_fingerprint(collection_root(index), is_listed_image), **augment_inputs(config)}
     for role in ("train_data", "val_data"):
         _require_csv(getattr(config, role), role)
     return {role: storage.content_fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
+
+
+def augment_inputs(config: FinetuneConfig) -> dict:
+    """The files the captions are augmented from, when given: a synonym map edited (or a language model
+    replaced) makes other training rows, so another model. Absent keys keep runs without them as they were."""
+    found = {}
+    if config.synonyms:
+        found["synonyms"] = storage.content_fingerprint(config.synonyms)
+    if config.llm_model:
+        found["llm_model"] = storage.tree_fingerprint(config.llm_model)
+    return found
 
 
 def _prepare_settings(config: FinetuneConfig) -> dict:
@@ -181,7 +192,7 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     settings = _prepare_settings(config)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     index = dataset_index(config.dataset)
-    inputs = {"dataset": storage.content_fingerprint(index)}
+    inputs = {"dataset": storage.content_fingerprint(index), **augment_inputs(config)}
     if is_up_to_date(finished_manifest(data, "captions"), fingerprint, inputs):
         return train, val
     frame = read_captions(index)
