@@ -600,7 +600,8 @@ def test_a_kubeconfig_that_cannot_be_used_or_an_api_server_that_does_not_answer_
 
 
 def failed_group_pod(name: str, index: int, *, exit_code: int | None, finished_s: float | None = None,
-                     disrupted: bool = False):
+                     disrupted: bool = False, reason: str | None = None, pod_reason: str | None = None,
+                     pod_message: str | None = None):
     """A failed pod of an Indexed Job as an API server describes it (kubernetes client models, no server)."""
     from datetime import UTC, datetime
 
@@ -610,13 +611,14 @@ def failed_group_pod(name: str, index: int, *, exit_code: int | None, finished_s
         state = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="ContainerCreating"))
     else:
         state = client.V1ContainerState(terminated=client.V1ContainerStateTerminated(
-            exit_code=exit_code, finished_at=datetime.fromtimestamp(finished_s, UTC)))
+            exit_code=exit_code, finished_at=datetime.fromtimestamp(finished_s, UTC), reason=reason))
     conditions = [client.V1PodCondition(type="DisruptionTarget", status="True", reason="DeletionByPodGC")] \
         if disrupted else []
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels={"batch.kubernetes.io/controller-uid": "uid"},
                                      annotations={"batch.kubernetes.io/job-completion-index": str(index)}),
-        status=client.V1PodStatus(phase="Failed", conditions=conditions, container_statuses=[client.V1ContainerStatus(
+        status=client.V1PodStatus(phase="Failed", conditions=conditions, reason=pod_reason, message=pod_message,
+                                  container_statuses=[client.V1ContainerStatus(
             name="stage", image="clipforge", image_id="", ready=False, restart_count=0, state=state)]))
 
 
@@ -630,23 +632,54 @@ def failed_group_pod(name: str, index: int, *, exit_code: int | None, finished_s
 ])
 def test_a_group_is_preempted_when_any_rank_was_disrupted_or_stopped(pods, preempted, told, caplog):
     """`failure` over pods as a real API server lists them; the executor's API calls are replaced (no server here)."""
+    listed = [failed_group_pod(n, i, exit_code=c, finished_s=f, disrupted=d) for n, i, c, f, d in pods]
+    with caplog.at_level(logging.ERROR, logger="clipforge"):
+        outcome = failure_of(listed, "BackoffLimitExceeded")
+    assert outcome.preempted is preempted
+    assert f"pod {told} exited" in caplog.text
+
+
+def failure_of(pods: list, reason: str, *, group: bool = True, deadline: int | None = None):
+    """`KubernetesExecutor.failure` of a failed Job `g` whose pods a real API server lists as `pods`; the
+    executor's API calls are replaced (no server here)."""
     from kubernetes import client
 
     executor = KubernetesExecutor.__new__(KubernetesExecutor)
     executor.namespace, executor.log_lines = "ml", 5
     executor.core = client.CoreV1Api(client.ApiClient())  # never called: `call` answers in its place
-    listed = client.V1PodList(items=[failed_group_pod(n, i, exit_code=c, finished_s=f, disrupted=d)
-                                     for n, i, c, f, d in pods])
-    executor.call = lambda method, *args, **kwargs: listed
+    executor.call = lambda method, *args, **kwargs: client.V1PodList(items=pods)
     executor.log_tail = lambda pod: ""
     job = client.V1Job(metadata=client.V1ObjectMeta(name="g", uid="uid"),
-                       spec=client.V1JobSpec(completion_mode="Indexed", template=client.V1PodTemplateSpec()),
+                       spec=client.V1JobSpec(completion_mode="Indexed" if group else "NonIndexed",
+                                             active_deadline_seconds=deadline, template=client.V1PodTemplateSpec()),
                        status=client.V1JobStatus(conditions=[client.V1JobCondition(
-                           type="Failed", status="True", reason="BackoffLimitExceeded")]))
+                           type="Failed", status="True", reason=reason)]))
+    return executor.failure("stage", job)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_a_stage_past_its_deadline_fails_and_is_not_resumed_as_preempted(group, caplog):
+    """Past `activeDeadlineSeconds` its pods get SIGTERM and save their progress (exit 75): taken for a
+    preemption, the stage was recreated (a group up to 3 times) and the driver retried, up to 28 times the limit
+    on GPUs."""
+    pods = [failed_group_pod(f"g-{rank}", rank, exit_code=75, finished_s=10.0 + rank) for rank in range(2 if group
+                                                                                                        else 1)]
     with caplog.at_level(logging.ERROR, logger="clipforge"):
-        outcome = executor.failure("stage", job)
-    assert outcome.preempted is preempted
-    assert f"pod {told} exited" in caplog.text
+        outcome = failure_of(pods, "DeadlineExceeded", group=group, deadline=3600)
+    assert (outcome.exit_code, outcome.preempted) == (1, False)
+    assert "ran past its activeDeadlineSeconds (3600 s): stopped, not retried" in caplog.text
+
+
+def test_why_a_pod_ended_is_said_not_only_its_exit_code(caplog):
+    """The likeliest failures of a GPU stage were a bare `exited with code 137`."""
+    oom = failed_group_pod("g-0", 0, exit_code=137, finished_s=1.0, reason="OOMKilled")
+    evicted = failed_group_pod("g-0", 0, exit_code=137, finished_s=1.0, pod_reason="Evicted",
+                               pod_message='Usage of EmptyDir volume "cache" exceeds the limit "50Gi".')
+    with caplog.at_level(logging.ERROR, logger="clipforge"):
+        failure_of([oom], "BackoffLimitExceeded", group=False)
+        failure_of([evicted], "BackoffLimitExceeded", group=False)
+    assert "pod g-0 exited with code 137 (OOMKilled);" in caplog.text
+    assert 'exited with code 137 (Evicted: Usage of EmptyDir volume "cache" exceeds the limit "50Gi".);' in caplog.text
 
 
 def left_writing(name: str, labels: dict, **metadata) -> dict:

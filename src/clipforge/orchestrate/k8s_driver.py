@@ -51,6 +51,7 @@ from clipforge.orchestrate.k8s_pods import (
     disrupted,
     finished_at,
     job_finished,
+    why_ended,
 )
 from clipforge.orchestrate.pipeline import run_pipeline
 from clipforge.orchestrate.preflight import missing_inputs
@@ -272,9 +273,16 @@ class KubernetesExecutor:
         disrupted_pods = [pod for pod in pods if disrupted(pod)] if group else []
         pod = disrupted_pods[0] if disrupted_pods else pods[0] if group else pods[-1]
         code = container_exit_code(pod)
-        log.error("[%s] Job %s failed (%s): pod %s exited with code %s%s; last %d lines of its log:\n%s",
-                  stage, name, condition.reason, pod.metadata.name, code,
+        log.error("[%s] Job %s failed (%s): pod %s exited with code %s%s%s; last %d lines of its log:\n%s",
+                  stage, name, condition.reason, pod.metadata.name, code, why_ended(pod),
                   " after a disruption" if disrupted(pod) else "", self.log_lines, self.log_tail(pod.metadata.name))
+        if condition.reason == "DeadlineExceeded":
+            # Its pods were stopped by SIGTERM and saved their progress (exit 75), but this is no preemption to
+            # resume at once: retried, the limit would be spent again and again (driver retries, group restarts).
+            log.error("[%s] Job %s ran past its activeDeadlineSeconds (%s s): stopped, not retried; its progress "
+                      "is kept, and a run with a longer stageDefaults.activeDeadlineSeconds resumes it", stage, name,
+                      job.spec.active_deadline_seconds)
+            return StageOutcome(1, condition.reason, False)
         stopped = [p for p in (pods if group else [pod]) if disrupted(p) or container_exit_code(p) == EXIT_PREEMPTED]
         return StageOutcome(code if code else 1, condition.reason or "failed", bool(stopped))
 

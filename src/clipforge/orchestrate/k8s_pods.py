@@ -144,6 +144,17 @@ def controller_uid(pod: client.V1Pod) -> str | None:
     return labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
 
 
+def why_ended(pod: client.V1Pod) -> str:
+    """What Kubernetes says ended the pod beyond its exit code, as ` (OOMKilled)` or ` (Evicted: …)`; the
+    likeliest failures of a GPU stage (its memory limit is its request) are otherwise a bare 137."""
+    said = [status.state.terminated.reason for status in pod.status.container_statuses or []
+            if status.name == CONTAINER and status.state and status.state.terminated
+            and status.state.terminated.reason not in (None, "Error", "Completed")]
+    if pod.status.reason:
+        said.append(f"{pod.status.reason}: {pod.status.message}" if pod.status.message else pod.status.reason)
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def container_exit_code(pod: client.V1Pod) -> int | None:
     for status in pod.status.container_statuses or []:
         if status.name == CONTAINER and status.state and status.state.terminated:
