@@ -299,9 +299,12 @@ def test_network_policy_lets_the_releases_pods_reach_each_other_and_out():
     assert strict["spec"]["egress"] == [{"to": [{"podSelector": {"matchLabels": selector}}]}, *dns]
 
 
-def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_more():
-    """The KubeRay operator, in its own namespace, reads a RayJob's status from the head's dashboard (8265)."""
-    values = {**STORE, "networkPolicy": {"enabled": True}, "kuberay": {"enabled": True}}
+@pytest.mark.parametrize("asked", [True, False])
+def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_more(asked):
+    """The KubeRay operator, in its own namespace, reads a RayJob's status from the head's dashboard (8265).
+    Nobody else may, asked or not: a Ray head runs whatever job is submitted there, with the stage's S3
+    credentials, and Ray authenticates nobody by default."""
+    values = {**STORE, "networkPolicy": {"enabled": asked}, "kuberay": {"enabled": True}}
     (policy,) = by_kind(chart_objects(values), "NetworkPolicy")
     validate(policy)
     releases, operator = policy["spec"]["ingress"]
