@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from clipforge.config.pipeline import NAME_PATTERN, QUANTITY, pipeline_json_schema
 
 SCHEMA_PATH = Path(__file__).parent / "clipforge" / "values.schema.json"
+# The Kubernetes API whose types the Kubernetes-shaped values are checked against (kubernetes-validate ships it).
+KUBERNETES_SCHEMAS = "1.33.0"
+K8S = "io.k8s.api.core.v1."
 
 
 def obj(properties: dict, **extra) -> dict:
@@ -25,13 +29,57 @@ def string(description: str, **extra) -> dict:
     return {"type": "string", "description": description, **extra}
 
 
+def kubernetes_types(*names: str) -> dict:
+    """Kubernetes' own strict JSON Schemas of `names` and of every type they refer to. A misspelt field in a
+    toleration or an affinity (`operater`, `nodeAfinity`) otherwise installs, the API server drops it with a
+    warning nobody sees, and GPU pods wait for ever for a node they do not tolerate."""
+    folder = files("kubernetes_validate") / "kubernetes-json-schema" / f"v{KUBERNETES_SCHEMAS}-local-strict"
+    every = json.loads((folder / "_definitions.json").read_text())["$defs"]
+    found, todo = {}, list(names)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found[name] = lean(every[name])
+            todo += references(every[name])
+    return dict(sorted(found.items()))
+
+
+def lean(node, properties: bool = False):
+    """`node` without descriptions and `x-kubernetes-*` hints: a schema to check values by, not to read."""
+    if isinstance(node, list):
+        return [lean(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: lean(value, key == "properties") for key, value in node.items()
+            if properties or (key != "description" and not key.startswith("x-kubernetes-"))}
+
+
+def references(node) -> list[str]:
+    if isinstance(node, dict):
+        ref = [node["$ref"].removeprefix("#/$defs/")] if isinstance(node.get("$ref"), str) else []
+        return ref + [name for value in node.values() for name in references(value)]
+    if isinstance(node, list):
+        return [name for item in node for name in references(item)]
+    return []
+
+
+def kubernetes(name: str) -> dict:
+    return {"$ref": f"#/$defs/{name}"}
+
+
 def values_schema() -> dict:
     pipeline = pipeline_json_schema()
     defs = pipeline.pop("$defs")
     pipeline.pop("$schema")
     defs["PipelineSpec"] = pipeline
+    defs.update(kubernetes_types(*(K8S + name for name in ("Toleration", "Affinity", "PodSecurityContext",
+                                                             "SecurityContext", "ResourceRequirements")),
+                                 "io.k8s.api.networking.v1.NetworkPolicyEgressRule"))
     quantity = {"anyOf": [{"type": "string", "pattern": QUANTITY}, {"type": "integer", "minimum": 0}]}
     free_map = {"type": "object"}
+    tolerations = {"type": "array", "items": kubernetes(K8S + "Toleration")}
+    affinity = kubernetes(K8S + "Affinity")
+    resources = kubernetes(K8S + "ResourceRequirements")
     # Label values: at most 63 characters of [A-Za-z0-9_.-], starting and ending alphanumeric, or empty.
     labels = {"type": "object", "additionalProperties": {
         "type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}}
@@ -86,22 +134,22 @@ def values_schema() -> dict:
                 "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
                 "labels": labels,
                 "gpuNodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-                "gpuTolerations": {"type": "array", "items": free_map},
-                "gpuAffinity": free_map,
+                "gpuTolerations": tolerations,
+                "gpuAffinity": affinity,
                 "serviceAccountName": string("an existing ServiceAccount of stage pods"),
             }),
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-            "tolerations": {"type": "array", "items": free_map},
-            "affinity": free_map,
-            "podSecurityContext": free_map,
-            "containerSecurityContext": free_map,
+            "tolerations": tolerations,
+            "affinity": affinity,
+            "podSecurityContext": kubernetes(K8S + "PodSecurityContext"),
+            "containerSecurityContext": kubernetes(K8S + "SecurityContext"),
             "driver": obj({
-                "resources": free_map,
+                "resources": resources,
                 "backoffLimit": {"type": "integer", "minimum": 0},
                 "watchSeconds": {"type": "integer", "minimum": 1},
                 "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-                "tolerations": {"type": "array", "items": free_map},
-                "affinity": free_map,
+                "tolerations": tolerations,
+                "affinity": affinity,
                 "podLabels": labels,
                 "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
             }),
@@ -117,14 +165,15 @@ def values_schema() -> dict:
             }),
             "rbac": obj({"create": {"type": "boolean"}}),
             "kueue": obj({"queueName": string("Kueue LocalQueue of stage Jobs and RayJobs")}),
-            "networkPolicy": obj({"enabled": {"type": "boolean"}, "egress": {"type": "array", "items": free_map}}),
+            "networkPolicy": obj({"enabled": {"type": "boolean"}, "egress": {
+                "type": "array", "items": kubernetes("io.k8s.api.networking.v1.NetworkPolicyEgressRule")}}),
             "kuberay": obj({"enabled": {"type": "boolean"}, "rayVersion": string("Ray version of RayJob clusters"),
                             "operatorPodLabels": {"type": "object", "additionalProperties": {"type": "string"},
                                                   "minProperties": 1}}),
             "prune": obj({"enabled": {"type": "boolean"}, "schedule": string("cron schedule", minLength=1),
                           "timeZone": string("IANA time zone; empty: the controller's"),
                           "keepRuns": {"type": "integer", "minimum": 1},
-                          "resources": free_map}),
+                          "resources": resources}),
             "tests": obj({"enabled": {"type": "boolean"}}),
             # Helm adds `global` for subcharts; allow it so the chart can be used as one.
             "global": free_map,

@@ -434,6 +434,29 @@ def test_values_schema_rejects_a_bad_pipeline():
                 chart.validate_schema(bad)
 
 
+def test_values_schema_rejects_misspelt_kubernetes_fields_the_api_server_would_drop():
+    """Tolerations, affinities, security contexts, resources and egress rules were any object: a typo installed,
+    the API server dropped the field with a warning nobody sees, and GPU pods waited for ever (or ran without
+    the read-only root asked for). Kubernetes' own types now check them."""
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema({"stageDefaults": {"gpuTolerations": [gpu], "gpuAffinity": affinity},
+                               "containerSecurityContext": {"readOnlyRootFilesystem": True},
+                               "driver": {"resources": {"requests": {"cpu": "100m"}}}})
+        for bad in ({"stageDefaults": {"gpuTolerations": [{**gpu, "operater": "Exists"}]}},
+                    {"stageDefaults": {"gpuAffinity": {"nodeAfinity": affinity["nodeAffinity"]}}},
+                    {"tolerations": [{"key": "a", "tolerationSeconds": "soon"}]},
+                    {"containerSecurityContext": {"readOnlyRootFileSystem": True}},
+                    {"podSecurityContext": {"runAsUser": "me"}},
+                    {"driver": {"resources": {"request": {"cpu": "100m"}}}},
+                    {"prune": {"resources": {"limits": {"memory": {"Gi": 1}}}}},
+                    {"networkPolicy": {"egress": [{"too": []}]}}):
+            with pytest.raises(helm_python.HelmValuesError):
+                chart.validate_schema(bad)
+
+
 def test_values_schema_is_generated_from_the_pipeline_schema():
     spec = importlib.util.spec_from_file_location("values_schema", ROOT / "charts" / "values_schema.py")
     module = importlib.util.module_from_spec(spec)
