@@ -24,7 +24,7 @@ from PIL import Image
 
 from clipforge.data.embeddings import EmbeddingTable, read_embeddings
 from clipforge.data.image_folder import collection_root, image_uri, is_image_collection
-from clipforge.data.pixels import upright_rgb
+from clipforge.data.pixels import unreadable, upright_rgb
 from clipforge.errors import UserError
 from clipforge.models.encode import encode_batch, resolve_device
 from clipforge.models.encoders import EncoderSpec, load_clip, names_weights_file, weights_digest, weights_identity
@@ -175,7 +175,7 @@ class Searcher:
                 pixels = np.asarray(upright_rgb(image))
         except Exception as exc:  # PIL raises many types for corrupt files
             what = f"the query image {name}" if name else "the query image"
-            raise UserError(f"{what} cannot be decoded ({type(exc).__name__})") from None
+            raise UserError(f"{what} {unreadable(exc)}") from None
         return self._top(encode_batch(self.model, self.preprocess(pixels[None]), "fp32"), k)
 
     def _top(self, features: torch.Tensor, k: int) -> list[Hit]:

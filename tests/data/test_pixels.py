@@ -46,3 +46,27 @@ def test_32_bit_greyscale_is_scaled_only_when_it_holds_16_bit_values():
     assert wide.mode == narrow.mode == "I"
     assert np.asarray(upright_rgb(wide))[0, :, 0].tolist() == [0, 255]
     assert np.asarray(upright_rgb(narrow))[0, :, 0].tolist() == [0, 200]
+
+
+def test_an_image_thinner_than_1_to_100_is_refused_before_it_is_resized(tmp_path, capsys):
+    """A 140-byte 20000x1 PNG was resized to 224 x 4,480,000 px (3 GB) by the cache, the trainer and the search
+    page's upload alike. Each now names it in one line; a 100:1 strip (a long receipt) still reads."""
+    import pytest
+
+    from clipforge.data.image_folder import image_problem
+    from clipforge.errors import UserError
+    from clipforge.stages.finetune_data import CaptionedImages
+
+    Image.new("RGB", (20000, 1), "white").save(tmp_path / "strip.png")
+    Image.new("RGB", (100, 1), "white").save(tmp_path / "receipt.png")
+    said = "is 20000x1 px, thinner than 1:100"
+    with pytest.raises(UserError, match=rf"^image {tmp_path}/strip.png {said}: .*; crop it; --skip-bad"):
+        decode(str(tmp_path), "strip.png")
+    assert image_problem(str(tmp_path / "strip.png")).startswith(said)  # `captions prepare`, the caption page
+    assert decode(str(tmp_path), "receipt.png")[0].shape == (1, 100, 3)
+
+    class Rows:
+        uris, filepaths, source = [str(tmp_path / "strip.png")], ["strip.png"], "train.csv"
+
+    bad = CaptionedImages(Rows(), None, None, seed=0)[(0, 0)]
+    assert bad.why.startswith(said)

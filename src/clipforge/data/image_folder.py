@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from clipforge.data.index import RowIndex
-from clipforge.data.pixels import upright_rgb
+from clipforge.data.pixels import check_aspect, unreadable, upright_rgb
 from clipforge.data.text_csv import read_text_csv, shown
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
@@ -210,7 +210,7 @@ def decode(root: str, path: str, *, unsigned: bool = False) -> tuple[np.ndarray,
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(upright_rgb(image)), len(data)
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise UserError(f"image {shown(uri)} cannot be decoded ({type(exc).__name__}){SKIP_BAD_HINT}") from None
+        raise UserError(f"image {shown(uri)} {unreadable(exc)}{SKIP_BAD_HINT}") from None
 
 
 def image_problem(uri: str, *, unsigned: bool = False) -> str | None:
@@ -221,9 +221,10 @@ def image_problem(uri: str, *, unsigned: bool = False) -> str | None:
         return "not found"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_aspect(image)
             image.load()
     except Exception as exc:  # PIL raises many types for corrupt files
-        return f"cannot be decoded ({type(exc).__name__})"
+        return unreadable(exc)
     return None
 
 

@@ -12,6 +12,25 @@ import numpy as np
 from PIL import Image, ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# CLIP resizes an image until its short side is the model's size (224 px), then takes the middle: a 140-byte
+# 20000x1 PNG became 224 x 4,480,000 px (3 GB) first. No photo is that thin (a panorama is 10:1 at most).
+MAX_ASPECT = 100
+
+
+class TooThin(ValueError):
+    """An image far longer than it is wide (or the reverse), refused before it is resized."""
+
+
+def check_aspect(image: Image.Image) -> None:
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise TooThin(f"is {width}x{height} px, thinner than 1:{MAX_ASPECT}: resized for CLIP (short side 224 px) "
+                      "it would take GBs of memory; crop it")
+
+
+def unreadable(exc: Exception) -> str:
+    """Why an image cannot be used, in the words an error gives after its name."""
+    return str(exc) if isinstance(exc, TooThin) else f"cannot be decoded ({type(exc).__name__})"
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -24,5 +43,6 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """`upright(image)` in 8-bit RGB, as open_clip's own transform would convert it."""
+    """`upright(image)` in 8-bit RGB, as open_clip's own transform would convert it; `TooThin` if it is."""
+    check_aspect(image)
     return upright(image).convert("RGB")

@@ -46,7 +46,7 @@ from clipforge.data.captions import (
     write_captions,
 )
 from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_listed_image
-from clipforge.data.pixels import upright_rgb
+from clipforge.data.pixels import unreadable, upright_rgb
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import finished_manifest, is_up_to_date, write_manifest
@@ -269,7 +269,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         except UserError:
             return BadImage(self.rows.filepaths[row], self.rows.source, "not found")
         except Exception as exc:  # PIL raises many types for corrupt files
-            return BadImage(self.rows.filepaths[row], self.rows.source, f"cannot be decoded ({type(exc).__name__})")
+            return BadImage(self.rows.filepaths[row], self.rows.source, unreadable(exc))
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             seed = row_seed(self.seed, epoch, row)
