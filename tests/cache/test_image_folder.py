@@ -217,7 +217,14 @@ def test_image_files_of_formats_a_folder_leaves_out_are_said(tmp_path, caplog):
         index, _ = list_collection(str(tmp_path))
     assert list(index.ids) == ["a.png"]
     assert f"source {tmp_path}: 1 image files left out, of formats a folder's listing does not take (.jpg, .jpeg, " \
-        ".png, .webp; e.g. b.tif)" in caplog.text and "notes.txt" not in caplog.text
+        ".png, .webp; e.g. b.tif); convert them, or list them in a CSV source" in caplog.text
+    assert "notes.txt" not in caplog.text
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo: this Pillow has no plugin
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforge.cache"):
+        list_collection(str(tmp_path))
+    assert "2 image files left out" in caplog.text  # listed in a CSV, it would not decode: not offered
+    assert "convert them (Pillow here reads no .heic: a plugin such as pillow-heif adds HEIC)" in caplog.text
 
 
 def test_skip_bad_leaves_unreadable_images_out_and_names_them(shapes, tiny_models, ray_session, tmp_path, caplog):

@@ -70,3 +70,26 @@ def test_an_image_thinner_than_1_to_100_is_refused_before_it_is_resized(tmp_path
 
     bad = CaptionedImages(Rows(), None, None, seed=0)[(0, 0)]
     assert bad.why.startswith(said)
+
+
+def test_a_200_megapixel_phone_photo_is_no_decompression_bomb(tmp_path):
+    """Pillow refused 16320x12240 (a 200 MP sensor) as a bomb: the cache, prepare and the trainer all failed."""
+    import io
+    import struct
+    import zlib
+
+    import pytest
+
+    import clipforge.data.pixels  # noqa: F401  (sets Pillow's limit wherever clipforge decodes)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def header(width: int, height: int) -> io.BytesIO:  # the chunks Image.open reads, not the pixels
+        return io.BytesIO(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                          + chunk(b"IDAT", zlib.compress(b"")))
+
+    with Image.open(header(16320, 12240)) as photo:
+        assert photo.size == (16320, 12240)
+    with pytest.raises(Image.DecompressionBombError):  # the guard stays, further out
+        Image.open(header(30000, 20000))

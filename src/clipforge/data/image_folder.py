@@ -19,6 +19,7 @@ import posixpath
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,16 @@ def is_listed_image(relative: str) -> bool:
 # Image files Pillow reads that a folder's listing leaves out (the caption page's and the caches' formats are the
 # ones above): said when a folder holds some, since its plan would count fewer images than are there.
 OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif", ".jfif")
+
+
+def left_out_hint(others: list[str]) -> str:
+    """What to do with images of formats a listing leaves out: a CSV source lists those Pillow reads here; the
+    others (HEIC without a plugin) only converted."""
+    Image.init()
+    unread = sorted({PurePosixPath(path).suffix.lower() for path in others} - set(Image.registered_extensions()))
+    if not unread:
+        return "convert them, or list them in a CSV source"
+    return f"convert them (Pillow here reads no {', '.join(unread)}: a plugin such as pillow-heif adds HEIC)"
 
 
 def is_left_out_image(relative: str) -> bool:
@@ -106,8 +117,8 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
                             f"{source}`")
         if others:
             log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
-                        "e.g. %s); convert them, or list them in a CSV source", source, len(others),
-                        ", ".join(IMAGE_SUFFIXES), others[0])
+                        "e.g. %s); %s", source, len(others), ", ".join(IMAGE_SUFFIXES), others[0],
+                        left_out_hint(others))
         ids = np.array(paths, dtype=object)
         splits = [None] * len(ids)
         fingerprint = {"uri": source, **listing}

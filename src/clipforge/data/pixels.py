@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow refuses images over 179 M pixels as decompression bombs: a 200 MP phone's photo (16320x12240) too. Up
+# to 512 M pixels read (1.5 GB decoded); Pillow warns above half of that, and refuses beyond.
+Image.MAX_IMAGE_PIXELS = 256_000_000
 # CLIP resizes an image until its short side is the model's size (224 px), then takes the middle: a 140-byte
 # 20000x1 PNG became 224 x 4,480,000 px (3 GB) first. No photo is that thin (a panorama is 10:1 at most).
 MAX_ASPECT = 100
