@@ -72,6 +72,9 @@ def query_encoder(index: str, built: dict, model: str | None, pretrained: str | 
     weights file from another directory) or where the index recorded it. Another model name or tag is
     refused: its embeddings live in another space (`check_same_weights` compares weights files)."""
     name, recorded = built.get("name"), built.get("pretrained")
+    if recorded == "":  # `--pretrained ''`: each load draws new random weights, which the index never saw
+        raise UserError(f"index {index} was built with random weights (pretrained ''), for benchmarks and tests: "
+                        "no query encodes into its space; build it with a weights file or tag")
     same = (model or name) == name
     if same and pretrained and pretrained != recorded:
         if not names_weights_file(pretrained):

@@ -147,6 +147,9 @@ def test_search_ranks_by_cosine_and_refuses_other_models(shapes, tiny_models, ra
     by_tag = {"name": "tiny-source", "pretrained": "openai", "weights": None}  # a fine-tune of a tag's weights
     with pytest.raises(UserError, match="embeds into another space"):
         query_encoder("idx", by_tag, None, str(tiny_models["source"][1]), None)
+    # An index of random weights: each load drew new ones, and an image found itself at 0.52, then at 0.08.
+    with pytest.raises(UserError, match=r"^index idx was built with random weights \(pretrained ''\)"):
+        query_encoder("idx", {"name": "tiny-source", "pretrained": "", "weights": None}, None, None, None)
     capsys.readouterr()
     with pytest.raises(SystemExit, match="2"):  # argparse's one line, before any model loads
         main(["search", "--index", str(tmp_path / "index"), "a red circle", "--device", "tpu"])
