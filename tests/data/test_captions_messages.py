@@ -78,7 +78,23 @@ def test_counts_of_one_are_singular(tmp_path, caplog):
     with caplog.at_level("INFO", logger="clipforge.captions"):
         prepare(PrepareConfig(dataset=str(tmp_path), skip_bad=True))
     assert "1 train image (1 row) and 1 val image (1 row); 1 bad image skipped" in caplog.text
-    assert "skipping 1 bad image, e.g. red.png" in caplog.text
+    assert "skipping 1 bad image: red.png: cannot be decoded (UnidentifiedImageError)" in caplog.text
+
+
+def test_every_bad_image_skipped_is_named_up_to_twenty(tmp_path, caplog):
+    """Only the first was named: seven zero-byte files took seven runs to find."""
+    from PIL import Image
+
+    names = [f"bad{n}.jpg" for n in range(7)]
+    (tmp_path / "index.csv").write_text("filepath,caption\n" + "".join(f"{n},x\n" for n in ["a.png", "b.png", *names]))
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level("INFO", logger="clipforge.captions"):
+        prepare(PrepareConfig(dataset=str(tmp_path), skip_bad=True))
+    assert "skipping 7 bad images: " + "; ".join(f"{n}: cannot be decoded (UnidentifiedImageError)"
+                                                 for n in names) in caplog.text
 
 
 def test_a_split_that_leaves_one_training_image_warns_as_finetune_would_refuse(dataset, caplog):

@@ -31,6 +31,7 @@ from clipforge.data.text_csv import read_text_csv, shown
 from clipforge.errors import UserError
 from clipforge.progress import Progress
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import SKIPPED_SHOWN, first_few
 
 log = logging.getLogger("clipforge.captions")
 
@@ -94,7 +95,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             else " (--skip-bad, skip_bad: true in a spec, drops it)"
         raise UserError(f"image {shown(path)} in {cfg.dataset}/index.csv {why}{hint}{more}")
     if bad:
-        log.warning("skipping %s, e.g. %s (%s)", counted(len(bad), "bad image"), shown(bad[0][0]), bad[0][1])
+        log.warning("skipping %s: %s", counted(len(bad), "bad image"),
+                    first_few([f"{shown(path)}: {why}" for path, why in bad], shown=SKIPPED_SHOWN))
         frame = frame[[why is None for why in problems]]
     repeated = frame.assign(caption=frame["caption"].str.strip()).duplicated(["image", "caption"])
     if repeated.any():

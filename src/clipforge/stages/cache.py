@@ -53,7 +53,9 @@ from clipforge.stages.cache_recorded import (
 from clipforge.stages.cache_shards import Shard, model_from_shard, pending_shards, plan_shards
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
+    SKIPPED_SHOWN,
     files_gone,
+    first_few,
     gone_note,
     read_manifest,
     refuse_other_kind,
@@ -254,7 +256,7 @@ def readable_only(source: str, index: RowIndex, *, unsigned: bool = False) -> Ro
         raise UserError(f"source {source}: none of its {len(index)} images can be read, e.g. {bad[0][0]} "
                         f"({bad[0][1]})")
     log.warning("leaving out %d of %d images that cannot be read: %s", len(bad), len(index),
-                "; ".join(f"{path}: {why}" for path, why in bad[:5]) + (" …" if len(bad) > 5 else ""))
+                first_few([f"{path}: {why}" for path, why in bad], shown=SKIPPED_SHOWN))
     keep = [why is None for why in problems]
     return RowIndex(ids=index.ids[keep], splits=[s for s, k in zip(index.splits, keep, strict=True) if k])
 

@@ -297,6 +297,9 @@ def settings_changes(then: dict, now: dict, config_class: type[BaseModel], recor
     return changes
 
 
+SKIPPED_SHOWN = 20  # images left out (`skip_bad`) named in the log: enough to fix a batch of them by hand
+
+
 def first_few(changes: list[str], shown: int = 3) -> str:
     """The first `shown` of `changes`, and how many there are in all when more."""
     return "; ".join(changes[:shown]) + (f"; … ({len(changes)} in all)" if len(changes) > shown else "")
