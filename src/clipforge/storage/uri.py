@@ -455,10 +455,10 @@ def delete_objects(prefix: str, names: list[str]) -> None:
                 answer = s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
                                                                           "Quiet": True})
                 if answer.get("Errors"):
-                    first = answer["Errors"][0]
+                    first, more = answer["Errors"][0], len(answer["Errors"]) - 1
                     raise UserError(f"could not delete s3://{bucket}/{first.get('Key')} "
-                                    f"({first.get('Code')}: {first.get('Message')}) and "
-                                    f"{len(answer['Errors']) - 1} more under {prefix}")
+                                    f"({first.get('Code')}: {first.get('Message')})"
+                                    + (f" and {more} more under {prefix}" if more else ""))
 
 
 def remove_empty_folders(prefix: str) -> None:
