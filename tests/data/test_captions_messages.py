@@ -37,6 +37,18 @@ def test_backslash_paths_of_an_index_written_on_windows_find_their_images(tmp_pa
         assert all(uri.startswith(f"{tmp_path}/") for uri in read_rows(str(tmp_path / name), name).uris)
 
 
+def test_one_file_named_in_nfc_and_in_nfd_is_one_cache_id(tmp_path):
+    """A Mac's copy keeps `café.png` in NFD; a hand-typed row names it in NFC: the cache held the image twice,
+    and search found it twice."""
+    import unicodedata
+
+    from clipforge.data.image_folder import collection_ids
+
+    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9.png") for form in ("NFC", "NFD"))
+    (tmp_path / nfd).write_bytes(b"")
+    assert collection_ids(str(tmp_path), [nfc, nfd, f"./{nfc}"]) == [nfd, nfd, nfd]
+
+
 def test_a_file_whose_name_holds_a_backslash_is_itself(tmp_path):
     from clipforge.data.image_folder import collection_ids, image_uri
 

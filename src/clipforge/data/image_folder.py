@@ -150,7 +150,8 @@ def collection_ids(root: str, paths: list[str]) -> list[str]:
     def local_id(path: str) -> str:
         if not path or path.startswith("s3://"):
             return path
-        full = os.path.normpath(os.path.join(base, separated(base, path)))
+        # As the file is spelled on disk: `café.png` typed in NFC and copied in NFD are one image, not two ids.
+        full = on_disk(os.path.normpath(os.path.join(base, separated(base, path))))
         inside = _inside(os.path.relpath(full, base))
         if not inside:  # the root, or the folder holding the image, may be named through a symbolic link
             folder, name = os.path.split(full)
