@@ -126,3 +126,14 @@ def test_a_synonym_map_that_makes_no_variants_warns(dataset, tmp_path, caplog, c
         assert augment(AugmentConfig(dataset=str(dataset), synonyms=str(tmp_path / "map.json")))["variants"] == 0
     why = "no training caption holds a word of" if "zebra" in content else "the synonym map has no word with a synonym"
     assert f"no variants: {why}" in caplog.text
+
+
+def test_a_url_row_is_said_to_be_a_url(tmp_path, capsys):
+    """A LAION-style CSV of URLs was read as paths under the folder: `unsupported URI 'u/https://…'`."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "index.csv").write_text("filepath,caption\nhttps://example.com/a.jpg,a cat\nb.png,a dog\n")
+    assert main(["captions", "prepare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "clipforge captions: error: image https://example.com/a.jpg is a URL: images " \
+        "are read from local paths or s3:// (download them first, e.g. with img2dataset)\n"

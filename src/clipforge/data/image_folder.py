@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +183,13 @@ def separated(root: str, path: str) -> str:
     return path.replace("\\", "/")
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _joined(root: str, path: str) -> str:
+    if URL.match(path) and not path.startswith("s3://"):  # a LAION-style CSV: read as a path under the root
+        raise UserError(f"image {path} is a URL: images are read from local paths or s3:// (download them first, "
+                        "e.g. with img2dataset)")
     return path if path.startswith(("s3://", "/")) else storage.join(root, path)
 
 
