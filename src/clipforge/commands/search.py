@@ -33,6 +33,7 @@ def run(args) -> int:
     from clipforge.errors import UserError
     from clipforge.search import Searcher
     from clipforge.storage import uri as storage
+    from clipforge.tables import one_line
 
     if bool(args.query) == bool(args.image):
         raise UserError("give a text query or --image, not both and not neither")
@@ -50,14 +51,15 @@ def run(args) -> int:
     if not hits:  # FAISS scans some lists only: a query can find fewer rows than asked, even none
         sys.stdout.write("no results\n")
         return 0
-    width = max(len(hit.path) for hit in hits)
+    shown = [one_line(hit.path) for hit in hits]  # a file name holding a newline stays on its row
+    width = max(len(path) for path in shown)
     # A cache of HDF5 rows lists row ids, which are no files; a folder given relative to where the index was
     # built is not "gone" either: the warning says where to run from.
     files = searcher.root is not None and not searcher.root_is_elsewhere()
     sys.stdout.write(f"{'rank':>4}  {'score':>7}  {'path' if searcher.root is not None else 'id'}\n")
-    for rank, hit in enumerate(hits, 1):
+    for rank, (hit, path) in enumerate(zip(hits, shown, strict=True), 1):
         gone = "  (gone since it was indexed)" if files and is_gone(hit.path) else ""
-        sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {hit.path:<{width}}{gone}\n")
+        sys.stdout.write(f"{rank:>4}  {hit.score:7.4f}  {path:<{width}}{gone}\n")
     return 0
 
 
