@@ -258,9 +258,17 @@ def _reuse_or_execute(stage: StageSpec, resolved: ResolvedStage, record: RunReco
             raise  # the run stops, as it was told to, after the stage that finished
         SIGNALS_SEEN.discard("SIGTERM" if isinstance(exc, Stopped) else "SIGINT")  # acted on here
         code = EXIT_PREEMPTED if isinstance(exc, Stopped) else EXIT_INTERRUPTED
+        # Stopped before the stage was recorded as running (while its config was written): say which it was.
         record.record(name, kind=stage.kind, key=resolved.key, output=resolved.output)
-    seconds = round(time.monotonic() - started, 1)
-    before, manifest = manifest, read_manifest(resolved.output)
+    return _record_exit(stage, resolved, record, code, manifest, round(time.monotonic() - started, 1))
+
+
+def _record_exit(stage: StageSpec, resolved: ResolvedStage, record: RunRecord, code: int, before: dict | None,
+                 seconds: float) -> tuple[str, str | None]:
+    """What the stage's exit `code` and the manifest it left (against the one `before` it ran) make of it:
+    done, up to date, interrupted (its progress kept), or failed, as the run record says and the log tells."""
+    name = stage.name
+    manifest = read_manifest(resolved.output)
     if code == 0 and manifest is not None:
         status = "up-to-date" if before is not None and digest(before) == digest(manifest) else "done"
         record.record(name, status=status, finished=utc_now(), seconds=seconds, metrics=headline(manifest))
