@@ -148,10 +148,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         storage.write_bytes(storage.join(cfg.out, name), data)
     return write_manifest(cfg.out, kind="evaluate", config=cfg.model_dump(mode="json"),
                           config_fingerprint=cfg.fingerprint(), inputs=inputs, files=["metrics.json", *pictures],
-                          metrics=metrics, headline=headline(metrics))
+                          metrics=metrics, headline=evaluation_headline(metrics))
 
 
-def headline(metrics: dict) -> dict:
+def evaluation_headline(metrics: dict) -> dict:
     """The figures a user compares, for a pipeline run's summary: adapter against zero-padding on embeddings
     (cosine, R@1), then CLIPScore and R@1 of each configuration of generated images (the first four)."""
     figures = {}
