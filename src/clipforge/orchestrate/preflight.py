@@ -29,6 +29,11 @@ log = logging.getLogger("clipforge.run")
 UNSIGNED_SETTINGS = ("source", "expdesign")
 
 
+def read_unsigned(values: dict, key: str) -> bool:
+    """Whether a stage with these settings reads `key`'s file anonymously, as the stage itself does."""
+    return bool(values.get("no_sign_request")) and key in UNSIGNED_SETTINGS
+
+
 def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | None = None) -> list[str]:
     """`stages.NAME.with.KEY: PATH not found` for each input that is not there; local paths only if `local`; and
     `stages.NAME.policy.reuse_existing: …` for a finished output there of another kind of stage. A stage whose
@@ -48,7 +53,7 @@ def missing_inputs(spec: PipelineSpec, *, local: bool, unanswered: list[str] | N
             if any(holds(out, one_spelling(value)) for out in pinned):
                 continue
             if value.startswith("s3://"):
-                unsigned = bool(stage.with_.get("no_sign_request")) and key in UNSIGNED_SETTINGS
+                unsigned = read_unsigned(stage.with_, key)
                 found, why = s3_found(value, unsigned)
                 gone = found is False
                 if found is None and unanswered is not None:

@@ -18,7 +18,7 @@ from clipforge.config.pipeline import PipelineSpec, StageSpec
 from clipforge.data.image_folder import collection_root
 from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, StageKind
-from clipforge.orchestrate.preflight import UNSIGNED_SETTINGS
+from clipforge.orchestrate.preflight import read_unsigned
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import output_fingerprint
 
@@ -122,7 +122,7 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     # Files named in the settings (HDF5 source, weights, model config, expdesign) count by content
     # identity too, so a changed file under the same name is never mistaken for the old one.
     # A public bucket's source is read anonymously when the stage says so (`no_sign_request`), as the stage reads it.
-    unsigned = {key: bool(values.get("no_sign_request")) and key in UNSIGNED_SETTINGS for key in values}
+    unsigned = {key: read_unsigned(values, key) for key in values}
     files = {key: file_identities(value, unsigned[key]) for key, value in sorted(values.items())
              if key not in kind.inputs}
     inner = {f"{key}/{name}": storage.join(values[key], name) for key, name in kind.folder_files.items()
