@@ -178,14 +178,26 @@ def evaluate_generated(cfg: EvaluateConfig, metrics: dict, split_ids: set[str]) 
             "images.png": images_chart(rows)}
 
 
-def images_chart(rows: list[dict]) -> bytes:
-    """PNG: CLIPScore and R@1 of each configuration of generated images."""
+def pyplot():
+    """matplotlib's pyplot drawing off-screen (no display on a pod, and no window on a laptop)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100)
+    return plt
+
+
+def png_of(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def images_chart(rows: list[dict]) -> bytes:
+    """PNG: CLIPScore and R@1 of each configuration of generated images."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.5), dpi=100)
     labels = [row["configuration"] for row in rows]
     for ax, (title, key) in zip(axes, (("CLIPScore", "clip_score"), ("R@1", "R@1")), strict=True):
         bars = ax.bar(labels, [row[key] for row in rows], color=["#888888", "#ff7f0e", "#1f77b4"][: len(rows)])
@@ -194,10 +206,7 @@ def images_chart(rows: list[dict]) -> bytes:
         ax.set_ylim(0, 1.05)
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_of(fig)
 
 
 def y_limits(values: list[float]) -> tuple[float, float]:
@@ -209,15 +218,10 @@ def y_limits(values: list[float]) -> tuple[float, float]:
 
 def bar_chart(metrics: dict) -> bytes:
     """PNG: cosine, R@1 and R@5 of zero-padding beside the adapter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figures = [("cosine", "mean_cosine"), ("R@1", "adapted_to_target_R@1"), ("R@5", "adapted_to_target_R@5")]
     methods = [(label, metrics[key]) for label, key in (("zero-padding", "zero_pad"), ("adapter", "adapter"))
                if metrics.get(key)]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=100)
     width = 0.8 / max(1, len(methods))
     for i, (label, values) in enumerate(methods):
         xs = [j + i * width for j in range(len(figures))]
@@ -229,7 +233,4 @@ def bar_chart(metrics: dict) -> bytes:
     ax.set_title(f"{metrics['split']} split, {metrics['test_rows']} rows")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_of(fig)
