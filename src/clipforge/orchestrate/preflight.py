@@ -102,9 +102,7 @@ def other_kind(uri: str, kinds: tuple[str, ...]) -> str | None:
     except Exception:  # a damaged manifest, credentials this machine lacks: the stage's to say
         return None
     found = (manifest or {}).get("kind", kinds[0])
-    if found in kinds:
-        return None
-    return f"holds {article(found)} {found} stage's output, not {article(kinds[0])} {kinds[0]} stage's"
+    return None if found in kinds else holds_other_kind(found, kinds[0])
 
 
 def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:
@@ -113,12 +111,15 @@ def wrong_kind(stage: StageSpec, manifest: dict) -> str | None:
     kind = manifest.get("kind", stage.kind)
     if kind == stage.kind:
         return None
-    return (f"reuse_existing: {stage.policy.reuse_existing} holds {article(kind)} {kind} stage's output, "
-            f"not {article(stage.kind)} {stage.kind} stage's")
+    return f"reuse_existing: {stage.policy.reuse_existing} {holds_other_kind(kind, stage.kind)}"
 
 
-def article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
+def holds_other_kind(found: str, wanted: str) -> str:
+    """`holds an adapter stage's output, not a cache stage's`."""
+    def article(word: str) -> str:
+        return "an" if word[:1] in "aeiou" else "a"
+
+    return f"holds {article(found)} {found} stage's output, not {article(wanted)} {wanted} stage's"
 
 
 def named_inputs(stage: StageSpec) -> list[tuple[str, str]]:
