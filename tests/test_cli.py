@@ -268,3 +268,30 @@ def test_a_listing_row_stays_one_line_whatever_a_file_is_named():
     table = text_table([("id", "score"), ("n/two\nlines.png", 0.5), ("café\t.png", 0.25)])
     assert table.splitlines() == ["id                score", "n/two\\nlines.png  0.5", "café\\t.png        0.25"]
     assert one_line("über 日本 \x1b[31m") == "über 日本 \\x1b[31m"
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [
+    (signal.SIGTERM, EXIT_PREEMPTED, "clipforge: stopped (SIGTERM) before it began; nothing was written\n"),
+    (signal.SIGINT, EXIT_INTERRUPTED, "clipforge: interrupted before it began; nothing was written\n")])
+def test_a_signal_while_the_commands_import_is_one_line_and_the_stops_exit_code(signum, code, line):
+    """Ctrl-C in the first second gave a 62-line traceback from inside pydantic, SIGTERM a silent death (143):
+    the console script, signalled while it builds its parser, as a real process."""
+    script = ("import os, signal, sys; import clipforge.cli as cli; real = cli.build_parser\n"
+              f"cli.build_parser = lambda: (os.kill(os.getpid(), {int(signum)}), real())[1]\n"
+              "sys.argv = ['clipforge', 'runs', 'nowhere']; cli.entry()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (code, line)
+
+
+def test_a_training_worker_stopped_by_its_launcher_says_so_not_that_it_was_stopped(monkeypatch, capsys, tmp_path):
+    """A peer killed (the OOM killer): torchrun stops the survivors, each of which said "stopped (SIGTERM);
+    what it committed is kept", as if the user had stopped the command."""
+    def command(args) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr("clipforge.commands.models.run_list", command)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["models", "list", "--dir", str(tmp_path)]) == EXIT_PREEMPTED
+    assert capsys.readouterr().err == "clipforge models: worker rank 1 stopped by its launcher (SIGTERM)\n"

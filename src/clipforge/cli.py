@@ -153,6 +153,12 @@ def stopped(args: argparse.Namespace) -> int:
     """The one line and exit code of a command stopped by a signal. Whatever error a stop raised inside an
     import or a library ("cannot load module more than once", a RecursionError) is that stop too."""
     on_stop = getattr(args, "on_stop", STOPPED)
+    if "SIGTERM" in SIGNALS_SEEN and "LOCAL_RANK" in os.environ:
+        # A training worker: its launcher stopped it, because the user stopped the command or a peer ended, and
+        # the launcher's own last line says which. "stopped (SIGTERM)" here read as the user's doing.
+        print(f"clipforge {args.command}: worker rank {os.environ.get('RANK', '?')} stopped by its launcher (SIGTERM)",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     if "SIGTERM" in SIGNALS_SEEN:
         print(f"clipforge {args.command}: {on_stop}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -234,7 +240,19 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def stop_at_once(signum, frame) -> None:
+    """A signal before `main` takes over, while the commands import (a second or two): nothing has begun, so the
+    process ends now, with the code a later stop gets (75 on SIGTERM, 130 on Ctrl-C) and one line, not a
+    traceback from inside an import."""
+    term = signum == signal.SIGTERM
+    print(f"clipforge: {'stopped (SIGTERM)' if term else 'interrupted'} before it began; nothing was written",
+          file=sys.stderr)
+    os._exit(EXIT_PREEMPTED if term else EXIT_INTERRUPTED)
+
+
 def entry() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_at_once)  # until `main` puts its own handlers over these
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code = main()
