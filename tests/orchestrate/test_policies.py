@@ -96,6 +96,8 @@ def test_a_preempted_stage_stops_the_run_even_under_continue(tmp_path):
     assert later and all(record.data["stages"][name]["status"] == "skipped" for name in later)
     assert record.data["stages"]["evaluate"]["message"] == "the run was stopped at adapter"
     assert exit_code(record) == EXIT_PREEMPTED and ran[-1] == "adapter"
+    # Stopped before it wrote anything: no empty output folder left, which a prune then listed as an output.
+    assert not Path(record.data["stages"]["adapter"]["output"]).exists()
 
 
 def test_a_failed_run_exits_with_its_own_code_not_a_crashs(tmp_path):

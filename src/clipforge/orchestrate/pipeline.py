@@ -175,6 +175,7 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
     made = storage.missing_folders(resolved.output)
+
     def waiting(holder: dict) -> None:  # `clipforge runs` says what the run waits for, not `incomplete`
         if holder.get("run_id") != record.data["run_id"]:  # not its own lease, left by a driver pod replaced
             record.record(name, kind=stage.kind, status="waiting", output=resolved.output,  # no key: not its own
@@ -184,8 +185,8 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     try:
         with lease:
             status, output = _reuse_or_execute(stage, resolved, record, execute, notes)
-        if status in ("failed", "failed-continued"):
-            storage.remove_empty(made)  # a stage that failed before writing anything leaves no folder
+        if status in ("failed", "failed-continued", "interrupted"):
+            storage.remove_empty(made)  # a stage that failed or was stopped before it wrote leaves no folder
         return status, output
     except (Stopped, KeyboardInterrupt) as exc:
         if lease.token is not None:  # stopped while the stage ran: the executor's to handle
