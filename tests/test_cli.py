@@ -295,3 +295,13 @@ def test_a_training_worker_stopped_by_its_launcher_says_so_not_that_it_was_stopp
     monkeypatch.setenv("RANK", "1")
     assert main(["models", "list", "--dir", str(tmp_path)]) == EXIT_PREEMPTED
     assert capsys.readouterr().err == "clipforge models: worker rank 1 stopped by its launcher (SIGTERM)\n"
+
+
+def test_a_signal_after_the_command_ended_is_not_said_to_come_before_it_began():
+    """The early handler stayed in force while the process exited (threads finishing, atexit): a SIGTERM then
+    printed "stopped before it began" and exit 75, which a driver retries, after the command had ended."""
+    script = ("import atexit, os, signal, sys; import clipforge.cli as cli\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "sys.argv = ['clipforge', 'runs', 'nowhere']; cli.entry()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "before it began" not in done.stderr and done.returncode != EXIT_PREEMPTED, done.stderr

@@ -152,8 +152,10 @@ def quiet_about_stops(unraisable) -> None:
 def stopped(args: argparse.Namespace) -> int:
     """The one line and exit code of a command stopped by a signal. Whatever error a stop raised inside an
     import or a library ("cannot load module more than once", a RecursionError) is that stop too."""
+    from clipforge.train.launch import in_launched_worker
+
     on_stop = getattr(args, "on_stop", STOPPED)
-    if "SIGTERM" in SIGNALS_SEEN and "LOCAL_RANK" in os.environ:
+    if "SIGTERM" in SIGNALS_SEEN and in_launched_worker():
         # A training worker: its launcher stopped it, because the user stopped the command or a peer ended, and
         # the launcher's own last line says which. "stopped (SIGTERM)" here read as the user's doing.
         print(f"clipforge {args.command}: worker rank {os.environ.get('RANK', '?')} stopped by its launcher (SIGTERM)",
@@ -251,11 +253,14 @@ def stop_at_once(signum, frame) -> None:
 
 
 def entry() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_at_once)  # until `main` puts its own handlers over these
+    before = {signum: signal.signal(signum, stop_at_once) for signum in (signal.SIGTERM, signal.SIGINT)}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        code = main()
+        try:
+            code = main()
+        finally:  # past `main`, a signal (while threads finish, at exit) is no stop "before it began"
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
         sys.stdout.flush()
     except BrokenPipeError:
         # `clipforge runs ... | head`: the reader left. Python's recipe: point stdout at devnull so the
