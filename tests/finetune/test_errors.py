@@ -453,6 +453,29 @@ def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tiny_cli
     assert sorted(p.name for p in out.iterdir()) == ["19700101-000000", "19700101-000000-2"]
 
 
+def test_resume_latest_takes_the_newest_run_and_on_several_machines_makes_none(tiny_clip, captioned, tmp_path,
+                                                                                monkeypatch):
+    """`-10` sorted before `-2`, so `--resume latest` took an older run once a sweep reached ten in a second.
+    And on several machines with nothing to resume, each reserved a new folder of its own."""
+    from clipforge.config.finetune import FinetuneConfig
+    from clipforge.errors import UserError
+    from clipforge.stages import finetune as stage
+    from clipforge.stages.finetune_runs import run_folders
+
+    out = tmp_path / "models"
+    names = ["20261128-145547", *(f"20261128-145547-{n}" for n in range(2, 12)), "20261128-145548"]
+    for name in names:
+        (out / name).mkdir(parents=True)
+    assert run_folders(str(out)) == names
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "rank0.example")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(UserError, match="a new run over several machines needs one folder they all agree on"):
+        stage.resolve_run(FinetuneConfig(**settings(tiny_clip, captioned, out, resume="latest")))
+    assert {p.name for p in out.iterdir()} == set(names)  # nothing reserved
+
+
 def test_base_weights_that_are_the_result_in_out_are_refused_not_deleted(capsys, tiny_clip, captioned, tmp_path):
     """Training into OUT removes the result there first: `--pretrained OUT/model.pt` would be gone before it
     is read."""

@@ -170,6 +170,9 @@ def resolve_run(config: FinetuneConfig) -> FinetuneConfig:
             folder = config.out.rstrip("/")
         if folder:
             config = _check_resumable(config, folder)
+        elif launch.rendezvous_from_env().nnodes > 1:  # each machine would reserve a new folder of its own
+            raise UserError(f"no run under {config.out} to resume, and a new run over several machines needs one "
+                            "folder they all agree on: pass --no-timestamped (OUT is the run folder)")
         else:
             log.info("no run under %s to resume: starting a new one", config.out)
             folder = _new_run_folder(config.out)

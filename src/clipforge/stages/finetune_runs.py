@@ -23,8 +23,13 @@ FIGURES = ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5", "text_
 
 
 def run_folders(root: str) -> list[str]:
-    """Names of the timestamped run folders under `root`, oldest first."""
-    return sorted(name for name in storage.list_folders(root) if RUN_NAME.match(name))
+    """Names of the timestamped run folders under `root`, oldest first: by time, then by the `-N` of runs started
+    in the same second (`-10` after `-9`, which a sort of the names put first)."""
+    def started(name: str) -> tuple[str, int]:
+        stamp, _, n = name.partition("-")[2].partition("-")
+        return name[:8] + stamp, int(n or 1)
+
+    return sorted((name for name in storage.list_folders(root) if RUN_NAME.match(name)), key=started)
 
 
 def latest_resumable(root: str) -> str | None:
