@@ -259,6 +259,9 @@ def test_s3_weights_are_fetched_to_disk_by_parts_once_per_version(s3_bucket, tmp
     path = storage.fetch_to_local(uri, tmp_path / "cache")
     assert path.read_bytes() == data and path.name == "model.pt"
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600: a cache shared by users
     assert storage.fetch_to_local(uri, tmp_path / "cache") == path
     client.put_object(Bucket=s3_bucket, Key="w/model.pt", Body=b"new")
     again = storage.fetch_to_local(uri, tmp_path / "cache")
@@ -267,41 +270,62 @@ def test_s3_weights_are_fetched_to_disk_by_parts_once_per_version(s3_bucket, tmp
 
 def test_where_a_folder_cannot_be_flocked_nfs_a_lock_file_keeps_writers_apart(tmp_path, monkeypatch):
     """On NFS (an artifacts PVC shared by pods) flock on a folder fails with EBADF: every lease failed. A hidden
-    lock file is locked instead, and still only one of many racing writers, threads and processes, wins."""
+    lock file is locked instead, and still only one of many racing writers, threads and processes, wins, also
+    when the lock file is deleted while one holds it (a prune, a failed command's empty folder removed)."""
     import errno
     import fcntl
     import multiprocessing
     import os
+    import subprocess
+    import sys
     import threading
+    import time
 
-    real = fcntl.flock
+    real_flock, real_read = fcntl.flock, storage.read_versioned
 
     def nfs_flock(fd, op):
         if os.path.isdir(f"/proc/self/fd/{fd}"):
             raise OSError(errno.EBADF, "Bad file descriptor")
-        return real(fd, op)
+        return real_flock(fd, op)
+
+    def slow_read(uri, **kwargs):  # widens the gap between a writer's look and its write: a race shows at once
+        found = real_read(uri, **kwargs)
+        time.sleep(0.05)
+        return found
 
     monkeypatch.setattr(storage.fcntl, "flock", nfs_flock)
+    monkeypatch.setattr(storage, "read_versioned", slow_read)
     lease = str(tmp_path / "out" / "_lease.json")
-    wins = []
+    forked = multiprocessing.get_context("fork")
+    wins = forked.Value("i", 0)
 
     def race(name: str) -> None:
         if storage.write_if(lease, name.encode(), None) is not None:
-            wins.append(name)
+            with wins.get_lock():
+                wins.value += 1
 
-    threads = [threading.Thread(target=race, args=(f"thread-{n}",)) for n in range(8)]
-    forked = multiprocessing.get_context("fork")
     processes = [forked.Process(target=race, args=(f"process-{n}",)) for n in range(3)]
+    threads = [threading.Thread(target=race, args=(f"thread-{n}",)) for n in range(4)]
     for worker in processes + threads:  # forked before any thread holds a lock a child would inherit
         worker.start()
-    for worker in threads + processes:
+    for worker in processes + threads:
         worker.join()
-    winner = (tmp_path / "out" / "_lease.json").read_text()
-    assert winner in wins or winner.startswith("process-")  # a process's win is recorded in its own memory
-    assert len(wins) == (1 if winner.startswith("thread-") else 0)
-    token = storage.read_versioned(lease)[1]
+    assert wins.value == 1
+    token = real_read(lease)[1]
     assert storage.write_if(lease, b"renewed", "stale") is None and storage.write_if(lease, b"renewed", token)
     assert (tmp_path / "out" / storage.LOCK_NAME).exists()
+
+    # A holder elsewhere (another pod): removing the folder's lock file waits for it, or the next writer would
+    # lock a new file of that name beside the holder's.
+    script = ("import errno, fcntl, os, sys, time\nfrom clipforge.storage import uri as storage\nreal = fcntl.flock\n"
+              "def nfs_flock(fd, op):\n    if os.path.isdir(f'/proc/self/fd/{fd}'):\n"
+              "        raise OSError(errno.EBADF, 'Bad file descriptor')\n    return real(fd, op)\n"
+              "storage.fcntl.flock = nfs_flock\nfrom pathlib import Path\n"
+              "with storage._folder_locked(Path(sys.argv[1])):\n    print('in', flush=True); time.sleep(1.5)")
     storage.delete(lease)  # a failed command's folder holding only the lock file is empty
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "in\n"
+    began = time.monotonic()
     storage.remove_empty([tmp_path / "out"])
+    assert time.monotonic() - began > 0.5 and holder.wait(10) == 0
     assert not (tmp_path / "out").exists()

@@ -305,7 +305,8 @@ def earlier_work(resolved: ResolvedStage, manifest: dict | None) -> str:
     if manifest is not None:  # a finished output at a pinned folder: the stage says what it makes of it
         return ""
     try:
-        files = [path for path in storage.list_tree(resolved.output) if path.rsplit("/", 1)[-1] != LEASE_NAME]
+        files = [path for path in storage.list_tree(resolved.output)  # not the lease, a claim or a lock file
+                 if path.rsplit("/", 1)[-1] != LEASE_NAME and not storage.is_hidden(path)]
     except Exception:  # noqa: BLE001 (the stage itself meets the store next, and says what is wrong)
         return ""
     return f" ({len(files)} files already there, of an earlier attempt)" if files else ""

@@ -239,7 +239,8 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
     """Compare-and-swap: write only while the object is still the version `expected` names (None: absent).
 
     Returns the new version's token, or None when another writer changed it first. S3 checks this itself
-    (conditional PUT: If-None-Match / If-Match); on disk the folder is locked (flock) around read and write.
+    (conditional PUT: If-None-Match / If-Match); on disk the folder is locked around read and write
+    (`_folder_locked`).
     """
     match scheme(uri):
         case "file":
@@ -288,9 +289,9 @@ def _folder_locked(folder: Path) -> Iterator[None]:
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as exc:
+    except BaseException as exc:  # a stop while it waits, too: the folder's descriptor is closed either way
         os.close(fd)
-        if exc.errno not in NO_FOLDER_LOCK:
+        if not isinstance(exc, OSError) or exc.errno not in NO_FOLDER_LOCK:
             raise
     else:
         try:
@@ -298,13 +299,41 @@ def _folder_locked(folder: Path) -> Iterator[None]:
         finally:
             os.close(fd)  # releases the lock
         return
-    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        with _threads_of_this_process:
-            fcntl.lockf(lock, fcntl.LOCK_EX)
+    with _threads_of_this_process:
+        lock = _locked_file(folder / LOCK_NAME)
+        try:
             yield
-    finally:
-        os.close(lock)  # releases the lock
+        finally:
+            os.close(lock)  # releases the lock
+
+
+def unlink_lock_file(path: Path) -> None:
+    """Delete a lock file only while holding its lock: deleted under a holder, the next writer would lock a new
+    file of that name and write beside it."""
+    with _threads_of_this_process:
+        lock = _locked_file(path)
+        try:
+            path.unlink()
+        finally:
+            os.close(lock)
+
+
+def _locked_file(path: Path) -> int:
+    """A descriptor of `path` holding its lockf lock. A writer waiting on a file that the holder then deleted
+    (`unlink_lock_file`) would hold a lock no one else asks for: it locks again until the file it locked is
+    the one the name names."""
+    while True:
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            if os.fstat(lock).st_ino == os.stat(path).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(lock)
+            raise
+        os.close(lock)
 
 
 def read_json(uri: str, *, unsigned: bool = False) -> Any:
@@ -507,8 +536,9 @@ def remove_empty(folders: list[Path]) -> None:
         try:
             left = {entry.name for entry in folder.iterdir()}
             if left and left <= {CLAIM_NAME, LOCK_NAME}:
-                for name in left:
-                    (folder / name).unlink()
+                (folder / CLAIM_NAME).unlink(missing_ok=True)
+                if LOCK_NAME in left:
+                    unlink_lock_file(folder / LOCK_NAME)
             folder.rmdir()
         except FileNotFoundError:
             continue
@@ -568,6 +598,7 @@ def fetch_to_local(uri: str, cache_dir: str | Path | None = None, *, unsigned: b
     os.close(fd)
     try:
         s3.client(unsigned).download_file(loc.bucket, loc.key, tmp)
+        os.chmod(tmp, file_mode(target))  # not mkstemp's 0600: a cache folder shared by pods of other users
         if os.path.getsize(tmp) != fp["size"]:  # replaced while it was fetched: not kept under the old ETag
             raise UserError(f"{uri} changed while it was fetched: run again")
         os.replace(tmp, target)
