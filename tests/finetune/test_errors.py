@@ -593,6 +593,42 @@ def test_an_edited_synonym_map_trains_a_new_model(tiny_clip, captioned, tmp_path
     assert json.loads((tmp_path / "run" / "_manifest.json").read_text())["inputs"] != first
 
 
+def test_an_unfinished_run_begun_before_the_synonym_map_counted_still_resumes(tiny_clip, captioned, tmp_path,
+                                                                              caplog):
+    """Its checkpoints record no `synonyms` input: counting it now would refuse `--resume`, or start it over and
+    tidy its checkpoints away. A finished run of then is trained again: nothing says its map is unchanged."""
+    synonyms = tmp_path / "synonyms.json"
+    synonyms.write_text(json.dumps({"red": ["crimson"]}))
+    out = tmp_path / "run"
+    values = settings(tiny_clip, captioned, out, epochs=2, timestamped=False, augment="manual",
+                      synonyms=str(synonyms), per_sample=1)
+    del values["train_data"], values["val_data"]
+    values["dataset"] = str(Path(captioned[0]).parent)
+    assert main(["finetune", *config_args(values)]) == 0
+
+    def as_then(manifest: Path) -> None:  # what a run begun before this change recorded
+        recorded = json.loads(manifest.read_text())
+        del recorded["inputs"]["synonyms"]
+        manifest.write_text(json.dumps(recorded))
+
+    for manifest in [*out.glob("checkpoints/step-*/_manifest.json"), out / "data" / "_manifest.json"]:
+        as_then(manifest)
+    finished = (out / "_manifest.json").read_text()
+    (out / "_manifest.json").unlink()  # unfinished: stopped after its last checkpoint
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["finetune", *config_args(values)]) == 0
+    assert "resuming from" in caplog.text and "images checked" not in caplog.text  # its data reused as well
+    assert "synonyms" not in json.loads((out / "_manifest.json").read_text())["inputs"]
+    caplog.clear()
+    (out / "_manifest.json").write_text(finished)
+    as_then(out / "_manifest.json")
+    with caplog.at_level("INFO"):
+        assert main(["finetune", *config_args(values)]) == 0
+    assert "nothing to train" not in caplog.text  # trained again, now recording its synonym map
+    assert "synonyms" in json.loads((out / "_manifest.json").read_text())["inputs"]
+
+
 def test_a_run_resumes_with_its_files_named_another_way(tiny_clip, captioned, tmp_path, monkeypatch, capsys, caplog):
     """`./d/train.csv` or an absolute path for the `d/train.csv` a run began with is the same file: resumed (here,
     found up to date), where "changed (path)" offered only a new run, and the checkpoints' loss."""

@@ -36,6 +36,7 @@ from clipforge.stages.finetune_data import (
     check_has_negatives,
     data_inputs,
     dataset_index,
+    inputs_as_recorded,
     prepared_csvs,
     read_rows,
 )
@@ -114,7 +115,7 @@ def check_base_outside(config: FinetuneConfig) -> None:
 
 def _finetune_in(config: FinetuneConfig) -> TrainResult:
     """`finetune` once `config.out` is the run folder itself."""
-    inputs = stage_inputs(config)
+    inputs = inputs_as_recorded(stage_inputs(config), config.out)
     fingerprint = config.fingerprint()
     manifest = finished_manifest(config.out, "finetune")
     refuse_other_kind(manifest, "finetune", f"out {config.out}", "a fine-tuned model",
@@ -201,7 +202,7 @@ def _check_resumable(config: FinetuneConfig, folder: str) -> FinetuneConfig:
                                    FinetuneConfig)
         raise UserError(f"resume {folder}: that run has other settings ({first_few(changed) or 'see its config'}); "
                         "resume it with its own settings, or start a new run without --resume")
-    changed = input_changes(recorded.get("inputs") or {}, stage_inputs(mine))
+    changed = input_changes(recorded.get("inputs") or {}, inputs_as_recorded(stage_inputs(mine), folder))
     if changed:
         raise UserError(f"resume {folder}: {'; '.join(changed)} since that run began; start a new run without "
                         "--resume")

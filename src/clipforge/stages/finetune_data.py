@@ -48,6 +48,7 @@ from clipforge.data.captions import (
 from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_listed_image
 from clipforge.data.pixels import unreadable, upright_rgb
 from clipforge.errors import UserError
+from clipforge.stages.finetune_runs import newest_manifest
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import finished_manifest, is_up_to_date, write_manifest
 
@@ -159,6 +160,20 @@ def data_inputs(config: FinetuneConfig) -> dict:
     return {role: storage.content_fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
 
 
+AUGMENT_INPUTS = ("synonyms", "llm_model")
+
+
+def inputs_as_recorded(inputs: dict, run: str) -> dict:
+    """`inputs` without the augmentation files when the run in folder `run` is an unfinished one begun before
+    they counted (its newest checkpoint records none): it resumes as it began, its prepared data too. A finished
+    run of then is trained again: its synonym map may have changed since, and nothing recorded says."""
+    recorded = newest_manifest(run) or {}
+    was = recorded.get("inputs")
+    if recorded.get("kind") != "checkpoint" or not isinstance(was, dict) or any(key in was for key in AUGMENT_INPUTS):
+        return inputs
+    return {key: value for key, value in inputs.items() if key not in AUGMENT_INPUTS}
+
+
 def augment_inputs(config: FinetuneConfig) -> dict:
     """The files the captions are augmented from, when given: a synonym map edited (or a language model
     replaced) makes other training rows, so another model. Absent keys keep runs without them as they were."""
@@ -192,7 +207,7 @@ def prepared_csvs(config: FinetuneConfig, out: str) -> tuple[str, str]:
     settings = _prepare_settings(config)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     index = dataset_index(config.dataset)
-    inputs = {"dataset": storage.content_fingerprint(index), **augment_inputs(config)}
+    inputs = inputs_as_recorded({"dataset": storage.content_fingerprint(index), **augment_inputs(config)}, out)
     if is_up_to_date(finished_manifest(data, "captions"), fingerprint, inputs):
         return train, val
     frame = read_captions(index)
