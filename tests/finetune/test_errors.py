@@ -629,6 +629,36 @@ def test_an_unfinished_run_begun_before_the_synonym_map_counted_still_resumes(ti
     assert "synonyms" in json.loads((out / "_manifest.json").read_text())["inputs"]
 
 
+def test_images_the_folder_listing_missed_count_among_the_runs_inputs(tiny_clip, captioned, tmp_path, caplog):
+    """A GIF named in index.csv, or an image named by `../images/x.png`, replaced: the run trained again (its
+    stage key counts them) but recorded the same inputs, so a folder index made with the old model was reused."""
+    import shutil
+
+    from PIL import Image
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(Path(captioned[0]).parent, dataset)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "images" / "o.png")
+    Image.new("RGB", (64, 64), "blue").save(dataset / "anim.gif")
+    with open(dataset / "index.csv", "a") as index:
+        index.write("../images/o.png,a red circle\nanim.gif,a blue square\n")
+    values = settings(tiny_clip, captioned, tmp_path / "run", epochs=1, timestamped=False)
+    del values["train_data"], values["val_data"]
+    values["dataset"] = str(dataset)
+    seen = []
+    for change in (None, lambda: Image.new("RGB", (64, 64), "green").save(tmp_path / "images" / "o.png"),
+                   lambda: Image.new("RGB", (64, 64), "yellow").save(dataset / "anim.gif")):
+        if change is not None:
+            change()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main(["finetune", *config_args(values)]) == 0
+        assert "nothing to train" not in caplog.text
+        seen.append(json.loads((tmp_path / "run" / "_manifest.json").read_text())["inputs"])
+    assert seen[0]["outside"] != seen[1]["outside"] and seen[1]["images"] != seen[2]["images"]
+
+
 def test_a_run_resumes_with_its_files_named_another_way(tiny_clip, captioned, tmp_path, monkeypatch, capsys, caplog):
     """`./d/train.csv` or an absolute path for the `d/train.csv` a run began with is the same file: resumed (here,
     found up to date), where "changed (path)" offered only a new run, and the checkpoints' loss."""

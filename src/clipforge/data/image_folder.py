@@ -48,6 +48,23 @@ def is_listed_image(relative: str) -> bool:
 OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif", ".jfif")
 
 
+def is_image_file(relative: str) -> bool:
+    """An image of a captioned folder, in any format Pillow reads that `captions prepare` takes (a .bmp named in
+    index.csv too), not only those a folder's listing offers the caption page and a cache."""
+    return is_listed_image(relative) or is_left_out_image(relative)
+
+
+def outside_root(root: str, paths: list[str]) -> list[str]:
+    """The images, of those a CSV in `root` names, that lie outside it (`../images/a.png`, an absolute path,
+    another bucket), sorted: a listing of `root` does not see them replaced."""
+    uris = {image_uri(root, path) for path in paths if path}
+    if storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        return sorted(uri for uri in uris if not uri.startswith(prefix))
+    base = os.path.realpath(storage.local_path(root)) + os.sep
+    return sorted(uri for uri in uris if storage.is_s3(uri) or not os.path.realpath(uri).startswith(base))
+
+
 def left_out_hint(others: list[str]) -> str:
     """What to do with images of formats a listing leaves out: a CSV source lists those Pillow reads here; the
     others (HEIC without a plugin) only converted."""

@@ -19,7 +19,7 @@ from clipforge.config.evaluate import EvaluateConfig
 from clipforge.config.finetune import FinetuneConfig
 from clipforge.config.generate import HUB_ID, GenerateConfig
 from clipforge.config.index import IndexConfig
-from clipforge.data.image_folder import is_left_out_image, is_listed_image
+from clipforge.data.image_folder import is_image_file, is_listed_image
 from clipforge.models.pretrained import names_weights_file
 
 
@@ -52,12 +52,6 @@ class StageKind:
 
 def weights_file(value: str, settings: dict) -> bool:
     return names_weights_file(value)
-
-
-def is_image_file(relative: str) -> bool:
-    """An image of a captioned folder, in any format Pillow reads that `captions prepare` takes (a .bmp named in
-    index.csv too), not only those a folder's listing offers the caption page and a cache."""
-    return is_listed_image(relative) or is_left_out_image(relative)
 
 
 KINDS: dict[str, StageKind] = {

@@ -45,12 +45,12 @@ from clipforge.data.captions import (
     read_captions,
     write_captions,
 )
-from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_listed_image
+from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_image_file, outside_root
 from clipforge.data.pixels import unreadable, upright_rgb
 from clipforge.errors import UserError
 from clipforge.stages.finetune_runs import newest_manifest
 from clipforge.storage import uri as storage
-from clipforge.storage.manifest import finished_manifest, is_up_to_date, write_manifest
+from clipforge.storage.manifest import digest, finished_manifest, is_up_to_date, write_manifest
 
 log = logging.getLogger("clipforge.finetune")
 
@@ -153,25 +153,39 @@ def data_inputs(config: FinetuneConfig) -> dict:
         index = dataset_index(config.dataset)
         # The CSV names the images; their folder's listing says whether one was replaced since, which
         # makes another model (and a new fingerprint for the stages that use it).
-        return {"dataset": storage.content_fingerprint(index),
-                "images": storage.tree_fingerprint(collection_root(index), is_listed_image), **augment_inputs(config)}
+        root = collection_root(index)
+        found = {"dataset": storage.content_fingerprint(index),
+                 "images": storage.tree_fingerprint(root, is_image_file), **augment_inputs(config)}
+        outside = outside_root(root, list(read_captions(index)["filepath"]))
+        if outside:  # named by paths leaving the folder: its listing does not see them replaced
+            found["outside"] = digest([file_identity(uri) for uri in outside])
+        return found
     for role in ("train_data", "val_data"):
         _require_csv(getattr(config, role), role)
     return {role: storage.content_fingerprint(getattr(config, role)) for role in ("train_data", "val_data")}
 
 
-AUGMENT_INPUTS = ("synonyms", "llm_model")
+# Inputs runs began to record in 0.1 (the augmentation's files, images named outside the dataset's folder).
+LATER_INPUTS = ("synonyms", "llm_model", "outside")
 
 
 def inputs_as_recorded(inputs: dict, run: str) -> dict:
-    """`inputs` without the augmentation files when the run in folder `run` is an unfinished one begun before
-    they counted (its newest checkpoint records none): it resumes as it began, its prepared data too. A finished
-    run of then is trained again: its synonym map may have changed since, and nothing recorded says."""
+    """`inputs` without the `LATER_INPUTS` when the run in folder `run` is an unfinished one begun before they
+    counted (its newest checkpoint records none): it resumes as it began, its prepared data too. A finished run
+    of then is trained again: its synonym map may have changed since, and nothing recorded says."""
     recorded = newest_manifest(run) or {}
     was = recorded.get("inputs")
-    if recorded.get("kind") != "checkpoint" or not isinstance(was, dict) or any(key in was for key in AUGMENT_INPUTS):
+    if recorded.get("kind") != "checkpoint" or not isinstance(was, dict) or any(key in was for key in LATER_INPUTS):
         return inputs
-    return {key: value for key, value in inputs.items() if key not in AUGMENT_INPUTS}
+    return {key: value for key, value in inputs.items() if key not in LATER_INPUTS}
+
+
+def file_identity(uri: str) -> dict:
+    """An image's size and mtime (ETag on S3); one not there is said by `captions prepare`, naming its row."""
+    try:
+        return storage.fingerprint(uri)
+    except UserError:
+        return {"uri": uri, "missing": True}
 
 
 def augment_inputs(config: FinetuneConfig) -> dict:
