@@ -403,3 +403,37 @@ def test_a_public_bucket_s_image_folder_reads_without_credentials(shapes, tiny_m
              .model_dump(exclude={"output"}, exclude_unset=True), "no_sign_request": True}}
     spec = PipelineSpec.model_validate({"artifacts": str(tmp_path / "artifacts"), "stages": [stage]})
     assert resolve_stage(spec, spec.stages[0], {}).key  # the pipeline keys it by its listing, read as the stage does
+
+
+def test_a_csv_source_counts_by_the_images_it_names_not_its_bytes(shapes, tiny_models, tmp_path, caplog):
+    """A caption edited on the caption page rewrites index.csv (a new mtime and size): the finished cache of it
+    was refused as "another config or input" and a new --output asked for. Its rows are what it is made of.
+    A cache recorded when the CSV counted by size and mtime stays up to date while the file keeps them."""
+    import json
+    import shutil
+
+    folder = tmp_path / "set"
+    shutil.copytree(shapes, folder)
+    index = folder / "index.csv"
+    cfg = config(tiny_models, index, tmp_path / "out", engine="local")
+    first = run_cache(cfg)
+    header, *rows = index.read_text().splitlines()
+    edited = [f"{row.split(',', 1)[0]},{row.split(',', 1)[1].replace('circle', 'round thing')}" for row in rows]
+    index.write_text("\n".join([header, *edited]) + "\n")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipforge.cache"):
+        assert run_cache(cfg) == first and "is up to date" in caplog.text
+    index.write_text("\n".join([header, *rows[1:]]) + "\n")  # an image less: another cache
+    with pytest.raises(UserError, match="already holds a cache of another config or input"):
+        run_cache(cfg)
+    index.write_text("\n".join([header, *rows]) + "\n")
+    manifest_path = tmp_path / "out" / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())  # as clipforge recorded a CSV source before
+    stat = index.stat()
+    manifest["inputs"]["source"] = {"uri": str(index), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                    "images": manifest["inputs"]["source"]["images"]}
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipforge.cache"):
+        run_cache(cfg)
+    assert "is up to date" in caplog.text

@@ -12,7 +12,9 @@ happens on the encoder's device.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import posixpath
@@ -114,8 +116,11 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
         frame = frame.drop_duplicates("filepath").sort_values("filepath")
         splits = list(frame["split"].replace("", None)) if "split" in frame.columns else [None] * len(frame)
         ids = frame["filepath"].to_numpy(dtype=object)
-        # The CSV names the images; their folder's listing says whether one was replaced since.
-        fingerprint = {**storage.fingerprint(source, unsigned=unsigned),
+        # The CSV counts by the images it names and their splits, not its bytes: a caption edited on the caption
+        # page (which rewrites the file) or a touch is no other cache. Their folder's listing says whether one
+        # was replaced since.
+        rows = hashlib.sha256(json.dumps([[str(i), s] for i, s in zip(ids, splits, strict=True)]).encode())
+        fingerprint = {"uri": source, "rows": len(ids), "rows_sha256": rows.hexdigest(),
                        "images": storage.tree_fingerprint(collection_root(source), is_listed_image, unsigned=unsigned)}
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.

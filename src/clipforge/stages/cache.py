@@ -120,7 +120,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
     cfg = spelled_as_recorded(cfg, (manifest or planned or {}).get("config"), PATH_SETTINGS, cfg.output)
     spec = EncoderSpec.resolve(cfg.model, cfg.pretrained, cfg.model_config_file, cfg.model_id)
     index, found = resolve_index(cfg)
-    inputs = inputs_as_recorded(stage_inputs(spec, found), manifest, planned, cfg.cache_dir)
+    inputs = inputs_as_recorded(stage_inputs(spec, found), manifest, planned, cfg.cache_dir, cfg.no_sign_request)
     cfg, inputs = index_moved_as_recorded(cfg, inputs, manifest or planned)
     if manifest is not None:
         if not records_this_cache(manifest, cfg, inputs):

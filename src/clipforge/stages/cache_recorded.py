@@ -86,10 +86,24 @@ def index_moved_as_recorded(cfg: CacheConfig, inputs: dict, recorded: dict | Non
     return cfg.model_copy(update={"index": was_path}), {**inputs, "index": was}
 
 
-def inputs_as_recorded(inputs: dict, manifest: dict | None, planned: dict | None, cache_dir: str | None) -> dict:
-    """`inputs` with the index counted as the record counts it (`index_as_recorded`) and the weights as a
-    finished cache's manifest counts them (`weights_as_recorded`)."""
-    return weights_as_recorded(index_as_recorded(inputs, manifest or planned), manifest, cache_dir)
+def inputs_as_recorded(inputs: dict, manifest: dict | None, planned: dict | None, cache_dir: str | None,
+                       unsigned: bool = False) -> dict:
+    """`inputs` with the index and a CSV source counted as the record counts them (`index_as_recorded`,
+    `source_as_recorded`) and the weights as a finished cache's manifest counts them (`weights_as_recorded`)."""
+    inputs = source_as_recorded(index_as_recorded(inputs, manifest or planned), manifest or planned, unsigned)
+    return weights_as_recorded(inputs, manifest, cache_dir)
+
+
+def source_as_recorded(inputs: dict, recorded: dict | None, unsigned: bool) -> dict:
+    """`inputs` with a CSV source counted as `recorded` counted it, by size and mtime (ETag on S3: before it
+    counted by its rows), while the file still has them and its folder's listing is the same: caches made then
+    stay up to date and resumable."""
+    was, now = ((recorded or {}).get("inputs") or {}).get("source"), inputs.get("source")
+    if not (isinstance(was, dict) and "rows_sha256" not in was and isinstance(now, dict) and "rows_sha256" in now
+            and was.get("uri") == now["uri"] and was.get("images") == now.get("images")):
+        return inputs
+    then = {key: value for key, value in was.items() if key != "images"}
+    return {**inputs, "source": was} if storage.fingerprint(now["uri"], unsigned=unsigned) == then else inputs
 
 
 def index_as_recorded(inputs: dict, recorded: dict | None) -> dict:
