@@ -85,10 +85,10 @@ def _check_out(config: AdapterConfig) -> None:
     caches). The result's names count as the adapter's only in an output a run claimed (a damaged one's manifest
     withdrawn left its claim: `finished_manifest`), or one with checkpoints (made before claims were): a user's
     `metrics.json`, or an adapter copied there by hand, is not replaced."""
-    ours = is_claimed(config.out) or bool(storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)))
-    own_folders = ("logs/", f"{CHECKPOINTS_DIR}/")
-    refuse_foreign_files(config.out, lambda path: path.startswith(own_folders) or ours and path in FINAL_FILES,
-                         "train-adapter", "training replaces the adapter there; give the adapter a prefix of its own")
+    checkpoints = bool(storage.list_tree(storage.join(config.out, CHECKPOINTS_DIR)))
+    refuse_foreign_files(config.out, "train-adapter", "training replaces the adapter there; give the adapter a "
+                         "prefix of its own", own=lambda path: path.startswith(("logs/", f"{CHECKPOINTS_DIR}/")),
+                         results=FINAL_FILES, claimed=checkpoints or is_claimed(config.out))
 
 
 def _train_here(config: AdapterConfig, inputs: dict, fingerprint: str, watch: PreemptionWatch) -> TrainResult:

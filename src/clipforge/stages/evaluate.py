@@ -33,7 +33,6 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     claim,
     finished_manifest,
-    is_claimed,
     is_up_to_date,
     output_fingerprint,
     read_manifest,
@@ -102,9 +101,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         return earlier
     # A user's `metrics.json` in a report folder is not evaluate's: only in an output evaluate claimed (a damaged
     # one's manifest withdrawn just now left its claim: `finished_manifest`).
-    ours = is_claimed(cfg.out)
-    refuse_foreign_files(cfg.out, lambda path: ours and path in RESULT_FILES, "evaluate",
-                         "a rerun replaces the evaluation there; give the evaluation a folder of its own")
+    refuse_foreign_files(cfg.out, "evaluate", "a rerun replaces the evaluation there; give the evaluation a folder "
+                         "of its own", results=RESULT_FILES)
     for prefix in cfg.generated:
         check_generated(prefix, cfg.clip_cache, inputs["clip_cache"], cfg.adapter, inputs["adapter"])
     card = storage.read_json(storage.join(cfg.adapter, CARD_NAME)) if cfg.adapter else None

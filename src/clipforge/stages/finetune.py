@@ -50,7 +50,7 @@ from clipforge.stages.finetune_runs import (
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
-    CLAIM_NAME,
+    claim_new,
     finished_manifest,
     first_few,
     input_changes,
@@ -145,7 +145,7 @@ def _new_run_folder(root: str) -> str:
     for n in itertools.count(1):
         unique = name if n == 1 else f"{name}-{n}"
         folder = storage.join(root, unique)
-        if unique not in taken and storage.write_if(storage.join(folder, CLAIM_NAME), b"", None) is not None:
+        if unique not in taken and claim_new(folder):
             return folder
 
 

@@ -200,8 +200,8 @@ def refuse_files_not_generated(out: str, images: set[str]) -> None:
     def own(path: str) -> bool:
         return path == "generated.parquet" or path in images or bool(BATCH_PATH.fullmatch(path))
 
-    refuse_foreign_files(out, own, "generate",
-                         "a rerun removes the images it no longer lists; give the images a folder of their own")
+    refuse_foreign_files(out, "generate", "a rerun removes the images it no longer lists; give the images a folder "
+                         "of their own", own=own)
 
 
 def keep_only(out: str, ids, done: set, parts: dict[str, pd.DataFrame], images: set[str]) -> list[pd.DataFrame]:

@@ -13,7 +13,6 @@ from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     claim,
     finished_manifest,
-    is_claimed,
     is_up_to_date,
     refuse_foreign_files,
     refuse_other_kind,
@@ -48,9 +47,8 @@ def run_index(cfg: IndexConfig) -> dict:
         log.info("%s is up to date; nothing to do", cfg.output)
         return manifest
     if is_prefix:  # its index counts as its own only in an output an index stage claimed (`finished_manifest`)
-        ours = is_claimed(cfg.output)
-        refuse_foreign_files(cfg.output, lambda path: ours and path == INDEX_FILE, "index",
-                             "give the index a folder of its own (a dataset's folder is not one)", flag="--output")
+        refuse_foreign_files(cfg.output, "index", "give the index a folder of its own (a dataset's folder is not one)",
+                             results=(INDEX_FILE,), flag="--output")
     was = (manifest or {}).get("config", {})
     if manifest is not None and subject_name(str(was.get("subject"))) != subject_name(cfg.subject):  # another subject
         raise UserError(f"output {cfg.output} already holds the index of subject {was.get('subject')} (from "

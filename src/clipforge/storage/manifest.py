@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -175,31 +175,40 @@ def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, giv
         raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
 
 
-# `storage.CLAIM_NAME`, hidden, in an output a stage has begun to write: files of the stage's own names there are
-# its own even without a manifest (a run killed before its commit, a manifest withdrawn), a user's without either.
-CLAIM_NAME = storage.CLAIM_NAME
+# A claim (`storage.CLAIM_NAME`, hidden) is in an output a stage has begun to write: files of the stage's own names
+# there are its own even without a manifest (a run killed before its commit, a manifest withdrawn), a user's
+# without either.
 
 
 def claim(prefix: str) -> None:
-    """Mark `prefix` as a stage's output before its first write (see CLAIM_NAME)."""
-    storage.write_bytes(storage.join(prefix, CLAIM_NAME), b"")
+    """Mark `prefix` as a stage's output before its first write."""
+    storage.write_bytes(storage.join(prefix, storage.CLAIM_NAME), b"")
+
+
+def claim_new(prefix: str) -> bool:
+    """Claim `prefix` only if nobody has (compare-and-swap): False when another run claimed it first."""
+    return storage.write_if(storage.join(prefix, storage.CLAIM_NAME), b"", None) is not None
 
 
 def is_claimed(prefix: str) -> bool:
     """A stage's output: it has a manifest (any kind; read as it is, before `finished_manifest` withdraws a
     damaged one) or a stage claimed it."""
-    return storage.exists(manifest_uri(prefix)) or storage.exists(storage.join(prefix, CLAIM_NAME))
+    return storage.exists(manifest_uri(prefix)) or storage.exists(storage.join(prefix, storage.CLAIM_NAME))
 
 
-def refuse_foreign_files(out: str, own: Callable[[str], bool], stage: str, why: str, flag: str = "out") -> None:
+def refuse_foreign_files(out: str, stage: str, why: str, *, own: Callable[[str], bool] = lambda path: False,
+                         results: Collection[str] = (), claimed: bool | None = None, flag: str = "out") -> None:
     """Before any work: an output folder holding a file `stage` does not write (a user's notes, a photo, the
     folder an `--out .` names) is refused, naming it, since a rerun replaces or removes the stage's own files
-    there. `own(path)` tells the stage's files (paths relative to `out`); hidden files, folder markers (the
-    prefix's own, listed as ""), `_manifest.json`, a runner's `_lease.json` and other `_`-named bookkeeping at
-    the top are nobody's to refuse. `flag` names the setting as the stage calls it."""
+    there. `own(path)` tells the stage's files (paths relative to `out`); `results` names files that are the
+    stage's only in an output a stage claimed (`claimed`; by default asked of the store: `is_claimed`), so a
+    user's `metrics.json` is not. Hidden files, folder markers (the prefix's own, listed as ""),
+    `_manifest.json`, a runner's `_lease.json` and other `_`-named bookkeeping at the top are nobody's to refuse.
+    `flag` names the setting as the stage calls it."""
+    ours = bool(results) and (is_claimed(out) if claimed is None else claimed)
     foreign = [path for path in storage.list_tree(out)
                if not (path.endswith("/") or not path or storage.is_hidden(path)
-                       or (path.startswith("_") and "/" not in path) or own(path))]
+                       or (path.startswith("_") and "/" not in path) or own(path) or ours and path in results)]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UserError(f"{flag} {out} holds {foreign[0]}{more}, which {stage} did not write: {why}")
