@@ -263,11 +263,11 @@ def test_demo_data_does_not_replace_a_folder_of_real_data(tmp_path, capsys):
 
 def test_a_listing_row_stays_one_line_whatever_a_file_is_named():
     """A file name holding a newline split its row of `search` (and of every listing) in two."""
-    from clipforge.tables import one_line, text_table
+    from clipforge.tables import escape_controls, text_table
 
     table = text_table([("id", "score"), ("n/two\nlines.png", 0.5), ("café\t.png", 0.25)])
     assert table.splitlines() == ["id                score", "n/two\\nlines.png  0.5", "café\\t.png        0.25"]
-    assert one_line("über 日本 \x1b[31m") == "über 日本 \\x1b[31m"
+    assert escape_controls("über 日本 \x1b[31m") == "über 日本 \\x1b[31m"
 
 
 @pytest.mark.parametrize(("signum", "code", "line"), [

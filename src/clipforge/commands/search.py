@@ -33,7 +33,7 @@ def run(args) -> int:
     from clipforge.errors import UserError
     from clipforge.search import Searcher
     from clipforge.storage import uri as storage
-    from clipforge.tables import one_line
+    from clipforge.tables import escape_controls
 
     if bool(args.query) == bool(args.image):
         raise UserError("give a text query or --image, not both and not neither")
@@ -51,7 +51,7 @@ def run(args) -> int:
     if not hits:  # FAISS scans some lists only: a query can find fewer rows than asked, even none
         sys.stdout.write("no results\n")
         return 0
-    shown = [one_line(hit.path) for hit in hits]  # a file name holding a newline stays on its row
+    shown = [escape_controls(hit.path) for hit in hits]  # a file name holding a newline stays on its row
     width = max(len(path) for path in shown)
     # A cache of HDF5 rows lists row ids, which are no files; a folder given relative to where the index was
     # built is not "gone" either: the warning says where to run from.
