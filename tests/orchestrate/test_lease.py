@@ -8,6 +8,7 @@ import time
 import pytest
 
 from clipforge.orchestrate.lease import HELD, LEASE_NAME, StageLease, holder_gone, lease_holder
+from clipforge.storage import conditional
 from clipforge.storage import uri as storage
 
 FAST = {"poll": 0.02, "renew_every": 0.05, "stale_after": 5.0}
@@ -31,12 +32,12 @@ def abandon(lease: StageLease) -> None:
 
 def test_compare_and_swap(output):
     uri = storage.join(output, "x.json")
-    first = storage.write_if(uri, b"1", None)
+    first = conditional.write_if(uri, b"1", None)
     assert first is not None
-    assert storage.write_if(uri, b"2", None) is None  # it exists: a create loses
-    second = storage.write_if(uri, b"3", first)
-    assert second is not None and storage.read_versioned(uri) == (b"3", second)
-    assert storage.write_if(uri, b"4", first) is None  # a writer holding an old version loses
+    assert conditional.write_if(uri, b"2", None) is None  # it exists: a create loses
+    second = conditional.write_if(uri, b"3", first)
+    assert second is not None and conditional.read_versioned(uri) == (b"3", second)
+    assert conditional.write_if(uri, b"4", first) is None  # a writer holding an old version loses
     assert storage.read_bytes(uri) == b"3"
 
 
@@ -67,7 +68,7 @@ def test_a_held_lease_is_renewed_so_it_never_looks_stale(output):
     with StageLease(output, "long-run", "adapter", **FAST) as lease:
         first = lease.token
         deadline = time.monotonic() + 30
-        while storage.read_versioned(uri)[1] == first:
+        while conditional.read_versioned(uri)[1] == first:
             assert time.monotonic() < deadline, "the lease was never renewed"
             time.sleep(0.02)
         assert storage.read_json(uri)["run_id"] == "long-run"
@@ -128,7 +129,7 @@ def test_a_holder_whose_lease_was_taken_is_told_to_stop(output, caplog):
     with caplog.at_level(logging.ERROR, logger="clipforge.run"), lease:
         uri = storage.join(output, LEASE_NAME)  # another run took it over while this one could not renew
         taken = json.dumps({"run_id": "other", "host": "another-node", "pid": 1}).encode()
-        while storage.write_if(uri, taken, storage.read_versioned(uri)[1]) is None:  # as a run takes it:
+        while conditional.write_if(uri, taken, conditional.read_versioned(uri)[1]) is None:  # as a run takes it:
             pass  # by compare-and-swap, never between a renewal's read and its write
         assert lost.wait(2.0)
     assert "lost the lease" in caplog.text and "stopping the stage" in caplog.text
@@ -146,7 +147,7 @@ def test_a_store_that_fails_on_release_is_said_not_raised(tmp_path, monkeypatch,
     """The stage's work is done and committed: an outage at the very end must not turn it into a crash."""
     output = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING), StageLease(output, "run-a", "cache"):
-        monkeypatch.setattr(storage, "read_versioned", lambda uri: (_ for _ in ()).throw(ConnectionError("down")))
+        monkeypatch.setattr(conditional, "read_versioned", lambda uri: (_ for _ in ()).throw(ConnectionError("down")))
     assert "[cache] could not release" in caplog.text and "ConnectionError" in caplog.text
 
 
@@ -178,6 +179,6 @@ def test_taking_a_lease_removes_the_temporary_files_killed_writes_left(tmp_path,
     fd, live = tempfile.mkstemp(prefix=".shard-00002-abc.parquet.", suffix=storage.TEMPORARY_SUFFIX, dir=output)
     os.close(fd)
     elsewhere = {"run_id": "run-0", "stage": "cache", "host": "another-node", "pid": 1, "holder": "x"}
-    assert storage.write_if(str(output / LEASE_NAME), json.dumps(elsewhere).encode(), None) is not None
+    assert conditional.write_if(str(output / LEASE_NAME), json.dumps(elsewhere).encode(), None) is not None
     with StageLease(str(output), "run-1", "cache", **{**FAST, "stale_after": 0.2}):
         assert os.path.exists(live)

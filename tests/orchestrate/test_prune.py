@@ -14,6 +14,7 @@ from clipforge.errors import UserError
 from clipforge.orchestrate.lease import StageLease
 from clipforge.orchestrate.pipeline import run_pipeline
 from clipforge.orchestrate.prune import apply_prune, plan_prune
+from clipforge.storage import conditional
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest, write_manifest
 
@@ -405,7 +406,7 @@ def test_sigterm_while_waiting_for_a_prune_is_recorded_and_an_unreadable_lease_i
     def denied(uri):
         raise RuntimeError("AccessDenied")
 
-    monkeypatch.setattr(storage, "read_versioned", denied)
+    monkeypatch.setattr(conditional, "read_versioned", denied)
     wait_while_pruned(adapter, "evaluate")  # cannot tell: goes on at once
 
 

@@ -4,6 +4,7 @@ import stat
 import pytest
 
 from clipforge.errors import UserError
+from clipforge.storage import conditional, folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import is_up_to_date, read_manifest, write_manifest
 
@@ -127,7 +128,7 @@ def test_a_failed_block_takes_away_only_the_empty_folders_it_made(tmp_path):
     out = tmp_path / "runs" / "a" / "out"
 
     def fail_after(write: str | None = None):
-        with pytest.raises(UserError), storage.removed_if_left_empty(str(out)):
+        with pytest.raises(UserError), folders.removed_if_left_empty(str(out)):
             out.mkdir(parents=True, exist_ok=True)
             if write:
                 (tmp_path / write).write_text("x")
@@ -140,7 +141,7 @@ def test_a_failed_block_takes_away_only_the_empty_folders_it_made(tmp_path):
     out.mkdir()
     fail_after()  # there before: stays
     assert out.is_dir()
-    with storage.removed_if_left_empty(str(tmp_path / "done")):
+    with folders.removed_if_left_empty(str(tmp_path / "done")):
         (tmp_path / "done").mkdir()
     assert (tmp_path / "done").is_dir()
 
@@ -190,9 +191,9 @@ def test_a_file_deleted_while_it_is_read_versioned_is_absent_not_an_error(tmp_pa
         return read(self)
 
     monkeypatch.setattr(type(target), "read_bytes", released_first)
-    assert storage.read_versioned(str(target)) is None
+    assert conditional.read_versioned(str(target)) is None
     monkeypatch.undo()
-    assert storage.read_versioned(str(tmp_path)) is None  # a folder where the file would be holds no version
+    assert conditional.read_versioned(str(tmp_path)) is None  # a folder where the file would be holds no version
 
 
 def test_files_gone_between_a_listing_and_their_reads_are_absent_not_errors(tmp_path, monkeypatch):
@@ -281,7 +282,7 @@ def test_where_a_folder_cannot_be_flocked_nfs_a_lock_file_keeps_writers_apart(tm
     import threading
     import time
 
-    real_flock, real_read = fcntl.flock, storage.read_versioned
+    real_flock, real_read = fcntl.flock, conditional.read_versioned
 
     def nfs_flock(fd, op):
         if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -293,14 +294,14 @@ def test_where_a_folder_cannot_be_flocked_nfs_a_lock_file_keeps_writers_apart(tm
         time.sleep(0.05)
         return found
 
-    monkeypatch.setattr(storage.fcntl, "flock", nfs_flock)
-    monkeypatch.setattr(storage, "read_versioned", slow_read)
+    monkeypatch.setattr(conditional.fcntl, "flock", nfs_flock)
+    monkeypatch.setattr(conditional, "read_versioned", slow_read)
     lease = str(tmp_path / "out" / "_lease.json")
     forked = multiprocessing.get_context("fork")
     wins = forked.Value("i", 0)
 
     def race(name: str) -> None:
-        if storage.write_if(lease, name.encode(), None) is not None:
+        if conditional.write_if(lease, name.encode(), None) is not None:
             with wins.get_lock():
                 wins.value += 1
 
@@ -312,20 +313,20 @@ def test_where_a_folder_cannot_be_flocked_nfs_a_lock_file_keeps_writers_apart(tm
         worker.join()
     assert wins.value == 1
     token = real_read(lease)[1]
-    assert storage.write_if(lease, b"renewed", "stale") is None and storage.write_if(lease, b"renewed", token)
-    assert (tmp_path / "out" / storage.LOCK_NAME).exists()
+    assert conditional.write_if(lease, b"renewed", "stale") is None and conditional.write_if(lease, b"renewed", token)
+    assert (tmp_path / "out" / conditional.LOCK_NAME).exists()
 
     # A holder elsewhere (another pod): removing the folder's lock file waits for it, or the next writer would
     # lock a new file of that name beside the holder's.
-    script = ("import errno, fcntl, os, sys, time\nfrom clipforge.storage import uri as storage\nreal = fcntl.flock\n"
+    script = ("import errno, fcntl, os, sys, time\nfrom clipforge.storage import conditional\nreal = fcntl.flock\n"
               "def nfs_flock(fd, op):\n    if os.path.isdir(f'/proc/self/fd/{fd}'):\n"
               "        raise OSError(errno.EBADF, 'Bad file descriptor')\n    return real(fd, op)\n"
-              "storage.fcntl.flock = nfs_flock\nfrom pathlib import Path\n"
-              "with storage._folder_locked(Path(sys.argv[1])):\n    print('in', flush=True); time.sleep(1.5)")
+              "conditional.fcntl.flock = nfs_flock\nfrom pathlib import Path\n"
+              "with conditional._folder_locked(Path(sys.argv[1])):\n    print('in', flush=True); time.sleep(1.5)")
     storage.delete(lease)  # a failed command's folder holding only the lock file is empty
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "in\n"
     began = time.monotonic()
-    storage.remove_empty([tmp_path / "out"])
+    folders.remove_empty([tmp_path / "out"])
     assert time.monotonic() - began > 0.5 and holder.wait(10) == 0
     assert not (tmp_path / "out").exists()

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from clipforge.storage import conditional
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.run")
@@ -65,7 +66,7 @@ class StageLease:
     def __enter__(self) -> StageLease:
         seen, since, said = None, time.monotonic(), False
         while True:
-            current = storage.read_versioned(self.uri)
+            current = conditional.read_versioned(self.uri)
             if current is not None and current[1] != seen:  # the holder renewed (or a new holder came)
                 seen, since = current[1], time.monotonic()
             holder = lease_holder(current[0]) if current is not None else None
@@ -78,7 +79,7 @@ class StageLease:
                 elif stale:
                     log.warning("[%s] %s held %s but has not renewed it for %.0f s: taking it over",
                                 self.stage, holder_words(holder), self.uri, time.monotonic() - since)
-                self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
+                self.token = conditional.write_if(self.uri, self._body(), current[1] if current else None)
                 if self.token is not None:
                     free = current is None or gone  # not taken over from a holder elsewhere that may still write
                     break
@@ -103,10 +104,10 @@ class StageLease:
     def try_take(self) -> bool:
         """One attempt, without waiting: take the lease when nobody holds it, or its holder was a process of this
         machine that is gone; then hold it (renewed) until `__exit__`. False when someone else holds it."""
-        current = storage.read_versioned(self.uri)
+        current = conditional.read_versioned(self.uri)
         if current is not None and not holder_gone(lease_holder(current[0])):
             return False
-        self.token = storage.write_if(self.uri, self._body(), current[1] if current else None)
+        self.token = conditional.write_if(self.uri, self._body(), current[1] if current else None)
         if self.token is None:
             return False
         self._hold()
@@ -120,7 +121,7 @@ class StageLease:
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
             try:
-                token = storage.write_if(self.uri, self._body(), self.token)
+                token = conditional.write_if(self.uri, self._body(), self.token)
             except Exception as exc:  # a blip of the store: the next renewal tries again, well before it is stale
                 log.warning("[%s] could not renew the lease on %s: %s", self.stage, self.uri, exc)
                 continue
@@ -137,7 +138,7 @@ class StageLease:
         if self._renewer is not None:
             self._renewer.join()
         try:
-            current = storage.read_versioned(self.uri)
+            current = conditional.read_versioned(self.uri)
             if current is not None and current[1] == self.token:
                 storage.delete(self.uri)
         except Exception as exc:  # the store is down: the lease goes stale, and another run takes it then
@@ -218,7 +219,7 @@ def wait_while_pruned(output: str, stage: str, poll: float = 2.0, stale_after: f
     said, seen, since = False, None, time.monotonic()
     while True:
         try:
-            current = storage.read_versioned(storage.join(output, LEASE_NAME))
+            current = conditional.read_versioned(storage.join(output, LEASE_NAME))
         except Exception as exc:  # access denied to this identity, an S3 blip: the stage's own read tells
             log.warning("[%s] cannot tell whether a prune is deleting %s (%s): going on", stage, output,
                         type(exc).__name__)

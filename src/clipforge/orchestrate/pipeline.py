@@ -36,6 +36,7 @@ from clipforge.orchestrate.preflight import wrong_kind
 from clipforge.orchestrate.resolve import ResolvedStage, as_made_by_mtime, resolve_stage
 from clipforge.orchestrate.run_record import RunRecord, utc_now
 from clipforge.orchestrate.run_summary import exit_description, headline
+from clipforge.storage import folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, files_gone, finished_manifest, gone_note, read_manifest
 
@@ -174,7 +175,7 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
     for note in notes:
         log.warning("[%s] %s", name, note)
     # One run at a time writes this output: another run's stage waits here, then finds it done.
-    made = storage.missing_folders(resolved.output)
+    made = folders.missing_folders(resolved.output)
 
     def waiting(holder: dict) -> None:  # `clipforge runs` says what the run waits for, not `incomplete`
         if holder.get("run_id") != record.data["run_id"]:  # not its own lease, left by a driver pod replaced
@@ -186,7 +187,7 @@ def run_one(spec, stage: StageSpec, outputs, record: RunRecord, execute: Executo
         with lease:
             status, output = _reuse_or_execute(stage, resolved, record, execute, notes)
         if status in ("failed", "failed-continued", "interrupted"):
-            storage.remove_empty(made)  # a stage that failed or was stopped before it wrote leaves no folder
+            folders.remove_empty(made)  # a stage that failed or was stopped before it wrote leaves no folder
         return status, output
     except (Stopped, KeyboardInterrupt) as exc:
         if lease.token is not None:  # stopped while the stage ran: the executor's to handle

@@ -33,6 +33,7 @@ from clipforge.errors import UserError
 from clipforge.orchestrate.kinds import KINDS, NAMED_OUTPUT, OUTPUT_KEY, spellings
 from clipforge.orchestrate.lease import LEASE_NAME, PRUNER, StageLease, holder_gone, holder_words, lease_holder
 from clipforge.orchestrate.runs import read_runs, record_or_problem, stages_done
+from clipforge.storage import conditional, folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest
 
@@ -181,7 +182,7 @@ def strings_in(value) -> Iterator[str]:
 def lease_of(output: str) -> str | None:
     """Who holds the output's lease (`run R (on HOST), stage S, renewed T`), or None when nobody does or its
     holder was a process of this machine that is gone. Reads only: a dry run writes nothing."""
-    current = storage.read_versioned(storage.join(output, LEASE_NAME))
+    current = conditional.read_versioned(storage.join(output, LEASE_NAME))
     if current is None:
         return None
     holder = lease_holder(current[0])
@@ -234,7 +235,7 @@ def apply_prune(artifacts: str, plan: Plan) -> tuple[list[str], list[str], list[
                     deleted.append(uri)
                 lease.__exit__(None, None, None)  # a run waiting for it finds no manifest, and makes it again
                 if uri in deleted:
-                    storage.remove_empty_folders(uri)
+                    folders.remove_empty_folders(uri)
                     log.info("deleted %s (%s)", uri, human_bytes(plan.bytes[uri]))
         finally:
             for lease in leases.values():  # released already, unless something above raised
@@ -247,7 +248,7 @@ def delete_run_record(folder: str) -> None:
     folder of configs that no listing shows as a run."""
     storage.delete_objects(folder, [name for name in storage.list_tree(folder) if name != "run.json"])
     storage.delete_objects(folder, ["run.json"])
-    storage.remove_empty_folders(folder)
+    folders.remove_empty_folders(folder)
 
 
 def delete_output(uri: str) -> str | None:

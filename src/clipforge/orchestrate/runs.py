@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from clipforge.errors import UserError
 from clipforge.orchestrate.lease import LEASE_NAME, lease_holder, process_gone
 from clipforge.orchestrate.run_record import FINISHED, read_run_record
+from clipforge.storage import conditional
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 
@@ -93,7 +94,7 @@ def runner_gone(run: dict) -> bool:
         return True
     for entry in (run.get("stages") or {}).values():
         if entry.get("status") == "running" and entry.get("output"):
-            lease = storage.read_versioned(storage.join(entry["output"], LEASE_NAME))
+            lease = conditional.read_versioned(storage.join(entry["output"], LEASE_NAME))
             if lease is None or lease_holder(lease[0]).get("run_id") != run["run_id"]:
                 return True
     return False

@@ -22,6 +22,7 @@ from clipforge.orchestrate.lease import command_lease
 from clipforge.stages.adapter_data import PairedEmbeddings, read_pairs, stage_inputs
 from clipforge.stages.adapter_metrics import metrics_table, zero_pad_metrics
 from clipforge.stages.adapter_trainer import AdapterTrainer, global_batch_size
+from clipforge.storage import folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     finished_manifest,
@@ -52,7 +53,7 @@ def train_adapter(config: AdapterConfig) -> TrainResult:
     same `out` is waited for (it holds the lease), then found done.
     """
     storage.check_output_folder(config.out, "--out")
-    with storage.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
+    with folders.removed_if_left_empty(config.out), command_lease(config.out, COMMAND):
         return _train_adapter(config)
 
 

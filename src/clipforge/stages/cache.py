@@ -51,6 +51,7 @@ from clipforge.stages.cache_recorded import (
     write_planned_config,
 )
 from clipforge.stages.cache_shards import Shard, model_from_shard, pending_shards, plan_shards
+from clipforge.storage import folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     SKIPPED_SHOWN,
@@ -73,7 +74,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     the same output is waited for (it holds the lease), then found done. A run that fails before it commits
     anything leaves no folder it made behind."""
     storage.check_output_folder(cfg.output, "--output")
-    with storage.removed_if_left_empty(cfg.output), command_lease(cfg.output, "cache"):
+    with folders.removed_if_left_empty(cfg.output), command_lease(cfg.output, "cache"):
         return _run_cache(cfg)
 
 

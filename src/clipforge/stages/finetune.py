@@ -48,6 +48,7 @@ from clipforge.stages.finetune_runs import (
     newest_manifest,
 )
 from clipforge.stages.finetune_trainer import FinetuneTrainer, micro_batch
+from clipforge.storage import folders
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     claim_new,
@@ -80,7 +81,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     newest complete checkpoint.
     """
     new_run = config.timestamped and not config.resume
-    made = storage.missing_folders(config.out)  # OUT and the parents it lacks, before a run folder is made in it
+    made = folders.missing_folders(config.out)  # OUT and the parents it lacks, before a run folder is made in it
     timestamped = config.timestamped
     config = resolve_run(config)
     if timestamped and storage.scheme(config.out) == "file":
@@ -88,7 +89,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     try:
         # A run that fails (or is stopped) before writing anything leaves no folder it made; the lease on the
         # run folder keeps two `--resume latest` from training together.
-        with storage.removed_if_left_empty(config.out, made), command_lease(config.out, COMMAND):
+        with folders.removed_if_left_empty(config.out, made), command_lease(config.out, COMMAND):
             return _finetune_in(config)
     except UserError:
         if new_run and newest_manifest(config.out) is None:

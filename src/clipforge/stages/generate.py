@@ -34,7 +34,7 @@ from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress
 from clipforge.stages.adapter_data import cache_fingerprint
 from clipforge.stages.generate_pipeline import load_unclip, pipeline_identity
-from clipforge.storage import parquet
+from clipforge.storage import folders, parquet
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import (
     digest,
@@ -236,7 +236,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     what is missing; returns the manifest, written last. Another run generating into the same `out` is waited
     for (it holds the lease), then found done; a run that fails before writing leaves no folder it made."""
     storage.check_output_folder(cfg.out, "--out")
-    with storage.removed_if_left_empty(cfg.out), command_lease(cfg.out, "generate"):
+    with folders.removed_if_left_empty(cfg.out), command_lease(cfg.out, "generate"):
         return _generate(cfg)
 
 

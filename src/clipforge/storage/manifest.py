@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 import clipforge
 from clipforge.errors import UserError
+from clipforge.storage import conditional, folders
 from clipforge.storage import uri as storage
 
 log = logging.getLogger("clipforge.manifest")
@@ -38,7 +39,7 @@ def read_manifest(prefix: str) -> dict[str, Any] | None:
     """The prefix's manifest, or None without one. A file there that is not one clipforge wrote (valid JSON of
     another shape, a hand-edited copy) is a UserError naming it, not a KeyError in whichever stage reads it."""
     target = manifest_uri(prefix)
-    found = storage.read_versioned(target)  # one read: a manifest withdrawn after a look would be an error
+    found = conditional.read_versioned(target)  # one read: a manifest withdrawn after a look would be an error
     if found is None:
         return None
     manifest = storage.parse_json(found[0], target)
@@ -104,7 +105,7 @@ def withdraw_unfinished(prefix: str) -> None:
     """Withdraw a manifest whose files are gone or cut short, keeping a copy: a stage that makes those files
     again exactly as they were restores it (`write_manifest`), so the output keeps its identity (a cache's
     `digest`) and what was made from it (an adapter, generated images) is still its own."""
-    found = storage.read_versioned(manifest_uri(prefix))
+    found = conditional.read_versioned(manifest_uri(prefix))
     if found is not None:
         storage.write_bytes(storage.join(prefix, WITHDRAWN_NAME), found[0])
     withdraw(prefix)
@@ -175,25 +176,25 @@ def refuse_other_kind(manifest: dict | None, kind: str, out: str, what: str, giv
         raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not {what}: {give}")
 
 
-# A claim (`storage.CLAIM_NAME`, hidden) is in an output a stage has begun to write: files of the stage's own names
+# A claim (`folders.CLAIM_NAME`, hidden) is in an output a stage has begun to write: files of the stage's own names
 # there are its own even without a manifest (a run killed before its commit, a manifest withdrawn), a user's
 # without either.
 
 
 def claim(prefix: str) -> None:
     """Mark `prefix` as a stage's output before its first write."""
-    storage.write_bytes(storage.join(prefix, storage.CLAIM_NAME), b"")
+    storage.write_bytes(storage.join(prefix, folders.CLAIM_NAME), b"")
 
 
 def claim_new(prefix: str) -> bool:
     """Claim `prefix` only if nobody has (compare-and-swap): False when another run claimed it first."""
-    return storage.write_if(storage.join(prefix, storage.CLAIM_NAME), b"", None) is not None
+    return conditional.write_if(storage.join(prefix, folders.CLAIM_NAME), b"", None) is not None
 
 
 def is_claimed(prefix: str) -> bool:
     """A stage's output: it has a manifest (any kind; read as it is, before `finished_manifest` withdraws a
     damaged one) or a stage claimed it."""
-    return storage.exists(manifest_uri(prefix)) or storage.exists(storage.join(prefix, storage.CLAIM_NAME))
+    return storage.exists(manifest_uri(prefix)) or storage.exists(storage.join(prefix, folders.CLAIM_NAME))
 
 
 def refuse_foreign_files(out: str, stage: str, why: str, *, own: Callable[[str], bool] = lambda path: False,

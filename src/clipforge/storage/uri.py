@@ -6,8 +6,6 @@ never sees half a file under its final name.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -15,9 +13,7 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,127 +211,6 @@ def same_local_file(a: str, b: str) -> bool:
         return False
 
 
-def read_versioned(uri: str) -> tuple[bytes, str] | None:
-    """The object's bytes and a token naming this version of it (S3: its ETag; disk: a hash); None if absent."""
-    match scheme(uri):
-        case "file":
-            try:  # no is_file() first: the holder may delete it between that look and the read
-                data = local_path(uri).read_bytes()
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                return None
-            return data, hashlib.sha256(data).hexdigest()
-        case "s3":
-            loc = s3.parse_s3(uri)
-            try:
-                reply = s3.client().get_object(Bucket=loc.bucket, Key=loc.key)
-            except Exception as exc:
-                if s3.is_not_found(exc):
-                    return None
-                raise
-            return reply["Body"].read(), reply["ETag"]
-
-
-def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
-    """Compare-and-swap: write only while the object is still the version `expected` names (None: absent).
-
-    Returns the new version's token, or None when another writer changed it first. S3 checks this itself
-    (conditional PUT: If-None-Match / If-Match); on disk the folder is locked around read and write
-    (`_folder_locked`).
-    """
-    match scheme(uri):
-        case "file":
-            path = local_path(uri)
-            for attempt in range(3):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    return _write_if_locked(path, data, expected)
-                except FileNotFoundError:  # the folder was removed meanwhile (a prune taking an empty output)
-                    if attempt == 2:
-                        raise
-        case "s3":
-            loc = s3.parse_s3(uri)
-            condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-            try:
-                return s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)["ETag"]
-            except Exception as exc:
-                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-                if code in ("PreconditionFailed", "ConditionalRequestConflict") or (expected and s3.is_not_found(exc)):
-                    return None
-                raise
-
-
-def _write_if_locked(path: Path, data: bytes, expected: str | None) -> str | None:
-    """`write_if` on disk, with the folder locked around the read and the write."""
-    with _folder_locked(path.parent):
-        current = read_versioned(str(path))
-        if (current[1] if current else None) != expected:
-            return None
-        write_bytes(str(path), data)
-        return hashlib.sha256(data).hexdigest()
-
-
-# Hidden, beside a lease where the folder itself cannot be locked (NFS): a folder holding only it is empty.
-LOCK_NAME = ".clipforge-lock"
-# NFS clients lock by POSIX byte-range locks, and an exclusive one needs a file open for writing, which a folder
-# never is: flock on a folder there fails with EBADF (flock(2), "NFS details"), or ENOLCK without a lock daemon.
-NO_FOLDER_LOCK = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP}
-_threads_of_this_process = threading.Lock()  # POSIX locks (lockf) do not keep out a process's own threads
-
-
-@contextmanager
-def _folder_locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `folder` among processes and threads: flock on the folder itself, or where the file
-    system cannot (a shared volume over NFS: the artifacts PVC), lockf on a hidden file in it."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException as exc:  # a stop while it waits, too: the folder's descriptor is closed either way
-        os.close(fd)
-        if not isinstance(exc, OSError) or exc.errno not in NO_FOLDER_LOCK:
-            raise
-    else:
-        try:
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-        return
-    with _threads_of_this_process:
-        lock = _locked_file(folder / LOCK_NAME)
-        try:
-            yield
-        finally:
-            os.close(lock)  # releases the lock
-
-
-def unlink_lock_file(path: Path) -> None:
-    """Delete a lock file only while holding its lock: deleted under a holder, the next writer would lock a new
-    file of that name and write beside it."""
-    with _threads_of_this_process:
-        lock = _locked_file(path)
-        try:
-            path.unlink()
-        finally:
-            os.close(lock)
-
-
-def _locked_file(path: Path) -> int:
-    """A descriptor of `path` holding its lockf lock. A writer waiting on a file that the holder then deleted
-    (`unlink_lock_file`) would hold a lock no one else asks for: it locks again until the file it locked is
-    the one the name names."""
-    while True:
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(lock, fcntl.LOCK_EX)
-            if os.fstat(lock).st_ino == os.stat(path).st_ino:
-                return lock
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            os.close(lock)
-            raise
-        os.close(lock)
-
-
 def read_json(uri: str, *, unsigned: bool = False) -> Any:
     return parse_json(read_bytes(uri, unsigned=unsigned), uri)
 
@@ -488,62 +363,6 @@ def delete_objects(prefix: str, names: list[str]) -> None:
                     raise UserError(f"could not delete s3://{bucket}/{first.get('Key')} "
                                     f"({first.get('Code')}: {first.get('Message')})"
                                     + (f" and {more} more under {prefix}" if more else ""))
-
-
-def remove_empty_folders(prefix: str) -> None:
-    """The folders under a local `prefix`, and it, while they are empty (deepest first); S3 has none. A folder
-    someone writes into meanwhile is not empty, and stays."""
-    if scheme(prefix) != "file" or not local_path(prefix).is_dir():
-        return
-    root = local_path(prefix)
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()),
-                         key=lambda p: len(p.parts), reverse=True) + [root]:
-        try:
-            folder.rmdir()
-        except OSError:
-            continue
-
-
-@contextmanager
-def removed_if_left_empty(prefix: str, made: list[Path] | None = None) -> Iterator[None]:
-    """Run the block; when it fails, remove the folders it made for `prefix` that are still empty, so a failed
-    command leaves no empty output behind. `made`: those folders, when some were made before the block."""
-    made = missing_folders(prefix) if made is None else made
-    try:
-        yield
-    except BaseException:
-        remove_empty(made)
-        raise
-
-
-def missing_folders(prefix: str) -> list[Path]:
-    """The local folders that writing under `prefix` would make (it and the parents it lacks), deepest first.
-    S3 has no folders: none there."""
-    if scheme(prefix) != "file":
-        return []
-    path = local_path(prefix).absolute()
-    return [folder for folder in (path, *path.parents) if not folder.exists()]
-
-
-# Hidden, in an output a stage has begun to write (`manifest.claim`): a folder holding only it is empty.
-CLAIM_NAME = ".clipforge-output"
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first, from `missing_folders`) while they are empty, or hold only a stage's
-    claim and a lock file: a folder that holds anything else stays, and so do those above it."""
-    for folder in folders:
-        try:
-            left = {entry.name for entry in folder.iterdir()}
-            if left and left <= {CLAIM_NAME, LOCK_NAME}:
-                (folder / CLAIM_NAME).unlink(missing_ok=True)
-                if LOCK_NAME in left:
-                    unlink_lock_file(folder / LOCK_NAME)
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            break
 
 
 def fingerprint(uri: str, *, unsigned: bool = False) -> dict[str, Any]:
