@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from clipforge.errors import UserError, first_line
+from clipforge.errors import ServiceUnreachable, UserError, first_line
 
 # What a broken connection looks like from the client: a read timeout, a reset, a refused reconnect.
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -68,3 +69,61 @@ def api_message(exc: ApiException) -> str:
     except (ValueError, AttributeError):
         message = None
     return " ".join(str(message).split()) if message else str(exc.reason)
+
+
+class NamespacedApi:
+    """The API calls a driver makes in its namespace, each retried where a retry may pass, and read, create and
+    delete with their expected refusals (404, 409) as answers rather than errors."""
+
+    def __init__(self, api: client.ApiClient, namespace: str):
+        self.namespace = namespace
+        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def call(self, method, *args, attempts: int = 5, **kwargs):
+        """One API call, retried on connection errors and 429/5xx with backoff (the API server restarts too)."""
+        for attempt in range(attempts):
+            try:
+                return method(*args, _request_timeout=60, **kwargs)
+            except ApiException as exc:
+                if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
+                    raise
+            except CONNECTION_ERRORS as exc:
+                if attempt == attempts - 1:
+                    host = self.core.api_client.configuration.host
+                    raise ServiceUnreachable(f"the Kubernetes API server {host} does not answer after {attempts} "
+                                             f"tries; last: {type(exc).__name__}: {first_line(exc)}") \
+                        from None
+            time.sleep(min(30, 2**attempt))
+
+    def read(self, method, name: str, **kwargs):
+        """The object, or None when there is none (404)."""
+        try:
+            return self.call(method, name=name, namespace=self.namespace, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, method, body: dict) -> bool:
+        """True if created, False if it already exists (409). An object the API server refuses as such (400, 422:
+        a spec's `memory: 32GB`) or this driver may not create (403: its Role) is a UserError: the driver exits 2,
+        which fails its Job at once, where a crash would be retried to the same refusal."""
+        try:
+            self.call(method, self.namespace, body)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status in (400, 422) or exc.status == 403 and is_rbac_refusal(exc):
+                raise UserError(f"the Kubernetes API refused to create {body.get('kind', 'object')} "
+                                f"{body.get('metadata', {}).get('name')} ({exc.status}): {api_message(exc)}") from None
+            raise  # a full ResourceQuota or a namespace being deleted (403 too) may pass: the driver is retried
+
+    def delete(self, method, name: str, **kwargs) -> None:
+        """Delete, ignoring 404. The body is not parsed: servers answer a delete with the object or a Status."""
+        try:
+            self.call(method, name, self.namespace, _preload_content=False, **kwargs).release_conn()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -24,14 +24,13 @@ from kubernetes.client.exceptions import ApiException
 
 from clipforge.config.base import read_yaml
 from clipforge.config.pipeline import check_run_id, load_pipeline
-from clipforge.errors import EXIT_PREEMPTED, ServiceUnreachable, UserError, first_line
+from clipforge.errors import EXIT_PREEMPTED, UserError
 from clipforge.orchestrate.k8s_api import (
     CONNECTION_ERRORS,
     RETRIED_STATUSES,
+    NamespacedApi,
     api_client,
-    api_message,
     current_namespace,
-    is_rbac_refusal,
 )
 from clipforge.orchestrate.k8s_manifests import (
     CONTAINER,
@@ -77,15 +76,14 @@ class StageOutcome:
     preempted: bool = False
 
 
-class KubernetesExecutor:
+class KubernetesExecutor(NamespacedApi):
     """`execute(resolved) -> exit code` for `run_pipeline`, one Kubernetes Job (or RayJob) per stage."""
 
     def __init__(self, settings: StageJobSettings, api: client.ApiClient, *, watch_seconds: int = 60,
                  log_lines: int = 40, group_restarts: int = 3, poll_seconds: float = 10.0,
                  stuck_seconds: float = 300.0):
-        self.settings, self.namespace = settings, settings.namespace
-        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        super().__init__(api, settings.namespace)
+        self.settings = settings
         # DESIGN (watches): timeout_seconds ends a watch on the server; _request_timeout is the client's
         # own limit, without which a silently dropped connection hangs the driver forever.
         self.watch_seconds = watch_seconds
@@ -375,23 +373,7 @@ class KubernetesExecutor:
                 raise RuntimeError(f"{what} was not deleted within {timeout:.0f} s")
             time.sleep(1)
 
-    # --- API calls -----------------------------------------------------------------------------------
-
-    def call(self, method, *args, attempts: int = 5, **kwargs):
-        """One API call, retried on connection errors and 429/5xx with backoff (the API server restarts too)."""
-        for attempt in range(attempts):
-            try:
-                return method(*args, _request_timeout=60, **kwargs)
-            except ApiException as exc:
-                if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
-                    raise
-            except CONNECTION_ERRORS as exc:
-                if attempt == attempts - 1:
-                    host = self.core.api_client.configuration.host
-                    raise ServiceUnreachable(f"the Kubernetes API server {host} does not answer after {attempts} "
-                                             f"tries; last: {type(exc).__name__}: {first_line(exc)}") \
-                        from None
-            time.sleep(min(30, 2**attempt))
+    # --- Owners --------------------------------------------------------------------------------------
 
     def adopt(self, stage: str, name: str, owners: list | None, patch) -> None:
         """Add this driver to the owners of an object a driver before it created and this one re-attached to.
@@ -420,39 +402,6 @@ class KubernetesExecutor:
 
     def patch_ray_job(self, name: str, namespace: str, body: dict, **kwargs):
         return self.custom.patch_namespaced_custom_object(name=name, namespace=namespace, body=body, **RAY, **kwargs)
-
-    def read(self, method, name: str, **kwargs):
-        """The object, or None when there is none (404)."""
-        try:
-            return self.call(method, name=name, namespace=self.namespace, **kwargs)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def create(self, method, body: dict) -> bool:
-        """True if created, False if it already exists (409). An object the API server refuses as such (400, 422:
-        a spec's `memory: 32GB`) or this driver may not create (403: its Role) is a UserError: the driver exits 2,
-        which fails its Job at once, where a crash would be retried to the same refusal."""
-        try:
-            self.call(method, self.namespace, body)
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            if exc.status in (400, 422) or exc.status == 403 and is_rbac_refusal(exc):
-                raise UserError(f"the Kubernetes API refused to create {body.get('kind', 'object')} "
-                                f"{body.get('metadata', {}).get('name')} ({exc.status}): {api_message(exc)}") from None
-            raise  # a full ResourceQuota or a namespace being deleted (403 too) may pass: the driver is retried
-
-    def delete(self, method, name: str, **kwargs) -> None:
-        """Delete, ignoring 404. The body is not parsed: servers answer a delete with the object or a Status."""
-        try:
-            self.call(method, name, self.namespace, _preload_content=False, **kwargs).release_conn()
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
 
 def ray_job_for(ray_job: dict | None, key: str) -> bool:
     """Whether a RayJob runs this stage's config (the key annotation the driver sets) and is not going."""
