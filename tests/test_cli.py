@@ -305,3 +305,13 @@ def test_a_signal_after_the_command_ended_is_not_said_to_come_before_it_began():
               "sys.argv = ['clipforge', 'runs', 'nowhere']; cli.entry()")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "before it began" not in done.stderr and done.returncode != EXIT_PREEMPTED, done.stderr
+
+
+def test_the_version_is_the_one_manifests_record(tmp_path, capsys):
+    """A bug report or a CI log says which clipforge made an artifact: `--version` prints what manifests record."""
+    from clipforge.storage.manifest import write_manifest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    manifest = write_manifest(str(tmp_path), kind="cache", config={}, config_fingerprint="f", inputs={})
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"clipforge {manifest['clipforge_version']}\n"

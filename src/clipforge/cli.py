@@ -20,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+import clipforge
 from clipforge import commands
 from clipforge.errors import (
     EXIT_FAILURE,
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="clipforge", description="Resumable CLIP embedding caches, adapters, image generation and fine-tuning.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"clipforge {clipforge.__version__}",
+                        help="print the version (the one artifacts' manifests record) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = [module.name for module in pkgutil.iter_modules(commands.__path__)]
     for name in sorted(names, key=lambda n: (HELP_ORDER.index(n) if n in HELP_ORDER else len(HELP_ORDER), n)):
