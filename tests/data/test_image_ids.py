@@ -1,5 +1,7 @@
 """Ids of a CSV of images: one per image, relative to the CSV's folder, however a row spells its path."""
 
+import logging
+
 import boto3
 import pytest
 from PIL import Image
@@ -45,6 +47,19 @@ def test_a_relative_csv_and_a_folder_named_through_a_link(ds5, tmp_path, monkeyp
     for source in ("ds5/index.csv", "link/index.csv", str(tmp_path / "link" / "index.csv")):
         assert list(list_collection(source)[0].ids) == ["im0.png", "sub/im1.png"], source
 
+
+
+def test_a_folder_names_the_image_links_that_lead_nowhere(ds5, caplog):
+    """Photos moved after a folder of links to them was made: those links are left out and named, not lost in
+    silence (a hidden one, or a link to a file of no image's name, is nobody's image)."""
+    (ds5 / "gone.png").symlink_to(ds5 / "moved-away.png")
+    (ds5 / "sub" / "notes.txt").symlink_to(ds5 / "moved-away.txt")
+    (ds5 / ".thumb.png").symlink_to(ds5 / "moved-away.png")
+    with caplog.at_level(logging.WARNING):
+        index, _ = list_collection(str(ds5))
+    assert list(index.ids) == ["im0.png", "sub/im1.png"]
+    warned = [r.getMessage() for r in caplog.records if "leading nowhere" in r.getMessage()]
+    assert warned == [f"source {ds5}: 1 image links left out, leading nowhere (gone.png)"]
 
 def test_s3_csv_spellings_are_one_id(s3_bucket):
     client = boto3.client("s3")

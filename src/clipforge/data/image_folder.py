@@ -32,6 +32,7 @@ from clipforge.data.pixels import check_aspect, unreadable, upright_rgb
 from clipforge.data.text_csv import read_text_csv, shown
 from clipforge.errors import UserError
 from clipforge.storage import uri as storage
+from clipforge.storage.manifest import SKIPPED_SHOWN, first_few
 from clipforge.storage.s3 import parse_s3
 
 log = logging.getLogger("clipforge.cache")
@@ -124,7 +125,9 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
                        "images": storage.tree_fingerprint(collection_root(source), is_listed_image, unsigned=unsigned)}
     else:
         # Path, size and mtime (ETag on S3) of each image: one replaced by one of the same size is seen too.
-        found = storage.listed_tree(source, is_listed_image, unsigned=unsigned, also=is_left_out_image)
+        dangling: list[str] = []
+        found = storage.listed_tree(source, is_listed_image, unsigned=unsigned, also=is_left_out_image,
+                                    dangling=dangling)
         # A photo, a parquet file: not listed as a folder of none.
         if found is None and storage.is_file(source, unsigned=unsigned):
             raise UserError(f"source {source} is not an HDF5 file (.hdf5, .h5), an image folder or a CSV of images "
@@ -138,6 +141,10 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
             raise UserError(f"source {source}: the file name {name_shown(undecodable[0])} is not UTF-8 (another "
                             f"system's encoding){more}; rename, e.g. `convmv -f latin1 -t utf8 -r --notest "
                             f"{source}`")
+        gone = [link for link in dangling if is_listed_image(link) or is_left_out_image(link)]
+        if gone:
+            log.warning("source %s: %d image links left out, leading nowhere (%s)", source, len(gone),
+                        first_few([name_shown(link) for link in gone], SKIPPED_SHOWN))
         if others:
             log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
                         "e.g. %s); %s", source, len(others), ", ".join(IMAGE_SUFFIXES), others[0],

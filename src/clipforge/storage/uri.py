@@ -273,16 +273,21 @@ def _stat_file(path: Path) -> os.stat_result | None:
     return info if stat.S_ISREG(info.st_mode) else None
 
 
-def _walk(prefix: str, unsigned: bool) -> list[tuple[str, int, int | str]] | None:
+def _walk(prefix: str, unsigned: bool, dangling: list[str] | None = None) -> list[tuple[str, int, int | str]] | None:
     """(relative path, size, mtime_ns on disk or ETag on S3) of every object under `prefix`; None when there
-    is nothing there."""
+    is nothing there. `dangling` gets the relative paths of the links on disk that lead nowhere."""
     match scheme(prefix):
         case "file":
             root = local_path(prefix)
             if not root.is_dir():
                 return None
-            return [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns)
-                    for path in root.rglob("*") if (info := _stat_file(path)) is not None]
+            found = []
+            for path in root.rglob("*"):
+                if (info := _stat_file(path)) is not None:
+                    found.append((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns))
+                elif dangling is not None and path.is_symlink() and not path.exists():
+                    dangling.append(path.relative_to(root).as_posix())
+            return found
         case "s3":
             loc = s3.parse_s3(prefix.rstrip("/") + "/")
             paginator = s3.client(unsigned).get_paginator("list_objects_v2")
@@ -308,11 +313,16 @@ def is_hidden(relative: str) -> bool:
 
 
 def listed_tree(prefix: str, keep: Callable[[str], bool] | None = None, *, unsigned: bool = False,
-                also: Callable[[str], bool] | None = None) -> tuple[list[str], dict[str, Any], list[str]] | None:
+                also: Callable[[str], bool] | None = None,
+                dangling: list[str] | None = None) -> tuple[list[str], dict[str, Any], list[str]] | None:
     """The relative paths `tree_fingerprint` counts, sorted, that fingerprint, and the other files `also`
     accepts (files left out that the caller would name), from one listing (one walk of a folder, one paged
-    LIST on S3). None: no such folder."""
-    entries = _walk(prefix, unsigned)
+    LIST on S3). `dangling` gets the visible links that lead nowhere, which count as no file. None: no such
+    folder."""
+    links: list[str] = []
+    entries = _walk(prefix, unsigned, links)
+    if dangling is not None:
+        dangling.extend(sorted(link for link in links if not is_hidden(link)))
     if entries is None:
         return None
     visible = sorted(e for e in entries if not is_hidden(e[0]))
