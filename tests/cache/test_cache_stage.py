@@ -112,6 +112,39 @@ def test_cache_from_s3_equals_open_clip(engine, nsd, tiny_models, ray_session, t
     assert metrics["fetched_over_requested"] <= 1.05, metrics
 
 
+
+def test_ray_engine_reads_and_writes_relative_paths_from_the_drivers_folder(nsd, tiny_models, ray_session, tmp_path,
+                                                                             monkeypatch):
+    """Ray's workers resolve a relative path from the folder their node started in, not the command's: a
+    relative output put the shards there and the manifest here, a cache of none that said "done"."""
+    import shutil
+
+    shutil.copy(nsd["local"], tmp_path / "stimuli.hdf5")
+    monkeypatch.chdir(tmp_path)
+    manifest = run_cache(config(nsd, tiny_models, "rel-cache", source="stimuli.hdf5", engine="ray"))
+    assert all(shard["bytes"] for shard in manifest["shards"])
+    table = read_embeddings(str(tmp_path / "rel-cache"))
+    assert sorted(table.ids.tolist()) == nsd["ids"].tolist()  # each id exactly once, here
+
+
+def test_a_shard_gone_before_the_commit_leaves_no_manifest(nsd, tiny_models, tmp_path, monkeypatch):
+    """The manifest lists only shards that are there: one deleted meanwhile (or written on another machine) made a
+    "done" cache that read as no rows."""
+    from clipforge.stages import cache
+
+    real = cache.encode_shards
+
+    def then_lose_one(plan):
+        found = real(plan)
+        (Path(plan.cfg.output) / plan.shards[1].name).unlink()
+        return found
+
+    monkeypatch.setattr(cache, "encode_shards", then_lose_one)
+    output = tmp_path / "cache"
+    with pytest.raises(UserError, match=f"cache {output}: 1 of its 4 committed shards are not there \\(shard-00001-"):
+        run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
+    assert not (output / "_manifest.json").exists()
+
 def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, tmp_path):
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"])

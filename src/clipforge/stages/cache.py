@@ -199,6 +199,12 @@ def commit_cache(plan: CachePlan, stats: FetchStats, model: dict | None, steady:
         if requested_bytes and stats.requests else None,
     }
     sizes = storage.list_tree(cfg.output)  # recorded, so that a shard cut short later is told from a whole one
+    missing = [s.name for s in plan.shards if s.name not in sizes]
+    if missing:  # nothing that looks done without them
+        where = ("on a Ray cluster, a local output must be storage every node mounts (or s3://)"
+                 if plan.engine == "ray" else "were they deleted while it ran? Run it again")
+        raise UserError(f"cache {cfg.output}: {len(missing)} of its {len(plan.shards)} committed shards are not "
+                        f"there ({missing[0]}): {where}")
     manifest = write_manifest(
         cfg.output, kind="cache", config=cfg.model_dump(mode="json", by_alias=True),
         config_fingerprint=cfg.fingerprint(), inputs=plan.inputs,

@@ -16,21 +16,27 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
+from dataclasses import replace
 
+import botocore.exceptions
 import numpy as np
 
 from clipforge.config.cache import CacheConfig
 from clipforge.cpus import usable_cpus
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
-from clipforge.errors import StorageUnreachable, UserError
+from clipforge.errors import ServiceUnreachable, StorageUnreachable, UserError, first_line
 from clipforge.models.encoders import EncoderSpec, preprocess_config, same_preprocess
 from clipforge.models.preprocess import BatchPreprocess
+from clipforge.models.pretrained import names_weights_file
 from clipforge.progress import Progress
 from clipforge.stages.cache_shards import Shard, commit_shard, steady_rate
+from clipforge.storage import uri as storage
 from clipforge.storage.range_reader import FetchStats
+from clipforge.storage.s3 import describe_failure
 
 log = logging.getLogger("clipforge.cache")
 
@@ -46,14 +52,61 @@ def ensure_ray(encoders: int = 1) -> None:
     # Worker output stays in Ray's session logs: failures reach the driver as exceptions, and
     # progress is the driver's own line.
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_cluster_answers(address)
     with stop_handlers_kept():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(**kwargs)
-        else:
+        if not address:
             ray.init(num_cpus=ray_cpus(encoders), **kwargs)
+        else:
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as exc:  # up, but it would not have us (another token, another Ray)
+                raise ServiceUnreachable(f"cannot join the Ray cluster at RAY_ADDRESS={address}: "
+                                         f"{first_line(exc)}") from None
     # Our own progress line replaces Ray Data's bars and per-dataset logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def check_cluster_answers(address: str, seconds: float = 10.0) -> None:
+    """A cluster that is not up is said within seconds: `ray.init` retries its address in silence for some
+    14 minutes. Only a host:port (or scheme://host:port) is looked at; `auto` and the like are Ray's to read."""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ServiceUnreachable(
+                    f"no Ray cluster answers at RAY_ADDRESS={address} within {seconds:.0f} s "
+                    f"({exc.strerror or type(exc).__name__}): is it up? Unset RAY_ADDRESS to run on a Ray instance "
+                    "of this machine") from None
+            time.sleep(1)
+
+
+def for_nodes(cfg: CacheConfig, spec: EncoderSpec) -> tuple[CacheConfig, EncoderSpec]:
+    """`cfg` and `spec` with their local paths absolute, as every Ray node must read them: a worker resolves a
+    relative path from the folder its node's `ray start` ran in, not the driver's (a relative output put the
+    shards there and the manifest here)."""
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path and not storage.is_s3(path) else path
+
+    cfg = cfg.model_copy(update={"source": absolute(cfg.source), "output": absolute(cfg.output),
+                                 "cache_dir": absolute(cfg.cache_dir)})
+    weights = absolute(spec.pretrained) if names_weights_file(spec.pretrained) else spec.pretrained
+    return cfg, replace(spec, pretrained=weights, model_config=absolute(spec.model_config))
+
+
+def found_on_this_node(path: str | None, what: str) -> None:
+    """On a cluster, a local path the driver found must be on every node: storage they all mount."""
+    if path and not storage.is_s3(path) and not os.path.exists(path):
+        raise UserError(f"{what} {path} is not on Ray node {socket.gethostname()}, though the driver found it: on a "
+                        "cluster, a local path must be on storage every node mounts (or on s3://)")
 
 
 @contextlib.contextmanager
@@ -89,6 +142,7 @@ def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_
     """Ray task: one shard's images as one uint8 array, plus what fetching them cost. Image files are
     resized and cropped to the encoder's input (`preprocess`) as each is decoded, as the local engine does:
     a shard of 12 MP photos would otherwise cross the object store at 36 MB an image."""
+    found_on_this_node(collection_root(source) if is_image_collection(source) else source, "source")
     if is_image_collection(source):
         shrink = BatchPreprocess(preprocess).shrink
         images, size = read_images(collection_root(source), [str(i) for i in batch["ids"][0]], shrink=shrink,
@@ -117,6 +171,10 @@ class ShardEncoder:
 
         from clipforge.models.encode import ImageEncoder
 
+        found_on_this_node(output, "output")  # the driver made it (the planned config): else shards go astray
+        found_on_this_node(spec["model_config"], "model config")
+        if names_weights_file(spec["pretrained"]):
+            found_on_this_node(spec["pretrained"], "weights file")
         if device == "cpu":
             torch.set_num_threads(usable_cpus())  # reads are I/O-bound; the encoder takes the cores
         self.encoder = ImageEncoder(EncoderSpec(**spec), device, precision, inference_batch_size, cache_dir)
@@ -153,10 +211,12 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     import ray
 
     ensure_ray(cfg.num_encoders or local_gpus(cfg.device))
+    cfg, spec = for_nodes(cfg, spec)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
     if cfg.device == "cuda" and gpus == 0:
         raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
     encoders = cfg.num_encoders or max(1, gpus)
+    warn_if_short(encoders, gpus, ray.cluster_resources())
     items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
               "splits": np.array([x or "" for x in s.splits])} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -203,6 +263,17 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     return stats, model, steady_rate(commits)
 
 
+def warn_if_short(encoders: int, gpus: int, resources: dict) -> None:
+    """Encoder actors that take every CPU slot (or more GPUs than there are) leave Ray waiting, in silence, for
+    a node an autoscaler may never add: said at once. Each actor takes a CPU slot (and a GPU), a read half."""
+    cpus = float(resources.get("CPU", 0))
+    if encoders + 0.5 > cpus or (gpus and encoders > gpus):
+        most = min(int(cpus - 0.5), gpus or int(cpus)) if cpus >= 1.5 else 0
+        log.warning("the Ray cluster has %g CPU slots%s; %d encoder actors take %d, a read task half of one: the "
+                    "cache waits until the cluster grows%s", cpus, f" and {gpus} GPUs" if gpus else "", encoders,
+                    encoders, f" (--num-encoders {most} would fit)" if most else "")
+
+
 def find_user_error(exc: BaseException) -> UserError | StorageUnreachable | None:
     """The UserError (or StorageUnreachable: one line too) a Ray task or actor raised, however Ray wrapped it.
 
@@ -219,6 +290,12 @@ def find_user_error(exc: BaseException) -> UserError | StorageUnreachable | None
         if isinstance(current, UserError | StorageUnreachable):
             return (UserError if isinstance(current, UserError) else StorageUnreachable)(
                 str(current).strip().splitlines()[0])
+        if (s3_problem := describe_failure(current)) is not None:  # a node without the driver's credentials
+            return UserError(f"on a Ray node: {s3_problem}")
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
-    return UserError(found[-1].strip()) if found else None
+    if found:
+        return UserError(found[-1].strip())
+    if "NoCredentialsError" in str(exc):  # an encoder actor's constructor: its error survives as text alone
+        return UserError(f"on a Ray node: {describe_failure(botocore.exceptions.NoCredentialsError())}")
+    return None
