@@ -386,6 +386,38 @@ def test_a_finetune_output_made_under_an_earlier_key_is_reused_not_trained_again
     assert record.data["stages"]["ft"]["output"] == str(made)
 
 
+
+def test_a_cache_made_before_a_setting_existed_is_reused_not_encoded_again(tmp_path, monkeypatch):
+    """`skip_bad` came after caches were made: a setting at its default counted in the pipeline's key (not in the
+    stage's own fingerprint), and every such cache, hours of encoding, was made again under a new key. The key
+    clipforge gave these inputs before it (99c67db, pinned) is still found."""
+    import os
+
+    import pandas as pd
+
+    from clipforge.config.pipeline import load_pipeline
+    from clipforge.orchestrate.pipeline import run_pipeline
+    from clipforge.storage.manifest import write_manifest
+
+    monkeypatch.chdir(tmp_path)  # relative paths, fixed sizes and mtimes: the key is the same on every machine
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "nsd.hdf5").write_bytes(b"h" * 100)
+    (tmp_path / "d" / "model.json").write_text('{"embed_dim": 512}')
+    (tmp_path / "d" / "model.pt").write_bytes(b"w" * 50)
+    pd.DataFrame({"id": [1, 2, 3], "split": ["train", "train", "test"]}).to_parquet(tmp_path / "d" / "index.parquet")
+    for path in (tmp_path / "d").iterdir():
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    path = write(tmp_path, {"artifacts": "arts", "stages": [
+        {"name": "c", "kind": "cache", "with": {"source": "d/nsd.hdf5", "index": "d/index.parquet", "model": "m",
+                                                "model_config": "d/model.json", "pretrained": "d/model.pt",
+                                                "device": "cpu"}}]})
+    made = tmp_path / "arts" / "cache" / "ad7eb54a113e63f6"  # the key clipforge gave these inputs before skip_bad
+    write_manifest(str(made), kind="cache", config={}, config_fingerprint="x", inputs={})
+    ran = []
+    record = run_pipeline(load_pipeline(path), "after-upgrade", lambda resolved: ran.append(resolved) or 0)
+    assert ran == [] and record.data["stages"]["c"]["status"] == "reused"
+    assert record.data["stages"]["c"]["output"] == "arts/cache/ad7eb54a113e63f6"
+
 def test_a_stage_needing_one_stage_twice_is_a_spec_error(tmp_path):
     spec = base_spec()
     spec["stages"][1]["needs"] = ["idx", "idx"]

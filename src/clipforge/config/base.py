@@ -46,7 +46,8 @@ class StageConfig(Numbers):
 
     volatile: ClassVar[frozenset[str]] = frozenset()
     # Settings added after outputs were made without them: they count only when set to something other than
-    # their default, so those outputs keep their fingerprints (a retrain does not redo a 3-hour cache).
+    # their default, so those outputs keep their fingerprints (a retrain does not redo a 3-hour cache). A pipeline
+    # key counts them (keys once given stay), and finds an output made before them under its key without them.
     additive: ClassVar[frozenset[str]] = frozenset()
 
     # An output counts its settings and inputs, not clipforge's code: after a fix that changes what a stage
@@ -66,11 +67,15 @@ class StageConfig(Numbers):
             return value.isoformat()
         return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
+    def unset_additive(self) -> set[str]:
+        """The `additive` settings left at their defaults: what an output made before they existed was made with."""
+        return {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
+
     def fingerprint(self, counting: frozenset[str] = frozenset()) -> str:
         """A short hash of every setting that can change the stage's output (and of the volatile ones named in
         `counting`: how a field counted before it became volatile, for outputs made then)."""
-        unset = {name for name in self.additive if getattr(self, name) == type(self).model_fields[name].default}
-        payload = self.model_dump(mode="json", by_alias=True, exclude=(set(self.volatile) - counting) | unset)
+        payload = self.model_dump(mode="json", by_alias=True,
+                                  exclude=(set(self.volatile) - counting) | self.unset_additive())
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -160,9 +160,13 @@ def resolve_stage(spec: PipelineSpec, stage: StageSpec, outputs: dict[str, str |
     mtimes = {name: stat for name, (_, stat) in files.items() if stat is not None and name not in inner}
     then_by_mtime = {**then, "files": mtimes,
                      **{name: without_file_identity(identity[name]) for name in kind.inputs if name in identity}}
-    earlier = [payload_key({**payload, "inputs": one}) for one in (then, then_by_mtime) if one != identity]
+    # And before each `additive` setting existed: its default is how those outputs were made.
+    settings_then = {name: value for name, value in settings.items() if name not in config.unset_additive()}
+    earlier = [payload_key({"kind": stage.kind, "settings": how, "inputs": one})
+               for how in (settings, settings_then) for one in (identity, then, then_by_mtime)]
+    earlier = [one for one in dict.fromkeys(earlier) if one != key]
     if not stage.output and earlier:
-        resolved.earlier_keys = list(dict.fromkeys(one for one in earlier if one != key))
+        resolved.earlier_keys = earlier
         # Literal files those keys did not count (weights, an index): an output made before one changed is not
         # this stage's (`as_made_by_mtime`).
         inputs = [one for key in kind.inputs if key in identity
@@ -178,9 +182,9 @@ def payload_key(payload: dict) -> str:
 def as_made_by_mtime(resolved: ResolvedStage, artifacts: str) -> ResolvedStage:
     """The output this stage made (or began: shards, checkpoints) under an earlier clipforge's key for these
     inputs (`earlier_keys`: files counted by size and mtime, literal input files not at all, a dataset folder
-    listed whole), if there is one and nothing under today's key: its inputs are as they were then, so it is
-    this stage's, reused or resumed rather than made again (a cache of hours). Not if a literal input file
-    (weights, an index) changed after it was written."""
+    listed whole, settings added since left out), if there is one and nothing under today's key: its inputs are
+    as they were then, so it is this stage's, reused or resumed rather than made again (a cache of hours). Not if
+    a literal input file (weights, an index) changed after it was written."""
     if not resolved.earlier_keys or newest_write(resolved.output) is not None:  # today's key holds something
         return resolved
     for key in resolved.earlier_keys:
