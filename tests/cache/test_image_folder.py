@@ -105,6 +105,20 @@ def test_a_partial_cache_of_other_weights_is_not_taken_as_this_one(shapes, tiny_
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
 
+
+def test_shards_begun_before_planned_configs_were_kept_say_so(tiny_models, shapes, tmp_path):
+    """A cache killed under a clipforge that kept no planned config, which named its shards otherwise: refused
+    as "another config" alone, though the config was the same."""
+    cfg = config(tiny_models, shapes, tmp_path / "out")
+    run_cache(cfg)
+    for name in ("_manifest.json", "_planned_config.json"):
+        (tmp_path / "out" / name).unlink(missing_ok=True)
+    shard = next((tmp_path / "out").glob("shard-*.parquet"))
+    shard.rename(shard.with_name("shard-00000-41611ffd0c67.parquet"))  # as 99c67db named it
+    with pytest.raises(UserError, match=r"shard files of another config, index, weights file or image set \(e\.g\. "
+                                        r"shard-00000-41611ffd0c67\.parquet\) \(or begun by a clipforge older"):
+        run_cache(cfg)
+
 def test_corrupt_image_is_named(shapes, tiny_models, ray_session, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -151,7 +151,9 @@ def shard_identities(cfg: CacheConfig, inputs: dict, planned: dict | None) -> li
 def unlike_planned(planned: dict | None, cfg: CacheConfig, inputs: dict) -> str:
     """For a refusal of shards planned otherwise: what differs from their planned config (and where its
     relative paths were read), as ` (…)`; empty when nothing says."""
-    if planned is None or not isinstance(planned.get("inputs"), dict):
+    if planned is None:  # or the same config, begun before clipforge kept one (shards named otherwise then)
+        return " (or begun by a clipforge older than the planned config it keeps beside them)"
+    if not isinstance(planned.get("inputs"), dict):
         return ""
     differ = what_differs(planned, cfg, inputs, recorded_as="then")
     return f" ({differ}{read_elsewhere(planned)})" if differ else ""
