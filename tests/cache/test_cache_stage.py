@@ -145,14 +145,15 @@ def test_a_shard_gone_before_the_commit_leaves_no_manifest(nsd, tiny_models, tmp
         run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
     assert not (output / "_manifest.json").exists()
 
-def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, tmp_path):
+def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, tmp_path, monkeypatch):
+    from clipforge.stages import cache
+
     output = tmp_path / "cache"
     cfg = config(nsd, tiny_models, str(output), source=nsd["local"])
-    run_cache(cfg)
+    first = run_cache(cfg)
     before = mtimes(output)
-    started = time.monotonic()
-    run_cache(cfg)
-    assert time.monotonic() - started < 5
+    monkeypatch.setattr(cache, "encode_shards", lambda plan: pytest.fail("encoded again"))
+    assert run_cache(cfg) == first
     assert mtimes(output) == before
 
 
