@@ -3,10 +3,11 @@
 Each shard's commit is `clipforge.stages.cache_shards.commit_shard`: its embeddings checked, a parquet file
 written and fsynced. With a fast encoder (ViT-B-32 on an H200 encodes 500-row shards ~40 times a second)
 the committing threads must keep up, or the encoder waits for them. One run: `--shards` shards of
-`--rows` x `--dim` float32 embeddings into a fresh folder each time, on 1 and on COMMIT_WORKERS threads,
-best of `--repeat`; prints shards/s, img/s and the ratio.
+`--rows` x `--dim` float32 embeddings into a fresh folder under `--dir` (the file system an output would be on)
+each time, on 1 and on COMMIT_WORKERS threads, alternated (a change of load falls on both), best of `--repeat`;
+prints shards/s, img/s and the ratio.
 
-    .venv/bin/python bench/cache_commit.py [--shards 40] [--rows 500] [--dim 512] [--repeat 2]
+    .venv/bin/python bench/cache_commit.py [--shards 40] [--rows 500] [--dim 512] [--repeat 2] [--dir .]
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from clipforge.stages.cache_local import COMMIT_WORKERS
 from clipforge.stages.cache_shards import commit_shard
 
 
-def commit_rate(workers: int, shards: int, embeddings: np.ndarray) -> float:
+def commit_rate(workers: int, shards: int, embeddings: np.ndarray, folder: str) -> float:
     """Shards committed per second by `workers` threads."""
     ids, splits = np.arange(len(embeddings)), [""] * len(embeddings)
-    out = tempfile.mkdtemp(prefix="clipforge-commit-", dir=".")
+    out = tempfile.mkdtemp(prefix="clipforge-commit-", dir=folder)
     try:
         with ThreadPoolExecutor(workers) as pool:
             start = time.perf_counter()
@@ -43,10 +44,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--dir", default=".", help="where the shards are written (and removed)")
     args = parser.parse_args()
     embeddings = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
-    rates = {workers: max(commit_rate(workers, args.shards, embeddings) for _ in range(args.repeat))
-             for workers in (1, COMMIT_WORKERS)}
+    rates = {1: 0.0, COMMIT_WORKERS: 0.0}
+    for _ in range(args.repeat):
+        for workers in rates:
+            rates[workers] = max(rates[workers], commit_rate(workers, args.shards, embeddings, args.dir))
     print(f"{args.shards} shards of {args.rows} x {args.dim} float32, best of {args.repeat}:")
     for workers, rate in rates.items():
         print(f"  {workers} commit thread(s): {rate:6.1f} shards/s ({rate * args.rows:8.0f} img/s)  "
