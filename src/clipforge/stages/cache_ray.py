@@ -67,6 +67,7 @@ def ensure_ray(encoders: int = 1) -> None:
     # Our own progress line replaces Ray Data's bars and per-dataset logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": by us
 
 
 def check_cluster_answers(address: str, seconds: float = 10.0) -> None:
