@@ -59,7 +59,7 @@ def test_a_folder_names_the_image_links_that_lead_nowhere(ds5, caplog):
         index, _ = list_collection(str(ds5))
     assert list(index.ids) == ["im0.png", "sub/im1.png"]
     warned = [r.getMessage() for r in caplog.records if "leading nowhere" in r.getMessage()]
-    assert warned == [f"source {ds5}: 1 image links left out, leading nowhere (gone.png)"]
+    assert warned == [f"source {ds5}: 1 image link left out, leading nowhere (gone.png)"]
 
 def test_s3_csv_spellings_are_one_id(s3_bucket):
     client = boto3.client("s3")

@@ -143,8 +143,8 @@ def list_collection(source: str, *, unsigned: bool = False) -> tuple[RowIndex, d
                             f"{source}`")
         gone = [link for link in dangling if is_listed_image(link) or is_left_out_image(link)]
         if gone:
-            log.warning("source %s: %d image links left out, leading nowhere (%s)", source, len(gone),
-                        first_few([name_shown(link) for link in gone], SKIPPED_SHOWN))
+            log.warning("source %s: %d image link%s left out, leading nowhere (%s)", source, len(gone),
+                        "" if len(gone) == 1 else "s", first_few([name_shown(link) for link in gone], SKIPPED_SHOWN))
         if others:
             log.warning("source %s: %d image files left out, of formats a folder's listing does not take (%s; "
                         "e.g. %s); %s", source, len(others), ", ".join(IMAGE_SUFFIXES), others[0],
