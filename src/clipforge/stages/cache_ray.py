@@ -213,11 +213,12 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
 
     ensure_ray(cfg.num_encoders or local_gpus(cfg.device))
     cfg, spec = for_nodes(cfg, spec)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
     if cfg.device == "cuda" and gpus == 0:
         raise UserError("--device cuda asked for, but the Ray cluster has no GPUs")
     encoders = cfg.num_encoders or max(1, gpus)
-    warn_if_short(encoders, gpus, ray.cluster_resources())
+    warn_if_short(encoders, gpus, resources)
     items = [{"shard": s.index, "name": s.name, "ids": s.ids.astype(str) if s.ids.dtype == object else s.ids,
               "splits": np.array([x or "" for x in s.splits])} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
