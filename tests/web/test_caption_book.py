@@ -135,3 +135,30 @@ def test_a_link_to_another_image_of_the_folder_is_offered_once_under_the_images_
     assert book.images == ["a.png"]
     assert [(u.path, u.reason) for u in book.unreadable] == [("same.png", "a link to a.png, which is captioned as "
                                                               "itself")]
+
+
+@pytest.mark.parametrize("target", ["missing", "empty", "other"])
+def test_an_index_csv_linking_out_of_the_folder_to_no_caption_file_is_refused_and_nothing_is_written(tmp_path,
+                                                                                                     target):
+    """A folder someone sent may link index.csv to any path (a `.pth` file, authorized_keys) whose lines its
+    own file names would spell: out of the folder, only an existing caption file is written through."""
+    dataset, outside = tmp_path / "set", tmp_path / "home" / "site" / "poc.pth"
+    dataset.mkdir()
+    Image.new("RGB", (8, 8), "red").save(dataset / "import os.png")
+    if target != "missing":
+        outside.parent.mkdir(parents=True)
+        outside.write_text("" if target == "empty" else "export PATH=/bin\n")
+    (dataset / "index.csv").symlink_to(outside)
+    with pytest.raises(UserError, match="poc.pth") as refused:
+        CaptionBook(dataset)
+    assert "\n" not in str(refused.value)
+    assert outside.exists() == (target != "missing")
+    assert not outside.exists() or outside.read_text() in ("", "export PATH=/bin\n")
+
+
+def test_an_index_csv_linking_within_the_folder_may_name_a_file_not_there_yet(tmp_path):
+    (tmp_path / "captions").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "index.csv").symlink_to(tmp_path / "captions" / "index.csv")
+    CaptionBook(tmp_path).save("a.png", "a red square")
+    assert (tmp_path / "captions" / "index.csv").read_text() == "filepath,caption\na.png,a red square\n"

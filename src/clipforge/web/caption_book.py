@@ -13,7 +13,8 @@ unreadable ones then, so no caption is saved for an image prepare would refuse.
 `index.csv` (filepath,caption; paths relative to the folder) is taken as it
 is: rows keep their order, spelling and extra columns, the header its spelling,
 and the file its UTF-8 BOM and line endings; an `index.csv` that is a link is
-written through (the file it names is updated, the link stays). A row captions the image `captions prepare` takes
+written through (the file it names is updated, the link stays; out of the folder,
+only to a caption file that is there already). A row captions the image `captions prepare` takes
 it for (`./a.png`, `x/../a.png`, an absolute path, NFC or NFD: one image), so
 a save replaces that row's caption, however it is spelled. Rows whose file is
 gone are kept and reported, never dropped; a row with an empty caption counts
@@ -91,7 +92,7 @@ class CaptionBook:
         self.root = Path(dataset).resolve()
         self.index = self.root / INDEX
         if self.index.is_symlink():  # a file kept elsewhere (a repository, a shared drive): saves go there
-            self.index = self.index.resolve()
+            self.index = linked_index(self.root, self.index)
             log.info("%s links to %s: captions are saved there", self.root / INDEX, self.index)
         self.images, self.unreadable = scan_images(self.root)
         self.left_out = left_out_images(self.root)
@@ -225,6 +226,21 @@ class CaptionBook:
             self._stamp = _stamp(self.index)
             self._captions[path] = text
         return text
+
+
+def linked_index(root: Path, link: Path) -> Path:
+    """The file an `index.csv` link names, where saves go. Out of the folder, only a caption file that is
+    there already (`filepath,caption` on its first line) is written through: a folder someone sent could
+    otherwise link its index.csv to any path (`~/.ssh/authorized_keys`, a `.pth` file) and have saves make it,
+    with lines spelled by its own file names."""
+    target = link.resolve()
+    if target.is_relative_to(root):
+        return target
+    if not target.is_file() or not header_row(target.read_bytes()[:65536]):
+        raise UserError(f"{link} links to {target}, out of the folder and not a caption file: only an existing "
+                        "index.csv (a first line `filepath,caption`) is written through a link; start that file "
+                        "with the line, or remove the link")
+    return target
 
 
 @contextmanager
