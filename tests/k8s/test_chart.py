@@ -309,12 +309,16 @@ def test_network_policy_lets_the_kuberay_operator_follow_a_rayjob_and_nothing_mo
     validate(policy)
     releases, operator = policy["spec"]["ingress"]
     assert releases["from"][0]["podSelector"]["matchLabels"] == policy["spec"]["podSelector"]["matchLabels"]
-    assert operator == {"from": [{"namespaceSelector": {}, "podSelector": {
-        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}], "ports": [{"protocol": "TCP", "port": 8265}]}
+    # The operator's namespace only: whoever makes a pod in any other namespace chooses its labels.
+    assert operator == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+                                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}],
+                        "ports": [{"protocol": "TCP", "port": 8265}]}
     mine = {"app.kubernetes.io/name": "my-kuberay"}  # Helm merges maps: the same key, another value
-    values["kuberay"]["operatorPodLabels"] = mine
+    values["kuberay"].update(operatorPodLabels=mine, operatorNamespace="default")
     (policy,) = by_kind(chart_objects(values), "NetworkPolicy")
-    assert policy["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"] == mine
+    (allowed,) = policy["spec"]["ingress"][1]["from"]
+    assert allowed["podSelector"]["matchLabels"] == mine
+    assert allowed["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "default"}
 
 
 def test_rbac_and_service_account_switches():
