@@ -34,6 +34,9 @@ from clipforge.storage.manifest import digest
 
 log = logging.getLogger("clipforge.search")
 
+# A query image's pixels: a 50 MP phone photo is taken whole; a 200 MP one, a JPEG, is decoded at half size.
+MAX_QUERY_PIXELS = 64_000_000
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -173,11 +176,13 @@ class Searcher:
     @torch.inference_mode()
     def image(self, data: bytes, k: int = 10, name: str | None = None) -> list[Hit]:
         """The k nearest rows to an image's bytes; `name` (its file) is what an error names."""
+        what = f"the query image {name}" if name else "the query image"
         try:
             with Image.open(io.BytesIO(data)) as image:
-                pixels = np.asarray(upright_rgb(image))
+                pixels = np.asarray(upright_rgb(within_query_size(image, what)))
+        except UserError:
+            raise
         except Exception as exc:  # PIL raises many types for corrupt files
-            what = f"the query image {name}" if name else "the query image"
             raise UserError(f"{what} {unreadable(exc)}") from None
         return self._top(encode_batch(self.model, self.preprocess(pixels[None]), "fp32"), k)
 
@@ -194,6 +199,17 @@ class Searcher:
             row_id = str(self.table.ids[row])
             hits.append(Hit(row_id, round(float(score), 6), image_uri(self.root, row_id) if self.root else row_id))
         return hits
+
+
+def within_query_size(image: Image.Image, what: str) -> Image.Image:
+    """`image`, not yet decoded, at most MAX_QUERY_PIXELS: a JPEG over that decodes at 1/2 to 1/8 of its size
+    (the model sees 224 px), anything else is refused. A 400 KB PNG can hold 400 M pixels (5 GB decoded)."""
+    if image.width * image.height > MAX_QUERY_PIXELS:
+        image.draft("RGB", (1024, 1024))  # JPEG only (a no-op for others): the smallest scale still >= 1024 px
+    if image.width * image.height > MAX_QUERY_PIXELS:
+        raise UserError(f"{what} is {image.width}x{image.height} px, over {MAX_QUERY_PIXELS // 1_000_000} M "
+                        "pixels: send a smaller copy (or a JPEG, decoded at a fraction of its size)")
+    return image
 
 
 def top_rows(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:

@@ -453,3 +453,32 @@ def wait_until(page, expression: str, timeout: float = 15.0) -> None:
     while not page.evaluate(expression):
         assert time.monotonic() < deadline, f"not true within {timeout} s: {expression}"
         page.wait_for_timeout(50)
+
+
+def test_an_image_query_from_another_sites_page_is_refused_and_tools_are_not(search_server):
+    """A browser posts a form to any site without asking; its `Origin` says whose page sent it. Another site's
+    page would make this machine decode whatever image it sends (a 400 KB PNG can hold 400 M pixels)."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(png, format="PNG")
+    url, files = search_server.url + "api/search-image", {"image": ("q.png", png.getvalue())}
+    host = url.split("/")[2]
+    refused = httpx.post(url, files=files, headers={"origin": "http://evil.example"})
+    assert refused.status_code == 403 and "another site" in refused.json()["error"]
+    assert httpx.post(url, files=files, headers={"origin": "null"}).status_code == 403
+    assert httpx.post(url, files=files, headers={"origin": f"http://{host}"}).status_code == 200
+    assert httpx.post(url, files=files).status_code == 200  # curl, scripts: no page, no Origin
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+def test_a_query_image_of_too_many_pixels_is_refused_unless_a_jpeg_decodes_smaller(shapes_index, monkeypatch,
+                                                                                    kind):
+    """A PNG is decoded whole, so one over the limit is refused before it is; a JPEG decodes at a fraction."""
+    monkeypatch.setattr("clipforge.search.MAX_QUERY_PIXELS", 4_000_000)
+    data = io.BytesIO()
+    Image.new("RGB", (4096, 2048), "red").save(data, format=kind)
+    searcher = Searcher(shapes_index["cache"])
+    if kind == "PNG":
+        with pytest.raises(UserError, match=r"the query image big.png is 4096x2048 px, over 4 M pixels"):
+            searcher.image(data.getvalue(), name="big.png")
+    else:
+        assert len(searcher.image(data.getvalue(), k=3)) == 3

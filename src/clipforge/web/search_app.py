@@ -7,7 +7,8 @@ offset+k, whether more follow (pages reach MAX_DEPTH), and what to tell of a tex
 (else null), `/thumb?id=ID` and `/image?id=ID` an indexed image (ids the
 index does not hold are a 404, so nothing else on disk is reachable). Queries
 go through the same `Searcher` as `clipforge search`: same results, same order.
-Searching changes nothing, so it needs no token.
+Searching changes nothing, so it needs no token; an image query posted from another site's page is
+refused all the same (`PageGuard`): it would make this machine decode whatever image that site sends.
 """
 
 from __future__ import annotations

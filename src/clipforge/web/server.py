@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
@@ -132,7 +133,9 @@ class BodyTooLarge(BaseException):  # noqa: N818 (past Starlette's handlers, whi
 class PageGuard:
     """ASGI middleware: security headers on every response, only this server's own Host names
     (`answers_to`) — a DNS-rebinding page would otherwise be same-origin with us and could read the token —
-    and no request body over `max_body` bytes (a pasted book, a huge upload: 413, before it is read when it says
+    no request that would change or cost something (POST) from another site's page: a browser sends those
+    cross-site without asking, as a plain form would, and says whose page sent them in `Origin` (403); and no
+    request body over `max_body` bytes (a pasted book, a huge upload: 413, before it is read when it says
     its length, else once the chunks read pass the limit)."""
 
     def __init__(self, app, loopback_only: bool, max_body: int):
@@ -145,6 +148,9 @@ class PageGuard:
         if not answers_to(host_name(Headers(scope=scope).get("host", "")), self.loopback_only):
             refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
             await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
+            return
+        if scope["method"] not in ("GET", "HEAD") and not same_origin(Headers(scope=scope)):
+            await error(403, "requests from another site's page are refused")(scope, receive, send)
             return
         too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
         length = Headers(scope=scope).get("content-length", "0")
@@ -172,6 +178,13 @@ class PageGuard:
             await self.app(scope, receive_at_most, send_with_headers)
         except BodyTooLarge:
             await too_large(scope, receive, send)
+
+
+def same_origin(headers: Headers) -> bool:
+    """Whether the page that sent a request is this server's: browsers name it in `Origin` (`null` from a
+    sandboxed or file:// page); tools that are no page (curl, `httpx`) send none, and are let through."""
+    origin = headers.get("origin")
+    return origin is None or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
 
 
 def host_name(host_header: str) -> str:
