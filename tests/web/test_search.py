@@ -482,3 +482,23 @@ def test_a_query_image_of_too_many_pixels_is_refused_unless_a_jpeg_decodes_small
             searcher.image(data.getvalue(), name="big.png")
     else:
         assert len(searcher.image(data.getvalue(), k=3)) == 3
+
+
+def test_an_indexed_link_out_of_the_folder_is_not_served(shapes_index, serve_in_thread, tmp_path):
+    """A cache encodes what a link in its folder leads to; the page serves no file out of the folder through
+    it, as the caption page does not (with --host 0.0.0.0 others would see it)."""
+    folder, outside = tmp_path / "photos", tmp_path / "private"
+    folder.mkdir(), outside.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "own.png")
+    Image.new("RGB", (64, 64), "blue").save(outside / "secret.png")
+    (folder / "leak.png").symlink_to(outside / "secret.png")
+    (folder / "inside.png").symlink_to(folder / "own.png")  # a link within the folder leads nowhere else
+    root = shapes_index["root"]
+    run_cache(CacheConfig(source=str(folder), model="tiny-shapes", model_config=str(root / "tiny-shapes.json"),
+                          pretrained=str(root / "tiny-shapes.pt"), output=str(tmp_path / "index"), device="cpu"))
+    server = SearchServer(str(tmp_path / "index"), thumbnail_cache=tmp_path / "thumbs")
+    with serve_in_thread(server):
+        assert httpx.get(server.url + "image", params={"id": "own.png"}).status_code == 200
+        assert httpx.get(server.url + "image", params={"id": "inside.png"}).status_code == 200
+        for route in ("image", "thumb"):
+            assert httpx.get(server.url + route, params={"id": "leak.png"}).status_code == 404

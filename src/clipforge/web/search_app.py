@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from starlette.routing import Route
 from clipforge.data.image_folder import image_uri
 from clipforge.errors import UserError
 from clipforge.search import Searcher
+from clipforge.storage import uri as storage
 from clipforge.storage.manifest import read_manifest
 from clipforge.web.server import PageServer, error, is_loopback, open_socket, page_app, render_page
 from clipforge.web.thumbnails import DISPLAY_BOX, THUMBNAIL_BOX, Thumbnails
@@ -113,11 +115,13 @@ class SearchServer:
         return self.changed
 
     def uri_of(self, row_id: str) -> str | None:
-        """The image file of an indexed id; None for ids the index does not hold or without image files."""
+        """The image file of an indexed id; None for ids the index does not hold, without image files, or
+        whose file in the folder is a link out of it (the caption page serves none either)."""
         at = int(np.searchsorted(self.ids, row_id))
         if at == len(self.ids) or self.ids[at] != row_id or self.searcher.root is None:
             return None
-        return image_uri(self.searcher.root, row_id)
+        uri = image_uri(self.searcher.root, row_id)
+        return None if links_out(self.searcher.root, uri) else uri
 
     async def query(self, search: Callable[[int], list], k: int, offset: int,
                     note: Callable[[], str | None] | None = None) -> dict:
@@ -187,6 +191,18 @@ def search_app(session: SearchServer, thumbnails: Thumbnails, *, loopback_only: 
         Route("/thumb", partial(picture, box=THUMBNAIL_BOX)),
         Route("/image", partial(picture, box=DISPLAY_BOX)),
     ], loopback_only=loopback_only, max_body=MAX_UPLOAD)
+
+
+def links_out(root: str, uri: str) -> bool:
+    """Whether a local file named inside `root` is, or lies under, a link that leads out of it. A CSV's row
+    may name a file outside its folder outright (`../photos/a.png`): that is the index's own choice."""
+    if storage.is_s3(uri):
+        return False
+    folder, path = os.path.abspath(root), os.path.abspath(uri)
+    if os.path.commonpath([folder, path]) != folder:
+        return False
+    real = os.path.realpath(folder)
+    return os.path.commonpath([real, os.path.realpath(path)]) != real
 
 
 def parse_k(value) -> int | None:
