@@ -92,7 +92,8 @@ def test_writes_need_the_session_token(server, folder):
 
 def test_other_sites_cannot_embed_images_and_oversized_or_unencodable_requests_get_a_clear_answer(server, folder):
     """Another origin's `<img src=...>` would learn which files a folder holds; a pasted book is refused before
-    it is read; a path with a lone surrogate (valid JSON, not UTF-8) is a 400 that says so, not a 500."""
+    it is read; a path or caption with a lone surrogate (valid JSON, not UTF-8) and JSON nested too deep to
+    parse are a 400 that says so, not a 500."""
     answer = httpx.get(server.url + "image/circle/0000.png")
     assert answer.status_code == 200 and answer.headers["cross-origin-resource-policy"] == "same-origin"
     token = {"X-Clipforge-Token": server.token, "content-type": "application/json"}
@@ -105,7 +106,14 @@ def test_other_sites_cannot_embed_images_and_oversized_or_unencodable_requests_g
     lone = b'{"path": "caf\\udce9.png", "caption": "a cafe"}'
     answer = httpx.post(server.url + "api/caption", content=lone, headers=token)
     assert answer.status_code == 400 and "not an image of" in answer.json()["error"]
+    lone = b'{"path": "circle/0000.png", "caption": "hi \\ud800 there"}'  # in the caption: index.csv is UTF-8
+    answer = httpx.post(server.url + "api/caption", content=lone, headers=token)
+    assert answer.status_code == 400 and "surrogate" in answer.json()["error"]
+    deep = b"[" * 200_000 + b"]" * 200_000  # deeper than Python's JSON parser recurses
+    assert httpx.post(server.url + "api/caption", content=deep, headers=token).status_code == 400
     assert not (folder / "index.csv").exists()
+    body = {"path": "circle/0000.png", "caption": "a red circle"}  # and the page saves on as before
+    assert httpx.post(server.url + "api/caption", json=body, headers=token).status_code == 200
 
 
 def test_a_caption_that_is_not_text_is_refused_and_other_writers_rows_are_kept(server, folder):

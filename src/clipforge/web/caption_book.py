@@ -194,6 +194,9 @@ class CaptionBook:
         if len(text) > MAX_CAPTION:
             raise UserError(f"a caption of {len(text):,} characters is not saved: at most {MAX_CAPTION:,} (CLIP "
                             "reads the first 77 tokens, about 300 characters)")
+        if not text.isascii() and not is_utf8_text(text):
+            raise UserError("a caption holding half of a character (a lone UTF-16 surrogate, as JSON may send) "
+                            "is not saved: index.csv is UTF-8")
         if path not in self._image_set:
             raise UserError(f"{path} is not an image of {self.root}")
         why = self.problem(path)
@@ -226,6 +229,14 @@ class CaptionBook:
             self._stamp = _stamp(self.index)
             self._captions[path] = text
         return text
+
+
+def is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def linked_index(root: Path, link: Path) -> Path:

@@ -165,7 +165,7 @@ def caption_app(session: CaptionServer, thumbnails: Thumbnails, *, loopback_only
 async def json_body(request: Request) -> dict | None:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON; JSON nested deeper than Python's parser goes
         return None
     return body if isinstance(body, dict) else None
 
