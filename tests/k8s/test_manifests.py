@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 
 import pytest
 from conftest import assert_secure, pod_specs, validate
@@ -169,6 +170,14 @@ def test_multi_node_cache_is_a_rayjob_with_kuberay():
     assert head["resources"]["requests"]["memory"] == "8Gi"  # the Ray driver only, not the stage's memory
     assert spec["ttlSecondsAfterFinished"] <= 300  # no idle GPU cluster for a day
     assert "activeDeadlineSeconds" not in spec
+
+
+def test_a_rayjob_entrypoint_keeps_a_store_path_with_spaces_and_semicolons_one_argument():
+    """Ray runs the entrypoint through a shell: `team runs;touch x` was two commands."""
+    stage = resolved("src")
+    stage.config_uri = "/artifacts/team runs;touch pwned/configs/src.yaml"
+    (ray,) = stage_manifests(stage, settings(kuberay=True))
+    assert shlex.split(ray["spec"]["entrypoint"]) == ["clipforge", "cache", "--config", stage.config_uri]
 
 
 def test_every_stage_container_is_told_its_cpu_request_in_whole_cores():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -455,7 +456,8 @@ def ray_job(resolved: ResolvedStage, settings: StageJobSettings) -> dict:
         "metadata": queued(metadata(name, settings, resolved.spec.name,
                                     {"annotations": {KEY_ANNOTATION: resolved.key}}), settings),
         "spec": {
-            "entrypoint": " ".join(stage_command(resolved)),
+            # Ray runs the entrypoint through a shell: a store path with a space (or a `;`) stays one argument.
+            "entrypoint": shlex.join(stage_command(resolved)),
             "shutdownAfterJobFinishes": True,
             # The GPU cluster goes soon after the job: the driver reads what it needs as the job ends.
             "ttlSecondsAfterFinished": min(settings.ttl_seconds_after_finished, RAY_CLUSTER_TTL),
