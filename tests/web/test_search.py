@@ -229,6 +229,7 @@ def test_http_thumbnails_only_for_indexed_ids(search_server, shapes_index):
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumb.content)).size == (64, 64)  # never enlarged
     assert list((shapes_index["root"] / "thumbs").rglob("*.jpg"))  # made once, cached on disk
+    assert (shapes_index["root"] / "thumbs").stat().st_mode & 0o777 == 0o700  # copies of private photos
     for bad in ["../index.csv", "../../etc/passwd", "/etc/passwd", str(shapes_index["dataset"] / "index.csv"),
                 "circle/9999.png", ""]:
         assert httpx.get(url + "thumb", params={"id": bad}).status_code == 404, bad
@@ -502,3 +503,13 @@ def test_an_indexed_link_out_of_the_folder_is_not_served(shapes_index, serve_in_
         assert httpx.get(server.url + "image", params={"id": "inside.png"}).status_code == 200
         for route in ("image", "thumb"):
             assert httpx.get(server.url + route, params={"id": "leak.png"}).status_code == 404
+
+
+def test_a_thumbnail_folder_an_older_clipforge_made_readable_to_all_is_narrowed_to_its_user(tmp_path):
+    from clipforge.web.thumbnails import Thumbnails
+
+    Image.new("RGB", (300, 300), "red").save(tmp_path / "a.png")
+    (tmp_path / "thumbs").mkdir(mode=0o755)
+    (tmp_path / "thumbs").chmod(0o755)
+    assert Image.open(io.BytesIO(Thumbnails(tmp_path / "thumbs").get(str(tmp_path / "a.png")))).size == (256, 256)
+    assert (tmp_path / "thumbs").stat().st_mode & 0o777 == 0o700

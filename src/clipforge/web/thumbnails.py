@@ -4,6 +4,8 @@ A copy's key is the source's URI, its fingerprint (size and mtime on disk,
 ETag on S3) and the box it fits, so an edited image gets a new copy and an
 unchanged one is made once, also across restarts. Copies are JPEG files
 written atomically: a crash never leaves half a thumbnail to be served later.
+The folder is this user's alone (0700, as the freedesktop thumbnail spec
+has it): the copies show private photos to anyone who may read it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Thumbnails:
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._private = False
 
     def get(self, uri: str, box: int = THUMBNAIL_BOX) -> bytes:
         """Raises UserError when the image is missing or cannot be decoded."""
@@ -42,10 +45,19 @@ class Thumbnails:
             return path.read_bytes()
         data = shrink(storage.read_bytes(uri), box, uri)
         try:
+            self._make_private()
             storage.write_bytes(str(path), data)
         except OSError:  # a read-only home still gets its thumbnails, just not cached
             pass
         return data
+
+    def _make_private(self) -> None:
+        """The cache folder, made (or, made by an older clipforge, narrowed) to 0700 once per process."""
+        if not self._private:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.dir.stat().st_mode & 0o077:
+                self.dir.chmod(0o700)
+            self._private = True
 
 
 def shrink(data: bytes, box: int, name: str) -> bytes:
