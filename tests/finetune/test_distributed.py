@@ -15,7 +15,8 @@ from clipforge.stages.finetune import finetune
 
 pytestmark = pytest.mark.slow
 
-RUN = dict(epochs=3, timestamped=False, workers=1)
+# A clip that binds (the gradients' norm is ~8): the gradients' scale shows in the weights, as Adam's alone would not.
+RUN = dict(epochs=3, timestamped=False, workers=1, grad_clip=0.1)
 
 
 def run(tiny_clip, captioned, out, **overrides):
@@ -36,7 +37,7 @@ def test_two_processes_train_the_weights_of_one(tiny_clip, captioned, tmp_path):
     assert two["final"]["image_to_text_R@1"] == one.metrics["final"]["image_to_text_R@1"]
     assert two["final"]["val_loss"] == pytest.approx(one.metrics["final"]["val_loss"], abs=1e-4)
     weights = [model_weights(tmp_path / name / "model.pt") for name in ("one", "two")]
-    assert max_abs_diff(*weights, key_biases=False) <= 1e-5
+    assert max_abs_diff(*weights, key_biases=False) <= 5e-6  # 2.8e-5 when logit_scale's gradient was doubled
     # Only rank 0 writes: one set of TensorBoard events.
     assert len(list((tmp_path / "two" / "logs").iterdir())) == 1
 

@@ -262,7 +262,9 @@ class FinetuneTrainer:
         without gradient, as open_clip_train does), so the summed gradients are
         those of one pass over the whole step. The loss is scaled by the process
         count: DDP averages gradients, and each process only back-propagates
-        through its own rows of the gathered batch.
+        through its own rows of the gathered batch. `logit_scale` is not one
+        process's or one pass's: it scales every logit of every pass, so each
+        backward gives it its whole gradient, and it is divided back.
         """
         self.model.train()
         if self.config.compile:
@@ -289,6 +291,9 @@ class FinetuneTrainer:
                                              keys)
                     self.acc.backward(loss * self.world)
                     losses.append(loss)
+        scale = self.module.logit_scale
+        if scale.grad is not None and self.world * len(passes) > 1:  # None when the model's scale is frozen
+            scale.grad.div_(self.world * len(passes))
         if self.config.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
