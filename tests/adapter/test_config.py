@@ -3,6 +3,7 @@ import pytest
 from clipforge.config import load_config
 from clipforge.config.adapter import AdapterConfig
 from clipforge.errors import UserError
+from clipforge.stages.adapter_trainer import global_batch_size
 
 REQUIRED = {"clip_cache": "a", "target_cache": "b", "out": "c"}
 
@@ -33,6 +34,17 @@ def test_all_problems_in_one_line():
 def test_some_loss_is_required():
     with pytest.raises(UserError, match="nothing to train"):
         load_config(AdapterConfig, {**REQUIRED, "cosine_weight": 0, "mse_weight": 0})
+
+
+def test_infonce_alone_over_a_batch_of_one_row_is_refused_for_it_would_train_nothing():
+    """One row has no negatives: InfoNCE is 0 whatever the weights, and the run 'trained' an untouched adapter."""
+    alone = {**REQUIRED, "cosine_weight": 0, "mse_weight": 0, "contrastive_weight": 1}
+    with pytest.raises(UserError, match="batch_size 1 leaves InfoNCE, the only loss term here, no negatives"):
+        load_config(AdapterConfig, {**alone, "batch_size": 1})
+    load_config(AdapterConfig, {**REQUIRED, "contrastive_weight": 1, "batch_size": 1})  # cosine and MSE train
+    with pytest.raises(UserError, match="only 1 training row: InfoNCE"):
+        global_batch_size(load_config(AdapterConfig, {**alone, "batch_size": 8}), train_rows=1, world=1)
+    assert global_batch_size(load_config(AdapterConfig, {**alone, "batch_size": 8}), train_rows=3, world=1) == 3
 
 
 def test_out_must_not_be_inside_a_cache_and_the_caches_must_differ():

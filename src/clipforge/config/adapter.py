@@ -51,8 +51,10 @@ class AdapterConfig(StageConfig):
     compile: bool = Field(False, description="torch.compile the adapter; on one GPU its step is replayed as a CUDA "
                                              "graph, one launch instead of dozens (a small MLP is launch-bound)")
 
-    # Where things live, how many processes share the work and how often we save or log cannot change the
-    # weights (the global batch and the data order are the same for any process count; resume is exact).
+    # Where things live, how many processes share the work and how often we save or log do not change what is
+    # trained: the global batch and the data order are the same for any process count, and resume is exact. The
+    # bits may differ with the count: each process draws its own dropout masks, and a batch lowered to fit a set
+    # smaller than it is a multiple of the count. Another count makes an adapter as good, so it is reused.
     volatile = frozenset({
         "clip_cache", "target_cache", "out", "device", "num_processes", "checkpoint_every", "keep_checkpoints",
         "log_every", "work_dir", "compile",
@@ -62,7 +64,14 @@ class AdapterConfig(StageConfig):
     def _some_loss(self):
         if self.cosine_weight == self.mse_weight == self.contrastive_weight == 0:
             raise ValueError("`cosine_weight`, `mse_weight` and `contrastive_weight` are all 0: nothing to train")
+        if self.batch_size == 1 and self.only_contrastive:
+            raise ValueError("`batch_size` 1 leaves InfoNCE, the only loss term here, no negatives: nothing would "
+                             "train; use at least 2")
         return self
+
+    @property
+    def only_contrastive(self) -> bool:
+        return self.cosine_weight == self.mse_weight == 0
 
     @model_validator(mode="after")
     def _out_apart_from_the_caches(self):

@@ -60,6 +60,9 @@ def global_batch_size(config: AdapterConfig, train_rows: int, world: int) -> int
     batch = train_rows // world * world
     if batch == 0:
         raise UserError(f"only {train_rows} training rows for {world} processes")
+    if batch == 1 and config.only_contrastive:
+        raise UserError("only 1 training row: InfoNCE, the only loss term (cosine_weight and mse_weight are 0), "
+                        "has no negatives in a batch of 1, so nothing would train")
     log.warning("only %d training rows: batch_size lowered from %d to %d", train_rows, config.batch_size, batch)
     return batch
 
