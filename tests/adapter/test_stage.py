@@ -449,7 +449,7 @@ def test_a_cache_manifest_of_another_shape_is_named(caches, tmp_path, capsys, co
 def test_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(caches, tmp_path, capsys):
     out = tmp_path / "out"
     line = run_cli(capsys, *caches, out, lr=1e30, grad_clip=0, warmup=0, arch="linear", checkpoint_every=1)
-    assert "diverged" in line and "NaN or infinite" in line and "last good checkpoint" in line
+    assert "diverged" in line and "NaN or infinite" in line and "the newest checkpoint, its weights finite" in line
     kept = sorted((out / "checkpoints").iterdir())
     assert kept and all((p / "_manifest.json").is_file() for p in kept)
 
@@ -460,7 +460,7 @@ def test_a_nan_loss_read_at_the_end_of_the_epoch_names_its_step(caches, tmp_path
     common = dict(lr=1e30, grad_clip=0, warmup=0, arch="linear")
     every_step = run_cli(capsys, *caches, tmp_path / "a", log_every=1e-9, **common)
     deferred = run_cli(capsys, *caches, tmp_path / "b", **common)
-    assert "training diverged: the loss became NaN or infinite at step 2 (epoch 1)" in deferred
+    assert "training diverged: the loss of step 3 (epoch 1) is NaN or infinite" in deferred
     assert deferred == every_step.replace(str(tmp_path / "a"), str(tmp_path / "b"))
     assert "no checkpoint was saved yet" in deferred
 

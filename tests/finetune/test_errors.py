@@ -143,10 +143,12 @@ def test_a_loss_that_becomes_nan_names_its_step_and_keeps_the_last_good_checkpoi
     every_step = diverge(tmp_path / "a", log_every=1e-9)
     at_epoch_end = diverge(tmp_path / "b")
     assert at_epoch_end == every_step
-    assert "training diverged: the loss became NaN or infinite at step 1 (epoch 1)" in at_epoch_end
+    assert "training diverged: the loss of step 2 (epoch 1) is NaN or infinite" in at_epoch_end
     assert "no checkpoint was saved yet" in at_epoch_end
     line = diverge(tmp_path / "c", checkpoint_every=1)
-    assert "at step 1 (epoch 1); the last good checkpoint is OUT/checkpoints/step-000001" in line
+    # Steps counted from 1, as the progress lines count them: step 1's weights make step 2's loss NaN.
+    assert "the loss of step 2 (epoch 1) is NaN or infinite; the newest checkpoint, its weights finite, is " \
+           "OUT/checkpoints/step-000001" in line
     assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step-000001"]
     assert (tmp_path / "c" / "checkpoints" / "step-000001" / "_manifest.json").is_file()
 

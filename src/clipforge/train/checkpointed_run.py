@@ -78,13 +78,13 @@ class CheckpointedRun:
              extra: dict[str, object] | None = None) -> None:
         """Checkpoint now: every process takes part (each contributes its RNG state), rank 0 hands the files to
         the writer. `config` is stored in the checkpoint and `extra` (file name -> JSON-able value) beside it.
-        Never of diverged weights: a UserError names the last good checkpoint when any of `weights` is NaN or
+        Never of diverged weights: a UserError names the newest checkpoint when any of `weights` is NaN or
         infinite."""
         self.read_losses()
         started = time.monotonic()
         # A step can leave infinite weights behind a finite loss (the next step's loss shows it): look at them too.
         if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):
-            raise diverged(self.progress.step, self.progress.epoch, self.checkpoints.wait())
+            raise diverged(f"a weight after step {self.progress.step}", self.progress.epoch, self.checkpoints.wait())
         self.checkpoints.wait()  # the one before is in: one snapshot in host memory at a time
         if self.meter is not None:
             self.progress.seconds = round(self.seconds_before + self.meter.elapsed, 3)

@@ -87,11 +87,14 @@ def first_nonfinite(accelerator: Accelerator, records: list[StepLoss]) -> tuple[
 
 
 
-def diverged(step: int, epoch: int, last_saved: str | None) -> UserError:
-    """The one message for a NaN or infinite loss or weights: where, and which checkpoint is still good."""
-    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-    return UserError(f"training diverged: the loss became NaN or infinite at step {step} (epoch {epoch + 1}); "
-                     f"{kept}; lower --lr or check the inputs")
+def diverged(what: str, epoch: int, last_saved: str | None) -> UserError:
+    """The one message for a NaN or infinite loss or weights (`what`: "the loss of step 21", steps counted from 1
+    as the progress lines count them): where, and the newest checkpoint. Its weights are finite, not
+    necessarily good: the step after it may be the one whose loss they make NaN."""
+    kept = f"the newest checkpoint, its weights finite, is {last_saved}" if last_saved else \
+        "no checkpoint was saved yet"
+    return UserError(f"training diverged: {what} (epoch {epoch + 1}) is NaN or infinite; {kept}; lower --lr or "
+                     "check the inputs")
 
 
 def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_step: int, epochs: int, meter,
@@ -110,7 +113,8 @@ def read_losses(losses: DeferredLosses, accelerator: Accelerator, *, rows_per_st
         return None
     bad = first_nonfinite(accelerator, records)
     if bad is not None:
-        raise diverged(*bad, last_saved())
+        step, epoch = bad
+        raise diverged(f"the loss of step {step + 1}", epoch, last_saved())
     last = records[-1]
     if meter is not None:
         meter.update(rows_per_step * len(records),
