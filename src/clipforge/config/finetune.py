@@ -91,8 +91,8 @@ class FinetuneConfig(StageConfig):
     # Where things live, how many processes and loader workers share the work, activation recomputation,
     # compilation and how often we save or log cannot change the weights: the batches and each row's
     # augmentation are functions of (seed, epoch, row), and resume is exact. (Compiled kernels, like another
-    # process count, may round differently: the same computation, not the same bits.) The data's content
-    # counts through the inputs.
+    # process count, may round differently: the same computation, not the same bits; and a batch lowered to fit
+    # a set smaller than it is a multiple of the count.) The data's content counts through the inputs.
     volatile = frozenset({
         "train_data", "val_data", "dataset", "out", "timestamped", "resume", "device", "num_processes", "workers",
         "logdir", "checkpoint_every", "keep_checkpoints", "log_every", "work_dir", "grad_checkpointing", "compile",

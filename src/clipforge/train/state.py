@@ -80,8 +80,9 @@ def restore_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, f
     if len(ranks) == accelerator.num_processes:
         set_rng_state(ranks[accelerator.process_index])
     else:
-        log.warning("checkpoint written by %d processes, resumed by %d: random draws (dropout) will differ from an "
-                    "uninterrupted run", len(ranks), accelerator.num_processes)
+        written = f"{len(ranks)} process{'' if len(ranks) == 1 else 'es'}"
+        log.warning("checkpoint written by %s, resumed by %d: random draws (dropout) will differ from an "
+                    "uninterrupted run", written, accelerator.num_processes)
         seed_everything(reseed + 7919 * progress.step + accelerator.process_index)
     return progress
 
