@@ -26,7 +26,13 @@ from conftest import (
 
 from clipforge.config.pipeline import PipelineSpec, load_pipeline
 from clipforge.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
-from clipforge.orchestrate.k8s_manifests import POD_SECURITY, StageJobSettings, job_name, stage_manifests
+from clipforge.orchestrate.k8s_manifests import (
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    StageJobSettings,
+    job_name,
+    stage_manifests,
+)
 from clipforge.orchestrate.resolve import resolve_stage
 
 VALUES = [None, *CI_VALUES]
@@ -200,13 +206,15 @@ def test_a_cpu_limit_for_quota_namespaces_reaches_the_driver_prune_and_test_pods
         assert "cpu" not in spec["containers"][0]["resources"]["limits"]
 
 
-def test_security_contexts_can_be_replaced_for_every_pod():
-    """OpenShift's restricted-v2 refuses fixed user and group ids: the values replace the built-in contexts of
-    the driver, the helm test pod and (through the driver's settings) every stage pod."""
-    pod = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-    container = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                 "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}, "privileged": False}
-    objects = chart_objects({**STORE, "podSecurityContext": pod, "containerSecurityContext": container})
+def test_security_contexts_are_merged_over_the_built_in_ones_for_every_pod():
+    """OpenShift's restricted-v2 refuses fixed user and group ids: null drops them from the built-in context of
+    the driver, the helm test pod and (through the driver's settings) every stage pod. A key added keeps the
+    rest: a context that replaced the built-in one dropped read-only root, no escalation and the capabilities."""
+    drop_ids = {"runAsUser": None, "runAsGroup": None, "fsGroup": None}
+    pod = {key: value for key, value in POD_SECURITY.items() if key not in drop_ids}
+    container = {**CONTAINER_SECURITY, "runAsUser": 1000680000}
+    objects = chart_objects({**STORE, "podSecurityContext": drop_ids,
+                             "containerSecurityContext": {"runAsUser": 1000680000}})
     specs = [spec for obj in objects for spec in pod_specs(obj)]
     assert len(specs) == 2
     for spec in specs:
@@ -218,7 +226,7 @@ def test_security_contexts_can_be_replaced_for_every_pod():
     template = job["spec"]["template"]["spec"]
     assert template["securityContext"] == pod and template["containers"][0]["securityContext"] == container
     default = stage_settings(chart_objects(STORE))
-    assert default.pod_security_context is default.container_security_context is None
+    assert (default.pod_security_context, default.container_security_context) == (POD_SECURITY, CONTAINER_SECURITY)
 
 
 def pod_metadata(obj: dict) -> dict:

@@ -163,35 +163,15 @@ names; empty: the namespace's default.
 {{- end }}
 
 {{/*
-Pod and container security: the same as k8s_manifests.POD_SECURITY / CONTAINER_SECURITY for stage pods, unless
-podSecurityContext / containerSecurityContext replace them (for every pod; the driver passes them on).
+Pod and container security of every pod: values.yaml's (k8s_manifests.POD_SECURITY / CONTAINER_SECURITY) with the
+user's merged over them by Helm; the driver passes them on to stage pods.
 */}}
 {{- define "clipforge.podSecurityContext" -}}
-{{- if .Values.podSecurityContext }}
-{{- toYaml .Values.podSecurityContext }}
-{{- else }}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-fsGroupChangePolicy: OnRootMismatch
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
+{{- toYaml (.Values.podSecurityContext | default dict) }}
 {{- end }}
 
 {{- define "clipforge.containerSecurityContext" -}}
-{{- if .Values.containerSecurityContext }}
-{{- toYaml .Values.containerSecurityContext }}
-{{- else }}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
+{{- toYaml (.Values.containerSecurityContext | default dict) }}
 {{- end }}
 
 {{/* Environment and mounts of pods that reach the artifact store (driver, helm test). */}}

@@ -251,7 +251,8 @@ def container(resolved: ResolvedStage, settings: StageJobSettings, gpus: int, en
         "command": stage_command(resolved),
         "env": base_env + (env or []),
         "resources": resources(resolved, settings, gpus),
-        "securityContext": dict(settings.container_security_context or CONTAINER_SECURITY),
+        "securityContext": dict(CONTAINER_SECURITY if settings.container_security_context is None
+                                else settings.container_security_context),
         "volumeMounts": mounts,
     }
     if settings.artifact_secret:
@@ -282,7 +283,8 @@ def pod_spec(settings: StageJobSettings, main: dict, gpus: int) -> dict:
     spec: dict[str, Any] = {
         # DESIGN: podFailurePolicy requires restartPolicy Never; the Job controller makes the new pods.
         "restartPolicy": "Never",
-        "securityContext": dict(settings.pod_security_context or POD_SECURITY),
+        "securityContext": dict(POD_SECURITY if settings.pod_security_context is None
+                                else settings.pod_security_context),
         "containers": [main],
         "volumes": vols,
         # Stage pods never call the Kubernetes API: only the driver's ServiceAccount has a Role.
