@@ -145,6 +145,42 @@ def test_a_shard_gone_before_the_commit_leaves_no_manifest(nsd, tiny_models, tmp
         run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
     assert not (output / "_manifest.json").exists()
 
+@pytest.mark.parametrize(("engine", "where"), [("local", "s3"), ("local", "disk"), ("ray", "s3"), ("ray", "disk")])
+def test_a_source_replaced_after_the_plan_is_refused_not_cached_under_the_planned_version(
+        engine, where, nsd, tiny_models, ray_session, tmp_path, monkeypatch):
+    """The plan fingerprints the source (ETag; size and mtime) and the output is named and recorded by it. A
+    source replaced before the reads began was read whole, new pixels under the old ETag, exit 0 (each Ray read
+    task opened the object anew, so a replacement mid-run made a mixed cache)."""
+    from clipforge.stages import cache
+
+    other = tmp_path / "other.hdf5"
+    write_nsd_hdf5(other, N_IMAGES, seed=8)  # the same shape, other pixels
+    if where == "s3":
+        source, client = f"s3://{nsd['bucket']}/replaced-{engine}.hdf5", boto3.client("s3")
+        client.upload_file(nsd["local"], nsd["bucket"], f"replaced-{engine}.hdf5")
+        replace = lambda: client.upload_file(str(other), nsd["bucket"], f"replaced-{engine}.hdf5")  # noqa: E731
+    else:
+        source = str(tmp_path / "stimuli.hdf5")
+        Path(source).write_bytes(Path(nsd["local"]).read_bytes())
+
+        def replace():
+            os.replace(other, source)
+            os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
+    real = cache.plan_cache
+
+    def then_replace(cfg):
+        plan = real(cfg)
+        replace()
+        return plan
+
+    monkeypatch.setattr(cache, "plan_cache", then_replace)
+    output = tmp_path / "cache"
+    with pytest.raises(UserError, match=f"{re.escape(source)} changed since this run planned it.*rerun") as refused:
+        run_cache(config(nsd, tiny_models, str(output), source=source, engine=engine))
+    assert "\n" not in str(refused.value)
+    assert not (output / "_manifest.json").exists()
+
+
 def test_rerun_is_up_to_date_and_writes_nothing(nsd, tiny_models, ray_session, tmp_path, monkeypatch):
     from clipforge.stages import cache
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from clipforge.errors import StorageUnreachable, UserError
 from clipforge.storage import uri as storage
-from clipforge.storage.range_reader import FetchStats, RangeReader
+from clipforge.storage.range_reader import FetchStats, ObjectChanged, RangeReader
 
 # Range GETs in flight for one source, over all the shards being read at once: S3 serves one connection at
 # ~100 MB/s, and more threads than this only contend for the GIL (bench/s3_rows.py).
@@ -39,17 +39,28 @@ class ImageDataset:
         return int(np.prod(self.image_shape))
 
 
+def check_unchanged(source: str, found: os.stat_result, version: dict | None) -> None:
+    """A local file as `version` (its `storage.fingerprint` when a run planned from it) says, or ObjectChanged:
+    rows read from another version would be cached under the planned one's name."""
+    if version and "mtime_ns" in version and (found.st_size, found.st_mtime_ns) != (version["size"],
+                                                                                    version["mtime_ns"]):
+        raise ObjectChanged(f"{source} changed since this run planned it (size {found.st_size}, was "
+                            f"{version['size']}; or its mtime)")
+
+
 @contextlib.contextmanager
-def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = None):
-    """Yield (h5py.File, RangeReader | None); a missing or unreadable file is a UserError."""
+def open_hdf5(source: str, *, unsigned: bool = False, cache_dir: str | None = None, version: dict | None = None):
+    """Yield (h5py.File, RangeReader | None); a missing or unreadable file is a UserError. `version`: the
+    source's fingerprint to read (the planned one), else `ObjectChanged`."""
     reader = None
     if storage.is_s3(source):
-        reader = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir)
+        reader = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir, etag=(version or {}).get("etag"))
         target = reader
     else:
         target = storage.local_path(source)
         if not target.is_file():
             raise UserError(f"source {source} not found")
+        check_unchanged(source, target.stat(), version)
     try:
         handle = h5py.File(target, "r")
     except StorageUnreachable:  # h5py passes on what the reader raised: the file may be fine
@@ -119,9 +130,10 @@ def read_rows(
     *,
     unsigned: bool = False,
     cache_dir: str | None = None,
+    version: dict | None = None,
 ) -> tuple[np.ndarray, FetchStats]:
     """uint8 images (len(rows), H, W, 3) for sorted unique `rows`, and what fetching them cost."""
-    reader = RowReader(source, dataset, unsigned=unsigned, cache_dir=cache_dir)
+    reader = RowReader(source, dataset, unsigned=unsigned, cache_dir=cache_dir, version=version)
     try:
         images = np.empty((len(rows), *reader.image_shape), np.uint8)
         return images, reader.read_into(rows, images)
@@ -140,10 +152,10 @@ def _coalesced_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 def read_through_h5py(source: str, dataset: str, rows: np.ndarray, target: np.ndarray, *, unsigned: bool = False,
-                      cache_dir: str | None = None) -> FetchStats:
+                      cache_dir: str | None = None, version: dict | None = None) -> FetchStats:
     """Fill `target` with sorted unique `rows` by h5py, for any layout (chunked, compressed): on S3 the rows'
     byte ranges (or chunks) are prefetched first, then h5py decodes them from memory."""
-    with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir) as (handle, reader):
+    with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir, version=version) as (handle, reader):
         dset = image_dataset(handle, source, dataset)
         if reader is not None:
             reader.prefetch(row_byte_ranges(dset, rows))
@@ -165,9 +177,13 @@ class RowReader:
     have been prefetched. Safe to share between threads.
     """
 
-    def __init__(self, source: str, dataset: str, *, unsigned: bool = False, cache_dir: str | None = None):
+    def __init__(self, source: str, dataset: str, *, unsigned: bool = False, cache_dir: str | None = None,
+                 version: dict | None = None):
+        """`version`: the source's fingerprint when the run planned (`storage.fingerprint`); another version
+        found, now or while reading, is `ObjectChanged`."""
         self.source, self.dataset, self.unsigned, self.cache_dir = source, dataset, unsigned, cache_dir
-        with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir) as (handle, _):
+        self.version = version
+        with open_hdf5(source, unsigned=unsigned, cache_dir=cache_dir, version=version) as (handle, _):
             dset = image_dataset(handle, source, dataset)
             self.image_shape = tuple(int(s) for s in dset.shape[1:])
             self.length = int(dset.shape[0])
@@ -176,9 +192,15 @@ class RowReader:
         self._offset = offset
         self._fd = self._remote = None
         if offset is not None and storage.is_s3(source):
-            self._remote = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir, threads=RANGE_GETS)
+            self._remote = RangeReader(source, unsigned=unsigned, cache_dir=cache_dir, threads=RANGE_GETS,
+                                       etag=(version or {}).get("etag"))
         elif offset is not None:
             self._fd = os.open(storage.local_path(source), os.O_RDONLY)
+            try:
+                check_unchanged(source, os.fstat(self._fd), version)
+            except ObjectChanged:
+                os.close(self._fd)
+                raise
 
     def read_into(self, rows: np.ndarray, out: np.ndarray) -> FetchStats:
         """Fill out[:len(rows)] with the images of sorted unique `rows`; returns what fetching cost."""
@@ -200,7 +222,7 @@ class RowReader:
                 self._read_fully(at, part)
             return FetchStats(requests=0, bytes=int(target.nbytes))
         return read_through_h5py(self.source, self.dataset, rows, target, unsigned=self.unsigned,
-                                 cache_dir=self.cache_dir)
+                                 cache_dir=self.cache_dir, version=self.version)
 
     def _read_fully(self, at: int, part: memoryview) -> None:
         """Fill `part` from byte `at` of the file. One read returns at most ~2 GiB on Linux (a shard of 4,000 NSD

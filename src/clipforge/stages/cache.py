@@ -64,7 +64,7 @@ from clipforge.storage.manifest import (
     withdraw_unfinished,
     write_manifest,
 )
-from clipforge.storage.range_reader import FetchStats
+from clipforge.storage.range_reader import FetchStats, ObjectChanged
 
 log = logging.getLogger("clipforge.cache")
 
@@ -100,6 +100,9 @@ class CachePlan:
     todo: list[Shard]  # the shards not committed yet
     dataset: hdf5_source.ImageDataset | None  # None for an image folder or CSV
     engine: str
+    # The HDF5 source as found now (`storage.fingerprint`): every read is of this version, or ObjectChanged;
+    # rows of another would be cached under this one's name.
+    source_version: dict | None = None
 
 
 def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
@@ -140,7 +143,8 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
     if cfg.skip_bad and is_image_collection(cfg.source):  # decoding every image: only when there is work
         index = readable_only(cfg.source, index, unsigned=cfg.no_sign_request)
         drop_shards_planned_without_skip_bad(cfg, planned, inputs)
-    dataset = None if is_image_collection(cfg.source) else inspect_source(cfg, index)
+    version = None if is_image_collection(cfg.source) else found["source"]
+    dataset = None if version is None else inspect_source(cfg, index, version)
     plans = [plan_shards(index, cfg.batch_size, identity) for identity in shard_identities(cfg, inputs, planned)]
     shards, todo = pending_shards(cfg.output, plans, unlike_planned(planned, cfg, inputs))
     if todo:
@@ -150,7 +154,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan | dict:
     log.info("plan: %d images, %s, in %d shard%s of %d; %d already committed, skipped; %s engine (%.1f s after "
              "the process started)", len(index), what, len(shards), "" if len(shards) == 1 else "s",
              max((len(s.ids) for s in shards), default=0), len(shards) - len(todo), engine, process_age())
-    return CachePlan(cfg, spec, inputs, len(index), shards, todo, dataset, engine)
+    return CachePlan(cfg, spec, inputs, len(index), shards, todo, dataset, engine, version)
 
 
 def encode_shards(plan: CachePlan) -> tuple[FetchStats, dict | None, float | None]:
@@ -165,7 +169,12 @@ def encode_shards(plan: CachePlan) -> tuple[FetchStats, dict | None, float | Non
             from clipforge.stages.cache_local import encode_shards_locally as encode
         else:
             from clipforge.stages.cache_ray import encode_shards_with_ray as encode
-        return encode(plan.cfg, plan.spec, plan.todo)
+        return encode(plan.cfg, plan.spec, plan.todo, plan.source_version)
+    except ObjectChanged as exc:
+        delete_planned_config_unless_resumable(plan.cfg.output)
+        raise ObjectChanged(f"{exc}: the shards committed so far are of the planned version; rerun (a pipeline "
+                            f"makes a new output for the new version; `clipforge cache` needs another --output, "
+                            f"or {plan.cfg.output} removed)") from None
     except BaseException:
         delete_planned_config_unless_resumable(plan.cfg.output)  # nothing to resume: no folder is left
         raise
@@ -268,9 +277,10 @@ def readable_only(source: str, index: RowIndex, *, unsigned: bool = False) -> Ro
     return RowIndex(ids=index.ids[keep], splits=[s for s, k in zip(index.splits, keep, strict=True) if k])
 
 
-def inspect_source(cfg: CacheConfig, index: RowIndex) -> hdf5_source.ImageDataset:
+def inspect_source(cfg: CacheConfig, index: RowIndex, version: dict) -> hdf5_source.ImageDataset:
     """The HDF5 dataset `cfg` names, described (layout, length, bytes per image); an id past its end is refused."""
-    with hdf5_source.open_hdf5(cfg.source, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir) as (handle, _):
+    with hdf5_source.open_hdf5(cfg.source, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir,
+                               version=version) as (handle, _):
         dataset = hdf5_source.describe_dataset(hdf5_source.image_dataset(handle, cfg.source, cfg.dataset), cfg.source)
     if index.ids[-1] >= dataset.length:
         first_bad = int(index.ids[index.ids >= dataset.length][0])

@@ -98,13 +98,16 @@ class ReadShard:
 class ShardReader:
     """Reads one shard's images, for any source the cache stage takes; safe to call from many threads."""
 
-    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future, rows: int):
-        """`rows`: the most images of any shard to read (`batch_size`, or fewer for a job smaller than one)."""
+    def __init__(self, cfg: CacheConfig, pinned: bool, slots: int, encoder: Future, rows: int,
+                 version: dict | None = None):
+        """`rows`: the most images of any shard to read (`batch_size`, or fewer for a job smaller than one);
+        `version`: the HDF5 source's, as planned."""
         self.cfg = cfg
         self.encoder = encoder  # an ImageEncoder to come: its preprocessing shrinks folder images
         self.rows = self.pool = self.decoding = None
         if not is_image_collection(cfg.source):
-            self.rows = RowReader(cfg.source, cfg.dataset, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir)
+            self.rows = RowReader(cfg.source, cfg.dataset, unsigned=cfg.no_sign_request, cache_dir=cfg.cache_dir,
+                                  version=version)
             self.pool = BufferPool(slots, (rows, *self.rows.image_shape), pinned)
         else:  # one pool of decoders for every shard being read: a bound on full-size photos in memory
             self.decoding = ThreadPoolExecutor(DECODERS, thread_name_prefix="cache-decode")
@@ -130,7 +133,8 @@ class ShardReader:
             self.decoding.shutdown(wait=True, cancel_futures=True)
 
 
-def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tuple[FetchStats, dict, float | None]:
+def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list,
+                          version: dict | None = None) -> tuple[FetchStats, dict, float | None]:
     """Encode and commit the pending shards in this process; same results as `cache_ray`'s engine."""
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
@@ -143,7 +147,8 @@ def encode_shards_locally(cfg: CacheConfig, spec: EncoderSpec, todo: list) -> tu
         # The model loads while the first shards are read: neither waits for the other to start.
         model = loading.submit(ImageEncoder, spec, str(device), cfg.precision, cfg.inference_batch_size,
                                cfg.cache_dir)
-        reader = ShardReader(cfg, pinned=cuda, slots=depth, encoder=model, rows=max(len(s.ids) for s in todo))
+        reader = ShardReader(cfg, pinned=cuda, slots=depth, encoder=model, rows=max(len(s.ids) for s in todo),
+                             version=version)
         shards = iter(todo)
         reads: deque[Future] = deque()
 

@@ -35,7 +35,7 @@ from clipforge.models.pretrained import names_weights_file
 from clipforge.progress import Progress
 from clipforge.stages.cache_shards import Shard, commit_shard, steady_rate
 from clipforge.storage import uri as storage
-from clipforge.storage.range_reader import FetchStats
+from clipforge.storage.range_reader import FetchStats, ObjectChanged
 from clipforge.storage.s3 import describe_failure
 
 log = logging.getLogger("clipforge.cache")
@@ -139,7 +139,7 @@ def ray_cpus(encoders: int) -> int:
 
 
 def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_dir: str | None,
-               preprocess: dict | None = None) -> dict:
+               preprocess: dict | None = None, version: dict | None = None) -> dict:
     """Ray task: one shard's images as one uint8 array, plus what fetching them cost. Image files are
     resized and cropped to the encoder's input (`preprocess`) as each is decoded, as the local engine does:
     a shard of 12 MP photos would otherwise cross the object store at 36 MB an image."""
@@ -152,7 +152,7 @@ def read_shard(batch: dict, *, source: str, dataset: str, unsigned: bool, cache_
         column = np.stack(images)[None]
     else:
         images, stats = hdf5_source.read_rows(source, dataset, batch["ids"][0], unsigned=unsigned,
-                                              cache_dir=cache_dir)
+                                              cache_dir=cache_dir, version=version)
         column = images[None]
     return {
         **batch,
@@ -201,8 +201,8 @@ class ShardEncoder:
         }
 
 
-def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
-                           todo: list[Shard]) -> tuple[FetchStats, dict, float | None]:
+def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec, todo: list[Shard],
+                           version: dict | None = None) -> tuple[FetchStats, dict, float | None]:
     """Run the Ray Data pipeline over the pending shards.
 
     Returns fetch stats, the model description, and the steady-state rate: images/s the encoders
@@ -228,7 +228,7 @@ def encode_shards_with_ray(cfg: CacheConfig, spec: EncoderSpec,
     ds = ds.map_batches(
         read_shard, batch_size=1, batch_format="numpy", num_cpus=0.5,
         fn_kwargs={"source": cfg.source, "dataset": cfg.dataset, "unsigned": cfg.no_sign_request,
-                   "cache_dir": cfg.cache_dir, "preprocess": preprocess},
+                   "cache_dir": cfg.cache_dir, "preprocess": preprocess, "version": version},
     )
     ds = ds.map_batches(
         ShardEncoder, batch_size=1, batch_format="numpy",
@@ -290,14 +290,17 @@ def find_user_error(exc: BaseException) -> UserError | StorageUnreachable | None
             continue
         seen.add(id(current))
         if isinstance(current, UserError | StorageUnreachable):
-            return (UserError if isinstance(current, UserError) else StorageUnreachable)(
-                str(current).strip().splitlines()[0])
+            kind = ObjectChanged if isinstance(current, ObjectChanged) else \
+                UserError if isinstance(current, UserError) else StorageUnreachable
+            return kind(str(current).strip().splitlines()[0])
         if (s3_problem := describe_failure(current)) is not None:  # a node without the driver's credentials
             return UserError(f"on a Ray node: {s3_problem}")
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
-    found = re.findall(r"clipforge\.errors\.UserError: (.+)", str(exc))
+    # Ray Data's UserCodeException keeps a task's error as traceback text only.
+    found = re.findall(r"clipforge\.(errors\.UserError|storage\.range_reader\.ObjectChanged): (.+)", str(exc))
     if found:
-        return UserError(found[-1].strip())
+        kind, message = found[-1]
+        return (ObjectChanged if kind.endswith("ObjectChanged") else UserError)(message.strip())
     if "NoCredentialsError" in str(exc):  # an encoder actor's constructor: its error survives as text alone
         return UserError(f"on a Ray node: {describe_failure(botocore.exceptions.NoCredentialsError())}")
     return None

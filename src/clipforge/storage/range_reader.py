@@ -146,7 +146,9 @@ class RangeReader(io.RawIOBase):
         block_size: int = 64 << 10,
         max_attempts: int = 8,
         threads: int = 8,
+        etag: str | None = None,
     ):
+        """`etag`: the version to read (the one a run planned from); another there now is `ObjectChanged`."""
         super().__init__()
         self.uri = uri
         self.location = s3.parse_s3(uri)
@@ -162,6 +164,8 @@ class RangeReader(io.RawIOBase):
             raise self._client_error(exc) from None
         self.size = int(head["ContentLength"])
         self.etag = head["ETag"].strip('"')
+        if etag is not None and self.etag != etag:
+            raise ObjectChanged(f"{uri} changed since this run planned it (ETag {self.etag}, was {etag})")
         self.cache = RangeCache(cache_dir, self.location.bucket, self.location.key, self.etag) if cache_dir else None
         self._pos = 0
         self._span_starts: list[int] = []
@@ -358,7 +362,7 @@ class RangeReader(io.RawIOBase):
         if s3.is_not_found(exc) or status == 404:
             return UserError(f"{self.uri} not found")
         if status == 412 or code == "PreconditionFailed":
-            return ObjectChanged(f"{self.uri} changed while it was being read (ETag no longer {self.etag}); rerun")
+            return ObjectChanged(f"{self.uri} changed while it was being read (ETag no longer {self.etag})")
         if status == 403:
             return UserError(f"access denied to {self.uri} (for a public bucket pass --no-sign-request)")
         return UserError(f"{self.uri}: {code or status}: {exc}")
