@@ -182,3 +182,29 @@ def test_taking_a_lease_removes_the_temporary_files_killed_writes_left(tmp_path,
     assert conditional.write_if(str(output / LEASE_NAME), json.dumps(elsewhere).encode(), None) is not None
     with StageLease(str(output), "run-1", "cache", **{**FAST, "stale_after": 0.2}):
         assert os.path.exists(live)
+
+
+def test_a_renewal_whose_reply_was_lost_keeps_the_lease(output, monkeypatch, caplog):
+    """The renewal's PUT reached S3 and the connection reset before its reply: botocore sent it again, with the
+    old If-Match, and S3 answered 412. The holder stopped its own stage (exit 75) as if another run had taken
+    over, and left the lease behind for 2 minutes."""
+    real, lost_replies = conditional.write_if, []
+
+    def reply_lost(uri, data, expected):
+        token = real(uri, data, expected)
+        if token is not None and expected is not None and len(lost_replies) < 2:
+            lost_replies.append(token)
+            return None  # what the retried PUT answers: precondition failed, by the write it already made
+        return token
+
+    monkeypatch.setattr(conditional, "write_if", reply_lost)
+    lost = threading.Event()
+    with caplog.at_level(logging.ERROR, logger="clipforge.run"):
+        with StageLease(output, "long-run", "adapter", **FAST, on_lost=lost.set) as lease:
+            deadline = time.monotonic() + 30
+            while len(lost_replies) < 2 or lease.token in lost_replies[:1]:
+                assert time.monotonic() < deadline and not lost.is_set()
+                time.sleep(0.02)
+            assert not lost.wait(0.3)
+    assert "lost the lease" not in caplog.text
+    assert not storage.exists(storage.join(output, LEASE_NAME))  # released: it was still its holder's

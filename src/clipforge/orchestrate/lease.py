@@ -107,7 +107,7 @@ class StageLease:
         current = conditional.read_versioned(self.uri)
         if current is not None and not holder_gone(lease_holder(current[0])):
             return False
-        self.token = conditional.write_if(self.uri, self._body(), current[1] if current else None)
+        self.token = self._swap(current[1] if current else None)
         if self.token is None:
             return False
         self._hold()
@@ -118,10 +118,22 @@ class StageLease:
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.stage}", daemon=True)
         self._renewer.start()
 
+    def _swap(self, expected: str | None) -> str | None:
+        """`write_if` of a new body, and its version; None when another writer changed the lease first. A PUT
+        whose reply was lost is retried by botocore, and the retry finds its own write there (412): the lease
+        holding this very body is ours, not lost."""
+        body = self._body()
+        token = conditional.write_if(self.uri, body, expected)
+        if token is None:
+            current = conditional.read_versioned(self.uri)
+            if current is not None and current[0] == body:
+                return current[1]
+        return token
+
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
             try:
-                token = conditional.write_if(self.uri, self._body(), self.token)
+                token = self._swap(self.token)
             except Exception as exc:  # a blip of the store: the next renewal tries again, well before it is stale
                 log.warning("[%s] could not renew the lease on %s: %s", self.stage, self.uri, exc)
                 continue
