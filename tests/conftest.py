@@ -53,7 +53,8 @@ def tiny_models(tmp_path_factory):
 
 
 class FaultyProxy:
-    """A loopback HTTP proxy in front of the S3 server that breaks a share of range GETs.
+    """A loopback HTTP proxy in front of the S3 server that breaks a share of range GETs (of every GET with
+    `whole_gets`).
 
     Failures are 503s (retryable S3 errors) and truncated bodies (headers promise
     the full length, the connection closes half-way): what flaky networks do.
@@ -68,7 +69,7 @@ class FaultyProxy:
         self.upstream = urllib.parse.urlparse(upstream)
         self.rng = random.Random(seed)
         self.fail_share, self.truncate_share = fail_share, truncate_share
-        self.broken = 0
+        self.broken, self.whole_gets = 0, False
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -89,7 +90,7 @@ class FaultyProxy:
                 data = response.read()
                 conn.close()
                 roll = proxy.rng.random()
-                ranged = self.command == "GET" and "Range" in self.headers
+                ranged = self.command == "GET" and ("Range" in self.headers or proxy.whole_gets)
                 if ranged and roll < proxy.fail_share:
                     proxy.broken += 1
                     error = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"

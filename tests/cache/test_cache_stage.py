@@ -325,6 +325,30 @@ def test_a_copied_cache_is_up_to_date_where_it_was_copied(nsd, tiny_models, ray_
     assert read_embeddings(str(tmp_path / "c")).ids.tolist() == nsd["ids"].tolist()
 
 
+def test_a_committed_shard_the_store_fails_to_read_back_is_kept_not_encoded_again(nsd, tiny_models, tmp_path,
+                                                                                   monkeypatch):
+    """A resume reads its committed shards back. One whose read failed (a reset, the store away) was called
+    damaged and deleted, and encoded again: a failed read says nothing of the shard."""
+    from clipforge.errors import StorageUnreachable
+    from clipforge.storage import uri as storage
+
+    output = tmp_path / "cache"
+    first = run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
+    (output / "_manifest.json").unlink()  # an unfinished run: its shards are read back
+    real = storage.read_bytes
+
+    def store_away(uri, **kwargs):
+        if "shard-00002-" in uri:
+            raise StorageUnreachable(f"{uri}: ResponseStreamingError, 5 times")
+        return real(uri, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", store_away)
+    before = mtimes(output)
+    with pytest.raises(StorageUnreachable, match="shard-00002-"):
+        run_cache(config(nsd, tiny_models, str(output), source=nsd["local"], engine="local"))
+    assert mtimes(output) == before and len(first["shards"]) == 4  # every shard kept, none rewritten
+
+
 def test_a_cache_made_while_its_location_counted_stays_current(nsd, tiny_models, ray_session, tmp_path,
                                                                monkeypatch):
     """Caches made before `output` left the fingerprint recorded another fingerprint and other shard names:

@@ -164,3 +164,32 @@ def test_the_cli_says_storage_unreachable_in_one_line_and_exit_1(monkeypatch, ca
     assert capsys.readouterr().err == "clipforge runs: error: s3://bkt/s.hdf5: bytes 0-99 failed 8 times; last: " \
                                       "Could not connect; what it committed is kept: run the same command again " \
                                       "to go on from there\n"
+
+
+def test_a_whole_object_read_over_a_flaky_network_comes_whole(blob, faulty_proxy, monkeypatch):
+    """botocore retries a request whose reply never came, not a body cut short: a manifest or a folder's photo
+    read through a reset connection was a traceback (ResponseStreamingError), and a cut body was never checked."""
+    from clipforge.storage import conditional, s3
+    from clipforge.storage import uri as storage
+
+    uri, data = blob
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    monkeypatch.setattr(s3.time, "sleep", lambda seconds: None)
+    faulty_proxy.whole_gets = True
+    for _ in range(8):
+        assert storage.read_bytes(uri) == data
+    assert conditional.read_versioned(uri)[0] == data
+    assert faulty_proxy.broken > 0
+
+
+def test_a_whole_object_that_never_comes_whole_is_one_line_naming_it(blob, faulty_proxy, monkeypatch):
+    from clipforge.errors import StorageUnreachable
+    from clipforge.storage import s3
+    from clipforge.storage import uri as storage
+
+    uri, _ = blob
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    monkeypatch.setattr(s3.time, "sleep", lambda seconds: None)
+    faulty_proxy.whole_gets, faulty_proxy.fail_share, faulty_proxy.truncate_share = True, 0.0, 1.0
+    with pytest.raises(StorageUnreachable, match=rf"^{uri}: \w+, 5 times; the store or the network is failing"):
+        storage.read_bytes(uri)

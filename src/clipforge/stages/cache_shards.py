@@ -82,9 +82,11 @@ def pending_shards(output: str, plans: list[list[Shard]], unlike: str = "") -> t
 
 
 def shard_problem(output: str, shard: Shard) -> str | None:
-    """Why a shard file cannot be taken as committed (unreadable, or another row count than planned)."""
+    """Why a shard file cannot be taken as committed (unreadable, or another row count than planned). A read
+    that fails (the store, the network) is no answer: it raises, and the shard stays."""
+    data = storage.read_bytes(storage.join(output, shard.name))
     try:
-        rows = parquet.read_table(storage.read_bytes(storage.join(output, shard.name)))  # every page
+        rows = parquet.read_table(data)  # every page
     except Exception as exc:  # pyarrow raises several types for truncated or corrupt files
         return f"unreadable: {type(exc).__name__}"
     return None if rows.num_rows == len(shard.ids) else f"{rows.num_rows} rows where {len(shard.ids)} were planned"

@@ -27,14 +27,13 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
                 return None
             return data, hashlib.sha256(data).hexdigest()
         case "s3":
-            loc = s3.parse_s3(uri)
             try:
-                reply = s3.client().get_object(Bucket=loc.bucket, Key=loc.key)
+                data, reply = s3.get_whole(uri)
             except Exception as exc:
                 if s3.is_not_found(exc):
                     return None
                 raise
-            return reply["Body"].read(), reply["ETag"]
+            return data, reply["ETag"]
 
 
 def write_if(uri: str, data: bytes, expected: str | None) -> str | None:

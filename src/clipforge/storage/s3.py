@@ -8,12 +8,16 @@ which is how tests reach a loopback server; `unsigned=True` is
 from __future__ import annotations
 
 import os
+import random
 import threading
+import time
 from dataclasses import dataclass
 
 import boto3
 import botocore
 from botocore.config import Config
+
+from clipforge.errors import StorageUnreachable
 
 _clients: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -49,6 +53,37 @@ def client(unsigned: bool = False, quick: bool = False):
             )
             _clients[token] = boto3.session.Session().client("s3", config=config)
         return _clients[token]
+
+
+BODY_ATTEMPTS = 5  # of a whole object's GET whose body came cut short or the connection reset mid-way
+
+
+def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes, dict]:
+    """A whole object's bytes and the reply's headers. botocore retries a request whose reply did not come, not a
+    body that stopped part-way (a reset, a proxy's timeout): those are retried here, with backoff, and a body
+    shorter than its Content-Length is never returned. After the last try: StorageUnreachable, one line."""
+    loc = parse_s3(uri)
+    problem = ""
+    for attempt in range(BODY_ATTEMPTS):
+        if attempt:
+            time.sleep(min(4.0, 0.25 * 2**attempt) * (0.5 + random.random()))
+        try:
+            reply = client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key, **conditions)
+            data = reply["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if not status or (status < 500 and status != 429):
+                raise
+            problem = f"{exc.response.get('Error', {}).get('Code') or status}"
+            continue
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            problem = type(exc).__name__
+            continue
+        if len(data) == reply.get("ContentLength", len(data)):
+            return data, reply
+        problem = f"a body of {len(data)} of {reply['ContentLength']} bytes"
+    raise StorageUnreachable(f"{uri}: {problem}, {BODY_ATTEMPTS} times; the store or the network is failing: "
+                             "run the command again")
 
 
 def is_not_found(exc: Exception) -> bool:

@@ -112,9 +112,8 @@ def read_bytes(uri: str, *, unsigned: bool = False) -> bytes:
             except (FileNotFoundError, NotADirectoryError):
                 raise UserError(f"{uri} not found") from None
         case "s3":
-            loc = s3.parse_s3(uri)
             try:
-                return s3.client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+                return s3.get_whole(uri, unsigned=unsigned)[0]
             except Exception as exc:
                 if s3.is_not_found(exc):
                     raise UserError(f"{uri} not found") from None
