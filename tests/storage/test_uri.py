@@ -42,6 +42,25 @@ def test_local_write_leaves_no_temp_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
 
 
+def test_a_disk_that_fills_mid_write_is_said_of_the_file_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC from write, fsync or rename carries no file name: the CLI, which says a path's error in one line,
+    printed a traceback (a full disk under a cache's --output, a checkpoint)."""
+    import errno
+
+    from clipforge.cli import is_about_a_path, path_problem
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
+    with pytest.raises(OSError) as full:
+        storage.write_bytes(str(tmp_path / "out" / "shard.parquet"), b"rows")
+    assert full.value.filename == str(tmp_path / "out" / "shard.parquet") and full.value.errno == errno.ENOSPC
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
+    assert is_about_a_path(full.value)  # so the CLI says it in one line, exit 2
+    assert path_problem(full.value) == f"{tmp_path / 'out' / 'shard.parquet'}: No space left on device"
+
+
 def test_local_write_honours_the_umask_and_keeps_a_files_mode(tmp_path):
     """mkstemp's 0600 must not leak: teammates and pods under other uids read these files."""
     new = tmp_path / "new.csv"

@@ -171,6 +171,11 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
+            except OSError as exc:  # a full disk, a quota: said of the file being written, not of no file
+                Path(tmp).unlink(missing_ok=True)
+                if exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
