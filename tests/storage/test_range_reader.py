@@ -94,6 +94,29 @@ def test_disk_cache_serves_verified_ranges_and_refetches_torn_ones(blob, tmp_pat
     assert fourth.pread(0, 5000) == data[:5000]
 
 
+def test_a_cache_dir_that_fills_is_said_once_and_the_reads_go_on_uncached(blob, tmp_path, monkeypatch, caplog):
+    """The range cache only saves refetching: a full --cache-dir stopped the whole cache run with a traceback."""
+    import errno
+    import logging
+
+    uri, data = blob
+    writes = []
+
+    def disk_full(source, target):  # as the last write's flush or the rename meets a full disk
+        writes.append(target)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    reader = RangeReader(uri, cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="clipforge"):
+        reader.prefetch([(0, 5000), (10_000, 20_000), (30_000, 40_000)])
+        assert reader.pread(10_000, 10_000) == data[10_000:20_000]
+    monkeypatch.undo()
+    assert len(writes) == 1 and caplog.text.count("reading on without caching them") == 1
+    assert "No space left on device" in caplog.text
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no temporary file left behind
+
+
 def test_new_etag_invalidates_the_cache(blob, tmp_path):
     uri, data = blob
     RangeReader(uri, cache_dir=tmp_path).prefetch([(0, 1000)])

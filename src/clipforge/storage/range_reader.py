@@ -84,6 +84,7 @@ class RangeCache:
         digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:20]
         self.dir = Path(root) / self.LAYOUT / bucket / digest / etag.replace("/", "_")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.given_up = False  # a full disk or quota: the run reads on without keeping ranges
 
     def _path(self, start: int, length: int) -> Path:
         return self.dir / f"{start:015d}-{length}"
@@ -103,17 +104,25 @@ class RangeCache:
         return data
 
     def put(self, start: int, data: bytes) -> None:
-        path = self._path(start, len(data))
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        """Keep a range. The cache only saves refetching: one that cannot be written (a full disk, a quota, a
+        folder where the range's file goes) is said once, and the run reads on without it."""
+        if self.given_up:
+            return
+        path, tmp = self._path(start, len(data)), None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
             os.fchmod(fd, file_mode(path))  # a cache dir may be shared by several users
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.write(crc(data))
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as exc:
+            self.given_up = True
+            log.warning("cannot keep fetched ranges in %s (%s: %s): reading on without caching them", self.dir,
+                        path.name, exc.strerror or type(exc).__name__)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                Path(tmp).unlink(missing_ok=True)
 
 
 CHECK_BYTES = 4
