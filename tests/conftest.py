@@ -69,7 +69,7 @@ class FaultyProxy:
         self.upstream = urllib.parse.urlparse(upstream)
         self.rng = random.Random(seed)
         self.fail_share, self.truncate_share = fail_share, truncate_share
-        self.broken, self.whole_gets = 0, False
+        self.broken, self.whole_gets, self.fail_puts = 0, False, False
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -91,7 +91,7 @@ class FaultyProxy:
                 conn.close()
                 roll = proxy.rng.random()
                 ranged = self.command == "GET" and ("Range" in self.headers or proxy.whole_gets)
-                if ranged and roll < proxy.fail_share:
+                if (ranged and roll < proxy.fail_share) or (self.command == "PUT" and proxy.fail_puts):
                     proxy.broken += 1
                     error = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
                     self.send_response(503)

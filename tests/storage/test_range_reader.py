@@ -216,3 +216,21 @@ def test_a_whole_object_that_never_comes_whole_is_one_line_naming_it(blob, fault
     faulty_proxy.whole_gets, faulty_proxy.fail_share, faulty_proxy.truncate_share = True, 0.0, 1.0
     with pytest.raises(StorageUnreachable, match=rf"^{uri}: \w+, 5 times; the store or the network is failing"):
         storage.read_bytes(uri)
+
+
+def test_a_store_that_keeps_refusing_a_write_is_one_line_naming_the_object(s3_bucket, faulty_proxy, monkeypatch):
+    """503 SlowDown on every PUT of a shard: after botocore's five tries, a ClientError traceback (exit 1)."""
+    import time
+
+    from clipforge.errors import StorageUnreachable
+    from clipforge.storage import conditional
+    from clipforge.storage import uri as storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # botocore's backoff between its tries
+    faulty_proxy.fail_puts = True
+    uri = f"s3://{s3_bucket}/cache/shard-00000.parquet"
+    with pytest.raises(StorageUnreachable, match=rf"^{uri}: writing it failed \(ServiceUnavailable\) after retries"):
+        storage.write_bytes(uri, b"rows")
+    with pytest.raises(StorageUnreachable, match="writing it failed"):
+        conditional.write_if(uri + ".lease", b"held", None)

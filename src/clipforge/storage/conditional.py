@@ -54,10 +54,9 @@ def write_if(uri: str, data: bytes, expected: str | None) -> str | None:
                     if attempt == 2:
                         raise
         case "s3":
-            loc = s3.parse_s3(uri)
             condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
             try:
-                return s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)["ETag"]
+                return s3.put_whole(uri, data, **condition)["ETag"]
             except Exception as exc:
                 code = getattr(exc, "response", {}).get("Error", {}).get("Code")
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or (expected and s3.is_not_found(exc)):

@@ -86,6 +86,21 @@ def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes,
                              "run the command again")
 
 
+def put_whole(uri: str, body: bytes, **conditions) -> dict:
+    """One PUT of a whole object. After botocore's own retries, a store still answering 503 SlowDown or 500 is
+    StorageUnreachable (one line, naming the object), not a traceback; what was committed before stays."""
+    loc = parse_s3(uri)
+    try:
+        return client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body, **conditions)
+    except botocore.exceptions.ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status >= 500 or status == 429:
+            code = exc.response.get("Error", {}).get("Code") or status
+            raise StorageUnreachable(f"{uri}: writing it failed ({code}) after retries; the store is overloaded or "
+                                     "failing: run the command again (what was committed is kept)") from None
+        raise
+
+
 def is_not_found(exc: Exception) -> bool:
     if not isinstance(exc, botocore.exceptions.ClientError):
         return False

@@ -180,9 +180,8 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         case "s3":
-            loc = s3.parse_s3(uri)
             body = data if isinstance(data, bytes | bytearray) else bytes(data)  # botocore takes no memoryview
-            s3.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
+            s3.put_whole(uri, body)
 
 
 def write_bytes_if_changed(uri: str, data: bytes) -> bool:
