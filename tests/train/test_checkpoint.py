@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -179,6 +180,19 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     aside = tmp_path / "checkpoints" / ".tmp-step-000005-123-old"
     shutil.copytree(tmp_path / "checkpoints" / "step-000005", aside)
     assert s.listing().incomplete == [aside.name] and s.tidy() == [aside.name] and not aside.exists()
+
+
+def test_a_checkpoint_set_aside_by_a_save_of_its_step_that_was_killed_is_put_back(tmp_path):
+    """Killed between the two renames: the committed step was set aside and the new one not yet in place. Both
+    were tidied as incomplete, and with keep 1 the run began again from step 0."""
+    s = store(tmp_path, keep=1)
+    s.save(5, files(5))
+    folder = tmp_path / "checkpoints"
+    os.replace(folder / "step-000005", folder / ".tmp-step-000005-123-old")
+    shutil.copytree(folder / ".tmp-step-000005-123-old", folder / ".tmp-step-000005-123")  # the new one, whole
+    assert s.latest().step == 5
+    assert unpack_state(s.load(s.latest())["model.safetensors"])["w"][0] == 5.0
+    assert s.tidy() == [".tmp-step-000005-123"] and [p.name for p in folder.iterdir()] == ["step-000005"]
 
 
 def test_corrupted_file_is_named(tmp_path):

@@ -41,6 +41,7 @@ from clipforge.models.adapter import safetensors_metadata
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from clipforge.train.checkpoint_names import (
+    ASIDE_PATTERN,
     CHECKPOINTS_DIR,
     NAME_PATTERN,
     TEMP_PATTERN,
@@ -259,7 +260,7 @@ class CheckpointStore:
         """Every folder under the root, sorted into this run's checkpoints, other runs', clipforge's incomplete
         ones and foreign ones."""
         ours, others, incomplete, foreign = [], [], [], []
-        for name in storage.list_folders(self.root):
+        for name in self._restore_set_aside(storage.list_folders(self.root)):
             uri = storage.join(self.root, name)
             match = NAME_PATTERN.match(name)
             try:
@@ -276,6 +277,24 @@ class CheckpointStore:
                 found = Checkpoint(int(match.group(1)), uri, manifest)
                 (ours if self._matches(manifest) else others).append(found)
         return Listing(sorted(ours, key=lambda c: c.step), others, incomplete, foreign)
+
+    def _restore_set_aside(self, names: list[str]) -> list[str]:
+        """`names`, after putting back a committed checkpoint that a kill caught set aside: between the two
+        renames of saving its step again, neither folder had the step's name, and both were tidied as
+        incomplete (with keep 1, training began again from step 0)."""
+        if self.remote:  # the store's copy was never set aside
+            return names
+        for name in [n for n in names if ASIDE_PATTERN.match(n)]:
+            step = ASIDE_PATTERN.match(name).group(1)
+            path = self.local_root / name
+            try:
+                if step not in names and read_manifest(str(path)) is not None:
+                    os.replace(path, self.local_root / step)
+                    names = [step if n == name else n for n in names]
+                    log.info("put back checkpoint %s, set aside when a save of its step was interrupted", step)
+            except (UserError, OSError):  # not clipforge's, or another process put it back first
+                continue
+        return names
 
     def all(self) -> list[Checkpoint]:
         """This run's complete checkpoints, oldest first."""

@@ -10,6 +10,7 @@ import re
 CHECKPOINTS_DIR = "checkpoints"
 NAME_PATTERN = re.compile(r"^step-(\d+)$")
 TEMP_PATTERN = re.compile(r"^\.tmp-step-\d+-\d+(-old)?$")
+ASIDE_PATTERN = re.compile(r"^\.tmp-(step-\d+)-\d+-old$")  # a committed checkpoint moved aside (`aside_name`)
 
 
 def checkpoint_name(step: int) -> str:
