@@ -36,6 +36,9 @@ log = logging.getLogger("clipforge.search")
 
 # A query image's pixels: a 50 MP phone photo is taken whole; a 200 MP one, a JPEG, is decoded at half size.
 MAX_QUERY_PIXELS = 64_000_000
+# Rows FAISS is asked for beyond k, so that a group of tied scores (one image indexed several times) straddling
+# the k-th place is ordered by row, as exact search orders it, not cut where FAISS's heap happens to.
+TIE_MARGIN = 64
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,12 @@ class FaissIndex:
                  self.index.nprobe, "reused" if self.reused else "built")
 
     def search(self, query: np.ndarray, k: int) -> tuple[list[float], list[int]]:
-        scores, rows = self.index.search(query[None].astype(np.float32), min(k, self.index.ntotal))
+        """The k best (score, row) FAISS finds, ties in row order as exact search has them. FAISS orders equal
+        scores (duplicate images) by its heap, differently for each k, so pages of one ranking (the top
+        offset+k less the first offset) repeated some rows and never showed others: it is asked for TIE_MARGIN
+        more, which are sorted by (score, row) and cut."""
+        scores, rows = self.index.search(query[None].astype(np.float32), min(k + TIE_MARGIN, self.index.ntotal))
         found = rows[0] >= 0  # fewer than k rows in the lists scanned
-        return scores[0][found].tolist(), rows[0][found].tolist()
+        ranked = sorted(zip(scores[0][found].tolist(), rows[0][found].tolist(), strict=True),
+                        key=lambda hit: (-hit[0], hit[1]))[:k]
+        return [score for score, _ in ranked], [row for _, row in ranked]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import open_clip
 import pandas as pd
 import pytest
@@ -513,3 +514,26 @@ def test_a_thumbnail_folder_an_older_clipforge_made_readable_to_all_is_narrowed_
     (tmp_path / "thumbs").chmod(0o755)
     assert Image.open(io.BytesIO(Thumbnails(tmp_path / "thumbs").get(str(tmp_path / "a.png")))).size == (256, 256)
     assert (tmp_path / "thumbs").stat().st_mode & 0o777 == 0o700
+
+
+def test_faiss_pages_of_tied_scores_show_each_row_once(tmp_path):
+    """One image indexed several times ties with itself: FAISS ordered the ties by its heap, differently for
+    each depth, so pages (the top offset+k, less the first offset) repeated rows and never showed others."""
+    import types
+
+    from clipforge.search import FaissIndex
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1250, 16)).astype(np.float32)
+    rows = np.ascontiguousarray(np.repeat(base / np.linalg.norm(base, axis=1, keepdims=True), 4, axis=0)[
+        rng.permutation(5000)])
+    table = types.SimpleNamespace(embeddings=rows, manifest={}, ids=np.arange(5000))
+    index = FaissIndex(str(tmp_path / "cache"), table)
+    query = rng.standard_normal(16).astype(np.float32)
+    query /= np.linalg.norm(query)
+    pages = [row for offset in range(0, 500, 10) for row in index.search(query, offset + 10)[1][offset:]]
+    assert len(set(pages)) == len(pages) >= 300  # the 8 lists scanned hold ~312 rows, not 500
+    assert pages == index.search(query, 500)[1]  # one ranking, whatever the page size
+    scores, ranked = index.search(query, 40)
+    hits = list(zip([-s for s in scores], ranked, strict=True))
+    assert hits == sorted(hits)  # ties by row, as exact search orders them
