@@ -99,3 +99,19 @@ def test_captions_shared_along_a_chain_of_images_do_not_make_every_row_an_answer
     result = retrieval_metrics(torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g),
                                pairs=torch.stack([images, captions], dim=1))
     assert result["image_to_text_R@1"] < 0.2 and result["text_to_image_R@1"] < 0.2
+
+def test_a_wrong_image_with_several_captions_counts_once_above_the_right_one():
+    """Text->image, COCO style: the keys are one row per caption, so an image with 6 captions is 6 key rows.
+    One wrong image scoring above the right one put the right one at rank 7, not 2: R@5 was R@1."""
+    image_of_row = torch.tensor([0] * 6 + [1, 2, 3])
+    pairs = torch.stack([image_of_row, torch.arange(9)], dim=1)
+    directions = torch.eye(8)
+    image = directions[image_of_row]  # one embedding per image, on each of its rows
+    text = directions[image_of_row].clone()
+    text[6] = directions[0] * 0.9 + directions[1] * 0.1  # caption 6 (image 1's) is nearer image 0
+    text = F.normalize(text, dim=-1)
+    ranks = metrics._ranks(F.normalize(text, dim=-1), image, *metrics.answer_masks(pairs)[1])
+    assert ranks.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0]  # image 0, six rows of it, is one answer above
+    result = retrieval_metrics(image, text, pairs=pairs)
+    assert result["text_to_image_R@1"] == pytest.approx(8 / 9) and result["text_to_image_R@5"] == 1.0
+    assert result["text_to_image_mean_rank"] == pytest.approx(1 + 1 / 9)

@@ -4,7 +4,7 @@ Row i of `a` belongs with row i of `b`. The R@k, mean and median rank figures
 follow open_clip_train's `get_clip_metrics` (a test holds them equal on the same
 embeddings), with one deliberate difference: on exact score ties the right
 answer ranks *last* among the tied, so a collapsed model that maps everything
-to one point scores chance, not a perfect R@1.
+to one point scores nothing (R@1 0, mean rank n), never a perfect R@1.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 CHUNK_ROWS = 4096
 
 
-def _ranks(queries: torch.Tensor, keys: torch.Tensor,
-           right: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+def _ranks(queries: torch.Tensor, keys: torch.Tensor, right: Callable[[int, int], torch.Tensor] | None = None,
+           key_ids: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of keys[i] among all keys for queries[i], by cosine (ties count against).
 
-    With `right(start, end)`, the (end - start, n) mask of the keys that answer queries start..end: the rank is
-    that of the best-scoring right key among the others.
+    With `right(start, end)`, the (end - start, n) mask of the keys that answer queries start..end, and
+    `key_ids`, which answer each key row is (an image's rows, one per caption, are one image): the rank is that
+    of the best-scoring right key among the other answers, each counted once, however many rows it has.
     """
     ranks = []
     for start in range(0, len(queries), CHUNK_ROWS):
@@ -37,12 +38,16 @@ def _ranks(queries: torch.Tensor, keys: torch.Tensor,
         else:
             same = right(start, start + len(sims))
             answer = sims.masked_fill(~same, float("-inf")).max(dim=1, keepdim=True).values
-            ranks.append(((sims >= answer) & ~same).sum(dim=1))
+            above = ((sims >= answer) & ~same).to(torch.int8)
+            distinct = torch.zeros(len(sims), int(key_ids.max()) + 1, dtype=torch.int8, device=sims.device)
+            distinct.scatter_reduce_(1, key_ids.expand(len(sims), -1), above, reduce="amax")
+            ranks.append(distinct.sum(dim=1, dtype=torch.int64))
     return torch.cat(ranks)
 
 
-def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
-    """For rows that pair an a-side id with a b-side id (image, caption): which keys answer a query, each way.
+def answer_masks(pairs: torch.Tensor) -> tuple[tuple[Callable, torch.Tensor], tuple[Callable, torch.Tensor]]:
+    """For rows that pair an a-side id with a b-side id (image, caption): which keys answer a query, each way,
+    and which answer (0..) each key row is.
     An image's answers are its captions, a caption's its images, from any row: the rows of an image with
     several captions share its one embedding, which would otherwise tie against itself. Only pairs that
     occur count (no chains: two images sharing one generic caption do not make all their captions answers).
@@ -58,8 +63,9 @@ def answer_masks(pairs: torch.Tensor) -> tuple[Callable, Callable]:
         rows = matrix[queries[start:end]].astype(bool).toarray()  # (chunk, distinct key ids)
         return torch.from_numpy(np.take(rows, keys, axis=1)).to(pairs.device)
 
-    return (lambda start, end: mask(together, a_ids, b_ids, start, end),  # query a_i, key b_m
-            lambda start, end: mask(by_b, b_ids, a_ids, start, end))  # query b_i, key a_m
+    as_tensor = lambda ids: torch.from_numpy(ids).to(pairs.device)  # noqa: E731
+    return ((lambda start, end: mask(together, a_ids, b_ids, start, end), as_tensor(b_ids)),  # query a_i, key b_m
+            (lambda start, end: mask(by_b, b_ids, a_ids, start, end), as_tensor(a_ids)))  # query b_i, key a_m
 
 
 def retrieval_metrics(
@@ -77,16 +83,17 @@ def retrieval_metrics(
     on their own device. `pairs` ((n, 2): each row's a-side and b-side id, e.g. image
     and caption) makes every key paired with a query's id a right answer (`answer_masks`):
     otherwise identical captions, or an image's one embedding for several captions, tie
-    and, ties counting against, none of them could find its own.
+    and, ties counting against, none of them could find its own. A wrong answer counts once
+    too: an image with 5 captions is one image above the right one, not 5.
     """
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise ValueError(f"need two non-empty (n, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     a = F.normalize(a.detach().float(), dim=-1)
     b = F.normalize(b.detach().float(), dim=-1)
     metrics = {"mean_cosine": float((a * b).sum(dim=1).mean()), "pairs": len(a)}
-    masks = answer_masks(pairs.to(a.device)) if pairs is not None else (None, None)
-    for name, (queries, keys), right in zip(names, ((a, b), (b, a)), masks, strict=True):
-        ranks = _ranks(queries, keys, right).cpu().numpy()
+    masks = answer_masks(pairs.to(a.device)) if pairs is not None else ((None, None), (None, None))
+    for name, (queries, keys), (right, key_ids) in zip(names, ((a, b), (b, a)), masks, strict=True):
+        ranks = _ranks(queries, keys, right, key_ids).cpu().numpy()
         metrics[f"{name}_mean_rank"] = float(ranks.mean() + 1)
         metrics[f"{name}_median_rank"] = float(np.floor(np.median(ranks)) + 1)
         for k in ks:
