@@ -201,7 +201,7 @@ def images_chart(rows: list[dict]) -> bytes:
         bars = ax.bar(labels, [row[key] for row in rows], color=["#888888", "#ff7f0e", "#1f77b4"][: len(rows)])
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_title(title)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(*y_limits([row[key] for row in rows]))  # a cosine may be negative
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return png_of(fig)

@@ -3,7 +3,9 @@
 CLIPScore is the mean cosine between a generated image's embedding and its
 ground-truth image's embedding, both from the target encoder — the target
 cache's own model and preprocessing, so the ground-truth side is the cache
-itself. R@k: each generated image finds its own ground truth among all of the
+itself. It is image to image, as brain-decoding work scores reconstructions,
+not Hessel et al.'s image-to-text CLIPScore (2.5 x max(cos, 0)): a plain
+cosine, from -1 to 1, not clipped. R@k: each generated image finds its own ground truth among all of the
 set's ground truths. One row per generate output (zero-padding, adapter, …),
 in the seed's layout: configuration | CLIPScore | R@1 | time.
 """
