@@ -121,3 +121,27 @@ def test_a_read_the_kernel_returns_short_is_continued(stimuli, monkeypatch):
     got, _ = read_rows(str(files["contiguous"]), "imgBrick", rows)
     assert np.array_equal(got, images[rows])
 
+
+
+def test_a_local_source_written_over_in_place_while_rows_are_read_is_refused(tmp_path):
+    """The local engine opens the file once: a copy written over it in place (`dd conv=notrunc`) mid-run made a
+    cache half of one version and half of the other, recorded as the first."""
+    import os
+
+    from clipforge.data.hdf5_source import RowReader
+    from clipforge.storage import uri as storage
+    from clipforge.storage.range_reader import ObjectChanged
+
+    path = tmp_path / "stimuli.hdf5"
+    write_nsd_hdf5(path, 8, seed=3, size=32)
+    planned = storage.fingerprint(str(path))
+    reader = RowReader(str(path), "imgBrick", version=planned)
+    out = np.empty((8, 32, 32, 3), np.uint8)
+    reader.read_into(np.arange(4), out)  # the planned version: read
+    with open(path, "r+b") as f:  # written over in place: same size, a new mtime
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\xff" * 16)
+    os.utime(path, ns=(planned["mtime_ns"] + 10**9, planned["mtime_ns"] + 10**9))
+    with pytest.raises(ObjectChanged, match=f"{path} changed since this run planned it"):
+        reader.read_into(np.arange(4, 8), out)
+    reader.close()

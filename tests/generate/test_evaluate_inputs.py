@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pandas as pd
+import pytest
 
 from clipforge.cli import main
 from clipforge.config.evaluate import EvaluateConfig
@@ -149,3 +150,18 @@ def test_the_headline_is_the_figures_a_user_compares(generation_inputs, unclip, 
     }
     plain = evaluate(generation_inputs, tmp_path / "plain")
     assert list(plain["headline"]) == ["zero_pad.mean_cosine", "zero_pad.adapted_to_target_R@1"]
+
+
+def test_a_generated_image_the_store_fails_to_send_is_no_decode_error(monkeypatch):
+    """StorageUnreachable is an OSError, as PIL's damaged-file errors are: a store that failed was said to hold
+    an undecodable image (exit 2, which fails a stage for good) instead of an outage (exit 1, run again)."""
+    from clipforge.errors import StorageUnreachable
+    from clipforge.stages.evaluate_images import load_png
+    from clipforge.storage import uri as storage
+
+    def away(uri, **kwargs):
+        raise StorageUnreachable(f"{uri}: ResponseStreamingError, 5 times; the store or the network is failing")
+
+    monkeypatch.setattr(storage, "read_bytes", away)
+    with pytest.raises(StorageUnreachable, match="images/000001.png: ResponseStreamingError"):
+        load_png("s3://bucket/generated", "images/000001.png")

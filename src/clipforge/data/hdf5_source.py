@@ -220,6 +220,8 @@ class RowReader:
                 return self._remote.fill(runs)
             for at, part in runs:
                 self._read_fully(at, part)
+            # Written over in place meanwhile (its mtime moves): rows of two versions under the planned one's name.
+            check_unchanged(self.source, os.fstat(self._fd), self.version)
             return FetchStats(requests=0, bytes=int(target.nbytes))
         return read_through_h5py(self.source, self.dataset, rows, target, unsigned=self.unsigned,
                                  cache_dir=self.cache_dir, version=self.version)

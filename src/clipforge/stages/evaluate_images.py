@@ -57,8 +57,9 @@ def read_generated(prefix: str) -> tuple[pd.DataFrame, dict]:
 
 def load_png(prefix: str, path: str) -> np.ndarray:
     uri = storage.join(prefix, path)
+    data = storage.read_bytes(uri)  # a store that fails is no damaged file (StorageUnreachable is an OSError too)
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a damaged file
         raise UserError(f"generated image {uri} cannot be decoded ({first_line(exc)})") from None

@@ -82,8 +82,7 @@ def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes,
         if len(data) == reply.get("ContentLength", len(data)):
             return data, reply
         problem = f"a body of {len(data)} of {reply['ContentLength']} bytes"
-    raise StorageUnreachable(f"{uri}: {problem}, {BODY_ATTEMPTS} times; the store or the network is failing: "
-                             "run the command again")
+    raise StorageUnreachable(f"{uri}: {problem}, {BODY_ATTEMPTS} times; the store or the network is failing")
 
 
 def put_whole(uri: str, body: bytes, **conditions) -> dict:
@@ -97,7 +96,7 @@ def put_whole(uri: str, body: bytes, **conditions) -> dict:
         if status >= 500 or status == 429:
             code = exc.response.get("Error", {}).get("Code") or status
             raise StorageUnreachable(f"{uri}: writing it failed ({code}) after retries; the store is overloaded or "
-                                     "failing: run the command again (what was committed is kept)") from None
+                                     "failing") from None
         raise
 
 
