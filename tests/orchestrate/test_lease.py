@@ -208,3 +208,34 @@ def test_a_renewal_whose_reply_was_lost_keeps_the_lease(output, monkeypatch, cap
             assert not lost.wait(0.3)
     assert "lost the lease" not in caplog.text
     assert not storage.exists(storage.join(output, LEASE_NAME))  # released: it was still its holder's
+
+
+def test_a_renewal_whose_reply_and_next_look_were_both_lost_keeps_the_lease(output, monkeypatch, caplog):
+    """The look after the lost reply failed on the same flaky network: the next renewal, with the old version,
+    meets its own lease (another nonce, the same holder) and must not take it for another run's."""
+    real_write, real_read, lost = conditional.write_if, conditional.read_versioned, []
+
+    def reply_lost(uri, data, expected):
+        token = real_write(uri, data, expected)
+        if token is not None and expected is not None and not lost:
+            lost.append(token)
+            return None
+        return token
+
+    def look_fails_once(uri):
+        if len(lost) == 1:
+            lost.append("look failed")
+            raise ConnectionError("the network again")
+        return real_read(uri)
+
+    monkeypatch.setattr(conditional, "write_if", reply_lost)
+    monkeypatch.setattr(conditional, "read_versioned", look_fails_once)
+    stopped = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="clipforge.run"):
+        with StageLease(output, "long-run", "adapter", **FAST, on_lost=stopped.set) as lease:
+            deadline = time.monotonic() + 30
+            while len(lost) < 2 or lease.token == lost[0]:
+                assert time.monotonic() < deadline and not stopped.is_set()
+                time.sleep(0.02)
+            assert not stopped.wait(0.3)
+    assert "could not renew" in caplog.text and "lost the lease" not in caplog.text

@@ -79,7 +79,7 @@ class StageLease:
                 elif stale:
                     log.warning("[%s] %s held %s but has not renewed it for %.0f s: taking it over",
                                 self.stage, holder_words(holder), self.uri, time.monotonic() - since)
-                self.token = conditional.write_if(self.uri, self._body(), current[1] if current else None)
+                self.token = self._swap(current[1] if current else None)
                 if self.token is not None:
                     free = current is None or gone  # not taken over from a holder elsewhere that may still write
                     break
@@ -120,13 +120,12 @@ class StageLease:
 
     def _swap(self, expected: str | None) -> str | None:
         """`write_if` of a new body, and its version; None when another writer changed the lease first. A PUT
-        whose reply was lost is retried by botocore, and the retry finds its own write there (412): the lease
-        holding this very body is ours, not lost."""
-        body = self._body()
-        token = conditional.write_if(self.uri, body, expected)
+        whose reply was lost is retried by botocore, and the retry finds its own write there (412); so may the
+        next renewal, when the look that followed failed too. A lease naming this holder is still ours."""
+        token = conditional.write_if(self.uri, self._body(), expected)
         if token is None:
             current = conditional.read_versioned(self.uri)
-            if current is not None and current[0] == body:
+            if current is not None and lease_holder(current[0]).get("holder") == self.holder:
                 return current[1]
         return token
 
