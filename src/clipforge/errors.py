@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input: a missing file, an unknown key, an id out of range. The message names it."""
 
 
+class ObjectChanged(UserError):
+    """A source replaced since the run planned from it (another ETag; another size or mtime on disk): what it
+    read of it would be cached under the planned version's name."""
+
+
 class ServiceUnreachable(OSError):
     """A service (an S3 endpoint, the Kubernetes API server) does not answer and retries did not bring it
     back: no mistake of the user's, so exit code 1, but no bug either: the CLI prints the message (what was

@@ -349,6 +349,13 @@ def test_a_committed_shard_the_store_fails_to_read_back_is_kept_not_encoded_agai
     assert mtimes(output) == before and len(first["shards"]) == 4  # every shard kept, none rewritten
 
 
+def test_a_shard_gone_between_the_listing_and_its_read_back_is_encoded_again_not_a_failure(tmp_path):
+    from clipforge.stages.cache_shards import Shard, shard_problem
+
+    shard = Shard(0, "shard-00000-abc.parquet", np.arange(4), [None] * 4)
+    assert shard_problem(str(tmp_path), shard) == "gone since it was listed"
+
+
 def test_a_cache_made_while_its_location_counted_stays_current(nsd, tiny_models, ray_session, tmp_path,
                                                                monkeypatch):
     """Caches made before `output` left the fingerprint recorded another fingerprint and other shard names:

@@ -129,8 +129,8 @@ def test_a_local_source_written_over_in_place_while_rows_are_read_is_refused(tmp
     import os
 
     from clipforge.data.hdf5_source import RowReader
+    from clipforge.errors import ObjectChanged
     from clipforge.storage import uri as storage
-    from clipforge.storage.range_reader import ObjectChanged
 
     path = tmp_path / "stimuli.hdf5"
     write_nsd_hdf5(path, 8, seed=3, size=32)

@@ -107,6 +107,7 @@ def test_a_cache_dir_that_fills_is_said_once_and_the_reads_go_on_uncached(blob, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", disk_full)
+    monkeypatch.setattr("clipforge.storage.range_reader._UNUSABLE_CACHE_DIRS", set())
     reader = RangeReader(uri, cache_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="clipforge"):
         reader.prefetch([(0, 5000), (10_000, 20_000), (30_000, 40_000)])
@@ -115,6 +116,20 @@ def test_a_cache_dir_that_fills_is_said_once_and_the_reads_go_on_uncached(blob, 
     assert len(writes) == 1 and caplog.text.count("reading on without caching them") == 1
     assert "No space left on device" in caplog.text
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no temporary file left behind
+
+
+def test_a_cache_dir_that_cannot_be_made_is_said_once_and_read_past(blob, tmp_path, monkeypatch, caplog):
+    """A read-only or full --cache-dir failed at its first mkdir with a traceback; Ray opens a reader per shard."""
+    import logging
+
+    uri, data = blob
+    monkeypatch.setattr("clipforge.storage.range_reader._UNUSABLE_CACHE_DIRS", set())
+    (tmp_path / "cache").write_text("a file where the folder goes")
+    with caplog.at_level(logging.WARNING, logger="clipforge"):
+        for _ in range(3):
+            reader = RangeReader(uri, cache_dir=tmp_path / "cache")
+            assert reader.cache is None and reader.pread(10_000, 100) == data[10_000:10_100]
+    assert caplog.text.count("reading without caching them") == 1
 
 
 def test_new_etag_invalidates_the_cache(blob, tmp_path):
@@ -234,3 +249,20 @@ def test_a_store_that_keeps_refusing_a_write_is_one_line_naming_the_object(s3_bu
         storage.write_bytes(uri, b"rows")
     with pytest.raises(StorageUnreachable, match="writing it failed"):
         conditional.write_if(uri + ".lease", b"held", None)
+
+
+def test_an_s3_mistake_the_user_can_fix_is_not_retried_as_a_failing_store(s3_bucket, monkeypatch):
+    """Only a body cut short or a dropped connection is tried again: a bad bucket name (or no credentials, or
+    an endpoint nobody answers at) goes up as it is, for the CLI's one line and exit 2, not "the store is
+    failing" (exit 1, which a driver retries) after five tries."""
+    import botocore.exceptions
+
+    from clipforge.errors import StorageUnreachable
+    from clipforge.storage import s3
+    from clipforge.storage import uri as storage
+
+    tries = []
+    monkeypatch.setattr(s3.time, "sleep", tries.append)
+    with pytest.raises(botocore.exceptions.BotoCoreError) as refused:
+        storage.read_bytes("s3://not_a valid bucket/x.json")
+    assert not isinstance(refused.value, StorageUnreachable) and tries == []

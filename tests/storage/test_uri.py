@@ -59,6 +59,12 @@ def test_a_disk_that_fills_mid_write_is_said_of_the_file_and_leaves_nothing(tmp_
     assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
     assert is_about_a_path(full.value)  # so the CLI says it in one line, exit 2
     assert path_problem(full.value) == f"{tmp_path / 'out' / 'shard.parquet'}: No space left on device"
+    monkeypatch.undo()
+    (tmp_path / "out" / "taken").mkdir()  # the rename's error names the temporary file: said of the target
+    with pytest.raises(OSError) as blocked:
+        storage.write_bytes(str(tmp_path / "out" / "taken"), b"rows")
+    assert path_problem(blocked.value) == f"{tmp_path / 'out' / 'taken'} is a folder, where a file is needed"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["taken"]
 
 
 def test_local_write_honours_the_umask_and_keeps_a_files_mode(tmp_path):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from clipforge.errors import StorageUnreachable, UserError
+from clipforge.errors import ObjectChanged, StorageUnreachable, UserError
 from clipforge.storage import uri as storage
-from clipforge.storage.range_reader import FetchStats, ObjectChanged, RangeReader
+from clipforge.storage.range_reader import FetchStats, RangeReader
 
 # Range GETs in flight for one source, over all the shards being read at once: S3 serves one connection at
 # ~100 MB/s, and more threads than this only contend for the GIL (bench/s3_rows.py).
@@ -44,8 +44,9 @@ def check_unchanged(source: str, found: os.stat_result, version: dict | None) ->
     rows read from another version would be cached under the planned one's name."""
     if version and "mtime_ns" in version and (found.st_size, found.st_mtime_ns) != (version["size"],
                                                                                     version["mtime_ns"]):
-        raise ObjectChanged(f"{source} changed since this run planned it (size {found.st_size}, was "
-                            f"{version['size']}; or its mtime)")
+        what = (f"size {found.st_size}, was {version['size']}" if found.st_size != version["size"] else
+                f"modified {found.st_mtime_ns / 1e9:.3f}, was {version['mtime_ns'] / 1e9:.3f} (seconds since 1970)")
+        raise ObjectChanged(f"{source} changed since this run planned it ({what})")
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from clipforge.config.cache import CacheConfig
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, image_problem, image_uri, is_image_collection, list_collection
 from clipforge.data.index import RowIndex, index_at, index_for_subject, read_index
-from clipforge.errors import UserError
+from clipforge.errors import ObjectChanged, UserError
 from clipforge.models.encoders import EncoderSpec, check_model_known
 from clipforge.orchestrate.lease import command_lease
 from clipforge.progress import Progress, process_age
@@ -64,7 +64,7 @@ from clipforge.storage.manifest import (
     withdraw_unfinished,
     write_manifest,
 )
-from clipforge.storage.range_reader import FetchStats, ObjectChanged
+from clipforge.storage.range_reader import FetchStats
 
 log = logging.getLogger("clipforge.cache")
 

@@ -28,14 +28,14 @@ from clipforge.config.cache import CacheConfig
 from clipforge.cpus import usable_cpus
 from clipforge.data import hdf5_source
 from clipforge.data.image_folder import collection_root, is_image_collection, read_images
-from clipforge.errors import ServiceUnreachable, StorageUnreachable, UserError, first_line
+from clipforge.errors import ObjectChanged, ServiceUnreachable, StorageUnreachable, UserError, first_line
 from clipforge.models.encoders import EncoderSpec, preprocess_config, same_preprocess
 from clipforge.models.preprocess import BatchPreprocess
 from clipforge.models.pretrained import names_weights_file
 from clipforge.progress import Progress
 from clipforge.stages.cache_shards import Shard, commit_shard, steady_rate
 from clipforge.storage import uri as storage
-from clipforge.storage.range_reader import FetchStats, ObjectChanged
+from clipforge.storage.range_reader import FetchStats
 from clipforge.storage.s3 import describe_failure
 
 log = logging.getLogger("clipforge.cache")
@@ -297,7 +297,7 @@ def find_user_error(exc: BaseException) -> UserError | StorageUnreachable | None
             return UserError(f"on a Ray node: {s3_problem}")
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     # Ray Data's UserCodeException keeps a task's error as traceback text only.
-    found = re.findall(r"clipforge\.(errors\.UserError|storage\.range_reader\.ObjectChanged): (.+)", str(exc))
+    found = re.findall(r"clipforge\.errors\.(UserError|ObjectChanged): (.+)", str(exc))
     if found:
         kind, message = found[-1]
         return (ObjectChanged if kind.endswith("ObjectChanged") else UserError)(message.strip())

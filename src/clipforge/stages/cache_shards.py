@@ -84,7 +84,10 @@ def pending_shards(output: str, plans: list[list[Shard]], unlike: str = "") -> t
 def shard_problem(output: str, shard: Shard) -> str | None:
     """Why a shard file cannot be taken as committed (unreadable, or another row count than planned). A read
     that fails (the store, the network) is no answer: it raises, and the shard stays."""
-    data = storage.read_bytes(storage.join(output, shard.name))
+    try:
+        data = storage.read_bytes(storage.join(output, shard.name))
+    except UserError:  # gone since the listing (a prune, a hand): encoded again
+        return "gone since it was listed"
     try:
         rows = parquet.read_table(data)  # every page
     except Exception as exc:  # pyarrow raises several types for truncated or corrupt files

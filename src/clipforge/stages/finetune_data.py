@@ -47,7 +47,7 @@ from clipforge.data.captions import (
 )
 from clipforge.data.image_folder import collection_root, image_identity, image_uri, is_image_file, outside_root
 from clipforge.data.pixels import unreadable, upright_rgb
-from clipforge.errors import UserError
+from clipforge.errors import StorageUnreachable, UserError
 from clipforge.stages.finetune_runs import newest_manifest
 from clipforge.storage import uri as storage
 from clipforge.storage.manifest import digest, finished_manifest, is_up_to_date, write_manifest
@@ -297,6 +297,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             image = load_image(self.rows.uris[row])
         except UserError:
             return BadImage(self.rows.filepaths[row], self.rows.source, "not found")
+        except StorageUnreachable:  # the store failed, not the image: no "fix or drop it"
+            raise
         except Exception as exc:  # PIL raises many types for corrupt files
             return BadImage(self.rows.filepaths[row], self.rows.source, unreadable(exc))
         python_state = random.getstate()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import botocore.exceptions
 
-from clipforge.errors import StorageUnreachable, UserError
+from clipforge.errors import ObjectChanged, StorageUnreachable, UserError
 from clipforge.storage import s3
 from clipforge.storage.uri import file_mode
 
@@ -52,10 +52,6 @@ class FetchStats:
         self.bytes += other.bytes
         self.retries += other.retries
         self.cache_hits += other.cache_hits
-
-
-class ObjectChanged(UserError):
-    pass
 
 
 REQUEST_BYTES = 16 << 20
@@ -82,6 +78,7 @@ class RangeCache:
 
     def __init__(self, root: str | Path, bucket: str, key: str, etag: str):
         digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:20]
+        self.root = str(root)
         self.dir = Path(root) / self.LAYOUT / bucket / digest / etag.replace("/", "_")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.given_up = False  # a full disk or quota: the run reads on without keeping ranges
@@ -118,14 +115,34 @@ class RangeCache:
             os.replace(tmp, path)
         except OSError as exc:
             self.given_up = True
-            log.warning("cannot keep fetched ranges in %s (%s: %s): reading on without caching them", self.dir,
-                        path.name, exc.strerror or type(exc).__name__)
+            if self.root not in _UNUSABLE_CACHE_DIRS:  # once per process: Ray opens a reader per shard
+                _UNUSABLE_CACHE_DIRS.add(self.root)
+                log.warning("cannot keep fetched ranges in %s (%s: %s): reading on without caching them", self.dir,
+                            path.name, exc.strerror or type(exc).__name__)
         finally:
             if tmp is not None and os.path.exists(tmp):
                 Path(tmp).unlink(missing_ok=True)
 
 
 CHECK_BYTES = 4
+
+
+def open_range_cache(cache_dir: str | Path | None, bucket: str, key: str, etag: str) -> RangeCache | None:
+    """The range cache under `cache_dir`, or None: none asked for, or a folder that cannot be made (read-only,
+    full), which is said, once per process, and read past: the cache only saves refetching."""
+    if not cache_dir:
+        return None
+    try:
+        return RangeCache(cache_dir, bucket, key, etag)
+    except OSError as exc:
+        if str(cache_dir) not in _UNUSABLE_CACHE_DIRS:
+            _UNUSABLE_CACHE_DIRS.add(str(cache_dir))
+            log.warning("cannot keep fetched ranges in %s (%s): reading without caching them", cache_dir,
+                        exc.strerror or type(exc).__name__)
+        return None
+
+
+_UNUSABLE_CACHE_DIRS: set[str] = set()
 
 
 def crc(data: bytes | memoryview) -> bytes:
@@ -175,7 +192,7 @@ class RangeReader(io.RawIOBase):
         self.etag = head["ETag"].strip('"')
         if etag is not None and self.etag != etag:
             raise ObjectChanged(f"{uri} changed since this run planned it (ETag {self.etag}, was {etag})")
-        self.cache = RangeCache(cache_dir, self.location.bucket, self.location.key, self.etag) if cache_dir else None
+        self.cache = open_range_cache(cache_dir, self.location.bucket, self.location.key, self.etag)
         self._pos = 0
         self._span_starts: list[int] = []
         self._spans: list[memoryview] = []

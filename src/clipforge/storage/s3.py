@@ -58,7 +58,13 @@ def client(unsigned: bool = False, quick: bool = False):
 BODY_ATTEMPTS = 5  # of a whole object's GET whose body came cut short or the connection reset mid-way
 
 
-def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes, dict]:
+# A body cut short or a connection dropped mid-way: worth another try. Missing credentials, an endpoint that does
+# not answer, a bad bucket name are not: they go up as they are, for the CLI to say in its one line.
+TRANSPORT_FAILURES = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
+                      botocore.exceptions.ConnectionClosedError, botocore.exceptions.ReadTimeoutError, OSError)
+
+
+def get_whole(uri: str, *, unsigned: bool = False) -> tuple[bytes, dict]:
     """A whole object's bytes and the reply's headers. botocore retries a request whose reply did not come, not a
     body that stopped part-way (a reset, a proxy's timeout): those are retried here, with backoff, and a body
     shorter than its Content-Length is never returned. After the last try: StorageUnreachable, one line."""
@@ -68,7 +74,7 @@ def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes,
         if attempt:
             time.sleep(min(4.0, 0.25 * 2**attempt) * (0.5 + random.random()))
         try:
-            reply = client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key, **conditions)
+            reply = client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key)
             data = reply["Body"].read()
         except botocore.exceptions.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -76,7 +82,7 @@ def get_whole(uri: str, *, unsigned: bool = False, **conditions) -> tuple[bytes,
                 raise
             problem = f"{exc.response.get('Error', {}).get('Code') or status}"
             continue
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        except TRANSPORT_FAILURES as exc:
             problem = type(exc).__name__
             continue
         if len(data) == reply.get("ContentLength", len(data)):

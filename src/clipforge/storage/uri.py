@@ -171,9 +171,9 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-            except OSError as exc:  # a full disk, a quota: said of the file being written, not of no file
+            except OSError as exc:  # a full disk, a quota: said of the file being written, not of a temporary one
                 Path(tmp).unlink(missing_ok=True)
-                if exc.filename is not None:
+                if exc.filename not in (None, tmp):
                     raise
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
             except BaseException:
