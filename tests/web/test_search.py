@@ -466,7 +466,9 @@ def test_an_image_query_from_another_sites_page_is_refused_and_tools_are_not(sea
     host = url.split("/")[2]
     refused = httpx.post(url, files=files, headers={"origin": "http://evil.example"})
     assert refused.status_code == 403 and "another site" in refused.json()["error"]
+    assert f"Origin http://evil.example, this server {host}" in refused.json()["error"]
     assert httpx.post(url, files=files, headers={"origin": "null"}).status_code == 403
+    assert httpx.post(url, files=files, headers={"origin": "http://127.0.0.1:1"}).status_code == 403  # another port
     assert httpx.post(url, files=files, headers={"origin": f"http://{host}"}).status_code == 200
     assert httpx.post(url, files=files).status_code == 200  # curl, scripts: no page, no Origin
 
@@ -514,6 +516,9 @@ def test_a_thumbnail_folder_an_older_clipforge_made_readable_to_all_is_narrowed_
     (tmp_path / "thumbs").chmod(0o755)
     assert Image.open(io.BytesIO(Thumbnails(tmp_path / "thumbs").get(str(tmp_path / "a.png")))).size == (256, 256)
     assert (tmp_path / "thumbs").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "thumbs").chmod(0o755)  # every copy there already: narrowed all the same
+    Thumbnails(tmp_path / "thumbs").get(str(tmp_path / "a.png"))
+    assert (tmp_path / "thumbs").stat().st_mode & 0o777 == 0o700
 
 
 def test_faiss_pages_of_tied_scores_show_each_row_once(tmp_path):
@@ -537,3 +542,4 @@ def test_faiss_pages_of_tied_scores_show_each_row_once(tmp_path):
     scores, ranked = index.search(query, 40)
     hits = list(zip([-s for s in scores], ranked, strict=True))
     assert hits == sorted(hits)  # ties by row, as exact search orders them
+

@@ -4,7 +4,7 @@ Row i of `a` belongs with row i of `b`. The R@k, mean and median rank figures
 follow open_clip_train's `get_clip_metrics` (a test holds them equal on the same
 embeddings), with one deliberate difference: on exact score ties the right
 answer ranks *last* among the tied, so a collapsed model that maps everything
-to one point scores nothing (R@1 0, mean rank n), never a perfect R@1.
+to one point scores nothing (R@1 0, the worst mean rank), never a perfect R@1.
 """
 
 from __future__ import annotations

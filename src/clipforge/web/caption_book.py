@@ -247,10 +247,11 @@ def linked_index(root: Path, link: Path) -> Path:
     target = link.resolve()
     if target.is_relative_to(root):
         return target
-    if not target.is_file() or not header_row(target.read_bytes()[:65536]):
-        raise UserError(f"{link} links to {target}, out of the folder and not a caption file: only an existing "
-                        "index.csv (a first line `filepath,caption`) is written through a link; start that file "
-                        "with the line, or remove the link")
+    header = header_row(target.read_bytes()[:65536]) if target.is_file() else []
+    if not set(COLUMNS) <= {column.strip().lower() for column in header}:
+        raise UserError(f"{link} links to {target}, out of the folder and not a caption file (first line "
+                        "`filepath,caption`): only such a file is written through a link; remove the link, or copy "
+                        "the caption file into the folder")
     return target
 
 

@@ -149,8 +149,11 @@ class PageGuard:
             refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
             await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
             return
-        if scope["method"] not in ("GET", "HEAD") and not same_origin(Headers(scope=scope)):
-            await error(403, "requests from another site's page are refused")(scope, receive, send)
+        headers = Headers(scope=scope)
+        if scope["method"] not in ("GET", "HEAD") and not same_origin(headers):
+            await error(403, f"requests from another site's page are refused (Origin {headers.get('origin')}, "
+                             f"this server {headers.get('host')}; a proxy in front must pass both on as the "
+                             "browser sent them)")(scope, receive, send)
             return
         too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
         length = Headers(scope=scope).get("content-length", "0")

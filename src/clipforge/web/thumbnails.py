@@ -41,23 +41,26 @@ class Thumbnails:
         """Raises UserError when the image is missing or cannot be decoded."""
         key = hashlib.sha256(json.dumps([uri, storage.fingerprint(uri), box], sort_keys=True).encode()).hexdigest()
         path = self.dir / key[:2] / f"{key[2:]}.jpg"
+        try:
+            self._make_private()  # also an older clipforge's folder whose copies are all there
+        except OSError:  # a read-only home still gets its thumbnails, just not cached
+            pass
         if path.is_file():
             return path.read_bytes()
         data = shrink(storage.read_bytes(uri), box, uri)
         try:
-            self._make_private()
             storage.write_bytes(str(path), data)
         except OSError:  # a read-only home still gets its thumbnails, just not cached
             pass
         return data
 
     def _make_private(self) -> None:
-        """The cache folder, made (or, made by an older clipforge, narrowed) to 0700 once per process."""
+        """The cache folder, made (or, made by an older clipforge, narrowed) to 0700, once per instance."""
         if not self._private:
+            self._private = True  # tried once: a read-only home is not tried again on every image
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if self.dir.stat().st_mode & 0o077:
                 self.dir.chmod(0o700)
-            self._private = True
 
 
 def shrink(data: bytes, box: int, name: str) -> bytes:
