@@ -145,18 +145,18 @@ class PageGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not answers_to(host_name(Headers(scope=scope).get("host", "")), self.loopback_only):
+        headers = Headers(scope=scope)
+        if not answers_to(host_name(headers.get("host", "")), self.loopback_only):
             refused = "localhost" if self.loopback_only else "localhost and this machine's names and addresses"
             await PlainTextResponse(f"this server answers only to {refused}", 400)(scope, receive, send)
             return
-        headers = Headers(scope=scope)
         if scope["method"] not in ("GET", "HEAD") and not same_origin(headers):
             await error(403, f"requests from another site's page are refused (Origin {headers.get('origin')}, "
                              f"this server {headers.get('host')}; a proxy in front must pass both on as the "
                              "browser sent them)")(scope, receive, send)
             return
         too_large = error(413, f"the request is larger than this page takes ({self.max_body // 2**20} MiB)")
-        length = Headers(scope=scope).get("content-length", "0")
+        length = headers.get("content-length", "0")
         if length.isascii() and length.isdigit() and int(length) > self.max_body:
             await too_large(scope, receive, send)
             return
