@@ -145,3 +145,30 @@ def test_a_local_source_written_over_in_place_while_rows_are_read_is_refused(tmp
     with pytest.raises(ObjectChanged, match=f"{path} changed since this run planned it"):
         reader.read_into(np.arange(4, 8), out)
     reader.close()
+
+
+def test_a_chunked_local_source_written_over_during_a_read_is_refused(tmp_path, monkeypatch):
+    """Chunked data goes through h5py, which opens the file for each shard: a write landing during the read
+    itself (its mtime moves) was missed."""
+    import os
+
+    import h5py
+
+    from clipforge.data.hdf5_source import RowReader
+    from clipforge.errors import ObjectChanged
+    from clipforge.storage import uri as storage
+
+    path = tmp_path / "stimuli.hdf5"
+    write_nsd_hdf5(path, 8, layout="chunked", seed=3, size=32)
+    reader = RowReader(str(path), "imgBrick", version=storage.fingerprint(str(path)))
+    out = np.empty((8, 32, 32, 3), np.uint8)
+    reader.read_into(np.arange(4), out)
+    real = h5py.Dataset.read_direct
+
+    def written_over_meanwhile(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)
+
+    monkeypatch.setattr(h5py.Dataset, "read_direct", written_over_meanwhile)
+    with pytest.raises(ObjectChanged, match=f"{path} changed since this run planned it \\(modified"):
+        reader.read_into(np.arange(4, 8), out)

@@ -266,3 +266,20 @@ def test_an_s3_mistake_the_user_can_fix_is_not_retried_as_a_failing_store(s3_buc
     with pytest.raises(botocore.exceptions.BotoCoreError) as refused:
         storage.read_bytes("s3://not_a valid bucket/x.json")
     assert not isinstance(refused.value, StorageUnreachable) and tries == []
+
+
+def test_an_upload_the_store_keeps_refusing_is_one_line_naming_it(s3_bucket, faulty_proxy, monkeypatch, tmp_path):
+    """Checkpoints on S3 go up with `upload_file` (in parts when large): a 503 past botocore's retries was an
+    S3UploadFailedError traceback, where a shard's PUT was one line."""
+    import time
+
+    from clipforge.errors import StorageUnreachable
+    from clipforge.storage import uri as storage
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_proxy.url)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    faulty_proxy.fail_puts = True
+    uri = f"s3://{s3_bucket}/out/checkpoints/step-000001/model.safetensors"
+    with pytest.raises(StorageUnreachable, match=rf"^{uri}: uploading .*model.safetensors failed \(.*Unavailable"):
+        storage.upload_file(tmp_path / "model.safetensors", uri)

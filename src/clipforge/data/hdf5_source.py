@@ -161,7 +161,8 @@ def read_through_h5py(source: str, dataset: str, rows: np.ndarray, target: np.nd
         if reader is not None:
             reader.prefetch(row_byte_ranges(dset, rows))
         dset.read_direct(target, np.s_[rows])
-        if reader is None:
+        if reader is None:  # on disk: written over meanwhile, as `RowReader`'s direct reads are checked
+            check_unchanged(source, os.stat(storage.local_path(source)), version)
             return FetchStats(requests=0, bytes=int(target.nbytes))
         reader.release()
         return reader.stats
