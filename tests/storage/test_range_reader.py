@@ -129,7 +129,7 @@ def test_a_cache_dir_that_cannot_be_made_is_said_once_and_read_past(blob, tmp_pa
         for _ in range(3):
             reader = RangeReader(uri, cache_dir=tmp_path / "cache")
             assert reader.cache is None and reader.pread(10_000, 100) == data[10_000:10_100]
-    assert caplog.text.count("reading without caching them") == 1
+    assert caplog.text.count("reading on without caching them") == 1
 
 
 def test_new_etag_invalidates_the_cache(blob, tmp_path):

@@ -115,10 +115,7 @@ class RangeCache:
             os.replace(tmp, path)
         except OSError as exc:
             self.given_up = True
-            if self.root not in _UNUSABLE_CACHE_DIRS:  # once per process: Ray opens a reader per shard
-                _UNUSABLE_CACHE_DIRS.add(self.root)
-                log.warning("cannot keep fetched ranges in %s (%s: %s): reading on without caching them", self.dir,
-                            path.name, exc.strerror or type(exc).__name__)
+            say_unusable(self.root, exc)
         finally:
             if tmp is not None and os.path.exists(tmp):
                 Path(tmp).unlink(missing_ok=True)
@@ -135,14 +132,20 @@ def open_range_cache(cache_dir: str | Path | None, bucket: str, key: str, etag: 
     try:
         return RangeCache(cache_dir, bucket, key, etag)
     except OSError as exc:
-        if str(cache_dir) not in _UNUSABLE_CACHE_DIRS:
-            _UNUSABLE_CACHE_DIRS.add(str(cache_dir))
-            log.warning("cannot keep fetched ranges in %s (%s): reading without caching them", cache_dir,
-                        exc.strerror or type(exc).__name__)
+        say_unusable(str(cache_dir), exc)
         return None
 
 
 _UNUSABLE_CACHE_DIRS: set[str] = set()
+
+
+def say_unusable(cache_dir: str, exc: OSError) -> None:
+    """Warn that `cache_dir` takes no ranges: once per process, since Ray opens a reader per shard."""
+    if cache_dir not in _UNUSABLE_CACHE_DIRS:
+        _UNUSABLE_CACHE_DIRS.add(cache_dir)
+        where = f"{cache_dir} ({exc.filename})" if exc.filename else cache_dir
+        log.warning("cannot keep fetched ranges in %s (%s): reading on without caching them", where,
+                    exc.strerror or type(exc).__name__)
 
 
 def crc(data: bytes | memoryview) -> bytes:
