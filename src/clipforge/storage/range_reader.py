@@ -368,8 +368,7 @@ class RangeReader(io.RawIOBase):
                     return body
                 problem = f"short or mismatched body: {got} of {expected} bytes, Content-Range {content_range!r}"
             except botocore.exceptions.ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if status and status < 500 and status != 429:
+                if s3.status_of(exc) and not s3.is_overloaded(exc):
                     raise self._client_error(exc) from None
                 problem = str(exc)
             except (botocore.exceptions.BotoCoreError, OSError, ValueError) as exc:

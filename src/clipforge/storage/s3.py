@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 
 import boto3
+import boto3.exceptions
 import botocore
 from botocore.config import Config
 
-from clipforge.errors import StorageUnreachable
+from clipforge.errors import StorageUnreachable, first_line
 
 _clients: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -77,10 +78,9 @@ def get_whole(uri: str, *, unsigned: bool = False) -> tuple[bytes, dict]:
             reply = client(unsigned).get_object(Bucket=loc.bucket, Key=loc.key)
             data = reply["Body"].read()
         except botocore.exceptions.ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if not status or (status < 500 and status != 429):
+            if not is_overloaded(exc):
                 raise
-            problem = f"{exc.response.get('Error', {}).get('Code') or status}"
+            problem = error_code(exc)
             continue
         except TRANSPORT_FAILURES as exc:
             problem = type(exc).__name__
@@ -98,12 +98,40 @@ def put_whole(uri: str, body: bytes, **conditions) -> dict:
     try:
         return client().put_object(Bucket=loc.bucket, Key=loc.key, Body=body, **conditions)
     except botocore.exceptions.ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if status >= 500 or status == 429:
-            code = exc.response.get("Error", {}).get("Code") or status
-            raise StorageUnreachable(f"{uri}: writing it failed ({code}) after retries; the store is overloaded or "
-                                     "failing") from None
+        if is_overloaded(exc):
+            raise StorageUnreachable(f"{uri}: writing it failed ({error_code(exc)}) after retries; the store is "
+                                     "overloaded or failing") from None
         raise
+
+
+# What boto3's managed upload says of a store that answered 5xx or 429: its error keeps the ClientError as text.
+OVERLOADED_WORDS = ("SlowDown", "ServiceUnavailable", "InternalError", "(500)", "(503)")
+
+
+def upload_whole(path: str, uri: str) -> None:
+    """A local file streamed up (in parts when large); a store refusing past botocore's retries is
+    StorageUnreachable in one line, as `put_whole` says it."""
+    loc = parse_s3(uri)
+    try:
+        client().upload_file(path, loc.bucket, loc.key)
+    except boto3.exceptions.S3UploadFailedError as exc:
+        if not any(word in str(exc) for word in OVERLOADED_WORDS):
+            raise
+        raise StorageUnreachable(f"{uri}: uploading {path} failed ({first_line(exc)})") from None
+
+
+def status_of(exc: botocore.exceptions.ClientError) -> int:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+
+
+def is_overloaded(exc: botocore.exceptions.ClientError) -> bool:
+    """A 5xx or 429 (SlowDown): the store's trouble, worth another try, never the user's to fix."""
+    status = status_of(exc)
+    return status >= 500 or status == 429
+
+
+def error_code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code") or status_of(exc))
 
 
 def is_not_found(exc: Exception) -> bool:

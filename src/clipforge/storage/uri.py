@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipforge.errors import StorageUnreachable, UserError, first_line
+from clipforge.errors import UserError
 from clipforge.storage import s3
 
 SCHEMES = "a local path or s3://bucket/key"
@@ -197,22 +197,10 @@ def write_bytes_if_changed(uri: str, data: bytes) -> bool:
     return True
 
 
-OVERLOADED = ("SlowDown", "ServiceUnavailable", "InternalError", "(500)", "(503)")
-
-
 def upload_file(path: Path, uri: str) -> None:
     """A local file to an s3:// URI, streamed from disk (in parts when large): never whole in memory, and
     whole or absent under its name, as `write_bytes` writes."""
-    import boto3.exceptions
-
-    loc = s3.parse_s3(uri)
-    try:
-        s3.client().upload_file(str(path), loc.bucket, loc.key)
-    except boto3.exceptions.S3UploadFailedError as exc:
-        if not any(code in str(exc) for code in OVERLOADED):
-            raise
-        # A store refusing past botocore's retries: one line, as a PUT's (`s3.put_whole`).
-        raise StorageUnreachable(f"{uri}: uploading {path} failed ({first_line(exc)})") from None
+    s3.upload_whole(str(path), uri)
 
 
 def same_local_file(a: str, b: str) -> bool:
