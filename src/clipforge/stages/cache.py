@@ -170,13 +170,12 @@ def encode_shards(plan: CachePlan) -> tuple[FetchStats, dict | None, float | Non
         else:
             from clipforge.stages.cache_ray import encode_shards_with_ray as encode
         return encode(plan.cfg, plan.spec, plan.todo, plan.source_version)
-    except ObjectChanged as exc:
-        delete_planned_config_unless_resumable(plan.cfg.output)
-        raise ObjectChanged(f"{exc}: the shards committed so far are of the planned version; rerun (a pipeline "
-                            f"makes a new output for the new version; `clipforge cache` needs another --output, "
-                            f"or {plan.cfg.output} removed)") from None
-    except BaseException:
+    except BaseException as exc:
         delete_planned_config_unless_resumable(plan.cfg.output)  # nothing to resume: no folder is left
+        if isinstance(exc, ObjectChanged):
+            raise ObjectChanged(f"{exc}: the shards committed so far are of the planned version; rerun (a pipeline "
+                                f"makes a new output for the new version; `clipforge cache` needs another --output, "
+                                f"or {plan.cfg.output} removed)") from None
         raise
 
 
