@@ -35,16 +35,15 @@ class Thumbnails:
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self._private = False
+        try:  # also an older clipforge's folder, whose copies may all be there already
+            make_private(self.dir)
+        except OSError:  # a read-only home still gets its thumbnails, just not cached
+            pass
 
     def get(self, uri: str, box: int = THUMBNAIL_BOX) -> bytes:
         """Raises UserError when the image is missing or cannot be decoded."""
         key = hashlib.sha256(json.dumps([uri, storage.fingerprint(uri), box], sort_keys=True).encode()).hexdigest()
         path = self.dir / key[:2] / f"{key[2:]}.jpg"
-        try:
-            self._make_private()  # also an older clipforge's folder whose copies are all there
-        except OSError:  # a read-only home still gets its thumbnails, just not cached
-            pass
         if path.is_file():
             return path.read_bytes()
         data = shrink(storage.read_bytes(uri), box, uri)
@@ -54,13 +53,12 @@ class Thumbnails:
             pass
         return data
 
-    def _make_private(self) -> None:
-        """The cache folder, made (or, made by an older clipforge, narrowed) to 0700, once per instance."""
-        if not self._private:
-            self._private = True  # tried once: a read-only home is not tried again on every image
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self.dir.stat().st_mode & 0o077:
-                self.dir.chmod(0o700)
+
+def make_private(folder: Path) -> None:
+    """`folder` made, or (made by an older clipforge) narrowed, to 0700."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        folder.chmod(0o700)
 
 
 def shrink(data: bytes, box: int, name: str) -> bytes:
